@@ -1,0 +1,70 @@
+// Compute kernels: plain API (no Highway include). Implementations live in *-inl.h / *.cc with
+// Highway dynamic dispatch (one HWY_DYNAMIC_DISPATCH per call; call them per row range or per
+// vector, never per element). Every kernel has a scalar reference in kernels/ref/ref.h.
+// Single-threaded: the caller partitions work over the thread pool. Kernels never throw.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "tensor/dtype.h"
+
+namespace moe::kernels {
+
+// ---- scalar conversions (exact IEEE round-to-nearest-even, as ggml) ----
+float F16ToF32(uint16_t h);
+uint16_t F32ToF16(float f);
+float BF16ToF32(uint16_t h);
+uint16_t F32ToBF16(float f);  // round-to-nearest-even; NaN stays NaN
+
+// ---- weight quantization (file writing) ----
+// Quantizes n floats (n a multiple of the block size) into the block format of t. The output
+// is what llama.cpp's reference quantizers produce in layout (and, for q8_0/q4_0, in value).
+// t in {f32, f16, bf16, q8_0, q4_0, q4_K, q6_K}.
+void QuantizeRow(DType t, const float* x, void* y, int64_t n);
+// Inverse: y = dequant(x), n elements. t in {f32, f16, bf16, q8_0, q4_0, q4_K, q6_K, q8_K}.
+void DequantizeRow(DType t, const void* x, float* y, int64_t n);
+
+// ---- activations ----
+// Converts one activation row of n floats into VecDotType(w) (f32 copy, f16, bf16, q8_0 or
+// q8_K blocks) with the same rounding as ggml's CPU backend, so dot products see the numbers
+// llama.cpp sees. n must be a multiple of the weight block size.
+void ConvertActivations(DType w, const float* x, void* y, int64_t n);
+// Bytes of one converted row.
+size_t ActivationRowBytes(DType w, int64_t n);
+
+// ---- products ----
+// For r in [r0, r1) and t in [0, n_tok):
+//   y[t * y_stride + (r - r0)] = dot(row r of W, activation t)
+// W points at row 0 of a weight matrix of type w with rows of n_in elements; activation t is
+// at (const uint8_t*)xa + t * xa_stride, converted with ConvertActivations(w, ...).
+// Blocks over tokens so each weight row is loaded once per group of tokens.
+void MatMul(DType w, const void* W, int64_t n_in, int64_t r0, int64_t r1, const void* xa,
+            size_t xa_stride, int64_t n_tok, float* y, int64_t y_stride);
+
+float DotF32(const float* a, const float* b, int64_t n);
+// y[i] += a * x[i]
+void Axpy(float a, const float* x, float* y, int64_t n);
+// y[i] *= a
+void Scale(float a, float* y, int64_t n);
+// y[i] = a[i] + b[i]  (y may alias a or b)
+void Add(const float* a, const float* b, float* y, int64_t n);
+
+// ---- element-wise / normalisation ----
+// out[i] = x[i] / sqrt(mean(x^2) + eps) * (w ? w[i] : 1). out may alias x.
+void RmsNorm(const float* x, const float* w, int64_t n, float eps, float* out);
+// Rotary embedding in place on x = [n_heads][head_dim] for one position. The first n_rot dims
+// of each head rotate with theta_i = pos * freq_base^(-2i/n_rot). neox=false: pairs (2i, 2i+1)
+// ("normal", llama); neox=true: pairs (i, i + n_rot/2) (qwen, olmoe).
+void Rope(float* x, int n_heads, int head_dim, int n_rot, int pos, float freq_base, bool neox);
+// In place, numerically stable (max subtracted).
+void Softmax(float* x, int64_t n);
+// out[i] = silu(gate[i]) * up[i], silu(g) = g / (1 + exp(-g)). out may alias gate or up.
+void SiluMul(const float* gate, const float* up, float* out, int64_t n);
+// The k largest of x[0..n) in descending order into idx; ties keep the lower index first.
+void TopK(const float* x, int n, int k, int* idx);
+
+// Name of the SIMD target dispatch chose on this machine ("AVX3_ZEN4", "AVX2", ...).
+const char* ActiveTarget();
+
+}  // namespace moe::kernels
