@@ -1,1 +1,39 @@
-int main() { return 0; }
+// moe: the command-line front end of moe.cpp. Exit codes: 0 ok, 1 bad flags, 2 bad input
+// (file, config, prompt: one line on stderr naming the problem).
+#include <cstdio>
+#include <exception>
+#include <vector>
+
+#include "commands.h"
+#include "util/error.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"moe.cpp: run, inspect and benchmark Mixture-of-Experts models in GGUF"};
+  app.require_subcommand(1);
+  std::vector<std::pair<CLI::App*, moe::cli::Runner>> cmds;
+  auto add = [&](const char* name, const char* help, moe::cli::Runner (*f)(CLI::App&)) {
+    CLI::App* sub = app.add_subcommand(name, help);
+    cmds.push_back({sub, f(*sub)});
+  };
+  add("init", "write a randomly initialised MoE model (GGUF)", moe::cli::AddInit);
+  add("inspect", "show a model's architecture, tensors and bytes per token", moe::cli::AddInspect);
+  add("run", "generate text (or token ids) from a model", moe::cli::AddRun);
+  add("bench", "measure prefill and decode speed on random tokens", moe::cli::AddBench);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  try {
+    for (auto& [sub, run] : cmds)
+      if (sub->parsed()) return run();
+  } catch (const moe::Error& e) {
+    std::fflush(stdout);
+    std::fprintf(stderr, "moe: error: %s\n", e.what());
+    return 2;
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "moe: error: out of memory\n");
+    return 2;
+  }
+  return 1;
+}

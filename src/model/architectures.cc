@@ -1,0 +1,272 @@
+// The supported architectures: their GGUF keys, traits and tensor lists, one section each.
+// Facts from llama.cpp's loaders (src/models/<arch>.cpp); see ../shared/GGUF-MOE.md §4-6.
+#include <cmath>
+
+#include "model/config.h"
+#include "util/error.h"
+
+namespace moe {
+
+namespace {
+
+struct ArchInfo {
+  Arch arch;
+  const char* name;
+};
+constexpr ArchInfo kArchs[] = {
+    {Arch::kLlama, "llama"},
+    {Arch::kQwen2Moe, "qwen2moe"},
+    {Arch::kQwen3Moe, "qwen3moe"},
+    {Arch::kOlmoe, "olmoe"},
+};
+
+std::string Key(const ModelConfig& c, const char* suffix) { return c.arch_name + "." + suffix; }
+
+uint32_t ReadUniform(const GgufFile& f, const std::string& key, uint32_t n_layer, bool required,
+                     uint32_t fallback) {
+  auto v = f.GetPerLayerOpt(key, n_layer);
+  if (!v) {
+    if (required) f.Throw("required key '" + key + "' is missing");
+    return fallback;
+  }
+  for (uint32_t x : *v) {
+    if (x != (*v)[0])
+      f.Throw("key '" + key + "' varies per layer; moe.cpp supports one value for all layers");
+  }
+  return v->empty() ? fallback : (*v)[0];
+}
+
+}  // namespace
+
+bool ParseArch(const std::string& name, Arch* out) {
+  for (const ArchInfo& a : kArchs) {
+    if (name == a.name) {
+      *out = a.arch;
+      return true;
+    }
+  }
+  return false;
+}
+
+const char* ArchName(Arch a) {
+  for (const ArchInfo& i : kArchs)
+    if (i.arch == a) return i.name;
+  return "?";
+}
+
+void ApplyArchTraits(ModelConfig& c) {
+  c.arch_name = ArchName(c.arch);
+  c.router.gating = GatingFunc::kSoftmax;
+  c.router.n_expert = static_cast<int>(c.n_expert);
+  c.router.n_expert_used = static_cast<int>(c.n_expert_used);
+  c.router.weights_scale = 1.0f;
+  switch (c.arch) {
+    case Arch::kLlama:  // Mixtral: softmax -> top-k -> renormalise; RoPE on adjacent pairs
+      c.rope_type = RopeType::kNorm;
+      c.qk_norm = QkNorm::kNone;
+      c.router.norm_topk = true;
+      c.shared_expert_gate = false;
+      break;
+    case Arch::kQwen2Moe:  // no renormalisation; sigmoid-gated shared expert
+      c.rope_type = RopeType::kNeox;
+      c.qk_norm = QkNorm::kNone;
+      c.router.norm_topk = false;
+      c.shared_expert_gate = true;
+      break;
+    case Arch::kQwen3Moe:  // per-head Q/K RMSNorm; renormalised top-k
+      c.rope_type = RopeType::kNeox;
+      c.qk_norm = QkNorm::kPerHead;
+      c.router.norm_topk = true;
+      c.shared_expert_gate = false;
+      break;
+    case Arch::kOlmoe:  // Q/K RMSNorm over the whole projection; no renormalisation
+      c.rope_type = RopeType::kNeox;
+      c.qk_norm = QkNorm::kFull;
+      c.router.norm_topk = false;
+      c.shared_expert_gate = false;
+      break;
+  }
+}
+
+void ValidateConfig(const ModelConfig& c) {
+  auto need = [](bool ok, const std::string& msg) {
+    if (!ok) throw Error(msg);
+  };
+  need(c.n_layer >= 1, "block_count must be >= 1");
+  need(c.n_embd >= 1, "embedding_length must be >= 1");
+  need(c.n_head >= 1, "attention.head_count must be >= 1");
+  need(c.n_head_kv >= 1 && c.n_head % c.n_head_kv == 0,
+       StrFormat("attention.head_count (%u) must be a multiple of head_count_kv (%u)", c.n_head,
+                 c.n_head_kv));
+  need(c.n_embd_head_k >= 2 && c.n_embd_head_k % 2 == 0,
+       StrFormat("head dimension %u must be even and >= 2", c.n_embd_head_k));
+  need(c.n_embd_head_v == c.n_embd_head_k,
+       StrFormat("key_length (%u) != value_length (%u) is not supported for %s", c.n_embd_head_k,
+                 c.n_embd_head_v, c.arch_name.c_str()));
+  need(c.n_rot == c.n_embd_head_k,
+       StrFormat("rope.dimension_count (%u) must equal the head dimension (%u) for %s", c.n_rot,
+                 c.n_embd_head_k, c.arch_name.c_str()));
+  need(c.n_vocab >= 1, "vocab_size must be >= 1");
+  need(c.n_expert >= 1 && c.n_expert <= 512,
+       StrFormat("expert_count %u must be in 1..512 (dense models are not MoE)", c.n_expert));
+  need(c.n_expert_used >= 1 && c.n_expert_used <= c.n_expert,
+       StrFormat("expert_used_count %u must be in 1..expert_count (%u)", c.n_expert_used,
+                 c.n_expert));
+  need(c.n_ff_exp >= 1, "expert feed-forward length must be >= 1");
+  need(std::isfinite(c.rms_eps) && c.rms_eps > 0, "layer_norm_rms_epsilon must be > 0");
+  need(std::isfinite(c.rope_freq_base) && c.rope_freq_base > 0, "rope.freq_base must be > 0");
+  if (c.arch == Arch::kQwen2Moe || c.arch == Arch::kOlmoe) {
+    need(c.n_head * c.n_embd_head_k == c.n_embd,
+         StrFormat("%s needs head_count x head dim (%u x %u) == embedding_length (%u)",
+                   c.arch_name.c_str(), c.n_head, c.n_embd_head_k, c.n_embd));
+  }
+  if (c.arch == Arch::kOlmoe) {
+    // llama.cpp's olmoe loader gives attn_k_norm n_embd entries, so K must be n_embd wide.
+    need(c.n_head_kv == c.n_head,
+         StrFormat("olmoe normalises K over n_embd: head_count_kv (%u) must equal head_count (%u)",
+                   c.n_head_kv, c.n_head));
+  }
+  if (c.arch == Arch::kQwen2Moe) need(c.n_ff_shexp >= 1, "qwen2moe needs a shared expert (--shared-ffn)");
+}
+
+ModelConfig ReadConfig(const GgufFile& f) {
+  ModelConfig c;
+  c.arch_name = f.GetString("general.architecture");
+  if (!ParseArch(c.arch_name, &c.arch))
+    f.Throw("general.architecture '" + c.arch_name +
+            "' is not supported (supported: llama, qwen2moe, qwen3moe, olmoe)");
+  ApplyArchTraits(c);
+  c.n_layer = f.GetU32(Key(c, "block_count"));
+  c.n_embd = f.GetU32(Key(c, "embedding_length"));
+  c.n_ctx_train = f.GetU32(Key(c, "context_length"));
+  if (c.n_layer == 0 || c.n_layer > 4096) f.Throw(StrFormat("block_count %u is out of range", c.n_layer));
+  c.n_head = ReadUniform(f, Key(c, "attention.head_count"), c.n_layer, true, 0);
+  c.n_head_kv = ReadUniform(f, Key(c, "attention.head_count_kv"), c.n_layer, false, c.n_head);
+  c.n_ff = ReadUniform(f, Key(c, "feed_forward_length"), c.n_layer, false, 0);
+  if (c.n_head == 0) f.Throw("key '" + Key(c, "attention.head_count") + "' is 0");
+  c.n_embd_head_k = f.GetU32Opt(Key(c, "attention.key_length")).value_or(c.n_embd / c.n_head);
+  c.n_embd_head_v = f.GetU32Opt(Key(c, "attention.value_length")).value_or(c.n_embd / c.n_head);
+  c.n_rot = f.GetU32Opt(Key(c, "rope.dimension_count")).value_or(c.n_embd_head_k);
+  c.rope_freq_base = f.GetF32Opt(Key(c, "rope.freq_base")).value_or(10000.0f);
+  c.rms_eps = f.GetF32(Key(c, "attention.layer_norm_rms_epsilon"));
+  c.n_expert = f.GetU32Opt(Key(c, "expert_count")).value_or(0);
+  c.n_expert_used = f.GetU32Opt(Key(c, "expert_used_count")).value_or(0);
+  if (auto s = f.GetStringOpt(Key(c, "rope.scaling.type")); s && *s != "none")
+    f.Throw("rope.scaling.type '" + *s + "' is not supported yet (only none)");
+  if (c.n_expert == 0)
+    f.Throw("key '" + Key(c, "expert_count") + "' is missing or 0: this is a dense model, not MoE");
+  if (c.n_expert_used == 0)
+    f.Throw("key '" + Key(c, "expert_used_count") + "' is missing or 0");
+  switch (c.arch) {
+    case Arch::kLlama:
+    case Arch::kOlmoe:
+      c.n_ff_exp = c.n_ff;
+      if (c.n_ff_exp == 0) f.Throw("required key '" + Key(c, "feed_forward_length") + "' is missing");
+      break;
+    case Arch::kQwen2Moe:
+    case Arch::kQwen3Moe:
+      c.n_ff_exp = ReadUniform(f, Key(c, "expert_feed_forward_length"), c.n_layer, false,
+                               c.n_ff / c.n_expert_used);
+      if (c.arch == Arch::kQwen2Moe)
+        c.n_ff_shexp = f.GetU32Opt(Key(c, "expert_shared_feed_forward_length")).value_or(c.n_ff);
+      break;
+  }
+  // Vocabulary size: <arch>.vocab_size, else the token list (checked against token_embd later).
+  if (auto v = f.GetU32Opt(Key(c, "vocab_size"))) {
+    c.n_vocab = *v;
+  } else if (f.Has("tokenizer.ggml.tokens")) {
+    c.n_vocab = static_cast<uint32_t>(f.GetStringArray("tokenizer.ggml.tokens").size());
+  } else if (const TensorView* t = f.FindTensor("token_embd.weight")) {
+    c.n_vocab = static_cast<uint32_t>(t->ne[1]);
+  }
+  c.router.n_expert = static_cast<int>(c.n_expert);
+  c.router.n_expert_used = static_cast<int>(c.n_expert_used);
+  try {
+    ValidateConfig(c);
+  } catch (const Error& e) {
+    f.Throw(e.what());
+  }
+  return c;
+}
+
+void WriteConfig(const ModelConfig& c, GgufWriter& w) {
+  w.SetString("general.architecture", c.arch_name);
+  w.SetU32(Key(c, "context_length"), c.n_ctx_train);
+  w.SetU32(Key(c, "embedding_length"), c.n_embd);
+  w.SetU32(Key(c, "block_count"), c.n_layer);
+  w.SetU32(Key(c, "attention.head_count"), c.n_head);
+  w.SetU32(Key(c, "attention.head_count_kv"), c.n_head_kv);
+  w.SetF32(Key(c, "attention.layer_norm_rms_epsilon"), c.rms_eps);
+  w.SetU32(Key(c, "rope.dimension_count"), c.n_rot);
+  w.SetF32(Key(c, "rope.freq_base"), c.rope_freq_base);
+  w.SetU32(Key(c, "expert_count"), c.n_expert);
+  w.SetU32(Key(c, "expert_used_count"), c.n_expert_used);
+  w.SetU32(Key(c, "vocab_size"), c.n_vocab);
+  if (c.n_embd_head_k != c.n_embd / c.n_head || c.arch == Arch::kQwen3Moe) {
+    w.SetU32(Key(c, "attention.key_length"), c.n_embd_head_k);
+    w.SetU32(Key(c, "attention.value_length"), c.n_embd_head_v);
+  }
+  switch (c.arch) {
+    case Arch::kLlama:
+    case Arch::kOlmoe:
+      w.SetU32(Key(c, "feed_forward_length"), c.n_ff_exp);
+      break;
+    case Arch::kQwen2Moe:
+      w.SetU32(Key(c, "feed_forward_length"), c.n_ff_shexp);
+      w.SetU32(Key(c, "expert_feed_forward_length"), c.n_ff_exp);
+      w.SetU32(Key(c, "expert_shared_feed_forward_length"), c.n_ff_shexp);
+      break;
+    case Arch::kQwen3Moe:
+      w.SetU32(Key(c, "feed_forward_length"), c.n_ff_exp * c.n_expert_used);
+      w.SetU32(Key(c, "expert_feed_forward_length"), c.n_ff_exp);
+      break;
+  }
+}
+
+std::vector<TensorSpec> ExpectedTensors(const ModelConfig& c, bool with_output, bool with_qkv_bias) {
+  const int64_t E = c.n_embd, V = c.n_vocab, X = c.n_expert, F = c.n_ff_exp;
+  const int64_t nq = c.n_q(), nk = c.n_k(), nv = c.n_v();
+  std::vector<TensorSpec> t;
+  t.push_back({"token_embd.weight", {E, V}, TensorRole::kEmbedding});
+  t.push_back({"output_norm.weight", {E}, TensorRole::kNorm});
+  // llama and qwen3moe tie the output to token_embd when it is absent; qwen2moe and olmoe
+  // require it in llama.cpp, so moe init always writes it for them.
+  const bool output_optional = c.arch == Arch::kLlama || c.arch == Arch::kQwen3Moe;
+  if (with_output || !output_optional)
+    t.push_back({"output.weight", {E, V}, TensorRole::kOutput, output_optional});
+  for (uint32_t i = 0; i < c.n_layer; ++i) {
+    const std::string p = "blk." + std::to_string(i) + ".";
+    t.push_back({p + "attn_norm.weight", {E}, TensorRole::kNorm});
+    t.push_back({p + "attn_q.weight", {E, nq}, TensorRole::kMatrix});
+    t.push_back({p + "attn_k.weight", {E, nk}, TensorRole::kMatrix});
+    t.push_back({p + "attn_v.weight", {E, nv}, TensorRole::kMatrix});
+    if (with_qkv_bias) {
+      t.push_back({p + "attn_q.bias", {nq}, TensorRole::kBias, true});
+      t.push_back({p + "attn_k.bias", {nk}, TensorRole::kBias, true});
+      t.push_back({p + "attn_v.bias", {nv}, TensorRole::kBias, true});
+    }
+    t.push_back({p + "attn_output.weight", {nq, E}, TensorRole::kMatrix});
+    if (c.qk_norm == QkNorm::kPerHead) {
+      t.push_back({p + "attn_q_norm.weight", {c.n_embd_head_k}, TensorRole::kNorm});
+      t.push_back({p + "attn_k_norm.weight", {c.n_embd_head_k}, TensorRole::kNorm});
+    } else if (c.qk_norm == QkNorm::kFull) {
+      t.push_back({p + "attn_q_norm.weight", {nq}, TensorRole::kNorm});
+      t.push_back({p + "attn_k_norm.weight", {nk}, TensorRole::kNorm});
+    }
+    t.push_back({p + "ffn_norm.weight", {E}, TensorRole::kNorm});
+    t.push_back({p + "ffn_gate_inp.weight", {E, X}, TensorRole::kRouter});
+    t.push_back({p + "ffn_gate_exps.weight", {E, F, X}, TensorRole::kExperts});
+    t.push_back({p + "ffn_down_exps.weight", {F, E, X}, TensorRole::kExperts});
+    t.push_back({p + "ffn_up_exps.weight", {E, F, X}, TensorRole::kExperts});
+    if (c.n_ff_shexp > 0) {
+      const int64_t S = c.n_ff_shexp;
+      if (c.shared_expert_gate) t.push_back({p + "ffn_gate_inp_shexp.weight", {E}, TensorRole::kGate});
+      t.push_back({p + "ffn_gate_shexp.weight", {E, S}, TensorRole::kMatrix});
+      t.push_back({p + "ffn_down_shexp.weight", {S, E}, TensorRole::kMatrix});
+      t.push_back({p + "ffn_up_shexp.weight", {E, S}, TensorRole::kMatrix});
+    }
+  }
+  return t;
+}
+
+}  // namespace moe

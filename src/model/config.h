@@ -1,0 +1,82 @@
+// ModelConfig: the architecture of a model, exactly what its GGUF keys say (DESIGN.md §8: never
+// mixed with run-time settings). Field names follow GGUF's prefix family (n_expert,
+// n_expert_used, n_ff_exp, ...). One ArchSpec per supported architecture (architectures.cc)
+// maps between ModelConfig, GGUF keys and the tensor list.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "formats/gguf.h"
+#include "moe/routing.h"
+#include "tensor/dtype.h"
+
+namespace moe {
+
+enum class Arch { kLlama, kQwen2Moe, kQwen3Moe, kOlmoe };
+enum class RopeType { kNorm, kNeox };  // adjacent pairs (llama) | split halves (qwen, olmoe)
+enum class QkNorm { kNone, kPerHead, kFull };  // qwen3moe: per head over head_dim; olmoe: whole Q/K
+
+struct ModelConfig {
+  Arch arch = Arch::kLlama;
+  std::string arch_name = "llama";  // general.architecture
+
+  uint32_t n_layer = 0;
+  uint32_t n_embd = 0;
+  uint32_t n_head = 0;
+  uint32_t n_head_kv = 0;
+  uint32_t n_embd_head_k = 0;  // head dim of Q/K
+  uint32_t n_embd_head_v = 0;  // head dim of V
+  uint32_t n_rot = 0;          // rotated dims per head
+  uint32_t n_ctx_train = 0;
+  uint32_t n_vocab = 0;
+  uint32_t n_ff = 0;           // <arch>.feed_forward_length (dense / llama expert width)
+
+  uint32_t n_expert = 0;
+  uint32_t n_expert_used = 0;
+  uint32_t n_ff_exp = 0;       // width of one routed expert
+  uint32_t n_ff_shexp = 0;     // width of the shared expert (0 = none)
+
+  float rms_eps = 1e-5f;
+  float rope_freq_base = 10000.0f;
+
+  // Architecture traits (fixed per arch, not stored as keys).
+  RopeType rope_type = RopeType::kNorm;
+  QkNorm qk_norm = QkNorm::kNone;
+  bool qkv_bias = false;          // qwen2moe: optional Q/K/V biases
+  bool shared_expert_gate = false;  // qwen2moe: sigmoid(ffn_gate_inp_shexp . x) scales shexp
+  RouterConfig router;            // gating, normalisation, k
+
+  uint32_t n_q() const { return n_head * n_embd_head_k; }     // Q width
+  uint32_t n_k() const { return n_head_kv * n_embd_head_k; }  // K width
+  uint32_t n_v() const { return n_head_kv * n_embd_head_v; }  // V width
+};
+
+// How a tensor of an architecture is used: decides its dtype in `moe init` and which checks
+// apply (norms, routers and gates stay F32, as llama-quantize leaves them).
+enum class TensorRole { kNorm, kBias, kMatrix, kRouter, kExperts, kEmbedding, kOutput, kGate };
+
+struct TensorSpec {
+  std::string name;             // GGUF name, e.g. "blk.3.ffn_up_exps.weight"
+  std::vector<int64_t> ne;      // expected shape, ggml order
+  TensorRole role;
+  bool optional = false;
+};
+
+// Parses an architecture name; returns false if moe.cpp does not support it.
+bool ParseArch(const std::string& name, Arch* out);
+const char* ArchName(Arch a);
+
+// Reads and validates the config from GGUF keys (throws moe::Error naming the key).
+ModelConfig ReadConfig(const GgufFile& f);
+// Writes every key llama.cpp needs for this architecture, with the exact types it checks.
+void WriteConfig(const ModelConfig& c, GgufWriter& w);
+// Fills the architecture traits (rope type, norms, routing) for c.arch.
+void ApplyArchTraits(ModelConfig& c);
+// Checks that the hyper-parameters are self-consistent; throws moe::Error on the first problem.
+void ValidateConfig(const ModelConfig& c);
+// The tensors a model of this config has, in the order moe writes them.
+std::vector<TensorSpec> ExpectedTensors(const ModelConfig& c, bool with_output, bool with_qkv_bias);
+
+}  // namespace moe

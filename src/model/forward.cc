@@ -1,0 +1,257 @@
+#include "model/forward.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "kernels/kernels.h"
+#include "util/error.h"
+
+namespace moe {
+
+namespace {
+
+// Rows of a weight matrix handed to a thread at a time: small enough to balance two threads
+// on decode, large enough that the dispatch and atomics are noise.
+constexpr int64_t kRowGrain = 32;
+
+float* F(std::vector<float>& v, size_t i) { return v.data() + i; }
+
+}  // namespace
+
+Forward::Forward(const Model& model, ThreadPool& pool, int n_ctx, int n_batch)
+    : model_(model), c_(model.config()), pool_(pool), n_ctx_(n_ctx), n_batch_(n_batch) {
+  if (n_ctx_ <= 0) n_ctx_ = static_cast<int>(std::min<uint32_t>(c_.n_ctx_train ? c_.n_ctx_train : 4096, 4096));
+  if (n_batch_ <= 0) n_batch_ = 256;
+  k_cache_.assign(static_cast<size_t>(c_.n_layer) * n_ctx_ * c_.n_k(), 0.0f);
+  v_cache_.assign(static_cast<size_t>(c_.n_layer) * n_ctx_ * c_.n_v(), 0.0f);
+  scores_.resize(static_cast<size_t>(pool_.size()) * n_ctx_);
+}
+
+void Forward::Eval(const int32_t* tokens, int n, bool all_logits, std::vector<float>* logits) {
+  if (n <= 0) return;
+  if (n_past_ + n > n_ctx_)
+    Fail("context is full: %d tokens in the cache + %d new > context size %d (use a shorter prompt or fewer tokens)",
+         n_past_, n, n_ctx_);
+  for (int i = 0; i < n; ++i) {
+    if (tokens[i] < 0 || static_cast<uint32_t>(tokens[i]) >= c_.n_vocab)
+      Fail("token id %d is out of range: the vocabulary has %u tokens", tokens[i], c_.n_vocab);
+  }
+  logits->resize(static_cast<size_t>(all_logits ? n : 1) * c_.n_vocab);
+  for (int b = 0; b < n; b += n_batch_) {
+    const int m = std::min(n_batch_, n - b);
+    const bool last_chunk = b + m == n;
+    float* out = all_logits ? logits->data() + static_cast<size_t>(b) * c_.n_vocab
+                            : (last_chunk ? logits->data() : nullptr);
+    EvalChunk(tokens + b, m, all_logits, out);
+  }
+}
+
+void Forward::Linear(const TensorView& W, const float* x, int T, float* y) {
+  const int64_t in = W.ne[0], out = W.ne[1] * W.ne[2];
+  const size_t rb = kernels::ActivationRowBytes(W.dtype, in);
+  act_.resize(rb * T);
+  if (T >= 8) {
+    pool_.ParallelFor(T, 4, [&](int64_t b, int64_t e, int) {
+      for (int64_t t = b; t < e; ++t) kernels::ConvertActivations(W.dtype, x + t * in, act_.data() + t * rb, in);
+    });
+  } else {
+    for (int t = 0; t < T; ++t) kernels::ConvertActivations(W.dtype, x + t * in, act_.data() + t * rb, in);
+  }
+  pool_.ParallelFor(out, kRowGrain, [&](int64_t r0, int64_t r1, int) {
+    kernels::MatMul(W.dtype, W.data, in, r0, r1, act_.data(), rb, T, y + r0, out);
+  });
+}
+
+void Forward::EvalChunk(const int32_t* tokens, int T, bool all_logits, float* logits) {
+  const int64_t E = c_.n_embd;
+  x_.resize(T * E);
+  h_.resize(T * E);
+  tmp_.resize(T * E);
+  // Embeddings: dequantize the rows of token_embd (ggml_get_rows).
+  for (int t = 0; t < T; ++t)
+    kernels::DequantizeRow(model_.token_embd->dtype, model_.token_embd->Row(tokens[t]), F(x_, t * E), E);
+
+  for (uint32_t il = 0; il < c_.n_layer; ++il) {
+    const LayerWeights& L = model_.layers[il];
+    for (int t = 0; t < T; ++t)  // attn_norm
+      kernels::RmsNorm(F(x_, t * E), L.attn_norm->F32(), E, c_.rms_eps, F(h_, t * E));
+    Attention(static_cast<int>(il), T);
+    for (int t = 0; t < T; ++t)  // ffn_inp = attn_out + residual
+      kernels::Add(F(x_, t * E), F(tmp_, t * E), F(x_, t * E), E);
+    for (int t = 0; t < T; ++t)  // ffn_norm
+      kernels::RmsNorm(F(x_, t * E), L.ffn_norm->F32(), E, c_.rms_eps, F(h_, t * E));
+    MoeFfn(static_cast<int>(il), T);
+    for (int t = 0; t < T; ++t) kernels::Add(F(x_, t * E), F(tmp_, t * E), F(x_, t * E), E);
+  }
+
+  if (logits) {
+    const int first = all_logits ? 0 : T - 1;
+    const int n_out = T - first;
+    for (int t = first; t < T; ++t)
+      kernels::RmsNorm(F(x_, t * E), model_.output_norm->F32(), E, c_.rms_eps, F(h_, (t - first) * E));
+    Linear(*model_.output, h_.data(), n_out, logits);
+  }
+  n_past_ += T;
+}
+
+void Forward::Attention(int il, int T) {
+  const LayerWeights& L = model_.layers[il];
+  const int64_t E = c_.n_embd, nq = c_.n_q(), nk = c_.n_k(), nv = c_.n_v();
+  const int D = static_cast<int>(c_.n_embd_head_k), H = static_cast<int>(c_.n_head);
+  const int Hkv = static_cast<int>(c_.n_head_kv);
+  q_.resize(T * nq);
+  k_.resize(T * nk);
+  v_.resize(T * nv);
+  att_.resize(T * nq);
+  Linear(*L.wq, h_.data(), T, q_.data());  // [T][n_q]
+  Linear(*L.wk, h_.data(), T, k_.data());  // [T][n_k]
+  Linear(*L.wv, h_.data(), T, v_.data());  // [T][n_v]
+  const bool neox = c_.rope_type == RopeType::kNeox;
+  for (int t = 0; t < T; ++t) {
+    float* q = F(q_, t * nq);
+    float* k = F(k_, t * nk);
+    if (L.bq) kernels::Add(q, L.bq->F32(), q, nq);
+    if (L.bk) kernels::Add(k, L.bk->F32(), k, nk);
+    if (L.bv) kernels::Add(F(v_, t * nv), L.bv->F32(), F(v_, t * nv), nv);
+    if (c_.qk_norm == QkNorm::kFull) {
+      kernels::RmsNorm(q, L.q_norm->F32(), nq, c_.rms_eps, q);
+      kernels::RmsNorm(k, L.k_norm->F32(), nk, c_.rms_eps, k);
+    } else if (c_.qk_norm == QkNorm::kPerHead) {
+      for (int h = 0; h < H; ++h) kernels::RmsNorm(q + h * D, L.q_norm->F32(), D, c_.rms_eps, q + h * D);
+      for (int h = 0; h < Hkv; ++h) kernels::RmsNorm(k + h * D, L.k_norm->F32(), D, c_.rms_eps, k + h * D);
+    }
+    const int pos = n_past_ + t;
+    kernels::Rope(q, H, D, static_cast<int>(c_.n_rot), pos, c_.rope_freq_base, neox);
+    kernels::Rope(k, Hkv, D, static_cast<int>(c_.n_rot), pos, c_.rope_freq_base, neox);
+    float* kc = k_cache_.data() + (static_cast<size_t>(il) * n_ctx_ + pos) * nk;
+    float* vc = v_cache_.data() + (static_cast<size_t>(il) * n_ctx_ + pos) * nv;
+    std::memcpy(kc, k, nk * sizeof(float));
+    std::memcpy(vc, F(v_, t * nv), nv * sizeof(float));
+  }
+  // Causal attention, one (token, head) pair per work item.
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const float* K = k_cache_.data() + static_cast<size_t>(il) * n_ctx_ * nk;
+  const float* V = v_cache_.data() + static_cast<size_t>(il) * n_ctx_ * nv;
+  const int group = H / Hkv;
+  pool_.ParallelFor(static_cast<int64_t>(T) * H, 1, [&](int64_t b, int64_t e, int thread) {
+    float* s = scores_.data() + static_cast<size_t>(thread) * n_ctx_;  // [n_kv]
+    for (int64_t item = b; item < e; ++item) {
+      const int t = static_cast<int>(item / H), h = static_cast<int>(item % H);
+      const int g = h / group;
+      const int n_kv = n_past_ + t + 1;
+      const float* q = q_.data() + t * nq + h * D;
+      for (int j = 0; j < n_kv; ++j) s[j] = kernels::DotF32(q, K + static_cast<size_t>(j) * nk + g * D, D) * scale;
+      kernels::Softmax(s, n_kv);
+      float* o = att_.data() + t * nq + h * D;
+      std::fill(o, o + D, 0.0f);
+      for (int j = 0; j < n_kv; ++j) kernels::Axpy(s[j], V + static_cast<size_t>(j) * nv + g * D, o, D);
+    }
+  });
+  Linear(*L.wo, att_.data(), T, tmp_.data());  // [T][n_embd]
+  (void)E;
+}
+
+void Forward::MoeFfn(int il, int T) {
+  const LayerWeights& L = model_.layers[il];
+  const int64_t E = c_.n_embd, Fx = c_.n_ff_exp;
+  const int X = static_cast<int>(c_.n_expert), K = static_cast<int>(c_.n_expert_used);
+  router_.resize(static_cast<size_t>(T) * X);
+  Linear(*L.gate_inp, h_.data(), T, router_.data());  // ffn_moe_logits [T][n_expert]
+  RouteTokens(c_.router, router_.data(), T, &plan_);
+
+  const int S = T * K;  // slots, in expert-sorted order below
+  const DType gt = L.gate_exps->dtype, ut = L.up_exps->dtype, dt = L.down_exps->dtype;
+  const size_t rbg = kernels::ActivationRowBytes(gt, E);
+  const size_t rbu = kernels::ActivationRowBytes(ut, E);
+  const bool same_up = VecDotType(gt) == VecDotType(ut);
+  // Convert each token once, then gather rows into expert order.
+  act_.resize(rbg * T);
+  for (int t = 0; t < T; ++t) kernels::ConvertActivations(gt, F(h_, t * E), act_.data() + t * rbg, E);
+  xg_.resize(rbg * S);
+  for (int p = 0; p < S; ++p)
+    std::memcpy(xg_.data() + p * rbg, act_.data() + (plan_.sorted_slots[p] / K) * rbg, rbg);
+  if (!same_up) {
+    std::vector<uint8_t> tmp(rbu * T);
+    for (int t = 0; t < T; ++t) kernels::ConvertActivations(ut, F(h_, t * E), tmp.data() + t * rbu, E);
+    xg2_.resize(rbu * S);
+    for (int p = 0; p < S; ++p)
+      std::memcpy(xg2_.data() + p * rbu, tmp.data() + (plan_.sorted_slots[p] / K) * rbu, rbu);
+  }
+  const uint8_t* xu = same_up ? xg_.data() : xg2_.data();
+  const size_t rbu_eff = same_up ? rbg : rbu;
+
+  // Work items: (expert, row chunk) over the active experts only.
+  struct Item { int e; int64_t r0, r1; };
+  std::vector<Item> items;
+  auto make_items = [&](int64_t rows, int64_t grain) {
+    items.clear();
+    for (int e = 0; e < X; ++e) {
+      if (plan_.tokens_per_expert[e] == 0) continue;
+      for (int64_t r = 0; r < rows; r += grain) items.push_back({e, r, std::min(rows, r + grain)});
+    }
+  };
+  g_.resize(static_cast<size_t>(S) * Fx);
+  u_.resize(static_cast<size_t>(S) * Fx);
+  make_items(Fx, kRowGrain);
+  pool_.ParallelFor(static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e, int) {
+    for (int64_t i = b; i < e; ++i) {
+      const Item& it = items[i];
+      const int off = plan_.expert_offsets[it.e], n = plan_.tokens_per_expert[it.e];
+      kernels::MatMul(gt, L.gate_exps->Slab(it.e), E, it.r0, it.r1, xg_.data() + off * rbg, rbg, n,
+                      F(g_, static_cast<size_t>(off) * Fx + it.r0), Fx);
+      kernels::MatMul(ut, L.up_exps->Slab(it.e), E, it.r0, it.r1, xu + off * rbu_eff, rbu_eff, n,
+                      F(u_, static_cast<size_t>(off) * Fx + it.r0), Fx);
+    }
+  });
+  // SwiGLU, then convert for the down projection.
+  const size_t rbd = kernels::ActivationRowBytes(dt, Fx);
+  aq_.resize(rbd * S);
+  pool_.ParallelFor(S, 4, [&](int64_t b, int64_t e, int) {
+    for (int64_t p = b; p < e; ++p) {
+      float* g = F(g_, p * Fx);
+      kernels::SiluMul(g, F(u_, p * Fx), g, Fx);
+      kernels::ConvertActivations(dt, g, aq_.data() + p * rbd, Fx);
+    }
+  });
+  y_.resize(static_cast<size_t>(S) * E);
+  make_items(E, kRowGrain);
+  pool_.ParallelFor(static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e, int) {
+    for (int64_t i = b; i < e; ++i) {
+      const Item& it = items[i];
+      const int off = plan_.expert_offsets[it.e], n = plan_.tokens_per_expert[it.e];
+      kernels::MatMul(dt, L.down_exps->Slab(it.e), Fx, it.r0, it.r1, aq_.data() + off * rbd, rbd, n,
+                      F(y_, static_cast<size_t>(off) * E + it.r0), E);
+    }
+  });
+  // Combine in selection order (deterministic and independent of batch-mates).
+  for (int t = 0; t < T; ++t) {
+    float* out = F(tmp_, t * E);
+    std::fill(out, out + E, 0.0f);
+    for (int j = 0; j < K; ++j) {
+      const int slot = t * K + j;
+      kernels::Axpy(plan_.weights[slot], F(y_, static_cast<size_t>(plan_.slot_position[slot]) * E), out, E);
+    }
+  }
+
+  if (L.gate_shexp) {  // shared expert (qwen2moe: scaled by sigmoid(gate_inp_shexp . x))
+    const int64_t Sh = c_.n_ff_shexp;
+    sg_.resize(static_cast<size_t>(T) * Sh);
+    su_.resize(static_cast<size_t>(T) * Sh);
+    Linear(*L.gate_shexp, h_.data(), T, sg_.data());
+    Linear(*L.up_shexp, h_.data(), T, su_.data());
+    for (int t = 0; t < T; ++t) kernels::SiluMul(F(sg_, t * Sh), F(su_, t * Sh), F(sg_, t * Sh), Sh);
+    shout_.resize(static_cast<size_t>(T) * E);
+    Linear(*L.down_shexp, sg_.data(), T, shout_.data());  // [T][n_embd]
+    for (int t = 0; t < T; ++t) {
+      float gate = 1.0f;
+      if (L.gate_inp_shexp) {
+        const float z = kernels::DotF32(L.gate_inp_shexp->F32(), F(h_, t * E), E);
+        gate = 1.0f / (1.0f + std::exp(-z));
+      }
+      kernels::Axpy(gate, F(shout_, t * E), F(tmp_, t * E), E);
+    }
+  }
+}
+
+}  // namespace moe

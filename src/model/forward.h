@@ -1,0 +1,70 @@
+// The forward pass of every supported architecture (they differ only in the traits of
+// ModelConfig), with its KV cache and scratch buffers. Tokens are evaluated in batches
+// (prefill) or one at a time (decode); routed experts run grouped by expert (RoutingPlan).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "model/model.h"
+#include "moe/routing.h"
+#include "util/threadpool.h"
+
+namespace moe {
+
+class Forward {
+ public:
+  // n_ctx: KV cache length in tokens (0 = the model's training context, capped at 4096).
+  Forward(const Model& model, ThreadPool& pool, int n_ctx = 0, int n_batch = 256);
+
+  // Evaluates tokens at positions n_past() .. n_past() + n - 1 and appends them to the cache.
+  // all_logits: logits of every position go to logits [n][n_vocab]; else only the last
+  // position's [n_vocab]. Throws moe::Error if a token id is out of range or the context is full.
+  void Eval(const int32_t* tokens, int n, bool all_logits, std::vector<float>* logits);
+
+  int n_past() const { return n_past_; }
+  int n_ctx() const { return n_ctx_; }
+  void Reset() { n_past_ = 0; }
+  size_t KvCacheBytes() const { return (k_cache_.size() + v_cache_.size()) * sizeof(float); }
+
+ private:
+  void EvalChunk(const int32_t* tokens, int n, bool all_logits, float* logits);
+  void Attention(int layer, int T);
+  void MoeFfn(int layer, int T);
+  // y[T][out] = x[T][in] . W^T for a 2-D weight (or slab e of a 3-D one when W3 is given).
+  void Linear(const TensorView& W, const float* x, int T, float* y);
+
+  const Model& model_;
+  const ModelConfig& c_;
+  ThreadPool& pool_;
+  int n_ctx_;
+  int n_batch_;
+  int n_past_ = 0;
+
+  std::vector<float> k_cache_;  // [n_layer][n_ctx][n_k]
+  std::vector<float> v_cache_;  // [n_layer][n_ctx][n_v]
+
+  // Scratch for one chunk of up to n_batch tokens.
+  std::vector<float> x_;        // [T][n_embd]  residual stream
+  std::vector<float> h_;        // [T][n_embd]  normalised input of a block
+  std::vector<float> q_;        // [T][n_q]
+  std::vector<float> k_;        // [T][n_k]
+  std::vector<float> v_;        // [T][n_v]
+  std::vector<float> att_;      // [T][n_q]
+  std::vector<float> tmp_;      // [T][n_embd]
+  std::vector<float> scores_;   // [n_threads][n_ctx]
+  std::vector<float> router_;   // [T][n_expert]
+  std::vector<uint8_t> act_;    // converted activations (Linear)
+  std::vector<uint8_t> xg_;     // [T*k] gathered expert inputs, converted
+  std::vector<uint8_t> xg2_;    // same for the up projection when its vec-dot type differs
+  std::vector<float> g_;        // [T*k][n_ff_exp]
+  std::vector<float> u_;        // [T*k][n_ff_exp]
+  std::vector<uint8_t> aq_;     // [T*k] converted activations of the down projection
+  std::vector<float> y_;        // [T*k][n_embd]
+  std::vector<float> sg_;       // [T][n_ff_shexp]
+  std::vector<float> su_;       // [T][n_ff_shexp]
+  std::vector<float> shout_;    // [T][n_embd]  shared-expert output
+  RoutingPlan plan_;
+};
+
+}  // namespace moe

@@ -1,0 +1,125 @@
+#include "model/init.h"
+
+#include <cmath>
+#include <random>
+
+#include "formats/gguf.h"
+#include "kernels/kernels.h"
+#include "tokenizer/tokenizer.h"
+#include "util/error.h"
+
+namespace moe {
+
+namespace {
+
+// Writes the "in" dimension of a matrix for an error message: the row length must hold whole
+// quantization blocks.
+void CheckRowLength(const TensorSpec& s, DType t) {
+  const int64_t bs = Traits(t).block_size;
+  if (s.ne[0] % bs != 0)
+    Fail("--type %s needs rows that are multiples of %lld elements, but tensor '%s' has rows of "
+         "%lld (choose --dim/--ffn/--shared-ffn/--heads x --head-dim as multiples of %lld)",
+         DTypeName(t), static_cast<long long>(bs), s.name.c_str(),
+         static_cast<long long>(s.ne[0]), static_cast<long long>(bs));
+}
+
+}  // namespace
+
+void InitRandomModel(InitOptions opt, const std::string& path) {
+  ModelConfig& c = opt.config;
+  ApplyArchTraits(c);
+  if (c.n_head == 0) c.n_head = std::max<uint32_t>(1, c.n_embd / 64);
+  if (c.n_head_kv == 0) c.n_head_kv = c.n_head;
+  if (c.n_embd_head_k == 0) {
+    if (c.n_embd % c.n_head != 0)
+      Fail("--dim %u is not a multiple of --heads %u: give --head-dim", c.n_embd, c.n_head);
+    c.n_embd_head_k = c.n_embd / c.n_head;
+  }
+  c.n_embd_head_v = c.n_embd_head_k;
+  c.n_rot = c.n_embd_head_k;
+  if (c.n_ctx_train == 0) c.n_ctx_train = 2048;
+  if (c.n_ff_exp == 0) c.n_ff_exp = c.n_ff;
+  c.n_ff = c.n_ff_exp;
+  if (c.arch == Arch::kQwen2Moe && c.n_ff_shexp == 0) c.n_ff_shexp = c.n_ff_exp;
+  if (c.arch != Arch::kQwen2Moe && c.n_ff_shexp != 0)
+    Fail("--shared-ffn: architecture %s has no shared expert (only qwen2moe does)", c.arch_name.c_str());
+  if (c.arch == Arch::kLlama && c.n_embd_head_k * c.n_head != c.n_embd)
+    Fail("llama needs --heads x --head-dim == --dim (%u x %u != %u)", c.n_head, c.n_embd_head_k, c.n_embd);
+  if (opt.tie_output && (c.arch == Arch::kQwen2Moe || c.arch == Arch::kOlmoe))
+    Fail("--tie-output: architecture %s needs its own output.weight in llama.cpp", c.arch_name.c_str());
+
+  std::unique_ptr<GgufFile> tok_src;
+  if (!opt.tokenizer_from.empty()) {
+    tok_src = GgufFile::Open(opt.tokenizer_from);
+    if (!tok_src->Has("tokenizer.ggml.tokens"))
+      Fail("--tokenizer %s has no tokenizer.ggml.tokens to copy", opt.tokenizer_from.c_str());
+    c.n_vocab = static_cast<uint32_t>(tok_src->GetStringArray("tokenizer.ggml.tokens").size());
+  }
+  if (c.n_vocab == 0) c.n_vocab = 32000;
+  ValidateConfig(c);
+
+  GgufWriter w;
+  w.SetString("general.name", std::string("moe.cpp random ") + c.arch_name);
+  WriteConfig(c, w);
+  uint32_t file_type = 0;
+  switch (opt.type) {
+    case DType::kF32: file_type = 0; break;
+    case DType::kF16: file_type = 1; break;
+    case DType::kQ4_0: file_type = 2; break;
+    case DType::kQ8_0: file_type = 7; break;
+    case DType::kQ4_K: file_type = 15; break;
+    case DType::kQ6_K: file_type = 18; break;
+    case DType::kBF16: file_type = 32; break;
+    default: Fail("--type %s is not a weight type", DTypeName(opt.type));
+  }
+  w.SetU32("general.file_type", file_type);
+  w.SetU32("general.quantization_version", 2);
+  if (tok_src) {
+    CopyTokenizerKeys(*tok_src, w);
+  } else {
+    w.SetString("tokenizer.ggml.model", "none");
+  }
+
+  std::mt19937_64 rng(opt.seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<TensorSpec> specs = ExpectedTensors(c, !opt.tie_output, c.arch == Arch::kQwen2Moe);
+  for (const TensorSpec& s : specs) {
+    int64_t n = 1;
+    for (int64_t d : s.ne) n *= d;
+    std::vector<float> v(n);
+    const float fan_in_scale = 1.0f / std::sqrt(static_cast<float>(s.ne[0]));
+    switch (s.role) {
+      case TensorRole::kNorm:  // around 1, so a wrong norm weight changes the output
+        for (float& x : v) x = 1.0f + 0.1f * normal(rng);
+        break;
+      case TensorRole::kBias:
+        for (float& x : v) x = 0.1f * normal(rng);
+        break;
+      case TensorRole::kEmbedding:
+        for (float& x : v) x = normal(rng);
+        break;
+      case TensorRole::kOutput:
+        for (float& x : v) x = opt.logit_scale * fan_in_scale * normal(rng);
+        break;
+      case TensorRole::kRouter:  // logits ~ N(0, 1): varied, rarely tied expert choices
+      case TensorRole::kGate:
+      case TensorRole::kMatrix:
+      case TensorRole::kExperts:
+        for (float& x : v) x = fan_in_scale * normal(rng);
+        break;
+    }
+    const bool keep_f32 = s.role == TensorRole::kNorm || s.role == TensorRole::kBias ||
+                          s.role == TensorRole::kRouter || s.role == TensorRole::kGate;
+    const DType t = keep_f32 ? DType::kF32 : opt.type;
+    if (!keep_f32) CheckRowLength(s, t);
+    const int64_t rows = n / s.ne[0];
+    const size_t rb = RowBytes(t, s.ne[0]);
+    std::vector<uint8_t> bytes(rb * rows);
+    for (int64_t r = 0; r < rows; ++r)
+      kernels::QuantizeRow(t, v.data() + r * s.ne[0], bytes.data() + r * rb, s.ne[0]);
+    w.AddTensor(s.name, t, s.ne, bytes.data(), bytes.size());
+  }
+  w.Write(path);
+}
+
+}  // namespace moe

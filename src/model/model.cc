@@ -1,0 +1,112 @@
+#include "model/model.h"
+
+#include <unordered_set>
+
+#include "util/error.h"
+
+namespace moe {
+
+namespace {
+
+bool IsWeightType(DType t) {
+  switch (t) {
+    case DType::kF32: case DType::kF16: case DType::kBF16: case DType::kQ8_0:
+    case DType::kQ4_0: case DType::kQ4_K: case DType::kQ6_K:
+      return true;
+    default:
+      return false;
+  }
+}
+
+}  // namespace
+
+std::unique_ptr<Model> Model::Load(const std::string& path) {
+  auto m = std::unique_ptr<Model>(new Model());
+  m->file_ = GgufFile::Open(path);
+  const GgufFile& f = *m->file_;
+  m->config_ = ReadConfig(f);
+  ModelConfig& c = m->config_;
+
+  const bool has_output = f.FindTensor("output.weight") != nullptr;
+  const bool has_bias = f.FindTensor("blk.0.attn_q.bias") != nullptr;
+  std::vector<TensorSpec> specs = ExpectedTensors(c, has_output, has_bias);
+  std::unordered_set<std::string> known;
+  for (const TensorSpec& s : specs) {
+    known.insert(s.name);
+    const TensorView* t = f.FindTensor(s.name);
+    if (!t) {
+      if (s.optional) continue;
+      f.Throw("missing tensor '" + s.name + "' required by architecture " + c.arch_name);
+    }
+    bool shape_ok = t->n_dims == static_cast<int>(s.ne.size());
+    for (size_t d = 0; shape_ok && d < s.ne.size(); ++d) shape_ok = t->ne[d] == s.ne[d];
+    if (!shape_ok)
+      f.Throw("tensor '" + s.name + "' has shape " + ShapeString(t->ne, t->n_dims) +
+              " but the hyper-parameters need " + ShapeString(s.ne.data(), static_cast<int>(s.ne.size())));
+    const bool vector = s.role == TensorRole::kNorm || s.role == TensorRole::kBias ||
+                        s.role == TensorRole::kGate;
+    if (vector ? t->dtype != DType::kF32 : !IsWeightType(t->dtype))
+      f.Throw(StrFormat("tensor '%s' has type %s, which moe.cpp does not support here%s",
+                        s.name.c_str(), DTypeName(t->dtype), vector ? " (norms, biases and gates must be f32)" : ""));
+  }
+  for (const GgufTensorInfo& ti : f.tensors()) {
+    if (!known.count(ti.view.name))
+      f.Throw("tensor '" + ti.view.name + "' is not used by architecture " + c.arch_name +
+              " (llama.cpp rejects such files too)");
+  }
+  auto get = [&](const std::string& name) { return f.FindTensor(name); };
+  m->token_embd = get("token_embd.weight");
+  m->output_norm = get("output_norm.weight");
+  m->output = has_output ? get("output.weight") : m->token_embd;
+  if (c.n_vocab != m->token_embd->ne[1])
+    f.Throw(StrFormat("vocabulary has %u tokens but token_embd.weight has %lld rows", c.n_vocab,
+                      static_cast<long long>(m->token_embd->ne[1])));
+  m->layers.resize(c.n_layer);
+  for (uint32_t i = 0; i < c.n_layer; ++i) {
+    const std::string p = "blk." + std::to_string(i) + ".";
+    LayerWeights& L = m->layers[i];
+    L.attn_norm = get(p + "attn_norm.weight");
+    L.wq = get(p + "attn_q.weight");
+    L.wk = get(p + "attn_k.weight");
+    L.wv = get(p + "attn_v.weight");
+    L.bq = get(p + "attn_q.bias");
+    L.bk = get(p + "attn_k.bias");
+    L.bv = get(p + "attn_v.bias");
+    L.wo = get(p + "attn_output.weight");
+    L.q_norm = get(p + "attn_q_norm.weight");
+    L.k_norm = get(p + "attn_k_norm.weight");
+    L.ffn_norm = get(p + "ffn_norm.weight");
+    L.gate_inp = get(p + "ffn_gate_inp.weight");
+    L.gate_exps = get(p + "ffn_gate_exps.weight");
+    L.up_exps = get(p + "ffn_up_exps.weight");
+    L.down_exps = get(p + "ffn_down_exps.weight");
+    L.gate_inp_shexp = get(p + "ffn_gate_inp_shexp.weight");
+    L.gate_shexp = get(p + "ffn_gate_shexp.weight");
+    L.up_shexp = get(p + "ffn_up_shexp.weight");
+    L.down_shexp = get(p + "ffn_down_shexp.weight");
+  }
+  m->tokenizer_ = Tokenizer::FromGguf(f, c.n_vocab);
+  return m;
+}
+
+uint64_t Model::BytesPerExpert() const {
+  const LayerWeights& L = layers[0];
+  return (L.gate_exps->NumBytes() + L.up_exps->NumBytes() + L.down_exps->NumBytes()) /
+         config_.n_expert;
+}
+
+uint64_t Model::BytesPerToken() const {
+  uint64_t total = token_embd->RowBytes() + output->NumBytes() + output_norm->NumBytes();
+  for (const LayerWeights& L : layers) {
+    const TensorView* dense[] = {L.attn_norm, L.wq, L.wk, L.wv, L.bq, L.bk, L.bv, L.wo,
+                                 L.q_norm, L.k_norm, L.ffn_norm, L.gate_inp, L.gate_inp_shexp,
+                                 L.gate_shexp, L.up_shexp, L.down_shexp};
+    for (const TensorView* t : dense)
+      if (t) total += t->NumBytes();
+    total += (L.gate_exps->NumBytes() + L.up_exps->NumBytes() + L.down_exps->NumBytes()) /
+             config_.n_expert * config_.n_expert_used;
+  }
+  return total;
+}
+
+}  // namespace moe

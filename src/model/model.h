@@ -1,0 +1,63 @@
+// A loaded model: config, zero-copy weight views into the mapped GGUF, and the tokenizer.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "formats/gguf.h"
+#include "model/config.h"
+#include "tokenizer/tokenizer.h"
+
+namespace moe {
+
+struct LayerWeights {
+  const TensorView* attn_norm = nullptr;  // [n_embd]
+  const TensorView* wq = nullptr;         // {n_embd, n_q}
+  const TensorView* wk = nullptr;         // {n_embd, n_k}
+  const TensorView* wv = nullptr;         // {n_embd, n_v}
+  const TensorView* bq = nullptr;         // [n_q]   optional
+  const TensorView* bk = nullptr;         // [n_k]   optional
+  const TensorView* bv = nullptr;         // [n_v]   optional
+  const TensorView* wo = nullptr;         // {n_q, n_embd}
+  const TensorView* q_norm = nullptr;     // [head_dim] (per head) or [n_q] (full)
+  const TensorView* k_norm = nullptr;
+  const TensorView* ffn_norm = nullptr;   // [n_embd]
+  const TensorView* gate_inp = nullptr;   // {n_embd, n_expert}            router
+  const TensorView* gate_exps = nullptr;  // {n_embd, n_ff_exp, n_expert}
+  const TensorView* up_exps = nullptr;    // {n_embd, n_ff_exp, n_expert}
+  const TensorView* down_exps = nullptr;  // {n_ff_exp, n_embd, n_expert}
+  const TensorView* gate_inp_shexp = nullptr;  // [n_embd]                 shared-expert gate
+  const TensorView* gate_shexp = nullptr;      // {n_embd, n_ff_shexp}
+  const TensorView* up_shexp = nullptr;        // {n_embd, n_ff_shexp}
+  const TensorView* down_shexp = nullptr;      // {n_ff_shexp, n_embd}
+};
+
+class Model {
+ public:
+  // Maps and validates the file: keys, every tensor's presence, shape and type, and that the
+  // file has no tensor the architecture does not use. Throws moe::Error (one line).
+  static std::unique_ptr<Model> Load(const std::string& path);
+
+  const ModelConfig& config() const { return config_; }
+  const GgufFile& file() const { return *file_; }
+  const Tokenizer& tokenizer() const { return *tokenizer_; }
+
+  const TensorView* token_embd = nullptr;   // {n_embd, n_vocab}
+  const TensorView* output_norm = nullptr;  // [n_embd]
+  const TensorView* output = nullptr;       // {n_embd, n_vocab} (token_embd when tied)
+  std::vector<LayerWeights> layers;
+
+  // Bytes of weights one generated token reads: the dense part, k routed experts and the
+  // shared expert per layer, one embedding row and the whole output matrix.
+  uint64_t BytesPerToken() const;
+  // Bytes of one routed expert of one layer (gate + up + down).
+  uint64_t BytesPerExpert() const;
+
+ private:
+  std::unique_ptr<GgufFile> file_;
+  ModelConfig config_;
+  std::unique_ptr<Tokenizer> tokenizer_;
+};
+
+}  // namespace moe

@@ -1,0 +1,63 @@
+#include "moe/routing.h"
+
+#include <cmath>
+
+#include "kernels/kernels.h"
+#include "util/error.h"
+
+namespace moe {
+
+void RoutingPlan::BuildGroups() {
+  const int n_slots = n_tokens * k;
+  tokens_per_expert.assign(n_expert, 0);
+  for (int s = 0; s < n_slots; ++s) {
+    MOE_ASSERT(expert_ids[s] >= 0 && expert_ids[s] < n_expert);
+    ++tokens_per_expert[expert_ids[s]];
+  }
+  expert_offsets.assign(n_expert + 1, 0);
+  for (int e = 0; e < n_expert; ++e) expert_offsets[e + 1] = expert_offsets[e] + tokens_per_expert[e];
+  sorted_slots.resize(n_slots);
+  slot_position.resize(n_slots);
+  std::vector<int32_t> fill(expert_offsets.begin(), expert_offsets.end() - 1);
+  for (int s = 0; s < n_slots; ++s) {
+    const int pos = fill[expert_ids[s]]++;
+    sorted_slots[pos] = s;
+    slot_position[s] = pos;
+  }
+}
+
+void RouteTokens(const RouterConfig& cfg, float* logits, int n_tokens, RoutingPlan* plan) {
+  const int E = cfg.n_expert, K = cfg.n_expert_used;
+  MOE_ASSERT(K >= 1 && K <= E);
+  plan->n_tokens = n_tokens;
+  plan->n_expert = E;
+  plan->k = K;
+  plan->expert_ids.resize(static_cast<size_t>(n_tokens) * K);
+  plan->weights.resize(static_cast<size_t>(n_tokens) * K);
+  for (int t = 0; t < n_tokens; ++t) {
+    float* p = logits + static_cast<size_t>(t) * E;  // [n_expert]
+    switch (cfg.gating) {
+      case GatingFunc::kSoftmax: kernels::Softmax(p, E); break;
+      case GatingFunc::kSigmoid:
+        for (int e = 0; e < E; ++e) p[e] = 1.0f / (1.0f + std::exp(-p[e]));
+        break;
+    }
+    int32_t* ids = &plan->expert_ids[static_cast<size_t>(t) * K];
+    float* w = &plan->weights[static_cast<size_t>(t) * K];
+    kernels::TopK(p, E, K, ids);
+    float sum = 0.0f;
+    for (int j = 0; j < K; ++j) {
+      w[j] = p[ids[j]];
+      sum += w[j];
+    }
+    if (cfg.norm_topk) {
+      for (int j = 0; j < K; ++j) w[j] /= sum;
+    }
+    if (cfg.weights_scale != 1.0f) {
+      for (int j = 0; j < K; ++j) w[j] *= cfg.weights_scale;
+    }
+  }
+  plan->BuildGroups();
+}
+
+}  // namespace moe

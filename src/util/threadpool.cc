@@ -1,0 +1,134 @@
+#include "util/threadpool.h"
+
+#include <pthread.h>
+#include <sched.h>
+
+#include <cstdlib>
+#include <cstring>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define MOE_CPU_RELAX() _mm_pause()
+#elif defined(__aarch64__)
+#define MOE_CPU_RELAX() asm volatile("yield")
+#else
+#define MOE_CPU_RELAX() ((void)0)
+#endif
+
+namespace moe {
+
+namespace {
+
+std::vector<int> AffinityCpus() {
+  std::vector<int> cpus;
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+    for (int c = 0; c < CPU_SETSIZE; ++c)
+      if (CPU_ISSET(c, &set)) cpus.push_back(c);
+  }
+  if (cpus.empty()) cpus.push_back(0);
+  return cpus;
+}
+
+void PinCurrentThread(int cpu) {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  CPU_SET(cpu, &set);
+  pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
+}
+
+// Spin iterations before a worker sleeps: long enough to bridge the gap between the kernels of
+// one decode step (microseconds), short enough not to burn a core while idle.
+constexpr int kSpinIterations = 1 << 16;
+
+}  // namespace
+
+int AvailableCpus() { return static_cast<int>(AffinityCpus().size()); }
+
+ThreadPool::ThreadPool(int n_threads, bool pin) {
+  std::vector<int> cpus = AffinityCpus();
+  if (n_threads <= 0) n_threads = static_cast<int>(cpus.size());
+  n_threads_ = n_threads;
+  const char* no_pin = std::getenv("MOE_NO_PIN");
+  if (no_pin && std::strcmp(no_pin, "0") != 0) pin = false;
+  // Pin only when every thread gets a CPU of its own; oversubscribed pools float.
+  pin = pin && n_threads <= static_cast<int>(cpus.size()) && n_threads > 1;
+  if (pin) PinCurrentThread(cpus[0]);
+  for (int i = 1; i < n_threads; ++i) {
+    workers_.emplace_back([this, i] { WorkerLoop(i); });
+    if (pin) {
+      cpu_set_t set;
+      CPU_ZERO(&set);
+      CPU_SET(cpus[i], &set);
+      pthread_setaffinity_np(workers_.back().native_handle(), sizeof(set), &set);
+    }
+  }
+}
+
+ThreadPool::~ThreadPool() {
+  stop_.store(true, std::memory_order_release);
+  generation_.fetch_add(1, std::memory_order_acq_rel);
+  generation_.notify_all();
+  for (auto& t : workers_) t.join();
+}
+
+void ThreadPool::WorkerLoop(int index) {
+  uint32_t seen = 0;
+  for (;;) {
+    uint32_t gen = generation_.load(std::memory_order_acquire);
+    for (int spin = 0; gen == seen && spin < kSpinIterations; ++spin) {
+      MOE_CPU_RELAX();
+      gen = generation_.load(std::memory_order_acquire);
+    }
+    if (gen == seen) {
+      generation_.wait(seen, std::memory_order_acquire);
+      continue;
+    }
+    seen = gen;
+    if (stop_.load(std::memory_order_acquire)) return;
+    (*job_)(index, n_threads_);
+    pending_.fetch_sub(1, std::memory_order_acq_rel);
+  }
+}
+
+void ThreadPool::Run(const std::function<void(int, int)>& fn) {
+  if (n_threads_ == 1) {
+    fn(0, 1);
+    return;
+  }
+  job_ = &fn;
+  pending_.store(n_threads_ - 1, std::memory_order_release);
+  generation_.fetch_add(1, std::memory_order_acq_rel);
+  generation_.notify_all();
+  fn(0, n_threads_);
+  while (pending_.load(std::memory_order_acquire) != 0) MOE_CPU_RELAX();
+}
+
+void ThreadPool::ParallelFor(int64_t n, int64_t grain,
+                             const std::function<void(int64_t, int64_t, int)>& fn) {
+  if (n <= 0) return;
+  if (grain < 1) grain = 1;
+  if (n_threads_ == 1 || n <= grain) {
+    fn(0, n, 0);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  Run([&](int thread, int) {
+    for (;;) {
+      int64_t b = next.fetch_add(grain, std::memory_order_relaxed);
+      if (b >= n) break;
+      fn(b, b + grain < n ? b + grain : n, thread);
+    }
+  });
+}
+
+void ThreadPool::ParallelRange(int64_t n, const std::function<void(int64_t, int64_t, int)>& fn) {
+  if (n <= 0) return;
+  Run([&](int thread, int nt) {
+    int64_t b = n * thread / nt, e = n * (thread + 1) / nt;
+    if (b < e) fn(b, e, thread);
+  });
+}
+
+}  // namespace moe

@@ -1,0 +1,46 @@
+#include <memory>
+#include <string>
+
+#include "commands.h"
+#include "model/init.h"
+#include "util/error.h"
+
+namespace moe::cli {
+
+Runner AddInit(CLI::App& app) {
+  auto o = std::make_shared<InitOptions>();
+  auto arch = std::make_shared<std::string>();
+  auto type = std::make_shared<std::string>("f32");
+  auto out = std::make_shared<std::string>();
+  ModelConfig& c = o->config;
+  app.add_option("--arch", *arch, "architecture: llama (Mixtral), qwen2moe, qwen3moe, olmoe")->required();
+  app.add_option("--layers", c.n_layer, "number of blocks")->required();
+  app.add_option("--dim", c.n_embd, "embedding width")->required();
+  app.add_option("--ffn", c.n_ff_exp, "width of one routed expert")->required();
+  app.add_option("--experts", c.n_expert, "routed experts per layer")->required();
+  app.add_option("--experts-used", c.n_expert_used, "experts per token (k)")->required();
+  app.add_option("--shared-ffn", c.n_ff_shexp, "shared-expert width (qwen2moe; default --ffn)");
+  app.add_option("--heads", c.n_head, "attention heads (default dim/64)");
+  app.add_option("--kv-heads", c.n_head_kv, "key/value heads (GQA; default --heads)");
+  app.add_option("--head-dim", c.n_embd_head_k, "head dimension (default dim/heads)");
+  app.add_option("--vocab", c.n_vocab, "vocabulary size (default 32000, or the --tokenizer's)");
+  app.add_option("--ctx", c.n_ctx_train, "context length")->default_val(2048);
+  app.add_option("--rope-base", c.rope_freq_base, "RoPE frequency base")->default_val(10000.0f);
+  app.add_option("--eps", c.rms_eps, "RMSNorm epsilon")->default_val(1e-5f);
+  app.add_option("--type", *type, "weight type: f32 f16 bf16 q8_0 q4_0 q4_K q6_K")->default_val("f32");
+  app.add_option("--seed", o->seed, "random seed")->default_val(0);
+  app.add_option("--logit-scale", o->logit_scale, "scale of the output matrix (large = big margins)")->default_val(1.0f);
+  app.add_flag("--tie-output", o->tie_output, "no output.weight: reuse token_embd (llama, qwen3moe)");
+  app.add_option("--tokenizer", o->tokenizer_from, "copy the tokenizer of this GGUF file");
+  app.add_option("-o,--output", *out, "output GGUF file")->required();
+  return [=]() {
+    if (!ParseArch(*arch, &o->config.arch))
+      Fail("--arch '%s' is not supported (use llama, qwen2moe, qwen3moe or olmoe)", arch->c_str());
+    if (!ParseDType(type->c_str(), &o->type) || o->type == DType::kI32 || o->type == DType::kQ8_K)
+      Fail("--type '%s' is not a weight type (use f32, f16, bf16, q8_0, q4_0, q4_K or q6_K)", type->c_str());
+    InitRandomModel(*o, *out);
+    return 0;
+  };
+}
+
+}  // namespace moe::cli

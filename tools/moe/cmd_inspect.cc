@@ -1,0 +1,65 @@
+// moe inspect: architecture, hyper-parameters, tensor table, bytes per expert and per token.
+#include <cstdio>
+#include <memory>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "commands.h"
+#include "model/model.h"
+
+namespace moe::cli {
+
+Runner AddInspect(CLI::App& app) {
+  auto path = std::make_shared<std::string>();
+  auto json = std::make_shared<bool>(false);
+  app.add_option("model", *path, "GGUF model file")->required();
+  app.add_flag("--json", *json, "print one JSON object");
+  return [=]() {
+    auto model = Model::Load(*path);
+    const ModelConfig& c = model->config();
+    const GgufFile& f = model->file();
+    nlohmann::json j;
+    j["architecture"] = c.arch_name;
+    j["file_size"] = f.file_size();
+    j["hparams"] = {
+        {"n_layer", c.n_layer}, {"n_embd", c.n_embd}, {"n_head", c.n_head},
+        {"n_head_kv", c.n_head_kv}, {"head_dim", c.n_embd_head_k}, {"n_rot", c.n_rot},
+        {"n_ctx_train", c.n_ctx_train}, {"n_vocab", c.n_vocab}, {"n_expert", c.n_expert},
+        {"n_expert_used", c.n_expert_used}, {"n_ff_exp", c.n_ff_exp},
+        {"n_ff_shexp", c.n_ff_shexp}, {"rms_eps", c.rms_eps},
+        {"rope_freq_base", c.rope_freq_base},
+        {"rope_type", c.rope_type == RopeType::kNeox ? "neox" : "normal"},
+        {"norm_topk", c.router.norm_topk}};
+    j["tokenizer"] = model->tokenizer().model();
+    j["bytes_per_expert"] = model->BytesPerExpert();
+    j["bytes_per_token"] = model->BytesPerToken();
+    uint64_t total = 0;
+    nlohmann::json tensors = nlohmann::json::array();
+    for (const GgufTensorInfo& t : f.tensors()) {
+      std::vector<int64_t> ne(t.view.ne, t.view.ne + t.view.n_dims);
+      tensors.push_back({{"name", t.view.name}, {"type", DTypeName(t.view.dtype)}, {"shape", ne},
+                         {"bytes", t.view.NumBytes()}, {"offset", f.data_section_offset() + t.data_offset}});
+      total += t.view.NumBytes();
+    }
+    j["tensor_bytes"] = total;
+    j["tensors"] = tensors;
+    if (*json) {
+      std::printf("%s\n", j.dump().c_str());
+      return 0;
+    }
+    std::printf("%s: %s, %.2f MiB\n", path->c_str(), c.arch_name.c_str(), f.file_size() / 1048576.0);
+    for (auto& [k, v] : j["hparams"].items()) std::printf("  %-16s %s\n", k.c_str(), v.dump().c_str());
+    std::printf("  %-16s %s\n", "tokenizer", model->tokenizer().model().c_str());
+    std::printf("  %-16s %.3f MiB\n", "bytes/expert", model->BytesPerExpert() / 1048576.0);
+    std::printf("  %-16s %.3f MiB (weights read per generated token)\n", "bytes/token",
+                model->BytesPerToken() / 1048576.0);
+    std::printf("\n%-36s %-6s %-22s %12s\n", "tensor", "type", "shape", "bytes");
+    for (const GgufTensorInfo& t : f.tensors())
+      std::printf("%-36s %-6s %-22s %12zu\n", t.view.name.c_str(), DTypeName(t.view.dtype),
+                  ShapeString(t.view.ne, t.view.n_dims).c_str(), t.view.NumBytes());
+    return 0;
+  };
+}
+
+}  // namespace moe::cli

@@ -1,0 +1,244 @@
+// moe run / moe bench.
+#include <sys/resource.h>
+
+#include <chrono>
+#include <cstdio>
+#include <memory>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "commands.h"
+#include "model/forward.h"
+#include "model/model.h"
+#include "runtime/sampler.h"
+#include "util/error.h"
+#include "util/threadpool.h"
+
+namespace moe::cli {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double Seconds(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+
+uint64_t PeakRssBytes() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return static_cast<uint64_t>(u.ru_maxrss) * 1024;  // Linux reports KiB
+}
+
+std::vector<int32_t> ParseIds(const std::string& s) {
+  std::vector<int32_t> ids;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    size_t pos = 0;
+    long long v = 0;
+    try {
+      v = std::stoll(item, &pos);
+    } catch (...) {
+      pos = 0;
+    }
+    if (pos == 0 || pos != item.size() || v < 0 || v > INT32_MAX)
+      Fail("--prompt-ids: '%s' is not a token id (expected comma-separated integers like 1,2,3)", item.c_str());
+    ids.push_back(static_cast<int32_t>(v));
+  }
+  if (ids.empty()) Fail("--prompt-ids is empty");
+  return ids;
+}
+
+nlohmann::json LogprobsJson(const float* logits, int n_vocab, int n) {
+  nlohmann::json arr = nlohmann::json::array();
+  for (auto& [id, lp] : TopLogprobs(logits, n_vocab, n)) arr.push_back({{"id", id}, {"logprob", lp}});
+  return arr;
+}
+
+struct RunOptions {
+  std::string model;
+  std::string prompt;
+  std::string prompt_ids;
+  int n_predict = 64;
+  SamplerConfig sampler;
+  int threads = 0;
+  int ctx = 0;
+  bool ignore_eos = false;
+  bool json = false;
+  int top_logprobs = 0;
+  bool teacher_forcing = false;
+};
+
+int DoRun(const RunOptions& o) {
+  auto model = Model::Load(o.model);
+  const ModelConfig& c = model->config();
+  const Tokenizer& tok = model->tokenizer();
+  std::vector<int32_t> prompt;
+  if (!o.prompt_ids.empty()) {
+    prompt = ParseIds(o.prompt_ids);
+  } else {
+    prompt = tok.Encode(o.prompt, /*add_special=*/true);
+    if (prompt.empty()) Fail("the prompt is empty after tokenization");
+  }
+  if (o.n_predict < 0) Fail("-n must be >= 0");
+  if (o.top_logprobs < 0) Fail("--top-logprobs must be >= 0");
+  const int n_ctx = o.ctx > 0 ? o.ctx : static_cast<int>(prompt.size()) + o.n_predict + 1;
+  ThreadPool pool(o.threads);
+  Forward fwd(*model, pool, n_ctx);
+  const int V = static_cast<int>(c.n_vocab);
+  std::vector<float> logits;
+  nlohmann::json out;
+  out["prompt_tokens"] = prompt;
+
+  if (o.teacher_forcing) {
+    const auto t0 = Clock::now();
+    fwd.Eval(prompt.data(), static_cast<int>(prompt.size()), /*all_logits=*/true, &logits);
+    const auto t1 = Clock::now();
+    nlohmann::json tl = nlohmann::json::array();
+    const int n = o.top_logprobs > 0 ? o.top_logprobs : 5;
+    for (size_t i = 0; i < prompt.size(); ++i) tl.push_back(LogprobsJson(&logits[i * V], V, n));
+    out["teacher_logprobs"] = tl;
+    out["prefill_tokens_per_s"] = prompt.size() / Seconds(t0, t1);
+    out["peak_rss_bytes"] = PeakRssBytes();
+    std::printf("%s\n", out.dump().c_str());
+    return 0;
+  }
+
+  Sampler sampler(o.sampler);
+  std::vector<int32_t> generated;
+  nlohmann::json top = nlohmann::json::array();
+  std::string text;
+  const auto t0 = Clock::now();
+  fwd.Eval(prompt.data(), static_cast<int>(prompt.size()), false, &logits);
+  const auto t1 = Clock::now();
+  for (int i = 0; i < o.n_predict; ++i) {
+    if (o.top_logprobs > 0) top.push_back(LogprobsJson(logits.data(), V, o.top_logprobs));
+    const int32_t id = sampler.Sample(logits.data(), V);
+    generated.push_back(id);
+    if (tok.HasVocab()) {
+      const std::string piece = tok.TokenToPiece(id);
+      text += piece;
+      if (!o.json) {
+        std::fwrite(piece.data(), 1, piece.size(), stdout);
+        std::fflush(stdout);
+      }
+    } else if (!o.json) {
+      std::printf("%s%d", i ? " " : "", id);
+      std::fflush(stdout);
+    }
+    if (!o.ignore_eos && tok.IsEog(id)) break;
+    if (i + 1 < o.n_predict) fwd.Eval(&id, 1, false, &logits);
+  }
+  const auto t2 = Clock::now();
+  const int n_decoded = static_cast<int>(generated.size()) > 1 ? static_cast<int>(generated.size()) - 1 : 0;
+  if (!o.json) {
+    std::printf("\n");
+    std::fprintf(stderr, "prefill: %zu tokens, %.1f tok/s; decode: %zu tokens, %.1f tok/s\n",
+                 prompt.size(), prompt.size() / Seconds(t0, t1), generated.size(),
+                 n_decoded ? n_decoded / Seconds(t1, t2) : 0.0);
+    return 0;
+  }
+  out["tokens"] = generated;
+  out["text"] = text;
+  out["top_logprobs"] = top;
+  out["prefill_tokens_per_s"] = prompt.size() / Seconds(t0, t1);
+  out["decode_tokens_per_s"] = n_decoded ? n_decoded / Seconds(t1, t2) : 0.0;
+  out["peak_rss_bytes"] = PeakRssBytes();
+  std::printf("%s\n", out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
+  return 0;
+}
+
+}  // namespace
+
+Runner AddRun(CLI::App& app) {
+  auto o = std::make_shared<RunOptions>();
+  app.add_option("-m,--model", o->model, "GGUF model file")->required();
+  auto* p = app.add_option("-p,--prompt", o->prompt, "prompt text");
+  auto* ids = app.add_option("--prompt-ids", o->prompt_ids, "prompt as token ids: 1,2,3");
+  p->excludes(ids);
+  app.add_option("-n,--n-predict", o->n_predict, "tokens to generate")->default_val(64);
+  app.add_option("--temp", o->sampler.temp, "temperature (0 = greedy)")->default_val(0.8f);
+  app.add_option("--top-k", o->sampler.top_k, "keep the k most likely tokens (0 = all)")->default_val(40);
+  app.add_option("--top-p", o->sampler.top_p, "nucleus sampling threshold (1 = off)")->default_val(0.95f);
+  app.add_option("--seed", o->sampler.seed, "sampling seed")->default_val(0);
+  app.add_option("-t,--threads", o->threads, "threads (default: all CPUs)")->default_val(0);
+  app.add_option("-c,--ctx", o->ctx, "KV cache size in tokens (default prompt + n)")->default_val(0);
+  app.add_flag("--ignore-eos", o->ignore_eos, "keep generating after an end-of-generation token");
+  app.add_flag("--json", o->json, "print one JSON object with tokens, log-probs and speeds");
+  app.add_option("--top-logprobs", o->top_logprobs, "report the N most likely tokens per position")->default_val(0);
+  app.add_flag("--teacher-forcing", o->teacher_forcing,
+               "no generation: report the top log-probs after every prompt position (with --json)");
+  return [=]() {
+    if (o->prompt.empty() && o->prompt_ids.empty()) Fail("give a prompt with -p TEXT or --prompt-ids 1,2,3");
+    if (o->threads < 0) Fail("--threads must be >= 0");
+    return DoRun(*o);
+  };
+}
+
+Runner AddBench(CLI::App& app) {
+  struct BenchOptions {
+    std::string model;
+    int n_prompt = 128, n_gen = 64, threads = 0, reps = 1;
+    uint64_t seed = 1;
+    bool json = false;
+  };
+  auto o = std::make_shared<BenchOptions>();
+  app.add_option("-m,--model", o->model, "GGUF model file")->required();
+  app.add_option("-p,--n-prompt", o->n_prompt, "prompt tokens (prefill)")->default_val(128);
+  app.add_option("-n,--n-gen", o->n_gen, "generated tokens (decode)")->default_val(64);
+  app.add_option("-t,--threads", o->threads, "threads (default: all CPUs)")->default_val(0);
+  app.add_option("-r,--repetitions", o->reps, "repetitions; the median is reported")->default_val(1);
+  app.add_option("--seed", o->seed, "seed of the random tokens")->default_val(1);
+  app.add_flag("--json", o->json, "print one JSON object");
+  return [=]() {
+    if (o->n_prompt < 1 || o->n_gen < 1 || o->reps < 1) Fail("-p, -n and -r must be >= 1");
+    auto model = Model::Load(o->model);
+    const int V = static_cast<int>(model->config().n_vocab);
+    ThreadPool pool(o->threads);
+    Forward fwd(*model, pool, o->n_prompt + o->n_gen + 1);
+    // Random tokens, never one repeated token: a repeated token always hits the same experts.
+    std::mt19937_64 rng(o->seed);
+    std::uniform_int_distribution<int> tok(0, V - 1);
+    std::vector<double> pp, tg;
+    std::vector<float> logits;
+    for (int r = 0; r < o->reps; ++r) {
+      std::vector<int32_t> prompt(o->n_prompt);
+      for (auto& t : prompt) t = tok(rng);
+      fwd.Reset();
+      auto t0 = Clock::now();
+      fwd.Eval(prompt.data(), o->n_prompt, false, &logits);
+      auto t1 = Clock::now();
+      for (int i = 0; i < o->n_gen; ++i) {
+        int32_t id = tok(rng);
+        fwd.Eval(&id, 1, false, &logits);
+      }
+      auto t2 = Clock::now();
+      pp.push_back(o->n_prompt / Seconds(t0, t1));
+      tg.push_back(o->n_gen / Seconds(t1, t2));
+    }
+    auto median = [](std::vector<double> v) {
+      std::sort(v.begin(), v.end());
+      return v.size() % 2 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
+    };
+    nlohmann::json j;
+    j["prefill_tokens_per_s"] = median(pp);
+    j["decode_tokens_per_s"] = median(tg);
+    j["n_prompt"] = o->n_prompt;
+    j["n_gen"] = o->n_gen;
+    j["threads"] = pool.size();
+    j["peak_rss_bytes"] = PeakRssBytes();
+    if (o->json) {
+      std::printf("%s\n", j.dump().c_str());
+    } else {
+      std::printf("prefill %d tokens: %.1f tok/s\ndecode %d tokens: %.1f tok/s\nthreads: %d\n",
+                  o->n_prompt, median(pp), o->n_gen, median(tg), pool.size());
+    }
+    return 0;
+  };
+}
+
+}  // namespace moe::cli
