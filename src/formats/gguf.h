@@ -23,6 +23,8 @@ enum class GgufType : uint32_t {
   kString = 8, kArray = 9, kU64 = 10, kI64 = 11, kF64 = 12,
 };
 const char* GgufTypeName(GgufType t);  // "u32", "string", "array", ...
+// Name of any ggml tensor type id, also those moe.cpp cannot use ("iq4_xs"); "unknown" if none.
+const char* GgmlTypeName(uint32_t ggml_type);
 
 // One metadata value, decoded. Scalars live in the union; strings and arrays are copied out
 // (metadata is small next to tensor data; tokenizer arrays of 150k strings are fine).
