@@ -1,0 +1,214 @@
+// Scalar references for the block formats of tensor/dtype.h: dequantization of every block type,
+// templated on the output element type (float gives exactly ggml's dequantize_row_* values;
+// double gives the same formula without float rounding, for product-kernel tests), plus the
+// bit-packing helpers of the k-quants shared by the quantizers in kernels/quant.cc.
+//
+// Header-only and deliberately plain: no SIMD, no lookup tables, and an arithmetic binary16
+// decoder (ldexp) that is independent of the bit-level one in quant.cc, so tests can check the
+// fast code against it.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "tensor/dtype.h"
+#include "util/error.h"
+
+namespace moe::kernels::ref {
+
+// Value of an IEEE binary16 bit pattern, by arithmetic (not bit shuffling). Exact in float.
+template <typename T>
+T HalfValue(uint16_t h) {
+  const bool neg = (h & 0x8000) != 0;
+  const int exp = (h >> 10) & 0x1f;
+  const int mant = h & 0x3ff;
+  T v;
+  if (exp == 0x1f) {
+    v = mant ? std::numeric_limits<T>::quiet_NaN() : std::numeric_limits<T>::infinity();
+  } else if (exp == 0) {
+    v = static_cast<T>(std::ldexp(static_cast<double>(mant), -24));  // subnormal: mant * 2^-24
+  } else {
+    v = static_cast<T>(std::ldexp(static_cast<double>(1024 + mant), exp - 25));
+  }
+  return neg ? -v : v;
+}
+
+// Value of a bfloat16 bit pattern: the top half of a binary32.
+template <typename T>
+T BF16Value(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return static_cast<T>(f);
+}
+
+// ---- q4_K 6-bit scale/min packing (12 bytes for 8 sub-blocks; GGUF-MOE.md §7) ----
+
+// Unpacks sub-block j's (0..7) 6-bit scale and min.
+inline void GetScaleMinK4(int j, const uint8_t* scales, uint8_t* sc, uint8_t* m) {
+  if (j < 4) {
+    *sc = scales[j] & 63;
+    *m = scales[j + 4] & 63;
+  } else {
+    *sc = static_cast<uint8_t>((scales[j + 4] & 0xF) | ((scales[j - 4] >> 6) << 4));
+    *m = static_cast<uint8_t>((scales[j + 4] >> 4) | ((scales[j] >> 6) << 4));
+  }
+}
+
+// Packs 8 scales and 8 mins (each 0..63) into the 12-byte layout GetScaleMinK4 reads.
+inline void PackScaleMinK4(const uint8_t* sc, const uint8_t* m, uint8_t* scales) {
+  // Sub-blocks 0..3 keep their low 6 bits in bytes 0..7; the top 2 bits of bytes 0..7 carry
+  // the high bits of sub-blocks 4..7, whose low nibbles live in bytes 8..11.
+  for (int j = 0; j < 4; ++j) {
+    scales[j] = static_cast<uint8_t>((sc[j] & 63) | ((sc[j + 4] >> 4) << 6));
+    scales[j + 4] = static_cast<uint8_t>((m[j] & 63) | ((m[j + 4] >> 4) << 6));
+    scales[j + 8] = static_cast<uint8_t>((sc[j + 4] & 0xF) | ((m[j + 4] & 0xF) << 4));
+  }
+}
+
+// Packs 256 4-bit levels L (0..15) into q4_K qs: 32-byte chunk c holds sub-block 2c in the low
+// nibbles and sub-block 2c+1 in the high nibbles.
+inline void PackQ4KQuants(const uint8_t* L, uint8_t* qs) {
+  for (int c = 0; c < 4; ++c) {
+    for (int l = 0; l < 32; ++l) {
+      qs[32 * c + l] = static_cast<uint8_t>((L[64 * c + l] & 0xF) | (L[64 * c + 32 + l] << 4));
+    }
+  }
+}
+
+// Packs 256 6-bit levels L (0..63, value + 32) into q6_K ql/qh, the inverse of the dequant
+// below: per half of 128, ql[l] = lo4(L[l]) | lo4(L[l+64]) << 4, ql[l+32] = lo4(L[l+32]) |
+// lo4(L[l+96]) << 4, qh[l] = the top 2 bits of L[l], L[l+32], L[l+64], L[l+96] at bits 0,2,4,6.
+inline void PackQ6KQuants(const uint8_t* L, uint8_t* ql, uint8_t* qh) {
+  for (int half = 0; half < 2; ++half) {
+    const uint8_t* Lh = L + 128 * half;
+    uint8_t* qlh = ql + 64 * half;
+    uint8_t* qhh = qh + 32 * half;
+    for (int l = 0; l < 32; ++l) {
+      qlh[l] = static_cast<uint8_t>((Lh[l] & 0xF) | ((Lh[l + 64] & 0xF) << 4));
+      qlh[l + 32] = static_cast<uint8_t>((Lh[l + 32] & 0xF) | ((Lh[l + 96] & 0xF) << 4));
+      qhh[l] = static_cast<uint8_t>((Lh[l] >> 4) | ((Lh[l + 32] >> 4) << 2) |
+                                    ((Lh[l + 64] >> 4) << 4) | ((Lh[l + 96] >> 4) << 6));
+    }
+  }
+}
+
+// ---- dequantization, one block at a time ----
+// Blocks are read through a local copy (LoadBlock): rows inside files and activation buffers
+// need not be aligned to the block structs' alignment.
+
+template <typename Block>
+Block LoadBlock(const void* x, int64_t b) {
+  Block blk;
+  std::memcpy(&blk, static_cast<const uint8_t*>(x) + b * static_cast<int64_t>(sizeof(Block)),
+              sizeof(Block));
+  return blk;
+}
+
+template <typename T>
+void DequantizeBlock(const BlockQ8_0& x, T* y) {  // y: [32]
+  const T d = HalfValue<T>(x.d);
+  for (int j = 0; j < kQK8_0; ++j) y[j] = static_cast<T>(x.qs[j]) * d;
+}
+
+template <typename T>
+void DequantizeBlock(const BlockQ4_0& x, T* y) {  // y: [32], low nibbles first, then high
+  const T d = HalfValue<T>(x.d);
+  for (int j = 0; j < kQK4_0 / 2; ++j) {
+    y[j] = static_cast<T>((x.qs[j] & 0xF) - 8) * d;
+    y[j + kQK4_0 / 2] = static_cast<T>((x.qs[j] >> 4) - 8) * d;
+  }
+}
+
+template <typename T>
+void DequantizeBlock(const BlockQ4_K& x, T* y) {  // y: [256] = 8 sub-blocks of 32
+  const T d = HalfValue<T>(x.d);
+  const T dmin = HalfValue<T>(x.dmin);
+  for (int c = 0; c < 4; ++c) {
+    uint8_t sc0, m0, sc1, m1;
+    GetScaleMinK4(2 * c, x.scales, &sc0, &m0);
+    GetScaleMinK4(2 * c + 1, x.scales, &sc1, &m1);
+    // Products formed first, then d_j * q - m_j, in the order ggml does the float operations.
+    const T d0 = d * static_cast<T>(sc0), mm0 = dmin * static_cast<T>(m0);
+    const T d1 = d * static_cast<T>(sc1), mm1 = dmin * static_cast<T>(m1);
+    const uint8_t* q = x.qs + 32 * c;
+    for (int l = 0; l < 32; ++l) y[64 * c + l] = d0 * static_cast<T>(q[l] & 0xF) - mm0;
+    for (int l = 0; l < 32; ++l) y[64 * c + 32 + l] = d1 * static_cast<T>(q[l] >> 4) - mm1;
+  }
+}
+
+template <typename T>
+void DequantizeBlock(const BlockQ6_K& x, T* y) {  // y: [256] = 16 sub-blocks of 16
+  const T d = HalfValue<T>(x.d);
+  for (int half = 0; half < 2; ++half) {
+    const uint8_t* ql = x.ql + 64 * half;
+    const uint8_t* qh = x.qh + 32 * half;
+    const int8_t* sc = x.scales + 8 * half;
+    T* yh = y + 128 * half;  // [4][32]: row r uses scales sc[2r], sc[2r+1]
+    for (int l = 0; l < 32; ++l) {
+      const int is = l / 16;
+      const int q1 = ((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32;
+      const int q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
+      const int q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+      const int q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+      yh[l] = d * static_cast<T>(sc[is]) * static_cast<T>(q1);
+      yh[l + 32] = d * static_cast<T>(sc[is + 2]) * static_cast<T>(q2);
+      yh[l + 64] = d * static_cast<T>(sc[is + 4]) * static_cast<T>(q3);
+      yh[l + 96] = d * static_cast<T>(sc[is + 6]) * static_cast<T>(q4);
+    }
+  }
+}
+
+template <typename T>
+void DequantizeBlock(const BlockQ8_K& x, T* y) {  // y: [256]
+  const T d = static_cast<T>(x.d);
+  for (int j = 0; j < kQK_K; ++j) y[j] = d * static_cast<T>(x.qs[j]);
+}
+
+template <typename Block, typename T>
+void DequantizeBlocks(const void* x, T* y, int64_t n, int64_t block_size) {
+  for (int64_t b = 0; b < n / block_size; ++b) {
+    DequantizeBlock(LoadBlock<Block>(x, b), y + b * block_size);
+  }
+}
+
+// y[0..n) = dequant(x) for t in {f32, f16, bf16, q8_0, q4_0, q4_K, q6_K, q8_K}.
+template <typename T>
+void DequantizeRow(DType t, const void* x, T* y, int64_t n) {
+  switch (t) {
+    case DType::kF32: {
+      float f;
+      for (int64_t i = 0; i < n; ++i) {
+        std::memcpy(&f, static_cast<const uint8_t*>(x) + 4 * i, 4);
+        y[i] = static_cast<T>(f);
+      }
+      return;
+    }
+    case DType::kF16: {
+      uint16_t h;
+      for (int64_t i = 0; i < n; ++i) {  // memcpy: x need not be 2-byte aligned
+        std::memcpy(&h, static_cast<const uint8_t*>(x) + 2 * i, 2);
+        y[i] = HalfValue<T>(h);
+      }
+      return;
+    }
+    case DType::kBF16: {
+      uint16_t h;
+      for (int64_t i = 0; i < n; ++i) {
+        std::memcpy(&h, static_cast<const uint8_t*>(x) + 2 * i, 2);
+        y[i] = BF16Value<T>(h);
+      }
+      return;
+    }
+    case DType::kQ8_0: return DequantizeBlocks<BlockQ8_0>(x, y, n, kQK8_0);
+    case DType::kQ4_0: return DequantizeBlocks<BlockQ4_0>(x, y, n, kQK4_0);
+    case DType::kQ4_K: return DequantizeBlocks<BlockQ4_K>(x, y, n, kQK_K);
+    case DType::kQ6_K: return DequantizeBlocks<BlockQ6_K>(x, y, n, kQK_K);
+    case DType::kQ8_K: return DequantizeBlocks<BlockQ8_K>(x, y, n, kQK_K);
+    default: MOE_ASSERT(false && "ref::DequantizeRow: unsupported type");
+  }
+}
+
+}  // namespace moe::kernels::ref
