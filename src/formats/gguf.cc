@@ -444,14 +444,16 @@ void GgufFile::Parse() {
     c.FailAt(0, StrFormat("bad magic \"%s\", expected \"GGUF\": not a GGUF file", shown.c_str()));
   }
   version_ = c.Read<uint32_t>("the version");
-  if (version_ != kGgufVersion) {
+  // Version 2 has the layout of version 3 for little-endian files (v3 only added big-endian
+  // support), and llama.cpp reads both; version 1 used 32-bit counts.
+  if (version_ != kGgufVersion && version_ != 2) {
     if ((version_ & 0xFFFF) == 0 && __builtin_bswap32(version_) == kGgufVersion) {
       c.FailAt(4, StrFormat("version field 0x%08x is a byte-swapped 3: big-endian GGUF files "
                             "are not supported",
                             version_));
     }
-    c.FailAt(4, StrFormat("unsupported GGUF version %u; moe.cpp reads only version 3%s", version_,
-                          version_ < 3 ? " (re-convert the model with a current llama.cpp "
+    c.FailAt(4, StrFormat("unsupported GGUF version %u; moe.cpp reads versions 2 and 3%s", version_,
+                          version_ < 2 ? " (re-convert the model with a current llama.cpp "
                                          "convert script)"
                                        : ""));
   }

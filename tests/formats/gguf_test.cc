@@ -574,11 +574,17 @@ TEST(GgufValidation, Header) {
     ExpectError([&] { ParseBytes(r.Build(), "m.gguf"); },
                 {"m.gguf: bad magic \"FUGG\"", "not a GGUF file", At(0)});
   }
-  for (uint32_t v : {1u, 2u, 4u, 0u}) {
+  for (uint32_t v : {1u, 4u, 0u}) {
     RawFile r = Baseline();
     r.version = v;
     ExpectError([&] { ParseBytes(r.Build()); },
-                {StrFormat("unsupported GGUF version %u", v), "only version 3", At(4)});
+                {StrFormat("unsupported GGUF version %u", v), "versions 2 and 3", At(4)});
+  }
+  {  // version 2 shares version 3's little-endian layout and is read like it
+    RawFile r = Baseline();
+    r.version = 2;
+    auto f = ParseBytes(r.Build());
+    EXPECT_EQ(f->version(), 2u);
   }
   {
     RawFile r = Baseline();
