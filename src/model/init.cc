@@ -1,5 +1,6 @@
 #include "model/init.h"
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 
@@ -21,6 +22,23 @@ void CheckRowLength(const TensorSpec& s, DType t) {
          "%lld (choose --dim/--ffn/--shared-ffn/--heads x --head-dim as multiples of %lld)",
          DTypeName(t), static_cast<long long>(bs), s.name.c_str(),
          static_cast<long long>(s.ne[0]), static_cast<long long>(bs));
+}
+
+// out row perm[t] += C/sqrt(E) * e_t/|e_t|: the final RMSNorm gives |h| ~ sqrt(E), so the
+// planted token leads by about C * cos(h, e_t) logits.
+void PlantMargins(const std::vector<float>& embd, int64_t E, int64_t V, float margin,
+                  std::mt19937_64& rng, std::vector<float>& out) {
+  std::vector<int64_t> perm(V);
+  for (int64_t i = 0; i < V; ++i) perm[i] = i;
+  std::shuffle(perm.begin(), perm.end(), rng);
+  for (int64_t t = 0; t < V; ++t) {
+    const float* e = &embd[t * E];
+    double n2 = 0;
+    for (int64_t i = 0; i < E; ++i) n2 += static_cast<double>(e[i]) * e[i];
+    const float s = static_cast<float>(margin / std::sqrt(static_cast<double>(E)) / std::sqrt(n2 > 0 ? n2 : 1));
+    float* o = &out[perm[t] * E];
+    for (int64_t i = 0; i < E; ++i) o[i] += s * e[i];
+  }
 }
 
 }  // namespace
@@ -56,6 +74,10 @@ void InitRandomModel(InitOptions opt, const std::string& path) {
     c.n_vocab = static_cast<uint32_t>(tok_src->GetStringArray("tokenizer.ggml.tokens").size());
   }
   if (c.n_vocab == 0) c.n_vocab = 32000;
+  if (!(opt.plant_margin >= 0) || !(opt.embd_scale > 0) || !std::isfinite(opt.logit_scale))
+    Fail("--plant-margin must be >= 0, --embd-scale > 0 and --logit-scale finite");
+  if (opt.plant_margin > 0 && opt.tie_output)
+    Fail("--plant-margin needs its own output.weight: drop --tie-output");
   ValidateConfig(c);
 
   GgufWriter w;
@@ -82,6 +104,7 @@ void InitRandomModel(InitOptions opt, const std::string& path) {
 
   std::mt19937_64 rng(opt.seed);
   std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> embd;  // [n_vocab][n_embd], kept for the planted margins
   std::vector<TensorSpec> specs = ExpectedTensors(c, !opt.tie_output, c.arch == Arch::kQwen2Moe);
   for (const TensorSpec& s : specs) {
     int64_t n = 1;
@@ -97,9 +120,13 @@ void InitRandomModel(InitOptions opt, const std::string& path) {
         break;
       case TensorRole::kEmbedding:
         for (float& x : v) x = normal(rng);
+        if (opt.plant_margin > 0) embd = v;
+        for (float& x : v) x *= opt.embd_scale;
         break;
       case TensorRole::kOutput:
-        for (float& x : v) x = opt.logit_scale * fan_in_scale * normal(rng);
+        for (float& x : v) x = fan_in_scale * normal(rng);
+        if (opt.plant_margin > 0) PlantMargins(embd, c.n_embd, c.n_vocab, opt.plant_margin, rng, v);
+        for (float& x : v) x *= opt.logit_scale;
         break;
       case TensorRole::kRouter:  // logits ~ N(0, 1): varied, rarely tied expert choices
       case TensorRole::kGate:

@@ -13,7 +13,14 @@ struct InitOptions {
   ModelConfig config;            // arch and sizes; traits are applied by InitRandomModel
   DType type = DType::kF32;      // type of the weight matrices (norms, router, gates stay f32)
   uint64_t seed = 0;
-  float logit_scale = 1.0f;      // multiplies the output matrix: large values plant big margins
+  float logit_scale = 1.0f;      // multiplies the output matrix
+  // plant_margin C > 0: output row perm[t] gets C/sqrt(dim) * e_t/|e_t| added (e_t = token t's
+  // embedding), so after token t the token perm[t] leads by about C logits. With embd_scale > 1
+  // the residual stream stays near e_t, so greedy decoding of quantized models has one clear
+  // winner per step and is not decided by rounding noise. (logit_scale alone scales the noise
+  // with the margins.)
+  float plant_margin = 0.0f;
+  float embd_scale = 1.0f;
   bool tie_output = false;       // llama / qwen3moe only: no output.weight, reuse token_embd
   std::string tokenizer_from;    // copy tokenizer.* keys from this GGUF (vocab = its tokens)
 };

@@ -30,6 +30,8 @@ Runner AddInit(CLI::App& app) {
   app.add_option("--type", *type, "weight type: f32 f16 bf16 q8_0 q4_0 q4_K q6_K")->default_val("f32");
   app.add_option("--seed", o->seed, "random seed")->default_val(0);
   app.add_option("--logit-scale", o->logit_scale, "scale of the output matrix (large = big margins)")->default_val(1.0f);
+  app.add_option("--plant-margin", o->plant_margin, "plant a next-token margin of about C logits per token (0 = off)")->default_val(0.0f);
+  app.add_option("--embd-scale", o->embd_scale, "scale of the token embeddings")->default_val(1.0f);
   app.add_flag("--tie-output", o->tie_output, "no output.weight: reuse token_embd (llama, qwen3moe)");
   app.add_option("--tokenizer", o->tokenizer_from, "copy the tokenizer of this GGUF file");
   app.add_option("-o,--output", *out, "output GGUF file")->required();
