@@ -1,0 +1,100 @@
+#!/usr/bin/env python3
+"""End-to-end speed of moe.cpp against llama.cpp (node-llama-cpp's prebuilt CPU build).
+
+Both engines run the same GGUF files (the issue's medium model: 8 layers, dim 1024, expert ffn
+2816, 8 experts top-2, vocab 32000; Q8_0 and Q4_0), on random tokens (never one repeated token),
+with the same thread count. Runs alternate moe / llama.cpp, one fresh process each, so drift of
+the machine hits both alike; each tool reports speeds after an untimed warm-up, and the medians
+over rounds are compared. llama.cpp gets its best setting on these VMs (2 threads, see
+bench/llama_bench.mjs --sweep). The ratios and the command go to bench/RESULTS.md.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MEDIUM = ["--arch", "llama", "--layers", "8", "--dim", "1024", "--ffn", "2816", "--experts", "8",
+          "--experts-used", "2", "--heads", "16", "--kv-heads", "8", "--vocab", "32000"]
+
+
+def run_json(cmd):
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def cpu_name():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--moe", required=True)
+    ap.add_argument("--types", default="q8_0,q4_0")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("-p", type=int, default=128)
+    ap.add_argument("-n", type=int, default=64)
+    ap.add_argument("-t", type=int, default=2)
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "RESULTS.md"))
+    a = ap.parse_args()
+    work = os.path.join(ROOT, "build", "bench")
+    os.makedirs(work, exist_ok=True)
+    rows = []
+    for t in a.types.split(","):
+        path = os.path.join(work, f"medium-{t}.gguf")
+        if not os.path.exists(path):
+            print(f"making {path}", flush=True)
+            subprocess.run([a.moe, "init", *MEDIUM, "--type", t, "--seed", "7", "-o", path], check=True)
+        size = os.path.getsize(path)
+        res = {"moe": {"pp": [], "tg": [], "rss": []}, "llama": {"pp": [], "tg": []}}
+        for r in range(a.rounds):
+            m = run_json([a.moe, "bench", "-m", path, "-p", str(a.p), "-n", str(a.n), "-t", str(a.t),
+                          "--seed", str(100 + r), "--json"])
+            res["moe"]["pp"].append(m["prefill_tokens_per_s"])
+            res["moe"]["tg"].append(m["decode_tokens_per_s"])
+            res["moe"]["rss"].append(m["peak_rss_bytes"])
+            l = run_json(["node", os.path.join(ROOT, "bench", "llama_bench.mjs"), "-m", path, "-p", str(a.p),
+                          "-n", str(a.n), "-t", str(a.t), "--seed", str(100 + r), "--decode", "random",
+                          "--repeat", "1"])
+            res["llama"]["pp"].append(l["prefill_tokens_per_s"])
+            res["llama"]["tg"].append(l["decode_tokens_per_s"])
+            print(f"{t} round {r}: moe pp {m['prefill_tokens_per_s']:.1f} tg {m['decode_tokens_per_s']:.1f} | "
+                  f"llama.cpp pp {l['prefill_tokens_per_s']:.1f} tg {l['decode_tokens_per_s']:.1f}", flush=True)
+        med = {k: {kk: statistics.median(v) for kk, v in d.items()} for k, d in res.items()}
+        rows.append((t, size, med))
+    date = datetime.date.today().isoformat()
+    cmd = f"make bench  (bench/compare.py -p {a.p} -n {a.n} -t {a.t} --rounds {a.rounds})"
+    lines = [f"## End-to-end: moe.cpp vs llama.cpp ({date})", "",
+             f"Machine: {cpu_name()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}. "
+             f"Command: `{cmd}`. Medium model (8 layers, dim 1024, expert ffn 2816, 8 experts top-2, "
+             f"vocab 32000), random tokens, {a.t} threads, medians of {a.rounds} alternating rounds. "
+             "llama.cpp = node-llama-cpp 3.21.1 prebuilt CPU build with an F32 KV cache and flash attention off (moe.cpp's cache is F32 too).", "",
+             "| type | file MiB | moe prefill tok/s | llama.cpp prefill tok/s | ratio | moe decode tok/s | llama.cpp decode tok/s | ratio | moe peak RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for t, size, m in rows:
+        lines.append(f"| {t} | {size / 2**20:.0f} | {m['moe']['pp']:.1f} | {m['llama']['pp']:.1f} | "
+                     f"{m['moe']['pp'] / m['llama']['pp']:.2f}x | {m['moe']['tg']:.1f} | {m['llama']['tg']:.1f} | "
+                     f"{m['moe']['tg'] / m['llama']['tg']:.2f}x | {m['moe']['rss'] / 2**20:.0f} |")
+    section = "\n".join(lines) + "\n"
+    print(section)
+    header = "# Benchmark results\n\nEach section is one run of the command it names; newest first.\n\n"
+    old = ""
+    if os.path.exists(a.out):
+        old = open(a.out).read()
+        old = old[len(header):] if old.startswith(header) else old
+    with open(a.out, "w") as f:
+        f.write(header + section + "\n" + old)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

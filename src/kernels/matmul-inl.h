@@ -1,0 +1,1299 @@
+// Per-target weight x activation products (Highway). Included once per target by matmul.cc
+// (through foreach_target.h) and by tests/kernels/matmul_test.cc, which calls the per-target
+// MatMul directly so every compiled target is tested.
+//
+// Structure (mirrors ggml's CPU vec_dot kernels, so results match llama.cpp up to float
+// summation order):
+//   f32/f16/bf16: both operands widened to f32, FMA accumulation.
+//   q8_0 x q8_0, q4_0 x q8_0: exact int32 dot per 32-block, times f16(d_w)*f16(d_x) in float,
+//     accumulated in float. q4_0 quants are nibble - 8.
+//   q4_K x q8_K: per super-block, sumi = sum_j sc[j] * dot(q4_j, q8_j) in int32;
+//     result += d_w*d_x * sumi - dmin_w*d_x * sum_j m[j] * (bsums[2j] + bsums[2j+1]).
+//   q6_K x q8_K: per super-block, d_w*d_x * sum_is scale[is] * dot(q6 - 32, q8) in int32.
+//
+// Two integer paths, both exact (every int32 lane is an exact partial dot):
+// - int16 (all targets but AVX3_DL): every 8-bit quant is widened to int16; pairs are
+//   multiplied and summed into int32 lanes (ReorderWidenMulAccumulate = vpmaddwd on x86). A
+//   32-quant block is one int16 vector on AVX-512 and 2..32 vectors elsewhere, so each kernel
+//   is written for "a chunk of N int16 lanes", N dividing 32.
+// - VNNI (AVX3_DL, GCC): vpdpbusd on unsigned weight bytes x signed activation bytes, 64 quants
+//   per instruction (see the MOE_MATMUL_VNNI section).
+// The activation rows are converted once per call into a per-thread workspace and reused by
+// every row; weights are unpacked in registers.
+//
+// Bounds (int32 never overflows): q8_0: 32*128*128; q4_K: per super-block
+// 8 * 63 * 32 * 15 * 128 < 2^31; q6_K: 256 * 32 * 128 * 128 < 2^31; q6 * scale fits int16
+// (32 * 128), q4 * scale fits int16 (15 * 63).
+
+#if defined(MOE_KERNELS_MATMUL_INL_H_) == defined(HWY_TARGET_TOGGLE)
+#ifdef MOE_KERNELS_MATMUL_INL_H_
+#undef MOE_KERNELS_MATMUL_INL_H_
+#else
+#define MOE_KERNELS_MATMUL_INL_H_
+#endif
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "hwy/aligned_allocator.h"
+#include "hwy/cache_control.h"
+#include "hwy/highway.h"
+#include "tensor/dtype.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace moe::kernels {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+// AVX3_DL is only chosen on CPUs with AVX512-VNNI (Highway checks it at run time), but
+// Highway 1.0.3's AVX3_DL target string lacks "avx512vnni": add it for the vpdpbusd kernels.
+// Popped by HWY_AFTER_NAMESPACE together with Highway's own target options. (Other compilers
+// take the int16 path, which is also correct on AVX3_DL.)
+#undef MOE_MATMUL_VNNI
+#if HWY_TARGET == HWY_AVX3_DL && HWY_COMPILER_GCC_ACTUAL
+#define MOE_MATMUL_VNNI 1
+HWY_PRAGMA(GCC target("avx512vnni"))
+#else
+#define MOE_MATMUL_VNNI 0
+#endif
+
+// int16 path: one int16 vector per 32-quant block where the vectors are 512-bit; elsewhere
+// at most 16 lanes (always a divisor of 32, and of 16 for the half-block layouts of q4_0 and
+// the q6_K scales).
+#undef MOE_MATMUL_WIDE
+#if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
+#define MOE_MATMUL_WIDE 1
+using MmD16 = hn::Full512<int16_t>;
+#else
+#define MOE_MATMUL_WIDE 0
+using MmD16 = hn::CappedTag<int16_t, 16>;
+#endif
+using MmD32 = hn::Repartition<int32_t, MmD16>;
+using MmDF = hn::Rebind<float, MmD32>;
+using MmDU16 = hn::RebindToUnsigned<MmD16>;
+using MmDU8 = hn::Rebind<uint8_t, MmD16>;
+using MmDI8 = hn::Rebind<int8_t, MmD16>;
+using MmV16 = hn::Vec<MmD16>;
+
+// Tokens per group: each weight row is read once per group.
+constexpr int64_t kMmTokGroup = 4;
+
+// Weights are prefetched this far ahead of the row kernels (measured on the AVX-512 VM: the
+// hardware prefetcher alone left decode at about half the memory bandwidth).
+constexpr size_t kMmPrefetchBytes = 4096;
+
+// Prefetches the cache lines of [p, p + kBytes) (prefetches never fault).
+template <size_t kBytes>
+HWY_INLINE void MmPrefetch(const uint8_t* p) {
+  for (size_t o = 0; o < kBytes; o += 64) hwy::Prefetch(p + o);
+}
+
+HWY_INLINE float LoadF16Scalar(const uint8_t* p) {
+  const hn::CappedTag<float, 1> d1;
+  const hn::Rebind<hwy::float16_t, decltype(d1)> dh1;
+  return hn::GetLane(
+      hn::PromoteTo(d1, hn::LoadU(dh1, reinterpret_cast<const hwy::float16_t*>(p))));
+}
+
+template <class D, class V>
+HWY_INLINE float MmSum(D d, V v) {
+  return hn::GetLane(hn::SumOfLanes(d, v));
+}
+
+HWY_INLINE size_t MmRoundUp64(size_t bytes) { return (bytes + 63) & ~size_t{63}; }
+
+// Per-thread scratch, grown on demand and kept: calls on the decode path allocate nothing.
+HWY_INLINE uint8_t* MmWorkspace(size_t bytes) {
+  thread_local hwy::AlignedFreeUniquePtr<uint8_t[]> buf;
+  thread_local size_t cap = 0;
+  if (bytes > cap) {
+    size_t want = cap * 2 > bytes ? cap * 2 : bytes;
+    buf = hwy::AllocateAligned<uint8_t>(want);
+    HWY_ASSERT(buf != nullptr);  // out of memory: nothing sensible left to do in a kernel
+    cap = want;
+  }
+  return buf.get();
+}
+
+// One activation row after preparation. Int paths: q [n_in] int16 quants (in the lane order
+// the weight kernel wants, see MmLayout), d [n_blocks + kMmChunk] block scales (padded so
+// vector reads of a chunk stay inside), bsum2 [n_blocks][8] (q8_K only) sums of 32 consecutive
+// quants. Float paths: f [n_in].
+// VNNI path (AVX3_DL): q8 [n_in + 64] int8 quants (zero padded; block-32 types interleave
+// each pair of blocks by dword, see PrepareQ8_0Int8), corr [n_in / 4 + 16] int32 per dword
+// of q8: -c * (sum of its 4 quants), c = the weight format's unsigned offset (128 for q8_0,
+// 8 for q4_0), bsums [n_blocks][16] raw q8_K group sums.
+struct MmAct {
+  const int16_t* q;
+  const float* d;
+  const int32_t* bsum2;
+  const float* f;
+  const int8_t* q8;
+  const int32_t* corr;
+  const int16_t* bsums;
+};
+
+// Blocks per chunk of a row whose f16 scales are widened together (block-32 types).
+constexpr int64_t kMmChunk = 64;
+
+// Order of the int16 activation quants inside each 32-quant group. A dot product does not
+// care about the order as long as weights and activations agree, so on AVX-512 the activations
+// are permuted once per call to whatever order the weight bits unpack into without lane
+// crossing shuffles (which all compete for one port):
+//   kNatural: lane i = quant i.
+//   kNibbleQuarters (q4_0, 512-bit): the 16 bytes of nibbles broadcast to the four 128-bit
+//     quarters, read as 8 u16 lanes each and shifted by 0/4/8/12: quarter g lane m holds
+//     quant 2m + (g >> 1) + 16 (g & 1).
+//   kByteHalves (q4_K, 512-bit): 32 bytes broadcast to both 256-bit halves, u16 lane m of half
+//     h is byte 2m + h: lane 16h + m holds quant 2m + h.
+enum class MmLayout { kNatural, kNibbleQuarters, kByteHalves };
+
+HWY_INLINE int MmSourceLane(MmLayout layout, int i) {
+  switch (layout) {
+    case MmLayout::kNibbleQuarters: {
+      const int g = i / 8, m = i % 8;
+      return 2 * m + (g >> 1) + 16 * (g & 1);
+    }
+    case MmLayout::kByteHalves: return 2 * (i % 16) + i / 16;
+    default: return i;
+  }
+}
+
+// ---------------------------------------------------------------- activation preparation
+
+// Widens n int8 quants (n a multiple of 32) to int16 in the given layout; q is 64-byte aligned.
+HWY_INLINE void WidenI8(const int8_t* HWY_RESTRICT src, int16_t* HWY_RESTRICT q, size_t n,
+                        MmLayout layout) {
+  if (layout == MmLayout::kNatural) {
+    const MmD16 d16;
+    const MmDI8 d8;
+    const size_t N = hn::Lanes(d16);
+    for (size_t e = 0; e < n; e += N) {
+      hn::Store(hn::PromoteTo(d16, hn::LoadU(d8, src + e)), d16, q + e);
+    }
+    return;
+  }
+  int src_lane[32];
+  for (int i = 0; i < 32; ++i) src_lane[i] = MmSourceLane(layout, i);
+  for (size_t g = 0; g < n; g += 32) {
+    for (int i = 0; i < 32; ++i) q[g + i] = src[g + src_lane[i]];
+  }
+}
+
+HWY_INLINE void PrepareQ8_0(const uint8_t* row, int64_t nb, int16_t* q, float* d,
+                            MmLayout layout) {
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = row + b * sizeof(BlockQ8_0);
+    d[b] = LoadF16Scalar(blk + offsetof(BlockQ8_0, d));
+    WidenI8(reinterpret_cast<const int8_t*>(blk + offsetof(BlockQ8_0, qs)), q + b * kQK8_0,
+            kQK8_0, layout);
+  }
+  for (int64_t b = nb; b < nb + kMmChunk; ++b) d[b] = 0.0f;
+}
+
+HWY_INLINE void PrepareQ8_K(const uint8_t* row, int64_t nb, int16_t* q, float* d,
+                            int32_t* bsum2, MmLayout layout) {
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = row + b * sizeof(BlockQ8_K);
+    std::memcpy(&d[b], blk + offsetof(BlockQ8_K, d), sizeof(float));
+    WidenI8(reinterpret_cast<const int8_t*>(blk + offsetof(BlockQ8_K, qs)), q + b * kQK_K, kQK_K,
+            layout);
+    int16_t bs[kQK_K / 16];
+    std::memcpy(bs, blk + offsetof(BlockQ8_K, bsums), sizeof(bs));
+    for (int j = 0; j < 8; ++j) bsum2[b * 8 + j] = int32_t{bs[2 * j]} + int32_t{bs[2 * j + 1]};
+  }
+  for (int64_t b = nb; b < nb + kMmChunk; ++b) d[b] = 0.0f;
+}
+
+// VNNI block-32 path: int8 quants with each pair of blocks (a, b) interleaved by dword
+// (a0 b0 a1 b1 ... a7 b7; a missing b is zeros), zero padded by 64 bytes, and, if c != 0,
+// corr[k] = -c * (sum of the 4 quants in dword k).
+HWY_INLINE void PrepareQ8_0Int8(const uint8_t* row, int64_t nb, int8_t* q8, float* d,
+                                int32_t* corr, int32_t c) {
+  const int64_t ne = nb * kQK8_0;
+  std::memset(q8 + ne, 0, 64);
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = row + b * sizeof(BlockQ8_0);
+    d[b] = LoadF16Scalar(blk + offsetof(BlockQ8_0, d));
+    int8_t* pair = q8 + (b & ~int64_t{1}) * kQK8_0;
+    for (int i = 0; i < 8; ++i) {
+      std::memcpy(pair + 8 * i + 4 * (b & 1), blk + offsetof(BlockQ8_0, qs) + 4 * i, 4);
+    }
+  }
+  if (nb & 1) {  // the last pair's missing partner
+    int8_t* pair = q8 + (nb - 1) * kQK8_0;
+    for (int i = 0; i < 8; ++i) std::memset(pair + 8 * i + 4, 0, 4);
+  }
+  for (int64_t b = nb; b < nb + kMmChunk; ++b) d[b] = 0.0f;
+  if (c != 0) {
+    for (int64_t k = 0; k < ne / 4 + 16; ++k) {
+      corr[k] = -c * (int32_t{q8[4 * k]} + q8[4 * k + 1] + q8[4 * k + 2] + q8[4 * k + 3]);
+    }
+  }
+}
+
+HWY_INLINE void PrepareQ8_KInt8(const uint8_t* row, int64_t nb, int8_t* q8, float* d,
+                                int32_t* bsum2, int16_t* bsums) {
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = row + b * sizeof(BlockQ8_K);
+    std::memcpy(&d[b], blk + offsetof(BlockQ8_K, d), sizeof(float));
+    std::memcpy(q8 + b * kQK_K, blk + offsetof(BlockQ8_K, qs), kQK_K);
+    int16_t* bs = bsums + b * 16;
+    std::memcpy(bs, blk + offsetof(BlockQ8_K, bsums), 16 * sizeof(int16_t));
+    for (int j = 0; j < 8; ++j) bsum2[b * 8 + j] = int32_t{bs[2 * j]} + int32_t{bs[2 * j + 1]};
+  }
+  std::memset(q8 + nb * kQK_K, 0, 64);
+  for (int64_t b = nb; b < nb + kMmChunk; ++b) d[b] = 0.0f;
+}
+
+// Widens n elements of type T (float, float16_t or bfloat16_t) to float, any alignment.
+template <typename T>
+HWY_INLINE void WidenToF32(const uint8_t* src_bytes, float* HWY_RESTRICT f, int64_t n) {
+  const T* src = reinterpret_cast<const T*>(src_bytes);
+  const hn::ScalableTag<float> df;
+  const hn::Rebind<T, decltype(df)> dt;
+  const hn::CappedTag<float, 1> d1;
+  const hn::Rebind<T, decltype(d1)> dt1;
+  const int64_t N = static_cast<int64_t>(hn::Lanes(df));
+  int64_t i = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    for (; i + N <= n; i += N) hn::StoreU(hn::LoadU(df, src + i), df, f + i);
+    std::memcpy(f + i, src_bytes + 4 * i, static_cast<size_t>(n - i) * sizeof(float));
+  } else {
+    for (; i + N <= n; i += N) hn::StoreU(hn::PromoteTo(df, hn::LoadU(dt, src + i)), df, f + i);
+    for (; i < n; ++i) hn::StoreU(hn::PromoteTo(d1, hn::LoadU(dt1, src + i)), d1, f + i);
+  }
+}
+
+// ---------------------------------------------------------------- weight block kernels
+// Each kernel describes one weight block: Chunk(e) returns the int16 weights for activation
+// lanes [e, e + N) of the block (scales folded in where the format has sub-block scales), in
+// the kernel's kLayout.
+
+HWY_INLINE hn::Vec<MmDU16> LoadU8AsU16(const uint8_t* p) {
+  return hn::PromoteTo(MmDU16(), hn::LoadU(MmDU8(), p));
+}
+
+#if MOE_MATMUL_WIDE
+// 32 bytes at p in both 256-bit halves (a load-port broadcast, no shuffle).
+HWY_INLINE hn::Vec<MmDU16> LoadDup256(const uint8_t* p) {
+  return hn::Vec<MmDU16>{
+      _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
+}
+// Per-lane shift counts: {a in the low half, b in the high half}, or per 128-bit quarter.
+HWY_INLINE hn::Vec<MmDU16> HalfShifts(uint16_t a, uint16_t b) {
+  const MmDU16 du16;
+  const hn::Half<MmDU16> duh;
+  return hn::Combine(du16, hn::Set(duh, b), hn::Set(duh, a));
+}
+HWY_INLINE hn::Vec<MmDU16> QuarterShifts() {
+  alignas(64) static constexpr uint16_t kShifts[32] = {0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4,
+                                                       4, 4, 4, 4, 4, 8, 8, 8, 8, 8, 8,
+                                                       8, 8, 12, 12, 12, 12, 12, 12, 12, 12};
+  return hn::Load(MmDU16(), kShifts);
+}
+#endif
+
+// Block-32 types: one f16 scale at offset 0 (widened per chunk of blocks by the row loop).
+struct KernQ8_0 {
+  static constexpr size_t kElems = kQK8_0;
+  static constexpr size_t kBytes = sizeof(BlockQ8_0);
+  static constexpr MmLayout kLayout = MmLayout::kNatural;
+  static HWY_INLINE MmV16 Chunk(const uint8_t* blk, size_t e) {
+    const int8_t* qs = reinterpret_cast<const int8_t*>(blk + offsetof(BlockQ8_0, qs));
+    return hn::PromoteTo(MmD16(), hn::LoadU(MmDI8(), qs + e));
+  }
+};
+
+struct KernQ4_0 {
+  static constexpr size_t kElems = kQK4_0;
+  static constexpr size_t kBytes = sizeof(BlockQ4_0);
+#if MOE_MATMUL_WIDE
+  static constexpr MmLayout kLayout = MmLayout::kNibbleQuarters;
+#else
+  static constexpr MmLayout kLayout = MmLayout::kNatural;
+#endif
+  // Low nibbles are quants 0..15, high nibbles 16..31.
+  static HWY_INLINE MmV16 Chunk(const uint8_t* blk, size_t e) {
+    const MmD16 d16;
+    const MmDU16 du16;
+    const uint8_t* qs = blk + offsetof(BlockQ4_0, qs);
+#if MOE_MATMUL_WIDE
+    (void)e;  // the whole block is one vector
+    const auto v = hn::LoadDup128(du16, reinterpret_cast<const uint16_t*>(qs));
+    const auto q = hn::And(hn::operator>>(v, QuarterShifts()), hn::Set(du16, 0xF));
+#else
+    const auto v = LoadU8AsU16(qs + (e & 15));
+    const auto q = e < 16 ? hn::And(v, hn::Set(du16, 0xF)) : hn::ShiftRight<4>(v);
+#endif
+    return hn::Sub(hn::BitCast(d16, q), hn::Set(d16, 8));
+  }
+};
+
+struct KernQ4_K {
+  static constexpr size_t kElems = kQK_K;
+  static constexpr size_t kBytes = sizeof(BlockQ4_K);
+  static constexpr bool kHasMin = true;
+#if MOE_MATMUL_WIDE
+  static constexpr MmLayout kLayout = MmLayout::kByteHalves;
+#else
+  static constexpr MmLayout kLayout = MmLayout::kNatural;
+#endif
+  struct State {
+    float d, dmin;
+    uint8_t sc[8];
+    int32_t m[8];
+  };
+  // The 12 packed bytes hold 6-bit scales/mins: j < 4 in the low 6 bits of bytes j / j+4;
+  // j >= 4 split as 4 low bits in byte j+4 and 2 high bits in the top of bytes j-4 / j.
+  // Unpacked four at a time in 32-bit words.
+  static HWY_INLINE void Prep(const uint8_t* blk, State& st) {
+    st.d = LoadF16Scalar(blk + offsetof(BlockQ4_K, d));
+    st.dmin = LoadF16Scalar(blk + offsetof(BlockQ4_K, dmin));
+    uint32_t w[3];
+    std::memcpy(w, blk + offsetof(BlockQ4_K, scales), sizeof(w));
+    const uint32_t sc_lo = w[0] & 0x3F3F3F3Fu;
+    const uint32_t m_lo = w[1] & 0x3F3F3F3Fu;
+    const uint32_t sc_hi = (w[2] & 0x0F0F0F0Fu) | ((w[0] >> 2) & 0x30303030u);
+    const uint32_t m_hi = ((w[2] >> 4) & 0x0F0F0F0Fu) | ((w[1] >> 2) & 0x30303030u);
+    for (int k = 0; k < 4; ++k) {
+      st.sc[k] = static_cast<uint8_t>(sc_lo >> (8 * k));
+      st.sc[k + 4] = static_cast<uint8_t>(sc_hi >> (8 * k));
+      st.m[k] = static_cast<uint8_t>(m_lo >> (8 * k));
+      st.m[k + 4] = static_cast<uint8_t>(m_hi >> (8 * k));
+    }
+  }
+  // Sub-block j = e / 32 lives in the low (j even) or high (j odd) nibbles of qs[32 (j/2)..].
+  static HWY_INLINE MmV16 Chunk(const uint8_t* blk, const State& st, size_t e) {
+    const MmD16 d16;
+    const MmDU16 du16;
+    const size_t j = e / 32;
+    const uint8_t* qs = blk + offsetof(BlockQ4_K, qs) + 32 * (j / 2);
+#if MOE_MATMUL_WIDE
+    const auto v = LoadDup256(qs);
+    const auto shifts = (j & 1) ? HalfShifts(4, 12) : HalfShifts(0, 8);
+    const auto nib = hn::And(hn::operator>>(v, shifts), hn::Set(du16, 0xF));
+#else
+    const auto v = LoadU8AsU16(qs + (e & 31));
+    const auto nib = (j & 1) ? hn::ShiftRight<4>(v) : hn::And(v, hn::Set(du16, 0xF));
+#endif
+    return hn::Mul(hn::BitCast(d16, nib), hn::Set(d16, static_cast<int16_t>(st.sc[j])));
+  }
+  // sum_j m[j] * (bsums[2j] + bsums[2j+1]) for this super-block.
+  static HWY_INLINE int32_t MinSum(const State& st, const int32_t* bsum2) {
+    int32_t s = 0;
+    for (int j = 0; j < 8; ++j) s += st.m[j] * bsum2[j];
+    return s;
+  }
+};
+
+struct KernQ6_K {
+  static constexpr size_t kElems = kQK_K;
+  static constexpr size_t kBytes = sizeof(BlockQ6_K);
+  static constexpr bool kHasMin = false;
+  static constexpr MmLayout kLayout = MmLayout::kNatural;
+  struct State {
+    float d, dmin;
+  };
+  static HWY_INLINE void Prep(const uint8_t* blk, State& st) {
+    st.d = LoadF16Scalar(blk + offsetof(BlockQ6_K, d));
+    st.dmin = 0.0f;
+  }
+  // Quant e: half n = e/128, quarter q = (e%128)/32, l = e%32.
+  //   low 4 bits: ql[64n + l + 32 (q&1)] >> 4 (q>>1);  high 2 bits: qh[32n + l] >> 2q;
+  //   scale: scales[8n + 2q + l/16].
+  static HWY_INLINE MmV16 Chunk(const uint8_t* blk, const State&, size_t e) {
+    const MmD16 d16;
+    const MmDU16 du16;
+    const size_t n = e / 128, q = (e % 128) / 32, l = e % 32;
+    const auto ql = LoadU8AsU16(blk + offsetof(BlockQ6_K, ql) + 64 * n + l + 32 * (q & 1));
+    const auto qh = LoadU8AsU16(blk + offsetof(BlockQ6_K, qh) + 32 * n + l);
+    const auto lo4 = hn::And(hn::ShiftRightSame(ql, static_cast<int>(4 * (q >> 1))),
+                             hn::Set(du16, 0xF));
+    const auto hi2 = hn::And(hn::ShiftRightSame(qh, static_cast<int>(2 * q)), hn::Set(du16, 3));
+    const auto v = hn::Sub(hn::BitCast(d16, hn::Or(lo4, hn::ShiftLeft<4>(hi2))), hn::Set(d16, 32));
+    const int8_t* sc = reinterpret_cast<const int8_t*>(blk + offsetof(BlockQ6_K, scales)) +
+                       8 * n + 2 * q + l / 16;
+#if MOE_MATMUL_WIDE
+    // 32 lanes span two 16-quant scale groups.
+    const hn::Half<MmD16> dh;
+    const auto scale = hn::Combine(d16, hn::Set(dh, sc[1]), hn::Set(dh, sc[0]));
+#else
+    const auto scale = hn::Set(d16, sc[0]);
+#endif
+    return hn::Mul(v, scale);
+  }
+  static HWY_INLINE int32_t MinSum(const State&, const int32_t*) { return 0; }
+};
+
+// s0 += pairwise products of w and the int16 activations at x (64-byte aligned chunk).
+HWY_INLINE void MacI16(MmV16 w, const int16_t* x, hn::Vec<MmD32>& s0, hn::Vec<MmD32>& s1) {
+  s0 = hn::ReorderWidenMulAccumulate(MmD32(), w, hn::Load(MmD16(), x), s0, s1);
+}
+
+// acc += float(int32 block sum) * scale.
+HWY_INLINE void FoldBlock(hn::Vec<MmD32> s0, hn::Vec<MmD32> s1, float scale,
+                          hn::Vec<MmDF>& acc) {
+  const MmDF df;
+  acc = hn::MulAdd(hn::ConvertTo(df, hn::RearrangeToOddPlusEven(s0, s1)), hn::Set(df, scale),
+                   acc);
+}
+
+// Adds one weight block (quants for activation lanes [q_off, q_off + K::kElems)) times NT
+// activations to the accumulators: a_t += int32 dot * scale_t. `chunk(e)` yields the weights.
+template <int NT, size_t kElems, class ChunkFn>
+HWY_INLINE void DotBlock(const ChunkFn& chunk, size_t q_off, const MmAct* act, float sc0,
+                         float sc1, float sc2, float sc3, hn::Vec<MmDF>& a0, hn::Vec<MmDF>& a1,
+                         hn::Vec<MmDF>& a2, hn::Vec<MmDF>& a3) {
+  const MmD32 d32;
+  const size_t N = hn::Lanes(MmD16());
+  auto s00 = hn::Zero(d32), s01 = hn::Zero(d32), s10 = hn::Zero(d32), s11 = hn::Zero(d32);
+  auto s20 = hn::Zero(d32), s21 = hn::Zero(d32), s30 = hn::Zero(d32), s31 = hn::Zero(d32);
+  HWY_UNROLL(16)
+  for (size_t e = 0; e < kElems; e += N) {
+    const MmV16 w = chunk(e);
+    MacI16(w, act[0].q + q_off + e, s00, s01);
+    if constexpr (NT > 1) MacI16(w, act[1].q + q_off + e, s10, s11);
+    if constexpr (NT > 2) MacI16(w, act[2].q + q_off + e, s20, s21);
+    if constexpr (NT > 3) MacI16(w, act[3].q + q_off + e, s30, s31);
+  }
+  FoldBlock(s00, s01, sc0, a0);
+  if constexpr (NT > 1) FoldBlock(s10, s11, sc1, a1);
+  if constexpr (NT > 2) FoldBlock(s20, s21, sc2, a2);
+  if constexpr (NT > 3) FoldBlock(s30, s31, sc3, a3);
+}
+
+// Writes the NT row results: out[t * out_stride] = sum of a_t - m[t].
+template <int NT>
+HWY_INLINE void StoreRow(hn::Vec<MmDF> a0, hn::Vec<MmDF> a1, hn::Vec<MmDF> a2,
+                         hn::Vec<MmDF> a3, const float* m, float* out, int64_t out_stride) {
+  const MmDF df;
+  if constexpr (NT == 1) {
+    out[0] = MmSum(df, hn::Add(a0, a1)) - m[0];  // the single-token path splits over a0/a1
+  } else {
+    out[0] = MmSum(df, a0) - m[0];
+    out[out_stride] = MmSum(df, a1) - m[1];
+    if constexpr (NT > 2) out[2 * out_stride] = MmSum(df, a2) - m[2];
+    if constexpr (NT > 3) out[3 * out_stride] = MmSum(df, a3) - m[3];
+  }
+}
+
+// Room for a chunk of block scales plus one vector of padding.
+constexpr int64_t kMmChunkPad = kMmChunk + 64;
+
+// dd[t][j] = f16 scale of block c0 + j (at cblk + j * kBytes) times token t's activation
+// scale, for j < cn; zero from cn up to the next multiple of the float vector length.
+// Scalar gather into a small array, then vector widening (no vector gather: on CPUs with the
+// "gather data sampling" microcode mitigation those are very slow).
+template <int NT, size_t kBytes>
+HWY_INLINE void ChunkScales(const uint8_t* cblk, int64_t cn, int64_t c0, const MmAct* act,
+                            float (*dd)[kMmChunkPad]) {
+  const hn::ScalableTag<float> df;
+  const hn::Rebind<hwy::float16_t, decltype(df)> dh;
+  const int64_t NF = static_cast<int64_t>(hn::Lanes(df));
+  HWY_ALIGN uint16_t dw[kMmChunkPad];
+  for (int64_t j = 0; j < cn; ++j) std::memcpy(&dw[j], cblk + j * kBytes, sizeof(uint16_t));
+  for (int64_t j = cn; j < cn + NF && j < kMmChunkPad; ++j) dw[j] = 0;
+  for (int64_t j = 0; j < cn; j += NF) {
+    const auto wv =
+        hn::PromoteTo(df, hn::Load(dh, reinterpret_cast<const hwy::float16_t*>(dw + j)));
+    for (int t = 0; t < NT; ++t) {
+      hn::Store(hn::Mul(wv, hn::LoadU(df, act[t].d + c0 + j)), df, dd[t] + j);
+    }
+  }
+}
+
+// Block-32 rows (q8_0, q4_0): per chunk of blocks, the f16 weight scales are gathered and
+// widened with vectors and multiplied by each token's activation scales, so the block loop
+// only broadcasts a float from memory.
+template <int NT, class K>
+HWY_INLINE void Row32Dot(const uint8_t* HWY_RESTRICT wrow, int64_t nb, const MmAct* act,
+                         float* out, int64_t out_stride) {
+  HWY_ALIGN float dd[4][kMmChunkPad];  // [token][block in chunk]
+  const MmDF dfa;
+  auto a0 = hn::Zero(dfa), a1 = hn::Zero(dfa), a2 = hn::Zero(dfa), a3 = hn::Zero(dfa);
+  for (int64_t c0 = 0; c0 < nb; c0 += kMmChunk) {
+    const int64_t cn = nb - c0 < kMmChunk ? nb - c0 : kMmChunk;
+    const uint8_t* cblk = wrow + c0 * K::kBytes;
+    ChunkScales<NT, K::kBytes>(cblk, cn, c0, act, dd);
+    const size_t q0 = static_cast<size_t>(c0) * K::kElems;
+    if constexpr (NT == 1) {
+      // One token: even blocks into a0, odd into a1, so two FMA chains overlap.
+      int64_t j = 0;
+      for (; j + 2 <= cn; j += 2) {
+        const uint8_t* b0 = cblk + j * K::kBytes;
+        MmPrefetch<2 * K::kBytes>(b0 + kMmPrefetchBytes);
+        const uint8_t* b1 = b0 + K::kBytes;
+        DotBlock<1, K::kElems>([b0](size_t e) { return K::Chunk(b0, e); },
+                               q0 + j * K::kElems, act, dd[0][j], 0, 0, 0, a0, a2, a2, a2);
+        DotBlock<1, K::kElems>([b1](size_t e) { return K::Chunk(b1, e); },
+                               q0 + (j + 1) * K::kElems, act, dd[0][j + 1], 0, 0, 0, a1, a2, a2,
+                               a2);
+      }
+      if (j < cn) {
+        const uint8_t* b0 = cblk + j * K::kBytes;
+        DotBlock<1, K::kElems>([b0](size_t e) { return K::Chunk(b0, e); },
+                               q0 + j * K::kElems, act, dd[0][j], 0, 0, 0, a0, a2, a2, a2);
+      }
+    } else {
+      for (int64_t j = 0; j < cn; ++j) {
+        const uint8_t* b0 = cblk + j * K::kBytes;
+        MmPrefetch<K::kBytes>(b0 + kMmPrefetchBytes);
+        DotBlock<NT, K::kElems>([b0](size_t e) { return K::Chunk(b0, e); },
+                                q0 + j * K::kElems, act, dd[0][j], dd[1][j],
+                                NT > 2 ? dd[2][j] : 0.0f, NT > 3 ? dd[3][j] : 0.0f, a0, a1, a2,
+                                a3);
+      }
+    }
+  }
+  const float m[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  StoreRow<NT>(a0, a1, a2, a3, m, out, out_stride);
+}
+
+// Super-block rows (q4_K, q6_K): scales unpacked per super-block (amortized over 256 quants).
+template <int NT, class K>
+HWY_INLINE void RowKDot(const uint8_t* HWY_RESTRICT wrow, int64_t nb, const MmAct* act,
+                        float* out, int64_t out_stride) {
+  const MmDF df;
+  auto a0 = hn::Zero(df), a1 = hn::Zero(df), a2 = hn::Zero(df), a3 = hn::Zero(df);
+  float m[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = wrow + b * K::kBytes;
+    MmPrefetch<K::kBytes>(blk + kMmPrefetchBytes);
+    typename K::State st;
+    K::Prep(blk, st);
+    const auto chunk = [blk, &st](size_t e) { return K::Chunk(blk, st, e); };
+    const size_t q0 = static_cast<size_t>(b) * K::kElems;
+    float sc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int t = 0; t < NT; ++t) sc[t] = st.d * act[t].d[b];
+    if constexpr (NT == 1) {
+      // Alternate accumulators by block parity (the branch is perfectly predictable).
+      if (b & 1) {
+        DotBlock<1, K::kElems>(chunk, q0, act, sc[0], 0, 0, 0, a1, a2, a2, a2);
+      } else {
+        DotBlock<1, K::kElems>(chunk, q0, act, sc[0], 0, 0, 0, a0, a2, a2, a2);
+      }
+    } else {
+      DotBlock<NT, K::kElems>(chunk, q0, act, sc[0], sc[1], sc[2], sc[3], a0, a1, a2, a3);
+    }
+    if constexpr (K::kHasMin) {
+      for (int t = 0; t < NT; ++t) {
+        m[t] += st.dmin * act[t].d[b] * static_cast<float>(K::MinSum(st, act[t].bsum2 + b * 8));
+      }
+    }
+  }
+  StoreRow<NT>(a0, a1, a2, a3, m, out, out_stride);
+}
+
+
+#if MOE_MATMUL_VNNI
+// ---------------------------------------------------------------- AVX-512 VNNI (AVX3_DL)
+// vpdpbusd multiplies unsigned by signed bytes and adds groups of 4 into int32 lanes, so the
+// weights are made unsigned: q8_0 by adding 128 (xor 0x80), q4_0 by keeping the raw nibble; the
+// offset (128 or 8) times the activation sum is preloaded as the accumulator (MmAct::corr), so
+// every int32 lane is still the exact integer dot of its 4 quants. One zmm holds two 32-quant
+// blocks (q8_0/q4_0) or one 64-quant chunk (q4_K/q6_K); sub-block scales are applied as float
+// lane vectors to exact int32 values, whose per-superblock sums stay below 2^24, so the
+// super-block sum is the same exact integer ggml forms before scaling by d.
+
+// Block pairs use an interleaved lane order: int32 lane 2i holds quants 4i..4i+3 of block a,
+// lane 2i+1 those of block b, so the pair's scales are one broadcast 64-bit {d_a, d_b}. The
+// activations (MmAct::q8, corr) are stored in the same order by PrepareQ8_0Int8.
+
+// Weights of blocks a and b (b == nullptr: zeros) as 64 unsigned bytes.
+HWY_INLINE __m512i VnniPairQ8_0(const uint8_t* a, const uint8_t* b) {
+  const __m512i wa = _mm512_zextsi256_si512(
+      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + offsetof(BlockQ8_0, qs))));
+  const __m512i wb =
+      b ? _mm512_zextsi256_si512(
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + offsetof(BlockQ8_0, qs))))
+        : _mm512_setzero_si512();
+  const __m512i idx = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  return _mm512_xor_si512(_mm512_permutex2var_epi32(wa, idx, wb),
+                          _mm512_set1_epi8(static_cast<char>(0x80)));
+}
+
+// Lanes 0..7: the 16 nibble bytes of a and b interleaved by dword, low nibbles (quants 0..15);
+// lanes 8..15: the same bytes, high nibbles (quants 16..31).
+HWY_INLINE __m512i VnniPairQ4_0(const uint8_t* a, const uint8_t* b) {
+  const __m512i qa = _mm512_broadcast_i32x4(
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(a + offsetof(BlockQ4_0, qs))));
+  const __m512i qb =
+      b ? _mm512_broadcast_i32x4(
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + offsetof(BlockQ4_0, qs))))
+        : _mm512_setzero_si512();
+  const __m512i idx = _mm512_set_epi32(19, 3, 18, 2, 17, 1, 16, 0, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i v = _mm512_permutex2var_epi32(qa, idx, qb);
+  const __m512i shifts = _mm512_set_epi64(0x0004000400040004, 0x0004000400040004,
+                                          0x0004000400040004, 0x0004000400040004, 0, 0, 0, 0);
+  return _mm512_and_si512(_mm512_srlv_epi16(v, shifts), _mm512_set1_epi8(0x0F));
+}
+
+// ChunkScales for AVX-512: the f16 scales are picked out of 64-byte loads of the blocks with
+// word permutes (q4_0: 4 block starts per 64 bytes, q8_0: 2), 16 blocks per vector; the last
+// loads are masked so nothing past block cn - 1 is read.
+template <int NT, size_t kBytes>
+HWY_INLINE void ChunkScalesVnni(const uint8_t* cblk, int64_t cn, int64_t c0, const MmAct* act,
+                                float (*dd)[kMmChunkPad]) {
+  static_assert(kBytes == sizeof(BlockQ4_0) || kBytes == sizeof(BlockQ8_0));
+  constexpr int kPer = kBytes == sizeof(BlockQ4_0) ? 4 : 2;  // block starts per 64 bytes
+  constexpr int kGroups = 16 / kPer;
+  // Lane g * kPer + k takes word k * kBytes / 2 of load g.
+  alignas(64) static constexpr uint16_t kIdx[32] = {
+      0, kBytes / 2, kPer > 2 ? kBytes : 0, kPer > 2 ? 3 * kBytes / 2 : 0};
+  const __m512i base_idx = _mm512_load_si512(kIdx);
+  for (int64_t j = 0; j < cn; j += 16) {
+    __m512i h = _mm512_setzero_si512();
+    for (int g = 0; g < kGroups; ++g) {
+      const int64_t jb = j + g * kPer;
+      if (jb >= cn) break;
+      const uint8_t* p = cblk + jb * kBytes;
+      const int64_t avail = (cn - jb) * static_cast<int64_t>(kBytes);
+      const __m512i v =
+          avail >= 64 ? _mm512_loadu_si512(p)
+                      : _mm512_maskz_loadu_epi8((__mmask64{1} << avail) - 1, p);
+      // Move the kPer indices to lanes g*kPer..: a lane rotation of base_idx by g*kPer words.
+      const __m512i idx = _mm512_permutexvar_epi16(
+          _mm512_sub_epi16(_mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19,
+                                            18, 17, 16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5,
+                                            4, 3, 2, 1, 0),
+                           _mm512_set1_epi16(static_cast<int16_t>(g * kPer))),
+          base_idx);
+      const __mmask32 lanes = ((__mmask32{1} << kPer) - 1) << (g * kPer);
+      h = _mm512_mask_permutexvar_epi16(h, lanes, idx, v);
+    }
+    const __m512 wv = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
+    for (int t = 0; t < NT; ++t) {
+      _mm512_store_ps(dd[t] + j, _mm512_mul_ps(wv, _mm512_loadu_ps(act[t].d + c0 + j)));
+    }
+  }
+}
+
+// {d_a, d_b} repeated.
+HWY_INLINE __m512 VnniPairScale(const float* dd_pair) {
+  double ab;
+  std::memcpy(&ab, dd_pair, sizeof(ab));
+  return _mm512_castpd_ps(_mm512_set1_pd(ab));
+}
+
+// acc += float(corr + dpbusd(w, x)) * scale, for the pair of blocks at quant offset xo.
+HWY_INLINE void VnniPairToken(__m512i w, const MmAct& a, size_t xo, const float* dd_pair,
+                              __m512& acc) {
+  __m512i s = _mm512_load_si512(a.corr + xo / 4);
+  s = _mm512_dpbusd_epi32(s, w, _mm512_load_si512(a.q8 + xo));
+  acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), VnniPairScale(dd_pair), acc);
+}
+
+template <bool kQ4>
+HWY_INLINE __m512i VnniPair(const uint8_t* a, const uint8_t* b) {
+  if constexpr (kQ4) {
+    return VnniPairQ4_0(a, b);
+  } else {
+    return VnniPairQ8_0(a, b);
+  }
+}
+
+
+// Both VNNI row kernels leave token t's lane accumulator in acc[t] and its scalar correction
+// in m[t]; the result is sum(acc[t]) - m[t] (see VnniStore / VnniRowsOneToken).
+template <int NT, class K>
+HWY_INLINE void Row32Vnni(const uint8_t* HWY_RESTRICT wrow, int64_t nb, const MmAct* act,
+                          __m512* acc, float* m) {
+  constexpr bool kQ4 = std::is_same_v<K, KernQ4_0>;
+  constexpr size_t kB = K::kBytes;
+  HWY_ALIGN float dd[4][kMmChunkPad];
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (int64_t c0 = 0; c0 < nb; c0 += kMmChunk) {
+    const int64_t cn = nb - c0 < kMmChunk ? nb - c0 : kMmChunk;
+    const uint8_t* cblk = wrow + c0 * kB;
+    ChunkScalesVnni<NT, kB>(cblk, cn, c0, act, dd);
+    const size_t x0 = static_cast<size_t>(c0) * kQK8_0;
+    int64_t j = 0;
+    if constexpr (NT == 1) {
+      // Two pairs per step into two accumulators so the FMA chains overlap.
+      for (; j + 4 <= cn; j += 4) {
+        const uint8_t* b = cblk + j * kB;
+        MmPrefetch<4 * kB>(b + kMmPrefetchBytes);
+        VnniPairToken(VnniPair<kQ4>(b, b + kB), act[0], x0 + j * 32, &dd[0][j], a0);
+        VnniPairToken(VnniPair<kQ4>(b + 2 * kB, b + 3 * kB), act[0], x0 + (j + 2) * 32,
+                      &dd[0][j + 2], a1);
+      }
+    }
+    for (; j + 2 <= cn; j += 2) {
+      const uint8_t* b = cblk + j * kB;
+      MmPrefetch<2 * kB>(b + kMmPrefetchBytes);
+      const __m512i w = VnniPair<kQ4>(b, b + kB);
+      const size_t xo = x0 + j * 32;
+      VnniPairToken(w, act[0], xo, &dd[0][j], a0);
+      if constexpr (NT > 1) VnniPairToken(w, act[1], xo, &dd[1][j], a1);
+      if constexpr (NT > 2) VnniPairToken(w, act[2], xo, &dd[2][j], a2);
+      if constexpr (NT > 3) VnniPairToken(w, act[3], xo, &dd[3][j], a3);
+    }
+    if (j < cn) {  // odd last block: the missing partner has zero weights, quants and scale
+      const __m512i w = VnniPair<kQ4>(cblk + j * kB, nullptr);
+      const size_t xo = x0 + j * 32;
+      VnniPairToken(w, act[0], xo, &dd[0][j], a0);
+      if constexpr (NT > 1) VnniPairToken(w, act[1], xo, &dd[1][j], a1);
+      if constexpr (NT > 2) VnniPairToken(w, act[2], xo, &dd[2][j], a2);
+      if constexpr (NT > 3) VnniPairToken(w, act[3], xo, &dd[3][j], a3);
+    }
+  }
+  if constexpr (NT == 1) a0 = _mm512_add_ps(a0, a1);
+  acc[0] = a0;
+  if constexpr (NT > 1) acc[1] = a1;
+  if constexpr (NT > 2) acc[2] = a2;
+  if constexpr (NT > 3) acc[3] = a3;
+  for (int t = 0; t < NT; ++t) m[t] = 0.0f;
+}
+
+// sb += float(dpbusd(w, x)) * scales (exact integers, see above).
+HWY_INLINE void VnniChunkToken(__m512i w, const int8_t* x, __m512 scales, __m512& sb) {
+  const __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_load_si512(x));
+  sb = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scales, sb);
+}
+
+// One 64-quant chunk c (0..3) of a q4_K super-block: bytes 0..31 the low nibbles of
+// qs[32c..32c+31] (sub-block 2c), bytes 32..63 the high nibbles (sub-block 2c+1).
+HWY_INLINE __m512i VnniChunkQ4_K(const uint8_t* blk, int c) {
+  const __m256i q = _mm256_loadu_si256(
+      reinterpret_cast<const __m256i*>(blk + offsetof(BlockQ4_K, qs) + 32 * c));
+  const __m512i v = _mm512_broadcast_i64x4(q);
+  const __m512i shifts = _mm512_set_epi64(0x0004000400040004, 0x0004000400040004,
+                                          0x0004000400040004, 0x0004000400040004, 0, 0, 0, 0);
+  return _mm512_and_si512(_mm512_srlv_epi16(v, shifts), _mm512_set1_epi8(0x0F));
+}
+
+// One 64-quant chunk k (0..3) of a q6_K super-block as unsigned 6-bit values (q + 32):
+// half n = k/2; even k holds quarters 0,1 (ql low nibbles, qh bits 0-1 / 2-3), odd k quarters
+// 2,3 (ql high nibbles, qh bits 4-5 / 6-7).
+HWY_INLINE __m512i VnniChunkQ6_K(const uint8_t* blk, int k) {  // k constant after inlining
+  const int n = k / 2;
+  const __m512i ql = _mm512_loadu_si512(blk + offsetof(BlockQ6_K, ql) + 64 * n);
+  const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(
+      reinterpret_cast<const __m256i*>(blk + offsetof(BlockQ6_K, qh) + 32 * n)));
+  const __m512i m4 = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30);
+  const __m512i hi_half = _mm512_set_epi64(0x0002000200020002, 0x0002000200020002,
+                                           0x0002000200020002, 0x0002000200020002, 0, 0, 0, 0);
+  if ((k & 1) == 0) {
+    // (qh >> 0 & 3) << 4 = (qh << 4) & 0x30;  (qh >> 2 & 3) << 4 = (qh << 2) & 0x30
+    const __m512i sh = _mm512_sub_epi16(_mm512_set1_epi16(4), hi_half);
+    return _mm512_or_si512(_mm512_and_si512(ql, m4),
+                           _mm512_and_si512(_mm512_sllv_epi16(qh, sh), m30));
+  }
+  // (qh >> 4 & 3) << 4 = qh & 0x30;  (qh >> 6 & 3) << 4 = (qh >> 2) & 0x30
+  return _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), m4),
+                         _mm512_and_si512(_mm512_srlv_epi16(qh, hi_half), m30));
+}
+
+template <int NT, class K>
+HWY_INLINE void RowKVnni(const uint8_t* HWY_RESTRICT wrow, int64_t nb, const MmAct* act,
+                         __m512* acc, float* m) {
+  constexpr bool kQ4K = std::is_same_v<K, KernQ4_K>;
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (int t = 0; t < NT; ++t) m[t] = 0.0f;
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = wrow + b * K::kBytes;
+    MmPrefetch<K::kBytes>(blk + kMmPrefetchBytes);
+    float d, dmin;
+    __m512 scf;  // float sub-block scales in lanes 0..7 (q4_K) or 0..15 (q6_K)
+    int32_t msum[4] = {0, 0, 0, 0};
+    if constexpr (kQ4K) {
+      d = LoadF16Scalar(blk + offsetof(BlockQ4_K, d));
+      dmin = LoadF16Scalar(blk + offsetof(BlockQ4_K, dmin));
+      // Same unpacking as KernQ4_K::Prep, kept in registers.
+      uint32_t w[3];
+      std::memcpy(w, blk + offsetof(BlockQ4_K, scales), sizeof(w));
+      const uint64_t sc = (w[0] & 0x3F3F3F3Fu) |
+                          uint64_t{(w[2] & 0x0F0F0F0Fu) | ((w[0] >> 2) & 0x30303030u)} << 32;
+      const uint64_t mn = (w[1] & 0x3F3F3F3Fu) |
+                          uint64_t{((w[2] >> 4) & 0x0F0F0F0Fu) | ((w[1] >> 2) & 0x30303030u)}
+                              << 32;
+      scf = _mm512_castps256_ps512(_mm256_cvtepi32_ps(
+          _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(sc)))));
+      const __m256i m32 = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(mn)));
+      for (int t = 0; t < NT; ++t) {
+        const __m256i bs =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(act[t].bsum2 + b * 8));
+        msum[t] = _mm512_reduce_add_epi32(_mm512_zextsi256_si512(_mm256_mullo_epi32(m32, bs)));
+      }
+    } else {
+      d = LoadF16Scalar(blk + offsetof(BlockQ6_K, d));
+      const __m128i sc8 =
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + offsetof(BlockQ6_K, scales)));
+      scf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc8));
+      // The +32 offset of the unsigned quants: 32 * sum_is scale[is] * bsums[is].
+      const __m256i sc16 = _mm256_cvtepi8_epi16(sc8);
+      for (int t = 0; t < NT; ++t) {
+        const __m256i bs =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(act[t].bsums + b * 16));
+        msum[t] = 32 * _mm512_reduce_add_epi32(
+                           _mm512_zextsi256_si512(_mm256_madd_epi16(sc16, bs)));
+      }
+      dmin = d;
+    }
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0, s4 = s0;
+    const size_t xb = static_cast<size_t>(b) * kQK_K;
+    // Chunk c of the super-block (unrolled by the four explicit calls below).
+    const auto chunk = [&](auto c_const) {
+      constexpr int c = decltype(c_const)::value;
+      __m512 scales;
+      __m512i w;
+      if constexpr (kQ4K) {
+        // lanes 0..7: scale of sub-block 2c, lanes 8..15: 2c+1
+        scales = _mm512_permutexvar_ps(
+            _mm512_set_epi32(2 * c + 1, 2 * c + 1, 2 * c + 1, 2 * c + 1, 2 * c + 1, 2 * c + 1,
+                             2 * c + 1, 2 * c + 1, 2 * c, 2 * c, 2 * c, 2 * c, 2 * c, 2 * c,
+                             2 * c, 2 * c),
+            scf);
+        w = VnniChunkQ4_K(blk, c);
+      } else {
+        // four lanes (16 quants) per scale: scales 4c .. 4c+3
+        scales = _mm512_permutexvar_ps(
+            _mm512_set_epi32(4 * c + 3, 4 * c + 3, 4 * c + 3, 4 * c + 3, 4 * c + 2, 4 * c + 2,
+                             4 * c + 2, 4 * c + 2, 4 * c + 1, 4 * c + 1, 4 * c + 1, 4 * c + 1,
+                             4 * c, 4 * c, 4 * c, 4 * c),
+            scf);
+        w = VnniChunkQ6_K(blk, c);
+      }
+      const size_t xo = xb + 64 * c;
+      if constexpr (NT == 1) {
+        // Two chains for one token: even chunks into s0, odd into s4.
+        if constexpr ((c & 1) == 0) {
+          VnniChunkToken(w, act[0].q8 + xo, scales, s0);
+        } else {
+          VnniChunkToken(w, act[0].q8 + xo, scales, s4);
+        }
+      } else {
+        VnniChunkToken(w, act[0].q8 + xo, scales, s0);
+        VnniChunkToken(w, act[1].q8 + xo, scales, s1);
+        if constexpr (NT > 2) VnniChunkToken(w, act[2].q8 + xo, scales, s2);
+        if constexpr (NT > 3) VnniChunkToken(w, act[3].q8 + xo, scales, s3);
+      }
+    };
+    chunk(std::integral_constant<int, 0>());
+    chunk(std::integral_constant<int, 1>());
+    chunk(std::integral_constant<int, 2>());
+    chunk(std::integral_constant<int, 3>());
+    if constexpr (NT == 1) s0 = _mm512_add_ps(s0, s4);
+    a0 = _mm512_fmadd_ps(s0, _mm512_set1_ps(d * act[0].d[b]), a0);
+    if constexpr (NT > 1) a1 = _mm512_fmadd_ps(s1, _mm512_set1_ps(d * act[1].d[b]), a1);
+    if constexpr (NT > 2) a2 = _mm512_fmadd_ps(s2, _mm512_set1_ps(d * act[2].d[b]), a2);
+    if constexpr (NT > 3) a3 = _mm512_fmadd_ps(s3, _mm512_set1_ps(d * act[3].d[b]), a3);
+    for (int t = 0; t < NT; ++t) m[t] += dmin * act[t].d[b] * static_cast<float>(msum[t]);
+  }
+  acc[0] = a0;
+  if constexpr (NT > 1) acc[1] = a1;
+  if constexpr (NT > 2) acc[2] = a2;
+  if constexpr (NT > 3) acc[3] = a3;
+}
+
+// Lane i of the result = sum of the lanes of v[i], for 16 vectors: a transposing add tree
+// (about 3 instructions per row instead of a full horizontal sum each).
+HWY_INLINE __m512 VnniSum16(const __m512* v) {
+  __m512 t[8], u[4];
+  for (int i = 0; i < 8; ++i) {  // 256-bit halves: [a.q0+a.q2, a.q1+a.q3, b.q0+b.q2, b.q1+b.q3]
+    t[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  }
+  for (int i = 0; i < 4; ++i) {  // quarter k of u[i]: 4 partial sums of row 4i + k
+    u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0xDD));
+  }
+  // Within each quarter k: [row k, row 4+k, row 8+k, row 12+k].
+  const __m512 x = _mm512_add_ps(_mm512_unpacklo_ps(u[0], u[1]), _mm512_unpackhi_ps(u[0], u[1]));
+  const __m512 y = _mm512_add_ps(_mm512_unpacklo_ps(u[2], u[3]), _mm512_unpackhi_ps(u[2], u[3]));
+  const __m512 z = _mm512_add_ps(_mm512_shuffle_ps(x, y, _MM_SHUFFLE(1, 0, 1, 0)),
+                                 _mm512_shuffle_ps(x, y, _MM_SHUFFLE(3, 2, 3, 2)));
+  // Lane 4k + m holds row 4m + k: transpose back to row order.
+  const __m512i idx = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+  return _mm512_permutexvar_ps(idx, z);
+}
+
+// One token (decode): rows in groups of 16, reduced together.
+template <template <int, class> class Row, class K>
+HWY_INLINE void VnniRowsOneToken(const uint8_t* w, int64_t n_rows, size_t row_bytes, int64_t nb,
+                                 const MmAct* a, float* out) {
+  for (int64_t r0 = 0; r0 < n_rows; r0 += 16) {
+    const int64_t cnt = n_rows - r0 < 16 ? n_rows - r0 : 16;
+    __m512 acc[16];
+    alignas(64) float m[16];
+    for (int64_t i = 0; i < cnt; ++i) {
+      Row<1, K>::Acc(w + static_cast<size_t>(r0 + i) * row_bytes, nb, a, &acc[i], &m[i]);
+    }
+    for (int64_t i = cnt; i < 16; ++i) {
+      acc[i] = _mm512_setzero_ps();
+      m[i] = 0.0f;
+    }
+    const __m512 sums = _mm512_sub_ps(VnniSum16(acc), _mm512_load_ps(m));
+    _mm512_mask_storeu_ps(out + r0, static_cast<__mmask16>((1u << cnt) - 1), sums);
+  }
+}
+#endif  // MOE_MATMUL_VNNI
+
+// ---------------------------------------------------------------- float weights
+
+// Loads N weights of type T at element i as float (tag d decides N: full or one lane).
+template <typename T, class DF>
+HWY_INLINE hn::Vec<DF> LoadWeightF32(DF df, const uint8_t* wrow, int64_t i) {
+  const T* p = reinterpret_cast<const T*>(wrow) + i;
+  if constexpr (std::is_same_v<T, float>) {
+    return hn::LoadU(df, p);
+  } else {
+    return hn::PromoteTo(df, hn::LoadU(hn::Rebind<T, DF>(), p));
+  }
+}
+
+// Weight i of a row of T as float, any alignment.
+template <typename T>
+HWY_INLINE float ScalarWeightF32(const uint8_t* wrow, int64_t i) {
+  if constexpr (std::is_same_v<T, float>) {
+    float v;
+    std::memcpy(&v, wrow + 4 * i, sizeof(v));
+    return v;
+  } else if constexpr (std::is_same_v<T, hwy::float16_t>) {
+    return LoadF16Scalar(wrow + 2 * i);
+  } else {
+    uint16_t h;
+    std::memcpy(&h, wrow + 2 * i, sizeof(h));
+    const uint32_t u = uint32_t{h} << 16;
+    float v;
+    std::memcpy(&v, &u, sizeof(v));
+    return v;
+  }
+}
+
+template <int NT, typename T>
+HWY_INLINE void FloatRowDot(const uint8_t* HWY_RESTRICT wrow, int64_t n, const MmAct* act,
+                            float* out, int64_t out_stride) {
+  const hn::ScalableTag<float> df;
+  const int64_t N = static_cast<int64_t>(hn::Lanes(df));
+  auto a0 = hn::Zero(df), a1 = hn::Zero(df), a2 = hn::Zero(df), a3 = hn::Zero(df);
+  int64_t i = 0;
+  if constexpr (NT == 1) {
+    // Four chains for the single-token (decode) case.
+    const float* x = act[0].f;
+    for (; i + 4 * N <= n; i += 4 * N) {
+      // 4 N weights per step: prefetch the lines that far ahead (N is a power of two >= 1).
+      for (int64_t o = 0; o < 4 * N * static_cast<int64_t>(sizeof(T)); o += 64) {
+        hwy::Prefetch(wrow + (i * static_cast<int64_t>(sizeof(T)) + o) + kMmPrefetchBytes);
+      }
+      a0 = hn::MulAdd(LoadWeightF32<T>(df, wrow, i), hn::LoadU(df, x + i), a0);
+      a1 = hn::MulAdd(LoadWeightF32<T>(df, wrow, i + N), hn::LoadU(df, x + i + N), a1);
+      a2 = hn::MulAdd(LoadWeightF32<T>(df, wrow, i + 2 * N), hn::LoadU(df, x + i + 2 * N), a2);
+      a3 = hn::MulAdd(LoadWeightF32<T>(df, wrow, i + 3 * N), hn::LoadU(df, x + i + 3 * N), a3);
+    }
+    for (; i + N <= n; i += N) {
+      a0 = hn::MulAdd(LoadWeightF32<T>(df, wrow, i), hn::LoadU(df, x + i), a0);
+    }
+    a0 = hn::Add(hn::Add(a0, a1), hn::Add(a2, a3));
+  } else {
+    for (; i + N <= n; i += N) {
+      if ((i * sizeof(T)) % 64 < N * sizeof(T)) {  // once per cache line of weights
+        hwy::Prefetch(wrow + i * static_cast<int64_t>(sizeof(T)) + kMmPrefetchBytes);
+      }
+      const auto w = LoadWeightF32<T>(df, wrow, i);
+      a0 = hn::MulAdd(w, hn::LoadU(df, act[0].f + i), a0);
+      a1 = hn::MulAdd(w, hn::LoadU(df, act[1].f + i), a1);
+      if constexpr (NT > 2) a2 = hn::MulAdd(w, hn::LoadU(df, act[2].f + i), a2);
+      if constexpr (NT > 3) a3 = hn::MulAdd(w, hn::LoadU(df, act[3].f + i), a3);
+    }
+  }
+  // Tail, scalar (weights widen exactly as in the body; memcpy: f32 rows may sit at any byte).
+  float t0 = 0.0f, t1 = 0.0f, t2 = 0.0f, t3 = 0.0f;
+  for (; i < n; ++i) {
+    const float w = ScalarWeightF32<T>(wrow, i);
+    t0 += w * act[0].f[i];
+    if constexpr (NT > 1) t1 += w * act[1].f[i];
+    if constexpr (NT > 2) t2 += w * act[2].f[i];
+    if constexpr (NT > 3) t3 += w * act[3].f[i];
+  }
+  out[0] = MmSum(df, a0) + t0;
+  if constexpr (NT > 1) out[out_stride] = MmSum(df, a1) + t1;
+  if constexpr (NT > 2) out[2 * out_stride] = MmSum(df, a2) + t2;
+  if constexpr (NT > 3) out[3 * out_stride] = MmSum(df, a3) + t3;
+}
+
+// ---------------------------------------------------------------- driver
+
+enum class MmPrep { kF32, kF16, kBF16, kQ8_0, kQ8_K };
+
+// How the activations of one weight type are prepared.
+struct MmPrepSpec {
+  MmPrep prep;
+  MmLayout layout;  // int16 path only
+  bool int8;        // VNNI path: int8 quants (+ corrections) instead of int16
+  int32_t corr;     // VNNI block-32 path: unsigned offset of the weights (0: none)
+};
+
+// Converts the n_tok activation rows into the workspace and fills acts[n_tok].
+HWY_INLINE MmAct* PrepareActs(const MmPrepSpec& spec, int64_t n_in, const uint8_t* xa,
+                              size_t xa_stride, int64_t n_tok) {
+  const MmPrep prep = spec.prep;
+  const bool is_int = prep == MmPrep::kQ8_0 || prep == MmPrep::kQ8_K;
+  const bool i16 = is_int && !spec.int8;
+  const bool i8 = is_int && spec.int8;
+  const int64_t block = prep == MmPrep::kQ8_0 ? kQK8_0 : kQK_K;
+  const int64_t nb = is_int ? n_in / block : 0;
+  const size_t ne = static_cast<size_t>(nb * block);
+  const size_t q_bytes = i16 ? MmRoundUp64(ne * 2) : 0;
+  const size_t q8_bytes = i8 ? MmRoundUp64(ne + 64) : 0;
+  const size_t c_bytes = i8 && spec.corr ? MmRoundUp64((ne / 4 + 16) * sizeof(int32_t)) : 0;
+  const size_t d_bytes =
+      is_int ? MmRoundUp64(static_cast<size_t>(nb + kMmChunk) * sizeof(float)) : 0;
+  const size_t b_bytes =
+      prep == MmPrep::kQ8_K ? MmRoundUp64(static_cast<size_t>(nb) * 8 * sizeof(int32_t)) : 0;
+  const size_t r_bytes =
+      i8 && prep == MmPrep::kQ8_K ? MmRoundUp64(static_cast<size_t>(nb) * 16 * sizeof(int16_t)) : 0;
+  const size_t f_bytes = is_int ? 0 : MmRoundUp64(static_cast<size_t>(n_in) * sizeof(float));
+  const size_t per_tok = q_bytes + q8_bytes + c_bytes + d_bytes + b_bytes + r_bytes + f_bytes;
+  const size_t head = MmRoundUp64(static_cast<size_t>(n_tok) * sizeof(MmAct));
+  uint8_t* ws = MmWorkspace(head + per_tok * static_cast<size_t>(n_tok));
+  MmAct* acts = reinterpret_cast<MmAct*>(ws);
+  for (int64_t t = 0; t < n_tok; ++t) {
+    uint8_t* p = ws + head + per_tok * static_cast<size_t>(t);
+    int16_t* q = reinterpret_cast<int16_t*>(p);
+    p += q_bytes;
+    int8_t* q8 = reinterpret_cast<int8_t*>(p);
+    p += q8_bytes;
+    int32_t* corr = reinterpret_cast<int32_t*>(p);
+    p += c_bytes;
+    float* d = reinterpret_cast<float*>(p);
+    p += d_bytes;
+    int32_t* bsum2 = reinterpret_cast<int32_t*>(p);
+    p += b_bytes;
+    int16_t* bsums = reinterpret_cast<int16_t*>(p);
+    p += r_bytes;
+    float* f = reinterpret_cast<float*>(p);
+    const uint8_t* row = xa + xa_stride * static_cast<size_t>(t);
+    switch (prep) {
+      case MmPrep::kF32: WidenToF32<float>(row, f, n_in); break;
+      case MmPrep::kF16: WidenToF32<hwy::float16_t>(row, f, n_in); break;
+      case MmPrep::kBF16: WidenToF32<hwy::bfloat16_t>(row, f, n_in); break;
+      case MmPrep::kQ8_0:
+        if (i8) {
+          PrepareQ8_0Int8(row, nb, q8, d, corr, spec.corr);
+        } else {
+          PrepareQ8_0(row, nb, q, d, spec.layout);
+        }
+        break;
+      case MmPrep::kQ8_K:
+        if (i8) {
+          PrepareQ8_KInt8(row, nb, q8, d, bsum2, bsums);
+        } else {
+          PrepareQ8_K(row, nb, q, d, bsum2, spec.layout);
+        }
+        break;
+    }
+    acts[t] = MmAct{q, d, bsum2, f, q8, corr, bsums};
+  }
+  return acts;
+}
+
+// Row tiles keep a tile of weights in L2 while every token group passes over it.
+constexpr size_t kMmTileBytes = 256 * 1024;
+
+template <class RowFn>
+HWY_INLINE void MmLoop(const uint8_t* W, size_t row_bytes, int64_t r0, int64_t r1,
+                       const MmAct* acts, int64_t n_tok, float* y, int64_t y_stride,
+                       const RowFn& row_fn) {
+  int64_t tile = r1 - r0;
+  if (n_tok > kMmTokGroup) {
+    tile = static_cast<int64_t>(kMmTileBytes / (row_bytes ? row_bytes : 1));
+    if (tile < 1) tile = 1;
+  }
+  for (int64_t rt = r0; rt < r1; rt += tile) {
+    const int64_t rt_end = rt + tile < r1 ? rt + tile : r1;
+    for (int64_t t0 = 0; t0 < n_tok; t0 += kMmTokGroup) {
+      const int64_t nt = n_tok - t0 < kMmTokGroup ? n_tok - t0 : kMmTokGroup;
+      row_fn(nt, W + static_cast<size_t>(rt) * row_bytes, rt_end - rt, row_bytes, acts + t0,
+             y + t0 * y_stride + (rt - r0), y_stride);
+    }
+  }
+}
+
+// Row kernel Row<NT, K> (Row32Dot, RowKDot, ...) over n_rows consecutive rows for one group
+// of nt <= 4 tokens; the token count is dispatched once per group, the row loop is inlined.
+template <class R, class = void>
+struct MmBatchRows : std::false_type {};
+template <class R>
+struct MmBatchRows<R, std::void_t<decltype(R::kBatchRows)>> : std::bool_constant<R::kBatchRows> {};
+
+template <int NT, template <int, class> class Row, class K>
+HWY_INLINE void MmRows(const uint8_t* w, int64_t n_rows, size_t row_bytes, int64_t nb,
+                       const MmAct* a, float* out, int64_t stride) {
+#if MOE_MATMUL_VNNI
+  if constexpr (NT == 1 && MmBatchRows<Row<1, K>>::value) {
+    VnniRowsOneToken<Row, K>(w, n_rows, row_bytes, nb, a, out);
+    return;
+  }
+#endif
+  for (int64_t r = 0; r < n_rows; ++r) {
+    Row<NT, K>::Run(w + static_cast<size_t>(r) * row_bytes, nb, a, out + r, stride);
+  }
+}
+template <template <int, class> class Row, class K>
+struct MmIntRows {
+  int64_t nb;
+  void operator()(int64_t nt, const uint8_t* w, int64_t n_rows, size_t row_bytes,
+                  const MmAct* a, float* out, int64_t stride) const {
+    switch (nt) {
+      case 1: MmRows<1, Row, K>(w, n_rows, row_bytes, nb, a, out, stride); break;
+      case 2: MmRows<2, Row, K>(w, n_rows, row_bytes, nb, a, out, stride); break;
+      case 3: MmRows<3, Row, K>(w, n_rows, row_bytes, nb, a, out, stride); break;
+      default: MmRows<4, Row, K>(w, n_rows, row_bytes, nb, a, out, stride); break;
+    }
+  }
+};
+template <int NT, class K>
+struct MmRow32 {
+  static HWY_INLINE void Run(const uint8_t* w, int64_t nb, const MmAct* a, float* o, int64_t s) {
+    Row32Dot<NT, K>(w, nb, a, o, s);
+  }
+};
+#if MOE_MATMUL_VNNI
+// out[t * s] = sum(acc[t]) - m[t]
+template <int NT>
+HWY_INLINE void VnniStore(const __m512* acc, const float* m, float* o, int64_t s) {
+  for (int t = 0; t < NT; ++t) o[t * s] = _mm512_reduce_add_ps(acc[t]) - m[t];
+}
+template <int NT, class K>
+struct MmRow32Vnni {
+  static constexpr bool kBatchRows = true;
+  static HWY_INLINE void Acc(const uint8_t* w, int64_t nb, const MmAct* a, __m512* acc,
+                             float* m) {
+    Row32Vnni<NT, K>(w, nb, a, acc, m);
+  }
+  static HWY_INLINE void Run(const uint8_t* w, int64_t nb, const MmAct* a, float* o, int64_t s) {
+    __m512 acc[NT];
+    float m[NT];
+    Row32Vnni<NT, K>(w, nb, a, acc, m);
+    VnniStore<NT>(acc, m, o, s);
+  }
+};
+template <int NT, class K>
+struct MmRowKVnni {
+  static constexpr bool kBatchRows = true;
+  static HWY_INLINE void Acc(const uint8_t* w, int64_t nb, const MmAct* a, __m512* acc,
+                             float* m) {
+    RowKVnni<NT, K>(w, nb, a, acc, m);
+  }
+  static HWY_INLINE void Run(const uint8_t* w, int64_t nb, const MmAct* a, float* o, int64_t s) {
+    __m512 acc[NT];
+    float m[NT];
+    RowKVnni<NT, K>(w, nb, a, acc, m);
+    VnniStore<NT>(acc, m, o, s);
+  }
+};
+#endif
+template <int NT, class K>
+struct MmRowK {
+  static HWY_INLINE void Run(const uint8_t* w, int64_t nb, const MmAct* a, float* o, int64_t s) {
+    RowKDot<NT, K>(w, nb, a, o, s);
+  }
+};
+
+template <class K, template <int, class> class Row>
+HWY_INLINE void MatMulInt(const MmPrepSpec& spec, const uint8_t* W, int64_t n_in, int64_t r0,
+                          int64_t r1, const uint8_t* xa, size_t xa_stride, int64_t n_tok,
+                          float* y, int64_t y_stride) {
+  const MmAct* acts = PrepareActs(spec, n_in, xa, xa_stride, n_tok);
+  const int64_t nb = n_in / static_cast<int64_t>(K::kElems);
+  MmLoop(W, static_cast<size_t>(nb) * K::kBytes, r0, r1, acts, n_tok, y, y_stride,
+         MmIntRows<Row, K>{nb});
+}
+
+template <typename T>
+HWY_INLINE void MatMulFloat(const uint8_t* W, int64_t n_in, int64_t r0, int64_t r1,
+                            const MmAct* acts, int64_t n_tok, float* y, int64_t y_stride) {
+  MmLoop(W, static_cast<size_t>(n_in) * sizeof(T), r0, r1, acts, n_tok, y, y_stride,
+         [n_in](int64_t nt, const uint8_t* w, int64_t n_rows, size_t row_bytes, const MmAct* a,
+                float* out, int64_t stride) {
+           const auto rows = [&](auto nt_const) {
+             for (int64_t r = 0; r < n_rows; ++r) {
+               FloatRowDot<decltype(nt_const)::value, T>(w + static_cast<size_t>(r) * row_bytes,
+                                                         n_in, a, out + r, stride);
+             }
+           };
+           switch (nt) {
+             case 1: rows(std::integral_constant<int, 1>()); break;
+             case 2: rows(std::integral_constant<int, 2>()); break;
+             case 3: rows(std::integral_constant<int, 3>()); break;
+             default: rows(std::integral_constant<int, 4>()); break;
+           }
+         });
+}
+
+// Per-target body of kernels::MatMul (same contract). Unsupported weight types write nothing.
+// inline: this header is also compiled into the test binary.
+HWY_NOINLINE inline void MatMul(DType w, const void* W, int64_t n_in, int64_t r0, int64_t r1,
+                         const void* xa, size_t xa_stride, int64_t n_tok, float* y,
+                         int64_t y_stride) {
+  if (r1 <= r0 || n_tok <= 0) return;
+  const uint8_t* wb = static_cast<const uint8_t*>(W);
+  const uint8_t* xb = static_cast<const uint8_t*>(xa);
+  switch (w) {
+    case DType::kF32:
+      MatMulFloat<float>(
+          wb, n_in, r0, r1,
+          PrepareActs(MmPrepSpec{MmPrep::kF32, MmLayout::kNatural, false, 0}, n_in, xb, xa_stride, n_tok), n_tok, y,
+          y_stride);
+      break;
+    case DType::kF16:
+      MatMulFloat<hwy::float16_t>(
+          wb, n_in, r0, r1,
+          PrepareActs(MmPrepSpec{MmPrep::kF16, MmLayout::kNatural, false, 0}, n_in, xb, xa_stride, n_tok), n_tok, y,
+          y_stride);
+      break;
+    case DType::kBF16:
+      MatMulFloat<hwy::bfloat16_t>(
+          wb, n_in, r0, r1,
+          PrepareActs(MmPrepSpec{MmPrep::kBF16, MmLayout::kNatural, false, 0}, n_in, xb, xa_stride, n_tok), n_tok, y,
+          y_stride);
+      break;
+#if MOE_MATMUL_VNNI
+    case DType::kQ8_0:
+      MatMulInt<KernQ8_0, MmRow32Vnni>(MmPrepSpec{MmPrep::kQ8_0, MmLayout::kNatural, true, 128},
+                                       wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
+      break;
+    case DType::kQ4_0:
+      MatMulInt<KernQ4_0, MmRow32Vnni>(MmPrepSpec{MmPrep::kQ8_0, MmLayout::kNatural, true, 8}, wb,
+                                       n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
+      break;
+    case DType::kQ4_K:
+      MatMulInt<KernQ4_K, MmRowKVnni>(MmPrepSpec{MmPrep::kQ8_K, MmLayout::kNatural, true, 0}, wb,
+                                      n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
+      break;
+    case DType::kQ6_K:
+      MatMulInt<KernQ6_K, MmRowKVnni>(MmPrepSpec{MmPrep::kQ8_K, MmLayout::kNatural, true, 0}, wb,
+                                      n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
+      break;
+#else
+    case DType::kQ8_0:
+      MatMulInt<KernQ8_0, MmRow32>(MmPrepSpec{MmPrep::kQ8_0, KernQ8_0::kLayout, false, 0}, wb,
+                                   n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
+      break;
+    case DType::kQ4_0:
+      MatMulInt<KernQ4_0, MmRow32>(MmPrepSpec{MmPrep::kQ8_0, KernQ4_0::kLayout, false, 0}, wb,
+                                   n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
+      break;
+    case DType::kQ4_K:
+      MatMulInt<KernQ4_K, MmRowK>(MmPrepSpec{MmPrep::kQ8_K, KernQ4_K::kLayout, false, 0}, wb,
+                                  n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
+      break;
+    case DType::kQ6_K:
+      MatMulInt<KernQ6_K, MmRowK>(MmPrepSpec{MmPrep::kQ8_K, KernQ6_K::kLayout, false, 0}, wb,
+                                  n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
+      break;
+#endif
+    default:
+      break;
+  }
+}
+
+}  // namespace HWY_NAMESPACE
+}  // namespace moe::kernels
+HWY_AFTER_NAMESPACE();
+
+#endif  // MOE_KERNELS_MATMUL_INL_H_

@@ -1,0 +1,143 @@
+// Scalar references for the vector, element-wise and product kernels of kernels.h, templated on
+// the element type T (float or double) so tests can run them in double. They follow the
+// mathematical definitions (theta = pos * base^(-2i/n_rot) by pow, exp in T, ...), not the
+// fast code's operation order, so agreement is a real check; tolerances belong to the tests.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <numeric>
+#include <vector>
+
+#include "kernels/ref/quant_ref.h"
+#include "tensor/dtype.h"
+
+namespace moe::kernels::ref {
+
+template <typename T>
+T Dot(const float* a, const float* b, int64_t n) {
+  T s = 0;
+  for (int64_t i = 0; i < n; ++i) s += static_cast<T>(a[i]) * static_cast<T>(b[i]);
+  return s;
+}
+
+// sum |a_i b_i|: the scale of the rounding error of any summation order.
+template <typename T>
+T AbsDot(const float* a, const float* b, int64_t n) {
+  T s = 0;
+  for (int64_t i = 0; i < n; ++i) s += std::abs(static_cast<T>(a[i]) * static_cast<T>(b[i]));
+  return s;
+}
+
+template <typename T>
+void Axpy(T a, const float* x, T* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += a * static_cast<T>(x[i]);
+}
+
+template <typename T>
+void Scale(T a, T* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] *= a;
+}
+
+template <typename T>
+void Add(const float* a, const float* b, T* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = static_cast<T>(a[i]) + static_cast<T>(b[i]);
+}
+
+// out[i] = x[i] / sqrt(mean(x^2) + eps) * (w ? w[i] : 1).
+template <typename T>
+void RmsNorm(const float* x, const float* w, int64_t n, T eps, T* out) {
+  T ss = 0;
+  for (int64_t i = 0; i < n; ++i) ss += static_cast<T>(x[i]) * static_cast<T>(x[i]);
+  const T scale = T(1) / std::sqrt(ss / static_cast<T>(n) + eps);
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = static_cast<T>(x[i]) * scale * (w ? static_cast<T>(w[i]) : T(1));
+  }
+}
+
+// Rotary embedding of x = [n_heads][head_dim] (in/out, in T) at position pos.
+template <typename T>
+void Rope(T* x, int n_heads, int head_dim, int n_rot, int pos, T freq_base, bool neox) {
+  const int half = n_rot / 2;
+  for (int h = 0; h < n_heads; ++h) {
+    T* xh = x + static_cast<int64_t>(h) * head_dim;
+    for (int i = 0; i < half; ++i) {
+      const T theta = static_cast<T>(pos) * std::pow(freq_base, T(-2) * i / n_rot);
+      const int i0 = neox ? i : 2 * i;
+      const int i1 = neox ? i + half : 2 * i + 1;
+      const T x0 = xh[i0], x1 = xh[i1];
+      xh[i0] = x0 * std::cos(theta) - x1 * std::sin(theta);
+      xh[i1] = x0 * std::sin(theta) + x1 * std::cos(theta);
+    }
+  }
+}
+
+template <typename T>
+void Softmax(const float* x, T* out, int64_t n) {
+  if (n <= 0) return;
+  T max = static_cast<T>(x[0]);
+  for (int64_t i = 1; i < n; ++i) max = std::max(max, static_cast<T>(x[i]));
+  T sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += out[i] = std::exp(static_cast<T>(x[i]) - max);
+  for (int64_t i = 0; i < n; ++i) out[i] /= sum;
+}
+
+template <typename T>
+void SiluMul(const float* gate, const float* up, T* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T g = static_cast<T>(gate[i]);
+    out[i] = g / (T(1) + std::exp(-g)) * static_cast<T>(up[i]);
+  }
+}
+
+// The k largest by a stable sort: descending value, ties by ascending index.
+inline std::vector<int> TopK(const float* x, int n, int k) {
+  std::vector<int> idx(n);
+  std::iota(idx.begin(), idx.end(), 0);
+  std::stable_sort(idx.begin(), idx.end(), [x](int a, int b) { return x[a] > x[b]; });
+  idx.resize(k);
+  return idx;
+}
+
+// ---- products ----
+
+struct DotResult {
+  double value;  // dot of the dequantized row and activation
+  double basis;  // sum over elements of the magnitudes that are rounded: the error scale
+};
+
+// Reference for one output of MatMul: dot(dequant(weight row), dequant(activation row)) in
+// double, where the activation is in VecDotType(w). basis is sum |w_i x_i|, except for q4_K,
+// whose two terms d*sc*q and dmin*m are summed separately and may cancel: there it is
+// sum (|d sc q| + |dmin m|) |x_i|.
+inline DotResult DotRow(DType w, const void* wrow, const void* xrow, int64_t n) {
+  std::vector<double> wd(n), xd(n);
+  DequantizeRow<double>(w, wrow, wd.data(), n);
+  DequantizeRow<double>(VecDotType(w), xrow, xd.data(), n);
+  DotResult r{0.0, 0.0};
+  for (int64_t i = 0; i < n; ++i) {
+    r.value += wd[i] * xd[i];
+    r.basis += std::abs(wd[i] * xd[i]);
+  }
+  if (w == DType::kQ4_K) {
+    r.basis = 0.0;
+    for (int64_t b = 0; b < n / kQK_K; ++b) {
+      const BlockQ4_K blk = LoadBlock<BlockQ4_K>(wrow, b);
+      const double d = HalfValue<double>(blk.d), dmin = HalfValue<double>(blk.dmin);
+      for (int j = 0; j < 8; ++j) {
+        uint8_t sc, m;
+        GetScaleMinK4(j, blk.scales, &sc, &m);
+        for (int l = 0; l < 32; ++l) {
+          const int64_t i = b * kQK_K + 32 * j + l;
+          const int q = (j & 1) ? blk.qs[32 * (j / 2) + l] >> 4 : blk.qs[32 * (j / 2) + l] & 0xF;
+          r.basis += (std::abs(d * sc * q) + std::abs(dmin * m)) * std::abs(xd[i]);
+        }
+      }
+    }
+  }
+  return r;
+}
+
+}  // namespace moe::kernels::ref

@@ -1,0 +1,121 @@
+// Forward-pass invariants that need no external oracle (llama.cpp conformance is in
+// tests/conformance): batched prefill equals token-by-token decode, thread count does not
+// change results beyond float reordering, and bad inputs give one-line errors.
+#include "model/forward.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <random>
+#include <string>
+
+#include "model/init.h"
+#include "util/error.h"
+
+namespace moe {
+namespace {
+
+std::string TmpDir() {
+  const char* env = std::getenv("MOE_TEST_TMP");
+  std::string d = env ? env : "/tmp/moe_test";
+  std::filesystem::create_directories(d);
+  return d;
+}
+
+std::string MakeModel(Arch arch, DType type, const std::string& name, uint32_t dim, uint32_t ffn,
+                      uint32_t heads, uint32_t kv_heads, uint32_t shared = 0) {
+  InitOptions o;
+  o.config.arch = arch;
+  o.config.n_layer = 3;
+  o.config.n_embd = dim;
+  o.config.n_ff_exp = ffn;
+  o.config.n_expert = 6;
+  o.config.n_expert_used = 2;
+  o.config.n_head = heads;
+  o.config.n_head_kv = kv_heads;
+  o.config.n_ff_shexp = shared;
+  o.config.n_vocab = 300;
+  o.config.n_ctx_train = 128;
+  o.type = type;
+  o.seed = 42;
+  const std::string path = TmpDir() + "/" + name + ".gguf";
+  InitRandomModel(o, path);
+  return path;
+}
+
+double MaxAbsDiff(const float* a, const float* b, size_t n) {
+  double m = 0;
+  for (size_t i = 0; i < n; ++i) m = std::max(m, std::fabs(static_cast<double>(a[i]) - b[i]));
+  return m;
+}
+
+void CheckPrefillEqualsDecode(const std::string& path, double tol) {
+  auto model = Model::Load(path);
+  const int V = static_cast<int>(model->config().n_vocab);
+  std::mt19937 rng(1);
+  std::vector<int32_t> toks(19);
+  for (auto& t : toks) t = static_cast<int32_t>(rng() % V);
+  ThreadPool pool(2);
+  Forward batch(*model, pool, 64, /*n_batch=*/8);  // 3 chunks: exercises chunking too
+  std::vector<float> all;
+  batch.Eval(toks.data(), static_cast<int>(toks.size()), true, &all);
+  ThreadPool pool1(1);
+  Forward step(*model, pool1, 64);
+  std::vector<float> one;
+  for (size_t i = 0; i < toks.size(); ++i) {
+    step.Eval(&toks[i], 1, false, &one);
+    ASSERT_LE(MaxAbsDiff(one.data(), &all[i * V], V), tol) << path << " position " << i;
+  }
+}
+
+TEST(Forward, PrefillEqualsDecodeAllArchitectures) {
+  CheckPrefillEqualsDecode(MakeModel(Arch::kLlama, DType::kF32, "fw_llama", 96, 80, 4, 2), 2e-4);
+  CheckPrefillEqualsDecode(MakeModel(Arch::kQwen2Moe, DType::kF32, "fw_qwen2", 64, 48, 4, 4, 40), 2e-4);
+  CheckPrefillEqualsDecode(MakeModel(Arch::kOlmoe, DType::kF32, "fw_olmoe", 64, 72, 2, 2), 2e-4);
+  CheckPrefillEqualsDecode(MakeModel(Arch::kQwen3Moe, DType::kF32, "fw_qwen3", 64, 64, 4, 2), 2e-4);
+}
+
+TEST(Forward, QuantizedPrefillEqualsDecode) {
+  // Quantized activations are computed per token, so batching must not change them at all
+  // beyond float summation order.
+  CheckPrefillEqualsDecode(MakeModel(Arch::kLlama, DType::kQ8_0, "fw_q8", 64, 96, 2, 2), 2e-3);
+  CheckPrefillEqualsDecode(MakeModel(Arch::kLlama, DType::kQ4_K, "fw_q4k", 256, 256, 4, 2), 2e-3);
+}
+
+TEST(Forward, BadTokenAndFullContextAreErrors) {
+  auto model = Model::Load(MakeModel(Arch::kLlama, DType::kF32, "fw_err", 64, 64, 2, 2));
+  ThreadPool pool(1);
+  Forward f(*model, pool, 4);
+  std::vector<float> logits;
+  int32_t bad = 300;
+  EXPECT_THROW(f.Eval(&bad, 1, false, &logits), Error);
+  int32_t toks[5] = {1, 2, 3, 4, 5};
+  EXPECT_THROW(f.Eval(toks, 5, false, &logits), Error);
+  f.Eval(toks, 4, false, &logits);
+  EXPECT_EQ(logits.size(), 300u);
+}
+
+TEST(Init, ImpossibleConfigsAreOneLineErrors) {
+  InitOptions o;
+  o.config.arch = Arch::kLlama;
+  o.config.n_layer = 1;
+  o.config.n_embd = 100;
+  o.config.n_ff_exp = 64;
+  o.config.n_expert = 4;
+  o.config.n_expert_used = 5;  // k > E
+  o.config.n_vocab = 50;
+  EXPECT_THROW(InitRandomModel(o, TmpDir() + "/bad.gguf"), Error);
+  o.config.n_expert_used = 2;
+  o.type = DType::kQ4_K;  // rows of 100 are not multiples of 256
+  try {
+    InitRandomModel(o, TmpDir() + "/bad.gguf");
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("multiples of 256"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace moe
