@@ -294,8 +294,8 @@ HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ6_K);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulRowTiles);
 
 // Single-thread decode (n_tok = 1) throughput in GB/s of weight bytes, through the dispatched
-// entry point. "hot": one 2816 x 1024 matrix again and again (it sits in L2/L3, like an expert
-// reused across steps); "cold": a set of copies larger than the last-level cache, cycled.
+// entry point. "hot": one 2816 x 1024 matrix again and again (L2/L3 resident, like an expert
+// reused across steps); "cold": 256 MB of copies cycled (streams from memory / remote cache).
 // Run: test_kernels --gtest_also_run_disabled_tests --gtest_filter='*DecodeBandwidth*'
 namespace {
 
@@ -333,24 +333,30 @@ TEST(MatMulBench, DISABLED_DecodeBandwidth) {
     test::RandomRow(rng, xt, n_in, x.data(), false);
     std::vector<float> y(rows);
     for (int cold = 0; cold < 2; ++cold) {
+      // Best of 5 runs of >= 0.2 s: the machine is shared, the best run is the kernel's speed.
       const int n_mats = cold ? copies : 1;
+      double best = 0, best_cpu_us = 0;
       int iters = 0;
-      const auto t0 = std::chrono::steady_clock::now();
-      const double c0 = ThreadCpuSeconds();
-      double secs = 0;
-      do {
-        MatMul(w, wbuf.data() + (iters % n_mats) * mat_bytes, n_in, 0, rows, x.data(), x.size(), 1,
-               y.data(), rows);
-        ++iters;
-        secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      } while (secs < 1.0);
-      const double cpu = ThreadCpuSeconds() - c0;
-      const double bytes = mat_bytes * static_cast<double>(iters);
-      // CPU time discounts other processes on a shared machine; wall time is the honest number
-      // on an idle one.
-      std::printf("%-5s %s: %7.2f GB/s wall, %7.2f GB/s cpu  (%.1f us per %zu KB matrix)\n",
-                  DTypeName(w), cold ? "cold" : "hot ", bytes / secs * 1e-9, bytes / cpu * 1e-9,
-                  cpu / iters * 1e6, mat_bytes >> 10);
+      for (int run = 0; run < 5; ++run) {
+        const auto t0 = std::chrono::steady_clock::now();
+        const double c0 = ThreadCpuSeconds();
+        double secs = 0;
+        int it = 0;
+        do {
+          MatMul(w, wbuf.data() + (iters % n_mats) * mat_bytes, n_in, 0, rows, x.data(),
+                 x.size(), 1, y.data(), rows);
+          ++it;
+          ++iters;
+          secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        } while (secs < 0.2);
+        const double gbs = mat_bytes * static_cast<double>(it) / secs * 1e-9;
+        if (gbs > best) {
+          best = gbs;
+          best_cpu_us = (ThreadCpuSeconds() - c0) / it * 1e6;
+        }
+      }
+      std::printf("%-5s %s: %7.2f GB/s  (%.1f us cpu per %zu KB matrix)\n", DTypeName(w),
+                  cold ? "cold" : "hot ", best, best_cpu_us, mat_bytes >> 10);
     }
   }
 }

@@ -49,7 +49,12 @@ Runner AddInspect(CLI::App& app) {
       return 0;
     }
     std::printf("%s: %s, %.2f MiB\n", path->c_str(), c.arch_name.c_str(), f.file_size() / 1048576.0);
-    for (auto& [k, v] : j["hparams"].items()) std::printf("  %-16s %s\n", k.c_str(), v.dump().c_str());
+    for (auto& [k, v] : j["hparams"].items()) {
+      if (v.is_number_float())
+        std::printf("  %-16s %g\n", k.c_str(), v.get<double>());
+      else
+        std::printf("  %-16s %s\n", k.c_str(), v.is_string() ? v.get<std::string>().c_str() : v.dump().c_str());
+    }
     std::printf("  %-16s %s\n", "tokenizer", model->tokenizer().model().c_str());
     std::printf("  %-16s %.3f MiB\n", "bytes/expert", model->BytesPerExpert() / 1048576.0);
     std::printf("  %-16s %.3f MiB (weights read per generated token)\n", "bytes/token",

@@ -137,6 +137,7 @@ int DoRun(const RunOptions& o) {
   const int n_decoded = static_cast<int>(generated.size()) > 1 ? static_cast<int>(generated.size()) - 1 : 0;
   if (!o.json) {
     std::printf("\n");
+    std::fflush(stdout);
     std::fprintf(stderr, "prefill: %zu tokens, %.1f tok/s; decode: %zu tokens, %.1f tok/s\n",
                  prompt.size(), prompt.size() / Seconds(t0, t1), generated.size(),
                  n_decoded ? n_decoded / Seconds(t1, t2) : 0.0);
