@@ -1,6 +1,6 @@
 // Compute kernels: plain API (no Highway include). Implementations live in *-inl.h / *.cc with
 // Highway dynamic dispatch (one HWY_DYNAMIC_DISPATCH per call; call them per row range or per
-// vector, never per element). Every kernel has a scalar reference in kernels/ref/ref.h.
+// vector, never per element). Every kernel has a scalar reference in kernels/ref/ (ops_ref.h, quant_ref.h).
 // Single-threaded: the caller partitions work over the thread pool. Kernels never throw.
 #pragma once
 

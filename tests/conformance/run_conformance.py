@@ -55,6 +55,7 @@ def case(name, kind, tol=None, prompts=None, steps=None, need=None, **init):
         "close": (None, (8, 24), 0, 0),
         "quant": (QUANT_TOL, (12, 40), 0, 0),
         "margin": (None, (1, 5, 17), 24, 16),
+        "text": (EXACT_TOL, (), 32, 32),
     }[kind]
     return dict(name=name, kind=kind, tol=tol if tol is not None else defaults[0],
                 prompts=prompts or defaults[1], steps=steps if steps is not None else defaults[2],
@@ -110,7 +111,27 @@ CASES = [
          plant_margin=30.0, embd_scale=4.0, seed=703),
     case("olmoe_q4_0_margin", "margin", arch="olmoe", layers=2, dim=256, ffn=512, experts=4,
          experts_used=2, heads=4, vocab=512, type="q4_0", plant_margin=30.0, embd_scale=4.0, seed=704),
+    # Text prompts through trained vocabularies: moe's tokenization must give llama.cpp's ids,
+    # then greedy decoding from them must agree as for the id-only models.
+    case("qwen2moe_text_bpe", "text", arch="qwen2moe", layers=3, dim=96, ffn=64, experts=6,
+         experts_used=2, shared_ffn=64, heads=4, kv_heads=2, seed=801, tokenizer="bpe_qwen2"),
+    case("llama_text_spm", "text", arch="llama", layers=3, dim=64, ffn=96, experts=4,
+         experts_used=2, heads=4, kv_heads=2, seed=802, tokenizer="spm"),
 ]
+
+TEXT_PROMPTS = ["The experts of a mixture route 1234567 tokens, don't they?",
+                "  Caf\u00e9 na\u00efve \u2014 \u4e2d\u6587 and emoji \U0001f642\tend",
+                "x"]
+_VOCAB_DIR = {}
+
+
+def vocab_path(tmp, name):
+    if "dir" not in _VOCAB_DIR:
+        d = os.path.join(tmp, "vocabs")
+        run_cmd([sys.executable, os.path.join(HERE, "..", "tokenizer", "make_vocab.py"), d],
+                "make_vocab.py", 300)
+        _VOCAB_DIR["dir"] = d
+    return os.path.join(_VOCAB_DIR["dir"], name + ".gguf")
 
 
 class CaseError(Exception):
@@ -207,13 +228,13 @@ def check_greedy(c, prompts, ref_results, moe, path):
                             (what, len(tops) if isinstance(tops, list) else tops, len(toks)))
         n = 0
         for i, (a, b) in enumerate(zip(ref["tokens"], toks)):
-            if c["kind"] == "exact":
+            if c["kind"] in ("exact", "text"):
                 worst = max(worst, top_diff(ref["top_logprobs"][i], tops[i], c["tol"],
                                             "%s step %d" % (what, i)))
             if a != b:
                 lp = [e["logprob"] for e in ref["top_logprobs"][i]]
                 margin = lp[0] - lp[1] if len(lp) > 1 else float("inf")
-                if c["kind"] == "exact" and margin < NEAR_TIE:
+                if c["kind"] in ("exact", "text") and margin < NEAR_TIE:
                     notes.append("prompt %d: near tie at step %d (margin %.1e)" % (pi, i, margin))
                     n = c["steps"]
                 else:
@@ -226,7 +247,7 @@ def check_greedy(c, prompts, ref_results, moe, path):
         if n < c["need"]:
             ok = False
     summary = "tokens %d/%d identical" % (same, total)
-    if c["kind"] == "exact":
+    if c["kind"] in ("exact", "text"):
         summary += ", max |dlogprob| %.2e" % worst
         ok = ok and worst <= c["tol"]
     return summary, ok, worst, notes
@@ -264,14 +285,32 @@ def teacher_verdict(c, d):
     return over <= max(1, int(0.05 * len(d))) and med <= c["tol"] / 4, text
 
 
+def run_text_case(moe, c, tmp, path):
+    ref_tok = oracle({"model": path, "threads": THREADS,
+                      "jobs": [{"mode": "tokenize", "texts": TEXT_PROMPTS}]})[0]
+    prompts = []
+    for text, ids in zip(TEXT_PROMPTS, ref_tok["tokens"]):
+        out = moe_json(moe, ["run", "-m", path, "-p", text, "-n", "0", "--json"], "moe run -p")
+        got = out.get("prompt_tokens")
+        # llama.cpp's tokenize() adds no BOS; moe run -p adds the vocabulary's BOS when its
+        # add_bos flag says so (checked against llama.cpp in tests/tokenizer).
+        if got != ids and got[1:] != ids:
+            raise CaseError("tokenization of %r differs: moe %s, llama.cpp %s" % (text, got, ids))
+        prompts.append(got)
+    return prompts
+
+
 def run_case(moe, c, tmp, verbose):
     path = os.path.join(tmp, c["name"] + ".gguf")
+    if c["kind"] == "text":
+        c = dict(c, init=dict(c["init"], tokenizer=vocab_path(tmp, c["init"]["tokenizer"])))
+        c["init"].pop("vocab", None)
     argv = moe_init(moe, c, path)
     if verbose:
         print("  " + " ".join(argv), flush=True)
-    prompts = prompt_ids(c)
+    prompts = run_text_case(moe, c, tmp, path) if c["kind"] == "text" else prompt_ids(c)
     jobs = []
-    greedy = c["kind"] in ("exact", "margin")
+    greedy = c["kind"] in ("exact", "margin", "text")
     teacher_prompts = [prompts[-1]] if c["kind"] == "exact" else ([] if greedy else prompts)
     if greedy:
         jobs += [{"mode": "greedy", "prompt_ids": p, "n_predict": c["steps"], "top_n": TOP_N}

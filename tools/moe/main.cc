@@ -22,7 +22,8 @@ int main(int argc, char** argv) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    return app.exit(e);
+    const int code = app.exit(e);  // prints help, or the flag error and a hint
+    return code == 0 ? 0 : 1;
   }
   try {
     for (auto& [sub, run] : cmds)
