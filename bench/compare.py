@@ -56,13 +56,18 @@ def main():
             print(f"making {path}", flush=True)
             subprocess.run([a.moe, "init", *MEDIUM, "--type", t, "--seed", "7", "-o", path], check=True)
         size = os.path.getsize(path)
-        res = {"moe": {"pp": [], "tg": [], "rss": []}, "llama": {"pp": [], "tg": []}}
+        res = {"moe": {"pp": [], "tg": [], "rss": []}, "llama": {"pp": [], "tg": []},
+               "unpinned": {"pp": [], "tg": []}}
         for r in range(a.rounds):
             m = run_json([a.moe, "bench", "-m", path, "-p", str(a.p), "-n", str(a.n), "-t", str(a.t),
                           "--seed", str(100 + r), "--json"])
             res["moe"]["pp"].append(m["prefill_tokens_per_s"])
             res["moe"]["tg"].append(m["decode_tokens_per_s"])
             res["moe"]["rss"].append(m["peak_rss_bytes"])
+            u = run_json(["env", "MOE_NO_PIN=1", a.moe, "bench", "-m", path, "-p", str(a.p), "-n", str(a.n),
+                          "-t", str(a.t), "--seed", str(100 + r), "--json"])
+            res["unpinned"]["pp"].append(u["prefill_tokens_per_s"])
+            res["unpinned"]["tg"].append(u["decode_tokens_per_s"])
             l = run_json(["node", os.path.join(ROOT, "bench", "llama_bench.mjs"), "-m", path, "-p", str(a.p),
                           "-n", str(a.n), "-t", str(a.t), "--seed", str(100 + r), "--decode", "random",
                           "--repeat", "1"])
@@ -85,6 +90,12 @@ def main():
         lines.append(f"| {t} | {size / 2**20:.0f} | {m['moe']['pp']:.1f} | {m['llama']['pp']:.1f} | "
                      f"{m['moe']['pp'] / m['llama']['pp']:.2f}x | {m['moe']['tg']:.1f} | {m['llama']['tg']:.1f} | "
                      f"{m['moe']['tg'] / m['llama']['tg']:.2f}x | {m['moe']['rss'] / 2**20:.0f} |")
+    lines += ["", "Thread pinning (same runs): moe.cpp's persistent pool with workers pinned to distinct CPUs "
+              "(default) vs the same pool left to the scheduler (`MOE_NO_PIN=1`).", "",
+              "| type | pinned prefill | unpinned prefill | pinned decode | unpinned decode |", "|---|---|---|---|---|"]
+    for t, size, m in rows:
+        lines.append(f"| {t} | {m['moe']['pp']:.1f} | {m['unpinned']['pp']:.1f} | {m['moe']['tg']:.1f} | "
+                     f"{m['unpinned']['tg']:.1f} |")
     section = "\n".join(lines) + "\n"
     print(section)
     header = "# Benchmark results\n\nEach section is one run of the command it names; newest first.\n\n"

@@ -11,9 +11,14 @@ namespace moe {
 
 namespace {
 
-// Rows of a weight matrix handed to a thread at a time: small enough to balance two threads
-// on decode, large enough that the dispatch and atomics are noise.
-constexpr int64_t kRowGrain = 32;
+// Rows of a weight matrix handed to a thread at a time. Decode (few tokens): small chunks
+// balance the threads. Prefill: each MatMul call re-packs its activation rows once, so chunks
+// grow until each thread gets about two, and the packing is amortised over many rows.
+int64_t RowGrain(int64_t rows, int64_t n_tok, int n_threads) {
+  if (n_tok <= 4) return 32;
+  const int64_t g = (rows + 2 * n_threads - 1) / (2 * n_threads);
+  return std::max<int64_t>(32, (g + 15) / 16 * 16);
+}
 
 float* F(std::vector<float>& v, size_t i) { return v.data() + i; }
 
@@ -58,7 +63,7 @@ void Forward::Linear(const TensorView& W, const float* x, int T, float* y) {
   } else {
     for (int t = 0; t < T; ++t) kernels::ConvertActivations(W.dtype, x + t * in, act_.data() + t * rb, in);
   }
-  pool_.ParallelFor(out, kRowGrain, [&](int64_t r0, int64_t r1, int) {
+  pool_.ParallelFor(out, RowGrain(out, T, pool_.size()), [&](int64_t r0, int64_t r1, int) {
     kernels::MatMul(W.dtype, W.data, in, r0, r1, act_.data(), rb, T, y + r0, out);
   });
 }
@@ -184,16 +189,17 @@ void Forward::MoeFfn(int il, int T) {
   // Work items: (expert, row chunk) over the active experts only.
   struct Item { int e; int64_t r0, r1; };
   std::vector<Item> items;
-  auto make_items = [&](int64_t rows, int64_t grain) {
+  auto make_items = [&](int64_t rows) {
     items.clear();
     for (int e = 0; e < X; ++e) {
       if (plan_.tokens_per_expert[e] == 0) continue;
+      const int64_t grain = RowGrain(rows, plan_.tokens_per_expert[e], pool_.size());
       for (int64_t r = 0; r < rows; r += grain) items.push_back({e, r, std::min(rows, r + grain)});
     }
   };
   g_.resize(static_cast<size_t>(S) * Fx);
   u_.resize(static_cast<size_t>(S) * Fx);
-  make_items(Fx, kRowGrain);
+  make_items(Fx);
   pool_.ParallelFor(static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e, int) {
     for (int64_t i = b; i < e; ++i) {
       const Item& it = items[i];
@@ -215,7 +221,7 @@ void Forward::MoeFfn(int il, int T) {
     }
   });
   y_.resize(static_cast<size_t>(S) * E);
-  make_items(E, kRowGrain);
+  make_items(E);
   pool_.ParallelFor(static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e, int) {
     for (int64_t i = b; i < e; ++i) {
       const Item& it = items[i];
