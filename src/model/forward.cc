@@ -187,28 +187,31 @@ void Forward::MoeFfn(int il, int T) {
   const size_t rbu_eff = same_up ? rbg : rbu;
 
   // Work items: (expert, row chunk) over the active experts only.
+  // One expert projection over the active experts: out[pos][rows] for the expert-sorted
+  // activation rows x (row bytes rb), split into (expert, row chunk) work items.
   struct Item { int e; int64_t r0, r1; };
   std::vector<Item> items;
-  auto make_items = [&](int64_t rows) {
+  auto expert_products = [&](int64_t rows, auto&& product) {
     items.clear();
     for (int e = 0; e < X; ++e) {
       if (plan_.tokens_per_expert[e] == 0) continue;
       const int64_t grain = RowGrain(rows, plan_.tokens_per_expert[e], pool_.size());
       for (int64_t r = 0; r < rows; r += grain) items.push_back({e, r, std::min(rows, r + grain)});
     }
+    pool_.ParallelFor(static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e, int) {
+      for (int64_t i = b; i < e; ++i) {
+        const Item& it = items[i];
+        product(it.e, plan_.expert_offsets[it.e], plan_.tokens_per_expert[it.e], it.r0, it.r1);
+      }
+    });
   };
   g_.resize(static_cast<size_t>(S) * Fx);
   u_.resize(static_cast<size_t>(S) * Fx);
-  make_items(Fx);
-  pool_.ParallelFor(static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e, int) {
-    for (int64_t i = b; i < e; ++i) {
-      const Item& it = items[i];
-      const int off = plan_.expert_offsets[it.e], n = plan_.tokens_per_expert[it.e];
-      kernels::MatMul(gt, L.gate_exps->Slab(it.e), E, it.r0, it.r1, xg_.data() + off * rbg, rbg, n,
-                      F(g_, static_cast<size_t>(off) * Fx + it.r0), Fx);
-      kernels::MatMul(ut, L.up_exps->Slab(it.e), E, it.r0, it.r1, xu + off * rbu_eff, rbu_eff, n,
-                      F(u_, static_cast<size_t>(off) * Fx + it.r0), Fx);
-    }
+  expert_products(Fx, [&](int e, int off, int n, int64_t r0, int64_t r1) {
+    kernels::MatMul(gt, L.gate_exps->Slab(e), E, r0, r1, xg_.data() + off * rbg, rbg, n,
+                    F(g_, static_cast<size_t>(off) * Fx + r0), Fx);
+    kernels::MatMul(ut, L.up_exps->Slab(e), E, r0, r1, xu + off * rbu_eff, rbu_eff, n,
+                    F(u_, static_cast<size_t>(off) * Fx + r0), Fx);
   });
   // SwiGLU, then convert for the down projection.
   const size_t rbd = kernels::ActivationRowBytes(dt, Fx);
@@ -221,14 +224,9 @@ void Forward::MoeFfn(int il, int T) {
     }
   });
   y_.resize(static_cast<size_t>(S) * E);
-  make_items(E);
-  pool_.ParallelFor(static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e, int) {
-    for (int64_t i = b; i < e; ++i) {
-      const Item& it = items[i];
-      const int off = plan_.expert_offsets[it.e], n = plan_.tokens_per_expert[it.e];
-      kernels::MatMul(dt, L.down_exps->Slab(it.e), Fx, it.r0, it.r1, aq_.data() + off * rbd, rbd, n,
-                      F(y_, static_cast<size_t>(off) * E + it.r0), E);
-    }
+  expert_products(E, [&](int e, int off, int n, int64_t r0, int64_t r1) {
+    kernels::MatMul(dt, L.down_exps->Slab(e), Fx, r0, r1, aq_.data() + off * rbd, rbd, n,
+                    F(y_, static_cast<size_t>(off) * E + r0), E);
   });
   // Combine in selection order (deterministic and independent of batch-mates).
   for (int t = 0; t < T; ++t) {
