@@ -178,7 +178,7 @@ template <typename T>
 void UnpermuteSlots(const RoutingPlan& plan, const T* sorted, int d, T* out);
 
 // Rows per GEMM call of the grouped path (see the batch-invariance note above).
-inline constexpr int kMoeRowBlock = 32;
+inline constexpr int kMoeRowBlock = 256;
 
 // Plain-struct statistics of one forward (the trainer reads it; JSON comes later).
 struct MoeTelemetry {

@@ -14,5 +14,6 @@ Runner AddInit(CLI::App& app);
 Runner AddInspect(CLI::App& app);
 Runner AddRun(CLI::App& app);
 Runner AddBench(CLI::App& app);
+Runner AddBenchLayer(CLI::App& app);
 
 }  // namespace moe::cli

@@ -19,6 +19,7 @@ int main(int argc, char** argv) {
   add("inspect", "show a model's architecture, tensors and bytes per token", moe::cli::AddInspect);
   add("run", "generate text (or token ids) from a model", moe::cli::AddRun);
   add("bench", "measure prefill and decode speed on random tokens", moe::cli::AddBench);
+  add("bench-layer", "time one MoE layer forward and backward", moe::cli::AddBenchLayer);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

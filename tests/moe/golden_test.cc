@@ -1,0 +1,367 @@
+// The trainable MoE layer (grouped path, double) against the independent PyTorch golden
+// tests/golden/moe_torch.py (format and math: docs/golden-format.md). For every configuration the
+// script generates its own inputs into a temp dir, runs its float64 autograd layer with L =
+// sum(y * G) + aux + z, and writes outputs and gradients; this test reads the same inputs, runs
+// MoeForward / MoeBackward with dy = G and compares everything the layer exposes: y, the losses,
+// logits, gating probabilities, the selection (ids, dropped flags, loads), the gate weights, the
+// bias update and every gradient.
+//
+// The script is the reference because it is written separately, from the math, in plain PyTorch
+// with autograd, and checks itself against central differences (ctest golden_torch_selftest).
+#include <gtest/gtest.h>
+#include <stdlib.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <set>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "moe/moe_layer.h"
+
+namespace moe {
+namespace {
+
+namespace fs = std::filesystem;
+
+constexpr const char* kPython = "/usr/bin/python3";  // Debian's python3-torch (pyenv lacks torch)
+
+// Both the layer and the golden are float64 with the same formulas up to summation order, so the
+// differences are a few ulps times the depth of the computation; 1e-10 of each array's max |value|
+// is far above that and far below any modelling error (the issue asks for at most 1e-5).
+constexpr double kRelTol = 1e-10;
+
+fs::path ScriptPath() {
+  // tests/moe/golden_test.cc -> tests/golden/moe_torch.py
+  return fs::path(__FILE__).parent_path().parent_path() / "golden" / "moe_torch.py";
+}
+
+std::string Quote(const std::string& s) { return "'" + s + "'"; }
+
+std::string ReadText(const fs::path& p) {
+  std::ifstream in(p);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+// Why a script call failed: a missing torch gets the setup hint, anything else the script's log.
+std::string ScriptFailure(const fs::path& log) {
+  const std::string probe = std::string(kPython) + " -c 'import torch' >/dev/null 2>&1";
+  if (std::system(probe.c_str()) != 0) {
+    return std::string(kPython) +
+           " cannot import torch (python3-torch is missing): run scripts/setup.sh";
+  }
+  return "moe_torch.py failed:\n" + ReadText(log);
+}
+
+// config.json is one flat object (json.dump, one key per line) of strings, numbers and booleans
+// without commas inside values, so a scan for "key": value pairs reads it.
+std::map<std::string, std::string> ReadFlatJson(const fs::path& p) {
+  const std::string s = ReadText(p);
+  std::map<std::string, std::string> out;
+  size_t i = 0;
+  while ((i = s.find('"', i)) != std::string::npos) {
+    const size_t key_end = s.find('"', i + 1);
+    const size_t colon = s.find(':', key_end);
+    if (key_end == std::string::npos || colon == std::string::npos) break;
+    const std::string key = s.substr(i + 1, key_end - i - 1);
+    size_t end = s.find_first_of(",}", colon);
+    std::string v = s.substr(colon + 1, end - colon - 1);
+    v.erase(0, v.find_first_not_of(" \n\t\""));
+    v.erase(v.find_last_not_of(" \n\t\"") + 1);
+    out[key] = v;
+    i = end;
+  }
+  return out;
+}
+
+struct GoldenConfig {
+  MoeLayerConfig layer;
+  int n_tokens = 0;
+  int seq_len = 0;
+  bool expert_choice = false;
+};
+
+// The script's complete config (every key present) -> the C++ layer's config. Fails on a key this
+// test does not know, so a new script feature cannot go untested silently.
+GoldenConfig ToLayerConfig(const std::map<std::string, std::string>& j) {
+  GoldenConfig g;
+  MoeLayerConfig& c = g.layer;
+  auto num = [&](const char* k) { return std::stod(j.at(k)); };
+  auto flag = [&](const char* k) { return j.at(k) == "true"; };
+  static const std::set<std::string> known = {
+      "router", "n_tokens", "n_embd", "n_ff_exp", "n_expert", "n_expert_used", "norm_topk",
+      "weights_scale", "n_group", "topk_group", "ec_capacity_factor", "capacity_factor",
+      "seq_len", "n_expert_shared", "n_ff_shexp", "shared_gate", "aux_loss_coef", "z_loss_coef",
+      "bias_update_rate", "seed"};
+  for (const auto& [k, v] : j) {
+    if (!known.count(k)) ADD_FAILURE() << "config.json key '" << k << "' is not mapped by this test";
+  }
+  const std::string& router = j.at("router");
+  g.expert_choice = router == "expert_choice";
+  c.router = router == "sigmoid_bias" ? MoeRouterKind::kSigmoidBias : MoeRouterKind::kSoftmaxTopK;
+  g.n_tokens = static_cast<int>(num("n_tokens"));
+  g.seq_len = static_cast<int>(num("seq_len"));
+  c.d_model = static_cast<int>(num("n_embd"));
+  c.d_ff = static_cast<int>(num("n_ff_exp"));
+  c.n_expert = static_cast<int>(num("n_expert"));
+  c.k = static_cast<int>(num("n_expert_used"));
+  c.norm_topk = flag("norm_topk");
+  c.weights_scale = num("weights_scale");
+  c.n_group = static_cast<int>(num("n_group"));
+  c.topk_group = static_cast<int>(num("topk_group"));
+  c.capacity_factor = num("capacity_factor");
+  c.n_shared = static_cast<int>(num("n_expert_shared"));
+  c.d_ff_shared = static_cast<int>(num("n_ff_shexp"));
+  c.shared_gate = flag("shared_gate");
+  c.aux_loss_coef = num("aux_loss_coef");
+  c.z_loss_coef = num("z_loss_coef");
+  c.bias_update_rate = num("bias_update_rate");
+  c.jitter_eps = 0.0;
+  return g;
+}
+
+// A raw little-endian float64 file of exactly n values (the exchange format has no header).
+std::vector<double> ReadBin(const fs::path& p, size_t n) {
+  std::ifstream in(p, std::ios::binary);
+  if (!in) {
+    ADD_FAILURE() << p << ": missing";
+    return std::vector<double>(n, 0.0);
+  }
+  std::vector<double> v(n);
+  in.read(reinterpret_cast<char*>(v.data()), static_cast<std::streamsize>(n * sizeof(double)));
+  const bool short_read = in.gcount() != static_cast<std::streamsize>(n * sizeof(double));
+  const bool extra = in.peek() != std::char_traits<char>::eof();
+  if (short_read || extra) ADD_FAILURE() << p << ": expected exactly " << n << " float64 values";
+  return v;
+}
+
+// One golden case: a preset name, or config overrides written as config.json (JSON text).
+struct Case {
+  std::string name;
+  std::string preset;     // --preset NAME, or empty
+  std::string overrides;  // config.json body when preset is empty
+};
+
+// Worst |got - want| over the array, relative to max |want|; records a failure above kRelTol.
+double CompareArray(const std::string& what, const std::vector<double>& got,
+                    const std::vector<double>& want) {
+  EXPECT_EQ(got.size(), want.size()) << what;
+  if (got.size() != want.size()) return INFINITY;
+  double scale = 0, worst = 0;
+  size_t at = 0;
+  for (double v : want) scale = std::max(scale, std::fabs(v));
+  for (size_t i = 0; i < got.size(); ++i) {
+    const double d = std::fabs(got[i] - want[i]);
+    if (!(d <= worst)) worst = d, at = i;  // also catches NaN
+  }
+  const double rel = scale > 0 ? worst / scale : worst;
+  EXPECT_LE(rel, kRelTol) << what << ": worst diff at [" << at << "]: C++ " << got[at]
+                          << " vs torch " << want[at] << " (array max |value| " << scale << ")";
+  return rel;
+}
+
+class GoldenTorch : public ::testing::TestWithParam<Case> {};
+
+TEST_P(GoldenTorch, ForwardBackwardMatch) {
+  const Case& tc = GetParam();
+  const char* env = std::getenv("MOE_TEST_TMP");
+  const fs::path base = env && *env ? fs::path(env) : fs::temp_directory_path();
+  fs::create_directories(base);
+  std::string templ = (base / ("golden_" + tc.name + "_XXXXXX")).string();
+  ASSERT_NE(mkdtemp(templ.data()), nullptr) << "mkdtemp under " << base;
+  const fs::path dir = templ;
+
+  std::string cmd = std::string(kPython) + " " + Quote(ScriptPath().string()) + " --dir " +
+                    Quote(dir.string());
+  if (!tc.preset.empty()) {
+    cmd += " --preset " + tc.preset;
+  } else {
+    std::ofstream(dir / "config.json") << tc.overrides;
+  }
+  const fs::path log = dir / "script.log";
+  cmd += " >" + Quote(log.string()) + " 2>&1";
+  ASSERT_EQ(std::system(cmd.c_str()), 0) << ScriptFailure(log);
+
+  const GoldenConfig g = ToLayerConfig(ReadFlatJson(dir / "config.json"));
+  ASSERT_FALSE(g.expert_choice) << "expert_choice is not in the C++ layer yet";
+  const MoeLayerConfig& cfg = g.layer;
+  const int T = g.n_tokens, D = cfg.d_model, E = cfg.n_expert, k = cfg.k;
+  auto in = [&](const char* name, size_t n) { return ReadBin(dir / (std::string(name) + ".bin"), n); };
+  auto out = [&](const std::string& name, size_t n) { return ReadBin(dir / (name + ".bin"), n); };
+
+  MoeWeights<double> w;
+  w.Resize(cfg);  // sizes every array; the files then fill them
+  const std::vector<double> x = in("x", static_cast<size_t>(T) * D);      // [T][D]
+  const std::vector<double> dy = in("G", static_cast<size_t>(T) * D);     // [T][D]
+  w.router = in("ffn_gate_inp", w.router.size());
+  w.gate_exps = in("ffn_gate_exps", w.gate_exps.size());
+  w.up_exps = in("ffn_up_exps", w.up_exps.size());
+  w.down_exps = in("ffn_down_exps", w.down_exps.size());
+  if (cfg.router == MoeRouterKind::kSigmoidBias) w.exp_probs_b = in("exp_probs_b", E);
+  if (cfg.n_shared > 0) {
+    w.gate_shexp = in("ffn_gate_shexp", w.gate_shexp.size());
+    w.up_shexp = in("ffn_up_shexp", w.up_shexp.size());
+    w.down_shexp = in("ffn_down_shexp", w.down_shexp.size());
+  }
+  if (cfg.shared_gate) w.gate_inp_shexp = in("ffn_gate_inp_shexp", D);
+  ASSERT_FALSE(HasFailure()) << "inputs in " << dir;
+
+  std::vector<double> y(static_cast<size_t>(T) * D), dx(y.size());
+  MoeCache<double> cache;
+  MoeForwardOptions opt;
+  opt.seq_len = g.seq_len;
+  MoeForward(cfg, w, x.data(), T, y.data(), &cache, opt);
+  MoeGrads<double> grads;
+  grads.Resize(cfg);
+  MoeBackward(cfg, w, cache, dy.data(), dx.data(), &grads);
+
+  // The selection first: if it differs, every later comparison is meaningless.
+  const size_t n_slots = static_cast<size_t>(T) * k;
+  const std::vector<double> ids = out("expert_ids", n_slots);
+  const double gap = out("selection_gap", 1)[0];
+  for (size_t s = 0; s < n_slots; ++s) {
+    ASSERT_EQ(cache.plan.expert_ids[s], static_cast<int32_t>(ids[s]))
+        << "expert id of token " << s / k << " slot " << s % k << " (smallest selection margin "
+        << gap << ")";
+  }
+  const std::vector<double> dropped = out("dropped", n_slots);
+  int64_t n_dropped = 0;
+  for (size_t s = 0; s < n_slots; ++s) {
+    EXPECT_EQ(cache.kept[s] == 0, dropped[s] != 0.0)
+        << "dropped flag of token " << s / k << " slot " << s % k;
+    n_dropped += dropped[s] != 0.0;
+  }
+  EXPECT_EQ(cache.n_dropped, n_dropped);
+  const std::vector<double> load = out("tokens_per_expert", E);
+  for (int e = 0; e < E; ++e) EXPECT_EQ(cache.plan.tokens_per_expert[e], load[e]) << "load of " << e;
+
+  std::vector<std::pair<std::string, double>> errors;
+  auto cmp = [&](const std::string& name, const std::vector<double>& got) {
+    errors.emplace_back(name, CompareArray(tc.name + ": " + name, got, out(name, got.size())));
+  };
+  cmp("y", y);
+  cmp("aux", {cache.aux_loss});
+  cmp("z", {cache.z_loss});
+  cmp("logits", cache.logits);
+  cmp("probs", cache.probs);
+  cmp("expert_weights", cache.gate_w);
+  if (cfg.router == MoeRouterKind::kSigmoidBias) {
+    MoeWeights<double> next = w;
+    UpdateBias(cfg, ComputeTelemetry(cfg, cache), &next);
+    cmp("exp_probs_b_next", next.exp_probs_b);
+  }
+  cmp("grad_x", dx);
+  cmp("grad_ffn_gate_inp", grads.router);
+  cmp("grad_ffn_gate_exps", grads.gate_exps);
+  cmp("grad_ffn_up_exps", grads.up_exps);
+  cmp("grad_ffn_down_exps", grads.down_exps);
+  if (cfg.n_shared > 0) {
+    cmp("grad_ffn_gate_shexp", grads.gate_shexp);
+    cmp("grad_ffn_up_shexp", grads.up_shexp);
+    cmp("grad_ffn_down_shexp", grads.down_shexp);
+  }
+  if (cfg.shared_gate) cmp("grad_ffn_gate_inp_shexp", grads.gate_inp_shexp);
+
+  const auto worst = *std::max_element(errors.begin(), errors.end(),
+                                       [](const auto& a, const auto& b) { return a.second < b.second; });
+  std::printf("golden %-26s dropped %3lld  worst relative error %.1e (%s)\n", tc.name.c_str(),
+              static_cast<long long>(n_dropped), worst.second, worst.first.c_str());
+  if (HasFailure()) {
+    std::printf("golden %s: files kept in %s\n", tc.name.c_str(), dir.c_str());
+  } else {
+    fs::remove_all(dir);
+  }
+}
+
+// The script's presets the C++ layer supports (all but expert_choice), plus written configs for
+// the combinations no preset covers: sigmoid without renormalisation, per-sequence capacity with
+// the sigmoid router, groups + gated shared experts + capacity at odd sizes, and large loss
+// coefficients so that errors in the aux / z gradients cannot hide under the output's gradient.
+const std::vector<Case>& Cases() {
+  static const std::vector<Case> cases = {
+      {"softmax_norm", "softmax_norm", ""},
+      {"softmax_nonorm", "softmax_nonorm", ""},
+      {"softmax_k1_scale", "softmax_k1_scale", ""},
+      {"sigmoid_bias", "sigmoid_bias", ""},
+      {"sigmoid_bias_group", "sigmoid_bias_group", ""},
+      {"shared_gated", "shared_gated", ""},
+      {"shared_plain", "shared_plain", ""},
+      {"capacity", "capacity", ""},
+      {"capacity_seq", "capacity_seq", ""},
+      {"capacity_sigmoid", "capacity_sigmoid", ""},
+      {"sigmoid_nonorm_capacity_seq", "",
+       R"({"router": "sigmoid_bias", "n_expert": 8, "n_expert_used": 2, "norm_topk": false,
+           "weights_scale": 1.3, "capacity_factor": 0.9, "seq_len": 6, "seed": 7})"},
+      {"group_shared_gated_capacity", "",
+       R"({"router": "sigmoid_bias", "n_tokens": 30, "n_embd": 13, "n_ff_exp": 7, "n_expert": 8,
+           "n_expert_used": 3, "n_group": 4, "topk_group": 2, "weights_scale": 2.5,
+           "capacity_factor": 1.0, "n_expert_shared": 2, "n_ff_shexp": 5, "shared_gate": true,
+           "seed": 3})"},
+      {"softmax_big_losses", "",
+       R"({"router": "softmax_topk", "n_tokens": 21, "n_embd": 11, "n_ff_exp": 9, "n_expert": 8,
+           "n_expert_used": 4, "norm_topk": true, "weights_scale": 0.7, "aux_loss_coef": 0.5,
+           "z_loss_coef": 0.3, "seed": 5})"},
+      {"sigmoid_big_losses_shared", "",
+       R"({"router": "sigmoid_bias", "n_tokens": 16, "n_embd": 9, "n_ff_exp": 6, "n_expert": 6,
+           "n_expert_used": 2, "aux_loss_coef": 0.5, "z_loss_coef": 0.3, "n_expert_shared": 1,
+           "n_ff_shexp": 4, "shared_gate": true, "capacity_factor": 0.7, "seed": 9})"},
+  };
+  return cases;
+}
+
+// Presets deliberately not compared, with the reason.
+const std::map<std::string, std::string>& SkippedPresets() {
+  static const std::map<std::string, std::string> skipped = {
+      {"expert_choice", "the C++ layer has no expert_choice router yet (issue 3 TODO)"},
+  };
+  return skipped;
+}
+
+INSTANTIATE_TEST_SUITE_P(Golden, GoldenTorch, ::testing::ValuesIn(Cases()),
+                         [](const ::testing::TestParamInfo<Case>& i) { return i.param.name; });
+
+// Every preset the script offers is either compared above or skipped with a reason, so a preset
+// added to the script later is not left out silently.
+TEST(GoldenTorchPresets, EveryPresetCovered) {
+  const std::string cmd = std::string(kPython) + " " + Quote(ScriptPath().string()) +
+                          " --list-presets 2>&1";
+  FILE* p = popen(cmd.c_str(), "r");
+  ASSERT_NE(p, nullptr);
+  std::string text;
+  char buf[512];
+  while (fgets(buf, sizeof buf, p)) text += buf;
+  const int rc = pclose(p);
+  if (rc != 0) {
+    const fs::path log = fs::temp_directory_path() / "moe_golden_list.log";
+    std::ofstream(log) << text;
+    FAIL() << ScriptFailure(log);
+  }
+  std::set<std::string> tested;
+  for (const Case& c : Cases()) tested.insert(c.preset);
+  std::istringstream lines(text);
+  std::string line;
+  int n = 0;
+  while (std::getline(lines, line)) {
+    const std::string name = line.substr(0, line.find(' '));
+    if (name.empty()) continue;
+    ++n;
+    const auto skip = SkippedPresets().find(name);
+    if (skip != SkippedPresets().end()) {
+      std::printf("golden preset %s skipped: %s\n", name.c_str(), skip->second.c_str());
+      continue;
+    }
+    EXPECT_TRUE(tested.count(name)) << "preset '" << name << "' is neither compared nor skipped";
+  }
+  EXPECT_GE(n, 1) << "no presets listed:\n" << text;
+}
+
+}  // namespace
+}  // namespace moe
