@@ -18,6 +18,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <ostream>
 #include <set>
 #include <sstream>
 #include <string>
@@ -61,10 +62,9 @@ std::string ScriptFailure(const fs::path& log) {
   return "moe_torch.py failed:\n" + ReadText(log);
 }
 
-// config.json is one flat object (json.dump, one key per line) of strings, numbers and booleans
-// without commas inside values, so a scan for "key": value pairs reads it.
-std::map<std::string, std::string> ReadFlatJson(const fs::path& p) {
-  const std::string s = ReadText(p);
+// The manifest's "config" is one flat object (json.dump, one key per line) of strings, numbers
+// and booleans without commas inside values, so a scan for "key": value pairs reads it.
+std::map<std::string, std::string> ReadFlatJson(const std::string& s) {
   std::map<std::string, std::string> out;
   size_t i = 0;
   while ((i = s.find('"', i)) != std::string::npos) {
@@ -102,7 +102,7 @@ GoldenConfig ToLayerConfig(const std::map<std::string, std::string>& j) {
       "seq_len", "n_expert_shared", "n_ff_shexp", "shared_gate", "aux_loss_coef", "z_loss_coef",
       "bias_update_rate", "seed"};
   for (const auto& [k, v] : j) {
-    if (!known.count(k)) ADD_FAILURE() << "config.json key '" << k << "' is not mapped by this test";
+    if (!known.count(k)) ADD_FAILURE() << "config key '" << k << "' is not mapped by this test";
   }
   const std::string& router = j.at("router");
   g.expert_choice = router == "expert_choice";
@@ -168,33 +168,72 @@ double CompareArray(const std::string& what, const std::vector<double>& got,
   return rel;
 }
 
-class GoldenTorch : public ::testing::TestWithParam<Case> {};
+// Cases() below: the presets and written configs, in one list for the suite and the driver.
+const std::vector<Case>& Cases();
+
+void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
+
+// Runs the script once for all cases before the first test: one python process (torch's import
+// costs about a second, a golden a fraction of that) driving the script's own command line,
+// moe_torch.main() with --dir DIR [--preset NAME] per case, so the test stays within seconds.
+class GoldenTorch : public ::testing::TestWithParam<Case> {
+ protected:
+  static void SetUpTestSuite() {
+    const char* env = std::getenv("MOE_TEST_TMP");
+    const fs::path root = env && *env ? fs::path(env) : fs::temp_directory_path();
+    fs::create_directories(root);
+    std::string templ = (root / "moe_golden_XXXXXX").string();
+    if (mkdtemp(templ.data()) == nullptr) {
+      setup_error_ = "mkdtemp failed under " + root.string();
+      return;
+    }
+    base_ = templ;
+    std::ofstream py(base_ / "driver.py");
+    py << "import sys\nsys.path.insert(0, \"" << ScriptPath().parent_path().string() << "\")\n"
+       << "import moe_torch\n";
+    for (const Case& c : Cases()) {
+      const fs::path dir = base_ / c.name;
+      fs::create_directories(dir);
+      // A written config: the script fills the missing keys with its defaults.
+      if (c.preset.empty()) std::ofstream(dir / "config.json") << c.overrides;
+      py << "sys.argv = [\"moe_torch.py\", \"--dir\", \"" << dir.string() << "\"";
+      if (!c.preset.empty()) py << ", \"--preset\", \"" << c.preset << "\"";
+      py << "]\nif moe_torch.main() != 0: sys.exit(1)\n";
+    }
+    py.close();
+    const fs::path log = base_ / "script.log";
+    const std::string cmd = std::string(kPython) + " " + Quote((base_ / "driver.py").string()) +
+                            " >" + Quote(log.string()) + " 2>&1";
+    if (std::system(cmd.c_str()) != 0) setup_error_ = ScriptFailure(log);
+  }
+  static void TearDownTestSuite() {
+    if (!any_failed_ && !base_.empty()) fs::remove_all(base_);
+    if (any_failed_) std::printf("golden: files kept in %s\n", base_.c_str());
+  }
+  void TearDown() override { any_failed_ |= HasFailure(); }
+
+  static inline fs::path base_;
+  static inline std::string setup_error_;
+  static inline bool any_failed_ = false;
+};
 
 TEST_P(GoldenTorch, ForwardBackwardMatch) {
   const Case& tc = GetParam();
-  const char* env = std::getenv("MOE_TEST_TMP");
-  const fs::path base = env && *env ? fs::path(env) : fs::temp_directory_path();
-  fs::create_directories(base);
-  std::string templ = (base / ("golden_" + tc.name + "_XXXXXX")).string();
-  ASSERT_NE(mkdtemp(templ.data()), nullptr) << "mkdtemp under " << base;
-  const fs::path dir = templ;
+  ASSERT_TRUE(setup_error_.empty()) << setup_error_;
+  const fs::path dir = base_ / tc.name;
+  // manifest.json holds the complete config (defaults filled in) as a flat "config" object.
+  const std::string manifest = ReadText(dir / "manifest.json");
+  const size_t at = manifest.find("\"config\"");
+  ASSERT_NE(at, std::string::npos) << dir / "manifest.json" << " has no config";
+  const size_t open = manifest.find('{', at), close = manifest.find('}', open);
 
-  std::string cmd = std::string(kPython) + " " + Quote(ScriptPath().string()) + " --dir " +
-                    Quote(dir.string());
-  if (!tc.preset.empty()) {
-    cmd += " --preset " + tc.preset;
-  } else {
-    std::ofstream(dir / "config.json") << tc.overrides;
-  }
-  const fs::path log = dir / "script.log";
-  cmd += " >" + Quote(log.string()) + " 2>&1";
-  ASSERT_EQ(std::system(cmd.c_str()), 0) << ScriptFailure(log);
-
-  const GoldenConfig g = ToLayerConfig(ReadFlatJson(dir / "config.json"));
+  const GoldenConfig g = ToLayerConfig(ReadFlatJson(manifest.substr(open, close - open + 1)));
   ASSERT_FALSE(g.expert_choice) << "expert_choice is not in the C++ layer yet";
   const MoeLayerConfig& cfg = g.layer;
   const int T = g.n_tokens, D = cfg.d_model, E = cfg.n_expert, k = cfg.k;
-  auto in = [&](const char* name, size_t n) { return ReadBin(dir / (std::string(name) + ".bin"), n); };
+  auto in = [&](const char* name, size_t n) {
+    return ReadBin(dir / (std::string(name) + ".bin"), n);
+  };
   auto out = [&](const std::string& name, size_t n) { return ReadBin(dir / (name + ".bin"), n); };
 
   MoeWeights<double> w;
@@ -241,7 +280,9 @@ TEST_P(GoldenTorch, ForwardBackwardMatch) {
   }
   EXPECT_EQ(cache.n_dropped, n_dropped);
   const std::vector<double> load = out("tokens_per_expert", E);
-  for (int e = 0; e < E; ++e) EXPECT_EQ(cache.plan.tokens_per_expert[e], load[e]) << "load of " << e;
+  for (int e = 0; e < E; ++e) {
+    EXPECT_EQ(cache.plan.tokens_per_expert[e], load[e]) << "load of expert " << e;
+  }
 
   std::vector<std::pair<std::string, double>> errors;
   auto cmp = [&](const std::string& name, const std::vector<double>& got) {
@@ -270,15 +311,10 @@ TEST_P(GoldenTorch, ForwardBackwardMatch) {
   }
   if (cfg.shared_gate) cmp("grad_ffn_gate_inp_shexp", grads.gate_inp_shexp);
 
-  const auto worst = *std::max_element(errors.begin(), errors.end(),
-                                       [](const auto& a, const auto& b) { return a.second < b.second; });
+  auto by_error = [](const auto& a, const auto& b) { return a.second < b.second; };
+  const auto worst = *std::max_element(errors.begin(), errors.end(), by_error);
   std::printf("golden %-26s dropped %3lld  worst relative error %.1e (%s)\n", tc.name.c_str(),
               static_cast<long long>(n_dropped), worst.second, worst.first.c_str());
-  if (HasFailure()) {
-    std::printf("golden %s: files kept in %s\n", tc.name.c_str(), dir.c_str());
-  } else {
-    fs::remove_all(dir);
-  }
 }
 
 // The script's presets the C++ layer supports (all but expert_choice), plus written configs for
