@@ -20,11 +20,6 @@ namespace moe::cli {
 
 namespace {
 
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.size() % 2 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
-}
-
 void Fill(std::vector<float>& v, float scale, std::mt19937_64& rng) {
   std::normal_distribution<float> nd(0.0f, scale);
   for (float& x : v) x = nd(rng);

@@ -226,13 +226,9 @@ Runner AddBench(CLI::App& app) {
       pp.push_back(o->n_prompt / Seconds(t0, t1));
       tg.push_back(o->n_gen / Seconds(t1, t2));
     }
-    auto median = [](std::vector<double> v) {
-      std::sort(v.begin(), v.end());
-      return v.size() % 2 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
-    };
     nlohmann::json j;
-    j["prefill_tokens_per_s"] = median(pp);
-    j["decode_tokens_per_s"] = median(tg);
+    j["prefill_tokens_per_s"] = Median(pp);
+    j["decode_tokens_per_s"] = Median(tg);
     j["n_prompt"] = o->n_prompt;
     j["n_gen"] = o->n_gen;
     j["threads"] = pool.size();
@@ -241,7 +237,7 @@ Runner AddBench(CLI::App& app) {
       std::printf("%s\n", j.dump().c_str());
     } else {
       std::printf("prefill %d tokens: %.1f tok/s\ndecode %d tokens: %.1f tok/s\nthreads: %d\n",
-                  o->n_prompt, median(pp), o->n_gen, median(tg), pool.size());
+                  o->n_prompt, Median(pp), o->n_gen, Median(tg), pool.size());
     }
     return 0;
   };

@@ -2,13 +2,21 @@
 // text) and returns a runner. Runners throw moe::Error for user errors.
 #pragma once
 
+#include <algorithm>
 #include <functional>
+#include <vector>
 
 #include <CLI/CLI.hpp>
 
 namespace moe::cli {
 
 using Runner = std::function<int()>;
+
+// Median of timing samples (benchmarks report medians over repeats).
+inline double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.size() % 2 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
+}
 
 Runner AddInit(CLI::App& app);
 Runner AddInspect(CLI::App& app);
