@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""The moe CLI contract: exit codes, one-line errors, and the JSON fields tools rely on.
+
+Bad input (corrupt file, wrong flag, impossible config) must give one line on stderr and a
+non-zero exit (2 for bad input, 1 for a bad flag), never a crash. JSON outputs must carry the
+fields of the issue's contract, with values consistent with the model (checked against
+`moe inspect --json` and the file itself).
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+MOE = sys.argv[1] if len(sys.argv) > 1 else os.environ["MOE_CLI"]
+failures = []
+passed = 0
+
+
+def run(*args):
+    return subprocess.run([MOE, *args], capture_output=True, text=True, timeout=120)
+
+
+def check(name, cond, detail=""):
+    global passed
+    if cond:
+        passed += 1
+    else:
+        failures.append(name)
+        print("FAIL %s %s" % (name, detail))
+
+
+def expect_error(name, args, code, needle):
+    p = run(*args)
+    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    check(name, p.returncode == code and len(lines) >= 1 and needle in p.stderr
+          and (code != 2 or (len(lines) == 1 and lines[0].startswith("moe: error: "))),
+          "rc=%d stderr=%r" % (p.returncode, p.stderr[:300]))
+
+
+with tempfile.TemporaryDirectory() as d:
+    m = os.path.join(d, "m.gguf")
+    p = run("init", "--arch", "qwen2moe", "--layers", "2", "--dim", "64", "--ffn", "32",
+            "--experts", "4", "--experts-used", "2", "--shared-ffn", "48", "--heads", "4",
+            "--kv-heads", "2", "--vocab", "200", "--seed", "5", "-o", m)
+    check("init", p.returncode == 0, p.stderr)
+
+    info = json.loads(run("inspect", m, "--json").stdout)
+    hp = info["hparams"]
+    check("inspect hparams", (info["architecture"], hp["n_layer"], hp["n_embd"], hp["n_expert"],
+                              hp["n_expert_used"], hp["n_ff_exp"], hp["n_ff_shexp"], hp["n_vocab"])
+          == ("qwen2moe", 2, 64, 4, 2, 32, 48, 200), str(hp))
+    check("inspect sizes", info["file_size"] == os.path.getsize(m)
+          and sum(t["bytes"] for t in info["tensors"]) == info["tensor_bytes"])
+    # bytes/expert: gate + up + down of one expert in f32
+    check("inspect bytes_per_expert", info["bytes_per_expert"] == 3 * 64 * 32 * 4, str(info["bytes_per_expert"]))
+
+    out = json.loads(run("run", "-m", m, "--prompt-ids", "3,1,4,1,5", "-n", "6", "--temp", "0",
+                         "--json", "--top-logprobs", "4", "--ignore-eos").stdout)
+    keys = {"prompt_tokens", "tokens", "text", "top_logprobs", "prefill_tokens_per_s",
+            "decode_tokens_per_s", "peak_rss_bytes"}
+    check("run json keys", keys <= out.keys(), str(out.keys()))
+    check("run json values", out["prompt_tokens"] == [3, 1, 4, 1, 5] and len(out["tokens"]) == 6
+          and len(out["top_logprobs"]) == 6 and all(len(t) == 4 for t in out["top_logprobs"]))
+    # greedy: each generated token is the top entry of its distribution; logprobs descend, < 0
+    check("run greedy = top logprob", all(t == tl[0]["id"] for t, tl in zip(out["tokens"], out["top_logprobs"])))
+    check("run logprobs sorted", all(tl[i]["logprob"] >= tl[i + 1]["logprob"] and tl[i]["logprob"] < 0
+                                     for tl in out["top_logprobs"] for i in range(3)))
+    # same seed, same sampled tokens; temperature sampling stays in the vocabulary
+    a = json.loads(run("run", "-m", m, "--prompt-ids", "7", "-n", "8", "--seed", "9", "--json", "--ignore-eos").stdout)
+    b = json.loads(run("run", "-m", m, "--prompt-ids", "7", "-n", "8", "--seed", "9", "--json", "--ignore-eos").stdout)
+    check("run seeded sampling", a["tokens"] == b["tokens"] and all(0 <= t < 200 for t in a["tokens"]))
+    bench = json.loads(run("bench", "-m", m, "-p", "8", "-n", "4", "--json").stdout)
+    check("bench json", bench["prefill_tokens_per_s"] > 0 and bench["decode_tokens_per_s"] > 0)
+    layer = json.loads(run("bench-layer", "--router", "sigmoid_bias", "--tokens", "40", "--dim", "24",
+                           "--ffn", "16", "--experts", "4", "--experts-used", "2", "--json").stdout)
+    check("bench-layer json", layer["forward_ms"] > 0 and layer["forward_backward_ms"] >= layer["forward_ms"])
+
+    data = open(m, "rb").read()
+    trunc = os.path.join(d, "trunc.gguf")
+    open(trunc, "wb").write(data[: len(data) // 2])
+    expect_error("truncated file", ["run", "-m", trunc, "--prompt-ids", "1"], 2, "truncated")
+    flipped = os.path.join(d, "flip.gguf")
+    open(flipped, "wb").write(b"GGUX" + data[4:])
+    expect_error("bad magic", ["inspect", flipped], 2, "not a GGUF file")
+    expect_error("missing file", ["inspect", os.path.join(d, "nope.gguf")], 2, "cannot open")
+    expect_error("no vocabulary", ["run", "-m", m, "-p", "hello"], 2, "--prompt-ids")
+    expect_error("bad ids", ["run", "-m", m, "--prompt-ids", "1,,2"], 2, "not a token id")
+    expect_error("id out of range", ["run", "-m", m, "--prompt-ids", "200"], 2, "out of range")
+    expect_error("unknown flag", ["run", "-m", m, "--prompt-ids", "1", "--frobnicate"], 1, "frobnicate")
+    expect_error("unknown arch", ["init", "--arch", "gpt9", "--layers", "1", "--dim", "32", "--ffn", "32",
+                                  "--experts", "2", "--experts-used", "1", "-o", os.path.join(d, "x.gguf")], 2, "gpt9")
+    expect_error("k > E", ["init", "--arch", "llama", "--layers", "1", "--dim", "32", "--ffn", "32",
+                           "--experts", "2", "--experts-used", "3", "-o", os.path.join(d, "x.gguf")], 2, "expert_used_count")
+    expect_error("quant block", ["init", "--arch", "llama", "--layers", "1", "--dim", "96", "--ffn", "64",
+                                 "--experts", "2", "--experts-used", "1", "--type", "q4_K",
+                                 "-o", os.path.join(d, "x.gguf")], 2, "multiples of 256")
+    expect_error("bad type", ["init", "--arch", "llama", "--layers", "1", "--dim", "32", "--ffn", "32",
+                              "--experts", "2", "--experts-used", "1", "--type", "q3_K",
+                              "-o", os.path.join(d, "x.gguf")], 2, "q3_K")
+    expect_error("training-only router", ["bench-layer", "--router", "expert_choice", "--tokens", "8"], 2,
+                 "expert_choice")
+
+print("%d passed, %d failed" % (passed, len(failures)))
+sys.exit(1 if failures else 0)
