@@ -108,7 +108,8 @@ void ParallelOver(ThreadPool* pool, int n, const std::function<void(int)>& fn) {
 template <typename T>
 void Gating(MoeRouterKind kind, const T* logits, int e_count, T* probs, T* bprobs) {
   switch (kind) {
-    case MoeRouterKind::kSoftmaxTopK: {
+    case MoeRouterKind::kSoftmaxTopK:
+    case MoeRouterKind::kExpertChoice: {
       T mx = logits[0];
       for (int e = 1; e < e_count; ++e) mx = std::max(mx, logits[e]);
       T sum = 0;
@@ -130,6 +131,11 @@ void Gating(MoeRouterKind kind, const T* logits, int e_count, T* probs, T* bprob
 template <typename T>
 void SelectExperts(const MoeLayerConfig& cfg, const T* probs, const T* bias, int32_t* ids) {
   const int E = cfg.n_expert;
+  if (cfg.router == MoeRouterKind::kExpertChoice) {
+    // Slot j is expert j; whether it is used is the experts' choice (ExpertChoiceKept).
+    for (int j = 0; j < E; ++j) ids[j] = j;
+    return;
+  }
   std::vector<T> score(probs, probs + E);
   if (cfg.router == MoeRouterKind::kSigmoidBias && bias != nullptr) {
     for (int e = 0; e < E; ++e) score[e] += bias[e];
@@ -199,6 +205,32 @@ void ApplyCapacity(const MoeLayerConfig& cfg, int n_tokens, int seq_len,
   }
 }
 
+// Expert choice: expert e keeps slot (t, e) for its c best tokens by probs[t][e] (ties to the lower
+// token index); every other slot is marked not kept. probs [T][E].
+template <typename T>
+void ExpertChoiceKept(const MoeLayerConfig& cfg, int n_tokens, const std::vector<T>& probs,
+                      std::vector<uint8_t>* kept) {
+  const int E = cfg.n_expert;
+  kept->assign(static_cast<size_t>(n_tokens) * E, 0);
+  if (n_tokens == 0) return;
+  const int64_t cap = internal::ExpertChoiceCapacity(cfg, n_tokens);
+  std::vector<int32_t> order(n_tokens);
+  for (int e = 0; e < E; ++e) {
+    for (int t = 0; t < n_tokens; ++t) order[t] = t;
+    auto better = [&](int32_t a, int32_t b) {
+      const T pa = probs[static_cast<size_t>(a) * E + e], pb = probs[static_cast<size_t>(b) * E + e];
+      return pa > pb || (pa == pb && a < b);
+    };
+    std::partial_sort(order.begin(), order.begin() + cap, order.end(), better);
+    for (int64_t r = 0; r < cap; ++r) (*kept)[static_cast<size_t>(order[r]) * E + e] = 1;
+  }
+}
+
+// The aux loss is a token-choice balance term; expert choice is balanced by construction.
+double AuxCoef(const MoeLayerConfig& cfg) {
+  return cfg.router == MoeRouterKind::kExpertChoice ? 0.0 : cfg.aux_loss_coef;
+}
+
 }  // namespace
 
 // ---- shared bookkeeping ---------------------------------------------------------------------
@@ -207,9 +239,17 @@ void ValidateMoeConfig(const MoeLayerConfig& c) {
   if (c.d_model <= 0 || c.d_ff <= 0) Fail("MoE layer: d_model (%d) and d_ff (%d) must be > 0", c.d_model, c.d_ff);
   if (c.n_expert <= 0) Fail("MoE layer: n_expert is %d: set at least 1 expert", c.n_expert);
   if (c.k < 1 || c.k > c.n_expert) Fail("MoE layer: k = %d must be in [1, n_expert = %d]", c.k, c.n_expert);
-  if (c.router != MoeRouterKind::kSoftmaxTopK && c.router != MoeRouterKind::kSigmoidBias) {
-    Fail("MoE layer: router kind %d is not implemented yet: use softmax_topk or sigmoid_bias",
+  if (c.router != MoeRouterKind::kSoftmaxTopK && c.router != MoeRouterKind::kSigmoidBias &&
+      c.router != MoeRouterKind::kExpertChoice) {
+    Fail("MoE layer: router kind %d is not implemented yet: use softmax_topk, sigmoid_bias or expert_choice",
          static_cast<int>(c.router));
+  }
+  if (c.router == MoeRouterKind::kExpertChoice) {
+    if (c.k != c.n_expert) Fail("MoE layer: expert_choice needs k = n_expert (%d), got k = %d: one slot per expert, kept when the expert picks the token", c.n_expert, c.k);
+    if (c.capacity_factor != 0.0) Fail("MoE layer: expert_choice sets its capacity with ec_capacity_factor: set capacity_factor = 0 (got %g)", c.capacity_factor);
+    if (!(c.ec_capacity_factor > 0)) Fail("MoE layer: ec_capacity_factor = %g must be > 0", c.ec_capacity_factor);
+    if (c.norm_topk) Fail("MoE layer: expert_choice weights are the token's probabilities: set norm_topk = false");
+    if (c.n_group > 1) Fail("MoE layer: expert_choice has no group-limited selection: set n_group = 0");
   }
   if (c.n_group > 1) {
     if (c.n_expert % c.n_group != 0) Fail("MoE layer: n_expert = %d is not a multiple of n_group = %d", c.n_expert, c.n_group);
@@ -276,6 +316,11 @@ void CheckWeights(const MoeLayerConfig& c, const MoeWeights<T>& w) {
   check("ffn_up_shexp", w.up_shexp.size(), want.up_shexp.size());
   check("ffn_down_shexp", w.down_shexp.size(), want.down_shexp.size());
   check("ffn_gate_inp_shexp", w.gate_inp_shexp.size(), want.gate_inp_shexp.size());
+}
+
+int64_t ExpertChoiceCapacity(const MoeLayerConfig& c, int n_tokens) {
+  const auto cap = static_cast<int64_t>(std::floor(n_tokens * c.ec_capacity_factor / c.n_expert));
+  return std::min<int64_t>(n_tokens, std::max<int64_t>(1, cap));
 }
 
 int64_t ExpertCapacity(const MoeLayerConfig& c, int n_tokens, int seq_len) {
@@ -346,6 +391,9 @@ void MoeForward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const T* x, i
   if (opt.seq_len > 0 && n_tokens % opt.seq_len != 0) {
     Fail("MoE layer: %d tokens are not whole sequences of seq_len = %d", n_tokens, opt.seq_len);
   }
+  if (cfg.router == MoeRouterKind::kExpertChoice && opt.seq_len > 0) {
+    Fail("MoE layer: expert_choice chooses over the whole batch: set seq_len = 0 (got %d)", opt.seq_len);
+  }
   MoeCache<T>& c = *cache;
   std::vector<int32_t> fixed_ids;
   std::vector<uint8_t> fixed_kept;
@@ -393,8 +441,9 @@ void MoeForward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const T* x, i
     else std::copy(&fixed_ids[rk], &fixed_ids[rk] + K, &c.plan.expert_ids[rk]);
     GateWeights(cfg, &c.probs[re], &c.plan.expert_ids[rk], &c.gate_w[rk]);
   }
-  if (fixed == nullptr) ApplyCapacity(cfg, n_tokens, opt.seq_len, c.plan.expert_ids, &c.kept);
-  else c.kept = fixed_kept;
+  if (fixed != nullptr) c.kept = fixed_kept;
+  else if (cfg.router == MoeRouterKind::kExpertChoice) ExpertChoiceKept(cfg, n_tokens, c.probs, &c.kept);
+  else ApplyCapacity(cfg, n_tokens, opt.seq_len, c.plan.expert_ids, &c.kept);
   internal::FinishRouting(cfg, n_tokens, &c);
 
   // Losses.
@@ -415,7 +464,7 @@ void MoeForward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const T* x, i
     double aux = 0.0;
     const double n_slots = static_cast<double>(n_tokens) * K;
     for (int e = 0; e < E; ++e) aux += (f[e] / n_slots) * (pm[e] / n_tokens);
-    c.aux_loss = n_tokens > 0 ? cfg.aux_loss_coef * E * aux : 0.0;
+    c.aux_loss = n_tokens > 0 ? AuxCoef(cfg) * E * aux : 0.0;
     c.z_loss = n_tokens > 0 ? cfg.z_loss_coef * z / n_tokens : 0.0;
   }
 
@@ -578,10 +627,11 @@ void MoeBackward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const MoeCac
     } else {
       for (int j = 0; j < K; ++j) dp[ids[j]] += scale * dw[j];
     }
-    for (int e = 0; e < E; ++e) dbp[e] = static_cast<T>(cfg.aux_loss_coef * E * f[e] / n);
+    for (int e = 0; e < E; ++e) dbp[e] = static_cast<T>(AuxCoef(cfg) * E * f[e] / n);
     T* dl = &dlogits[static_cast<size_t>(t) * E];
     switch (cfg.router) {
-      case MoeRouterKind::kSoftmaxTopK: {
+      case MoeRouterKind::kSoftmaxTopK:
+      case MoeRouterKind::kExpertChoice: {
         T dot = 0;
         for (int e = 0; e < E; ++e) dot += p[e] * (dp[e] + dbp[e]);
         for (int e = 0; e < E; ++e) dl[e] = p[e] * (dp[e] + dbp[e] - dot);

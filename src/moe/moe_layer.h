@@ -2,7 +2,7 @@
 // balance losses, exact backward and telemetry, for T in {float, double}.
 //
 // TODO (later work, not done here):
-//   - routers kExpertChoice, kHash, kTopP (+ its entropy regulariser), null experts (AdaMoE),
+//   - routers kHash, kTopP (+ its entropy regulariser), null experts (AdaMoE),
 //     zero-computation experts and gating residuals (MoE++), fine-grained expert helpers;
 //   - balance-loss scope across gradient-accumulation steps (global batch); today: the call's batch;
 //   - ToJson of MoeTelemetry (the lead wires nlohmann_json), selection by name in ModelConfig;
@@ -36,7 +36,15 @@ class ThreadPool;
 enum class MoeRouterKind {
   kSoftmaxTopK,  // softmax over E, top-k, optional renormalisation (Switch, GShard, Mixtral, Qwen)
   kSigmoidBias,  // sigmoid scores + selection-only bias, DeepSeek-V3 (aux-loss-free balancing)
-  // Later: kExpertChoice, kHash, kTopP.
+  // Expert choice (Zhou et al. 2022), training only (it looks at the whole batch): p = softmax
+  // over experts per token; expert e takes the c = clamp(floor(T * ec_capacity_factor / E), 1, T)
+  // tokens with the largest p[.][e] (ties to the lower token index); weight = p[t][e] *
+  // weights_scale; a token gets 0..E experts. Represented with k = n_expert slots per token, slot
+  // j of token t being expert j, kept when e chose t (the cache's `kept`), so the token-choice
+  // backward applies unchanged. No aux loss (its loss term is 0), no norm_topk, no groups, no
+  // token-choice capacity_factor, no per-sequence scope.
+  kExpertChoice,
+  // Later: kHash, kTopP.
 };
 
 struct MoeLayerConfig {
@@ -66,6 +74,9 @@ struct MoeLayerConfig {
   // capacity scope (the batch, or each sequence: MoeForwardOptions::seq_len); overflow slots are
   // dropped in token order and contribute nothing (the residual outside the layer carries them).
   double capacity_factor = 0.0;
+  // kExpertChoice: tokens per expert c = floor(n_tokens * ec_capacity_factor / E), clipped to
+  // [1, n_tokens].
+  double ec_capacity_factor = 2.0;
   // Loss terms added to the layer's reported loss, with exact gradients:
   //   aux = aux_loss_coef * E * sum_i f_i P_i (Switch; f_i = share of routed slots, no gradient;
   //         P_i = mean over tokens of the router probability of i: softmax probabilities, or for

@@ -15,6 +15,9 @@ void CheckWeights(const MoeLayerConfig& cfg, const MoeWeights<T>& w);
 template <typename T>
 void FinishRouting(const MoeLayerConfig& cfg, int n_tokens, MoeCache<T>* cache);
 
+// kExpertChoice: tokens per expert, clamp(floor(n_tokens * ec_capacity_factor / E), 1, n_tokens).
+int64_t ExpertChoiceCapacity(const MoeLayerConfig& cfg, int n_tokens);
+
 // Capacity per scope (slots per expert), or -1 for dropless.
 int64_t ExpertCapacity(const MoeLayerConfig& cfg, int n_tokens, int seq_len);
 

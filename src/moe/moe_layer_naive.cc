@@ -35,7 +35,7 @@ TokenRoute<T> RouteOne(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const 
     for (int d = 0; d < D; ++d) a += w.router[static_cast<size_t>(e) * D + d] * (noise_t ? xt[d] * noise_t[d] : xt[d]);
     r.logits[e] = a;
   }
-  if (cfg.router == MoeRouterKind::kSoftmaxTopK) {
+  if (cfg.router != MoeRouterKind::kSigmoidBias) {  // softmax_topk, expert_choice
     const T mx = *std::max_element(r.logits.begin(), r.logits.end());
     T s = 0;
     for (int e = 0; e < E; ++e) s += std::exp(r.logits[e] - mx);
@@ -54,6 +54,11 @@ template <typename T>
 std::vector<int32_t> SelectOne(const MoeLayerConfig& cfg, const MoeWeights<T>& w,
                                const std::vector<T>& probs) {
   const int E = cfg.n_expert;
+  if (cfg.router == MoeRouterKind::kExpertChoice) {
+    std::vector<int32_t> all(E);  // slot j = expert j; the experts decide which slots are used
+    for (int e = 0; e < E; ++e) all[e] = e;
+    return all;
+  }
   std::vector<T> score = probs;
   if (cfg.router == MoeRouterKind::kSigmoidBias && !w.exp_probs_b.empty()) {
     for (int e = 0; e < E; ++e) score[e] += w.exp_probs_b[e];
@@ -152,6 +157,9 @@ void MoeForwardNaive(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const T*
   if (fixed != nullptr && fixed->n_tokens != n_tokens) {
     Fail("MoE layer: the fixed routing was made for %d tokens, this call has %d", fixed->n_tokens, n_tokens);
   }
+  if (cfg.router == MoeRouterKind::kExpertChoice && opt.seq_len > 0) {
+    Fail("MoE layer: expert_choice chooses over the whole batch: set seq_len = 0 (got %d)", opt.seq_len);
+  }
   MoeCache<T> c;  // built apart so that cache may be the fixed routing itself
   c.n_tokens = n_tokens;
   c.x.assign(x, x + nd);
@@ -193,6 +201,19 @@ void MoeForwardNaive(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const T*
   c.kept.assign(c.plan.expert_ids.size(), 1);
   if (fixed != nullptr) {
     c.kept = fixed->kept;
+  } else if (cfg.router == MoeRouterKind::kExpertChoice) {
+    // Each expert ranks all tokens by its probability (stable: ties to the lower token) and keeps
+    // the slot (t, e) of its first c.
+    std::fill(c.kept.begin(), c.kept.end(), 0);
+    const int64_t cap = n_tokens > 0 ? internal::ExpertChoiceCapacity(cfg, n_tokens) : 0;
+    for (int e = 0; e < E; ++e) {
+      std::vector<int> tokens(n_tokens);
+      for (int t = 0; t < n_tokens; ++t) tokens[t] = t;
+      std::stable_sort(tokens.begin(), tokens.end(), [&](int a, int b) {
+        return c.probs[static_cast<size_t>(a) * E + e] > c.probs[static_cast<size_t>(b) * E + e];
+      });
+      for (int64_t r = 0; r < cap; ++r) c.kept[static_cast<size_t>(tokens[r]) * K + e] = 1;
+    }
   } else if (cfg.capacity_factor > 0) {
     const int64_t cap = internal::ExpertCapacity(cfg, n_tokens, opt.seq_len);
     const int scope = opt.seq_len > 0 ? opt.seq_len : std::max(n_tokens, 1);
@@ -210,7 +231,9 @@ void MoeForwardNaive(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const T*
   internal::FinishRouting(cfg, n_tokens, &c);
   double aux = 0.0;
   for (int e = 0; e < E; ++e) aux += load[e] / (static_cast<double>(n_tokens) * K) * pmean[e];
-  c.aux_loss = n_tokens > 0 ? cfg.aux_loss_coef * E * aux : 0.0;
+  // Expert choice has no balance loss (balanced by construction).
+  const double aux_coef = cfg.router == MoeRouterKind::kExpertChoice ? 0.0 : cfg.aux_loss_coef;
+  c.aux_loss = n_tokens > 0 ? aux_coef * E * aux : 0.0;
   c.z_loss = n_tokens > 0 ? cfg.z_loss_coef * z / n_tokens : 0.0;
 
   std::vector<T> o(D), sh(D);
@@ -252,6 +275,7 @@ void MoeBackwardNaive(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const M
   const int D = cfg.d_model, F = cfg.d_ff, E = cfg.n_expert, K = cfg.k, n = c.n_tokens;
   std::vector<double> frac(E, 0.0);
   for (int32_t id : c.plan.expert_ids) frac[id] += 1.0 / (static_cast<double>(n) * K);
+  const double aux_coef = cfg.router == MoeRouterKind::kExpertChoice ? 0.0 : cfg.aux_loss_coef;
   std::vector<T> o(D), sh(D), dxt(D), dxr(D);
   for (int t = 0; t < n; ++t) {
     const T* xt = &c.x[static_cast<size_t>(t) * D];
@@ -291,8 +315,8 @@ void MoeBackwardNaive(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const M
       }
     }
     for (int e = 0; e < E; ++e) {
-      const T dbp = static_cast<T>(cfg.aux_loss_coef * E * frac[e] / n);
-      if (cfg.router == MoeRouterKind::kSoftmaxTopK) {
+      const T dbp = static_cast<T>(aux_coef * E * frac[e] / n);
+      if (cfg.router != MoeRouterKind::kSigmoidBias) {
         dp[e] += dbp;
       } else {
         // bprobs_e = s_e / sum s: d bprobs_e / d s_i = (delta_ei - bprobs_e) / sum s.
@@ -303,7 +327,7 @@ void MoeBackwardNaive(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const M
     }
     // Probabilities -> logits (full Jacobian for the softmax).
     for (int e = 0; e < E; ++e) {
-      if (cfg.router == MoeRouterKind::kSoftmaxTopK) {
+      if (cfg.router != MoeRouterKind::kSigmoidBias) {
         for (int i = 0; i < E; ++i) {
           dl[i] += dp[e] * r.probs[e] * ((i == e ? T(1) : T(0)) - r.probs[i]);
         }

@@ -106,7 +106,9 @@ GoldenConfig ToLayerConfig(const std::map<std::string, std::string>& j) {
   }
   const std::string& router = j.at("router");
   g.expert_choice = router == "expert_choice";
-  c.router = router == "sigmoid_bias" ? MoeRouterKind::kSigmoidBias : MoeRouterKind::kSoftmaxTopK;
+  c.router = router == "sigmoid_bias"    ? MoeRouterKind::kSigmoidBias
+             : g.expert_choice ? MoeRouterKind::kExpertChoice
+                               : MoeRouterKind::kSoftmaxTopK;
   g.n_tokens = static_cast<int>(num("n_tokens"));
   g.seq_len = static_cast<int>(num("seq_len"));
   c.d_model = static_cast<int>(num("n_embd"));
@@ -118,6 +120,13 @@ GoldenConfig ToLayerConfig(const std::map<std::string, std::string>& j) {
   c.n_group = static_cast<int>(num("n_group"));
   c.topk_group = static_cast<int>(num("topk_group"));
   c.capacity_factor = num("capacity_factor");
+  c.ec_capacity_factor = num("ec_capacity_factor");
+  // The script ignores n_expert_used and norm_topk for expert_choice; the layer holds one slot
+  // per expert and rejects norm_topk there.
+  if (g.expert_choice) {
+    c.k = c.n_expert;
+    c.norm_topk = false;
+  }
   c.n_shared = static_cast<int>(num("n_expert_shared"));
   c.d_ff_shared = static_cast<int>(num("n_ff_shexp"));
   c.shared_gate = flag("shared_gate");
@@ -228,7 +237,6 @@ TEST_P(GoldenTorch, ForwardBackwardMatch) {
   const size_t open = manifest.find('{', at), close = manifest.find('}', open);
 
   const GoldenConfig g = ToLayerConfig(ReadFlatJson(manifest.substr(open, close - open + 1)));
-  ASSERT_FALSE(g.expert_choice) << "expert_choice is not in the C++ layer yet";
   const MoeLayerConfig& cfg = g.layer;
   const int T = g.n_tokens, D = cfg.d_model, E = cfg.n_expert, k = cfg.k;
   auto in = [&](const char* name, size_t n) {
@@ -264,36 +272,58 @@ TEST_P(GoldenTorch, ForwardBackwardMatch) {
 
   // The selection first: if it differs, every later comparison is meaningless.
   const size_t n_slots = static_cast<size_t>(T) * k;
-  const std::vector<double> ids = out("expert_ids", n_slots);
-  const double gap = out("selection_gap", 1)[0];
-  for (size_t s = 0; s < n_slots; ++s) {
-    ASSERT_EQ(cache.plan.expert_ids[s], static_cast<int32_t>(ids[s]))
-        << "expert id of token " << s / k << " slot " << s % k << " (smallest selection margin "
-        << gap << ")";
-  }
-  const std::vector<double> dropped = out("dropped", n_slots);
-  int64_t n_dropped = 0;
-  for (size_t s = 0; s < n_slots; ++s) {
-    EXPECT_EQ(cache.kept[s] == 0, dropped[s] != 0.0)
-        << "dropped flag of token " << s / k << " slot " << s % k;
-    n_dropped += dropped[s] != 0.0;
-  }
-  EXPECT_EQ(cache.n_dropped, n_dropped);
-  const std::vector<double> load = out("tokens_per_expert", E);
-  for (int e = 0; e < E; ++e) {
-    EXPECT_EQ(cache.plan.tokens_per_expert[e], load[e]) << "load of expert " << e;
-  }
-
   std::vector<std::pair<std::string, double>> errors;
   auto cmp = [&](const std::string& name, const std::vector<double>& got) {
     errors.emplace_back(name, CompareArray(tc.name + ": " + name, got, out(name, got.size())));
   };
+  int64_t n_dropped = 0;
+  if (g.expert_choice) {
+    // ec_tokens [E][c]: expert e's tokens; slot (t, e) of the layer is kept exactly for those.
+    const int cap =
+        std::min(T, std::max(1, static_cast<int>(std::floor(T * cfg.ec_capacity_factor / E))));
+    const std::vector<double> ec = out("ec_tokens", static_cast<size_t>(E) * cap);
+    const double gap = out("selection_gap", 1)[0];
+    std::vector<uint8_t> want(n_slots, 0);
+    for (int e = 0; e < E; ++e) {
+      for (int r = 0; r < cap; ++r) {
+        const auto t = static_cast<size_t>(ec[static_cast<size_t>(e) * cap + r]);
+        want[t * E + e] = 1;
+      }
+    }
+    for (size_t s = 0; s < n_slots; ++s) {
+      ASSERT_EQ(cache.plan.expert_ids[s], static_cast<int32_t>(s % E));
+      ASSERT_EQ(cache.kept[s], want[s]) << "expert " << s % E << " choosing token " << s / E
+                                        << " (smallest selection margin " << gap << ")";
+    }
+    std::vector<double> combine(n_slots, 0.0);  // [T][E]
+    for (size_t s = 0; s < n_slots; ++s) combine[s] = cache.kept[s] ? cache.gate_w[s] : 0.0;
+    cmp("combine", combine);
+  } else {
+    const std::vector<double> ids = out("expert_ids", n_slots);
+    const double gap = out("selection_gap", 1)[0];
+    for (size_t s = 0; s < n_slots; ++s) {
+      ASSERT_EQ(cache.plan.expert_ids[s], static_cast<int32_t>(ids[s]))
+          << "expert id of token " << s / k << " slot " << s % k << " (smallest selection margin "
+          << gap << ")";
+    }
+    const std::vector<double> dropped = out("dropped", n_slots);
+    for (size_t s = 0; s < n_slots; ++s) {
+      EXPECT_EQ(cache.kept[s] == 0, dropped[s] != 0.0)
+          << "dropped flag of token " << s / k << " slot " << s % k;
+      n_dropped += dropped[s] != 0.0;
+    }
+    EXPECT_EQ(cache.n_dropped, n_dropped);
+    const std::vector<double> load = out("tokens_per_expert", E);
+    for (int e = 0; e < E; ++e) {
+      EXPECT_EQ(cache.plan.tokens_per_expert[e], load[e]) << "load of expert " << e;
+    }
+    cmp("expert_weights", cache.gate_w);
+  }
   cmp("y", y);
   cmp("aux", {cache.aux_loss});
   cmp("z", {cache.z_loss});
   cmp("logits", cache.logits);
   cmp("probs", cache.probs);
-  cmp("expert_weights", cache.gate_w);
   if (cfg.router == MoeRouterKind::kSigmoidBias) {
     MoeWeights<double> next = w;
     UpdateBias(cfg, ComputeTelemetry(cfg, cache), &next);
@@ -317,7 +347,7 @@ TEST_P(GoldenTorch, ForwardBackwardMatch) {
               static_cast<long long>(n_dropped), worst.second, worst.first.c_str());
 }
 
-// The script's presets the C++ layer supports (all but expert_choice), plus written configs for
+// The script's presets, plus written configs for
 // the combinations no preset covers: sigmoid without renormalisation, per-sequence capacity with
 // the sigmoid router, groups + gated shared experts + capacity at odd sizes, and large loss
 // coefficients so that errors in the aux / z gradients cannot hide under the output's gradient.
@@ -333,6 +363,11 @@ const std::vector<Case>& Cases() {
       {"capacity", "capacity", ""},
       {"capacity_seq", "capacity_seq", ""},
       {"capacity_sigmoid", "capacity_sigmoid", ""},
+      {"expert_choice", "expert_choice", ""},
+      {"expert_choice_shared_scaled", "",
+       R"({"router": "expert_choice", "n_tokens": 19, "n_expert": 6, "ec_capacity_factor": 1.3,
+           "weights_scale": 1.4, "n_expert_shared": 1, "n_ff_shexp": 5, "shared_gate": true,
+           "z_loss_coef": 0.3, "seed": 11})"},
       {"sigmoid_nonorm_capacity_seq", "",
        R"({"router": "sigmoid_bias", "n_expert": 8, "n_expert_used": 2, "norm_topk": false,
            "weights_scale": 1.3, "capacity_factor": 0.9, "seq_len": 6, "seed": 7})"},
@@ -356,7 +391,6 @@ const std::vector<Case>& Cases() {
 // Presets deliberately not compared, with the reason.
 const std::map<std::string, std::string>& SkippedPresets() {
   static const std::map<std::string, std::string> skipped = {
-      {"expert_choice", "the C++ layer has no expert_choice router yet (issue 3 TODO)"},
   };
   return skipped;
 }

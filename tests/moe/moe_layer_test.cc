@@ -229,6 +229,80 @@ void GroupedMatchesNaive(bool independent_routing) {
 TEST(MoeLayer, GroupedMatchesNaiveFloat) { GroupedMatchesNaive<float>(false); }
 TEST(MoeLayer, GroupedMatchesNaiveDouble) { GroupedMatchesNaive<double>(true); }
 
+// Expert choice: the grouped and the naive path agree, and the selection is each expert's top c
+// tokens by probability, checked against the definition on the naive cache.
+template <typename T>
+void ExpertChoiceGroupedMatchesNaive(bool independent_routing) {
+  const int n = 29;
+  struct EcCase { int E; double ecf; int n_shared; bool gate; double scale; };
+  for (const EcCase& ec : {EcCase{4, 2.0, 0, false, 1.0}, EcCase{8, 1.0, 2, true, 1.5},
+                           EcCase{6, 0.1, 1, false, 1.0}, EcCase{3, 5.0, 0, false, 0.7}}) {
+    MoeLayerConfig cfg = BaseConfig(13, 11, ec.E, ec.E);
+    cfg.router = MoeRouterKind::kExpertChoice;
+    cfg.ec_capacity_factor = ec.ecf;
+    cfg.n_shared = ec.n_shared;
+    cfg.d_ff_shared = 7;
+    cfg.shared_gate = ec.gate;
+    cfg.weights_scale = ec.scale;
+    cfg.aux_loss_coef = 0.1;  // must have no effect: expert choice has no aux loss
+    cfg.z_loss_coef = 0.01;
+    SCOPED_TRACE("E=" + std::to_string(ec.E) + " ecf=" + std::to_string(ec.ecf));
+    MoeWeights<T> w = RandomWeights<T>(cfg, 300 + ec.E);
+    std::mt19937_64 rng(ec.E * 17);
+    const size_t nd = static_cast<size_t>(n) * cfg.d_model;
+    std::vector<T> x = Randn<T>(nd, rng, 1.0), dy = Randn<T>(nd, rng, 1.0);
+    std::vector<T> y(nd), y_ref(nd), dx(nd), dx_ref(nd);
+    MoeCache<T> c, c_ref;
+    MoeForward(cfg, w, x.data(), n, y.data(), &c);
+    MoeForwardOptions ropt;
+    if (!independent_routing) ropt.fixed_routing = &c;
+    MoeForwardNaive(cfg, w, x.data(), n, y_ref.data(), &c_ref, ropt);
+    ASSERT_EQ(c.plan.expert_ids, c_ref.plan.expert_ids);
+    ASSERT_EQ(c.kept, c_ref.kept);
+    // The definition: c = clamp(floor(n * ecf / E), 1, n) tokens per expert, and no token left
+    // out has a larger probability for that expert than one taken.
+    const int cap = std::min(n, std::max(1, static_cast<int>(std::floor(n * ec.ecf / ec.E))));
+    for (int e = 0; e < ec.E; ++e) {
+      int taken = 0;
+      double worst_in = 1e300, best_out = -1e300;
+      for (int t = 0; t < n; ++t) {
+        const double p = c_ref.probs[static_cast<size_t>(t) * ec.E + e];
+        EXPECT_EQ(c_ref.plan.expert_ids[static_cast<size_t>(t) * ec.E + e], e);
+        if (c_ref.kept[static_cast<size_t>(t) * ec.E + e]) {
+          ++taken;
+          worst_in = std::min(worst_in, p);
+        } else {
+          best_out = std::max(best_out, p);
+        }
+      }
+      EXPECT_EQ(taken, cap) << "expert " << e;
+      EXPECT_GE(worst_in, best_out) << "expert " << e;
+    }
+    EXPECT_EQ(c.aux_loss, 0.0);
+    EXPECT_EQ(c_ref.aux_loss, 0.0);
+    const int terms = cfg.d_model + cfg.d_ff + n;
+    ExpectNear(y, y_ref, Tol(y_ref, terms), "y");
+    ExpectNear(c.gate_w, c_ref.gate_w, Tol(c_ref.gate_w, terms), "gate weights");
+    EXPECT_NEAR(c.z_loss, c_ref.z_loss, 1e3 * std::numeric_limits<T>::epsilon() * c_ref.z_loss);
+    MoeGrads<T> g, g_ref;
+    g.Resize(cfg);
+    g_ref.Resize(cfg);
+    MoeBackward(cfg, w, c, dy.data(), dx.data(), &g);
+    MoeBackwardNaive(cfg, w, c_ref, dy.data(), dx_ref.data(), &g_ref);
+    ExpectNear(dx, dx_ref, Tol(dx_ref, terms), "dx");
+    auto ga = GradArrays(g), gr = GradArrays(g_ref);
+    for (size_t a = 0; a < ga.size(); ++a) {
+      ExpectNear(*ga[a].second, *gr[a].second, Tol(*gr[a].second, terms), ga[a].first);
+      if (!gr[a].second->empty()) {
+        EXPECT_GT(MaxAbs(*gr[a].second), 0.0) << ga[a].first << " is all zero";
+      }
+    }
+  }
+}
+
+TEST(MoeLayer, ExpertChoiceGroupedMatchesNaiveFloat) { ExpertChoiceGroupedMatchesNaive<float>(false); }
+TEST(MoeLayer, ExpertChoiceGroupedMatchesNaiveDouble) { ExpertChoiceGroupedMatchesNaive<double>(true); }
+
 TEST(MoeLayer, ThreadPoolGivesTheSameBits) {
   MoeLayerConfig cfg = ConfigOf({8, 2, MoeRouterKind::kSoftmaxTopK, true, 1, true, 0.0, 0, 0});
   MoeWeights<float> w = RandomWeights<float>(cfg, 3);
@@ -708,6 +782,50 @@ TEST(MoeLayer, TelemetryMatchesCounts) {
   EXPECT_NEAR(tel.max_vio, (max_load - 100.0 / 6) / (100.0 / 6), 1e-12);
   EXPECT_NEAR(tel.router_entropy, entropy, 1e-5);
   EXPECT_NEAR(std::accumulate(tel.share.begin(), tel.share.end(), 0.0), 1.0, 1e-12);
+}
+
+TEST(MoeLayerGradCheck, ExpertChoiceScaledWithJitterAndSharedGate) {
+  MoeLayerConfig cfg = BaseConfig(6, 5, 4, 4);
+  cfg.router = MoeRouterKind::kExpertChoice;
+  cfg.ec_capacity_factor = 1.5;  // c = floor(11 * 1.5 / 4) = 4: some tokens get 0 experts, some 2+
+  cfg.weights_scale = 1.7;
+  cfg.jitter_eps = 0.1;
+  cfg.n_shared = 1;
+  cfg.d_ff_shared = 3;
+  cfg.shared_gate = true;
+  cfg.aux_loss_coef = 0.3;
+  cfg.z_loss_coef = 0.05;
+  CheckGradients(cfg, true);
+}
+
+TEST(MoeLayer, ExpertChoiceBadConfigsFailWithAMessage) {
+  MoeLayerConfig cfg = BaseConfig(4, 4, 4, 4);
+  cfg.router = MoeRouterKind::kExpertChoice;
+  EXPECT_NO_THROW(ValidateMoeConfig(cfg));
+  cfg.k = 2;  // slots are one per expert
+  EXPECT_THROW(ValidateMoeConfig(cfg), Error);
+  cfg.k = 4;
+  cfg.capacity_factor = 1.0;
+  EXPECT_THROW(ValidateMoeConfig(cfg), Error);
+  cfg.capacity_factor = 0.0;
+  cfg.norm_topk = true;
+  EXPECT_THROW(ValidateMoeConfig(cfg), Error);
+  cfg.norm_topk = false;
+  cfg.ec_capacity_factor = 0.0;
+  EXPECT_THROW(ValidateMoeConfig(cfg), Error);
+  cfg.ec_capacity_factor = 2.0;
+  cfg.n_group = 2;
+  cfg.topk_group = 1;
+  EXPECT_THROW(ValidateMoeConfig(cfg), Error);
+  cfg.n_group = 0;
+  MoeWeights<double> w;
+  w.Resize(cfg);
+  std::vector<double> x(8), y(8);
+  MoeCache<double> c;
+  MoeForwardOptions opt;
+  opt.seq_len = 1;  // expert choice needs the whole batch
+  EXPECT_THROW(MoeForward(cfg, w, x.data(), 2, y.data(), &c, opt), Error);
+  EXPECT_THROW(MoeForwardNaive(cfg, w, x.data(), 2, y.data(), &c, opt), Error);
 }
 
 TEST(MoeLayer, BadConfigsFailWithAMessage) {
