@@ -98,8 +98,12 @@ with tempfile.TemporaryDirectory() as d:
     expect_error("bad type", ["init", "--arch", "llama", "--layers", "1", "--dim", "32", "--ffn", "32",
                               "--experts", "2", "--experts-used", "1", "--type", "q3_K",
                               "-o", os.path.join(d, "x.gguf")], 2, "q3_K")
-    expect_error("training-only router", ["bench-layer", "--router", "expert_choice", "--tokens", "8"], 2,
-                 "expert_choice")
+    expect_error("unimplemented router", ["bench-layer", "--router", "hash", "--tokens", "8"], 2,
+                 "not implemented")
+    expect_error("unknown router", ["bench-layer", "--router", "magic", "--tokens", "8"], 2, "magic")
+    ec = json.loads(run("bench-layer", "--router", "expert_choice", "--tokens", "40", "--dim", "24",
+                        "--ffn", "16", "--experts", "4", "--json").stdout)
+    check("bench-layer expert_choice", ec["forward_backward_ms"] > 0)
 
 print("%d passed, %d failed" % (passed, len(failures)))
 sys.exit(1 if failures else 0)

@@ -36,7 +36,7 @@ Runner AddBenchLayer(CLI::App& app) {
     bool json = false;
   };
   auto o = std::make_shared<Options>();
-  app.add_option("--router", o->router, "softmax_topk or sigmoid_bias")->default_val("softmax_topk");
+  app.add_option("--router", o->router, "softmax_topk, sigmoid_bias or expert_choice")->default_val("softmax_topk");
   app.add_option("--tokens", o->tokens, "tokens in the batch")->default_val(4096);
   app.add_option("--dim", o->dim, "model width")->default_val(512);
   app.add_option("--ffn", o->ffn, "expert width")->default_val(1024);
@@ -55,16 +55,19 @@ Runner AddBenchLayer(CLI::App& app) {
     } else if (o->router == "sigmoid_bias") {
       cfg.router = MoeRouterKind::kSigmoidBias;
       cfg.norm_topk = true;
-    } else if (o->router == "expert_choice" || o->router == "hash" || o->router == "top_p") {
-      Fail("--router %s is not implemented yet (available: softmax_topk, sigmoid_bias)", o->router.c_str());
+    } else if (o->router == "expert_choice") {  // each expert takes its top-c tokens (c = T*2/E)
+      cfg.router = MoeRouterKind::kExpertChoice;
+    } else if (o->router == "hash" || o->router == "top_p") {
+      Fail("--router %s is not implemented yet (available: softmax_topk, sigmoid_bias, expert_choice)",
+           o->router.c_str());
     } else {
-      Fail("--router '%s' is unknown (use softmax_topk or sigmoid_bias)", o->router.c_str());
+      Fail("--router '%s' is unknown (use softmax_topk, sigmoid_bias or expert_choice)", o->router.c_str());
     }
     if (o->tokens < 1 || o->repeats < 1) Fail("--tokens and --repeats must be >= 1");
     cfg.d_model = o->dim;
     cfg.d_ff = o->ffn;
     cfg.n_expert = o->experts;
-    cfg.k = o->k;
+    cfg.k = cfg.router == MoeRouterKind::kExpertChoice ? o->experts : o->k;  // one slot per expert
     cfg.capacity_factor = o->capacity_factor;
     ValidateMoeConfig(cfg);
     ThreadPool pool(o->threads);
