@@ -17,6 +17,9 @@ import statistics
 import subprocess
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchutil import cpu_name  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEDIUM = ["--arch", "llama", "--layers", "8", "--dim", "1024", "--ffn", "2816", "--experts", "8",
           "--experts-used", "2", "--heads", "16", "--kv-heads", "8", "--vocab", "32000"]
@@ -27,14 +30,6 @@ def run_json(cmd):
     return json.loads(out.strip().splitlines()[-1])
 
 
-def cpu_name():
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def main():

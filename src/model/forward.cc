@@ -177,11 +177,11 @@ void Forward::MoeFfn(int il, int T) {
   for (int p = 0; p < S; ++p)
     std::memcpy(xg_.data() + p * rbg, act_.data() + (plan_.sorted_slots[p] / K) * rbg, rbg);
   if (!same_up) {
-    std::vector<uint8_t> tmp(rbu * T);
-    for (int t = 0; t < T; ++t) kernels::ConvertActivations(ut, F(h_, t * E), tmp.data() + t * rbu, E);
+    act2_.resize(rbu * T);
+    for (int t = 0; t < T; ++t) kernels::ConvertActivations(ut, F(h_, t * E), act2_.data() + t * rbu, E);
     xg2_.resize(rbu * S);
     for (int p = 0; p < S; ++p)
-      std::memcpy(xg2_.data() + p * rbu, tmp.data() + (plan_.sorted_slots[p] / K) * rbu, rbu);
+      std::memcpy(xg2_.data() + p * rbu, act2_.data() + (plan_.sorted_slots[p] / K) * rbu, rbu);
   }
   const uint8_t* xu = same_up ? xg_.data() : xg2_.data();
   const size_t rbu_eff = same_up ? rbg : rbu;

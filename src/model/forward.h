@@ -56,7 +56,8 @@ class Forward {
   std::vector<float> router_;   // [T][n_expert]
   std::vector<uint8_t> act_;    // converted activations (Linear)
   std::vector<uint8_t> xg_;     // [T*k] gathered expert inputs, converted
-  std::vector<uint8_t> xg2_;    // same for the up projection when its vec-dot type differs
+  std::vector<uint8_t> act2_;   // tokens converted for the up projection when its vec-dot type differs
+  std::vector<uint8_t> xg2_;    // same, gathered into expert order
   std::vector<float> g_;        // [T*k][n_ff_exp]
   std::vector<float> u_;        // [T*k][n_ff_exp]
   std::vector<uint8_t> aq_;     // [T*k] converted activations of the down projection
