@@ -226,135 +226,7 @@ void ExpertChoiceKept(const MoeLayerConfig& cfg, int n_tokens, const std::vector
   }
 }
 
-// The aux loss is a token-choice balance term; expert choice is balanced by construction.
-double AuxCoef(const MoeLayerConfig& cfg) {
-  return cfg.router == MoeRouterKind::kExpertChoice ? 0.0 : cfg.aux_loss_coef;
-}
-
 }  // namespace
-
-// ---- shared bookkeeping ---------------------------------------------------------------------
-
-void ValidateMoeConfig(const MoeLayerConfig& c) {
-  if (c.d_model <= 0 || c.d_ff <= 0) Fail("MoE layer: d_model (%d) and d_ff (%d) must be > 0", c.d_model, c.d_ff);
-  if (c.n_expert <= 0) Fail("MoE layer: n_expert is %d: set at least 1 expert", c.n_expert);
-  if (c.k < 1 || c.k > c.n_expert) Fail("MoE layer: k = %d must be in [1, n_expert = %d]", c.k, c.n_expert);
-  if (c.router != MoeRouterKind::kSoftmaxTopK && c.router != MoeRouterKind::kSigmoidBias &&
-      c.router != MoeRouterKind::kExpertChoice) {
-    Fail("MoE layer: router kind %d is not implemented yet: use softmax_topk, sigmoid_bias or expert_choice",
-         static_cast<int>(c.router));
-  }
-  if (c.router == MoeRouterKind::kExpertChoice) {
-    if (c.k != c.n_expert) Fail("MoE layer: expert_choice needs k = n_expert (%d), got k = %d: one slot per expert, kept when the expert picks the token", c.n_expert, c.k);
-    if (c.capacity_factor != 0.0) Fail("MoE layer: expert_choice sets its capacity with ec_capacity_factor: set capacity_factor = 0 (got %g)", c.capacity_factor);
-    if (!(c.ec_capacity_factor > 0)) Fail("MoE layer: ec_capacity_factor = %g must be > 0", c.ec_capacity_factor);
-    if (c.norm_topk) Fail("MoE layer: expert_choice weights are the token's probabilities: set norm_topk = false");
-    if (c.n_group > 1) Fail("MoE layer: expert_choice has no group-limited selection: set n_group = 0");
-  }
-  if (c.n_group > 1) {
-    if (c.n_expert % c.n_group != 0) Fail("MoE layer: n_expert = %d is not a multiple of n_group = %d", c.n_expert, c.n_group);
-    if (c.topk_group < 1 || c.topk_group > c.n_group) Fail("MoE layer: topk_group = %d must be in [1, n_group = %d]", c.topk_group, c.n_group);
-    if (c.topk_group * (c.n_expert / c.n_group) < c.k) Fail("MoE layer: topk_group = %d groups hold fewer than k = %d experts: raise topk_group", c.topk_group, c.k);
-  }
-  if (c.n_shared < 0 || (c.n_shared > 0 && c.d_ff_shared <= 0)) Fail("MoE layer: n_shared = %d needs d_ff_shared > 0 (got %d)", c.n_shared, c.d_ff_shared);
-  if (c.shared_gate && c.n_shared == 0) Fail("MoE layer: shared_gate is set but n_shared is 0");
-  if (c.capacity_factor < 0) Fail("MoE layer: capacity_factor = %g must be >= 0 (0 = dropless)", c.capacity_factor);
-  if (c.jitter_eps < 0 || c.jitter_eps >= 1) Fail("MoE layer: jitter_eps = %g must be in [0, 1)", c.jitter_eps);
-}
-
-template <typename T>
-void MoeWeights<T>::Resize(const MoeLayerConfig& c) {
-  const size_t D = c.d_model, F = c.d_ff, E = c.n_expert, S = c.n_shared, Fs = c.d_ff_shared;
-  router.assign(E * D, T(0));
-  gate_exps.assign(E * F * D, T(0));
-  up_exps.assign(E * F * D, T(0));
-  down_exps.assign(E * D * F, T(0));
-  exp_probs_b.assign(c.router == MoeRouterKind::kSigmoidBias ? E : 0, T(0));
-  gate_shexp.assign(S * Fs * D, T(0));
-  up_shexp.assign(S * Fs * D, T(0));
-  down_shexp.assign(S * D * Fs, T(0));
-  gate_inp_shexp.assign(c.shared_gate ? D : 0, T(0));
-}
-
-template <typename T>
-void MoeGrads<T>::Resize(const MoeLayerConfig& c) {
-  const size_t D = c.d_model, F = c.d_ff, E = c.n_expert, S = c.n_shared, Fs = c.d_ff_shared;
-  router.assign(E * D, T(0));
-  gate_exps.assign(E * F * D, T(0));
-  up_exps.assign(E * F * D, T(0));
-  down_exps.assign(E * D * F, T(0));
-  gate_shexp.assign(S * Fs * D, T(0));
-  up_shexp.assign(S * Fs * D, T(0));
-  down_shexp.assign(S * D * Fs, T(0));
-  gate_inp_shexp.assign(c.shared_gate ? D : 0, T(0));
-}
-
-template <typename T>
-void MoeGrads<T>::Zero() {
-  for (auto* v : {&router, &gate_exps, &up_exps, &down_exps, &gate_shexp, &up_shexp, &down_shexp,
-                  &gate_inp_shexp}) {
-    std::fill(v->begin(), v->end(), T(0));
-  }
-}
-
-namespace internal {
-
-template <typename T>
-void CheckWeights(const MoeLayerConfig& c, const MoeWeights<T>& w) {
-  ValidateMoeConfig(c);
-  MoeWeights<T> want;
-  want.Resize(c);
-  auto check = [](const char* name, size_t have, size_t need) {
-    if (have != need) Fail("MoE layer: weight '%s' has %zu values, the config needs %zu", name, have, need);
-  };
-  check("ffn_gate_inp", w.router.size(), want.router.size());
-  check("ffn_gate_exps", w.gate_exps.size(), want.gate_exps.size());
-  check("ffn_up_exps", w.up_exps.size(), want.up_exps.size());
-  check("ffn_down_exps", w.down_exps.size(), want.down_exps.size());
-  if (!w.exp_probs_b.empty()) check("exp_probs_b", w.exp_probs_b.size(), static_cast<size_t>(c.n_expert));
-  check("ffn_gate_shexp", w.gate_shexp.size(), want.gate_shexp.size());
-  check("ffn_up_shexp", w.up_shexp.size(), want.up_shexp.size());
-  check("ffn_down_shexp", w.down_shexp.size(), want.down_shexp.size());
-  check("ffn_gate_inp_shexp", w.gate_inp_shexp.size(), want.gate_inp_shexp.size());
-}
-
-int64_t ExpertChoiceCapacity(const MoeLayerConfig& c, int n_tokens) {
-  const auto cap = static_cast<int64_t>(std::floor(n_tokens * c.ec_capacity_factor / c.n_expert));
-  return std::min<int64_t>(n_tokens, std::max<int64_t>(1, cap));
-}
-
-int64_t ExpertCapacity(const MoeLayerConfig& c, int n_tokens, int seq_len) {
-  if (c.capacity_factor == 0.0) return -1;
-  const int scope = seq_len > 0 ? seq_len : n_tokens;
-  return static_cast<int64_t>(std::ceil(c.capacity_factor * scope * c.k / c.n_expert));
-}
-
-template <typename T>
-void FinishRouting(const MoeLayerConfig& c, int n_tokens, MoeCache<T>* cache) {
-  RoutingPlan& p = cache->plan;
-  const size_t n_slots = static_cast<size_t>(n_tokens) * c.k;
-  p.n_tokens = n_tokens;
-  p.n_expert = c.n_expert;
-  p.k = c.k;
-  p.weights.resize(n_slots);
-  for (size_t s = 0; s < n_slots; ++s) p.weights[s] = static_cast<float>(cache->gate_w[s]);
-  p.BuildGroups();
-  cache->kept_offsets.assign(c.n_expert + 1, 0);
-  cache->kept_slots.clear();
-  cache->slot_row.assign(n_slots, -1);
-  for (int e = 0; e < c.n_expert; ++e) {
-    for (int q = p.expert_offsets[e]; q < p.expert_offsets[e + 1]; ++q) {
-      const int s = p.sorted_slots[q];
-      if (!cache->kept[s]) continue;
-      cache->slot_row[s] = static_cast<int32_t>(cache->kept_slots.size());
-      cache->kept_slots.push_back(s);
-    }
-    cache->kept_offsets[e + 1] = static_cast<int32_t>(cache->kept_slots.size());
-  }
-  cache->n_dropped = static_cast<int64_t>(n_slots - cache->kept_slots.size());
-}
-
-}  // namespace internal
 
 template <typename T>
 void PermuteTokens(const RoutingPlan& plan, const T* x, int d, T* out) {
@@ -444,6 +316,8 @@ void MoeForward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const T* x, i
   if (fixed != nullptr) c.kept = fixed_kept;
   else if (cfg.router == MoeRouterKind::kExpertChoice) ExpertChoiceKept(cfg, n_tokens, c.probs, &c.kept);
   else ApplyCapacity(cfg, n_tokens, opt.seq_len, c.plan.expert_ids, &c.kept);
+  if (cfg.router == MoeRouterKind::kExpertChoice) c.active = c.kept;
+  else c.active.assign(c.kept.size(), 1);
   internal::FinishRouting(cfg, n_tokens, &c);
 
   // Losses.
@@ -464,7 +338,7 @@ void MoeForward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const T* x, i
     double aux = 0.0;
     const double n_slots = static_cast<double>(n_tokens) * K;
     for (int e = 0; e < E; ++e) aux += (f[e] / n_slots) * (pm[e] / n_tokens);
-    c.aux_loss = n_tokens > 0 ? AuxCoef(cfg) * E * aux : 0.0;
+    c.aux_loss = n_tokens > 0 ? internal::AuxCoef(cfg) * E * aux : 0.0;
     c.z_loss = n_tokens > 0 ? cfg.z_loss_coef * z / n_tokens : 0.0;
   }
 
@@ -546,7 +420,7 @@ void MoeForward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const T* x, i
 
 template <typename T>
 void MoeBackward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const MoeCache<T>& c,
-                 const T* dy, T* dx, MoeGrads<T>* g, ThreadPool* pool) {
+                 const T* dy, T* dx, MoeGrads<T>* g, ThreadPool* pool, const T* dlogits_in) {
   internal::CheckWeights(cfg, w);
   SingleThreadedBlasOnce();
   const int D = cfg.d_model, F = cfg.d_ff, E = cfg.n_expert, K = cfg.k;
@@ -627,7 +501,7 @@ void MoeBackward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const MoeCac
     } else {
       for (int j = 0; j < K; ++j) dp[ids[j]] += scale * dw[j];
     }
-    for (int e = 0; e < E; ++e) dbp[e] = static_cast<T>(AuxCoef(cfg) * E * f[e] / n);
+    for (int e = 0; e < E; ++e) dbp[e] = static_cast<T>(internal::AuxCoef(cfg) * E * f[e] / n);
     T* dl = &dlogits[static_cast<size_t>(t) * E];
     switch (cfg.router) {
       case MoeRouterKind::kSoftmaxTopK:
@@ -700,71 +574,13 @@ void MoeBackward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const MoeCac
   }
 }
 
-// ---- telemetry and bias ---------------------------------------------------------------------
-
-template <typename T>
-MoeTelemetry ComputeTelemetry(const MoeLayerConfig& cfg, const MoeCache<T>& c) {
-  MoeTelemetry m;
-  const int E = cfg.n_expert, n = c.n_tokens;
-  m.n_tokens = n;
-  m.n_expert = E;
-  m.k = cfg.k;
-  m.routed_per_expert.assign(E, 0);
-  m.kept_per_expert.assign(E, 0);
-  m.share.assign(E, 0.0);
-  m.aux_loss = c.aux_loss;
-  m.z_loss = c.z_loss;
-  if (n == 0) return m;
-  const double n_slots = static_cast<double>(n) * cfg.k;
-  int64_t max_load = 0;
-  for (int e = 0; e < E; ++e) {
-    m.routed_per_expert[e] = c.plan.tokens_per_expert[e];
-    m.kept_per_expert[e] = c.kept_offsets[e + 1] - c.kept_offsets[e];
-    m.share[e] = m.routed_per_expert[e] / n_slots;
-    max_load = std::max(max_load, m.routed_per_expert[e]);
-  }
-  const double mean_load = n_slots / E;
-  m.max_vio = (max_load - mean_load) / mean_load;
-  m.drop_rate = c.n_dropped / n_slots;
-  m.mean_experts_per_token = static_cast<double>(c.kept_slots.size()) / n;
-  double h = 0.0;
-  for (size_t i = 0; i < c.bprobs.size(); ++i) {
-    const double p = c.bprobs[i];
-    if (p > 0) h -= p * std::log(p);
-  }
-  m.router_entropy = h / n;
-  return m;
-}
-
-template <typename T>
-void UpdateBias(const MoeLayerConfig& cfg, const MoeTelemetry& tel, MoeWeights<T>* w) {
-  if (static_cast<int>(tel.routed_per_expert.size()) != cfg.n_expert) {
-    Fail("MoE layer: telemetry has %zu experts, the config %d", tel.routed_per_expert.size(), cfg.n_expert);
-  }
-  if (w->exp_probs_b.empty()) w->exp_probs_b.assign(cfg.n_expert, T(0));
-  double total = 0;
-  for (int64_t v : tel.routed_per_expert) total += static_cast<double>(v);
-  const double mean = total / cfg.n_expert;
-  for (int e = 0; e < cfg.n_expert; ++e) {
-    const double diff = mean - static_cast<double>(tel.routed_per_expert[e]);
-    const double sgn = diff > 0 ? 1.0 : (diff < 0 ? -1.0 : 0.0);
-    w->exp_probs_b[e] += static_cast<T>(cfg.bias_update_rate * sgn);
-  }
-}
-
 #define MOE_INSTANTIATE(T)                                                                      \
-  template struct MoeWeights<T>;                                                                \
-  template struct MoeGrads<T>;                                                                  \
-  template void internal::CheckWeights<T>(const MoeLayerConfig&, const MoeWeights<T>&);         \
-  template void internal::FinishRouting<T>(const MoeLayerConfig&, int, MoeCache<T>*);           \
   template void PermuteTokens<T>(const RoutingPlan&, const T*, int, T*);                        \
   template void UnpermuteSlots<T>(const RoutingPlan&, const T*, int, T*);                       \
   template void MoeForward<T>(const MoeLayerConfig&, const MoeWeights<T>&, const T*, int, T*,   \
                               MoeCache<T>*, const MoeForwardOptions&);                          \
   template void MoeBackward<T>(const MoeLayerConfig&, const MoeWeights<T>&, const MoeCache<T>&, \
-                               const T*, T*, MoeGrads<T>*, ThreadPool*);                        \
-  template MoeTelemetry ComputeTelemetry<T>(const MoeLayerConfig&, const MoeCache<T>&);         \
-  template void UpdateBias<T>(const MoeLayerConfig&, const MoeTelemetry&, MoeWeights<T>*);
+                               const T*, T*, MoeGrads<T>*, ThreadPool*, const T*);
 MOE_INSTANTIATE(float)
 MOE_INSTANTIATE(double)
 #undef MOE_INSTANTIATE

@@ -1,4 +1,4 @@
-// Bookkeeping shared by the grouped and the naive MoE layer (no math lives here, so the two
+// Bookkeeping shared by the grouped and the naive MoE layer (no layer math lives here, so the two
 // implementations stay independent where it matters).
 #pragma once
 
@@ -10,15 +10,32 @@ namespace moe::internal {
 template <typename T>
 void CheckWeights(const MoeLayerConfig& cfg, const MoeWeights<T>& w);
 
-// From cache->plan.expert_ids, cache->gate_w and cache->kept (already filled): the plan's float
-// weights and groups, the kept order (kept_offsets, kept_slots, slot_row) and n_dropped.
+// Checks the per-call inputs against cfg (token ids for kHash, seq_len, the fixed routing's size,
+// the balance scope's width); throws moe::Error naming the problem.
+template <typename T>
+void CheckForwardOptions(const MoeLayerConfig& cfg, int n_tokens, const MoeForwardOptions& opt);
+
+// From cache->plan.expert_ids, cache->gate_w, cache->active and cache->kept (already filled): the
+// plan's float weights and groups over all R targets, the kept order of the FFN experts
+// (kept_offsets, kept_slots, slot_row) and n_dropped (active FFN slots not kept).
 template <typename T>
 void FinishRouting(const MoeLayerConfig& cfg, int n_tokens, MoeCache<T>* cache);
+
+// Fills cache->loss_f and cache->loss_tokens: from the global scope when given, else from the
+// cache's own active slots (f_i = active slots on i / all active slots; N = n_tokens).
+template <typename T>
+void SetLossScope(const MoeLayerConfig& cfg, const MoeBalanceScope* scope, MoeCache<T>* cache);
+
+// eta_i of the aux loss: 1 for FFN and null experts, zc_balance_tau for zero-computation ones.
+double BalanceEta(const MoeLayerConfig& cfg, int target);
+
+// Coefficient of the aux loss: 0 for kExpertChoice and kHash.
+double AuxCoef(const MoeLayerConfig& cfg);
 
 // kExpertChoice: tokens per expert, clamp(floor(n_tokens * ec_capacity_factor / E), 1, n_tokens).
 int64_t ExpertChoiceCapacity(const MoeLayerConfig& cfg, int n_tokens);
 
-// Capacity per scope (slots per expert), or -1 for dropless.
+// Capacity per scope (slots per FFN expert), or -1 for dropless.
 int64_t ExpertCapacity(const MoeLayerConfig& cfg, int n_tokens, int seq_len);
 
 }  // namespace moe::internal

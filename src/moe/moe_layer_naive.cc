@@ -228,6 +228,8 @@ void MoeForwardNaive(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const T*
       }
     }
   }
+  if (cfg.router == MoeRouterKind::kExpertChoice) c.active = c.kept;
+  else c.active.assign(c.kept.size(), 1);
   internal::FinishRouting(cfg, n_tokens, &c);
   double aux = 0.0;
   for (int e = 0; e < E; ++e) aux += load[e] / (static_cast<double>(n_tokens) * K) * pmean[e];
@@ -270,7 +272,7 @@ void MoeForwardNaive(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const T*
 
 template <typename T>
 void MoeBackwardNaive(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const MoeCache<T>& c,
-                      const T* dy, T* dx, MoeGrads<T>* g) {
+                      const T* dy, T* dx, MoeGrads<T>* g, const T* dlogits_in) {
   internal::CheckWeights(cfg, w);
   const int D = cfg.d_model, F = cfg.d_ff, E = cfg.n_expert, K = cfg.k, n = c.n_tokens;
   std::vector<double> frac(E, 0.0);
@@ -391,9 +393,9 @@ template void MoeForwardNaive<double>(const MoeLayerConfig&, const MoeWeights<do
                                       const MoeForwardOptions&);
 template void MoeBackwardNaive<float>(const MoeLayerConfig&, const MoeWeights<float>&,
                                       const MoeCache<float>&, const float*, float*,
-                                      MoeGrads<float>*);
+                                      MoeGrads<float>*, const float*);
 template void MoeBackwardNaive<double>(const MoeLayerConfig&, const MoeWeights<double>&,
                                        const MoeCache<double>&, const double*, double*,
-                                       MoeGrads<double>*);
+                                       MoeGrads<double>*, const double*);
 
 }  // namespace moe

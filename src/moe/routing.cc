@@ -26,6 +26,27 @@ void RoutingPlan::BuildGroups() {
   }
 }
 
+namespace {
+uint64_t SplitMix64(uint64_t z) {
+  z += 0x9e3779b97f4a7c15ULL;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+}  // namespace
+
+void HashExperts(uint64_t seed, int32_t token_id, int n_expert, int k, int32_t* ids) {
+  MOE_ASSERT(k >= 1 && k <= n_expert);
+  const uint64_t base = static_cast<uint64_t>(static_cast<uint32_t>(token_id)) << 32;
+  int have = 0;
+  for (uint64_t a = 0; have < k; ++a) {
+    const auto e = static_cast<int32_t>(SplitMix64(seed ^ (base | a)) % static_cast<uint64_t>(n_expert));
+    bool seen = false;
+    for (int j = 0; j < have; ++j) seen = seen || ids[j] == e;
+    if (!seen) ids[have++] = e;
+  }
+}
+
 void RouteTokens(const RouterConfig& cfg, float* logits, int n_tokens, RoutingPlan* plan) {
   const int E = cfg.n_expert, K = cfg.n_expert_used;
   MOE_ASSERT(K >= 1 && K <= E);

@@ -38,6 +38,11 @@ struct RoutingPlan {
   void BuildGroups();
 };
 
+// Hash routing (Roller et al. 2021): the k distinct experts of token id `token_id`, a fixed
+// function of (seed, token_id): attempt a = 0, 1, ... draws SplitMix64(seed ^ (token_id << 32 |
+// a)) mod n_expert and keeps it if new, until k are chosen. Shared by training and inference.
+void HashExperts(uint64_t seed, int32_t token_id, int n_expert, int k, int32_t* ids);
+
 // Router forward for n_tokens rows of logits [n_tokens, n_expert] (overwritten with the gating
 // probabilities): fills plan.expert_ids / weights and groups.
 void RouteTokens(const RouterConfig& cfg, float* logits, int n_tokens, RoutingPlan* plan);
