@@ -11,6 +11,7 @@
 #include <random>
 
 #include "moe/moe_layer_internal.h"
+#include "moe/routing.h"
 #include "util/error.h"
 #include "util/threadpool.h"
 
@@ -106,42 +107,75 @@ void ParallelOver(ThreadPool* pool, int n, const std::function<void(int)>& fn) {
 
 // Softmax / sigmoid of one logits row, and the balance probabilities.
 template <typename T>
-void Gating(MoeRouterKind kind, const T* logits, int e_count, T* probs, T* bprobs) {
-  switch (kind) {
-    case MoeRouterKind::kSoftmaxTopK:
-    case MoeRouterKind::kExpertChoice: {
-      T mx = logits[0];
-      for (int e = 1; e < e_count; ++e) mx = std::max(mx, logits[e]);
-      T sum = 0;
-      for (int e = 0; e < e_count; ++e) sum += probs[e] = std::exp(logits[e] - mx);
-      for (int e = 0; e < e_count; ++e) bprobs[e] = probs[e] /= sum;
-      break;
+void Gating(MoeRouterKind kind, const T* logits, int r_count, T* probs, T* bprobs) {
+  if (kind == MoeRouterKind::kSigmoidBias) {
+    T sum = 0;
+    for (int e = 0; e < r_count; ++e) sum += probs[e] = Sigmoid(logits[e]);
+    for (int e = 0; e < r_count; ++e) bprobs[e] = probs[e] / sum;
+    return;
+  }
+  T mx = logits[0];
+  for (int e = 1; e < r_count; ++e) mx = std::max(mx, logits[e]);
+  T sum = 0;
+  for (int e = 0; e < r_count; ++e) sum += probs[e] = std::exp(logits[e] - mx);
+  for (int e = 0; e < r_count; ++e) bprobs[e] = probs[e] /= sum;
+}
+
+// The first k targets by score, best first (ties go to the lower id); `score` may be modified.
+template <typename T>
+void TopKIds(std::vector<T>& score, int k, int32_t* ids) {
+  const int n = static_cast<int>(score.size());
+  std::vector<uint8_t> taken(n, 0);
+  for (int j = 0; j < k; ++j) {
+    int best = -1;
+    for (int e = 0; e < n; ++e) {
+      if (!taken[e] && (best < 0 || score[e] > score[best])) best = e;
     }
-    case MoeRouterKind::kSigmoidBias: {
-      T sum = 0;
-      for (int e = 0; e < e_count; ++e) sum += probs[e] = Sigmoid(logits[e]);
-      for (int e = 0; e < e_count; ++e) bprobs[e] = probs[e] / sum;
-      break;
-    }
+    taken[best] = 1;
+    ids[j] = best;
   }
 }
 
-// Top-k of one token (ids best first; ties go to the lower expert index), with the bias and the
-// optional group limit applied to the selection score only.
+// Selection of one token: ids [k] best first and which slots are used (active [k]). The bias and
+// the group limit change the selection score only.
 template <typename T>
-void SelectExperts(const MoeLayerConfig& cfg, const T* probs, const T* bias, int32_t* ids) {
-  const int E = cfg.n_expert;
-  if (cfg.router == MoeRouterKind::kExpertChoice) {
-    // Slot j is expert j; whether it is used is the experts' choice (ExpertChoiceKept).
-    for (int j = 0; j < E; ++j) ids[j] = j;
-    return;
+void SelectTargets(const MoeLayerConfig& cfg, const T* probs, const T* bias, int32_t token_id,
+                   int32_t* ids, uint8_t* active) {
+  const int E = cfg.n_expert, R = cfg.router_width(), K = cfg.k;
+  std::fill(active, active + K, uint8_t{1});
+  switch (cfg.router) {
+    case MoeRouterKind::kExpertChoice:
+      // Slot j is expert j; the experts decide which slots are used (ExpertChoiceActive).
+      for (int j = 0; j < E; ++j) ids[j] = j;
+      return;
+    case MoeRouterKind::kHash:
+      HashExperts(cfg.hash_seed, token_id, E, K, ids);
+      return;
+    case MoeRouterKind::kTopP: {
+      std::vector<T> score(probs, probs + R);
+      TopKIds(score, K, ids);
+      T cum = 0;
+      int used = K;
+      for (int j = 0; j < K; ++j) {
+        cum += probs[ids[j]];
+        if (cum >= static_cast<T>(cfg.top_p)) {
+          used = j + 1;
+          break;
+        }
+      }
+      for (int j = used; j < K; ++j) active[j] = 0;
+      return;
+    }
+    case MoeRouterKind::kSoftmaxTopK:
+    case MoeRouterKind::kSigmoidBias:
+      break;
   }
-  std::vector<T> score(probs, probs + E);
+  std::vector<T> score(probs, probs + R);
   if (cfg.router == MoeRouterKind::kSigmoidBias && bias != nullptr) {
     for (int e = 0; e < E; ++e) score[e] += bias[e];
   }
-  const T kNeg = -std::numeric_limits<T>::infinity();
   if (cfg.n_group > 1) {
+    const T kNeg = -std::numeric_limits<T>::infinity();
     const int gs = E / cfg.n_group;
     std::vector<T> gscore(cfg.n_group);
     for (int g = 0; g < cfg.n_group; ++g) {
@@ -168,50 +202,58 @@ void SelectExperts(const MoeLayerConfig& cfg, const T* probs, const T* bias, int
       if (!keep[e / gs]) score[e] = kNeg;
     }
   }
-  std::vector<uint8_t> taken(E, 0);
-  for (int j = 0; j < cfg.k; ++j) {
-    int best = -1;
-    for (int e = 0; e < E; ++e) {
-      if (!taken[e] && (best < 0 || score[e] > score[best])) best = e;
-    }
-    taken[best] = 1;
-    ids[j] = best;
-  }
+  TopKIds(score, K, ids);
 }
 
+// Gate weights of one token's slots: 0 when inactive; hash: scale / k; otherwise the target's
+// probability, renormalised over the active non-null slots when norm_topk, times the scale.
 template <typename T>
-void GateWeights(const MoeLayerConfig& cfg, const T* probs, const int32_t* ids, T* gw) {
+void GateWeights(const MoeLayerConfig& cfg, const T* probs, const int32_t* ids,
+                 const uint8_t* active, T* gw) {
+  const int K = cfg.k;
+  const T scale = static_cast<T>(cfg.weights_scale);
+  if (cfg.router == MoeRouterKind::kHash) {
+    for (int j = 0; j < K; ++j) gw[j] = active[j] ? scale / static_cast<T>(K) : T(0);
+    return;
+  }
   T sum = 0;
-  for (int j = 0; j < cfg.k; ++j) sum += gw[j] = probs[ids[j]];
-  for (int j = 0; j < cfg.k; ++j) {
-    if (cfg.norm_topk) gw[j] /= sum;
-    gw[j] *= static_cast<T>(cfg.weights_scale);
+  for (int j = 0; j < K; ++j) {
+    if (active[j] && cfg.TargetKind(ids[j]) != MoeTargetKind::kNull) sum += probs[ids[j]];
+  }
+  for (int j = 0; j < K; ++j) {
+    if (!active[j]) {
+      gw[j] = T(0);
+      continue;
+    }
+    const bool norm = cfg.norm_topk && cfg.TargetKind(ids[j]) != MoeTargetKind::kNull && sum > 0;
+    gw[j] = (norm ? probs[ids[j]] / sum : probs[ids[j]]) * scale;
   }
 }
 
-// Capacity in token order, slot by slot within a token.
+// Capacity in token order, slot by slot within a token, over the active FFN slots.
 void ApplyCapacity(const MoeLayerConfig& cfg, int n_tokens, int seq_len,
-                   const std::vector<int32_t>& ids, std::vector<uint8_t>* kept) {
+                   const std::vector<int32_t>& ids, const std::vector<uint8_t>& active,
+                   std::vector<uint8_t>* kept) {
   const int64_t cap = internal::ExpertCapacity(cfg, n_tokens, seq_len);
-  kept->assign(ids.size(), 1);
-  if (cap < 0) return;
+  kept->assign(ids.size(), 0);
   std::vector<int64_t> count(cfg.n_expert, 0);
   for (int t = 0; t < n_tokens; ++t) {
     if (seq_len > 0 && t % seq_len == 0) std::fill(count.begin(), count.end(), 0);
     for (int j = 0; j < cfg.k; ++j) {
       const size_t s = static_cast<size_t>(t) * cfg.k + j;
-      if (count[ids[s]]++ >= cap) (*kept)[s] = 0;
+      if (!active[s] || ids[s] >= cfg.n_expert) continue;
+      (*kept)[s] = cap < 0 || count[ids[s]]++ < cap;
     }
   }
 }
 
-// Expert choice: expert e keeps slot (t, e) for its c best tokens by probs[t][e] (ties to the lower
-// token index); every other slot is marked not kept. probs [T][E].
+// Expert choice: expert e uses slot (t, e) for its c best tokens by probs[t][e] (ties to the lower
+// token index); every other slot is inactive. probs [T][E].
 template <typename T>
-void ExpertChoiceKept(const MoeLayerConfig& cfg, int n_tokens, const std::vector<T>& probs,
-                      std::vector<uint8_t>* kept) {
+void ExpertChoiceActive(const MoeLayerConfig& cfg, int n_tokens, const std::vector<T>& probs,
+                        std::vector<uint8_t>* active) {
   const int E = cfg.n_expert;
-  kept->assign(static_cast<size_t>(n_tokens) * E, 0);
+  active->assign(static_cast<size_t>(n_tokens) * E, 0);
   if (n_tokens == 0) return;
   const int64_t cap = internal::ExpertChoiceCapacity(cfg, n_tokens);
   std::vector<int32_t> order(n_tokens);
@@ -222,8 +264,18 @@ void ExpertChoiceKept(const MoeLayerConfig& cfg, int n_tokens, const std::vector
       return pa > pb || (pa == pb && a < b);
     };
     std::partial_sort(order.begin(), order.begin() + cap, order.end(), better);
-    for (int64_t r = 0; r < cap; ++r) (*kept)[static_cast<size_t>(order[r]) * E + e] = 1;
+    for (int64_t r = 0; r < cap; ++r) (*active)[static_cast<size_t>(order[r]) * E + e] = 1;
   }
+}
+
+// log-sum-exp of one logits row.
+template <typename T>
+double LogSumExp(const T* lg, int n) {
+  double mx = lg[0];
+  for (int e = 1; e < n; ++e) mx = std::max(mx, static_cast<double>(lg[e]));
+  double s = 0.0;
+  for (int e = 0; e < n; ++e) s += std::exp(lg[e] - mx);
+  return mx + std::log(s);
 }
 
 }  // namespace
@@ -252,97 +304,142 @@ template <typename T>
 void MoeForward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const T* x, int n_tokens,
                 T* y, MoeCache<T>* cache, const MoeForwardOptions& opt) {
   internal::CheckWeights(cfg, w);
+  internal::CheckForwardOptions<T>(cfg, n_tokens, opt);
   SingleThreadedBlasOnce();
-  const int D = cfg.d_model, F = cfg.d_ff, E = cfg.n_expert, K = cfg.k;
-  const int S = cfg.n_shared, Fs = cfg.d_ff_shared;
-  const size_t nd = static_cast<size_t>(n_tokens) * D;
+  const int D = cfg.d_model, F = cfg.d_ff, E = cfg.n_expert, K = cfg.k, R = cfg.router_width();
+  const int S = cfg.n_shared, Fs = cfg.d_ff_shared, C = cfg.n_const;
+  const bool routed = cfg.router != MoeRouterKind::kHash;  // has a learned router
+  const size_t nd = static_cast<size_t>(n_tokens) * D, nk = static_cast<size_t>(n_tokens) * K;
+  const size_t nr = static_cast<size_t>(n_tokens) * R;
   const auto* fixed = static_cast<const MoeCache<T>*>(opt.fixed_routing);
-  if (fixed != nullptr && fixed->n_tokens != n_tokens) {
-    Fail("MoE layer: the fixed routing was made for %d tokens, this call has %d", fixed->n_tokens, n_tokens);
-  }
-  if (opt.seq_len > 0 && n_tokens % opt.seq_len != 0) {
-    Fail("MoE layer: %d tokens are not whole sequences of seq_len = %d", n_tokens, opt.seq_len);
-  }
-  if (cfg.router == MoeRouterKind::kExpertChoice && opt.seq_len > 0) {
-    Fail("MoE layer: expert_choice chooses over the whole batch: set seq_len = 0 (got %d)", opt.seq_len);
-  }
   MoeCache<T>& c = *cache;
+  // Take what the fixed routing provides before c is overwritten (c may be *fixed).
   std::vector<int32_t> fixed_ids;
-  std::vector<uint8_t> fixed_kept;
+  std::vector<uint8_t> fixed_active, fixed_kept;
   std::vector<T> noise;
+  std::vector<int32_t> token_ids;
   if (fixed != nullptr) {
     fixed_ids = fixed->plan.expert_ids;
+    fixed_active = fixed->active;
     fixed_kept = fixed->kept;
     noise = fixed->noise;
-  } else if (opt.training && cfg.jitter_eps > 0) {
-    std::mt19937_64 rng(opt.jitter_seed);
-    std::uniform_real_distribution<double> u(1.0 - cfg.jitter_eps, 1.0 + cfg.jitter_eps);
-    noise.resize(nd);
-    for (T& v : noise) v = static_cast<T>(u(rng));
+    token_ids = fixed->token_ids;
+  } else {
+    if (opt.training && cfg.jitter_eps > 0) {
+      std::mt19937_64 rng(opt.jitter_seed);
+      std::uniform_real_distribution<double> u(1.0 - cfg.jitter_eps, 1.0 + cfg.jitter_eps);
+      noise.resize(nd);
+      for (T& v : noise) v = static_cast<T>(u(rng));
+    }
+    if (opt.token_ids != nullptr) token_ids.assign(opt.token_ids, opt.token_ids + n_tokens);
   }
   c.n_tokens = n_tokens;
   c.x.assign(x, x + nd);
   c.noise = std::move(noise);
+  c.token_ids = std::move(token_ids);
+  const auto* prev = static_cast<const T*>(opt.prev_logits);
+  if (prev != nullptr) c.prev_logits.assign(prev, prev + nr);
+  else c.prev_logits.clear();
 
-  // Router logits on padded rows of the router input.
-  const int t_pad = PadRows(n_tokens);
-  std::vector<T> xr(static_cast<size_t>(t_pad) * D, T(0));  // [t_pad][D]
-  for (size_t i = 0; i < nd; ++i) xr[i] = c.noise.empty() ? x[i] : x[i] * c.noise[i];
-  // The router is E dot products per token (cheap next to the experts): plain loops in a fixed
-  // order keep the logits, hence the selection, independent of the token's batch-mates whatever
-  // the BLAS does.
-  c.logits.resize(static_cast<size_t>(n_tokens) * E);
-  for (int t = 0; t < n_tokens; ++t) {
-    const T* xt = &xr[static_cast<size_t>(t) * D];
-    for (int e = 0; e < E; ++e) {
-      const T* wr = &w.router[static_cast<size_t>(e) * D];
-      T a = 0;
-      for (int d = 0; d < D; ++d) a += wr[d] * xt[d];
-      c.logits[static_cast<size_t>(t) * E + e] = a;
+  // Router logits. The router is R dot products per token (cheap next to the experts): plain
+  // loops in a fixed order keep the logits, hence the selection, independent of the token's
+  // batch-mates whatever the GEMM does.
+  c.logits.assign(routed ? nr : 0, T(0));
+  c.probs.assign(c.logits.size(), T(0));
+  c.bprobs.assign(c.logits.size(), T(0));
+  if (routed) {
+    std::vector<T> xr(D);
+    for (int t = 0; t < n_tokens; ++t) {
+      const T* xt = x + static_cast<size_t>(t) * D;
+      for (int d = 0; d < D; ++d) xr[d] = c.noise.empty() ? xt[d] : xt[d] * c.noise[static_cast<size_t>(t) * D + d];
+      T* lg = &c.logits[static_cast<size_t>(t) * R];
+      for (int e = 0; e < R; ++e) {
+        const T* wr = &w.router[static_cast<size_t>(e) * D];
+        T a = 0;
+        for (int d = 0; d < D; ++d) a += wr[d] * xr[d];
+        lg[e] = a;
+      }
+      if (!c.prev_logits.empty()) {
+        const T* pv = &c.prev_logits[static_cast<size_t>(t) * R];
+        for (int e = 0; e < R; ++e) {
+          const T* wg = &w.gate_res[static_cast<size_t>(e) * R];
+          T a = 0;
+          for (int j = 0; j < R; ++j) a += wg[j] * pv[j];
+          lg[e] += a;
+        }
+      }
+      Gating(cfg.router, lg, R, &c.probs[static_cast<size_t>(t) * R], &c.bprobs[static_cast<size_t>(t) * R]);
     }
   }
-  c.probs.resize(c.logits.size());
-  c.bprobs.resize(c.logits.size());
-  c.plan.expert_ids.resize(static_cast<size_t>(n_tokens) * K);
-  c.gate_w.resize(static_cast<size_t>(n_tokens) * K);
+
+  // Selection and gate weights.
+  c.plan.expert_ids.resize(nk);
+  c.active.assign(nk, 1);
+  c.gate_w.resize(nk);
   const T* bias = w.exp_probs_b.empty() ? nullptr : w.exp_probs_b.data();
   for (int t = 0; t < n_tokens; ++t) {
-    const size_t re = static_cast<size_t>(t) * E, rk = static_cast<size_t>(t) * K;
-    Gating(cfg.router, &c.logits[re], E, &c.probs[re], &c.bprobs[re]);
-    if (fixed == nullptr) SelectExperts(cfg, &c.probs[re], bias, &c.plan.expert_ids[rk]);
-    else std::copy(&fixed_ids[rk], &fixed_ids[rk] + K, &c.plan.expert_ids[rk]);
-    GateWeights(cfg, &c.probs[re], &c.plan.expert_ids[rk], &c.gate_w[rk]);
+    const size_t rk = static_cast<size_t>(t) * K;
+    const T* p = routed ? &c.probs[static_cast<size_t>(t) * R] : nullptr;
+    if (fixed == nullptr) {
+      SelectTargets(cfg, p, bias, c.token_ids.empty() ? 0 : c.token_ids[t], &c.plan.expert_ids[rk], &c.active[rk]);
+    } else {
+      std::copy_n(&fixed_ids[rk], K, &c.plan.expert_ids[rk]);
+    }
+  }
+  if (fixed != nullptr) c.active = fixed_active;
+  else if (cfg.router == MoeRouterKind::kExpertChoice) ExpertChoiceActive(cfg, n_tokens, c.probs, &c.active);
+  for (int t = 0; t < n_tokens; ++t) {
+    const size_t rk = static_cast<size_t>(t) * K;
+    GateWeights(cfg, routed ? &c.probs[static_cast<size_t>(t) * R] : static_cast<const T*>(nullptr),
+                &c.plan.expert_ids[rk], &c.active[rk], &c.gate_w[rk]);
   }
   if (fixed != nullptr) c.kept = fixed_kept;
-  else if (cfg.router == MoeRouterKind::kExpertChoice) ExpertChoiceKept(cfg, n_tokens, c.probs, &c.kept);
-  else ApplyCapacity(cfg, n_tokens, opt.seq_len, c.plan.expert_ids, &c.kept);
-  if (cfg.router == MoeRouterKind::kExpertChoice) c.active = c.kept;
-  else c.active.assign(c.kept.size(), 1);
+  else ApplyCapacity(cfg, n_tokens, opt.seq_len, c.plan.expert_ids, c.active, &c.kept);
   internal::FinishRouting(cfg, n_tokens, &c);
+  internal::SetLossScope(cfg, opt.balance, &c);
 
-  // Losses.
-  {
-    std::vector<double> f(E, 0.0), pm(E, 0.0);
-    for (int32_t id : c.plan.expert_ids) f[id] += 1.0;
-    double z = 0.0;
+  // Losses over the scope: this call's share of the global terms.
+  c.aux_loss = c.z_loss = c.entropy_loss = 0.0;
+  if (routed && n_tokens > 0 && c.loss_tokens > 0) {
+    std::vector<double> pm(R, 0.0);
+    double z = 0.0, h = 0.0;
     for (int t = 0; t < n_tokens; ++t) {
-      const T* lg = &c.logits[static_cast<size_t>(t) * E];
-      double mx = lg[0];
-      for (int e = 1; e < E; ++e) mx = std::max(mx, static_cast<double>(lg[e]));
-      double s = 0.0;
-      for (int e = 0; e < E; ++e) s += std::exp(lg[e] - mx);
-      const double lse = mx + std::log(s);
+      const double lse = LogSumExp(&c.logits[static_cast<size_t>(t) * R], R);
       z += lse * lse;
-      for (int e = 0; e < E; ++e) pm[e] += c.bprobs[static_cast<size_t>(t) * E + e];
+      const T* bp = &c.bprobs[static_cast<size_t>(t) * R];
+      for (int e = 0; e < R; ++e) {
+        pm[e] += bp[e];
+        if (bp[e] > 0) h -= bp[e] * std::log(static_cast<double>(bp[e]));
+      }
     }
     double aux = 0.0;
-    const double n_slots = static_cast<double>(n_tokens) * K;
-    for (int e = 0; e < E; ++e) aux += (f[e] / n_slots) * (pm[e] / n_tokens);
-    c.aux_loss = n_tokens > 0 ? internal::AuxCoef(cfg) * E * aux : 0.0;
-    c.z_loss = n_tokens > 0 ? cfg.z_loss_coef * z / n_tokens : 0.0;
+    for (int e = 0; e < R; ++e) aux += internal::BalanceEta(cfg, e) * c.loss_f[e] * pm[e];
+    c.aux_loss = internal::AuxCoef(cfg) * R * aux / c.loss_tokens;
+    c.z_loss = cfg.z_loss_coef * z / c.loss_tokens;
+    c.entropy_loss = cfg.EntropyCoef() * h / c.loss_tokens;
   }
 
-  // Routed experts, one task per expert.
+  // Constant experts' mixing weights [a1, a2] = softmax(W_c x), for every token.
+  c.const_a.assign(static_cast<size_t>(n_tokens) * C * 2, T(0));
+  for (int t = 0; t < n_tokens && C > 0; ++t) {
+    const T* xt = x + static_cast<size_t>(t) * D;
+    for (int ci = 0; ci < C; ++ci) {
+      T z[2];
+      for (int r = 0; r < 2; ++r) {
+        const T* wc = &w.const_wc[(static_cast<size_t>(ci) * 2 + r) * D];
+        T a = 0;
+        for (int d = 0; d < D; ++d) a += wc[d] * xt[d];
+        z[r] = a;
+      }
+      const T mx = std::max(z[0], z[1]);
+      const T e0 = std::exp(z[0] - mx), e1 = std::exp(z[1] - mx);
+      T* a = &c.const_a[(static_cast<size_t>(t) * C + ci) * 2];
+      a[0] = e0 / (e0 + e1);
+      a[1] = e1 / (e0 + e1);
+    }
+  }
+
+  // Routed FFN experts, one task per expert.
   const size_t n_kept = c.kept_slots.size();
   c.h_gate.resize(n_kept * F);
   c.h_up.resize(n_kept * F);
@@ -367,6 +464,7 @@ void MoeForward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const T* x, i
   });
 
   // Shared experts over all tokens.
+  const int t_pad = PadRows(n_tokens);
   c.sh_gate.assign(static_cast<size_t>(S) * n_tokens * Fs, T(0));
   c.sh_up.assign(c.sh_gate.size(), T(0));
   c.sh_out.assign(S > 0 ? nd : 0, T(0));
@@ -397,16 +495,38 @@ void MoeForward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const T* x, i
     }
   }
 
-  // Combine each token in selection order, then the shared experts.
+  // Combine each token in slot order, then the shared experts.
+  const int const0 = R - C;  // id of the first constant expert
   for (int t = 0; t < n_tokens; ++t) {
+    const T* xt = x + static_cast<size_t>(t) * D;
     T* yt = y + static_cast<size_t>(t) * D;
     std::fill(yt, yt + D, T(0));
     for (int j = 0; j < K; ++j) {
       const size_t s = static_cast<size_t>(t) * K + j;
-      if (c.slot_row[s] < 0) continue;
+      if (!c.active[s]) continue;
       const T g = c.gate_w[s];
-      const T* o = &c.expert_out[static_cast<size_t>(c.slot_row[s]) * D];
-      for (int d = 0; d < D; ++d) yt[d] += g * o[d];
+      const int id = c.plan.expert_ids[s];
+      switch (cfg.TargetKind(id)) {
+        case MoeTargetKind::kFfn: {
+          if (c.slot_row[s] < 0) break;  // dropped by capacity
+          const T* o = &c.expert_out[static_cast<size_t>(c.slot_row[s]) * D];
+          for (int d = 0; d < D; ++d) yt[d] += g * o[d];
+          break;
+        }
+        case MoeTargetKind::kNull:
+        case MoeTargetKind::kZero:
+          break;
+        case MoeTargetKind::kCopy:
+          for (int d = 0; d < D; ++d) yt[d] += g * xt[d];
+          break;
+        case MoeTargetKind::kConst: {
+          const int ci = id - const0;
+          const T* a = &c.const_a[(static_cast<size_t>(t) * C + ci) * 2];
+          const T* v = &w.const_v[static_cast<size_t>(ci) * D];
+          for (int d = 0; d < D; ++d) yt[d] += g * (a[0] * xt[d] + a[1] * v[d]);
+          break;
+        }
+      }
     }
     if (S > 0) {
       const T g = cfg.shared_gate ? c.sh_g[t] : T(1);
@@ -423,8 +543,9 @@ void MoeBackward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const MoeCac
                  const T* dy, T* dx, MoeGrads<T>* g, ThreadPool* pool, const T* dlogits_in) {
   internal::CheckWeights(cfg, w);
   SingleThreadedBlasOnce();
-  const int D = cfg.d_model, F = cfg.d_ff, E = cfg.n_expert, K = cfg.k;
-  const int S = cfg.n_shared, Fs = cfg.d_ff_shared;
+  const int D = cfg.d_model, F = cfg.d_ff, E = cfg.n_expert, K = cfg.k, R = cfg.router_width();
+  const int S = cfg.n_shared, Fs = cfg.d_ff_shared, C = cfg.n_const, const0 = R - C;
+  const bool routed = cfg.router != MoeRouterKind::kHash;
   const int n = c.n_tokens;
   const size_t nd = static_cast<size_t>(n) * D;
   {
@@ -432,24 +553,79 @@ void MoeBackward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const MoeCac
     want.Resize(cfg);
     if (g->router.size() != want.router.size() || g->gate_exps.size() != want.gate_exps.size() ||
         g->gate_shexp.size() != want.gate_shexp.size() ||
-        g->gate_inp_shexp.size() != want.gate_inp_shexp.size()) {
+        g->gate_inp_shexp.size() != want.gate_inp_shexp.size() ||
+        g->const_wc.size() != want.const_wc.size() || g->gate_res.size() != want.gate_res.size()) {
       Fail("MoE layer: the gradient arrays do not match the config: call MoeGrads::Resize(cfg)");
     }
   }
+  if (c.active.size() != static_cast<size_t>(n) * K || c.x.size() != nd) {
+    Fail("MoE layer: the cache does not come from a forward of this config");
+  }
   const T* x = c.x.data();
+  std::fill(dx, dx + nd, T(0));
 
-  // Gate-weight gradients of kept slots.
+  // Gate-weight gradients of the active slots, and the zero-computation experts' own gradients.
   std::vector<T> dgw(static_cast<size_t>(n) * K, T(0));  // [T][k]
-  for (size_t s = 0; s < dgw.size(); ++s) {
-    if (c.slot_row[s] < 0) continue;
-    const T* o = &c.expert_out[static_cast<size_t>(c.slot_row[s]) * D];
-    const T* d = dy + (s / K) * D;
-    T a = 0;
-    for (int i = 0; i < D; ++i) a += d[i] * o[i];
-    dgw[s] = a;
+  for (int t = 0; t < n; ++t) {
+    const T* d = dy + static_cast<size_t>(t) * D;
+    const T* xt = x + static_cast<size_t>(t) * D;
+    T* dxt = dx + static_cast<size_t>(t) * D;
+    for (int j = 0; j < K; ++j) {
+      const size_t s = static_cast<size_t>(t) * K + j;
+      if (!c.active[s]) continue;
+      const int id = c.plan.expert_ids[s];
+      const T gw = c.gate_w[s];
+      T a = 0;
+      switch (cfg.TargetKind(id)) {
+        case MoeTargetKind::kFfn: {
+          if (c.slot_row[s] < 0) break;
+          const T* o = &c.expert_out[static_cast<size_t>(c.slot_row[s]) * D];
+          for (int i = 0; i < D; ++i) a += d[i] * o[i];
+          break;
+        }
+        case MoeTargetKind::kNull:
+        case MoeTargetKind::kZero:
+          break;
+        case MoeTargetKind::kCopy:
+          for (int i = 0; i < D; ++i) {
+            a += d[i] * xt[i];
+            dxt[i] += gw * d[i];
+          }
+          break;
+        case MoeTargetKind::kConst: {
+          const int ci = id - const0;
+          const T* al = &c.const_a[(static_cast<size_t>(t) * C + ci) * 2];
+          const T* v = &w.const_v[static_cast<size_t>(ci) * D];
+          T dx_dot = 0, dv_dot = 0;  // <dy, x>, <dy, v>
+          for (int i = 0; i < D; ++i) {
+            dx_dot += d[i] * xt[i];
+            dv_dot += d[i] * v[i];
+          }
+          a = al[0] * dx_dot + al[1] * dv_dot;
+          // out = a1 x + a2 v with [a1, a2] = softmax(z), z = W_c x.
+          const T da0 = gw * dx_dot, da1 = gw * dv_dot;
+          const T dot = al[0] * da0 + al[1] * da1;
+          const T dz[2] = {al[0] * (da0 - dot), al[1] * (da1 - dot)};
+          T* dv = &g->const_v[static_cast<size_t>(ci) * D];
+          for (int i = 0; i < D; ++i) {
+            dv[i] += gw * al[1] * d[i];
+            dxt[i] += gw * al[0] * d[i];
+          }
+          for (int r = 0; r < 2; ++r) {
+            const size_t wo = (static_cast<size_t>(ci) * 2 + r) * D;
+            for (int i = 0; i < D; ++i) {
+              g->const_wc[wo + i] += dz[r] * xt[i];
+              dxt[i] += dz[r] * w.const_wc[wo + i];
+            }
+          }
+          break;
+        }
+      }
+      dgw[s] = a;
+    }
   }
 
-  // Routed experts.
+  // Routed FFN experts.
   std::vector<T> dx_rows(c.kept_slots.size() * D);  // [n_kept][D]
   ParallelOver(pool, E, [&](int e) {
     const int r0 = c.kept_offsets[e], m = c.kept_offsets[e + 1] - r0;
@@ -471,7 +647,6 @@ void MoeBackward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const MoeCac
   });
   for (int t = 0; t < n; ++t) {
     T* dxt = dx + static_cast<size_t>(t) * D;
-    std::fill(dxt, dxt + D, T(0));
     for (int j = 0; j < K; ++j) {
       const int row = c.slot_row[static_cast<size_t>(t) * K + j];
       if (row < 0) continue;
@@ -480,64 +655,82 @@ void MoeBackward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const MoeCac
     }
   }
 
-  // Router: gate weights -> probabilities -> logits, plus the aux and z losses.
-  std::vector<double> f(E, 0.0);
-  for (int32_t id : c.plan.expert_ids) f[id] += 1.0 / (static_cast<double>(n) * K);
-  std::vector<T> dlogits(static_cast<size_t>(n) * E);  // [T][E]
-  std::vector<T> dp(E), dbp(E);
-  const T scale = static_cast<T>(cfg.weights_scale);
-  for (int t = 0; t < n; ++t) {
-    const T* p = &c.probs[static_cast<size_t>(t) * E];
-    const T* bp = &c.bprobs[static_cast<size_t>(t) * E];
-    const T* lg = &c.logits[static_cast<size_t>(t) * E];
-    const int32_t* ids = &c.plan.expert_ids[static_cast<size_t>(t) * K];
-    const T* dw = &dgw[static_cast<size_t>(t) * K];
-    std::fill(dp.begin(), dp.end(), T(0));
-    if (cfg.norm_topk) {
+  // Router: gate weights -> probabilities -> logits, plus the aux, z and entropy losses.
+  if (routed && n > 0) {
+    const double N = c.loss_tokens;
+    std::vector<T> dlogits(static_cast<size_t>(n) * R);  // [T][R]
+    std::vector<T> dp(R), dbp(R);
+    const T scale = static_cast<T>(cfg.weights_scale);
+    const double aux_c = internal::AuxCoef(cfg) * R / N, ent_c = cfg.EntropyCoef() / N;
+    for (int t = 0; t < n; ++t) {
+      const T* p = &c.probs[static_cast<size_t>(t) * R];
+      const T* bp = &c.bprobs[static_cast<size_t>(t) * R];
+      const T* lg = &c.logits[static_cast<size_t>(t) * R];
+      const int32_t* ids = &c.plan.expert_ids[static_cast<size_t>(t) * K];
+      const uint8_t* act = &c.active[static_cast<size_t>(t) * K];
+      const T* dw = &dgw[static_cast<size_t>(t) * K];
+      std::fill(dp.begin(), dp.end(), T(0));
+      // Normalised slots: active, not null (see GateWeights).
       T sum = 0, dot = 0;
-      for (int j = 0; j < K; ++j) sum += p[ids[j]];
-      for (int j = 0; j < K; ++j) dot += dw[j] * p[ids[j]] / sum;
-      for (int j = 0; j < K; ++j) dp[ids[j]] += scale * (dw[j] - dot) / sum;
-    } else {
-      for (int j = 0; j < K; ++j) dp[ids[j]] += scale * dw[j];
-    }
-    for (int e = 0; e < E; ++e) dbp[e] = static_cast<T>(internal::AuxCoef(cfg) * E * f[e] / n);
-    T* dl = &dlogits[static_cast<size_t>(t) * E];
-    switch (cfg.router) {
-      case MoeRouterKind::kSoftmaxTopK:
-      case MoeRouterKind::kExpertChoice: {
-        T dot = 0;
-        for (int e = 0; e < E; ++e) dot += p[e] * (dp[e] + dbp[e]);
-        for (int e = 0; e < E; ++e) dl[e] = p[e] * (dp[e] + dbp[e] - dot);
-        break;
+      auto normed = [&](int j) {
+        return cfg.norm_topk && act[j] && cfg.TargetKind(ids[j]) != MoeTargetKind::kNull;
+      };
+      for (int j = 0; j < K; ++j) {
+        if (normed(j)) sum += p[ids[j]];
       }
-      case MoeRouterKind::kSigmoidBias: {
-        T sum = 0, dot = 0;
-        for (int e = 0; e < E; ++e) sum += p[e];
-        for (int e = 0; e < E; ++e) dot += dbp[e] * bp[e];
-        for (int e = 0; e < E; ++e) {
-          const T ds = dp[e] + (dbp[e] - dot) / sum;
+      for (int j = 0; j < K; ++j) {
+        if (normed(j)) dot += dw[j] * p[ids[j]] / sum;
+      }
+      for (int j = 0; j < K; ++j) {
+        if (!act[j]) continue;
+        if (normed(j)) dp[ids[j]] += scale * (dw[j] - dot) / sum;
+        else dp[ids[j]] += scale * dw[j];
+      }
+      for (int e = 0; e < R; ++e) {
+        double v = aux_c * internal::BalanceEta(cfg, e) * c.loss_f[e];
+        if (ent_c != 0 && bp[e] > 0) v -= ent_c * (std::log(static_cast<double>(bp[e])) + 1.0);
+        dbp[e] = static_cast<T>(v);
+      }
+      T* dl = &dlogits[static_cast<size_t>(t) * R];
+      if (cfg.router == MoeRouterKind::kSigmoidBias) {
+        T ssum = 0, bdot = 0;
+        for (int e = 0; e < R; ++e) ssum += p[e];
+        for (int e = 0; e < R; ++e) bdot += dbp[e] * bp[e];
+        for (int e = 0; e < R; ++e) {
+          const T ds = dp[e] + (dbp[e] - bdot) / ssum;
           dl[e] = ds * p[e] * (T(1) - p[e]);
         }
-        break;
+      } else {  // softmax: probs == bprobs
+        T pdot = 0;
+        for (int e = 0; e < R; ++e) pdot += p[e] * (dp[e] + dbp[e]);
+        for (int e = 0; e < R; ++e) dl[e] = p[e] * (dp[e] + dbp[e] - pdot);
+      }
+      // z-loss: d/dlogit of coef * lse^2 / N = coef * 2 lse softmax(logits) / N.
+      T mx = lg[0];
+      for (int e = 1; e < R; ++e) mx = std::max(mx, lg[e]);
+      T s = 0;
+      for (int e = 0; e < R; ++e) s += std::exp(lg[e] - mx);
+      const T lse = mx + std::log(s);
+      const T zc = static_cast<T>(cfg.z_loss_coef * 2.0 / N) * lse;
+      for (int e = 0; e < R; ++e) dl[e] += zc * std::exp(lg[e] - mx) / s;
+      if (dlogits_in != nullptr) {
+        for (int e = 0; e < R; ++e) dl[e] += dlogits_in[static_cast<size_t>(t) * R + e];
       }
     }
-    // z-loss: d/dlogit of coef * lse^2 / n = coef * 2 lse softmax(logits) / n.
-    T mx = lg[0];
-    for (int e = 1; e < E; ++e) mx = std::max(mx, lg[e]);
-    T s = 0;
-    for (int e = 0; e < E; ++e) s += std::exp(lg[e] - mx);
-    const T lse = mx + std::log(s);
-    const T zc = static_cast<T>(cfg.z_loss_coef * 2.0 / n) * lse;
-    for (int e = 0; e < E; ++e) dl[e] += zc * std::exp(lg[e] - mx) / s;
-  }
-  if (n > 0) {
     std::vector<T> xr(nd);
     for (size_t i = 0; i < nd; ++i) xr[i] = c.noise.empty() ? x[i] : x[i] * c.noise[i];
-    Gemm(true, false, E, D, n, T(1), dlogits.data(), E, xr.data(), D, T(1), g->router.data(), D);
+    Gemm(true, false, R, D, n, T(1), dlogits.data(), R, xr.data(), D, T(1), g->router.data(), D);
     std::vector<T> dxr(nd);
-    Gemm(false, false, n, D, E, T(1), dlogits.data(), E, w.router.data(), D, T(0), dxr.data(), D);
+    Gemm(false, false, n, D, R, T(1), dlogits.data(), R, w.router.data(), D, T(0), dxr.data(), D);
     for (size_t i = 0; i < nd; ++i) dx[i] += c.noise.empty() ? dxr[i] : dxr[i] * c.noise[i];
+    if (cfg.gating_residual) {
+      // logits += W_g prev: dW_g += dlogits^T prev; d prev = dlogits W_g.
+      g->prev_logits.assign(static_cast<size_t>(n) * R, T(0));
+      Gemm(false, false, n, R, R, T(1), dlogits.data(), R, w.gate_res.data(), R, T(0), g->prev_logits.data(), R);
+      if (!c.prev_logits.empty()) {
+        Gemm(true, false, R, R, n, T(1), dlogits.data(), R, c.prev_logits.data(), R, T(1), g->gate_res.data(), R);
+      }
+    }
   }
 
   // Shared experts.
