@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <numeric>
 #include <random>
 
 #include "moe/moe_layer.h"
@@ -14,57 +15,91 @@ namespace moe {
 namespace {
 
 template <typename T>
-struct TokenRoute {
-  std::vector<T> logits, probs, bprobs;  // [E]
-};
-
-template <typename T>
 T Sig(T v) { return T(1) / (T(1) + std::exp(-v)); }
 
-// Router of token t: logits, gating, balance probabilities.
+bool IsSoftmaxGating(MoeRouterKind r) { return r != MoeRouterKind::kSigmoidBias; }
+
+// Router of token t over the R targets: logits, gating, balance probabilities, logsumexp.
+template <typename T>
+struct TokenRoute {
+  std::vector<T> logits, probs, bprobs;  // [R]; empty for kHash
+  T lse = 0;                             // logsumexp(logits), for the z-loss
+};
+
+// xt [D] the token, noise_t [D] or nullptr, prev_t [R] the previous layer's logits or nullptr.
 template <typename T>
 TokenRoute<T> RouteOne(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const T* xt,
-                       const T* noise_t) {
-  const int E = cfg.n_expert, D = cfg.d_model;
+                       const T* noise_t, const T* prev_t) {
   TokenRoute<T> r;
-  r.logits.assign(E, T(0));
-  r.probs.assign(E, T(0));
-  r.bprobs.assign(E, T(0));
-  for (int e = 0; e < E; ++e) {
+  if (cfg.router == MoeRouterKind::kHash) return r;
+  const int R = cfg.router_width(), D = cfg.d_model;
+  r.logits.assign(R, T(0));
+  r.probs.assign(R, T(0));
+  r.bprobs.assign(R, T(0));
+  for (int i = 0; i < R; ++i) {
     T a = 0;
-    for (int d = 0; d < D; ++d) a += w.router[static_cast<size_t>(e) * D + d] * (noise_t ? xt[d] * noise_t[d] : xt[d]);
-    r.logits[e] = a;
+    for (int d = 0; d < D; ++d) {
+      a += w.router[static_cast<size_t>(i) * D + d] * (noise_t ? xt[d] * noise_t[d] : xt[d]);
+    }
+    if (cfg.gating_residual && prev_t != nullptr) {
+      for (int j = 0; j < R; ++j) a += w.gate_res[static_cast<size_t>(i) * R + j] * prev_t[j];
+    }
+    r.logits[i] = a;
   }
-  if (cfg.router != MoeRouterKind::kSigmoidBias) {  // softmax_topk, expert_choice
-    const T mx = *std::max_element(r.logits.begin(), r.logits.end());
-    T s = 0;
-    for (int e = 0; e < E; ++e) s += std::exp(r.logits[e] - mx);
-    for (int e = 0; e < E; ++e) r.bprobs[e] = r.probs[e] = std::exp(r.logits[e] - mx) / s;
+  const T mx = *std::max_element(r.logits.begin(), r.logits.end());
+  T se = 0;
+  for (int i = 0; i < R; ++i) se += std::exp(r.logits[i] - mx);
+  r.lse = mx + std::log(se);
+  if (IsSoftmaxGating(cfg.router)) {  // softmax_topk, top_p, expert_choice
+    for (int i = 0; i < R; ++i) r.bprobs[i] = r.probs[i] = std::exp(r.logits[i] - mx) / se;
   } else {
     T s = 0;
-    for (int e = 0; e < E; ++e) s += r.probs[e] = Sig(r.logits[e]);
-    for (int e = 0; e < E; ++e) r.bprobs[e] = r.probs[e] / s;
+    for (int i = 0; i < R; ++i) s += r.probs[i] = Sig(r.logits[i]);
+    for (int i = 0; i < R; ++i) r.bprobs[i] = r.probs[i] / s;
   }
   return r;
 }
 
-// Selection by sorting (expert, score) pairs; the group limit ranks groups by the sum of their two
-// best scores.
+// Constant experts' mixing weights of token t: a [n_const][2] = softmax(W_c x) per expert (on the
+// un-jittered x: only the router sees the jitter).
 template <typename T>
-std::vector<int32_t> SelectOne(const MoeLayerConfig& cfg, const MoeWeights<T>& w,
-                               const std::vector<T>& probs) {
-  const int E = cfg.n_expert;
+void ConstMixOne(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const T* xt, T* a) {
+  const int D = cfg.d_model;
+  for (int ci = 0; ci < cfg.n_const; ++ci) {
+    T u[2];
+    for (int m = 0; m < 2; ++m) {
+      T s = 0;
+      for (int d = 0; d < D; ++d) s += w.const_wc[(static_cast<size_t>(ci) * 2 + m) * D + d] * xt[d];
+      u[m] = s;
+    }
+    const T mx = std::max(u[0], u[1]);
+    const T e0 = std::exp(u[0] - mx), e1 = std::exp(u[1] - mx);
+    a[2 * ci] = e0 / (e0 + e1);
+    a[2 * ci + 1] = e1 / (e0 + e1);
+  }
+}
+
+// Token-choice selection of token t: ids [k] best first and active [k]. Expert choice returns the
+// identity (slot j = expert j) with every slot inactive: the experts decide later.
+template <typename T>
+void SelectOne(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const std::vector<T>& probs,
+               int32_t token_id, int32_t* ids, uint8_t* active) {
+  const int E = cfg.n_expert, R = cfg.router_width(), K = cfg.k;
   if (cfg.router == MoeRouterKind::kExpertChoice) {
-    std::vector<int32_t> all(E);  // slot j = expert j; the experts decide which slots are used
-    for (int e = 0; e < E; ++e) all[e] = e;
-    return all;
+    for (int j = 0; j < K; ++j) ids[j] = j, active[j] = 0;
+    return;
+  }
+  if (cfg.router == MoeRouterKind::kHash) {
+    HashExperts(cfg.hash_seed, token_id, E, K, ids);
+    std::fill(active, active + K, 1);
+    return;
   }
   std::vector<T> score = probs;
   if (cfg.router == MoeRouterKind::kSigmoidBias && !w.exp_probs_b.empty()) {
     for (int e = 0; e < E; ++e) score[e] += w.exp_probs_b[e];
   }
-  std::vector<uint8_t> allowed(E, 1);
-  if (cfg.n_group > 1) {
+  std::vector<uint8_t> allowed(R, 1);
+  if (cfg.n_group > 1) {  // R == E here (validated)
     const int gs = E / cfg.n_group;
     std::vector<std::pair<T, int>> groups;
     for (int g = 0; g < cfg.n_group; ++g) {
@@ -80,21 +115,48 @@ std::vector<int32_t> SelectOne(const MoeLayerConfig& cfg, const MoeWeights<T>& w
     }
   }
   std::vector<int> order;
-  for (int e = 0; e < E; ++e) {
-    if (allowed[e]) order.push_back(e);
+  for (int i = 0; i < R; ++i) {
+    if (allowed[i]) order.push_back(i);
   }
+  // Stable: equal scores keep the lower id first.
   std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return score[a] > score[b]; });
-  return std::vector<int32_t>(order.begin(), order.begin() + cfg.k);
+  std::copy(order.begin(), order.begin() + K, ids);
+  int n_active = K;
+  if (cfg.router == MoeRouterKind::kTopP) {
+    // Fewest targets whose cumulative probability reaches top_p, at most k.
+    double cum = 0.0;
+    n_active = K;
+    for (int j = 0; j < K; ++j) {
+      cum += static_cast<double>(probs[order[j]]);
+      if (cum >= cfg.top_p) {
+        n_active = j + 1;
+        break;
+      }
+    }
+  }
+  for (int j = 0; j < K; ++j) active[j] = j < n_active ? 1 : 0;
 }
 
+// Gate weights of token t from its probabilities and its (fixed) slots: 0 on inactive slots;
+// norm_topk divides by the probability mass of the active non-null slots (null slots keep theirs).
 template <typename T>
 std::vector<T> WeightsOne(const MoeLayerConfig& cfg, const std::vector<T>& probs,
-                          const int32_t* ids) {
-  std::vector<T> gw(cfg.k);
+                          const int32_t* ids, const uint8_t* active) {
+  const int K = cfg.k;
+  const T scale = static_cast<T>(cfg.weights_scale);
+  std::vector<T> gw(K, T(0));
+  if (cfg.router == MoeRouterKind::kHash) {
+    for (int j = 0; j < K; ++j) gw[j] = active[j] ? scale / static_cast<T>(K) : T(0);
+    return gw;
+  }
   T s = 0;
-  for (int j = 0; j < cfg.k; ++j) s += probs[ids[j]];
-  for (int j = 0; j < cfg.k; ++j) {
-    gw[j] = (cfg.norm_topk ? probs[ids[j]] / s : probs[ids[j]]) * static_cast<T>(cfg.weights_scale);
+  for (int j = 0; j < K; ++j) {
+    if (active[j] && cfg.TargetKind(ids[j]) != MoeTargetKind::kNull) s += probs[ids[j]];
+  }
+  for (int j = 0; j < K; ++j) {
+    if (!active[j]) continue;
+    const bool norm = cfg.norm_topk && cfg.TargetKind(ids[j]) != MoeTargetKind::kNull;
+    gw[j] = (norm ? probs[ids[j]] / s : probs[ids[j]]) * scale;
   }
   return gw;
 }
@@ -145,24 +207,59 @@ void ExpertOneBackward(const T* wg, const T* wu, const T* wd, int D, int F, cons
   }
 }
 
+// Index of a constant expert among the constant experts.
+int ConstIndex(const MoeLayerConfig& cfg, int id) {
+  return id - (cfg.n_expert + cfg.n_null + cfg.n_zero + cfg.n_copy);
+}
+
+// Output of a non-FFN target on token t (null and zero: 0; copy: x; constant: a1 x + a2 v).
+template <typename T>
+void ZeroComputationOut(const MoeLayerConfig& cfg, const MoeWeights<T>& w, int id, const T* xt,
+                        const T* a_t, T* out) {
+  const int D = cfg.d_model;
+  switch (cfg.TargetKind(id)) {
+    case MoeTargetKind::kCopy:
+      std::copy(xt, xt + D, out);
+      break;
+    case MoeTargetKind::kConst: {
+      const int ci = ConstIndex(cfg, id);
+      const T* v = &w.const_v[static_cast<size_t>(ci) * D];
+      for (int d = 0; d < D; ++d) out[d] = a_t[2 * ci] * xt[d] + a_t[2 * ci + 1] * v[d];
+      break;
+    }
+    default:
+      std::fill(out, out + D, T(0));
+  }
+}
+
+// Shared experts' output on one token (before the shared gate), and the shared gate.
+template <typename T>
+T SharedGate(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const T* xt) {
+  if (!cfg.shared_gate) return T(1);
+  T a = 0;
+  for (int d = 0; d < cfg.d_model; ++d) a += w.gate_inp_shexp[d] * xt[d];
+  return Sig(a);
+}
+
 }  // namespace
 
 template <typename T>
 void MoeForwardNaive(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const T* x, int n_tokens,
                      T* y, MoeCache<T>* cache, const MoeForwardOptions& opt) {
   internal::CheckWeights(cfg, w);
-  const int D = cfg.d_model, F = cfg.d_ff, E = cfg.n_expert, K = cfg.k;
-  const size_t nd = static_cast<size_t>(n_tokens) * D;
+  internal::CheckForwardOptions<T>(cfg, n_tokens, opt);
+  const int D = cfg.d_model, F = cfg.d_ff, E = cfg.n_expert, K = cfg.k, R = cfg.router_width();
+  const bool hash = cfg.router == MoeRouterKind::kHash;
+  const size_t nd = static_cast<size_t>(n_tokens) * D, nk = static_cast<size_t>(n_tokens) * K;
+  const size_t nr = static_cast<size_t>(n_tokens) * R;
   const auto* fixed = static_cast<const MoeCache<T>*>(opt.fixed_routing);
-  if (fixed != nullptr && fixed->n_tokens != n_tokens) {
-    Fail("MoE layer: the fixed routing was made for %d tokens, this call has %d", fixed->n_tokens, n_tokens);
-  }
-  if (cfg.router == MoeRouterKind::kExpertChoice && opt.seq_len > 0) {
-    Fail("MoE layer: expert_choice chooses over the whole batch: set seq_len = 0 (got %d)", opt.seq_len);
-  }
   MoeCache<T> c;  // built apart so that cache may be the fixed routing itself
   c.n_tokens = n_tokens;
   c.x.assign(x, x + nd);
+  if (hash) {
+    if (opt.token_ids != nullptr) c.token_ids.assign(opt.token_ids, opt.token_ids + n_tokens);
+    else if (fixed != nullptr) c.token_ids = fixed->token_ids;
+  }
   if (fixed != nullptr) {
     c.noise = fixed->noise;
   } else if (opt.training && cfg.jitter_eps > 0) {
@@ -171,50 +268,60 @@ void MoeForwardNaive(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const T*
     c.noise.resize(nd);
     for (T& v : c.noise) v = static_cast<T>(u(rng));
   }
-  c.plan.expert_ids.resize(static_cast<size_t>(n_tokens) * K);
-  c.gate_w.resize(static_cast<size_t>(n_tokens) * K);
-  std::vector<double> load(E, 0.0), pmean(E, 0.0);
-  double z = 0.0;
+  if (cfg.gating_residual && opt.prev_logits != nullptr) {
+    const T* p = static_cast<const T*>(opt.prev_logits);
+    c.prev_logits.assign(p, p + nr);
+  }
+  c.plan.expert_ids.resize(nk);
+  c.active.assign(nk, 0);
+  c.kept.assign(nk, 0);
+  c.gate_w.assign(nk, T(0));
+  c.const_a.assign(static_cast<size_t>(n_tokens) * cfg.n_const * 2, T(0));
+  if (!hash) {
+    c.logits.reserve(nr);
+    c.probs.reserve(nr);
+    c.bprobs.reserve(nr);
+  }
+  std::vector<T> lse(n_tokens, T(0));
+  // Router, constant mixing and selection, token by token.
   for (int t = 0; t < n_tokens; ++t) {
     const T* xt = x + static_cast<size_t>(t) * D;
-    TokenRoute<T> r = RouteOne(cfg, w, xt, c.noise.empty() ? nullptr : &c.noise[static_cast<size_t>(t) * D]);
-    int32_t* ids = &c.plan.expert_ids[static_cast<size_t>(t) * K];
-    if (fixed != nullptr) {
-      std::copy_n(&fixed->plan.expert_ids[static_cast<size_t>(t) * K], K, ids);
-    } else {
-      const std::vector<int32_t> sel = SelectOne(cfg, w, r.probs);
-      std::copy(sel.begin(), sel.end(), ids);
-    }
-    const std::vector<T> gw = WeightsOne(cfg, r.probs, ids);
-    std::copy(gw.begin(), gw.end(), &c.gate_w[static_cast<size_t>(t) * K]);
+    const TokenRoute<T> r =
+        RouteOne(cfg, w, xt, c.noise.empty() ? nullptr : &c.noise[static_cast<size_t>(t) * D],
+                 c.prev_logits.empty() ? nullptr : &c.prev_logits[static_cast<size_t>(t) * R]);
     c.logits.insert(c.logits.end(), r.logits.begin(), r.logits.end());
     c.probs.insert(c.probs.end(), r.probs.begin(), r.probs.end());
     c.bprobs.insert(c.bprobs.end(), r.bprobs.begin(), r.bprobs.end());
-    for (int j = 0; j < K; ++j) load[ids[j]] += 1.0;
-    double mx = -std::numeric_limits<double>::infinity(), s = 0.0;
-    for (int e = 0; e < E; ++e) mx = std::max(mx, static_cast<double>(r.logits[e]));
-    for (int e = 0; e < E; ++e) s += std::exp(r.logits[e] - mx);
-    z += (mx + std::log(s)) * (mx + std::log(s));
-    for (int e = 0; e < E; ++e) pmean[e] += r.bprobs[e] / n_tokens;
+    lse[t] = r.lse;
+    ConstMixOne(cfg, w, xt, &c.const_a[static_cast<size_t>(t) * cfg.n_const * 2]);
+    int32_t* ids = &c.plan.expert_ids[static_cast<size_t>(t) * K];
+    uint8_t* act = &c.active[static_cast<size_t>(t) * K];
+    if (fixed != nullptr) {
+      std::copy_n(&fixed->plan.expert_ids[static_cast<size_t>(t) * K], K, ids);
+      std::copy_n(&fixed->active[static_cast<size_t>(t) * K], K, act);
+    } else {
+      SelectOne(cfg, w, r.probs, hash ? c.token_ids[t] : 0, ids, act);
+    }
   }
-  // Capacity: walk the slots in token order and count per expert and scope.
-  c.kept.assign(c.plan.expert_ids.size(), 1);
+  // Expert choice: each expert ranks all tokens by its probability (stable: ties to the lower
+  // token) and takes its first c; token-choice capacity: count the active FFN slots per expert in
+  // token order within each scope.
   if (fixed != nullptr) {
     c.kept = fixed->kept;
   } else if (cfg.router == MoeRouterKind::kExpertChoice) {
-    // Each expert ranks all tokens by its probability (stable: ties to the lower token) and keeps
-    // the slot (t, e) of its first c.
-    std::fill(c.kept.begin(), c.kept.end(), 0);
     const int64_t cap = n_tokens > 0 ? internal::ExpertChoiceCapacity(cfg, n_tokens) : 0;
     for (int e = 0; e < E; ++e) {
       std::vector<int> tokens(n_tokens);
-      for (int t = 0; t < n_tokens; ++t) tokens[t] = t;
+      std::iota(tokens.begin(), tokens.end(), 0);
       std::stable_sort(tokens.begin(), tokens.end(), [&](int a, int b) {
-        return c.probs[static_cast<size_t>(a) * E + e] > c.probs[static_cast<size_t>(b) * E + e];
+        return c.probs[static_cast<size_t>(a) * R + e] > c.probs[static_cast<size_t>(b) * R + e];
       });
-      for (int64_t r = 0; r < cap; ++r) c.kept[static_cast<size_t>(tokens[r]) * K + e] = 1;
+      for (int64_t q = 0; q < cap; ++q) {
+        const size_t s = static_cast<size_t>(tokens[q]) * K + e;
+        c.kept[s] = c.active[s] = 1;
+      }
     }
-  } else if (cfg.capacity_factor > 0) {
+  } else {
     const int64_t cap = internal::ExpertCapacity(cfg, n_tokens, opt.seq_len);
     const int scope = opt.seq_len > 0 ? opt.seq_len : std::max(n_tokens, 1);
     for (int t0 = 0; t0 < n_tokens; t0 += scope) {
@@ -222,32 +329,66 @@ void MoeForwardNaive(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const T*
       for (int t = t0; t < std::min(n_tokens, t0 + scope); ++t) {
         for (int j = 0; j < K; ++j) {
           const size_t s = static_cast<size_t>(t) * K + j;
-          c.kept[s] = used[c.plan.expert_ids[s]] < cap ? 1 : 0;
-          ++used[c.plan.expert_ids[s]];
+          const int id = c.plan.expert_ids[s];
+          if (!c.active[s] || id >= E) continue;
+          c.kept[s] = cap < 0 || used[id] < cap ? 1 : 0;
+          ++used[id];
         }
       }
     }
   }
-  if (cfg.router == MoeRouterKind::kExpertChoice) c.active = c.kept;
-  else c.active.assign(c.kept.size(), 1);
+  for (int t = 0; t < n_tokens; ++t) {
+    const size_t s0 = static_cast<size_t>(t) * K;
+    std::vector<T> p;
+    if (!hash) p.assign(c.probs.begin() + static_cast<size_t>(t) * R, c.probs.begin() + static_cast<size_t>(t + 1) * R);
+    const std::vector<T> gw = WeightsOne(cfg, p, &c.plan.expert_ids[s0], &c.active[s0]);
+    std::copy(gw.begin(), gw.end(), &c.gate_w[s0]);
+  }
   internal::FinishRouting(cfg, n_tokens, &c);
-  double aux = 0.0;
-  for (int e = 0; e < E; ++e) aux += load[e] / (static_cast<double>(n_tokens) * K) * pmean[e];
-  // Expert choice has no balance loss (balanced by construction).
-  const double aux_coef = cfg.router == MoeRouterKind::kExpertChoice ? 0.0 : cfg.aux_loss_coef;
-  c.aux_loss = n_tokens > 0 ? aux_coef * E * aux : 0.0;
-  c.z_loss = n_tokens > 0 ? cfg.z_loss_coef * z / n_tokens : 0.0;
+  internal::SetLossScope(cfg, opt.balance, &c);
 
+  // Losses over the scope's f and N.
+  const double N = c.loss_tokens;
+  if (!hash && n_tokens > 0 && N > 0) {
+    double aux = 0.0;
+    for (int i = 0; i < R; ++i) {
+      double psum = 0.0;
+      for (int t = 0; t < n_tokens; ++t) psum += static_cast<double>(c.bprobs[static_cast<size_t>(t) * R + i]);
+      aux += internal::BalanceEta(cfg, i) * c.loss_f[i] * psum;
+    }
+    c.aux_loss = internal::AuxCoef(cfg) * R * aux / N;
+    double z = 0.0, h = 0.0;
+    for (int t = 0; t < n_tokens; ++t) {
+      z += static_cast<double>(lse[t]) * static_cast<double>(lse[t]);
+      for (int i = 0; i < R; ++i) {
+        const double p = c.bprobs[static_cast<size_t>(t) * R + i];
+        if (p > 0) h -= p * std::log(p);
+      }
+    }
+    c.z_loss = cfg.z_loss_coef * z / N;
+    c.entropy_loss = cfg.EntropyCoef() * h / N;
+  }
+
+  // Outputs: the active slots in slot order, then the shared experts.
   std::vector<T> o(D), sh(D);
   for (int t = 0; t < n_tokens; ++t) {
     const T* xt = x + static_cast<size_t>(t) * D;
+    const T* a_t = &c.const_a[static_cast<size_t>(t) * cfg.n_const * 2];
     T* yt = y + static_cast<size_t>(t) * D;
     std::fill(yt, yt + D, T(0));
     for (int j = 0; j < K; ++j) {
       const size_t s = static_cast<size_t>(t) * K + j;
-      if (!c.kept[s]) continue;
-      const size_t wo = static_cast<size_t>(c.plan.expert_ids[s]) * F * D;
-      ExpertOne(&w.gate_exps[wo], &w.up_exps[wo], &w.down_exps[wo], D, F, xt, o.data());
+      if (!c.active[s]) continue;
+      const int id = c.plan.expert_ids[s];
+      if (id < E) {
+        if (!c.kept[s]) continue;
+        const size_t wo = static_cast<size_t>(id) * F * D;
+        ExpertOne(&w.gate_exps[wo], &w.up_exps[wo], &w.down_exps[wo], D, F, xt, o.data());
+      } else {
+        const MoeTargetKind kind = cfg.TargetKind(id);
+        if (kind == MoeTargetKind::kNull || kind == MoeTargetKind::kZero) continue;
+        ZeroComputationOut(cfg, w, id, xt, a_t, o.data());
+      }
       for (int d = 0; d < D; ++d) yt[d] += c.gate_w[s] * o[d];
     }
     if (cfg.n_shared > 0) {
@@ -258,12 +399,7 @@ void MoeForwardNaive(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const T*
         ExpertOne(&w.gate_shexp[wo], &w.up_shexp[wo], &w.down_shexp[wo], D, Fs, xt, o.data());
         for (int d = 0; d < D; ++d) sh[d] += o[d];
       }
-      T gsh = 1;
-      if (cfg.shared_gate) {
-        T a = 0;
-        for (int d = 0; d < D; ++d) a += w.gate_inp_shexp[d] * xt[d];
-        gsh = Sig(a);
-      }
+      const T gsh = SharedGate(cfg, w, xt);
       for (int d = 0; d < D; ++d) yt[d] += gsh * sh[d];
     }
   }
@@ -274,94 +410,166 @@ template <typename T>
 void MoeBackwardNaive(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const MoeCache<T>& c,
                       const T* dy, T* dx, MoeGrads<T>* g, const T* dlogits_in) {
   internal::CheckWeights(cfg, w);
-  const int D = cfg.d_model, F = cfg.d_ff, E = cfg.n_expert, K = cfg.k, n = c.n_tokens;
-  std::vector<double> frac(E, 0.0);
-  for (int32_t id : c.plan.expert_ids) frac[id] += 1.0 / (static_cast<double>(n) * K);
-  const double aux_coef = cfg.router == MoeRouterKind::kExpertChoice ? 0.0 : cfg.aux_loss_coef;
-  std::vector<T> o(D), sh(D), dxt(D), dxr(D);
+  const int D = cfg.d_model, F = cfg.d_ff, K = cfg.k, n = c.n_tokens;
+  const int R = cfg.router_width();
+  const bool hash = cfg.router == MoeRouterKind::kHash;
+  if (c.x.size() != static_cast<size_t>(n) * D || c.active.size() != static_cast<size_t>(n) * K) {
+    Fail("MoE layer: the backward needs the cache of a forward call with this config");
+  }
+  const double N = c.loss_tokens;
+  const double aux_coef = internal::AuxCoef(cfg), ent_coef = cfg.EntropyCoef();
+  if (cfg.gating_residual) g->prev_logits.assign(static_cast<size_t>(n) * R, T(0));
+  std::vector<T> o(D), sh(D), dxt(D), dout(D), a_t(static_cast<size_t>(cfg.n_const) * 2);
   for (int t = 0; t < n; ++t) {
     const T* xt = &c.x[static_cast<size_t>(t) * D];
     const T* dyt = dy + static_cast<size_t>(t) * D;
     const T* nz = c.noise.empty() ? nullptr : &c.noise[static_cast<size_t>(t) * D];
+    const T* prev = c.prev_logits.empty() ? nullptr : &c.prev_logits[static_cast<size_t>(t) * R];
     const int32_t* ids = &c.plan.expert_ids[static_cast<size_t>(t) * K];
+    const uint8_t* act = &c.active[static_cast<size_t>(t) * K];
+    const uint8_t* kept = &c.kept[static_cast<size_t>(t) * K];
     std::fill(dxt.begin(), dxt.end(), T(0));
-    const TokenRoute<T> r = RouteOne(cfg, w, xt, nz);
-    const std::vector<T> gw = WeightsOne(cfg, r.probs, ids);
-    // Routed experts and the gradient of each gate weight.
-    std::vector<T> dgw(K, T(0)), dout(D);
+    const TokenRoute<T> r = RouteOne(cfg, w, xt, nz, prev);
+    ConstMixOne(cfg, w, xt, a_t.data());
+    const std::vector<T> gw = WeightsOne(cfg, r.probs, ids, act);
+    // Targets, and the gradient of each gate weight (dgw_j = dy . out_j).
+    std::vector<T> dgw(K, T(0));
     for (int j = 0; j < K; ++j) {
-      if (!c.kept[static_cast<size_t>(t) * K + j]) continue;
-      const size_t wo = static_cast<size_t>(ids[j]) * F * D;
-      ExpertOne(&w.gate_exps[wo], &w.up_exps[wo], &w.down_exps[wo], D, F, xt, o.data());
-      for (int d = 0; d < D; ++d) {
-        dgw[j] += dyt[d] * o[d];
-        dout[d] = gw[j] * dyt[d];
+      if (!act[j]) continue;
+      const int id = ids[j];
+      switch (cfg.TargetKind(id)) {
+        case MoeTargetKind::kFfn: {
+          if (!kept[j]) break;
+          const size_t wo = static_cast<size_t>(id) * F * D;
+          ExpertOne(&w.gate_exps[wo], &w.up_exps[wo], &w.down_exps[wo], D, F, xt, o.data());
+          for (int d = 0; d < D; ++d) {
+            dgw[j] += dyt[d] * o[d];
+            dout[d] = gw[j] * dyt[d];
+          }
+          ExpertOneBackward(&w.gate_exps[wo], &w.up_exps[wo], &w.down_exps[wo], D, F, xt,
+                            dout.data(), &g->gate_exps[wo], &g->up_exps[wo], &g->down_exps[wo],
+                            dxt.data());
+          break;
+        }
+        case MoeTargetKind::kCopy:
+          for (int d = 0; d < D; ++d) {
+            dgw[j] += dyt[d] * xt[d];
+            dxt[d] += gw[j] * dyt[d];
+          }
+          break;
+        case MoeTargetKind::kConst: {
+          // out = a1 x + a2 v, [a1, a2] = softmax(u), u = W_c x.
+          const int ci = ConstIndex(cfg, id);
+          const T a1 = a_t[2 * ci], a2 = a_t[2 * ci + 1];
+          const T* v = &w.const_v[static_cast<size_t>(ci) * D];
+          T* dv = &g->const_v[static_cast<size_t>(ci) * D];
+          T da1 = 0, da2 = 0;
+          for (int d = 0; d < D; ++d) {
+            dgw[j] += dyt[d] * (a1 * xt[d] + a2 * v[d]);
+            da1 += gw[j] * dyt[d] * xt[d];
+            da2 += gw[j] * dyt[d] * v[d];
+            dxt[d] += gw[j] * a1 * dyt[d];
+            dv[d] += gw[j] * a2 * dyt[d];
+          }
+          const T dot = a1 * da1 + a2 * da2;
+          const T du[2] = {a1 * (da1 - dot), a2 * (da2 - dot)};
+          for (int m = 0; m < 2; ++m) {
+            const size_t wo = (static_cast<size_t>(ci) * 2 + m) * D;
+            for (int d = 0; d < D; ++d) {
+              g->const_wc[wo + d] += du[m] * xt[d];
+              dxt[d] += du[m] * w.const_wc[wo + d];
+            }
+          }
+          break;
+        }
+        default:  // null and zero experts: output 0
+          break;
       }
-      ExpertOneBackward(&w.gate_exps[wo], &w.up_exps[wo], &w.down_exps[wo], D, F, xt, dout.data(),
-                        &g->gate_exps[wo], &g->up_exps[wo], &g->down_exps[wo], dxt.data());
     }
-    // Gate weights -> gating probabilities (dp), aux loss -> balance probabilities (dbp).
-    std::vector<T> dp(E, T(0)), dl(E, T(0));
-    const T scale = static_cast<T>(cfg.weights_scale);
-    T psel = 0;
-    for (int j = 0; j < K; ++j) psel += r.probs[ids[j]];
-    for (int j = 0; j < K; ++j) {
-      if (!cfg.norm_topk) {
-        dp[ids[j]] += scale * dgw[j];
-        continue;
+    if (!hash) {
+      // Gate weights -> gating probabilities (dp).
+      std::vector<T> dp(R, T(0)), dbp(R, T(0)), dl(R, T(0));
+      const T scale = static_cast<T>(cfg.weights_scale);
+      T psel = 0;  // mass of the active non-null slots (the norm_topk denominator)
+      for (int j = 0; j < K; ++j) {
+        if (act[j] && cfg.TargetKind(ids[j]) != MoeTargetKind::kNull) psel += r.probs[ids[j]];
       }
-      // w_j = scale p_j / psel: dw_j/dp_i = scale (delta_ij / psel - p_j / psel^2) over selected i.
-      for (int i = 0; i < K; ++i) {
-        const T dji = (i == j ? T(1) / psel : T(0)) - r.probs[ids[j]] / (psel * psel);
-        dp[ids[i]] += scale * dgw[j] * dji;
+      for (int j = 0; j < K; ++j) {
+        if (!act[j]) continue;
+        if (!cfg.norm_topk || cfg.TargetKind(ids[j]) == MoeTargetKind::kNull) {
+          dp[ids[j]] += scale * dgw[j];
+          continue;
+        }
+        // w_j = scale p_j / psel: dw_j/dp_i = scale (delta_ij / psel - p_j / psel^2) over the
+        // active non-null i.
+        for (int i = 0; i < K; ++i) {
+          if (!act[i] || cfg.TargetKind(ids[i]) == MoeTargetKind::kNull) continue;
+          const T dji = (i == j ? T(1) / psel : T(0)) - r.probs[ids[j]] / (psel * psel);
+          dp[ids[i]] += scale * dgw[j] * dji;
+        }
       }
-    }
-    for (int e = 0; e < E; ++e) {
-      const T dbp = static_cast<T>(aux_coef * E * frac[e] / n);
-      if (cfg.router != MoeRouterKind::kSigmoidBias) {
-        dp[e] += dbp;
+      // Aux and entropy losses -> balance probabilities.
+      if (N > 0) {
+        for (int i = 0; i < R; ++i) {
+          dbp[i] += static_cast<T>(aux_coef * R * internal::BalanceEta(cfg, i) * c.loss_f[i] / N);
+          if (ent_coef != 0.0 && r.bprobs[i] > T(0)) {
+            dbp[i] -= static_cast<T>(ent_coef / N) * (std::log(r.bprobs[i]) + T(1));
+          }
+        }
+      }
+      // Balance probabilities -> gating probabilities.
+      if (IsSoftmaxGating(cfg.router)) {
+        for (int i = 0; i < R; ++i) dp[i] += dbp[i];
       } else {
         // bprobs_e = s_e / sum s: d bprobs_e / d s_i = (delta_ei - bprobs_e) / sum s.
         T ssum = 0;
-        for (int i = 0; i < E; ++i) ssum += r.probs[i];
-        for (int i = 0; i < E; ++i) dp[i] += dbp * ((i == e ? T(1) : T(0)) - r.bprobs[e]) / ssum;
-      }
-    }
-    // Probabilities -> logits (full Jacobian for the softmax).
-    for (int e = 0; e < E; ++e) {
-      if (cfg.router != MoeRouterKind::kSigmoidBias) {
-        for (int i = 0; i < E; ++i) {
-          dl[i] += dp[e] * r.probs[e] * ((i == e ? T(1) : T(0)) - r.probs[i]);
+        for (int i = 0; i < R; ++i) ssum += r.probs[i];
+        for (int e = 0; e < R; ++e) {
+          for (int i = 0; i < R; ++i) dp[i] += dbp[e] * ((i == e ? T(1) : T(0)) - r.bprobs[e]) / ssum;
         }
-      } else {
-        dl[e] += dp[e] * r.probs[e] * (T(1) - r.probs[e]);
       }
-    }
-    // z-loss.
-    {
-      T mx = *std::max_element(r.logits.begin(), r.logits.end()), s = 0;
-      for (int e = 0; e < E; ++e) s += std::exp(r.logits[e] - mx);
-      const T lse = mx + std::log(s);
-      for (int e = 0; e < E; ++e) {
-        dl[e] += static_cast<T>(cfg.z_loss_coef) * T(2) * lse * (std::exp(r.logits[e] - mx) / s) / T(n);
+      // Probabilities -> logits (full Jacobian for the softmax).
+      for (int e = 0; e < R; ++e) {
+        if (IsSoftmaxGating(cfg.router)) {
+          for (int i = 0; i < R; ++i) {
+            dl[i] += dp[e] * r.probs[e] * ((i == e ? T(1) : T(0)) - r.probs[i]);
+          }
+        } else {
+          dl[e] += dp[e] * r.probs[e] * (T(1) - r.probs[e]);
+        }
       }
-    }
-    for (int e = 0; e < E; ++e) {
-      for (int d = 0; d < D; ++d) {
-        const T xr = nz ? xt[d] * nz[d] : xt[d];
-        g->router[static_cast<size_t>(e) * D + d] += dl[e] * xr;
-        dxt[d] += dl[e] * w.router[static_cast<size_t>(e) * D + d] * (nz ? nz[d] : T(1));
+      // z-loss: d lse^2 / d l_i = 2 lse softmax(l)_i.
+      if (N > 0) {
+        for (int i = 0; i < R; ++i) {
+          dl[i] += static_cast<T>(cfg.z_loss_coef * 2.0 / N) * r.lse * std::exp(r.logits[i] - r.lse);
+        }
+      }
+      // The next layer's gating residual.
+      if (dlogits_in != nullptr) {
+        for (int i = 0; i < R; ++i) dl[i] += dlogits_in[static_cast<size_t>(t) * R + i];
+      }
+      // logits = W_r (x * noise) + W_g prev.
+      for (int i = 0; i < R; ++i) {
+        for (int d = 0; d < D; ++d) {
+          const T xr = nz ? xt[d] * nz[d] : xt[d];
+          g->router[static_cast<size_t>(i) * D + d] += dl[i] * xr;
+          dxt[d] += dl[i] * w.router[static_cast<size_t>(i) * D + d] * (nz ? nz[d] : T(1));
+        }
+      }
+      if (cfg.gating_residual) {
+        T* dprev = &g->prev_logits[static_cast<size_t>(t) * R];
+        for (int i = 0; i < R; ++i) {
+          for (int j = 0; j < R; ++j) {
+            if (prev != nullptr) g->gate_res[static_cast<size_t>(i) * R + j] += dl[i] * prev[j];
+            dprev[j] += w.gate_res[static_cast<size_t>(i) * R + j] * dl[i];
+          }
+        }
       }
     }
     // Shared experts.
     if (cfg.n_shared > 0) {
       const int Fs = cfg.d_ff_shared;
-      T gsh = 1;
-      if (cfg.shared_gate) {
-        T a = 0;
-        for (int d = 0; d < D; ++d) a += w.gate_inp_shexp[d] * xt[d];
-        gsh = Sig(a);
-      }
+      const T gsh = SharedGate(cfg, w, xt);
       std::fill(sh.begin(), sh.end(), T(0));
       for (int d = 0; d < D; ++d) dout[d] = gsh * dyt[d];
       for (int s = 0; s < cfg.n_shared; ++s) {

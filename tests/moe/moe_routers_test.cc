@@ -135,7 +135,7 @@ std::vector<NamedConfig> NewRouterConfigs() {
     c.n_null = 2;
     c.n_const = 1;
     c.norm_topk = true;
-    c.capacity_factor = 1.0;
+    c.capacity_factor = 0.5;  // null and constant picks leave the FFN experts room: drop anyway
     c.jitter_eps = 0.1;
     v.push_back({"null_const_capacity_jitter", c});
   }

@@ -31,38 +31,31 @@ Runner AddBenchLayer(CLI::App& app) {
   struct Options {
     std::string router = "softmax_topk";
     int tokens = 4096, dim = 512, ffn = 1024, experts = 8, k = 2, threads = 0, repeats = 5;
-    double capacity_factor = 0.0;
+    double capacity_factor = 0.0, top_p = 0.4;
     uint64_t seed = 1;
     bool json = false;
   };
   auto o = std::make_shared<Options>();
-  app.add_option("--router", o->router, "softmax_topk, sigmoid_bias or expert_choice")->default_val("softmax_topk");
+  app.add_option("--router", o->router, std::string("router: ") + MoeRouterNames())->default_val("softmax_topk");
   app.add_option("--tokens", o->tokens, "tokens in the batch")->default_val(4096);
   app.add_option("--dim", o->dim, "model width")->default_val(512);
   app.add_option("--ffn", o->ffn, "expert width")->default_val(1024);
   app.add_option("--experts", o->experts, "routed experts")->default_val(8);
   app.add_option("--experts-used", o->k, "experts per token (k)")->default_val(2);
   app.add_option("--capacity-factor", o->capacity_factor, "0 = dropless")->default_val(0.0);
+  app.add_option("--top-p", o->top_p, "top_p router: cumulative probability (--experts-used is k_max)")->default_val(0.4);
   app.add_option("-t,--threads", o->threads, "threads (default: all CPUs)")->default_val(0);
   app.add_option("-r,--repeats", o->repeats, "timed repeats (median reported)")->default_val(5);
   app.add_option("--seed", o->seed, "seed of the weights and inputs")->default_val(1);
   app.add_flag("--json", o->json, "print one JSON object");
   return [=]() {
     MoeLayerConfig cfg;
-    if (o->router == "softmax_topk") {
-      cfg.router = MoeRouterKind::kSoftmaxTopK;
-      cfg.norm_topk = true;
-    } else if (o->router == "sigmoid_bias") {
-      cfg.router = MoeRouterKind::kSigmoidBias;
-      cfg.norm_topk = true;
-    } else if (o->router == "expert_choice") {  // each expert takes its top-c tokens (c = T*2/E)
-      cfg.router = MoeRouterKind::kExpertChoice;
-    } else if (o->router == "hash" || o->router == "top_p") {
-      Fail("--router %s is not implemented yet (available: softmax_topk, sigmoid_bias, expert_choice)",
-           o->router.c_str());
-    } else {
-      Fail("--router '%s' is unknown (use softmax_topk, sigmoid_bias or expert_choice)", o->router.c_str());
+    if (!ParseMoeRouterKind(o->router, &cfg.router)) {
+      Fail("--router '%s' is unknown (use one of %s)", o->router.c_str(), MoeRouterNames());
     }
+    // Renormalised top-k for the token-choice routers with a learned top-k (Mixtral, DeepSeek-V3).
+    cfg.norm_topk = cfg.router == MoeRouterKind::kSoftmaxTopK || cfg.router == MoeRouterKind::kSigmoidBias;
+    cfg.top_p = o->top_p;
     if (o->tokens < 1 || o->repeats < 1) Fail("--tokens and --repeats must be >= 1");
     cfg.d_model = o->dim;
     cfg.d_ff = o->ffn;
@@ -82,6 +75,8 @@ Runner AddBenchLayer(CLI::App& app) {
     g.Resize(cfg);
     const size_t n = static_cast<size_t>(o->tokens) * o->dim;
     std::vector<float> x(n), dy(n), y(n), dx(n);
+    std::vector<int32_t> token_ids(o->tokens);  // for the hash router
+    std::uniform_int_distribution<int32_t> vocab(0, 31999);
     MoeCache<float> cache;
     MoeForwardOptions fo;
     fo.pool = &pool;
@@ -90,15 +85,19 @@ Runner AddBenchLayer(CLI::App& app) {
       return std::chrono::duration<double, std::milli>(b - a).count();
     };
     std::vector<double> fwd, fwd_bwd;
+    MoeTelemetry tel;
     for (int r = -1; r < o->repeats; ++r) {  // r = -1: untimed warm-up
       Fill(x, 1.0f, rng);  // fresh inputs: routing differs every repeat
       Fill(dy, 1.0f, rng);
+      for (int32_t& v : token_ids) v = vocab(rng);
+      fo.token_ids = token_ids.data();
       g.Zero();
       const auto t0 = Clock::now();
       MoeForward(cfg, w, x.data(), o->tokens, y.data(), &cache, fo);
       const auto t1 = Clock::now();
       MoeBackward(cfg, w, cache, dy.data(), dx.data(), &g, &pool);
       const auto t2 = Clock::now();
+      if (r == o->repeats - 1) tel = ComputeTelemetry(cfg, cache);
       if (r >= 0) {
         fwd.push_back(ms(t0, t1));
         fwd_bwd.push_back(ms(t0, t2));
@@ -107,7 +106,8 @@ Runner AddBenchLayer(CLI::App& app) {
     nlohmann::json j = {{"router", o->router}, {"tokens", o->tokens}, {"dim", o->dim},
                         {"ffn", o->ffn}, {"experts", o->experts}, {"experts_used", o->k},
                         {"threads", pool.size()}, {"forward_ms", Median(fwd)},
-                        {"forward_backward_ms", Median(fwd_bwd)}};
+                        {"forward_backward_ms", Median(fwd_bwd)},
+                        {"telemetry", nlohmann::json::parse(MoeTelemetryToJson(tel))}};
     if (o->json) {
       std::printf("%s\n", j.dump().c_str());
     } else {
