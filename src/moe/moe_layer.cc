@@ -54,25 +54,31 @@ void BlockedGemmNT(const T* a, int m_pad, const T* b, int n, int kd, T* c) {
 template <typename T>
 T Sigmoid(T v) { return T(1) / (T(1) + std::exp(-v)); }
 
+// Per-thread scratch arrays of the expert products: grown once, never shrunk, never zeroed (every
+// use writes before it reads), so the hot loops do not allocate or clear memory per expert.
 template <typename T>
-T Silu(T v) { return v * Sigmoid(v); }
-
-// d silu(v) / dv
+struct Scratch {
+  std::vector<T> v[6];
+  T* Get(int i, size_t n) {
+    if (v[i].size() < n) v[i].resize(n);
+    return v[i].data();
+  }
+};
 template <typename T>
-T SiluGrad(T v) {
-  const T s = Sigmoid(v);
-  return s * (T(1) + v * (T(1) - s));
+Scratch<T>& ThreadScratch() {
+  thread_local Scratch<T> s;
+  return s;
 }
 
 // SwiGLU expert forward on m rows (padded to m_pad with zero rows): xe [m_pad][D] ->
-// hg, hu [m_pad][F], out [m_pad][D].
+// hg, hu [m_pad][F], out [m_pad][D]; act [m_pad][F] is scratch.
 template <typename T>
 void SwigluForward(const T* xe, int m_pad, const T* wg, const T* wu, const T* wd, int d, int f,
                    T* hg, T* hu, T* act, T* out) {
   BlockedGemmNT(xe, m_pad, wg, f, d, hg);
   BlockedGemmNT(xe, m_pad, wu, f, d, hu);
   const size_t n = static_cast<size_t>(m_pad) * f;
-  for (size_t i = 0; i < n; ++i) act[i] = Silu(hg[i]) * hu[i];
+  for (size_t i = 0; i < n; ++i) act[i] = hg[i] * Sigmoid(hg[i]) * hu[i];
   BlockedGemmNT(act, m_pad, wd, d, f, out);
 }
 
@@ -81,18 +87,25 @@ void SwigluForward(const T* xe, int m_pad, const T* wg, const T* wu, const T* wd
 template <typename T>
 void SwigluBackward(const T* xe, const T* hg, const T* hu, const T* dout, int m, const T* wg,
                     const T* wu, const T* wd, int d, int f, T* dwg, T* dwu, T* dwd, T* dxe) {
-  std::vector<T> act(static_cast<size_t>(m) * f), dact(act.size()), dg(act.size()), du(act.size());
-  for (size_t i = 0; i < act.size(); ++i) act[i] = Silu(hg[i]) * hu[i];
-  Gemm(false, false, m, f, d, T(1), dout, d, wd, f, T(0), dact.data(), f);      // [m][F]
-  Gemm(true, false, d, f, m, T(1), dout, d, act.data(), f, T(1), dwd, f);       // [D][F]
-  for (size_t i = 0; i < act.size(); ++i) {
-    dg[i] = dact[i] * hu[i] * SiluGrad(hg[i]);
-    du[i] = dact[i] * Silu(hg[i]);
+  const size_t n = static_cast<size_t>(m) * f;
+  Scratch<T>& sc = ThreadScratch<T>();
+  T* act = sc.Get(0, n);
+  T* dact = sc.Get(1, n);
+  T* dg = sc.Get(2, n);
+  T* du = sc.Get(3, n);
+  for (size_t i = 0; i < n; ++i) act[i] = hg[i] * Sigmoid(hg[i]) * hu[i];
+  Gemm(false, false, m, f, d, T(1), dout, d, wd, f, T(0), dact, f);      // [m][F]
+  Gemm(true, false, d, f, m, T(1), dout, d, act, f, T(1), dwd, f);       // [D][F]
+  for (size_t i = 0; i < n; ++i) {
+    // silu(g) = g s, d silu / dg = s (1 + g (1 - s)), s = sigmoid(g): one exp per element.
+    const T s = Sigmoid(hg[i]);
+    dg[i] = dact[i] * hu[i] * s * (T(1) + hg[i] * (T(1) - s));
+    du[i] = dact[i] * hg[i] * s;
   }
-  Gemm(true, false, f, d, m, T(1), dg.data(), f, xe, d, T(1), dwg, d);          // [F][D]
-  Gemm(true, false, f, d, m, T(1), du.data(), f, xe, d, T(1), dwu, d);          // [F][D]
-  Gemm(false, false, m, d, f, T(1), dg.data(), f, wg, d, T(0), dxe, d);         // [m][D]
-  Gemm(false, false, m, d, f, T(1), du.data(), f, wu, d, T(1), dxe, d);
+  Gemm(true, false, f, d, m, T(1), dg, f, xe, d, T(1), dwg, d);          // [F][D]
+  Gemm(true, false, f, d, m, T(1), du, f, xe, d, T(1), dwu, d);          // [F][D]
+  Gemm(false, false, m, d, f, T(1), dg, f, wg, d, T(0), dxe, d);         // [m][D]
+  Gemm(false, false, m, d, f, T(1), du, f, wu, d, T(1), dxe, d);
 }
 
 void ParallelOver(ThreadPool* pool, int n, const std::function<void(int)>& fn) {
@@ -448,19 +461,23 @@ void MoeForward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const T* x, i
     const int r0 = c.kept_offsets[e], m = c.kept_offsets[e + 1] - r0;
     if (m == 0) return;
     const int m_pad = PadRows(m);
-    std::vector<T> xe(static_cast<size_t>(m_pad) * D, T(0));  // [m_pad][D] permuted tokens
+    Scratch<T>& sc = ThreadScratch<T>();
+    T* xe = sc.Get(0, static_cast<size_t>(m_pad) * D);  // [m_pad][D] permuted tokens, zero padded
     for (int r = 0; r < m; ++r) {
       const T* src = x + static_cast<size_t>(c.kept_slots[r0 + r] / K) * D;
-      std::copy(src, src + D, &xe[static_cast<size_t>(r) * D]);
+      std::copy(src, src + D, xe + static_cast<size_t>(r) * D);
     }
-    std::vector<T> hg(static_cast<size_t>(m_pad) * F), hu(hg.size()), act(hg.size());
-    std::vector<T> out(static_cast<size_t>(m_pad) * D);
+    std::fill(xe + static_cast<size_t>(m) * D, xe + static_cast<size_t>(m_pad) * D, T(0));
+    const size_t mf = static_cast<size_t>(m_pad) * F;
+    T* hg = sc.Get(1, mf);
+    T* hu = sc.Get(2, mf);
+    T* act = sc.Get(3, mf);
+    T* out = sc.Get(4, static_cast<size_t>(m_pad) * D);
     const size_t wo = static_cast<size_t>(e) * F * D;
-    SwigluForward(xe.data(), m_pad, &w.gate_exps[wo], &w.up_exps[wo], &w.down_exps[wo], D, F,
-                  hg.data(), hu.data(), act.data(), out.data());
-    std::copy(hg.begin(), hg.begin() + static_cast<size_t>(m) * F, &c.h_gate[static_cast<size_t>(r0) * F]);
-    std::copy(hu.begin(), hu.begin() + static_cast<size_t>(m) * F, &c.h_up[static_cast<size_t>(r0) * F]);
-    std::copy(out.begin(), out.begin() + static_cast<size_t>(m) * D, &c.expert_out[static_cast<size_t>(r0) * D]);
+    SwigluForward(xe, m_pad, &w.gate_exps[wo], &w.up_exps[wo], &w.down_exps[wo], D, F, hg, hu, act, out);
+    std::copy(hg, hg + static_cast<size_t>(m) * F, &c.h_gate[static_cast<size_t>(r0) * F]);
+    std::copy(hu, hu + static_cast<size_t>(m) * F, &c.h_up[static_cast<size_t>(r0) * F]);
+    std::copy(out, out + static_cast<size_t>(m) * D, &c.expert_out[static_cast<size_t>(r0) * D]);
   });
 
   // Shared experts over all tokens.
@@ -630,18 +647,20 @@ void MoeBackward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const MoeCac
   ParallelOver(pool, E, [&](int e) {
     const int r0 = c.kept_offsets[e], m = c.kept_offsets[e + 1] - r0;
     if (m == 0) return;
-    std::vector<T> xe(static_cast<size_t>(m) * D), dout(xe.size());  // [m][D]
+    Scratch<T>& sc = ThreadScratch<T>();
+    T* xe = sc.Get(4, static_cast<size_t>(m) * D);    // [m][D]
+    T* dout = sc.Get(5, static_cast<size_t>(m) * D);  // [m][D]
     for (int r = 0; r < m; ++r) {
       const int s = c.kept_slots[r0 + r];
       const T* src = x + static_cast<size_t>(s / K) * D;
-      std::copy(src, src + D, &xe[static_cast<size_t>(r) * D]);
+      std::copy(src, src + D, xe + static_cast<size_t>(r) * D);
       const T gw = c.gate_w[s];
       const T* d = dy + static_cast<size_t>(s / K) * D;
       for (int i = 0; i < D; ++i) dout[static_cast<size_t>(r) * D + i] = gw * d[i];
     }
     const size_t wo = static_cast<size_t>(e) * F * D;
-    SwigluBackward(xe.data(), &c.h_gate[static_cast<size_t>(r0) * F],
-                   &c.h_up[static_cast<size_t>(r0) * F], dout.data(), m, &w.gate_exps[wo],
+    SwigluBackward(xe, &c.h_gate[static_cast<size_t>(r0) * F],
+                   &c.h_up[static_cast<size_t>(r0) * F], dout, m, &w.gate_exps[wo],
                    &w.up_exps[wo], &w.down_exps[wo], D, F, &g->gate_exps[wo], &g->up_exps[wo],
                    &g->down_exps[wo], &dx_rows[static_cast<size_t>(r0) * D]);
   });
