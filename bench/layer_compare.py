@@ -73,7 +73,8 @@ def section(a, med_moe, med_torch, version, date):
     lines = [f"## MoE layer: moe.cpp vs PyTorch ({date})", "",
              f"Machine: {cpu_name()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}. "
              f"Command: `{cmd}`. Router {a.router}, T={a.tokens}, D={a.dim}, F={a.ffn}, E={a.experts}, "
-             f"k={a.experts_used}, SwiGLU experts, float32, {a.threads} threads, fresh random inputs per repeat, "
+             f"k={a.experts_used}, SwiGLU experts, float32, {a.threads} threads, "
+             f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')}, fresh random inputs per repeat, "
              f"medians of {a.rounds} alternating rounds (each tool: median of its own repeats). "
              f"PyTorch {version}: `loop` = per-expert loop as in Hugging Face's Mixtral "
              "block, `sorted` = tokens sorted by expert, one slab per expert; `(passive)` = run with "

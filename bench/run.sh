@@ -1,5 +1,11 @@
 #!/usr/bin/env bash
-# make bench: moe.cpp vs llama.cpp on the same files, in one run; writes bench/RESULTS.md.
+# make bench: moe.cpp vs llama.cpp on the same files, then the MoE layer vs PyTorch, in one run;
+# each writes its section of bench/RESULTS.md.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-exec /usr/bin/python3 "$ROOT/bench/compare.py" --moe "$ROOT/build/bin/moe" "$@"
+# These machines run with OPENBLAS_CORETYPE=Haswell (older OpenBLAS builds miscompute on this CPU);
+# keep a value that is set, default to it otherwise, so PyTorch's and moe.cpp's BLAS calls run the
+# same kernel as on the machines the results are for.
+export OPENBLAS_CORETYPE="${OPENBLAS_CORETYPE:-Haswell}"
+/usr/bin/python3 "$ROOT/bench/compare.py" --moe "$ROOT/build/bin/moe" "$@"
+/usr/bin/python3 "$ROOT/bench/layer_compare.py" --moe "$ROOT/build/bin/moe" --rounds 3

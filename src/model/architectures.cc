@@ -1,6 +1,8 @@
 // The supported architectures: their GGUF keys, traits and tensor lists, one section each.
 // Facts from llama.cpp's loaders (src/models/<arch>.cpp); see ../shared/GGUF-MOE.md §4-6.
 #include <cmath>
+#include <optional>
+#include <string>
 
 #include "model/config.h"
 #include "util/error.h"
@@ -86,6 +88,24 @@ void ApplyArchTraits(ModelConfig& c) {
       c.shared_expert_gate = false;
       break;
   }
+  c.router.select = RouteSelect::kTopK;
+  c.router.top_p = c.router_top_p;
+  c.router.hash_seed = c.router_hash_seed;
+  switch (c.router_kind) {
+    case MoeRouterKind::kSoftmaxTopK:
+    case MoeRouterKind::kExpertChoice:  // training-only: never routed here (UnservableRouterReason)
+      break;
+    case MoeRouterKind::kSigmoidBias: c.router.gating = GatingFunc::kSigmoid; break;
+    case MoeRouterKind::kTopP: c.router.select = RouteSelect::kTopP; break;
+    case MoeRouterKind::kHash: c.router.select = RouteSelect::kHash; break;
+  }
+}
+
+std::string UnservableRouterReason(const ModelConfig& c) {
+  if (c.router_kind == MoeRouterKind::kExpertChoice)
+    return "model router expert_choice is training-only (each expert picks tokens from the whole "
+           "batch): moe run cannot serve it; export the model with a token-choice router";
+  return "";
 }
 
 void ValidateConfig(const ModelConfig& c) {
@@ -127,9 +147,57 @@ void ValidateConfig(const ModelConfig& c) {
                    c.n_head_kv, c.n_head));
   }
   if (c.arch == Arch::kQwen2Moe) need(c.n_ff_shexp >= 1, "qwen2moe needs a shared expert (--shared-ffn)");
+  if (c.router_kind == MoeRouterKind::kTopP)
+    need(std::isfinite(c.router_top_p) && c.router_top_p > 0 && c.router_top_p <= 1,
+         StrFormat("expert_router_top_p %g must be in (0, 1] (--top-p)", c.router_top_p));
 }
 
-ModelConfig ReadConfig(const GgufFile& f) {
+namespace {
+
+// The router keys (config.h): expert_router, its parameters and llama.cpp's expert_gating_func.
+void ReadRouter(const GgufFile& f, ModelConfig& c) {
+  const std::string router_key = Key(c, "expert_router");
+  const std::optional<std::string> name = f.GetStringOpt(router_key);
+  if (name && !ParseMoeRouterKind(*name, &c.router_kind))
+    f.Throw("key '" + router_key + "' names router '" + *name + "', which moe.cpp does not know (use one of: " +
+            MoeRouterNames() + ")");
+  const std::string gating_key = Key(c, "expert_gating_func");
+  if (auto g = f.GetU32Opt(gating_key)) {
+    const bool sigmoid_router = c.router_kind == MoeRouterKind::kSigmoidBias;
+    if (*g == 2 && !name) {
+      c.router_kind = MoeRouterKind::kSigmoidBias;
+    } else if (*g == 2 && !sigmoid_router) {
+      f.Throw(StrFormat("key '%s' = 2 (sigmoid) contradicts '%s' = %s: sigmoid gating is router sigmoid_bias",
+                        gating_key.c_str(), router_key.c_str(), name->c_str()));
+    } else if (*g == 1 && sigmoid_router) {
+      f.Throw(StrFormat("key '%s' = 1 (softmax) contradicts '%s' = sigmoid_bias (which needs 2)",
+                        gating_key.c_str(), router_key.c_str()));
+    } else if (*g > 2) {
+      f.Throw(StrFormat("key '%s' = %u is not supported (moe.cpp has 0 or 1 softmax, 2 sigmoid)",
+                        gating_key.c_str(), *g));
+    }
+  }
+  const std::string top_p_key = Key(c, "expert_router_top_p");
+  const std::string seed_key = Key(c, "expert_router_hash_seed");
+  auto only_for = [&](const std::string& key, MoeRouterKind kind) {
+    if (f.Has(key) && c.router_kind != kind)
+      f.Throw(StrFormat("key '%s' applies to router %s, but the model's router is %s", key.c_str(),
+                        MoeRouterName(kind), MoeRouterName(c.router_kind)));
+  };
+  only_for(top_p_key, MoeRouterKind::kTopP);
+  only_for(seed_key, MoeRouterKind::kHash);
+  if (c.router_kind == MoeRouterKind::kTopP) c.router_top_p = f.GetF32Opt(top_p_key).value_or(0.4f);
+  if (const GgufValue* v = f.Find(seed_key)) {
+    if (v->type != GgufType::kU64 && v->type != GgufType::kU32)
+      f.Throw(StrFormat("key '%s' has type %s but expected u64 (or u32)", seed_key.c_str(),
+                        GgufTypeName(v->type)));
+    c.router_hash_seed = v->num.u64;
+  }
+}
+
+}  // namespace
+
+ModelConfig ReadConfig(const GgufFile& f, bool allow_training_only) {
   ModelConfig c;
   c.arch_name = f.GetString("general.architecture");
   if (!ParseArch(c.arch_name, &c.arch))
@@ -179,13 +247,14 @@ ModelConfig ReadConfig(const GgufFile& f) {
   } else if (const TensorView* t = f.FindTensor("token_embd.weight")) {
     c.n_vocab = static_cast<uint32_t>(t->ne[1]);
   }
-  c.router.n_expert = static_cast<int>(c.n_expert);
-  c.router.n_expert_used = static_cast<int>(c.n_expert_used);
+  ReadRouter(f, c);
+  ApplyArchTraits(c);  // again: the router and the expert counts are known now
   try {
     ValidateConfig(c);
   } catch (const Error& e) {
     f.Throw(e.what());
   }
+  if (const std::string why = UnservableRouterReason(c); !why.empty() && !allow_training_only) f.Throw(why);
   return c;
 }
 
@@ -221,6 +290,12 @@ void WriteConfig(const ModelConfig& c, GgufWriter& w) {
       w.SetU32(Key(c, "expert_feed_forward_length"), c.n_ff_exp);
       break;
   }
+  // moe.cpp's router keys, only for a non-default router (default files stay as llama.cpp's).
+  if (c.router_kind != MoeRouterKind::kSoftmaxTopK)
+    w.SetString(Key(c, "expert_router"), MoeRouterName(c.router_kind));
+  if (c.router_kind == MoeRouterKind::kSigmoidBias) w.SetU32(Key(c, "expert_gating_func"), 2);
+  if (c.router_kind == MoeRouterKind::kTopP) w.SetF32(Key(c, "expert_router_top_p"), c.router_top_p);
+  if (c.router_kind == MoeRouterKind::kHash) w.SetU64(Key(c, "expert_router_hash_seed"), c.router_hash_seed);
 }
 
 std::vector<TensorSpec> ExpectedTensors(const ModelConfig& c, bool with_output, bool with_qkv_bias) {
@@ -254,7 +329,11 @@ std::vector<TensorSpec> ExpectedTensors(const ModelConfig& c, bool with_output, 
       t.push_back({p + "attn_k_norm.weight", {nk}, TensorRole::kNorm});
     }
     t.push_back({p + "ffn_norm.weight", {E}, TensorRole::kNorm});
-    t.push_back({p + "ffn_gate_inp.weight", {E, X}, TensorRole::kRouter});
+    // hash routing has no learned router: ffn_gate_inp may be present (ignored) or absent.
+    t.push_back({p + "ffn_gate_inp.weight", {E, X}, TensorRole::kRouter,
+                 c.router_kind == MoeRouterKind::kHash});
+    if (c.router_kind == MoeRouterKind::kSigmoidBias)  // selection-only bias (DeepSeek-V3)
+      t.push_back({p + "exp_probs_b.bias", {X}, TensorRole::kBias});
     t.push_back({p + "ffn_gate_exps.weight", {E, F, X}, TensorRole::kExperts});
     t.push_back({p + "ffn_down_exps.weight", {F, E, X}, TensorRole::kExperts});
     t.push_back({p + "ffn_up_exps.weight", {E, F, X}, TensorRole::kExperts});

@@ -2,6 +2,21 @@
 // mixed with run-time settings). Field names follow GGUF's prefix family (n_expert,
 // n_expert_used, n_ff_exp, ...). One ArchSpec per supported architecture (architectures.cc)
 // maps between ModelConfig, GGUF keys and the tensor list.
+//
+// The router is chosen by name with moe.cpp's own keys (llama.cpp ignores unknown keys):
+//   <arch>.expert_router            string, one of MoeRouterNames(); absent = softmax_topk, the
+//                                   router llama.cpp hard-codes for these architectures, so every
+//                                   llama.cpp-made file reads as before
+//   <arch>.expert_router_top_p      f32, top_p only (absent = 0.4)
+//   <arch>.expert_router_hash_seed  u64 (u32 also read), hash only (absent = 0)
+//   <arch>.expert_gating_func       u32, llama.cpp's convention (0 arch default, 1 softmax,
+//                                   2 sigmoid): written as 2 for sigmoid_bias; 2 without
+//                                   expert_router reads as sigmoid_bias
+// WriteConfig writes them only for a non-default router, so default files are unchanged.
+// sigmoid_bias adds the tensor blk.N.exp_probs_b.bias [n_expert] f32 (selection-only bias, as
+// DeepSeek-V3 in llama.cpp); hash has no learned router, so blk.N.ffn_gate_inp is optional and
+// ignored. Files with a non-default router are moe.cpp's own: llama.cpp computes softmax_topk
+// for these architectures (and rejects the extra exp_probs_b tensor).
 #pragma once
 
 #include <cstdint>
@@ -9,6 +24,7 @@
 #include <vector>
 
 #include "formats/gguf.h"
+#include "moe/moe_layer.h"
 #include "moe/routing.h"
 #include "tensor/dtype.h"
 
@@ -46,7 +62,13 @@ struct ModelConfig {
   QkNorm qk_norm = QkNorm::kNone;
   bool qkv_bias = false;          // qwen2moe: optional Q/K/V biases
   bool shared_expert_gate = false;  // qwen2moe: sigmoid(ffn_gate_inp_shexp . x) scales shexp
-  RouterConfig router;            // gating, normalisation, k
+  RouterConfig router;            // gating, normalisation, k, selection: derived by ApplyArchTraits
+
+  // Router by name (keys above). expert_choice is training-only: ReadConfig refuses it unless
+  // the caller only inspects the file.
+  MoeRouterKind router_kind = MoeRouterKind::kSoftmaxTopK;
+  float router_top_p = 0.4f;      // top_p: cumulative probability threshold, in (0, 1]
+  uint64_t router_hash_seed = 0;  // hash: seed of HashExperts
 
   uint32_t n_q() const { return n_head * n_embd_head_k; }     // Q width
   uint32_t n_k() const { return n_head_kv * n_embd_head_k; }  // K width
@@ -68,11 +90,16 @@ struct TensorSpec {
 bool ParseArch(const std::string& name, Arch* out);
 const char* ArchName(Arch a);
 
-// Reads and validates the config from GGUF keys (throws moe::Error naming the key).
-ModelConfig ReadConfig(const GgufFile& f);
+// Reads and validates the config from GGUF keys (throws moe::Error naming the key). A
+// training-only router (expert_choice) is an error unless allow_training_only (moe inspect).
+ModelConfig ReadConfig(const GgufFile& f, bool allow_training_only = false);
+// Why a forward pass cannot serve this config's router, or "" when it can (expert_choice: each
+// expert picks tokens from the whole batch, which generation does not have).
+std::string UnservableRouterReason(const ModelConfig& c);
 // Writes every key llama.cpp needs for this architecture, with the exact types it checks.
 void WriteConfig(const ModelConfig& c, GgufWriter& w);
-// Fills the architecture traits (rope type, norms, routing) for c.arch.
+// Fills the architecture traits (rope type, norms, routing) for c.arch, and c.router from
+// router_kind / router_top_p / router_hash_seed and the expert counts.
 void ApplyArchTraits(ModelConfig& c);
 // Checks that the hyper-parameters are self-consistent; throws moe::Error on the first problem.
 void ValidateConfig(const ModelConfig& c);

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <string>
 
 #include "kernels/kernels.h"
 #include "util/error.h"
@@ -26,6 +27,7 @@ float* F(std::vector<float>& v, size_t i) { return v.data() + i; }
 
 Forward::Forward(const Model& model, ThreadPool& pool, int n_ctx, int n_batch)
     : model_(model), c_(model.config()), pool_(pool), n_ctx_(n_ctx), n_batch_(n_batch) {
+  if (const std::string why = UnservableRouterReason(c_); !why.empty()) throw Error(why);
   if (n_ctx_ <= 0) n_ctx_ = static_cast<int>(std::min<uint32_t>(c_.n_ctx_train ? c_.n_ctx_train : 4096, 4096));
   if (n_batch_ <= 0) n_batch_ = 256;
   k_cache_.assign(static_cast<size_t>(c_.n_layer) * n_ctx_ * c_.n_k(), 0.0f);
@@ -86,7 +88,7 @@ void Forward::EvalChunk(const int32_t* tokens, int T, bool all_logits, float* lo
       kernels::Add(F(x_, t * E), F(tmp_, t * E), F(x_, t * E), E);
     for (int t = 0; t < T; ++t)  // ffn_norm
       kernels::RmsNorm(F(x_, t * E), L.ffn_norm->F32(), E, c_.rms_eps, F(h_, t * E));
-    MoeFfn(static_cast<int>(il), T);
+    MoeFfn(static_cast<int>(il), tokens, T);
     for (int t = 0; t < T; ++t) kernels::Add(F(x_, t * E), F(tmp_, t * E), F(x_, t * E), E);
   }
 
@@ -157,15 +159,19 @@ void Forward::Attention(int il, int T) {
   (void)E;
 }
 
-void Forward::MoeFfn(int il, int T) {
+void Forward::MoeFfn(int il, const int32_t* tokens, int T) {
   const LayerWeights& L = model_.layers[il];
   const int64_t E = c_.n_embd, Fx = c_.n_ff_exp;
   const int X = static_cast<int>(c_.n_expert), K = static_cast<int>(c_.n_expert_used);
-  router_.resize(static_cast<size_t>(T) * X);
-  Linear(*L.gate_inp, h_.data(), T, router_.data());  // ffn_moe_logits [T][n_expert]
-  RouteTokens(c_.router, router_.data(), T, &plan_);
+  float* logits = nullptr;
+  if (c_.router.select != RouteSelect::kHash) {  // hash routing needs no router logits
+    router_.resize(static_cast<size_t>(T) * X);
+    Linear(*L.gate_inp, h_.data(), T, router_.data());  // ffn_moe_logits [T][n_expert]
+    logits = router_.data();
+  }
+  RouteTokens(c_.router, logits, T, &plan_, tokens, L.exp_probs_b ? L.exp_probs_b->F32() : nullptr);
 
-  const int S = T * K;  // slots, in expert-sorted order below
+  const int S = plan_.expert_offsets[X];  // used slots, in expert-sorted order below
   const DType gt = L.gate_exps->dtype, ut = L.up_exps->dtype, dt = L.down_exps->dtype;
   const size_t rbg = kernels::ActivationRowBytes(gt, E);
   const size_t rbu = kernels::ActivationRowBytes(ut, E);
@@ -234,6 +240,7 @@ void Forward::MoeFfn(int il, int T) {
     std::fill(out, out + E, 0.0f);
     for (int j = 0; j < K; ++j) {
       const int slot = t * K + j;
+      if (plan_.slot_position[slot] < 0) continue;  // unused slot (top_p): contributes nothing
       kernels::Axpy(plan_.weights[slot], F(y_, static_cast<size_t>(plan_.slot_position[slot]) * E), out, E);
     }
   }

@@ -15,6 +15,7 @@ namespace moe {
 class Forward {
  public:
   // n_ctx: KV cache length in tokens (0 = the model's training context, capped at 4096).
+  // Throws moe::Error if the model's router cannot be served (expert_choice is training-only).
   Forward(const Model& model, ThreadPool& pool, int n_ctx = 0, int n_batch = 256);
 
   // Evaluates tokens at positions n_past() .. n_past() + n - 1 and appends them to the cache.
@@ -30,7 +31,8 @@ class Forward {
  private:
   void EvalChunk(const int32_t* tokens, int n, bool all_logits, float* logits);
   void Attention(int layer, int T);
-  void MoeFfn(int layer, int T);
+  // tokens [T]: the chunk's token ids (hash routing).
+  void MoeFfn(int layer, const int32_t* tokens, int T);
   // y[T][out] = x[T][in] . W^T for a 2-D weight (or slab e of a 3-D one when W3 is given).
   void Linear(const TensorView& W, const float* x, int T, float* y);
 
@@ -55,13 +57,14 @@ class Forward {
   std::vector<float> scores_;   // [n_threads][n_ctx]
   std::vector<float> router_;   // [T][n_expert]
   std::vector<uint8_t> act_;    // converted activations (Linear)
-  std::vector<uint8_t> xg_;     // [T*k] gathered expert inputs, converted
+  // Expert rows: S = the plan's used slots (T*k, fewer under top_p), in expert order.
+  std::vector<uint8_t> xg_;     // [S] gathered expert inputs, converted
   std::vector<uint8_t> act2_;   // tokens converted for the up projection when its vec-dot type differs
   std::vector<uint8_t> xg2_;    // same, gathered into expert order
-  std::vector<float> g_;        // [T*k][n_ff_exp]
-  std::vector<float> u_;        // [T*k][n_ff_exp]
-  std::vector<uint8_t> aq_;     // [T*k] converted activations of the down projection
-  std::vector<float> y_;        // [T*k][n_embd]
+  std::vector<float> g_;        // [S][n_ff_exp]
+  std::vector<float> u_;        // [S][n_ff_exp]
+  std::vector<uint8_t> aq_;     // [S] converted activations of the down projection
+  std::vector<float> y_;        // [S][n_embd]
   std::vector<float> sg_;       // [T][n_ff_shexp]
   std::vector<float> su_;       // [T][n_ff_shexp]
   std::vector<float> shout_;    // [T][n_embd]  shared-expert output

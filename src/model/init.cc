@@ -107,6 +107,8 @@ void InitRandomModel(InitOptions opt, const std::string& path) {
   std::vector<float> embd;  // [n_vocab][n_embd], kept for the planted margins
   std::vector<TensorSpec> specs = ExpectedTensors(c, !opt.tie_output, c.arch == Arch::kQwen2Moe);
   for (const TensorSpec& s : specs) {
+    // hash routing has no learned router (like the training layer's kHash): no ffn_gate_inp.
+    if (s.role == TensorRole::kRouter && c.router_kind == MoeRouterKind::kHash) continue;
     int64_t n = 1;
     for (int64_t d : s.ne) n *= d;
     std::vector<float> v(n);
@@ -115,7 +117,7 @@ void InitRandomModel(InitOptions opt, const std::string& path) {
       case TensorRole::kNorm:  // around 1, so a wrong norm weight changes the output
         for (float& x : v) x = 1.0f + 0.1f * normal(rng);
         break;
-      case TensorRole::kBias:
+      case TensorRole::kBias:  // also exp_probs_b: a small selection bias next to sigmoid scores
         for (float& x : v) x = 0.1f * normal(rng);
         break;
       case TensorRole::kEmbedding:

@@ -10,7 +10,10 @@
 namespace moe {
 
 struct InitOptions {
-  ModelConfig config;            // arch and sizes; traits are applied by InitRandomModel
+  ModelConfig config;            // arch, sizes and router (router_kind, router_top_p,
+                                 // router_hash_seed); traits are applied by InitRandomModel.
+                                 // Any router may be written, also the training-only
+                                 // expert_choice (which moe run then refuses).
   DType type = DType::kF32;      // type of the weight matrices (norms, router, gates stay f32)
   uint64_t seed = 0;
   float logit_scale = 1.0f;      // multiplies the output matrix

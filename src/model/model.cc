@@ -20,11 +20,11 @@ bool IsWeightType(DType t) {
 
 }  // namespace
 
-std::unique_ptr<Model> Model::Load(const std::string& path) {
+std::unique_ptr<Model> Model::Load(const std::string& path, bool allow_training_only) {
   auto m = std::unique_ptr<Model>(new Model());
   m->file_ = GgufFile::Open(path);
   const GgufFile& f = *m->file_;
-  m->config_ = ReadConfig(f);
+  m->config_ = ReadConfig(f, allow_training_only);
   ModelConfig& c = m->config_;
 
   const bool has_output = f.FindTensor("output.weight") != nullptr;
@@ -76,7 +76,9 @@ std::unique_ptr<Model> Model::Load(const std::string& path) {
     L.q_norm = get(p + "attn_q_norm.weight");
     L.k_norm = get(p + "attn_k_norm.weight");
     L.ffn_norm = get(p + "ffn_norm.weight");
-    L.gate_inp = get(p + "ffn_gate_inp.weight");
+    // hash routing reads no router logits, so a present ffn_gate_inp is ignored.
+    L.gate_inp = c.router_kind == MoeRouterKind::kHash ? nullptr : get(p + "ffn_gate_inp.weight");
+    L.exp_probs_b = get(p + "exp_probs_b.bias");
     L.gate_exps = get(p + "ffn_gate_exps.weight");
     L.up_exps = get(p + "ffn_up_exps.weight");
     L.down_exps = get(p + "ffn_down_exps.weight");
@@ -99,7 +101,7 @@ uint64_t Model::BytesPerToken() const {
   uint64_t total = token_embd->RowBytes() + output->NumBytes() + output_norm->NumBytes();
   for (const LayerWeights& L : layers) {
     const TensorView* dense[] = {L.attn_norm, L.wq, L.wk, L.wv, L.bq, L.bk, L.bv, L.wo,
-                                 L.q_norm, L.k_norm, L.ffn_norm, L.gate_inp, L.gate_inp_shexp,
+                                 L.q_norm, L.k_norm, L.ffn_norm, L.gate_inp, L.exp_probs_b, L.gate_inp_shexp,
                                  L.gate_shexp, L.up_shexp, L.down_shexp};
     for (const TensorView* t : dense)
       if (t) total += t->NumBytes();

@@ -23,7 +23,8 @@ struct LayerWeights {
   const TensorView* q_norm = nullptr;     // [head_dim] (per head) or [n_q] (full)
   const TensorView* k_norm = nullptr;
   const TensorView* ffn_norm = nullptr;   // [n_embd]
-  const TensorView* gate_inp = nullptr;   // {n_embd, n_expert}            router
+  const TensorView* gate_inp = nullptr;   // {n_embd, n_expert}            router (hash: may be null)
+  const TensorView* exp_probs_b = nullptr;  // [n_expert] selection-only bias (sigmoid_bias)
   const TensorView* gate_exps = nullptr;  // {n_embd, n_ff_exp, n_expert}
   const TensorView* up_exps = nullptr;    // {n_embd, n_ff_exp, n_expert}
   const TensorView* down_exps = nullptr;  // {n_ff_exp, n_embd, n_expert}
@@ -37,7 +38,9 @@ class Model {
  public:
   // Maps and validates the file: keys, every tensor's presence, shape and type, and that the
   // file has no tensor the architecture does not use. Throws moe::Error (one line).
-  static std::unique_ptr<Model> Load(const std::string& path);
+  // allow_training_only: accept a training-only router (expert_choice) for inspection; Forward
+  // still refuses to run such a model.
+  static std::unique_ptr<Model> Load(const std::string& path, bool allow_training_only = false);
 
   const ModelConfig& config() const { return config_; }
   const GgufFile& file() const { return *file_; }
@@ -49,7 +52,8 @@ class Model {
   std::vector<LayerWeights> layers;
 
   // Bytes of weights one generated token reads: the dense part, k routed experts and the
-  // shared expert per layer, one embedding row and the whole output matrix.
+  // shared expert per layer, one embedding row and the whole output matrix (top_p: k = k_max,
+  // an upper bound).
   uint64_t BytesPerToken() const;
   // Bytes of one routed expert of one layer (gate + up + down).
   uint64_t BytesPerExpert() const;

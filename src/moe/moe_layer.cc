@@ -167,11 +167,11 @@ void SelectTargets(const MoeLayerConfig& cfg, const T* probs, const T* bias, int
     case MoeRouterKind::kTopP: {
       std::vector<T> score(probs, probs + R);
       TopKIds(score, K, ids);
-      T cum = 0;
+      double cum = 0;  // in double, as the inference router (RouteTokens) sums
       int used = K;
       for (int j = 0; j < K; ++j) {
-        cum += probs[ids[j]];
-        if (cum >= static_cast<T>(cfg.top_p)) {
+        cum += static_cast<double>(probs[ids[j]]);
+        if (cum >= cfg.top_p) {
           used = j + 1;
           break;
         }

@@ -98,9 +98,77 @@ with tempfile.TemporaryDirectory() as d:
     expect_error("bad type", ["init", "--arch", "llama", "--layers", "1", "--dim", "32", "--ffn", "32",
                               "--experts", "2", "--experts-used", "1", "--type", "q3_K",
                               "-o", os.path.join(d, "x.gguf")], 2, "q3_K")
-    expect_error("unimplemented router", ["bench-layer", "--router", "hash", "--tokens", "8"], 2,
-                 "not implemented")
+    # bench-layer runs every router; --json carries the layer telemetry.
+    for router, k in (("hash", 2), ("top_p", 4)):
+        lj = json.loads(run("bench-layer", "--router", router, "--tokens", "64", "--dim", "24", "--ffn", "16",
+                            "--experts", "4", "--experts-used", str(k), "--json").stdout)
+        tel = lj.get("telemetry", {})
+        check("bench-layer %s telemetry" % router,
+              lj["forward_backward_ms"] > 0 and tel.get("router") == router
+              and sum(tel.get("routed_per_expert", [])) == round(tel.get("mean_experts_per_token", -1) * 64)
+              and (router != "top_p" or 1 <= tel["mean_experts_per_token"] < k), str(tel)[:300])
     expect_error("unknown router", ["bench-layer", "--router", "magic", "--tokens", "8"], 2, "magic")
+    # ---- routers by name: moe init --router, inspect, run -------------------------------------
+    def init_router(name, *extra, path=None):
+        path = path or os.path.join(d, "r_%s.gguf" % name)
+        p = run("init", "--arch", "llama", "--layers", "2", "--dim", "32", "--ffn", "32",
+                "--experts", "4", "--experts-used", "2", "--heads", "2", "--vocab", "100",
+                "--seed", "3", "--router", name, *extra, "-o", path)
+        return p, path
+
+    default_bytes = open(init_router("softmax_topk")[1], "rb").read()
+    check("default router writes no router keys",
+          b"expert_router" not in default_bytes and b"expert_gating_func" not in default_bytes)
+    p, implicit = init_router("softmax_topk", path=os.path.join(d, "r_implicit.gguf"))
+    check("--router softmax_topk = no --router",
+          run("init", "--arch", "llama", "--layers", "2", "--dim", "32", "--ffn", "32", "--experts", "4",
+              "--experts-used", "2", "--heads", "2", "--vocab", "100", "--seed", "3",
+              "-o", implicit).returncode == 0 and open(implicit, "rb").read() == default_bytes)
+    params = {"softmax_topk": [], "sigmoid_bias": [], "hash": ["--hash-seed", "12345678901"],
+              "top_p": ["--top-p", "0.7"]}
+    for name, extra in params.items():
+        p, path = init_router(name, *extra)
+        check("init --router %s" % name, p.returncode == 0, p.stderr)
+        ip = run("inspect", path, "--json")
+        info = json.loads(ip.stdout) if ip.returncode == 0 else {}
+        r = info.get("router", {})
+        names = {t["name"] for t in info.get("tensors", [])}
+        check("inspect router %s" % name, r.get("name") == name and r.get("servable") is True, str(r))
+        if name == "top_p":
+            check("inspect top_p", abs(r.get("top_p", 0) - 0.7) < 1e-6, str(r))
+        if name == "hash":
+            check("inspect hash_seed", r.get("hash_seed") == 12345678901 and "blk.0.ffn_gate_inp.weight" not in names, str(r))
+        if name == "sigmoid_bias":
+            check("inspect sigmoid_bias", r.get("gating") == "sigmoid" and "blk.1.exp_probs_b.bias" in names, str(r))
+        rp = run("run", "-m", path, "--prompt-ids", "3,1,4,1,5", "-n", "4", "--temp", "0", "--json", "--ignore-eos")
+        out = json.loads(rp.stdout) if rp.returncode == 0 else {}
+        check("run --router %s" % name, rp.returncode == 0 and len(out.get("tokens", [])) == 4
+              and all(0 <= t < 100 for t in out["tokens"]), rp.stderr[:300])
+    # different routers route differently: the greedy continuations are not all the same
+    conts = set()
+    for name in params:
+        rp = run("run", "-m", os.path.join(d, "r_%s.gguf" % name), "--prompt-ids", "3,1,4,1,5", "-n", "1",
+                 "--temp", "0", "--json", "--top-logprobs", "3", "--ignore-eos")
+        conts.add(json.dumps(json.loads(rp.stdout)["top_logprobs"]))
+    check("routers change the output", len(conts) == len(params))
+
+    p, ec = init_router("expert_choice")
+    check("init --router expert_choice (training-only file)", p.returncode == 0, p.stderr)
+    ip = run("inspect", ec, "--json")
+    check("inspect expert_choice", ip.returncode == 0 and json.loads(ip.stdout)["router"] ==
+          {"name": "expert_choice", "gating": "softmax", "norm_topk": True, "servable": False}, ip.stdout[:300])
+    expect_error("run refuses expert_choice", ["run", "-m", ec, "--prompt-ids", "1,2"], 2, "expert_choice")
+    expect_error("run refusal says training-only", ["run", "-m", ec, "--prompt-ids", "1,2"], 2, "training-only")
+    expect_error("bench refuses expert_choice", ["bench", "-m", ec, "-p", "4", "-n", "2"], 2, "expert_choice")
+    expect_error("unknown init router", ["init", "--arch", "llama", "--layers", "1", "--dim", "32", "--ffn", "32",
+                                         "--experts", "2", "--experts-used", "1", "--router", "magic",
+                                         "-o", os.path.join(d, "x.gguf")], 2, "magic")
+    expect_error("--top-p needs top_p", ["init", "--arch", "llama", "--layers", "1", "--dim", "32", "--ffn", "32",
+                                         "--experts", "2", "--experts-used", "1", "--router", "hash", "--top-p", "0.5",
+                                         "-o", os.path.join(d, "x.gguf")], 2, "--top-p")
+    expect_error("--top-p range", ["init", "--arch", "llama", "--layers", "1", "--dim", "32", "--ffn", "32",
+                                   "--experts", "2", "--experts-used", "1", "--router", "top_p", "--top-p", "1.5",
+                                   "-o", os.path.join(d, "x.gguf")], 2, "(0, 1]")
     ec = json.loads(run("bench-layer", "--router", "expert_choice", "--tokens", "40", "--dim", "24",
                         "--ffn", "16", "--experts", "4", "--json").stdout)
     check("bench-layer expert_choice", ec["forward_backward_ms"] > 0)

@@ -3,6 +3,7 @@
 
 #include "commands.h"
 #include "model/init.h"
+#include "moe/moe_layer.h"
 #include "util/error.h"
 
 namespace moe::cli {
@@ -12,6 +13,7 @@ Runner AddInit(CLI::App& app) {
   auto arch = std::make_shared<std::string>();
   auto type = std::make_shared<std::string>("f32");
   auto out = std::make_shared<std::string>();
+  auto router = std::make_shared<std::string>("softmax_topk");
   ModelConfig& c = o->config;
   app.add_option("--arch", *arch, "architecture: llama (Mixtral), qwen2moe, qwen3moe, olmoe")->required();
   app.add_option("--layers", c.n_layer, "number of blocks")->required();
@@ -27,6 +29,13 @@ Runner AddInit(CLI::App& app) {
   app.add_option("--ctx", c.n_ctx_train, "context length")->default_val(2048);
   app.add_option("--rope-base", c.rope_freq_base, "RoPE frequency base")->default_val(10000.0f);
   app.add_option("--eps", c.rms_eps, "RMSNorm epsilon")->default_val(1e-5f);
+  app.add_option("--router", *router,
+                 std::string("router: ") + MoeRouterNames() + " (expert_choice is training-only: moe run refuses it)")
+      ->default_val("softmax_topk");
+  CLI::Option* top_p = app.add_option("--top-p", c.router_top_p, "top_p router: cumulative probability threshold in (0, 1]")
+                           ->default_val(0.4f);
+  CLI::Option* hash_seed = app.add_option("--hash-seed", c.router_hash_seed, "hash router: seed of the token -> expert hash")
+                               ->default_val(0);
   app.add_option("--type", *type, "weight type: f32 f16 bf16 q8_0 q4_0 q4_K q6_K")->default_val("f32");
   app.add_option("--seed", o->seed, "random seed")->default_val(0);
   app.add_option("--logit-scale", o->logit_scale, "scale of the output matrix (large = big margins)")->default_val(1.0f);
@@ -40,6 +49,12 @@ Runner AddInit(CLI::App& app) {
       Fail("--arch '%s' is not supported (use llama, qwen2moe, qwen3moe or olmoe)", arch->c_str());
     if (!ParseDType(type->c_str(), &o->type) || o->type == DType::kI32 || o->type == DType::kQ8_K)
       Fail("--type '%s' is not a weight type (use f32, f16, bf16, q8_0, q4_0, q4_K or q6_K)", type->c_str());
+    if (!ParseMoeRouterKind(*router, &o->config.router_kind))
+      Fail("--router '%s' is not a router (use one of: %s)", router->c_str(), MoeRouterNames());
+    if (top_p->count() > 0 && o->config.router_kind != MoeRouterKind::kTopP)
+      Fail("--top-p applies to --router top_p only, not %s", router->c_str());
+    if (hash_seed->count() > 0 && o->config.router_kind != MoeRouterKind::kHash)
+      Fail("--hash-seed applies to --router hash only, not %s", router->c_str());
     InitRandomModel(*o, *out);
     return 0;
   };

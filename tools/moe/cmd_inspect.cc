@@ -1,4 +1,5 @@
-// moe inspect: architecture, hyper-parameters, tensor table, bytes per expert and per token.
+// moe inspect: architecture, hyper-parameters, router, tensor table, bytes per expert and per
+// token. Training-only routers (expert_choice) are shown too; moe run refuses them.
 #include <cstdio>
 #include <memory>
 #include <string>
@@ -7,6 +8,8 @@
 
 #include "commands.h"
 #include "model/model.h"
+#include "moe/moe_layer.h"
+#include "util/error.h"
 
 namespace moe::cli {
 
@@ -16,7 +19,7 @@ Runner AddInspect(CLI::App& app) {
   app.add_option("model", *path, "GGUF model file")->required();
   app.add_flag("--json", *json, "print one JSON object");
   return [=]() {
-    auto model = Model::Load(*path);
+    auto model = Model::Load(*path, /*allow_training_only=*/true);
     const ModelConfig& c = model->config();
     const GgufFile& f = model->file();
     nlohmann::json j;
@@ -31,6 +34,13 @@ Runner AddInspect(CLI::App& app) {
         {"rope_freq_base", c.rope_freq_base},
         {"rope_type", c.rope_type == RopeType::kNeox ? "neox" : "normal"},
         {"norm_topk", c.router.norm_topk}};
+    nlohmann::json router = {{"name", MoeRouterName(c.router_kind)},
+                             {"gating", c.router.gating == GatingFunc::kSigmoid ? "sigmoid" : "softmax"},
+                             {"norm_topk", c.router.norm_topk},
+                             {"servable", UnservableRouterReason(c).empty()}};
+    if (c.router_kind == MoeRouterKind::kTopP) router["top_p"] = c.router_top_p;
+    if (c.router_kind == MoeRouterKind::kHash) router["hash_seed"] = c.router_hash_seed;
+    j["router"] = router;
     j["tokenizer"] = model->tokenizer().model();
     j["bytes_per_expert"] = model->BytesPerExpert();
     j["bytes_per_token"] = model->BytesPerToken();
@@ -55,6 +65,12 @@ Runner AddInspect(CLI::App& app) {
       else
         std::printf("  %-16s %s\n", k.c_str(), v.is_string() ? v.get<std::string>().c_str() : v.dump().c_str());
     }
+    std::string rline = MoeRouterName(c.router_kind);
+    if (c.router_kind == MoeRouterKind::kTopP) rline += StrFormat(" (top_p %g)", c.router_top_p);
+    if (c.router_kind == MoeRouterKind::kHash)
+      rline += StrFormat(" (hash_seed %llu)", static_cast<unsigned long long>(c.router_hash_seed));
+    if (!UnservableRouterReason(c).empty()) rline += " (training-only: moe run refuses it)";
+    std::printf("  %-16s %s\n", "router", rline.c_str());
     std::printf("  %-16s %s\n", "tokenizer", model->tokenizer().model().c_str());
     std::printf("  %-16s %.3f MiB\n", "bytes/expert", model->BytesPerExpert() / 1048576.0);
     std::printf("  %-16s %.3f MiB (weights read per generated token)\n", "bytes/token",

@@ -1,0 +1,476 @@
+// Routers by name in ModelConfig and the inference forward: GGUF keys round-trip, bad keys are
+// one-line errors, and the forward of every servable router equals a per-token double
+// reference written here (one layer, position 0, where attention reduces to Wo Wv h).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <functional>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "formats/gguf.h"
+#include "model/config.h"
+#include "model/forward.h"
+#include "model/init.h"
+#include "model/model.h"
+#include "moe/routing.h"
+#include "util/error.h"
+
+namespace moe {
+namespace {
+
+std::string Dir() {
+  const char* env = std::getenv("MOE_TEST_TMP");
+  std::string d = std::string(env ? env : "/tmp/moe_test") + "/router";
+  std::filesystem::create_directories(d);
+  return d;
+}
+
+struct ModelSpec {
+  Arch arch = Arch::kLlama;
+  MoeRouterKind router = MoeRouterKind::kSoftmaxTopK;
+  uint32_t layers = 1, experts = 8, used = 2;
+  float top_p = 0.4f;
+  uint64_t hash_seed = 0;
+  uint64_t seed = 3;
+};
+
+std::string MakeModel(const ModelSpec& s, const std::string& name) {
+  InitOptions o;
+  o.config.arch = s.arch;
+  o.config.n_layer = s.layers;
+  o.config.n_embd = 64;
+  o.config.n_ff_exp = 48;
+  o.config.n_expert = s.experts;
+  o.config.n_expert_used = s.used;
+  o.config.n_head = 4;
+  o.config.n_head_kv = s.arch == Arch::kOlmoe ? 4 : 2;  // olmoe normalises K over n_embd
+  o.config.n_vocab = 300;
+  o.config.n_ctx_train = 128;
+  o.config.router_kind = s.router;
+  o.config.router_top_p = s.top_p;
+  o.config.router_hash_seed = s.hash_seed;
+  o.seed = s.seed;
+  const std::string path = Dir() + "/" + name + ".gguf";
+  InitRandomModel(o, path);
+  return path;
+}
+
+// ---- GGUF keys ------------------------------------------------------------------------------
+
+ModelConfig SmallConfig(MoeRouterKind kind) {
+  ModelConfig c;
+  c.arch = Arch::kLlama;
+  c.n_layer = 1;
+  c.n_embd = 32;
+  c.n_head = 2;
+  c.n_head_kv = 2;
+  c.n_embd_head_k = c.n_embd_head_v = c.n_rot = 16;
+  c.n_ctx_train = 64;
+  c.n_vocab = 50;
+  c.n_ff = c.n_ff_exp = 16;
+  c.n_expert = 4;
+  c.n_expert_used = 2;
+  c.router_kind = kind;
+  ApplyArchTraits(c);
+  return c;
+}
+
+// Writes c's keys (no tensors) plus `extra`, and reads the config back.
+template <typename Extra>
+ModelConfig WriteRead(const ModelConfig& c, const std::string& name, Extra extra, bool allow_training_only = false) {
+  GgufWriter w;
+  WriteConfig(c, w);
+  extra(w);
+  const std::string path = Dir() + "/" + name + ".gguf";
+  w.Write(path);
+  auto f = GgufFile::Open(path);
+  return ReadConfig(*f, allow_training_only);
+}
+ModelConfig WriteRead(const ModelConfig& c, const std::string& name) {
+  return WriteRead(c, name, [](GgufWriter&) {});
+}
+
+std::string ErrorOf(const std::function<void()>& fn) {
+  try {
+    fn();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+bool Contains(const std::string& s, const std::string& needle) { return s.find(needle) != std::string::npos; }
+
+TEST(RouterConfig, KeysRoundTrip) {
+  ModelConfig c = SmallConfig(MoeRouterKind::kTopP);
+  c.router_top_p = 0.65f;
+  ModelConfig r = WriteRead(c, "rt_top_p");
+  EXPECT_EQ(r.router_kind, MoeRouterKind::kTopP);
+  EXPECT_EQ(r.router_top_p, 0.65f);
+  EXPECT_EQ(r.router.select, RouteSelect::kTopP);
+  EXPECT_EQ(r.router.top_p, 0.65f);
+  EXPECT_EQ(r.router.n_expert_used, 2);
+
+  c = SmallConfig(MoeRouterKind::kHash);
+  c.router_hash_seed = 0x123456789abcdef0ULL;  // needs all 64 bits
+  r = WriteRead(c, "rt_hash");
+  EXPECT_EQ(r.router_kind, MoeRouterKind::kHash);
+  EXPECT_EQ(r.router.select, RouteSelect::kHash);
+  EXPECT_EQ(r.router.hash_seed, 0x123456789abcdef0ULL);
+
+  r = WriteRead(SmallConfig(MoeRouterKind::kSigmoidBias), "rt_sig");
+  EXPECT_EQ(r.router_kind, MoeRouterKind::kSigmoidBias);
+  EXPECT_EQ(r.router.gating, GatingFunc::kSigmoid);
+  EXPECT_EQ(r.router.select, RouteSelect::kTopK);
+  EXPECT_TRUE(r.router.norm_topk);  // the architecture's normalisation stays
+
+  r = WriteRead(SmallConfig(MoeRouterKind::kSoftmaxTopK), "rt_default");
+  EXPECT_EQ(r.router_kind, MoeRouterKind::kSoftmaxTopK);
+  EXPECT_EQ(r.router.gating, GatingFunc::kSoftmax);
+  EXPECT_EQ(r.router.select, RouteSelect::kTopK);
+}
+
+TEST(RouterConfig, DefaultRouterWritesNoRouterKeys) {
+  // Default files must stay exactly what llama.cpp reads (the conformance suite compares).
+  GgufWriter w;
+  WriteConfig(SmallConfig(MoeRouterKind::kSoftmaxTopK), w);
+  w.Write(Dir() + "/default_keys.gguf");
+  auto f = GgufFile::Open(Dir() + "/default_keys.gguf");
+  for (const auto& [key, v] : f->kvs()) {
+    EXPECT_FALSE(Contains(key, "router")) << key;
+    EXPECT_FALSE(Contains(key, "gating")) << key;
+  }
+  // sigmoid_bias also writes llama.cpp's gating convention.
+  GgufWriter w2;
+  WriteConfig(SmallConfig(MoeRouterKind::kSigmoidBias), w2);
+  w2.Write(Dir() + "/sig_keys.gguf");
+  auto f2 = GgufFile::Open(Dir() + "/sig_keys.gguf");
+  EXPECT_EQ(f2->GetU32Opt("llama.expert_gating_func").value_or(0), 2u);
+  EXPECT_EQ(f2->GetStringOpt("llama.expert_router").value_or(""), "sigmoid_bias");
+}
+
+TEST(RouterConfig, ExpertChoiceIsRefusedUnlessInspecting) {
+  const ModelConfig c = SmallConfig(MoeRouterKind::kExpertChoice);
+  const std::string msg = ErrorOf([&] { WriteRead(c, "ec"); });
+  EXPECT_TRUE(Contains(msg, "expert_choice") && Contains(msg, "training-only")) << msg;
+  EXPECT_EQ(msg.find('\n'), std::string::npos);
+  const ModelConfig r = WriteRead(c, "ec", [](GgufWriter&) {}, /*allow_training_only=*/true);
+  EXPECT_EQ(r.router_kind, MoeRouterKind::kExpertChoice);
+  EXPECT_FALSE(UnservableRouterReason(r).empty());
+}
+
+TEST(RouterConfig, BadRouterKeysAreOneLineErrors) {
+  const ModelConfig c = SmallConfig(MoeRouterKind::kSoftmaxTopK);
+  std::string msg = ErrorOf([&] { WriteRead(c, "bad1", [](GgufWriter& w) { w.SetString("llama.expert_router", "magic"); }); });
+  EXPECT_TRUE(Contains(msg, "magic") && Contains(msg, MoeRouterNames())) << msg;
+
+  // llama.cpp's sigmoid gating without a router name reads as sigmoid_bias.
+  const ModelConfig r = WriteRead(c, "gate2", [](GgufWriter& w) { w.SetU32("llama.expert_gating_func", 2); });
+  EXPECT_EQ(r.router_kind, MoeRouterKind::kSigmoidBias);
+  EXPECT_EQ(r.router.gating, GatingFunc::kSigmoid);
+  msg = ErrorOf([&] {
+    WriteRead(c, "bad2", [](GgufWriter& w) {
+      w.SetU32("llama.expert_gating_func", 2);
+      w.SetString("llama.expert_router", "top_p");
+    });
+  });
+  EXPECT_TRUE(Contains(msg, "expert_gating_func") && Contains(msg, "top_p")) << msg;
+  msg = ErrorOf([&] { WriteRead(c, "bad3", [](GgufWriter& w) { w.SetU32("llama.expert_gating_func", 4); }); });
+  EXPECT_TRUE(Contains(msg, "expert_gating_func")) << msg;
+
+  msg = ErrorOf([&] { WriteRead(c, "bad4", [](GgufWriter& w) { w.SetF32("llama.expert_router_top_p", 0.5f); }); });
+  EXPECT_TRUE(Contains(msg, "expert_router_top_p") && Contains(msg, "softmax_topk")) << msg;
+  ModelConfig tp = SmallConfig(MoeRouterKind::kTopP);
+  tp.router_top_p = 1.5f;
+  msg = ErrorOf([&] { WriteRead(tp, "bad5"); });
+  EXPECT_TRUE(Contains(msg, "top_p") && Contains(msg, "(0, 1]")) << msg;
+  tp.router_top_p = 0.0f;
+  EXPECT_FALSE(ErrorOf([&] { WriteRead(tp, "bad6"); }).empty());
+  tp.router_top_p = 1.0f;
+  EXPECT_TRUE(ErrorOf([&] { WriteRead(tp, "ok_top_p1"); }).empty());
+
+  // hash seed: u64 or u32; other types are errors.
+  const ModelConfig h = SmallConfig(MoeRouterKind::kHash);
+  EXPECT_EQ(WriteRead(h, "seed32", [](GgufWriter& w) { w.SetU32("llama.expert_router_hash_seed", 77); }).router_hash_seed, 77u);
+  msg = ErrorOf([&] { WriteRead(h, "bad7", [](GgufWriter& w) { w.SetString("llama.expert_router_hash_seed", "7"); }); });
+  EXPECT_TRUE(Contains(msg, "expert_router_hash_seed") && Contains(msg, "u64")) << msg;
+  EXPECT_EQ(msg.find('\n'), std::string::npos);
+}
+
+// Copies a model file with one key added or replaced (a file moe init would not write).
+std::string RewriteWithKey(const std::string& src, const std::string& dst, const std::string& key,
+                           const std::string& value) {
+  auto f = GgufFile::Open(src);
+  GgufWriter w;
+  for (const auto& [k, v] : f->kvs()) w.SetValue(k, v);
+  w.SetString(key, value);
+  for (const GgufTensorInfo& t : f->tensors()) {
+    std::vector<int64_t> ne(t.view.ne, t.view.ne + t.view.n_dims);
+    w.AddTensor(t.view.name, t.view.dtype, ne, t.view.data, t.view.NumBytes());
+  }
+  w.Write(dst);
+  return dst;
+}
+
+TEST(RouterModel, TensorsFollowTheRouter) {
+  ModelSpec s;
+  const std::string base = MakeModel(s, "tensors_default");
+  // sigmoid_bias needs exp_probs_b; a default file relabelled is missing it.
+  const std::string sig = RewriteWithKey(base, Dir() + "/sig_missing.gguf", "llama.expert_router", "sigmoid_bias");
+  std::string msg = ErrorOf([&] { Model::Load(sig); });
+  EXPECT_TRUE(Contains(msg, "blk.0.exp_probs_b.bias")) << msg;
+  // hash ignores a present router matrix; moe init writes none.
+  const std::string hash = RewriteWithKey(base, Dir() + "/hash_with_router.gguf", "llama.expert_router", "hash");
+  auto hm = Model::Load(hash);
+  EXPECT_EQ(hm->layers[0].gate_inp, nullptr);
+  s.router = MoeRouterKind::kHash;
+  auto hm2 = Model::Load(MakeModel(s, "tensors_hash"));
+  EXPECT_EQ(hm2->file().FindTensor("blk.0.ffn_gate_inp.weight"), nullptr);
+  s.router = MoeRouterKind::kSigmoidBias;
+  auto sm = Model::Load(MakeModel(s, "tensors_sig"));
+  ASSERT_NE(sm->layers[0].exp_probs_b, nullptr);
+  EXPECT_EQ(sm->layers[0].exp_probs_b->ne[0], 8);
+  // expert_choice: loads for inspection only, and the forward refuses it.
+  const std::string ec = RewriteWithKey(base, Dir() + "/ec.gguf", "llama.expert_router", "expert_choice");
+  msg = ErrorOf([&] { Model::Load(ec); });
+  EXPECT_TRUE(Contains(msg, "expert_choice") && Contains(msg, "training-only")) << msg;
+  auto em = Model::Load(ec, /*allow_training_only=*/true);
+  ThreadPool pool(1);
+  msg = ErrorOf([&] { Forward f(*em, pool, 8); });
+  EXPECT_TRUE(Contains(msg, "expert_choice")) << msg;
+}
+
+// ---- forward against a per-token double reference -------------------------------------------
+
+using Vec = std::vector<double>;
+
+Vec RmsNormRef(const Vec& x, const float* w, double eps) {
+  double ss = 0;
+  for (double v : x) ss += v * v;
+  const double r = 1.0 / std::sqrt(ss / x.size() + eps);
+  Vec y(x.size());
+  for (size_t i = 0; i < x.size(); ++i) y[i] = x[i] * r * w[i];
+  return y;
+}
+
+// y[out] = W x for W stored as out rows of length in (f32).
+Vec MatVec(const float* W, int64_t in, int64_t out, const Vec& x) {
+  Vec y(out, 0.0);
+  for (int64_t o = 0; o < out; ++o) {
+    double a = 0;
+    for (int64_t i = 0; i < in; ++i) a += static_cast<double>(W[o * in + i]) * x[i];
+    y[o] = a;
+  }
+  return y;
+}
+
+struct RefRouting {
+  std::vector<int> ids;
+  Vec w;
+  bool ambiguous = false;  // a decision within float rounding of its threshold
+};
+
+RefRouting RouteRef(const ModelConfig& c, const LayerWeights& L, const Vec& h, int32_t token) {
+  const int X = static_cast<int>(c.n_expert), K = static_cast<int>(c.n_expert_used);
+  RefRouting r;
+  if (c.router_kind == MoeRouterKind::kHash) {
+    r.ids.resize(K);
+    HashExperts(c.router_hash_seed, token, X, K, r.ids.data());  // checked in routing_test.cc
+    r.w.assign(K, 1.0 / K);
+    return r;
+  }
+  const Vec logit = MatVec(L.gate_inp->F32(), c.n_embd, X, h);
+  Vec p(X), score(X);
+  if (c.router_kind == MoeRouterKind::kSigmoidBias) {
+    for (int e = 0; e < X; ++e) {
+      p[e] = 1.0 / (1.0 + std::exp(-logit[e]));
+      score[e] = p[e] + L.exp_probs_b->F32()[e];
+    }
+  } else {
+    const double mx = *std::max_element(logit.begin(), logit.end());
+    double s = 0;
+    for (int e = 0; e < X; ++e) s += p[e] = std::exp(logit[e] - mx);
+    for (double& v : p) v /= s;
+    score = p;
+  }
+  std::vector<int> idx(X);
+  std::iota(idx.begin(), idx.end(), 0);
+  std::stable_sort(idx.begin(), idx.end(), [&](int a, int b) { return score[a] > score[b]; });
+  int n = K;
+  if (c.router_kind == MoeRouterKind::kTopP) {
+    double cum = 0;
+    for (n = 0; n < K;) {
+      cum += p[idx[n++]];
+      if (std::fabs(cum - c.router_top_p) < 1e-5 && n < K) r.ambiguous = true;
+      if (cum >= c.router_top_p) break;
+    }
+  } else if (K < X && score[idx[K - 1]] - score[idx[K]] < 1e-5) {
+    r.ambiguous = true;
+  }
+  double used = 0;
+  for (int j = 0; j < n; ++j) used += p[idx[j]];
+  for (int j = 0; j < n; ++j) {
+    r.ids.push_back(idx[j]);
+    r.w.push_back(c.router.norm_topk ? p[idx[j]] / used : p[idx[j]]);
+  }
+  return r;
+}
+
+// Logits of `token` alone at position 0 of a one-layer model without a shared expert: attention
+// over one position is softmax = 1, so each head outputs its KV group's V.
+Vec ReferenceLogits(const Model& m, int32_t token, RefRouting* routing) {
+  const ModelConfig& c = m.config();
+  const LayerWeights& L = m.layers[0];
+  const int64_t E = c.n_embd, Fx = c.n_ff_exp, D = c.n_embd_head_k;
+  const int64_t H = c.n_head, group = c.n_head / c.n_head_kv;
+  Vec x(m.token_embd->F32() + token * E, m.token_embd->F32() + (token + 1) * E);
+  Vec h = RmsNormRef(x, L.attn_norm->F32(), c.rms_eps);
+  const Vec v = MatVec(L.wv->F32(), E, c.n_v(), h);
+  Vec att(c.n_q());
+  for (int64_t hd = 0; hd < H; ++hd)
+    for (int64_t d = 0; d < D; ++d) att[hd * D + d] = v[(hd / group) * D + d];
+  const Vec o = MatVec(L.wo->F32(), c.n_q(), E, att);
+  for (int64_t i = 0; i < E; ++i) x[i] += o[i];
+  h = RmsNormRef(x, L.ffn_norm->F32(), c.rms_eps);
+  *routing = RouteRef(c, L, h, token);
+  for (size_t j = 0; j < routing->ids.size(); ++j) {
+    const int e = routing->ids[j];
+    const Vec g = MatVec(L.gate_exps->F32() + e * Fx * E, E, Fx, h);
+    const Vec u = MatVec(L.up_exps->F32() + e * Fx * E, E, Fx, h);
+    Vec a(Fx);
+    for (int64_t i = 0; i < Fx; ++i) a[i] = g[i] / (1.0 + std::exp(-g[i])) * u[i];
+    const Vec y = MatVec(L.down_exps->F32() + e * E * Fx, Fx, E, a);
+    for (int64_t i = 0; i < E; ++i) x[i] += routing->w[j] * y[i];
+  }
+  h = RmsNormRef(x, m.output_norm->F32(), c.rms_eps);
+  return MatVec(m.output->F32(), E, c.n_vocab, h);
+}
+
+// Every token of the vocabulary's first n_tokens ids, alone at position 0.
+void CheckAgainstReference(const std::string& path, int n_tokens, int* n_partial = nullptr) {
+  auto m = Model::Load(path);
+  ThreadPool pool(2);
+  Forward fwd(*m, pool, 4);
+  const int V = static_cast<int>(m->config().n_vocab);
+  int checked = 0;
+  for (int32_t tok = 0; tok < n_tokens; ++tok) {
+    RefRouting r;
+    const Vec ref = ReferenceLogits(*m, tok, &r);
+    if (r.ambiguous) continue;
+    ++checked;
+    if (n_partial && static_cast<int>(r.ids.size()) < static_cast<int>(m->config().n_expert_used)) ++*n_partial;
+    std::vector<float> logits;
+    fwd.Reset();
+    fwd.Eval(&tok, 1, false, &logits);
+    double scale = 1, diff = 0;
+    for (int i = 0; i < V; ++i) {
+      scale = std::max(scale, std::fabs(ref[i]));
+      diff = std::max(diff, std::fabs(ref[i] - logits[i]));
+    }
+    ASSERT_LE(diff, 1e-4 * scale) << path << " token " << tok;
+  }
+  EXPECT_GE(checked, n_tokens * 9 / 10) << path;
+}
+
+TEST(RouterModel, ForwardMatchesPerTokenReferenceForEveryServableRouter) {
+  ModelSpec s;
+  CheckAgainstReference(MakeModel(s, "ref_softmax"), 40);
+  s.router = MoeRouterKind::kSigmoidBias;
+  CheckAgainstReference(MakeModel(s, "ref_sigmoid"), 40);
+  s.router = MoeRouterKind::kHash;
+  s.hash_seed = 99;
+  s.used = 1;  // the paper's one expert with weight 1
+  CheckAgainstReference(MakeModel(s, "ref_hash1"), 40);
+  s.used = 3;
+  CheckAgainstReference(MakeModel(s, "ref_hash3"), 40);
+  // top_p with k = E: tokens use 1..E experts; the unused slots must contribute nothing.
+  s.router = MoeRouterKind::kTopP;
+  s.used = 8;
+  s.top_p = 0.5f;
+  int partial = 0;
+  CheckAgainstReference(MakeModel(s, "ref_top_p"), 40, &partial);
+  EXPECT_GT(partial, 20);
+  s.arch = Arch::kOlmoe;  // no renormalisation
+  s.used = 4;
+  s.top_p = 0.3f;
+  partial = 0;
+  CheckAgainstReference(MakeModel(s, "ref_top_p_olmoe"), 40, &partial);
+  EXPECT_GT(partial, 20);
+}
+
+std::vector<float> AllLogits(const std::string& path, const std::vector<int32_t>& toks, int n_batch) {
+  auto m = Model::Load(path);
+  ThreadPool pool(2);
+  Forward f(*m, pool, 64, n_batch);
+  std::vector<float> out;
+  f.Eval(toks.data(), static_cast<int>(toks.size()), true, &out);
+  return out;
+}
+
+std::vector<int32_t> SomeTokens(int n) {
+  std::mt19937 rng(4);
+  std::vector<int32_t> t(n);
+  for (auto& x : t) x = static_cast<int32_t>(rng() % 300);
+  return t;
+}
+
+TEST(RouterModel, TopPOneWithKEqualsESameAsSoftmaxTopK) {
+  // top_p = 1 with k = E uses every expert, in the same order with the same weights, so the
+  // logits are bit-identical to softmax_topk with k = E (same seed: the same weights).
+  for (Arch arch : {Arch::kOlmoe, Arch::kLlama}) {
+    ModelSpec s;
+    s.arch = arch;
+    s.layers = 2;
+    s.experts = 6;
+    s.used = 6;
+    const std::string a = MakeModel(s, "all_softmax");
+    s.router = MoeRouterKind::kTopP;
+    s.top_p = 1.0f;
+    const std::string b = MakeModel(s, "all_top_p");
+    const std::vector<int32_t> toks = SomeTokens(21);
+    const std::vector<float> la = AllLogits(a, toks, 8), lb = AllLogits(b, toks, 8);
+    ASSERT_EQ(la.size(), lb.size());
+    for (size_t i = 0; i < la.size(); ++i) ASSERT_EQ(la[i], lb[i]) << ArchName(arch) << " " << i;
+  }
+}
+
+TEST(RouterModel, EveryRouterPrefillEqualsDecode) {
+  // Chunked prefill hands each chunk its own token ids (hash) and drops unused slots (top_p).
+  const MoeRouterKind kinds[] = {MoeRouterKind::kSoftmaxTopK, MoeRouterKind::kSigmoidBias,
+                                 MoeRouterKind::kHash, MoeRouterKind::kTopP};
+  for (MoeRouterKind kind : kinds) {
+    for (Arch arch : {Arch::kLlama, Arch::kQwen3Moe}) {
+      ModelSpec s;
+      s.arch = arch;
+      s.layers = 2;
+      s.router = kind;
+      s.used = kind == MoeRouterKind::kTopP ? 4 : 2;
+      s.top_p = 0.6f;
+      s.hash_seed = 5;
+      const std::string path = MakeModel(s, std::string("pd_") + MoeRouterName(kind) + "_" + ArchName(arch));
+      const std::vector<int32_t> toks = SomeTokens(19);
+      const std::vector<float> all = AllLogits(path, toks, 8);
+      auto m = Model::Load(path);
+      ThreadPool pool(1);
+      Forward step(*m, pool, 64);
+      std::vector<float> one;
+      const int V = static_cast<int>(m->config().n_vocab);
+      for (size_t i = 0; i < toks.size(); ++i) {
+        step.Eval(&toks[i], 1, false, &one);
+        for (int j = 0; j < V; ++j) {
+          ASSERT_TRUE(std::isfinite(one[j]));
+          ASSERT_NEAR(one[j], all[i * V + j], 2e-4) << path << " position " << i;
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace moe
