@@ -9,7 +9,9 @@
 #include <limits>
 #include <mutex>
 #include <random>
+#include <type_traits>
 
+#include "kernels/gemm.h"
 #include "moe/moe_layer_internal.h"
 #include "moe/routing.h"
 #include "util/error.h"
@@ -26,28 +28,44 @@ void SingleThreadedBlasOnce() {
   std::call_once(once, [] { openblas_set_num_threads(1); });
 }
 
-// C [m][n] = alpha * op(A) op(B) + beta * C, row-major.
-void Gemm(bool ta, bool tb, int m, int n, int k, float alpha, const float* a, int lda,
-          const float* b, int ldb, float beta, float* c, int ldc) {
-  cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, m, n,
-              k, alpha, a, lda, b, ldb, beta, c, ldc);
+// C [m][n] = op(A) op(B) + beta * C, row-major, beta in {0, 1}. float: moe.cpp's own GEMM, whose
+// per-element arithmetic does not depend on the other rows (kernels/gemm.h); double (the
+// reference precision of the tests): BLAS.
+void Gemm(bool ta, bool tb, int m, int n, int k, const float* a, int lda, const float* b, int ldb,
+          float beta, float* c, int ldc) {
+  MOE_ASSERT(!(ta && tb) && (beta == 0.0f || beta == 1.0f));
+  const kernels::GemmOp op = ta ? kernels::GemmOp::kTN : (tb ? kernels::GemmOp::kNT : kernels::GemmOp::kNN);
+  kernels::Gemm(op, m, n, k, a, lda, b, ldb, c, ldc, beta != 0.0f);
 }
-void Gemm(bool ta, bool tb, int m, int n, int k, double alpha, const double* a, int lda,
-          const double* b, int ldb, double beta, double* c, int ldc) {
+void Gemm(bool ta, bool tb, int m, int n, int k, const double* a, int lda, const double* b,
+          int ldb, double beta, double* c, int ldc) {
   cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, m, n,
-              k, alpha, a, lda, b, ldb, beta, c, ldc);
+              k, 1.0, a, lda, b, ldb, beta, c, ldc);
 }
 
-int PadRows(int n) { return (n + kMoeRowBlock - 1) / kMoeRowBlock * kMoeRowBlock; }
+// Rows an expert GEMM computes for m tokens. float: m (the kernel's rows are independent of each
+// other). double: m rounded up to whole blocks of kMoeRowBlock, every BLAS call on a block of
+// exactly that shape, because BLAS picks kernels and blockings by shape (with a fixed shape the
+// arithmetic of each row is fixed).
+template <typename T>
+int PadRows(int m) {
+  if constexpr (std::is_same_v<T, float>) {
+    return m;
+  } else {
+    return (m + kMoeRowBlock - 1) / kMoeRowBlock * kMoeRowBlock;
+  }
+}
 
-// c [m_pad][n] = a [m_pad][kd] * b[n][kd]^T in blocks of exactly kMoeRowBlock rows: every call has
-// the same shape, so a row's result does not depend on the rows around it (BLAS picks kernels and
-// blockings by shape; with a fixed shape the arithmetic of each row is fixed).
+// c [m_pad][n] = a [m_pad][kd] * b[n][kd]^T, m_pad = PadRows<T>(m).
 template <typename T>
 void BlockedGemmNT(const T* a, int m_pad, const T* b, int n, int kd, T* c) {
-  for (int r = 0; r < m_pad; r += kMoeRowBlock) {
-    Gemm(false, true, kMoeRowBlock, n, kd, T(1), a + static_cast<size_t>(r) * kd, kd, b, kd, T(0),
-         c + static_cast<size_t>(r) * n, n);
+  if constexpr (std::is_same_v<T, float>) {
+    Gemm(false, true, m_pad, n, kd, a, kd, b, kd, 0.0f, c, n);
+  } else {
+    for (int r = 0; r < m_pad; r += kMoeRowBlock) {
+      Gemm(false, true, kMoeRowBlock, n, kd, a + static_cast<size_t>(r) * kd, kd, b, kd, T(0),
+           c + static_cast<size_t>(r) * n, n);
+    }
   }
 }
 
@@ -94,18 +112,18 @@ void SwigluBackward(const T* xe, const T* hg, const T* hu, const T* dout, int m,
   T* dg = sc.Get(2, n);
   T* du = sc.Get(3, n);
   for (size_t i = 0; i < n; ++i) act[i] = hg[i] * Sigmoid(hg[i]) * hu[i];
-  Gemm(false, false, m, f, d, T(1), dout, d, wd, f, T(0), dact, f);      // [m][F]
-  Gemm(true, false, d, f, m, T(1), dout, d, act, f, T(1), dwd, f);       // [D][F]
+  Gemm(false, false, m, f, d, dout, d, wd, f, T(0), dact, f);      // [m][F]
+  Gemm(true, false, d, f, m, dout, d, act, f, T(1), dwd, f);       // [D][F]
   for (size_t i = 0; i < n; ++i) {
     // silu(g) = g s, d silu / dg = s (1 + g (1 - s)), s = sigmoid(g): one exp per element.
     const T s = Sigmoid(hg[i]);
     dg[i] = dact[i] * hu[i] * s * (T(1) + hg[i] * (T(1) - s));
     du[i] = dact[i] * hg[i] * s;
   }
-  Gemm(true, false, f, d, m, T(1), dg, f, xe, d, T(1), dwg, d);          // [F][D]
-  Gemm(true, false, f, d, m, T(1), du, f, xe, d, T(1), dwu, d);          // [F][D]
-  Gemm(false, false, m, d, f, T(1), dg, f, wg, d, T(0), dxe, d);         // [m][D]
-  Gemm(false, false, m, d, f, T(1), du, f, wu, d, T(1), dxe, d);
+  Gemm(true, false, f, d, m, dg, f, xe, d, T(1), dwg, d);          // [F][D]
+  Gemm(true, false, f, d, m, du, f, xe, d, T(1), dwu, d);          // [F][D]
+  Gemm(false, false, m, d, f, dg, f, wg, d, T(0), dxe, d);         // [m][D]
+  Gemm(false, false, m, d, f, du, f, wu, d, T(1), dxe, d);
 }
 
 void ParallelOver(ThreadPool* pool, int n, const std::function<void(int)>& fn) {
@@ -354,24 +372,34 @@ void MoeForward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const T* x, i
   if (prev != nullptr) c.prev_logits.assign(prev, prev + nr);
   else c.prev_logits.clear();
 
-  // Router logits. The router is R dot products per token (cheap next to the experts): plain
-  // loops in a fixed order keep the logits, hence the selection, independent of the token's
-  // batch-mates whatever the GEMM does.
+  // Router logits [T][R]: a GEMM whose rows do not depend on each other (float), or plain loops in a
+  // fixed order (double), so a token's logits, hence its selection, ignore its batch-mates.
   c.logits.assign(routed ? nr : 0, T(0));
   c.probs.assign(c.logits.size(), T(0));
   c.bprobs.assign(c.logits.size(), T(0));
-  if (routed) {
-    std::vector<T> xr(D);
-    for (int t = 0; t < n_tokens; ++t) {
-      const T* xt = x + static_cast<size_t>(t) * D;
-      for (int d = 0; d < D; ++d) xr[d] = c.noise.empty() ? xt[d] : xt[d] * c.noise[static_cast<size_t>(t) * D + d];
-      T* lg = &c.logits[static_cast<size_t>(t) * R];
-      for (int e = 0; e < R; ++e) {
-        const T* wr = &w.router[static_cast<size_t>(e) * D];
-        T a = 0;
-        for (int d = 0; d < D; ++d) a += wr[d] * xr[d];
-        lg[e] = a;
+  if (routed && n_tokens > 0) {
+    const T* xr = x;
+    std::vector<T> jittered;
+    if (!c.noise.empty()) {
+      jittered.resize(nd);
+      for (size_t i = 0; i < nd; ++i) jittered[i] = x[i] * c.noise[i];
+      xr = jittered.data();
+    }
+    if constexpr (std::is_same_v<T, float>) {
+      Gemm(false, true, n_tokens, R, D, xr, D, w.router.data(), D, 0.0f, c.logits.data(), R);
+    } else {
+      for (int t = 0; t < n_tokens; ++t) {
+        const T* xt = xr + static_cast<size_t>(t) * D;
+        for (int e = 0; e < R; ++e) {
+          const T* wr = &w.router[static_cast<size_t>(e) * D];
+          T a = 0;
+          for (int d = 0; d < D; ++d) a += wr[d] * xt[d];
+          c.logits[static_cast<size_t>(t) * R + e] = a;
+        }
       }
+    }
+    for (int t = 0; t < n_tokens; ++t) {
+      T* lg = &c.logits[static_cast<size_t>(t) * R];
       if (!c.prev_logits.empty()) {
         const T* pv = &c.prev_logits[static_cast<size_t>(t) * R];
         for (int e = 0; e < R; ++e) {
@@ -460,7 +488,7 @@ void MoeForward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const T* x, i
   ParallelOver(opt.pool, E, [&](int e) {
     const int r0 = c.kept_offsets[e], m = c.kept_offsets[e + 1] - r0;
     if (m == 0) return;
-    const int m_pad = PadRows(m);
+    const int m_pad = PadRows<T>(m);
     Scratch<T>& sc = ThreadScratch<T>();
     T* xe = sc.Get(0, static_cast<size_t>(m_pad) * D);  // [m_pad][D] permuted tokens, zero padded
     for (int r = 0; r < m; ++r) {
@@ -481,7 +509,7 @@ void MoeForward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const T* x, i
   });
 
   // Shared experts over all tokens.
-  const int t_pad = PadRows(n_tokens);
+  const int t_pad = PadRows<T>(n_tokens);
   c.sh_gate.assign(static_cast<size_t>(S) * n_tokens * Fs, T(0));
   c.sh_up.assign(c.sh_gate.size(), T(0));
   c.sh_out.assign(S > 0 ? nd : 0, T(0));
@@ -738,16 +766,16 @@ void MoeBackward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const MoeCac
     }
     std::vector<T> xr(nd);
     for (size_t i = 0; i < nd; ++i) xr[i] = c.noise.empty() ? x[i] : x[i] * c.noise[i];
-    Gemm(true, false, R, D, n, T(1), dlogits.data(), R, xr.data(), D, T(1), g->router.data(), D);
+    Gemm(true, false, R, D, n, dlogits.data(), R, xr.data(), D, T(1), g->router.data(), D);
     std::vector<T> dxr(nd);
-    Gemm(false, false, n, D, R, T(1), dlogits.data(), R, w.router.data(), D, T(0), dxr.data(), D);
+    Gemm(false, false, n, D, R, dlogits.data(), R, w.router.data(), D, T(0), dxr.data(), D);
     for (size_t i = 0; i < nd; ++i) dx[i] += c.noise.empty() ? dxr[i] : dxr[i] * c.noise[i];
     if (cfg.gating_residual) {
       // logits += W_g prev: dW_g += dlogits^T prev; d prev = dlogits W_g.
       g->prev_logits.assign(static_cast<size_t>(n) * R, T(0));
-      Gemm(false, false, n, R, R, T(1), dlogits.data(), R, w.gate_res.data(), R, T(0), g->prev_logits.data(), R);
+      Gemm(false, false, n, R, R, dlogits.data(), R, w.gate_res.data(), R, T(0), g->prev_logits.data(), R);
       if (!c.prev_logits.empty()) {
-        Gemm(true, false, R, R, n, T(1), dlogits.data(), R, c.prev_logits.data(), R, T(1), g->gate_res.data(), R);
+        Gemm(true, false, R, R, n, dlogits.data(), R, c.prev_logits.data(), R, T(1), g->gate_res.data(), R);
       }
     }
   }
