@@ -497,15 +497,19 @@ void MoeForward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const T* x, i
     }
     std::fill(xe + static_cast<size_t>(m) * D, xe + static_cast<size_t>(m_pad) * D, T(0));
     const size_t mf = static_cast<size_t>(m_pad) * F;
-    T* hg = sc.Get(1, mf);
-    T* hu = sc.Get(2, mf);
+    // Without padding (float) the products go straight into the cache.
+    const bool direct = m_pad == m;
+    T* hg = direct ? &c.h_gate[static_cast<size_t>(r0) * F] : sc.Get(1, mf);
+    T* hu = direct ? &c.h_up[static_cast<size_t>(r0) * F] : sc.Get(2, mf);
+    T* out = direct ? &c.expert_out[static_cast<size_t>(r0) * D] : sc.Get(4, static_cast<size_t>(m_pad) * D);
     T* act = sc.Get(3, mf);
-    T* out = sc.Get(4, static_cast<size_t>(m_pad) * D);
     const size_t wo = static_cast<size_t>(e) * F * D;
     SwigluForward(xe, m_pad, &w.gate_exps[wo], &w.up_exps[wo], &w.down_exps[wo], D, F, hg, hu, act, out);
-    std::copy(hg, hg + static_cast<size_t>(m) * F, &c.h_gate[static_cast<size_t>(r0) * F]);
-    std::copy(hu, hu + static_cast<size_t>(m) * F, &c.h_up[static_cast<size_t>(r0) * F]);
-    std::copy(out, out + static_cast<size_t>(m) * D, &c.expert_out[static_cast<size_t>(r0) * D]);
+    if (!direct) {
+      std::copy(hg, hg + static_cast<size_t>(m) * F, &c.h_gate[static_cast<size_t>(r0) * F]);
+      std::copy(hu, hu + static_cast<size_t>(m) * F, &c.h_up[static_cast<size_t>(r0) * F]);
+      std::copy(out, out + static_cast<size_t>(m) * D, &c.expert_out[static_cast<size_t>(r0) * D]);
+    }
   });
 
   // Shared experts over all tokens.
@@ -671,7 +675,10 @@ void MoeBackward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const MoeCac
   }
 
   // Routed FFN experts.
-  std::vector<T> dx_rows(c.kept_slots.size() * D);  // [n_kept][D]
+  // [n_kept][D], kept between calls (every row is written before it is read).
+  thread_local std::vector<T> dx_rows_buf;
+  if (dx_rows_buf.size() < c.kept_slots.size() * D) dx_rows_buf.resize(c.kept_slots.size() * D);
+  T* dx_rows = dx_rows_buf.data();
   ParallelOver(pool, E, [&](int e) {
     const int r0 = c.kept_offsets[e], m = c.kept_offsets[e + 1] - r0;
     if (m == 0) return;
@@ -690,7 +697,7 @@ void MoeBackward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const MoeCac
     SwigluBackward(xe, &c.h_gate[static_cast<size_t>(r0) * F],
                    &c.h_up[static_cast<size_t>(r0) * F], dout, m, &w.gate_exps[wo],
                    &w.up_exps[wo], &w.down_exps[wo], D, F, &g->gate_exps[wo], &g->up_exps[wo],
-                   &g->down_exps[wo], &dx_rows[static_cast<size_t>(r0) * D]);
+                   &g->down_exps[wo], dx_rows + static_cast<size_t>(r0) * D);
   });
   for (int t = 0; t < n; ++t) {
     T* dxt = dx + static_cast<size_t>(t) * D;
@@ -764,12 +771,17 @@ void MoeBackward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const MoeCac
         for (int e = 0; e < R; ++e) dl[e] += dlogits_in[static_cast<size_t>(t) * R + e];
       }
     }
-    std::vector<T> xr(nd);
-    for (size_t i = 0; i < nd; ++i) xr[i] = c.noise.empty() ? x[i] : x[i] * c.noise[i];
-    Gemm(true, false, R, D, n, dlogits.data(), R, xr.data(), D, T(1), g->router.data(), D);
-    std::vector<T> dxr(nd);
-    Gemm(false, false, n, D, R, dlogits.data(), R, w.router.data(), D, T(0), dxr.data(), D);
-    for (size_t i = 0; i < nd; ++i) dx[i] += c.noise.empty() ? dxr[i] : dxr[i] * c.noise[i];
+    if (c.noise.empty()) {
+      Gemm(true, false, R, D, n, dlogits.data(), R, x, D, T(1), g->router.data(), D);
+      Gemm(false, false, n, D, R, dlogits.data(), R, w.router.data(), D, T(1), dx, D);
+    } else {  // the router saw x * noise
+      std::vector<T> xr(nd);
+      for (size_t i = 0; i < nd; ++i) xr[i] = x[i] * c.noise[i];
+      Gemm(true, false, R, D, n, dlogits.data(), R, xr.data(), D, T(1), g->router.data(), D);
+      std::vector<T> dxr(nd);
+      Gemm(false, false, n, D, R, dlogits.data(), R, w.router.data(), D, T(0), dxr.data(), D);
+      for (size_t i = 0; i < nd; ++i) dx[i] += dxr[i] * c.noise[i];
+    }
     if (cfg.gating_residual) {
       // logits += W_g prev: dW_g += dlogits^T prev; d prev = dlogits W_g.
       g->prev_logits.assign(static_cast<size_t>(n) * R, T(0));
