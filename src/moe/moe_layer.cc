@@ -102,16 +102,22 @@ void SwigluForward(const T* xe, int m_pad, const T* wg, const T* wu, const T* wd
 
 // SwiGLU expert backward on m rows: from dout [m][D] and the saved hg, hu [m][F], adds the weight
 // gradients and writes dxe [m][D].
+// saved_act: the forward's silu(hg) * hu, or nullptr to recompute it.
 template <typename T>
-void SwigluBackward(const T* xe, const T* hg, const T* hu, const T* dout, int m, const T* wg,
-                    const T* wu, const T* wd, int d, int f, T* dwg, T* dwu, T* dwd, T* dxe) {
+void SwigluBackward(const T* xe, const T* hg, const T* hu, const T* saved_act, const T* dout, int m,
+                    const T* wg, const T* wu, const T* wd, int d, int f, T* dwg, T* dwu, T* dwd,
+                    T* dxe) {
   const size_t n = static_cast<size_t>(m) * f;
   Scratch<T>& sc = ThreadScratch<T>();
-  T* act = sc.Get(0, n);
+  const T* act = saved_act;
+  if (act == nullptr) {
+    T* a = sc.Get(0, n);
+    for (size_t i = 0; i < n; ++i) a[i] = hg[i] * Sigmoid(hg[i]) * hu[i];
+    act = a;
+  }
   T* dact = sc.Get(1, n);
   T* dg = sc.Get(2, n);
   T* du = sc.Get(3, n);
-  for (size_t i = 0; i < n; ++i) act[i] = hg[i] * Sigmoid(hg[i]) * hu[i];
   Gemm(false, false, m, f, d, dout, d, wd, f, T(0), dact, f);      // [m][F]
   Gemm(true, false, d, f, m, dout, d, act, f, T(1), dwd, f);       // [D][F]
   for (size_t i = 0; i < n; ++i) {
@@ -484,6 +490,7 @@ void MoeForward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const T* x, i
   const size_t n_kept = c.kept_slots.size();
   c.h_gate.resize(n_kept * F);
   c.h_up.resize(n_kept * F);
+  c.act.resize(n_kept * F);
   c.expert_out.resize(n_kept * D);
   ParallelOver(opt.pool, E, [&](int e) {
     const int r0 = c.kept_offsets[e], m = c.kept_offsets[e + 1] - r0;
@@ -502,10 +509,11 @@ void MoeForward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const T* x, i
     T* hg = direct ? &c.h_gate[static_cast<size_t>(r0) * F] : sc.Get(1, mf);
     T* hu = direct ? &c.h_up[static_cast<size_t>(r0) * F] : sc.Get(2, mf);
     T* out = direct ? &c.expert_out[static_cast<size_t>(r0) * D] : sc.Get(4, static_cast<size_t>(m_pad) * D);
-    T* act = sc.Get(3, mf);
+    T* act = direct ? &c.act[static_cast<size_t>(r0) * F] : sc.Get(3, mf);
     const size_t wo = static_cast<size_t>(e) * F * D;
     SwigluForward(xe, m_pad, &w.gate_exps[wo], &w.up_exps[wo], &w.down_exps[wo], D, F, hg, hu, act, out);
     if (!direct) {
+      std::copy(act, act + static_cast<size_t>(m) * F, &c.act[static_cast<size_t>(r0) * F]);
       std::copy(hg, hg + static_cast<size_t>(m) * F, &c.h_gate[static_cast<size_t>(r0) * F]);
       std::copy(hu, hu + static_cast<size_t>(m) * F, &c.h_up[static_cast<size_t>(r0) * F]);
       std::copy(out, out + static_cast<size_t>(m) * D, &c.expert_out[static_cast<size_t>(r0) * D]);
@@ -695,7 +703,8 @@ void MoeBackward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const MoeCac
     }
     const size_t wo = static_cast<size_t>(e) * F * D;
     SwigluBackward(xe, &c.h_gate[static_cast<size_t>(r0) * F],
-                   &c.h_up[static_cast<size_t>(r0) * F], dout, m, &w.gate_exps[wo],
+                   &c.h_up[static_cast<size_t>(r0) * F], &c.act[static_cast<size_t>(r0) * F], dout, m,
+                   &w.gate_exps[wo],
                    &w.up_exps[wo], &w.down_exps[wo], D, F, &g->gate_exps[wo], &g->up_exps[wo],
                    &g->down_exps[wo], dx_rows + static_cast<size_t>(r0) * D);
   });
@@ -816,7 +825,8 @@ void MoeBackward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const MoeCac
     std::vector<std::vector<T>> dxs(S, std::vector<T>(nd));
     ParallelOver(pool, S, [&](int s) {
       const size_t wo = static_cast<size_t>(s) * Fs * D, ho = static_cast<size_t>(s) * n * Fs;
-      SwigluBackward(x, &c.sh_gate[ho], &c.sh_up[ho], dsh.data(), n, &w.gate_shexp[wo],
+      SwigluBackward(x, &c.sh_gate[ho], &c.sh_up[ho], static_cast<const T*>(nullptr), dsh.data(), n,
+                     &w.gate_shexp[wo],
                      &w.up_shexp[wo], &w.down_shexp[wo], D, Fs, &g->gate_shexp[wo],
                      &g->up_shexp[wo], &g->down_shexp[wo], dxs[s].data());
     });

@@ -234,6 +234,7 @@ struct MoeCache {
   // Grouped path only (the naive backward recomputes): per kept row, in kept order.
   std::vector<T> h_gate;      // [n_kept][F] W_gate x
   std::vector<T> h_up;        // [n_kept][F] W_up x
+  std::vector<T> act;         // [n_kept][F] silu(h_gate) * h_up (saved: the backward skips a pass)
   std::vector<T> expert_out;  // [n_kept][D] expert output before the gate weight
   std::vector<T> sh_gate;     // [S][T][Fs]
   std::vector<T> sh_up;       // [S][T][Fs]
