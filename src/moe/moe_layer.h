@@ -19,8 +19,8 @@
 //                                       experts spread over a ThreadPool;
 //   MoeForwardNaive / MoeBackwardNaive  a per-token loop with plain loops (no BLAS), the reference.
 // A token's output is combined in slot order (best target first, then the shared experts), and
-// every expert GEMM runs on blocks of exactly kMoeRowBlock rows with a kernel whose per-row
-// arithmetic does not depend on the other rows, so under dropless token-choice routing a token's
+// every GEMM's per-row arithmetic is independent of the other rows (float: kernels/gemm.h; double:
+// BLAS on blocks of exactly kMoeRowBlock rows), so under dropless token-choice routing a token's
 // output does not depend on which other tokens share the batch (docs/batch-invariance.md).
 #pragma once
 
@@ -302,7 +302,7 @@ void PermuteTokens(const RoutingPlan& plan, const T* x, int d, T* out);
 template <typename T>
 void UnpermuteSlots(const RoutingPlan& plan, const T* sorted, int d, T* out);
 
-// Rows per GEMM call of the grouped path (see the batch-invariance note above).
+// Rows per BLAS call of the grouped path in double (see the batch-invariance note above).
 inline constexpr int kMoeRowBlock = 256;
 
 // Statistics of one forward, per layer and target: a plain struct for the trainer, JSON for tools.
