@@ -12,6 +12,7 @@
 #include <type_traits>
 
 #include "kernels/gemm.h"
+#include "kernels/swiglu.h"
 #include "moe/moe_layer_internal.h"
 #include "moe/routing.h"
 #include "util/error.h"
@@ -88,6 +89,31 @@ Scratch<T>& ThreadScratch() {
   return s;
 }
 
+// act = silu(g) * u element-wise; float: the vectorised kernel (each element's result depends on
+// its inputs only, kernels/swiglu.h).
+template <typename T>
+void SwigluAct(const T* g, const T* u, T* act, size_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    kernels::SwigluForward(g, u, act, static_cast<int64_t>(n));
+  } else {
+    for (size_t i = 0; i < n; ++i) act[i] = g[i] * Sigmoid(g[i]) * u[i];
+  }
+}
+
+// dg, du from dact: silu(g) = g s, d silu / dg = s (1 + g (1 - s)), s = sigmoid(g).
+template <typename T>
+void SwigluGrads(const T* g, const T* u, const T* dact, T* dg, T* du, size_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    kernels::SwigluBackward(g, u, dact, nullptr, dg, du, static_cast<int64_t>(n));
+  } else {
+    for (size_t i = 0; i < n; ++i) {
+      const T s = Sigmoid(g[i]);
+      dg[i] = dact[i] * u[i] * s * (T(1) + g[i] * (T(1) - s));
+      du[i] = dact[i] * g[i] * s;
+    }
+  }
+}
+
 // SwiGLU expert forward on m rows (padded to m_pad with zero rows): xe [m_pad][D] ->
 // hg, hu [m_pad][F], out [m_pad][D]; act [m_pad][F] is scratch.
 template <typename T>
@@ -95,8 +121,7 @@ void SwigluForward(const T* xe, int m_pad, const T* wg, const T* wu, const T* wd
                    T* hg, T* hu, T* act, T* out) {
   BlockedGemmNT(xe, m_pad, wg, f, d, hg);
   BlockedGemmNT(xe, m_pad, wu, f, d, hu);
-  const size_t n = static_cast<size_t>(m_pad) * f;
-  for (size_t i = 0; i < n; ++i) act[i] = hg[i] * Sigmoid(hg[i]) * hu[i];
+  SwigluAct(hg, hu, act, static_cast<size_t>(m_pad) * f);
   BlockedGemmNT(act, m_pad, wd, d, f, out);
 }
 
@@ -112,7 +137,7 @@ void SwigluBackward(const T* xe, const T* hg, const T* hu, const T* saved_act, c
   const T* act = saved_act;
   if (act == nullptr) {
     T* a = sc.Get(0, n);
-    for (size_t i = 0; i < n; ++i) a[i] = hg[i] * Sigmoid(hg[i]) * hu[i];
+    SwigluAct(hg, hu, a, n);
     act = a;
   }
   T* dact = sc.Get(1, n);
@@ -120,12 +145,7 @@ void SwigluBackward(const T* xe, const T* hg, const T* hu, const T* saved_act, c
   T* du = sc.Get(3, n);
   Gemm(false, false, m, f, d, dout, d, wd, f, T(0), dact, f);      // [m][F]
   Gemm(true, false, d, f, m, dout, d, act, f, T(1), dwd, f);       // [D][F]
-  for (size_t i = 0; i < n; ++i) {
-    // silu(g) = g s, d silu / dg = s (1 + g (1 - s)), s = sigmoid(g): one exp per element.
-    const T s = Sigmoid(hg[i]);
-    dg[i] = dact[i] * hu[i] * s * (T(1) + hg[i] * (T(1) - s));
-    du[i] = dact[i] * hg[i] * s;
-  }
+  SwigluGrads(hg, hu, dact, dg, du, n);
   Gemm(true, false, f, d, m, dg, f, xe, d, T(1), dwg, d);          // [F][D]
   Gemm(true, false, f, d, m, du, f, xe, d, T(1), dwu, d);          // [F][D]
   Gemm(false, false, m, d, f, dg, f, wg, d, T(0), dxe, d);         // [m][D]
