@@ -162,6 +162,28 @@ void ParallelOver(ThreadPool* pool, int n, const std::function<void(int)>& fn) {
   });
 }
 
+// Work items of the routed experts. Rows of one expert are independent in every product but the
+// weight gradients, so the forward and the row-wise backward run on chunks of at most
+// kMoeRowBlock rows, and the weight gradients on slices of output rows (each slice is one GEMM
+// whose chain over the tokens is the same as the unsplit one). Many small items keep both threads
+// busy when expert loads, or the cores, are uneven.
+struct RowChunk {
+  int e, r0, m;  // expert, first kept row, rows
+};
+std::vector<RowChunk> RowChunks(const std::vector<int32_t>& offsets) {
+  std::vector<RowChunk> v;
+  for (size_t e = 0; e + 1 < offsets.size(); ++e) {
+    for (int r = offsets[e]; r < offsets[e + 1]; r += kMoeRowBlock) {
+      v.push_back({static_cast<int>(e), r, std::min(kMoeRowBlock, offsets[e + 1] - r)});
+    }
+  }
+  return v;
+}
+struct GradSlice {
+  int e, which, r0, r1;  // expert, 0 = W_down rows [r0, r1) of D, 1 = W_gate / 2 = W_up rows of F
+};
+constexpr int kGradSliceRows = 128;
+
 // Softmax / sigmoid of one logits row, and the balance probabilities.
 template <typename T>
 void Gating(MoeRouterKind kind, const T* logits, int r_count, T* probs, T* bprobs) {
@@ -363,7 +385,7 @@ void MoeForward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const T* x, i
   internal::CheckWeights(cfg, w);
   internal::CheckForwardOptions<T>(cfg, n_tokens, opt);
   SingleThreadedBlasOnce();
-  const int D = cfg.d_model, F = cfg.d_ff, E = cfg.n_expert, K = cfg.k, R = cfg.router_width();
+  const int D = cfg.d_model, F = cfg.d_ff, K = cfg.k, R = cfg.router_width();
   const int S = cfg.n_shared, Fs = cfg.d_ff_shared, C = cfg.n_const;
   const bool routed = cfg.router != MoeRouterKind::kHash;  // has a learned router
   const size_t nd = static_cast<size_t>(n_tokens) * D, nk = static_cast<size_t>(n_tokens) * K;
@@ -506,38 +528,41 @@ void MoeForward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const T* x, i
     }
   }
 
-  // Routed FFN experts, one task per expert.
+  // Routed FFN experts, in row chunks.
   const size_t n_kept = c.kept_slots.size();
+  c.xe.resize(n_kept * D);
   c.h_gate.resize(n_kept * F);
   c.h_up.resize(n_kept * F);
   c.act.resize(n_kept * F);
   c.expert_out.resize(n_kept * D);
-  ParallelOver(opt.pool, E, [&](int e) {
-    const int r0 = c.kept_offsets[e], m = c.kept_offsets[e + 1] - r0;
-    if (m == 0) return;
-    const int m_pad = PadRows<T>(m);
-    Scratch<T>& sc = ThreadScratch<T>();
-    T* xe = sc.Get(0, static_cast<size_t>(m_pad) * D);  // [m_pad][D] permuted tokens, zero padded
-    for (int r = 0; r < m; ++r) {
+  const std::vector<RowChunk> chunks = RowChunks(c.kept_offsets);
+  ParallelOver(opt.pool, static_cast<int>(chunks.size()), [&](int i) {
+    const RowChunk ch = chunks[i];
+    const size_t r0 = ch.r0;
+    for (int r = 0; r < ch.m; ++r) {  // gather the chunk's tokens
       const T* src = x + static_cast<size_t>(c.kept_slots[r0 + r] / K) * D;
-      std::copy(src, src + D, xe + static_cast<size_t>(r) * D);
+      std::copy(src, src + D, &c.xe[(r0 + r) * D]);
     }
-    std::fill(xe + static_cast<size_t>(m) * D, xe + static_cast<size_t>(m_pad) * D, T(0));
-    const size_t mf = static_cast<size_t>(m_pad) * F;
-    // Without padding (float) the products go straight into the cache.
-    const bool direct = m_pad == m;
-    T* hg = direct ? &c.h_gate[static_cast<size_t>(r0) * F] : sc.Get(1, mf);
-    T* hu = direct ? &c.h_up[static_cast<size_t>(r0) * F] : sc.Get(2, mf);
-    T* out = direct ? &c.expert_out[static_cast<size_t>(r0) * D] : sc.Get(4, static_cast<size_t>(m_pad) * D);
-    T* act = direct ? &c.act[static_cast<size_t>(r0) * F] : sc.Get(3, mf);
-    const size_t wo = static_cast<size_t>(e) * F * D;
+    const size_t wo = static_cast<size_t>(ch.e) * F * D;
+    const int m_pad = PadRows<T>(ch.m);
+    if (m_pad == ch.m) {  // float: straight into the cache
+      SwigluForward(&c.xe[r0 * D], ch.m, &w.gate_exps[wo], &w.up_exps[wo], &w.down_exps[wo], D, F,
+                    &c.h_gate[r0 * F], &c.h_up[r0 * F], &c.act[r0 * F], &c.expert_out[r0 * D]);
+      return;
+    }
+    // double: a zero-padded block of exactly kMoeRowBlock rows, then the real rows copied out.
+    Scratch<T>& sc = ThreadScratch<T>();
+    const size_t mf = static_cast<size_t>(m_pad) * F, md = static_cast<size_t>(m_pad) * D;
+    T* xe = sc.Get(0, md);
+    std::copy(&c.xe[r0 * D], &c.xe[r0 * D] + static_cast<size_t>(ch.m) * D, xe);
+    std::fill(xe + static_cast<size_t>(ch.m) * D, xe + md, T(0));
+    T *hg = sc.Get(1, mf), *hu = sc.Get(2, mf), *act = sc.Get(3, mf), *out = sc.Get(4, md);
     SwigluForward(xe, m_pad, &w.gate_exps[wo], &w.up_exps[wo], &w.down_exps[wo], D, F, hg, hu, act, out);
-    if (!direct) {
-      std::copy(act, act + static_cast<size_t>(m) * F, &c.act[static_cast<size_t>(r0) * F]);
-      std::copy(hg, hg + static_cast<size_t>(m) * F, &c.h_gate[static_cast<size_t>(r0) * F]);
-      std::copy(hu, hu + static_cast<size_t>(m) * F, &c.h_up[static_cast<size_t>(r0) * F]);
-      std::copy(out, out + static_cast<size_t>(m) * D, &c.expert_out[static_cast<size_t>(r0) * D]);
-    }
+    const size_t rf = static_cast<size_t>(ch.m) * F;
+    std::copy(hg, hg + rf, &c.h_gate[r0 * F]);
+    std::copy(hu, hu + rf, &c.h_up[r0 * F]);
+    std::copy(act, act + rf, &c.act[r0 * F]);
+    std::copy(out, out + static_cast<size_t>(ch.m) * D, &c.expert_out[r0 * D]);
   });
 
   // Shared experts over all tokens.
@@ -702,31 +727,60 @@ void MoeBackward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const MoeCac
     }
   }
 
-  // Routed FFN experts.
-  // [n_kept][D], kept between calls (every row is written before it is read).
-  thread_local std::vector<T> dx_rows_buf;
-  if (dx_rows_buf.size() < c.kept_slots.size() * D) dx_rows_buf.resize(c.kept_slots.size() * D);
-  T* dx_rows = dx_rows_buf.data();
-  ParallelOver(pool, E, [&](int e) {
-    const int r0 = c.kept_offsets[e], m = c.kept_offsets[e + 1] - r0;
-    if (m == 0) return;
-    Scratch<T>& sc = ThreadScratch<T>();
-    T* xe = sc.Get(4, static_cast<size_t>(m) * D);    // [m][D]
-    T* dout = sc.Get(5, static_cast<size_t>(m) * D);  // [m][D]
-    for (int r = 0; r < m; ++r) {
+  // Routed FFN experts. Buffers [n_kept][.] kept between calls (every row is written before it
+  // is read): dout = gate weight * dy, dg / du the gradients at W_gate x / W_up x, dx rows.
+  const size_t n_kept = c.kept_slots.size();
+  thread_local std::vector<T> dx_rows_buf, dout_buf, dg_buf, du_buf;
+  for (auto* b : {&dx_rows_buf, &dout_buf}) {
+    if (b->size() < n_kept * D) b->resize(n_kept * D);
+  }
+  for (auto* b : {&dg_buf, &du_buf}) {
+    if (b->size() < n_kept * F) b->resize(n_kept * F);
+  }
+  T *dx_rows = dx_rows_buf.data(), *dout = dout_buf.data(), *dg = dg_buf.data(), *du = du_buf.data();
+  // Row-wise part, per chunk: dact = dout W_down, dg / du, dx rows = dg W_gate + du W_up.
+  const std::vector<RowChunk> chunks = RowChunks(c.kept_offsets);
+  ParallelOver(pool, static_cast<int>(chunks.size()), [&](int i) {
+    const RowChunk ch = chunks[i];
+    const size_t r0 = ch.r0, rf = r0 * F, rd = r0 * D;
+    for (int r = 0; r < ch.m; ++r) {
       const int s = c.kept_slots[r0 + r];
-      const T* src = x + static_cast<size_t>(s / K) * D;
-      std::copy(src, src + D, xe + static_cast<size_t>(r) * D);
       const T gw = c.gate_w[s];
       const T* d = dy + static_cast<size_t>(s / K) * D;
-      for (int i = 0; i < D; ++i) dout[static_cast<size_t>(r) * D + i] = gw * d[i];
+      T* o = dout + (r0 + r) * D;
+      for (int q = 0; q < D; ++q) o[q] = gw * d[q];
     }
-    const size_t wo = static_cast<size_t>(e) * F * D;
-    SwigluBackward(xe, &c.h_gate[static_cast<size_t>(r0) * F],
-                   &c.h_up[static_cast<size_t>(r0) * F], &c.act[static_cast<size_t>(r0) * F], dout, m,
-                   &w.gate_exps[wo],
-                   &w.up_exps[wo], &w.down_exps[wo], D, F, &g->gate_exps[wo], &g->up_exps[wo],
-                   &g->down_exps[wo], dx_rows + static_cast<size_t>(r0) * D);
+    const size_t wo = static_cast<size_t>(ch.e) * F * D;
+    T* dact = ThreadScratch<T>().Get(0, static_cast<size_t>(ch.m) * F);
+    Gemm(false, false, ch.m, F, D, dout + rd, D, &w.down_exps[wo], F, T(0), dact, F);
+    SwigluGrads(&c.h_gate[rf], &c.h_up[rf], dact, dg + rf, du + rf, static_cast<size_t>(ch.m) * F);
+    Gemm(false, false, ch.m, D, F, dg + rf, F, &w.gate_exps[wo], D, T(0), dx_rows + rd, D);
+    Gemm(false, false, ch.m, D, F, du + rf, F, &w.up_exps[wo], D, T(1), dx_rows + rd, D);
+  });
+  // Weight gradients, per slice of output rows: dW_down += dout^T act, dW_gate += dg^T xe,
+  // dW_up += du^T xe over the expert's rows.
+  std::vector<GradSlice> slices;
+  for (int e = 0; e < E; ++e) {
+    if (c.kept_offsets[e + 1] == c.kept_offsets[e]) continue;
+    for (int r = 0; r < D; r += kGradSliceRows) slices.push_back({e, 0, r, std::min(D, r + kGradSliceRows)});
+    for (int which : {1, 2}) {
+      for (int r = 0; r < F; r += kGradSliceRows) slices.push_back({e, which, r, std::min(F, r + kGradSliceRows)});
+    }
+  }
+  ParallelOver(pool, static_cast<int>(slices.size()), [&](int i) {
+    const GradSlice sl = slices[i];
+    const size_t r0 = c.kept_offsets[sl.e];
+    const int m = c.kept_offsets[sl.e + 1] - c.kept_offsets[sl.e];
+    const size_t wo = static_cast<size_t>(sl.e) * F * D;
+    const int rows = sl.r1 - sl.r0;
+    if (sl.which == 0) {
+      Gemm(true, false, rows, F, m, dout + r0 * D + sl.r0, D, &c.act[r0 * F], F, T(1),
+           &g->down_exps[wo + static_cast<size_t>(sl.r0) * F], F);
+    } else {
+      const T* dh = (sl.which == 1 ? dg : du) + r0 * F + sl.r0;
+      T* dw = sl.which == 1 ? &g->gate_exps[wo] : &g->up_exps[wo];
+      Gemm(true, false, rows, D, m, dh, F, &c.xe[r0 * D], D, T(1), dw + static_cast<size_t>(sl.r0) * D, D);
+    }
   });
   for (int t = 0; t < n; ++t) {
     T* dxt = dx + static_cast<size_t>(t) * D;

@@ -232,6 +232,7 @@ struct MoeCache {
   std::vector<T> const_a;      // [T][n_const][2] constant experts' mixing weights [a1, a2]
 
   // Grouped path only (the naive backward recomputes): per kept row, in kept order.
+  std::vector<T> xe;          // [n_kept][D] the kept rows' inputs, gathered
   std::vector<T> h_gate;      // [n_kept][F] W_gate x
   std::vector<T> h_up;        // [n_kept][F] W_up x
   std::vector<T> act;         // [n_kept][F] silu(h_gate) * h_up (saved: the backward skips a pass)
