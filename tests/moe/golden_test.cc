@@ -1,10 +1,14 @@
 // The trainable MoE layer (grouped path, double) against the independent PyTorch golden
 // tests/golden/moe_torch.py (format and math: docs/golden-format.md). For every configuration the
 // script generates its own inputs into a temp dir, runs its float64 autograd layer with L =
-// sum(y * G) + aux + z, and writes outputs and gradients; this test reads the same inputs, runs
-// MoeForward / MoeBackward with dy = G and compares everything the layer exposes: y, the losses,
-// logits, gating probabilities, the selection (ids, dropped flags, loads), the gate weights, the
-// bias update and every gradient.
+// sum(y * G) + aux + z + entropy (+ sum(dlogits * logits) with a gating residual), and writes
+// outputs and gradients; this test reads the same inputs, runs MoeForward / MoeBackward with
+// dy = G (and the same token ids, prev_logits and dlogits) and compares everything the layer
+// exposes: y, the three losses, logits, gating probabilities, the selection (ids, active slots,
+// dropped flags, loads over all R targets), the gate weights, the bias update and every gradient,
+// including the constant experts' W_c and v, the gating residual's W_g and dL/d prev_logits.
+// Routers: softmax_topk, sigmoid_bias, expert_choice, hash, top_p; targets: FFN, null, zero,
+// copy, const.
 //
 // The script is the reference because it is written separately, from the math, in plain PyTorch
 // with autograd, and checks itself against central differences (ctest golden_torch_selftest).
@@ -87,6 +91,7 @@ struct GoldenConfig {
   int n_tokens = 0;
   int seq_len = 0;
   bool expert_choice = false;
+  bool hash = false;  // no router: no logits, probabilities or router gradient
 };
 
 // The script's complete config (every key present) -> the C++ layer's config. Fails on a key this
@@ -96,19 +101,22 @@ GoldenConfig ToLayerConfig(const std::map<std::string, std::string>& j) {
   MoeLayerConfig& c = g.layer;
   auto num = [&](const char* k) { return std::stod(j.at(k)); };
   auto flag = [&](const char* k) { return j.at(k) == "true"; };
+  auto count = [&](const char* k) { return static_cast<int>(num(k)); };
   static const std::set<std::string> known = {
       "router", "n_tokens", "n_embd", "n_ff_exp", "n_expert", "n_expert_used", "norm_topk",
       "weights_scale", "n_group", "topk_group", "ec_capacity_factor", "capacity_factor",
       "seq_len", "n_expert_shared", "n_ff_shexp", "shared_gate", "aux_loss_coef", "z_loss_coef",
-      "bias_update_rate", "seed"};
+      "bias_update_rate", "hash_seed", "top_p", "n_null", "n_zero", "n_copy", "n_const",
+      "zc_balance_tau", "gating_residual", "entropy_loss_coef", "seed"};
   for (const auto& [k, v] : j) {
     if (!known.count(k)) ADD_FAILURE() << "config key '" << k << "' is not mapped by this test";
   }
   const std::string& router = j.at("router");
-  g.expert_choice = router == "expert_choice";
-  c.router = router == "sigmoid_bias"    ? MoeRouterKind::kSigmoidBias
-             : g.expert_choice ? MoeRouterKind::kExpertChoice
-                               : MoeRouterKind::kSoftmaxTopK;
+  if (!ParseMoeRouterKind(router, &c.router)) {
+    ADD_FAILURE() << "router '" << router << "' is not one of " << MoeRouterNames();
+  }
+  g.expert_choice = c.router == MoeRouterKind::kExpertChoice;
+  g.hash = c.router == MoeRouterKind::kHash;
   g.n_tokens = static_cast<int>(num("n_tokens"));
   g.seq_len = static_cast<int>(num("seq_len"));
   c.d_model = static_cast<int>(num("n_embd"));
@@ -127,6 +135,19 @@ GoldenConfig ToLayerConfig(const std::map<std::string, std::string>& j) {
     c.k = c.n_expert;
     c.norm_topk = false;
   }
+  // Hash weights are fixed (scale / k, already normalised): the script ignores norm_topk there,
+  // the layer rejects it.
+  if (g.hash) c.norm_topk = false;
+  // A uint64 seed: the script writes it as an exact JSON integer (it may exceed 2^63).
+  c.hash_seed = std::stoull(j.at("hash_seed"));
+  c.top_p = num("top_p");
+  c.n_null = count("n_null");
+  c.n_zero = count("n_zero");
+  c.n_copy = count("n_copy");
+  c.n_const = count("n_const");
+  c.zc_balance_tau = num("zc_balance_tau");
+  c.gating_residual = flag("gating_residual");
+  c.entropy_loss_coef = num("entropy_loss_coef");
   c.n_shared = static_cast<int>(num("n_expert_shared"));
   c.d_ff_shared = static_cast<int>(num("n_ff_shexp"));
   c.shared_gate = flag("shared_gate");
@@ -239,6 +260,7 @@ TEST_P(GoldenTorch, ForwardBackwardMatch) {
   const GoldenConfig g = ToLayerConfig(ReadFlatJson(manifest.substr(open, close - open + 1)));
   const MoeLayerConfig& cfg = g.layer;
   const int T = g.n_tokens, D = cfg.d_model, E = cfg.n_expert, k = cfg.k;
+  const int R = cfg.router_width();
   auto in = [&](const char* name, size_t n) {
     return ReadBin(dir / (std::string(name) + ".bin"), n);
   };
@@ -248,7 +270,7 @@ TEST_P(GoldenTorch, ForwardBackwardMatch) {
   w.Resize(cfg);  // sizes every array; the files then fill them
   const std::vector<double> x = in("x", static_cast<size_t>(T) * D);      // [T][D]
   const std::vector<double> dy = in("G", static_cast<size_t>(T) * D);     // [T][D]
-  w.router = in("ffn_gate_inp", w.router.size());
+  if (!g.hash) w.router = in("ffn_gate_inp", w.router.size());  // [R][D]
   w.gate_exps = in("ffn_gate_exps", w.gate_exps.size());
   w.up_exps = in("ffn_up_exps", w.up_exps.size());
   w.down_exps = in("ffn_down_exps", w.down_exps.size());
@@ -259,16 +281,33 @@ TEST_P(GoldenTorch, ForwardBackwardMatch) {
     w.down_shexp = in("ffn_down_shexp", w.down_shexp.size());
   }
   if (cfg.shared_gate) w.gate_inp_shexp = in("ffn_gate_inp_shexp", D);
+  if (cfg.n_const > 0) {
+    w.const_wc = in("const_wc", w.const_wc.size());  // [n_const][2][D]
+    w.const_v = in("const_v", w.const_v.size());     // [n_const][D]
+  }
+  std::vector<int32_t> token_ids;  // [T] hash only; stored as exact float64
+  if (g.hash) {
+    for (double v : in("token_ids", T)) token_ids.push_back(static_cast<int32_t>(v));
+  }
+  std::vector<double> prev_logits, dlogits;  // [T][R] gating residual only
+  if (cfg.gating_residual) {
+    w.gate_res = in("gate_res", w.gate_res.size());  // [R][R]
+    prev_logits = in("prev_logits", static_cast<size_t>(T) * R);
+    dlogits = in("dlogits", static_cast<size_t>(T) * R);
+  }
   ASSERT_FALSE(HasFailure()) << "inputs in " << dir;
 
   std::vector<double> y(static_cast<size_t>(T) * D), dx(y.size());
   MoeCache<double> cache;
   MoeForwardOptions opt;
   opt.seq_len = g.seq_len;
+  if (g.hash) opt.token_ids = token_ids.data();
+  if (cfg.gating_residual) opt.prev_logits = prev_logits.data();
   MoeForward(cfg, w, x.data(), T, y.data(), &cache, opt);
   MoeGrads<double> grads;
   grads.Resize(cfg);
-  MoeBackward(cfg, w, cache, dy.data(), dx.data(), &grads);
+  MoeBackward(cfg, w, cache, dy.data(), dx.data(), &grads, nullptr,
+              cfg.gating_residual ? dlogits.data() : nullptr);
 
   // The selection first: if it differs, every later comparison is meaningless.
   const size_t n_slots = static_cast<size_t>(T) * k;
@@ -306,31 +345,48 @@ TEST_P(GoldenTorch, ForwardBackwardMatch) {
           << "expert id of token " << s / k << " slot " << s % k << " (smallest selection margin "
           << gap << ")";
     }
+    // Active slots (top_p uses the first n_t; the others: all), then capacity: a slot is kept
+    // exactly when it is an active FFN slot the golden did not drop (null and zero-computation
+    // targets are never kept, never dropped).
+    const std::vector<double> active = out("active", n_slots);
+    for (size_t s = 0; s < n_slots; ++s) {
+      ASSERT_EQ(cache.active[s], active[s] != 0.0)
+          << "active flag of token " << s / k << " slot " << s % k << " (smallest selection margin "
+          << gap << ")";
+    }
     const std::vector<double> dropped = out("dropped", n_slots);
     for (size_t s = 0; s < n_slots; ++s) {
-      EXPECT_EQ(cache.kept[s] == 0, dropped[s] != 0.0)
-          << "dropped flag of token " << s / k << " slot " << s % k;
+      const bool ffn = cache.plan.expert_ids[s] < E;
+      EXPECT_EQ(cache.kept[s] != 0, cache.active[s] && ffn && dropped[s] == 0.0)
+          << "kept flag of token " << s / k << " slot " << s % k;
       n_dropped += dropped[s] != 0.0;
     }
     EXPECT_EQ(cache.n_dropped, n_dropped);
-    const std::vector<double> load = out("tokens_per_expert", E);
-    for (int e = 0; e < E; ++e) {
-      EXPECT_EQ(cache.plan.tokens_per_expert[e], load[e]) << "load of expert " << e;
+    // Loads: active slots per target (before capacity), over all R targets.
+    const std::vector<double> load = out("tokens_per_expert", R);
+    const MoeTelemetry tel = ComputeTelemetry(cfg, cache);
+    for (int e = 0; e < R; ++e) {
+      EXPECT_EQ(tel.routed_per_expert[e], load[e]) << "load of target " << e;
     }
     cmp("expert_weights", cache.gate_w);
   }
   cmp("y", y);
   cmp("aux", {cache.aux_loss});
   cmp("z", {cache.z_loss});
-  cmp("logits", cache.logits);
-  cmp("probs", cache.probs);
+  cmp("entropy", {cache.entropy_loss});
+  if (!g.hash) {
+    cmp("logits", cache.logits);
+    cmp("probs", cache.probs);
+  } else {
+    EXPECT_TRUE(cache.logits.empty() && cache.probs.empty()) << "hash routing has no router";
+  }
   if (cfg.router == MoeRouterKind::kSigmoidBias) {
     MoeWeights<double> next = w;
     UpdateBias(cfg, ComputeTelemetry(cfg, cache), &next);
     cmp("exp_probs_b_next", next.exp_probs_b);
   }
   cmp("grad_x", dx);
-  cmp("grad_ffn_gate_inp", grads.router);
+  if (!g.hash) cmp("grad_ffn_gate_inp", grads.router);
   cmp("grad_ffn_gate_exps", grads.gate_exps);
   cmp("grad_ffn_up_exps", grads.up_exps);
   cmp("grad_ffn_down_exps", grads.down_exps);
@@ -340,6 +396,27 @@ TEST_P(GoldenTorch, ForwardBackwardMatch) {
     cmp("grad_ffn_down_shexp", grads.down_shexp);
   }
   if (cfg.shared_gate) cmp("grad_ffn_gate_inp_shexp", grads.gate_inp_shexp);
+  if (cfg.n_const > 0) {
+    cmp("grad_const_wc", grads.const_wc);
+    cmp("grad_const_v", grads.const_v);
+  }
+  if (cfg.gating_residual) {
+    cmp("grad_gate_res", grads.gate_res);
+    cmp("grad_prev_logits", grads.prev_logits);
+  }
+  // No gradient file may be left unread: every grad_<input> the script wrote is compared above.
+  const std::string man_outputs = manifest.substr(manifest.find("\"outputs\""));
+  const std::string tag = "\"name\": \"grad_";
+  size_t pos = 0;
+  while ((pos = man_outputs.find(tag, pos)) != std::string::npos) {
+    const size_t begin = pos + tag.size() - 5;  // at "grad_"
+    const size_t end = man_outputs.find('"', begin);
+    const std::string name = man_outputs.substr(begin, end - begin);
+    const bool compared = std::any_of(errors.begin(), errors.end(),
+                                      [&](const auto& e) { return e.first == name; });
+    EXPECT_TRUE(compared) << tc.name << ": golden gradient " << name << " not compared";
+    pos = end;
+  }
 
   auto by_error = [](const auto& a, const auto& b) { return a.second < b.second; };
   const auto worst = *std::max_element(errors.begin(), errors.end(), by_error);
@@ -350,7 +427,11 @@ TEST_P(GoldenTorch, ForwardBackwardMatch) {
 // The script's presets, plus written configs for
 // the combinations no preset covers: sigmoid without renormalisation, per-sequence capacity with
 // the sigmoid router, groups + gated shared experts + capacity at odd sizes, and large loss
-// coefficients so that errors in the aux / z gradients cannot hide under the output's gradient.
+// coefficients so that errors in the aux / z / entropy gradients cannot hide under the output's
+// gradient; for the newer routers and targets: top_p with renormalisation, capacity and shared
+// experts, top_p = 1 with k = R, hash with per-sequence capacity and shared experts, tokens
+// routed to nulls only, MoE++ targets under top_p and with capacity, entropy on sigmoid_bias and
+// expert_choice.
 const std::vector<Case>& Cases() {
   static const std::vector<Case> cases = {
       {"softmax_norm", "softmax_norm", ""},
@@ -384,6 +465,46 @@ const std::vector<Case>& Cases() {
        R"({"router": "sigmoid_bias", "n_tokens": 16, "n_embd": 9, "n_ff_exp": 6, "n_expert": 6,
            "n_expert_used": 2, "aux_loss_coef": 0.5, "z_loss_coef": 0.3, "n_expert_shared": 1,
            "n_ff_shexp": 4, "shared_gate": true, "capacity_factor": 0.7, "seed": 9})"},
+      {"top_p", "top_p", ""},
+      {"top_p_null_zc", "top_p_null_zc", ""},
+      {"hash_k1", "hash_k1", ""},
+      {"hash_k2_capacity", "hash_k2_capacity", ""},
+      {"adamoe_null_norm", "adamoe_null_norm", ""},
+      {"moepp", "moepp", ""},
+      {"top_p_norm_capacity_shared_losses", "",
+       R"({"router": "top_p", "n_tokens": 24, "n_embd": 10, "n_ff_exp": 7, "n_expert": 6,
+           "n_expert_used": 4, "top_p": 0.55, "norm_topk": true, "weights_scale": 1.2,
+           "capacity_factor": 0.5, "n_expert_shared": 1, "n_ff_shexp": 5, "shared_gate": true,
+           "aux_loss_coef": 0.5, "z_loss_coef": 0.3, "entropy_loss_coef": 0.3, "seed": 8})"},
+      {"top_p_all_slots", "",
+       R"({"router": "top_p", "n_tokens": 12, "n_expert": 3, "n_copy": 1, "n_expert_used": 4,
+           "top_p": 1.0, "norm_topk": false, "seed": 10})"},
+      {"hash_seq_capacity_shared", "",
+       R"({"router": "hash", "n_tokens": 24, "n_embd": 9, "n_ff_exp": 5, "n_expert": 5,
+           "n_expert_used": 3, "norm_topk": false, "weights_scale": 0.8, "capacity_factor": 0.9,
+           "seq_len": 6, "n_expert_shared": 1, "n_ff_shexp": 5, "hash_seed": 7, "seed": 6})"},
+      {"null_heavy_norm_capacity", "",
+       R"({"router": "softmax_topk", "n_tokens": 20, "n_expert": 2, "n_null": 6, "n_expert_used": 2,
+           "norm_topk": true, "weights_scale": 1.3, "capacity_factor": 0.25, "aux_loss_coef": 0.5,
+           "z_loss_coef": 0.3, "entropy_loss_coef": 0.2, "seed": 12})"},
+      {"moepp_top_p_big_losses", "",
+       R"({"router": "top_p", "n_tokens": 22, "n_embd": 12, "n_ff_exp": 6, "n_expert": 4,
+           "n_zero": 2, "n_copy": 1, "n_const": 3, "n_expert_used": 3, "top_p": 0.45,
+           "norm_topk": false, "zc_balance_tau": 0.3, "gating_residual": true,
+           "capacity_factor": 0.15, "aux_loss_coef": 0.5, "z_loss_coef": 0.3,
+           "entropy_loss_coef": 0.3, "seed": 13})"},
+      {"moepp_null_norm_capacity_shared", "",
+       R"({"router": "softmax_topk", "n_tokens": 27, "n_embd": 11, "n_ff_exp": 7, "n_expert": 6,
+           "n_null": 1, "n_zero": 1, "n_copy": 1, "n_const": 1, "n_expert_used": 3,
+           "norm_topk": true, "weights_scale": 1.7, "gating_residual": true, "zc_balance_tau": 0.8,
+           "capacity_factor": 0.4, "n_expert_shared": 1, "n_ff_shexp": 4, "shared_gate": true,
+           "aux_loss_coef": 0.4, "seed": 14})"},
+      {"expert_choice_entropy", "",
+       R"({"router": "expert_choice", "n_tokens": 15, "n_expert": 5, "ec_capacity_factor": 1.5,
+           "z_loss_coef": 0.3, "entropy_loss_coef": 0.25, "seed": 15})"},
+      {"sigmoid_group_entropy", "",
+       R"({"router": "sigmoid_bias", "n_expert": 8, "n_expert_used": 3, "n_group": 4,
+           "topk_group": 2, "aux_loss_coef": 0.4, "entropy_loss_coef": 0.25, "seed": 16})"},
   };
   return cases;
 }
