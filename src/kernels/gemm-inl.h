@@ -10,12 +10,14 @@
 // the A block is packed into panels [KC][kGemmMR] (zero-padded to kGemmMR rows). The micro-kernel
 // walks one A panel and one B panel over the KC block, broadcasting A and FMA-ing into 2*kGemmMR
 // accumulators, which start from C (or 0 on the first k block when not accumulating) and are stored
-// back to C. Tiles that stick out of C run the same micro-kernel on a scratch tile, so every
-// element sees exactly the same FMA chain, in p order, wherever it sits.
+// back to C. The last rows of an m block (fewer than kGemmMR) run a shorter tile in place; tiles
+// that stick out past n run the full micro-kernel on a scratch tile. Either way every element
+// sees exactly the same FMA chain, in p order, wherever it sits.
 //
 // Cache use: see the block sizes below. Packing transposes the operands stored along the wrong
-// axis (B for kNT, A for kNN / kNT) with 4x4 transposes in 128-bit vectors, and copies the
-// others row by row so the source is read sequentially.
+// axis (B for kNT, A for kNN / kNT) with 8x8 (AVX2 / AVX-512) or 4x4 transposes, and copies the
+// others row by row so the source is read sequentially. Packed panels sit one cache line more
+// than their size apart (GemmPanelStride).
 
 #if defined(MOE_KERNELS_GEMM_INL_H_) == defined(HWY_TARGET_TOGGLE)
 #ifdef MOE_KERNELS_GEMM_INL_H_
@@ -93,8 +95,10 @@ HWY_INLINE float* GemmScratch(size_t floats) {
     hn::StoreU(c##r##1, d, c + r * ldc + N); \
   }
 
-// C tile [MR][2N] (ldc) (= or +=) A panel [kc][MR] * B panel [kc][2N]; load_c: start from C.
-template <size_t MR, class D>
+// C tile [MR][2N] (ldc) (= or +=) the first MR columns of A panel [kc][PW] * B panel [kc][2N];
+// load_c: start from C. PW > MR serves the last rows of an m block straight from its packed
+// panel (each element's chain is the same whatever MR is).
+template <size_t MR, size_t PW, class D>
 HWY_INLINE void GemmTile(D d, size_t kc, const float* HWY_RESTRICT ap, const float* HWY_RESTRICT bp,
                          float* HWY_RESTRICT c, size_t ldc, bool load_c) {
   using V = hn::Vec<D>;
@@ -107,10 +111,25 @@ HWY_INLINE void GemmTile(D d, size_t kc, const float* HWY_RESTRICT ap, const flo
     const V b0 = hn::Load(d, bp);
     const V b1 = hn::Load(d, bp + N);
     MOE_GEMM_FOR_ROWS(MOE_GEMM_STEP)
-    ap += MR;
+    ap += PW;
     bp += 2 * N;
   }
   MOE_GEMM_FOR_ROWS(MOE_GEMM_STORE)
+}
+
+// GemmTile<rows, PW> for a run-time rows in [1, R] (R <= PW): the last rows of an m block that
+// is not a multiple of the panel width, computed in place (no scratch copy of C).
+template <size_t R, size_t PW, class D>
+HWY_INLINE void GemmTileRows(D d, size_t rows, size_t kc, const float* HWY_RESTRICT ap,
+                             const float* HWY_RESTRICT bp, float* HWY_RESTRICT c, size_t ldc,
+                             bool load_c) {
+  if constexpr (R > 1) {
+    if (rows < R) {
+      GemmTileRows<R - 1, PW>(d, rows, kc, ap, bp, c, ldc, load_c);
+      return;
+    }
+  }
+  GemmTile<R, PW>(d, kc, ap, bp, c, ldc, load_c);
 }
 
 #undef MOE_GEMM_FOR_ROWS
@@ -120,13 +139,46 @@ HWY_INLINE void GemmTile(D d, size_t kc, const float* HWY_RESTRICT ap, const flo
 #undef MOE_GEMM_STORE
 
 // Writes rows [0, rows) of a strided block (row r at src + r * ld, kc floats each) as the first
-// columns of a panel [kc][w]: dst[p * w + r] = src[r * ld + p] (rows <= w). Groups of four
-// rows go through 4x4 transposes in 128-bit vectors; leftover rows and p are copied singly.
+// columns of a panel [kc][w]: dst[p * w + r] = src[r * ld + p] (rows <= w). Groups of eight
+// rows (x86 AVX2 and up), then of four, go through transposes in vectors; leftover rows and p
+// are copied singly.
 HWY_INLINE void GemmTransposeRows(const float* HWY_RESTRICT src, size_t ld, size_t rows, size_t kc,
                                   float* HWY_RESTRICT dst, size_t w) {
   size_t r = 0;
 #if HWY_TARGET != HWY_SCALAR
   const hn::FixedTag<float, 4> d4;
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX2
+  // Groups of eight rows: 8x8 transposes in 256-bit vectors whose 128-bit halves hold rows r..r+3
+  // and r+4..r+7 (loaded straight into place), so the interleaves of the 4x4 case (which work
+  // per 128-bit half) yield whole 8-float output rows: half the shuffles per element and 32-byte
+  // stores.
+  const hn::FixedTag<float, 8> d8;
+  for (; r + 8 <= rows; r += 8) {
+    const float* s0 = src + r * ld;
+    const float* s4 = s0 + 4 * ld;
+    float* out = dst + r;
+    size_t p = 0;
+    for (; p + 4 <= kc; p += 4) {
+      const auto v0 = hn::Combine(d8, hn::LoadU(d4, s4 + p), hn::LoadU(d4, s0 + p));
+      const auto v1 = hn::Combine(d8, hn::LoadU(d4, s4 + ld + p), hn::LoadU(d4, s0 + ld + p));
+      const auto v2 =
+          hn::Combine(d8, hn::LoadU(d4, s4 + 2 * ld + p), hn::LoadU(d4, s0 + 2 * ld + p));
+      const auto v3 =
+          hn::Combine(d8, hn::LoadU(d4, s4 + 3 * ld + p), hn::LoadU(d4, s0 + 3 * ld + p));
+      const auto t0 = hn::InterleaveLower(d8, v0, v2);  // per 128-bit half, as in the 4x4 case
+      const auto t1 = hn::InterleaveLower(d8, v1, v3);
+      const auto t2 = hn::InterleaveUpper(d8, v0, v2);
+      const auto t3 = hn::InterleaveUpper(d8, v1, v3);
+      hn::StoreU(hn::InterleaveLower(d8, t0, t1), d8, out + (p + 0) * w);
+      hn::StoreU(hn::InterleaveUpper(d8, t0, t1), d8, out + (p + 1) * w);
+      hn::StoreU(hn::InterleaveLower(d8, t2, t3), d8, out + (p + 2) * w);
+      hn::StoreU(hn::InterleaveUpper(d8, t2, t3), d8, out + (p + 3) * w);
+    }
+    for (; p < kc; ++p) {
+      for (size_t i = 0; i < 8; ++i) out[p * w + i] = s0[i * ld + p];
+    }
+  }
+#endif
   for (; r + 4 <= rows; r += 4) {
     const float* s0 = src + r * ld;
     const float* s1 = s0 + ld;
@@ -166,9 +218,17 @@ HWY_INLINE void GemmZeroCols(size_t kc, float* HWY_RESTRICT dst, size_t w, size_
   for (size_t p = 0; p < kc; ++p) std::memset(dst + p * w + col, 0, (w - col) * sizeof(float));
 }
 
+// Floats from one packed panel [kc][w] to the next: one cache line (HWY_ALIGNMENT, 64 bytes, so
+// B panels stay aligned for Load) more than the panel, so that panels are not a multiple of
+// 4 KiB apart: the row-by-row packing below writes all panels at once, and same-offset streams
+// would fight over one L1 set (measured: kTN 3-5% faster).
+HWY_INLINE size_t GemmPanelStride(size_t kc, size_t w) {
+  return kc * w + HWY_ALIGNMENT / sizeof(float);
+}
+
 // Copies rows [p0, p0 + kc) x columns [j0, j0 + len) of a row-major [k][*] matrix into
-// consecutive panels [kc][w] (panel q holds columns [q * w, q * w + w), zero-padded);
-// copy_w(from, to) copies w floats.
+// panels [kc][w] GemmPanelStride(kc, w) apart (panel q holds columns [q * w, q * w + w),
+// zero-padded); copy_w(from, to) copies w floats.
 // Walks the source row by row so the reads are sequential (a panel's column strip alone would
 // touch a new page per row, which the hardware prefetchers do not follow).
 template <class CopyW>
@@ -176,7 +236,7 @@ HWY_INLINE void GemmCopyRows(const float* HWY_RESTRICT src, size_t ld, size_t p0
                              size_t j0, size_t len, size_t w, float* HWY_RESTRICT dst,
                              const CopyW& copy_w) {
   const size_t full = len / w * w;
-  const size_t panel = kc * w;
+  const size_t panel = GemmPanelStride(kc, w);
   for (size_t p = 0; p < kc; ++p) {
     const float* row = src + (p0 + p) * ld + j0;
     float* out = dst + p * w;
@@ -189,8 +249,8 @@ HWY_INLINE void GemmCopyRows(const float* HWY_RESTRICT src, size_t ld, size_t p0
   }
 }
 
-// Packs B columns [j0, j0 + nc) x k range [p0, p0 + kc) into panels [kc][nr], one after
-// another, columns past nc zeroed. trans_b: B is [n][k] (kNT); else B is [k][n].
+// Packs B columns [j0, j0 + nc) x k range [p0, p0 + kc) into panels [kc][nr],
+// GemmPanelStride apart, columns past nc zeroed. trans_b: B is [n][k] (kNT); else B is [k][n].
 template <class D>
 HWY_INLINE void GemmPackB(D d, bool trans_b, const float* HWY_RESTRICT b, size_t ldb, size_t p0,
                           size_t kc, size_t j0, size_t nc, float* HWY_RESTRICT dst) {
@@ -203,15 +263,15 @@ HWY_INLINE void GemmPackB(D d, bool trans_b, const float* HWY_RESTRICT b, size_t
     });
     return;
   }
-  for (size_t jp = 0; jp < nc; jp += nr, dst += kc * nr) {
+  for (size_t jp = 0; jp < nc; jp += nr, dst += GemmPanelStride(kc, nr)) {
     const size_t w = std::min(nr, nc - jp);
     GemmTransposeRows(b + (j0 + jp) * ldb + p0, ldb, w, kc, dst, nr);
     GemmZeroCols(kc, dst, nr, w);
   }
 }
 
-// Packs A rows [i0, i0 + mc) x k range [p0, p0 + kc) into panels [kc][MR], rows past mc
-// zeroed. trans_a: A is [k][m] (kTN); else A is [m][k].
+// Packs A rows [i0, i0 + mc) x k range [p0, p0 + kc) into panels [kc][MR], GemmPanelStride
+// apart, rows past mc zeroed. trans_a: A is [k][m] (kTN); else A is [m][k].
 template <size_t MR>
 HWY_INLINE void GemmPackA(bool trans_a, const float* HWY_RESTRICT a, size_t lda, size_t p0,
                           size_t kc, size_t i0, size_t mc, float* HWY_RESTRICT dst) {
@@ -220,7 +280,7 @@ HWY_INLINE void GemmPackA(bool trans_a, const float* HWY_RESTRICT a, size_t lda,
                  [](const float* from, float* to) { std::memcpy(to, from, MR * sizeof(float)); });
     return;
   }
-  for (size_t ip = 0; ip < mc; ip += MR, dst += kc * MR) {
+  for (size_t ip = 0; ip < mc; ip += MR, dst += GemmPanelStride(kc, MR)) {
     const size_t h = std::min(MR, mc - ip);
     GemmTransposeRows(a + (i0 + ip) * lda + p0, lda, h, kc, dst, MR);
     GemmZeroCols(kc, dst, MR, h);
@@ -251,7 +311,8 @@ HWY_NOINLINE inline void Gemm(GemmOp op, int m, int n, int k, const float* HWY_R
   const size_t kcap = std::min(kGemmKC, K);
   const size_t ncap = std::min(NC, (Nn + NR - 1) / NR * NR);
   const size_t mcap = std::min(kGemmMC, (M + MR - 1) / MR * MR);
-  const size_t b_floats = ncap * kcap, a_floats = mcap * kcap;
+  const size_t b_floats = ncap / NR * GemmPanelStride(kcap, NR);
+  const size_t a_floats = mcap / MR * GemmPanelStride(kcap, MR);
   const size_t align = HWY_ALIGNMENT / sizeof(float);
   const size_t a_off = (b_floats + align - 1) / align * align;
   const size_t t_off = a_off + (a_floats + align - 1) / align * align;
@@ -273,13 +334,17 @@ HWY_NOINLINE inline void Gemm(GemmOp op, int m, int n, int k, const float* HWY_R
         GemmPackA<MR>(trans_a, a, LDA, pc, kc, ic, mc, apack);
         for (size_t jr = 0; jr < nc; jr += NR) {
           const size_t nr = std::min(NR, nc - jr);
-          const float* bp = bpack + jr * kc;
+          const float* bp = bpack + jr / NR * GemmPanelStride(kc, NR);
           for (size_t ir = 0; ir < mc; ir += MR) {
             const size_t mr = std::min(MR, mc - ir);
-            const float* ap = apack + ir * kc;
+            const float* ap = apack + ir / MR * GemmPanelStride(kc, MR);
             float* ct = c + (ic + ir) * LDC + jc + jr;
-            if (mr == MR && nr == NR) {
-              GemmTile<MR>(d, kc, ap, bp, ct, LDC, load_c);
+            if (nr == NR) {
+              if (mr == MR) {
+                GemmTile<MR, MR>(d, kc, ap, bp, ct, LDC, load_c);
+              } else {
+                GemmTileRows<MR - 1, MR>(d, mr, kc, ap, bp, ct, LDC, load_c);
+              }
               continue;
             }
             // Edge tile: same micro-kernel on a scratch copy, so the arithmetic per element
@@ -291,7 +356,7 @@ HWY_NOINLINE inline void Gemm(GemmOp op, int m, int n, int k, const float* HWY_R
                 std::memcpy(tile + i * NR, ct + i * LDC, nr * sizeof(float));
               }
             }
-            GemmTile<MR>(d, kc, ap, bp, tile, NR, load_c);
+            GemmTile<MR, MR>(d, kc, ap, bp, tile, NR, load_c);
             for (size_t i = 0; i < mr; ++i) {
               std::memcpy(ct + i * LDC, tile + i * NR, nr * sizeof(float));
             }

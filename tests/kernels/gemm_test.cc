@@ -260,6 +260,33 @@ void TestGemmTNDeterministic() {
   ExpectGemmNear(t, true, c1, hwy::TargetName(HWY_TARGET));
 }
 
+// Rows past m (the tail of the last m block is computed in place in C) and the padding of the
+// rows in range are never written, for row counts around the register tile and the m block.
+void TestGemmLeavesRowsBelow() {
+  std::mt19937 rng(16);
+  const int mr = static_cast<int>(kGemmMR), mc = static_cast<int>(kGemmMC);
+  const int n = 2 * static_cast<int>(hn::Lanes(hn::ScalableTag<float>())) * 2 + 3;
+  for (GemmOp op : kOps) {
+    for (int m : {1, mr - 1, mr + 1, 2 * mr + mr / 2, mc + 3}) {
+      for (const bool accumulate : {false, true}) {
+        GemmCase t(op, m, n, 37, 2, rng);
+        const size_t in_range = static_cast<size_t>(m) * t.ldc;
+        std::vector<float> c = t.c0;
+        c.resize(in_range + 3 * static_cast<size_t>(t.ldc), -7.0f);  // 3 sentinel rows below
+        if (!accumulate) std::fill(c.begin(), c.begin() + static_cast<long>(in_range), NAN);
+        HWY_NAMESPACE::Gemm(op, m, n, t.k, t.a.data(), t.lda, t.b.data(), t.ldb, c.data(), t.ldc,
+                            accumulate);
+        for (size_t at = in_range; at < c.size(); ++at) {
+          ASSERT_EQ(c[at], -7.0f) << OpName(op) << " m=" << m << " wrote below C at " << at;
+        }
+        c.resize(in_range);
+        // Padding columns: NaN in c0 (never written); values checked against the reference.
+        ExpectGemmNear(t, accumulate, c, hwy::TargetName(HWY_TARGET));
+      }
+    }
+  }
+}
+
 }  // namespace
 // NOLINTNEXTLINE(google-readability-namespace-comments)
 }  // namespace HWY_NAMESPACE
@@ -275,6 +302,7 @@ HWY_EXPORT_AND_TEST_P(GemmTest, TestGemmSmallShapes);
 HWY_EXPORT_AND_TEST_P(GemmTest, TestGemmBlockedShapes);
 HWY_EXPORT_AND_TEST_P(GemmTest, TestGemmBatchInvariance);
 HWY_EXPORT_AND_TEST_P(GemmTest, TestGemmTNDeterministic);
+HWY_EXPORT_AND_TEST_P(GemmTest, TestGemmLeavesRowsBelow);
 
 // The dispatched entry point (best target) on one shape of each op.
 TEST(GemmDispatch, MatchesReference) {
