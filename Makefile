@@ -18,8 +18,9 @@ build: $(BUILD)/CMakeCache.txt
 # Sanitizer build of the format tests (truncated / bit-flipped / random GGUF files).
 asan:
 	@cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMOE_SANITIZE=ON >/dev/null
-	@cmake --build build-asan -j $(JOBS) --target test_formats
-	@cd build-asan && ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 ./bin/test_formats
+	@cmake --build build-asan -j $(JOBS) --target test_formats test_moe
+	@cd build-asan && ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 ./bin/test_formats
+	@cd build-asan && ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 ./bin/test_moe --gtest_brief=1
 
 test: setup build asan
 	@cd $(BUILD) && ctest --output-on-failure -j 1

@@ -293,7 +293,7 @@ void MoeForwardNaive(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const T*
     c.probs.insert(c.probs.end(), r.probs.begin(), r.probs.end());
     c.bprobs.insert(c.bprobs.end(), r.bprobs.begin(), r.bprobs.end());
     lse[t] = r.lse;
-    ConstMixOne(cfg, w, xt, &c.const_a[static_cast<size_t>(t) * cfg.n_const * 2]);
+    ConstMixOne(cfg, w, xt, c.const_a.data() + static_cast<size_t>(t) * cfg.n_const * 2);
     int32_t* ids = &c.plan.expert_ids[static_cast<size_t>(t) * K];
     uint8_t* act = &c.active[static_cast<size_t>(t) * K];
     if (fixed != nullptr) {
@@ -373,7 +373,7 @@ void MoeForwardNaive(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const T*
   std::vector<T> o(D), sh(D);
   for (int t = 0; t < n_tokens; ++t) {
     const T* xt = x + static_cast<size_t>(t) * D;
-    const T* a_t = &c.const_a[static_cast<size_t>(t) * cfg.n_const * 2];
+    const T* a_t = c.const_a.data() + static_cast<size_t>(t) * cfg.n_const * 2;
     T* yt = y + static_cast<size_t>(t) * D;
     std::fill(yt, yt + D, T(0));
     for (int j = 0; j < K; ++j) {
