@@ -170,19 +170,23 @@ void ParallelOver(ThreadPool* pool, int n, const std::function<void(int)>& fn) {
 struct RowChunk {
   int e, r0, m;  // expert, first kept row, rows
 };
-std::vector<RowChunk> RowChunks(const std::vector<int32_t>& offsets) {
+// Chunks of `rows` rows (double: exactly kMoeRowBlock, the padded BLAS block).
+std::vector<RowChunk> RowChunks(const std::vector<int32_t>& offsets, int rows) {
   std::vector<RowChunk> v;
   for (size_t e = 0; e + 1 < offsets.size(); ++e) {
-    for (int r = offsets[e]; r < offsets[e + 1]; r += kMoeRowBlock) {
-      v.push_back({static_cast<int>(e), r, std::min(kMoeRowBlock, offsets[e + 1] - r)});
+    for (int r = offsets[e]; r < offsets[e + 1]; r += rows) {
+      v.push_back({static_cast<int>(e), r, std::min(rows, offsets[e + 1] - r)});
     }
   }
   return v;
 }
+// float: larger chunks, since each GEMM call packs its weight matrix once.
+template <typename T>
+constexpr int kChunkRows = std::is_same_v<T, float> ? 512 : kMoeRowBlock;
 struct GradSlice {
   int e, which, r0, r1;  // expert, 0 = W_down rows [r0, r1) of D, 1 = W_gate / 2 = W_up rows of F
 };
-constexpr int kGradSliceRows = 128;
+constexpr int kGradSliceRows = 256;
 
 // Softmax / sigmoid of one logits row, and the balance probabilities.
 template <typename T>
@@ -535,7 +539,7 @@ void MoeForward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const T* x, i
   c.h_up.resize(n_kept * F);
   c.act.resize(n_kept * F);
   c.expert_out.resize(n_kept * D);
-  const std::vector<RowChunk> chunks = RowChunks(c.kept_offsets);
+  const std::vector<RowChunk> chunks = RowChunks(c.kept_offsets, kChunkRows<T>);
   ParallelOver(opt.pool, static_cast<int>(chunks.size()), [&](int i) {
     const RowChunk ch = chunks[i];
     const size_t r0 = ch.r0;
@@ -739,7 +743,7 @@ void MoeBackward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const MoeCac
   }
   T *dx_rows = dx_rows_buf.data(), *dout = dout_buf.data(), *dg = dg_buf.data(), *du = du_buf.data();
   // Row-wise part, per chunk: dact = dout W_down, dg / du, dx rows = dg W_gate + du W_up.
-  const std::vector<RowChunk> chunks = RowChunks(c.kept_offsets);
+  const std::vector<RowChunk> chunks = RowChunks(c.kept_offsets, kChunkRows<T>);
   ParallelOver(pool, static_cast<int>(chunks.size()), [&](int i) {
     const RowChunk ch = chunks[i];
     const size_t r0 = ch.r0, rf = r0 * F, rd = r0 * D;
