@@ -654,16 +654,7 @@ void MoeBackward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const MoeCac
   const bool routed = cfg.router != MoeRouterKind::kHash;
   const int n = c.n_tokens;
   const size_t nd = static_cast<size_t>(n) * D;
-  {
-    MoeGrads<T> want;
-    want.Resize(cfg);
-    if (g->router.size() != want.router.size() || g->gate_exps.size() != want.gate_exps.size() ||
-        g->gate_shexp.size() != want.gate_shexp.size() ||
-        g->gate_inp_shexp.size() != want.gate_inp_shexp.size() ||
-        g->const_wc.size() != want.const_wc.size() || g->gate_res.size() != want.gate_res.size()) {
-      Fail("MoE layer: the gradient arrays do not match the config: call MoeGrads::Resize(cfg)");
-    }
-  }
+  internal::CheckGrads(cfg, *g);
   if (c.active.size() != static_cast<size_t>(n) * K || c.x.size() != nd) {
     Fail("MoE layer: the cache does not come from a forward of this config");
   }

@@ -111,39 +111,56 @@ MoeLayerConfig FineGrainedConfig(const MoeLayerConfig& cfg, int m) {
   return f;
 }
 
-template <typename T>
-void MoeWeights<T>::Resize(const MoeLayerConfig& c) {
+namespace internal {
+
+MoeArraySizes ArraySizes(const MoeLayerConfig& c) {
   const size_t D = c.d_model, F = c.d_ff, E = c.n_expert, S = c.n_shared, Fs = c.d_ff_shared;
   const size_t R = c.router_width(), C = c.n_const;
-  router.assign(c.router == MoeRouterKind::kHash ? 0 : R * D, T(0));
-  gate_exps.assign(E * F * D, T(0));
-  up_exps.assign(E * F * D, T(0));
-  down_exps.assign(E * D * F, T(0));
-  exp_probs_b.assign(c.router == MoeRouterKind::kSigmoidBias ? E : 0, T(0));
-  gate_shexp.assign(S * Fs * D, T(0));
-  up_shexp.assign(S * Fs * D, T(0));
-  down_shexp.assign(S * D * Fs, T(0));
-  gate_inp_shexp.assign(c.shared_gate ? D : 0, T(0));
-  const_wc.assign(C * 2 * D, T(0));
-  const_v.assign(C * D, T(0));
-  gate_res.assign(c.gating_residual ? R * R : 0, T(0));
+  MoeArraySizes z;
+  z.router = c.router == MoeRouterKind::kHash ? 0 : R * D;
+  z.gate_exps = z.up_exps = z.down_exps = E * F * D;
+  z.exp_probs_b = c.router == MoeRouterKind::kSigmoidBias ? E : 0;
+  z.gate_shexp = z.up_shexp = z.down_shexp = S * Fs * D;
+  z.gate_inp_shexp = c.shared_gate ? D : 0;
+  z.const_wc = C * 2 * D;
+  z.const_v = C * D;
+  z.gate_res = c.gating_residual ? R * R : 0;
+  return z;
+}
+
+}  // namespace internal
+
+template <typename T>
+void MoeWeights<T>::Resize(const MoeLayerConfig& c) {
+  const internal::MoeArraySizes z = internal::ArraySizes(c);
+  router.assign(z.router, T(0));
+  gate_exps.assign(z.gate_exps, T(0));
+  up_exps.assign(z.up_exps, T(0));
+  down_exps.assign(z.down_exps, T(0));
+  exp_probs_b.assign(z.exp_probs_b, T(0));
+  gate_shexp.assign(z.gate_shexp, T(0));
+  up_shexp.assign(z.up_shexp, T(0));
+  down_shexp.assign(z.down_shexp, T(0));
+  gate_inp_shexp.assign(z.gate_inp_shexp, T(0));
+  const_wc.assign(z.const_wc, T(0));
+  const_v.assign(z.const_v, T(0));
+  gate_res.assign(z.gate_res, T(0));
 }
 
 template <typename T>
 void MoeGrads<T>::Resize(const MoeLayerConfig& c) {
-  MoeWeights<T> w;
-  w.Resize(c);
-  router = std::move(w.router);
-  gate_exps = std::move(w.gate_exps);
-  up_exps = std::move(w.up_exps);
-  down_exps = std::move(w.down_exps);
-  gate_shexp = std::move(w.gate_shexp);
-  up_shexp = std::move(w.up_shexp);
-  down_shexp = std::move(w.down_shexp);
-  gate_inp_shexp = std::move(w.gate_inp_shexp);
-  const_wc = std::move(w.const_wc);
-  const_v = std::move(w.const_v);
-  gate_res = std::move(w.gate_res);
+  const internal::MoeArraySizes z = internal::ArraySizes(c);
+  router.assign(z.router, T(0));
+  gate_exps.assign(z.gate_exps, T(0));
+  up_exps.assign(z.up_exps, T(0));
+  down_exps.assign(z.down_exps, T(0));
+  gate_shexp.assign(z.gate_shexp, T(0));
+  up_shexp.assign(z.up_shexp, T(0));
+  down_shexp.assign(z.down_shexp, T(0));
+  gate_inp_shexp.assign(z.gate_inp_shexp, T(0));
+  const_wc.assign(z.const_wc, T(0));
+  const_v.assign(z.const_v, T(0));
+  gate_res.assign(z.gate_res, T(0));
   prev_logits.clear();
 }
 
@@ -190,26 +207,46 @@ void SplitExperts(const MoeLayerConfig& cfg, const MoeWeights<T>& w, int m, MoeL
 
 namespace internal {
 
+namespace {
+void CheckSize(const char* what, const char* name, size_t have, size_t need) {
+  if (have != need) Fail("MoE layer: %s '%s' has %zu values, the config needs %zu", what, name, have, need);
+}
+}  // namespace
+
 template <typename T>
 void CheckWeights(const MoeLayerConfig& c, const MoeWeights<T>& w) {
   ValidateMoeConfig(c);
-  MoeWeights<T> want;
-  want.Resize(c);
-  auto check = [](const char* name, size_t have, size_t need) {
-    if (have != need) Fail("MoE layer: weight '%s' has %zu values, the config needs %zu", name, have, need);
-  };
-  check("ffn_gate_inp", w.router.size(), want.router.size());
-  check("ffn_gate_exps", w.gate_exps.size(), want.gate_exps.size());
-  check("ffn_up_exps", w.up_exps.size(), want.up_exps.size());
-  check("ffn_down_exps", w.down_exps.size(), want.down_exps.size());
-  if (!w.exp_probs_b.empty()) check("exp_probs_b", w.exp_probs_b.size(), static_cast<size_t>(c.n_expert));
-  check("ffn_gate_shexp", w.gate_shexp.size(), want.gate_shexp.size());
-  check("ffn_up_shexp", w.up_shexp.size(), want.up_shexp.size());
-  check("ffn_down_shexp", w.down_shexp.size(), want.down_shexp.size());
-  check("ffn_gate_inp_shexp", w.gate_inp_shexp.size(), want.gate_inp_shexp.size());
-  check("const_wc", w.const_wc.size(), want.const_wc.size());
-  check("const_v", w.const_v.size(), want.const_v.size());
-  check("gate_res", w.gate_res.size(), want.gate_res.size());
+  const MoeArraySizes z = ArraySizes(c);
+  const char* what = "weight";
+  CheckSize(what, "ffn_gate_inp", w.router.size(), z.router);
+  CheckSize(what, "ffn_gate_exps", w.gate_exps.size(), z.gate_exps);
+  CheckSize(what, "ffn_up_exps", w.up_exps.size(), z.up_exps);
+  CheckSize(what, "ffn_down_exps", w.down_exps.size(), z.down_exps);
+  if (!w.exp_probs_b.empty()) CheckSize(what, "exp_probs_b", w.exp_probs_b.size(), static_cast<size_t>(c.n_expert));
+  CheckSize(what, "ffn_gate_shexp", w.gate_shexp.size(), z.gate_shexp);
+  CheckSize(what, "ffn_up_shexp", w.up_shexp.size(), z.up_shexp);
+  CheckSize(what, "ffn_down_shexp", w.down_shexp.size(), z.down_shexp);
+  CheckSize(what, "ffn_gate_inp_shexp", w.gate_inp_shexp.size(), z.gate_inp_shexp);
+  CheckSize(what, "const_wc", w.const_wc.size(), z.const_wc);
+  CheckSize(what, "const_v", w.const_v.size(), z.const_v);
+  CheckSize(what, "gate_res", w.gate_res.size(), z.gate_res);
+}
+
+template <typename T>
+void CheckGrads(const MoeLayerConfig& c, const MoeGrads<T>& g) {
+  const MoeArraySizes z = ArraySizes(c);
+  const char* what = "gradient (call MoeGrads::Resize(cfg))";
+  CheckSize(what, "ffn_gate_inp", g.router.size(), z.router);
+  CheckSize(what, "ffn_gate_exps", g.gate_exps.size(), z.gate_exps);
+  CheckSize(what, "ffn_up_exps", g.up_exps.size(), z.up_exps);
+  CheckSize(what, "ffn_down_exps", g.down_exps.size(), z.down_exps);
+  CheckSize(what, "ffn_gate_shexp", g.gate_shexp.size(), z.gate_shexp);
+  CheckSize(what, "ffn_up_shexp", g.up_shexp.size(), z.up_shexp);
+  CheckSize(what, "ffn_down_shexp", g.down_shexp.size(), z.down_shexp);
+  CheckSize(what, "ffn_gate_inp_shexp", g.gate_inp_shexp.size(), z.gate_inp_shexp);
+  CheckSize(what, "const_wc", g.const_wc.size(), z.const_wc);
+  CheckSize(what, "const_v", g.const_v.size(), z.const_v);
+  CheckSize(what, "gate_res", g.gate_res.size(), z.gate_res);
 }
 
 template <typename T>
@@ -420,6 +457,7 @@ void UpdateBias(const MoeLayerConfig& cfg, const MoeTelemetry& tel, MoeWeights<T
   template void SplitExperts<T>(const MoeLayerConfig&, const MoeWeights<T>&, int,                 \
                                 MoeLayerConfig*, MoeWeights<T>*);                                 \
   template void internal::CheckWeights<T>(const MoeLayerConfig&, const MoeWeights<T>&);           \
+  template void internal::CheckGrads<T>(const MoeLayerConfig&, const MoeGrads<T>&);               \
   template void internal::CheckForwardOptions<T>(const MoeLayerConfig&, int,                      \
                                                  const MoeForwardOptions&);                       \
   template void internal::FinishRouting<T>(const MoeLayerConfig&, int, MoeCache<T>*);             \

@@ -6,9 +6,19 @@
 
 namespace moe::internal {
 
-// Checks that every weight array has the size cfg needs (throws moe::Error naming the array).
+// The number of values of every MoeWeights array for cfg (MoeGrads: the same minus exp_probs_b).
+struct MoeArraySizes {
+  size_t router, gate_exps, up_exps, down_exps, exp_probs_b;
+  size_t gate_shexp, up_shexp, down_shexp, gate_inp_shexp, const_wc, const_v, gate_res;
+};
+MoeArraySizes ArraySizes(const MoeLayerConfig& cfg);
+
+// Checks that every weight (gradient) array has the size cfg needs; throws moe::Error naming the
+// array. Nothing is allocated: both run on every forward / backward.
 template <typename T>
 void CheckWeights(const MoeLayerConfig& cfg, const MoeWeights<T>& w);
+template <typename T>
+void CheckGrads(const MoeLayerConfig& cfg, const MoeGrads<T>& g);
 
 // Checks the per-call inputs against cfg (token ids for kHash, seq_len, the fixed routing's size,
 // the balance scope's width); throws moe::Error naming the problem.

@@ -410,6 +410,7 @@ template <typename T>
 void MoeBackwardNaive(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const MoeCache<T>& c,
                       const T* dy, T* dx, MoeGrads<T>* g, const T* dlogits_in) {
   internal::CheckWeights(cfg, w);
+  internal::CheckGrads(cfg, *g);
   const int D = cfg.d_model, F = cfg.d_ff, K = cfg.k, n = c.n_tokens;
   const int R = cfg.router_width();
   const bool hash = cfg.router == MoeRouterKind::kHash;

@@ -102,5 +102,20 @@ std::vector<std::pair<const char*, std::vector<T>*>> WeightArrays(MoeWeights<T>&
           {"gate_res", &w.gate_res}};
 }
 
+// Every gradient array of g against ref (tolerance from ref's size and n_terms); each non-empty
+// reference array must also be non-zero somewhere, unless listed in `may_be_zero`.
+template <typename T>
+void ExpectGradsNear(MoeGrads<T>& g, MoeGrads<T>& ref, int n_terms,
+                     const std::vector<std::string>& may_be_zero = {}) {
+  auto ga = GradArrays(g), gr = GradArrays(ref);
+  for (size_t a = 0; a < ga.size(); ++a) {
+    ExpectNear(*ga[a].second, *gr[a].second, Tol(*gr[a].second, n_terms), ga[a].first);
+    const bool allowed = std::find(may_be_zero.begin(), may_be_zero.end(), ga[a].first) != may_be_zero.end();
+    if (!gr[a].second->empty() && !allowed) {
+      EXPECT_GT(MaxAbs(*gr[a].second), 0.0) << ga[a].first << " is all zero";
+    }
+  }
+}
+
 }  // namespace
 }  // namespace moe

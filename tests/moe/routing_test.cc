@@ -17,18 +17,29 @@ struct RefRoute {
   std::vector<double> w;
 };
 
-RefRoute Reference(const std::vector<float>& logits, int E, int K, bool norm, bool sigmoid) {
+// Gating probabilities in double (softmax or sigmoid) and the experts ranked by them, ties to
+// the lower id.
+std::vector<double> RefProbs(const float* logits, int E, bool sigmoid) {
   std::vector<double> p(E);
   if (sigmoid) {
     for (int e = 0; e < E; ++e) p[e] = 1.0 / (1.0 + std::exp(-static_cast<double>(logits[e])));
   } else {
-    double mx = *std::max_element(logits.begin(), logits.end()), s = 0;
+    double mx = *std::max_element(logits, logits + E), s = 0;
     for (int e = 0; e < E; ++e) s += p[e] = std::exp(logits[e] - mx);
     for (double& x : p) x /= s;
   }
-  std::vector<int> idx(E);
+  return p;
+}
+std::vector<int> RankedIds(const std::vector<double>& p) {
+  std::vector<int> idx(p.size());
   std::iota(idx.begin(), idx.end(), 0);
   std::stable_sort(idx.begin(), idx.end(), [&](int a, int b) { return p[a] > p[b]; });
+  return idx;
+}
+
+RefRoute Reference(const std::vector<float>& logits, int E, int K, bool norm, bool sigmoid) {
+  const std::vector<double> p = RefProbs(logits.data(), E, sigmoid);
+  const std::vector<int> idx = RankedIds(p);
   RefRoute r;
   r.ids.assign(idx.begin(), idx.begin() + K);
   double s = 0;
@@ -153,14 +164,8 @@ TEST(Routing, HashMatchesReferenceWithWeightScaleOverK) {
 // cumulative probability reaches top_p (n <= K). `ambiguous`: some cumulative sum is so close to
 // top_p that float rounding in the router may decide either way.
 RefRoute RefTopP(const float* logits, int E, int K, double top_p, bool norm, double scale, bool* ambiguous) {
-  std::vector<double> p(E);
-  double mx = logits[0], s = 0;
-  for (int e = 1; e < E; ++e) mx = std::max(mx, static_cast<double>(logits[e]));
-  for (int e = 0; e < E; ++e) s += p[e] = std::exp(logits[e] - mx);
-  for (double& x : p) x /= s;
-  std::vector<int> idx(E);
-  std::iota(idx.begin(), idx.end(), 0);
-  std::stable_sort(idx.begin(), idx.end(), [&](int a, int b) { return p[a] > p[b]; });
+  const std::vector<double> p = RefProbs(logits, E, false);
+  const std::vector<int> idx = RankedIds(p);
   RefRoute r;
   double cum = 0;
   *ambiguous = false;
