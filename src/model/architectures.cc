@@ -58,47 +58,71 @@ const char* ArchName(Arch a) {
 
 void ApplyArchTraits(ModelConfig& c) {
   c.arch_name = ArchName(c.arch);
-  c.router.gating = GatingFunc::kSoftmax;
-  c.router.n_expert = static_cast<int>(c.n_expert);
-  c.router.n_expert_used = static_cast<int>(c.n_expert_used);
-  c.router.weights_scale = 1.0f;
+  bool norm_topk = false;
   switch (c.arch) {
     case Arch::kLlama:  // Mixtral: softmax -> top-k -> renormalise; RoPE on adjacent pairs
       c.rope_type = RopeType::kNorm;
       c.qk_norm = QkNorm::kNone;
-      c.router.norm_topk = true;
+      norm_topk = true;
       c.shared_expert_gate = false;
       break;
     case Arch::kQwen2Moe:  // no renormalisation; sigmoid-gated shared expert
       c.rope_type = RopeType::kNeox;
       c.qk_norm = QkNorm::kNone;
-      c.router.norm_topk = false;
+      norm_topk = false;
       c.shared_expert_gate = true;
       break;
     case Arch::kQwen3Moe:  // per-head Q/K RMSNorm; renormalised top-k
       c.rope_type = RopeType::kNeox;
       c.qk_norm = QkNorm::kPerHead;
-      c.router.norm_topk = true;
+      norm_topk = true;
       c.shared_expert_gate = false;
       break;
     case Arch::kOlmoe:  // Q/K RMSNorm over the whole projection; no renormalisation
       c.rope_type = RopeType::kNeox;
       c.qk_norm = QkNorm::kFull;
-      c.router.norm_topk = false;
+      norm_topk = false;
       c.shared_expert_gate = false;
       break;
   }
-  c.router.select = RouteSelect::kTopK;
-  c.router.top_p = c.router_top_p;
-  c.router.hash_seed = c.router_hash_seed;
-  switch (c.router_kind) {
-    case MoeRouterKind::kSoftmaxTopK:
-    case MoeRouterKind::kExpertChoice:  // training-only: never routed here (UnservableRouterReason)
-      break;
-    case MoeRouterKind::kSigmoidBias: c.router.gating = GatingFunc::kSigmoid; break;
-    case MoeRouterKind::kTopP: c.router.select = RouteSelect::kTopP; break;
-    case MoeRouterKind::kHash: c.router.select = RouteSelect::kHash; break;
-  }
+  MoeLayerConfig& m = c.moe;
+  m.d_model = static_cast<int>(c.n_embd);
+  m.d_ff = static_cast<int>(c.n_ff_exp);
+  m.n_expert = static_cast<int>(c.n_expert);
+  m.router = c.router_kind;
+  // expert_choice represents its choices with one slot per expert.
+  m.k = c.router_kind == MoeRouterKind::kExpertChoice ? m.n_expert : static_cast<int>(c.n_expert_used);
+  // The architecture's normalisation (top_p too); hash and expert choice weigh without it.
+  m.norm_topk = norm_topk && c.router_kind != MoeRouterKind::kHash &&
+                c.router_kind != MoeRouterKind::kExpertChoice;
+  m.weights_scale = c.expert_weights_scale;
+  m.n_group = c.n_expert_groups > 1 ? static_cast<int>(c.n_expert_groups) : 0;
+  m.topk_group = c.n_expert_groups > 1 ? static_cast<int>(c.n_group_used) : 0;
+  m.hash_seed = c.router_hash_seed;
+  m.top_p = c.router_top_p;
+  m.n_null = static_cast<int>(c.n_expert_null);
+  m.n_zero = static_cast<int>(c.n_expert_zero);
+  m.n_copy = static_cast<int>(c.n_expert_copy);
+  m.n_const = static_cast<int>(c.n_expert_const);
+  m.gating_residual = c.expert_gating_residual;
+  m.n_shared = c.n_ff_shexp > 0 ? 1 : 0;  // S shared experts are one fused FFN (config.h)
+  m.d_ff_shared = static_cast<int>(c.n_ff_shexp);
+  m.shared_gate = c.shared_expert_gate && c.n_ff_shexp > 0;
+}
+
+std::string LlamaCppDifference(const ModelConfig& c) {
+  std::vector<std::string> why;
+  if (c.router_kind != MoeRouterKind::kSoftmaxTopK)
+    why.push_back(std::string("router ") + MoeRouterName(c.router_kind));
+  if (c.expert_weights_scale != 1.0f) why.push_back("expert_weights_scale");
+  if (c.n_expert_null > 0) why.push_back("null experts");
+  if (c.n_expert_zero + c.n_expert_copy + c.n_expert_const > 0) why.push_back("zero-computation experts");
+  if (c.expert_gating_residual) why.push_back("gating residuals");
+  if (c.n_ff_shexp > 0 && c.arch != Arch::kQwen2Moe) why.push_back("shared experts on " + c.arch_name);
+  std::string s;
+  for (const std::string& w : why) s += (s.empty() ? "" : ", ") + w;
+  if (!s.empty()) s += ": llama.cpp computes " + c.arch_name + " models with its own fixed routing";
+  return s;
 }
 
 std::string UnservableRouterReason(const ModelConfig& c) {
@@ -150,6 +174,40 @@ void ValidateConfig(const ModelConfig& c) {
   if (c.router_kind == MoeRouterKind::kTopP)
     need(std::isfinite(c.router_top_p) && c.router_top_p > 0 && c.router_top_p <= 1,
          StrFormat("expert_router_top_p %g must be in (0, 1] (--top-p)", c.router_top_p));
+  need(std::isfinite(c.expert_weights_scale) && c.expert_weights_scale > 0,
+       StrFormat("expert_weights_scale %g must be > 0", c.expert_weights_scale));
+  const bool softmax_router = c.router_kind == MoeRouterKind::kSoftmaxTopK || c.router_kind == MoeRouterKind::kTopP;
+  const uint32_t n_zc = c.n_expert_null + c.n_expert_zero + c.n_expert_copy + c.n_expert_const;
+  need(n_zc <= 512, StrFormat("%u null and zero-computation experts: at most 512", n_zc));
+  need(n_zc == 0 || softmax_router,
+       StrFormat("null and zero-computation experts need router softmax_topk or top_p, not %s",
+                 MoeRouterName(c.router_kind)));
+  need(!c.expert_gating_residual || softmax_router,
+       StrFormat("gating residuals need router softmax_topk or top_p, not %s", MoeRouterName(c.router_kind)));
+  need(c.n_expert_used <= c.n_expert + n_zc,
+       StrFormat("expert_used_count %u is more than the router's %u targets", c.n_expert_used, c.n_expert + n_zc));
+  if (c.n_expert_groups > 1) {
+    need(c.router_kind == MoeRouterKind::kSoftmaxTopK || c.router_kind == MoeRouterKind::kSigmoidBias,
+         StrFormat("expert groups need router softmax_topk or sigmoid_bias, not %s", MoeRouterName(c.router_kind)));
+    need(n_zc == 0, "expert groups do not combine with null or zero-computation experts");
+    need(c.n_expert % c.n_expert_groups == 0,
+         StrFormat("expert_count %u is not a multiple of expert_group_count %u", c.n_expert, c.n_expert_groups));
+    // llama.cpp asserts (aborts) unless groups < experts and 0 < used < groups.
+    need(c.n_expert_groups < c.n_expert,
+         StrFormat("expert_group_count %u must be less than expert_count %u", c.n_expert_groups, c.n_expert));
+    need(c.n_group_used >= 1 && c.n_group_used < c.n_expert_groups,
+         StrFormat("expert_group_used_count %u must be in 1..expert_group_count-1 (%u groups; all groups is no limit)",
+                   c.n_group_used, c.n_expert_groups));
+    need(c.n_group_used * (c.n_expert / c.n_expert_groups) >= c.n_expert_used,
+         StrFormat("expert_group_used_count %u groups of %u experts hold fewer than expert_used_count %u",
+                   c.n_group_used, c.n_expert / c.n_expert_groups, c.n_expert_used));
+  }
+  need(c.n_expert_shared == 0 || c.n_ff_shexp > 0, "expert_shared_count is set but there is no shared expert");
+  need(c.n_expert_shared == 0 || c.n_ff_shexp % c.n_expert_shared == 0,
+       StrFormat("shared expert width %u is not a multiple of expert_shared_count %u", c.n_ff_shexp, c.n_expert_shared));
+  ModelConfig derived = c;  // the layer config derived from the fields (a safety net: the checks
+  ApplyArchTraits(derived); // above name the keys)
+  ValidateMoeConfig(derived.moe);
 }
 
 namespace {
@@ -193,6 +251,22 @@ void ReadRouter(const GgufFile& f, ModelConfig& c) {
                         GgufTypeName(v->type)));
     c.router_hash_seed = v->num.u64;
   }
+  auto u32 = [&](const char* suffix) { return f.GetU32Opt(Key(c, suffix)).value_or(0); };
+  c.n_expert_groups = u32("expert_group_count");
+  c.n_group_used = u32("expert_group_used_count");
+  if (c.n_expert_groups <= 1 && f.Has(Key(c, "expert_group_used_count")) && c.n_group_used != 0 &&
+      c.n_group_used != c.n_expert_groups)
+    f.Throw("key '" + Key(c, "expert_group_used_count") + "' is set without expert_group_count > 1");
+  c.expert_weights_scale = f.GetF32Opt(Key(c, "expert_weights_scale")).value_or(1.0f);
+  if (c.expert_weights_scale == 0.0f) c.expert_weights_scale = 1.0f;  // llama.cpp: 0 = not set
+  // expert_weights_norm is ignored, as llama.cpp ignores it for these architectures (their
+  // normalisation is fixed).
+  c.n_expert_shared = u32("expert_shared_count");
+  c.n_expert_null = u32("expert_null_count");
+  c.n_expert_zero = u32("expert_zero_count");
+  c.n_expert_copy = u32("expert_copy_count");
+  c.n_expert_const = u32("expert_const_count");
+  c.expert_gating_residual = f.GetBoolOpt(Key(c, "expert_gating_residual")).value_or(false);
 }
 
 }  // namespace
@@ -230,13 +304,14 @@ ModelConfig ReadConfig(const GgufFile& f, bool allow_training_only) {
     case Arch::kOlmoe:
       c.n_ff_exp = c.n_ff;
       if (c.n_ff_exp == 0) f.Throw("required key '" + Key(c, "feed_forward_length") + "' is missing");
+      c.n_ff_shexp = f.GetU32Opt(Key(c, "expert_shared_feed_forward_length")).value_or(0);
       break;
     case Arch::kQwen2Moe:
     case Arch::kQwen3Moe:
       c.n_ff_exp = ReadUniform(f, Key(c, "expert_feed_forward_length"), c.n_layer, false,
                                c.n_ff / c.n_expert_used);
-      if (c.arch == Arch::kQwen2Moe)
-        c.n_ff_shexp = f.GetU32Opt(Key(c, "expert_shared_feed_forward_length")).value_or(c.n_ff);
+      c.n_ff_shexp = f.GetU32Opt(Key(c, "expert_shared_feed_forward_length"))
+                         .value_or(c.arch == Arch::kQwen2Moe ? c.n_ff : 0);
       break;
   }
   // Vocabulary size: <arch>.vocab_size, else the token list (checked against token_embd later).
@@ -290,16 +365,30 @@ void WriteConfig(const ModelConfig& c, GgufWriter& w) {
       w.SetU32(Key(c, "expert_feed_forward_length"), c.n_ff_exp);
       break;
   }
-  // moe.cpp's router keys, only for a non-default router (default files stay as llama.cpp's).
+  // The router and expert options, only where they differ from the default (default files stay
+  // as llama.cpp writes them).
   if (c.router_kind != MoeRouterKind::kSoftmaxTopK)
     w.SetString(Key(c, "expert_router"), MoeRouterName(c.router_kind));
   if (c.router_kind == MoeRouterKind::kSigmoidBias) w.SetU32(Key(c, "expert_gating_func"), 2);
   if (c.router_kind == MoeRouterKind::kTopP) w.SetF32(Key(c, "expert_router_top_p"), c.router_top_p);
   if (c.router_kind == MoeRouterKind::kHash) w.SetU64(Key(c, "expert_router_hash_seed"), c.router_hash_seed);
+  if (c.n_expert_groups > 1) {
+    w.SetU32(Key(c, "expert_group_count"), c.n_expert_groups);
+    w.SetU32(Key(c, "expert_group_used_count"), c.n_group_used);
+  }
+  if (c.expert_weights_scale != 1.0f) w.SetF32(Key(c, "expert_weights_scale"), c.expert_weights_scale);
+  if (c.n_expert_shared > 0) w.SetU32(Key(c, "expert_shared_count"), c.n_expert_shared);
+  if (c.n_ff_shexp > 0 && c.arch != Arch::kQwen2Moe)  // qwen2moe writes it above
+    w.SetU32(Key(c, "expert_shared_feed_forward_length"), c.n_ff_shexp);
+  if (c.n_expert_null > 0) w.SetU32(Key(c, "expert_null_count"), c.n_expert_null);
+  if (c.n_expert_zero > 0) w.SetU32(Key(c, "expert_zero_count"), c.n_expert_zero);
+  if (c.n_expert_copy > 0) w.SetU32(Key(c, "expert_copy_count"), c.n_expert_copy);
+  if (c.n_expert_const > 0) w.SetU32(Key(c, "expert_const_count"), c.n_expert_const);
+  if (c.expert_gating_residual) w.SetBool(Key(c, "expert_gating_residual"), true);
 }
 
 std::vector<TensorSpec> ExpectedTensors(const ModelConfig& c, bool with_output, bool with_qkv_bias) {
-  const int64_t E = c.n_embd, V = c.n_vocab, X = c.n_expert, F = c.n_ff_exp;
+  const int64_t E = c.n_embd, V = c.n_vocab, X = c.n_expert, F = c.n_ff_exp, R = c.n_router();
   const int64_t nq = c.n_q(), nk = c.n_k(), nv = c.n_v();
   std::vector<TensorSpec> t;
   t.push_back({"token_embd.weight", {E, V}, TensorRole::kEmbedding});
@@ -330,8 +419,14 @@ std::vector<TensorSpec> ExpectedTensors(const ModelConfig& c, bool with_output, 
     }
     t.push_back({p + "ffn_norm.weight", {E}, TensorRole::kNorm});
     // hash routing has no learned router: ffn_gate_inp may be present (ignored) or absent.
-    t.push_back({p + "ffn_gate_inp.weight", {E, X}, TensorRole::kRouter,
+    t.push_back({p + "ffn_gate_inp.weight", {E, R}, TensorRole::kRouter,
                  c.router_kind == MoeRouterKind::kHash});
+    if (c.n_expert_const > 0) {  // MoE++ constant experts: W_c and v
+      t.push_back({p + "ffn_zc_mix.weight", {E, 2, c.n_expert_const}, TensorRole::kRouterAux});
+      t.push_back({p + "ffn_zc_const.weight", {E, c.n_expert_const}, TensorRole::kRouterAux});
+    }
+    if (c.expert_gating_residual && i > 0)  // MoE++ gating residual from the previous layer
+      t.push_back({p + "ffn_gate_res.weight", {R, R}, TensorRole::kRouterAux});
     if (c.router_kind == MoeRouterKind::kSigmoidBias)  // selection-only bias (DeepSeek-V3)
       t.push_back({p + "exp_probs_b.bias", {X}, TensorRole::kBias});
     t.push_back({p + "ffn_gate_exps.weight", {E, F, X}, TensorRole::kExperts});

@@ -3,20 +3,34 @@
 // n_expert_used, n_ff_exp, ...). One ArchSpec per supported architecture (architectures.cc)
 // maps between ModelConfig, GGUF keys and the tensor list.
 //
-// The router is chosen by name with moe.cpp's own keys (llama.cpp ignores unknown keys):
-//   <arch>.expert_router            string, one of MoeRouterNames(); absent = softmax_topk, the
-//                                   router llama.cpp hard-codes for these architectures, so every
-//                                   llama.cpp-made file reads as before
+// The router and the expert options are stored with these keys. llama.cpp's own keys, written
+// only when they differ from the architecture's default:
+//   <arch>.expert_gating_func       u32 (0 arch default, 1 softmax, 2 sigmoid): 2 for sigmoid_bias;
+//                                   2 without expert_router reads as sigmoid_bias
+//   <arch>.expert_group_count       u32, group-limited top-k (DeepSeek-V3 n_group; llama.cpp
+//                                   applies it for every architecture)
+//   <arch>.expert_group_used_count  u32, groups that compete (topk_group), 1..groups-1
+//   <arch>.expert_weights_scale     f32, multiplies the gate weights (routed_scaling_factor)
+//   <arch>.expert_shared_count      u32, shared experts (stored fused as one FFN of width
+//                                   n_ff_shexp, as DeepSeek's files store them: the sum of S
+//                                   SwiGLU experts is one SwiGLU with their rows concatenated)
+// and moe.cpp's own (llama.cpp ignores unknown keys):
+//   <arch>.expert_router            string, one of MoeRouterNames(); absent = softmax_topk
 //   <arch>.expert_router_top_p      f32, top_p only (absent = 0.4)
 //   <arch>.expert_router_hash_seed  u64 (u32 also read), hash only (absent = 0)
-//   <arch>.expert_gating_func       u32, llama.cpp's convention (0 arch default, 1 softmax,
-//                                   2 sigmoid): written as 2 for sigmoid_bias; 2 without
-//                                   expert_router reads as sigmoid_bias
-// WriteConfig writes them only for a non-default router, so default files are unchanged.
-// sigmoid_bias adds the tensor blk.N.exp_probs_b.bias [n_expert] f32 (selection-only bias, as
-// DeepSeek-V3 in llama.cpp); hash has no learned router, so blk.N.ffn_gate_inp is optional and
-// ignored. Files with a non-default router are moe.cpp's own: llama.cpp computes softmax_topk
-// for these architectures (and rejects the extra exp_probs_b tensor).
+//   <arch>.expert_null_count        u32, AdaMoE null experts
+//   <arch>.expert_zero_count / expert_copy_count / expert_const_count
+//                                   u32, MoE++ zero-computation experts
+//   <arch>.expert_gating_residual   bool, MoE++ gating residuals (layer > 0: logits += W_g prev)
+// The router scores R = n_expert + null + zero + copy + const targets, so ffn_gate_inp is
+// {n_embd, R}. Extra tensors: blk.N.exp_probs_b.bias [n_expert] (sigmoid_bias: selection-only
+// bias, as DeepSeek-V3 in llama.cpp), blk.N.ffn_zc_mix.weight {n_embd, 2, n_const} and
+// blk.N.ffn_zc_const.weight {n_embd, n_const} (constant experts), blk.N.ffn_gate_res.weight
+// {R, R} (gating residual, layers 1..n-1). hash has no learned router: ffn_gate_inp is optional
+// and ignored. WriteConfig writes a key only when it differs from the default, so files of the
+// architectures' default routing are byte-identical to before. LlamaCppDifference says when
+// llama.cpp would compute another model from a file (it hard-codes softmax top-k for these
+// architectures).
 #pragma once
 
 #include <cstdint>
@@ -24,8 +38,7 @@
 #include <vector>
 
 #include "formats/gguf.h"
-#include "moe/moe_layer.h"
-#include "moe/routing.h"
+#include "moe/moe_config.h"
 #include "tensor/dtype.h"
 
 namespace moe {
@@ -62,22 +75,40 @@ struct ModelConfig {
   QkNorm qk_norm = QkNorm::kNone;
   bool qkv_bias = false;          // qwen2moe: optional Q/K/V biases
   bool shared_expert_gate = false;  // qwen2moe: sigmoid(ffn_gate_inp_shexp . x) scales shexp
-  RouterConfig router;            // gating, normalisation, k, selection: derived by ApplyArchTraits
 
   // Router by name (keys above). expert_choice is training-only: ReadConfig refuses it unless
   // the caller only inspects the file.
   MoeRouterKind router_kind = MoeRouterKind::kSoftmaxTopK;
   float router_top_p = 0.4f;      // top_p: cumulative probability threshold, in (0, 1]
   uint64_t router_hash_seed = 0;  // hash: seed of HashExperts
+  uint32_t n_expert_groups = 0;   // group-limited top-k: groups (0 or 1 = off)
+  uint32_t n_group_used = 0;      // groups that compete
+  float expert_weights_scale = 1.0f;
+  uint32_t n_expert_shared = 0;   // shared experts, fused into one FFN of width n_ff_shexp
+  uint32_t n_expert_null = 0;     // AdaMoE null experts
+  uint32_t n_expert_zero = 0;     // MoE++ zero-computation experts
+  uint32_t n_expert_copy = 0;
+  uint32_t n_expert_const = 0;
+  bool expert_gating_residual = false;
+
+  // The MoE layer of every block, derived from the fields above by ApplyArchTraits: the router
+  // (routing.h) and the inference forward read only this. Loss weights and training-only options
+  // keep their defaults; the trainer sets them from its own config.
+  MoeLayerConfig moe;
 
   uint32_t n_q() const { return n_head * n_embd_head_k; }     // Q width
   uint32_t n_k() const { return n_head_kv * n_embd_head_k; }  // K width
   uint32_t n_v() const { return n_head_kv * n_embd_head_v; }  // V width
+  uint32_t n_router() const { return static_cast<uint32_t>(moe.router_width()); }  // R
 };
 
 // How a tensor of an architecture is used: decides its dtype in `moe init` and which checks
 // apply (norms, routers and gates stay F32, as llama-quantize leaves them).
-enum class TensorRole { kNorm, kBias, kMatrix, kRouter, kExperts, kEmbedding, kOutput, kGate };
+enum class TensorRole {
+  kNorm, kBias, kMatrix, kRouter, kExperts, kEmbedding, kOutput,
+  kGate,      // 1-D gate vector (qwen2moe's shared-expert gate)
+  kRouterAux, // small f32 matrices of the router: constant experts' W_c and v, gating residual
+};
 
 struct TensorSpec {
   std::string name;             // GGUF name, e.g. "blk.3.ffn_up_exps.weight"
@@ -98,9 +129,12 @@ ModelConfig ReadConfig(const GgufFile& f, bool allow_training_only = false);
 std::string UnservableRouterReason(const ModelConfig& c);
 // Writes every key llama.cpp needs for this architecture, with the exact types it checks.
 void WriteConfig(const ModelConfig& c, GgufWriter& w);
-// Fills the architecture traits (rope type, norms, routing) for c.arch, and c.router from
-// router_kind / router_top_p / router_hash_seed and the expert counts.
+// Fills the architecture traits (rope type, norms, routing) for c.arch, and c.moe from the
+// sizes, the router fields and the expert options.
 void ApplyArchTraits(ModelConfig& c);
+// Why llama.cpp would compute a different model from a file of this config (a router or expert
+// option it does not implement for the architecture), or "" when it computes the same one.
+std::string LlamaCppDifference(const ModelConfig& c);
 // Checks that the hyper-parameters are self-consistent; throws moe::Error on the first problem.
 void ValidateConfig(const ModelConfig& c);
 // The tensors a model of this config has, in the order moe writes them.

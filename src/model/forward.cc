@@ -161,17 +161,34 @@ void Forward::Attention(int il, int T) {
 
 void Forward::MoeFfn(int il, const int32_t* tokens, int T) {
   const LayerWeights& L = model_.layers[il];
+  const MoeLayerConfig& mc = c_.moe;
   const int64_t E = c_.n_embd, Fx = c_.n_ff_exp;
-  const int X = static_cast<int>(c_.n_expert), K = static_cast<int>(c_.n_expert_used);
-  float* logits = nullptr;
-  if (c_.router.select != RouteSelect::kHash) {  // hash routing needs no router logits
-    router_.resize(static_cast<size_t>(T) * X);
-    Linear(*L.gate_inp, h_.data(), T, router_.data());  // ffn_moe_logits [T][n_expert]
+  const int X = mc.n_expert, K = mc.k, R = mc.router_width();
+  const float* logits = nullptr;
+  if (mc.router != MoeRouterKind::kHash) {  // hash routing needs no router logits
+    router_.resize(static_cast<size_t>(T) * R);
+    Linear(*L.gate_inp, h_.data(), T, router_.data());  // ffn_moe_logits [T][R]
+    if (mc.gating_residual) {
+      if (L.gate_res) {  // logits += W_g . (the previous layer's logits)
+        for (int t = 0; t < T; ++t) {
+          const float* prev = F(prev_router_, static_cast<size_t>(t) * R);
+          for (int e = 0; e < R; ++e)
+            router_[static_cast<size_t>(t) * R + e] += kernels::DotF32(L.gate_res->F32() + static_cast<size_t>(e) * R, prev, R);
+        }
+      }
+      prev_router_ = router_;
+    }
     logits = router_.data();
   }
-  RouteTokens(c_.router, logits, T, &plan_, tokens, L.exp_probs_b ? L.exp_probs_b->F32() : nullptr);
+  probs_.resize(static_cast<size_t>(T) * R);
+  gate_w_.resize(static_cast<size_t>(T) * K);
+  RouteOptions ro;
+  ro.token_ids = tokens;
+  Route(mc, logits, T, L.exp_probs_b ? L.exp_probs_b->F32() : nullptr, ro, probs_.data(),
+        static_cast<float*>(nullptr), gate_w_.data(), &plan_);
+  if (observer_) observer_(il, T, logits, tokens, plan_);
 
-  const int S = plan_.expert_offsets[X];  // used slots, in expert-sorted order below
+  const int S = plan_.n_rows();  // rows of the FFN experts, in expert order below
   const DType gt = L.gate_exps->dtype, ut = L.up_exps->dtype, dt = L.down_exps->dtype;
   const size_t rbg = kernels::ActivationRowBytes(gt, E);
   const size_t rbu = kernels::ActivationRowBytes(ut, E);
@@ -234,14 +251,38 @@ void Forward::MoeFfn(int il, const int32_t* tokens, int T) {
     kernels::MatMul(dt, L.down_exps->Slab(e), Fx, r0, r1, aq_.data() + off * rbd, rbd, n,
                     F(y_, static_cast<size_t>(off) * E + r0), E);
   });
-  // Combine in selection order (deterministic and independent of batch-mates).
+  // Combine in selection order (deterministic and independent of batch-mates): FFN rows, and the
+  // zero-computation targets (null and zero: nothing; copy: x; constant: a1 x + a2 v).
+  const int const0 = R - mc.n_const;
   for (int t = 0; t < T; ++t) {
     float* out = F(tmp_, t * E);
+    const float* xt = F(h_, t * E);
     std::fill(out, out + E, 0.0f);
     for (int j = 0; j < K; ++j) {
       const int slot = t * K + j;
-      if (plan_.slot_position[slot] < 0) continue;  // unused slot (top_p): contributes nothing
-      kernels::Axpy(plan_.weights[slot], F(y_, static_cast<size_t>(plan_.slot_position[slot]) * E), out, E);
+      const int id = plan_.expert_ids[slot];
+      if (id < 0) continue;  // unused slot (top_p)
+      const float w = plan_.weights[slot];
+      switch (mc.TargetKind(id)) {
+        case MoeTargetKind::kFfn:
+          kernels::Axpy(w, F(y_, static_cast<size_t>(plan_.slot_position[slot]) * E), out, E);
+          break;
+        case MoeTargetKind::kNull:
+        case MoeTargetKind::kZero:
+          break;
+        case MoeTargetKind::kCopy:
+          kernels::Axpy(w, xt, out, E);
+          break;
+        case MoeTargetKind::kConst: {
+          const int ci = id - const0;
+          const float* wc = L.zc_mix->F32() + static_cast<size_t>(ci) * 2 * E;
+          float a[2] = {kernels::DotF32(wc, xt, E), kernels::DotF32(wc + E, xt, E)};
+          kernels::Softmax(a, 2);
+          kernels::Axpy(w * a[0], xt, out, E);
+          kernels::Axpy(w * a[1], L.zc_const->F32() + static_cast<size_t>(ci) * E, out, E);
+          break;
+        }
+      }
     }
   }
 

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "model/model.h"
@@ -22,6 +23,12 @@ class Forward {
   // all_logits: logits of every position go to logits [n][n_vocab]; else only the last
   // position's [n_vocab]. Throws moe::Error if a token id is out of range or the context is full.
   void Eval(const int32_t* tokens, int n, bool all_logits, std::vector<float>* logits);
+
+  // Called after each MoE layer routes a chunk of tokens (telemetry, tests): the layer, the
+  // chunk's router logits [n_tokens][R] (nullptr for hash routing), its token ids and the plan.
+  using RoutingObserver = std::function<void(int layer, int n_tokens, const float* logits,
+                                             const int32_t* tokens, const RoutingPlan& plan)>;
+  void SetRoutingObserver(RoutingObserver fn) { observer_ = std::move(fn); }
 
   int n_past() const { return n_past_; }
   int n_ctx() const { return n_ctx_; }
@@ -55,9 +62,12 @@ class Forward {
   std::vector<float> att_;      // [T][n_q]
   std::vector<float> tmp_;      // [T][n_embd]
   std::vector<float> scores_;   // [n_threads][n_ctx]
-  std::vector<float> router_;   // [T][n_expert]
+  std::vector<float> router_;   // [T][R] router logits (R = c_.moe.router_width())
+  std::vector<float> prev_router_;  // [T][R] the previous layer's logits (gating residual)
+  std::vector<float> probs_;    // [T][R] gating output
+  std::vector<float> gate_w_;   // [T][k] gate weights
   std::vector<uint8_t> act_;    // converted activations (Linear)
-  // Expert rows: S = the plan's used slots (T*k, fewer under top_p), in expert order.
+  // Expert rows: S = the plan's FFN rows (T*k, fewer with top_p or zero-computation picks).
   std::vector<uint8_t> xg_;     // [S] gathered expert inputs, converted
   std::vector<uint8_t> act2_;   // tokens converted for the up projection when its vec-dot type differs
   std::vector<uint8_t> xg2_;    // same, gathered into expert order
@@ -69,6 +79,7 @@ class Forward {
   std::vector<float> su_;       // [T][n_ff_shexp]
   std::vector<float> shout_;    // [T][n_embd]  shared-expert output
   RoutingPlan plan_;
+  RoutingObserver observer_;
 };
 
 }  // namespace moe

@@ -59,8 +59,6 @@ void InitRandomModel(InitOptions opt, const std::string& path) {
   if (c.n_ff_exp == 0) c.n_ff_exp = c.n_ff;
   c.n_ff = c.n_ff_exp;
   if (c.arch == Arch::kQwen2Moe && c.n_ff_shexp == 0) c.n_ff_shexp = c.n_ff_exp;
-  if (c.arch != Arch::kQwen2Moe && c.n_ff_shexp != 0)
-    Fail("--shared-ffn: architecture %s has no shared expert (only qwen2moe does)", c.arch_name.c_str());
   if (c.arch == Arch::kLlama && c.n_embd_head_k * c.n_head != c.n_embd)
     Fail("llama needs --heads x --head-dim == --dim (%u x %u != %u)", c.n_head, c.n_embd_head_k, c.n_embd);
   if (opt.tie_output && (c.arch == Arch::kQwen2Moe || c.arch == Arch::kOlmoe))
@@ -78,6 +76,7 @@ void InitRandomModel(InitOptions opt, const std::string& path) {
     Fail("--plant-margin must be >= 0, --embd-scale > 0 and --logit-scale finite");
   if (opt.plant_margin > 0 && opt.tie_output)
     Fail("--plant-margin needs its own output.weight: drop --tie-output");
+  ApplyArchTraits(c);  // again: the sizes filled in above shape the MoE layer
   ValidateConfig(c);
 
   GgufWriter w;
@@ -131,6 +130,7 @@ void InitRandomModel(InitOptions opt, const std::string& path) {
         for (float& x : v) x *= opt.logit_scale;
         break;
       case TensorRole::kRouter:  // logits ~ N(0, 1): varied, rarely tied expert choices
+      case TensorRole::kRouterAux:
       case TensorRole::kGate:
       case TensorRole::kMatrix:
       case TensorRole::kExperts:
@@ -138,7 +138,8 @@ void InitRandomModel(InitOptions opt, const std::string& path) {
         break;
     }
     const bool keep_f32 = s.role == TensorRole::kNorm || s.role == TensorRole::kBias ||
-                          s.role == TensorRole::kRouter || s.role == TensorRole::kGate;
+                          s.role == TensorRole::kRouter || s.role == TensorRole::kGate ||
+                          s.role == TensorRole::kRouterAux;
     const DType t = keep_f32 ? DType::kF32 : opt.type;
     if (!keep_f32) CheckRowLength(s, t);
     const int64_t rows = n / s.ne[0];

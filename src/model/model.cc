@@ -44,10 +44,10 @@ std::unique_ptr<Model> Model::Load(const std::string& path, bool allow_training_
       f.Throw("tensor '" + s.name + "' has shape " + ShapeString(t->ne, t->n_dims) +
               " but the hyper-parameters need " + ShapeString(s.ne.data(), static_cast<int>(s.ne.size())));
     const bool vector = s.role == TensorRole::kNorm || s.role == TensorRole::kBias ||
-                        s.role == TensorRole::kGate;
+                        s.role == TensorRole::kGate || s.role == TensorRole::kRouterAux;
     if (vector ? t->dtype != DType::kF32 : !IsWeightType(t->dtype))
       f.Throw(StrFormat("tensor '%s' has type %s, which moe.cpp does not support here%s",
-                        s.name.c_str(), DTypeName(t->dtype), vector ? " (norms, biases and gates must be f32)" : ""));
+                        s.name.c_str(), DTypeName(t->dtype), vector ? " (norms, biases, gates and the router's small matrices must be f32)" : ""));
   }
   for (const GgufTensorInfo& ti : f.tensors()) {
     if (!known.count(ti.view.name))
@@ -79,6 +79,9 @@ std::unique_ptr<Model> Model::Load(const std::string& path, bool allow_training_
     // hash routing reads no router logits, so a present ffn_gate_inp is ignored.
     L.gate_inp = c.router_kind == MoeRouterKind::kHash ? nullptr : get(p + "ffn_gate_inp.weight");
     L.exp_probs_b = get(p + "exp_probs_b.bias");
+    L.zc_mix = get(p + "ffn_zc_mix.weight");
+    L.zc_const = get(p + "ffn_zc_const.weight");
+    L.gate_res = get(p + "ffn_gate_res.weight");
     L.gate_exps = get(p + "ffn_gate_exps.weight");
     L.up_exps = get(p + "ffn_up_exps.weight");
     L.down_exps = get(p + "ffn_down_exps.weight");
@@ -101,7 +104,8 @@ uint64_t Model::BytesPerToken() const {
   uint64_t total = token_embd->RowBytes() + output->NumBytes() + output_norm->NumBytes();
   for (const LayerWeights& L : layers) {
     const TensorView* dense[] = {L.attn_norm, L.wq, L.wk, L.wv, L.bq, L.bk, L.bv, L.wo,
-                                 L.q_norm, L.k_norm, L.ffn_norm, L.gate_inp, L.exp_probs_b, L.gate_inp_shexp,
+                                 L.q_norm, L.k_norm, L.ffn_norm, L.gate_inp, L.exp_probs_b, L.zc_mix,
+                                 L.zc_const, L.gate_res, L.gate_inp_shexp,
                                  L.gate_shexp, L.up_shexp, L.down_shexp};
     for (const TensorView* t : dense)
       if (t) total += t->NumBytes();

@@ -23,8 +23,11 @@ struct LayerWeights {
   const TensorView* q_norm = nullptr;     // [head_dim] (per head) or [n_q] (full)
   const TensorView* k_norm = nullptr;
   const TensorView* ffn_norm = nullptr;   // [n_embd]
-  const TensorView* gate_inp = nullptr;   // {n_embd, n_expert}            router (hash: may be null)
+  const TensorView* gate_inp = nullptr;   // {n_embd, R}  router, R = ModelConfig::n_router() (hash: null)
   const TensorView* exp_probs_b = nullptr;  // [n_expert] selection-only bias (sigmoid_bias)
+  const TensorView* zc_mix = nullptr;     // {n_embd, 2, n_const}  constant experts' W_c (f32)
+  const TensorView* zc_const = nullptr;   // {n_embd, n_const}     constant experts' v (f32)
+  const TensorView* gate_res = nullptr;   // {R, R} gating residual W_g (f32; layers > 0)
   const TensorView* gate_exps = nullptr;  // {n_embd, n_ff_exp, n_expert}
   const TensorView* up_exps = nullptr;    // {n_embd, n_ff_exp, n_expert}
   const TensorView* down_exps = nullptr;  // {n_ff_exp, n_embd, n_expert}

@@ -188,169 +188,6 @@ struct GradSlice {
 };
 constexpr int kGradSliceRows = 256;
 
-// Softmax / sigmoid of one logits row, and the balance probabilities.
-template <typename T>
-void Gating(MoeRouterKind kind, const T* logits, int r_count, T* probs, T* bprobs) {
-  if (kind == MoeRouterKind::kSigmoidBias) {
-    T sum = 0;
-    for (int e = 0; e < r_count; ++e) sum += probs[e] = Sigmoid(logits[e]);
-    for (int e = 0; e < r_count; ++e) bprobs[e] = probs[e] / sum;
-    return;
-  }
-  T mx = logits[0];
-  for (int e = 1; e < r_count; ++e) mx = std::max(mx, logits[e]);
-  T sum = 0;
-  for (int e = 0; e < r_count; ++e) sum += probs[e] = std::exp(logits[e] - mx);
-  for (int e = 0; e < r_count; ++e) bprobs[e] = probs[e] /= sum;
-}
-
-// The first k targets by score, best first (ties go to the lower id); `score` may be modified.
-template <typename T>
-void TopKIds(std::vector<T>& score, int k, int32_t* ids) {
-  const int n = static_cast<int>(score.size());
-  std::vector<uint8_t> taken(n, 0);
-  for (int j = 0; j < k; ++j) {
-    int best = -1;
-    for (int e = 0; e < n; ++e) {
-      if (!taken[e] && (best < 0 || score[e] > score[best])) best = e;
-    }
-    taken[best] = 1;
-    ids[j] = best;
-  }
-}
-
-// Selection of one token: ids [k] best first and which slots are used (active [k]). The bias and
-// the group limit change the selection score only.
-template <typename T>
-void SelectTargets(const MoeLayerConfig& cfg, const T* probs, const T* bias, int32_t token_id,
-                   int32_t* ids, uint8_t* active) {
-  const int E = cfg.n_expert, R = cfg.router_width(), K = cfg.k;
-  std::fill(active, active + K, uint8_t{1});
-  switch (cfg.router) {
-    case MoeRouterKind::kExpertChoice:
-      // Slot j is expert j; the experts decide which slots are used (ExpertChoiceActive).
-      for (int j = 0; j < E; ++j) ids[j] = j;
-      return;
-    case MoeRouterKind::kHash:
-      HashExperts(cfg.hash_seed, token_id, E, K, ids);
-      return;
-    case MoeRouterKind::kTopP: {
-      std::vector<T> score(probs, probs + R);
-      TopKIds(score, K, ids);
-      double cum = 0;  // in double, as the inference router (RouteTokens) sums
-      int used = K;
-      for (int j = 0; j < K; ++j) {
-        cum += static_cast<double>(probs[ids[j]]);
-        if (cum >= cfg.top_p) {
-          used = j + 1;
-          break;
-        }
-      }
-      for (int j = used; j < K; ++j) active[j] = 0;
-      return;
-    }
-    case MoeRouterKind::kSoftmaxTopK:
-    case MoeRouterKind::kSigmoidBias:
-      break;
-  }
-  std::vector<T> score(probs, probs + R);
-  if (cfg.router == MoeRouterKind::kSigmoidBias && bias != nullptr) {
-    for (int e = 0; e < E; ++e) score[e] += bias[e];
-  }
-  if (cfg.n_group > 1) {
-    const T kNeg = -std::numeric_limits<T>::infinity();
-    const int gs = E / cfg.n_group;
-    std::vector<T> gscore(cfg.n_group);
-    for (int g = 0; g < cfg.n_group; ++g) {
-      T b1 = kNeg, b2 = kNeg;  // the two best scores of the group
-      for (int e = g * gs; e < (g + 1) * gs; ++e) {
-        if (score[e] > b1) {
-          b2 = b1;
-          b1 = score[e];
-        } else if (score[e] > b2) {
-          b2 = score[e];
-        }
-      }
-      gscore[g] = gs >= 2 ? b1 + b2 : b1;
-    }
-    std::vector<uint8_t> keep(cfg.n_group, 0);
-    for (int r = 0; r < cfg.topk_group; ++r) {
-      int best = -1;
-      for (int g = 0; g < cfg.n_group; ++g) {
-        if (!keep[g] && (best < 0 || gscore[g] > gscore[best])) best = g;
-      }
-      keep[best] = 1;
-    }
-    for (int e = 0; e < E; ++e) {
-      if (!keep[e / gs]) score[e] = kNeg;
-    }
-  }
-  TopKIds(score, K, ids);
-}
-
-// Gate weights of one token's slots: 0 when inactive; hash: scale / k; otherwise the target's
-// probability, renormalised over the active non-null slots when norm_topk, times the scale.
-template <typename T>
-void GateWeights(const MoeLayerConfig& cfg, const T* probs, const int32_t* ids,
-                 const uint8_t* active, T* gw) {
-  const int K = cfg.k;
-  const T scale = static_cast<T>(cfg.weights_scale);
-  if (cfg.router == MoeRouterKind::kHash) {
-    for (int j = 0; j < K; ++j) gw[j] = active[j] ? scale / static_cast<T>(K) : T(0);
-    return;
-  }
-  T sum = 0;
-  for (int j = 0; j < K; ++j) {
-    if (active[j] && cfg.TargetKind(ids[j]) != MoeTargetKind::kNull) sum += probs[ids[j]];
-  }
-  for (int j = 0; j < K; ++j) {
-    if (!active[j]) {
-      gw[j] = T(0);
-      continue;
-    }
-    const bool norm = cfg.norm_topk && cfg.TargetKind(ids[j]) != MoeTargetKind::kNull && sum > 0;
-    gw[j] = (norm ? probs[ids[j]] / sum : probs[ids[j]]) * scale;
-  }
-}
-
-// Capacity in token order, slot by slot within a token, over the active FFN slots.
-void ApplyCapacity(const MoeLayerConfig& cfg, int n_tokens, int seq_len,
-                   const std::vector<int32_t>& ids, const std::vector<uint8_t>& active,
-                   std::vector<uint8_t>* kept) {
-  const int64_t cap = internal::ExpertCapacity(cfg, n_tokens, seq_len);
-  kept->assign(ids.size(), 0);
-  std::vector<int64_t> count(cfg.n_expert, 0);
-  for (int t = 0; t < n_tokens; ++t) {
-    if (seq_len > 0 && t % seq_len == 0) std::fill(count.begin(), count.end(), 0);
-    for (int j = 0; j < cfg.k; ++j) {
-      const size_t s = static_cast<size_t>(t) * cfg.k + j;
-      if (!active[s] || ids[s] >= cfg.n_expert) continue;
-      (*kept)[s] = cap < 0 || count[ids[s]]++ < cap;
-    }
-  }
-}
-
-// Expert choice: expert e uses slot (t, e) for its c best tokens by probs[t][e] (ties to the lower
-// token index); every other slot is inactive. probs [T][E].
-template <typename T>
-void ExpertChoiceActive(const MoeLayerConfig& cfg, int n_tokens, const std::vector<T>& probs,
-                        std::vector<uint8_t>* active) {
-  const int E = cfg.n_expert;
-  active->assign(static_cast<size_t>(n_tokens) * E, 0);
-  if (n_tokens == 0) return;
-  const int64_t cap = internal::ExpertChoiceCapacity(cfg, n_tokens);
-  std::vector<int32_t> order(n_tokens);
-  for (int e = 0; e < E; ++e) {
-    for (int t = 0; t < n_tokens; ++t) order[t] = t;
-    auto better = [&](int32_t a, int32_t b) {
-      const T pa = probs[static_cast<size_t>(a) * E + e], pb = probs[static_cast<size_t>(b) * E + e];
-      return pa > pb || (pa == pb && a < b);
-    };
-    std::partial_sort(order.begin(), order.begin() + cap, order.end(), better);
-    for (int64_t r = 0; r < cap; ++r) (*active)[static_cast<size_t>(order[r]) * E + e] = 1;
-  }
-}
-
 // log-sum-exp of one logits row.
 template <typename T>
 double LogSumExp(const T* lg, int n) {
@@ -365,10 +202,9 @@ double LogSumExp(const T* lg, int n) {
 
 template <typename T>
 void PermuteTokens(const RoutingPlan& plan, const T* x, int d, T* out) {
-  const size_t n_slots = static_cast<size_t>(plan.n_tokens) * plan.k;
-  for (size_t q = 0; q < n_slots; ++q) {
+  for (int q = 0; q < plan.n_rows(); ++q) {
     const T* src = x + static_cast<size_t>(plan.sorted_slots[q] / plan.k) * d;
-    std::copy(src, src + d, out + q * d);
+    std::copy(src, src + d, out + static_cast<size_t>(q) * d);
   }
 }
 
@@ -376,8 +212,12 @@ template <typename T>
 void UnpermuteSlots(const RoutingPlan& plan, const T* sorted, int d, T* out) {
   const size_t n_slots = static_cast<size_t>(plan.n_tokens) * plan.k;
   for (size_t s = 0; s < n_slots; ++s) {
-    const T* src = sorted + static_cast<size_t>(plan.slot_position[s]) * d;
-    std::copy(src, src + d, out + s * d);
+    const int pos = plan.slot_position[s];
+    if (pos < 0) {
+      std::fill(out + s * d, out + (s + 1) * d, T(0));
+    } else {
+      std::copy(sorted + static_cast<size_t>(pos) * d, sorted + static_cast<size_t>(pos + 1) * d, out + s * d);
+    }
   }
 }
 
@@ -398,13 +238,15 @@ void MoeForward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const T* x, i
   MoeCache<T>& c = *cache;
   // Take what the fixed routing provides before c is overwritten (c may be *fixed).
   std::vector<int32_t> fixed_ids;
-  std::vector<uint8_t> fixed_active, fixed_kept;
+  std::vector<uint8_t> fixed_dropped;
   std::vector<T> noise;
   std::vector<int32_t> token_ids;
   if (fixed != nullptr) {
     fixed_ids = fixed->plan.expert_ids;
-    fixed_active = fixed->active;
-    fixed_kept = fixed->kept;
+    fixed_dropped.assign(nk, 0);
+    for (size_t s = 0; s < nk; ++s) {
+      fixed_dropped[s] = fixed_ids[s] >= 0 && fixed_ids[s] < cfg.n_expert && fixed->plan.slot_position[s] < 0;
+    }
     noise = fixed->noise;
     token_ids = fixed->token_ids;
   } else {
@@ -461,34 +303,34 @@ void MoeForward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const T* x, i
           lg[e] += a;
         }
       }
-      Gating(cfg.router, lg, R, &c.probs[static_cast<size_t>(t) * R], &c.bprobs[static_cast<size_t>(t) * R]);
     }
   }
 
-  // Selection and gate weights.
-  c.plan.expert_ids.resize(nk);
-  c.active.assign(nk, 1);
+  // Selection, gate weights and capacity: the router (routing.h), or the fixed assignment.
   c.gate_w.resize(nk);
   const T* bias = w.exp_probs_b.empty() ? nullptr : w.exp_probs_b.data();
-  for (int t = 0; t < n_tokens; ++t) {
-    const size_t rk = static_cast<size_t>(t) * K;
-    const T* p = routed ? &c.probs[static_cast<size_t>(t) * R] : nullptr;
-    if (fixed == nullptr) {
-      SelectTargets(cfg, p, bias, c.token_ids.empty() ? 0 : c.token_ids[t], &c.plan.expert_ids[rk], &c.active[rk]);
-    } else {
-      std::copy_n(&fixed_ids[rk], K, &c.plan.expert_ids[rk]);
+  if (fixed == nullptr) {
+    RouteOptions ro;
+    ro.token_ids = c.token_ids.empty() ? nullptr : c.token_ids.data();
+    ro.seq_len = opt.seq_len;
+    Route(cfg, routed ? c.logits.data() : static_cast<const T*>(nullptr), n_tokens, bias, ro,
+          routed ? c.probs.data() : nullptr, routed ? c.bprobs.data() : nullptr, c.gate_w.data(), &c.plan);
+  } else {  // the fixed slots and drops, weighted with this call's probabilities
+    RoutingPlan& p = c.plan;
+    p.n_tokens = n_tokens;
+    p.k = K;
+    p.n_expert = cfg.n_expert;
+    p.n_targets = R;
+    p.expert_ids = std::move(fixed_ids);
+    p.weights.resize(nk);
+    for (int t = 0; t < n_tokens; ++t) {
+      const size_t o = static_cast<size_t>(t) * R, ok = static_cast<size_t>(t) * K;
+      if (routed) RouterGating(cfg, &c.logits[o], &c.probs[o], &c.bprobs[o]);
+      RouterWeights(cfg, routed ? &c.probs[o] : static_cast<const T*>(nullptr), &p.expert_ids[ok], &c.gate_w[ok]);
     }
+    for (size_t s = 0; s < nk; ++s) p.weights[s] = static_cast<float>(c.gate_w[s]);
+    p.BuildGroups(fixed_dropped.data());
   }
-  if (fixed != nullptr) c.active = fixed_active;
-  else if (cfg.router == MoeRouterKind::kExpertChoice) ExpertChoiceActive(cfg, n_tokens, c.probs, &c.active);
-  for (int t = 0; t < n_tokens; ++t) {
-    const size_t rk = static_cast<size_t>(t) * K;
-    GateWeights(cfg, routed ? &c.probs[static_cast<size_t>(t) * R] : static_cast<const T*>(nullptr),
-                &c.plan.expert_ids[rk], &c.active[rk], &c.gate_w[rk]);
-  }
-  if (fixed != nullptr) c.kept = fixed_kept;
-  else ApplyCapacity(cfg, n_tokens, opt.seq_len, c.plan.expert_ids, c.active, &c.kept);
-  internal::FinishRouting(cfg, n_tokens, &c);
   internal::SetLossScope(cfg, opt.balance, &c);
 
   // Losses over the scope: this call's share of the global terms.
@@ -533,18 +375,18 @@ void MoeForward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const T* x, i
   }
 
   // Routed FFN experts, in row chunks.
-  const size_t n_kept = c.kept_slots.size();
+  const size_t n_kept = c.plan.sorted_slots.size();
   c.xe.resize(n_kept * D);
   c.h_gate.resize(n_kept * F);
   c.h_up.resize(n_kept * F);
   c.act.resize(n_kept * F);
   c.expert_out.resize(n_kept * D);
-  const std::vector<RowChunk> chunks = RowChunks(c.kept_offsets, kChunkRows<T>);
+  const std::vector<RowChunk> chunks = RowChunks(c.plan.expert_offsets, kChunkRows<T>);
   ParallelOver(opt.pool, static_cast<int>(chunks.size()), [&](int i) {
     const RowChunk ch = chunks[i];
     const size_t r0 = ch.r0;
     for (int r = 0; r < ch.m; ++r) {  // gather the chunk's tokens
-      const T* src = x + static_cast<size_t>(c.kept_slots[r0 + r] / K) * D;
+      const T* src = x + static_cast<size_t>(c.plan.sorted_slots[r0 + r] / K) * D;
       std::copy(src, src + D, &c.xe[(r0 + r) * D]);
     }
     const size_t wo = static_cast<size_t>(ch.e) * F * D;
@@ -609,13 +451,13 @@ void MoeForward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const T* x, i
     std::fill(yt, yt + D, T(0));
     for (int j = 0; j < K; ++j) {
       const size_t s = static_cast<size_t>(t) * K + j;
-      if (!c.active[s]) continue;
-      const T g = c.gate_w[s];
       const int id = c.plan.expert_ids[s];
+      if (id < 0) continue;  // unused slot
+      const T g = c.gate_w[s];
       switch (cfg.TargetKind(id)) {
         case MoeTargetKind::kFfn: {
-          if (c.slot_row[s] < 0) break;  // dropped by capacity
-          const T* o = &c.expert_out[static_cast<size_t>(c.slot_row[s]) * D];
+          if (c.plan.slot_position[s] < 0) break;  // dropped by capacity
+          const T* o = &c.expert_out[static_cast<size_t>(c.plan.slot_position[s]) * D];
           for (int d = 0; d < D; ++d) yt[d] += g * o[d];
           break;
         }
@@ -655,13 +497,13 @@ void MoeBackward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const MoeCac
   const int n = c.n_tokens;
   const size_t nd = static_cast<size_t>(n) * D;
   internal::CheckGrads(cfg, *g);
-  if (c.active.size() != static_cast<size_t>(n) * K || c.x.size() != nd) {
+  if (c.plan.expert_ids.size() != static_cast<size_t>(n) * K || c.x.size() != nd) {
     Fail("MoE layer: the cache does not come from a forward of this config");
   }
   const T* x = c.x.data();
   std::fill(dx, dx + nd, T(0));
 
-  // Gate-weight gradients of the active slots, and the zero-computation experts' own gradients.
+  // Gate-weight gradients of the used slots, and the zero-computation experts' own gradients.
   std::vector<T> dgw(static_cast<size_t>(n) * K, T(0));  // [T][k]
   for (int t = 0; t < n; ++t) {
     const T* d = dy + static_cast<size_t>(t) * D;
@@ -669,14 +511,14 @@ void MoeBackward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const MoeCac
     T* dxt = dx + static_cast<size_t>(t) * D;
     for (int j = 0; j < K; ++j) {
       const size_t s = static_cast<size_t>(t) * K + j;
-      if (!c.active[s]) continue;
       const int id = c.plan.expert_ids[s];
+      if (id < 0) continue;
       const T gw = c.gate_w[s];
       T a = 0;
       switch (cfg.TargetKind(id)) {
         case MoeTargetKind::kFfn: {
-          if (c.slot_row[s] < 0) break;
-          const T* o = &c.expert_out[static_cast<size_t>(c.slot_row[s]) * D];
+          if (c.plan.slot_position[s] < 0) break;
+          const T* o = &c.expert_out[static_cast<size_t>(c.plan.slot_position[s]) * D];
           for (int i = 0; i < D; ++i) a += d[i] * o[i];
           break;
         }
@@ -724,7 +566,7 @@ void MoeBackward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const MoeCac
 
   // Routed FFN experts. Buffers [n_kept][.] kept between calls (every row is written before it
   // is read): dout = gate weight * dy, dg / du the gradients at W_gate x / W_up x, dx rows.
-  const size_t n_kept = c.kept_slots.size();
+  const size_t n_kept = c.plan.sorted_slots.size();
   thread_local std::vector<T> dx_rows_buf, dout_buf, dg_buf, du_buf;
   for (auto* b : {&dx_rows_buf, &dout_buf}) {
     if (b->size() < n_kept * D) b->resize(n_kept * D);
@@ -734,12 +576,12 @@ void MoeBackward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const MoeCac
   }
   T *dx_rows = dx_rows_buf.data(), *dout = dout_buf.data(), *dg = dg_buf.data(), *du = du_buf.data();
   // Row-wise part, per chunk: dact = dout W_down, dg / du, dx rows = dg W_gate + du W_up.
-  const std::vector<RowChunk> chunks = RowChunks(c.kept_offsets, kChunkRows<T>);
+  const std::vector<RowChunk> chunks = RowChunks(c.plan.expert_offsets, kChunkRows<T>);
   ParallelOver(pool, static_cast<int>(chunks.size()), [&](int i) {
     const RowChunk ch = chunks[i];
     const size_t r0 = ch.r0, rf = r0 * F, rd = r0 * D;
     for (int r = 0; r < ch.m; ++r) {
-      const int s = c.kept_slots[r0 + r];
+      const int s = c.plan.sorted_slots[r0 + r];
       const T gw = c.gate_w[s];
       const T* d = dy + static_cast<size_t>(s / K) * D;
       T* o = dout + (r0 + r) * D;
@@ -756,7 +598,7 @@ void MoeBackward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const MoeCac
   // dW_up += du^T xe over the expert's rows.
   std::vector<GradSlice> slices;
   for (int e = 0; e < E; ++e) {
-    if (c.kept_offsets[e + 1] == c.kept_offsets[e]) continue;
+    if (c.plan.expert_offsets[e + 1] == c.plan.expert_offsets[e]) continue;
     for (int r = 0; r < D; r += kGradSliceRows) slices.push_back({e, 0, r, std::min(D, r + kGradSliceRows)});
     for (int which : {1, 2}) {
       for (int r = 0; r < F; r += kGradSliceRows) slices.push_back({e, which, r, std::min(F, r + kGradSliceRows)});
@@ -764,8 +606,8 @@ void MoeBackward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const MoeCac
   }
   ParallelOver(pool, static_cast<int>(slices.size()), [&](int i) {
     const GradSlice sl = slices[i];
-    const size_t r0 = c.kept_offsets[sl.e];
-    const int m = c.kept_offsets[sl.e + 1] - c.kept_offsets[sl.e];
+    const size_t r0 = c.plan.expert_offsets[sl.e];
+    const int m = c.plan.expert_offsets[sl.e + 1] - c.plan.expert_offsets[sl.e];
     const size_t wo = static_cast<size_t>(sl.e) * F * D;
     const int rows = sl.r1 - sl.r0;
     if (sl.which == 0) {
@@ -780,7 +622,7 @@ void MoeBackward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const MoeCac
   for (int t = 0; t < n; ++t) {
     T* dxt = dx + static_cast<size_t>(t) * D;
     for (int j = 0; j < K; ++j) {
-      const int row = c.slot_row[static_cast<size_t>(t) * K + j];
+      const int row = c.plan.slot_position[static_cast<size_t>(t) * K + j];
       if (row < 0) continue;
       const T* src = &dx_rows[static_cast<size_t>(row) * D];
       for (int i = 0; i < D; ++i) dxt[i] += src[i];
@@ -799,13 +641,12 @@ void MoeBackward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const MoeCac
       const T* bp = &c.bprobs[static_cast<size_t>(t) * R];
       const T* lg = &c.logits[static_cast<size_t>(t) * R];
       const int32_t* ids = &c.plan.expert_ids[static_cast<size_t>(t) * K];
-      const uint8_t* act = &c.active[static_cast<size_t>(t) * K];
       const T* dw = &dgw[static_cast<size_t>(t) * K];
       std::fill(dp.begin(), dp.end(), T(0));
-      // Normalised slots: active, not null (see GateWeights).
+      // Normalised slots: used, not null (see RouterWeights).
       T sum = 0, dot = 0;
       auto normed = [&](int j) {
-        return cfg.norm_topk && act[j] && cfg.TargetKind(ids[j]) != MoeTargetKind::kNull;
+        return cfg.norm_topk && ids[j] >= 0 && cfg.TargetKind(ids[j]) != MoeTargetKind::kNull;
       };
       for (int j = 0; j < K; ++j) {
         if (normed(j)) sum += p[ids[j]];
@@ -814,7 +655,7 @@ void MoeBackward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const MoeCac
         if (normed(j)) dot += dw[j] * p[ids[j]] / sum;
       }
       for (int j = 0; j < K; ++j) {
-        if (!act[j]) continue;
+        if (ids[j] < 0) continue;
         if (normed(j)) dp[ids[j]] += scale * (dw[j] - dot) / sum;
         else dp[ids[j]] += scale * dw[j];
       }

@@ -279,17 +279,6 @@ void CheckForwardOptions(const MoeLayerConfig& cfg, int n_tokens, const MoeForwa
   }
 }
 
-int64_t ExpertChoiceCapacity(const MoeLayerConfig& c, int n_tokens) {
-  const auto cap = static_cast<int64_t>(std::floor(n_tokens * c.ec_capacity_factor / c.n_expert));
-  return std::min<int64_t>(n_tokens, std::max<int64_t>(1, cap));
-}
-
-int64_t ExpertCapacity(const MoeLayerConfig& c, int n_tokens, int seq_len) {
-  if (c.capacity_factor == 0.0) return -1;
-  const int scope = seq_len > 0 ? seq_len : n_tokens;
-  return static_cast<int64_t>(std::ceil(c.capacity_factor * scope * c.k / c.n_expert));
-}
-
 double BalanceEta(const MoeLayerConfig& cfg, int target) {
   const MoeTargetKind k = cfg.TargetKind(target);
   return k == MoeTargetKind::kFfn || k == MoeTargetKind::kNull ? 1.0 : cfg.zc_balance_tau;
@@ -298,33 +287,6 @@ double BalanceEta(const MoeLayerConfig& cfg, int target) {
 double AuxCoef(const MoeLayerConfig& cfg) {
   return cfg.router == MoeRouterKind::kExpertChoice || cfg.router == MoeRouterKind::kHash ? 0.0
                                                                                           : cfg.aux_loss_coef;
-}
-
-template <typename T>
-void FinishRouting(const MoeLayerConfig& c, int n_tokens, MoeCache<T>* cache) {
-  RoutingPlan& p = cache->plan;
-  const size_t n_slots = static_cast<size_t>(n_tokens) * c.k;
-  p.n_tokens = n_tokens;
-  p.n_expert = c.router_width();
-  p.k = c.k;
-  p.weights.resize(n_slots);
-  for (size_t s = 0; s < n_slots; ++s) p.weights[s] = static_cast<float>(cache->gate_w[s]);
-  p.BuildGroups();
-  cache->kept_offsets.assign(c.n_expert + 1, 0);
-  cache->kept_slots.clear();
-  cache->slot_row.assign(n_slots, -1);
-  int64_t active_ffn = 0;
-  for (int e = 0; e < c.n_expert; ++e) {
-    for (int q = p.expert_offsets[e]; q < p.expert_offsets[e + 1]; ++q) {
-      const int s = p.sorted_slots[q];
-      active_ffn += cache->active[s];
-      if (!cache->kept[s]) continue;
-      cache->slot_row[s] = static_cast<int32_t>(cache->kept_slots.size());
-      cache->kept_slots.push_back(s);
-    }
-    cache->kept_offsets[e + 1] = static_cast<int32_t>(cache->kept_slots.size());
-  }
-  cache->n_dropped = active_ffn - static_cast<int64_t>(cache->kept_slots.size());
 }
 
 template <typename T>
@@ -337,9 +299,9 @@ void SetLossScope(const MoeLayerConfig& cfg, const MoeBalanceScope* scope, MoeCa
     return;
   }
   double n_active = 0;
-  for (size_t s = 0; s < cache->active.size(); ++s) {
-    if (!cache->active[s]) continue;
-    cache->loss_f[cache->plan.expert_ids[s]] += 1.0;
+  for (int32_t id : cache->plan.expert_ids) {
+    if (id < 0) continue;
+    cache->loss_f[id] += 1.0;
     n_active += 1.0;
   }
   for (double& f : cache->loss_f) f = n_active > 0 ? f / n_active : 0.0;
@@ -353,10 +315,10 @@ void AddToBalanceScope(const MoeLayerConfig& cfg, const MoeCache<T>& cache, MoeB
   const int R = cfg.router_width();
   if (scope->counts.empty()) scope->counts.assign(R, 0.0);
   if (static_cast<int>(scope->counts.size()) != R) Fail("MoE layer: the balance scope has %zu targets, the router %d", scope->counts.size(), R);
-  if (cache.active.size() != cache.plan.expert_ids.size()) Fail("MoE layer: AddToBalanceScope needs the cache of a forward call");
-  for (size_t s = 0; s < cache.active.size(); ++s) {
-    if (!cache.active[s]) continue;
-    scope->counts[cache.plan.expert_ids[s]] += 1.0;
+  if (cache.plan.expert_ids.size() != static_cast<size_t>(cache.n_tokens) * cfg.k) Fail("MoE layer: AddToBalanceScope needs the cache of a forward call");
+  for (int32_t id : cache.plan.expert_ids) {
+    if (id < 0) continue;
+    scope->counts[id] += 1.0;
     scope->n_slots += 1.0;
   }
   scope->n_tokens += cache.n_tokens;
@@ -381,9 +343,8 @@ MoeTelemetry ComputeTelemetry(const MoeLayerConfig& cfg, const MoeCache<T>& c) {
   m.entropy_loss = c.entropy_loss;
   if (n == 0) return m;
   int64_t n_active = 0, active_ffn = 0, active_zc = 0;
-  for (size_t s = 0; s < c.active.size(); ++s) {
-    if (!c.active[s]) continue;
-    const int id = c.plan.expert_ids[s];
+  for (int32_t id : c.plan.expert_ids) {
+    if (id < 0) continue;
     ++m.routed_per_expert[id];
     ++n_active;
     if (id < E) ++active_ffn;
@@ -392,15 +353,15 @@ MoeTelemetry ComputeTelemetry(const MoeLayerConfig& cfg, const MoeCache<T>& c) {
   int64_t max_load = 0;
   for (int e = 0; e < R; ++e) {
     if (e < E) {
-      m.kept_per_expert[e] = c.kept_offsets[e + 1] - c.kept_offsets[e];
+      m.kept_per_expert[e] = c.plan.tokens_per_expert[e];
       max_load = std::max(max_load, m.routed_per_expert[e]);
     }
     m.share[e] = n_active > 0 ? static_cast<double>(m.routed_per_expert[e]) / n_active : 0.0;
   }
   const double mean_load = static_cast<double>(active_ffn) / E;
   m.max_vio = mean_load > 0 ? (max_load - mean_load) / mean_load : 0.0;
-  m.drop_rate = active_ffn > 0 ? static_cast<double>(c.n_dropped) / active_ffn : 0.0;
-  m.mean_experts_per_token = static_cast<double>(c.kept_slots.size()) / n;
+  m.drop_rate = active_ffn > 0 ? static_cast<double>(c.plan.n_dropped) / active_ffn : 0.0;
+  m.mean_experts_per_token = static_cast<double>(c.plan.n_rows()) / n;
   m.mean_zc_per_token = static_cast<double>(active_zc) / n;
   double h = 0.0;
   for (size_t i = 0; i < c.bprobs.size(); ++i) {
@@ -460,7 +421,6 @@ void UpdateBias(const MoeLayerConfig& cfg, const MoeTelemetry& tel, MoeWeights<T
   template void internal::CheckGrads<T>(const MoeLayerConfig&, const MoeGrads<T>&);               \
   template void internal::CheckForwardOptions<T>(const MoeLayerConfig&, int,                      \
                                                  const MoeForwardOptions&);                       \
-  template void internal::FinishRouting<T>(const MoeLayerConfig&, int, MoeCache<T>*);             \
   template void internal::SetLossScope<T>(const MoeLayerConfig&, const MoeBalanceScope*,          \
                                           MoeCache<T>*);                                          \
   template void AddToBalanceScope<T>(const MoeLayerConfig&, const MoeCache<T>&, MoeBalanceScope*); \

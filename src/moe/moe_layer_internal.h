@@ -25,14 +25,8 @@ void CheckGrads(const MoeLayerConfig& cfg, const MoeGrads<T>& g);
 template <typename T>
 void CheckForwardOptions(const MoeLayerConfig& cfg, int n_tokens, const MoeForwardOptions& opt);
 
-// From cache->plan.expert_ids, cache->gate_w, cache->active and cache->kept (already filled): the
-// plan's float weights and groups over all R targets, the kept order of the FFN experts
-// (kept_offsets, kept_slots, slot_row) and n_dropped (active FFN slots not kept).
-template <typename T>
-void FinishRouting(const MoeLayerConfig& cfg, int n_tokens, MoeCache<T>* cache);
-
 // Fills cache->loss_f and cache->loss_tokens: from the global scope when given, else from the
-// cache's own active slots (f_i = active slots on i / all active slots; N = n_tokens).
+// cache's own used slots (f_i = active slots on i / all active slots; N = n_tokens).
 template <typename T>
 void SetLossScope(const MoeLayerConfig& cfg, const MoeBalanceScope* scope, MoeCache<T>* cache);
 
@@ -41,11 +35,5 @@ double BalanceEta(const MoeLayerConfig& cfg, int target);
 
 // Coefficient of the aux loss: 0 for kExpertChoice and kHash.
 double AuxCoef(const MoeLayerConfig& cfg);
-
-// kExpertChoice: tokens per expert, clamp(floor(n_tokens * ec_capacity_factor / E), 1, n_tokens).
-int64_t ExpertChoiceCapacity(const MoeLayerConfig& cfg, int n_tokens);
-
-// Capacity per scope (slots per FFN expert), or -1 for dropless.
-int64_t ExpertCapacity(const MoeLayerConfig& cfg, int n_tokens, int seq_len);
 
 }  // namespace moe::internal

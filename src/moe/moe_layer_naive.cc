@@ -273,8 +273,9 @@ void MoeForwardNaive(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const T*
     c.prev_logits.assign(p, p + nr);
   }
   c.plan.expert_ids.resize(nk);
-  c.active.assign(nk, 0);
-  c.kept.assign(nk, 0);
+  // The naive path's own bookkeeping: active = the router uses the slot, kept = an active FFN slot
+  // capacity keeps. Turned into the plan's convention (routing.h) at the end.
+  std::vector<uint8_t> active(nk, 0), kept(nk, 0);
   c.gate_w.assign(nk, T(0));
   c.const_a.assign(static_cast<size_t>(n_tokens) * cfg.n_const * 2, T(0));
   if (!hash) {
@@ -295,10 +296,13 @@ void MoeForwardNaive(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const T*
     lse[t] = r.lse;
     ConstMixOne(cfg, w, xt, c.const_a.data() + static_cast<size_t>(t) * cfg.n_const * 2);
     int32_t* ids = &c.plan.expert_ids[static_cast<size_t>(t) * K];
-    uint8_t* act = &c.active[static_cast<size_t>(t) * K];
+    uint8_t* act = &active[static_cast<size_t>(t) * K];
     if (fixed != nullptr) {
-      std::copy_n(&fixed->plan.expert_ids[static_cast<size_t>(t) * K], K, ids);
-      std::copy_n(&fixed->active[static_cast<size_t>(t) * K], K, act);
+      for (int j = 0; j < K; ++j) {
+        const size_t s = static_cast<size_t>(t) * K + j;
+        act[j] = fixed->plan.expert_ids[s] >= 0;
+        ids[j] = act[j] ? fixed->plan.expert_ids[s] : j;
+      }
     } else {
       SelectOne(cfg, w, r.probs, hash ? c.token_ids[t] : 0, ids, act);
     }
@@ -307,9 +311,9 @@ void MoeForwardNaive(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const T*
   // token) and takes its first c; token-choice capacity: count the active FFN slots per expert in
   // token order within each scope.
   if (fixed != nullptr) {
-    c.kept = fixed->kept;
+    for (size_t s = 0; s < nk; ++s) kept[s] = fixed->plan.slot_position[s] >= 0;
   } else if (cfg.router == MoeRouterKind::kExpertChoice) {
-    const int64_t cap = n_tokens > 0 ? internal::ExpertChoiceCapacity(cfg, n_tokens) : 0;
+    const int64_t cap = n_tokens > 0 ? ExpertChoiceCapacity(cfg, n_tokens) : 0;
     for (int e = 0; e < E; ++e) {
       std::vector<int> tokens(n_tokens);
       std::iota(tokens.begin(), tokens.end(), 0);
@@ -318,11 +322,11 @@ void MoeForwardNaive(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const T*
       });
       for (int64_t q = 0; q < cap; ++q) {
         const size_t s = static_cast<size_t>(tokens[q]) * K + e;
-        c.kept[s] = c.active[s] = 1;
+        kept[s] = active[s] = 1;
       }
     }
   } else {
-    const int64_t cap = internal::ExpertCapacity(cfg, n_tokens, opt.seq_len);
+    const int64_t cap = ExpertCapacity(cfg, n_tokens, opt.seq_len);
     const int scope = opt.seq_len > 0 ? opt.seq_len : std::max(n_tokens, 1);
     for (int t0 = 0; t0 < n_tokens; t0 += scope) {
       std::vector<int64_t> used(E, 0);
@@ -330,8 +334,8 @@ void MoeForwardNaive(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const T*
         for (int j = 0; j < K; ++j) {
           const size_t s = static_cast<size_t>(t) * K + j;
           const int id = c.plan.expert_ids[s];
-          if (!c.active[s] || id >= E) continue;
-          c.kept[s] = cap < 0 || used[id] < cap ? 1 : 0;
+          if (!active[s] || id >= E) continue;
+          kept[s] = cap < 0 || used[id] < cap ? 1 : 0;
           ++used[id];
         }
       }
@@ -341,10 +345,24 @@ void MoeForwardNaive(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const T*
     const size_t s0 = static_cast<size_t>(t) * K;
     std::vector<T> p;
     if (!hash) p.assign(c.probs.begin() + static_cast<size_t>(t) * R, c.probs.begin() + static_cast<size_t>(t + 1) * R);
-    const std::vector<T> gw = WeightsOne(cfg, p, &c.plan.expert_ids[s0], &c.active[s0]);
+    const std::vector<T> gw = WeightsOne(cfg, p, &c.plan.expert_ids[s0], &active[s0]);
     std::copy(gw.begin(), gw.end(), &c.gate_w[s0]);
   }
-  internal::FinishRouting(cfg, n_tokens, &c);
+  {  // the plan: unused slots get id -1, dropped FFN slots no row
+    RoutingPlan& p = c.plan;
+    p.n_tokens = n_tokens;
+    p.k = K;
+    p.n_expert = E;
+    p.n_targets = R;
+    p.weights.resize(nk);
+    std::vector<uint8_t> dropped(nk, 0);
+    for (size_t s = 0; s < nk; ++s) {
+      if (!active[s]) p.expert_ids[s] = -1;
+      dropped[s] = active[s] && p.expert_ids[s] < E && !kept[s];
+      p.weights[s] = static_cast<float>(c.gate_w[s]);
+    }
+    p.BuildGroups(dropped.data());
+  }
   internal::SetLossScope(cfg, opt.balance, &c);
 
   // Losses over the scope's f and N.
@@ -378,10 +396,10 @@ void MoeForwardNaive(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const T*
     std::fill(yt, yt + D, T(0));
     for (int j = 0; j < K; ++j) {
       const size_t s = static_cast<size_t>(t) * K + j;
-      if (!c.active[s]) continue;
+      if (!active[s]) continue;
       const int id = c.plan.expert_ids[s];
       if (id < E) {
-        if (!c.kept[s]) continue;
+        if (!kept[s]) continue;
         const size_t wo = static_cast<size_t>(id) * F * D;
         ExpertOne(&w.gate_exps[wo], &w.up_exps[wo], &w.down_exps[wo], D, F, xt, o.data());
       } else {
@@ -414,8 +432,13 @@ void MoeBackwardNaive(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const M
   const int D = cfg.d_model, F = cfg.d_ff, K = cfg.k, n = c.n_tokens;
   const int R = cfg.router_width();
   const bool hash = cfg.router == MoeRouterKind::kHash;
-  if (c.x.size() != static_cast<size_t>(n) * D || c.active.size() != static_cast<size_t>(n) * K) {
+  if (c.x.size() != static_cast<size_t>(n) * D || c.plan.expert_ids.size() != static_cast<size_t>(n) * K) {
     Fail("MoE layer: the backward needs the cache of a forward call with this config");
+  }
+  std::vector<uint8_t> active_slots(c.plan.expert_ids.size()), kept_slots(active_slots.size());
+  for (size_t s = 0; s < active_slots.size(); ++s) {
+    active_slots[s] = c.plan.expert_ids[s] >= 0;
+    kept_slots[s] = c.plan.slot_position[s] >= 0;
   }
   const double N = c.loss_tokens;
   const double aux_coef = internal::AuxCoef(cfg), ent_coef = cfg.EntropyCoef();
@@ -427,8 +450,8 @@ void MoeBackwardNaive(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const M
     const T* nz = c.noise.empty() ? nullptr : &c.noise[static_cast<size_t>(t) * D];
     const T* prev = c.prev_logits.empty() ? nullptr : &c.prev_logits[static_cast<size_t>(t) * R];
     const int32_t* ids = &c.plan.expert_ids[static_cast<size_t>(t) * K];
-    const uint8_t* act = &c.active[static_cast<size_t>(t) * K];
-    const uint8_t* kept = &c.kept[static_cast<size_t>(t) * K];
+    const uint8_t* act = &active_slots[static_cast<size_t>(t) * K];
+    const uint8_t* kept = &kept_slots[static_cast<size_t>(t) * K];
     std::fill(dxt.begin(), dxt.end(), T(0));
     const TokenRoute<T> r = RouteOne(cfg, w, xt, nz, prev);
     ConstMixOne(cfg, w, xt, a_t.data());

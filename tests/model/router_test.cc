@@ -38,6 +38,12 @@ struct ModelSpec {
   float top_p = 0.4f;
   uint64_t hash_seed = 0;
   uint64_t seed = 3;
+  // Expert options (config.h).
+  uint32_t groups = 0, groups_used = 0;
+  uint32_t n_null = 0, n_zero = 0, n_copy = 0, n_const = 0;
+  uint32_t shared_ffn = 0, n_shared = 0;
+  float scale = 1.0f;
+  bool residual = false;
 };
 
 std::string MakeModel(const ModelSpec& s, const std::string& name) {
@@ -55,6 +61,16 @@ std::string MakeModel(const ModelSpec& s, const std::string& name) {
   o.config.router_kind = s.router;
   o.config.router_top_p = s.top_p;
   o.config.router_hash_seed = s.hash_seed;
+  o.config.n_expert_groups = s.groups;
+  o.config.n_group_used = s.groups_used;
+  o.config.n_expert_null = s.n_null;
+  o.config.n_expert_zero = s.n_zero;
+  o.config.n_expert_copy = s.n_copy;
+  o.config.n_expert_const = s.n_const;
+  o.config.n_ff_shexp = s.shared_ffn;
+  o.config.n_expert_shared = s.n_shared;
+  o.config.expert_weights_scale = s.scale;
+  o.config.expert_gating_residual = s.residual;
   o.seed = s.seed;
   const std::string path = Dir() + "/" + name + ".gguf";
   InitRandomModel(o, path);
@@ -113,27 +129,25 @@ TEST(RouterConfig, KeysRoundTrip) {
   ModelConfig r = WriteRead(c, "rt_top_p");
   EXPECT_EQ(r.router_kind, MoeRouterKind::kTopP);
   EXPECT_EQ(r.router_top_p, 0.65f);
-  EXPECT_EQ(r.router.select, RouteSelect::kTopP);
-  EXPECT_EQ(r.router.top_p, 0.65f);
-  EXPECT_EQ(r.router.n_expert_used, 2);
+  EXPECT_EQ(r.moe.router, MoeRouterKind::kTopP);
+  EXPECT_EQ(r.moe.top_p, 0.65f);
+  EXPECT_EQ(r.moe.k, 2);
 
   c = SmallConfig(MoeRouterKind::kHash);
   c.router_hash_seed = 0x123456789abcdef0ULL;  // needs all 64 bits
   r = WriteRead(c, "rt_hash");
   EXPECT_EQ(r.router_kind, MoeRouterKind::kHash);
-  EXPECT_EQ(r.router.select, RouteSelect::kHash);
-  EXPECT_EQ(r.router.hash_seed, 0x123456789abcdef0ULL);
+  EXPECT_EQ(r.moe.router, MoeRouterKind::kHash);
+  EXPECT_EQ(r.moe.hash_seed, 0x123456789abcdef0ULL);
 
   r = WriteRead(SmallConfig(MoeRouterKind::kSigmoidBias), "rt_sig");
   EXPECT_EQ(r.router_kind, MoeRouterKind::kSigmoidBias);
-  EXPECT_EQ(r.router.gating, GatingFunc::kSigmoid);
-  EXPECT_EQ(r.router.select, RouteSelect::kTopK);
-  EXPECT_TRUE(r.router.norm_topk);  // the architecture's normalisation stays
+  EXPECT_EQ(r.moe.router, MoeRouterKind::kSigmoidBias);
+  EXPECT_TRUE(r.moe.norm_topk);  // the architecture's normalisation stays
 
   r = WriteRead(SmallConfig(MoeRouterKind::kSoftmaxTopK), "rt_default");
   EXPECT_EQ(r.router_kind, MoeRouterKind::kSoftmaxTopK);
-  EXPECT_EQ(r.router.gating, GatingFunc::kSoftmax);
-  EXPECT_EQ(r.router.select, RouteSelect::kTopK);
+  EXPECT_EQ(r.moe.router, MoeRouterKind::kSoftmaxTopK);
 }
 
 TEST(RouterConfig, DefaultRouterWritesNoRouterKeys) {
@@ -173,7 +187,7 @@ TEST(RouterConfig, BadRouterKeysAreOneLineErrors) {
   // llama.cpp's sigmoid gating without a router name reads as sigmoid_bias.
   const ModelConfig r = WriteRead(c, "gate2", [](GgufWriter& w) { w.SetU32("llama.expert_gating_func", 2); });
   EXPECT_EQ(r.router_kind, MoeRouterKind::kSigmoidBias);
-  EXPECT_EQ(r.router.gating, GatingFunc::kSigmoid);
+  EXPECT_EQ(r.moe.router, MoeRouterKind::kSigmoidBias);
   msg = ErrorOf([&] {
     WriteRead(c, "bad2", [](GgufWriter& w) {
       w.SetU32("llama.expert_gating_func", 2);
@@ -276,30 +290,45 @@ struct RefRouting {
   bool ambiguous = false;  // a decision within float rounding of its threshold
 };
 
-RefRouting RouteRef(const ModelConfig& c, const LayerWeights& L, const Vec& h, int32_t token) {
+// The router of one token from its logits (R targets: FFN experts, then null / zero / copy /
+// const), written from the definitions in docs/routers.md.
+RefRouting RouteRef(const ModelConfig& c, const LayerWeights& L, const Vec& logit, int32_t token) {
   const int X = static_cast<int>(c.n_expert), K = static_cast<int>(c.n_expert_used);
+  const int R = static_cast<int>(c.n_router());
   RefRouting r;
   if (c.router_kind == MoeRouterKind::kHash) {
     r.ids.resize(K);
     HashExperts(c.router_hash_seed, token, X, K, r.ids.data());  // checked in routing_test.cc
-    r.w.assign(K, 1.0 / K);
+    r.w.assign(K, c.expert_weights_scale / K);
     return r;
   }
-  const Vec logit = MatVec(L.gate_inp->F32(), c.n_embd, X, h);
-  Vec p(X), score(X);
+  Vec p(R), score(R);
   if (c.router_kind == MoeRouterKind::kSigmoidBias) {
-    for (int e = 0; e < X; ++e) {
+    for (int e = 0; e < R; ++e) {
       p[e] = 1.0 / (1.0 + std::exp(-logit[e]));
       score[e] = p[e] + L.exp_probs_b->F32()[e];
     }
   } else {
     const double mx = *std::max_element(logit.begin(), logit.end());
     double s = 0;
-    for (int e = 0; e < X; ++e) s += p[e] = std::exp(logit[e] - mx);
+    for (int e = 0; e < R; ++e) s += p[e] = std::exp(logit[e] - mx);
     for (double& v : p) v /= s;
     score = p;
   }
-  std::vector<int> idx(X);
+  if (c.n_expert_groups > 1) {  // only the groups with the best top-2 sums compete
+    const int G = static_cast<int>(c.n_expert_groups), gs = X / G;
+    std::vector<std::pair<double, int>> gsc;
+    for (int g = 0; g < G; ++g) {
+      Vec v(score.begin() + g * gs, score.begin() + (g + 1) * gs);
+      std::sort(v.rbegin(), v.rend());
+      gsc.push_back({v[0] + v[1], g});
+    }
+    std::stable_sort(gsc.begin(), gsc.end(), [](auto& a, auto& b) { return a.first > b.first; });
+    if (gsc[c.n_group_used - 1].first - gsc[c.n_group_used].first < 1e-5) r.ambiguous = true;
+    for (int q = static_cast<int>(c.n_group_used); q < G; ++q)
+      for (int e = 0; e < gs; ++e) score[gsc[q].second * gs + e] = -1e300;
+  }
+  std::vector<int> idx(R);
   std::iota(idx.begin(), idx.end(), 0);
   std::stable_sort(idx.begin(), idx.end(), [&](int a, int b) { return score[a] > score[b]; });
   int n = K;
@@ -310,45 +339,96 @@ RefRouting RouteRef(const ModelConfig& c, const LayerWeights& L, const Vec& h, i
       if (std::fabs(cum - c.router_top_p) < 1e-5 && n < K) r.ambiguous = true;
       if (cum >= c.router_top_p) break;
     }
-  } else if (K < X && score[idx[K - 1]] - score[idx[K]] < 1e-5) {
+  } else if (K < R && score[idx[K - 1]] - score[idx[K]] < 1e-5) {
     r.ambiguous = true;
   }
-  double used = 0;
-  for (int j = 0; j < n; ++j) used += p[idx[j]];
+  const bool norm = c.arch == Arch::kLlama || c.arch == Arch::kQwen3Moe;  // the architectures' rule
+  auto is_null = [&](int id) { return id >= X && id < X + static_cast<int>(c.n_expert_null); };
+  double used = 0;  // null picks keep their probability (AdaMoE)
+  for (int j = 0; j < n; ++j) used += is_null(idx[j]) ? 0.0 : p[idx[j]];
   for (int j = 0; j < n; ++j) {
     r.ids.push_back(idx[j]);
-    r.w.push_back(c.router.norm_topk ? p[idx[j]] / used : p[idx[j]]);
+    const double w = norm && !is_null(idx[j]) ? p[idx[j]] / used : p[idx[j]];
+    r.w.push_back(w * c.expert_weights_scale);
   }
   return r;
 }
 
-// Logits of `token` alone at position 0 of a one-layer model without a shared expert: attention
-// over one position is softmax = 1, so each head outputs its KV group's V.
+Vec SwigluRef(const float* wg, const float* wu, const float* wd, int64_t E, int64_t Fx, const Vec& h) {
+  const Vec g = MatVec(wg, E, Fx, h);
+  const Vec u = MatVec(wu, E, Fx, h);
+  Vec a(Fx);
+  for (int64_t i = 0; i < Fx; ++i) a[i] = g[i] / (1.0 + std::exp(-g[i])) * u[i];
+  return MatVec(wd, Fx, E, a);
+}
+
+// Logits of `token` alone at position 0: attention over one position is softmax = 1, so each head
+// outputs its KV group's V (the Q/K path, norms and RoPE included, cannot matter). Every layer
+// routes with the definitions above; the MoE output sums the picks (FFN experts, zero: 0, copy:
+// h, const: a1 h + a2 v), then the shared experts (qwen2moe: times sigmoid(w . h)).
 Vec ReferenceLogits(const Model& m, int32_t token, RefRouting* routing) {
   const ModelConfig& c = m.config();
-  const LayerWeights& L = m.layers[0];
   const int64_t E = c.n_embd, Fx = c.n_ff_exp, D = c.n_embd_head_k;
   const int64_t H = c.n_head, group = c.n_head / c.n_head_kv;
+  const int X = static_cast<int>(c.n_expert), R = static_cast<int>(c.n_router());
+  const int zero0 = X + static_cast<int>(c.n_expert_null), copy0 = zero0 + static_cast<int>(c.n_expert_zero);
+  const int const0 = copy0 + static_cast<int>(c.n_expert_copy);
   Vec x(m.token_embd->F32() + token * E, m.token_embd->F32() + (token + 1) * E);
-  Vec h = RmsNormRef(x, L.attn_norm->F32(), c.rms_eps);
-  const Vec v = MatVec(L.wv->F32(), E, c.n_v(), h);
-  Vec att(c.n_q());
-  for (int64_t hd = 0; hd < H; ++hd)
-    for (int64_t d = 0; d < D; ++d) att[hd * D + d] = v[(hd / group) * D + d];
-  const Vec o = MatVec(L.wo->F32(), c.n_q(), E, att);
-  for (int64_t i = 0; i < E; ++i) x[i] += o[i];
-  h = RmsNormRef(x, L.ffn_norm->F32(), c.rms_eps);
-  *routing = RouteRef(c, L, h, token);
-  for (size_t j = 0; j < routing->ids.size(); ++j) {
-    const int e = routing->ids[j];
-    const Vec g = MatVec(L.gate_exps->F32() + e * Fx * E, E, Fx, h);
-    const Vec u = MatVec(L.up_exps->F32() + e * Fx * E, E, Fx, h);
-    Vec a(Fx);
-    for (int64_t i = 0; i < Fx; ++i) a[i] = g[i] / (1.0 + std::exp(-g[i])) * u[i];
-    const Vec y = MatVec(L.down_exps->F32() + e * E * Fx, Fx, E, a);
-    for (int64_t i = 0; i < E; ++i) x[i] += routing->w[j] * y[i];
+  Vec prev_logit;
+  bool ambiguous = false;
+  for (uint32_t il = 0; il < c.n_layer; ++il) {
+    const LayerWeights& L = m.layers[il];
+    Vec h = RmsNormRef(x, L.attn_norm->F32(), c.rms_eps);
+    Vec v = MatVec(L.wv->F32(), E, c.n_v(), h);
+    if (L.bv) for (int64_t i = 0; i < c.n_v(); ++i) v[i] += L.bv->F32()[i];
+    Vec att(c.n_q());
+    for (int64_t hd = 0; hd < H; ++hd)
+      for (int64_t d = 0; d < D; ++d) att[hd * D + d] = v[(hd / group) * D + d];
+    const Vec o = MatVec(L.wo->F32(), c.n_q(), E, att);
+    for (int64_t i = 0; i < E; ++i) x[i] += o[i];
+    h = RmsNormRef(x, L.ffn_norm->F32(), c.rms_eps);
+    Vec logit;
+    if (c.router_kind != MoeRouterKind::kHash) {
+      logit = MatVec(L.gate_inp->F32(), E, R, h);
+      if (L.gate_res) {
+        const Vec add = MatVec(L.gate_res->F32(), R, R, prev_logit);
+        for (int e = 0; e < R; ++e) logit[e] += add[e];
+      }
+      prev_logit = logit;
+    }
+    *routing = RouteRef(c, L, logit, token);
+    ambiguous = ambiguous || routing->ambiguous;
+    for (size_t j = 0; j < routing->ids.size(); ++j) {
+      const int e = routing->ids[j];
+      Vec y(E, 0.0);
+      if (e < X) {
+        y = SwigluRef(L.gate_exps->F32() + e * Fx * E, L.up_exps->F32() + e * Fx * E,
+                      L.down_exps->F32() + e * E * Fx, E, Fx, h);
+      } else if (e >= copy0 && e < const0) {
+        y = h;
+      } else if (e >= const0) {
+        const int ci = e - const0;
+        const Vec z = MatVec(L.zc_mix->F32() + ci * 2 * E, E, 2, h);
+        const double mx = std::max(z[0], z[1]);
+        const double a0 = std::exp(z[0] - mx), a1 = std::exp(z[1] - mx);
+        for (int64_t i = 0; i < E; ++i)
+          y[i] = (a0 * h[i] + a1 * L.zc_const->F32()[ci * E + i]) / (a0 + a1);
+      }  // null and zero experts: 0
+      for (int64_t i = 0; i < E; ++i) x[i] += routing->w[j] * y[i];
+    }
+    if (L.gate_shexp) {
+      const Vec y = SwigluRef(L.gate_shexp->F32(), L.up_shexp->F32(), L.down_shexp->F32(), E, c.n_ff_shexp, h);
+      double g = 1.0;
+      if (L.gate_inp_shexp) {
+        double z = 0;
+        for (int64_t i = 0; i < E; ++i) z += L.gate_inp_shexp->F32()[i] * h[i];
+        g = 1.0 / (1.0 + std::exp(-z));
+      }
+      for (int64_t i = 0; i < E; ++i) x[i] += g * y[i];
+    }
   }
-  h = RmsNormRef(x, m.output_norm->F32(), c.rms_eps);
+  routing->ambiguous = ambiguous;
+  const Vec h = RmsNormRef(x, m.output_norm->F32(), c.rms_eps);
   return MatVec(m.output->F32(), E, c.n_vocab, h);
 }
 
@@ -402,6 +482,39 @@ TEST(RouterModel, ForwardMatchesPerTokenReferenceForEveryServableRouter) {
   partial = 0;
   CheckAgainstReference(MakeModel(s, "ref_top_p_olmoe"), 40, &partial);
   EXPECT_GT(partial, 20);
+}
+
+TEST(RouterModel, ForwardMatchesPerTokenReferenceForEveryExpertOption) {
+  ModelSpec s;
+  s.layers = 3;
+  s.experts = 8;
+  s.used = 3;
+  s.groups = 4;
+  s.groups_used = 2;
+  s.scale = 1.7f;
+  CheckAgainstReference(MakeModel(s, "ref_groups_scale"), 40);
+  s.router = MoeRouterKind::kSigmoidBias;
+  CheckAgainstReference(MakeModel(s, "ref_groups_sigmoid"), 40);
+  s = ModelSpec();
+  s.layers = 3;
+  s.n_null = 3;
+  s.used = 3;
+  CheckAgainstReference(MakeModel(s, "ref_null"), 40);
+  s.n_zero = 1, s.n_copy = 1, s.n_const = 2, s.residual = true;
+  CheckAgainstReference(MakeModel(s, "ref_zc_residual"), 40);
+  s.arch = Arch::kOlmoe;
+  s.router = MoeRouterKind::kTopP;
+  s.used = 5;
+  s.top_p = 0.6f;
+  CheckAgainstReference(MakeModel(s, "ref_zc_top_p_olmoe"), 40);
+  s = ModelSpec();  // several shared experts on llama (fused), and qwen2moe's gated one
+  s.layers = 2;
+  s.shared_ffn = 96;
+  s.n_shared = 2;
+  CheckAgainstReference(MakeModel(s, "ref_shared_llama"), 40);
+  s.arch = Arch::kQwen2Moe;
+  s.n_shared = 0;
+  CheckAgainstReference(MakeModel(s, "ref_shared_qwen2moe"), 40);
 }
 
 std::vector<float> AllLogits(const std::string& path, const std::vector<int32_t>& toks, int n_batch) {

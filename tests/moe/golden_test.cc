@@ -330,38 +330,38 @@ TEST_P(GoldenTorch, ForwardBackwardMatch) {
       }
     }
     for (size_t s = 0; s < n_slots; ++s) {
-      ASSERT_EQ(cache.plan.expert_ids[s], static_cast<int32_t>(s % E));
-      ASSERT_EQ(cache.kept[s], want[s]) << "expert " << s % E << " choosing token " << s / E
+      ASSERT_EQ(cache.plan.expert_ids[s], want[s] ? static_cast<int32_t>(s % E) : -1) << "expert " << s % E << " choosing token " << s / E
                                         << " (smallest selection margin " << gap << ")";
     }
     std::vector<double> combine(n_slots, 0.0);  // [T][E]
-    for (size_t s = 0; s < n_slots; ++s) combine[s] = cache.kept[s] ? cache.gate_w[s] : 0.0;
+    for (size_t s = 0; s < n_slots; ++s) combine[s] = cache.plan.slot_position[s] >= 0 ? cache.gate_w[s] : 0.0;
     cmp("combine", combine);
   } else {
     const std::vector<double> ids = out("expert_ids", n_slots);
+    const std::vector<double> active = out("active", n_slots);
     const double gap = out("selection_gap", 1)[0];
     for (size_t s = 0; s < n_slots; ++s) {
-      ASSERT_EQ(cache.plan.expert_ids[s], static_cast<int32_t>(ids[s]))
+      // Unused slots (top_p) carry -1 in the plan; the golden lists every ranked target.
+      ASSERT_EQ(cache.plan.expert_ids[s], active[s] != 0.0 ? static_cast<int32_t>(ids[s]) : -1)
           << "expert id of token " << s / k << " slot " << s % k << " (smallest selection margin "
           << gap << ")";
     }
     // Active slots (top_p uses the first n_t; the others: all), then capacity: a slot is kept
     // exactly when it is an active FFN slot the golden did not drop (null and zero-computation
     // targets are never kept, never dropped).
-    const std::vector<double> active = out("active", n_slots);
     for (size_t s = 0; s < n_slots; ++s) {
-      ASSERT_EQ(cache.active[s], active[s] != 0.0)
+      ASSERT_EQ(cache.plan.expert_ids[s] >= 0, active[s] != 0.0)
           << "active flag of token " << s / k << " slot " << s % k << " (smallest selection margin "
           << gap << ")";
     }
     const std::vector<double> dropped = out("dropped", n_slots);
     for (size_t s = 0; s < n_slots; ++s) {
-      const bool ffn = cache.plan.expert_ids[s] < E;
-      EXPECT_EQ(cache.kept[s] != 0, cache.active[s] && ffn && dropped[s] == 0.0)
+      const bool ffn = cache.plan.expert_ids[s] >= 0 && cache.plan.expert_ids[s] < E;
+      EXPECT_EQ(cache.plan.slot_position[s] >= 0, ffn && dropped[s] == 0.0)
           << "kept flag of token " << s / k << " slot " << s % k;
       n_dropped += dropped[s] != 0.0;
     }
-    EXPECT_EQ(cache.n_dropped, n_dropped);
+    EXPECT_EQ(cache.plan.n_dropped, n_dropped);
     // Loads: active slots per target (before capacity), over all R targets.
     const std::vector<double> load = out("tokens_per_expert", R);
     const MoeTelemetry tel = ComputeTelemetry(cfg, cache);

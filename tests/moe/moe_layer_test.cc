@@ -123,9 +123,9 @@ void GroupedMatchesNaive(bool independent_routing) {
     if (!independent_routing) ropt.fixed_routing = &c;
     MoeForwardNaive(cfg, w, x.data(), n, y_ref.data(), &c_ref, ropt);
     ASSERT_EQ(c.plan.expert_ids, c_ref.plan.expert_ids);
-    ASSERT_EQ(c.kept, c_ref.kept);
+    ASSERT_EQ(KeptFlags(c.plan), KeptFlags(c_ref.plan));
     if (cs.cf > 0 && cs.E > 1) {
-      EXPECT_GT(c.n_dropped, 0);
+      EXPECT_GT(c.plan.n_dropped, 0);
     }
     const int terms = cfg.d_model + cfg.d_ff + n;
     ExpectNear(y, y_ref, Tol(y_ref, terms), "y");
@@ -175,7 +175,7 @@ void ExpertChoiceGroupedMatchesNaive(bool independent_routing) {
     if (!independent_routing) ropt.fixed_routing = &c;
     MoeForwardNaive(cfg, w, x.data(), n, y_ref.data(), &c_ref, ropt);
     ASSERT_EQ(c.plan.expert_ids, c_ref.plan.expert_ids);
-    ASSERT_EQ(c.kept, c_ref.kept);
+    ASSERT_EQ(KeptFlags(c.plan), KeptFlags(c_ref.plan));
     // The definition: c = clamp(floor(n * ecf / E), 1, n) tokens per expert, and no token left
     // out has a larger probability for that expert than one taken.
     const int cap = std::min(n, std::max(1, static_cast<int>(std::floor(n * ec.ecf / ec.E))));
@@ -184,8 +184,10 @@ void ExpertChoiceGroupedMatchesNaive(bool independent_routing) {
       double worst_in = 1e300, best_out = -1e300;
       for (int t = 0; t < n; ++t) {
         const double p = c_ref.probs[static_cast<size_t>(t) * ec.E + e];
-        EXPECT_EQ(c_ref.plan.expert_ids[static_cast<size_t>(t) * ec.E + e], e);
-        if (c_ref.kept[static_cast<size_t>(t) * ec.E + e]) {
+        const size_t s = static_cast<size_t>(t) * ec.E + e;
+        // Slot e of token t is expert e when e took t, else unused (-1).
+        EXPECT_EQ(c_ref.plan.expert_ids[s], c_ref.plan.slot_position[s] >= 0 ? e : -1);
+        if (c_ref.plan.slot_position[s] >= 0) {
           ++taken;
           worst_in = std::min(worst_in, p);
         } else {
@@ -257,7 +259,7 @@ TEST(MoeLayer, DroplessEqualsCapacityWhenItFits) {
     MoeLayerConfig cap = cfg;
     cap.capacity_factor = (max_load - 0.5) * cfg.n_expert / (static_cast<double>(n) * k);
     MoeForward(cap, w, x.data(), n, y1.data(), &c1);
-    EXPECT_EQ(c1.n_dropped, 0);
+    EXPECT_EQ(c1.plan.n_dropped, 0);
     EXPECT_EQ(y0, y1);
     MoeGrads<double> g0, g1;
     g0.Resize(cfg);
@@ -272,7 +274,7 @@ TEST(MoeLayer, DroplessEqualsCapacityWhenItFits) {
     MoeForward(cap, w, x.data(), n, y2.data(), &c2);
     int64_t want_drops = 0;
     for (int e = 0; e < cfg.n_expert; ++e) want_drops += std::max(0, c0.plan.tokens_per_expert[e] - (max_load - 1));
-    EXPECT_EQ(c2.n_dropped, want_drops);
+    EXPECT_EQ(c2.plan.n_dropped, want_drops);
     EXPECT_NE(y0, y2);
     const MoeTelemetry tel = ComputeTelemetry(cap, c2);
     EXPECT_DOUBLE_EQ(tel.drop_rate, static_cast<double>(want_drops) / (n * k));
@@ -289,7 +291,7 @@ TEST(MoeLayer, PermuteUnpermuteIsBitExact) {
       if (k > E) continue;
       RoutingPlan plan;
       plan.n_tokens = 29;
-      plan.n_expert = E;
+      plan.n_expert = plan.n_targets = E;
       plan.k = k;
       for (int t = 0; t < plan.n_tokens; ++t) {
         std::vector<int32_t> all(E);
@@ -615,7 +617,7 @@ TEST(MoeLayer, CapacityLetsACraftedBatchMateChangeAVictim) {
   std::vector<float> y_alone(D);
   MoeCache<float> c;
   MoeForward(cfg, w, victim.data(), 1, y_alone.data(), &c);
-  ASSERT_EQ(c.n_dropped, 0);
+  ASSERT_EQ(c.plan.n_dropped, 0);
   ASSERT_GT(MaxAbs(y_alone), 0.0);
   // The attacker sends 3 copies of the victim's token ahead of it: with 4 tokens C = 1, the copies
   // fill the victim's expert and the victim's slot is dropped.
@@ -623,15 +625,15 @@ TEST(MoeLayer, CapacityLetsACraftedBatchMateChangeAVictim) {
   for (int i = 0; i < 4; ++i) batch.insert(batch.end(), victim.begin(), victim.end());
   std::vector<float> y(batch.size());
   MoeForward(cfg, w, batch.data(), 4, y.data(), &c);
-  EXPECT_EQ(c.n_dropped, 3);
-  EXPECT_EQ(c.kept[3], 0);
+  EXPECT_EQ(c.plan.n_dropped, 3);
+  EXPECT_LT(c.plan.slot_position[3], 0);
   EXPECT_NE(0, std::memcmp(&y[3 * D], y_alone.data(), D * sizeof(float)));
   EXPECT_EQ(MaxAbs(std::vector<float>(y.begin() + 3 * D, y.end())), 0.0);
   // Per-sequence capacity confines the damage: the attacker's sequence no longer touches the victim's.
   MoeForwardOptions opt;
   opt.seq_len = 1;
   MoeForward(cfg, w, batch.data(), 4, y.data(), &c, opt);
-  EXPECT_EQ(c.n_dropped, 0);
+  EXPECT_EQ(c.plan.n_dropped, 0);
   EXPECT_EQ(0, std::memcmp(&y[3 * D], y_alone.data(), D * sizeof(float)));
 }
 
@@ -670,7 +672,7 @@ TEST(MoeLayer, TelemetryMatchesCounts) {
   std::vector<int64_t> routed(6, 0), kept(6, 0);
   for (size_t s = 0; s < c.plan.expert_ids.size(); ++s) {
     ++routed[c.plan.expert_ids[s]];
-    kept[c.plan.expert_ids[s]] += c.kept[s];
+    if (c.plan.slot_position[s] >= 0) ++kept[c.plan.expert_ids[s]];
   }
   const int64_t cap = static_cast<int64_t>(std::ceil(1.1 * n * 2 / 6));
   double entropy = 0;

@@ -24,6 +24,18 @@ std::vector<T> Randn(size_t n, std::mt19937_64& rng, double sd) {
   return v;
 }
 
+// Per-slot flags of a plan (routing.h): used = the router uses the slot; kept = an FFN row.
+inline std::vector<uint8_t> UsedFlags(const RoutingPlan& p) {
+  std::vector<uint8_t> v(p.expert_ids.size());
+  for (size_t s = 0; s < v.size(); ++s) v[s] = p.expert_ids[s] >= 0;
+  return v;
+}
+inline std::vector<uint8_t> KeptFlags(const RoutingPlan& p) {
+  std::vector<uint8_t> v(p.slot_position.size());
+  for (size_t s = 0; s < v.size(); ++s) v[s] = p.slot_position[s] >= 0;
+  return v;
+}
+
 template <typename T>
 MoeWeights<T> RandomWeights(const MoeLayerConfig& cfg, uint64_t seed) {
   std::mt19937_64 rng(seed);

@@ -163,11 +163,10 @@ void GroupedMatchesNaive(bool independent_routing) {
     if (!independent_routing) ropt.fixed_routing = &c;
     MoeForwardNaive(cfg, w, in.x.data(), n, y_ref.data(), &c_ref, ropt);
     ASSERT_EQ(c.plan.expert_ids, c_ref.plan.expert_ids);
-    ASSERT_EQ(c.active, c_ref.active);
-    ASSERT_EQ(c.kept, c_ref.kept);
-    ASSERT_EQ(c.n_dropped, c_ref.n_dropped);
+    ASSERT_EQ(KeptFlags(c.plan), KeptFlags(c_ref.plan));
+    ASSERT_EQ(c.plan.n_dropped, c_ref.plan.n_dropped);
     if (cfg.capacity_factor > 0) {
-      EXPECT_GT(c.n_dropped, 0);
+      EXPECT_GT(c.plan.n_dropped, 0);
     }
     const int terms = cfg.d_model + cfg.d_ff + n;
     ExpectNear(y, y_ref, Tol(y_ref, terms), "y");
@@ -399,8 +398,8 @@ TEST(MoeRouters, TopPUsesTheFewestExpertsReachingP) {
       int have = 0;
       for (int j = 0; j < cfg.k; ++j) {
         const size_t s = t * cfg.k + j;
-        have += c.active[s];
-        if (c.active[s]) {
+        have += c.plan.expert_ids[s] >= 0;
+        if (c.plan.expert_ids[s] >= 0) {
           EXPECT_NEAR(c.gate_w[s], p[c.plan.expert_ids[s]], 1e-12);
         } else {
           EXPECT_EQ(c.gate_w[s], 0.0);
@@ -545,8 +544,8 @@ TEST(MoeRouters, SplitExpertsComputesTheCoarseLayer) {
       MoeForward(fcfg, fw, x.data(), n, fy.data(), &fc);
       ExpectNear(fy, y, 1e-12 * MaxAbs(y), "fine-grained output");
       if (cf > 0) {
-        EXPECT_GT(c.n_dropped, 0);
-        EXPECT_EQ(fc.n_dropped, c.n_dropped * m);
+        EXPECT_GT(c.plan.n_dropped, 0);
+        EXPECT_EQ(fc.plan.n_dropped, c.plan.n_dropped * m);
       }
       for (int t = 0; t < n; ++t) {  // child j*m .. j*m+m-1 of the parent's j-th pick
         for (int j = 0; j < fcfg.k; ++j) {
@@ -607,10 +606,10 @@ TEST(MoeRouters, TelemetryJsonCarriesEveryField) {
   EXPECT_DOUBLE_EQ(j["drop_rate"].get<double>(), tel.drop_rate);
   // Counts from the cache, independently of ComputeTelemetry.
   int64_t active_ffn = 0, dropped = 0;
-  for (size_t s = 0; s < c.active.size(); ++s) {
-    if (c.active[s] && c.plan.expert_ids[s] < cfg.n_expert) {
+  for (size_t s = 0; s < c.plan.expert_ids.size(); ++s) {
+    if (c.plan.expert_ids[s] >= 0 && c.plan.expert_ids[s] < cfg.n_expert) {
       ++active_ffn;
-      dropped += !c.kept[s];
+      dropped += c.plan.slot_position[s] < 0;
     }
   }
   EXPECT_GT(dropped, 0);

@@ -12,6 +12,31 @@
 namespace moe {
 namespace {
 
+// A router config with the fields these tests vary (d_model / d_ff do not matter to routing).
+MoeLayerConfig Cfg(MoeRouterKind router, int E, int K, bool norm, double scale) {
+  MoeLayerConfig c;
+  c.d_model = 1;
+  c.d_ff = 1;
+  c.n_expert = E;
+  c.k = K;
+  c.router = router;
+  c.norm_topk = norm;
+  c.weights_scale = scale;
+  return c;
+}
+
+// Runs the router (routing.h) in float on logits [T][R].
+RoutingPlan RouteF(const MoeLayerConfig& cfg, const float* logits, int T, const int32_t* toks = nullptr,
+                   const float* bias = nullptr) {
+  const int R = cfg.router_width();
+  std::vector<float> probs(static_cast<size_t>(T) * R), gw(static_cast<size_t>(T) * cfg.k);
+  RouteOptions ro;
+  ro.token_ids = toks;
+  RoutingPlan plan;
+  Route(cfg, logits, T, bias, ro, probs.data(), static_cast<float*>(nullptr), gw.data(), &plan);
+  return plan;
+}
+
 struct RefRoute {
   std::vector<int> ids;
   std::vector<double> w;
@@ -59,10 +84,8 @@ TEST(Routing, SoftmaxTopKMatchesDoubleReference) {
           const int T = 13;
           std::vector<float> logits(T * E);
           for (float& x : logits) x = nd(rng);
-          std::vector<float> work = logits;
-          RouterConfig cfg{sig ? GatingFunc::kSigmoid : GatingFunc::kSoftmax, E, K, norm, 1.0f};
-          RoutingPlan plan;
-          RouteTokens(cfg, work.data(), T, &plan);
+          const MoeLayerConfig cfg = Cfg(sig ? MoeRouterKind::kSigmoidBias : MoeRouterKind::kSoftmaxTopK, E, K, norm, 1.0);
+          const RoutingPlan plan = RouteF(cfg, logits.data(), T);
           for (int t = 0; t < T; ++t) {
             std::vector<float> row(logits.begin() + t * E, logits.begin() + (t + 1) * E);
             RefRoute ref = Reference(row, E, K, norm, sig);
@@ -83,7 +106,7 @@ TEST(Routing, GroupsAreAStableInversePermutation) {
     const int T = 37, K = std::min(E, 3);
     RoutingPlan plan;
     plan.n_tokens = T;
-    plan.n_expert = E;
+    plan.n_expert = plan.n_targets = E;
     plan.k = K;
     for (int t = 0; t < T; ++t) {
       std::vector<int> idx(E);
@@ -138,15 +161,9 @@ TEST(Routing, HashMatchesReferenceWithWeightScaleOverK) {
         std::vector<int32_t> toks(T);
         for (int t = 0; t < T; ++t) toks[t] = (t * 7919 + 13) % 50000;
         toks[0] = 0;
-        RouterConfig cfg;
-        cfg.n_expert = E;
-        cfg.n_expert_used = K;
-        cfg.select = RouteSelect::kHash;
+        MoeLayerConfig cfg = Cfg(MoeRouterKind::kHash, E, K, false, 2.5);
         cfg.hash_seed = seed;
-        cfg.norm_topk = true;  // fixed weights: no effect on hash routing
-        cfg.weights_scale = 2.5f;
-        RoutingPlan plan;
-        RouteTokens(cfg, nullptr, T, &plan, toks.data());
+        const RoutingPlan plan = RouteF(cfg, nullptr, T, toks.data());
         for (int t = 0; t < T; ++t) {
           const std::vector<int> ref = RefHash(seed, static_cast<uint32_t>(toks[t]), E, K);
           for (int j = 0; j < K; ++j) {
@@ -193,16 +210,9 @@ TEST(Routing, TopPUsesFewestExpertsReachingThresholdAndMarksTheRestUnused) {
           const int T = 23;
           std::vector<float> logits(T * E);
           for (float& x : logits) x = nd(rng);
-          std::vector<float> work = logits;
-          RouterConfig cfg;
-          cfg.n_expert = E;
-          cfg.n_expert_used = K;
-          cfg.norm_topk = norm;
-          cfg.weights_scale = 1.5f;
-          cfg.select = RouteSelect::kTopP;
+          MoeLayerConfig cfg = Cfg(MoeRouterKind::kTopP, E, K, norm, 1.5);
           cfg.top_p = top_p;
-          RoutingPlan plan;
-          RouteTokens(cfg, work.data(), T, &plan);
+          const RoutingPlan plan = RouteF(cfg, logits.data(), T);
           std::vector<int> count(E, 0);
           int used_total = 0;
           for (int t = 0; t < T; ++t) {
@@ -253,10 +263,8 @@ TEST(Routing, SigmoidBiasSelectsByBiasedScoreWeighsByUnbiasedScore) {
         std::vector<float> logits(T * E), bias(E);
         for (float& x : logits) x = nd(rng);
         for (float& b : bias) b = 0.3f * nd(rng);  // large enough to change selections
-        std::vector<float> work = logits;
-        RouterConfig cfg{GatingFunc::kSigmoid, E, K, norm, 2.0f};
-        RoutingPlan plan;
-        RouteTokens(cfg, work.data(), T, &plan, nullptr, bias.data());
+        const MoeLayerConfig cfg = Cfg(MoeRouterKind::kSigmoidBias, E, K, norm, 2.0);
+        const RoutingPlan plan = RouteF(cfg, logits.data(), T, nullptr, bias.data());
         for (int t = 0; t < T; ++t) {
           std::vector<double> sc(E), score(E);
           for (int e = 0; e < E; ++e) {
@@ -283,9 +291,7 @@ TEST(Routing, BiasChangesTheSelectionNotTheWeights) {
   // Two experts, equal logits: the bias alone decides, and the weight stays sigmoid(0) = 0.5.
   float logits[2] = {0.0f, 0.0f};
   const float bias[2] = {-0.1f, 0.1f};
-  RouterConfig cfg{GatingFunc::kSigmoid, 2, 1, false, 1.0f};
-  RoutingPlan plan;
-  RouteTokens(cfg, logits, 1, &plan, nullptr, bias);
+  const RoutingPlan plan = RouteF(Cfg(MoeRouterKind::kSigmoidBias, 2, 1, false, 1.0), logits, 1, nullptr, bias);
   EXPECT_EQ(plan.expert_ids[0], 1);
   EXPECT_FLOAT_EQ(plan.weights[0], 0.5f);
 }
@@ -296,7 +302,7 @@ TEST(Routing, BuildGroupsSkipsUnusedSlots) {
     const int T = 31, K = std::min(E, 3);
     RoutingPlan plan;
     plan.n_tokens = T;
-    plan.n_expert = E;
+    plan.n_expert = plan.n_targets = E;
     plan.k = K;
     int used = 0;
     for (int t = 0; t < T; ++t) {

@@ -21,7 +21,8 @@ Runner AddInit(CLI::App& app) {
   app.add_option("--ffn", c.n_ff_exp, "width of one routed expert")->required();
   app.add_option("--experts", c.n_expert, "routed experts per layer")->required();
   app.add_option("--experts-used", c.n_expert_used, "experts per token (k)")->required();
-  app.add_option("--shared-ffn", c.n_ff_shexp, "shared-expert width (qwen2moe; default --ffn)");
+  app.add_option("--shared-ffn", c.n_ff_shexp, "width of the shared experts, all together (qwen2moe: default --ffn)");
+  app.add_option("--shared-experts", c.n_expert_shared, "shared experts (stored fused, --shared-ffn wide in all)");
   app.add_option("--heads", c.n_head, "attention heads (default dim/64)");
   app.add_option("--kv-heads", c.n_head_kv, "key/value heads (GQA; default --heads)");
   app.add_option("--head-dim", c.n_embd_head_k, "head dimension (default dim/heads)");
@@ -36,6 +37,14 @@ Runner AddInit(CLI::App& app) {
                            ->default_val(0.4f);
   CLI::Option* hash_seed = app.add_option("--hash-seed", c.router_hash_seed, "hash router: seed of the token -> expert hash")
                                ->default_val(0);
+  app.add_option("--expert-groups", c.n_expert_groups, "group-limited top-k: expert groups (DeepSeek-V3)");
+  app.add_option("--groups-used", c.n_group_used, "group-limited top-k: groups that compete");
+  app.add_option("--weights-scale", c.expert_weights_scale, "multiplies the gate weights")->default_val(1.0f);
+  app.add_option("--null-experts", c.n_expert_null, "AdaMoE null experts (softmax routers)");
+  app.add_option("--zero-experts", c.n_expert_zero, "MoE++ zero experts (softmax routers)");
+  app.add_option("--copy-experts", c.n_expert_copy, "MoE++ copy experts (softmax routers)");
+  app.add_option("--const-experts", c.n_expert_const, "MoE++ constant experts (softmax routers)");
+  app.add_flag("--gating-residual", c.expert_gating_residual, "MoE++ gating residuals between layers");
   app.add_option("--type", *type, "weight type: f32 f16 bf16 q8_0 q4_0 q4_K q6_K")->default_val("f32");
   app.add_option("--seed", o->seed, "random seed")->default_val(0);
   app.add_option("--logit-scale", o->logit_scale, "scale of the output matrix (large = big margins)")->default_val(1.0f);

@@ -33,13 +33,22 @@ Runner AddInspect(CLI::App& app) {
         {"n_ff_shexp", c.n_ff_shexp}, {"rms_eps", c.rms_eps},
         {"rope_freq_base", c.rope_freq_base},
         {"rope_type", c.rope_type == RopeType::kNeox ? "neox" : "normal"},
-        {"norm_topk", c.router.norm_topk}};
+        {"norm_topk", c.moe.norm_topk}};
     nlohmann::json router = {{"name", MoeRouterName(c.router_kind)},
-                             {"gating", c.router.gating == GatingFunc::kSigmoid ? "sigmoid" : "softmax"},
-                             {"norm_topk", c.router.norm_topk},
-                             {"servable", UnservableRouterReason(c).empty()}};
+                             {"gating", c.router_kind == MoeRouterKind::kSigmoidBias ? "sigmoid" : "softmax"},
+                             {"norm_topk", c.moe.norm_topk},
+                             {"weights_scale", c.expert_weights_scale},
+                             {"n_targets", c.n_router()},
+                             {"servable", UnservableRouterReason(c).empty()},
+                             {"llama_cpp_difference", LlamaCppDifference(c)}};
     if (c.router_kind == MoeRouterKind::kTopP) router["top_p"] = c.router_top_p;
     if (c.router_kind == MoeRouterKind::kHash) router["hash_seed"] = c.router_hash_seed;
+    if (c.n_expert_groups > 1) router["groups"] = {c.n_expert_groups, c.n_group_used};
+    if (c.n_expert_shared > 0) router["n_expert_shared"] = c.n_expert_shared;
+    if (c.n_expert_null > 0) router["n_null"] = c.n_expert_null;
+    if (c.n_expert_zero + c.n_expert_copy + c.n_expert_const > 0)
+      router["zero_computation"] = {{"zero", c.n_expert_zero}, {"copy", c.n_expert_copy}, {"const", c.n_expert_const}};
+    if (c.expert_gating_residual) router["gating_residual"] = true;
     j["router"] = router;
     j["tokenizer"] = model->tokenizer().model();
     j["bytes_per_expert"] = model->BytesPerExpert();
@@ -69,8 +78,17 @@ Runner AddInspect(CLI::App& app) {
     if (c.router_kind == MoeRouterKind::kTopP) rline += StrFormat(" (top_p %g)", c.router_top_p);
     if (c.router_kind == MoeRouterKind::kHash)
       rline += StrFormat(" (hash_seed %llu)", static_cast<unsigned long long>(c.router_hash_seed));
+    if (c.n_expert_groups > 1) rline += StrFormat(", %u groups (%u used)", c.n_expert_groups, c.n_group_used);
+    if (c.expert_weights_scale != 1.0f) rline += StrFormat(", weights x %g", c.expert_weights_scale);
+    if (c.n_expert_shared > 0) rline += StrFormat(", %u shared experts", c.n_expert_shared);
+    if (c.n_expert_null > 0) rline += StrFormat(", %u null experts", c.n_expert_null);
+    if (c.n_expert_zero + c.n_expert_copy + c.n_expert_const > 0)
+      rline += StrFormat(", zero/copy/const experts %u/%u/%u", c.n_expert_zero, c.n_expert_copy, c.n_expert_const);
+    if (c.expert_gating_residual) rline += ", gating residuals";
     if (!UnservableRouterReason(c).empty()) rline += " (training-only: moe run refuses it)";
     std::printf("  %-16s %s\n", "router", rline.c_str());
+    const std::string diff = LlamaCppDifference(c);
+    std::printf("  %-16s %s\n", "llama.cpp", diff.empty() ? "computes the same model" : ("differs: " + diff).c_str());
     std::printf("  %-16s %s\n", "tokenizer", model->tokenizer().model().c_str());
     std::printf("  %-16s %.3f MiB\n", "bytes/expert", model->BytesPerExpert() / 1048576.0);
     std::printf("  %-16s %.3f MiB (weights read per generated token)\n", "bytes/token",
