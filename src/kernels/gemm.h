@@ -24,3 +24,15 @@ void Gemm(GemmOp op, int m, int n, int k, const float* a, int lda, const float* 
           float* c, int ldc, bool accumulate);
 
 }  // namespace moe::kernels
+
+namespace moe::kernels {
+
+// The same contract in double, through BLAS (cblas_dgemm) — the one place moe.cpp calls BLAS
+// (blas.cc). BLAS runs single-threaded (the caller's pool owns the threads) and, unlike the
+// float kernel, makes no promise that a row's bits ignore its batch-mates or the shape: callers
+// that need that (the MoE layer's double path) call it on fixed-shape blocks. Used where double
+// precision is the point: references, gradient checks, goldens.
+void Gemm(GemmOp op, int m, int n, int k, const double* a, int lda, const double* b, int ldb,
+          double* c, int ldc, bool accumulate);
+
+}  // namespace moe::kernels

@@ -2,8 +2,6 @@
 // backward, telemetry. See moe_layer.h for the conventions.
 #include "moe/moe_layer.h"
 
-#include <cblas.h>
-
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -18,30 +16,18 @@
 #include "util/error.h"
 #include "util/threadpool.h"
 
-extern "C" void openblas_set_num_threads(int);
-
 namespace moe {
 namespace {
 
-// Our pool owns the threads: every BLAS call runs single-threaded inside one pool thread.
-void SingleThreadedBlasOnce() {
-  static std::once_flag once;
-  std::call_once(once, [] { openblas_set_num_threads(1); });
-}
-
 // C [m][n] = op(A) op(B) + beta * C, row-major, beta in {0, 1}. float: moe.cpp's own GEMM, whose
 // per-element arithmetic does not depend on the other rows (kernels/gemm.h); double (the
-// reference precision of the tests): BLAS.
-void Gemm(bool ta, bool tb, int m, int n, int k, const float* a, int lda, const float* b, int ldb,
-          float beta, float* c, int ldc) {
-  MOE_ASSERT(!(ta && tb) && (beta == 0.0f || beta == 1.0f));
+// reference precision of the tests): BLAS through the bridge of kernels/gemm.h.
+template <typename T>
+void Gemm(bool ta, bool tb, int m, int n, int k, const T* a, int lda, const T* b, int ldb,
+          T beta, T* c, int ldc) {
+  MOE_ASSERT(!(ta && tb) && (beta == T(0) || beta == T(1)));
   const kernels::GemmOp op = ta ? kernels::GemmOp::kTN : (tb ? kernels::GemmOp::kNT : kernels::GemmOp::kNN);
-  kernels::Gemm(op, m, n, k, a, lda, b, ldb, c, ldc, beta != 0.0f);
-}
-void Gemm(bool ta, bool tb, int m, int n, int k, const double* a, int lda, const double* b,
-          int ldb, double beta, double* c, int ldc) {
-  cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, m, n,
-              k, 1.0, a, lda, b, ldb, beta, c, ldc);
+  kernels::Gemm(op, m, n, k, a, lda, b, ldb, c, ldc, beta != T(0));
 }
 
 // Rows an expert GEMM computes for m tokens. float: m (the kernel's rows are independent of each
@@ -228,7 +214,6 @@ void MoeForward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const T* x, i
                 T* y, MoeCache<T>* cache, const MoeForwardOptions& opt) {
   internal::CheckWeights(cfg, w);
   internal::CheckForwardOptions<T>(cfg, n_tokens, opt);
-  SingleThreadedBlasOnce();
   const int D = cfg.d_model, F = cfg.d_ff, K = cfg.k, R = cfg.router_width();
   const int S = cfg.n_shared, Fs = cfg.d_ff_shared, C = cfg.n_const;
   const bool routed = cfg.router != MoeRouterKind::kHash;  // has a learned router
@@ -490,7 +475,6 @@ template <typename T>
 void MoeBackward(const MoeLayerConfig& cfg, const MoeWeights<T>& w, const MoeCache<T>& c,
                  const T* dy, T* dx, MoeGrads<T>* g, ThreadPool* pool, const T* dlogits_in) {
   internal::CheckWeights(cfg, w);
-  SingleThreadedBlasOnce();
   const int D = cfg.d_model, F = cfg.d_ff, E = cfg.n_expert, K = cfg.k, R = cfg.router_width();
   const int S = cfg.n_shared, Fs = cfg.d_ff_shared, C = cfg.n_const, const0 = R - C;
   const bool routed = cfg.router != MoeRouterKind::kHash;
