@@ -1121,7 +1121,7 @@ void GgufWriter::AddTensor(const std::string& name, DType dtype, const std::vect
   tensors_.push_back(std::move(t));
 }
 
-void GgufWriter::Write(const std::string& path) const {
+std::vector<uint8_t> GgufWriter::Header(uint64_t* padded_size) const {
   const uint64_t align = alignment_;
   ByteSink s;
   s.Put<uint32_t>(kGgufMagic);
@@ -1141,12 +1141,30 @@ void GgufWriter::Write(const std::string& path) const {
     s.Put<uint64_t>(offset);
     offset += PadOrDie(t.data.size(), align);
   }
-  const uint64_t header_end = PadOrDie(s.bytes().size(), align);
+  *padded_size = PadOrDie(s.bytes().size(), align);
+  return s.bytes();
+}
+
+std::vector<uint8_t> GgufWriter::Serialize() const {
+  uint64_t header_end = 0;
+  std::vector<uint8_t> out = Header(&header_end);
+  out.resize(header_end, 0);
+  for (const T& t : tensors_) {
+    out.insert(out.end(), t.data.begin(), t.data.end());
+    out.resize(PadOrDie(out.size(), alignment_), 0);
+  }
+  return out;
+}
+
+void GgufWriter::Write(const std::string& path) const {
+  const uint64_t align = alignment_;
+  uint64_t header_end = 0;
+  const std::vector<uint8_t> header = Header(&header_end);
 
   const std::string tmp = path + ".tmp";
   OutFile out(tmp);
-  out.Write(s.bytes().data(), s.bytes().size());
-  out.Zeros(header_end - s.bytes().size());
+  out.Write(header.data(), header.size());
+  out.Zeros(header_end - header.size());
   for (const T& t : tensors_) {
     out.Write(t.data.data(), t.data.size());
     out.Zeros(PadOrDie(t.data.size(), align) - t.data.size());

@@ -138,8 +138,11 @@ class GgufWriter {
   void AddTensor(const std::string& name, DType dtype, const std::vector<int64_t>& ne,
                  const void* data, size_t nbytes);
 
-  // Writes the file (to path + ".tmp", then renames). Throws moe::Error on I/O failure.
+  // Writes the file (to path + ".tmp", fsync, then renames over path, so a reader never sees a
+  // half-written file and an old file survives a failed write). Throws moe::Error on I/O failure.
   void Write(const std::string& path) const;
+  // The same bytes in memory (metadata-only files, tests).
+  std::vector<uint8_t> Serialize() const;
 
  private:
   struct KV {
@@ -153,6 +156,8 @@ class GgufWriter {
     std::vector<uint8_t> data;
   };
   void Put(const std::string& key, GgufValue v);
+  // Header and tensor infos; *padded_size = their size padded to the alignment.
+  std::vector<uint8_t> Header(uint64_t* padded_size) const;
   std::vector<KV> kvs_;
   std::vector<T> tensors_;
   uint32_t alignment_ = 32;

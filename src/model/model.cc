@@ -20,13 +20,8 @@ bool IsWeightType(DType t) {
 
 }  // namespace
 
-std::unique_ptr<Model> Model::Load(const std::string& path, bool allow_training_only) {
-  auto m = std::unique_ptr<Model>(new Model());
-  m->file_ = GgufFile::Open(path);
-  const GgufFile& f = *m->file_;
-  m->config_ = ReadConfig(f, allow_training_only);
-  ModelConfig& c = m->config_;
-
+void ValidateModelTensors(const GgufFile& f, const ModelConfig& c,
+                          const std::function<bool(const std::string&)>& extra_ok) {
   const bool has_output = f.FindTensor("output.weight") != nullptr;
   const bool has_bias = f.FindTensor("blk.0.attn_q.bias") != nullptr;
   std::vector<TensorSpec> specs = ExpectedTensors(c, has_output, has_bias);
@@ -50,21 +45,69 @@ std::unique_ptr<Model> Model::Load(const std::string& path, bool allow_training_
                         s.name.c_str(), DTypeName(t->dtype), vector ? " (norms, biases, gates and the router's small matrices must be f32)" : ""));
   }
   for (const GgufTensorInfo& ti : f.tensors()) {
-    if (!known.count(ti.view.name))
+    if (!known.count(ti.view.name) && !(extra_ok && extra_ok(ti.view.name)))
       f.Throw("tensor '" + ti.view.name + "' is not used by architecture " + c.arch_name +
               " (llama.cpp rejects such files too)");
   }
-  auto get = [&](const std::string& name) { return f.FindTensor(name); };
-  m->token_embd = get("token_embd.weight");
-  m->output_norm = get("output_norm.weight");
-  m->output = has_output ? get("output.weight") : m->token_embd;
+}
+
+std::unique_ptr<Model> Model::Load(const std::string& path, bool allow_training_only) {
+  auto m = std::unique_ptr<Model>(new Model());
+  m->file_ = GgufFile::Open(path);
+  const GgufFile& f = *m->file_;
+  m->config_ = ReadConfig(f, allow_training_only);
+  ModelConfig& c = m->config_;
+
+  ValidateModelTensors(f, c);
+  m->Bind([&](const std::string& name) { return f.FindTensor(name); });
   if (c.n_vocab != m->token_embd->ne[1])
     f.Throw(StrFormat("vocabulary has %u tokens but token_embd.weight has %lld rows", c.n_vocab,
                       static_cast<long long>(m->token_embd->ne[1])));
-  m->layers.resize(c.n_layer);
+  m->tokenizer_ = Tokenizer::FromGguf(f, c.n_vocab);
+  return m;
+}
+
+std::unique_ptr<Model> Model::FromParams(const ModelParams<float>& p, bool allow_training_only) {
+  auto m = std::unique_ptr<Model>(new Model());
+  GgufWriter w;
+  WriteConfig(p.config, w);
+  if (p.source && p.source->Has("tokenizer.ggml.model")) {
+    CopyTokenizerKeys(*p.source, w);
+  } else {
+    w.SetString("tokenizer.ggml.model", "none");
+  }
+  m->meta_ = w.Serialize();
+  m->file_ = GgufFile::FromMemory(m->meta_.data(), m->meta_.size(), "<in-memory model>");
+  m->config_ = ReadConfig(*m->file_, allow_training_only);
+  auto& mp = const_cast<ModelParams<float>&>(p);  // views only read the arrays
+  for (const NamedArray<float>& a : NamedTensors(mp)) {
+    TensorView v;
+    v.name = a.name;
+    v.dtype = DType::kF32;
+    v.n_dims = static_cast<int>(a.ne.size());
+    for (int d = 0; d < v.n_dims; ++d) v.ne[d] = a.ne[d];
+    v.data = a.data->data();
+    m->owned_views_.push_back(v);
+  }
+  m->Bind([&](const std::string& name) -> const TensorView* {
+    for (const TensorView& v : m->owned_views_)
+      if (v.name == name) return &v;
+    return nullptr;
+  });
+  m->tokenizer_ = Tokenizer::FromGguf(*m->file_, m->config_.n_vocab);
+  return m;
+}
+
+void Model::Bind(const std::function<const TensorView*(const std::string&)>& get) {
+  const ModelConfig& c = config_;
+  token_embd = get("token_embd.weight");
+  output_norm = get("output_norm.weight");
+  const TensorView* out = get("output.weight");
+  output = out ? out : token_embd;
+  layers.assign(c.n_layer, LayerWeights());
   for (uint32_t i = 0; i < c.n_layer; ++i) {
     const std::string p = "blk." + std::to_string(i) + ".";
-    LayerWeights& L = m->layers[i];
+    LayerWeights& L = layers[i];
     L.attn_norm = get(p + "attn_norm.weight");
     L.wq = get(p + "attn_q.weight");
     L.wk = get(p + "attn_k.weight");
@@ -90,8 +133,6 @@ std::unique_ptr<Model> Model::Load(const std::string& path, bool allow_training_
     L.up_shexp = get(p + "ffn_up_shexp.weight");
     L.down_shexp = get(p + "ffn_down_shexp.weight");
   }
-  m->tokenizer_ = Tokenizer::FromGguf(f, c.n_vocab);
-  return m;
 }
 
 uint64_t Model::BytesPerExpert() const {

@@ -1,12 +1,14 @@
 // A loaded model: config, zero-copy weight views into the mapped GGUF, and the tokenizer.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "formats/gguf.h"
 #include "model/config.h"
+#include "model/params.h"
 #include "tokenizer/tokenizer.h"
 
 namespace moe {
@@ -37,6 +39,12 @@ struct LayerWeights {
   const TensorView* down_shexp = nullptr;      // {n_ff_shexp, n_embd}
 };
 
+// Checks a file's tensors against the config: every required tensor present with its shape and
+// a supported type, and no tensor the architecture does not use (extra_ok may admit more, e.g. a
+// checkpoint's optimizer state). Throws moe::Error naming the tensor.
+void ValidateModelTensors(const GgufFile& f, const ModelConfig& c,
+                          const std::function<bool(const std::string&)>& extra_ok = nullptr);
+
 class Model {
  public:
   // Maps and validates the file: keys, every tensor's presence, shape and type, and that the
@@ -44,6 +52,10 @@ class Model {
   // allow_training_only: accept a training-only router (expert_choice) for inspection; Forward
   // still refuses to run such a model.
   static std::unique_ptr<Model> Load(const std::string& path, bool allow_training_only = false);
+  // Serves a parameter store without a file: f32 views into its arrays (which must outlive the
+  // model and not be resized), the config and vocabulary read back from a metadata-only GGUF
+  // built from the store, exactly as Load would read SaveParams' file.
+  static std::unique_ptr<Model> FromParams(const ModelParams<float>& p, bool allow_training_only = false);
 
   const ModelConfig& config() const { return config_; }
   const GgufFile& file() const { return *file_; }
@@ -62,6 +74,11 @@ class Model {
   uint64_t BytesPerExpert() const;
 
  private:
+  // Points the weight fields at the tensors `find` returns (nullptr when absent).
+  void Bind(const std::function<const TensorView*(const std::string&)>& find);
+
+  std::vector<uint8_t> meta_;            // FromParams: the metadata-only GGUF behind file_
+  std::vector<TensorView> owned_views_;  // FromParams: views into the store
   std::unique_ptr<GgufFile> file_;
   ModelConfig config_;
   std::unique_ptr<Tokenizer> tokenizer_;
