@@ -23,5 +23,6 @@ Runner AddInspect(CLI::App& app);
 Runner AddRun(CLI::App& app);
 Runner AddBench(CLI::App& app);
 Runner AddBenchLayer(CLI::App& app);
+Runner AddTrain(CLI::App& app);
 
 }  // namespace moe::cli

@@ -8,7 +8,7 @@
 #include "util/error.h"
 
 int main(int argc, char** argv) {
-  CLI::App app{"moe.cpp: run, inspect and benchmark Mixture-of-Experts models in GGUF"};
+  CLI::App app{"moe.cpp: train, run, inspect and benchmark Mixture-of-Experts models in GGUF"};
   app.require_subcommand(1);
   std::vector<std::pair<CLI::App*, moe::cli::Runner>> cmds;
   auto add = [&](const char* name, const char* help, moe::cli::Runner (*f)(CLI::App&)) {
@@ -20,6 +20,7 @@ int main(int argc, char** argv) {
   add("run", "generate text (or token ids) from a model", moe::cli::AddRun);
   add("bench", "measure prefill and decode speed on random tokens", moe::cli::AddBench);
   add("bench-layer", "time one MoE layer forward and backward", moe::cli::AddBenchLayer);
+  add("train", "train a model on text (AdamW; checkpoints, resume, metrics)", moe::cli::AddTrain);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
