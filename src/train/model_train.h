@@ -28,8 +28,8 @@ struct TrainForwardOptions {
   bool training = true;        // router jitter on; compute the cross-entropy gradient
   uint64_t jitter_seed = 0;    // seed of the router jitter (layer il uses a seed derived from it)
   int capacity_seq_len = 0;    // capacity scope of the MoE layers: 0 = the call, else per sequence
-  // Weight of each predicted token's cross-entropy in the objective the backward differentiates
-  // (1 / tokens of the optimizer step with gradient accumulation); 0 = 1 / this call's tokens.
+  // Weight of each target's cross-entropy in the objective the backward differentiates
+  // (1 / targets of the optimizer step with gradient accumulation); 0 = 1 / this call's targets.
   double token_weight = 0.0;
   bool keep_logits = false;    // keep the logits (not overwritten by their gradient)
 };
@@ -55,14 +55,16 @@ struct ModelCache {
   int n_seq = 0, seq_len = 0;
   std::vector<int32_t> inputs;   // [N] N = n_seq * seq_len
   std::vector<int32_t> targets;  // [N]
+  std::vector<uint8_t> counted;  // [N] 1 = the target is in the loss
+  int64_t n_counted = 0;
   std::vector<BlockCache<T>> blocks;
   std::vector<T> x_final;        // [N][D]
   std::vector<T> rstd_f;         // [N]
   std::vector<T> h_f;            // [N][D] output_norm output
   std::vector<T> logits;         // [N][V] logits, or (training) token_weight * dCE/dlogits
-  double ce_sum = 0;             // sum over tokens of -log p(target)
+  double ce_sum = 0;             // sum over counted targets of -log p(target)
   double moe_loss = 0;           // sum over layers of the MoE balance terms (as weighted)
-  double loss() const { return ce_sum / static_cast<double>(inputs.size()); }  // mean CE
+  double loss() const { return n_counted ? ce_sum / static_cast<double>(n_counted) : 0.0; }  // mean CE
 };
 
 // The MoE layer of each block as the trainer runs it: the model's (ModelParams::LayerMoe) with the
@@ -74,12 +76,13 @@ std::vector<MoeLayerConfig> TrainLayerConfigs(const ModelParams<T>& p, const Moe
                                               double loss_weight = 1.0);
 
 // Forward over n_seq sequences: tokens [n_seq][seq_len + 1] (inputs are positions 0..L-1, the
-// targets 1..L). Returns the mean cross-entropy. Throws moe::Error on a token id out of range or a
-// sequence longer than the model's context.
+// targets 1..L); target [n_seq][seq_len + 1] (nullptr = all): 0 at a position keeps that token
+// out of the loss (a prompt). Returns the mean cross-entropy over the counted targets. Throws
+// moe::Error on a token id out of range or a sequence longer than the model's context.
 template <typename T>
 double ModelForward(const ModelParams<T>& p, const std::vector<MoeLayerConfig>& cfgs,
-                    const int32_t* tokens, int n_seq, int seq_len, const TrainForwardOptions& opt,
-                    ModelCache<T>* cache);
+                    const int32_t* tokens, const uint8_t* target, int n_seq, int seq_len,
+                    const TrainForwardOptions& opt, ModelCache<T>* cache);
 
 // Backward of token_weight * sum CE + sum over layers of the MoE balance terms; ADDS every
 // parameter's gradient into g (zero it per optimizer step). Needs a training forward.

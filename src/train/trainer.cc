@@ -184,14 +184,14 @@ TrainSummary Train(const TrainConfig& cfg_in, const std::function<void(const std
   CorpusStats st, vst;
   Sequences train_seqs, val_seqs;
   {
-    const std::vector<std::string> docs = ReadDocuments(cfg.data, &st);
+    const std::vector<Document> docs = ReadDocuments(cfg.data, &st);
     train_seqs = Pack(TokenizeDocuments(docs, tok, &pool, &st), cfg.seq);
   }
   if (train_seqs.size() == 0)
     Fail("the data has %lld tokens, fewer than one sequence of --seq %d + 1: give more data or a smaller --seq",
          static_cast<long long>(st.tokens), cfg.seq);
   if (!cfg.val_data.empty()) {
-    const std::vector<std::string> vdocs = ReadDocuments(cfg.val_data, &vst);
+    const std::vector<Document> vdocs = ReadDocuments(cfg.val_data, &vst);
     val_seqs = Pack(TokenizeDocuments(vdocs, tok, &pool, &vst), cfg.seq);
     if (val_seqs.size() == 0)
       Fail("--val-data has %lld tokens, fewer than one sequence of --seq %d + 1", static_cast<long long>(vst.tokens),
@@ -250,11 +250,11 @@ TrainSummary Train(const TrainConfig& cfg_in, const std::function<void(const std
   const int B = cfg.batch, L = cfg.seq, G = cfg.grad_accum;
   const int64_t n_train = train_seqs.size();
   std::vector<int32_t> batch_tokens(static_cast<size_t>(B) * (L + 1));
+  std::vector<uint8_t> batch_target(train_seqs.target.empty() ? 0 : batch_tokens.size());
   ModelCache<float> cache;
   TrainForwardOptions fo;
   fo.pool = &pool;
   fo.training = true;
-  fo.token_weight = 1.0 / (static_cast<double>(B) * L * G);
 
   auto evaluate = [&](int step) {
     if (val_seqs.size() == 0) return;
@@ -265,13 +265,15 @@ TrainSummary Train(const TrainConfig& cfg_in, const std::function<void(const std
     eo.training = false;
     const std::vector<MoeLayerConfig> ecfgs = TrainLayerConfigs(p, cfg.moe, 1.0);
     double total = 0;
+    int64_t counted = 0;
     ModelCache<float> ec;
     for (int64_t i = 0; i < n_val; i += B) {
       const int nb = static_cast<int>(std::min<int64_t>(B, n_val - i));
-      ModelForward(p, ecfgs, val_seqs.at(i), nb, L, eo, &ec);
+      ModelForward(p, ecfgs, val_seqs.at(i), val_seqs.target_at(i), nb, L, eo, &ec);
       total += ec.ce_sum;
+      counted += ec.n_counted;
     }
-    const double v = total / (static_cast<double>(n_val) * L);
+    const double v = counted ? total / static_cast<double>(counted) : 0.0;
     sum.val_loss = v;
     emit({{"step", step}, {"val_loss", v}, {"val_ppl", std::exp(v)}});
     log(StrFormat("step %d: validation loss %.4f, perplexity %.2f", step, v, std::exp(v)));
@@ -298,18 +300,30 @@ TrainSummary Train(const TrainConfig& cfg_in, const std::function<void(const std
     grads.Zero();
     double ce = 0, aux = 0;
     std::vector<std::vector<int64_t>> loads(mc.n_layer);
+    // The step's sequences: sequence k of the run is the k-th of its epoch's order.
+    auto seq_of = [&](int micro, int b) {
+      const int64_t k = (static_cast<int64_t>(step) * G + micro) * B + b;
+      const int64_t epoch = k / n_train, pos = k % n_train;
+      if (order_epoch != epoch) {
+        order = EpochOrder(n_train, cfg.seed, epoch);
+        order_epoch = epoch;
+      }
+      return order[pos];
+    };
+    int64_t step_targets = 0;
+    for (int micro = 0; micro < G; ++micro)
+      for (int b = 0; b < B; ++b) step_targets += train_seqs.Targets(seq_of(micro, b));
+    fo.token_weight = 1.0 / std::max<int64_t>(1, step_targets);
     for (int micro = 0; micro < G; ++micro) {
-      for (int b = 0; b < B; ++b) {  // sequence k of the run, in its epoch's order
-        const int64_t k = (static_cast<int64_t>(step) * G + micro) * B + b;
-        const int64_t epoch = k / n_train, pos = k % n_train;
-        if (order_epoch != epoch) {
-          order = EpochOrder(n_train, cfg.seed, epoch);
-          order_epoch = epoch;
-        }
-        std::copy_n(train_seqs.at(order[pos]), L + 1, &batch_tokens[static_cast<size_t>(b) * (L + 1)]);
+      for (int b = 0; b < B; ++b) {
+        const int64_t i = seq_of(micro, b);
+        std::copy_n(train_seqs.at(i), L + 1, &batch_tokens[static_cast<size_t>(b) * (L + 1)]);
+        if (!batch_target.empty())
+          std::copy_n(train_seqs.target_at(i), L + 1, &batch_target[static_cast<size_t>(b) * (L + 1)]);
       }
       fo.jitter_seed = MixSeed(cfg.seed, static_cast<uint64_t>(step), static_cast<uint64_t>(micro));
-      ModelForward(p, layer_cfgs, batch_tokens.data(), B, L, fo, &cache);
+      ModelForward(p, layer_cfgs, batch_tokens.data(), batch_target.empty() ? nullptr : batch_target.data(), B, L,
+                   fo, &cache);
       ModelBackward(p, layer_cfgs, cache, &grads, &pool);
       ce += cache.ce_sum;
       aux += cache.moe_loss;
@@ -352,7 +366,7 @@ TrainSummary Train(const TrainConfig& cfg_in, const std::function<void(const std
     const int64_t step_tokens = static_cast<int64_t>(B) * L * G;
     tokens_done += step_tokens;
     step_seconds_avg = step == step0 ? dt : 0.9 * step_seconds_avg + 0.1 * dt;
-    const double loss = ce / static_cast<double>(step_tokens);
+    const double loss = ce / static_cast<double>(std::max<int64_t>(1, step_targets));
     sum.last_loss = loss;
     emit({{"step", step + 1}, {"loss", loss}, {"aux_loss", aux}, {"lr", lr}, {"grad_norm", gnorm},
           {"tokens_per_s", step_tokens / dt}, {"max_vio", max_vio}, {"expert_load", load_json},

@@ -93,7 +93,7 @@ double Objective(const ModelParams<T>& p, const std::vector<MoeLayerConfig>& cfg
                  int n_seq, int L, ModelCache<T>* cache) {
   TrainForwardOptions o;
   o.training = true;
-  ModelForward(p, cfgs, toks.data(), n_seq, L, o, cache);
+  ModelForward(p, cfgs, toks.data(), nullptr, n_seq, L, o, cache);
   return cache->loss() + cache->moe_loss;
 }
 
@@ -245,7 +245,7 @@ TEST(ModelTrain, TrainingForwardComputesTheInferenceModel) {
     TrainForwardOptions o;
     o.training = false;
     o.keep_logits = true;
-    ModelForward(p, TrainLayerConfigs(p, MoeLayerConfig()), toks.data(), 1, L, o, &cache);
+    ModelForward(p, TrainLayerConfigs(p, MoeLayerConfig()), toks.data(), nullptr, 1, L, o, &cache);
     // The store served in memory and the file it came from give the same logits bit for bit.
     auto served = Model::FromParams(p);
     auto loaded = Model::Load(path);
@@ -281,7 +281,7 @@ TEST(ModelTrain, ThreadCountDoesNotChangeABit) {
     ModelCache<float> cache;
     TrainForwardOptions o;
     o.pool = &pool;
-    ModelForward(p, cfgs, toks.data(), n_seq, L, o, &cache);
+    ModelForward(p, cfgs, toks.data(), nullptr, n_seq, L, o, &cache);
     ModelGrads<float> g = p.NewGrads();
     ModelBackward(p, cfgs, cache, &g, &pool);
     std::vector<float> all;

@@ -24,5 +24,8 @@ Runner AddRun(CLI::App& app);
 Runner AddBench(CLI::App& app);
 Runner AddBenchLayer(CLI::App& app);
 Runner AddTrain(CLI::App& app);
+Runner AddTokenizer(CLI::App& app);
+Runner AddEval(CLI::App& app);
+Runner AddUpcycle(CLI::App& app);
 
 }  // namespace moe::cli

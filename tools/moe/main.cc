@@ -21,6 +21,9 @@ int main(int argc, char** argv) {
   add("bench", "measure prefill and decode speed on random tokens", moe::cli::AddBench);
   add("bench-layer", "time one MoE layer forward and backward", moe::cli::AddBenchLayer);
   add("train", "train a model on text (AdamW; checkpoints, resume, metrics)", moe::cli::AddTrain);
+  add("tokenizer", "train a vocabulary: moe tokenizer train --data ... --vocab V -o tok.gguf", moe::cli::AddTokenizer);
+  add("eval", "held-out loss and perplexity, counted as llama.cpp's perplexity tool", moe::cli::AddEval);
+  add("upcycle", "turn a dense model into an MoE model (sparse upcycling, Drop-Upcycling)", moe::cli::AddUpcycle);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
