@@ -3,8 +3,8 @@
 //
 // Usage: node oracle.mjs [job.json]        (reads the job from stdin without a file)
 //
-// A job: {model, threads, mode: "greedy"|"teacher"|"tokenize", prompt_ids,
-//         n_predict, top_n, texts}
+// A job: {model, threads, mode: "greedy"|"teacher"|"target_logprobs"|"tokenize", prompt_ids,
+//         n_predict, top_n, score_from, texts}
 // Several jobs on one model load: an array of jobs (all with the same model and
 // threads), or {model, threads, jobs: [{mode, ...}, ...]}.
 // Output: one JSON object on stdout. A single job gives its result object; an
@@ -16,6 +16,7 @@
 //             top_logprobs[i] is the distribution tokens[i] was chosen from.
 //   teacher:  {teacher_logprobs: [[{id, logprob}...] per prompt position i,
 //              the distribution after prompt_ids[0..i]]}
+//   target_logprobs: {logprobs: [log p(prompt_ids[j+1]) for j = score_from .. n-2]}
 //   tokenize: {tokens: [[id...] per text], texts: [detokenized...]}
 // logprob = natural log of llama.cpp's probability, which node-llama-cpp
 // computes as the softmax over the whole vocabulary of the raw logits (the
@@ -137,6 +138,24 @@ async function runTeacher(sequence, job, nVocab) {
   return { mode: "teacher", teacher_logprobs: out };
 }
 
+// The log-probability of each next token: position j's distribution evaluated at prompt_ids[j + 1],
+// for j = score_from .. n - 2 (a held-out loss, as llama.cpp's perplexity tool scores a chunk).
+async function runTargets(sequence, job, nVocab) {
+  checkIds(job.prompt_ids, nVocab, "target_logprobs");
+  const ids = job.prompt_ids, from = job.score_from ?? 0;
+  const input = ids.map((t, j) => (j >= from && j + 1 < ids.length)
+      ? [t, { generateNext: { probabilities: true, options: { temperature: 0 } } }] : t);
+  const res = await sequence.controlledEvaluate(input);
+  const out = [];
+  for (let j = from; j + 1 < ids.length; j++) {
+    const p = res[j]?.next?.probabilities;
+    if (p == null) throw new Error(`target_logprobs: no distribution at position ${j}`);
+    const q = p.get(ids[j + 1]) ?? 0;
+    out.push(q > 0 ? Math.log(q) : -1e30);
+  }
+  return { mode: "target_logprobs", logprobs: out };
+}
+
 function runTokenize(model, job) {
   const texts = job.texts ?? [];
   const tokens = texts.map(t => Array.from(model.tokenize(t, job.special ?? false)));
@@ -199,7 +218,8 @@ async function main() {
     if (job.mode === "greedy") r = await runGreedy(sequence, job, nVocab);
     else if (job.mode === "teacher") r = await runTeacher(sequence, job, nVocab);
     else if (job.mode === "tokenize") r = runTokenize(model, job);
-    else throw new Error(`unknown mode ${JSON.stringify(job.mode)} (greedy, teacher or tokenize)`);
+    else if (job.mode === "target_logprobs") r = await runTargets(sequence, job, nVocab);
+    else throw new Error(`unknown mode ${JSON.stringify(job.mode)} (greedy, teacher, target_logprobs or tokenize)`);
     r.elapsed_ms = performance.now() - t;
     if (job.name !== undefined) r.name = job.name;
     results.push(r);

@@ -120,7 +120,7 @@ class GgufWriter:
                 f.write(b"\0" * ((-len(data)) % ALIGNMENT))
 
 
-ARCHS = ("llama", "qwen2moe", "olmoe", "qwen3moe")
+ARCHS = ("llama", "qwen2moe", "olmoe", "qwen3moe", "qwen3")  # llama and qwen3 also dense (experts = 0)
 
 
 def make_model(path, arch="llama", layers=2, dim=64, ffn=96, experts=4,
@@ -140,6 +140,9 @@ def make_model(path, arch="llama", layers=2, dim=64, ffn=96, experts=4,
     """
     if arch not in ARCHS:
         raise ValueError("arch must be one of %s" % (ARCHS,))
+    dense = experts == 0
+    if dense != (arch == "qwen3") and not (dense and arch == "llama"):
+        raise ValueError("dense models (experts = 0) are llama or qwen3; qwen3 is dense only")
     kv_heads = kv_heads or heads
     if head_dim is None:
         head_dim = dim // heads
@@ -186,8 +189,9 @@ def make_model(path, arch="llama", layers=2, dim=64, ffn=96, experts=4,
     w.add(a + ".attention.layer_norm_rms_epsilon", GGUF_F32, eps)
     w.add(a + ".rope.dimension_count", GGUF_U32, D)
     w.add(a + ".rope.freq_base", GGUF_F32, rope_base)
-    w.add(a + ".expert_count", GGUF_U32, X)
-    w.add(a + ".expert_used_count", GGUF_U32, experts_used)
+    if not dense:
+        w.add(a + ".expert_count", GGUF_U32, X)
+        w.add(a + ".expert_used_count", GGUF_U32, experts_used)
     if arch in ("qwen2moe", "qwen3moe"):
         w.add(a + ".expert_feed_forward_length", GGUF_U32, F)
     Fs = shared_ffn or F
@@ -223,10 +227,15 @@ def make_model(path, arch="llama", layers=2, dim=64, ffn=96, experts=4,
         if arch == "olmoe":
             w.add_tensor(p + "attn_q_norm.weight", norm_w(H * D))
             w.add_tensor(p + "attn_k_norm.weight", norm_w(Hkv * D))
-        if arch == "qwen3moe":
+        if arch in ("qwen3moe", "qwen3"):
             w.add_tensor(p + "attn_q_norm.weight", norm_w(D))
             w.add_tensor(p + "attn_k_norm.weight", norm_w(D))
         w.add_tensor(p + "ffn_norm.weight", norm_w(E))
+        if dense:  # one FFN per layer (the upcycling tests' starting points)
+            big(p + "ffn_gate.weight", mat(F, E))
+            big(p + "ffn_up.weight", mat(F, E))
+            big(p + "ffn_down.weight", mat(E, F))
+            continue
         # Router gain 2: clear expert choices (random routers are near-uniform).
         w.add_tensor(p + "ffn_gate_inp.weight", mat(X, E, gain=2.0))
         big(p + "ffn_gate_exps.weight", experts_mat(F, E))
