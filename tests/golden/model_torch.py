@@ -9,7 +9,7 @@ discrete routing and layer() for the differentiable forward); the GGUF reader is
 tests/conformance/ref_forward.py's (imported).
 
     /usr/bin/python3 tests/golden/model_torch.py --dir DIR         # write the golden
-    /usr/bin/python3 tests/golden/model_torch.py --selftest        # check this script (~30 s)
+    /usr/bin/python3 tests/golden/model_torch.py --selftest        # check this script (~10 s)
     /usr/bin/python3 tests/golden/model_torch.py --check-run MOE   # compare with `MOE run
                                                                    #  --teacher-forcing` (needs
                                                                    #  the built moe binary)
@@ -102,7 +102,8 @@ convention of docs/golden-format.md; integers stored as exact float64 values):
   with "adamw": adamw_losses.bin [S] (mean CE of batch s at the parameters after s updates) and
     adamw_final/<name>.bin, every tensor after the last step (exp_probs_b.bias included);
   manifest.json: {"format", "model", "arch", "n_seq", "seq_len", "n_layer", "layers" (the
-    moe_torch config of each block), "files": [{"file", "shape"}]}.
+    moe_torch config of each block; the bias update uses adamw's rate, not theirs),
+    "files": [{"file", "shape"}]}.
 Errors: one line on stderr, exit code 2.
 """
 import argparse
@@ -792,7 +793,7 @@ def selftest_ref_forward(tmp):
 
 GRAD_CASES = {
     "llama_softmax_tied_mask": dict(arch="llama", heads=2, kv_heads=1, tied=True, weights_scale=1.5),
-    "qwen2moe_top_p_null_zc_residual": dict(arch="qwen2moe", router="top_p", top_p=0.6, used=3,
+    "qwen2moe_top_p_null_zc_residual": dict(arch="qwen2moe", router="top_p", top_p=0.6, used=3, layers=3,
                                             n_null=1, n_zero=1, n_copy=1, n_const=1,
                                             gating_residual=True, shared_ffn=6),
     "qwen3moe_sigmoid_groups": dict(arch="qwen3moe", router="sigmoid_bias", experts=6, used=2,
@@ -801,6 +802,11 @@ GRAD_CASES = {
     "llama_expert_choice": dict(arch="llama", router="expert_choice", layers=2),
     "llama_softmax_groups_residual": dict(arch="llama", experts=6, used=2, groups=3, groups_used=1,
                                           gating_residual=True, qkv_bias=True),
+    "qwen3moe_top_p_norm_null": dict(arch="qwen3moe", router="top_p", top_p=0.5, used=3, n_null=2,
+                                     heads=2, kv_heads=1),
+    "olmoe_shared_scale_const": dict(arch="olmoe", weights_scale=2.5, shared_ffn=4, n_const=2,
+                                     n_copy=1, used=2),
+    "llama_sigmoid_norm": dict(arch="llama", router="sigmoid_bias", experts=4, used=2, layers=1),
 }
 GRAD_COEFS = {"aux_loss_coef": 0.3, "z_loss_coef": 0.05, "entropy_loss_coef": 0.1,
               "ec_capacity_factor": 1.5, "zc_balance_tau": 0.5}
@@ -829,7 +835,7 @@ def selftest_gradients(tmp, name, kw):
         if not is_trainable(n):
             continue
         flat = t.reshape(-1)
-        for i in rng.choice(flat.numel(), size=min(3, flat.numel()), replace=False):
+        for i in rng.choice(flat.numel(), size=min(4, flat.numel()), replace=False):
             def at(delta):
                 q = flat.clone()
                 q[i] += delta
@@ -838,13 +844,13 @@ def selftest_gradients(tmp, name, kw):
             ana = float(grads[n].reshape(-1)[i])
             err = abs(num - ana) / max(1.0, abs(num))
             worst = max(worst, err)
-            check(err < 1e-7, f"{name}: d objective / d {n}[{i}]: autograd {ana:.10g}, central {num:.10g}")
+            check(err < 1e-6, f"{name}: d objective / d {n}[{i}]: autograd {ana:.10g}, central {num:.10g}")
     dirs = {n: torch.randn(t.shape, generator=g) for n, t in W.items() if is_trainable(n)}
     num = (obj({**W, **{n: W[n] + h * d for n, d in dirs.items()}})
            - obj({**W, **{n: W[n] - h * d for n, d in dirs.items()}})) / (2 * h)
     ana = sum(float((grads[n] * d).sum()) for n, d in dirs.items())
     err = abs(num - ana) / max(1.0, abs(num))
-    check(err < 1e-7, f"{name}: directional derivative: autograd {ana:.10g}, central {num:.10g}")
+    check(err < 1e-6, f"{name}: directional derivative: autograd {ana:.10g}, central {num:.10g}")
     worst = max(worst, err)
     # The features are reached: router losses present where the router has them, a residual
     # that carries gradient, active null / zc targets.
@@ -966,14 +972,25 @@ def selftest():
 # ---------------------------------------------------------------------------------------------
 # Cross-check against the C++ inference path: `moe run --teacher-forcing` top-5 log-probs.
 
-RUN_CASES = [
+def opts(text):
+    """'--a 1 --flag --b x' -> {'--a': '1', '--flag': None, '--b': 'x'}."""
+    toks, out, j = text.split(), {}, 0
+    while j < len(toks):
+        has_value = j + 1 < len(toks) and not toks[j + 1].startswith("--")
+        out[toks[j]] = toks[j + 1] if has_value else None
+        j += 2 if has_value else 1
+    return out
+
+
+RUN_BASE = opts("--layers 2 --dim 32 --ffn 16 --experts 4 --experts-used 2 --heads 4 --vocab 50 --ctx 64")
+RUN_CASES = [                                          # `moe init` options over RUN_BASE
     ("llama softmax_topk", "--arch llama --kv-heads 2"),
     ("llama sigmoid_bias", "--arch llama --kv-heads 2 --router sigmoid_bias"),
     ("llama sigmoid_bias groups", "--arch llama --kv-heads 2 --router sigmoid_bias --experts 8 --expert-groups 4 --groups-used 2"),
     ("llama softmax groups", "--arch llama --kv-heads 2 --experts 8 --expert-groups 4 --groups-used 2"),
     ("llama hash", "--arch llama --kv-heads 2 --router hash --hash-seed 18446744073709551557"),
     ("llama top_p", "--arch llama --kv-heads 2 --router top_p --top-p 0.5 --experts-used 3"),
-    ("llama null+const+residual", "--arch llama --kv-heads 2 --null-experts 2 --const-experts 2 --zero-experts 1 --copy-experts 1 --gating-residual"),
+    ("llama null+zc+residual", "--arch llama --kv-heads 2 --null-experts 2 --const-experts 2 --zero-experts 1 --copy-experts 1 --gating-residual"),
     ("llama shared, scale, tied", "--arch llama --kv-heads 2 --shared-ffn 12 --weights-scale 1.5 --tie-output"),
     ("qwen2moe softmax_topk", "--arch qwen2moe --kv-heads 2 --shared-ffn 12"),
     ("qwen2moe top_p+null+zc+residual", "--arch qwen2moe --kv-heads 2 --shared-ffn 12 --router top_p --experts-used 3 --null-experts 1 --zero-experts 1 --copy-experts 1 --const-experts 2 --gating-residual"),
@@ -987,23 +1004,15 @@ RUN_CASES = [
 
 
 def check_run(moe):
+    """Models from `moe init` for every architecture and token-choice router: this script's
+    log-probabilities of one sequence vs the top-5 of `moe run --teacher-forcing` (the C++
+    inference path, float32). Returns (worst difference, whether every top-5 id set agreed)."""
     ids = [1, 2, 3, 4, 17, 42, 9, 30]
-    base = "--layers 2 --dim 32 --ffn 16 --experts 4 --experts-used 2 --heads 4 --vocab 50 --ctx 64"
-    worst_all = 0.0
+    worst_all, all_same = 0.0, True
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, extra) in enumerate(RUN_CASES):
             path = os.path.join(tmp, f"m{i}.gguf")
-            merged = {}                                        # a case's option replaces the base's
-            toks = (base + " " + extra).split()
-            j = 0
-            while j < len(toks):
-                if j + 1 < len(toks) and not toks[j + 1].startswith("--"):
-                    merged[toks[j]] = toks[j + 1]
-                    j += 2
-                else:
-                    merged[toks[j]] = None
-                    j += 1
-            args = [a for kv in merged.items() for a in kv if a is not None]
+            args = [x for kv in {**RUN_BASE, **opts(extra)}.items() for x in kv if x is not None]
             subprocess.run([moe, "init", *args, "--seed", str(i + 1), "-o", path], check=True,
                            stdout=subprocess.DEVNULL)
             out = subprocess.run([moe, "run", "-m", path, "--prompt-ids", ",".join(map(str, ids)),
@@ -1013,18 +1022,17 @@ def check_run(moe):
             s, W = load_model(path)
             r = forward(s, W, torch.tensor([ids + [0]]), None, coefs_of({}))
             lp = torch.log_softmax(r["logits"].detach(), dim=-1)
-            worst, same = 0.0, True
+            worst, same = 0.0, len(theirs) == len(ids)
             for pos, row in enumerate(theirs):
-                mine = set(torch.topk(lp[pos], 5).indices.tolist())
-                same = same and mine == {e["id"] for e in row}
+                same = same and set(torch.topk(lp[pos], 5).indices.tolist()) == {e["id"] for e in row}
                 for e in row:
                     worst = max(worst, abs(float(lp[pos, e["id"]]) - e["logprob"]))
             gap = min(float(sel["gap"]) for sel in r["sels"])
-            worst_all = max(worst_all, worst)
+            worst_all, all_same = max(worst_all, worst), all_same and same
             print(f"{name:34s} max |logprob diff| {worst:.2e}  top-5 ids {'same' if same else 'DIFFER'}"
                   f"  min selection gap {gap:.2e}")
     print(f"worst over all cases: {worst_all:.2e}")
-    return worst_all
+    return worst_all, all_same
 
 
 def main():
@@ -1038,7 +1046,8 @@ def main():
         selftest()
         return 0
     if a.check_run:
-        return 0 if check_run(a.check_run) < 1e-4 else 1
+        worst, same = check_run(a.check_run)
+        return 0 if worst < 1e-4 and same else 1
     if not a.dir:
         ap.error("give --dir DIR (or --selftest, --check-run MOE)")
     try:
