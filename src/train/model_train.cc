@@ -180,7 +180,8 @@ std::vector<MoeLayerConfig> TrainLayerConfigs(const ModelParams<T>& p, const Moe
     m.zc_balance_tau = train.zc_balance_tau;
     m.aux_loss_coef = train.aux_loss_coef * loss_weight;
     m.z_loss_coef = train.z_loss_coef * loss_weight;
-    m.entropy_loss_coef = train.EntropyCoef() * loss_weight;
+    m.entropy_loss_coef = train.entropy_loss_coef;  // negative: the model's router's default
+    m.entropy_loss_coef = m.EntropyCoef() * loss_weight;
     ValidateMoeConfig(m);
     out.push_back(m);
   }

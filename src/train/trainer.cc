@@ -136,6 +136,75 @@ uint64_t MixSeed(uint64_t seed, uint64_t a, uint64_t b) {
 
 }  // namespace
 
+StepEngine::StepEngine(ModelParams<float>* p, const MoeLayerConfig& moe_train, const AdamWConfig& adam, int grad_accum,
+                       ThreadPool* pool)
+    : p_(p), pool_(pool), adam_(adam), grad_accum_(grad_accum) {
+  cfgs_ = TrainLayerConfigs(*p, moe_train, 1.0 / grad_accum);
+  grads_ = p->NewGrads();
+  gnamed_ = NamedTensors(*p, grads_);
+  pnamed_ = TrainableParams(*p, gnamed_);
+  opt_.set_config(adam);
+  opt_.Init(gnamed_);
+}
+
+StepStats StepEngine::Step(int step, const std::vector<const int32_t*>& tokens, const std::vector<const uint8_t*>& targets,
+                           int n_seq, int seq_len, uint64_t jitter_seed) {
+  const ModelConfig& mc = p_->config;
+  const int G = grad_accum_, L = seq_len;
+  MOE_ASSERT(static_cast<int>(tokens.size()) == G && static_cast<int>(targets.size()) == G);
+  StepStats st;
+  for (int m = 0; m < G; ++m) {  // the step's targets weigh 1 / their number
+    for (int b = 0; b < n_seq; ++b) {
+      const uint8_t* t = targets[m] ? targets[m] + static_cast<size_t>(b) * (L + 1) : nullptr;
+      for (int j = 1; j <= L; ++j) st.targets += t == nullptr || t[j];
+    }
+  }
+  grads_.Zero();
+  TrainForwardOptions fo;
+  fo.pool = pool_;
+  fo.training = true;
+  fo.token_weight = 1.0 / std::max<int64_t>(1, st.targets);
+  double ce = 0;
+  st.loads.assign(mc.n_layer, {});
+  for (int m = 0; m < G; ++m) {
+    fo.jitter_seed = MixSeed(jitter_seed, static_cast<uint64_t>(step), static_cast<uint64_t>(m));
+    ModelForward(*p_, cfgs_, tokens[m], targets[m], n_seq, L, fo, &cache_);
+    ModelBackward(*p_, cfgs_, cache_, &grads_, pool_);
+    ce += cache_.ce_sum;
+    st.aux_loss += cache_.moe_loss;
+    for (uint32_t il = 0; il < mc.n_layer; ++il) {
+      const MoeTelemetry t = ComputeTelemetry(cfgs_[il], cache_.blocks[il].moe);
+      if (st.loads[il].empty()) st.loads[il].assign(t.routed_per_expert.size(), 0);
+      for (size_t e = 0; e < t.routed_per_expert.size(); ++e) st.loads[il][e] += t.routed_per_expert[e];
+    }
+  }
+  st.loss = ce / static_cast<double>(std::max<int64_t>(1, st.targets));
+  st.grad_norm = AdamW::GradNorm(gnamed_);
+  st.lr = LearningRate(adam_, step);
+  if (!std::isfinite(st.grad_norm) || !std::isfinite(ce))
+    Fail("step %d: the loss or the gradient is not finite (loss %g, gradient norm %g): lower --lr", step + 1, st.loss,
+         st.grad_norm);
+  const double scale = adam_.clip > 0 && st.grad_norm > adam_.clip ? adam_.clip / st.grad_norm : 1.0;
+  opt_.Step(pnamed_, gnamed_, st.lr, scale, pool_);
+  // Per layer: MaxVio over the FFN experts, and the aux-loss-free bias update (DeepSeek-V3).
+  for (uint32_t il = 0; il < mc.n_layer; ++il) {
+    const int E = static_cast<int>(mc.n_expert);
+    int64_t total = 0, mx = 0;
+    for (int e = 0; e < E; ++e) {
+      total += st.loads[il][e];
+      mx = std::max(mx, st.loads[il][e]);
+    }
+    const double mean = static_cast<double>(total) / E;
+    st.max_vio += mean > 0 ? (mx - mean) / mean / mc.n_layer : 0.0;
+    if (mc.router_kind == MoeRouterKind::kSigmoidBias) {
+      MoeTelemetry t;
+      t.routed_per_expert = st.loads[il];
+      UpdateBias(cfgs_[il], t, &p_->layers[il].moe);
+    }
+  }
+  return st;
+}
+
 TrainSummary Train(const TrainConfig& cfg_in, const std::function<void(const std::string&)>& log_in) {
   TrainConfig cfg = cfg_in;
   cfg.adam.total_steps = cfg.steps;
@@ -175,7 +244,6 @@ TrainSummary Train(const TrainConfig& cfg_in, const std::function<void(const std
     Fail("--seq %d is longer than the model's context of %u tokens (%s.context_length)", cfg.seq, mc.n_ctx_train,
          mc.arch_name.c_str());
   ThreadPool pool(cfg.threads);
-  const std::vector<MoeLayerConfig> layer_cfgs = TrainLayerConfigs(p, cfg.moe, 1.0 / cfg.grad_accum);
   // The vocabulary: the model file's, read as moe run reads it.
   auto served = Model::FromParams(p, /*allow_training_only=*/true);
   const Tokenizer& tok = served->tokenizer();
@@ -207,12 +275,10 @@ TrainSummary Train(const TrainConfig& cfg_in, const std::function<void(const std
   sum.val_loss = std::numeric_limits<double>::quiet_NaN();
 
   // Optimizer (and the resumed state).
-  ModelGrads<float> grads = p.NewGrads();
-  const std::vector<NamedArray<float>> gnamed = NamedTensors(p, grads);
-  const std::vector<NamedArray<float>> pnamed = TrainableParams(p, gnamed);
-  AdamW opt;
-  opt.set_config(cfg.adam);
-  opt.Init(gnamed);
+  ThreadPool* pool_ptr = &pool;
+  StepEngine engine(&p, cfg.moe, cfg.adam, cfg.grad_accum, pool_ptr);
+  AdamW& opt = engine.optimizer();
+  const std::vector<NamedArray<float>>& gnamed = engine.grad_tensors();
   int step0 = 0;
   if (ckpt_file) {
     step0 = ckpt_state["step"].get<int>();
@@ -249,12 +315,6 @@ TrainSummary Train(const TrainConfig& cfg_in, const std::function<void(const std
 
   const int B = cfg.batch, L = cfg.seq, G = cfg.grad_accum;
   const int64_t n_train = train_seqs.size();
-  std::vector<int32_t> batch_tokens(static_cast<size_t>(B) * (L + 1));
-  std::vector<uint8_t> batch_target(train_seqs.target.empty() ? 0 : batch_tokens.size());
-  ModelCache<float> cache;
-  TrainForwardOptions fo;
-  fo.pool = &pool;
-  fo.training = true;
 
   auto evaluate = [&](int step) {
     if (val_seqs.size() == 0) return;
@@ -295,78 +355,42 @@ TrainSummary Train(const TrainConfig& cfg_in, const std::function<void(const std
   int64_t order_epoch = -1;
   double step_seconds_avg = 0;
   int64_t tokens_done = 0;
+  std::vector<int32_t> tokens(static_cast<size_t>(G) * B * (L + 1));
+  std::vector<uint8_t> targets(train_seqs.target.empty() ? 0 : tokens.size());
   for (int step = step0; step < cfg.steps; ++step) {
     const auto t0 = Clock::now();
-    grads.Zero();
-    double ce = 0, aux = 0;
-    std::vector<std::vector<int64_t>> loads(mc.n_layer);
     // The step's sequences: sequence k of the run is the k-th of its epoch's order.
-    auto seq_of = [&](int micro, int b) {
-      const int64_t k = (static_cast<int64_t>(step) * G + micro) * B + b;
-      const int64_t epoch = k / n_train, pos = k % n_train;
-      if (order_epoch != epoch) {
-        order = EpochOrder(n_train, cfg.seed, epoch);
-        order_epoch = epoch;
-      }
-      return order[pos];
-    };
-    int64_t step_targets = 0;
-    for (int micro = 0; micro < G; ++micro)
-      for (int b = 0; b < B; ++b) step_targets += train_seqs.Targets(seq_of(micro, b));
-    fo.token_weight = 1.0 / std::max<int64_t>(1, step_targets);
+    std::vector<const int32_t*> tok_ptrs(G);
+    std::vector<const uint8_t*> tgt_ptrs(G, nullptr);
     for (int micro = 0; micro < G; ++micro) {
       for (int b = 0; b < B; ++b) {
-        const int64_t i = seq_of(micro, b);
-        std::copy_n(train_seqs.at(i), L + 1, &batch_tokens[static_cast<size_t>(b) * (L + 1)]);
-        if (!batch_target.empty())
-          std::copy_n(train_seqs.target_at(i), L + 1, &batch_target[static_cast<size_t>(b) * (L + 1)]);
+        const int64_t k = (static_cast<int64_t>(step) * G + micro) * B + b;
+        const int64_t epoch = k / n_train, pos = k % n_train;
+        if (order_epoch != epoch) {
+          order = EpochOrder(n_train, cfg.seed, epoch);
+          order_epoch = epoch;
+        }
+        const size_t o = (static_cast<size_t>(micro) * B + b) * (L + 1);
+        std::copy_n(train_seqs.at(order[pos]), L + 1, &tokens[o]);
+        if (!targets.empty()) std::copy_n(train_seqs.target_at(order[pos]), L + 1, &targets[o]);
       }
-      fo.jitter_seed = MixSeed(cfg.seed, static_cast<uint64_t>(step), static_cast<uint64_t>(micro));
-      ModelForward(p, layer_cfgs, batch_tokens.data(), batch_target.empty() ? nullptr : batch_target.data(), B, L,
-                   fo, &cache);
-      ModelBackward(p, layer_cfgs, cache, &grads, &pool);
-      ce += cache.ce_sum;
-      aux += cache.moe_loss;
-      for (uint32_t il = 0; il < mc.n_layer; ++il) {
-        const MoeTelemetry t = ComputeTelemetry(layer_cfgs[il], cache.blocks[il].moe);
-        if (loads[il].empty()) loads[il].assign(t.routed_per_expert.size(), 0);
-        for (size_t e = 0; e < t.routed_per_expert.size(); ++e) loads[il][e] += t.routed_per_expert[e];
-      }
+      tok_ptrs[micro] = &tokens[static_cast<size_t>(micro) * B * (L + 1)];
+      if (!targets.empty()) tgt_ptrs[micro] = &targets[static_cast<size_t>(micro) * B * (L + 1)];
     }
-    const double gnorm = AdamW::GradNorm(gnamed);
-    const double scale = cfg.adam.clip > 0 && gnorm > cfg.adam.clip ? cfg.adam.clip / gnorm : 1.0;
-    const double lr = LearningRate(cfg.adam, step);
-    if (!std::isfinite(gnorm) || !std::isfinite(ce))
-      Fail("step %d: the loss or the gradient is not finite (loss %g, gradient norm %g): lower --lr", step + 1, ce, gnorm);
-    opt.Step(pnamed, gnamed, lr, scale, &pool);
-    // Per layer: load statistics, and the aux-loss-free bias update (DeepSeek-V3).
+    const StepStats st = engine.Step(step, tok_ptrs, tgt_ptrs, B, L, cfg.seed);
     nlohmann::json load_json = nlohmann::json::array();
-    double max_vio = 0;
-    for (uint32_t il = 0; il < mc.n_layer; ++il) {
-      const int E = static_cast<int>(mc.n_expert);
-      int64_t total = 0, mx = 0;
-      for (int e = 0; e < E; ++e) {
-        total += loads[il][e];
-        mx = std::max(mx, loads[il][e]);
-      }
-      const double mean = static_cast<double>(total) / E;
-      max_vio += mean > 0 ? (mx - mean) / mean / mc.n_layer : 0.0;
-      std::vector<double> share(loads[il].size());
+    for (const std::vector<int64_t>& l : st.loads) {
       int64_t all = 0;
-      for (int64_t v : loads[il]) all += v;
-      for (size_t e = 0; e < share.size(); ++e) share[e] = all ? std::round(1e4 * loads[il][e] / all) / 1e4 : 0.0;
+      for (int64_t v : l) all += v;
+      std::vector<double> share(l.size());
+      for (size_t e = 0; e < share.size(); ++e) share[e] = all ? std::round(1e4 * l[e] / all) / 1e4 : 0.0;
       load_json.push_back(share);
-      if (mc.router_kind == MoeRouterKind::kSigmoidBias) {
-        MoeTelemetry t;
-        t.routed_per_expert = loads[il];
-        UpdateBias(layer_cfgs[il], t, &p.layers[il].moe);
-      }
     }
+    const double loss = st.loss, aux = st.aux_loss, lr = st.lr, gnorm = st.grad_norm, max_vio = st.max_vio;
     const double dt = Seconds(t0, Clock::now());
     const int64_t step_tokens = static_cast<int64_t>(B) * L * G;
     tokens_done += step_tokens;
     step_seconds_avg = step == step0 ? dt : 0.9 * step_seconds_avg + 0.1 * dt;
-    const double loss = ce / static_cast<double>(std::max<int64_t>(1, step_targets));
     sum.last_loss = loss;
     emit({{"step", step + 1}, {"loss", loss}, {"aux_loss", aux}, {"lr", lr}, {"grad_norm", gnorm},
           {"tokens_per_s", step_tokens / dt}, {"max_vio", max_vio}, {"expert_load", load_json},

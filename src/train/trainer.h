@@ -18,6 +18,8 @@
 #include <vector>
 
 #include "moe/moe_config.h"
+#include "model/params.h"
+#include "train/model_train.h"
 #include "train/optimizer.h"
 
 namespace moe {
@@ -43,6 +45,46 @@ struct TrainConfig {
   // Training settings of the MoE layers: aux_loss_coef, z_loss_coef, entropy_loss_coef,
   // capacity_factor, jitter_eps, bias_update_rate, ec_capacity_factor, zc_balance_tau.
   MoeLayerConfig moe;
+};
+
+// One optimizer step of the whole model: the micro-batches' forward and backward with the
+// gradients accumulated (each target weighted 1 / the step's targets, the MoE balance terms
+// 1 / micro-batches), clipping, AdamW, then the aux-loss-free bias update of sigmoid_bias layers
+// from the step's loads. Train() runs it; tests drive it directly.
+struct StepStats {
+  double loss = 0;                             // mean cross-entropy over the step's targets
+  double aux_loss = 0;                         // sum of the MoE balance terms (as weighted)
+  double grad_norm = 0;                        // before clipping
+  double lr = 0;
+  double max_vio = 0;                          // mean over layers of (max load - mean) / mean
+  std::vector<std::vector<int64_t>> loads;     // [layer][target] routed slots in the step
+  int64_t targets = 0;
+};
+
+class StepEngine {
+ public:
+  // p must outlive the engine. moe_train: the training settings of the MoE layers (see TrainConfig).
+  StepEngine(ModelParams<float>* p, const MoeLayerConfig& moe_train, const AdamWConfig& adam, int grad_accum,
+             ThreadPool* pool);
+  // Step `step` (0-based, the schedule's position) on grad_accum micro-batches of n_seq
+  // sequences: tokens[m] [n_seq][seq_len + 1], targets[m] the same shape or nullptr (all).
+  // jitter_seed seeds the router jitter of micro-batch m as jitter_seed ^ m-th mix.
+  StepStats Step(int step, const std::vector<const int32_t*>& tokens, const std::vector<const uint8_t*>& targets,
+                 int n_seq, int seq_len, uint64_t jitter_seed);
+  AdamW& optimizer() { return opt_; }
+  const std::vector<NamedArray<float>>& grad_tensors() const { return gnamed_; }
+  const std::vector<MoeLayerConfig>& layer_configs() const { return cfgs_; }
+
+ private:
+  ModelParams<float>* p_;
+  ThreadPool* pool_;
+  AdamWConfig adam_;
+  int grad_accum_;
+  std::vector<MoeLayerConfig> cfgs_;
+  ModelGrads<float> grads_;
+  std::vector<NamedArray<float>> gnamed_, pnamed_;
+  AdamW opt_;
+  ModelCache<float> cache_;
 };
 
 struct TrainSummary {
