@@ -5,7 +5,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 DEB_PKGS=(build-essential cmake pkg-config libhwy-dev libopenblas-dev nlohmann-json3-dev
-          libcli11-dev libsentencepiece-dev python3-numpy python3-torch libgtest-dev libbenchmark-dev)
+          libcli11-dev libsentencepiece-dev python3-numpy python3-torch libgtest-dev libbenchmark-dev
+          zlib1g-dev)
 missing=()
 for p in "${DEB_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -60,7 +60,7 @@ double NiceStep(double lo, double hi, int n);
 std::string TickLabel(double v, double step);
 
 struct Series {
-  std::string label;  // shown in the legend; "" leaves the series out of it
+  std::string label;         // shown in the legend; "" leaves the series out of it
   std::vector<double> x, y;  // the first min(x.size(), y.size()) points are drawn
   Rgb color;
   bool points = false;  // also mark each point with a small square
