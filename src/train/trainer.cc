@@ -323,7 +323,9 @@ TrainSummary Train(const TrainConfig& cfg_in, const std::function<void(const std
     TrainForwardOptions eo;
     eo.pool = &pool;
     eo.training = false;
-    const std::vector<MoeLayerConfig> ecfgs = TrainLayerConfigs(p, cfg.moe, 1.0);
+    MoeLayerConfig eval_moe = cfg.moe;  // validation computes the served model: dropless
+    eval_moe.capacity_factor = 0.0;
+    const std::vector<MoeLayerConfig> ecfgs = TrainLayerConfigs(p, eval_moe, 1.0);
     double total = 0;
     int64_t counted = 0;
     ModelCache<float> ec;

@@ -43,7 +43,9 @@ struct TrainConfig {
   int log_every = 0;                    // a progress line every N steps when not on a terminal
   bool resume = false;
   // Training settings of the MoE layers: aux_loss_coef, z_loss_coef, entropy_loss_coef,
-  // capacity_factor, jitter_eps, bias_update_rate, ec_capacity_factor, zc_balance_tau.
+  // capacity_factor, jitter_eps, bias_update_rate, ec_capacity_factor, zc_balance_tau. Capacity
+  // dropping and jitter act on training steps only: validation, like moe eval and moe run,
+  // computes the model dropless and without noise (the model the file holds).
   MoeLayerConfig moe;
 };
 

@@ -122,6 +122,15 @@ with tempfile.TemporaryDirectory() as d:
                              "--chunks", "20", "--json"), "eval").stdout)
     check("eval json", set(ev) >= {"tokens", "loss", "perplexity"} and ev["tokens"] == 20 * 31 and
           abs(ev["perplexity"] - 2.718281828 ** ev["loss"]) < 1e-6 * ev["perplexity"], str(ev))
+    ev2 = json.loads(must(run("eval", "-m", os.path.join(ra, "model.gguf"), "--data", val_txt, "--seq", "64",
+                              "--chunks", "20", "--unigram-from", train_txt, "--json"), "eval unigram").stdout)
+    check("eval beats a unigram baseline", ev2["loss"] == ev["loss"] and ev2["unigram_loss"] > ev2["loss"], str(ev2))
+    p = must(run("report", ra), "report")
+    rep = os.path.join(ra, "report")
+    pngs = [os.path.join(rep, n) for n in ("loss.png", "expert_load.png")]
+    check("report writes PNG plots", all(os.path.exists(f) and open(f, "rb").read(8) == b"\x89PNG\r\n\x1a\n" for f in pngs))
+    check("report summary", "Routing at the last step" in p.stdout and "| 24 |" in p.stdout and
+          open(os.path.join(rep, "summary.md")).read() == p.stdout, p.stdout[:500])
 
     # ---- kill -9 and --resume ---------------------------------------------------------------------
     rb = os.path.join(d, "run_b")

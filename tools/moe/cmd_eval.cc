@@ -31,6 +31,7 @@ Runner AddEval(CLI::App& app) {
     int threads = 0;
     int max_chunks = 0;
     bool json = false;
+    std::vector<std::string> unigram_from;
   };
   auto o = std::make_shared<Options>();
   app.add_option("-m,--model", o->model, "GGUF model file")->required();
@@ -39,6 +40,8 @@ Runner AddEval(CLI::App& app) {
   app.add_option("-t,--threads", o->threads, "threads (default: all CPUs)")->default_val(0);
   app.add_option("--chunks", o->max_chunks, "evaluate at most this many chunks (0 = all)")->default_val(0);
   app.add_flag("--json", o->json, "print one JSON object: tokens, loss, perplexity");
+  app.add_option("--unigram-from", o->unigram_from,
+                 "also score a unigram baseline estimated on this text (token frequencies, add-one smoothing)");
   return [=]() {
     if (o->seq < 3) Fail("--seq must be >= 3 (got %d): positions seq/2 .. seq-2 are scored", o->seq);
     if (o->threads < 0 || o->max_chunks < 0) Fail("--threads and --chunks must be >= 0");
@@ -84,13 +87,32 @@ Runner AddEval(CLI::App& app) {
       }
     }
     const double loss = nll / count;
+    // The unigram baseline on the same scored positions: -log p(token) with add-one smoothing.
+    double uni = std::nan("");
+    if (!o->unigram_from.empty()) {
+      CorpusStats ust;
+      const TokenStream s = TokenizeDocuments(ReadDocuments(o->unigram_from, &ust), tok, &pool, &ust);
+      std::vector<double> freq(V, 1.0);
+      for (int32_t t : s.tokens) freq[t] += 1.0;
+      const double total = static_cast<double>(s.tokens.size()) + V;
+      double u = 0;
+      for (int64_t ci = 0; ci < n_chunks; ++ci)
+        for (int j = first; j < L - 1; ++j) u += -std::log(freq[tokens[ci * L + j + 1]] / total);
+      uni = u / count;
+    }
     if (o->json) {
       nlohmann::json j = {{"tokens", count}, {"loss", loss}, {"perplexity", std::exp(loss)}, {"chunks", n_chunks},
                           {"seq", L}};
+      if (!std::isnan(uni)) {
+        j["unigram_loss"] = uni;
+        j["unigram_perplexity"] = std::exp(uni);
+      }
       std::printf("%s\n", j.dump().c_str());
     } else {
       std::printf("loss %.4f, perplexity %.4f over %lld tokens (%lld chunks of %d, positions %d..%d scored)\n", loss,
                   std::exp(loss), static_cast<long long>(count), static_cast<long long>(n_chunks), L, first, L - 2);
+      if (!std::isnan(uni))
+        std::printf("unigram baseline: loss %.4f, perplexity %.4f on the same tokens\n", uni, std::exp(uni));
     }
     return 0;
   };

@@ -27,5 +27,7 @@ Runner AddTrain(CLI::App& app);
 Runner AddTokenizer(CLI::App& app);
 Runner AddEval(CLI::App& app);
 Runner AddUpcycle(CLI::App& app);
+Runner AddBenchTrain(CLI::App& app);
+Runner AddReport(CLI::App& app);
 
 }  // namespace moe::cli

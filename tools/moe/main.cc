@@ -23,6 +23,8 @@ int main(int argc, char** argv) {
   add("train", "train a model on text (AdamW; checkpoints, resume, metrics)", moe::cli::AddTrain);
   add("tokenizer", "train a vocabulary: moe tokenizer train --data ... --vocab V -o tok.gguf", moe::cli::AddTokenizer);
   add("eval", "held-out loss and perplexity, counted as llama.cpp's perplexity tool", moe::cli::AddEval);
+  add("report", "plots and a summary of a training run (moe report DIR)", moe::cli::AddReport);
+  add("bench-train", "training speed on random tokens, and the share of the GEMM's peak", moe::cli::AddBenchTrain);
   add("upcycle", "turn a dense model into an MoE model (sparse upcycling, Drop-Upcycling)", moe::cli::AddUpcycle);
   try {
     app.parse(argc, argv);
