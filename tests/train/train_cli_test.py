@@ -62,6 +62,9 @@ def expect_error(name, args, needle):
 def digest(folder):
     out = {}
     for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if os.path.isdir(os.path.join(folder, name)):
+            out[name] = digest(os.path.join(folder, name))
+            continue
         with open(os.path.join(folder, name), "rb") as f:
             out[name] = hashlib.sha256(f.read()).hexdigest()
     return out
