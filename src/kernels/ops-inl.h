@@ -20,6 +20,7 @@
 #include <cstdint>
 
 #include "hwy/highway.h"
+#include "kernels/rope-inl.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace moe::kernels {
@@ -150,13 +151,7 @@ HWY_NOINLINE inline void Rope(float* x, int n_heads, int head_dim, int n_rot, in
     const float s = std::sin(theta);
     const int i0 = neox ? i : 2 * i;
     const int i1 = neox ? i + half : 2 * i + 1;
-    for (int h = 0; h < n_heads; ++h) {
-      float* xh = x + static_cast<int64_t>(h) * head_dim;
-      const float x0 = xh[i0];
-      const float x1 = xh[i1];
-      xh[i0] = x0 * c - x1 * s;
-      xh[i1] = x0 * s + x1 * c;
-    }
+    RotatePair(x, n_heads, head_dim, i0, i1, c, s);
     theta *= theta_scale;
   }
 }

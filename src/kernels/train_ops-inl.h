@@ -17,6 +17,7 @@
 #include "hwy/contrib/math/math-inl.h"
 #include "hwy/highway.h"
 #include "kernels/gemm.h"
+#include "kernels/rope-inl.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace moe::kernels {
@@ -198,24 +199,14 @@ HWY_NOINLINE inline void CausalAttentionBackward(int L, int dh, float scale, con
   Gemm(GemmOp::kTN, L, dh, L, ds, L, q, ldq, dk, lddk, true);
 }
 
-// Per target, with the statement shape of kernels.h's Rope (ops-inl.h), so that the compiler
-// contracts the same products into FMAs on targets that have them: the forward rotation is bit
-// for bit the one inference applies.
+// The rotation statements are inference's (rope-inl.h): bit for bit the same rotation.
 HWY_NOINLINE inline void RopeApply(float* x, int n_heads, int head_dim, int n_rot, const float* cos_row,
                                    const float* sin_row, bool neox, bool inverse) {
   const int half = n_rot / 2;
   for (int i = 0; i < half; ++i) {
-    const float c = cos_row[i];
-    const float s = inverse ? -sin_row[i] : sin_row[i];
     const int i0 = neox ? i : 2 * i;
     const int i1 = neox ? i + half : 2 * i + 1;
-    for (int h = 0; h < n_heads; ++h) {
-      float* xh = x + static_cast<int64_t>(h) * head_dim;
-      const float x0 = xh[i0];
-      const float x1 = xh[i1];
-      xh[i0] = x0 * c - x1 * s;
-      xh[i1] = x0 * s + x1 * c;
-    }
+    RotatePair(x, n_heads, head_dim, i0, i1, cos_row[i], inverse ? -sin_row[i] : sin_row[i]);
   }
 }
 

@@ -366,6 +366,18 @@ void ModelBackward(const ModelParams<T>& p, const std::vector<MoeLayerConfig>& c
                 &dh[static_cast<size_t>(t) * D], D, &dx[static_cast<size_t>(t) * D], dw);
   });
 
+  // The residual stream's gradient through a pre-norm: dx += RMSNorm'(x; w, rstd)^T dh, and the
+  // norm weight's gradient into dw.
+  auto NormBackwardAdd = [&](const std::vector<T>& x, const std::vector<T>& w, const std::vector<T>& rstd,
+                             const std::vector<T>& dhn, std::vector<T>* dw_out) {
+    ReduceOverTokens<T>(pool, N, D, dw_out->data(), [&](int t, T* dw) {
+      thread_local std::vector<T> tmp;
+      tmp.resize(D);
+      const size_t o = static_cast<size_t>(t) * D;
+      RmsNormBack(&x[o], w.data(), rstd[t], &dhn[o], D, tmp.data(), dw);
+      for (int i = 0; i < D; ++i) dx[o + i] += tmp[i];
+    });
+  };
   std::vector<T> dh2(dx.size()), datt, dq, dk, dv;
   for (int il = static_cast<int>(c.n_layer) - 1; il >= 0; --il) {
     const LayerParams<T>& W = p.layers[il];
@@ -376,14 +388,7 @@ void ModelBackward(const ModelParams<T>& p, const std::vector<MoeLayerConfig>& c
     if (il + 1 < static_cast<int>(c.n_layer) && cfgs[il + 1].gating_residual)
       dlogits_next = g->layers[il + 1].moe.prev_logits.data();
     MoeBackward(cfgs[il], W.moe, B.moe, dx.data(), dh2.data(), &G.moe, pool, dlogits_next);
-    ReduceOverTokens<T>(pool, N, D, G.ffn_norm.data(), [&](int t, T* dw) {
-      thread_local std::vector<T> tmp;
-      tmp.resize(D);
-      RmsNormBack(&B.x_mid[static_cast<size_t>(t) * D], W.ffn_norm.data(), B.rstd2[t], &dh2[static_cast<size_t>(t) * D],
-                  D, tmp.data(), dw);
-      T* d = &dx[static_cast<size_t>(t) * D];
-      for (int i = 0; i < D; ++i) d[i] += tmp[i];
-    });
+    NormBackwardAdd(B.x_mid, W.ffn_norm, B.rstd2, dh2, &G.ffn_norm);
     // Attention output: x_mid = x_in + W_o att.
     datt.assign(static_cast<size_t>(N) * nq, T(0));
     LinearBackward(pool, B.att.data(), dx.data(), N, nq, W.wo.data(), D, datt.data(), false, G.wo.data());
@@ -450,14 +455,7 @@ void ModelBackward(const ModelParams<T>& p, const std::vector<MoeLayerConfig>& c
     LinearBackward(pool, B.h1.data(), dq.data(), N, D, W.wq.data(), nq, dh1.data(), false, G.wq.data());
     LinearBackward(pool, B.h1.data(), dk.data(), N, D, W.wk.data(), nk, dh1.data(), true, G.wk.data());
     LinearBackward(pool, B.h1.data(), dv.data(), N, D, W.wv.data(), nv, dh1.data(), true, G.wv.data());
-    ReduceOverTokens<T>(pool, N, D, G.attn_norm.data(), [&](int t, T* dw) {
-      thread_local std::vector<T> tmp;
-      tmp.resize(D);
-      RmsNormBack(&B.x_in[static_cast<size_t>(t) * D], W.attn_norm.data(), B.rstd1[t], &dh1[static_cast<size_t>(t) * D],
-                  D, tmp.data(), dw);
-      T* d = &dx[static_cast<size_t>(t) * D];
-      for (int i = 0; i < D; ++i) d[i] += tmp[i];
-    });
+    NormBackwardAdd(B.x_in, W.attn_norm, B.rstd1, dh1, &G.attn_norm);
   }
   // Embeddings, in token order.
   for (int t = 0; t < N; ++t) {

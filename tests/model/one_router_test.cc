@@ -20,16 +20,12 @@
 #include "model/model.h"
 #include "moe/moe_layer.h"
 #include "util/threadpool.h"
+#include "test_dir.h"
 
 namespace moe {
 namespace {
 
-std::string Dir() {
-  const char* env = std::getenv("MOE_TEST_TMP");
-  std::string d = std::string(env ? env : "/tmp/moe_test") + "/one_router";
-  std::filesystem::create_directories(d);
-  return d;
-}
+std::string Dir() { return TestDir("one_router"); }
 
 struct Capture {
   int layer = 0;

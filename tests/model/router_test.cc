@@ -20,16 +20,12 @@
 #include "model/model.h"
 #include "moe/routing.h"
 #include "util/error.h"
+#include "test_dir.h"
 
 namespace moe {
 namespace {
 
-std::string Dir() {
-  const char* env = std::getenv("MOE_TEST_TMP");
-  std::string d = std::string(env ? env : "/tmp/moe_test") + "/router";
-  std::filesystem::create_directories(d);
-  return d;
-}
+std::string Dir() { return TestDir("router"); }
 
 struct ModelSpec {
   Arch arch = Arch::kLlama;

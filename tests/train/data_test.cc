@@ -27,6 +27,7 @@
 #include "train/upcycle.h"
 #include "util/error.h"
 #include "util/threadpool.h"
+#include "test_dir.h"
 
 namespace moe {
 namespace {
@@ -35,12 +36,7 @@ namespace fs = std::filesystem;
 
 fs::path Root() { return fs::path(__FILE__).parent_path().parent_path().parent_path(); }
 
-std::string Dir() {
-  const char* env = std::getenv("MOE_TEST_TMP");
-  std::string d = std::string(env ? env : "/tmp/moe_test") + "/data";
-  fs::create_directories(d);
-  return d;
-}
+std::string Dir() { return TestDir("data"); }
 
 std::string Slurp(const fs::path& p) {
   std::ifstream in(p);

@@ -22,6 +22,7 @@
 #include "train/model_train.h"
 #include "train/trainer.h"
 #include "util/threadpool.h"
+#include "test_dir.h"
 
 namespace moe {
 namespace {
@@ -67,8 +68,7 @@ std::vector<int32_t> Batch(std::mt19937_64& rng, int V) {
 
 void RunCase(const Case& cs) {
   SCOPED_TRACE(cs.name);
-  const char* env = std::getenv("MOE_TEST_TMP");
-  const fs::path dir = fs::path(env ? env : "/tmp/moe_test") / "golden_model" / cs.name;
+  const fs::path dir = fs::path(TestDir("golden_model")) / cs.name;
   fs::remove_all(dir);
   fs::create_directories(dir);
   InitOptions o;

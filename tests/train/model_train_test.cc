@@ -21,16 +21,12 @@
 #include "model/params.h"
 #include "train/model_train.h"
 #include "util/threadpool.h"
+#include "test_dir.h"
 
 namespace moe {
 namespace {
 
-std::string Dir() {
-  const char* env = std::getenv("MOE_TEST_TMP");
-  std::string d = std::string(env ? env : "/tmp/moe_test") + "/train";
-  std::filesystem::create_directories(d);
-  return d;
-}
+std::string Dir() { return TestDir("train"); }
 
 struct Spec {
   std::string name;
