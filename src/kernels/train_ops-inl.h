@@ -18,6 +18,7 @@
 #include "hwy/highway.h"
 #include "kernels/gemm.h"
 #include "kernels/rope-inl.h"
+#include "kernels/train_ops.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace moe::kernels {
@@ -225,6 +226,52 @@ HWY_NOINLINE inline double LogProbRow(const float* logits, int64_t V, int32_t ta
   double sum = 0;
   for (int64_t i = 0; i < V; ++i) sum += std::exp(static_cast<double>(logits[i]) - mx);
   return static_cast<double>(logits[target]) - mx - std::log(sum);
+}
+
+HWY_NOINLINE inline void AdamWUpdate(float* HWY_RESTRICT w, const float* HWY_RESTRICT g, float* HWY_RESTRICT m,
+                                     float* HWY_RESTRICT v, int64_t n, const AdamWParams& p) {
+  const hn::ScalableTag<float> d;
+  const int64_t N = static_cast<int64_t>(hn::Lanes(d));
+  const auto b1 = hn::Set(d, p.b1), b2 = hn::Set(d, p.b2), c1 = hn::Set(d, 1.0f - p.b1), c2 = hn::Set(d, 1.0f - p.b2);
+  const auto step = hn::Set(d, p.step_size), ibc2 = hn::Set(d, p.inv_bc2), eps = hn::Set(d, p.eps);
+  const auto keep = hn::Set(d, 1.0f - p.decay), gs = hn::Set(d, p.grad_scale);
+  int64_t i = 0;
+  for (; i + N <= n; i += N) {
+    const auto gi = hn::Mul(hn::LoadU(d, g + i), gs);
+    const auto mi = hn::MulAdd(b1, hn::LoadU(d, m + i), hn::Mul(c1, gi));
+    const auto vi = hn::MulAdd(b2, hn::LoadU(d, v + i), hn::Mul(c2, hn::Mul(gi, gi)));
+    hn::StoreU(mi, d, m + i);
+    hn::StoreU(vi, d, v + i);
+    const auto denom = hn::Add(hn::Sqrt(hn::Mul(vi, ibc2)), eps);
+    const auto wi = hn::Mul(hn::LoadU(d, w + i), keep);
+    hn::StoreU(hn::NegMulAdd(step, hn::Div(mi, denom), wi), d, w + i);
+  }
+  for (; i < n; ++i) {
+    const float gi = g[i] * p.grad_scale;
+    m[i] = p.b1 * m[i] + (1.0f - p.b1) * gi;
+    v[i] = p.b2 * v[i] + (1.0f - p.b2) * (gi * gi);
+    w[i] = w[i] * (1.0f - p.decay) - p.step_size * (m[i] / (std::sqrt(v[i] * p.inv_bc2) + p.eps));
+  }
+}
+
+HWY_NOINLINE inline double SumSquares(const float* HWY_RESTRICT x, int64_t n) {
+  const hn::ScalableTag<float> d;
+  const int64_t N = static_cast<int64_t>(hn::Lanes(d));
+  constexpr int64_t kBlock = 4096;  // float partial sums stay short; blocks add up in double
+  double total = 0;
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t e = b + kBlock < n ? b + kBlock : n;
+    auto acc = hn::Zero(d);
+    int64_t i = b;
+    for (; i + N <= e; i += N) {
+      const auto xi = hn::LoadU(d, x + i);
+      acc = hn::MulAdd(xi, xi, acc);
+    }
+    double s = train_detail::SumLanes(d, acc);
+    for (; i < e; ++i) s += static_cast<double>(x[i]) * x[i];
+    total += s;
+  }
+  return total;
 }
 
 }  // namespace HWY_NAMESPACE

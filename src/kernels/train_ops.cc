@@ -21,6 +21,8 @@ HWY_EXPORT(CausalAttentionBackward);
 HWY_EXPORT(CrossEntropyRow);
 HWY_EXPORT(LogProbRow);
 HWY_EXPORT(RopeApply);
+HWY_EXPORT(AdamWUpdate);
+HWY_EXPORT(SumSquares);
 
 float RmsNormTrain(const float* x, const float* w, int64_t n, float eps, float* y) {
   return HWY_DYNAMIC_DISPATCH(RmsNormTrain)(x, w, n, eps, y);
@@ -51,6 +53,11 @@ void RopeApply(float* x, int n_heads, int head_dim, int n_rot, const float* cos_
                const float* sin_row, bool neox, bool inverse) {
   HWY_DYNAMIC_DISPATCH(RopeApply)(x, n_heads, head_dim, n_rot, cos_row, sin_row, neox, inverse);
 }
+
+void AdamWUpdate(float* w, const float* g, float* m, float* v, int64_t n, const AdamWParams& p) {
+  HWY_DYNAMIC_DISPATCH(AdamWUpdate)(w, g, m, v, n, p);
+}
+double SumSquares(const float* x, int64_t n) { return HWY_DYNAMIC_DISPATCH(SumSquares)(x, n); }
 
 void RopeTables(int n_rot, float freq_base, int pos0, int n_pos, float* cos_table, float* sin_table) {
   const int half = n_rot / 2;

@@ -57,4 +57,15 @@ double CrossEntropyRow(const float* logits, int64_t V, int32_t target, float sca
 // log softmax of the target alone (no gradient): logits[target] - logsumexp(logits).
 double LogProbRow(const float* logits, int64_t V, int32_t target);
 
+// ---- optimizer ------------------------------------------------------------------------------
+// AdamW on n elements: g' = g * grad_scale; m = b1 m + (1 - b1) g'; v = b2 v + (1 - b2) g'^2;
+// w -= decay * w; w -= step_size * m / (sqrt(v * inv_bc2) + eps). step_size = lr / (1 - b1^t),
+// inv_bc2 = 1 / (1 - b2^t), decay = lr * weight_decay (0 for tensors without decay).
+struct AdamWParams {
+  float b1, b2, step_size, inv_bc2, eps, decay, grad_scale;
+};
+void AdamWUpdate(float* w, const float* g, float* m, float* v, int64_t n, const AdamWParams& p);
+// sum of x[i]^2, accumulated in float vectors over blocks and in double across them.
+double SumSquares(const float* x, int64_t n);
+
 }  // namespace moe::kernels

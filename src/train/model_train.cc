@@ -224,12 +224,14 @@ double ModelForward(const ModelParams<T>& p, const std::vector<MoeLayerConfig>& 
     }
   }
   const Rope<T> rope(c, L);
-  std::vector<T> x(static_cast<size_t>(N) * D);
+  std::vector<T>& x = C.x;
+  x.resize(static_cast<size_t>(N) * D);
   for (int t = 0; t < N; ++t)
     std::copy_n(&p.token_embd[static_cast<size_t>(C.inputs[t]) * D], D, &x[static_cast<size_t>(t) * D]);
 
   C.blocks.resize(c.n_layer);
-  std::vector<T> tmp(static_cast<size_t>(N) * D), y(static_cast<size_t>(N) * D);
+  std::vector<T>& y = C.y;
+  y.resize(static_cast<size_t>(N) * D);
   for (uint32_t il = 0; il < c.n_layer; ++il) {
     const LayerParams<T>& W = p.layers[il];
     BlockCache<T>& B = C.blocks[il];
@@ -357,7 +359,9 @@ void ModelBackward(const ModelParams<T>& p, const std::vector<MoeLayerConfig>& c
   const Rope<T> rope(c, L);
 
   // Head: dlogits (in the cache) -> dh_f, d output (or token_embd when tied).
-  std::vector<T> dh(static_cast<size_t>(N) * D), dx(static_cast<size_t>(N) * D);
+  std::vector<T>&dh = C.dh, &dx = C.dx;
+  dh.resize(static_cast<size_t>(N) * D);
+  dx.resize(static_cast<size_t>(N) * D);
   const std::vector<T>& head = p.tied_output ? p.token_embd : p.output;
   std::vector<T>& dhead = p.tied_output ? g->token_embd : g->output;
   LinearBackward(pool, C.h_f.data(), C.logits.data(), N, D, head.data(), V, dh.data(), false, dhead.data());
@@ -378,7 +382,8 @@ void ModelBackward(const ModelParams<T>& p, const std::vector<MoeLayerConfig>& c
       for (int i = 0; i < D; ++i) dx[o + i] += tmp[i];
     });
   };
-  std::vector<T> dh2(dx.size()), datt, dq, dk, dv;
+  std::vector<T>&dh2 = C.dh2, &datt = C.datt, &dq = C.dq, &dk = C.dk, &dv = C.dv;
+  dh2.resize(dx.size());
   for (int il = static_cast<int>(c.n_layer) - 1; il >= 0; --il) {
     const LayerParams<T>& W = p.layers[il];
     LayerGrads<T>& G = g->layers[il];
@@ -390,9 +395,9 @@ void ModelBackward(const ModelParams<T>& p, const std::vector<MoeLayerConfig>& c
     MoeBackward(cfgs[il], W.moe, B.moe, dx.data(), dh2.data(), &G.moe, pool, dlogits_next);
     NormBackwardAdd(B.x_mid, W.ffn_norm, B.rstd2, dh2, &G.ffn_norm);
     // Attention output: x_mid = x_in + W_o att.
-    datt.assign(static_cast<size_t>(N) * nq, T(0));
+    datt.resize(static_cast<size_t>(N) * nq);  // written by the product below
     LinearBackward(pool, B.att.data(), dx.data(), N, nq, W.wo.data(), D, datt.data(), false, G.wo.data());
-    dq.assign(static_cast<size_t>(N) * nq, T(0));
+    dq.resize(static_cast<size_t>(N) * nq);  // written per head
     dk.assign(static_cast<size_t>(N) * nk, T(0));
     dv.assign(static_cast<size_t>(N) * nv, T(0));
     const T scale = T(1) / std::sqrt(static_cast<T>(Dh));

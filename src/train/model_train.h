@@ -62,6 +62,9 @@ struct ModelCache {
   std::vector<T> rstd_f;         // [N]
   std::vector<T> h_f;            // [N][D] output_norm output
   std::vector<T> logits;         // [N][V] logits, or (training) token_weight * dCE/dlogits
+  // Work arrays of the forward and backward, kept between calls (every use writes before it reads,
+  // so nothing is cleared or allocated per step once the sizes settle).
+  std::vector<T> x, y, dh, dx, dh2, datt, dq, dk, dv;
   double ce_sum = 0;             // sum over counted targets of -log p(target)
   double moe_loss = 0;           // sum over layers of the MoE balance terms (as weighted)
   double loss() const { return n_counted ? ce_sum / static_cast<double>(n_counted) : 0.0; }  // mean CE

@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include "kernels/train_ops.h"
 #include "util/error.h"
 #include "util/threadpool.h"
 
@@ -51,8 +52,7 @@ void AdamW::Init(const std::vector<NamedArray<float>>& grads) {
 
 double AdamW::GradNorm(const std::vector<NamedArray<float>>& grads) {
   double s = 0;
-  for (const NamedArray<float>& g : grads)
-    for (float x : *g.data) s += static_cast<double>(x) * x;
+  for (const NamedArray<float>& g : grads) s += kernels::SumSquares(g.data->data(), static_cast<int64_t>(g.data->size()));
   return std::sqrt(s);
 }
 
@@ -62,9 +62,13 @@ void AdamW::Step(const std::vector<NamedArray<float>>& params, const std::vector
   ++t_;
   const double bc1 = 1.0 - std::pow(cfg_.beta1, static_cast<double>(t_));
   const double bc2 = 1.0 - std::pow(cfg_.beta2, static_cast<double>(t_));
-  const float b1 = static_cast<float>(cfg_.beta1), b2 = static_cast<float>(cfg_.beta2);
-  const float step_size = static_cast<float>(lr / bc1), inv_bc2 = static_cast<float>(1.0 / bc2);
-  const float eps = static_cast<float>(cfg_.eps), gs = static_cast<float>(grad_scale);
+  kernels::AdamWParams ap;
+  ap.b1 = static_cast<float>(cfg_.beta1);
+  ap.b2 = static_cast<float>(cfg_.beta2);
+  ap.step_size = static_cast<float>(lr / bc1);
+  ap.inv_bc2 = static_cast<float>(1.0 / bc2);
+  ap.eps = static_cast<float>(cfg_.eps);
+  ap.grad_scale = static_cast<float>(grad_scale);
   // Work items: fixed slices of each tensor (element-wise: the split does not change a bit).
   struct Item { size_t tensor, begin, end; };
   std::vector<Item> items;
@@ -75,18 +79,11 @@ void AdamW::Step(const std::vector<NamedArray<float>>& params, const std::vector
   auto run = [&](int64_t a, int64_t e) {
     for (int64_t k = a; k < e; ++k) {
       const Item& it = items[k];
-      float* w = params[it.tensor].data->data();
-      const float* g = grads[it.tensor].data->data();
-      float* m = m_[it.tensor].data();
-      float* v = v_[it.tensor].data();
-      const float decay = DecaysWeights(params[it.tensor].role) ? static_cast<float>(lr * cfg_.weight_decay) : 0.0f;
-      for (size_t i = it.begin; i < it.end; ++i) {
-        const float gi = g[i] * gs;
-        m[i] = b1 * m[i] + (1.0f - b1) * gi;
-        v[i] = b2 * v[i] + (1.0f - b2) * gi * gi;
-        w[i] -= decay * w[i];  // decoupled weight decay
-        w[i] -= step_size * m[i] / (std::sqrt(v[i] * inv_bc2) + eps);
-      }
+      kernels::AdamWParams q = ap;
+      q.decay = DecaysWeights(params[it.tensor].role) ? static_cast<float>(lr * cfg_.weight_decay) : 0.0f;
+      kernels::AdamWUpdate(params[it.tensor].data->data() + it.begin, grads[it.tensor].data->data() + it.begin,
+                           m_[it.tensor].data() + it.begin, v_[it.tensor].data() + it.begin,
+                           static_cast<int64_t>(it.end - it.begin), q);
     }
   };
   if (pool == nullptr || pool->size() == 1) {

@@ -163,6 +163,30 @@ void TestCrossEntropy() {
   }
 }
 
+void TestAdamW() {
+  std::mt19937 rng(9);
+  const int64_t N = static_cast<int64_t>(FloatLanes());
+  std::vector<int64_t> sizes;
+  for (int64_t n = 0; n <= 2 * N + 3; ++n) sizes.push_back(n);
+  sizes.push_back(1001);
+  for (int64_t n : sizes) {
+    std::vector<float> w = Rand(rng, n + 1, -1.f, 1.f), g = Rand(rng, n + 1, -3.f, 3.f);
+    std::vector<float> m = Rand(rng, n + 1, -0.5f, 0.5f), v = Rand(rng, n + 1, 0.f, 2.f);
+    std::vector<double> wd = ToD(w.data() + 1, n), gd = ToD(g.data() + 1, n), md = ToD(m.data() + 1, n),
+                        vd = ToD(v.data() + 1, n);
+    AdamWParams p{0.9f, 0.95f, 3e-3f, 1.7f, 1e-8f, 1e-4f, 0.6f};
+    HWY_NAMESPACE::AdamWUpdate(w.data() + 1, g.data() + 1, m.data() + 1, v.data() + 1, n, p);
+    ref::AdamWUpdate<double>(wd.data(), gd.data(), md.data(), vd.data(), n, p.b1, p.b2, p.step_size, p.inv_bc2, p.eps,
+                             p.decay, p.grad_scale);
+    ASSERT_TRUE(Close(m.data() + 1, md.data(), n, 1e-6, 1.0, "m")) << n;
+    ASSERT_TRUE(Close(v.data() + 1, vd.data(), n, 1e-6, 2.0, "v")) << n;
+    ASSERT_TRUE(Close(w.data() + 1, wd.data(), n, 2e-6, 1.0, "w")) << n;
+    double ss = 0;
+    for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(g[i + 1]) * g[i + 1];
+    ASSERT_NEAR(HWY_NAMESPACE::SumSquares(g.data() + 1, n), ss, 1e-6 * (ss + 1)) << n;
+  }
+}
+
 }  // namespace
 // NOLINTNEXTLINE(google-readability-namespace-comments)
 }  // namespace HWY_NAMESPACE
@@ -178,6 +202,7 @@ HWY_BEFORE_TEST(TrainOpsTest);
 HWY_EXPORT_AND_TEST_P(TrainOpsTest, TestRmsNorm);
 HWY_EXPORT_AND_TEST_P(TrainOpsTest, TestAttention);
 HWY_EXPORT_AND_TEST_P(TrainOpsTest, TestCrossEntropy);
+HWY_EXPORT_AND_TEST_P(TrainOpsTest, TestAdamW);
 
 namespace {
 

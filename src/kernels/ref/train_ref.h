@@ -129,4 +129,17 @@ double CrossEntropyRow(const T* logits, int64_t V, int32_t target, T scale, T* d
   return static_cast<double>(lse - lt);
 }
 
+// AdamW on n elements (train_ops.h), in T.
+template <typename T>
+void AdamWUpdate(T* w, const T* g, T* m, T* v, int64_t n, T b1, T b2, T step_size, T inv_bc2, T eps, T decay,
+                 T grad_scale) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T gi = g[i] * grad_scale;
+    m[i] = b1 * m[i] + (1 - b1) * gi;
+    v[i] = b2 * v[i] + (1 - b2) * gi * gi;
+    w[i] -= decay * w[i];
+    w[i] -= step_size * m[i] / (std::sqrt(v[i] * inv_bc2) + eps);
+  }
+}
+
 }  // namespace moe::kernels::ref
