@@ -1,4 +1,5 @@
 """Helpers shared by the bench/ comparison scripts."""
+import os
 import platform
 
 
@@ -11,3 +12,16 @@ def cpu_name():
     except OSError:
         pass
     return platform.processor()
+
+
+RESULTS_HEADER = "# Benchmark results\n\nEach section is one run of the command it names; newest first.\n\n"
+
+
+def write_section(path, text):
+    """Puts text at the top of bench/RESULTS.md, under its header (newest first)."""
+    old = ""
+    if os.path.exists(path):
+        old = open(path).read()
+        old = old[len(RESULTS_HEADER):] if old.startswith(RESULTS_HEADER) else old
+    with open(path, "w") as f:
+        f.write(RESULTS_HEADER + text + "\n" + old)

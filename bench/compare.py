@@ -18,6 +18,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchutil  # noqa: E402
 from benchutil import cpu_name  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,13 +94,7 @@ def main():
                      f"{m['unpinned']['tg']:.1f} |")
     section = "\n".join(lines) + "\n"
     print(section)
-    header = "# Benchmark results\n\nEach section is one run of the command it names; newest first.\n\n"
-    old = ""
-    if os.path.exists(a.out):
-        old = open(a.out).read()
-        old = old[len(header):] if old.startswith(header) else old
-    with open(a.out, "w") as f:
-        f.write(header + section + "\n" + old)
+    benchutil.write_section(a.out, section)
 
 
 if __name__ == "__main__":

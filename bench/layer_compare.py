@@ -26,6 +26,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchutil  # noqa: E402
 from benchutil import cpu_name  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -153,13 +154,7 @@ def main():
     if a.dry_run:
         print("(dry run: nothing written)")
         return 0
-    header = "# Benchmark results\n\nEach section is one run of the command it names; newest first.\n\n"
-    old = ""
-    if os.path.exists(a.out):
-        old = open(a.out).read()
-        old = old[len(header):] if old.startswith(header) else old
-    with open(a.out, "w") as f:
-        f.write(header + text + "\n" + old)
+    benchutil.write_section(a.out, text)
     print(f"appended to {a.out}")
     return 0
 

@@ -69,7 +69,11 @@ void InitRandomModel(InitOptions opt, const std::string& path) {
     tok_src = GgufFile::Open(opt.tokenizer_from);
     if (!tok_src->Has("tokenizer.ggml.tokens"))
       Fail("--tokenizer %s has no tokenizer.ggml.tokens to copy", opt.tokenizer_from.c_str());
-    c.n_vocab = static_cast<uint32_t>(tok_src->GetStringArray("tokenizer.ggml.tokens").size());
+    const auto n_tokens = static_cast<uint32_t>(tok_src->GetStringArray("tokenizer.ggml.tokens").size());
+    if (c.n_vocab != 0 && c.n_vocab != n_tokens)
+      Fail("--vocab %u does not match the %u tokens of --tokenizer %s (leave --vocab out to take the tokenizer's)",
+           c.n_vocab, n_tokens, opt.tokenizer_from.c_str());
+    c.n_vocab = n_tokens;
   }
   if (c.n_vocab == 0) c.n_vocab = 32000;
   if (!(opt.plant_margin >= 0) || !(opt.embd_scale > 0) || !std::isfinite(opt.logit_scale))

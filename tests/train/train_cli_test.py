@@ -237,6 +237,8 @@ with tempfile.TemporaryDirectory() as d:
     expect_error("missing model", ["train", "-m", os.path.join(d, "nope.gguf"), "--data", train_txt, "--out", fresh, *common], "nope.gguf")
     check("no folder made by refused runs", not os.path.exists(fresh))
     expect_error("unknown router (init)", [*base, "--router", "magic", "-o", os.path.join(d, "x.gguf")], "magic")
+    expect_error("tokenizer / model vocabulary mismatch", [*base, "--vocab", "500", "-o", os.path.join(d, "x.gguf")],
+                 "does not match")
     blocker = os.path.join(d, "a_file")
     open(blocker, "w").close()
     expect_error("unwritable --out", ["train", "-m", model, "--data", train_txt, "--out", os.path.join(blocker, "sub"), *common], "--out")
