@@ -1,6 +1,8 @@
 """Helpers shared by the bench/ comparison scripts."""
+import json
 import os
 import platform
+import subprocess
 
 
 def cpu_name():
@@ -25,3 +27,15 @@ def write_section(path, text):
         old = old[len(RESULTS_HEADER):] if old.startswith(RESULTS_HEADER) else old
     with open(path, "w") as f:
         f.write(RESULTS_HEADER + text + "\n" + old)
+
+
+def run_json(cmd, what):
+    """Runs cmd; its last output line, parsed as JSON. Exits with a clear message on failure."""
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"{what} failed (exit {p.returncode}): {' '.join(cmd)}\n{p.stderr.strip()[-2000:]}")
+    lines = p.stdout.strip().splitlines()
+    try:
+        return json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        raise SystemExit(f"{what}: the last output line is not JSON: {' '.join(cmd)}\n{p.stdout[-2000:]}")

@@ -10,7 +10,6 @@ bench/llama_bench.mjs --sweep). The ratios and the command go to bench/RESULTS.m
 """
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -24,11 +23,6 @@ from benchutil import cpu_name  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEDIUM = ["--arch", "llama", "--layers", "8", "--dim", "1024", "--ffn", "2816", "--experts", "8",
           "--experts-used", "2", "--heads", "16", "--kv-heads", "8", "--vocab", "32000"]
-
-
-def run_json(cmd):
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
 
 
 
@@ -55,18 +49,18 @@ def main():
         res = {"moe": {"pp": [], "tg": [], "rss": []}, "llama": {"pp": [], "tg": []},
                "unpinned": {"pp": [], "tg": []}}
         for r in range(a.rounds):
-            m = run_json([a.moe, "bench", "-m", path, "-p", str(a.p), "-n", str(a.n), "-t", str(a.t),
-                          "--seed", str(100 + r), "--json"])
+            m = benchutil.run_json([a.moe, "bench", "-m", path, "-p", str(a.p), "-n", str(a.n), "-t", str(a.t),
+                          "--seed", str(100 + r), "--json"], "moe bench")
             res["moe"]["pp"].append(m["prefill_tokens_per_s"])
             res["moe"]["tg"].append(m["decode_tokens_per_s"])
             res["moe"]["rss"].append(m["peak_rss_bytes"])
-            u = run_json(["env", "MOE_NO_PIN=1", a.moe, "bench", "-m", path, "-p", str(a.p), "-n", str(a.n),
-                          "-t", str(a.t), "--seed", str(100 + r), "--json"])
+            u = benchutil.run_json(["env", "MOE_NO_PIN=1", a.moe, "bench", "-m", path, "-p", str(a.p), "-n", str(a.n),
+                          "-t", str(a.t), "--seed", str(100 + r), "--json"], "moe bench (unpinned)")
             res["unpinned"]["pp"].append(u["prefill_tokens_per_s"])
             res["unpinned"]["tg"].append(u["decode_tokens_per_s"])
-            l = run_json(["node", os.path.join(ROOT, "bench", "llama_bench.mjs"), "-m", path, "-p", str(a.p),
+            l = benchutil.run_json(["node", os.path.join(ROOT, "bench", "llama_bench.mjs"), "-m", path, "-p", str(a.p),
                           "-n", str(a.n), "-t", str(a.t), "--seed", str(100 + r), "--decode", "random",
-                          "--repeat", "1"])
+                          "--repeat", "1"], "llama_bench.mjs")
             res["llama"]["pp"].append(l["prefill_tokens_per_s"])
             res["llama"]["tg"].append(l["decode_tokens_per_s"])
             print(f"{t} round {r}: moe pp {m['prefill_tokens_per_s']:.1f} tg {m['decode_tokens_per_s']:.1f} | "

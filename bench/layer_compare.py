@@ -36,15 +36,6 @@ MEASURES = ("forward_ms", "forward_backward_ms")
 
 
 
-def run_json(cmd, what):
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    if p.returncode != 0:
-        raise SystemExit(f"{what} failed (exit {p.returncode}): {' '.join(cmd)}\n{p.stderr.strip()[-2000:]}")
-    lines = p.stdout.strip().splitlines()
-    try:
-        return json.loads(lines[-1])
-    except (IndexError, json.JSONDecodeError):
-        raise SystemExit(f"{what}: the last output line is not JSON: {' '.join(cmd)}\n{p.stdout[-2000:]}")
 
 
 def check_moe(moe):
@@ -129,7 +120,7 @@ def main():
     for r in range(a.rounds):
         msg = f"round {r}:"
         if not a.dry_run:
-            m = run_json([a.moe, "bench-layer", *layer_flags(a), "--json"], "moe bench-layer")
+            m = benchutil.run_json([a.moe, "bench-layer", *layer_flags(a), "--json"], "moe bench-layer")
             for key in MEASURES:
                 if key not in m:
                     raise SystemExit(f"moe bench-layer --json printed no '{key}': {json.dumps(m)}")
@@ -138,7 +129,7 @@ def main():
         t = {}
         for pol in policies:
             extra = [] if pol == "default" else ["--omp-wait", pol]
-            res = run_json([*torch_cmd, "--seed", str(100 + r), *extra], "layer_bench_torch.py")
+            res = benchutil.run_json([*torch_cmd, "--seed", str(100 + r), *extra], "layer_bench_torch.py")
             version = res.get("torch", "")
             for v in ("loop", "sorted"):
                 t[v if pol == "default" else f"{v} ({pol})"] = res[v]

@@ -50,16 +50,6 @@ SETTINGS = {"passive": ["--omp-wait", "passive"], "active": ["--omp-wait", "acti
 BLAS_CHECK_FAILED = 3   # train_bench_torch.py's exit code when its float32 products are wrong
 
 
-def run_json(cmd, what):
-    """Runs cmd; its last output line, parsed as JSON. Exits with a clear message on failure."""
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    if p.returncode != 0:
-        raise SystemExit(f"{what} failed (exit {p.returncode}): {' '.join(cmd)}\n{p.stderr.strip()[-2000:]}")
-    lines = p.stdout.strip().splitlines()
-    try:
-        return json.loads(lines[-1])
-    except (IndexError, json.JSONDecodeError):
-        raise SystemExit(f"{what}: the last output line is not JSON: {' '.join(cmd)}\n{p.stdout[-2000:]}")
 
 
 def run_torch(cmd):
@@ -200,7 +190,7 @@ def main():
             seed = str(100 + r)
             msg = f"round {r}:"
             if with_moe:
-                m = run_json([a.moe, "bench-train", "-m", model, *step_flags(a), "--seed", seed, "--json"],
+                m = benchutil.run_json([a.moe, "bench-train", "-m", model, *step_flags(a), "--seed", seed, "--json"],
                              "moe bench-train")
                 missing = [k for k in MOE_KEYS if k not in m]
                 if missing:
