@@ -11,7 +11,6 @@
 Usage: train_llamacpp_test.py MOE_CLI
 """
 import json
-import math
 import os
 import subprocess
 import sys
