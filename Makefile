@@ -2,7 +2,7 @@
 JOBS ?= $(shell nproc)
 BUILD ?= build
 
-.PHONY: all build setup test demo bench clean asan
+.PHONY: all build cli setup test demo bench clean asan
 
 all: build
 
@@ -15,6 +15,10 @@ $(BUILD)/CMakeCache.txt:
 build: $(BUILD)/CMakeCache.txt
 	@cmake --build $(BUILD) -j $(JOBS)
 
+# The CLI alone (what the demo and the benchmarks run), without the test binaries.
+cli: $(BUILD)/CMakeCache.txt
+	@cmake --build $(BUILD) -j $(JOBS) --target moe
+
 # Sanitizer build of the format tests (truncated / bit-flipped / random GGUF files).
 asan:
 	@cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMOE_SANITIZE=ON >/dev/null
@@ -25,10 +29,10 @@ asan:
 test: setup build asan
 	@cd $(BUILD) && ctest --output-on-failure -j 1
 
-demo: setup build
+demo: setup cli
 	@bash scripts/demo.sh
 
-bench: setup build
+bench: setup cli
 	@bash bench/run.sh
 
 clean:

