@@ -45,7 +45,7 @@ ORACLE = os.path.join(HERE, "oracle.mjs")
 THREADS = 2
 TOP_N = 5
 EXACT_TOL = 1e-3
-QUANT_TOL = 0.5
+QUANT_TOL = 0.1
 NEAR_TIE = 1e-4
 
 
@@ -54,7 +54,7 @@ def case(name, kind, tol=None, prompts=None, steps=None, need=None, **init):
         "exact": (EXACT_TOL, (1, 8, 20), 32, 32),
         "close": (None, (8, 24), 0, 0),
         "quant": (QUANT_TOL, (12, 40), 0, 0),
-        "margin": (None, (1, 5, 17), 24, 16),
+        "margin": (None, (1, 5, 17), 24, 24),
         "text": (EXACT_TOL, (), 32, 32),
     }[kind]
     return dict(name=name, kind=kind, tol=tol if tol is not None else defaults[0],
@@ -214,7 +214,7 @@ def prompt_ids(c):
 
 def check_greedy(c, prompts, ref_results, moe, path):
     """Greedy tokens and top-5 logprobs; returns (summary, ok)."""
-    worst, same, total, notes, ok = 0.0, 0, 0, [], True
+    worst, same, total, notes, ok, ties = 0.0, 0, 0, [], True, 0
     for pi, (p, ref) in enumerate(zip(prompts, ref_results)):
         what = "moe run (prompt %d)" % pi
         out = moe_json(moe, ["run", "-m", path, "--prompt-ids", ",".join(map(str, p)),
@@ -226,7 +226,7 @@ def check_greedy(c, prompts, ref_results, moe, path):
         if not isinstance(tops, list) or len(tops) != len(toks):
             raise CaseError("%s: top_logprobs has %s entries for %d tokens" %
                             (what, len(tops) if isinstance(tops, list) else tops, len(toks)))
-        n = 0
+        n, tie = 0, False
         for i, (a, b) in enumerate(zip(ref["tokens"], toks)):
             if c["kind"] in ("exact", "text"):
                 worst = max(worst, top_diff(ref["top_logprobs"][i], tops[i], c["tol"],
@@ -235,8 +235,11 @@ def check_greedy(c, prompts, ref_results, moe, path):
                 lp = [e["logprob"] for e in ref["top_logprobs"][i]]
                 margin = lp[0] - lp[1] if len(lp) > 1 else float("inf")
                 if c["kind"] in ("exact", "text") and margin < NEAR_TIE:
+                    # Float rounding may decide a near tie either way: the split is accepted,
+                    # and the count below reports only the tokens that are identical.
                     notes.append("prompt %d: near tie at step %d (margin %.1e)" % (pi, i, margin))
-                    n = c["steps"]
+                    tie = True
+                    ties += 1
                 else:
                     notes.append("prompt %d: tokens split at step %d (llama.cpp %d, moe %d, "
                                  "llama.cpp margin %.3g)" % (pi, i, a, b, margin))
@@ -244,9 +247,11 @@ def check_greedy(c, prompts, ref_results, moe, path):
             n += 1
         same += n
         total += c["steps"]
-        if n < c["need"]:
+        if n < c["need"] and not tie:
             ok = False
     summary = "tokens %d/%d identical" % (same, total)
+    if ties:
+        summary += " (%d prompt(s) split at a near tie)" % ties
     if c["kind"] in ("exact", "text"):
         summary += ", max |dlogprob| %.2e" % worst
         ok = ok and worst <= c["tol"]
@@ -271,18 +276,12 @@ def check_teacher(c, prompts, ref_results, moe, path):
 
 
 def teacher_verdict(c, d):
-    """(ok, text). Exact/close: every position within tol. Quant: llama.cpp's
-    8-bit activations make a router near-tie flip an expert now and then (one
-    position jumps, measured 0.5 nats against an exact float64 reference), so
-    up to max(1, 5%) positions may exceed tol if the median stays below tol/4;
-    a real bug moves most positions."""
+    """(ok, text): every position within tol, for every kind (quantized files too: moe converts
+    activations exactly as llama.cpp does, so no expert flips by rounding)."""
     over = int((d > c["tol"]).sum())
-    text = "teacher max |dlogprob| %.2e" % d.max()
-    if c["kind"] != "quant":
-        return over == 0, text
-    med = float(np.median(d))
-    text += " median %.2e, %d/%d positions over tol" % (med, over, len(d))
-    return over <= max(1, int(0.05 * len(d))) and med <= c["tol"] / 4, text
+    text = "teacher max |dlogprob| %.2e, median %.2e, %d/%d positions over tol" % (
+        d.max(), float(np.median(d)), over, len(d))
+    return over == 0, text
 
 
 def run_text_case(moe, c, tmp, path):

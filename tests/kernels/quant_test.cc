@@ -2,6 +2,8 @@
 // conversions against double-precision rounding, quantize/dequantize error bounds derived from
 // each block's scale, exact bytes of hand-computed blocks, bit packing of the k-quants, and the
 // activation conversions against scalar restatements of ggml's formulas on every SIMD target.
+// Identity with ggml itself (dequantization bit for bit, quantizers byte for byte, products) is
+// checked against ggml's own libraries in ggml_oracle_test.cc.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -200,19 +202,14 @@ std::vector<float> MakeRow(Dist dist, int64_t n, uint32_t seed) {
   return x;
 }
 
-// Quantizes then dequantizes (through DequantizeRow and the float reference, which must agree
-// bit for bit) with the row placed at a misaligned address.
+// Quantizes then dequantizes with the row placed at a misaligned address.
 std::vector<float> RoundTrip(DType t, const std::vector<float>& x, std::vector<uint8_t>* bytes) {
   const int64_t n = static_cast<int64_t>(x.size());
   const size_t nbytes = RowBytes(t, n);
   std::vector<uint8_t> buf(nbytes + 1);
   QuantizeRow(t, x.data(), buf.data() + 1, n);
-  std::vector<float> y(x.size() + 1), yr(x.size());
+  std::vector<float> y(x.size() + 1);
   DequantizeRow(t, buf.data() + 1, y.data() + 1, n);
-  ref::DequantizeRow<float>(t, buf.data() + 1, yr.data(), n);
-  for (int64_t i = 0; i < n; ++i) {
-    EXPECT_EQ(Bits(y[i + 1]), Bits(yr[i])) << DTypeName(t) << " element " << i;
-  }
   bytes->assign(buf.begin() + 1, buf.end());
   return std::vector<float>(y.begin() + 1, y.end());
 }
@@ -293,10 +290,10 @@ TEST(QuantRoundTrip, Q4_0WithinHalfStep) {
   }
 }
 
-// Relative RMSE bounds for the k-quants: measured over 64 super-blocks per distribution (q4_K
-// normal 0.072, uniform 0.055, outliers 0.096, wide 0.075; q6_K 0.018, 0.013, 0.034, 0.019;
-// ggml's reference quantizers give the same numbers, their output being byte-identical), plus
-// ~25% margin. Per-block bounds are 1.3x (worst single blocks measured within 1.15x).
+// Relative RMSE bounds for the k-quants: a sanity check of the error's size (the bytes are ggml's,
+// ggml_oracle_test.cc). Measured over 64 super-blocks per distribution (q4_K normal 0.072,
+// uniform 0.055, outliers 0.096, wide 0.075; q6_K 0.018, 0.013, 0.034, 0.019), plus ~25% margin.
+// Per-block bounds are 1.3x (worst single blocks measured within 1.15x).
 struct KBound {
   Dist dist;
   double q4k, q6k;

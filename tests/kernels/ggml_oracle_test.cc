@@ -1,0 +1,188 @@
+// The weight formats against ggml itself (ggml_oracle.h: the libraries llama.cpp runs on):
+//  - dequantization bit-identical to ggml's dequantize_row_<t> on random blocks (every byte
+//    random: any scale, sign and quant pattern, NaN and inf scales included) and adversarial
+//    rows;
+//  - the quantizers byte-identical to ggml's reference quantizers (what llama-quantize writes
+//    without an importance matrix) on normal, uniform, wide, tiny, outlier, constant and zero
+//    rows;
+//  - the products (ConvertActivations + MatMul) equal to ggml's vec_dot on the activations
+//    ggml's from_float makes, within the float summation-order error.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/ggml_oracle.h"
+#include "kernels/kernels.h"
+#include "tensor/dtype.h"
+
+namespace moe {
+namespace {
+
+using kernels::ActivationRowBytes;
+using kernels::ConvertActivations;
+using kernels::DequantizeRow;
+using kernels::QuantizeRow;
+
+const test::GgmlOracle* Oracle() {
+  std::string why;
+  const test::GgmlOracle* o = test::GgmlOracle::Get(&why);
+#if defined(__x86_64__)
+  if (!o) ADD_FAILURE() << why;  // setup.sh installs it on every x86-64 machine
+#endif
+  return o;
+}
+
+bool SameFloat(float a, float b) {
+  if (std::isnan(a) && std::isnan(b)) return true;
+  uint32_t x, y;
+  std::memcpy(&x, &a, 4);
+  std::memcpy(&y, &b, 4);
+  return x == y;
+}
+
+// Rows that stress a quantizer: scales, signs, ties, outliers, degenerate blocks.
+std::vector<std::vector<float>> AdversarialRows(int64_t n, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::uniform_real_distribution<float> ud(-1.f, 1.f);
+  std::vector<std::vector<float>> rows;
+  auto make = [&](auto gen) {
+    std::vector<float> r(n);
+    for (int64_t i = 0; i < n; ++i) r[i] = gen(i);
+    rows.push_back(r);
+  };
+  make([&](int64_t) { return nd(rng); });
+  make([&](int64_t) { return ud(rng); });
+  make([&](int64_t) { return 1e-4f * nd(rng); });
+  make([&](int64_t) { return std::exp2(10.f * ud(rng)) * (rng() & 1 ? 1.f : -1.f); });
+  make([&](int64_t i) { return i % 97 == 0 ? 50.f * nd(rng) : nd(rng); });  // outliers
+  make([&](int64_t) { return 0.f; });
+  make([&](int64_t) { return 1.75f; });
+  make([&](int64_t i) { return static_cast<float>(i % 16) - 8.f; });  // exact grid values
+  make([&](int64_t i) { return (i % 32) < 16 ? -3.f : 3.f; });
+  make([&](int64_t) { return nd(rng) + 5.f; });  // all positive (k-quant mins)
+  return rows;
+}
+
+struct TypeCase {
+  DType t;
+  const char* ggml_name;
+};
+const TypeCase kQuantized[] = {{DType::kQ8_0, "q8_0"}, {DType::kQ4_0, "q4_0"}, {DType::kQ4_K, "q4_K"},
+                               {DType::kQ6_K, "q6_K"}};
+const DType kAllWeightTypes[] = {DType::kF16, DType::kBF16, DType::kQ8_0, DType::kQ4_0, DType::kQ4_K, DType::kQ6_K};
+
+TEST(GgmlOracle, DequantizationIsBitIdentical) {
+  const test::GgmlOracle* o = Oracle();
+  if (!o) GTEST_SKIP() << "no ggml oracle on this platform";
+  std::mt19937_64 rng(1);
+  for (DType t : kAllWeightTypes) {
+    const auto* tr = o->Traits(static_cast<int>(t));
+    ASSERT_EQ(tr->blck_size, Traits(t).block_size) << DTypeName(t);
+    ASSERT_EQ(tr->type_size, Traits(t).block_bytes) << DTypeName(t);
+    const int64_t bs = Traits(t).block_size, nb = 64, n = bs * nb;
+    std::vector<uint8_t> bytes(RowBytes(t, n));
+    for (int round = 0; round < 20; ++round) {
+      for (uint8_t& b : bytes) b = static_cast<uint8_t>(rng());
+      std::vector<float> ours(n), ref(n);
+      DequantizeRow(t, bytes.data(), ours.data(), n);
+      tr->to_float(bytes.data(), ref.data(), n);
+      for (int64_t i = 0; i < n; ++i)
+        ASSERT_TRUE(SameFloat(ours[i], ref[i])) << DTypeName(t) << " element " << i << ": " << ours[i] << " vs " << ref[i];
+    }
+    // And the blocks the quantizers make from adversarial rows.
+    if (Traits(t).block_size > 1) {
+      for (const auto& row : AdversarialRows(n, 3)) {
+        QuantizeRow(t, row.data(), bytes.data(), n);
+        std::vector<float> ours(n), ref(n);
+        DequantizeRow(t, bytes.data(), ours.data(), n);
+        tr->to_float(bytes.data(), ref.data(), n);
+        for (int64_t i = 0; i < n; ++i) ASSERT_TRUE(SameFloat(ours[i], ref[i])) << DTypeName(t) << " element " << i;
+      }
+    }
+  }
+}
+
+TEST(GgmlOracle, QuantizersAreByteIdentical) {
+  const test::GgmlOracle* o = Oracle();
+  if (!o) GTEST_SKIP() << "no ggml oracle on this platform";
+  for (const TypeCase& c : kQuantized) {
+    const int64_t n = Traits(c.t).block_size * 48;
+    const test::GgmlOracle::FromFloat ref = o->QuantizeRef(c.ggml_name);
+    ASSERT_NE(ref, nullptr) << c.ggml_name;
+    int rows = 0;
+    for (uint64_t seed : {1, 2, 3}) {
+      for (const auto& row : AdversarialRows(n, seed)) {
+        std::vector<uint8_t> ours(RowBytes(c.t, n)), theirs(ours.size()), chunk(ours.size());
+        QuantizeRow(c.t, row.data(), ours.data(), n);
+        ref(row.data(), theirs.data(), n);
+        // What llama-quantize calls (no importance matrix): the same bytes.
+        o->QuantizeChunk(static_cast<int>(c.t), row.data(), chunk.data(), 1, n, nullptr);
+        for (size_t i = 0; i < ours.size(); ++i)
+          ASSERT_EQ(ours[i], theirs[i]) << c.ggml_name << " row " << rows << " byte " << i;
+        ASSERT_EQ(chunk, theirs) << c.ggml_name << " row " << rows;
+        ++rows;
+      }
+    }
+  }
+}
+
+TEST(GgmlOracle, ProductsMatchGgmlVecDot) {
+  const test::GgmlOracle* o = Oracle();
+  if (!o) GTEST_SKIP() << "no ggml oracle on this platform";
+  std::mt19937_64 rng(7);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  for (DType t : kAllWeightTypes) {
+    const auto* cpu = o->TraitsCpu(static_cast<int>(t));
+    ASSERT_NE(cpu->vec_dot, nullptr) << DTypeName(t);
+    ASSERT_EQ(cpu->vec_dot_type, static_cast<int>(VecDotType(t))) << DTypeName(t);
+    const test::GgmlOracle::ToFloat act_to_float = o->Dequantizer(cpu->vec_dot_type);
+    ASSERT_NE(act_to_float, nullptr) << DTypeName(t);
+    for (int64_t nb : {1, 3, 16}) {
+      const int64_t n = std::max<int64_t>(256, Traits(t).block_size) * nb;
+      const int64_t rows = 5, tokens = 3;
+      std::vector<float> w(static_cast<size_t>(rows) * n), x(static_cast<size_t>(tokens) * n);
+      for (float& v : w) v = nd(rng);
+      for (float& v : x) v = nd(rng);
+      const size_t rb = RowBytes(t, n);
+      std::vector<uint8_t> wq(rb * rows);
+      for (int64_t r = 0; r < rows; ++r) QuantizeRow(t, &w[r * n], wq.data() + r * rb, n);
+      // Ours.
+      const size_t ab = ActivationRowBytes(t, n);
+      std::vector<uint8_t> act(ab * tokens);
+      for (int64_t k = 0; k < tokens; ++k) ConvertActivations(t, &x[k * n], act.data() + k * ab, n);
+      std::vector<float> y(static_cast<size_t>(tokens) * rows);
+      kernels::MatMul(t, wq.data(), n, 0, rows, act.data(), ab, tokens, y.data(), rows);
+      // ggml's: its own activation conversion and vec_dot.
+      const auto* vdt = o->Traits(cpu->vec_dot_type);
+      std::vector<uint8_t> gact(static_cast<size_t>(n / vdt->blck_size * vdt->type_size) + 64);
+      std::vector<float> wdq(n), xdq(n);
+      for (int64_t k = 0; k < tokens; ++k) {
+        test::GgmlOracle::FromFloat from = o->TraitsCpu(cpu->vec_dot_type)->from_float;
+        if (from == nullptr) from = vdt->from_float_ref;  // f16 / bf16: the base library's
+        ASSERT_NE(from, nullptr) << DTypeName(t);
+        from(&x[k * n], gact.data(), n);
+        act_to_float(gact.data(), xdq.data(), n);
+        for (int64_t r = 0; r < rows; ++r) {
+          float s = 0;
+          cpu->vec_dot(static_cast<int>(n), &s, 0, wq.data() + r * rb, 0, gact.data(), 0, 1);
+          o->Traits(static_cast<int>(t))->to_float(wq.data() + r * rb, wdq.data(), n);
+          double mag = 0;
+          for (int64_t i = 0; i < n; ++i) mag += std::fabs(static_cast<double>(wdq[i]) * xdq[i]);
+          // Same integer block dots; float sums in another order, and activation quants that
+          // may differ by one step at exact rounding ties (ggml's generic rounds half away from
+          // zero, its x86 code, which moe follows, half to even).
+          const double tol = 1e-5 * mag + 1e-6;
+          ASSERT_NEAR(y[k * rows + r], s, tol) << DTypeName(t) << " n=" << n << " row " << r << " token " << k;
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace moe
