@@ -19,10 +19,10 @@ uint16_t F32ToBF16(float f);  // round-to-nearest-even; NaN stays NaN
 
 // ---- weight quantization (file writing) ----
 // Quantizes n floats (n a multiple of the block size) into the block format of t. The output
-// is what llama.cpp's reference quantizers produce in layout (and, for q8_0/q4_0, in value).
-// t in {f32, f16, bf16, q8_0, q4_0, q4_K, q6_K}.
+// is byte for byte what ggml's reference quantizers (quantize_row_*_ref) produce.
+// t: any weight type (IsWeightType) or q8_K.
 void QuantizeRow(DType t, const float* x, void* y, int64_t n);
-// Inverse: y = dequant(x), n elements. t in {f32, f16, bf16, q8_0, q4_0, q4_K, q6_K, q8_K}.
+// Inverse: y = dequant(x), n elements, bit-identical to ggml's dequantize_row_*.
 void DequantizeRow(DType t, const void* x, float* y, int64_t n);
 
 // ---- activations ----

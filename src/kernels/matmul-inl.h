@@ -9,6 +9,7 @@
 //     accumulated in float. q4_0 quants are nibble - 8.
 //   q4_K x q8_K: per super-block, sumi = sum_j sc[j] * dot(q4_j, q8_j) in int32;
 //     result += d_w*d_x * sumi - dmin_w*d_x * sum_j m[j] * (bsums[2j] + bsums[2j+1]).
+//   q5_K x q8_K: as q4_K with 5-bit quants (the 5th bit from qh).
 //   q6_K x q8_K: per super-block, d_w*d_x * sum_is scale[is] * dot(q6 - 32, q8) in int32.
 //
 // Two integer paths, both exact (every int32 lane is an exact partial dot):
@@ -22,8 +23,8 @@
 // every row; weights are unpacked in registers.
 //
 // Bounds (int32 never overflows): q8_0: 32*128*128; q4_K: per super-block
-// 8 * 63 * 32 * 15 * 128 < 2^31; q6_K: 256 * 32 * 128 * 128 < 2^31; q6 * scale fits int16
-// (32 * 128), q4 * scale fits int16 (15 * 63).
+// 8 * 63 * 32 * 31 * 128 < 2^31 (q5_K; q4_K smaller); q6_K: 256 * 32 * 128 * 128 < 2^31; q6 * scale fits int16
+// (32 * 128), q5 * scale fits int16 (31 * 63).
 
 #if defined(MOE_KERNELS_MATMUL_INL_H_) == defined(HWY_TARGET_TOGGLE)
 #ifdef MOE_KERNELS_MATMUL_INL_H_
@@ -332,9 +333,13 @@ struct KernQ4_0 {
   }
 };
 
-struct KernQ4_K {
+// q4_K and q5_K: 8 sub-blocks of 32 with 6-bit scales and mins; q5_K adds a 5th bit per quant.
+template <typename Block>
+struct KernScaleMinK {
+  using BlockType = Block;
+  static constexpr bool kQ5 = std::is_same_v<Block, BlockQ5_K>;
   static constexpr size_t kElems = kQK_K;
-  static constexpr size_t kBytes = sizeof(BlockQ4_K);
+  static constexpr size_t kBytes = sizeof(Block);
   static constexpr bool kHasMin = true;
 #if MOE_MATMUL_WIDE
   static constexpr MmLayout kLayout = MmLayout::kByteHalves;
@@ -350,10 +355,10 @@ struct KernQ4_K {
   // j >= 4 split as 4 low bits in byte j+4 and 2 high bits in the top of bytes j-4 / j.
   // Unpacked four at a time in 32-bit words.
   static HWY_INLINE void Prep(const uint8_t* blk, State& st) {
-    st.d = LoadF16Scalar(blk + offsetof(BlockQ4_K, d));
-    st.dmin = LoadF16Scalar(blk + offsetof(BlockQ4_K, dmin));
+    st.d = LoadF16Scalar(blk + offsetof(Block, d));
+    st.dmin = LoadF16Scalar(blk + offsetof(Block, dmin));
     uint32_t w[3];
-    std::memcpy(w, blk + offsetof(BlockQ4_K, scales), sizeof(w));
+    std::memcpy(w, blk + offsetof(Block, scales), sizeof(w));
     const uint32_t sc_lo = w[0] & 0x3F3F3F3Fu;
     const uint32_t m_lo = w[1] & 0x3F3F3F3Fu;
     const uint32_t sc_hi = (w[2] & 0x0F0F0F0Fu) | ((w[0] >> 2) & 0x30303030u);
@@ -365,21 +370,32 @@ struct KernQ4_K {
       st.m[k + 4] = static_cast<uint8_t>(m_hi >> (8 * k));
     }
   }
-  // Sub-block j = e / 32 lives in the low (j even) or high (j odd) nibbles of qs[32 (j/2)..].
+  // Sub-block j = e / 32 lives in the low (j even) or high (j odd) nibbles of qs[32 (j/2)..];
+  // q5_K: its 5th bits are bit j of qh[0..32).
   static HWY_INLINE MmV16 Chunk(const uint8_t* blk, const State& st, size_t e) {
     const MmD16 d16;
     const MmDU16 du16;
     const size_t j = e / 32;
-    const uint8_t* qs = blk + offsetof(BlockQ4_K, qs) + 32 * (j / 2);
+    const uint8_t* qs = blk + offsetof(Block, qs) + 32 * (j / 2);
 #if MOE_MATMUL_WIDE
     const auto v = LoadDup256(qs);
     const auto shifts = (j & 1) ? HalfShifts(4, 12) : HalfShifts(0, 8);
-    const auto nib = hn::And(hn::operator>>(v, shifts), hn::Set(du16, 0xF));
+    auto q = hn::And(hn::operator>>(v, shifts), hn::Set(du16, 0xF));
+    if constexpr (kQ5) {
+      const auto h = LoadDup256(blk + offsetof(BlockQ5_K, qh));
+      const auto hs = HalfShifts(static_cast<uint16_t>(j), static_cast<uint16_t>(8 + j));
+      q = hn::Or(q, hn::ShiftLeft<4>(hn::And(hn::operator>>(h, hs), hn::Set(du16, 1))));
+    }
 #else
     const auto v = LoadU8AsU16(qs + (e & 31));
-    const auto nib = (j & 1) ? hn::ShiftRight<4>(v) : hn::And(v, hn::Set(du16, 0xF));
+    auto q = (j & 1) ? hn::ShiftRight<4>(v) : hn::And(v, hn::Set(du16, 0xF));
+    if constexpr (kQ5) {
+      const auto h = LoadU8AsU16(blk + offsetof(BlockQ5_K, qh) + (e & 31));
+      q = hn::Or(q, hn::ShiftLeft<4>(hn::And(hn::ShiftRightSame(h, static_cast<int>(j)),
+                                             hn::Set(du16, 1))));
+    }
 #endif
-    return hn::Mul(hn::BitCast(d16, nib), hn::Set(d16, static_cast<int16_t>(st.sc[j])));
+    return hn::Mul(hn::BitCast(d16, q), hn::Set(d16, static_cast<int16_t>(st.sc[j])));
   }
   // sum_j m[j] * (bsums[2j] + bsums[2j+1]) for this super-block.
   static HWY_INLINE int32_t MinSum(const State& st, const int32_t* bsum2) {
@@ -388,8 +404,11 @@ struct KernQ4_K {
     return s;
   }
 };
+using KernQ4_K = KernScaleMinK<BlockQ4_K>;
+using KernQ5_K = KernScaleMinK<BlockQ5_K>;
 
 struct KernQ6_K {
+  using BlockType = BlockQ6_K;
   static constexpr size_t kElems = kQK_K;
   static constexpr size_t kBytes = sizeof(BlockQ6_K);
   static constexpr bool kHasMin = false;
@@ -552,7 +571,7 @@ HWY_INLINE void Row32Dot(const uint8_t* HWY_RESTRICT wrow, int64_t nb, const MmA
   StoreRow<NT>(a0, a1, a2, a3, m, out, out_stride);
 }
 
-// Super-block rows (q4_K, q6_K): scales unpacked per super-block (amortized over 256 quants).
+// Super-block rows (q4_K, q5_K, q6_K): scales unpacked per super-block (amortized over 256 quants).
 template <int NT, class K>
 HWY_INLINE void RowKDot(const uint8_t* HWY_RESTRICT wrow, int64_t nb, const MmAct* act,
                         float* out, int64_t out_stride) {
@@ -765,6 +784,22 @@ HWY_INLINE __m512i VnniChunkQ4_K(const uint8_t* blk, int c) {
   return _mm512_and_si512(_mm512_srlv_epi16(v, shifts), _mm512_set1_epi8(0x0F));
 }
 
+// The same chunk of a q5_K super-block: bit 2c (bytes 0..31) or 2c+1 (bytes 32..63) of
+// qh[0..32) adds 16.
+HWY_INLINE __m512i VnniChunkQ5_K(const uint8_t* blk, int c) {
+  const __m512i lo = _mm512_and_si512(
+      _mm512_srlv_epi16(_mm512_broadcast_i64x4(_mm256_loadu_si256(
+                            reinterpret_cast<const __m256i*>(blk + offsetof(BlockQ5_K, qs) + 32 * c))),
+                        _mm512_set_epi64(0x0004000400040004, 0x0004000400040004,
+                                         0x0004000400040004, 0x0004000400040004, 0, 0, 0, 0)),
+      _mm512_set1_epi8(0x0F));
+  const __m512i qh = _mm512_broadcast_i64x4(
+      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + offsetof(BlockQ5_K, qh))));
+  const __m512i bit = _mm512_inserti64x4(_mm512_set1_epi8(static_cast<char>(1 << (2 * c))),
+                                         _mm256_set1_epi8(static_cast<char>(1 << (2 * c + 1))), 1);
+  return _mm512_mask_add_epi8(lo, _mm512_test_epi8_mask(qh, bit), lo, _mm512_set1_epi8(16));
+}
+
 // One 64-quant chunk k (0..3) of a q6_K super-block as unsigned 6-bit values (q + 32):
 // half n = k/2; even k holds quarters 0,1 (ql low nibbles, qh bits 0-1 / 2-3), odd k quarters
 // 2,3 (ql high nibbles, qh bits 4-5 / 6-7).
@@ -790,21 +825,22 @@ HWY_INLINE __m512i VnniChunkQ6_K(const uint8_t* blk, int k) {  // k constant aft
 template <int NT, class K>
 HWY_INLINE void RowKVnni(const uint8_t* HWY_RESTRICT wrow, int64_t nb, const MmAct* act,
                          __m512* acc, float* m) {
-  constexpr bool kQ4K = std::is_same_v<K, KernQ4_K>;
+  constexpr bool kQ4K = K::kHasMin;  // q4_K or q5_K (scales and mins); else q6_K
   __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
   for (int t = 0; t < NT; ++t) m[t] = 0.0f;
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = wrow + b * K::kBytes;
     MmPrefetch<K::kBytes>(blk + kMmPrefetchBytes);
     float d, dmin;
-    __m512 scf;  // float sub-block scales in lanes 0..7 (q4_K) or 0..15 (q6_K)
+    __m512 scf;  // float sub-block scales in lanes 0..7 (q4_K, q5_K) or 0..15 (q6_K)
     int32_t msum[4] = {0, 0, 0, 0};
     if constexpr (kQ4K) {
-      d = LoadF16Scalar(blk + offsetof(BlockQ4_K, d));
-      dmin = LoadF16Scalar(blk + offsetof(BlockQ4_K, dmin));
-      // Same unpacking as KernQ4_K::Prep, kept in registers.
+      using Block = typename K::BlockType;
+      d = LoadF16Scalar(blk + offsetof(Block, d));
+      dmin = LoadF16Scalar(blk + offsetof(Block, dmin));
+      // Same unpacking as KernScaleMinK::Prep, kept in registers.
       uint32_t w[3];
-      std::memcpy(w, blk + offsetof(BlockQ4_K, scales), sizeof(w));
+      std::memcpy(w, blk + offsetof(Block, scales), sizeof(w));
       const uint64_t sc = (w[0] & 0x3F3F3F3Fu) |
                           uint64_t{(w[2] & 0x0F0F0F0Fu) | ((w[0] >> 2) & 0x30303030u)} << 32;
       const uint64_t mn = (w[1] & 0x3F3F3F3Fu) |
@@ -847,7 +883,11 @@ HWY_INLINE void RowKVnni(const uint8_t* HWY_RESTRICT wrow, int64_t nb, const MmA
                              2 * c + 1, 2 * c + 1, 2 * c, 2 * c, 2 * c, 2 * c, 2 * c, 2 * c,
                              2 * c, 2 * c),
             scf);
-        w = VnniChunkQ4_K(blk, c);
+        if constexpr (K::kQ5) {
+          w = VnniChunkQ5_K(blk, c);
+        } else {
+          w = VnniChunkQ4_K(blk, c);
+        }
       } else {
         // four lanes (16 quants) per scale: scales 4c .. 4c+3
         scales = _mm512_permutexvar_ps(
@@ -1265,6 +1305,10 @@ HWY_NOINLINE inline void MatMul(DType w, const void* W, int64_t n_in, int64_t r0
       MatMulInt<KernQ4_K, MmRowKVnni>(MmPrepSpec{MmPrep::kQ8_K, MmLayout::kNatural, true, 0}, wb,
                                       n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
       break;
+    case DType::kQ5_K:
+      MatMulInt<KernQ5_K, MmRowKVnni>(MmPrepSpec{MmPrep::kQ8_K, MmLayout::kNatural, true, 0}, wb,
+                                      n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
+      break;
     case DType::kQ6_K:
       MatMulInt<KernQ6_K, MmRowKVnni>(MmPrepSpec{MmPrep::kQ8_K, MmLayout::kNatural, true, 0}, wb,
                                       n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
@@ -1280,6 +1324,10 @@ HWY_NOINLINE inline void MatMul(DType w, const void* W, int64_t n_in, int64_t r0
       break;
     case DType::kQ4_K:
       MatMulInt<KernQ4_K, MmRowK>(MmPrepSpec{MmPrep::kQ8_K, KernQ4_K::kLayout, false, 0}, wb,
+                                  n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
+      break;
+    case DType::kQ5_K:
+      MatMulInt<KernQ5_K, MmRowK>(MmPrepSpec{MmPrep::kQ8_K, KernQ5_K::kLayout, false, 0}, wb,
                                   n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
       break;
     case DType::kQ6_K:

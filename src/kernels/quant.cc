@@ -31,6 +31,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "kernels/quant.cc"
@@ -501,10 +502,15 @@ float FitScaleMin(int n, int nmax, const float* x, const float* w, uint8_t* L, f
   return scale;
 }
 
-void QuantizeQ4_KRef(const float* x, uint8_t* y, int64_t nb) {
+// q4_K and q5_K: 8 sub-blocks of 32 with x ~= d*sc[j] * L - dmin*m[j], L in 0..nmax (15 or 31),
+// 6-bit sub-block scales and mins under two f16 super-scales (ggml's quantize_row_q{4,5}_K_ref).
+template <typename Block>
+void QuantizeScaleMinKRef(const float* x, uint8_t* y, int64_t nb) {
+  constexpr bool kQ5 = std::is_same_v<Block, BlockQ5_K>;
+  constexpr int kNmax = kQ5 ? 31 : 15;
   for (int64_t b = 0; b < nb; ++b) {
     const float* xb = x + b * kQK_K;  // [256] = 8 sub-blocks of 32
-    uint8_t L[kQK_K];                 // levels 0..15
+    uint8_t L[kQK_K];                 // levels 0..kNmax
     float scales[8], mins[8];         // per sub-block: x ~= scale * L - min
     float max_scale = 0, max_min = 0;
     for (int j = 0; j < 8; ++j) {
@@ -515,7 +521,8 @@ void QuantizeQ4_KRef(const float* x, uint8_t* y, int64_t nb) {
       const float av_x = std::sqrt(sum_x2 / 32);
       float w[32];
       for (int l = 0; l < 32; ++l) w[l] = av_x + std::fabs(xs[l]);
-      scales[j] = FitScaleMin(32, 15, xs, w, L + 32 * j, &mins[j], -1.f, 0.1f, 20);
+      scales[j] = kQ5 ? FitScaleMin(32, kNmax, xs, w, L + 32 * j, &mins[j], -0.5f, 0.1f, 15)
+                      : FitScaleMin(32, kNmax, xs, w, L + 32 * j, &mins[j], -1.f, 0.1f, 20);
       if (scales[j] > max_scale) max_scale = scales[j];
       if (mins[j] > max_min) max_min = mins[j];
     }
@@ -529,7 +536,7 @@ void QuantizeQ4_KRef(const float* x, uint8_t* y, int64_t nb) {
       ls[j] = static_cast<uint8_t>(s < 0 ? 0 : (s > 63 ? 63 : s));
       lm[j] = static_cast<uint8_t>(m < 0 ? 0 : (m > 63 ? 63 : m));
     }
-    BlockQ4_K blk;
+    Block blk;
     ref::PackScaleMinK4(ls, lm, blk.scales);
     blk.d = F32ToF16(max_scale / 63.f);
     blk.dmin = F32ToF16(max_min / 63.f);
@@ -544,11 +551,15 @@ void QuantizeQ4_KRef(const float* x, uint8_t* y, int64_t nb) {
       const float dm = dmin_all * m;
       for (int l = 0; l < 32; ++l) {
         const int q = NearestInt((xb[32 * j + l] + dm) / d);
-        L[32 * j + l] = static_cast<uint8_t>(q < 0 ? 0 : (q > 15 ? 15 : q));
+        L[32 * j + l] = static_cast<uint8_t>(q < 0 ? 0 : (q > kNmax ? kNmax : q));
       }
     }
-    ref::PackQ4KQuants(L, blk.qs);
-    std::memcpy(y + b * sizeof(BlockQ4_K), &blk, sizeof(blk));
+    if constexpr (kQ5) {
+      ref::PackQ5KQuants(L, blk.qh, blk.qs);
+    } else {
+      ref::PackQ4KQuants(L, blk.qs);
+    }
+    std::memcpy(y + b * sizeof(Block), &blk, sizeof(blk));
   }
 }
 
@@ -653,7 +664,8 @@ void QuantizeRow(DType t, const float* x, void* y, int64_t n) {
     case DType::kBF16: HWY_DYNAMIC_DISPATCH(ActivationsBF16)(x, out, n); return;
     case DType::kQ8_0: QuantizeQ8_0Ref(x, out, n / kQK8_0); return;
     case DType::kQ4_0: QuantizeQ4_0Ref(x, out, n / kQK4_0); return;
-    case DType::kQ4_K: QuantizeQ4_KRef(x, out, n / kQK_K); return;
+    case DType::kQ4_K: QuantizeScaleMinKRef<BlockQ4_K>(x, out, n / kQK_K); return;
+    case DType::kQ5_K: QuantizeScaleMinKRef<BlockQ5_K>(x, out, n / kQK_K); return;
     case DType::kQ6_K: QuantizeQ6_KRef(x, out, n / kQK_K); return;
     case DType::kQ8_K: ActivationsQ8_KDispatch(x, out, n); return;  // same as the reference
     default: MOE_ASSERT(false && "QuantizeRow: unsupported type");
@@ -683,6 +695,7 @@ void DequantizeRow(DType t, const void* x, float* y, int64_t n) {
     case DType::kQ8_0:
     case DType::kQ4_0:
     case DType::kQ4_K:
+    case DType::kQ5_K:
     case DType::kQ6_K:
     case DType::kQ8_K:
       // Not on a hot path (embedding rows, tools): the float reference is ggml's arithmetic.

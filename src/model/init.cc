@@ -86,18 +86,8 @@ void InitRandomModel(InitOptions opt, const std::string& path) {
   GgufWriter w;
   w.SetString("general.name", std::string("moe.cpp random ") + c.arch_name);
   WriteConfig(c, w);
-  uint32_t file_type = 0;
-  switch (opt.type) {
-    case DType::kF32: file_type = 0; break;
-    case DType::kF16: file_type = 1; break;
-    case DType::kQ4_0: file_type = 2; break;
-    case DType::kQ8_0: file_type = 7; break;
-    case DType::kQ4_K: file_type = 15; break;
-    case DType::kQ6_K: file_type = 18; break;
-    case DType::kBF16: file_type = 32; break;
-    default: Fail("--type %s is not a weight type", DTypeName(opt.type));
-  }
-  w.SetU32("general.file_type", file_type);
+  if (!IsWeightType(opt.type)) Fail("--type %s is not a weight type", DTypeName(opt.type));
+  w.SetU32("general.file_type", FileTypeOf(opt.type));
   w.SetU32("general.quantization_version", 2);
   if (tok_src) {
     CopyTokenizerKeys(*tok_src, w);

@@ -6,20 +6,6 @@
 
 namespace moe {
 
-namespace {
-
-bool IsWeightType(DType t) {
-  switch (t) {
-    case DType::kF32: case DType::kF16: case DType::kBF16: case DType::kQ8_0:
-    case DType::kQ4_0: case DType::kQ4_K: case DType::kQ6_K:
-      return true;
-    default:
-      return false;
-  }
-}
-
-}  // namespace
-
 void ValidateModelTensors(const GgufFile& f, const ModelConfig& c,
                           const std::function<bool(const std::string&)>& extra_ok) {
   const bool has_output = f.FindTensor("output.weight") != nullptr;

@@ -78,18 +78,6 @@ bool KeepsF32(TensorRole r) {
          r == TensorRole::kGate || r == TensorRole::kRouterAux;
 }
 
-uint32_t FileType(DType t) {
-  switch (t) {
-    case DType::kF16: return 1;
-    case DType::kQ4_0: return 2;
-    case DType::kQ8_0: return 7;
-    case DType::kQ4_K: return 15;
-    case DType::kQ6_K: return 18;
-    case DType::kBF16: return 32;
-    default: return 0;
-  }
-}
-
 }  // namespace
 
 template <typename T>
@@ -198,7 +186,7 @@ void SaveParams(const ModelParams<float>& p, const std::string& path, DType type
   if (p.source) name = p.source->GetStringOpt("general.name").value_or(name);
   w.SetString("general.name", name);
   WriteConfig(p.config, w);
-  w.SetU32("general.file_type", FileType(type));
+  w.SetU32("general.file_type", FileTypeOf(type));
   w.SetU32("general.quantization_version", 2);
   if (p.source && p.source->Has("tokenizer.ggml.model")) {
     CopyTokenizerKeys(*p.source, w);

@@ -16,6 +16,7 @@ const DTypeTraits kI32{"i32", 1, 4};
 const DTypeTraits kQ8_0{"q8_0", kQK8_0, sizeof(BlockQ8_0)};
 const DTypeTraits kQ4_0{"q4_0", kQK4_0, sizeof(BlockQ4_0)};
 const DTypeTraits kQ4_K{"q4_K", kQK_K, sizeof(BlockQ4_K)};
+const DTypeTraits kQ5_K{"q5_K", kQK_K, sizeof(BlockQ5_K)};
 const DTypeTraits kQ6_K{"q6_K", kQK_K, sizeof(BlockQ6_K)};
 const DTypeTraits kQ8_K{"q8_K", kQK_K, sizeof(BlockQ8_K)};
 }  // namespace
@@ -29,6 +30,7 @@ const DTypeTraits* FindDTypeTraits(uint32_t t) {
     case DType::kQ8_0: return &kQ8_0;
     case DType::kQ4_0: return &kQ4_0;
     case DType::kQ4_K: return &kQ4_K;
+    case DType::kQ5_K: return &kQ5_K;
     case DType::kQ6_K: return &kQ6_K;
     case DType::kQ8_K: return &kQ8_K;
   }
@@ -41,20 +43,36 @@ const DTypeTraits& Traits(DType t) {
   return *tr;
 }
 
-bool ParseDType(const char* name, DType* out) {
-  std::string s(name);
+namespace {
+constexpr uint32_t kMaxTypeId = 64;  // ggml type ids are below this
+
+std::string Lower(std::string s) {
   for (char& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  static const DType all[] = {DType::kF32, DType::kF16, DType::kBF16, DType::kQ8_0,
-                              DType::kQ4_0, DType::kQ4_K, DType::kQ6_K};
-  for (DType t : all) {
-    std::string n = Traits(t).name;
-    for (char& c : n) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-    if (n == s) {
+  return s;
+}
+}  // namespace
+
+bool ParseDType(const char* name, DType* out) {
+  const std::string s = Lower(name);
+  for (uint32_t id = 0; id < kMaxTypeId; ++id) {
+    const DType t = static_cast<DType>(id);
+    if (IsWeightType(t) && Lower(Traits(t).name) == s) {
       *out = t;
       return true;
     }
   }
   return false;
+}
+
+std::string WeightTypeNames() {
+  std::string out;
+  for (uint32_t id = 0; id < kMaxTypeId; ++id) {
+    const DType t = static_cast<DType>(id);
+    if (!IsWeightType(t)) continue;
+    if (!out.empty()) out += ", ";
+    out += Traits(t).name;
+  }
+  return out;
 }
 
 DType VecDotType(DType w) {
@@ -65,10 +83,29 @@ DType VecDotType(DType w) {
     case DType::kQ8_0:
     case DType::kQ4_0: return DType::kQ8_0;
     case DType::kQ4_K:
+    case DType::kQ5_K:
     case DType::kQ6_K: return DType::kQ8_K;
     default: MOE_ASSERT(false && "no vec-dot type");
   }
   return DType::kF32;
+}
+
+bool IsWeightType(DType t) {
+  return FindDTypeTraits(static_cast<uint32_t>(t)) != nullptr && t != DType::kI32 &&
+         t != DType::kQ8_K;
+}
+
+uint32_t FileTypeOf(DType t) {
+  switch (t) {
+    case DType::kF16: return 1;
+    case DType::kQ4_0: return 2;
+    case DType::kQ8_0: return 7;
+    case DType::kQ4_K: return 15;  // Q4_K_M
+    case DType::kQ5_K: return 17;  // Q5_K_M
+    case DType::kQ6_K: return 18;
+    case DType::kBF16: return 32;
+    default: return 0;
+  }
 }
 
 }  // namespace moe

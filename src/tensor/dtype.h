@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 namespace moe {
 
@@ -13,6 +14,7 @@ enum class DType : uint32_t {
   kQ4_0 = 2,
   kQ8_0 = 8,
   kQ4_K = 12,
+  kQ5_K = 13,
   kQ6_K = 14,
   kQ8_K = 15,  // activation-side only (dot products with k-quants); never a weight type here
   kI32 = 26,
@@ -29,8 +31,10 @@ struct DTypeTraits {
 const DTypeTraits* FindDTypeTraits(uint32_t ggml_type);
 const DTypeTraits& Traits(DType t);
 inline const char* DTypeName(DType t) { return Traits(t).name; }
-// Parses "f32", "F32", "q4_k", "Q4_K", ...; returns false if unknown.
+// Parses a weight type's name in any case ("f32", "Q4_K", ...); false if it names none.
 bool ParseDType(const char* name, DType* out);
+// "f32, f16, q4_0, ...": the weight types, for messages.
+std::string WeightTypeNames();
 
 // Bytes of one row of n elements; n must be a multiple of the block size (checked by callers).
 inline size_t RowBytes(DType t, int64_t n) {
@@ -40,8 +44,15 @@ inline size_t RowBytes(DType t, int64_t n) {
 
 // The type the activations are converted to before a dot product with weights of type w,
 // exactly as ggml's CPU backend does (type_traits_cpu[w].vec_dot_type):
-// f32->f32, f16->f16, bf16->bf16, q8_0/q4_0->q8_0, q4_k/q6_k->q8_k.
+// f32->f32, f16->f16, bf16->bf16, q8_0/q4_0->q8_0, k-quants->q8_k.
 DType VecDotType(DType w);
+
+// True for the types a weight matrix may have here (all but i32 and the activation-only q8_K).
+bool IsWeightType(DType t);
+
+// llama.cpp's general.file_type (llama_ftype) for a file whose matrices are all of type t, or
+// 0 (all f32) where t has no such recipe.
+uint32_t FileTypeOf(DType t);
 
 // ---- Block layouts (ggml-common.h). All scales are IEEE binary16 stored as uint16_t. ----
 constexpr int kQK8_0 = 32;
@@ -67,6 +78,15 @@ struct BlockQ4_K {
   uint8_t qs[kQK_K / 2];
 };
 static_assert(sizeof(BlockQ4_K) == 144);
+
+struct BlockQ5_K {
+  uint16_t d;
+  uint16_t dmin;
+  uint8_t scales[12];      // 6-bit scales and mins of 8 sub-blocks, packed as in q4_K
+  uint8_t qh[kQK_K / 8];   // 5th bits: bit j of qh[l] belongs to quant l of sub-block j
+  uint8_t qs[kQK_K / 2];   // low 4 bits, packed as in q4_K
+};
+static_assert(sizeof(BlockQ5_K) == 176);
 
 struct BlockQ6_K {
   uint8_t ql[kQK_K / 2];      // lower 4 bits

@@ -11,12 +11,10 @@ token ids on the same file.
           the 20-id prompt.
   close   F16/BF16 files: teacher-forced top-5 within the case's tolerance
           (llama.cpp rounds activations to the weight type before products).
-  quant   q8_0/q4_0/q4_K/q6_K files: teacher-forced top-5 within 0.5 nats at
-          the positions of 2 prompts (12 and 40 ids), median below 0.125; up to
-          5% of positions may exceed 0.5 (llama.cpp quantizes activations to 8
-          bits; a router near-tie then flips an expert at an odd position).
-  margin  quantized files with planted margins (--plant-margin, --embd-scale): greedy tokens
-          identical for at least 16 of 24 steps, from 3 prompts.
+  quant   quantized files (every weight type): teacher-forced top-5 within
+          0.1 nats at every position of 2 prompts (12 and 40 ids).
+  margin  quantized files with planted margins (--plant-margin, --embd-scale):
+          greedy tokens identical for all 24 steps, from 3 prompts.
 
 Top-5 lists are compared by token id; an id that is in one engine's top 5 but
 not the other's must lie within the tolerance of the other's 5th value (a near
@@ -101,6 +99,8 @@ CASES = [
          experts_used=2, heads=4, kv_heads=2, head_dim=64, vocab=512, type="q4_K", seed=603),
     case("olmoe_q6_K", "quant", arch="olmoe", layers=2, dim=256, ffn=512, experts=4,
          experts_used=2, heads=4, vocab=512, type="q6_K", seed=604),
+    case("llama_q5_K", "quant", arch="llama", layers=2, dim=256, ffn=512, experts=8,
+         experts_used=2, heads=4, kv_heads=2, vocab=512, type="q5_K", seed=605),
     case("llama_q4_K_margin", "margin", arch="llama", layers=2, dim=256, ffn=512, experts=4,
          experts_used=2, heads=4, kv_heads=2, vocab=512, type="q4_K", plant_margin=30.0, embd_scale=4.0, seed=701),
     case("qwen2moe_q8_0_margin", "margin", arch="qwen2moe", layers=2, dim=256, ffn=512,
@@ -109,6 +109,9 @@ CASES = [
     case("qwen3moe_q6_K_margin", "margin", arch="qwen3moe", layers=2, dim=256, ffn=512,
          experts=4, experts_used=2, heads=4, kv_heads=2, head_dim=64, vocab=512, type="q6_K",
          plant_margin=30.0, embd_scale=4.0, seed=703),
+    case("qwen2moe_q5_K_margin", "margin", arch="qwen2moe", layers=2, dim=256, ffn=512,
+         experts=4, experts_used=2, shared_ffn=256, heads=4, kv_heads=2, vocab=512, type="q5_K",
+         plant_margin=30.0, embd_scale=4.0, seed=705),
     case("olmoe_q4_0_margin", "margin", arch="olmoe", layers=2, dim=256, ffn=512, experts=4,
          experts_used=2, heads=4, vocab=512, type="q4_0", plant_margin=30.0, embd_scale=4.0, seed=704),
     # Text prompts through trained vocabularies: moe's tokenization must give llama.cpp's ids,

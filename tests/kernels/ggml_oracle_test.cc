@@ -17,6 +17,7 @@
 
 #include "kernels/ggml_oracle.h"
 #include "kernels/kernels.h"
+#include "kernels/weight_types.h"
 #include "tensor/dtype.h"
 
 namespace moe {
@@ -68,19 +69,14 @@ std::vector<std::vector<float>> AdversarialRows(int64_t n, uint64_t seed) {
   return rows;
 }
 
-struct TypeCase {
-  DType t;
-  const char* ggml_name;
-};
-const TypeCase kQuantized[] = {{DType::kQ8_0, "q8_0"}, {DType::kQ4_0, "q4_0"}, {DType::kQ4_K, "q4_K"},
-                               {DType::kQ6_K, "q6_K"}};
-const DType kAllWeightTypes[] = {DType::kF16, DType::kBF16, DType::kQ8_0, DType::kQ4_0, DType::kQ4_K, DType::kQ6_K};
+// Types whose ggml quantizer is a deterministic reference moe must reproduce byte for byte.
+bool HasReferenceQuantizer(DType t) { return Traits(t).block_size > 1; }
 
 TEST(GgmlOracle, DequantizationIsBitIdentical) {
   const test::GgmlOracle* o = Oracle();
   if (!o) GTEST_SKIP() << "no ggml oracle on this platform";
   std::mt19937_64 rng(1);
-  for (DType t : kAllWeightTypes) {
+  for (DType t : test::AllWeightTypes(/*include_f32=*/false)) {
     const auto* tr = o->Traits(static_cast<int>(t));
     ASSERT_EQ(tr->blck_size, Traits(t).block_size) << DTypeName(t);
     ASSERT_EQ(tr->type_size, Traits(t).block_bytes) << DTypeName(t);
@@ -110,21 +106,23 @@ TEST(GgmlOracle, DequantizationIsBitIdentical) {
 TEST(GgmlOracle, QuantizersAreByteIdentical) {
   const test::GgmlOracle* o = Oracle();
   if (!o) GTEST_SKIP() << "no ggml oracle on this platform";
-  for (const TypeCase& c : kQuantized) {
-    const int64_t n = Traits(c.t).block_size * 48;
-    const test::GgmlOracle::FromFloat ref = o->QuantizeRef(c.ggml_name);
-    ASSERT_NE(ref, nullptr) << c.ggml_name;
+  for (DType t : test::QuantizedWeightTypes()) {
+    if (!HasReferenceQuantizer(t)) continue;
+    const char* name = DTypeName(t);  // ggml's names
+    const int64_t n = Traits(t).block_size * 48;
+    const test::GgmlOracle::FromFloat ref = o->QuantizeRef(name);
+    ASSERT_NE(ref, nullptr) << name;
     int rows = 0;
     for (uint64_t seed : {1, 2, 3}) {
       for (const auto& row : AdversarialRows(n, seed)) {
-        std::vector<uint8_t> ours(RowBytes(c.t, n)), theirs(ours.size()), chunk(ours.size());
-        QuantizeRow(c.t, row.data(), ours.data(), n);
+        std::vector<uint8_t> ours(RowBytes(t, n)), theirs(ours.size()), chunk(ours.size());
+        QuantizeRow(t, row.data(), ours.data(), n);
         ref(row.data(), theirs.data(), n);
         // What llama-quantize calls (no importance matrix): the same bytes.
-        o->QuantizeChunk(static_cast<int>(c.t), row.data(), chunk.data(), 1, n, nullptr);
+        o->QuantizeChunk(static_cast<int>(t), row.data(), chunk.data(), 1, n, nullptr);
         for (size_t i = 0; i < ours.size(); ++i)
-          ASSERT_EQ(ours[i], theirs[i]) << c.ggml_name << " row " << rows << " byte " << i;
-        ASSERT_EQ(chunk, theirs) << c.ggml_name << " row " << rows;
+          ASSERT_EQ(ours[i], theirs[i]) << name << " row " << rows << " byte " << i;
+        ASSERT_EQ(chunk, theirs) << name << " row " << rows;
         ++rows;
       }
     }
@@ -136,7 +134,7 @@ TEST(GgmlOracle, ProductsMatchGgmlVecDot) {
   if (!o) GTEST_SKIP() << "no ggml oracle on this platform";
   std::mt19937_64 rng(7);
   std::normal_distribution<float> nd(0.f, 1.f);
-  for (DType t : kAllWeightTypes) {
+  for (DType t : test::AllWeightTypes(/*include_f32=*/false)) {
     const auto* cpu = o->TraitsCpu(static_cast<int>(t));
     ASSERT_NE(cpu->vec_dot, nullptr) << DTypeName(t);
     ASSERT_EQ(cpu->vec_dot_type, static_cast<int>(VecDotType(t))) << DTypeName(t);

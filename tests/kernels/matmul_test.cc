@@ -28,6 +28,7 @@
 #include "hwy/tests/hwy_gtest.h"
 #include "kernels/matmul-inl.h"
 #include "kernels/ref/ops_ref.h"
+#include "kernels/weight_types.h"
 #include "tensor/dtype.h"
 
 #ifndef MOE_TESTS_KERNELS_MATMUL_TEST_HELPERS_
@@ -109,6 +110,18 @@ inline void RandomRow(std::mt19937& rng, DType t, int64_t n, uint8_t* dst, bool 
         blk.d = exact ? kHalfOne : RandomHalf(rng, 5, 11, false);
         blk.dmin = exact ? kHalfOne : RandomHalf(rng, 5, 11, false);
         RandomBytes(rng, blk.scales, sizeof(blk.scales));
+        RandomBytes(rng, blk.qs, sizeof(blk.qs));
+        PutBlock(dst, b, blk);
+      }
+      return;
+    }
+    case DType::kQ5_K: {
+      for (int64_t b = 0; b < n / kQK_K; ++b) {
+        BlockQ5_K blk;
+        blk.d = exact ? kHalfOne : RandomHalf(rng, 5, 11, false);
+        blk.dmin = exact ? kHalfOne : RandomHalf(rng, 5, 11, false);
+        RandomBytes(rng, blk.scales, sizeof(blk.scales));
+        RandomBytes(rng, blk.qh, sizeof(blk.qh));
         RandomBytes(rng, blk.qs, sizeof(blk.qs));
         PutBlock(dst, b, blk);
       }
@@ -255,6 +268,7 @@ void TestMatMulBF16() { TestMatMulType(DType::kBF16); }
 void TestMatMulQ8_0() { TestMatMulType(DType::kQ8_0); }
 void TestMatMulQ4_0() { TestMatMulType(DType::kQ4_0); }
 void TestMatMulQ4_K() { TestMatMulType(DType::kQ4_K); }
+void TestMatMulQ5_K() { TestMatMulType(DType::kQ5_K); }
 void TestMatMulQ6_K() { TestMatMulType(DType::kQ6_K); }
 
 // Rows longer than the row tile (n_tok > 4 tiles the row range), many token groups, and row
@@ -263,8 +277,7 @@ void TestMatMulRowTiles() {
   std::mt19937 rng(99);
   CheckMatMul(DType::kF32, 70000, 5, 0, 5, 11, 1, 2, 4, false, rng);
   CheckMatMul(DType::kQ8_0, 32 * 256, 40, 3, 37, 6, 3, 1, 2, false, rng);
-  for (DType w : {DType::kF32, DType::kF16, DType::kBF16, DType::kQ8_0, DType::kQ4_0,
-                  DType::kQ4_K, DType::kQ6_K}) {
+  for (DType w : moe::test::AllWeightTypes()) {
     const int64_t n_in = 2 * Traits(w).block_size * (test::IsFloatType(w) ? 37 : 1);
     for (int64_t n_tok : {1, 2, 5}) {
       CheckMatMul(w, n_in, 40, 3, 36, n_tok, 1, 0, 3, false, rng);
@@ -290,6 +303,7 @@ HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulBF16);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ8_0);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ4_0);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ4_K);
+HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ5_K);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ6_K);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulRowTiles);
 
@@ -319,8 +333,7 @@ TEST(MatMulBench, DISABLED_DecodeBandwidth) {
   const int64_t rows = 2816, n_in = 1024;
   std::mt19937 rng(5);
   std::printf("target %s\n", ActiveTarget());
-  for (DType w : {DType::kQ8_0, DType::kQ4_0, DType::kQ4_K, DType::kQ6_K, DType::kF16,
-                  DType::kBF16, DType::kF32}) {
+  for (DType w : moe::test::AllWeightTypes()) {
     if (!BenchSelected(w)) continue;
     const size_t w_row = RowBytes(w, n_in);
     const size_t mat_bytes = w_row * rows;

@@ -18,6 +18,7 @@
 #include "hwy/tests/hwy_gtest.h"
 #include "kernels/kernels.h"
 #include "kernels/ref/quant_ref.h"
+#include "kernels/weight_types.h"
 #include "tensor/dtype.h"
 
 namespace moe::kernels {
@@ -292,17 +293,18 @@ TEST(QuantRoundTrip, Q4_0WithinHalfStep) {
 
 // Relative RMSE bounds for the k-quants: a sanity check of the error's size (the bytes are ggml's,
 // ggml_oracle_test.cc). Measured over 64 super-blocks per distribution (q4_K normal 0.072,
-// uniform 0.055, outliers 0.096, wide 0.075; q6_K 0.018, 0.013, 0.034, 0.019), plus ~25% margin.
+// uniform 0.055, outliers 0.096, wide 0.075; q5_K 0.040, 0.029, 0.052, 0.046; q6_K 0.018, 0.013,
+// 0.034, 0.019), plus ~25% margin.
 // Per-block bounds are 1.3x (worst single blocks measured within 1.15x).
 struct KBound {
   Dist dist;
-  double q4k, q6k;
+  double q4k, q5k, q6k;
 };
 const KBound kKBounds[] = {
-    {Dist::kNormal, 0.09, 0.023},    {Dist::kUniform, 0.07, 0.017},
-    {Dist::kOutliers, 0.12, 0.042},  {Dist::kTiny, 0.09, 0.023},
-    {Dist::kWide, 0.095, 0.024},     {Dist::kConstant, 0.002, 0.002},
-    {Dist::kNegConstant, 0.002, 0.002},
+    {Dist::kNormal, 0.09, 0.05, 0.023},   {Dist::kUniform, 0.07, 0.036, 0.017},
+    {Dist::kOutliers, 0.12, 0.065, 0.042}, {Dist::kTiny, 0.09, 0.05, 0.023},
+    {Dist::kWide, 0.095, 0.058, 0.024},     {Dist::kConstant, 0.002, 0.002, 0.002},
+    {Dist::kNegConstant, 0.002, 0.002, 0.002},
 };
 
 void CheckKQuant(DType t) {
@@ -314,7 +316,7 @@ void CheckKQuant(DType t) {
       std::vector<float> err(x.size());
       for (size_t i = 0; i < x.size(); ++i) err[i] = y[i] - x[i];
       const double rel = Rms(err.data(), err.size()) / Rms(x.data(), x.size());
-      const double bound = t == DType::kQ4_K ? kb.q4k : kb.q6k;
+      const double bound = t == DType::kQ4_K ? kb.q4k : t == DType::kQ5_K ? kb.q5k : kb.q6k;
       EXPECT_LT(rel, bound) << DTypeName(t) << " " << DistName(kb.dist) << " nb=" << nb;
       // Per super-block too: one bad block must not hide in a row average.
       for (int b = 0; b < nb; ++b) {
@@ -332,6 +334,7 @@ void CheckKQuant(DType t) {
 }
 
 TEST(QuantRoundTrip, Q4_KRelativeRmse) { CheckKQuant(DType::kQ4_K); }
+TEST(QuantRoundTrip, Q5_KRelativeRmse) { CheckKQuant(DType::kQ5_K); }
 TEST(QuantRoundTrip, Q6_KRelativeRmse) { CheckKQuant(DType::kQ6_K); }
 
 // q4_K: every element within one step d*sc of its sub-block (levels 0..15 span the range
@@ -534,10 +537,8 @@ std::vector<uint8_t> RandomBlocks(DType t, int nb, std::mt19937& rng) {
   for (int b = 0; b < nb; ++b) {  // make the scales finite
     uint8_t* p = buf.data() + bb * b;
     auto put16 = [](uint8_t* q, uint16_t v) { std::memcpy(q, &v, 2); };
+    for (size_t off : moe::test::HalfScaleOffsets(t)) put16(p + off, RandomFiniteHalf(rng));
     switch (t) {
-      case DType::kQ8_0: case DType::kQ4_0: put16(p, RandomFiniteHalf(rng)); break;
-      case DType::kQ4_K: put16(p, RandomFiniteHalf(rng)); put16(p + 2, RandomFiniteHalf(rng)); break;
-      case DType::kQ6_K: put16(p + offsetof(BlockQ6_K, d), RandomFiniteHalf(rng)); break;
       case DType::kQ8_K: {
         const float d = std::ldexp(1.f, static_cast<int>(rng() % 40) - 30) * 1.37f;
         std::memcpy(p, &d, 4);
@@ -551,8 +552,9 @@ std::vector<uint8_t> RandomBlocks(DType t, int nb, std::mt19937& rng) {
 
 TEST(QuantDequant, FloatMatchesDoubleReference) {
   std::mt19937 rng(8);
-  for (DType t : {DType::kF16, DType::kBF16, DType::kQ8_0, DType::kQ4_0, DType::kQ4_K,
-                  DType::kQ6_K, DType::kQ8_K}) {
+  std::vector<DType> types = moe::test::AllWeightTypes(/*include_f32=*/false);
+  types.push_back(DType::kQ8_K);
+  for (DType t : types) {
     const int64_t bs = Traits(t).block_size;
     for (int nb : {0, 1, 3}) {
       const int64_t n = (bs == 1 ? 64 : bs) * nb;
@@ -573,17 +575,17 @@ TEST(QuantDequant, FloatMatchesDoubleReference) {
       std::vector<double> yd(n);
       DequantizeRow(t, shifted.data() + 3, y.data(), n);
       ref::DequantizeRow<double>(t, buf.data(), yd.data(), n);
-      // Float evaluates the same expression as double with at most 3 roundings; q4_K's
+      // Float evaluates the same expression as double with at most 3 roundings; q4_K/q5_K's
       // d*sc*q - dmin*m can cancel, so its tolerance scales with both terms.
       std::vector<double> mag(n);
       for (int64_t i = 0; i < n; ++i) mag[i] = std::fabs(yd[i]);
-      if (t == DType::kQ4_K) {
+      if (t == DType::kQ4_K || t == DType::kQ5_K) {  // d, dmin, scales: same offsets
         for (int64_t i = 0; i < n; ++i) {
           BlockQ4_K blk;
-          std::memcpy(&blk, &buf[144 * (i / 256)], sizeof(blk));
+          std::memcpy(&blk, &buf[Traits(t).block_bytes * (i / 256)], sizeof(blk));
           uint8_t sc, m;
           ref::GetScaleMinK4(static_cast<int>(i % 256) / 32, blk.scales, &sc, &m);
-          mag[i] = std::fabs(double(F16ToF32(blk.d)) * sc * 15) +
+          mag[i] = std::fabs(double(F16ToF32(blk.d)) * sc * 31) +
                    std::fabs(double(F16ToF32(blk.dmin)) * m);
         }
       }
@@ -682,8 +684,7 @@ class QuantActivations : public hwy::TestWithParamTarget {};
 HWY_TARGET_INSTANTIATE_TEST_SUITE_P(QuantActivations);
 
 TEST_P(QuantActivations, MatchScalarFormula) {
-  for (DType w : {DType::kF32, DType::kF16, DType::kBF16, DType::kQ8_0, DType::kQ4_0,
-                  DType::kQ4_K, DType::kQ6_K}) {
+  for (DType w : moe::test::AllWeightTypes()) {
     const int64_t bs = VecDotType(w) == DType::kQ8_K ? 256 : 32;
     for (Dist dist : kAllDists) {
       for (int nb : {0, 1, 2, 3, 5}) {

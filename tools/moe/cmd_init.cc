@@ -45,7 +45,7 @@ Runner AddInit(CLI::App& app) {
   app.add_option("--copy-experts", c.n_expert_copy, "MoE++ copy experts (softmax routers)");
   app.add_option("--const-experts", c.n_expert_const, "MoE++ constant experts (softmax routers)");
   app.add_flag("--gating-residual", c.expert_gating_residual, "MoE++ gating residuals between layers");
-  app.add_option("--type", *type, "weight type: f32 f16 bf16 q8_0 q4_0 q4_K q6_K")->default_val("f32");
+  app.add_option("--type", *type, "weight type: " + WeightTypeNames())->default_val("f32");
   app.add_option("--seed", o->seed, "random seed")->default_val(0);
   app.add_option("--logit-scale", o->logit_scale, "scale of the output matrix (large = big margins)")->default_val(1.0f);
   app.add_option("--plant-margin", o->plant_margin, "plant a next-token margin of about C logits per token (0 = off)")->default_val(0.0f);
@@ -56,8 +56,8 @@ Runner AddInit(CLI::App& app) {
   return [=]() {
     if (!ParseArch(*arch, &o->config.arch))
       Fail("--arch '%s' is not supported (use llama, qwen2moe, qwen3moe or olmoe)", arch->c_str());
-    if (!ParseDType(type->c_str(), &o->type) || o->type == DType::kI32 || o->type == DType::kQ8_K)
-      Fail("--type '%s' is not a weight type (use f32, f16, bf16, q8_0, q4_0, q4_K or q6_K)", type->c_str());
+    if (!ParseDType(type->c_str(), &o->type))
+      Fail("--type '%s' is not a weight type (use one of: %s)", type->c_str(), WeightTypeNames().c_str());
     if (!ParseMoeRouterKind(*router, &o->config.router_kind))
       Fail("--router '%s' is not a router (use one of: %s)", router->c_str(), MoeRouterNames());
     if (top_p->count() > 0 && o->config.router_kind != MoeRouterKind::kTopP)

@@ -109,8 +109,8 @@ struct DotResult {
 };
 
 // Reference for one output of MatMul: dot(dequant(weight row), dequant(activation row)) in
-// double, where the activation is in VecDotType(w). basis is sum |w_i x_i|, except for q4_K,
-// whose two terms d*sc*q and dmin*m are summed separately and may cancel: there it is
+// double, where the activation is in VecDotType(w). basis is sum |w_i x_i|, except for q4_K and
+// q5_K, whose two terms d*sc*q and dmin*m are summed separately and may cancel: there it is
 // sum (|d sc q| + |dmin m|) |x_i|.
 inline DotResult DotRow(DType w, const void* wrow, const void* xrow, int64_t n) {
   std::vector<double> wd(n), xd(n);
@@ -121,18 +121,21 @@ inline DotResult DotRow(DType w, const void* wrow, const void* xrow, int64_t n) 
     r.value += wd[i] * xd[i];
     r.basis += std::abs(wd[i] * xd[i]);
   }
-  if (w == DType::kQ4_K) {
+  if (w == DType::kQ4_K || w == DType::kQ5_K) {
+    // w_i = d sc q - dmin m, so |d sc q| = |w_i + dmin m| (exact in double).
     r.basis = 0.0;
+    const size_t block_bytes = Traits(w).block_bytes;
     for (int64_t b = 0; b < n / kQK_K; ++b) {
-      const BlockQ4_K blk = LoadBlock<BlockQ4_K>(wrow, b);
-      const double d = HalfValue<double>(blk.d), dmin = HalfValue<double>(blk.dmin);
+      // d, dmin and scales sit at the same offsets in both block types.
+      const BlockQ4_K head = LoadBlock<BlockQ4_K>(
+          static_cast<const uint8_t*>(wrow) + b * static_cast<int64_t>(block_bytes), 0);
+      const double dmin = HalfValue<double>(head.dmin);
       for (int j = 0; j < 8; ++j) {
         uint8_t sc, m;
-        GetScaleMinK4(j, blk.scales, &sc, &m);
+        GetScaleMinK4(j, head.scales, &sc, &m);
         for (int l = 0; l < 32; ++l) {
           const int64_t i = b * kQK_K + 32 * j + l;
-          const int q = (j & 1) ? blk.qs[32 * (j / 2) + l] >> 4 : blk.qs[32 * (j / 2) + l] & 0xF;
-          r.basis += (std::abs(d * sc * q) + std::abs(dmin * m)) * std::abs(xd[i]);
+          r.basis += (std::abs(wd[i] + dmin * m) + std::abs(dmin * m)) * std::abs(xd[i]);
         }
       }
     }

@@ -78,6 +78,18 @@ inline void PackQ4KQuants(const uint8_t* L, uint8_t* qs) {
   }
 }
 
+// Packs 256 5-bit levels L (0..31) into q5_K qh/qs: the low 4 bits as PackQ4KQuants, the 5th
+// bit of quant l of sub-block j at bit j of qh[l].
+inline void PackQ5KQuants(const uint8_t* L, uint8_t* qh, uint8_t* qs) {
+  uint8_t lo[kQK_K];
+  for (int l = 0; l < 32; ++l) qh[l] = 0;
+  for (int i = 0; i < kQK_K; ++i) {
+    lo[i] = L[i] & 0xF;
+    qh[i % 32] = static_cast<uint8_t>(qh[i % 32] | ((L[i] >> 4) << (i / 32)));
+  }
+  PackQ4KQuants(lo, qs);
+}
+
 // Packs 256 6-bit levels L (0..63, value + 32) into q6_K ql/qh, the inverse of the dequant
 // below: per half of 128, ql[l] = lo4(L[l]) | lo4(L[l+64]) << 4, ql[l+32] = lo4(L[l+32]) |
 // lo4(L[l+96]) << 4, qh[l] = the top 2 bits of L[l], L[l+32], L[l+64], L[l+96] at bits 0,2,4,6.
@@ -140,6 +152,23 @@ void DequantizeBlock(const BlockQ4_K& x, T* y) {  // y: [256] = 8 sub-blocks of 
 }
 
 template <typename T>
+void DequantizeBlock(const BlockQ5_K& x, T* y) {  // y: [256] = 8 sub-blocks of 32
+  const T d = HalfValue<T>(x.d);
+  const T dmin = HalfValue<T>(x.dmin);
+  for (int j = 0; j < 8; ++j) {
+    uint8_t sc, m;
+    GetScaleMinK4(j, x.scales, &sc, &m);
+    const T dj = d * static_cast<T>(sc), mj = dmin * static_cast<T>(m);
+    const uint8_t* q = x.qs + 32 * (j / 2);
+    for (int l = 0; l < 32; ++l) {
+      const int lo = (j & 1) ? q[l] >> 4 : q[l] & 0xF;
+      const int level = lo | (((x.qh[l] >> j) & 1) << 4);
+      y[32 * j + l] = dj * static_cast<T>(level) - mj;
+    }
+  }
+}
+
+template <typename T>
 void DequantizeBlock(const BlockQ6_K& x, T* y) {  // y: [256] = 16 sub-blocks of 16
   const T d = HalfValue<T>(x.d);
   for (int half = 0; half < 2; ++half) {
@@ -174,7 +203,7 @@ void DequantizeBlocks(const void* x, T* y, int64_t n, int64_t block_size) {
   }
 }
 
-// y[0..n) = dequant(x) for t in {f32, f16, bf16, q8_0, q4_0, q4_K, q6_K, q8_K}.
+// y[0..n) = dequant(x) for every type of tensor/dtype.h but i32.
 template <typename T>
 void DequantizeRow(DType t, const void* x, T* y, int64_t n) {
   switch (t) {
@@ -205,6 +234,7 @@ void DequantizeRow(DType t, const void* x, T* y, int64_t n) {
     case DType::kQ8_0: return DequantizeBlocks<BlockQ8_0>(x, y, n, kQK8_0);
     case DType::kQ4_0: return DequantizeBlocks<BlockQ4_0>(x, y, n, kQK4_0);
     case DType::kQ4_K: return DequantizeBlocks<BlockQ4_K>(x, y, n, kQK_K);
+    case DType::kQ5_K: return DequantizeBlocks<BlockQ5_K>(x, y, n, kQK_K);
     case DType::kQ6_K: return DequantizeBlocks<BlockQ6_K>(x, y, n, kQK_K);
     case DType::kQ8_K: return DequantizeBlocks<BlockQ8_K>(x, y, n, kQK_K);
     default: MOE_ASSERT(false && "ref::DequantizeRow: unsupported type");

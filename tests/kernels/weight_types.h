@@ -1,0 +1,43 @@
+// The weight types the tests iterate over: every type moe.cpp reads (IsWeightType), so a new
+// type is tested by every per-type test without editing their lists.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "tensor/dtype.h"
+
+namespace moe::test {
+
+inline std::vector<DType> AllWeightTypes(bool include_f32 = true) {
+  std::vector<DType> out;
+  for (uint32_t id = 0; id < 64; ++id) {
+    const DType t = static_cast<DType>(id);
+    if (IsWeightType(t) && (include_f32 || t != DType::kF32)) out.push_back(t);
+  }
+  return out;
+}
+
+// The block-quantized ones (block size > 1).
+inline std::vector<DType> QuantizedWeightTypes() {
+  std::vector<DType> out;
+  for (DType t : AllWeightTypes()) {
+    if (Traits(t).block_size > 1) out.push_back(t);
+  }
+  return out;
+}
+
+// Byte offsets of the f16 scale fields of one block (random blocks get finite values there).
+inline std::vector<size_t> HalfScaleOffsets(DType t) {
+  switch (t) {
+    case DType::kQ8_0: return {offsetof(BlockQ8_0, d)};
+    case DType::kQ4_0: return {offsetof(BlockQ4_0, d)};
+    case DType::kQ4_K: return {offsetof(BlockQ4_K, d), offsetof(BlockQ4_K, dmin)};
+    case DType::kQ5_K: return {offsetof(BlockQ5_K, d), offsetof(BlockQ5_K, dmin)};
+    case DType::kQ6_K: return {offsetof(BlockQ6_K, d)};
+    default: return {};
+  }
+}
+
+}  // namespace moe::test
