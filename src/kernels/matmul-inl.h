@@ -35,6 +35,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 #include <type_traits>
 
@@ -125,10 +126,12 @@ HWY_INLINE uint8_t* MmWorkspace(size_t bytes) {
 // VNNI path (AVX3_DL): q8 [n_in + 64] int8 quants (zero padded; block-32 types interleave
 // each pair of blocks by dword, see PrepareQ8_0Int8), corr [n_in / 4 + 16] int32 per dword
 // of q8: -c * (sum of its 4 quants), c = the weight format's unsigned offset (128 for q8_0,
-// 8 for q4_0), bsums [n_blocks][16] raw q8_K group sums.
+// 8 for q4_0, 16 for q5_0), bsums [n_blocks][16] raw q8_K group sums.
+// q8_1 (both paths): s [n_blocks + kMmChunk] the blocks' f16 s = d * sum(q), widened.
 struct MmAct {
   const int16_t* q;
   const float* d;
+  const float* s;
   const int32_t* bsum2;
   const float* f;
   const int8_t* q8;
@@ -183,15 +186,21 @@ HWY_INLINE void WidenI8(const int8_t* HWY_RESTRICT src, int16_t* HWY_RESTRICT q,
   }
 }
 
-HWY_INLINE void PrepareQ8_0(const uint8_t* row, int64_t nb, int16_t* q, float* d,
+// Block-32 activations (q8_0, or q8_1 with its s into s[]).
+template <typename Block>
+HWY_INLINE void PrepareQ8_0(const uint8_t* row, int64_t nb, int16_t* q, float* d, float* s,
                             MmLayout layout) {
   for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* blk = row + b * sizeof(BlockQ8_0);
-    d[b] = LoadF16Scalar(blk + offsetof(BlockQ8_0, d));
-    WidenI8(reinterpret_cast<const int8_t*>(blk + offsetof(BlockQ8_0, qs)), q + b * kQK8_0,
-            kQK8_0, layout);
+    const uint8_t* blk = row + b * sizeof(Block);
+    d[b] = LoadF16Scalar(blk + offsetof(Block, d));
+    if constexpr (std::is_same_v<Block, BlockQ8_1>) s[b] = LoadF16Scalar(blk + offsetof(Block, s));
+    WidenI8(reinterpret_cast<const int8_t*>(blk + offsetof(Block, qs)), q + b * kQK8_0, kQK8_0,
+            layout);
   }
-  for (int64_t b = nb; b < nb + kMmChunk; ++b) d[b] = 0.0f;
+  for (int64_t b = nb; b < nb + kMmChunk; ++b) {
+    d[b] = 0.0f;
+    if constexpr (std::is_same_v<Block, BlockQ8_1>) s[b] = 0.0f;
+  }
 }
 
 HWY_INLINE void PrepareQ8_K(const uint8_t* row, int64_t nb, int16_t* q, float* d,
@@ -211,23 +220,28 @@ HWY_INLINE void PrepareQ8_K(const uint8_t* row, int64_t nb, int16_t* q, float* d
 // VNNI block-32 path: int8 quants with each pair of blocks (a, b) interleaved by dword
 // (a0 b0 a1 b1 ... a7 b7; a missing b is zeros), zero padded by 64 bytes, and, if c != 0,
 // corr[k] = -c * (sum of the 4 quants in dword k).
-HWY_INLINE void PrepareQ8_0Int8(const uint8_t* row, int64_t nb, int8_t* q8, float* d,
+template <typename Block>
+HWY_INLINE void PrepareQ8_0Int8(const uint8_t* row, int64_t nb, int8_t* q8, float* d, float* s,
                                 int32_t* corr, int32_t c) {
   const int64_t ne = nb * kQK8_0;
   std::memset(q8 + ne, 0, 64);
   for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* blk = row + b * sizeof(BlockQ8_0);
-    d[b] = LoadF16Scalar(blk + offsetof(BlockQ8_0, d));
+    const uint8_t* blk = row + b * sizeof(Block);
+    d[b] = LoadF16Scalar(blk + offsetof(Block, d));
+    if constexpr (std::is_same_v<Block, BlockQ8_1>) s[b] = LoadF16Scalar(blk + offsetof(Block, s));
     int8_t* pair = q8 + (b & ~int64_t{1}) * kQK8_0;
     for (int i = 0; i < 8; ++i) {
-      std::memcpy(pair + 8 * i + 4 * (b & 1), blk + offsetof(BlockQ8_0, qs) + 4 * i, 4);
+      std::memcpy(pair + 8 * i + 4 * (b & 1), blk + offsetof(Block, qs) + 4 * i, 4);
     }
   }
   if (nb & 1) {  // the last pair's missing partner
     int8_t* pair = q8 + (nb - 1) * kQK8_0;
     for (int i = 0; i < 8; ++i) std::memset(pair + 8 * i + 4, 0, 4);
   }
-  for (int64_t b = nb; b < nb + kMmChunk; ++b) d[b] = 0.0f;
+  for (int64_t b = nb; b < nb + kMmChunk; ++b) {
+    d[b] = 0.0f;
+    if constexpr (std::is_same_v<Block, BlockQ8_1>) s[b] = 0.0f;
+  }
   if (c != 0) {
     for (int64_t k = 0; k < ne / 4 + 16; ++k) {
       corr[k] = -c * (int32_t{q8[4 * k]} + q8[4 * k + 1] + q8[4 * k + 2] + q8[4 * k + 3]);
@@ -299,6 +313,7 @@ HWY_INLINE hn::Vec<MmDU16> QuarterShifts() {
 
 // Block-32 types: one f16 scale at offset 0 (widened per chunk of blocks by the row loop).
 struct KernQ8_0 {
+  static constexpr bool kHasMin = false;
   static constexpr size_t kElems = kQK8_0;
   static constexpr size_t kBytes = sizeof(BlockQ8_0);
   static constexpr MmLayout kLayout = MmLayout::kNatural;
@@ -308,30 +323,78 @@ struct KernQ8_0 {
   }
 };
 
-struct KernQ4_0 {
+// q4_0, q4_1, q5_0, q5_1: 32 quants as nibbles (element j low in qs[j], j + 16 high), q5 with
+// the 5th bits in a little-endian uint32 qh; q4_0 / q5_0 are offset by 8 / 16, q4_1 / q5_1
+// add a per-block minimum m (its product with the activation sum s is the row's MinSum).
+template <typename Block>
+struct KernNibble32 {
+  using BlockType = Block;
+  static constexpr bool kQ5 = std::is_same_v<Block, BlockQ5_0> || std::is_same_v<Block, BlockQ5_1>;
+  static constexpr bool kHasMin =
+      std::is_same_v<Block, BlockQ4_1> || std::is_same_v<Block, BlockQ5_1>;
+  static constexpr int16_t kOffset =
+      std::is_same_v<Block, BlockQ4_0> ? 8 : (std::is_same_v<Block, BlockQ5_0> ? 16 : 0);
   static constexpr size_t kElems = kQK4_0;
-  static constexpr size_t kBytes = sizeof(BlockQ4_0);
+  static constexpr size_t kBytes = sizeof(Block);
 #if MOE_MATMUL_WIDE
   static constexpr MmLayout kLayout = MmLayout::kNibbleQuarters;
 #else
   static constexpr MmLayout kLayout = MmLayout::kNatural;
 #endif
-  // Low nibbles are quants 0..15, high nibbles 16..31.
+  static HWY_INLINE uint32_t HighBits(const uint8_t* blk) {
+    uint32_t h;
+    std::memcpy(&h, blk + offsetof(Block, qh), sizeof(h));
+    return h;
+  }
   static HWY_INLINE MmV16 Chunk(const uint8_t* blk, size_t e) {
     const MmD16 d16;
     const MmDU16 du16;
-    const uint8_t* qs = blk + offsetof(BlockQ4_0, qs);
+    const uint8_t* qs = blk + offsetof(Block, qs);
 #if MOE_MATMUL_WIDE
     (void)e;  // the whole block is one vector
     const auto v = hn::LoadDup128(du16, reinterpret_cast<const uint16_t*>(qs));
-    const auto q = hn::And(hn::operator>>(v, QuarterShifts()), hn::Set(du16, 0xF));
+    auto q = hn::And(hn::operator>>(v, QuarterShifts()), hn::Set(du16, 0xF));
+    if constexpr (kQ5) {
+      // Lane i holds element k = 2m + (g >> 1) + 16 (g & 1) (g = i / 8, m = i % 8): its bit
+      // is bit k % 16 of the low (even g) or high (odd g) half of qh.
+      alignas(64) static constexpr uint16_t kBit[32] = {
+          1 << 0, 1 << 2,  1 << 4,  1 << 6,  1 << 8,  1 << 10, 1 << 12, 1 << 14,
+          1 << 0, 1 << 2,  1 << 4,  1 << 6,  1 << 8,  1 << 10, 1 << 12, 1 << 14,
+          1 << 1, 1 << 3,  1 << 5,  1 << 7,  1 << 9,  1 << 11, 1 << 13, 1 << 15,
+          1 << 1, 1 << 3,  1 << 5,  1 << 7,  1 << 9,  1 << 11, 1 << 13, 1 << 15};
+      alignas(64) static constexpr uint16_t kOddQuarter[32] = {
+          0, 0, 0, 0, 0, 0, 0, 0, 0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF,
+          0, 0, 0, 0, 0, 0, 0, 0, 0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF};
+      const uint32_t h = HighBits(blk);
+      const auto hv = hn::IfThenElse(hn::MaskFromVec(hn::Load(du16, kOddQuarter)),
+                                     hn::Set(du16, static_cast<uint16_t>(h >> 16)),
+                                     hn::Set(du16, static_cast<uint16_t>(h)));
+      q = hn::IfThenElse(hn::TestBit(hv, hn::Load(du16, kBit)), hn::Or(q, hn::Set(du16, 16)), q);
+    }
 #else
     const auto v = LoadU8AsU16(qs + (e & 15));
-    const auto q = e < 16 ? hn::And(v, hn::Set(du16, 0xF)) : hn::ShiftRight<4>(v);
+    auto q = e < 16 ? hn::And(v, hn::Set(du16, 0xF)) : hn::ShiftRight<4>(v);
+    if constexpr (kQ5) {
+      alignas(32) static constexpr uint16_t kPow2[16] = {1,     2,     4,     8,    16,   32,
+                                                         64,    128,   256,   512,  1024, 2048,
+                                                         4096,  8192,  16384, 32768};
+      // Elements e..e+N-1 lie in one half of qh (N divides 16).
+      const auto hv = hn::Set(du16, static_cast<uint16_t>(HighBits(blk) >> (e & 16)));
+      q = hn::IfThenElse(hn::TestBit(hv, hn::LoadU(du16, kPow2 + (e & 15))),
+                         hn::Or(q, hn::Set(du16, 16)), q);
+    }
 #endif
-    return hn::Sub(hn::BitCast(d16, q), hn::Set(d16, 8));
+    if constexpr (kOffset != 0) {
+      return hn::Sub(hn::BitCast(d16, q), hn::Set(d16, kOffset));
+    } else {
+      return hn::BitCast(d16, q);
+    }
   }
 };
+using KernQ4_0 = KernNibble32<BlockQ4_0>;
+using KernQ4_1 = KernNibble32<BlockQ4_1>;
+using KernQ5_0 = KernNibble32<BlockQ5_0>;
+using KernQ5_1 = KernNibble32<BlockQ5_1>;
 
 // q4_K and q5_K: 8 sub-blocks of 32 with 6-bit scales and mins; q5_K adds a 5th bit per quant.
 template <typename Block>
@@ -503,28 +566,46 @@ HWY_INLINE void StoreRow(hn::Vec<MmDF> a0, hn::Vec<MmDF> a1, hn::Vec<MmDF> a2,
 constexpr int64_t kMmChunkPad = kMmChunk + 64;
 
 // dd[t][j] = f16 scale of block c0 + j (at cblk + j * kBytes) times token t's activation
-// scale, for j < cn; zero from cn up to the next multiple of the float vector length.
+// scale, for j < cn; zero from cn up to the next multiple of the float vector length. kMin:
+// the blocks' f16 minimum (at byte 2: q4_1, q5_1) times the activation's s instead.
 // Scalar gather into a small array, then vector widening (no vector gather: on CPUs with the
 // "gather data sampling" microcode mitigation those are very slow).
-template <int NT, size_t kBytes>
+template <int NT, size_t kBytes, bool kMin = false>
 HWY_INLINE void ChunkScales(const uint8_t* cblk, int64_t cn, int64_t c0, const MmAct* act,
                             float (*dd)[kMmChunkPad]) {
   const hn::ScalableTag<float> df;
   const hn::Rebind<hwy::float16_t, decltype(df)> dh;
   const int64_t NF = static_cast<int64_t>(hn::Lanes(df));
+  constexpr size_t kOff = kMin ? 2 : 0;
   HWY_ALIGN uint16_t dw[kMmChunkPad];
-  for (int64_t j = 0; j < cn; ++j) std::memcpy(&dw[j], cblk + j * kBytes, sizeof(uint16_t));
+  for (int64_t j = 0; j < cn; ++j) std::memcpy(&dw[j], cblk + j * kBytes + kOff, sizeof(uint16_t));
   for (int64_t j = cn; j < cn + NF && j < kMmChunkPad; ++j) dw[j] = 0;
   for (int64_t j = 0; j < cn; j += NF) {
     const auto wv =
         hn::PromoteTo(df, hn::Load(dh, reinterpret_cast<const hwy::float16_t*>(dw + j)));
     for (int t = 0; t < NT; ++t) {
-      hn::Store(hn::Mul(wv, hn::LoadU(df, act[t].d + c0 + j)), df, dd[t] + j);
+      const float* a = kMin ? act[t].s : act[t].d;
+      hn::Store(hn::Mul(wv, hn::LoadU(df, a + c0 + j)), df, dd[t] + j);
     }
   }
 }
 
-// Block-32 rows (q8_0, q4_0): per chunk of blocks, the f16 weight scales are gathered and
+// m[t] -= sum over the chunk's blocks of m_w * s_x (q4_1, q5_1): the minimum's part of the
+// dot, which the row results subtract from their lane sums. Summed block by block with fused
+// multiply-adds, as ggml's x86 kernels do (compiled with FMA): this term is often much larger
+// than the dot itself (the two parts cancel), so its rounding is kept close to llama.cpp's.
+template <int NT, size_t kBytes>
+HWY_INLINE void ChunkMinTerms(const uint8_t* cblk, int64_t cn, int64_t c0, const MmAct* act,
+                              float* m) {
+  float sum[4] = {-m[0], NT > 1 ? -m[1] : 0.0f, NT > 2 ? -m[2] : 0.0f, NT > 3 ? -m[3] : 0.0f};
+  for (int64_t j = 0; j < cn; ++j) {
+    const float mw = LoadF16Scalar(cblk + j * kBytes + 2);  // m follows d in q4_1 and q5_1
+    for (int t = 0; t < NT; ++t) sum[t] = std::fma(mw, act[t].s[c0 + j], sum[t]);
+  }
+  for (int t = 0; t < NT; ++t) m[t] = -sum[t];
+}
+
+// Block-32 rows (q8_0, q4_0, q4_1, q5_0, q5_1): per chunk of blocks, the f16 weight scales are gathered and
 // widened with vectors and multiplied by each token's activation scales, so the block loop
 // only broadcasts a float from memory.
 template <int NT, class K>
@@ -533,10 +614,12 @@ HWY_INLINE void Row32Dot(const uint8_t* HWY_RESTRICT wrow, int64_t nb, const MmA
   HWY_ALIGN float dd[4][kMmChunkPad];  // [token][block in chunk]
   const MmDF dfa;
   auto a0 = hn::Zero(dfa), a1 = hn::Zero(dfa), a2 = hn::Zero(dfa), a3 = hn::Zero(dfa);
+  float m[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   for (int64_t c0 = 0; c0 < nb; c0 += kMmChunk) {
     const int64_t cn = nb - c0 < kMmChunk ? nb - c0 : kMmChunk;
     const uint8_t* cblk = wrow + c0 * K::kBytes;
     ChunkScales<NT, K::kBytes>(cblk, cn, c0, act, dd);
+    if constexpr (K::kHasMin) ChunkMinTerms<NT, K::kBytes>(cblk, cn, c0, act, m);
     const size_t q0 = static_cast<size_t>(c0) * K::kElems;
     if constexpr (NT == 1) {
       // One token: even blocks into a0, odd into a1, so two FMA chains overlap.
@@ -567,7 +650,6 @@ HWY_INLINE void Row32Dot(const uint8_t* HWY_RESTRICT wrow, int64_t nb, const MmA
       }
     }
   }
-  const float m[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   StoreRow<NT>(a0, a1, a2, a3, m, out, out_stride);
 }
 
@@ -634,30 +716,63 @@ HWY_INLINE __m512i VnniPairQ8_0(const uint8_t* a, const uint8_t* b) {
                           _mm512_set1_epi8(static_cast<char>(0x80)));
 }
 
-// Lanes 0..7: the 16 nibble bytes of a and b interleaved by dword, low nibbles (quants 0..15);
-// lanes 8..15: the same bytes, high nibbles (quants 16..31).
-HWY_INLINE __m512i VnniPairQ4_0(const uint8_t* a, const uint8_t* b) {
-  const __m512i qa = _mm512_broadcast_i32x4(
-      _mm_loadu_si128(reinterpret_cast<const __m128i*>(a + offsetof(BlockQ4_0, qs))));
-  const __m512i qb =
-      b ? _mm512_broadcast_i32x4(
-              _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + offsetof(BlockQ4_0, qs))))
-        : _mm512_setzero_si512();
+// The nibble blocks (q4_0, q4_1, q5_0, q5_1) from their qs bytes at qa, qb (qb == nullptr:
+// zeros). Lanes 0..7: the 16 bytes of a and b interleaved by dword, low nibbles (quants
+// 0..15); lanes 8..15: the same bytes, high nibbles (quants 16..31).
+HWY_INLINE __m512i VnniPairNibbles(const uint8_t* qa, const uint8_t* qb) {
+  const __m512i va = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qa)));
+  const __m512i vb = qb ? _mm512_broadcast_i32x4(
+                              _mm_loadu_si128(reinterpret_cast<const __m128i*>(qb)))
+                        : _mm512_setzero_si512();
   const __m512i idx = _mm512_set_epi32(19, 3, 18, 2, 17, 1, 16, 0, 19, 3, 18, 2, 17, 1, 16, 0);
-  const __m512i v = _mm512_permutex2var_epi32(qa, idx, qb);
+  const __m512i v = _mm512_permutex2var_epi32(va, idx, vb);
   const __m512i shifts = _mm512_set_epi64(0x0004000400040004, 0x0004000400040004,
                                           0x0004000400040004, 0x0004000400040004, 0, 0, 0, 0);
   return _mm512_and_si512(_mm512_srlv_epi16(v, shifts), _mm512_set1_epi8(0x0F));
 }
 
+// The unsigned offset c of a block-32 format's VNNI weights (q = unsigned - c).
+template <class K>
+constexpr int32_t VnniOffset() {
+  if constexpr (std::is_same_v<K, KernQ8_0>) {
+    return 128;
+  } else {
+    return K::kOffset;
+  }
+}
+
+// Weights of the block pair (a, b) as 64 unsigned bytes in the interleaved order: int32 lane
+// 2i holds elements 4i..4i+3 of a, lane 2i+1 those of b (b == nullptr: zeros).
+template <class K>
+HWY_INLINE __m512i VnniPair(const uint8_t* a, const uint8_t* b) {
+  if constexpr (std::is_same_v<K, KernQ8_0>) {
+    return VnniPairQ8_0(a, b);
+  } else {
+    using Block = typename K::BlockType;
+    const __m512i w =
+        VnniPairNibbles(a + offsetof(Block, qs), b ? b + offsetof(Block, qs) : nullptr);
+    if constexpr (!K::kQ5) {
+      return w;
+    } else {
+      // Byte 8i + r holds element 4i + r of a, byte 8i + 4 + r that of b: deposit the 32 high
+      // bits of each into alternating nibbles of a 64-bit byte mask.
+      const uint64_t ha = K::HighBits(a), hb = b ? K::HighBits(b) : 0;
+      const __mmask64 hi = _pdep_u64(ha, 0x0F0F0F0F0F0F0F0Full) |
+                           _pdep_u64(hb, 0xF0F0F0F0F0F0F0F0ull);
+      return _mm512_mask_add_epi8(w, hi, w, _mm512_set1_epi8(16));
+    }
+  }
+}
+
 // ChunkScales for AVX-512: the f16 scales are picked out of 64-byte loads of the blocks with
-// word permutes (q4_0: 4 block starts per 64 bytes, q8_0: 2), 16 blocks per vector; the last
-// loads are masked so nothing past block cn - 1 is read.
+// word permutes (q4_0, q4_1: 4 block starts per 64 bytes, q8_0: 2), 16 blocks per vector; the
+// last loads are masked so nothing past block cn - 1 is read. (q5_0 and q5_1, whose fourth
+// block scale would lie past byte 64, use the portable ChunkScales.)
 template <int NT, size_t kBytes>
 HWY_INLINE void ChunkScalesVnni(const uint8_t* cblk, int64_t cn, int64_t c0, const MmAct* act,
                                 float (*dd)[kMmChunkPad]) {
-  static_assert(kBytes == sizeof(BlockQ4_0) || kBytes == sizeof(BlockQ8_0));
-  constexpr int kPer = kBytes == sizeof(BlockQ4_0) ? 4 : 2;  // block starts per 64 bytes
+  static_assert(kBytes <= 20 || kBytes == sizeof(BlockQ8_0));
+  constexpr int kPer = kBytes <= 20 ? 4 : 2;  // block starts per 64 bytes (scale included)
   constexpr int kGroups = 16 / kPer;
   // Lane g * kPer + k takes word k * kBytes / 2 of load g.
   alignas(64) static constexpr uint16_t kIdx[32] = {
@@ -697,37 +812,35 @@ HWY_INLINE __m512 VnniPairScale(const float* dd_pair) {
   return _mm512_castpd_ps(_mm512_set1_pd(ab));
 }
 
-// acc += float(corr + dpbusd(w, x)) * scale, for the pair of blocks at quant offset xo.
+// acc += float(corr + dpbusd(w, x)) * scale, for the pair of blocks at quant offset xo
+// (kCorr false: the weights have no unsigned offset, so no correction).
+template <bool kCorr>
 HWY_INLINE void VnniPairToken(__m512i w, const MmAct& a, size_t xo, const float* dd_pair,
                               __m512& acc) {
-  __m512i s = _mm512_load_si512(a.corr + xo / 4);
+  __m512i s = kCorr ? _mm512_load_si512(a.corr + xo / 4) : _mm512_setzero_si512();
   s = _mm512_dpbusd_epi32(s, w, _mm512_load_si512(a.q8 + xo));
   acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), VnniPairScale(dd_pair), acc);
 }
-
-template <bool kQ4>
-HWY_INLINE __m512i VnniPair(const uint8_t* a, const uint8_t* b) {
-  if constexpr (kQ4) {
-    return VnniPairQ4_0(a, b);
-  } else {
-    return VnniPairQ8_0(a, b);
-  }
-}
-
 
 // Both VNNI row kernels leave token t's lane accumulator in acc[t] and its scalar correction
 // in m[t]; the result is sum(acc[t]) - m[t] (see VnniStore / VnniRowsOneToken).
 template <int NT, class K>
 HWY_INLINE void Row32Vnni(const uint8_t* HWY_RESTRICT wrow, int64_t nb, const MmAct* act,
                           __m512* acc, float* m) {
-  constexpr bool kQ4 = std::is_same_v<K, KernQ4_0>;
   constexpr size_t kB = K::kBytes;
+  constexpr bool kCorr = VnniOffset<K>() != 0;
   HWY_ALIGN float dd[4][kMmChunkPad];
   __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (int t = 0; t < NT; ++t) m[t] = 0.0f;
   for (int64_t c0 = 0; c0 < nb; c0 += kMmChunk) {
     const int64_t cn = nb - c0 < kMmChunk ? nb - c0 : kMmChunk;
     const uint8_t* cblk = wrow + c0 * kB;
-    ChunkScalesVnni<NT, kB>(cblk, cn, c0, act, dd);
+    if constexpr (kB <= 20 || kB == sizeof(BlockQ8_0)) {
+      ChunkScalesVnni<NT, kB>(cblk, cn, c0, act, dd);
+    } else {
+      ChunkScales<NT, kB>(cblk, cn, c0, act, dd);
+    }
+    if constexpr (K::kHasMin) ChunkMinTerms<NT, kB>(cblk, cn, c0, act, m);
     const size_t x0 = static_cast<size_t>(c0) * kQK8_0;
     int64_t j = 0;
     if constexpr (NT == 1) {
@@ -735,28 +848,28 @@ HWY_INLINE void Row32Vnni(const uint8_t* HWY_RESTRICT wrow, int64_t nb, const Mm
       for (; j + 4 <= cn; j += 4) {
         const uint8_t* b = cblk + j * kB;
         MmPrefetch<4 * kB>(b + kMmPrefetchBytes);
-        VnniPairToken(VnniPair<kQ4>(b, b + kB), act[0], x0 + j * 32, &dd[0][j], a0);
-        VnniPairToken(VnniPair<kQ4>(b + 2 * kB, b + 3 * kB), act[0], x0 + (j + 2) * 32,
-                      &dd[0][j + 2], a1);
+        VnniPairToken<kCorr>(VnniPair<K>(b, b + kB), act[0], x0 + j * 32, &dd[0][j], a0);
+        VnniPairToken<kCorr>(VnniPair<K>(b + 2 * kB, b + 3 * kB), act[0], x0 + (j + 2) * 32,
+                             &dd[0][j + 2], a1);
       }
     }
     for (; j + 2 <= cn; j += 2) {
       const uint8_t* b = cblk + j * kB;
       MmPrefetch<2 * kB>(b + kMmPrefetchBytes);
-      const __m512i w = VnniPair<kQ4>(b, b + kB);
+      const __m512i w = VnniPair<K>(b, b + kB);
       const size_t xo = x0 + j * 32;
-      VnniPairToken(w, act[0], xo, &dd[0][j], a0);
-      if constexpr (NT > 1) VnniPairToken(w, act[1], xo, &dd[1][j], a1);
-      if constexpr (NT > 2) VnniPairToken(w, act[2], xo, &dd[2][j], a2);
-      if constexpr (NT > 3) VnniPairToken(w, act[3], xo, &dd[3][j], a3);
+      VnniPairToken<kCorr>(w, act[0], xo, &dd[0][j], a0);
+      if constexpr (NT > 1) VnniPairToken<kCorr>(w, act[1], xo, &dd[1][j], a1);
+      if constexpr (NT > 2) VnniPairToken<kCorr>(w, act[2], xo, &dd[2][j], a2);
+      if constexpr (NT > 3) VnniPairToken<kCorr>(w, act[3], xo, &dd[3][j], a3);
     }
     if (j < cn) {  // odd last block: the missing partner has zero weights, quants and scale
-      const __m512i w = VnniPair<kQ4>(cblk + j * kB, nullptr);
+      const __m512i w = VnniPair<K>(cblk + j * kB, nullptr);
       const size_t xo = x0 + j * 32;
-      VnniPairToken(w, act[0], xo, &dd[0][j], a0);
-      if constexpr (NT > 1) VnniPairToken(w, act[1], xo, &dd[1][j], a1);
-      if constexpr (NT > 2) VnniPairToken(w, act[2], xo, &dd[2][j], a2);
-      if constexpr (NT > 3) VnniPairToken(w, act[3], xo, &dd[3][j], a3);
+      VnniPairToken<kCorr>(w, act[0], xo, &dd[0][j], a0);
+      if constexpr (NT > 1) VnniPairToken<kCorr>(w, act[1], xo, &dd[1][j], a1);
+      if constexpr (NT > 2) VnniPairToken<kCorr>(w, act[2], xo, &dd[2][j], a2);
+      if constexpr (NT > 3) VnniPairToken<kCorr>(w, act[3], xo, &dd[3][j], a3);
     }
   }
   if constexpr (NT == 1) a0 = _mm512_add_ps(a0, a1);
@@ -764,7 +877,6 @@ HWY_INLINE void Row32Vnni(const uint8_t* HWY_RESTRICT wrow, int64_t nb, const Mm
   if constexpr (NT > 1) acc[1] = a1;
   if constexpr (NT > 2) acc[2] = a2;
   if constexpr (NT > 3) acc[3] = a3;
-  for (int t = 0; t < NT; ++t) m[t] = 0.0f;
 }
 
 // sb += float(dpbusd(w, x)) * scales (exact integers, see above).
@@ -1057,7 +1169,7 @@ HWY_INLINE void FloatRowDot(const uint8_t* HWY_RESTRICT wrow, int64_t n, const M
 
 // ---------------------------------------------------------------- driver
 
-enum class MmPrep { kF32, kF16, kBF16, kQ8_0, kQ8_K };
+enum class MmPrep { kF32, kF16, kBF16, kQ8_0, kQ8_1, kQ8_K };
 
 // How the activations of one weight type are prepared.
 struct MmPrepSpec {
@@ -1071,10 +1183,10 @@ struct MmPrepSpec {
 HWY_INLINE MmAct* PrepareActs(const MmPrepSpec& spec, int64_t n_in, const uint8_t* xa,
                               size_t xa_stride, int64_t n_tok) {
   const MmPrep prep = spec.prep;
-  const bool is_int = prep == MmPrep::kQ8_0 || prep == MmPrep::kQ8_K;
+  const bool is_int = prep == MmPrep::kQ8_0 || prep == MmPrep::kQ8_1 || prep == MmPrep::kQ8_K;
   const bool i16 = is_int && !spec.int8;
   const bool i8 = is_int && spec.int8;
-  const int64_t block = prep == MmPrep::kQ8_0 ? kQK8_0 : kQK_K;
+  const int64_t block = prep == MmPrep::kQ8_K ? kQK_K : kQK8_0;
   const int64_t nb = is_int ? n_in / block : 0;
   const size_t ne = static_cast<size_t>(nb * block);
   const size_t q_bytes = i16 ? MmRoundUp64(ne * 2) : 0;
@@ -1082,12 +1194,14 @@ HWY_INLINE MmAct* PrepareActs(const MmPrepSpec& spec, int64_t n_in, const uint8_
   const size_t c_bytes = i8 && spec.corr ? MmRoundUp64((ne / 4 + 16) * sizeof(int32_t)) : 0;
   const size_t d_bytes =
       is_int ? MmRoundUp64(static_cast<size_t>(nb + kMmChunk) * sizeof(float)) : 0;
+  const size_t s_bytes = prep == MmPrep::kQ8_1 ? d_bytes : 0;
   const size_t b_bytes =
       prep == MmPrep::kQ8_K ? MmRoundUp64(static_cast<size_t>(nb) * 8 * sizeof(int32_t)) : 0;
   const size_t r_bytes =
       i8 && prep == MmPrep::kQ8_K ? MmRoundUp64(static_cast<size_t>(nb) * 16 * sizeof(int16_t)) : 0;
   const size_t f_bytes = is_int ? 0 : MmRoundUp64(static_cast<size_t>(n_in) * sizeof(float));
-  const size_t per_tok = q_bytes + q8_bytes + c_bytes + d_bytes + b_bytes + r_bytes + f_bytes;
+  const size_t per_tok =
+      q_bytes + q8_bytes + c_bytes + d_bytes + s_bytes + b_bytes + r_bytes + f_bytes;
   const size_t head = MmRoundUp64(static_cast<size_t>(n_tok) * sizeof(MmAct));
   uint8_t* ws = MmWorkspace(head + per_tok * static_cast<size_t>(n_tok));
   MmAct* acts = reinterpret_cast<MmAct*>(ws);
@@ -1101,6 +1215,8 @@ HWY_INLINE MmAct* PrepareActs(const MmPrepSpec& spec, int64_t n_in, const uint8_
     p += c_bytes;
     float* d = reinterpret_cast<float*>(p);
     p += d_bytes;
+    float* sx = reinterpret_cast<float*>(p);
+    p += s_bytes;
     int32_t* bsum2 = reinterpret_cast<int32_t*>(p);
     p += b_bytes;
     int16_t* bsums = reinterpret_cast<int16_t*>(p);
@@ -1113,9 +1229,16 @@ HWY_INLINE MmAct* PrepareActs(const MmPrepSpec& spec, int64_t n_in, const uint8_
       case MmPrep::kBF16: WidenToF32<hwy::bfloat16_t>(row, f, n_in); break;
       case MmPrep::kQ8_0:
         if (i8) {
-          PrepareQ8_0Int8(row, nb, q8, d, corr, spec.corr);
+          PrepareQ8_0Int8<BlockQ8_0>(row, nb, q8, d, sx, corr, spec.corr);
         } else {
-          PrepareQ8_0(row, nb, q, d, spec.layout);
+          PrepareQ8_0<BlockQ8_0>(row, nb, q, d, sx, spec.layout);
+        }
+        break;
+      case MmPrep::kQ8_1:
+        if (i8) {
+          PrepareQ8_0Int8<BlockQ8_1>(row, nb, q8, d, sx, corr, spec.corr);
+        } else {
+          PrepareQ8_0<BlockQ8_1>(row, nb, q, d, sx, spec.layout);
         }
         break;
       case MmPrep::kQ8_K:
@@ -1126,7 +1249,7 @@ HWY_INLINE MmAct* PrepareActs(const MmPrepSpec& spec, int64_t n_in, const uint8_
         }
         break;
     }
-    acts[t] = MmAct{q, d, bsum2, f, q8, corr, bsums};
+    acts[t] = MmAct{q, d, sx, bsum2, f, q8, corr, bsums};
   }
   return acts;
 }
@@ -1244,6 +1367,24 @@ HWY_INLINE void MatMulInt(const MmPrepSpec& spec, const uint8_t* W, int64_t n_in
          MmIntRows<Row, K>{nb});
 }
 
+// Block-32 weights on the int16 path and (AVX3_DL) the VNNI path.
+template <class K>
+HWY_INLINE void MatMulInt32(MmPrep prep, const uint8_t* W, int64_t n_in, int64_t r0, int64_t r1,
+                            const uint8_t* xa, size_t xa_stride, int64_t n_tok, float* y,
+                            int64_t y_stride) {
+  MatMulInt<K, MmRow32>(MmPrepSpec{prep, K::kLayout, false, 0}, W, n_in, r0, r1, xa, xa_stride,
+                        n_tok, y, y_stride);
+}
+#if MOE_MATMUL_VNNI
+template <class K>
+HWY_INLINE void MatMulVnni32(MmPrep prep, const uint8_t* W, int64_t n_in, int64_t r0,
+                             int64_t r1, const uint8_t* xa, size_t xa_stride, int64_t n_tok,
+                             float* y, int64_t y_stride) {
+  MatMulInt<K, MmRow32Vnni>(MmPrepSpec{prep, MmLayout::kNatural, true, VnniOffset<K>()}, W, n_in,
+                            r0, r1, xa, xa_stride, n_tok, y, y_stride);
+}
+#endif
+
 template <typename T>
 HWY_INLINE void MatMulFloat(const uint8_t* W, int64_t n_in, int64_t r0, int64_t r1,
                             const MmAct* acts, int64_t n_tok, float* y, int64_t y_stride) {
@@ -1293,14 +1434,11 @@ HWY_NOINLINE inline void MatMul(DType w, const void* W, int64_t n_in, int64_t r0
           y_stride);
       break;
 #if MOE_MATMUL_VNNI
-    case DType::kQ8_0:
-      MatMulInt<KernQ8_0, MmRow32Vnni>(MmPrepSpec{MmPrep::kQ8_0, MmLayout::kNatural, true, 128},
-                                       wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
-      break;
-    case DType::kQ4_0:
-      MatMulInt<KernQ4_0, MmRow32Vnni>(MmPrepSpec{MmPrep::kQ8_0, MmLayout::kNatural, true, 8}, wb,
-                                       n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
-      break;
+    case DType::kQ8_0: MatMulVnni32<KernQ8_0>(MmPrep::kQ8_0, wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride); break;
+    case DType::kQ4_0: MatMulVnni32<KernQ4_0>(MmPrep::kQ8_0, wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride); break;
+    case DType::kQ4_1: MatMulVnni32<KernQ4_1>(MmPrep::kQ8_1, wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride); break;
+    case DType::kQ5_0: MatMulVnni32<KernQ5_0>(MmPrep::kQ8_0, wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride); break;
+    case DType::kQ5_1: MatMulVnni32<KernQ5_1>(MmPrep::kQ8_1, wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride); break;
     case DType::kQ4_K:
       MatMulInt<KernQ4_K, MmRowKVnni>(MmPrepSpec{MmPrep::kQ8_K, MmLayout::kNatural, true, 0}, wb,
                                       n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
@@ -1314,14 +1452,11 @@ HWY_NOINLINE inline void MatMul(DType w, const void* W, int64_t n_in, int64_t r0
                                       n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
       break;
 #else
-    case DType::kQ8_0:
-      MatMulInt<KernQ8_0, MmRow32>(MmPrepSpec{MmPrep::kQ8_0, KernQ8_0::kLayout, false, 0}, wb,
-                                   n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
-      break;
-    case DType::kQ4_0:
-      MatMulInt<KernQ4_0, MmRow32>(MmPrepSpec{MmPrep::kQ8_0, KernQ4_0::kLayout, false, 0}, wb,
-                                   n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
-      break;
+    case DType::kQ8_0: MatMulInt32<KernQ8_0>(MmPrep::kQ8_0, wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride); break;
+    case DType::kQ4_0: MatMulInt32<KernQ4_0>(MmPrep::kQ8_0, wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride); break;
+    case DType::kQ4_1: MatMulInt32<KernQ4_1>(MmPrep::kQ8_1, wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride); break;
+    case DType::kQ5_0: MatMulInt32<KernQ5_0>(MmPrep::kQ8_0, wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride); break;
+    case DType::kQ5_1: MatMulInt32<KernQ5_1>(MmPrep::kQ8_1, wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride); break;
     case DType::kQ4_K:
       MatMulInt<KernQ4_K, MmRowK>(MmPrepSpec{MmPrep::kQ8_K, KernQ4_K::kLayout, false, 0}, wb,
                                   n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);

@@ -31,6 +31,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #undef HWY_TARGET_INCLUDE
@@ -91,9 +92,11 @@ inline int8_t SaturateInt8(int32_t v) {
 // maxps semantics: returns b when either operand is NaN.
 inline float X86Max(float a, float b) { return a > b ? a : b; }
 
-// Activation q8_0 block exactly as ggml's AVX2 quantize_row_q8_0, including the lane order of
-// its max reduction (which decides where a NaN ends up) and cvtps2dq + saturating packs.
-inline void ActQ8_0BlockScalar(const float* x, uint8_t* y) {  // x: [32], y: one BlockQ8_0
+// Activation q8_0 / q8_1 block exactly as ggml's AVX2 quantize_row_q8_0 / quantize_row_q8_1,
+// including the lane order of the max reduction (which decides where a NaN ends up) and
+// cvtps2dq + saturating packs. q8_1 adds s = d * (sum of the int32 quants before packing).
+template <typename Block>
+void ActQ8BlockScalar(const float* x, uint8_t* y) {  // x: [32], y: one block
   float acc[8];  // the 8 lanes of one __m256
   for (int l = 0; l < 8; ++l) acc[l] = std::fabs(x[l]);
   for (int k = 1; k < 4; ++k) {
@@ -105,10 +108,16 @@ inline void ActQ8_0BlockScalar(const float* x, uint8_t* y) {  // x: [32], y: one
   const float amax = X86Max(m2_0, m2_1);                                  // movehdup, max_ss
   const float d = amax / 127.f;
   const float id = amax != 0.0f ? 127.f / amax : 0.0f;
-  BlockQ8_0 b;
+  Block b;
   b.d = F32ToF16(d);
+  uint32_t sum = 0;  // int32 lanes, wrapping as the vector adds do
   for (int j = 0; j < kQK8_0; ++j) {
-    b.qs[j] = SaturateInt8(X86FloatToInt32(std::nearbyint(x[j] * id)));
+    const int32_t q = X86FloatToInt32(std::nearbyint(x[j] * id));
+    sum += static_cast<uint32_t>(q);
+    b.qs[j] = SaturateInt8(q);
+  }
+  if constexpr (std::is_same_v<Block, BlockQ8_1>) {
+    b.s = F32ToF16(d * static_cast<float>(static_cast<int32_t>(sum)));
   }
   std::memcpy(y, &b, sizeof(b));
 }
@@ -166,16 +175,18 @@ HWY_INLINE hn::Vec<hn::RebindToSigned<DF>> RoundMagic(V v) {
   return hn::Sub(hn::And(bits, hn::Set(di, 0x007fffff)), hn::Set(di, 0x00400000));
 }
 
-// nb blocks of 32 floats -> q8_0 (ggml x86 SIMD semantics). y may be unaligned.
-void ActivationsQ8_0(const float* HWY_RESTRICT x, uint8_t* HWY_RESTRICT y, int64_t nb) {
+// nb blocks of 32 floats -> q8_0 or q8_1 (ggml x86 SIMD semantics). y may be unaligned.
+template <typename Block>
+HWY_INLINE void ActivationsQ8(const float* HWY_RESTRICT x, uint8_t* HWY_RESTRICT y, int64_t nb) {
   const DF df;
+  const hn::RebindToSigned<DF> di;
   const hn::Rebind<int8_t, DF> d8;
   const size_t N = hn::Lanes(df);
   for (int64_t b = 0; b < nb; ++b) {
-    const float* xb = x + b * kQK8_0;            // [32]
-    uint8_t* yb = y + b * sizeof(BlockQ8_0);     // one block
+    const float* xb = x + b * kQK8_0;        // [32]
+    uint8_t* yb = y + b * sizeof(Block);     // one block
     if (kQK8_0 % N != 0) {
-      quant_detail::ActQ8_0BlockScalar(xb, yb);
+      quant_detail::ActQ8BlockScalar<Block>(xb, yb);
       continue;
     }
     auto vmax = hn::Zero(df);
@@ -188,19 +199,34 @@ void ActivationsQ8_0(const float* HWY_RESTRICT x, uint8_t* HWY_RESTRICT y, int64
     const float amax = hn::GetLane(hn::MaxOfLanes(df, vmax));
     const float id = amax != 0.0f ? 127.f / amax : 0.0f;
     if (!hn::AllFalse(df, nan) || !std::isfinite(amax) || !std::isfinite(id)) {
-      quant_detail::ActQ8_0BlockScalar(xb, yb);  // NaN/inf, or amax so small 127/amax = inf
+      quant_detail::ActQ8BlockScalar<Block>(xb, yb);  // NaN/inf, or 127/amax = inf
       continue;
     }
-    const uint16_t dh = F32ToF16(amax / 127.f);
-    std::memcpy(yb, &dh, sizeof(dh));
+    const float d = amax / 127.f;
+    const uint16_t dh = F32ToF16(d);
+    std::memcpy(yb + offsetof(Block, d), &dh, sizeof(dh));
     const auto vid = hn::Set(df, id);
-    int8_t* qs = reinterpret_cast<int8_t*>(yb + offsetof(BlockQ8_0, qs));
+    int8_t* qs = reinterpret_cast<int8_t*>(yb + offsetof(Block, qs));
+    auto sum = hn::Zero(di);
     for (size_t j = 0; j < kQK8_0; j += N) {
       // |x * id| <= 127 (+ rounding): the trick is exact and no saturation is needed.
       const auto q = RoundMagic(hn::Mul(hn::LoadU(df, xb + j), vid));
+      sum = hn::Add(sum, q);
       hn::StoreU(hn::DemoteTo(d8, q), d8, qs + j);
     }
+    if constexpr (std::is_same_v<Block, BlockQ8_1>) {
+      const uint16_t sh =
+          F32ToF16(d * static_cast<float>(hn::GetLane(hn::SumOfLanes(di, sum))));
+      std::memcpy(yb + offsetof(BlockQ8_1, s), &sh, sizeof(sh));
+    }
   }
+}
+
+void ActivationsQ8_0(const float* HWY_RESTRICT x, uint8_t* HWY_RESTRICT y, int64_t nb) {
+  ActivationsQ8<BlockQ8_0>(x, y, nb);
+}
+void ActivationsQ8_1(const float* HWY_RESTRICT x, uint8_t* HWY_RESTRICT y, int64_t nb) {
+  ActivationsQ8<BlockQ8_1>(x, y, nb);
 }
 
 // nb blocks of 256 floats -> q8_K (quantize_row_q8_K_ref semantics). y may be unaligned.
@@ -319,6 +345,7 @@ HWY_AFTER_NAMESPACE();
 namespace moe::kernels {
 
 HWY_EXPORT(ActivationsQ8_0);
+HWY_EXPORT(ActivationsQ8_1);
 HWY_EXPORT(ActivationsQ8_K);
 HWY_EXPORT(ActivationsF16);
 HWY_EXPORT(ActivationsBF16);
@@ -403,6 +430,17 @@ void QuantizeQ8_0Ref(const float* x, uint8_t* y, int64_t nb) {
   }
 }
 
+// 32 5-bit levels into q5_0 / q5_1 qh and qs: nibbles as q4_0, bit 4 of L[j] at bit j of qh.
+void PackQ5Levels(const uint8_t* L, uint8_t* qh, uint8_t* qs) {
+  uint32_t h = 0;
+  for (int j = 0; j < kQK4_0 / 2; ++j) {
+    qs[j] = static_cast<uint8_t>((L[j] & 0xF) | ((L[j + kQK4_0 / 2] & 0xF) << 4));
+    h |= static_cast<uint32_t>((L[j] >> 4) & 1) << j;
+    h |= static_cast<uint32_t>((L[j + kQK4_0 / 2] >> 4) & 1) << (j + kQK4_0 / 2);
+  }
+  for (int k = 0; k < 4; ++k) qh[k] = static_cast<uint8_t>(h >> (8 * k));
+}
+
 void QuantizeQ4_0Ref(const float* x, uint8_t* y, int64_t nb) {
   for (int64_t b = 0; b < nb; ++b) {
     const float* xb = x + b * kQK4_0;  // [32]
@@ -427,6 +465,71 @@ void QuantizeQ4_0Ref(const float* x, uint8_t* y, int64_t nb) {
       blk.qs[j] = static_cast<uint8_t>(level(xb[j]) | (level(xb[j + kQK4_0 / 2]) << 4));
     }
     std::memcpy(y + b * sizeof(BlockQ4_0), &blk, sizeof(blk));
+  }
+}
+
+// q5_0: q4_0 with 5-bit levels (the extreme value maps to level 0, -16 * d).
+void QuantizeQ5_0Ref(const float* x, uint8_t* y, int64_t nb) {
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* xb = x + b * kQK4_0;  // [32]
+    float amax = 0.f, max = 0.f;
+    for (int j = 0; j < kQK4_0; ++j) {
+      if (amax < std::fabs(xb[j])) {
+        amax = std::fabs(xb[j]);
+        max = xb[j];
+      }
+    }
+    const float d = max / -16;
+    const float id = d != 0.f ? 1.0f / d : 0.0f;
+    uint8_t L[kQK4_0];
+    for (int j = 0; j < kQK4_0; ++j) {  // (int8_t)(v + 16.5f), at most 31
+      const int q = static_cast<int8_t>(quant_detail::X86FloatToInt32(xb[j] * id + 16.5f));
+      L[j] = static_cast<uint8_t>(q < 31 ? q : 31);
+    }
+    BlockQ5_0 blk;
+    blk.d = F32ToF16(d);
+    PackQ5Levels(L, blk.qh, blk.qs);
+    std::memcpy(y + b * sizeof(BlockQ5_0), &blk, sizeof(blk));
+  }
+}
+
+// q4_1 / q5_1: x ~= d * L + min over the block's [min, max], L in 0..2^bits - 1.
+template <typename Block>
+void QuantizeMinRef(const float* x, uint8_t* y, int64_t nb) {
+  constexpr bool kQ5 = std::is_same_v<Block, BlockQ5_1>;
+  constexpr int kNmax = kQ5 ? 31 : 15;
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* xb = x + b * kQK4_0;  // [32]
+    float min = std::numeric_limits<float>::max(), max = -std::numeric_limits<float>::max();
+    for (int j = 0; j < kQK4_0; ++j) {
+      if (xb[j] < min) min = xb[j];
+      if (xb[j] > max) max = xb[j];
+    }
+    const float d = (max - min) / kNmax;
+    const float id = d != 0.f ? 1.0f / d : 0.0f;
+    uint8_t L[kQK4_0];
+    for (int j = 0; j < kQK4_0; ++j) {
+      // C's float-to-integer conversion of v + 0.5 (truncation) as x86 performs it; q4_1 also
+      // caps at 15 after an int8 conversion, q5_1 keeps the low 8 bits.
+      const int32_t t = quant_detail::X86FloatToInt32((xb[j] - min) * id + 0.5f);
+      if constexpr (kQ5) {
+        L[j] = static_cast<uint8_t>(t);
+      } else {
+        const int q = static_cast<int8_t>(t);
+        L[j] = static_cast<uint8_t>(q < 15 ? q : 15);
+      }
+    }
+    Block blk;
+    blk.d = F32ToF16(d);
+    blk.m = F32ToF16(min);
+    if constexpr (kQ5) {
+      PackQ5Levels(L, blk.qh, blk.qs);
+    } else {
+      for (int j = 0; j < kQK4_0 / 2; ++j) {
+        blk.qs[j] = static_cast<uint8_t>((L[j] & 0xF) | (L[j + kQK4_0 / 2] << 4));
+      }
+    }
+    std::memcpy(y + b * sizeof(Block), &blk, sizeof(blk));
   }
 }
 
@@ -664,6 +767,10 @@ void QuantizeRow(DType t, const float* x, void* y, int64_t n) {
     case DType::kBF16: HWY_DYNAMIC_DISPATCH(ActivationsBF16)(x, out, n); return;
     case DType::kQ8_0: QuantizeQ8_0Ref(x, out, n / kQK8_0); return;
     case DType::kQ4_0: QuantizeQ4_0Ref(x, out, n / kQK4_0); return;
+    case DType::kQ4_1: QuantizeMinRef<BlockQ4_1>(x, out, n / kQK4_0); return;
+    case DType::kQ5_0: QuantizeQ5_0Ref(x, out, n / kQK4_0); return;
+    case DType::kQ5_1: QuantizeMinRef<BlockQ5_1>(x, out, n / kQK4_0); return;
+    case DType::kQ8_1: HWY_DYNAMIC_DISPATCH(ActivationsQ8_1)(x, out, n / kQK8_0); return;
     case DType::kQ4_K: QuantizeScaleMinKRef<BlockQ4_K>(x, out, n / kQK_K); return;
     case DType::kQ5_K: QuantizeScaleMinKRef<BlockQ5_K>(x, out, n / kQK_K); return;
     case DType::kQ6_K: QuantizeQ6_KRef(x, out, n / kQK_K); return;
@@ -694,6 +801,10 @@ void DequantizeRow(DType t, const void* x, float* y, int64_t n) {
       return;
     case DType::kQ8_0:
     case DType::kQ4_0:
+    case DType::kQ4_1:
+    case DType::kQ5_0:
+    case DType::kQ5_1:
+    case DType::kQ8_1:
     case DType::kQ4_K:
     case DType::kQ5_K:
     case DType::kQ6_K:
@@ -714,6 +825,7 @@ void ConvertActivations(DType w, const float* x, void* y, int64_t n) {
     case DType::kF16: HWY_DYNAMIC_DISPATCH(ActivationsF16)(x, out, n); return;
     case DType::kBF16: HWY_DYNAMIC_DISPATCH(ActivationsBF16)(x, out, n); return;
     case DType::kQ8_0: HWY_DYNAMIC_DISPATCH(ActivationsQ8_0)(x, out, n / kQK8_0); return;
+    case DType::kQ8_1: HWY_DYNAMIC_DISPATCH(ActivationsQ8_1)(x, out, n / kQK8_0); return;
     case DType::kQ8_K: ActivationsQ8_KDispatch(x, out, n); return;
     default: MOE_ASSERT(false && "ConvertActivations: unsupported vec-dot type");
   }

@@ -15,6 +15,10 @@ const DTypeTraits kBF16{"bf16", 1, 2};
 const DTypeTraits kI32{"i32", 1, 4};
 const DTypeTraits kQ8_0{"q8_0", kQK8_0, sizeof(BlockQ8_0)};
 const DTypeTraits kQ4_0{"q4_0", kQK4_0, sizeof(BlockQ4_0)};
+const DTypeTraits kQ4_1{"q4_1", kQK4_0, sizeof(BlockQ4_1)};
+const DTypeTraits kQ5_0{"q5_0", kQK4_0, sizeof(BlockQ5_0)};
+const DTypeTraits kQ5_1{"q5_1", kQK4_0, sizeof(BlockQ5_1)};
+const DTypeTraits kQ8_1{"q8_1", kQK8_0, sizeof(BlockQ8_1)};
 const DTypeTraits kQ4_K{"q4_K", kQK_K, sizeof(BlockQ4_K)};
 const DTypeTraits kQ5_K{"q5_K", kQK_K, sizeof(BlockQ5_K)};
 const DTypeTraits kQ6_K{"q6_K", kQK_K, sizeof(BlockQ6_K)};
@@ -29,6 +33,10 @@ const DTypeTraits* FindDTypeTraits(uint32_t t) {
     case DType::kI32: return &kI32;
     case DType::kQ8_0: return &kQ8_0;
     case DType::kQ4_0: return &kQ4_0;
+    case DType::kQ4_1: return &kQ4_1;
+    case DType::kQ5_0: return &kQ5_0;
+    case DType::kQ5_1: return &kQ5_1;
+    case DType::kQ8_1: return &kQ8_1;
     case DType::kQ4_K: return &kQ4_K;
     case DType::kQ5_K: return &kQ5_K;
     case DType::kQ6_K: return &kQ6_K;
@@ -81,7 +89,10 @@ DType VecDotType(DType w) {
     case DType::kF16: return DType::kF16;
     case DType::kBF16: return DType::kBF16;
     case DType::kQ8_0:
-    case DType::kQ4_0: return DType::kQ8_0;
+    case DType::kQ4_0:
+    case DType::kQ5_0: return DType::kQ8_0;
+    case DType::kQ4_1:
+    case DType::kQ5_1: return DType::kQ8_1;
     case DType::kQ4_K:
     case DType::kQ5_K:
     case DType::kQ6_K: return DType::kQ8_K;
@@ -92,14 +103,17 @@ DType VecDotType(DType w) {
 
 bool IsWeightType(DType t) {
   return FindDTypeTraits(static_cast<uint32_t>(t)) != nullptr && t != DType::kI32 &&
-         t != DType::kQ8_K;
+         t != DType::kQ8_1 && t != DType::kQ8_K;
 }
 
 uint32_t FileTypeOf(DType t) {
   switch (t) {
     case DType::kF16: return 1;
     case DType::kQ4_0: return 2;
+    case DType::kQ4_1: return 3;
     case DType::kQ8_0: return 7;
+    case DType::kQ5_0: return 8;
+    case DType::kQ5_1: return 9;
     case DType::kQ4_K: return 15;  // Q4_K_M
     case DType::kQ5_K: return 17;  // Q5_K_M
     case DType::kQ6_K: return 18;

@@ -12,7 +12,11 @@ enum class DType : uint32_t {
   kF32 = 0,
   kF16 = 1,
   kQ4_0 = 2,
+  kQ4_1 = 3,
+  kQ5_0 = 6,
+  kQ5_1 = 7,
   kQ8_0 = 8,
+  kQ8_1 = 9,   // activation-side only (dot products with q4_1 / q5_1)
   kQ4_K = 12,
   kQ5_K = 13,
   kQ6_K = 14,
@@ -44,10 +48,11 @@ inline size_t RowBytes(DType t, int64_t n) {
 
 // The type the activations are converted to before a dot product with weights of type w,
 // exactly as ggml's CPU backend does (type_traits_cpu[w].vec_dot_type):
-// f32->f32, f16->f16, bf16->bf16, q8_0/q4_0->q8_0, k-quants->q8_k.
+// f32->f32, f16->f16, bf16->bf16, q8_0/q4_0/q5_0->q8_0, q4_1/q5_1->q8_1, k-quants->q8_k.
 DType VecDotType(DType w);
 
-// True for the types a weight matrix may have here (all but i32 and the activation-only q8_K).
+// True for the types a weight matrix may have here (all but i32 and the activation-only q8_1
+// and q8_K).
 bool IsWeightType(DType t);
 
 // llama.cpp's general.file_type (llama_ftype) for a file whose matrices are all of type t, or
@@ -56,7 +61,7 @@ uint32_t FileTypeOf(DType t);
 
 // ---- Block layouts (ggml-common.h). All scales are IEEE binary16 stored as uint16_t. ----
 constexpr int kQK8_0 = 32;
-constexpr int kQK4_0 = 32;
+constexpr int kQK4_0 = 32;  // also q4_1, q5_0, q5_1, q8_1
 constexpr int kQK_K = 256;
 
 struct BlockQ8_0 {
@@ -70,6 +75,35 @@ struct BlockQ4_0 {
   uint8_t qs[kQK4_0 / 2];
 };
 static_assert(sizeof(BlockQ4_0) == 18);
+
+struct BlockQ4_1 {  // x = d * q + m, q in 0..15
+  uint16_t d;
+  uint16_t m;
+  uint8_t qs[kQK4_0 / 2];  // element j in the low nibble of qs[j], j + 16 in the high one
+};
+static_assert(sizeof(BlockQ4_1) == 20);
+
+struct BlockQ5_0 {  // x = d * (q - 16), q in 0..31
+  uint16_t d;
+  uint8_t qh[4];  // 5th bits: bit j of the little-endian uint32 belongs to element j
+  uint8_t qs[kQK4_0 / 2];
+};
+static_assert(sizeof(BlockQ5_0) == 22);
+
+struct BlockQ5_1 {  // x = d * q + m, q in 0..31
+  uint16_t d;
+  uint16_t m;
+  uint8_t qh[4];
+  uint8_t qs[kQK4_0 / 2];
+};
+static_assert(sizeof(BlockQ5_1) == 24);
+
+struct BlockQ8_1 {  // activations for q4_1 / q5_1: q8_0's quants plus s = d * sum(qs)
+  uint16_t d;
+  uint16_t s;
+  int8_t qs[kQK8_0];
+};
+static_assert(sizeof(BlockQ8_1) == 36);
 
 struct BlockQ4_K {
   uint16_t d;

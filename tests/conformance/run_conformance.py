@@ -63,8 +63,9 @@ def case(name, kind, tol=None, prompts=None, steps=None, need=None, **init):
 # Shapes: odd widths (72, 96, 104) where head sizes allow; 3+ layers; 4-8
 # experts, k = 1..3; GQA and MQA (olmoe's {dim} k-norm rules GQA out in
 # llama.cpp); qwen2moe with and without --shared-ffn; qwen3moe with head_dim
-# != dim/heads. Quantized rows must be multiples of 32 (q8_0, q4_0) or 256
-# (k-quants), ffn_down's row included, hence dim 256 / ffn 512.
+# != dim/heads. Quantized rows must be multiples of 32 (q8_0, q4_0, q4_1, q5_0,
+# q5_1) or 256 (k-quants), ffn_down's row included, hence dim 256 / ffn 512 for
+# the k-quants.
 CASES = [
     case("llama_72_gqa", "exact", arch="llama", layers=3, dim=72, ffn=104, experts=4,
          experts_used=2, heads=6, kv_heads=2, vocab=256, seed=101),
@@ -101,6 +102,14 @@ CASES = [
          experts_used=2, heads=4, vocab=512, type="q6_K", seed=604),
     case("llama_q5_K", "quant", arch="llama", layers=2, dim=256, ffn=512, experts=8,
          experts_used=2, heads=4, kv_heads=2, vocab=512, type="q5_K", seed=605),
+    # Block-32 types on widths that are not multiples of 256 (as llama.cpp's fallback writes).
+    case("olmoe_q4_1", "quant", arch="olmoe", layers=2, dim=128, ffn=96, experts=4,
+         experts_used=2, heads=4, vocab=512, type="q4_1", seed=606),
+    case("qwen3moe_q5_0", "quant", arch="qwen3moe", layers=2, dim=96, ffn=160, experts=6,
+         experts_used=2, heads=4, kv_heads=2, head_dim=32, vocab=512, type="q5_0", seed=607),
+    case("llama_q5_1_margin", "margin", arch="llama", layers=2, dim=160, ffn=96, experts=4,
+         experts_used=2, heads=5, kv_heads=1, vocab=512, type="q5_1", plant_margin=30.0,
+         embd_scale=4.0, seed=706),
     case("llama_q4_K_margin", "margin", arch="llama", layers=2, dim=256, ffn=512, experts=4,
          experts_used=2, heads=4, kv_heads=2, vocab=512, type="q4_K", plant_margin=30.0, embd_scale=4.0, seed=701),
     case("qwen2moe_q8_0_margin", "margin", arch="qwen2moe", layers=2, dim=256, ffn=512,

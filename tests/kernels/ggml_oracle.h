@@ -3,9 +3,11 @@
 // scripts/setup.sh), loaded with dlopen. Never linked into moe: tests only.
 //   libggml-base.so  dequantize_row_<t>, quantize_row_<t>_ref, ggml_quantize_chunk,
 //                    ggml_get_type_traits (block size and bytes)
-//   libggml-cpu-x64.so  ggml_get_type_traits_cpu: each weight type's vec_dot and its vec-dot
-//                    type's from_float, built for baseline x86-64, i.e. ggml's generic code:
-//                    the arithmetic every ggml SIMD kernel restates.
+//   libggml-cpu-haswell.so  ggml_get_type_traits_cpu: each weight type's vec_dot and its
+//                    vec-dot type's from_float, built for AVX2: what llama.cpp runs on any
+//                    x86-64 moe.cpp supports (its AVX-512 variants share the AVX2 activation
+//                    code). libggml-cpu-x64.so (baseline x86-64, ggml's generic code, which
+//                    rounds activation ties away from zero) only where the CPU lacks AVX2.
 // Type ids are ggml's (enum ggml_type), the same numbers as moe::DType.
 #pragma once
 
@@ -79,8 +81,15 @@ class GgmlOracle {
     const std::string dir = Root() + "/third_party/npm/node_modules/@node-llama-cpp/linux-x64/bins/linux-x64/";
     base_ = dlopen((dir + "libggml-base.so").c_str(), RTLD_NOW | RTLD_GLOBAL);
     if (!base_) return Fail(std::string("cannot load ggml's libggml-base.so (run scripts/setup.sh): ") + dlerror());
-    cpu_ = dlopen((dir + "libggml-cpu-x64.so").c_str(), RTLD_NOW | RTLD_LOCAL);
-    if (!cpu_) return Fail(std::string("cannot load ggml's libggml-cpu-x64.so: ") + dlerror());
+#if defined(__x86_64__)
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                      __builtin_cpu_supports("bmi2");
+#else
+    const bool avx2 = false;  // (the libraries are x86-64 ones: dlopen fails, tests skip)
+#endif
+    const std::string cpu_lib = getenv("MOE_GGML_CPU") ? getenv("MOE_GGML_CPU") : avx2 ? "libggml-cpu-haswell.so" : "libggml-cpu-x64.so";
+    cpu_ = dlopen((dir + cpu_lib).c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (!cpu_) return Fail("cannot load ggml's " + cpu_lib + ": " + dlerror());
     traits_ = reinterpret_cast<const TypeTraits* (*)(int)>(dlsym(base_, "ggml_get_type_traits"));
     traits_cpu_ = reinterpret_cast<const TypeTraitsCpu* (*)(int)>(dlsym(cpu_, "ggml_get_type_traits_cpu"));
     init_ = reinterpret_cast<void (*)(int)>(dlsym(base_, "ggml_quantize_init"));

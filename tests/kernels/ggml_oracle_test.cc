@@ -138,7 +138,12 @@ TEST(GgmlOracle, ProductsMatchGgmlVecDot) {
     const auto* cpu = o->TraitsCpu(static_cast<int>(t));
     ASSERT_NE(cpu->vec_dot, nullptr) << DTypeName(t);
     ASSERT_EQ(cpu->vec_dot_type, static_cast<int>(VecDotType(t))) << DTypeName(t);
-    const test::GgmlOracle::ToFloat act_to_float = o->Dequantizer(cpu->vec_dot_type);
+    // ggml has no dequantizer for q8_1: its d * q is ours (checked against a restatement of
+    // the formula in quant_test).
+    test::GgmlOracle::ToFloat act_to_float = o->Dequantizer(cpu->vec_dot_type);
+    if (act_to_float == nullptr && cpu->vec_dot_type == static_cast<int>(DType::kQ8_1)) {
+      act_to_float = [](const void* x, float* y, int64_t n) { DequantizeRow(DType::kQ8_1, x, y, n); };
+    }
     ASSERT_NE(act_to_float, nullptr) << DTypeName(t);
     for (int64_t nb : {1, 3, 16}) {
       const int64_t n = std::max<int64_t>(256, Traits(t).block_size) * nb;
@@ -178,6 +183,30 @@ TEST(GgmlOracle, ProductsMatchGgmlVecDot) {
           ASSERT_NEAR(y[k * rows + r], s, tol) << DTypeName(t) << " n=" << n << " row " << r << " token " << k;
         }
       }
+    }
+  }
+}
+
+// The activation conversion (ConvertActivations) is byte for byte ggml's CPU from_float for
+// each vec-dot type, on normal rows and on rows with exact rounding ties.
+TEST(GgmlOracle, ActivationConversionIsByteIdentical) {
+  const test::GgmlOracle* o = Oracle();
+  if (!o) GTEST_SKIP() << "no ggml oracle on this platform";
+  for (DType t : test::AllWeightTypes(/*include_f32=*/false)) {
+    const DType vt = VecDotType(t);
+    test::GgmlOracle::FromFloat from = o->TraitsCpu(static_cast<int>(vt))->from_float;
+    if (from == nullptr) from = o->Traits(static_cast<int>(vt))->from_float_ref;
+    ASSERT_NE(from, nullptr) << DTypeName(vt);
+    const int64_t n = 256 * 8;
+    std::vector<std::vector<float>> rows = AdversarialRows(n, 11);
+    std::vector<float> ties(n);  // amax 127: every x.5 is a rounding tie
+    for (int64_t i = 0; i < n; ++i) ties[i] = (i % 32 == 0) ? 127.f : static_cast<float>(i % 120) - 59.5f;
+    rows.push_back(ties);
+    for (size_t r = 0; r < rows.size(); ++r) {
+      std::vector<uint8_t> ours(ActivationRowBytes(t, n)), theirs(ours.size());
+      ConvertActivations(t, rows[r].data(), ours.data(), n);
+      from(rows[r].data(), theirs.data(), n);
+      ASSERT_EQ(ours, theirs) << DTypeName(t) << " -> " << DTypeName(vt) << " row " << r;
     }
   }
 }

@@ -26,6 +26,7 @@
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 #include "hwy/highway.h"
 #include "hwy/tests/hwy_gtest.h"
+#include "kernels/kernels.h"
 #include "kernels/matmul-inl.h"
 #include "kernels/ref/ops_ref.h"
 #include "kernels/weight_types.h"
@@ -58,6 +59,23 @@ void PutBlock(uint8_t* row, int64_t b, const Block& blk) {
 }
 
 constexpr uint16_t kHalfOne = 0x3C00;
+
+// q4_1, q5_0, q5_1 blocks: random quants and high bits; exact: unit scale, minimum -1..1.
+template <typename Block>
+void RandomNibbleBlocks(std::mt19937& rng, int64_t n, uint8_t* dst, bool exact) {
+  for (int64_t b = 0; b < n / kQK4_0; ++b) {
+    Block blk;
+    RandomBytes(rng, reinterpret_cast<uint8_t*>(&blk), sizeof(blk));
+    blk.d = exact ? kHalfOne : RandomHalf(rng, 8, 14, true);
+    if constexpr (!std::is_same_v<Block, BlockQ5_0>) {
+      blk.m = exact ? static_cast<uint16_t>(std::uniform_int_distribution<int>(0, 2)(rng) == 0
+                                                ? 0xBC00
+                                                : kHalfOne)
+                    : RandomHalf(rng, 8, 14, true);
+    }
+    PutBlock(dst, b, blk);
+  }
+}
 
 // One row of n elements of type t at dst (any alignment). exact: unit scales, small integers.
 inline void RandomRow(std::mt19937& rng, DType t, int64_t n, uint8_t* dst, bool exact) {
@@ -100,6 +118,23 @@ inline void RandomRow(std::mt19937& rng, DType t, int64_t n, uint8_t* dst, bool 
         BlockQ4_0 blk;
         blk.d = exact ? kHalfOne : RandomHalf(rng, 8, 14, true);
         RandomBytes(rng, blk.qs, sizeof(blk.qs));
+        PutBlock(dst, b, blk);
+      }
+      return;
+    }
+    case DType::kQ4_1: RandomNibbleBlocks<BlockQ4_1>(rng, n, dst, exact); return;
+    case DType::kQ5_0: RandomNibbleBlocks<BlockQ5_0>(rng, n, dst, exact); return;
+    case DType::kQ5_1: RandomNibbleBlocks<BlockQ5_1>(rng, n, dst, exact); return;
+    case DType::kQ8_1: {
+      for (int64_t b = 0; b < n / kQK8_0; ++b) {
+        BlockQ8_1 blk;
+        blk.d = exact ? kHalfOne : RandomHalf(rng, 8, 14, true);
+        int sum = 0;
+        for (int8_t& q : blk.qs) {
+          q = exact ? RandomI8(rng, -16, 16) : RandomI8(rng, -128, 127);
+          sum += q;
+        }
+        blk.s = moe::kernels::F32ToF16(ref::HalfValue<float>(blk.d) * static_cast<float>(sum));
         PutBlock(dst, b, blk);
       }
       return;
@@ -168,7 +203,7 @@ inline std::vector<int64_t> InSizes(DType w, size_t float_lanes) {
     for (int64_t d : {-1, 0, 1}) s.push_back(static_cast<int64_t>(4 * float_lanes) + d);
     return s;
   }
-  if (w == DType::kQ8_0 || w == DType::kQ4_0) return {32, 64, 96, 224, 1056, 4160};
+  if (Traits(w).block_size == 32) return {32, 64, 96, 224, 1056, 4160};
   return {256, 512, 768, 1280};
 }
 
@@ -267,6 +302,9 @@ void TestMatMulF16() { TestMatMulType(DType::kF16); }
 void TestMatMulBF16() { TestMatMulType(DType::kBF16); }
 void TestMatMulQ8_0() { TestMatMulType(DType::kQ8_0); }
 void TestMatMulQ4_0() { TestMatMulType(DType::kQ4_0); }
+void TestMatMulQ4_1() { TestMatMulType(DType::kQ4_1); }
+void TestMatMulQ5_0() { TestMatMulType(DType::kQ5_0); }
+void TestMatMulQ5_1() { TestMatMulType(DType::kQ5_1); }
 void TestMatMulQ4_K() { TestMatMulType(DType::kQ4_K); }
 void TestMatMulQ5_K() { TestMatMulType(DType::kQ5_K); }
 void TestMatMulQ6_K() { TestMatMulType(DType::kQ6_K); }
@@ -302,6 +340,9 @@ HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulF16);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulBF16);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ8_0);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ4_0);
+HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ4_1);
+HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ5_0);
+HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ5_1);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ4_K);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ5_K);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ6_K);

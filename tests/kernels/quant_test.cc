@@ -649,9 +649,31 @@ std::vector<uint8_t> ExpectedActQ8_K(const float* x, int64_t n) {
   return out;
 }
 
+// q8_1: q8_0's quants plus s = f16(d * sum(q)) with the unrounded d = amax / 127.
+std::vector<uint8_t> ExpectedActQ8_1(const float* x, int64_t n) {
+  const std::vector<uint8_t> q8_0 = ExpectedActQ8_0(x, n);
+  std::vector<uint8_t> out;
+  for (int64_t b = 0; b < n / 32; ++b) {
+    BlockQ8_0 blk0;
+    std::memcpy(&blk0, &q8_0[b * sizeof(BlockQ8_0)], sizeof(blk0));
+    float amax = 0;
+    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[32 * b + j]));
+    int sum = 0;
+    for (int8_t q : blk0.qs) sum += q;
+    BlockQ8_1 blk;
+    blk.d = blk0.d;
+    blk.s = F32ToF16(amax / 127.f * static_cast<float>(sum));
+    std::memcpy(blk.qs, blk0.qs, sizeof(blk.qs));
+    const uint8_t* p = reinterpret_cast<const uint8_t*>(&blk);
+    out.insert(out.end(), p, p + sizeof(blk));
+  }
+  return out;
+}
+
 std::vector<uint8_t> ExpectedAct(DType w, const float* x, int64_t n) {
   switch (VecDotType(w)) {
     case DType::kQ8_0: return ExpectedActQ8_0(x, n);
+    case DType::kQ8_1: return ExpectedActQ8_1(x, n);
     case DType::kQ8_K: return ExpectedActQ8_K(x, n);
     default: break;
   }
@@ -685,10 +707,11 @@ HWY_TARGET_INSTANTIATE_TEST_SUITE_P(QuantActivations);
 
 TEST_P(QuantActivations, MatchScalarFormula) {
   for (DType w : moe::test::AllWeightTypes()) {
-    const int64_t bs = VecDotType(w) == DType::kQ8_K ? 256 : 32;
+    const int64_t block = Traits(VecDotType(w)).block_size;
+    const int64_t bs = block == 1 ? 32 : block;
     for (Dist dist : kAllDists) {
       for (int nb : {0, 1, 2, 3, 5}) {
-        const int64_t n = bs * nb + (bs == 32 && VecDotType(w) != DType::kQ8_0 ? 7 : 0);
+        const int64_t n = bs * nb + (block == 1 ? 7 : 0);
         const std::vector<float> x = MakeRow(dist, n, 400 + nb);
         ASSERT_EQ(Convert(w, x), ExpectedAct(w, x.data(), n))
             << DTypeName(w) << " " << DistName(dist) << " nb=" << nb;

@@ -109,7 +109,8 @@ struct DotResult {
 };
 
 // Reference for one output of MatMul: dot(dequant(weight row), dequant(activation row)) in
-// double, where the activation is in VecDotType(w). basis is sum |w_i x_i|, except for q4_K and
+// double, where the activation is in VecDotType(w) (q8_1: the product uses its s, as ggml's).
+// basis is sum |w_i x_i|, except for q4_K and
 // q5_K, whose two terms d*sc*q and dmin*m are summed separately and may cancel: there it is
 // sum (|d sc q| + |dmin m|) |x_i|.
 inline DotResult DotRow(DType w, const void* wrow, const void* xrow, int64_t n) {
@@ -120,6 +121,25 @@ inline DotResult DotRow(DType w, const void* wrow, const void* xrow, int64_t n) 
   for (int64_t i = 0; i < n; ++i) {
     r.value += wd[i] * xd[i];
     r.basis += std::abs(wd[i] * xd[i]);
+  }
+  if (VecDotType(w) == DType::kQ8_1) {
+    // q4_1 / q5_1 (ggml's formula): per block d_w d_x sum(q_w q_x) + m_w s_x, where s_x is the
+    // activation block's f16 s = d_x * sum(q_x), not the sum of its dequantized values.
+    r = DotResult{0.0, 0.0};
+    for (int64_t b = 0; b < n / kQK8_0; ++b) {
+      const BlockQ8_1 xb = LoadBlock<BlockQ8_1>(xrow, b);
+      // d and m are the first two fields of both weight blocks.
+      const BlockQ4_1 head = LoadBlock<BlockQ4_1>(
+          static_cast<const uint8_t*>(wrow) + b * static_cast<int64_t>(Traits(w).block_bytes),
+          0);
+      const double m = HalfValue<double>(head.m), s = HalfValue<double>(xb.s);
+      for (int64_t i = b * kQK8_0; i < (b + 1) * kQK8_0; ++i) {
+        r.value += (wd[i] - m) * xd[i];  // wd - m = d q exactly
+        r.basis += std::abs((wd[i] - m) * xd[i]);
+      }
+      r.value += m * s;
+      r.basis += std::abs(m * s);
+    }
   }
   if (w == DType::kQ4_K || w == DType::kQ5_K) {
     // w_i = d sc q - dmin m, so |d sc q| = |w_i + dmin m| (exact in double).

@@ -135,6 +135,41 @@ void DequantizeBlock(const BlockQ4_0& x, T* y) {  // y: [32], low nibbles first,
 }
 
 template <typename T>
+void DequantizeBlock(const BlockQ4_1& x, T* y) {  // y: [32]
+  const T d = HalfValue<T>(x.d), m = HalfValue<T>(x.m);
+  for (int j = 0; j < kQK4_0 / 2; ++j) {
+    y[j] = static_cast<T>(x.qs[j] & 0xF) * d + m;
+    y[j + kQK4_0 / 2] = static_cast<T>(x.qs[j] >> 4) * d + m;
+  }
+}
+
+// The 5-bit levels of q5_0 / q5_1: nibbles from qs, bit j of qh (little-endian) on element j.
+inline int Q5Level(const uint8_t* qs, const uint8_t* qh, int j) {
+  const uint32_t h = uint32_t{qh[0]} | uint32_t{qh[1]} << 8 | uint32_t{qh[2]} << 16 |
+                     uint32_t{qh[3]} << 24;
+  const int lo = j < 16 ? qs[j] & 0xF : qs[j - 16] >> 4;
+  return lo | static_cast<int>(((h >> j) & 1) << 4);
+}
+
+template <typename T>
+void DequantizeBlock(const BlockQ5_0& x, T* y) {  // y: [32]
+  const T d = HalfValue<T>(x.d);
+  for (int j = 0; j < kQK4_0; ++j) y[j] = static_cast<T>(Q5Level(x.qs, x.qh, j) - 16) * d;
+}
+
+template <typename T>
+void DequantizeBlock(const BlockQ5_1& x, T* y) {  // y: [32]
+  const T d = HalfValue<T>(x.d), m = HalfValue<T>(x.m);
+  for (int j = 0; j < kQK4_0; ++j) y[j] = static_cast<T>(Q5Level(x.qs, x.qh, j)) * d + m;
+}
+
+template <typename T>
+void DequantizeBlock(const BlockQ8_1& x, T* y) {  // y: [32] (s is the products' business)
+  const T d = HalfValue<T>(x.d);
+  for (int j = 0; j < kQK8_0; ++j) y[j] = static_cast<T>(x.qs[j]) * d;
+}
+
+template <typename T>
 void DequantizeBlock(const BlockQ4_K& x, T* y) {  // y: [256] = 8 sub-blocks of 32
   const T d = HalfValue<T>(x.d);
   const T dmin = HalfValue<T>(x.dmin);
@@ -233,6 +268,10 @@ void DequantizeRow(DType t, const void* x, T* y, int64_t n) {
     }
     case DType::kQ8_0: return DequantizeBlocks<BlockQ8_0>(x, y, n, kQK8_0);
     case DType::kQ4_0: return DequantizeBlocks<BlockQ4_0>(x, y, n, kQK4_0);
+    case DType::kQ4_1: return DequantizeBlocks<BlockQ4_1>(x, y, n, kQK4_0);
+    case DType::kQ5_0: return DequantizeBlocks<BlockQ5_0>(x, y, n, kQK4_0);
+    case DType::kQ5_1: return DequantizeBlocks<BlockQ5_1>(x, y, n, kQK4_0);
+    case DType::kQ8_1: return DequantizeBlocks<BlockQ8_1>(x, y, n, kQK8_0);
     case DType::kQ4_K: return DequantizeBlocks<BlockQ4_K>(x, y, n, kQK_K);
     case DType::kQ5_K: return DequantizeBlocks<BlockQ5_K>(x, y, n, kQK_K);
     case DType::kQ6_K: return DequantizeBlocks<BlockQ6_K>(x, y, n, kQK_K);
