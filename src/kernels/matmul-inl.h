@@ -11,6 +11,8 @@
 //     result += d_w*d_x * sumi - dmin_w*d_x * sum_j m[j] * (bsums[2j] + bsums[2j+1]).
 //   q5_K x q8_K: as q4_K with 5-bit quants (the 5th bit from qh).
 //   q6_K x q8_K: per super-block, d_w*d_x * sum_is scale[is] * dot(q6 - 32, q8) in int32.
+//   q3_K x q8_K: as q6_K with 3-bit quants q - 4 and 6-bit scales s - 32.
+//   q2_K x q8_K: as q4_K with 16 sub-blocks of 16, 4-bit scales and mins, 2-bit quants.
 //
 // Two integer paths, both exact (every int32 lane is an exact partial dot):
 // - int16 (all targets but AVX3_DL): every 8-bit quant is widened to int16; pairs are
@@ -126,7 +128,7 @@ HWY_INLINE uint8_t* MmWorkspace(size_t bytes) {
 // VNNI path (AVX3_DL): q8 [n_in + 64] int8 quants (zero padded; block-32 types interleave
 // each pair of blocks by dword, see PrepareQ8_0Int8), corr [n_in / 4 + 16] int32 per dword
 // of q8: -c * (sum of its 4 quants), c = the weight format's unsigned offset (128 for q8_0,
-// 8 for q4_0, 16 for q5_0), bsums [n_blocks][16] raw q8_K group sums.
+// 8 for q4_0, 16 for q5_0). q8_K (both paths): bsums [n_blocks][16] raw group sums of 16.
 // q8_1 (both paths): s [n_blocks + kMmChunk] the blocks' f16 s = d * sum(q), widened.
 struct MmAct {
   const int16_t* q;
@@ -204,14 +206,14 @@ HWY_INLINE void PrepareQ8_0(const uint8_t* row, int64_t nb, int16_t* q, float* d
 }
 
 HWY_INLINE void PrepareQ8_K(const uint8_t* row, int64_t nb, int16_t* q, float* d,
-                            int32_t* bsum2, MmLayout layout) {
+                            int32_t* bsum2, int16_t* bsums, MmLayout layout) {
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = row + b * sizeof(BlockQ8_K);
     std::memcpy(&d[b], blk + offsetof(BlockQ8_K, d), sizeof(float));
     WidenI8(reinterpret_cast<const int8_t*>(blk + offsetof(BlockQ8_K, qs)), q + b * kQK_K, kQK_K,
             layout);
-    int16_t bs[kQK_K / 16];
-    std::memcpy(bs, blk + offsetof(BlockQ8_K, bsums), sizeof(bs));
+    int16_t* bs = bsums + b * 16;
+    std::memcpy(bs, blk + offsetof(BlockQ8_K, bsums), 16 * sizeof(int16_t));
     for (int j = 0; j < 8; ++j) bsum2[b * 8 + j] = int32_t{bs[2 * j]} + int32_t{bs[2 * j + 1]};
   }
   for (int64_t b = nb; b < nb + kMmChunk; ++b) d[b] = 0.0f;
@@ -402,6 +404,7 @@ struct KernScaleMinK {
   using BlockType = Block;
   static constexpr bool kQ5 = std::is_same_v<Block, BlockQ5_K>;
   static constexpr size_t kElems = kQK_K;
+  static constexpr int kSubBlock = 32;  // quants per sub-block scale
   static constexpr size_t kBytes = sizeof(Block);
   static constexpr bool kHasMin = true;
 #if MOE_MATMUL_WIDE
@@ -460,8 +463,9 @@ struct KernScaleMinK {
 #endif
     return hn::Mul(hn::BitCast(d16, q), hn::Set(d16, static_cast<int16_t>(st.sc[j])));
   }
-  // sum_j m[j] * (bsums[2j] + bsums[2j+1]) for this super-block.
-  static HWY_INLINE int32_t MinSum(const State& st, const int32_t* bsum2) {
+  // sum_j m[j] * (bsums[2j] + bsums[2j+1]) for super-block b.
+  static HWY_INLINE int32_t MinSum(const State& st, const MmAct& a, int64_t b) {
+    const int32_t* bsum2 = a.bsum2 + b * 8;
     int32_t s = 0;
     for (int j = 0; j < 8; ++j) s += st.m[j] * bsum2[j];
     return s;
@@ -473,6 +477,7 @@ using KernQ5_K = KernScaleMinK<BlockQ5_K>;
 struct KernQ6_K {
   using BlockType = BlockQ6_K;
   static constexpr size_t kElems = kQK_K;
+  static constexpr int kSubBlock = 16;
   static constexpr size_t kBytes = sizeof(BlockQ6_K);
   static constexpr bool kHasMin = false;
   static constexpr MmLayout kLayout = MmLayout::kNatural;
@@ -507,7 +512,108 @@ struct KernQ6_K {
 #endif
     return hn::Mul(v, scale);
   }
-  static HWY_INLINE int32_t MinSum(const State&, const int32_t*) { return 0; }
+  static HWY_INLINE int32_t MinSum(const State&, const MmAct&, int64_t) { return 0; }
+};
+
+// The int16 scales of the 16-quant sub-blocks that lanes [e, e + N) of a super-block fall in
+// (32 lanes on 512-bit vectors span two sub-blocks).
+HWY_INLINE MmV16 SubBlock16Scales(const int16_t* sc, size_t e) {
+  const MmD16 d16;
+#if MOE_MATMUL_WIDE
+  const hn::Half<MmD16> dh;
+  return hn::Combine(d16, hn::Set(dh, sc[e / 16 + 1]), hn::Set(dh, sc[e / 16]));
+#else
+  return hn::Set(d16, sc[e / 16]);
+#endif
+}
+
+// The 2-bit levels of q2_K and q3_K for lanes [e, e + N): element e = 128h + 32k + l is
+// bits 2k of qs[32h + l].
+HWY_INLINE hn::Vec<MmDU16> Low2Bits(const uint8_t* qs, size_t e) {
+  const auto v = LoadU8AsU16(qs + 32 * (e / 128) + e % 32);
+  return hn::And(hn::ShiftRightSame(v, static_cast<int>(2 * ((e % 128) / 32))),
+                 hn::Set(MmDU16(), 3));
+}
+
+// q2_K: 16 sub-blocks of 16 with 4-bit scales and mins, x = d sc q - dmin m, q in 0..3.
+struct KernQ2_K {
+  using BlockType = BlockQ2_K;
+  static constexpr size_t kElems = kQK_K;
+  static constexpr int kSubBlock = 16;
+  static constexpr size_t kBytes = sizeof(BlockQ2_K);
+  static constexpr bool kHasMin = true;
+  static constexpr MmLayout kLayout = MmLayout::kNatural;
+  struct State {
+    float d, dmin;
+    int16_t sc[16];
+    int32_t m[16];
+  };
+  static HWY_INLINE void Prep(const uint8_t* blk, State& st) {
+    st.d = LoadF16Scalar(blk + offsetof(BlockQ2_K, d));
+    st.dmin = LoadF16Scalar(blk + offsetof(BlockQ2_K, dmin));
+    const uint8_t* sc = blk + offsetof(BlockQ2_K, scales);
+    for (int j = 0; j < 16; ++j) {
+      st.sc[j] = static_cast<int16_t>(sc[j] & 0xF);
+      st.m[j] = sc[j] >> 4;
+    }
+  }
+  static HWY_INLINE MmV16 Chunk(const uint8_t* blk, const State& st, size_t e) {
+    const auto q = Low2Bits(blk + offsetof(BlockQ2_K, qs), e);
+    return hn::Mul(hn::BitCast(MmD16(), q), SubBlock16Scales(st.sc, e));
+  }
+  // sum_j m[j] * bsums[j] for super-block b.
+  static HWY_INLINE int32_t MinSum(const State& st, const MmAct& a, int64_t b) {
+    const int16_t* bs = a.bsums + b * 16;
+    int32_t s = 0;
+    for (int j = 0; j < 16; ++j) s += st.m[j] * bs[j];
+    return s;
+  }
+};
+
+// q3_K's 16 signed 6-bit scales from its 12 bytes: the low nibbles of scale j are nibble j / 8
+// of byte j % 8, the top two bits are bits 2 (j / 4) of byte 8 + j % 4. Unpacked four scales
+// at a time in 32-bit words (out[j] is the stored value, 0..63; the scale is out[j] - 32).
+HWY_INLINE void UnpackQ3KScales(const uint8_t* p, uint8_t* out) {
+  uint32_t w[3], r[4];
+  std::memcpy(w, p, sizeof(w));
+  r[0] = (w[0] & 0x0F0F0F0Fu) | ((w[2] & 0x03030303u) << 4);
+  r[1] = (w[1] & 0x0F0F0F0Fu) | (((w[2] >> 2) & 0x03030303u) << 4);
+  r[2] = ((w[0] >> 4) & 0x0F0F0F0Fu) | (((w[2] >> 4) & 0x03030303u) << 4);
+  r[3] = ((w[1] >> 4) & 0x0F0F0F0Fu) | (((w[2] >> 6) & 0x03030303u) << 4);
+  std::memcpy(out, r, sizeof(r));
+}
+
+// q3_K: 16 sub-blocks of 16, x = d (s_j - 32) (q - 4) with q's third bit in hmask.
+struct KernQ3_K {
+  using BlockType = BlockQ3_K;
+  static constexpr size_t kElems = kQK_K;
+  static constexpr int kSubBlock = 16;
+  static constexpr size_t kBytes = sizeof(BlockQ3_K);
+  static constexpr bool kHasMin = false;
+  static constexpr MmLayout kLayout = MmLayout::kNatural;
+  struct State {
+    float d, dmin;
+    int16_t sc[16];
+  };
+  static HWY_INLINE void Prep(const uint8_t* blk, State& st) {
+    st.d = LoadF16Scalar(blk + offsetof(BlockQ3_K, d));
+    st.dmin = 0.0f;
+    uint8_t u[16];
+    UnpackQ3KScales(blk + offsetof(BlockQ3_K, scales), u);
+    for (int j = 0; j < 16; ++j) st.sc[j] = static_cast<int16_t>(u[j] - 32);
+  }
+  // Element e's third bit is bit e / 32 of hmask[e % 32].
+  static HWY_INLINE MmV16 Chunk(const uint8_t* blk, const State& st, size_t e) {
+    const MmD16 d16;
+    const MmDU16 du16;
+    const auto lo = Low2Bits(blk + offsetof(BlockQ3_K, qs), e);
+    const auto hm = LoadU8AsU16(blk + offsetof(BlockQ3_K, hmask) + e % 32);
+    const auto hi = hn::ShiftLeft<2>(
+        hn::And(hn::ShiftRightSame(hm, static_cast<int>(e / 32)), hn::Set(du16, 1)));
+    const auto q = hn::Sub(hn::BitCast(d16, hn::Or(lo, hi)), hn::Set(d16, 4));
+    return hn::Mul(q, SubBlock16Scales(st.sc, e));
+  }
+  static HWY_INLINE int32_t MinSum(const State&, const MmAct&, int64_t) { return 0; }
 };
 
 // s0 += pairwise products of w and the int16 activations at x (64-byte aligned chunk).
@@ -681,7 +787,7 @@ HWY_INLINE void RowKDot(const uint8_t* HWY_RESTRICT wrow, int64_t nb, const MmAc
     }
     if constexpr (K::kHasMin) {
       for (int t = 0; t < NT; ++t) {
-        m[t] += st.dmin * act[t].d[b] * static_cast<float>(K::MinSum(st, act[t].bsum2 + b * 8));
+        m[t] += st.dmin * act[t].d[b] * static_cast<float>(K::MinSum(st, act[t], b));
       }
     }
   }
@@ -934,17 +1040,69 @@ HWY_INLINE __m512i VnniChunkQ6_K(const uint8_t* blk, int k) {  // k constant aft
                          _mm512_and_si512(_mm512_srlv_epi16(qh, hi_half), m30));
 }
 
+// One 64-quant chunk c (0..3) of a q2_K / q3_K super-block's 2-bit levels: bytes 0..31 are
+// bits 2k of qs[32h..32h+31] (h = c/2, k = 2(c&1)), bytes 32..63 bits 2k+2.
+HWY_INLINE __m512i VnniLow2(const uint8_t* qs, int c) {
+  const __m512i v = _mm512_broadcast_i64x4(
+      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * (c / 2))));
+  const short k = static_cast<short>(4 * (c & 1));
+  const __m512i shifts = _mm512_inserti64x4(_mm512_set1_epi16(k), _mm256_set1_epi16(k + 2), 1);
+  return _mm512_and_si512(_mm512_srlv_epi16(v, shifts), _mm512_set1_epi8(3));
+}
+
+// The same chunk of a q3_K super-block as unsigned 3-bit values (q + 4): bit 2c (bytes 0..31)
+// or 2c+1 (bytes 32..63) of hmask[0..32) adds 4.
+HWY_INLINE __m512i VnniChunkQ3_K(const uint8_t* blk, int c) {
+  const __m512i lo = VnniLow2(blk + offsetof(BlockQ3_K, qs), c);
+  const __m512i hm = _mm512_broadcast_i64x4(
+      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + offsetof(BlockQ3_K, hmask))));
+  const __m512i bit = _mm512_inserti64x4(_mm512_set1_epi8(static_cast<char>(1 << (2 * c))),
+                                         _mm256_set1_epi8(static_cast<char>(1 << (2 * c + 1))), 1);
+  return _mm512_mask_add_epi8(lo, _mm512_test_epi8_mask(hm, bit), lo, _mm512_set1_epi8(4));
+}
+
+// Super-block types with 16 sub-blocks of 16 (q2_K, q3_K, q6_K) on the VNNI path: their 16
+// int8 scales, and the unsigned weights' correction sum_j k_j * bsums_j times kOff that the
+// row subtracts (times dmin): q6_K and q3_K store q + 32 / q + 4 (k = the scales, dmin = d),
+// q2_K's levels are already unsigned and k are its mins.
+template <class K>
+HWY_INLINE void VnniScales16(const uint8_t* blk, __m128i& sc8, __m128i& k8, float& d,
+                             float& dmin, int32_t& koff) {
+  using Block = typename K::BlockType;
+  d = LoadF16Scalar(blk + offsetof(Block, d));
+  if constexpr (std::is_same_v<K, KernQ6_K>) {
+    sc8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + offsetof(BlockQ6_K, scales)));
+    k8 = sc8;
+    dmin = d;
+    koff = 32;
+  } else if constexpr (std::is_same_v<K, KernQ3_K>) {
+    alignas(16) uint8_t u[16];
+    UnpackQ3KScales(blk + offsetof(BlockQ3_K, scales), u);
+    sc8 = _mm_sub_epi8(_mm_load_si128(reinterpret_cast<const __m128i*>(u)), _mm_set1_epi8(32));
+    k8 = sc8;
+    dmin = d;
+    koff = 4;
+  } else {
+    const __m128i raw =
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + offsetof(BlockQ2_K, scales)));
+    sc8 = _mm_and_si128(raw, _mm_set1_epi8(0x0F));
+    k8 = _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0F));
+    dmin = LoadF16Scalar(blk + offsetof(BlockQ2_K, dmin));
+    koff = 1;
+  }
+}
+
 template <int NT, class K>
 HWY_INLINE void RowKVnni(const uint8_t* HWY_RESTRICT wrow, int64_t nb, const MmAct* act,
                          __m512* acc, float* m) {
-  constexpr bool kQ4K = K::kHasMin;  // q4_K or q5_K (scales and mins); else q6_K
+  constexpr bool kQ4K = K::kSubBlock == 32;  // q4_K or q5_K; else q2_K, q3_K, q6_K
   __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
   for (int t = 0; t < NT; ++t) m[t] = 0.0f;
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = wrow + b * K::kBytes;
     MmPrefetch<K::kBytes>(blk + kMmPrefetchBytes);
     float d, dmin;
-    __m512 scf;  // float sub-block scales in lanes 0..7 (q4_K, q5_K) or 0..15 (q6_K)
+    __m512 scf;  // float sub-block scales in lanes 0..7 (q4_K, q5_K) or 0..15 (the others)
     int32_t msum[4] = {0, 0, 0, 0};
     if constexpr (kQ4K) {
       using Block = typename K::BlockType;
@@ -967,19 +1125,17 @@ HWY_INLINE void RowKVnni(const uint8_t* HWY_RESTRICT wrow, int64_t nb, const MmA
         msum[t] = _mm512_reduce_add_epi32(_mm512_zextsi256_si512(_mm256_mullo_epi32(m32, bs)));
       }
     } else {
-      d = LoadF16Scalar(blk + offsetof(BlockQ6_K, d));
-      const __m128i sc8 =
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + offsetof(BlockQ6_K, scales)));
+      __m128i sc8, k8;
+      int32_t koff;
+      VnniScales16<K>(blk, sc8, k8, d, dmin, koff);
       scf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc8));
-      // The +32 offset of the unsigned quants: 32 * sum_is scale[is] * bsums[is].
-      const __m256i sc16 = _mm256_cvtepi8_epi16(sc8);
+      const __m256i k16 = _mm256_cvtepi8_epi16(k8);
       for (int t = 0; t < NT; ++t) {
         const __m256i bs =
             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(act[t].bsums + b * 16));
-        msum[t] = 32 * _mm512_reduce_add_epi32(
-                           _mm512_zextsi256_si512(_mm256_madd_epi16(sc16, bs)));
+        msum[t] = koff * _mm512_reduce_add_epi32(
+                             _mm512_zextsi256_si512(_mm256_madd_epi16(k16, bs)));
       }
-      dmin = d;
     }
     __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0, s4 = s0;
     const size_t xb = static_cast<size_t>(b) * kQK_K;
@@ -1007,7 +1163,13 @@ HWY_INLINE void RowKVnni(const uint8_t* HWY_RESTRICT wrow, int64_t nb, const MmA
                              4 * c + 2, 4 * c + 2, 4 * c + 1, 4 * c + 1, 4 * c + 1, 4 * c + 1,
                              4 * c, 4 * c, 4 * c, 4 * c),
             scf);
-        w = VnniChunkQ6_K(blk, c);
+        if constexpr (std::is_same_v<K, KernQ6_K>) {
+          w = VnniChunkQ6_K(blk, c);
+        } else if constexpr (std::is_same_v<K, KernQ3_K>) {
+          w = VnniChunkQ3_K(blk, c);
+        } else {
+          w = VnniLow2(blk + offsetof(BlockQ2_K, qs), c);
+        }
       }
       const size_t xo = xb + 64 * c;
       if constexpr (NT == 1) {
@@ -1198,7 +1360,7 @@ HWY_INLINE MmAct* PrepareActs(const MmPrepSpec& spec, int64_t n_in, const uint8_
   const size_t b_bytes =
       prep == MmPrep::kQ8_K ? MmRoundUp64(static_cast<size_t>(nb) * 8 * sizeof(int32_t)) : 0;
   const size_t r_bytes =
-      i8 && prep == MmPrep::kQ8_K ? MmRoundUp64(static_cast<size_t>(nb) * 16 * sizeof(int16_t)) : 0;
+      prep == MmPrep::kQ8_K ? MmRoundUp64(static_cast<size_t>(nb) * 16 * sizeof(int16_t)) : 0;
   const size_t f_bytes = is_int ? 0 : MmRoundUp64(static_cast<size_t>(n_in) * sizeof(float));
   const size_t per_tok =
       q_bytes + q8_bytes + c_bytes + d_bytes + s_bytes + b_bytes + r_bytes + f_bytes;
@@ -1245,7 +1407,7 @@ HWY_INLINE MmAct* PrepareActs(const MmPrepSpec& spec, int64_t n_in, const uint8_
         if (i8) {
           PrepareQ8_KInt8(row, nb, q8, d, bsum2, bsums);
         } else {
-          PrepareQ8_K(row, nb, q, d, bsum2, spec.layout);
+          PrepareQ8_K(row, nb, q, d, bsum2, bsums, spec.layout);
         }
         break;
     }
@@ -1439,6 +1601,14 @@ HWY_NOINLINE inline void MatMul(DType w, const void* W, int64_t n_in, int64_t r0
     case DType::kQ4_1: MatMulVnni32<KernQ4_1>(MmPrep::kQ8_1, wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride); break;
     case DType::kQ5_0: MatMulVnni32<KernQ5_0>(MmPrep::kQ8_0, wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride); break;
     case DType::kQ5_1: MatMulVnni32<KernQ5_1>(MmPrep::kQ8_1, wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride); break;
+    case DType::kQ2_K:
+      MatMulInt<KernQ2_K, MmRowKVnni>(MmPrepSpec{MmPrep::kQ8_K, MmLayout::kNatural, true, 0}, wb,
+                                      n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
+      break;
+    case DType::kQ3_K:
+      MatMulInt<KernQ3_K, MmRowKVnni>(MmPrepSpec{MmPrep::kQ8_K, MmLayout::kNatural, true, 0}, wb,
+                                      n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
+      break;
     case DType::kQ4_K:
       MatMulInt<KernQ4_K, MmRowKVnni>(MmPrepSpec{MmPrep::kQ8_K, MmLayout::kNatural, true, 0}, wb,
                                       n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
@@ -1457,6 +1627,14 @@ HWY_NOINLINE inline void MatMul(DType w, const void* W, int64_t n_in, int64_t r0
     case DType::kQ4_1: MatMulInt32<KernQ4_1>(MmPrep::kQ8_1, wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride); break;
     case DType::kQ5_0: MatMulInt32<KernQ5_0>(MmPrep::kQ8_0, wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride); break;
     case DType::kQ5_1: MatMulInt32<KernQ5_1>(MmPrep::kQ8_1, wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride); break;
+    case DType::kQ2_K:
+      MatMulInt<KernQ2_K, MmRowK>(MmPrepSpec{MmPrep::kQ8_K, KernQ2_K::kLayout, false, 0}, wb,
+                                  n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
+      break;
+    case DType::kQ3_K:
+      MatMulInt<KernQ3_K, MmRowK>(MmPrepSpec{MmPrep::kQ8_K, KernQ3_K::kLayout, false, 0}, wb,
+                                  n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
+      break;
     case DType::kQ4_K:
       MatMulInt<KernQ4_K, MmRowK>(MmPrepSpec{MmPrep::kQ8_K, KernQ4_K::kLayout, false, 0}, wb,
                                   n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);

@@ -534,14 +534,16 @@ void QuantizeMinRef(const float* x, uint8_t* y, int64_t nb) {
 }
 
 // Weighted fit of x[i] ~= scale * L[i] - neg_min with L[i] in 0..nmax and neg_min >= 0 (ggml's
-// make_qkx2_quants without the MAD option). Starts from the min/max grid, then tries nstep+1
+// make_qkx2_quants; use_mad: the error of a candidate is the weighted absolute, not squared,
+// difference). Starts from the min/max grid, then tries nstep+1
 // grids whose step maps (max - min) onto nmax + rmin + rdelta * k levels (min = the best offset
 // so far); for each it solves the
 // 2x2 weighted least-squares problem for (scale, min) given the levels (falling back to a fit
 // through zero when the optimal min would be positive) and keeps the lowest weighted squared
 // error. Returns the scale; *neg_min receives -min. L receives the chosen levels.
 float FitScaleMin(int n, int nmax, const float* x, const float* w, uint8_t* L, float* neg_min,
-                  float rmin, float rdelta, int nstep) {
+                  float rmin, float rdelta, int nstep, bool use_mad = false) {
+  auto loss = [use_mad](float diff) { return use_mad ? std::fabs(diff) : diff * diff; };
   float lo = x[0], hi = x[0];
   float sum_w = w[0];
   float sum_x = sum_w * x[0];
@@ -565,7 +567,7 @@ float FitScaleMin(int n, int nmax, const float* x, const float* w, uint8_t* L, f
     const int l = NearestInt(iscale * (x[i] - lo));
     L[i] = static_cast<uint8_t>(l < 0 ? 0 : (l > nmax ? nmax : l));
     const float diff = scale * L[i] + lo - x[i];
-    best_err += w[i] * (diff * diff);
+    best_err += w[i] * loss(diff);
   }
   uint8_t trial[32];  // n <= 32 (q4_K sub-blocks)
   for (int k = 0; k <= nstep; ++k) {
@@ -592,7 +594,7 @@ float FitScaleMin(int n, int nmax, const float* x, const float* w, uint8_t* L, f
     float err = 0;
     for (int i = 0; i < n; ++i) {
       const float diff = s * trial[i] + m - x[i];
-      err += w[i] * (diff * diff);
+      err += w[i] * loss(diff);
     }
     if (err < best_err) {
       std::memcpy(L, trial, static_cast<size_t>(n));
@@ -663,6 +665,168 @@ void QuantizeScaleMinKRef(const float* x, uint8_t* y, int64_t nb) {
       ref::PackQ4KQuants(L, blk.qs);
     }
     std::memcpy(y + b * sizeof(Block), &blk, sizeof(blk));
+  }
+}
+
+// q2_K: 16 sub-blocks of 16 with x ~= d sc_j L - dmin m_j, L in 0..3, 4-bit sc_j and m_j
+// (ggml's quantize_row_q2_K_ref: a least-absolute-deviation fit weighted by |x|).
+void QuantizeQ2_KRef(const float* x, uint8_t* y, int64_t nb) {
+  constexpr float kQ4Scale = 15.f;
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* xb = x + b * kQK_K;
+    uint8_t L[kQK_K];
+    float scales[16], mins[16];
+    float max_scale = 0, max_min = 0;
+    for (int j = 0; j < 16; ++j) {
+      float w[16];
+      for (int l = 0; l < 16; ++l) w[l] = std::fabs(xb[16 * j + l]);
+      scales[j] = FitScaleMin(16, 3, xb + 16 * j, w, L + 16 * j, &mins[j], -0.5f, 0.1f, 15,
+                              /*use_mad=*/true);
+      if (scales[j] > max_scale) max_scale = scales[j];
+      if (mins[j] > max_min) max_min = mins[j];
+    }
+    BlockQ2_K blk;
+    // The stores are C's int-to-uint8 conversions of nearest_int, modulo 256 as in ggml.
+    if (max_scale > 0) {
+      const float iscale = kQ4Scale / max_scale;
+      for (int j = 0; j < 16; ++j) blk.scales[j] = static_cast<uint8_t>(NearestInt(iscale * scales[j]));
+      blk.d = F32ToF16(max_scale / kQ4Scale);
+    } else {
+      for (int j = 0; j < 16; ++j) blk.scales[j] = 0;
+      blk.d = F32ToF16(0.f);
+    }
+    if (max_min > 0) {
+      const float iscale = kQ4Scale / max_min;
+      for (int j = 0; j < 16; ++j) {
+        blk.scales[j] = static_cast<uint8_t>(blk.scales[j] | (NearestInt(iscale * mins[j]) << 4));
+      }
+      blk.dmin = F32ToF16(max_min / kQ4Scale);
+    } else {
+      blk.dmin = F32ToF16(0.f);
+    }
+    const float d_all = F16ToF32(blk.d), dmin_all = F16ToF32(blk.dmin);
+    for (int j = 0; j < 16; ++j) {
+      const float d = d_all * (blk.scales[j] & 0xF);
+      if (d == 0.f) continue;
+      const float dm = dmin_all * (blk.scales[j] >> 4);
+      for (int l = 0; l < 16; ++l) {
+        const int q = NearestInt((xb[16 * j + l] + dm) / d);
+        L[16 * j + l] = static_cast<uint8_t>(q < 0 ? 0 : (q > 3 ? 3 : q));
+      }
+    }
+    ref::PackQ2Quants(L, blk.qs);
+    std::memcpy(y + b * sizeof(BlockQ2_K), &blk, sizeof(blk));
+  }
+}
+
+// Symmetric fit of 16 values to L in -nmax..nmax-1 (ggml's make_q3_quants with do_rmse): the
+// grid mapping the largest magnitude to -nmax, then up to 5 passes that move single levels
+// where that raises (sum w x l)^2 / sum w l^2 (w = x^2). L receives the levels + nmax.
+float FitScaleQ3(int n, int nmax, const float* x, int8_t* L) {
+  float max = 0, amax = 0;
+  for (int i = 0; i < n; ++i) {
+    const float ax = std::fabs(x[i]);
+    if (ax > amax) {
+      amax = ax;
+      max = x[i];
+    }
+  }
+  if (amax < 1e-15f) {
+    for (int i = 0; i < n; ++i) L[i] = 0;
+    return 0.f;
+  }
+  const float iscale = -nmax / max;
+  float sumlx = 0, suml2 = 0;
+  for (int i = 0; i < n; ++i) {
+    int l = NearestInt(iscale * x[i]);
+    l = l < -nmax ? -nmax : (l > nmax - 1 ? nmax - 1 : l);
+    L[i] = static_cast<int8_t>(l);
+    const float w = x[i] * x[i];
+    sumlx += w * x[i] * l;
+    suml2 += w * l * l;
+  }
+  for (int itry = 0; itry < 5; ++itry) {
+    int n_changed = 0;
+    for (int i = 0; i < n; ++i) {
+      const float w = x[i] * x[i];
+      float slx = sumlx - w * x[i] * L[i];
+      if (slx > 0) {
+        float sl2 = suml2 - w * L[i] * L[i];
+        int new_l = NearestInt(x[i] * sl2 / slx);
+        new_l = new_l < -nmax ? -nmax : (new_l > nmax - 1 ? nmax - 1 : new_l);
+        if (new_l != L[i]) {
+          slx += w * x[i] * new_l;
+          sl2 += w * new_l * new_l;
+          if (sl2 > 0 && slx * slx * suml2 > sumlx * sumlx * sl2) {
+            L[i] = static_cast<int8_t>(new_l);
+            sumlx = slx;
+            suml2 = sl2;
+            ++n_changed;
+          }
+        }
+      }
+    }
+    if (!n_changed) break;
+  }
+  for (int i = 0; i < n; ++i) L[i] = static_cast<int8_t>(L[i] + nmax);
+  return suml2 > 0.0f ? sumlx / suml2 : 0.0f;
+}
+
+// q3_K: 16 sub-blocks of 16 with x ~= d (s_j - 32) (L - 4), L in 0..7, 6-bit s_j (ggml's
+// quantize_row_q3_K_ref).
+void QuantizeQ3_KRef(const float* x, uint8_t* y, int64_t nb) {
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* xb = x + b * kQK_K;
+    int8_t L[kQK_K];
+    float scales[16];
+    float max_scale = 0, amax = 0;
+    for (int j = 0; j < 16; ++j) {
+      scales[j] = FitScaleQ3(16, 4, xb + 16 * j, L + 16 * j);
+      const float a = std::fabs(scales[j]);
+      if (a > amax) {
+        amax = a;
+        max_scale = scales[j];
+      }
+    }
+    BlockQ3_K blk;
+    std::memset(blk.scales, 0, sizeof(blk.scales));
+    if (max_scale != 0.f) {
+      const float iscale = -32.f / max_scale;
+      for (int j = 0; j < 16; ++j) {
+        // int8_t l = nearest_int(...): C's modular narrowing, then the clamp, then + 32.
+        int8_t l = static_cast<int8_t>(NearestInt(iscale * scales[j]));
+        l = static_cast<int8_t>((l < -32 ? -32 : (l > 31 ? 31 : l)) + 32);
+        if (j < 8) {
+          blk.scales[j] = static_cast<uint8_t>(l & 0xF);
+        } else {
+          blk.scales[j - 8] = static_cast<uint8_t>(blk.scales[j - 8] | ((l & 0xF) << 4));
+        }
+        l = static_cast<int8_t>(l >> 4);
+        blk.scales[j % 4 + 8] = static_cast<uint8_t>(blk.scales[j % 4 + 8] | (l << (2 * (j / 4))));
+      }
+      blk.d = F32ToF16(1 / iscale);
+    } else {
+      blk.d = F32ToF16(0.f);
+    }
+    const float d_all = F16ToF32(blk.d);
+    for (int j = 0; j < 16; ++j) {
+      const float d = d_all * ref::Q3KScale(blk.scales, j);
+      if (d == 0.f) continue;
+      for (int l = 0; l < 16; ++l) {
+        int q = NearestInt(xb[16 * j + l] / d);
+        q = q < -4 ? -4 : (q > 3 ? 3 : q);
+        L[16 * j + l] = static_cast<int8_t>(q + 4);
+      }
+    }
+    std::memset(blk.hmask, 0, sizeof(blk.hmask));
+    uint8_t lo[kQK_K];
+    for (int e = 0; e < kQK_K; ++e) {
+      const int v = L[e];  // 0..7 (sub-blocks with d == 0 keep the fit's levels, also 0..7)
+      if (v > 3) blk.hmask[e % 32] = static_cast<uint8_t>(blk.hmask[e % 32] | (1 << (e / 32)));
+      lo[e] = static_cast<uint8_t>(v > 3 ? v - 4 : v);
+    }
+    ref::PackQ2Quants(lo, blk.qs);
+    std::memcpy(y + b * sizeof(BlockQ3_K), &blk, sizeof(blk));
   }
 }
 
@@ -771,6 +935,8 @@ void QuantizeRow(DType t, const float* x, void* y, int64_t n) {
     case DType::kQ5_0: QuantizeQ5_0Ref(x, out, n / kQK4_0); return;
     case DType::kQ5_1: QuantizeMinRef<BlockQ5_1>(x, out, n / kQK4_0); return;
     case DType::kQ8_1: HWY_DYNAMIC_DISPATCH(ActivationsQ8_1)(x, out, n / kQK8_0); return;
+    case DType::kQ2_K: QuantizeQ2_KRef(x, out, n / kQK_K); return;
+    case DType::kQ3_K: QuantizeQ3_KRef(x, out, n / kQK_K); return;
     case DType::kQ4_K: QuantizeScaleMinKRef<BlockQ4_K>(x, out, n / kQK_K); return;
     case DType::kQ5_K: QuantizeScaleMinKRef<BlockQ5_K>(x, out, n / kQK_K); return;
     case DType::kQ6_K: QuantizeQ6_KRef(x, out, n / kQK_K); return;
@@ -805,6 +971,8 @@ void DequantizeRow(DType t, const void* x, float* y, int64_t n) {
     case DType::kQ5_0:
     case DType::kQ5_1:
     case DType::kQ8_1:
+    case DType::kQ2_K:
+    case DType::kQ3_K:
     case DType::kQ4_K:
     case DType::kQ5_K:
     case DType::kQ6_K:

@@ -19,6 +19,8 @@ const DTypeTraits kQ4_1{"q4_1", kQK4_0, sizeof(BlockQ4_1)};
 const DTypeTraits kQ5_0{"q5_0", kQK4_0, sizeof(BlockQ5_0)};
 const DTypeTraits kQ5_1{"q5_1", kQK4_0, sizeof(BlockQ5_1)};
 const DTypeTraits kQ8_1{"q8_1", kQK8_0, sizeof(BlockQ8_1)};
+const DTypeTraits kQ2_K{"q2_K", kQK_K, sizeof(BlockQ2_K)};
+const DTypeTraits kQ3_K{"q3_K", kQK_K, sizeof(BlockQ3_K)};
 const DTypeTraits kQ4_K{"q4_K", kQK_K, sizeof(BlockQ4_K)};
 const DTypeTraits kQ5_K{"q5_K", kQK_K, sizeof(BlockQ5_K)};
 const DTypeTraits kQ6_K{"q6_K", kQK_K, sizeof(BlockQ6_K)};
@@ -37,6 +39,8 @@ const DTypeTraits* FindDTypeTraits(uint32_t t) {
     case DType::kQ5_0: return &kQ5_0;
     case DType::kQ5_1: return &kQ5_1;
     case DType::kQ8_1: return &kQ8_1;
+    case DType::kQ2_K: return &kQ2_K;
+    case DType::kQ3_K: return &kQ3_K;
     case DType::kQ4_K: return &kQ4_K;
     case DType::kQ5_K: return &kQ5_K;
     case DType::kQ6_K: return &kQ6_K;
@@ -93,6 +97,8 @@ DType VecDotType(DType w) {
     case DType::kQ5_0: return DType::kQ8_0;
     case DType::kQ4_1:
     case DType::kQ5_1: return DType::kQ8_1;
+    case DType::kQ2_K:
+    case DType::kQ3_K:
     case DType::kQ4_K:
     case DType::kQ5_K:
     case DType::kQ6_K: return DType::kQ8_K;
@@ -114,6 +120,8 @@ uint32_t FileTypeOf(DType t) {
     case DType::kQ8_0: return 7;
     case DType::kQ5_0: return 8;
     case DType::kQ5_1: return 9;
+    case DType::kQ2_K: return 10;
+    case DType::kQ3_K: return 12;  // Q3_K_M
     case DType::kQ4_K: return 15;  // Q4_K_M
     case DType::kQ5_K: return 17;  // Q5_K_M
     case DType::kQ6_K: return 18;

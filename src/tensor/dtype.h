@@ -17,6 +17,8 @@ enum class DType : uint32_t {
   kQ5_1 = 7,
   kQ8_0 = 8,
   kQ8_1 = 9,   // activation-side only (dot products with q4_1 / q5_1)
+  kQ2_K = 10,
+  kQ3_K = 11,
   kQ4_K = 12,
   kQ5_K = 13,
   kQ6_K = 14,
@@ -104,6 +106,22 @@ struct BlockQ8_1 {  // activations for q4_1 / q5_1: q8_0's quants plus s = d * s
   int8_t qs[kQK8_0];
 };
 static_assert(sizeof(BlockQ8_1) == 36);
+
+struct BlockQ2_K {  // 16 sub-blocks of 16: x = d * (scales[j] & 15) * q - dmin * (scales[j] >> 4)
+  uint8_t scales[kQK_K / 16];
+  uint8_t qs[kQK_K / 4];  // 2-bit quants: element 128h + 32k + l at bits 2k of qs[32h + l]
+  uint16_t d;
+  uint16_t dmin;
+};
+static_assert(sizeof(BlockQ2_K) == 84);
+
+struct BlockQ3_K {  // 16 sub-blocks of 16: x = d * (scale_j - 32) * (q - 4), q in 0..7
+  uint8_t hmask[kQK_K / 8];  // 3rd bits: element e at bit e / 32 of hmask[e % 32]
+  uint8_t qs[kQK_K / 4];     // low 2 bits, as q2_K
+  uint8_t scales[12];        // 16 6-bit scales (+32)
+  uint16_t d;
+};
+static_assert(sizeof(BlockQ3_K) == 110);
 
 struct BlockQ4_K {
   uint16_t d;

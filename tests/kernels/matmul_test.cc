@@ -139,6 +139,28 @@ inline void RandomRow(std::mt19937& rng, DType t, int64_t n, uint8_t* dst, bool 
       }
       return;
     }
+    case DType::kQ2_K: {
+      for (int64_t b = 0; b < n / kQK_K; ++b) {
+        BlockQ2_K blk;
+        blk.d = exact ? kHalfOne : RandomHalf(rng, 5, 11, false);
+        blk.dmin = exact ? kHalfOne : RandomHalf(rng, 5, 11, false);
+        RandomBytes(rng, blk.scales, sizeof(blk.scales));
+        RandomBytes(rng, blk.qs, sizeof(blk.qs));
+        PutBlock(dst, b, blk);
+      }
+      return;
+    }
+    case DType::kQ3_K: {
+      for (int64_t b = 0; b < n / kQK_K; ++b) {
+        BlockQ3_K blk;
+        blk.d = exact ? kHalfOne : RandomHalf(rng, 5, 11, true);
+        RandomBytes(rng, blk.hmask, sizeof(blk.hmask));
+        RandomBytes(rng, blk.qs, sizeof(blk.qs));
+        RandomBytes(rng, blk.scales, sizeof(blk.scales));
+        PutBlock(dst, b, blk);
+      }
+      return;
+    }
     case DType::kQ4_K: {
       for (int64_t b = 0; b < n / kQK_K; ++b) {
         BlockQ4_K blk;
@@ -305,6 +327,8 @@ void TestMatMulQ4_0() { TestMatMulType(DType::kQ4_0); }
 void TestMatMulQ4_1() { TestMatMulType(DType::kQ4_1); }
 void TestMatMulQ5_0() { TestMatMulType(DType::kQ5_0); }
 void TestMatMulQ5_1() { TestMatMulType(DType::kQ5_1); }
+void TestMatMulQ2_K() { TestMatMulType(DType::kQ2_K); }
+void TestMatMulQ3_K() { TestMatMulType(DType::kQ3_K); }
 void TestMatMulQ4_K() { TestMatMulType(DType::kQ4_K); }
 void TestMatMulQ5_K() { TestMatMulType(DType::kQ5_K); }
 void TestMatMulQ6_K() { TestMatMulType(DType::kQ6_K); }
@@ -343,6 +367,8 @@ HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ4_0);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ4_1);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ5_0);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ5_1);
+HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ2_K);
+HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ3_K);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ4_K);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ5_K);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ6_K);

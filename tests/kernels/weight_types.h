@@ -37,6 +37,8 @@ inline std::vector<size_t> HalfScaleOffsets(DType t) {
     case DType::kQ5_0: return {offsetof(BlockQ5_0, d)};
     case DType::kQ5_1: return {offsetof(BlockQ5_1, d), offsetof(BlockQ5_1, m)};
     case DType::kQ8_1: return {offsetof(BlockQ8_1, d), offsetof(BlockQ8_1, s)};
+    case DType::kQ2_K: return {offsetof(BlockQ2_K, d), offsetof(BlockQ2_K, dmin)};
+    case DType::kQ3_K: return {offsetof(BlockQ3_K, d)};
     case DType::kQ4_K: return {offsetof(BlockQ4_K, d), offsetof(BlockQ4_K, dmin)};
     case DType::kQ5_K: return {offsetof(BlockQ5_K, d), offsetof(BlockQ5_K, dmin)};
     case DType::kQ6_K: return {offsetof(BlockQ6_K, d)};

@@ -110,9 +110,8 @@ struct DotResult {
 
 // Reference for one output of MatMul: dot(dequant(weight row), dequant(activation row)) in
 // double, where the activation is in VecDotType(w) (q8_1: the product uses its s, as ggml's).
-// basis is sum |w_i x_i|, except for q4_K and
-// q5_K, whose two terms d*sc*q and dmin*m are summed separately and may cancel: there it is
-// sum (|d sc q| + |dmin m|) |x_i|.
+// basis is sum |w_i x_i|, except for q2_K, q4_K and q5_K, whose two terms d*sc*q and dmin*m
+// are summed separately and may cancel: there it is sum (|d sc q| + |dmin m|) |x_i|.
 inline DotResult DotRow(DType w, const void* wrow, const void* xrow, int64_t n) {
   std::vector<double> wd(n), xd(n);
   DequantizeRow<double>(w, wrow, wd.data(), n);
@@ -141,23 +140,12 @@ inline DotResult DotRow(DType w, const void* wrow, const void* xrow, int64_t n) 
       r.basis += std::abs(m * s);
     }
   }
-  if (w == DType::kQ4_K || w == DType::kQ5_K) {
-    // w_i = d sc q - dmin m, so |d sc q| = |w_i + dmin m| (exact in double).
+  if (w == DType::kQ2_K || w == DType::kQ4_K || w == DType::kQ5_K) {
+    // w_i = (w_i - c_i) + c_i with c_i = -dmin m: both terms count.
     r.basis = 0.0;
-    const size_t block_bytes = Traits(w).block_bytes;
-    for (int64_t b = 0; b < n / kQK_K; ++b) {
-      // d, dmin and scales sit at the same offsets in both block types.
-      const BlockQ4_K head = LoadBlock<BlockQ4_K>(
-          static_cast<const uint8_t*>(wrow) + b * static_cast<int64_t>(block_bytes), 0);
-      const double dmin = HalfValue<double>(head.dmin);
-      for (int j = 0; j < 8; ++j) {
-        uint8_t sc, m;
-        GetScaleMinK4(j, head.scales, &sc, &m);
-        for (int l = 0; l < 32; ++l) {
-          const int64_t i = b * kQK_K + 32 * j + l;
-          r.basis += (std::abs(wd[i] + dmin * m) + std::abs(dmin * m)) * std::abs(xd[i]);
-        }
-      }
+    for (int64_t i = 0; i < n; ++i) {
+      const double c = OffsetTerm(w, wrow, i);
+      r.basis += (std::abs(wd[i] - c) + std::abs(c)) * std::abs(xd[i]);
     }
   }
   return r;

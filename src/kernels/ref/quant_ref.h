@@ -78,6 +78,26 @@ inline void PackQ4KQuants(const uint8_t* L, uint8_t* qs) {
   }
 }
 
+// Packs 256 2-bit levels (0..3) into q2_K / q3_K qs: per half h of 128, element 128h + 32k + l
+// at bits 2k of qs[32h + l].
+inline void PackQ2Quants(const uint8_t* L, uint8_t* qs) {
+  for (int h = 0; h < 2; ++h) {
+    for (int l = 0; l < 32; ++l) {
+      const uint8_t* Lh = L + 128 * h;
+      qs[32 * h + l] = static_cast<uint8_t>(Lh[l] | (Lh[l + 32] << 2) | (Lh[l + 64] << 4) |
+                                            (Lh[l + 96] << 6));
+    }
+  }
+}
+
+// q3_K's 16 6-bit scales (stored + 32) from its 12 bytes: scale j's low 4 bits are the low
+// (j < 8) or high (j >= 8) nibble of byte j % 8, its top 2 bits bits 2 (j / 4) of byte 8 + j % 4.
+inline int Q3KScale(const uint8_t* scales, int j) {
+  const int lo = j < 8 ? scales[j] & 0xF : scales[j - 8] >> 4;
+  const int hi = (scales[8 + j % 4] >> (2 * (j / 4))) & 3;
+  return (lo | (hi << 4)) - 32;
+}
+
 // Packs 256 5-bit levels L (0..31) into q5_K qh/qs: the low 4 bits as PackQ4KQuants, the 5th
 // bit of quant l of sub-block j at bit j of qh[l].
 inline void PackQ5KQuants(const uint8_t* L, uint8_t* qh, uint8_t* qs) {
@@ -167,6 +187,28 @@ template <typename T>
 void DequantizeBlock(const BlockQ8_1& x, T* y) {  // y: [32] (s is the products' business)
   const T d = HalfValue<T>(x.d);
   for (int j = 0; j < kQK8_0; ++j) y[j] = static_cast<T>(x.qs[j]) * d;
+}
+
+template <typename T>
+void DequantizeBlock(const BlockQ2_K& x, T* y) {  // y: [256] = 16 sub-blocks of 16
+  const T d = HalfValue<T>(x.d), dmin = HalfValue<T>(x.dmin);
+  for (int e = 0; e < kQK_K; ++e) {
+    const int h = e / 128, k = (e % 128) / 32, l = e % 32, j = e / 16;
+    const int q = (x.qs[32 * h + l] >> (2 * k)) & 3;
+    // Products first, then d_j * q - m_j, in the order ggml does the float operations.
+    const T dl = d * static_cast<T>(x.scales[j] & 0xF), ml = dmin * static_cast<T>(x.scales[j] >> 4);
+    y[e] = dl * static_cast<T>(q) - ml;
+  }
+}
+
+template <typename T>
+void DequantizeBlock(const BlockQ3_K& x, T* y) {  // y: [256] = 16 sub-blocks of 16
+  const T d = HalfValue<T>(x.d);
+  for (int e = 0; e < kQK_K; ++e) {
+    const int h = e / 128, k = (e % 128) / 32, l = e % 32;
+    const int q = ((x.qs[32 * h + l] >> (2 * k)) & 3) - ((x.hmask[l] >> (e / 32)) & 1 ? 0 : 4);
+    y[e] = d * static_cast<T>(Q3KScale(x.scales, e / 16)) * static_cast<T>(q);
+  }
 }
 
 template <typename T>
@@ -272,11 +314,42 @@ void DequantizeRow(DType t, const void* x, T* y, int64_t n) {
     case DType::kQ5_0: return DequantizeBlocks<BlockQ5_0>(x, y, n, kQK4_0);
     case DType::kQ5_1: return DequantizeBlocks<BlockQ5_1>(x, y, n, kQK4_0);
     case DType::kQ8_1: return DequantizeBlocks<BlockQ8_1>(x, y, n, kQK8_0);
+    case DType::kQ2_K: return DequantizeBlocks<BlockQ2_K>(x, y, n, kQK_K);
+    case DType::kQ3_K: return DequantizeBlocks<BlockQ3_K>(x, y, n, kQK_K);
     case DType::kQ4_K: return DequantizeBlocks<BlockQ4_K>(x, y, n, kQK_K);
     case DType::kQ5_K: return DequantizeBlocks<BlockQ5_K>(x, y, n, kQK_K);
     case DType::kQ6_K: return DequantizeBlocks<BlockQ6_K>(x, y, n, kQK_K);
     case DType::kQ8_K: return DequantizeBlocks<BlockQ8_K>(x, y, n, kQK_K);
     default: MOE_ASSERT(false && "ref::DequantizeRow: unsupported type");
+  }
+}
+
+// The additive part c of weight element i (w = (w - c) + c, computed as two terms that may
+// cancel): -dmin * m for q2_K, q4_K and q5_K, the block minimum m for q4_1 and q5_1, else 0.
+// Error bounds of dequantization and products scale with |w - c| + |c|, not |w|.
+inline double OffsetTerm(DType t, const void* row, int64_t i) {
+  const uint8_t* p = static_cast<const uint8_t*>(row);
+  switch (t) {
+    case DType::kQ4_1:
+    case DType::kQ5_1: {  // m is the second field of both
+      BlockQ4_1 head;
+      std::memcpy(&head, p + (i / kQK4_0) * Traits(t).block_bytes, sizeof(uint16_t) * 2);
+      return HalfValue<double>(head.m);
+    }
+    case DType::kQ2_K: {
+      BlockQ2_K b;
+      std::memcpy(&b, p + (i / kQK_K) * sizeof(BlockQ2_K), sizeof(b));
+      return -HalfValue<double>(b.dmin) * (b.scales[(i % kQK_K) / 16] >> 4);
+    }
+    case DType::kQ4_K:
+    case DType::kQ5_K: {  // d, dmin and scales sit at the same offsets in both
+      BlockQ4_K head;
+      std::memcpy(&head, p + (i / kQK_K) * Traits(t).block_bytes, offsetof(BlockQ4_K, qs));
+      uint8_t sc, m;
+      GetScaleMinK4(static_cast<int>(i % kQK_K) / 32, head.scales, &sc, &m);
+      return -HalfValue<double>(head.dmin) * m;
+    }
+    default: return 0.0;
   }
 }
 
