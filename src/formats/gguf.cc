@@ -1074,6 +1074,19 @@ void GgufWriter::SetAlignment(uint32_t a) {
 
 void GgufWriter::AddTensor(const std::string& name, DType dtype, const std::vector<int64_t>& ne,
                            const void* data, size_t nbytes) {
+  T& t = AddInfo(name, dtype, ne, &nbytes);
+  const uint8_t* src = static_cast<const uint8_t*>(data);
+  t.data.assign(src, src + nbytes);
+}
+
+void GgufWriter::AddTensorDeferred(const std::string& name, DType dtype,
+                                   const std::vector<int64_t>& ne, TensorFill fill) {
+  T& t = AddInfo(name, dtype, ne, nullptr);
+  t.fill = std::move(fill);
+}
+
+GgufWriter::T& GgufWriter::AddInfo(const std::string& name, DType dtype,
+                                   const std::vector<int64_t>& ne, const size_t* given) {
   const std::string q = Quote(name);
   if (name.empty() || name.size() > kMaxNameLen) {
     Fail("%stensor %s: name must be 1..%zu bytes long", kWriterPrefix, q.c_str(), kMaxNameLen);
@@ -1108,17 +1121,25 @@ void GgufWriter::AddTensor(const std::string& name, DType dtype, const std::vect
   overflow |= __builtin_mul_overflow(want, static_cast<uint64_t>(tr->block_bytes), &want);
   overflow |= __builtin_mul_overflow(want, rows, &want);
   if (overflow) Fail("%stensor %s %s: size overflows", kWriterPrefix, q.c_str(), shape.c_str());
-  if (want != nbytes) {
+  if (given != nullptr && want != *given) {
     Fail("%stensor %s %s of type %s needs %llu bytes but %zu were given", kWriterPrefix, q.c_str(),
-         shape.c_str(), tr->name, static_cast<ull>(want), nbytes);
+         shape.c_str(), tr->name, static_cast<ull>(want), *given);
   }
   T t;
   t.name = name;
   t.dtype = dtype;
   t.ne = ne;
-  const uint8_t* src = static_cast<const uint8_t*>(data);
-  t.data.assign(src, src + nbytes);
+  t.nbytes = static_cast<size_t>(want);
   tensors_.push_back(std::move(t));
+  return tensors_.back();
+}
+
+// The data of tensor t: its copy, or what its fill writes into buf.
+const uint8_t* GgufWriter::Data(const T& t, std::vector<uint8_t>& buf) {
+  if (!t.fill) return t.data.data();
+  buf.resize(t.nbytes);
+  t.fill(buf.data());
+  return buf.data();
 }
 
 std::vector<uint8_t> GgufWriter::Header(uint64_t* padded_size) const {
@@ -1139,7 +1160,7 @@ std::vector<uint8_t> GgufWriter::Header(uint64_t* padded_size) const {
     for (int64_t n : t.ne) s.Put<uint64_t>(static_cast<uint64_t>(n));
     s.Put<uint32_t>(static_cast<uint32_t>(t.dtype));
     s.Put<uint64_t>(offset);
-    offset += PadOrDie(t.data.size(), align);
+    offset += PadOrDie(t.nbytes, align);
   }
   *padded_size = PadOrDie(s.bytes().size(), align);
   return s.bytes();
@@ -1149,8 +1170,10 @@ std::vector<uint8_t> GgufWriter::Serialize() const {
   uint64_t header_end = 0;
   std::vector<uint8_t> out = Header(&header_end);
   out.resize(header_end, 0);
+  std::vector<uint8_t> buf;
   for (const T& t : tensors_) {
-    out.insert(out.end(), t.data.begin(), t.data.end());
+    const uint8_t* data = Data(t, buf);
+    out.insert(out.end(), data, data + t.nbytes);
     out.resize(PadOrDie(out.size(), alignment_), 0);
   }
   return out;
@@ -1165,9 +1188,10 @@ void GgufWriter::Write(const std::string& path) const {
   OutFile out(tmp);
   out.Write(header.data(), header.size());
   out.Zeros(header_end - header.size());
+  std::vector<uint8_t> buf;
   for (const T& t : tensors_) {
-    out.Write(t.data.data(), t.data.size());
-    out.Zeros(PadOrDie(t.data.size(), align) - t.data.size());
+    out.Write(Data(t, buf), t.nbytes);
+    out.Zeros(PadOrDie(t.nbytes, align) - t.nbytes);
   }
   out.Close();
   if (std::rename(tmp.c_str(), path.c_str()) != 0) {

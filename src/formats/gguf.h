@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -138,6 +139,13 @@ class GgufWriter {
   void AddTensor(const std::string& name, DType dtype, const std::vector<int64_t>& ne,
                  const void* data, size_t nbytes);
 
+  // A tensor whose data is produced only when the file is written: fill(dst) writes its
+  // RowBytes(dtype, ne[0]) * prod(ne[1..]) bytes (converters keep one tensor in memory at a
+  // time). fill may throw moe::Error; Write then leaves the old file in place.
+  using TensorFill = std::function<void(uint8_t* dst)>;
+  void AddTensorDeferred(const std::string& name, DType dtype, const std::vector<int64_t>& ne,
+                         TensorFill fill);
+
   // Writes the file (to path + ".tmp", fsync, then renames over path, so a reader never sees a
   // half-written file and an old file survives a failed write). Throws moe::Error on I/O failure.
   void Write(const std::string& path) const;
@@ -153,9 +161,15 @@ class GgufWriter {
     std::string name;
     DType dtype;
     std::vector<int64_t> ne;
-    std::vector<uint8_t> data;
+    size_t nbytes = 0;
+    std::vector<uint8_t> data;  // or, for deferred tensors, empty and:
+    TensorFill fill;
   };
   void Put(const std::string& key, GgufValue v);
+  // Validates name, type and shape (and *given, the byte count, if not null); appends the info.
+  T& AddInfo(const std::string& name, DType dtype, const std::vector<int64_t>& ne,
+             const size_t* given);
+  static const uint8_t* Data(const T& t, std::vector<uint8_t>& buf);
   // Header and tensor infos; *padded_size = their size padded to the alignment.
   std::vector<uint8_t> Header(uint64_t* padded_size) const;
   std::vector<KV> kvs_;

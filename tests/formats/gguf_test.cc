@@ -320,6 +320,39 @@ TEST(GgufWriter, RejectsBadInput) {
               {"/nonexistent-dir-for-gguf-test/x.gguf.tmp", "No such file or directory"});
 }
 
+TEST(GgufWriter, DeferredTensorsWriteTheSameBytes) {
+  TempDir tmp;
+  std::vector<uint8_t> a(RowBytes(DType::kQ8_0, 64) * 3), b(7 * 4);
+  for (size_t i = 0; i < a.size(); ++i) a[i] = static_cast<uint8_t>(i * 7 + 1);
+  for (size_t i = 0; i < b.size(); ++i) b[i] = static_cast<uint8_t>(i * 3 + 2);
+  GgufWriter copied, deferred;
+  for (GgufWriter* w : {&copied, &deferred}) w->SetU32("k", 5);
+  copied.AddTensor("a", DType::kQ8_0, {64, 3}, a.data(), a.size());
+  copied.AddTensor("b", DType::kF32, {7}, b.data(), b.size());
+  int calls = 0;
+  deferred.AddTensorDeferred("a", DType::kQ8_0, {64, 3}, [&](uint8_t* dst) {
+    ++calls;
+    std::memcpy(dst, a.data(), a.size());
+  });
+  deferred.AddTensorDeferred("b", DType::kF32, {7}, [&](uint8_t* dst) {
+    ++calls;
+    std::memcpy(dst, b.data(), b.size());
+  });
+  EXPECT_EQ(deferred.Serialize(), copied.Serialize());
+  EXPECT_EQ(calls, 2);
+  // A fill that fails: the error comes out of Write and the file already there is kept.
+  const std::string path = tmp.File("keep.gguf");
+  copied.Write(path);
+  const std::vector<uint8_t> before = gguf_test::ReadFileBytes(path);
+  GgufWriter failing;
+  failing.AddTensorDeferred("c", DType::kF32, {4}, [](uint8_t*) { Fail("fill failed on purpose"); });
+  ExpectError([&] { failing.Write(path); }, {"fill failed on purpose"});
+  EXPECT_EQ(gguf_test::ReadFileBytes(path), before);
+  EXPECT_FALSE(std::filesystem::exists(path + ".tmp"));
+  ExpectError([&] { deferred.AddTensorDeferred("a", DType::kF32, {4}, [](uint8_t*) {}); },
+              {"duplicate tensor 'a'"});
+}
+
 TEST(GgufWriter, SetValueCopiesEveryTypeFromAReadFile) {
   // Re-writing a file read from disk keeps every key and type (u8, i16, f64 ... included).
   if (!HavePython()) GTEST_SKIP() << "python3 not available";
