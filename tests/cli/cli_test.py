@@ -96,8 +96,8 @@ with tempfile.TemporaryDirectory() as d:
                                  "--experts", "2", "--experts-used", "1", "--type", "q4_K",
                                  "-o", os.path.join(d, "x.gguf")], 2, "multiples of 256")
     expect_error("bad type", ["init", "--arch", "llama", "--layers", "1", "--dim", "32", "--ffn", "32",
-                              "--experts", "2", "--experts-used", "1", "--type", "q3_K",
-                              "-o", os.path.join(d, "x.gguf")], 2, "q3_K")
+                              "--experts", "2", "--experts-used", "1", "--type", "q9_K",
+                              "-o", os.path.join(d, "x.gguf")], 2, "q9_K")
     # bench-layer runs every router; --json carries the layer telemetry.
     for router, k in (("hash", 2), ("top_p", 4)):
         lj = json.loads(run("bench-layer", "--router", router, "--tokens", "64", "--dim", "24", "--ffn", "16",
@@ -174,6 +174,90 @@ with tempfile.TemporaryDirectory() as d:
     ec = json.loads(run("bench-layer", "--router", "expert_choice", "--tokens", "40", "--dim", "24",
                         "--ffn", "16", "--experts", "4", "--json").stdout)
     check("bench-layer expert_choice", ec["forward_backward_ms"] > 0)
+
+    # ---- moe quantize: mixes, inspect's type mix, bad input leaves files as they were -------
+    import struct
+    big = os.path.join(d, "big.gguf")
+    check("init 256", run("init", "--arch", "llama", "--layers", "2", "--dim", "256", "--ffn", "256",
+                          "--experts", "8", "--experts-used", "2", "--heads", "4", "--kv-heads", "2",
+                          "--vocab", "300", "-o", big).returncode == 0)
+    q = os.path.join(d, "q.gguf")
+    p = run("quantize", big, q, "--type", "Q4_K_M", "--threads", "2")
+    check("quantize Q4_K_M", p.returncode == 0 and "blk.1.ffn_down_exps.weight" in p.stderr
+          and "bits per weight" in p.stderr, p.stderr[-300:])
+    qi = json.loads(run("inspect", q, "--json").stdout)
+    by_name = {t["name"]: t["type"] for t in qi["tensors"]}
+    # Mixtral's rules: q8_0 attention V and K (8 experts), q5_K attention output, q6_K output
+    # and the last layer's ffn_down, f32 norms and router.
+    check("quantize Q4_K_M types", (by_name["blk.0.attn_v.weight"], by_name["blk.0.attn_k.weight"],
+                                    by_name["blk.0.attn_output.weight"], by_name["output.weight"],
+                                    by_name["blk.1.ffn_down_exps.weight"], by_name["blk.0.ffn_up_exps.weight"],
+                                    by_name["blk.0.ffn_gate_inp.weight"], by_name["blk.0.attn_norm.weight"])
+          == ("q8_0", "q8_0", "q5_K", "q6_K", "q6_K", "q4_K", "f32", "f32"), str(by_name))
+    check("inspect type mix", qi["file_type"] == 15 and set(qi["types"]) == {"f32", "q4_K", "q5_K", "q6_K", "q8_0"}
+          and sum(v["bytes"] for v in qi["types"].values()) == qi["tensor_bytes"]
+          and abs(qi["bits_per_weight"] - 8 * qi["tensor_bytes"] / qi["n_params"]) < 1e-9
+          and 4.5 < qi["bits_per_weight"] < 6.5, str(qi["types"]))
+    out = json.loads(run("run", "-m", q, "--prompt-ids", "1,2,3", "-n", "4", "--json", "--ignore-eos").stdout)
+    check("run quantized", len(out["tokens"]) == 4)
+    pq = run("quantize", big, os.path.join(d, "pure.gguf"), "--type", "q3_K", "--pure", "-q")
+    pi = json.loads(run("inspect", os.path.join(d, "pure.gguf"), "--json").stdout)
+    check("quantize --pure", pq.returncode == 0 and set(pi["types"]) == {"f32", "q3_K"}, str(pi.get("types")))
+    before = open(q, "rb").read()
+    expect_error("quantize unknown type", ["quantize", big, q, "--type", "Q7_K"], 2, "not a quantization type")
+    expect_error("quantize IQ mix", ["quantize", big, q, "--type", "IQ4_XS"], 2, "cannot write this mix yet")
+    expect_error("quantize onto input", ["quantize", q, q, "--type", "Q8_0"], 2, "replace the input")
+    expect_error("quantize threads", ["quantize", big, q, "--type", "Q8_0", "--threads", "100000"], 2, "--threads")
+    expect_error("quantize missing input", ["quantize", os.path.join(d, "none.gguf"), q, "--type", "Q8_0"], 2, "cannot open")
+    # A NaN weight: an error naming the tensor, and the old output survives.
+    nan = bytearray(open(big, "rb").read())
+    bi = json.loads(run("inspect", big, "--json").stdout)
+    up = next(t for t in bi["tensors"] if t["name"] == "blk.1.ffn_up_exps.weight")
+    nan[up["offset"] + 4 * 1000: up["offset"] + 4 * 1001] = struct.pack("<f", float("nan"))
+    nan_path = os.path.join(d, "nan.gguf")
+    open(nan_path, "wb").write(bytes(nan))
+    expect_error("quantize NaN weight", ["quantize", nan_path, q, "--type", "Q4_K_M", "-q"], 2,
+                 "blk.1.ffn_up_exps.weight")
+    check("failed quantize keeps the old output", open(q, "rb").read() == before and not os.path.exists(q + ".tmp"))
+    # A tensor in a type moe.cpp does not read: the error names the type and the tensor.
+    raw = bytearray(before)
+    pos = 24
+    def rd(fmt):
+        global pos
+        v = struct.unpack_from("<" + fmt, raw, pos)[0]
+        pos += struct.calcsize("<" + fmt)
+        return v
+    def skip_value(t):
+        global pos
+        if t == 8:
+            n = rd("Q")
+            pos += n
+        elif t == 9:
+            et, n = rd("I"), rd("Q")
+            for _ in range(n):
+                skip_value(et)
+        else:
+            pos += {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}[t]
+    n_tensors, n_kv = struct.unpack_from("<QQ", raw, 8)
+    for _ in range(n_kv):
+        n = rd("Q")
+        pos += n
+        skip_value(rd("I"))
+    while True:
+        n = rd("Q")
+        name = raw[pos: pos + n].decode()
+        pos += n
+        nd = rd("I")
+        pos += 8 * nd
+        if name == "blk.0.attn_q.weight":
+            struct.pack_into("<I", raw, pos, 23)  # iq4_xs
+            break
+        pos += 4 + 8
+    iq = os.path.join(d, "iq.gguf")
+    open(iq, "wb").write(bytes(raw))
+    expect_error("run names an unsupported type", ["run", "-m", iq, "--prompt-ids", "1"], 2,
+                 "blk.0.attn_q.weight")
+    expect_error("run names the type", ["run", "-m", iq, "--prompt-ids", "1"], 2, "iq4_xs")
 
 print("%d passed, %d failed" % (passed, len(failures)))
 sys.exit(1 if failures else 0)

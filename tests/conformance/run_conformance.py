@@ -11,8 +11,9 @@ token ids on the same file.
           the 20-id prompt.
   close   F16/BF16 files: teacher-forced top-5 within the case's tolerance
           (llama.cpp rounds activations to the weight type before products).
-  quant   quantized files (every weight type): teacher-forced top-5 within
-          0.1 nats at every position of 2 prompts (12 and 40 ids).
+  quant   quantized files (every weight type, and files that `moe quantize`
+          wrote in llama.cpp's mixes): teacher-forced top-5 within 0.1 nats at
+          every position of 2 prompts (12 and 40 ids).
   margin  quantized files with planted margins (--plant-margin, --embd-scale):
           greedy tokens identical for all 24 steps, from 3 prompts.
 
@@ -47,7 +48,7 @@ QUANT_TOL = 0.1
 NEAR_TIE = 1e-4
 
 
-def case(name, kind, tol=None, prompts=None, steps=None, need=None, **init):
+def case(name, kind, tol=None, prompts=None, steps=None, need=None, mix=None, **init):
     defaults = {
         "exact": (EXACT_TOL, (1, 8, 20), 32, 32),
         "close": (None, (8, 24), 0, 0),
@@ -57,7 +58,7 @@ def case(name, kind, tol=None, prompts=None, steps=None, need=None, **init):
     }[kind]
     return dict(name=name, kind=kind, tol=tol if tol is not None else defaults[0],
                 prompts=prompts or defaults[1], steps=steps if steps is not None else defaults[2],
-                need=need if need is not None else defaults[3], init=init)
+                need=need if need is not None else defaults[3], mix=mix, init=init)
 
 
 # Shapes: odd widths (72, 96, 104) where head sizes allow; 3+ layers; 4-8
@@ -106,6 +107,17 @@ CASES = [
          experts_used=2, shared_ffn=256, heads=4, kv_heads=2, vocab=512, type="q3_K", seed=608),
     case("olmoe_q2_K", "quant", arch="olmoe", layers=2, dim=256, ffn=512, experts=4,
          experts_used=2, heads=4, vocab=512, type="q2_K", seed=609),
+    # Files written by moe quantize in llama.cpp's mixes (several types per file: the 8-expert
+    # rule's q8_0 attention V/K and q5_K output, q6_K ffn_down / output, fallback q5_0 rows).
+    case("llama_mix_Q4_K_M", "quant", arch="llama", layers=3, dim=256, ffn=256, experts=8,
+         experts_used=2, heads=4, kv_heads=2, vocab=512, seed=610, mix="Q4_K_M"),
+    case("qwen2moe_mix_Q3_K_M", "quant", arch="qwen2moe", layers=2, dim=256, ffn=256, experts=4,
+         experts_used=2, shared_ffn=512, heads=8, kv_heads=2, vocab=512, seed=611, mix="Q3_K_M"),
+    case("qwen3moe_mix_Q5_K_M_ffn160", "quant", arch="qwen3moe", layers=2, dim=256, ffn=160,
+         experts=6, experts_used=2, heads=4, kv_heads=2, head_dim=64, vocab=512, seed=612,
+         mix="Q5_K_M"),
+    case("olmoe_mix_Q2_K", "quant", arch="olmoe", layers=2, dim=256, ffn=256, experts=4,
+         experts_used=2, heads=4, vocab=512, seed=613, mix="Q2_K"),
     # Block-32 types on widths that are not multiples of 256 (as llama.cpp's fallback writes).
     case("olmoe_q4_1", "quant", arch="olmoe", layers=2, dim=128, ffn=96, experts=4,
          experts_used=2, heads=4, vocab=512, type="q4_1", seed=606),
@@ -329,6 +341,10 @@ def run_case(moe, c, tmp, verbose):
     argv = moe_init(moe, c, path)
     if verbose:
         print("  " + " ".join(argv), flush=True)
+    if c["mix"]:  # an F32 file rewritten by moe quantize in a llama.cpp mix
+        qpath = os.path.join(tmp, "%s.%s.gguf" % (c["name"], c["mix"]))
+        run_cmd([moe, "quantize", path, qpath, "--type", c["mix"], "-q"], "moe quantize", 300)
+        path = qpath
     prompts = run_text_case(moe, c, tmp, path) if c["kind"] == "text" else prompt_ids(c)
     jobs = []
     greedy = c["kind"] in ("exact", "margin", "text")

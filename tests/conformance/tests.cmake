@@ -25,3 +25,9 @@ set_tests_properties(conformance PROPERTIES TIMEOUT 900)
 add_test(NAME conformance_numpy_ref
          COMMAND ${MOE_CONF_PYTHON} ${_conf_dir}/check_numpy_ref.py)
 set_tests_properties(conformance_numpy_ref PROPERTIES TIMEOUT 300)
+
+# moe quantize vs llama.cpp's llama_model_quantize: the same type for every tensor under every
+# mix, and byte-identical tensor data.
+add_test(NAME conformance_quantize
+         COMMAND ${MOE_CONF_PYTHON} ${_conf_dir}/quantize_oracle.py --moe ${MOE_CLI})
+set_tests_properties(conformance_quantize PROPERTIES TIMEOUT 600)

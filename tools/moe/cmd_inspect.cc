@@ -1,6 +1,8 @@
 // moe inspect: architecture, hyper-parameters, router, tensor table, bytes per expert and per
 // token. Training-only routers (expert_choice) are shown too; moe run refuses them.
+#include <array>
 #include <cstdio>
+#include <map>
 #include <memory>
 #include <string>
 
@@ -63,6 +65,22 @@ Runner AddInspect(CLI::App& app) {
     }
     j["tensor_bytes"] = total;
     j["tensors"] = tensors;
+    // The weight-type mix: tensors, bytes and elements per type, and bits per weight overall.
+    std::map<std::string, std::array<uint64_t, 3>> mix;
+    uint64_t n_params = 0;
+    for (const GgufTensorInfo& t : f.tensors()) {
+      auto& m = mix[DTypeName(t.view.dtype)];
+      m[0] += 1;
+      m[1] += t.view.NumBytes();
+      m[2] += static_cast<uint64_t>(t.view.NumElements());
+      n_params += static_cast<uint64_t>(t.view.NumElements());
+    }
+    nlohmann::json types = nlohmann::json::object();
+    for (const auto& [name, m] : mix) types[name] = {{"tensors", m[0]}, {"bytes", m[1]}, {"params", m[2]}};
+    j["types"] = types;
+    j["n_params"] = n_params;
+    j["bits_per_weight"] = n_params ? 8.0 * static_cast<double>(total) / static_cast<double>(n_params) : 0.0;
+    if (const auto ft = f.GetU32Opt("general.file_type")) j["file_type"] = *ft;
     if (*json) {
       std::printf("%s\n", j.dump().c_str());
       return 0;
@@ -93,6 +111,13 @@ Runner AddInspect(CLI::App& app) {
     std::printf("  %-16s %.3f MiB\n", "bytes/expert", model->BytesPerExpert() / 1048576.0);
     std::printf("  %-16s %.3f MiB (weights read per generated token)\n", "bytes/token",
                 model->BytesPerToken() / 1048576.0);
+    std::string tline;
+    for (const auto& [name, m] : mix)
+      tline += StrFormat("%s%s x%llu (%.2f MiB)", tline.empty() ? "" : ", ", name.c_str(),
+                         static_cast<unsigned long long>(m[0]), m[1] / 1048576.0);
+    std::printf("  %-16s %s\n", "weight types", tline.c_str());
+    std::printf("  %-16s %.3f bits per weight over %.2f M parameters\n", "size",
+                j["bits_per_weight"].get<double>(), n_params / 1e6);
     std::printf("\n%-36s %-6s %-22s %12s\n", "tensor", "type", "shape", "bytes");
     for (const GgufTensorInfo& t : f.tensors())
       std::printf("%-36s %-6s %-22s %12zu\n", t.view.name.c_str(), DTypeName(t.view.dtype),

@@ -29,5 +29,6 @@ Runner AddEval(CLI::App& app);
 Runner AddUpcycle(CLI::App& app);
 Runner AddBenchTrain(CLI::App& app);
 Runner AddReport(CLI::App& app);
+Runner AddQuantize(CLI::App& app);
 
 }  // namespace moe::cli

@@ -34,6 +34,7 @@ int main(int argc, char** argv) {
   add("eval", "held-out loss and perplexity, counted as llama.cpp's perplexity tool", moe::cli::AddEval);
   add("report", "plots and a summary of a training run (moe report DIR)", moe::cli::AddReport);
   add("bench-train", "training speed on random tokens, and the share of the GEMM's peak", moe::cli::AddBenchTrain);
+  add("quantize", "rewrite a model in another weight type or a llama.cpp mix (Q4_K_M, ...)", moe::cli::AddQuantize);
   add("upcycle", "turn a dense model into an MoE model (sparse upcycling, Drop-Upcycling)", moe::cli::AddUpcycle);
   try {
     app.parse(argc, argv);

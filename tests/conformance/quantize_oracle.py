@@ -1,0 +1,274 @@
+#!/usr/bin/python3
+"""`moe quantize` against llama.cpp's own quantizer (llama_model_quantize in the libllama that
+node-llama-cpp ships, loaded with ctypes; an oracle, never linked into moe).
+
+For every case, `moe init` writes a model, then `moe quantize IN OUT --type MIX` and
+llama_model_quantize (the same mix, as llama-quantize runs it) each write a file, and:
+  - every tensor has the same type in both files (the mix rules: attention V/K/output and
+    FFN-down bumps by layer, the 8-expert rule, the GQA rule, the output/tied-embedding rule,
+    the fallback for rows that are not whole 256-blocks, norms and routers left alone),
+  - every tensor's data is byte-identical (the quantizers are ggml's reference quantizers),
+  - general.file_type is the same.
+Shapes cover 8 experts (Mixtral's rule), GQA 4 (qwen2moe with shared experts), enough layers
+for the first-sixteenth and every-third-layer rules, expert widths that are not multiples of
+256 (fallback types), tied output, and a quantized input (requantization).
+
+  quantize_oracle.py --moe PATH [--only CASE] [--list] [-v]
+Prints one line per case and ends with "N passed, M failed"; exits 1 on any failure.
+"""
+import argparse
+import ctypes
+import os
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+LIB_DIR = os.path.join(HERE, "..", "..", "third_party", "npm", "node_modules", "@node-llama-cpp",
+                       "linux-x64", "bins", "linux-x64")
+
+ALL_MIXES = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M",
+             "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16", "BF16"]
+FTYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10,
+         "Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16,
+         "Q5_K_M": 17, "Q6_K": 18, "BF16": 32}
+
+
+def case(name, mixes, pure=False, source_type=None, **init):
+    return dict(name=name, mixes=mixes, pure=pure, source_type=source_type, init=init)
+
+
+CASES = [
+    # Mixtral-like: 8 experts, 9 layers (n/8 = 1: the first/last eighth and every third layer).
+    case("llama_8x_9l", ALL_MIXES, arch="llama", layers=9, dim=256, ffn=256, experts=8,
+         experts_used=2, heads=4, kv_heads=2, vocab=512, seed=11),
+    # Qwen1.5-MoE-like: shared experts, GQA 4 (Q2_K's attn_v rule), 17 layers (n/16 = 1).
+    case("qwen2moe_gqa4_17l", ["Q2_K", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K"],
+         arch="qwen2moe", layers=17, dim=256, ffn=256, experts=4, experts_used=2,
+         shared_ffn=512, heads=8, kv_heads=2, vocab=512, seed=12),
+    # Expert width 160 and dim 256: ffn_down rows of 160 fall back to 32-block types.
+    case("qwen3moe_ffn160_tied", ["Q2_K", "Q3_K_L", "Q4_K_M", "Q5_K_S", "Q6_K", "Q4_1"],
+         arch="qwen3moe", layers=4, dim=256, ffn=160, experts=6, experts_used=2, heads=4,
+         kv_heads=1, head_dim=64, vocab=512, tie_output=True, seed=13),
+    # Rows of 96: no 256-block type fits anywhere (q8_0 output, 32-block fallbacks).
+    case("olmoe_dim96", ["Q4_K_M", "Q3_K_S", "Q2_K", "Q5_K_M"], arch="olmoe", layers=3,
+         dim=96, ffn=64, experts=4, experts_used=2, heads=4, vocab=256, seed=14),
+    case("llama_pure", ["Q4_K_M", "Q3_K_M", "Q2_K"], pure=True, arch="llama", layers=3, dim=256,
+         ffn=160, experts=8, experts_used=2, heads=4, kv_heads=2, vocab=512, seed=15),
+    # A quantized input is dequantized and quantized again, as llama.cpp does when allowed.
+    case("olmoe_from_q8_0", ["Q4_K_M", "Q3_K_L"], source_type="q8_0", arch="olmoe", layers=2,
+         dim=256, ffn=256, experts=4, experts_used=2, heads=4, vocab=512, seed=16),
+]
+
+
+class CaseError(Exception):
+    pass
+
+
+# ---- the oracle ----
+
+class QuantParams(ctypes.Structure):
+    _fields_ = [("nthread", ctypes.c_int32), ("ftype", ctypes.c_int),
+                ("output_tensor_type", ctypes.c_int), ("token_embedding_type", ctypes.c_int),
+                ("allow_requantize", ctypes.c_bool), ("quantize_output_tensor", ctypes.c_bool),
+                ("only_copy", ctypes.c_bool), ("pure", ctypes.c_bool),
+                ("keep_split", ctypes.c_bool), ("dry_run", ctypes.c_bool),
+                ("imatrix", ctypes.c_void_p), ("kv_overrides", ctypes.c_void_p),
+                ("tt_overrides", ctypes.c_void_p), ("prune_layers", ctypes.c_void_p),
+                ("max_buf_size", ctypes.c_size_t)]
+
+
+def load_llama():
+    names = [f for f in os.listdir(LIB_DIR) if f.startswith("libllama.") and f.endswith(".so")]
+    if not names:
+        raise CaseError("no libllama in " + LIB_DIR)
+    lib = ctypes.CDLL(os.path.join(LIB_DIR, names[0]))
+    lib.llama_model_quantize_default_params.restype = QuantParams
+    lib.llama_model_quantize.argtypes = [ctypes.c_char_p, ctypes.c_char_p,
+                                         ctypes.POINTER(QuantParams)]
+    lib.llama_model_quantize.restype = ctypes.c_uint32
+    lib.llama_backend_init()
+    return lib
+
+
+def llama_quantize(lib, src, dst, mix, pure):
+    p = lib.llama_model_quantize_default_params()
+    p.ftype = FTYPE[mix]
+    p.nthread = 2
+    p.allow_requantize = True
+    p.pure = pure
+    # llama.cpp logs every tensor to stderr; keep it out of the test output.
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        rc = lib.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(p))
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+    if rc != 0:
+        raise CaseError("llama_model_quantize(%s) returned %d" % (mix, rc))
+
+
+# ---- a minimal GGUF reader: metadata values we need, tensor infos, data ----
+
+_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q",
+           12: "d"}
+
+
+def read_gguf(path):
+    with open(path, "rb") as fh:
+        data = fh.read()
+    pos = 0
+
+    def take(fmt):
+        nonlocal pos
+        v = struct.unpack_from("<" + fmt, data, pos)
+        pos += struct.calcsize("<" + fmt)
+        return v[0]
+
+    def string():
+        nonlocal pos
+        n = take("Q")
+        s = data[pos:pos + n].decode("utf-8")
+        pos += n
+        return s
+
+    def value(t):
+        if t == 8:
+            return string()
+        if t == 9:
+            et, n = take("I"), take("Q")
+            return [value(et) for _ in range(n)]
+        return take(_SCALAR[t])
+
+    magic, version, n_tensors, n_kv = take("I"), take("I"), take("Q"), take("Q")
+    if magic != 0x46554747:
+        raise CaseError(path + ": not a GGUF file")
+    kv = {}
+    for _ in range(n_kv):
+        k = string()
+        kv[k] = value(take("I"))
+    infos = []
+    for _ in range(n_tensors):
+        name = string()
+        nd = take("I")
+        ne = [take("Q") for _ in range(nd)]
+        infos.append((name, ne, take("I"), take("Q")))
+    align = kv.get("general.alignment", 32)
+    base = (pos + align - 1) // align * align
+    offsets = sorted(off for _, _, _, off in infos)
+    tensors = {}
+    for name, ne, t, off in infos:
+        # A tensor's bytes run to the next tensor's offset (padding included) or the file end;
+        # compared as the unpadded prefix both files share, of the exact size below.
+        nxt = [o for o in offsets if o > off]
+        end = base + (nxt[0] if nxt else len(data) - base)
+        tensors[name] = dict(ne=ne, type=t, data=data[base + off:end])
+    return kv, tensors
+
+
+GGML_NAMES = {0: "f32", 1: "f16", 2: "q4_0", 3: "q4_1", 6: "q5_0", 7: "q5_1", 8: "q8_0",
+              10: "q2_K", 11: "q3_K", 12: "q4_K", 13: "q5_K", 14: "q6_K", 30: "bf16"}
+
+
+def compare(moe_path, ref_path):
+    kv_m, t_m = read_gguf(moe_path)
+    kv_r, t_r = read_gguf(ref_path)
+    if kv_m.get("general.file_type") != kv_r.get("general.file_type"):
+        raise CaseError("general.file_type %s, llama.cpp %s" % (kv_m.get("general.file_type"),
+                                                               kv_r.get("general.file_type")))
+    if set(t_m) != set(t_r):
+        raise CaseError("tensor names differ: %s" % sorted(set(t_m) ^ set(t_r))[:4])
+    types = {}
+    for name in sorted(t_r):
+        a, b = t_m[name], t_r[name]
+        if a["type"] != b["type"]:
+            raise CaseError("%s: moe wrote %s, llama.cpp %s" % (
+                name, GGML_NAMES.get(a["type"], a["type"]), GGML_NAMES.get(b["type"], b["type"])))
+        n = min(len(a["data"]), len(b["data"]))
+        if a["data"][:n] != b["data"][:n]:
+            first = next(i for i in range(n) if a["data"][i] != b["data"][i])
+            raise CaseError("%s (%s): data differs from byte %d" % (
+                name, GGML_NAMES.get(a["type"], a["type"]), first))
+        tn = GGML_NAMES.get(a["type"], str(a["type"]))
+        types[tn] = types.get(tn, 0) + 1
+    return types
+
+
+def run(argv, what, timeout=600):
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        raise CaseError("%s exited %d: %s" % (what, p.returncode, p.stderr.strip()[-300:]))
+
+
+def run_case(moe, lib, c, tmp, verbose):
+    src = os.path.join(tmp, c["name"] + ".gguf")
+    argv = [moe, "init"]
+    for k, v in c["init"].items():
+        if v is True:
+            argv.append("--" + k.replace("_", "-"))
+        else:
+            argv += ["--" + k.replace("_", "-"), str(v)]
+    if c["source_type"]:
+        argv += ["--type", c["source_type"]]
+    run(argv + ["-o", src], "moe init")
+    notes = []
+    for mix in c["mixes"]:
+        out_m = os.path.join(tmp, "%s.%s.moe.gguf" % (c["name"], mix))
+        out_r = os.path.join(tmp, "%s.%s.llama.gguf" % (c["name"], mix))
+        qargv = [moe, "quantize", src, out_m, "--type", mix, "--threads", "2", "-q"]
+        if c["pure"]:
+            qargv.append("--pure")
+        run(qargv, "moe quantize --type " + mix)
+        llama_quantize(lib, src, out_r, mix, c["pure"])
+        try:
+            types = compare(out_m, out_r)
+        except CaseError as e:
+            raise CaseError("%s: %s" % (mix, e))
+        notes.append("%s{%s}" % (mix, ",".join("%s:%d" % kv for kv in sorted(types.items()))))
+        os.remove(out_m)
+        os.remove(out_r)
+    return "; ".join(notes) if verbose else "%d mixes identical" % len(c["mixes"])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--moe", default=os.environ.get("MOE_CLI"), help="moe binary")
+    ap.add_argument("--only", action="append")
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    a = ap.parse_args()
+    if a.list:
+        for c in CASES:
+            print(c["name"], " ".join(c["mixes"]))
+        return 0
+    if not a.moe:
+        ap.error("give the moe binary: --moe PATH or $MOE_CLI")
+    moe = os.path.abspath(a.moe)
+    lib = load_llama()
+    cases = [c for c in CASES if not a.only or c["name"] in a.only]
+    passed = failed = 0
+    with tempfile.TemporaryDirectory(prefix="moe_quantize_oracle_") as tmp:
+        for c in cases:
+            t0 = time.time()
+            try:
+                msg, ok = run_case(moe, lib, c, tmp, a.verbose), True
+            except CaseError as e:
+                msg, ok = str(e), False
+            except Exception as e:  # a harness bug in one case must not hide the others
+                msg, ok = "%s: %s" % (type(e).__name__, e), False
+            print("%s %s: %s [%.1fs]" % ("PASS" if ok else "FAIL", c["name"], msg,
+                                         time.time() - t0), flush=True)
+            passed += ok
+            failed += not ok
+    print("%d passed, %d failed" % (passed, failed))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
