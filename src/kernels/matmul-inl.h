@@ -13,6 +13,8 @@
 //   q6_K x q8_K: per super-block, d_w*d_x * sum_is scale[is] * dot(q6 - 32, q8) in int32.
 //   q3_K x q8_K: as q6_K with 3-bit quants q - 4 and 6-bit scales s - 32.
 //   q2_K x q8_K: as q4_K with 16 sub-blocks of 16, 4-bit scales and mins, 2-bit quants.
+//   iq4_nl x q8_0: as q4_0 with the nibbles mapped through the 16-value grid (a byte lookup).
+//   iq4_xs x q8_K: 8 sub-blocks of 32 on that grid, signed 6-bit scales, no minimum.
 //
 // Two integer paths, both exact (every int32 lane is an exact partial dot):
 // - int16 (all targets but AVX3_DL): every 8-bit quant is widened to int16; pairs are
@@ -397,6 +399,74 @@ using KernQ4_0 = KernNibble32<BlockQ4_0>;
 using KernQ4_1 = KernNibble32<BlockQ4_1>;
 using KernQ5_0 = KernNibble32<BlockQ5_0>;
 using KernQ5_1 = KernNibble32<BlockQ5_1>;
+
+// The iq4_nl grid values of the 32 packed nibbles at qs (element j low in qs[j], j + 16 high)
+// for lanes [e, e + N) of the block, in natural order: a byte table lookup, then widening.
+HWY_INLINE MmV16 IQ4Chunk(const uint8_t* qs, size_t e) {
+  const MmD16 d16;
+#if HWY_TARGET == HWY_SCALAR
+  const int nib = e < 16 ? qs[e] & 0xF : qs[e - 16] >> 4;
+  return hn::Set(d16, static_cast<int16_t>(kIQ4NLValues[nib]));
+#else
+  const MmDU8 du8;
+#if MOE_MATMUL_WIDE
+  // The table in both 128-bit halves (byte lookups do not cross them).
+  const auto table = hn::LoadDup128(hn::Full256<int8_t>(), kIQ4NLValues);
+  (void)e;  // the whole block is one vector: 16 low nibbles, then 16 high ones
+  const hn::Full128<uint8_t> d16b;
+  const auto v = hn::LoadU(d16b, qs);
+  const auto nib = hn::Combine(du8, hn::ShiftRight<4>(v), hn::And(v, hn::Set(d16b, 0xF)));
+#else
+  const auto table = hn::LoadU(hn::Full128<int8_t>(), kIQ4NLValues);
+  const auto v = hn::LoadU(du8, qs + (e & 15));
+  const auto nib = e < 16 ? hn::And(v, hn::Set(du8, 0xF)) : hn::ShiftRight<4>(v);
+#endif
+  return hn::PromoteTo(d16, hn::BitCast(MmDI8(), hn::TableLookupBytes(table, nib)));
+#endif
+}
+
+// iq4_nl: blocks of 32 on the non-uniform 4-bit grid, one f16 scale.
+struct KernIQ4_NL {
+  using BlockType = BlockIQ4_NL;
+  static constexpr bool kHasMin = false;
+  static constexpr size_t kElems = kQK4_0;
+  static constexpr size_t kBytes = sizeof(BlockIQ4_NL);
+  static constexpr MmLayout kLayout = MmLayout::kNatural;
+  static HWY_INLINE MmV16 Chunk(const uint8_t* blk, size_t e) {
+    return IQ4Chunk(blk + offsetof(BlockIQ4_NL, qs), e);
+  }
+};
+
+// iq4_xs: 8 sub-blocks of 32 on the iq4_nl grid with signed 6-bit scales.
+struct KernIQ4_XS {
+  using BlockType = BlockIQ4_XS;
+  static constexpr size_t kElems = kQK_K;
+  static constexpr int kSubBlock = 32;
+  static constexpr size_t kBytes = sizeof(BlockIQ4_XS);
+  static constexpr bool kHasMin = false;
+  static constexpr MmLayout kLayout = MmLayout::kNatural;
+  struct State {
+    float d, dmin;
+    int16_t sc[8];
+  };
+  // Scale j: low nibble j % 2 of scales_l[j / 2], top bits 2j of scales_h, stored + 32.
+  static HWY_INLINE void Prep(const uint8_t* blk, State& st) {
+    st.d = LoadF16Scalar(blk + offsetof(BlockIQ4_XS, d));
+    st.dmin = 0.0f;
+    uint16_t h;
+    std::memcpy(&h, blk + offsetof(BlockIQ4_XS, scales_h), sizeof(h));
+    const uint8_t* l = blk + offsetof(BlockIQ4_XS, scales_l);
+    for (int j = 0; j < 8; ++j) {
+      st.sc[j] = static_cast<int16_t>((((l[j / 2] >> (4 * (j % 2))) & 0xF) | (((h >> (2 * j)) & 3) << 4)) - 32);
+    }
+  }
+  static HWY_INLINE MmV16 Chunk(const uint8_t* blk, const State& st, size_t e) {
+    const size_t j = e / 32;
+    const MmV16 v = IQ4Chunk(blk + offsetof(BlockIQ4_XS, qs) + 16 * j, e % 32);
+    return hn::Mul(v, hn::Set(MmD16(), st.sc[j]));
+  }
+  static HWY_INLINE int32_t MinSum(const State&, const MmAct&, int64_t) { return 0; }
+};
 
 // q4_K and q5_K: 8 sub-blocks of 32 with 6-bit scales and mins; q5_K adds a 5th bit per quant.
 template <typename Block>
@@ -837,10 +907,15 @@ HWY_INLINE __m512i VnniPairNibbles(const uint8_t* qa, const uint8_t* qb) {
   return _mm512_and_si512(_mm512_srlv_epi16(v, shifts), _mm512_set1_epi8(0x0F));
 }
 
+// kIQ4NLValues in every 128-bit lane (for vpshufb).
+HWY_INLINE __m512i VnniIQ4Table() {
+  return _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kIQ4NLValues)));
+}
+
 // The unsigned offset c of a block-32 format's VNNI weights (q = unsigned - c).
 template <class K>
 constexpr int32_t VnniOffset() {
-  if constexpr (std::is_same_v<K, KernQ8_0>) {
+  if constexpr (std::is_same_v<K, KernQ8_0> || std::is_same_v<K, KernIQ4_NL>) {
     return 128;
   } else {
     return K::kOffset;
@@ -853,6 +928,12 @@ template <class K>
 HWY_INLINE __m512i VnniPair(const uint8_t* a, const uint8_t* b) {
   if constexpr (std::is_same_v<K, KernQ8_0>) {
     return VnniPairQ8_0(a, b);
+  } else if constexpr (std::is_same_v<K, KernIQ4_NL>) {
+    // Grid values by a byte shuffle of the nibbles, made unsigned by + 128 (xor).
+    const __m512i nib = VnniPairNibbles(a + offsetof(BlockIQ4_NL, qs),
+                                        b ? b + offsetof(BlockIQ4_NL, qs) : nullptr);
+    return _mm512_xor_si512(_mm512_shuffle_epi8(VnniIQ4Table(), nib),
+                            _mm512_set1_epi8(static_cast<char>(0x80)));
   } else {
     using Block = typename K::BlockType;
     const __m512i w =
@@ -1040,6 +1121,55 @@ HWY_INLINE __m512i VnniChunkQ6_K(const uint8_t* blk, int k) {  // k constant aft
                          _mm512_and_si512(_mm512_srlv_epi16(qh, hi_half), m30));
 }
 
+// One 64-quant chunk c (0..3) of an iq4_xs super-block (sub-blocks 2c, 2c+1 in qs[32c..32c+31])
+// as unsigned bytes (grid value + 128) in natural order: the 16 bytes of each sub-block
+// give its low nibbles (quants 0..15) then its high nibbles (16..31).
+HWY_INLINE __m512i VnniChunkIQ4_XS(const uint8_t* blk, int c) {
+  const __m256i q = _mm256_loadu_si256(
+      reinterpret_cast<const __m256i*>(blk + offsetof(BlockIQ4_XS, qs) + 32 * c));
+  // 128-bit lanes: [bytes 0..15, bytes 0..15, bytes 16..31, bytes 16..31]
+  const __m512i v = _mm512_permutexvar_epi64(_mm512_set_epi64(3, 2, 3, 2, 1, 0, 1, 0),
+                                             _mm512_castsi256_si512(q));
+  const __m512i shifts = _mm512_set_epi64(0x0004000400040004, 0x0004000400040004, 0, 0,
+                                          0x0004000400040004, 0x0004000400040004, 0, 0);
+  const __m512i nib = _mm512_and_si512(_mm512_srlv_epi16(v, shifts), _mm512_set1_epi8(0x0F));
+  return _mm512_xor_si512(_mm512_shuffle_epi8(VnniIQ4Table(), nib),
+                          _mm512_set1_epi8(static_cast<char>(0x80)));
+}
+
+// Super-block types with 8 sub-blocks of 32 (q4_K, q5_K, iq4_xs) on the VNNI path: the 8
+// sub-block scales as floats, and the multipliers k_j of the 32-quant activation sums in the
+// term the row subtracts (times kOff and dmin): q4_K / q5_K their mins; iq4_xs, whose
+// unsigned weights are grid value + 128, its scales (kOff 128, dmin = d).
+template <class K>
+HWY_INLINE void VnniScales8(const uint8_t* blk, __m512& scf, __m256i& k32, float& d,
+                            float& dmin, int32_t& koff) {
+  using Block = typename K::BlockType;
+  d = LoadF16Scalar(blk + offsetof(Block, d));
+  if constexpr (std::is_same_v<K, KernIQ4_XS>) {
+    typename K::State st;
+    K::Prep(blk, st);
+    k32 = _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(st.sc)));
+    scf = _mm512_castps256_ps512(_mm256_cvtepi32_ps(k32));
+    dmin = d;
+    koff = 128;
+  } else {
+    dmin = LoadF16Scalar(blk + offsetof(Block, dmin));
+    // Same unpacking as KernScaleMinK::Prep, kept in registers.
+    uint32_t w[3];
+    std::memcpy(w, blk + offsetof(Block, scales), sizeof(w));
+    const uint64_t sc = (w[0] & 0x3F3F3F3Fu) |
+                        uint64_t{(w[2] & 0x0F0F0F0Fu) | ((w[0] >> 2) & 0x30303030u)} << 32;
+    const uint64_t mn = (w[1] & 0x3F3F3F3Fu) |
+                        uint64_t{((w[2] >> 4) & 0x0F0F0F0Fu) | ((w[1] >> 2) & 0x30303030u)}
+                            << 32;
+    scf = _mm512_castps256_ps512(_mm256_cvtepi32_ps(
+        _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(sc)))));
+    k32 = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(mn)));
+    koff = 1;
+  }
+}
+
 // One 64-quant chunk c (0..3) of a q2_K / q3_K super-block's 2-bit levels: bytes 0..31 are
 // bits 2k of qs[32h..32h+31] (h = c/2, k = 2(c&1)), bytes 32..63 bits 2k+2.
 HWY_INLINE __m512i VnniLow2(const uint8_t* qs, int c) {
@@ -1095,34 +1225,24 @@ HWY_INLINE void VnniScales16(const uint8_t* blk, __m128i& sc8, __m128i& k8, floa
 template <int NT, class K>
 HWY_INLINE void RowKVnni(const uint8_t* HWY_RESTRICT wrow, int64_t nb, const MmAct* act,
                          __m512* acc, float* m) {
-  constexpr bool kQ4K = K::kSubBlock == 32;  // q4_K or q5_K; else q2_K, q3_K, q6_K
+  constexpr bool kQ4K = K::kSubBlock == 32;  // q4_K, q5_K, iq4_xs; else q2_K, q3_K, q6_K
   __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
   for (int t = 0; t < NT; ++t) m[t] = 0.0f;
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = wrow + b * K::kBytes;
     MmPrefetch<K::kBytes>(blk + kMmPrefetchBytes);
     float d, dmin;
-    __m512 scf;  // float sub-block scales in lanes 0..7 (q4_K, q5_K) or 0..15 (the others)
+    __m512 scf;  // float sub-block scales in lanes 0..7 (sub-blocks of 32) or 0..15 (of 16)
     int32_t msum[4] = {0, 0, 0, 0};
     if constexpr (kQ4K) {
-      using Block = typename K::BlockType;
-      d = LoadF16Scalar(blk + offsetof(Block, d));
-      dmin = LoadF16Scalar(blk + offsetof(Block, dmin));
-      // Same unpacking as KernScaleMinK::Prep, kept in registers.
-      uint32_t w[3];
-      std::memcpy(w, blk + offsetof(Block, scales), sizeof(w));
-      const uint64_t sc = (w[0] & 0x3F3F3F3Fu) |
-                          uint64_t{(w[2] & 0x0F0F0F0Fu) | ((w[0] >> 2) & 0x30303030u)} << 32;
-      const uint64_t mn = (w[1] & 0x3F3F3F3Fu) |
-                          uint64_t{((w[2] >> 4) & 0x0F0F0F0Fu) | ((w[1] >> 2) & 0x30303030u)}
-                              << 32;
-      scf = _mm512_castps256_ps512(_mm256_cvtepi32_ps(
-          _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(sc)))));
-      const __m256i m32 = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(mn)));
+      __m256i k32;
+      int32_t koff;
+      VnniScales8<K>(blk, scf, k32, d, dmin, koff);
       for (int t = 0; t < NT; ++t) {
         const __m256i bs =
             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(act[t].bsum2 + b * 8));
-        msum[t] = _mm512_reduce_add_epi32(_mm512_zextsi256_si512(_mm256_mullo_epi32(m32, bs)));
+        msum[t] = koff * _mm512_reduce_add_epi32(
+                             _mm512_zextsi256_si512(_mm256_mullo_epi32(k32, bs)));
       }
     } else {
       __m128i sc8, k8;
@@ -1151,7 +1271,9 @@ HWY_INLINE void RowKVnni(const uint8_t* HWY_RESTRICT wrow, int64_t nb, const MmA
                              2 * c + 1, 2 * c + 1, 2 * c, 2 * c, 2 * c, 2 * c, 2 * c, 2 * c,
                              2 * c, 2 * c),
             scf);
-        if constexpr (K::kQ5) {
+        if constexpr (std::is_same_v<K, KernIQ4_XS>) {
+          w = VnniChunkIQ4_XS(blk, c);
+        } else if constexpr (K::kQ5) {
           w = VnniChunkQ5_K(blk, c);
         } else {
           w = VnniChunkQ4_K(blk, c);
@@ -1601,6 +1723,11 @@ HWY_NOINLINE inline void MatMul(DType w, const void* W, int64_t n_in, int64_t r0
     case DType::kQ4_1: MatMulVnni32<KernQ4_1>(MmPrep::kQ8_1, wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride); break;
     case DType::kQ5_0: MatMulVnni32<KernQ5_0>(MmPrep::kQ8_0, wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride); break;
     case DType::kQ5_1: MatMulVnni32<KernQ5_1>(MmPrep::kQ8_1, wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride); break;
+    case DType::kIQ4_NL: MatMulVnni32<KernIQ4_NL>(MmPrep::kQ8_0, wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride); break;
+    case DType::kIQ4_XS:
+      MatMulInt<KernIQ4_XS, MmRowKVnni>(MmPrepSpec{MmPrep::kQ8_K, MmLayout::kNatural, true, 0}, wb,
+                                        n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
+      break;
     case DType::kQ2_K:
       MatMulInt<KernQ2_K, MmRowKVnni>(MmPrepSpec{MmPrep::kQ8_K, MmLayout::kNatural, true, 0}, wb,
                                       n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
@@ -1627,6 +1754,11 @@ HWY_NOINLINE inline void MatMul(DType w, const void* W, int64_t n_in, int64_t r0
     case DType::kQ4_1: MatMulInt32<KernQ4_1>(MmPrep::kQ8_1, wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride); break;
     case DType::kQ5_0: MatMulInt32<KernQ5_0>(MmPrep::kQ8_0, wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride); break;
     case DType::kQ5_1: MatMulInt32<KernQ5_1>(MmPrep::kQ8_1, wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride); break;
+    case DType::kIQ4_NL: MatMulInt32<KernIQ4_NL>(MmPrep::kQ8_0, wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride); break;
+    case DType::kIQ4_XS:
+      MatMulInt<KernIQ4_XS, MmRowK>(MmPrepSpec{MmPrep::kQ8_K, KernIQ4_XS::kLayout, false, 0}, wb,
+                                    n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
+      break;
     case DType::kQ2_K:
       MatMulInt<KernQ2_K, MmRowK>(MmPrepSpec{MmPrep::kQ8_K, KernQ2_K::kLayout, false, 0}, wb,
                                   n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);

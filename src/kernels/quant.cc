@@ -830,6 +830,127 @@ void QuantizeQ3_KRef(const float* x, uint8_t* y, int64_t nb) {
   }
 }
 
+// Index of the level of kIQ4NLValues nearest to v (ties to the upper level only when v is
+// strictly nearer; ggml's best_index_int8, a bisection).
+int NearestIQ4Level(float v) {
+  const int8_t* val = kIQ4NLValues;
+  if (v <= val[0]) return 0;
+  if (v >= val[15]) return 15;
+  int lo = 0, hi = 15;
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (v < val[mid]) {
+      hi = mid;
+    } else {
+      lo = mid;
+    }
+  }
+  return v - val[hi - 1] < val[hi] - v ? hi - 1 : hi;
+}
+
+// iq4_nl / iq4_xs: each block of 32 gets the scale d that maximises (sum w x q)^2 / sum w q^2
+// (w = x^2) over 15 grids mapping the largest-magnitude value near -127 (ggml's
+// quantize_row_iq4_nl_impl with 7 tries, what llama-quantize writes). iq4_nl stores d as f16
+// and picks the levels with the unrounded d; iq4_xs stores 6-bit block scales relative to a
+// super-block d and picks the levels with d * scale.
+void FitIQ4Block(const float* x, float* scale, uint8_t* L) {
+  constexpr int kTries = 7;
+  float w[32];
+  float amax = 0, max = 0;
+  for (int j = 0; j < 32; ++j) {
+    w[j] = x[j] * x[j];
+    const float ax = std::fabs(x[j]);
+    if (ax > amax) {
+      amax = ax;
+      max = x[j];
+    }
+  }
+  if (amax < 1e-15f) {
+    *scale = 0;
+    return;
+  }
+  const int8_t* val = kIQ4NLValues;
+  float d = -max / val[0];
+  float id = 1 / d;
+  float sumqx = 0, sumq2 = 0;
+  for (int j = 0; j < 32; ++j) {
+    const int l = NearestIQ4Level(id * x[j]);
+    L[j] = static_cast<uint8_t>(l);
+    const float q = val[l];
+    sumqx += w[j] * q * x[j];
+    sumq2 += w[j] * q * q;
+  }
+  d = sumq2 > 0 ? sumqx / sumq2 : 0.f;
+  float best = d * sumqx;
+  for (int itry = -kTries; itry <= kTries; ++itry) {
+    id = static_cast<float>(itry + val[0]) / max;
+    sumqx = sumq2 = 0;
+    for (int j = 0; j < 32; ++j) {
+      const float q = val[NearestIQ4Level(id * x[j])];
+      sumqx += w[j] * q * x[j];
+      sumq2 += w[j] * q * q;
+    }
+    if (sumq2 > 0 && sumqx * sumqx > best * sumq2) {
+      d = sumqx / sumq2;
+      best = d * sumqx;
+    }
+  }
+  *scale = d;
+}
+
+void PackIQ4Nibbles(const uint8_t* L, uint8_t* qs) {  // 32 levels -> 16 bytes
+  for (int j = 0; j < 16; ++j) qs[j] = static_cast<uint8_t>(L[j] | (L[j + 16] << 4));
+}
+
+void QuantizeIQ4_NLRef(const float* x, uint8_t* y, int64_t nb) {
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* xb = x + b * 32;
+    BlockIQ4_NL blk;
+    uint8_t L[32];
+    float d;
+    FitIQ4Block(xb, &d, L);
+    blk.d = F32ToF16(d);
+    const float id = d != 0.f ? 1 / d : 0;
+    for (int j = 0; j < 32; ++j) L[j] = static_cast<uint8_t>(NearestIQ4Level(id * xb[j]));
+    PackIQ4Nibbles(L, blk.qs);
+    std::memcpy(y + b * sizeof(blk), &blk, sizeof(blk));
+  }
+}
+
+void QuantizeIQ4_XSRef(const float* x, uint8_t* y, int64_t nb) {
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* xb = x + b * kQK_K;
+    BlockIQ4_XS blk;
+    uint8_t L[kQK_K];
+    float scales[8];
+    float max_scale = 0, amax_scale = 0;
+    for (int j = 0; j < 8; ++j) {
+      FitIQ4Block(xb + 32 * j, &scales[j], L + 32 * j);
+      if (std::fabs(scales[j]) > amax_scale) {
+        amax_scale = std::fabs(scales[j]);
+        max_scale = scales[j];
+      }
+    }
+    blk.scales_h = 0;
+    std::memset(blk.scales_l, 0, sizeof(blk.scales_l));
+    const float d = -max_scale / 32;
+    blk.d = F32ToF16(d);
+    const float id = d != 0.f ? 1 / d : 0.f;
+    for (int j = 0; j < 8; ++j) {
+      int l = NearestInt(id * scales[j]);
+      l = l < -32 ? -32 : (l > 31 ? 31 : l);
+      const float dl = d * l;
+      const float idl = dl != 0.f ? 1 / dl : 0.f;
+      for (int k = 0; k < 32; ++k) L[32 * j + k] = static_cast<uint8_t>(NearestIQ4Level(idl * xb[32 * j + k]));
+      l += 32;
+      blk.scales_l[j / 2] = static_cast<uint8_t>(blk.scales_l[j / 2] | ((l & 0xF) << (4 * (j % 2))));
+      blk.scales_h = static_cast<uint16_t>(blk.scales_h | ((l >> 4) << (2 * j)));
+    }
+    for (int j = 0; j < 8; ++j) PackIQ4Nibbles(L + 32 * j, blk.qs + 16 * j);
+    std::memcpy(y + b * sizeof(blk), &blk, sizeof(blk));
+  }
+}
+
 // Symmetric fit x[i] ~= scale * (L[i] - nmax), L[i] - nmax in -nmax..nmax-1, weighted by x^2
 // (ggml's make_qx_quants with rmse_type 1 and no importance weights): starts from the grid
 // that maps the largest-magnitude value to -nmax, tries 18 nearby grids, and keeps the one
@@ -940,6 +1061,8 @@ void QuantizeRow(DType t, const float* x, void* y, int64_t n) {
     case DType::kQ4_K: QuantizeScaleMinKRef<BlockQ4_K>(x, out, n / kQK_K); return;
     case DType::kQ5_K: QuantizeScaleMinKRef<BlockQ5_K>(x, out, n / kQK_K); return;
     case DType::kQ6_K: QuantizeQ6_KRef(x, out, n / kQK_K); return;
+    case DType::kIQ4_NL: QuantizeIQ4_NLRef(x, out, n / kQK4_0); return;
+    case DType::kIQ4_XS: QuantizeIQ4_XSRef(x, out, n / kQK_K); return;
     case DType::kQ8_K: ActivationsQ8_KDispatch(x, out, n); return;  // same as the reference
     default: MOE_ASSERT(false && "QuantizeRow: unsupported type");
   }
@@ -977,6 +1100,8 @@ void DequantizeRow(DType t, const void* x, float* y, int64_t n) {
     case DType::kQ5_K:
     case DType::kQ6_K:
     case DType::kQ8_K:
+    case DType::kIQ4_NL:
+    case DType::kIQ4_XS:
       // Not on a hot path (embedding rows, tools): the float reference is ggml's arithmetic.
       ref::DequantizeRow<float>(t, x, y, n);
       return;

@@ -22,7 +22,7 @@ namespace {
 enum Ftype : uint32_t {
   kAllF32 = 0, kF16 = 1, kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 7, kQ5_0 = 8, kQ5_1 = 9, kQ2_K = 10,
   kQ3_K_S = 11, kQ3_K_M = 12, kQ3_K_L = 13, kQ4_K_S = 14, kQ4_K_M = 15, kQ5_K_S = 16,
-  kQ5_K_M = 17, kQ6_K = 18, kBF16 = 32,
+  kQ5_K_M = 17, kQ6_K = 18, kIQ4_NL = 25, kIQ4_XS = 30, kBF16 = 32,
 };
 
 const QuantMix kMixes[] = {
@@ -37,6 +37,8 @@ const QuantMix kMixes[] = {
     {"Q5_0", kQ5_0, DType::kQ5_0, "5.5 bpw"},
     {"Q4_K_M", kQ4_K_M, DType::kQ4_K, "q4_K, q6_K for half of attn_v and ffn_down"},
     {"Q4_K_S", kQ4_K_S, DType::kQ4_K, "q4_K, q5_K for the first attn_v and ffn_down"},
+    {"IQ4_XS", kIQ4_XS, DType::kIQ4_XS, "4.25 bpw non-linear grid, q5_K for the first ffn_down"},
+    {"IQ4_NL", kIQ4_NL, DType::kIQ4_NL, "4.5 bpw non-linear grid, q5_K for the first ffn_down"},
     {"Q4_1", kQ4_1, DType::kQ4_1, "5 bpw"},
     {"Q4_0", kQ4_0, DType::kQ4_0, "4.5 bpw"},
     {"Q3_K_L", kQ3_K_L, DType::kQ3_K, "q3_K, q5_K for attn_v, attn_output and ffn_down"},
@@ -46,7 +48,7 @@ const QuantMix kMixes[] = {
 };
 
 // llama-quantize's other names, for a clear refusal.
-const char* const kMixesNotYet[] = {"IQ4_XS", "IQ4_NL", "Q2_K_S", "IQ3_M", "IQ3_S", "IQ3_XS",
+const char* const kMixesNotYet[] = {"Q2_K_S", "IQ3_M", "IQ3_S", "IQ3_XS",
                                     "IQ3_XXS", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M",
                                     "IQ1_S", "TQ1_0", "TQ2_0", "MXFP4_MOE"};
 
@@ -134,6 +136,8 @@ class TypeRules {
         type = i_attn_v_ < 2 ? DType::kQ5_K : DType::kQ4_K;
       } else if (ft == kQ3_K_L) {
         type = DType::kQ5_K;
+      } else if ((ft == kIQ4_NL || ft == kIQ4_XS) && h_.n_gqa >= 4) {
+        type = DType::kQ5_K;
       } else if ((ft == kQ4_K_M || ft == kQ5_K_M) && UseMoreBits(i_attn_v_, n_attn_v_)) {
         type = DType::kQ6_K;
       } else if (ft == kQ4_K_S && i_attn_v_ < 4) {
@@ -158,6 +162,8 @@ class TypeRules {
         type = DType::kQ5_K;
       } else if (ft == kQ4_K_M) {
         if (UseMoreBits(il, n)) type = DType::kQ6_K;
+      } else if (il < n / 8 && (ft == kIQ4_NL || ft == kIQ4_XS)) {  // (without an imatrix)
+        type = DType::kQ5_K;
       } else if (ft == kQ5_K_M && UseMoreBits(il, n)) {
         type = DType::kQ6_K;
       } else if (ft == kQ4_K_S && il < n / 8) {
@@ -168,7 +174,8 @@ class TypeRules {
     }
     if (cat == Cat::kAttnOutput) {
       if (h_.n_expert == 8) {
-        if (ft == kQ2_K || ft == kQ3_K_S || ft == kQ3_K_M || ft == kQ4_K_S || ft == kQ4_K_M)
+        if (ft == kQ2_K || ft == kQ3_K_S || ft == kQ3_K_M || ft == kQ4_K_S || ft == kQ4_K_M ||
+            ft == kIQ4_NL || ft == kIQ4_XS)
           type = DType::kQ5_K;
       } else if (ft == kQ2_K) {
         type = DType::kQ3_K;
@@ -202,6 +209,7 @@ DType Fallback(const TensorView& t, DType type) {
     case DType::kQ4_K: type = DType::kQ5_0; break;
     case DType::kQ5_K: type = DType::kQ5_1; break;
     case DType::kQ6_K: type = DType::kQ8_0; break;
+    case DType::kIQ4_XS: type = DType::kIQ4_NL; break;
     default: break;
   }
   return t.ne[0] % Traits(type).block_size == 0 ? type : DType::kF16;

@@ -25,6 +25,8 @@ const DTypeTraits kQ4_K{"q4_K", kQK_K, sizeof(BlockQ4_K)};
 const DTypeTraits kQ5_K{"q5_K", kQK_K, sizeof(BlockQ5_K)};
 const DTypeTraits kQ6_K{"q6_K", kQK_K, sizeof(BlockQ6_K)};
 const DTypeTraits kQ8_K{"q8_K", kQK_K, sizeof(BlockQ8_K)};
+const DTypeTraits kIQ4_NL{"iq4_nl", kQK4_0, sizeof(BlockIQ4_NL)};
+const DTypeTraits kIQ4_XS{"iq4_xs", kQK_K, sizeof(BlockIQ4_XS)};
 }  // namespace
 
 const DTypeTraits* FindDTypeTraits(uint32_t t) {
@@ -45,6 +47,8 @@ const DTypeTraits* FindDTypeTraits(uint32_t t) {
     case DType::kQ5_K: return &kQ5_K;
     case DType::kQ6_K: return &kQ6_K;
     case DType::kQ8_K: return &kQ8_K;
+    case DType::kIQ4_NL: return &kIQ4_NL;
+    case DType::kIQ4_XS: return &kIQ4_XS;
   }
   return nullptr;
 }
@@ -94,14 +98,16 @@ DType VecDotType(DType w) {
     case DType::kBF16: return DType::kBF16;
     case DType::kQ8_0:
     case DType::kQ4_0:
-    case DType::kQ5_0: return DType::kQ8_0;
+    case DType::kQ5_0:
+    case DType::kIQ4_NL: return DType::kQ8_0;
     case DType::kQ4_1:
     case DType::kQ5_1: return DType::kQ8_1;
     case DType::kQ2_K:
     case DType::kQ3_K:
     case DType::kQ4_K:
     case DType::kQ5_K:
-    case DType::kQ6_K: return DType::kQ8_K;
+    case DType::kQ6_K:
+    case DType::kIQ4_XS: return DType::kQ8_K;
     default: MOE_ASSERT(false && "no vec-dot type");
   }
   return DType::kF32;
@@ -125,6 +131,8 @@ uint32_t FileTypeOf(DType t) {
     case DType::kQ4_K: return 15;  // Q4_K_M
     case DType::kQ5_K: return 17;  // Q5_K_M
     case DType::kQ6_K: return 18;
+    case DType::kIQ4_NL: return 25;
+    case DType::kIQ4_XS: return 30;
     case DType::kBF16: return 32;
     default: return 0;
   }

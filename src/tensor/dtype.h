@@ -23,6 +23,8 @@ enum class DType : uint32_t {
   kQ5_K = 13,
   kQ6_K = 14,
   kQ8_K = 15,  // activation-side only (dot products with k-quants); never a weight type here
+  kIQ4_NL = 20,
+  kIQ4_XS = 23,
   kI32 = 26,
   kBF16 = 30,
 };
@@ -147,6 +149,24 @@ struct BlockQ6_K {
   uint16_t d;                 // super-block scale
 };
 static_assert(sizeof(BlockQ6_K) == 210);
+
+// The 16 levels of iq4_nl / iq4_xs quants (ggml's kvalues_iq4nl): a non-uniform 4-bit grid.
+inline constexpr int8_t kIQ4NLValues[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
+                                            1,    13,   25,  38,  53,  69,  89,  113};
+
+struct BlockIQ4_NL {  // x = d * kIQ4NLValues[q]
+  uint16_t d;
+  uint8_t qs[kQK4_0 / 2];  // element j in the low nibble of qs[j], j + 16 in the high one
+};
+static_assert(sizeof(BlockIQ4_NL) == 18);
+
+struct BlockIQ4_XS {  // 8 sub-blocks of 32: x = d * (ls_j - 32) * kIQ4NLValues[q]
+  uint16_t d;
+  uint16_t scales_h;       // the top 2 bits of ls_j at bits 2j
+  uint8_t scales_l[kQK_K / 64];  // the low 4 bits of ls_j in nibble j % 2 of byte j / 2
+  uint8_t qs[kQK_K / 2];   // sub-block j: qs[16j..16j+15] packed as iq4_nl
+};
+static_assert(sizeof(BlockIQ4_XS) == 136);
 
 struct BlockQ8_K {
   float d;

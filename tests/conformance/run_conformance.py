@@ -107,6 +107,10 @@ CASES = [
          experts_used=2, shared_ffn=256, heads=4, kv_heads=2, vocab=512, type="q3_K", seed=608),
     case("olmoe_q2_K", "quant", arch="olmoe", layers=2, dim=256, ffn=512, experts=4,
          experts_used=2, heads=4, vocab=512, type="q2_K", seed=609),
+    case("qwen3moe_iq4_xs", "quant", arch="qwen3moe", layers=2, dim=256, ffn=512, experts=4,
+         experts_used=2, heads=4, kv_heads=2, head_dim=64, vocab=512, type="iq4_xs", seed=614),
+    case("llama_iq4_nl", "quant", arch="llama", layers=2, dim=96, ffn=160, experts=6,
+         experts_used=2, heads=4, kv_heads=2, vocab=512, type="iq4_nl", seed=615),
     # Files written by moe quantize in llama.cpp's mixes (several types per file: the 8-expert
     # rule's q8_0 attention V/K and q5_K output, q6_K ffn_down / output, fallback q5_0 rows).
     case("llama_mix_Q4_K_M", "quant", arch="llama", layers=3, dim=256, ffn=256, experts=8,
@@ -116,6 +120,9 @@ CASES = [
     case("qwen3moe_mix_Q5_K_M_ffn160", "quant", arch="qwen3moe", layers=2, dim=256, ffn=160,
          experts=6, experts_used=2, heads=4, kv_heads=2, head_dim=64, vocab=512, seed=612,
          mix="Q5_K_M"),
+    case("qwen2moe_mix_IQ4_XS_ffn160", "quant", arch="qwen2moe", layers=2, dim=256, ffn=160,
+         experts=4, experts_used=2, shared_ffn=256, heads=8, kv_heads=2, vocab=512, seed=616,
+         mix="IQ4_XS"),
     case("olmoe_mix_Q2_K", "quant", arch="olmoe", layers=2, dim=256, ffn=256, experts=4,
          experts_used=2, heads=4, vocab=512, seed=613, mix="Q2_K"),
     # Block-32 types on widths that are not multiples of 256 (as llama.cpp's fallback writes).
@@ -143,6 +150,9 @@ CASES = [
     case("qwen3moe_q2_K_margin", "margin", arch="qwen3moe", layers=2, dim=256, ffn=512,
          experts=4, experts_used=2, heads=4, kv_heads=2, head_dim=64, vocab=512, type="q2_K",
          plant_margin=30.0, embd_scale=4.0, seed=708),
+    case("olmoe_iq4_xs_margin", "margin", arch="olmoe", layers=2, dim=256, ffn=512, experts=4,
+         experts_used=2, heads=4, vocab=512, type="iq4_xs", plant_margin=30.0, embd_scale=4.0,
+         seed=709),
     case("olmoe_q4_0_margin", "margin", arch="olmoe", layers=2, dim=256, ffn=512, experts=4,
          experts_used=2, heads=4, vocab=512, type="q4_0", plant_margin=30.0, embd_scale=4.0, seed=704),
     # Text prompts through trained vocabularies: moe's tokenization must give llama.cpp's ids,

@@ -71,6 +71,9 @@ std::vector<std::vector<float>> AdversarialRows(int64_t n, uint64_t seed) {
 
 // Types whose ggml quantizer is a deterministic reference moe must reproduce byte for byte.
 bool HasReferenceQuantizer(DType t) { return Traits(t).block_size > 1; }
+// quantize_row_<t>_ref is not what llama-quantize writes for iq4_nl (it skips the scale
+// search, ntry -1); moe follows ggml_quantize_chunk, the file writer's path, for every type.
+bool RowRefIsChunk(DType t) { return t != DType::kIQ4_NL; }
 
 TEST(GgmlOracle, DequantizationIsBitIdentical) {
   const test::GgmlOracle* o = Oracle();
@@ -117,12 +120,14 @@ TEST(GgmlOracle, QuantizersAreByteIdentical) {
       for (const auto& row : AdversarialRows(n, seed)) {
         std::vector<uint8_t> ours(RowBytes(t, n)), theirs(ours.size()), chunk(ours.size());
         QuantizeRow(t, row.data(), ours.data(), n);
-        ref(row.data(), theirs.data(), n);
         // What llama-quantize calls (no importance matrix): the same bytes.
         o->QuantizeChunk(static_cast<int>(t), row.data(), chunk.data(), 1, n, nullptr);
         for (size_t i = 0; i < ours.size(); ++i)
-          ASSERT_EQ(ours[i], theirs[i]) << name << " row " << rows << " byte " << i;
-        ASSERT_EQ(chunk, theirs) << name << " row " << rows;
+          ASSERT_EQ(ours[i], chunk[i]) << name << " row " << rows << " byte " << i;
+        if (RowRefIsChunk(t)) {
+          ref(row.data(), theirs.data(), n);
+          ASSERT_EQ(chunk, theirs) << name << " row " << rows;
+        }
         ++rows;
       }
     }

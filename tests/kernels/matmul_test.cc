@@ -139,6 +139,26 @@ inline void RandomRow(std::mt19937& rng, DType t, int64_t n, uint8_t* dst, bool 
       }
       return;
     }
+    case DType::kIQ4_NL: {
+      for (int64_t b = 0; b < n / kQK4_0; ++b) {
+        BlockIQ4_NL blk;
+        blk.d = exact ? kHalfOne : RandomHalf(rng, 8, 14, true);
+        RandomBytes(rng, blk.qs, sizeof(blk.qs));
+        PutBlock(dst, b, blk);
+      }
+      return;
+    }
+    case DType::kIQ4_XS: {
+      for (int64_t b = 0; b < n / kQK_K; ++b) {
+        BlockIQ4_XS blk;
+        blk.d = exact ? kHalfOne : RandomHalf(rng, 5, 11, true);
+        RandomBytes(rng, reinterpret_cast<uint8_t*>(&blk.scales_h), sizeof(blk.scales_h));
+        RandomBytes(rng, blk.scales_l, sizeof(blk.scales_l));
+        RandomBytes(rng, blk.qs, sizeof(blk.qs));
+        PutBlock(dst, b, blk);
+      }
+      return;
+    }
     case DType::kQ2_K: {
       for (int64_t b = 0; b < n / kQK_K; ++b) {
         BlockQ2_K blk;
@@ -328,6 +348,8 @@ void TestMatMulQ4_1() { TestMatMulType(DType::kQ4_1); }
 void TestMatMulQ5_0() { TestMatMulType(DType::kQ5_0); }
 void TestMatMulQ5_1() { TestMatMulType(DType::kQ5_1); }
 void TestMatMulQ2_K() { TestMatMulType(DType::kQ2_K); }
+void TestMatMulIQ4_NL() { TestMatMulType(DType::kIQ4_NL); }
+void TestMatMulIQ4_XS() { TestMatMulType(DType::kIQ4_XS); }
 void TestMatMulQ3_K() { TestMatMulType(DType::kQ3_K); }
 void TestMatMulQ4_K() { TestMatMulType(DType::kQ4_K); }
 void TestMatMulQ5_K() { TestMatMulType(DType::kQ5_K); }
@@ -368,6 +390,8 @@ HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ4_1);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ5_0);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ5_1);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ2_K);
+HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulIQ4_NL);
+HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulIQ4_XS);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ3_K);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ4_K);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ5_K);

@@ -295,20 +295,21 @@ TEST(QuantRoundTrip, Q4_0WithinHalfStep) {
 // ggml_oracle_test.cc). Measured over 64 super-blocks per distribution (q4_K normal 0.072,
 // uniform 0.055, outliers 0.096, wide 0.075; q5_K 0.040, 0.029, 0.052, 0.046; q6_K 0.018, 0.013,
 // 0.034, 0.019), plus ~25% margin; q2_K and q3_K from 1..3 super-blocks (q2_K normal 0.31,
-// uniform 0.26, outliers 0.30, wide 0.47; q3_K 0.152, 0.130, 0.099, 0.136).
+// uniform 0.26, outliers 0.30, wide 0.47; q3_K 0.152, 0.130, 0.099, 0.136; iq4_nl and iq4_xs
+// 0.079 / 0.083, 0.065, 0.110, 0.077).
 // Per-block bounds are 1.3x (worst single blocks measured within 1.15x).
 struct KBound {
   Dist dist;
-  double q2k, q3k, q4k, q5k, q6k;
+  double q2k, q3k, q4k, q5k, q6k, iq4nl, iq4xs;
 };
 const KBound kKBounds[] = {
-    {Dist::kNormal, 0.37, 0.19, 0.09, 0.05, 0.023},
-    {Dist::kUniform, 0.33, 0.16, 0.07, 0.036, 0.017},
-    {Dist::kOutliers, 0.37, 0.125, 0.12, 0.065, 0.042},
-    {Dist::kTiny, 0.37, 0.19, 0.09, 0.05, 0.023},
-    {Dist::kWide, 0.55, 0.17, 0.095, 0.058, 0.024},
-    {Dist::kConstant, 0.002, 0.002, 0.002, 0.002, 0.002},
-    {Dist::kNegConstant, 0.002, 0.002, 0.002, 0.002, 0.002},
+    {Dist::kNormal, 0.37, 0.19, 0.09, 0.05, 0.023, 0.1, 0.1},
+    {Dist::kUniform, 0.33, 0.16, 0.07, 0.036, 0.017, 0.082, 0.082},
+    {Dist::kOutliers, 0.37, 0.125, 0.12, 0.065, 0.042, 0.14, 0.14},
+    {Dist::kTiny, 0.37, 0.19, 0.09, 0.05, 0.023, 0.1, 0.1},
+    {Dist::kWide, 0.55, 0.17, 0.095, 0.058, 0.024, 0.097, 0.097},
+    {Dist::kConstant, 0.002, 0.002, 0.002, 0.002, 0.002, 0.002, 0.002},
+    {Dist::kNegConstant, 0.002, 0.002, 0.002, 0.002, 0.002, 0.002, 0.002},
 };
 
 double KBoundFor(const KBound& kb, DType t) {
@@ -317,6 +318,8 @@ double KBoundFor(const KBound& kb, DType t) {
     case DType::kQ3_K: return kb.q3k;
     case DType::kQ4_K: return kb.q4k;
     case DType::kQ5_K: return kb.q5k;
+    case DType::kIQ4_NL: return kb.iq4nl;
+    case DType::kIQ4_XS: return kb.iq4xs;
     default: return kb.q6k;
   }
 }
@@ -352,6 +355,8 @@ TEST(QuantRoundTrip, Q3_KRelativeRmse) { CheckKQuant(DType::kQ3_K); }
 TEST(QuantRoundTrip, Q4_KRelativeRmse) { CheckKQuant(DType::kQ4_K); }
 TEST(QuantRoundTrip, Q5_KRelativeRmse) { CheckKQuant(DType::kQ5_K); }
 TEST(QuantRoundTrip, Q6_KRelativeRmse) { CheckKQuant(DType::kQ6_K); }
+TEST(QuantRoundTrip, IQ4_NLRelativeRmse) { CheckKQuant(DType::kIQ4_NL); }
+TEST(QuantRoundTrip, IQ4_XSRelativeRmse) { CheckKQuant(DType::kIQ4_XS); }
 
 // q4_K: every element within one step d*sc of its sub-block (levels 0..15 span the range
 // [-dmin*m, d*sc*15 - dmin*m], which must cover the data up to rounding of the 6-bit scales).

@@ -212,6 +212,35 @@ void DequantizeBlock(const BlockQ3_K& x, T* y) {  // y: [256] = 16 sub-blocks of
 }
 
 template <typename T>
+void DequantizeBlock(const BlockIQ4_NL& x, T* y) {  // y: [32]
+  const T d = HalfValue<T>(x.d);
+  for (int j = 0; j < 16; ++j) {
+    y[j] = d * static_cast<T>(kIQ4NLValues[x.qs[j] & 0xF]);
+    y[j + 16] = d * static_cast<T>(kIQ4NLValues[x.qs[j] >> 4]);
+  }
+}
+
+// iq4_xs sub-block j's 6-bit scale (stored + 32).
+inline int IQ4XSScale(const BlockIQ4_XS& x, int j) {
+  const int lo = (x.scales_l[j / 2] >> (4 * (j % 2))) & 0xF;
+  const int hi = (x.scales_h >> (2 * j)) & 3;
+  return (lo | (hi << 4)) - 32;
+}
+
+template <typename T>
+void DequantizeBlock(const BlockIQ4_XS& x, T* y) {  // y: [256] = 8 sub-blocks of 32
+  const T d = HalfValue<T>(x.d);
+  for (int j = 0; j < 8; ++j) {
+    const T dl = d * static_cast<T>(IQ4XSScale(x, j));
+    const uint8_t* qs = x.qs + 16 * j;
+    for (int l = 0; l < 16; ++l) {
+      y[32 * j + l] = dl * static_cast<T>(kIQ4NLValues[qs[l] & 0xF]);
+      y[32 * j + l + 16] = dl * static_cast<T>(kIQ4NLValues[qs[l] >> 4]);
+    }
+  }
+}
+
+template <typename T>
 void DequantizeBlock(const BlockQ4_K& x, T* y) {  // y: [256] = 8 sub-blocks of 32
   const T d = HalfValue<T>(x.d);
   const T dmin = HalfValue<T>(x.dmin);
@@ -320,6 +349,8 @@ void DequantizeRow(DType t, const void* x, T* y, int64_t n) {
     case DType::kQ5_K: return DequantizeBlocks<BlockQ5_K>(x, y, n, kQK_K);
     case DType::kQ6_K: return DequantizeBlocks<BlockQ6_K>(x, y, n, kQK_K);
     case DType::kQ8_K: return DequantizeBlocks<BlockQ8_K>(x, y, n, kQK_K);
+    case DType::kIQ4_NL: return DequantizeBlocks<BlockIQ4_NL>(x, y, n, kQK4_0);
+    case DType::kIQ4_XS: return DequantizeBlocks<BlockIQ4_XS>(x, y, n, kQK_K);
     default: MOE_ASSERT(false && "ref::DequantizeRow: unsupported type");
   }
 }
