@@ -7,6 +7,7 @@ with the same thread count. Runs alternate moe / llama.cpp, one fresh process ea
 the machine hits both alike; each tool reports speeds after an untimed warm-up, and the medians
 over rounds are compared. llama.cpp gets its best setting on these VMs (2 threads, see
 bench/llama_bench.mjs --sweep). The ratios and the command go to bench/RESULTS.md.
+--types takes weight types and llama.cpp mixes (written by moe quantize).
 """
 import argparse
 import datetime
@@ -30,7 +31,11 @@ MEDIUM = ["--arch", "llama", "--layers", "8", "--dim", "1024", "--ffn", "2816", 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--moe", required=True)
-    ap.add_argument("--types", default="q8_0,q4_0")
+    ap.add_argument("--types", default="q8_0,q4_0",
+                    help="weight types (moe init --type) or llama.cpp mixes (Q4_K_M: moe quantize "
+                         "of the q8_0 file, as llama-quantize --allow-requantize would write it)")
+    ap.add_argument("--pinning", action="store_true",
+                    help="also time moe.cpp with its pool unpinned (MOE_NO_PIN=1)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("-p", type=int, default=128)
     ap.add_argument("-n", type=int, default=64)
@@ -44,7 +49,15 @@ def main():
         path = os.path.join(work, f"medium-{t}.gguf")
         if not os.path.exists(path):
             print(f"making {path}", flush=True)
-            subprocess.run([a.moe, "init", *MEDIUM, "--type", t, "--seed", "7", "-o", path], check=True)
+            if t in ("q8_0", "q4_0"):
+                subprocess.run([a.moe, "init", *MEDIUM, "--type", t, "--seed", "7", "-o", path], check=True)
+            else:  # from the q8_0 file: a mix by llama.cpp's rules, a single type --pure
+                src = os.path.join(work, "medium-q8_0.gguf")
+                if not os.path.exists(src):
+                    subprocess.run([a.moe, "init", *MEDIUM, "--type", "q8_0", "--seed", "7", "-o", src],
+                                   check=True)
+                subprocess.run([a.moe, "quantize", src, path, "--type", t, "-q"]
+                               + ([] if t.upper() == t else ["--pure"]), check=True)
         size = os.path.getsize(path)
         res = {"moe": {"pp": [], "tg": [], "rss": []}, "llama": {"pp": [], "tg": []},
                "unpinned": {"pp": [], "tg": []}}
@@ -54,10 +67,12 @@ def main():
             res["moe"]["pp"].append(m["prefill_tokens_per_s"])
             res["moe"]["tg"].append(m["decode_tokens_per_s"])
             res["moe"]["rss"].append(m["peak_rss_bytes"])
-            u = benchutil.run_json(["env", "MOE_NO_PIN=1", a.moe, "bench", "-m", path, "-p", str(a.p), "-n", str(a.n),
-                          "-t", str(a.t), "--seed", str(100 + r), "--json"], "moe bench (unpinned)")
-            res["unpinned"]["pp"].append(u["prefill_tokens_per_s"])
-            res["unpinned"]["tg"].append(u["decode_tokens_per_s"])
+            if a.pinning:
+                u = benchutil.run_json(["env", "MOE_NO_PIN=1", a.moe, "bench", "-m", path, "-p", str(a.p),
+                                        "-n", str(a.n), "-t", str(a.t), "--seed", str(100 + r), "--json"],
+                                       "moe bench (unpinned)")
+                res["unpinned"]["pp"].append(u["prefill_tokens_per_s"])
+                res["unpinned"]["tg"].append(u["decode_tokens_per_s"])
             l = benchutil.run_json(["node", os.path.join(ROOT, "bench", "llama_bench.mjs"), "-m", path, "-p", str(a.p),
                           "-n", str(a.n), "-t", str(a.t), "--seed", str(100 + r), "--decode", "random",
                           "--repeat", "1"], "llama_bench.mjs")
@@ -65,14 +80,16 @@ def main():
             res["llama"]["tg"].append(l["decode_tokens_per_s"])
             print(f"{t} round {r}: moe pp {m['prefill_tokens_per_s']:.1f} tg {m['decode_tokens_per_s']:.1f} | "
                   f"llama.cpp pp {l['prefill_tokens_per_s']:.1f} tg {l['decode_tokens_per_s']:.1f}", flush=True)
-        med = {k: {kk: statistics.median(v) for kk, v in d.items()} for k, d in res.items()}
+        med = {k: {kk: statistics.median(v) if v else 0.0 for kk, v in d.items()} for k, d in res.items()}
         rows.append((t, size, med))
     date = datetime.date.today().isoformat()
-    cmd = f"make bench  (bench/compare.py -p {a.p} -n {a.n} -t {a.t} --rounds {a.rounds})"
+    cmd = (f"bench/compare.py --types {a.types} -p {a.p} -n {a.n} -t {a.t} --rounds {a.rounds}"
+           + (" --pinning" if a.pinning else ""))
     lines = [f"## End-to-end: moe.cpp vs llama.cpp ({date})", "",
              f"Machine: {cpu_name()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}. "
              f"Command: `{cmd}`. Medium model (8 layers, dim 1024, expert ffn 2816, 8 experts top-2, "
-             f"vocab 32000), random tokens, {a.t} threads, medians of {a.rounds} alternating rounds. "
+             f"vocab 32000; q8_0 and q4_0 written by `moe init`, the others by `moe quantize` from the q8_0 "
+             f"file: upper-case names are llama.cpp mixes, lower-case ones `--pure`), random tokens, {a.t} threads, medians of {a.rounds} alternating rounds. "
              "llama.cpp = node-llama-cpp 3.21.1 prebuilt CPU build with an F32 KV cache and flash attention off (moe.cpp's cache is F32 too).", "",
              "| type | file MiB | moe prefill tok/s | llama.cpp prefill tok/s | ratio | moe decode tok/s | llama.cpp decode tok/s | ratio | moe peak RSS MiB |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -80,12 +97,14 @@ def main():
         lines.append(f"| {t} | {size / 2**20:.0f} | {m['moe']['pp']:.1f} | {m['llama']['pp']:.1f} | "
                      f"{m['moe']['pp'] / m['llama']['pp']:.2f}x | {m['moe']['tg']:.1f} | {m['llama']['tg']:.1f} | "
                      f"{m['moe']['tg'] / m['llama']['tg']:.2f}x | {m['moe']['rss'] / 2**20:.0f} |")
-    lines += ["", "Thread pinning (same runs): moe.cpp's persistent pool with workers pinned to distinct CPUs "
-              "(default) vs the same pool left to the scheduler (`MOE_NO_PIN=1`).", "",
-              "| type | pinned prefill | unpinned prefill | pinned decode | unpinned decode |", "|---|---|---|---|---|"]
-    for t, size, m in rows:
-        lines.append(f"| {t} | {m['moe']['pp']:.1f} | {m['unpinned']['pp']:.1f} | {m['moe']['tg']:.1f} | "
-                     f"{m['unpinned']['tg']:.1f} |")
+    if a.pinning:
+        lines += ["", "Thread pinning (same runs): moe.cpp's persistent pool with workers pinned to distinct "
+                  "CPUs (default) vs the same pool left to the scheduler (`MOE_NO_PIN=1`).", "",
+                  "| type | pinned prefill | unpinned prefill | pinned decode | unpinned decode |",
+                  "|---|---|---|---|---|"]
+        for t, size, m in rows:
+            lines.append(f"| {t} | {m['moe']['pp']:.1f} | {m['unpinned']['pp']:.1f} | {m['moe']['tg']:.1f} | "
+                         f"{m['unpinned']['tg']:.1f} |")
     section = "\n".join(lines) + "\n"
     print(section)
     benchutil.write_section(a.out, section)

@@ -13,7 +13,8 @@
 //   q6_K x q8_K: per super-block, d_w*d_x * sum_is scale[is] * dot(q6 - 32, q8) in int32.
 //   q3_K x q8_K: as q6_K with 3-bit quants q - 4 and 6-bit scales s - 32.
 //   q2_K x q8_K: as q4_K with 16 sub-blocks of 16, 4-bit scales and mins, 2-bit quants.
-//   iq4_nl x q8_0: as q4_0 with the nibbles mapped through the 16-value grid (a byte lookup).
+//   iq4_nl x q8_0: as q4_0 with the nibbles mapped through the 16-value grid (a byte lookup);
+//     mxfp4 x q8_0 the same with the e2m1 table and an E8M0 block scale.
 //   iq4_xs x q8_K: 8 sub-blocks of 32 on that grid, signed 6-bit scales, no minimum.
 //
 // Two integer paths, both exact (every int32 lane is an exact partial dot):
@@ -400,24 +401,25 @@ using KernQ4_1 = KernNibble32<BlockQ4_1>;
 using KernQ5_0 = KernNibble32<BlockQ5_0>;
 using KernQ5_1 = KernNibble32<BlockQ5_1>;
 
-// The iq4_nl grid values of the 32 packed nibbles at qs (element j low in qs[j], j + 16 high)
-// for lanes [e, e + N) of the block, in natural order: a byte table lookup, then widening.
-HWY_INLINE MmV16 IQ4Chunk(const uint8_t* qs, size_t e) {
+// The values of a 16-entry table (iq4_nl's grid, mxfp4's e2m1) at the 32 packed nibbles at qs
+// (element j low in qs[j], j + 16 high) for lanes [e, e + N) of the block, in natural order: a
+// byte table lookup, then widening.
+HWY_INLINE MmV16 LutChunk(const int8_t* lut, const uint8_t* qs, size_t e) {
   const MmD16 d16;
 #if HWY_TARGET == HWY_SCALAR
   const int nib = e < 16 ? qs[e] & 0xF : qs[e - 16] >> 4;
-  return hn::Set(d16, static_cast<int16_t>(kIQ4NLValues[nib]));
+  return hn::Set(d16, static_cast<int16_t>(lut[nib]));
 #else
   const MmDU8 du8;
 #if MOE_MATMUL_WIDE
   // The table in both 128-bit halves (byte lookups do not cross them).
-  const auto table = hn::LoadDup128(hn::Full256<int8_t>(), kIQ4NLValues);
+  const auto table = hn::LoadDup128(hn::Full256<int8_t>(), lut);
   (void)e;  // the whole block is one vector: 16 low nibbles, then 16 high ones
   const hn::Full128<uint8_t> d16b;
   const auto v = hn::LoadU(d16b, qs);
   const auto nib = hn::Combine(du8, hn::ShiftRight<4>(v), hn::And(v, hn::Set(d16b, 0xF)));
 #else
-  const auto table = hn::LoadU(hn::Full128<int8_t>(), kIQ4NLValues);
+  const auto table = hn::LoadU(hn::Full128<int8_t>(), lut);
   const auto v = hn::LoadU(du8, qs + (e & 15));
   const auto nib = e < 16 ? hn::And(v, hn::Set(du8, 0xF)) : hn::ShiftRight<4>(v);
 #endif
@@ -425,17 +427,34 @@ HWY_INLINE MmV16 IQ4Chunk(const uint8_t* qs, size_t e) {
 #endif
 }
 
-// iq4_nl: blocks of 32 on the non-uniform 4-bit grid, one f16 scale.
-struct KernIQ4_NL {
-  using BlockType = BlockIQ4_NL;
+// iq4_nl and mxfp4: blocks of 32 nibbles indexing a 16-value table; one scale per block (iq4_nl:
+// f16 d, mxfp4: an E8M0 exponent, see ChunkScalesE8M0).
+template <typename Block>
+struct KernLut32 {
+  using BlockType = Block;
   static constexpr bool kHasMin = false;
   static constexpr size_t kElems = kQK4_0;
-  static constexpr size_t kBytes = sizeof(BlockIQ4_NL);
+  static constexpr size_t kBytes = sizeof(Block);
   static constexpr MmLayout kLayout = MmLayout::kNatural;
+  static constexpr const int8_t* Table() {
+    return std::is_same_v<Block, BlockMXFP4> ? kMXFP4Values : kIQ4NLValues;
+  }
   static HWY_INLINE MmV16 Chunk(const uint8_t* blk, size_t e) {
-    return IQ4Chunk(blk + offsetof(BlockIQ4_NL, qs), e);
+    return LutChunk(Table(), blk + offsetof(Block, qs), e);
   }
 };
+using KernIQ4_NL = KernLut32<BlockIQ4_NL>;
+using KernMXFP4 = KernLut32<BlockMXFP4>;
+
+// Whether a block-32 kernel's scale is an E8M0 byte (mxfp4) rather than an f16.
+template <class K>
+constexpr bool ScaleIsE8M0() {
+  if constexpr (requires { typename K::BlockType; }) {
+    return std::is_same_v<typename K::BlockType, BlockMXFP4>;
+  } else {
+    return false;
+  }
+}
 
 // iq4_xs: 8 sub-blocks of 32 on the iq4_nl grid with signed 6-bit scales.
 struct KernIQ4_XS {
@@ -462,7 +481,7 @@ struct KernIQ4_XS {
   }
   static HWY_INLINE MmV16 Chunk(const uint8_t* blk, const State& st, size_t e) {
     const size_t j = e / 32;
-    const MmV16 v = IQ4Chunk(blk + offsetof(BlockIQ4_XS, qs) + 16 * j, e % 32);
+    const MmV16 v = LutChunk(kIQ4NLValues, blk + offsetof(BlockIQ4_XS, qs) + 16 * j, e % 32);
     return hn::Mul(v, hn::Set(MmD16(), st.sc[j]));
   }
   static HWY_INLINE int32_t MinSum(const State&, const MmAct&, int64_t) { return 0; }
@@ -766,6 +785,20 @@ HWY_INLINE void ChunkScales(const uint8_t* cblk, int64_t cn, int64_t c0, const M
   }
 }
 
+// ChunkScales for mxfp4: the weight scale is 2^(e - 128) from the block's first byte.
+template <int NT, size_t kBytes>
+HWY_INLINE void ChunkScalesE8M0(const uint8_t* cblk, int64_t cn, int64_t c0, const MmAct* act,
+                                float (*dd)[kMmChunkPad]) {
+  const int64_t NF = static_cast<int64_t>(hn::Lanes(hn::ScalableTag<float>()));
+  for (int64_t j = 0; j < cn; ++j) {
+    const float w = E8M0Half(cblk[j * kBytes]);
+    for (int t = 0; t < NT; ++t) dd[t][j] = w * act[t].d[c0 + j];
+  }
+  for (int64_t j = cn; j < cn + NF && j < kMmChunkPad; ++j) {
+    for (int t = 0; t < NT; ++t) dd[t][j] = 0.0f;
+  }
+}
+
 // m[t] -= sum over the chunk's blocks of m_w * s_x (q4_1, q5_1): the minimum's part of the
 // dot, which the row results subtract from their lane sums. Summed block by block with fused
 // multiply-adds, as ggml's x86 kernels do (compiled with FMA): this term is often much larger
@@ -794,7 +827,11 @@ HWY_INLINE void Row32Dot(const uint8_t* HWY_RESTRICT wrow, int64_t nb, const MmA
   for (int64_t c0 = 0; c0 < nb; c0 += kMmChunk) {
     const int64_t cn = nb - c0 < kMmChunk ? nb - c0 : kMmChunk;
     const uint8_t* cblk = wrow + c0 * K::kBytes;
-    ChunkScales<NT, K::kBytes>(cblk, cn, c0, act, dd);
+    if constexpr (ScaleIsE8M0<K>()) {
+      ChunkScalesE8M0<NT, K::kBytes>(cblk, cn, c0, act, dd);
+    } else {
+      ChunkScales<NT, K::kBytes>(cblk, cn, c0, act, dd);
+    }
     if constexpr (K::kHasMin) ChunkMinTerms<NT, K::kBytes>(cblk, cn, c0, act, m);
     const size_t q0 = static_cast<size_t>(c0) * K::kElems;
     if constexpr (NT == 1) {
@@ -907,15 +944,16 @@ HWY_INLINE __m512i VnniPairNibbles(const uint8_t* qa, const uint8_t* qb) {
   return _mm512_and_si512(_mm512_srlv_epi16(v, shifts), _mm512_set1_epi8(0x0F));
 }
 
-// kIQ4NLValues in every 128-bit lane (for vpshufb).
-HWY_INLINE __m512i VnniIQ4Table() {
-  return _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kIQ4NLValues)));
+// A 16-byte table in every 128-bit lane (for vpshufb).
+HWY_INLINE __m512i VnniLutTable(const int8_t* lut) {
+  return _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lut)));
 }
 
 // The unsigned offset c of a block-32 format's VNNI weights (q = unsigned - c).
 template <class K>
 constexpr int32_t VnniOffset() {
-  if constexpr (std::is_same_v<K, KernQ8_0> || std::is_same_v<K, KernIQ4_NL>) {
+  if constexpr (std::is_same_v<K, KernQ8_0> || std::is_same_v<K, KernIQ4_NL> ||
+                std::is_same_v<K, KernMXFP4>) {
     return 128;
   } else {
     return K::kOffset;
@@ -928,11 +966,12 @@ template <class K>
 HWY_INLINE __m512i VnniPair(const uint8_t* a, const uint8_t* b) {
   if constexpr (std::is_same_v<K, KernQ8_0>) {
     return VnniPairQ8_0(a, b);
-  } else if constexpr (std::is_same_v<K, KernIQ4_NL>) {
-    // Grid values by a byte shuffle of the nibbles, made unsigned by + 128 (xor).
-    const __m512i nib = VnniPairNibbles(a + offsetof(BlockIQ4_NL, qs),
-                                        b ? b + offsetof(BlockIQ4_NL, qs) : nullptr);
-    return _mm512_xor_si512(_mm512_shuffle_epi8(VnniIQ4Table(), nib),
+  } else if constexpr (std::is_same_v<K, KernIQ4_NL> || std::is_same_v<K, KernMXFP4>) {
+    // Table values by a byte shuffle of the nibbles, made unsigned by + 128 (xor).
+    using Block = typename K::BlockType;
+    const __m512i nib =
+        VnniPairNibbles(a + offsetof(Block, qs), b ? b + offsetof(Block, qs) : nullptr);
+    return _mm512_xor_si512(_mm512_shuffle_epi8(VnniLutTable(K::Table()), nib),
                             _mm512_set1_epi8(static_cast<char>(0x80)));
   } else {
     using Block = typename K::BlockType;
@@ -1022,7 +1061,9 @@ HWY_INLINE void Row32Vnni(const uint8_t* HWY_RESTRICT wrow, int64_t nb, const Mm
   for (int64_t c0 = 0; c0 < nb; c0 += kMmChunk) {
     const int64_t cn = nb - c0 < kMmChunk ? nb - c0 : kMmChunk;
     const uint8_t* cblk = wrow + c0 * kB;
-    if constexpr (kB <= 20 || kB == sizeof(BlockQ8_0)) {
+    if constexpr (ScaleIsE8M0<K>()) {
+      ChunkScalesE8M0<NT, kB>(cblk, cn, c0, act, dd);
+    } else if constexpr (kB <= 20 || kB == sizeof(BlockQ8_0)) {
       ChunkScalesVnni<NT, kB>(cblk, cn, c0, act, dd);
     } else {
       ChunkScales<NT, kB>(cblk, cn, c0, act, dd);
@@ -1133,7 +1174,7 @@ HWY_INLINE __m512i VnniChunkIQ4_XS(const uint8_t* blk, int c) {
   const __m512i shifts = _mm512_set_epi64(0x0004000400040004, 0x0004000400040004, 0, 0,
                                           0x0004000400040004, 0x0004000400040004, 0, 0);
   const __m512i nib = _mm512_and_si512(_mm512_srlv_epi16(v, shifts), _mm512_set1_epi8(0x0F));
-  return _mm512_xor_si512(_mm512_shuffle_epi8(VnniIQ4Table(), nib),
+  return _mm512_xor_si512(_mm512_shuffle_epi8(VnniLutTable(kIQ4NLValues), nib),
                           _mm512_set1_epi8(static_cast<char>(0x80)));
 }
 
@@ -1724,6 +1765,7 @@ HWY_NOINLINE inline void MatMul(DType w, const void* W, int64_t n_in, int64_t r0
     case DType::kQ5_0: MatMulVnni32<KernQ5_0>(MmPrep::kQ8_0, wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride); break;
     case DType::kQ5_1: MatMulVnni32<KernQ5_1>(MmPrep::kQ8_1, wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride); break;
     case DType::kIQ4_NL: MatMulVnni32<KernIQ4_NL>(MmPrep::kQ8_0, wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride); break;
+    case DType::kMXFP4: MatMulVnni32<KernMXFP4>(MmPrep::kQ8_0, wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride); break;
     case DType::kIQ4_XS:
       MatMulInt<KernIQ4_XS, MmRowKVnni>(MmPrepSpec{MmPrep::kQ8_K, MmLayout::kNatural, true, 0}, wb,
                                         n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
@@ -1755,6 +1797,7 @@ HWY_NOINLINE inline void MatMul(DType w, const void* W, int64_t n_in, int64_t r0
     case DType::kQ5_0: MatMulInt32<KernQ5_0>(MmPrep::kQ8_0, wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride); break;
     case DType::kQ5_1: MatMulInt32<KernQ5_1>(MmPrep::kQ8_1, wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride); break;
     case DType::kIQ4_NL: MatMulInt32<KernIQ4_NL>(MmPrep::kQ8_0, wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride); break;
+    case DType::kMXFP4: MatMulInt32<KernMXFP4>(MmPrep::kQ8_0, wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride); break;
     case DType::kIQ4_XS:
       MatMulInt<KernIQ4_XS, MmRowK>(MmPrepSpec{MmPrep::kQ8_K, KernIQ4_XS::kLayout, false, 0}, wb,
                                     n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);

@@ -951,6 +951,35 @@ void QuantizeIQ4_XSRef(const float* x, uint8_t* y, int64_t nb) {
   }
 }
 
+// mxfp4: the E8M0 exponent puts the block's largest magnitude in the top binade of the e2m1
+// grid (floor(log2 amax) - 2), then each value takes the nearest grid point (the first one on
+// ties): ggml's quantize_row_mxfp4_ref.
+void QuantizeMXFP4Ref(const float* x, uint8_t* y, int64_t nb) {
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* xb = x + b * 32;
+    float amax = 0;
+    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(xb[j]));
+    BlockMXFP4 blk;
+    // C's float -> uint8_t conversion as x86 does it: truncate to int32, keep the low byte.
+    blk.e = amax > 0 ? static_cast<uint8_t>(static_cast<int32_t>(std::floor(std::log2(amax)) - 2 + 127)) : 0;
+    const float d = E8M0Half(blk.e);
+    auto nearest = [d](float v) {
+      int best = 0;
+      float best_err = std::fabs(kMXFP4Values[0] * d - v);
+      for (int i = 1; i < 16; ++i) {
+        const float err = std::fabs(kMXFP4Values[i] * d - v);
+        if (err < best_err) {
+          best = i;
+          best_err = err;
+        }
+      }
+      return best;
+    };
+    for (int j = 0; j < 16; ++j) blk.qs[j] = static_cast<uint8_t>(nearest(xb[j]) | (nearest(xb[j + 16]) << 4));
+    std::memcpy(y + b * sizeof(blk), &blk, sizeof(blk));
+  }
+}
+
 // Symmetric fit x[i] ~= scale * (L[i] - nmax), L[i] - nmax in -nmax..nmax-1, weighted by x^2
 // (ggml's make_qx_quants with rmse_type 1 and no importance weights): starts from the grid
 // that maps the largest-magnitude value to -nmax, tries 18 nearby grids, and keeps the one
@@ -1063,6 +1092,7 @@ void QuantizeRow(DType t, const float* x, void* y, int64_t n) {
     case DType::kQ6_K: QuantizeQ6_KRef(x, out, n / kQK_K); return;
     case DType::kIQ4_NL: QuantizeIQ4_NLRef(x, out, n / kQK4_0); return;
     case DType::kIQ4_XS: QuantizeIQ4_XSRef(x, out, n / kQK_K); return;
+    case DType::kMXFP4: QuantizeMXFP4Ref(x, out, n / kQK4_0); return;
     case DType::kQ8_K: ActivationsQ8_KDispatch(x, out, n); return;  // same as the reference
     default: MOE_ASSERT(false && "QuantizeRow: unsupported type");
   }
@@ -1102,6 +1132,7 @@ void DequantizeRow(DType t, const void* x, float* y, int64_t n) {
     case DType::kQ8_K:
     case DType::kIQ4_NL:
     case DType::kIQ4_XS:
+    case DType::kMXFP4:
       // Not on a hot path (embedding rows, tools): the float reference is ggml's arithmetic.
       ref::DequantizeRow<float>(t, x, y, n);
       return;

@@ -22,7 +22,7 @@ namespace {
 enum Ftype : uint32_t {
   kAllF32 = 0, kF16 = 1, kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 7, kQ5_0 = 8, kQ5_1 = 9, kQ2_K = 10,
   kQ3_K_S = 11, kQ3_K_M = 12, kQ3_K_L = 13, kQ4_K_S = 14, kQ4_K_M = 15, kQ5_K_S = 16,
-  kQ5_K_M = 17, kQ6_K = 18, kIQ4_NL = 25, kIQ4_XS = 30, kBF16 = 32,
+  kQ5_K_M = 17, kQ6_K = 18, kIQ4_NL = 25, kIQ4_XS = 30, kBF16 = 32, kMXFP4_MOE = 38,
 };
 
 const QuantMix kMixes[] = {
@@ -39,6 +39,7 @@ const QuantMix kMixes[] = {
     {"Q4_K_S", kQ4_K_S, DType::kQ4_K, "q4_K, q5_K for the first attn_v and ffn_down"},
     {"IQ4_XS", kIQ4_XS, DType::kIQ4_XS, "4.25 bpw non-linear grid, q5_K for the first ffn_down"},
     {"IQ4_NL", kIQ4_NL, DType::kIQ4_NL, "4.5 bpw non-linear grid, q5_K for the first ffn_down"},
+    {"MXFP4_MOE", kMXFP4_MOE, DType::kMXFP4, "experts mxfp4 (4.25 bpw), every other matrix q8_0"},
     {"Q4_1", kQ4_1, DType::kQ4_1, "5 bpw"},
     {"Q4_0", kQ4_0, DType::kQ4_0, "4.5 bpw"},
     {"Q3_K_L", kQ3_K_L, DType::kQ3_K, "q3_K, q5_K for attn_v, attn_output and ffn_down"},
@@ -50,7 +51,7 @@ const QuantMix kMixes[] = {
 // llama-quantize's other names, for a clear refusal.
 const char* const kMixesNotYet[] = {"Q2_K_S", "IQ3_M", "IQ3_S", "IQ3_XS",
                                     "IQ3_XXS", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M",
-                                    "IQ1_S", "TQ1_0", "TQ2_0", "MXFP4_MOE"};
+                                    "IQ1_S", "TQ1_0", "TQ2_0"};
 
 std::string Upper(std::string s) {
   for (char& c : s) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
@@ -125,9 +126,10 @@ class TypeRules {
     const Cat cat = CategoryOf(t.name);
     const uint32_t ft = ftype_;
     if (cat == Cat::kOutput || (tied_ && cat == Cat::kTokenEmbd)) {
-      if (t.ne[0] % Traits(type).block_size != 0) return DType::kQ8_0;
+      if (ft == kMXFP4_MOE || t.ne[0] % Traits(type).block_size != 0) return DType::kQ8_0;
       return type != DType::kQ8_0 ? DType::kQ6_K : type;
     }
+    if (ft == kMXFP4_MOE) return t.n_dims > 2 && t.ne[2] > 1 ? DType::kMXFP4 : DType::kQ8_0;
     if (cat == Cat::kTokenEmbd) return type;
     if (cat == Cat::kAttnV) {
       if (ft == kQ2_K) {

@@ -27,6 +27,7 @@ const DTypeTraits kQ6_K{"q6_K", kQK_K, sizeof(BlockQ6_K)};
 const DTypeTraits kQ8_K{"q8_K", kQK_K, sizeof(BlockQ8_K)};
 const DTypeTraits kIQ4_NL{"iq4_nl", kQK4_0, sizeof(BlockIQ4_NL)};
 const DTypeTraits kIQ4_XS{"iq4_xs", kQK_K, sizeof(BlockIQ4_XS)};
+const DTypeTraits kMXFP4{"mxfp4", kQK4_0, sizeof(BlockMXFP4)};
 }  // namespace
 
 const DTypeTraits* FindDTypeTraits(uint32_t t) {
@@ -49,6 +50,7 @@ const DTypeTraits* FindDTypeTraits(uint32_t t) {
     case DType::kQ8_K: return &kQ8_K;
     case DType::kIQ4_NL: return &kIQ4_NL;
     case DType::kIQ4_XS: return &kIQ4_XS;
+    case DType::kMXFP4: return &kMXFP4;
   }
   return nullptr;
 }
@@ -99,7 +101,8 @@ DType VecDotType(DType w) {
     case DType::kQ8_0:
     case DType::kQ4_0:
     case DType::kQ5_0:
-    case DType::kIQ4_NL: return DType::kQ8_0;
+    case DType::kIQ4_NL:
+    case DType::kMXFP4: return DType::kQ8_0;
     case DType::kQ4_1:
     case DType::kQ5_1: return DType::kQ8_1;
     case DType::kQ2_K:
@@ -133,6 +136,7 @@ uint32_t FileTypeOf(DType t) {
     case DType::kQ6_K: return 18;
     case DType::kIQ4_NL: return 25;
     case DType::kIQ4_XS: return 30;
+    case DType::kMXFP4: return 38;  // MXFP4_MOE
     case DType::kBF16: return 32;
     default: return 0;
   }

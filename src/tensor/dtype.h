@@ -25,6 +25,7 @@ enum class DType : uint32_t {
   kQ8_K = 15,  // activation-side only (dot products with k-quants); never a weight type here
   kIQ4_NL = 20,
   kIQ4_XS = 23,
+  kMXFP4 = 39,
   kI32 = 26,
   kBF16 = 30,
 };
@@ -167,6 +168,24 @@ struct BlockIQ4_XS {  // 8 sub-blocks of 32: x = d * (ls_j - 32) * kIQ4NLValues[
   uint8_t qs[kQK_K / 2];   // sub-block j: qs[16j..16j+15] packed as iq4_nl
 };
 static_assert(sizeof(BlockIQ4_XS) == 136);
+
+// MXFP4 (OCP microscaling): e2m1 values, stored doubled as ggml's kvalues_mxfp4, and one
+// E8M0 scale per 32: x = 2^(e - 128) * kMXFP4Values[q] (half of 2^(e - 127) times the doubled value).
+inline constexpr int8_t kMXFP4Values[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+
+struct BlockMXFP4 {
+  uint8_t e;               // E8M0 exponent
+  uint8_t qs[kQK4_0 / 2];  // element j in the low nibble of qs[j], j + 16 in the high one
+};
+static_assert(sizeof(BlockMXFP4) == 17);
+
+// 2^(e - 128) as a float (subnormal for e < 2), exactly as ggml's GGML_E8M0_TO_FP32_HALF.
+inline float E8M0Half(uint8_t e) {
+  const uint32_t bits = e < 2 ? uint32_t{0x00200000} << e : uint32_t{e - 1u} << 23;
+  float f;
+  __builtin_memcpy(&f, &bits, sizeof(f));
+  return f;
+}
 
 struct BlockQ8_K {
   float d;

@@ -30,10 +30,10 @@ LIB_DIR = os.path.join(HERE, "..", "..", "third_party", "npm", "node_modules", "
                        "linux-x64", "bins", "linux-x64")
 
 ALL_MIXES = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M",
-             "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "IQ4_XS", "F16", "BF16"]
+             "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "IQ4_XS", "MXFP4_MOE", "F16", "BF16"]
 FTYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10,
          "Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16,
-         "Q5_K_M": 17, "Q6_K": 18, "IQ4_NL": 25, "IQ4_XS": 30, "BF16": 32}
+         "Q5_K_M": 17, "Q6_K": 18, "IQ4_NL": 25, "IQ4_XS": 30, "BF16": 32, "MXFP4_MOE": 38}
 
 
 def case(name, mixes, pure=False, source_type=None, **init):
@@ -53,7 +53,7 @@ CASES = [
          arch="qwen3moe", layers=4, dim=256, ffn=160, experts=6, experts_used=2, heads=4,
          kv_heads=1, head_dim=64, vocab=512, tie_output=True, seed=13),
     # Rows of 96: no 256-block type fits anywhere (q8_0 output, 32-block fallbacks).
-    case("olmoe_dim96", ["Q4_K_M", "Q3_K_S", "Q2_K", "Q5_K_M", "IQ4_XS", "IQ4_NL"], arch="olmoe", layers=3,
+    case("olmoe_dim96", ["Q4_K_M", "Q3_K_S", "Q2_K", "Q5_K_M", "IQ4_XS", "IQ4_NL", "MXFP4_MOE"], arch="olmoe", layers=3,
          dim=96, ffn=64, experts=4, experts_used=2, heads=4, vocab=256, seed=14),
     case("llama_pure", ["Q4_K_M", "Q3_K_M", "Q2_K"], pure=True, arch="llama", layers=3, dim=256,
          ffn=160, experts=8, experts_used=2, heads=4, kv_heads=2, vocab=512, seed=15),
@@ -173,7 +173,7 @@ def read_gguf(path):
 
 GGML_NAMES = {0: "f32", 1: "f16", 2: "q4_0", 3: "q4_1", 6: "q5_0", 7: "q5_1", 8: "q8_0",
               10: "q2_K", 11: "q3_K", 12: "q4_K", 13: "q5_K", 14: "q6_K", 20: "iq4_nl",
-              23: "iq4_xs", 30: "bf16"}
+              23: "iq4_xs", 30: "bf16", 39: "mxfp4"}
 
 
 def compare(moe_path, ref_path):

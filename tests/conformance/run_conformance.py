@@ -111,6 +111,8 @@ CASES = [
          experts_used=2, heads=4, kv_heads=2, head_dim=64, vocab=512, type="iq4_xs", seed=614),
     case("llama_iq4_nl", "quant", arch="llama", layers=2, dim=96, ffn=160, experts=6,
          experts_used=2, heads=4, kv_heads=2, vocab=512, type="iq4_nl", seed=615),
+    case("olmoe_mxfp4", "quant", arch="olmoe", layers=2, dim=128, ffn=96, experts=4,
+         experts_used=2, heads=4, vocab=512, type="mxfp4", seed=617),
     # Files written by moe quantize in llama.cpp's mixes (several types per file: the 8-expert
     # rule's q8_0 attention V/K and q5_K output, q6_K ffn_down / output, fallback q5_0 rows).
     case("llama_mix_Q4_K_M", "quant", arch="llama", layers=3, dim=256, ffn=256, experts=8,
@@ -123,6 +125,9 @@ CASES = [
     case("qwen2moe_mix_IQ4_XS_ffn160", "quant", arch="qwen2moe", layers=2, dim=256, ffn=160,
          experts=4, experts_used=2, shared_ffn=256, heads=8, kv_heads=2, vocab=512, seed=616,
          mix="IQ4_XS"),
+    case("qwen3moe_mix_MXFP4_MOE", "quant", arch="qwen3moe", layers=2, dim=256, ffn=256,
+         experts=8, experts_used=2, heads=4, kv_heads=2, head_dim=64, vocab=512, seed=618,
+         mix="MXFP4_MOE"),
     case("olmoe_mix_Q2_K", "quant", arch="olmoe", layers=2, dim=256, ffn=256, experts=4,
          experts_used=2, heads=4, vocab=512, seed=613, mix="Q2_K"),
     # Block-32 types on widths that are not multiples of 256 (as llama.cpp's fallback writes).

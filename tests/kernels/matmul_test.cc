@@ -148,6 +148,16 @@ inline void RandomRow(std::mt19937& rng, DType t, int64_t n, uint8_t* dst, bool 
       }
       return;
     }
+    case DType::kMXFP4: {
+      for (int64_t b = 0; b < n / kQK4_0; ++b) {
+        BlockMXFP4 blk;
+        // exact: 2^(e-128) = 1/2 with the doubled e2m1 values gives the true e2m1 values x 1.
+        blk.e = exact ? 127 : static_cast<uint8_t>(std::uniform_int_distribution<int>(100, 140)(rng));
+        RandomBytes(rng, blk.qs, sizeof(blk.qs));
+        PutBlock(dst, b, blk);
+      }
+      return;
+    }
     case DType::kIQ4_XS: {
       for (int64_t b = 0; b < n / kQK_K; ++b) {
         BlockIQ4_XS blk;
@@ -350,6 +360,7 @@ void TestMatMulQ5_1() { TestMatMulType(DType::kQ5_1); }
 void TestMatMulQ2_K() { TestMatMulType(DType::kQ2_K); }
 void TestMatMulIQ4_NL() { TestMatMulType(DType::kIQ4_NL); }
 void TestMatMulIQ4_XS() { TestMatMulType(DType::kIQ4_XS); }
+void TestMatMulMXFP4() { TestMatMulType(DType::kMXFP4); }
 void TestMatMulQ3_K() { TestMatMulType(DType::kQ3_K); }
 void TestMatMulQ4_K() { TestMatMulType(DType::kQ4_K); }
 void TestMatMulQ5_K() { TestMatMulType(DType::kQ5_K); }
@@ -392,6 +403,7 @@ HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ5_1);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ2_K);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulIQ4_NL);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulIQ4_XS);
+HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulMXFP4);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ3_K);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ4_K);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ5_K);

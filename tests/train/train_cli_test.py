@@ -130,6 +130,21 @@ with tempfile.TemporaryDirectory() as d:
     # The unigram baseline: same scored tokens, better than uniform over the 800-token vocabulary.
     check("eval unigram baseline", ev2["loss"] == ev["loss"] and 3.0 < ev2["unigram_loss"] < 6.685 and
           abs(ev2["unigram_perplexity"] - 2.718281828 ** ev2["unigram_loss"]) < 1e-6 * ev2["unigram_perplexity"], str(ev2))
+    # KL divergence against a reference model: zero against itself, small for q8_0, larger for
+    # q4_0 (fewer bits), the reference's own loss reported beside.
+    trained = os.path.join(ra, "model.gguf")
+    kl = {}
+    for mix in ("F32", "Q8_0", "Q4_0"):
+        qf = os.path.join(d, "trained-%s.gguf" % mix)
+        must(run("quantize", trained, qf, "--type", mix, "-q"), "quantize " + mix)
+        kl[mix] = json.loads(must(run("eval", "-m", qf, "--data", val_txt, "--seq", "64", "--chunks", "20",
+                                      "--kl-from", trained, "--json"), "eval --kl-from").stdout)
+    check("eval --kl-from itself", kl["F32"]["kl_mean"] == 0 and kl["F32"]["top1_agreement"] == 1.0
+          and kl["F32"]["base_loss"] == ev["loss"] == kl["F32"]["loss"], str(kl["F32"]))
+    check("eval --kl-from q8_0 < q4_0", 0 < kl["Q8_0"]["kl_mean"] < kl["Q4_0"]["kl_mean"] < 0.5
+          and kl["Q8_0"]["top1_agreement"] >= kl["Q4_0"]["top1_agreement"] > 0.5
+          and kl["Q8_0"]["kl_median"] <= kl["Q8_0"]["kl_p99"] and kl["Q4_0"]["base_loss"] == ev["loss"],
+          str({k: (v["kl_mean"], v["top1_agreement"]) for k, v in kl.items()}))
     p = must(run("report", ra), "report")
     rep = os.path.join(ra, "report")
     pngs = [os.path.join(rep, n) for n in ("loss.png", "expert_load.png")]

@@ -6,6 +6,7 @@
 // vocabulary adds one), and the next-token log-probabilities of positions seq/2 .. seq-2 scored.
 // Runs the inference forward, so every weight type and servable router is evaluated as moe run
 // computes it.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <memory>
@@ -32,6 +33,7 @@ Runner AddEval(CLI::App& app) {
     int max_chunks = 0;
     bool json = false;
     std::vector<std::string> unigram_from;
+    std::string kl_from;
   };
   auto o = std::make_shared<Options>();
   app.add_option("-m,--model", o->model, "GGUF model file")->required();
@@ -42,6 +44,9 @@ Runner AddEval(CLI::App& app) {
   app.add_flag("--json", o->json, "print one JSON object: tokens, loss, perplexity");
   app.add_option("--unigram-from", o->unigram_from,
                  "also score a unigram baseline estimated on this text (token frequencies, add-one smoothing)");
+  app.add_option("--kl-from", o->kl_from,
+                 "a reference model (the F32 original of a quantized -m): KL divergence of -m's next-token "
+                 "distributions from the reference's, and how often their top tokens agree, on the scored positions");
   return [=]() {
     if (o->seq < 3) Fail("--seq must be >= 3 (got %d): positions seq/2 .. seq-2 are scored", o->seq);
     if (o->threads < 0 || o->max_chunks < 0) Fail("--threads and --chunks must be >= 0");
@@ -66,6 +71,19 @@ Runner AddEval(CLI::App& app) {
     if (o->max_chunks > 0) n_chunks = std::min<int64_t>(n_chunks, o->max_chunks);
     ThreadPool pool(o->threads);
     Forward fwd(*model, pool, L, std::min(L, 512));
+    std::unique_ptr<Model> base;
+    std::unique_ptr<Forward> base_fwd;
+    if (!o->kl_from.empty()) {
+      base = Model::Load(o->kl_from);
+      if (base->config().n_vocab != c.n_vocab)
+        Fail("--kl-from %s has %u tokens in its vocabulary, %s has %u: they do not predict the same tokens",
+             o->kl_from.c_str(), base->config().n_vocab, o->model.c_str(), c.n_vocab);
+      base_fwd = std::make_unique<Forward>(*base, pool, L, std::min(L, 512));
+    }
+    std::vector<float> base_logits;
+    std::vector<double> kls;
+    int64_t top1_same = 0;
+    double base_nll = 0;
     const int V = static_cast<int>(c.n_vocab), first = L / 2;
     double nll = 0;
     int64_t count = 0;
@@ -76,14 +94,40 @@ Runner AddEval(CLI::App& app) {
       if (tok.add_bos() && tok.bos() >= 0) chunk[0] = tok.bos();
       fwd.Reset();
       fwd.Eval(chunk.data(), L, /*all_logits=*/true, &logits);
+      if (base_fwd) {
+        base_fwd->Reset();
+        base_fwd->Eval(chunk.data(), L, /*all_logits=*/true, &base_logits);
+      }
+      // log-sum-exp of a row of logits (max first), and its argmax.
+      auto lse = [V](const float* row, int* arg) {
+        int a = 0;
+        for (int v = 1; v < V; ++v) a = row[v] > row[a] ? v : a;
+        double sum = 0;
+        for (int v = 0; v < V; ++v) sum += std::exp(static_cast<double>(row[v]) - row[a]);
+        *arg = a;
+        return row[a] + std::log(sum);
+      };
       for (int j = first; j < L - 1; ++j) {
         const float* row = &logits[static_cast<size_t>(j) * V];
-        float mx = row[0];
-        for (int v = 1; v < V; ++v) mx = std::max(mx, row[v]);
-        double sum = 0;
-        for (int v = 0; v < V; ++v) sum += std::exp(row[v] - mx);
-        nll += -(row[tokens[ci * L + j + 1]] - mx - std::log(sum));
+        int arg;
+        const double z = lse(row, &arg);
+        const int32_t next = tokens[ci * L + j + 1];
+        nll += -(row[next] - z);
         ++count;
+        if (base_fwd) {
+          const float* brow = &base_logits[static_cast<size_t>(j) * V];
+          int barg;
+          const double bz = lse(brow, &barg);
+          base_nll += -(brow[next] - bz);
+          top1_same += arg == barg;
+          // KL(base || model) = sum_v p_base(v) (log p_base(v) - log p_model(v)), in double.
+          double kl = 0;
+          for (int v = 0; v < V; ++v) {
+            const double lb = brow[v] - bz, lm = row[v] - z;
+            kl += std::exp(lb) * (lb - lm);
+          }
+          kls.push_back(std::max(0.0, kl));
+        }
       }
     }
     const double loss = nll / count;
@@ -100,6 +144,14 @@ Runner AddEval(CLI::App& app) {
         for (int j = first; j < L - 1; ++j) u += -std::log(freq[tokens[ci * L + j + 1]] / total);
       uni = u / count;
     }
+    double kl_mean = 0, kl_median = 0, kl_p99 = 0;
+    if (!kls.empty()) {
+      for (double k : kls) kl_mean += k;
+      kl_mean /= static_cast<double>(kls.size());
+      std::sort(kls.begin(), kls.end());
+      kl_median = kls[kls.size() / 2];
+      kl_p99 = kls[std::min(kls.size() - 1, static_cast<size_t>(0.99 * static_cast<double>(kls.size())))];
+    }
     if (o->json) {
       nlohmann::json j = {{"tokens", count}, {"loss", loss}, {"perplexity", std::exp(loss)}, {"chunks", n_chunks},
                           {"seq", L}};
@@ -107,12 +159,25 @@ Runner AddEval(CLI::App& app) {
         j["unigram_loss"] = uni;
         j["unigram_perplexity"] = std::exp(uni);
       }
+      if (base_fwd) {
+        j["base_loss"] = base_nll / count;
+        j["base_perplexity"] = std::exp(base_nll / count);
+        j["kl_mean"] = kl_mean;
+        j["kl_median"] = kl_median;
+        j["kl_p99"] = kl_p99;
+        j["top1_agreement"] = static_cast<double>(top1_same) / count;
+      }
       std::printf("%s\n", j.dump().c_str());
     } else {
       std::printf("loss %.4f, perplexity %.4f over %lld tokens (%lld chunks of %d, positions %d..%d scored)\n", loss,
                   std::exp(loss), static_cast<long long>(count), static_cast<long long>(n_chunks), L, first, L - 2);
       if (!std::isnan(uni))
         std::printf("unigram baseline: loss %.4f, perplexity %.4f on the same tokens\n", uni, std::exp(uni));
+      if (base_fwd)
+        std::printf("against %s (loss %.4f, perplexity %.4f): KL mean %.6f, median %.6f, p99 %.6f; "
+                    "same top token at %.2f%% of positions\n",
+                    o->kl_from.c_str(), base_nll / count, std::exp(base_nll / count), kl_mean, kl_median,
+                    kl_p99, 100.0 * top1_same / count);
     }
     return 0;
   };

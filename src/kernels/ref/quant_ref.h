@@ -220,6 +220,15 @@ void DequantizeBlock(const BlockIQ4_NL& x, T* y) {  // y: [32]
   }
 }
 
+template <typename T>
+void DequantizeBlock(const BlockMXFP4& x, T* y) {  // y: [32]
+  const T d = static_cast<T>(std::ldexp(1.0, static_cast<int>(x.e) - 128));  // 2^(e-128), by arithmetic
+  for (int j = 0; j < 16; ++j) {
+    y[j] = static_cast<T>(kMXFP4Values[x.qs[j] & 0xF]) * d;
+    y[j + 16] = static_cast<T>(kMXFP4Values[x.qs[j] >> 4]) * d;
+  }
+}
+
 // iq4_xs sub-block j's 6-bit scale (stored + 32).
 inline int IQ4XSScale(const BlockIQ4_XS& x, int j) {
   const int lo = (x.scales_l[j / 2] >> (4 * (j % 2))) & 0xF;
@@ -351,6 +360,7 @@ void DequantizeRow(DType t, const void* x, T* y, int64_t n) {
     case DType::kQ8_K: return DequantizeBlocks<BlockQ8_K>(x, y, n, kQK_K);
     case DType::kIQ4_NL: return DequantizeBlocks<BlockIQ4_NL>(x, y, n, kQK4_0);
     case DType::kIQ4_XS: return DequantizeBlocks<BlockIQ4_XS>(x, y, n, kQK_K);
+    case DType::kMXFP4: return DequantizeBlocks<BlockMXFP4>(x, y, n, kQK4_0);
     default: MOE_ASSERT(false && "ref::DequantizeRow: unsupported type");
   }
 }
