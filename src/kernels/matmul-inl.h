@@ -47,6 +47,7 @@
 #include "hwy/aligned_allocator.h"
 #include "hwy/cache_control.h"
 #include "hwy/highway.h"
+#include "kernels/iq_grid.h"
 #include "tensor/dtype.h"
 
 HWY_BEFORE_NAMESPACE();
@@ -487,6 +488,57 @@ struct KernIQ4_XS {
   static HWY_INLINE int32_t MinSum(const State&, const MmAct&, int64_t) { return 0; }
 };
 
+// The codebook i-quants (iq2_xxs, iq3_xxs, iq3_s; kernels/iq_grid.h): 8 sub-blocks of 32 with
+// odd integer scales; every group of 8 quants is a grid entry's magnitudes with signs.
+template <class F>
+struct KernIQGrid {
+  using Format = F;
+  using BlockType = typename F::Block;
+  static constexpr size_t kElems = kQK_K;
+  static constexpr int kSubBlock = 32;
+  static constexpr size_t kBytes = sizeof(BlockType);
+  static constexpr bool kHasMin = false;
+  static constexpr MmLayout kLayout = MmLayout::kNatural;
+  struct State {
+    float d, dmin;
+    int16_t sc[8];
+  };
+  static HWY_INLINE void Prep(const uint8_t* blk, State& st) {
+    st.d = LoadF16Scalar(blk) * F::kConst;  // d is the first field of every format
+    st.dmin = 0.0f;
+    for (int j = 0; j < 8; ++j) st.sc[j] = static_cast<int16_t>(F::Scale(blk, j));
+  }
+  // The signed quants of lanes [e, e + N) (N divides 32: one sub-block), decoded group by group.
+  static HWY_INLINE MmV16 Chunk(const uint8_t* blk, const State& st, size_t e) {
+    const MmD16 d16;
+    const size_t N = hn::Lanes(d16);
+    HWY_ALIGN int16_t v[32];
+    for (size_t g = e / 8; g * 8 < e + N; ++g) {
+      const IQGroup q = F::Group(blk, static_cast<int>(g));
+      for (size_t k = 0; k < 8; ++k) {
+        const size_t i = 8 * g + k;
+        if (i < e || i >= e + N) continue;
+        const int m = static_cast<int>((q.mag >> (8 * k)) & 0xFF);
+        v[i - e] = static_cast<int16_t>((q.sign >> k) & 1 ? -m : m);
+      }
+    }
+    return hn::Mul(hn::Load(d16, v), hn::Set(d16, st.sc[e / 32]));
+  }
+  static HWY_INLINE int32_t MinSum(const State&, const MmAct&, int64_t) { return 0; }
+};
+using KernIQ2_XXS = KernIQGrid<IQ2XXSFormat>;
+using KernIQ3_XXS = KernIQGrid<IQ3XXSFormat>;
+using KernIQ3_S = KernIQGrid<IQ3SFormat>;
+
+template <class K>
+constexpr bool IsIQGrid() {
+  if constexpr (requires { typename K::Format; }) {
+    return true;
+  } else {
+    return false;
+  }
+}
+
 // q4_K and q5_K: 8 sub-blocks of 32 with 6-bit scales and mins; q5_K adds a 5th bit per quant.
 template <typename Block>
 struct KernScaleMinK {
@@ -720,7 +772,19 @@ HWY_INLINE void FoldBlock(hn::Vec<MmD32> s0, hn::Vec<MmD32> s1, float scale,
 
 // Adds one weight block (quants for activation lanes [q_off, q_off + K::kElems)) times NT
 // activations to the accumulators: a_t += int32 dot * scale_t. `chunk(e)` yields the weights.
-template <int NT, size_t kElems, class ChunkFn>
+// MacI16 for the codebook i-quants, as ggml's x86 kernels compute them: they put the weight
+// signs on the 8-bit activations, where negating -128 wraps to -128, so an activation of -128
+// meets a negative weight as +128 would (w x = w * 128). llama.cpp's numbers include this.
+HWY_INLINE void MacI16SignWrap(MmV16 w, const int16_t* x, hn::Vec<MmD32>& s0,
+                               hn::Vec<MmD32>& s1) {
+  const MmD16 d16;
+  auto xv = hn::Load(d16, x);
+  const auto wrap = hn::And(hn::Lt(w, hn::Zero(d16)), hn::Eq(xv, hn::Set(d16, -128)));
+  xv = hn::IfThenElse(wrap, hn::Set(d16, 128), xv);
+  s0 = hn::ReorderWidenMulAccumulate(MmD32(), w, xv, s0, s1);
+}
+
+template <int NT, size_t kElems, bool kSignWrap = false, class ChunkFn>
 HWY_INLINE void DotBlock(const ChunkFn& chunk, size_t q_off, const MmAct* act, float sc0,
                          float sc1, float sc2, float sc3, hn::Vec<MmDF>& a0, hn::Vec<MmDF>& a1,
                          hn::Vec<MmDF>& a2, hn::Vec<MmDF>& a3) {
@@ -728,13 +792,20 @@ HWY_INLINE void DotBlock(const ChunkFn& chunk, size_t q_off, const MmAct* act, f
   const size_t N = hn::Lanes(MmD16());
   auto s00 = hn::Zero(d32), s01 = hn::Zero(d32), s10 = hn::Zero(d32), s11 = hn::Zero(d32);
   auto s20 = hn::Zero(d32), s21 = hn::Zero(d32), s30 = hn::Zero(d32), s31 = hn::Zero(d32);
+  const auto mac = [](MmV16 w, const int16_t* x, hn::Vec<MmD32>& t0, hn::Vec<MmD32>& t1) {
+    if constexpr (kSignWrap) {
+      MacI16SignWrap(w, x, t0, t1);
+    } else {
+      MacI16(w, x, t0, t1);
+    }
+  };
   HWY_UNROLL(16)
   for (size_t e = 0; e < kElems; e += N) {
     const MmV16 w = chunk(e);
-    MacI16(w, act[0].q + q_off + e, s00, s01);
-    if constexpr (NT > 1) MacI16(w, act[1].q + q_off + e, s10, s11);
-    if constexpr (NT > 2) MacI16(w, act[2].q + q_off + e, s20, s21);
-    if constexpr (NT > 3) MacI16(w, act[3].q + q_off + e, s30, s31);
+    mac(w, act[0].q + q_off + e, s00, s01);
+    if constexpr (NT > 1) mac(w, act[1].q + q_off + e, s10, s11);
+    if constexpr (NT > 2) mac(w, act[2].q + q_off + e, s20, s21);
+    if constexpr (NT > 3) mac(w, act[3].q + q_off + e, s30, s31);
   }
   FoldBlock(s00, s01, sc0, a0);
   if constexpr (NT > 1) FoldBlock(s10, s11, sc1, a1);
@@ -885,12 +956,13 @@ HWY_INLINE void RowKDot(const uint8_t* HWY_RESTRICT wrow, int64_t nb, const MmAc
     if constexpr (NT == 1) {
       // Alternate accumulators by block parity (the branch is perfectly predictable).
       if (b & 1) {
-        DotBlock<1, K::kElems>(chunk, q0, act, sc[0], 0, 0, 0, a1, a2, a2, a2);
+        DotBlock<1, K::kElems, IsIQGrid<K>()>(chunk, q0, act, sc[0], 0, 0, 0, a1, a2, a2, a2);
       } else {
-        DotBlock<1, K::kElems>(chunk, q0, act, sc[0], 0, 0, 0, a0, a2, a2, a2);
+        DotBlock<1, K::kElems, IsIQGrid<K>()>(chunk, q0, act, sc[0], 0, 0, 0, a0, a2, a2, a2);
       }
     } else {
-      DotBlock<NT, K::kElems>(chunk, q0, act, sc[0], sc[1], sc[2], sc[3], a0, a1, a2, a3);
+      DotBlock<NT, K::kElems, IsIQGrid<K>()>(chunk, q0, act, sc[0], sc[1], sc[2], sc[3], a0, a1,
+                                             a2, a3);
     }
     if constexpr (K::kHasMin) {
       for (int t = 0; t < NT; ++t) {
@@ -1187,13 +1259,14 @@ HWY_INLINE void VnniScales8(const uint8_t* blk, __m512& scf, __m256i& k32, float
                             float& dmin, int32_t& koff) {
   using Block = typename K::BlockType;
   d = LoadF16Scalar(blk + offsetof(Block, d));
-  if constexpr (std::is_same_v<K, KernIQ4_XS>) {
+  if constexpr (IsIQGrid<K>() || std::is_same_v<K, KernIQ4_XS>) {
     typename K::State st;
     K::Prep(blk, st);
+    d = st.d;  // the grid types fold their format constant into d
     k32 = _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(st.sc)));
     scf = _mm512_castps256_ps512(_mm256_cvtepi32_ps(k32));
     dmin = d;
-    koff = 128;
+    koff = IsIQGrid<K>() ? 0 : 128;  // the grid types' weights are unsigned magnitudes
   } else {
     dmin = LoadF16Scalar(blk + offsetof(Block, dmin));
     // Same unpacking as KernScaleMinK::Prep, kept in registers.
@@ -1209,6 +1282,31 @@ HWY_INLINE void VnniScales8(const uint8_t* blk, __m512& scf, __m256i& k32, float
     k32 = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(mn)));
     koff = 1;
   }
+}
+
+// One 64-quant chunk c (0..3) of a codebook i-quant super-block (groups 8c..8c+7) as unsigned
+// bytes: the grid magnitudes, negated where the sign bits say, + 128.
+// Its magnitudes (unsigned bytes, all < 128) and the sign bits go to the activations instead,
+// negated in 8 bits as ggml's x86 kernels do (-128 stays -128; see MacI16SignWrap).
+template <class K>
+HWY_INLINE __m512i VnniChunkIQGrid(const uint8_t* blk, int c, __mmask64* sign) {
+  uint64_t mag[8], sg = 0;
+  for (int l = 0; l < 8; ++l) {
+    const IQGroup q = K::Format::Group(blk, 8 * c + l);
+    mag[l] = q.mag;
+    sg |= uint64_t{q.sign} << (8 * l);
+  }
+  *sign = static_cast<__mmask64>(sg);
+  return _mm512_loadu_si512(mag);
+}
+
+// VnniChunkToken with the weight signs applied to the activations.
+HWY_INLINE void VnniChunkTokenSigned(__m512i mag, __mmask64 sign, const int8_t* x, __m512 scales,
+                                     __m512& sb) {
+  const __m512i xv = _mm512_load_si512(x);
+  const __m512i xs = _mm512_mask_sub_epi8(xv, sign, _mm512_setzero_si512(), xv);
+  const __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), mag, xs);
+  sb = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scales, sb);
 }
 
 // One 64-quant chunk c (0..3) of a q2_K / q3_K super-block's 2-bit levels: bytes 0..31 are
@@ -1305,6 +1403,7 @@ HWY_INLINE void RowKVnni(const uint8_t* HWY_RESTRICT wrow, int64_t nb, const MmA
       constexpr int c = decltype(c_const)::value;
       __m512 scales;
       __m512i w;
+      __mmask64 sign = 0;  // codebook types: weight signs, applied to the activations
       if constexpr (kQ4K) {
         // lanes 0..7: scale of sub-block 2c, lanes 8..15: 2c+1
         scales = _mm512_permutexvar_ps(
@@ -1312,7 +1411,9 @@ HWY_INLINE void RowKVnni(const uint8_t* HWY_RESTRICT wrow, int64_t nb, const MmA
                              2 * c + 1, 2 * c + 1, 2 * c, 2 * c, 2 * c, 2 * c, 2 * c, 2 * c,
                              2 * c, 2 * c),
             scf);
-        if constexpr (std::is_same_v<K, KernIQ4_XS>) {
+        if constexpr (IsIQGrid<K>()) {
+          w = VnniChunkIQGrid<K>(blk, c, &sign);
+        } else if constexpr (std::is_same_v<K, KernIQ4_XS>) {
           w = VnniChunkIQ4_XS(blk, c);
         } else if constexpr (K::kQ5) {
           w = VnniChunkQ5_K(blk, c);
@@ -1335,18 +1436,25 @@ HWY_INLINE void RowKVnni(const uint8_t* HWY_RESTRICT wrow, int64_t nb, const MmA
         }
       }
       const size_t xo = xb + 64 * c;
+      const auto tok = [&](const MmAct& a, __m512& acc) {
+        if constexpr (IsIQGrid<K>()) {
+          VnniChunkTokenSigned(w, sign, a.q8 + xo, scales, acc);
+        } else {
+          VnniChunkToken(w, a.q8 + xo, scales, acc);
+        }
+      };
       if constexpr (NT == 1) {
         // Two chains for one token: even chunks into s0, odd into s4.
         if constexpr ((c & 1) == 0) {
-          VnniChunkToken(w, act[0].q8 + xo, scales, s0);
+          tok(act[0], s0);
         } else {
-          VnniChunkToken(w, act[0].q8 + xo, scales, s4);
+          tok(act[0], s4);
         }
       } else {
-        VnniChunkToken(w, act[0].q8 + xo, scales, s0);
-        VnniChunkToken(w, act[1].q8 + xo, scales, s1);
-        if constexpr (NT > 2) VnniChunkToken(w, act[2].q8 + xo, scales, s2);
-        if constexpr (NT > 3) VnniChunkToken(w, act[3].q8 + xo, scales, s3);
+        tok(act[0], s0);
+        tok(act[1], s1);
+        if constexpr (NT > 2) tok(act[2], s2);
+        if constexpr (NT > 3) tok(act[3], s3);
       }
     };
     chunk(std::integral_constant<int, 0>());
@@ -1766,6 +1874,18 @@ HWY_NOINLINE inline void MatMul(DType w, const void* W, int64_t n_in, int64_t r0
     case DType::kQ5_1: MatMulVnni32<KernQ5_1>(MmPrep::kQ8_1, wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride); break;
     case DType::kIQ4_NL: MatMulVnni32<KernIQ4_NL>(MmPrep::kQ8_0, wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride); break;
     case DType::kMXFP4: MatMulVnni32<KernMXFP4>(MmPrep::kQ8_0, wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride); break;
+    case DType::kIQ2_XXS:
+      MatMulInt<KernIQ2_XXS, MmRowKVnni>(MmPrepSpec{MmPrep::kQ8_K, MmLayout::kNatural, true, 0}, wb,
+                                         n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
+      break;
+    case DType::kIQ3_XXS:
+      MatMulInt<KernIQ3_XXS, MmRowKVnni>(MmPrepSpec{MmPrep::kQ8_K, MmLayout::kNatural, true, 0}, wb,
+                                         n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
+      break;
+    case DType::kIQ3_S:
+      MatMulInt<KernIQ3_S, MmRowKVnni>(MmPrepSpec{MmPrep::kQ8_K, MmLayout::kNatural, true, 0}, wb,
+                                       n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
+      break;
     case DType::kIQ4_XS:
       MatMulInt<KernIQ4_XS, MmRowKVnni>(MmPrepSpec{MmPrep::kQ8_K, MmLayout::kNatural, true, 0}, wb,
                                         n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
@@ -1798,6 +1918,18 @@ HWY_NOINLINE inline void MatMul(DType w, const void* W, int64_t n_in, int64_t r0
     case DType::kQ5_1: MatMulInt32<KernQ5_1>(MmPrep::kQ8_1, wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride); break;
     case DType::kIQ4_NL: MatMulInt32<KernIQ4_NL>(MmPrep::kQ8_0, wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride); break;
     case DType::kMXFP4: MatMulInt32<KernMXFP4>(MmPrep::kQ8_0, wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride); break;
+    case DType::kIQ2_XXS:
+      MatMulInt<KernIQ2_XXS, MmRowK>(MmPrepSpec{MmPrep::kQ8_K, MmLayout::kNatural, false, 0}, wb,
+                                     n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
+      break;
+    case DType::kIQ3_XXS:
+      MatMulInt<KernIQ3_XXS, MmRowK>(MmPrepSpec{MmPrep::kQ8_K, MmLayout::kNatural, false, 0}, wb,
+                                     n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
+      break;
+    case DType::kIQ3_S:
+      MatMulInt<KernIQ3_S, MmRowK>(MmPrepSpec{MmPrep::kQ8_K, MmLayout::kNatural, false, 0}, wb,
+                                   n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
+      break;
     case DType::kIQ4_XS:
       MatMulInt<KernIQ4_XS, MmRowK>(MmPrepSpec{MmPrep::kQ8_K, KernIQ4_XS::kLayout, false, 0}, wb,
                                     n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);

@@ -39,6 +39,7 @@
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 #include "hwy/highway.h"
 #include "kernels/kernels.h"
+#include "kernels/quant_iq.h"
 #include "kernels/ref/quant_ref.h"
 #include "tensor/dtype.h"
 #include "util/error.h"
@@ -1093,6 +1094,9 @@ void QuantizeRow(DType t, const float* x, void* y, int64_t n) {
     case DType::kIQ4_NL: QuantizeIQ4_NLRef(x, out, n / kQK4_0); return;
     case DType::kIQ4_XS: QuantizeIQ4_XSRef(x, out, n / kQK_K); return;
     case DType::kMXFP4: QuantizeMXFP4Ref(x, out, n / kQK4_0); return;
+    case DType::kIQ2_XXS:
+    case DType::kIQ3_XXS:
+    case DType::kIQ3_S: QuantizeIQGridRow(t, x, out, n); return;
     case DType::kQ8_K: ActivationsQ8_KDispatch(x, out, n); return;  // same as the reference
     default: MOE_ASSERT(false && "QuantizeRow: unsupported type");
   }
@@ -1133,6 +1137,9 @@ void DequantizeRow(DType t, const void* x, float* y, int64_t n) {
     case DType::kIQ4_NL:
     case DType::kIQ4_XS:
     case DType::kMXFP4:
+    case DType::kIQ2_XXS:
+    case DType::kIQ3_XXS:
+    case DType::kIQ3_S:
       // Not on a hot path (embedding rows, tools): the float reference is ggml's arithmetic.
       ref::DequantizeRow<float>(t, x, y, n);
       return;

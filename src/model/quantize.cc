@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstring>
 #include <map>
+#include <regex>
 
 #include "formats/gguf.h"
 #include "kernels/kernels.h"
@@ -22,7 +23,8 @@ namespace {
 enum Ftype : uint32_t {
   kAllF32 = 0, kF16 = 1, kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 7, kQ5_0 = 8, kQ5_1 = 9, kQ2_K = 10,
   kQ3_K_S = 11, kQ3_K_M = 12, kQ3_K_L = 13, kQ4_K_S = 14, kQ4_K_M = 15, kQ5_K_S = 16,
-  kQ5_K_M = 17, kQ6_K = 18, kIQ4_NL = 25, kIQ4_XS = 30, kBF16 = 32, kMXFP4_MOE = 38,
+  kQ5_K_M = 17, kQ6_K = 18, kIQ2_XXS = 19, kIQ4_NL = 25, kIQ3_S = 26, kIQ3_M = 27, kIQ4_XS = 30,
+  kBF16 = 32, kMXFP4_MOE = 38,
 };
 
 const QuantMix kMixes[] = {
@@ -45,12 +47,14 @@ const QuantMix kMixes[] = {
     {"Q3_K_L", kQ3_K_L, DType::kQ3_K, "q3_K, q5_K for attn_v, attn_output and ffn_down"},
     {"Q3_K_M", kQ3_K_M, DType::kQ3_K, "q3_K, q4_K/q5_K for attn_v, attn_output, ffn_down"},
     {"Q3_K_S", kQ3_K_S, DType::kQ3_K, "q3_K"},
+    {"IQ3_M", kIQ3_M, DType::kIQ3_S, "iq3_s, q4_K for attn_v, attn_output and the first ffn_down"},
+    {"IQ3_S", kIQ3_S, DType::kIQ3_S, "3.44 bpw codebook"},
     {"Q2_K", kQ2_K, DType::kQ2_K, "q2_K, q3_K/q4_K for attn_v, attn_output and ffn_down"},
+    {"IQ2_XXS", kIQ2_XXS, DType::kIQ2_XXS, "2.06 bpw codebook, q2_K/q4_K/q5_K where it matters"},
 };
 
 // llama-quantize's other names, for a clear refusal.
-const char* const kMixesNotYet[] = {"Q2_K_S", "IQ3_M", "IQ3_S", "IQ3_XS",
-                                    "IQ3_XXS", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M",
+const char* const kMixesNotYet[] = {"Q2_K_S", "IQ3_XS", "IQ3_XXS", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ1_M",
                                     "IQ1_S", "TQ1_0", "TQ2_0"};
 
 std::string Upper(std::string s) {
@@ -125,15 +129,34 @@ class TypeRules {
   DType Choose(const TensorView& t, DType type) {
     const Cat cat = CategoryOf(t.name);
     const uint32_t ft = ftype_;
+    const bool iq2_family = ft == kIQ2_XXS;  // (with IQ2_XS, IQ2_S, IQ2_M, IQ1_S, IQ1_M)
     if (cat == Cat::kOutput || (tied_ && cat == Cat::kTokenEmbd)) {
       if (ft == kMXFP4_MOE || t.ne[0] % Traits(type).block_size != 0) return DType::kQ8_0;
+      if (iq2_family) return DType::kQ5_K;
       return type != DType::kQ8_0 ? DType::kQ6_K : type;
     }
     if (ft == kMXFP4_MOE) return t.n_dims > 2 && t.ne[2] > 1 ? DType::kMXFP4 : DType::kQ8_0;
-    if (cat == Cat::kTokenEmbd) return type;
+    if (cat == Cat::kTokenEmbd) return iq2_family ? DType::kQ2_K : type;
+    if (iq2_family) {
+      if (cat == Cat::kAttnV) {
+        type = h_.n_gqa >= 4 || h_.n_expert >= 4 ? DType::kQ4_K : DType::kQ2_K;
+        ++i_attn_v_;
+      } else if (h_.n_expert == 8 && cat == Cat::kAttnK) {
+        type = DType::kQ4_K;
+      } else if (cat == Cat::kFfnDown) {
+        // (a count of ffn_down tensors here, not the layer: shared experts count too)
+        if (i_ffn_down_ < h_.n_layer / 8) type = DType::kQ2_K;
+        ++i_ffn_down_;
+      } else if (cat == Cat::kAttnOutput && h_.n_expert == 8) {
+        type = DType::kQ5_K;
+      }
+      return type;
+    }
     if (cat == Cat::kAttnV) {
       if (ft == kQ2_K) {
         type = h_.n_gqa >= 4 ? DType::kQ4_K : DType::kQ3_K;
+      } else if ((ft == kIQ3_S && h_.n_gqa >= 4) || ft == kIQ3_M) {
+        type = DType::kQ4_K;
       } else if (ft == kQ3_K_M) {
         type = i_attn_v_ < 2 ? DType::kQ5_K : DType::kQ4_K;
       } else if (ft == kQ3_K_L) {
@@ -160,6 +183,8 @@ class TypeRules {
         type = DType::kQ3_K;
       } else if (ft == kQ3_K_M) {
         type = il < n / 16 ? DType::kQ5_K : DType::kQ4_K;
+      } else if (ft == kIQ3_M && (il < n / 8 || (h_.n_expert == 8 && UseMoreBits(il, n)))) {
+        type = DType::kQ4_K;
       } else if (ft == kQ3_K_L) {
         type = DType::kQ5_K;
       } else if (ft == kQ4_K_M) {
@@ -177,7 +202,7 @@ class TypeRules {
     if (cat == Cat::kAttnOutput) {
       if (h_.n_expert == 8) {
         if (ft == kQ2_K || ft == kQ3_K_S || ft == kQ3_K_M || ft == kQ4_K_S || ft == kQ4_K_M ||
-            ft == kIQ4_NL || ft == kIQ4_XS)
+            ft == kIQ4_NL || ft == kIQ4_XS || ft == kIQ3_S || ft == kIQ3_M)
           type = DType::kQ5_K;
       } else if (ft == kQ2_K) {
         type = DType::kQ3_K;
@@ -185,6 +210,8 @@ class TypeRules {
         type = DType::kQ4_K;
       } else if (ft == kQ3_K_L) {
         type = DType::kQ5_K;
+      } else if (ft == kIQ3_M) {
+        type = DType::kQ4_K;
       }
       return type;
     }
@@ -211,7 +238,10 @@ DType Fallback(const TensorView& t, DType type) {
     case DType::kQ4_K: type = DType::kQ5_0; break;
     case DType::kQ5_K: type = DType::kQ5_1; break;
     case DType::kQ6_K: type = DType::kQ8_0; break;
-    case DType::kIQ4_XS: type = DType::kIQ4_NL; break;
+    case DType::kIQ4_XS:
+    case DType::kIQ2_XXS:
+    case DType::kIQ3_XXS:
+    case DType::kIQ3_S: type = DType::kIQ4_NL; break;
     default: break;
   }
   return t.ne[0] % Traits(type).block_size == 0 ? type : DType::kF16;
@@ -245,7 +275,16 @@ std::string QuantMixNames() {
   return s;
 }
 
-std::vector<TensorPlan> PlanQuantization(const GgufFile& f, const QuantMix& mix, bool pure) {
+std::vector<TensorPlan> PlanQuantization(const GgufFile& f, const QuantMix& mix, bool pure,
+                                         const TypeOverrides& overrides) {
+  std::vector<std::pair<std::regex, DType>> patterns;
+  for (const auto& [pattern, type] : overrides) {
+    try {
+      patterns.emplace_back(std::regex(pattern), type);
+    } catch (const std::regex_error& e) {
+      Fail("--tensor-type '%s': not a regular expression (%s)", pattern.c_str(), e.what());
+    }
+  }
   std::vector<const TensorView*> order;
   for (const GgufTensorInfo& ti : f.tensors()) order.push_back(&ti.view);
   std::stable_sort(order.begin(), order.end(), [](const TensorView* a, const TensorView* b) {
@@ -266,7 +305,16 @@ std::vector<TensorPlan> PlanQuantization(const GgufFile& f, const QuantMix& mix,
     if (AllowsQuantization(*t)) {
       DType type = mix.base;
       if (quantized_mix) {
-        if (!pure) type = rules.Choose(*t, type);
+        // A manual type skips the rules (and their counters, as in llama.cpp).
+        bool manual = false;
+        for (const auto& [re, ot] : patterns) {
+          if (std::regex_search(t->name, re)) {
+            type = ot;
+            manual = true;
+            break;
+          }
+        }
+        if (!manual && !pure) type = rules.Choose(*t, type);
         type = Fallback(*t, type);
       }
       p.to = type;
@@ -293,7 +341,7 @@ QuantizeSummary QuantizeModel(const std::string& in, const std::string& out,
   if (SameFile(in, out)) Fail("%s: the output would replace the input; write to another file", out.c_str());
 
   QuantizeSummary sum;
-  sum.plan = PlanQuantization(f, *mix, opt.pure);
+  sum.plan = PlanQuantization(f, *mix, opt.pure, opt.overrides);
   for (const TensorPlan& p : sum.plan) {
     if (!IsWeightType(p.to) && p.to != DType::kF32)
       Fail("tensor '%s' would be %s, which moe.cpp cannot write yet", p.name.c_str(), DTypeName(p.to));

@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "tensor/dtype.h"
@@ -43,11 +44,17 @@ struct TensorPlan {
   DType from, to;
   bool quantized;  // false: copied as it is (norms, routers, 1-D tensors)
 };
-std::vector<TensorPlan> PlanQuantization(const GgufFile& f, const QuantMix& mix, bool pure);
+// overrides: (regular expression, type) pairs as llama-quantize's --tensor-type: the first
+// pattern found in a quantizable tensor's name sets its type instead of the mix's rules (the
+// block-size fallback still applies).
+using TypeOverrides = std::vector<std::pair<std::string, DType>>;
+std::vector<TensorPlan> PlanQuantization(const GgufFile& f, const QuantMix& mix, bool pure,
+                                         const TypeOverrides& overrides = {});
 
 struct QuantizeOptions {
   std::string mix = "Q4_K_M";
   bool pure = false;
+  TypeOverrides overrides;
   int threads = 0;  // 0: every available CPU
   // One line per tensor as it is written ("[  3/ 27] blk.0.attn_v.weight  f32 -> q6_K ...").
   std::function<void(const std::string&)> progress;

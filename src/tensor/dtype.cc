@@ -26,6 +26,9 @@ const DTypeTraits kQ5_K{"q5_K", kQK_K, sizeof(BlockQ5_K)};
 const DTypeTraits kQ6_K{"q6_K", kQK_K, sizeof(BlockQ6_K)};
 const DTypeTraits kQ8_K{"q8_K", kQK_K, sizeof(BlockQ8_K)};
 const DTypeTraits kIQ4_NL{"iq4_nl", kQK4_0, sizeof(BlockIQ4_NL)};
+const DTypeTraits kIQ2_XXS{"iq2_xxs", kQK_K, sizeof(BlockIQ2_XXS)};
+const DTypeTraits kIQ3_XXS{"iq3_xxs", kQK_K, sizeof(BlockIQ3_XXS)};
+const DTypeTraits kIQ3_S{"iq3_s", kQK_K, sizeof(BlockIQ3_S)};
 const DTypeTraits kIQ4_XS{"iq4_xs", kQK_K, sizeof(BlockIQ4_XS)};
 const DTypeTraits kMXFP4{"mxfp4", kQK4_0, sizeof(BlockMXFP4)};
 }  // namespace
@@ -49,6 +52,9 @@ const DTypeTraits* FindDTypeTraits(uint32_t t) {
     case DType::kQ6_K: return &kQ6_K;
     case DType::kQ8_K: return &kQ8_K;
     case DType::kIQ4_NL: return &kIQ4_NL;
+    case DType::kIQ2_XXS: return &kIQ2_XXS;
+    case DType::kIQ3_XXS: return &kIQ3_XXS;
+    case DType::kIQ3_S: return &kIQ3_S;
     case DType::kIQ4_XS: return &kIQ4_XS;
     case DType::kMXFP4: return &kMXFP4;
   }
@@ -110,7 +116,10 @@ DType VecDotType(DType w) {
     case DType::kQ4_K:
     case DType::kQ5_K:
     case DType::kQ6_K:
-    case DType::kIQ4_XS: return DType::kQ8_K;
+    case DType::kIQ4_XS:
+    case DType::kIQ2_XXS:
+    case DType::kIQ3_XXS:
+    case DType::kIQ3_S: return DType::kQ8_K;
     default: MOE_ASSERT(false && "no vec-dot type");
   }
   return DType::kF32;
@@ -135,6 +144,9 @@ uint32_t FileTypeOf(DType t) {
     case DType::kQ5_K: return 17;  // Q5_K_M
     case DType::kQ6_K: return 18;
     case DType::kIQ4_NL: return 25;
+    case DType::kIQ2_XXS: return 19;
+    case DType::kIQ3_XXS: return 23;
+    case DType::kIQ3_S: return 26;
     case DType::kIQ4_XS: return 30;
     case DType::kMXFP4: return 38;  // MXFP4_MOE
     case DType::kBF16: return 32;

@@ -23,7 +23,10 @@ enum class DType : uint32_t {
   kQ5_K = 13,
   kQ6_K = 14,
   kQ8_K = 15,  // activation-side only (dot products with k-quants); never a weight type here
+  kIQ2_XXS = 16,
+  kIQ3_XXS = 18,
   kIQ4_NL = 20,
+  kIQ3_S = 21,
   kIQ4_XS = 23,
   kMXFP4 = 39,
   kI32 = 26,
@@ -168,6 +171,41 @@ struct BlockIQ4_XS {  // 8 sub-blocks of 32: x = d * (ls_j - 32) * kIQ4NLValues[
   uint8_t qs[kQK_K / 2];   // sub-block j: qs[16j..16j+15] packed as iq4_nl
 };
 static_assert(sizeof(BlockIQ4_XS) == 136);
+
+// ---- i-quants on a codebook ("grid", tensor/iq_tables.h): groups of 8 quants are one grid
+// entry's magnitudes (iq2: one 8-byte entry, iq3: two 4-byte entries) with a sign byte; the 8
+// signs of iq2_xxs / iq3_xxs are 7 stored bits plus even parity (IQ2SignByte).
+
+// The sign byte of a 7-bit index: bit j set = element j negative; bit 7 makes the count even
+// (ggml's ksigns_iq2xs table).
+inline constexpr uint8_t IQ2SignByte(uint32_t i7) {
+  return static_cast<uint8_t>(i7 | ((__builtin_popcount(i7) & 1) << 7));
+}
+
+struct BlockIQ2_XXS {  // 8 sub-blocks of 32 = 4 groups of 8; x = d (0.5 + ls) / 4 * grid * sign
+  uint16_t d;
+  // Sub-block j: two little-endian uint32 at qs + 4j: the first holds the 4 groups' 8-bit grid
+  // indices (byte l), the second their 7-bit sign indices (bits 7l..7l+6) and ls (bits 28..31).
+  uint16_t qs[kQK_K / 8];
+};
+static_assert(sizeof(BlockIQ2_XXS) == 66);
+
+struct BlockIQ3_XXS {  // 8 sub-blocks of 32 = 4 groups of 8; x = d (0.5 + ls) / 2 * grid * sign
+  uint16_t d;
+  // qs[0..63]: two 8-bit grid indices (4 quants each) per group; then per sub-block one
+  // little-endian uint32 of 7-bit sign indices (bits 7l..7l+6) and ls (bits 28..31).
+  uint8_t qs[3 * kQK_K / 8];
+};
+static_assert(sizeof(BlockIQ3_XXS) == 98);
+
+struct BlockIQ3_S {  // 8 sub-blocks of 32 = 4 groups of 8; x = d (1 + 2 ls) * grid * sign
+  uint16_t d;
+  uint8_t qs[kQK_K / 4];      // group l of sub-block j: grid indices qs[8j + 2l], qs[8j + 2l + 1]
+  uint8_t qh[kQK_K / 32];     // their 9th bits: bits 2l and 2l + 1 of qh[j]
+  uint8_t signs[kQK_K / 8];   // signs[4j + l]: bit k set = element k of the group negative
+  uint8_t scales[kQK_K / 64]; // ls of sub-block j: nibble j % 2 of scales[j / 2]
+};
+static_assert(sizeof(BlockIQ3_S) == 110);
 
 // MXFP4 (OCP microscaling): e2m1 values, stored doubled as ggml's kvalues_mxfp4, and one
 // E8M0 scale per 32: x = 2^(e - 128) * kMXFP4Values[q] (half of 2^(e - 127) times the doubled value).

@@ -8,6 +8,8 @@ llama_model_quantize (the same mix, as llama-quantize runs it) each write a file
     FFN-down bumps by layer, the 8-expert rule, the GQA rule, the output/tied-embedding rule,
     the fallback for rows that are not whole 256-blocks, norms and routers left alone),
   - every tensor's data is byte-identical (the quantizers are ggml's reference quantizers),
+    except for the codebook i-quants, whose quantizer is moe's own, and for the mixes llama.cpp
+    only writes with an importance matrix (it gets one of ones; types compared only),
   - general.file_type is the same.
 Shapes cover 8 experts (Mixtral's rule), GQA 4 (qwen2moe with shared experts), enough layers
 for the first-sixteenth and every-third-layer rules, expert widths that are not multiples of
@@ -29,15 +31,23 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 LIB_DIR = os.path.join(HERE, "..", "..", "third_party", "npm", "node_modules", "@node-llama-cpp",
                        "linux-x64", "bins", "linux-x64")
 
-ALL_MIXES = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M",
+ALL_MIXES = ["IQ3_M", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M",
              "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "IQ4_XS", "MXFP4_MOE", "F16", "BF16"]
+# llama.cpp refuses these without an importance matrix; it then gets one of ones, and every
+# tensor's type is compared but not the bytes (its quantizers weight by the matrix).
+NEEDS_IMATRIX = {"IQ2_XXS"}
+# Types whose quantizer moe does not share with ggml (the codebook i-quants): types compared,
+# bytes not (tests/kernels/ggml_oracle_test.cc compares their error instead).
+OWN_QUANTIZER = {"iq2_xxs", "iq3_xxs", "iq3_s"}
 FTYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10,
          "Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16,
-         "Q5_K_M": 17, "Q6_K": 18, "IQ4_NL": 25, "IQ4_XS": 30, "BF16": 32, "MXFP4_MOE": 38}
+         "Q5_K_M": 17, "Q6_K": 18, "IQ4_NL": 25, "IQ4_XS": 30, "BF16": 32, "MXFP4_MOE": 38, "IQ2_XXS": 19, "IQ3_S": 26,
+         "IQ3_M": 27}
 
 
-def case(name, mixes, pure=False, source_type=None, **init):
-    return dict(name=name, mixes=mixes, pure=pure, source_type=source_type, init=init)
+def case(name, mixes, pure=False, source_type=None, overrides=None, **init):
+    return dict(name=name, mixes=mixes, pure=pure, source_type=source_type,
+                overrides=overrides or [], init=init)
 
 
 CASES = [
@@ -45,11 +55,13 @@ CASES = [
     case("llama_8x_9l", ALL_MIXES, arch="llama", layers=9, dim=256, ffn=256, experts=8,
          experts_used=2, heads=4, kv_heads=2, vocab=512, seed=11),
     # Qwen1.5-MoE-like: shared experts, GQA 4 (Q2_K's attn_v rule), 17 layers (n/16 = 1).
-    case("qwen2moe_gqa4_17l", ["Q2_K", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K", "IQ4_XS"],
+    case("qwen2moe_gqa4_17l", ["Q2_K", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K", "IQ4_XS",
+                               "IQ2_XXS", "IQ3_S"],
          arch="qwen2moe", layers=17, dim=256, ffn=256, experts=4, experts_used=2,
          shared_ffn=512, heads=8, kv_heads=2, vocab=512, seed=12),
     # Expert width 160 and dim 256: ffn_down rows of 160 fall back to 32-block types.
-    case("qwen3moe_ffn160_tied", ["Q2_K", "Q3_K_L", "Q4_K_M", "Q5_K_S", "Q6_K", "Q4_1", "IQ4_XS"],
+    case("qwen3moe_ffn160_tied", ["Q2_K", "Q3_K_L", "Q4_K_M", "Q5_K_S", "Q6_K", "Q4_1", "IQ4_XS",
+                                  "IQ2_XXS", "IQ3_M"],
          arch="qwen3moe", layers=4, dim=256, ffn=160, experts=6, experts_used=2, heads=4,
          kv_heads=1, head_dim=64, vocab=512, tie_output=True, seed=13),
     # Rows of 96: no 256-block type fits anywhere (q8_0 output, 32-block fallbacks).
@@ -57,6 +69,12 @@ CASES = [
          dim=96, ffn=64, experts=4, experts_used=2, heads=4, vocab=256, seed=14),
     case("llama_pure", ["Q4_K_M", "Q3_K_M", "Q2_K"], pure=True, arch="llama", layers=3, dim=256,
          ffn=160, experts=8, experts_used=2, heads=4, kv_heads=2, vocab=512, seed=15),
+    # --tensor-type PATTERN=TYPE (llama.cpp's tensor overrides): the first match wins, the rules'
+    # counters skip overridden tensors, the fallback still applies.
+    case("llama_overrides", ["Q4_K_M", "Q3_K_M"], overrides=[("attn_v", "q5_0"), ("blk\\.1\\.ffn_down", "q8_0"),
+                                                             ("ffn_up_exps", "q2_K")],
+         arch="llama", layers=4, dim=256, ffn=160, experts=4, experts_used=2, heads=4, kv_heads=2,
+         vocab=512, seed=17),
     # A quantized input is dequantized and quantized again, as llama.cpp does when allowed.
     case("olmoe_from_q8_0", ["Q4_K_M", "Q3_K_L"], source_type="q8_0", arch="olmoe", layers=2,
          dim=256, ffn=256, experts=4, experts_used=2, heads=4, vocab=512, seed=16),
@@ -68,6 +86,15 @@ class CaseError(Exception):
 
 
 # ---- the oracle ----
+
+class ImatrixData(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_char_p), ("data", ctypes.POINTER(ctypes.c_float)),
+                ("size", ctypes.c_size_t)]
+
+
+class TensorOverride(ctypes.Structure):
+    _fields_ = [("pattern", ctypes.c_char_p), ("type", ctypes.c_int)]
+
 
 class QuantParams(ctypes.Structure):
     _fields_ = [("nthread", ctypes.c_int32), ("ftype", ctypes.c_int),
@@ -93,12 +120,39 @@ def load_llama():
     return lib
 
 
-def llama_quantize(lib, src, dst, mix, pure):
+def ones_imatrix(path):
+    """An importance matrix of ones for every matrix of the file (ne[0] * experts values):
+    llama.cpp refuses some low-bit mixes without one."""
+    _, tensors = read_gguf(path)
+    keep = []
+    entries = []
+    for name, t in tensors.items():
+        if len(t["ne"]) < 2:
+            continue
+        n = t["ne"][0] * (t["ne"][2] if len(t["ne"]) > 2 else 1)
+        buf = (ctypes.c_float * n)(*([1.0] * n))
+        keep.append(buf)
+        entries.append(ImatrixData(name.encode(), ctypes.cast(buf, ctypes.POINTER(ctypes.c_float)), n))
+    entries.append(ImatrixData(None, None, 0))
+    arr = (ImatrixData * len(entries))(*entries)
+    keep.append(arr)
+    return arr, keep
+
+
+def llama_quantize(lib, src, dst, mix, pure, overrides=()):
     p = lib.llama_model_quantize_default_params()
+    if overrides:
+        ids = {v: k for k, v in GGML_NAMES.items()}
+        ov = (TensorOverride * (len(overrides) + 1))(
+            *[TensorOverride(pat.encode(), ids[t]) for pat, t in overrides], TensorOverride(None, 0))
+        p.tt_overrides = ctypes.cast(ov, ctypes.c_void_p)
     p.ftype = FTYPE[mix]
     p.nthread = 2
     p.allow_requantize = True
     p.pure = pure
+    if mix in NEEDS_IMATRIX:
+        arr, keep = ones_imatrix(src)
+        p.imatrix = ctypes.cast(arr, ctypes.c_void_p)
     # llama.cpp logs every tensor to stderr; keep it out of the test output.
     saved = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -173,10 +227,10 @@ def read_gguf(path):
 
 GGML_NAMES = {0: "f32", 1: "f16", 2: "q4_0", 3: "q4_1", 6: "q5_0", 7: "q5_1", 8: "q8_0",
               10: "q2_K", 11: "q3_K", 12: "q4_K", 13: "q5_K", 14: "q6_K", 20: "iq4_nl",
-              23: "iq4_xs", 30: "bf16", 39: "mxfp4"}
+              23: "iq4_xs", 30: "bf16", 39: "mxfp4", 16: "iq2_xxs", 18: "iq3_xxs", 21: "iq3_s"}
 
 
-def compare(moe_path, ref_path):
+def compare(moe_path, ref_path, bytes_too=True):
     kv_m, t_m = read_gguf(moe_path)
     kv_r, t_r = read_gguf(ref_path)
     if kv_m.get("general.file_type") != kv_r.get("general.file_type"):
@@ -191,7 +245,8 @@ def compare(moe_path, ref_path):
             raise CaseError("%s: moe wrote %s, llama.cpp %s" % (
                 name, GGML_NAMES.get(a["type"], a["type"]), GGML_NAMES.get(b["type"], b["type"])))
         n = min(len(a["data"]), len(b["data"]))
-        if a["data"][:n] != b["data"][:n]:
+        tname = GGML_NAMES.get(a["type"], str(a["type"]))
+        if bytes_too and tname not in OWN_QUANTIZER and a["data"][:n] != b["data"][:n]:
             first = next(i for i in range(n) if a["data"][i] != b["data"][i])
             raise CaseError("%s (%s): data differs from byte %d" % (
                 name, GGML_NAMES.get(a["type"], a["type"]), first))
@@ -224,10 +279,12 @@ def run_case(moe, lib, c, tmp, verbose):
         qargv = [moe, "quantize", src, out_m, "--type", mix, "--threads", "2", "-q"]
         if c["pure"]:
             qargv.append("--pure")
+        for pat, t in c["overrides"]:
+            qargv += ["--tensor-type", "%s=%s" % (pat, t)]
         run(qargv, "moe quantize --type " + mix)
-        llama_quantize(lib, src, out_r, mix, c["pure"])
+        llama_quantize(lib, src, out_r, mix, c["pure"], c["overrides"])
         try:
-            types = compare(out_m, out_r)
+            types = compare(out_m, out_r, bytes_too=mix not in NEEDS_IMATRIX)
         except CaseError as e:
             raise CaseError("%s: %s" % (mix, e))
         notes.append("%s{%s}" % (mix, ",".join("%s:%d" % kv for kv in sorted(types.items()))))

@@ -148,6 +148,18 @@ inline void RandomRow(std::mt19937& rng, DType t, int64_t n, uint8_t* dst, bool 
       }
       return;
     }
+    case DType::kIQ2_XXS:
+    case DType::kIQ3_XXS:
+    case DType::kIQ3_S: {  // any bytes are a valid block; d (the first field) finite
+      const size_t bytes = Traits(t).block_bytes;
+      for (int64_t b = 0; b < n / kQK_K; ++b) {
+        uint8_t* blk = dst + b * bytes;
+        RandomBytes(rng, blk, bytes);
+        const uint16_t d = exact ? kHalfOne : RandomHalf(rng, 5, 11, true);
+        std::memcpy(blk, &d, sizeof(d));
+      }
+      return;
+    }
     case DType::kMXFP4: {
       for (int64_t b = 0; b < n / kQK4_0; ++b) {
         BlockMXFP4 blk;
@@ -361,6 +373,9 @@ void TestMatMulQ2_K() { TestMatMulType(DType::kQ2_K); }
 void TestMatMulIQ4_NL() { TestMatMulType(DType::kIQ4_NL); }
 void TestMatMulIQ4_XS() { TestMatMulType(DType::kIQ4_XS); }
 void TestMatMulMXFP4() { TestMatMulType(DType::kMXFP4); }
+void TestMatMulIQ2_XXS() { TestMatMulType(DType::kIQ2_XXS); }
+void TestMatMulIQ3_XXS() { TestMatMulType(DType::kIQ3_XXS); }
+void TestMatMulIQ3_S() { TestMatMulType(DType::kIQ3_S); }
 void TestMatMulQ3_K() { TestMatMulType(DType::kQ3_K); }
 void TestMatMulQ4_K() { TestMatMulType(DType::kQ4_K); }
 void TestMatMulQ5_K() { TestMatMulType(DType::kQ5_K); }
@@ -404,6 +419,9 @@ HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ2_K);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulIQ4_NL);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulIQ4_XS);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulMXFP4);
+HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulIQ2_XXS);
+HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulIQ3_XXS);
+HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulIQ3_S);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ3_K);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ4_K);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ5_K);

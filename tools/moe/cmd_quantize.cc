@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "commands.h"
 #include "model/quantize.h"
@@ -14,6 +15,7 @@ namespace moe::cli {
 Runner AddQuantize(CLI::App& app) {
   struct Options {
     std::string in, out, type;
+    std::vector<std::string> tensor_types;
     bool pure = false, quiet = false;
     int threads = 0;
   };
@@ -26,6 +28,9 @@ Runner AddQuantize(CLI::App& app) {
                      "tensor's type chosen by llama.cpp's rules")
       ->required();
   app.add_flag("--pure", o->pure, "every matrix in the --type's base type (no bumps, no output/embedding rule)");
+  app.add_option("--tensor-type", o->tensor_types,
+                 "PATTERN=TYPE (repeatable): tensors whose name contains a match of the regular expression "
+                 "get TYPE instead of the mix's choice (llama-quantize's --tensor-type)");
   app.add_option("--threads", o->threads, "quantization threads (0 = every CPU)")->default_val(0);
   app.add_flag("-q,--quiet", o->quiet, "no line per tensor");
   return [=]() {
@@ -33,6 +38,13 @@ Runner AddQuantize(CLI::App& app) {
     q.mix = o->type;
     q.pure = o->pure;
     q.threads = o->threads;
+    for (const std::string& tt : o->tensor_types) {
+      const size_t eq = tt.rfind('=');
+      DType t;
+      if (eq == std::string::npos || eq == 0 || !ParseDType(tt.substr(eq + 1).c_str(), &t))
+        Fail("--tensor-type '%s': use PATTERN=TYPE with a weight type (%s)", tt.c_str(), WeightTypeNames().c_str());
+      q.overrides.emplace_back(tt.substr(0, eq), t);
+    }
     if (!o->quiet) {
       q.progress = [](const std::string& line) {
         std::fprintf(stderr, "%s\n", line.c_str());

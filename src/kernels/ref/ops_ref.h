@@ -140,6 +140,24 @@ inline DotResult DotRow(DType w, const void* wrow, const void* xrow, int64_t n) 
       r.basis += std::abs(m * s);
     }
   }
+  if (w == DType::kIQ2_XXS || w == DType::kIQ3_XXS || w == DType::kIQ3_S) {
+    // ggml's x86 kernels for the codebook types negate the 8-bit activations where the weight
+    // is negative, and -(-128) wraps to -128: such a product counts as w * 128.
+    r = DotResult{0.0, 0.0};
+    for (int64_t b = 0; b < n / kQK_K; ++b) {
+      const BlockQ8_K xb = LoadBlock<BlockQ8_K>(xrow, b);
+      uint16_t dw;  // the weight block's d (first field): the encoded sign is that of wd / d
+      std::memcpy(&dw, static_cast<const uint8_t*>(wrow) + b * Traits(w).block_bytes, sizeof(dw));
+      const bool d_neg = HalfValue<double>(dw) < 0;
+      for (int i = 0; i < kQK_K; ++i) {
+        const int64_t e = b * kQK_K + i;
+        const bool w_neg = wd[e] != 0 && ((wd[e] < 0) != d_neg);
+        const double x = w_neg && xb.qs[i] == -128 ? 128.0 * xb.d : xd[e];
+        r.value += wd[e] * x;
+        r.basis += std::abs(wd[e] * x);
+      }
+    }
+  }
   if (w == DType::kQ2_K || w == DType::kQ4_K || w == DType::kQ5_K) {
     // w_i = (w_i - c_i) + c_i with c_i = -dmin m: both terms count.
     r.basis = 0.0;

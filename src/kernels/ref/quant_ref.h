@@ -14,6 +14,7 @@
 #include <limits>
 
 #include "tensor/dtype.h"
+#include "tensor/iq_tables.h"
 #include "util/error.h"
 
 namespace moe::kernels::ref {
@@ -229,6 +230,69 @@ void DequantizeBlock(const BlockMXFP4& x, T* y) {  // y: [32]
   }
 }
 
+// Byte k of a grid entry.
+template <typename G>
+inline int GridByte(G entry, int k) {
+  return static_cast<int>((entry >> (8 * k)) & 0xFF);
+}
+
+inline uint32_t LoadU32(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T>
+void DequantizeBlock(const BlockIQ2_XXS& x, T* y) {  // y: [256]
+  const T d = HalfValue<T>(x.d);
+  const uint8_t* qs = reinterpret_cast<const uint8_t*>(x.qs);
+  for (int j = 0; j < 8; ++j) {
+    const uint32_t idx = LoadU32(qs + 8 * j), aux = LoadU32(qs + 8 * j + 4);
+    const T db = d * (static_cast<T>(0.5) + static_cast<T>(aux >> 28)) * static_cast<T>(0.25);
+    for (int l = 0; l < 4; ++l) {
+      const uint64_t g = kIQ2XXSGrid[(idx >> (8 * l)) & 0xFF];
+      const uint8_t sign = IQ2SignByte((aux >> (7 * l)) & 127);
+      for (int k = 0; k < 8; ++k) {
+        y[32 * j + 8 * l + k] = db * static_cast<T>(GridByte(g, k)) * static_cast<T>((sign >> k) & 1 ? -1 : 1);
+      }
+    }
+  }
+}
+
+template <typename T>
+void DequantizeBlock(const BlockIQ3_XXS& x, T* y) {  // y: [256]
+  const T d = HalfValue<T>(x.d);
+  for (int j = 0; j < 8; ++j) {
+    const uint32_t aux = LoadU32(x.qs + kQK_K / 4 + 4 * j);
+    const T db = d * (static_cast<T>(0.5) + static_cast<T>(aux >> 28)) * static_cast<T>(0.5);
+    for (int l = 0; l < 4; ++l) {
+      const uint8_t sign = IQ2SignByte((aux >> (7 * l)) & 127);
+      const uint32_t g[2] = {kIQ3XXSGrid[x.qs[8 * j + 2 * l]], kIQ3XXSGrid[x.qs[8 * j + 2 * l + 1]]};
+      for (int k = 0; k < 8; ++k) {
+        y[32 * j + 8 * l + k] = db * static_cast<T>(GridByte(g[k / 4], k % 4)) * static_cast<T>((sign >> k) & 1 ? -1 : 1);
+      }
+    }
+  }
+}
+
+template <typename T>
+void DequantizeBlock(const BlockIQ3_S& x, T* y) {  // y: [256]
+  const T d = HalfValue<T>(x.d);
+  for (int j = 0; j < 8; ++j) {
+    const int ls = (x.scales[j / 2] >> (4 * (j % 2))) & 0xF;
+    const T db = d * static_cast<T>(1 + 2 * ls);
+    for (int l = 0; l < 4; ++l) {
+      const int i0 = x.qs[8 * j + 2 * l] | (((x.qh[j] >> (2 * l)) & 1) << 8);
+      const int i1 = x.qs[8 * j + 2 * l + 1] | (((x.qh[j] >> (2 * l + 1)) & 1) << 8);
+      const uint32_t g[2] = {kIQ3SGrid[i0], kIQ3SGrid[i1]};
+      const uint8_t sign = x.signs[4 * j + l];
+      for (int k = 0; k < 8; ++k) {
+        y[32 * j + 8 * l + k] = db * static_cast<T>(GridByte(g[k / 4], k % 4)) * static_cast<T>((sign >> k) & 1 ? -1 : 1);
+      }
+    }
+  }
+}
+
 // iq4_xs sub-block j's 6-bit scale (stored + 32).
 inline int IQ4XSScale(const BlockIQ4_XS& x, int j) {
   const int lo = (x.scales_l[j / 2] >> (4 * (j % 2))) & 0xF;
@@ -361,6 +425,9 @@ void DequantizeRow(DType t, const void* x, T* y, int64_t n) {
     case DType::kIQ4_NL: return DequantizeBlocks<BlockIQ4_NL>(x, y, n, kQK4_0);
     case DType::kIQ4_XS: return DequantizeBlocks<BlockIQ4_XS>(x, y, n, kQK_K);
     case DType::kMXFP4: return DequantizeBlocks<BlockMXFP4>(x, y, n, kQK4_0);
+    case DType::kIQ2_XXS: return DequantizeBlocks<BlockIQ2_XXS>(x, y, n, kQK_K);
+    case DType::kIQ3_XXS: return DequantizeBlocks<BlockIQ3_XXS>(x, y, n, kQK_K);
+    case DType::kIQ3_S: return DequantizeBlocks<BlockIQ3_S>(x, y, n, kQK_K);
     default: MOE_ASSERT(false && "ref::DequantizeRow: unsupported type");
   }
 }

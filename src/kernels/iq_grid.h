@@ -1,0 +1,69 @@
+// Unpacking of the codebook i-quants (iq2_xxs, iq3_xxs, iq3_s) for the product kernels and the
+// quantizers: a super-block is 8 sub-blocks of 32, each 4 groups of 8 quants; a group is 8
+// grid magnitudes (one byte each) and a sign byte (bit k: element k negative); a sub-block has
+// an odd integer scale s = 2 ls + 1, and the super-block a float d times a format constant, so
+// x = d * kConst * s * magnitude * sign. (The plain references are in ref/quant_ref.h.)
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "tensor/dtype.h"
+#include "tensor/iq_tables.h"
+
+namespace moe::kernels {
+
+struct IQGroup {
+  uint64_t mag;  // byte k: magnitude of element k
+  uint8_t sign;  // bit k: element k negative
+};
+
+inline uint32_t IQLoadU32(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// Per format: Group(blk, g) for g in 0..31, Scale(blk, j) = s_j for j in 0..7, kConst.
+struct IQ2XXSFormat {
+  using Block = BlockIQ2_XXS;
+  static constexpr float kConst = 0.125f;  // (0.5 + ls) / 4 = (2 ls + 1) / 8
+  static IQGroup Group(const uint8_t* blk, int g) {
+    const uint8_t* qs = blk + offsetof(BlockIQ2_XXS, qs) + 8 * (g / 4);
+    const uint32_t aux = IQLoadU32(qs + 4);
+    return {kIQ2XXSGrid[qs[g % 4]], IQ2SignByte((aux >> (7 * (g % 4))) & 127)};
+  }
+  static int Scale(const uint8_t* blk, int j) {
+    return 2 * static_cast<int>(IQLoadU32(blk + offsetof(BlockIQ2_XXS, qs) + 8 * j + 4) >> 28) + 1;
+  }
+};
+
+struct IQ3XXSFormat {
+  using Block = BlockIQ3_XXS;
+  static constexpr float kConst = 0.25f;  // (0.5 + ls) / 2 = (2 ls + 1) / 4
+  static IQGroup Group(const uint8_t* blk, int g) {
+    const uint8_t* qs = blk + offsetof(BlockIQ3_XXS, qs);
+    const uint32_t aux = IQLoadU32(qs + kQK_K / 4 + 4 * (g / 4));
+    const uint64_t mag = kIQ3XXSGrid[qs[2 * g]] | uint64_t{kIQ3XXSGrid[qs[2 * g + 1]]} << 32;
+    return {mag, IQ2SignByte((aux >> (7 * (g % 4))) & 127)};
+  }
+  static int Scale(const uint8_t* blk, int j) {
+    return 2 * static_cast<int>(IQLoadU32(blk + offsetof(BlockIQ3_XXS, qs) + kQK_K / 4 + 4 * j) >> 28) + 1;
+  }
+};
+
+struct IQ3SFormat {
+  using Block = BlockIQ3_S;
+  static constexpr float kConst = 1.0f;
+  static IQGroup Group(const uint8_t* blk, int g) {
+    const uint8_t* qs = blk + offsetof(BlockIQ3_S, qs);
+    const int h = blk[offsetof(BlockIQ3_S, qh) + g / 4] >> (2 * (g % 4));
+    const int i0 = qs[2 * g] | ((h & 1) << 8), i1 = qs[2 * g + 1] | ((h & 2) << 7);
+    return {kIQ3SGrid[i0] | uint64_t{kIQ3SGrid[i1]} << 32, blk[offsetof(BlockIQ3_S, signs) + g]};
+  }
+  static int Scale(const uint8_t* blk, int j) {
+    return 2 * ((blk[offsetof(BlockIQ3_S, scales) + j / 2] >> (4 * (j % 2))) & 0xF) + 1;
+  }
+};
+
+}  // namespace moe::kernels

@@ -1,0 +1,258 @@
+// Quantizers of the codebook i-quants (iq2_xxs, iq3_xxs, iq3_s). ggml's quantizers for these
+// search a neighbourhood of each group's nearest lattice point with importance weights; this one
+// searches the whole grid for every group at each of a range of sub-block scales (simpler, and
+// slower), minimising the squared error. The encodings are the formats' own (kernels/iq_grid.h),
+// so ggml dequantizes them to the same values; tests/kernels/ggml_oracle_test.cc compares the
+// error with ggml's quantizer on the same rows.
+#include "kernels/quant_iq.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "kernels/iq_grid.h"
+#include "tensor/iq_tables.h"
+#include "util/error.h"
+
+namespace moe::kernels {
+namespace {
+
+// A codebook as floats: n entries of `width` magnitudes (8 for iq2, 4 for iq3), also stored
+// element-major so the search over entries runs as vector loops.
+struct Codebook {
+  int n, width;
+  std::vector<float> mag;   // [n][width]
+  std::vector<float> magT;  // [width][n]
+  std::vector<float> mag2;  // [n]: sum of squares
+};
+
+template <typename G>
+Codebook MakeCodebook(const G* grid, int n, int width) {
+  const size_t sz = static_cast<size_t>(n) * width;
+  Codebook c{n, width, std::vector<float>(sz), std::vector<float>(sz), std::vector<float>(n)};
+  for (int i = 0; i < n; ++i) {
+    float s = 0;
+    for (int k = 0; k < width; ++k) {
+      const float m = static_cast<float>((grid[i] >> (8 * k)) & 0xFF);
+      c.mag[static_cast<size_t>(i) * width + k] = m;
+      c.magT[static_cast<size_t>(k) * n + i] = m;
+      s += m * m;
+    }
+    c.mag2[i] = s;
+  }
+  return c;
+}
+
+const Codebook& IQ2XXSBook() {
+  static const Codebook c = MakeCodebook(kIQ2XXSGrid, 256, 8);
+  return c;
+}
+const Codebook& IQ3XXSBook() {
+  static const Codebook c = MakeCodebook(kIQ3XXSGrid, 256, 4);
+  return c;
+}
+const Codebook& IQ3SBook() {
+  static const Codebook c = MakeCodebook(kIQ3SGrid, 512, 4);
+  return c;
+}
+
+// One sub-block of 32 values as 4 groups of 8: signs, targets t = x * sign >= 0 except where a
+// parity format had to flip the sign of the group's smallest element.
+struct SubBlock {
+  float t[32];
+  uint8_t sign[4];
+};
+
+SubBlock Signs(const float* x, bool parity) {
+  SubBlock s;
+  for (int g = 0; g < 4; ++g) {
+    uint8_t sg = 0;
+    int smallest = 0;
+    for (int k = 0; k < 8; ++k) {
+      const float v = x[8 * g + k];
+      if (v < 0) sg = static_cast<uint8_t>(sg | (1 << k));
+      if (std::fabs(v) < std::fabs(x[8 * g + smallest])) smallest = k;
+    }
+    if (parity && (__builtin_popcount(sg) & 1)) sg = static_cast<uint8_t>(sg ^ (1 << smallest));
+    s.sign[g] = sg;
+    for (int k = 0; k < 8; ++k) s.t[8 * g + k] = (sg >> k) & 1 ? -x[8 * g + k] : x[8 * g + k];
+  }
+  return s;
+}
+
+// The squared error of entry i for a part p of a sub-block at scale a is
+// a^2 |m_i|^2 - 2 a m_i.t_p + |t_p|^2: the dot products m_i.t_p do not depend on a, so they are
+// computed once per sub-block and every trial scale costs one pass over the entries per part.
+struct Search {
+  const Codebook& c;
+  int parts;             // 32 / width
+  float mt[8][512];      // [part][entry]
+  float t2[8];
+
+  Search(const Codebook& cb, const SubBlock& sb) : c(cb), parts(32 / cb.width) {
+    for (int p = 0; p < parts; ++p) {
+      const float* t = sb.t + c.width * p;
+      float s2 = 0;
+      for (int k = 0; k < c.width; ++k) s2 += t[k] * t[k];
+      t2[p] = s2;
+      float* row = mt[p];
+      for (int i = 0; i < c.n; ++i) row[i] = 0;
+      for (int k = 0; k < c.width; ++k) {
+        const float* m = &c.magT[static_cast<size_t>(k) * c.n];
+        for (int i = 0; i < c.n; ++i) row[i] += m[i] * t[k];
+      }
+    }
+  }
+  // Best entries at scale a (the first of equals); returns the total squared error.
+  float Choose(float a, int* idx) const {
+    float total = 0;
+    const float a2 = a * a, ta = 2 * a;
+    for (int p = 0; p < parts; ++p) {
+      const float* row = mt[p];
+      int best = 0;
+      float best_e = a2 * c.mag2[0] - ta * row[0];
+      for (int i = 1; i < c.n; ++i) {
+        const float e = a2 * c.mag2[i] - ta * row[i];
+        if (e < best_e) {
+          best_e = e;
+          best = i;
+        }
+      }
+      idx[p] = best;
+      total += best_e + t2[p];
+    }
+    return total;
+  }
+  // The least-squares scale for the given entries (a if they give none).
+  float Refit(const int* idx, float a) const {
+    float num = 0, den = 0;
+    for (int p = 0; p < parts; ++p) {
+      num += mt[p][idx[p]];
+      den += c.mag2[idx[p]];
+    }
+    return den > 0 && num > 0 ? num / den : a;
+  }
+};
+
+// The sub-block scale (before the 4-bit rounding): the best of a range of trial scales, each
+// refined once by least squares over the entries it chose.
+float FitSubBlockScale(const Search& s, const SubBlock& sb, float max_mag) {
+  float amax = 0;
+  for (float v : sb.t) amax = std::max(amax, std::fabs(v));
+  if (amax == 0) return 0;
+  float best_a = amax / max_mag, best_e = -1;
+  int idx[8];
+  for (int k = 0; k < 20; ++k) {
+    const float a0 = amax / max_mag * (0.5f + 0.04f * static_cast<float>(k));
+    s.Choose(a0, idx);
+    const float a = s.Refit(idx, a0);
+    const float e = s.Choose(a, idx);
+    if (best_e < 0 || e < best_e) {
+      best_e = e;
+      best_a = a;
+    }
+  }
+  return best_a;
+}
+
+// Per-thread room for a super-block's searches (8 x 16 KiB: too big for the stack).
+std::vector<Search>* SearchScratch() {
+  thread_local std::vector<Search> v = [] {
+    std::vector<Search> s;
+    s.reserve(8);
+    return s;
+  }();
+  return &v;
+}
+
+// Shared driver: per super-block, sub-block scales a_j, then d with a_j ~ d kConst (2 ls_j + 1)
+// (ls in 0..15), the entries chosen again at the rounded scales, and the format's packing.
+template <class F, class Pack>
+void QuantizeGrid(const Codebook& c, bool parity, float max_mag, const float* x, uint8_t* y,
+                  int64_t nb, const Pack& pack) {
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* xb = x + b * kQK_K;
+    SubBlock sb[8];
+    std::vector<Search>& search = *SearchScratch();
+    search.clear();
+    float a[8], amax = 0;
+    for (int j = 0; j < 8; ++j) {
+      sb[j] = Signs(xb + 32 * j, parity);
+      search.emplace_back(c, sb[j]);
+      a[j] = FitSubBlockScale(search[j], sb[j], max_mag);
+      amax = std::max(amax, a[j]);
+    }
+    typename F::Block blk;
+    std::memset(&blk, 0, sizeof(blk));
+    const uint16_t d16 = F32ToF16(amax / (31.0f * F::kConst));
+    const float d = F16ToF32(d16) * F::kConst;
+    int ls[8];
+    int idx[8][8];
+    for (int j = 0; j < 8; ++j) {
+      ls[j] = 0;
+      if (d > 0) {
+        // The odd multiple of d nearest to a_j, then the entries at that scale.
+        const int l = static_cast<int>(std::lround((a[j] / d - 1) / 2));
+        ls[j] = std::clamp(l, 0, 15);
+      }
+      search[j].Choose(d * static_cast<float>(2 * ls[j] + 1), idx[j]);
+    }
+    std::memcpy(&blk, &d16, sizeof(d16));  // d is the first field of every format
+    pack(blk, ls, idx, sb);
+    std::memcpy(y + b * sizeof(blk), &blk, sizeof(blk));
+  }
+}
+
+// The 7 stored sign bits of a parity format's group (bit 7 is implied).
+uint32_t Sign7(uint8_t s) { return s & 127u; }
+
+}  // namespace
+
+void QuantizeIQGridRow(DType t, const float* x, void* y, int64_t n) {
+  uint8_t* out = static_cast<uint8_t*>(y);
+  const int64_t nb = n / kQK_K;
+  switch (t) {
+    case DType::kIQ2_XXS:
+      QuantizeGrid<IQ2XXSFormat>(IQ2XXSBook(), true, 43.f, x, out, nb,
+                                 [](BlockIQ2_XXS& blk, const int* ls, const int (*idx)[8], const SubBlock* sb) {
+        uint8_t* qs = reinterpret_cast<uint8_t*>(blk.qs);
+        for (int j = 0; j < 8; ++j) {
+          uint32_t aux = static_cast<uint32_t>(ls[j]) << 28;
+          for (int g = 0; g < 4; ++g) {
+            qs[8 * j + g] = static_cast<uint8_t>(idx[j][g]);
+            aux |= Sign7(sb[j].sign[g]) << (7 * g);
+          }
+          std::memcpy(qs + 8 * j + 4, &aux, sizeof(aux));
+        }
+      });
+      return;
+    case DType::kIQ3_XXS:
+      QuantizeGrid<IQ3XXSFormat>(IQ3XXSBook(), true, 62.f, x, out, nb,
+                                 [](BlockIQ3_XXS& blk, const int* ls, const int (*idx)[8], const SubBlock* sb) {
+        for (int j = 0; j < 8; ++j) {
+          uint32_t aux = static_cast<uint32_t>(ls[j]) << 28;
+          for (int h = 0; h < 8; ++h) blk.qs[8 * j + h] = static_cast<uint8_t>(idx[j][h]);
+          for (int g = 0; g < 4; ++g) aux |= Sign7(sb[j].sign[g]) << (7 * g);
+          std::memcpy(blk.qs + kQK_K / 4 + 4 * j, &aux, sizeof(aux));
+        }
+      });
+      return;
+    case DType::kIQ3_S:
+      QuantizeGrid<IQ3SFormat>(IQ3SBook(), false, 15.f, x, out, nb,
+                               [](BlockIQ3_S& blk, const int* ls, const int (*idx)[8], const SubBlock* sb) {
+        for (int j = 0; j < 8; ++j) {
+          blk.scales[j / 2] = static_cast<uint8_t>(blk.scales[j / 2] | (ls[j] << (4 * (j % 2))));
+          for (int h = 0; h < 8; ++h) {
+            blk.qs[8 * j + h] = static_cast<uint8_t>(idx[j][h] & 0xFF);
+            blk.qh[j] = static_cast<uint8_t>(blk.qh[j] | ((idx[j][h] >> 8) << h));
+          }
+          for (int g = 0; g < 4; ++g) blk.signs[4 * j + g] = sb[j].sign[g];
+        }
+      });
+      return;
+    default: MOE_ASSERT(false && "QuantizeIQGridRow: not a codebook type");
+  }
+}
+
+}  // namespace moe::kernels
