@@ -56,12 +56,12 @@ CASES = [
          experts_used=2, heads=4, kv_heads=2, vocab=512, seed=11),
     # Qwen1.5-MoE-like: shared experts, GQA 4 (Q2_K's attn_v rule), 17 layers (n/16 = 1).
     case("qwen2moe_gqa4_17l", ["Q2_K", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K", "IQ4_XS",
-                               "IQ2_XXS", "IQ3_S"],
+                               "IQ2_XXS"],
          arch="qwen2moe", layers=17, dim=256, ffn=256, experts=4, experts_used=2,
          shared_ffn=512, heads=8, kv_heads=2, vocab=512, seed=12),
     # Expert width 160 and dim 256: ffn_down rows of 160 fall back to 32-block types.
     case("qwen3moe_ffn160_tied", ["Q2_K", "Q3_K_L", "Q4_K_M", "Q5_K_S", "Q6_K", "Q4_1", "IQ4_XS",
-                                  "IQ2_XXS", "IQ3_M"],
+                                  "IQ2_XXS", "IQ3_M", "IQ3_S"],
          arch="qwen3moe", layers=4, dim=256, ffn=160, experts=6, experts_used=2, heads=4,
          kv_heads=1, head_dim=64, vocab=512, tie_output=True, seed=13),
     # Rows of 96: no 256-block type fits anywhere (q8_0 output, 32-block fallbacks).
