@@ -1,8 +1,9 @@
-// Unpacking of the codebook i-quants (iq2_xxs, iq3_xxs, iq3_s) for the product kernels and the
-// quantizers: a super-block is 8 sub-blocks of 32, each 4 groups of 8 quants; a group is 8
-// grid magnitudes (one byte each) and a sign byte (bit k: element k negative); a sub-block has
-// an odd integer scale s = 2 ls + 1, and the super-block a float d times a format constant, so
-// x = d * kConst * s * magnitude * sign. (The plain references are in ref/quant_ref.h.)
+// Unpacking of the codebook i-quants (iq2_xxs, iq2_xs, iq2_s, iq3_xxs, iq3_s) for the product
+// kernels and the quantizers: a super-block is 32 groups of 8 quants; a group is 8 grid
+// magnitudes (one byte each) and a sign byte (bit k: element k negative); the kSubBlocks
+// sub-blocks (8 of 32 or 16 of 16) have odd integer scales s = 2 ls + 1, and the super-block a
+// float d times a format constant, so x = d * kConst * s * magnitude * sign. (The plain
+// references are in ref/quant_ref.h.)
 #pragma once
 
 #include <cstdint>
@@ -27,6 +28,7 @@ inline uint32_t IQLoadU32(const uint8_t* p) {
 // Per format: Group(blk, g) for g in 0..31, Scale(blk, j) = s_j for j in 0..7, kConst.
 struct IQ2XXSFormat {
   using Block = BlockIQ2_XXS;
+  static constexpr int kSubBlocks = 8;
   static constexpr float kConst = 0.125f;  // (0.5 + ls) / 4 = (2 ls + 1) / 8
   static IQGroup Group(const uint8_t* blk, int g) {
     const uint8_t* qs = blk + offsetof(BlockIQ2_XXS, qs) + 8 * (g / 4);
@@ -40,6 +42,7 @@ struct IQ2XXSFormat {
 
 struct IQ3XXSFormat {
   using Block = BlockIQ3_XXS;
+  static constexpr int kSubBlocks = 8;
   static constexpr float kConst = 0.25f;  // (0.5 + ls) / 2 = (2 ls + 1) / 4
   static IQGroup Group(const uint8_t* blk, int g) {
     const uint8_t* qs = blk + offsetof(BlockIQ3_XXS, qs);
@@ -54,6 +57,7 @@ struct IQ3XXSFormat {
 
 struct IQ3SFormat {
   using Block = BlockIQ3_S;
+  static constexpr int kSubBlocks = 8;
   static constexpr float kConst = 1.0f;
   static IQGroup Group(const uint8_t* blk, int g) {
     const uint8_t* qs = blk + offsetof(BlockIQ3_S, qs);
@@ -64,6 +68,33 @@ struct IQ3SFormat {
   static int Scale(const uint8_t* blk, int j) {
     return 2 * ((blk[offsetof(BlockIQ3_S, scales) + j / 2] >> (4 * (j % 2))) & 0xF) + 1;
   }
+};
+
+// 16 sub-blocks of 16: two 4-bit ls per byte of scales.
+inline int IQScale16(const uint8_t* scales, int j) { return 2 * ((scales[j / 2] >> (4 * (j % 2))) & 0xF) + 1; }
+
+struct IQ2XSFormat {
+  using Block = BlockIQ2_XS;
+  static constexpr int kSubBlocks = 16;
+  static constexpr float kConst = 0.125f;
+  static IQGroup Group(const uint8_t* blk, int g) {
+    uint16_t q;
+    std::memcpy(&q, blk + offsetof(BlockIQ2_XS, qs) + 2 * g, sizeof(q));
+    return {kIQ2XSGrid[q & 511], IQ2SignByte(q >> 9)};
+  }
+  static int Scale(const uint8_t* blk, int j) { return IQScale16(blk + offsetof(BlockIQ2_XS, scales), j); }
+};
+
+struct IQ2SFormat {
+  using Block = BlockIQ2_S;
+  static constexpr int kSubBlocks = 16;
+  static constexpr float kConst = 0.125f;
+  static IQGroup Group(const uint8_t* blk, int g) {
+    const uint8_t* qs = blk + offsetof(BlockIQ2_S, qs);
+    const int hi = (blk[offsetof(BlockIQ2_S, qh) + g / 4] >> (2 * (g % 4))) & 3;
+    return {kIQ2SGrid[qs[g] | (hi << 8)], qs[32 + g]};
+  }
+  static int Scale(const uint8_t* blk, int j) { return IQScale16(blk + offsetof(BlockIQ2_S, scales), j); }
 };
 
 }  // namespace moe::kernels

@@ -488,25 +488,38 @@ struct KernIQ4_XS {
   static HWY_INLINE int32_t MinSum(const State&, const MmAct&, int64_t) { return 0; }
 };
 
-// The codebook i-quants (iq2_xxs, iq3_xxs, iq3_s; kernels/iq_grid.h): 8 sub-blocks of 32 with
-// odd integer scales; every group of 8 quants is a grid entry's magnitudes with signs.
+// The int16 scales of the 16-quant sub-blocks that lanes [e, e + N) of a super-block fall in
+// (32 lanes on 512-bit vectors span two sub-blocks).
+HWY_INLINE MmV16 SubBlock16Scales(const int16_t* sc, size_t e) {
+  const MmD16 d16;
+#if MOE_MATMUL_WIDE
+  const hn::Half<MmD16> dh;
+  return hn::Combine(d16, hn::Set(dh, sc[e / 16 + 1]), hn::Set(dh, sc[e / 16]));
+#else
+  return hn::Set(d16, sc[e / 16]);
+#endif
+}
+
+// The codebook i-quants (kernels/iq_grid.h): 8 sub-blocks of 32 (iq2_xxs, iq3_xxs, iq3_s) or
+// 16 of 16 (iq2_xs, iq2_s) with odd integer scales; every group of 8 quants is a grid entry's
+// magnitudes with signs.
 template <class F>
 struct KernIQGrid {
   using Format = F;
   using BlockType = typename F::Block;
   static constexpr size_t kElems = kQK_K;
-  static constexpr int kSubBlock = 32;
+  static constexpr int kSubBlock = kQK_K / F::kSubBlocks;
   static constexpr size_t kBytes = sizeof(BlockType);
   static constexpr bool kHasMin = false;
   static constexpr MmLayout kLayout = MmLayout::kNatural;
   struct State {
     float d, dmin;
-    int16_t sc[8];
+    int16_t sc[16];
   };
   static HWY_INLINE void Prep(const uint8_t* blk, State& st) {
     st.d = LoadF16Scalar(blk) * F::kConst;  // d is the first field of every format
     st.dmin = 0.0f;
-    for (int j = 0; j < 8; ++j) st.sc[j] = static_cast<int16_t>(F::Scale(blk, j));
+    for (int j = 0; j < F::kSubBlocks; ++j) st.sc[j] = static_cast<int16_t>(F::Scale(blk, j));
   }
   // The signed quants of lanes [e, e + N) (N divides 32: one sub-block), decoded group by group.
   static HWY_INLINE MmV16 Chunk(const uint8_t* blk, const State& st, size_t e) {
@@ -522,11 +535,17 @@ struct KernIQGrid {
         v[i - e] = static_cast<int16_t>((q.sign >> k) & 1 ? -m : m);
       }
     }
-    return hn::Mul(hn::Load(d16, v), hn::Set(d16, st.sc[e / 32]));
+    if constexpr (kSubBlock == 32) {
+      return hn::Mul(hn::Load(d16, v), hn::Set(d16, st.sc[e / 32]));
+    } else {
+      return hn::Mul(hn::Load(d16, v), SubBlock16Scales(st.sc, e));
+    }
   }
   static HWY_INLINE int32_t MinSum(const State&, const MmAct&, int64_t) { return 0; }
 };
 using KernIQ2_XXS = KernIQGrid<IQ2XXSFormat>;
+using KernIQ2_XS = KernIQGrid<IQ2XSFormat>;
+using KernIQ2_S = KernIQGrid<IQ2SFormat>;
 using KernIQ3_XXS = KernIQGrid<IQ3XXSFormat>;
 using KernIQ3_S = KernIQGrid<IQ3SFormat>;
 
@@ -655,18 +674,6 @@ struct KernQ6_K {
   }
   static HWY_INLINE int32_t MinSum(const State&, const MmAct&, int64_t) { return 0; }
 };
-
-// The int16 scales of the 16-quant sub-blocks that lanes [e, e + N) of a super-block fall in
-// (32 lanes on 512-bit vectors span two sub-blocks).
-HWY_INLINE MmV16 SubBlock16Scales(const int16_t* sc, size_t e) {
-  const MmD16 d16;
-#if MOE_MATMUL_WIDE
-  const hn::Half<MmD16> dh;
-  return hn::Combine(d16, hn::Set(dh, sc[e / 16 + 1]), hn::Set(dh, sc[e / 16]));
-#else
-  return hn::Set(d16, sc[e / 16]);
-#endif
-}
 
 // The 2-bit levels of q2_K and q3_K for lanes [e, e + N): element e = 128h + 32k + l is
 // bits 2k of qs[32h + l].
@@ -1339,7 +1346,16 @@ HWY_INLINE void VnniScales16(const uint8_t* blk, __m128i& sc8, __m128i& k8, floa
                              float& dmin, int32_t& koff) {
   using Block = typename K::BlockType;
   d = LoadF16Scalar(blk + offsetof(Block, d));
-  if constexpr (std::is_same_v<K, KernQ6_K>) {
+  if constexpr (IsIQGrid<K>()) {  // magnitudes times signed activations: no offset
+    typename K::State st;
+    K::Prep(blk, st);
+    const __m256i s16 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(st.sc));
+    sc8 = _mm256_cvtepi16_epi8(s16);
+    k8 = _mm_setzero_si128();
+    d = st.d;
+    dmin = d;
+    koff = 0;
+  } else if constexpr (std::is_same_v<K, KernQ6_K>) {
     sc8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + offsetof(BlockQ6_K, scales)));
     k8 = sc8;
     dmin = d;
@@ -1427,7 +1443,9 @@ HWY_INLINE void RowKVnni(const uint8_t* HWY_RESTRICT wrow, int64_t nb, const MmA
                              4 * c + 2, 4 * c + 2, 4 * c + 1, 4 * c + 1, 4 * c + 1, 4 * c + 1,
                              4 * c, 4 * c, 4 * c, 4 * c),
             scf);
-        if constexpr (std::is_same_v<K, KernQ6_K>) {
+        if constexpr (IsIQGrid<K>()) {
+          w = VnniChunkIQGrid<K>(blk, c, &sign);
+        } else if constexpr (std::is_same_v<K, KernQ6_K>) {
           w = VnniChunkQ6_K(blk, c);
         } else if constexpr (std::is_same_v<K, KernQ3_K>) {
           w = VnniChunkQ3_K(blk, c);
@@ -1886,6 +1904,14 @@ HWY_NOINLINE inline void MatMul(DType w, const void* W, int64_t n_in, int64_t r0
       MatMulInt<KernIQ3_S, MmRowKVnni>(MmPrepSpec{MmPrep::kQ8_K, MmLayout::kNatural, true, 0}, wb,
                                        n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
       break;
+    case DType::kIQ2_S:
+      MatMulInt<KernIQ2_S, MmRowKVnni>(MmPrepSpec{MmPrep::kQ8_K, MmLayout::kNatural, true, 0}, wb,
+                                n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
+      break;
+    case DType::kIQ2_XS:
+      MatMulInt<KernIQ2_XS, MmRowKVnni>(MmPrepSpec{MmPrep::kQ8_K, MmLayout::kNatural, true, 0}, wb,
+                                n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
+      break;
     case DType::kIQ4_XS:
       MatMulInt<KernIQ4_XS, MmRowKVnni>(MmPrepSpec{MmPrep::kQ8_K, MmLayout::kNatural, true, 0}, wb,
                                         n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
@@ -1929,6 +1955,14 @@ HWY_NOINLINE inline void MatMul(DType w, const void* W, int64_t n_in, int64_t r0
     case DType::kIQ3_S:
       MatMulInt<KernIQ3_S, MmRowK>(MmPrepSpec{MmPrep::kQ8_K, MmLayout::kNatural, false, 0}, wb,
                                    n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
+      break;
+    case DType::kIQ2_S:
+      MatMulInt<KernIQ2_S, MmRowK>(MmPrepSpec{MmPrep::kQ8_K, MmLayout::kNatural, false, 0}, wb,
+                            n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
+      break;
+    case DType::kIQ2_XS:
+      MatMulInt<KernIQ2_XS, MmRowK>(MmPrepSpec{MmPrep::kQ8_K, MmLayout::kNatural, false, 0}, wb,
+                            n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
       break;
     case DType::kIQ4_XS:
       MatMulInt<KernIQ4_XS, MmRowK>(MmPrepSpec{MmPrep::kQ8_K, KernIQ4_XS::kLayout, false, 0}, wb,

@@ -1,4 +1,4 @@
-// Quantizers of the codebook i-quants (iq2_xxs, iq3_xxs, iq3_s). ggml's quantizers for these
+// Quantizers of the codebook i-quants (iq2_xxs, iq2_xs, iq2_s, iq3_xxs, iq3_s). ggml's quantizers for these
 // search a neighbourhood of each group's nearest lattice point with importance weights; this one
 // searches the whole grid for every group at each of a range of sub-block scales (simpler, and
 // slower), minimising the squared error. The encodings are the formats' own (kernels/iq_grid.h),
@@ -56,17 +56,27 @@ const Codebook& IQ3SBook() {
   static const Codebook c = MakeCodebook(kIQ3SGrid, 512, 4);
   return c;
 }
+const Codebook& IQ2XSBook() {
+  static const Codebook c = MakeCodebook(kIQ2XSGrid, 512, 8);
+  return c;
+}
+const Codebook& IQ2SBook() {
+  static const Codebook c = MakeCodebook(kIQ2SGrid, 1024, 8);
+  return c;
+}
 
-// One sub-block of 32 values as 4 groups of 8: signs, targets t = x * sign >= 0 except where a
-// parity format had to flip the sign of the group's smallest element.
+// One sub-block of n = 32 or 16 values as n / 8 groups of 8: signs, targets t = x * sign >= 0
+// except where a parity format had to flip the sign of the group's smallest element.
 struct SubBlock {
   float t[32];
   uint8_t sign[4];
+  int n;
 };
 
-SubBlock Signs(const float* x, bool parity) {
+SubBlock Signs(const float* x, bool parity, int n) {
   SubBlock s;
-  for (int g = 0; g < 4; ++g) {
+  s.n = n;
+  for (int g = 0; g < n / 8; ++g) {
     uint8_t sg = 0;
     int smallest = 0;
     for (int k = 0; k < 8; ++k) {
@@ -86,11 +96,11 @@ SubBlock Signs(const float* x, bool parity) {
 // computed once per sub-block and every trial scale costs one pass over the entries per part.
 struct Search {
   const Codebook& c;
-  int parts;             // 32 / width
-  float mt[8][512];      // [part][entry]
+  int parts;             // sub-block size / width
+  float mt[8][1024];     // [part][entry]
   float t2[8];
 
-  Search(const Codebook& cb, const SubBlock& sb) : c(cb), parts(32 / cb.width) {
+  Search(const Codebook& cb, const SubBlock& sb) : c(cb), parts(sb.n / cb.width) {
     for (int p = 0; p < parts; ++p) {
       const float* t = sb.t + c.width * p;
       float s2 = 0;
@@ -139,7 +149,7 @@ struct Search {
 // refined once by least squares over the entries it chose.
 float FitSubBlockScale(const Search& s, const SubBlock& sb, float max_mag) {
   float amax = 0;
-  for (float v : sb.t) amax = std::max(amax, std::fabs(v));
+  for (int i = 0; i < sb.n; ++i) amax = std::max(amax, std::fabs(sb.t[i]));
   if (amax == 0) return 0;
   float best_a = amax / max_mag, best_e = -1;
   int idx[8];
@@ -156,11 +166,11 @@ float FitSubBlockScale(const Search& s, const SubBlock& sb, float max_mag) {
   return best_a;
 }
 
-// Per-thread room for a super-block's searches (8 x 16 KiB: too big for the stack).
+// Per-thread room for a super-block's searches (up to 16 x 32 KiB: too big for the stack).
 std::vector<Search>* SearchScratch() {
   thread_local std::vector<Search> v = [] {
     std::vector<Search> s;
-    s.reserve(8);
+    s.reserve(16);
     return s;
   }();
   return &v;
@@ -173,12 +183,13 @@ void QuantizeGrid(const Codebook& c, bool parity, float max_mag, const float* x,
                   int64_t nb, const Pack& pack) {
   for (int64_t b = 0; b < nb; ++b) {
     const float* xb = x + b * kQK_K;
-    SubBlock sb[8];
+    constexpr int kSub = F::kSubBlocks, kLen = kQK_K / kSub;
+    SubBlock sb[kSub];
     std::vector<Search>& search = *SearchScratch();
     search.clear();
-    float a[8], amax = 0;
-    for (int j = 0; j < 8; ++j) {
-      sb[j] = Signs(xb + 32 * j, parity);
+    float a[kSub], amax = 0;
+    for (int j = 0; j < kSub; ++j) {
+      sb[j] = Signs(xb + kLen * j, parity, kLen);
       search.emplace_back(c, sb[j]);
       a[j] = FitSubBlockScale(search[j], sb[j], max_mag);
       amax = std::max(amax, a[j]);
@@ -187,9 +198,9 @@ void QuantizeGrid(const Codebook& c, bool parity, float max_mag, const float* x,
     std::memset(&blk, 0, sizeof(blk));
     const uint16_t d16 = F32ToF16(amax / (31.0f * F::kConst));
     const float d = F16ToF32(d16) * F::kConst;
-    int ls[8];
-    int idx[8][8];
-    for (int j = 0; j < 8; ++j) {
+    int ls[16];
+    int idx[16][8];
+    for (int j = 0; j < kSub; ++j) {
       ls[j] = 0;
       if (d > 0) {
         // The odd multiple of d nearest to a_j, then the entries at that scale.
@@ -248,6 +259,31 @@ void QuantizeIQGridRow(DType t, const float* x, void* y, int64_t n) {
             blk.qh[j] = static_cast<uint8_t>(blk.qh[j] | ((idx[j][h] >> 8) << h));
           }
           for (int g = 0; g < 4; ++g) blk.signs[4 * j + g] = sb[j].sign[g];
+        }
+      });
+      return;
+    case DType::kIQ2_XS:
+      QuantizeGrid<IQ2XSFormat>(IQ2XSBook(), true, 43.f, x, out, nb,
+                                [](BlockIQ2_XS& blk, const int* ls, const int (*idx)[8], const SubBlock* sb) {
+        for (int j = 0; j < 16; ++j) {
+          blk.scales[j / 2] = static_cast<uint8_t>(blk.scales[j / 2] | (ls[j] << (4 * (j % 2))));
+          for (int g = 0; g < 2; ++g) {
+            blk.qs[2 * j + g] = static_cast<uint16_t>(idx[j][g] | (Sign7(sb[j].sign[g]) << 9));
+          }
+        }
+      });
+      return;
+    case DType::kIQ2_S:
+      QuantizeGrid<IQ2SFormat>(IQ2SBook(), false, 43.f, x, out, nb,
+                               [](BlockIQ2_S& blk, const int* ls, const int (*idx)[8], const SubBlock* sb) {
+        for (int j = 0; j < 16; ++j) {
+          blk.scales[j / 2] = static_cast<uint8_t>(blk.scales[j / 2] | (ls[j] << (4 * (j % 2))));
+          for (int h = 0; h < 2; ++h) {
+            const int g = 2 * j + h;
+            blk.qs[g] = static_cast<uint8_t>(idx[j][h] & 0xFF);
+            blk.qs[32 + g] = sb[j].sign[h];
+            blk.qh[g / 4] = static_cast<uint8_t>(blk.qh[g / 4] | ((idx[j][h] >> 8) << (2 * (g % 4))));
+          }
         }
       });
       return;

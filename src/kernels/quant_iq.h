@@ -1,4 +1,4 @@
-// Quantizers of the codebook i-quants (iq2_xxs, iq3_xxs, iq3_s), called by QuantizeRow.
+// Quantizers of the codebook i-quants, called by QuantizeRow.
 #pragma once
 
 #include <cstdint>
@@ -8,7 +8,7 @@
 
 namespace moe::kernels {
 
-// n floats (a multiple of 256) into blocks of t (kIQ2_XXS, kIQ3_XXS or kIQ3_S).
+// n floats (a multiple of 256) into blocks of t (kIQ2_XXS, kIQ2_XS, kIQ2_S, kIQ3_XXS, kIQ3_S).
 void QuantizeIQGridRow(DType t, const float* x, void* y, int64_t n);
 
 }  // namespace moe::kernels

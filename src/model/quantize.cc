@@ -23,8 +23,8 @@ namespace {
 enum Ftype : uint32_t {
   kAllF32 = 0, kF16 = 1, kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 7, kQ5_0 = 8, kQ5_1 = 9, kQ2_K = 10,
   kQ3_K_S = 11, kQ3_K_M = 12, kQ3_K_L = 13, kQ4_K_S = 14, kQ4_K_M = 15, kQ5_K_S = 16,
-  kQ5_K_M = 17, kQ6_K = 18, kIQ2_XXS = 19, kIQ4_NL = 25, kIQ3_S = 26, kIQ3_M = 27, kIQ4_XS = 30,
-  kBF16 = 32, kMXFP4_MOE = 38,
+  kQ5_K_M = 17, kQ6_K = 18, kIQ2_XXS = 19, kIQ2_XS = 20, kIQ4_NL = 25, kIQ3_S = 26, kIQ3_M = 27,
+  kIQ2_S = 28, kIQ2_M = 29, kIQ4_XS = 30, kBF16 = 32, kMXFP4_MOE = 38,
 };
 
 const QuantMix kMixes[] = {
@@ -50,11 +50,14 @@ const QuantMix kMixes[] = {
     {"IQ3_M", kIQ3_M, DType::kIQ3_S, "iq3_s, q4_K for attn_v, attn_output and the first ffn_down"},
     {"IQ3_S", kIQ3_S, DType::kIQ3_S, "3.44 bpw codebook"},
     {"Q2_K", kQ2_K, DType::kQ2_K, "q2_K, q3_K/q4_K for attn_v, attn_output and ffn_down"},
+    {"IQ2_M", kIQ2_M, DType::kIQ2_S, "iq2_s, iq3_s/q4_K where it matters"},
+    {"IQ2_S", kIQ2_S, DType::kIQ2_XS, "iq2_xs, iq3_s/q4_K where it matters"},
+    {"IQ2_XS", kIQ2_XS, DType::kIQ2_XS, "2.31 bpw codebook, q2_K/q4_K/q5_K where it matters"},
     {"IQ2_XXS", kIQ2_XXS, DType::kIQ2_XXS, "2.06 bpw codebook, q2_K/q4_K/q5_K where it matters"},
 };
 
 // llama-quantize's other names, for a clear refusal.
-const char* const kMixesNotYet[] = {"Q2_K_S", "IQ3_XS", "IQ3_XXS", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ1_M",
+const char* const kMixesNotYet[] = {"Q2_K_S", "IQ3_XS", "IQ3_XXS", "IQ1_M",
                                     "IQ1_S", "TQ1_0", "TQ2_0"};
 
 std::string Upper(std::string s) {
@@ -129,26 +132,32 @@ class TypeRules {
   DType Choose(const TensorView& t, DType type) {
     const Cat cat = CategoryOf(t.name);
     const uint32_t ft = ftype_;
-    const bool iq2_family = ft == kIQ2_XXS;  // (with IQ2_XS, IQ2_S, IQ2_M, IQ1_S, IQ1_M)
+    const bool iq2_family = ft == kIQ2_XXS || ft == kIQ2_XS || ft == kIQ2_S || ft == kIQ2_M;  // (+ IQ1_S/M)
+    const bool iq2_sm = ft == kIQ2_S || ft == kIQ2_M;  // these bump to iq3_s where the others use q2_K
     if (cat == Cat::kOutput || (tied_ && cat == Cat::kTokenEmbd)) {
       if (ft == kMXFP4_MOE || t.ne[0] % Traits(type).block_size != 0) return DType::kQ8_0;
       if (iq2_family) return DType::kQ5_K;
       return type != DType::kQ8_0 ? DType::kQ6_K : type;
     }
     if (ft == kMXFP4_MOE) return t.n_dims > 2 && t.ne[2] > 1 ? DType::kMXFP4 : DType::kQ8_0;
-    if (cat == Cat::kTokenEmbd) return iq2_family ? DType::kQ2_K : type;
+    if (cat == Cat::kTokenEmbd) return iq2_sm ? DType::kIQ3_S : iq2_family ? DType::kQ2_K : type;
     if (iq2_family) {
+      const DType bump = iq2_sm ? DType::kIQ3_S : DType::kQ2_K;
       if (cat == Cat::kAttnV) {
-        type = h_.n_gqa >= 4 || h_.n_expert >= 4 ? DType::kQ4_K : DType::kQ2_K;
+        type = h_.n_gqa >= 4 || h_.n_expert >= 4 ? DType::kQ4_K : bump;
         ++i_attn_v_;
       } else if (h_.n_expert == 8 && cat == Cat::kAttnK) {
         type = DType::kQ4_K;
       } else if (cat == Cat::kFfnDown) {
         // (a count of ffn_down tensors here, not the layer: shared experts count too)
-        if (i_ffn_down_ < h_.n_layer / 8) type = DType::kQ2_K;
+        if (i_ffn_down_ < h_.n_layer / 8) type = bump;
         ++i_ffn_down_;
-      } else if (cat == Cat::kAttnOutput && h_.n_expert == 8) {
-        type = DType::kQ5_K;
+      } else if (cat == Cat::kAttnOutput) {
+        if (h_.n_expert == 8) {
+          type = DType::kQ5_K;
+        } else if (iq2_sm) {
+          type = DType::kIQ3_S;
+        }
       }
       return type;
     }
@@ -240,6 +249,8 @@ DType Fallback(const TensorView& t, DType type) {
     case DType::kQ6_K: type = DType::kQ8_0; break;
     case DType::kIQ4_XS:
     case DType::kIQ2_XXS:
+    case DType::kIQ2_XS:
+    case DType::kIQ2_S:
     case DType::kIQ3_XXS:
     case DType::kIQ3_S: type = DType::kIQ4_NL; break;
     default: break;

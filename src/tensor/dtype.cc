@@ -29,6 +29,8 @@ const DTypeTraits kIQ4_NL{"iq4_nl", kQK4_0, sizeof(BlockIQ4_NL)};
 const DTypeTraits kIQ2_XXS{"iq2_xxs", kQK_K, sizeof(BlockIQ2_XXS)};
 const DTypeTraits kIQ3_XXS{"iq3_xxs", kQK_K, sizeof(BlockIQ3_XXS)};
 const DTypeTraits kIQ3_S{"iq3_s", kQK_K, sizeof(BlockIQ3_S)};
+const DTypeTraits kIQ2_XS{"iq2_xs", kQK_K, sizeof(BlockIQ2_XS)};
+const DTypeTraits kIQ2_S{"iq2_s", kQK_K, sizeof(BlockIQ2_S)};
 const DTypeTraits kIQ4_XS{"iq4_xs", kQK_K, sizeof(BlockIQ4_XS)};
 const DTypeTraits kMXFP4{"mxfp4", kQK4_0, sizeof(BlockMXFP4)};
 }  // namespace
@@ -55,6 +57,8 @@ const DTypeTraits* FindDTypeTraits(uint32_t t) {
     case DType::kIQ2_XXS: return &kIQ2_XXS;
     case DType::kIQ3_XXS: return &kIQ3_XXS;
     case DType::kIQ3_S: return &kIQ3_S;
+    case DType::kIQ2_XS: return &kIQ2_XS;
+    case DType::kIQ2_S: return &kIQ2_S;
     case DType::kIQ4_XS: return &kIQ4_XS;
     case DType::kMXFP4: return &kMXFP4;
   }
@@ -119,7 +123,9 @@ DType VecDotType(DType w) {
     case DType::kIQ4_XS:
     case DType::kIQ2_XXS:
     case DType::kIQ3_XXS:
-    case DType::kIQ3_S: return DType::kQ8_K;
+    case DType::kIQ3_S:
+    case DType::kIQ2_XS:
+    case DType::kIQ2_S: return DType::kQ8_K;
     default: MOE_ASSERT(false && "no vec-dot type");
   }
   return DType::kF32;
@@ -147,6 +153,8 @@ uint32_t FileTypeOf(DType t) {
     case DType::kIQ2_XXS: return 19;
     case DType::kIQ3_XXS: return 23;
     case DType::kIQ3_S: return 26;
+    case DType::kIQ2_XS: return 20;
+    case DType::kIQ2_S: return 28;
     case DType::kIQ4_XS: return 30;
     case DType::kMXFP4: return 38;  // MXFP4_MOE
     case DType::kBF16: return 32;

@@ -24,9 +24,11 @@ enum class DType : uint32_t {
   kQ6_K = 14,
   kQ8_K = 15,  // activation-side only (dot products with k-quants); never a weight type here
   kIQ2_XXS = 16,
+  kIQ2_XS = 17,
   kIQ3_XXS = 18,
   kIQ4_NL = 20,
   kIQ3_S = 21,
+  kIQ2_S = 22,
   kIQ4_XS = 23,
   kMXFP4 = 39,
   kI32 = 26,
@@ -189,6 +191,21 @@ struct BlockIQ2_XXS {  // 8 sub-blocks of 32 = 4 groups of 8; x = d (0.5 + ls) /
   uint16_t qs[kQK_K / 8];
 };
 static_assert(sizeof(BlockIQ2_XXS) == 66);
+
+struct BlockIQ2_XS {  // 16 sub-blocks of 16 = 2 groups of 8; x = d (0.5 + ls) / 4 * grid * sign
+  uint16_t d;
+  uint16_t qs[kQK_K / 8];      // group g: grid index bits 0..8, 7-bit sign index bits 9..15
+  uint8_t scales[kQK_K / 32];  // ls of sub-block j: nibble j % 2 of scales[j / 2]
+};
+static_assert(sizeof(BlockIQ2_XS) == 74);
+
+struct BlockIQ2_S {  // 16 sub-blocks of 16 = 2 groups of 8; x = d (0.5 + ls) / 4 * grid * sign
+  uint16_t d;
+  uint8_t qs[kQK_K / 4];       // qs[g]: the low 8 bits of group g's grid index; qs[32 + g]: its signs
+  uint8_t qh[kQK_K / 32];      // index bits 8..9 of group 4j + l: bits 2l, 2l+1 of qh[j]
+  uint8_t scales[kQK_K / 32];  // ls of sub-block j (of 16): nibble j % 2 of scales[j / 2]
+};
+static_assert(sizeof(BlockIQ2_S) == 82);
 
 struct BlockIQ3_XXS {  // 8 sub-blocks of 32 = 4 groups of 8; x = d (0.5 + ls) / 2 * grid * sign
   uint16_t d;

@@ -73,7 +73,8 @@ std::vector<std::vector<float>> AdversarialRows(int64_t n, uint64_t seed) {
 // weights; moe's search the whole codebook (kernels/quant_iq.cc). Their bytes differ; the test
 // below compares the error instead.
 bool IsCodebookType(DType t) {
-  return t == DType::kIQ2_XXS || t == DType::kIQ3_XXS || t == DType::kIQ3_S;
+  return t == DType::kIQ2_XXS || t == DType::kIQ2_XS || t == DType::kIQ2_S ||
+         t == DType::kIQ3_XXS || t == DType::kIQ3_S;
 }
 
 // Types whose ggml quantizer is a deterministic reference moe must reproduce byte for byte.

@@ -149,6 +149,8 @@ inline void RandomRow(std::mt19937& rng, DType t, int64_t n, uint8_t* dst, bool 
       return;
     }
     case DType::kIQ2_XXS:
+    case DType::kIQ2_XS:
+    case DType::kIQ2_S:
     case DType::kIQ3_XXS:
     case DType::kIQ3_S: {  // any bytes are a valid block; d (the first field) finite
       const size_t bytes = Traits(t).block_bytes;
@@ -376,6 +378,8 @@ void TestMatMulMXFP4() { TestMatMulType(DType::kMXFP4); }
 void TestMatMulIQ2_XXS() { TestMatMulType(DType::kIQ2_XXS); }
 void TestMatMulIQ3_XXS() { TestMatMulType(DType::kIQ3_XXS); }
 void TestMatMulIQ3_S() { TestMatMulType(DType::kIQ3_S); }
+void TestMatMulIQ2_XS() { TestMatMulType(DType::kIQ2_XS); }
+void TestMatMulIQ2_S() { TestMatMulType(DType::kIQ2_S); }
 void TestMatMulQ3_K() { TestMatMulType(DType::kQ3_K); }
 void TestMatMulQ4_K() { TestMatMulType(DType::kQ4_K); }
 void TestMatMulQ5_K() { TestMatMulType(DType::kQ5_K); }
@@ -422,6 +426,8 @@ HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulMXFP4);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulIQ2_XXS);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulIQ3_XXS);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulIQ3_S);
+HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulIQ2_XS);
+HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulIQ2_S);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ3_K);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ4_K);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ5_K);

@@ -47,6 +47,8 @@ inline std::vector<size_t> HalfScaleOffsets(DType t) {
     case DType::kIQ2_XXS: return {offsetof(BlockIQ2_XXS, d)};
     case DType::kIQ3_XXS: return {offsetof(BlockIQ3_XXS, d)};
     case DType::kIQ3_S: return {offsetof(BlockIQ3_S, d)};
+    case DType::kIQ2_XS: return {offsetof(BlockIQ2_XS, d)};
+    case DType::kIQ2_S: return {offsetof(BlockIQ2_S, d)};
     default: return {};
   }
 }

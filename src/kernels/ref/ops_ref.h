@@ -140,7 +140,8 @@ inline DotResult DotRow(DType w, const void* wrow, const void* xrow, int64_t n) 
       r.basis += std::abs(m * s);
     }
   }
-  if (w == DType::kIQ2_XXS || w == DType::kIQ3_XXS || w == DType::kIQ3_S) {
+  if (w == DType::kIQ2_XXS || w == DType::kIQ2_XS || w == DType::kIQ2_S || w == DType::kIQ3_XXS ||
+      w == DType::kIQ3_S) {
     // ggml's x86 kernels for the codebook types negate the 8-bit activations where the weight
     // is negative, and -(-128) wraps to -128: such a product counts as w * 128.
     r = DotResult{0.0, 0.0};

@@ -260,6 +260,37 @@ void DequantizeBlock(const BlockIQ2_XXS& x, T* y) {  // y: [256]
 }
 
 template <typename T>
+void DequantizeBlock(const BlockIQ2_XS& x, T* y) {  // y: [256]
+  const T d = HalfValue<T>(x.d);
+  for (int g = 0; g < 32; ++g) {
+    const int j = g / 2;  // sub-block of 16
+    const int ls = (x.scales[j / 2] >> (4 * (j % 2))) & 0xF;
+    const T db = d * (static_cast<T>(0.5) + static_cast<T>(ls)) * static_cast<T>(0.25);
+    const uint64_t grid = kIQ2XSGrid[x.qs[g] & 511];
+    const uint8_t sign = IQ2SignByte(x.qs[g] >> 9);
+    for (int k = 0; k < 8; ++k) {
+      y[8 * g + k] = db * static_cast<T>(GridByte(grid, k)) * static_cast<T>((sign >> k) & 1 ? -1 : 1);
+    }
+  }
+}
+
+template <typename T>
+void DequantizeBlock(const BlockIQ2_S& x, T* y) {  // y: [256]
+  const T d = HalfValue<T>(x.d);
+  for (int g = 0; g < 32; ++g) {
+    const int j = g / 2;
+    const int ls = (x.scales[j / 2] >> (4 * (j % 2))) & 0xF;
+    const T db = d * (static_cast<T>(0.5) + static_cast<T>(ls)) * static_cast<T>(0.25);
+    const int idx = x.qs[g] | (((x.qh[g / 4] >> (2 * (g % 4))) & 3) << 8);
+    const uint64_t grid = kIQ2SGrid[idx];
+    const uint8_t sign = x.qs[32 + g];
+    for (int k = 0; k < 8; ++k) {
+      y[8 * g + k] = db * static_cast<T>(GridByte(grid, k)) * static_cast<T>((sign >> k) & 1 ? -1 : 1);
+    }
+  }
+}
+
+template <typename T>
 void DequantizeBlock(const BlockIQ3_XXS& x, T* y) {  // y: [256]
   const T d = HalfValue<T>(x.d);
   for (int j = 0; j < 8; ++j) {
@@ -428,6 +459,8 @@ void DequantizeRow(DType t, const void* x, T* y, int64_t n) {
     case DType::kIQ2_XXS: return DequantizeBlocks<BlockIQ2_XXS>(x, y, n, kQK_K);
     case DType::kIQ3_XXS: return DequantizeBlocks<BlockIQ3_XXS>(x, y, n, kQK_K);
     case DType::kIQ3_S: return DequantizeBlocks<BlockIQ3_S>(x, y, n, kQK_K);
+    case DType::kIQ2_XS: return DequantizeBlocks<BlockIQ2_XS>(x, y, n, kQK_K);
+    case DType::kIQ2_S: return DequantizeBlocks<BlockIQ2_S>(x, y, n, kQK_K);
     default: MOE_ASSERT(false && "ref::DequantizeRow: unsupported type");
   }
 }
