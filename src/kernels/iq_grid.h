@@ -70,6 +70,35 @@ struct IQ3SFormat {
   }
 };
 
+// iq1_s: signed grid bytes (-1, 0, 1) and a per-sub-block delta of +-1/8 (DeltaSign), the
+// kernels' "min" term.
+struct IQ1SFormat {
+  using Block = BlockIQ1_S;
+  static constexpr int kSubBlocks = 8;
+  static constexpr float kConst = 1.0f;
+  static uint16_t Qh(const uint8_t* blk, int j) {
+    uint16_t h;
+    std::memcpy(&h, blk + offsetof(BlockIQ1_S, qh) + 2 * j, sizeof(h));
+    return h;
+  }
+  static IQGroup Group(const uint8_t* blk, int g) {
+    const int idx = blk[offsetof(BlockIQ1_S, qs) + g] | (((Qh(blk, g / 4) >> (3 * (g % 4))) & 7) << 8);
+    const uint64_t v = kIQ1SGrid[idx];
+    // Bytes are 0x00, 0x01 or 0xff: magnitude = low bit, sign = the top bit.
+    uint64_t neg = v & 0x8080808080808080ull;
+    uint8_t sign = 0;
+    for (int k = 0; k < 8; ++k) sign = static_cast<uint8_t>(sign | (((neg >> (8 * k + 7)) & 1) << k));
+    return {v & 0x0101010101010101ull, sign};
+  }
+  static int Scale(const uint8_t* blk, int j) { return 2 * ((Qh(blk, j) >> 12) & 7) + 1; }
+  static int DeltaSign(const uint8_t* blk, int j) { return Qh(blk, j) & 0x8000 ? -1 : 1; }
+};
+
+template <class F>
+constexpr bool HasDelta() {
+  return requires(const uint8_t* b) { F::DeltaSign(b, 0); };
+}
+
 // 16 sub-blocks of 16: two 4-bit ls per byte of scales.
 inline int IQScale16(const uint8_t* scales, int j) { return 2 * ((scales[j / 2] >> (4 * (j % 2))) & 0xF) + 1; }
 

@@ -510,16 +510,33 @@ struct KernIQGrid {
   static constexpr size_t kElems = kQK_K;
   static constexpr int kSubBlock = kQK_K / F::kSubBlocks;
   static constexpr size_t kBytes = sizeof(BlockType);
-  static constexpr bool kHasMin = false;
+  // iq1_s: x = dl (g + delta): the delta part is d/8 sum_j s_j sign_j bsum_j, a "min" term
+  // subtracted with dmin = -d/8.
+  static constexpr bool kHasMin = HasDelta<F>();
   static constexpr MmLayout kLayout = MmLayout::kNatural;
   struct State {
     float d, dmin;
     int16_t sc[16];
+    int32_t k[8];  // iq1_s: s_j * sign(delta_j)
   };
   static HWY_INLINE void Prep(const uint8_t* blk, State& st) {
     st.d = LoadF16Scalar(blk) * F::kConst;  // d is the first field of every format
     st.dmin = 0.0f;
     for (int j = 0; j < F::kSubBlocks; ++j) st.sc[j] = static_cast<int16_t>(F::Scale(blk, j));
+    if constexpr (kHasMin) {
+      st.dmin = -kIQ1SDelta * st.d;
+      for (int j = 0; j < 8; ++j) st.k[j] = st.sc[j] * F::DeltaSign(blk, j);
+    }
+  }
+  static HWY_INLINE int32_t MinSum(const State& st, const MmAct& a, int64_t b) {
+    if constexpr (kHasMin) {
+      const int32_t* bsum2 = a.bsum2 + b * 8;
+      int32_t s = 0;
+      for (int j = 0; j < 8; ++j) s += st.k[j] * bsum2[j];
+      return s;
+    } else {
+      return 0;
+    }
   }
   // The signed quants of lanes [e, e + N) (N divides 32: one sub-block), decoded group by group.
   static HWY_INLINE MmV16 Chunk(const uint8_t* blk, const State& st, size_t e) {
@@ -541,11 +558,11 @@ struct KernIQGrid {
       return hn::Mul(hn::Load(d16, v), SubBlock16Scales(st.sc, e));
     }
   }
-  static HWY_INLINE int32_t MinSum(const State&, const MmAct&, int64_t) { return 0; }
 };
 using KernIQ2_XXS = KernIQGrid<IQ2XXSFormat>;
 using KernIQ2_XS = KernIQGrid<IQ2XSFormat>;
 using KernIQ2_S = KernIQGrid<IQ2SFormat>;
+using KernIQ1_S = KernIQGrid<IQ1SFormat>;
 using KernIQ3_XXS = KernIQGrid<IQ3XXSFormat>;
 using KernIQ3_S = KernIQGrid<IQ3SFormat>;
 
@@ -1274,6 +1291,13 @@ HWY_INLINE void VnniScales8(const uint8_t* blk, __m512& scf, __m256i& k32, float
     scf = _mm512_castps256_ps512(_mm256_cvtepi32_ps(k32));
     dmin = d;
     koff = IsIQGrid<K>() ? 0 : 128;  // the grid types' weights are unsigned magnitudes
+    if constexpr (IsIQGrid<K>()) {
+      if constexpr (K::kHasMin) {  // iq1_s's delta term (KernIQGrid::MinSum)
+        k32 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(st.k));
+        dmin = st.dmin;
+        koff = 1;
+      }
+    }
   } else {
     dmin = LoadF16Scalar(blk + offsetof(Block, dmin));
     // Same unpacking as KernScaleMinK::Prep, kept in registers.
@@ -1908,6 +1932,10 @@ HWY_NOINLINE inline void MatMul(DType w, const void* W, int64_t n_in, int64_t r0
       MatMulInt<KernIQ2_S, MmRowKVnni>(MmPrepSpec{MmPrep::kQ8_K, MmLayout::kNatural, true, 0}, wb,
                                 n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
       break;
+    case DType::kIQ1_S:
+      MatMulInt<KernIQ1_S, MmRowKVnni>(MmPrepSpec{MmPrep::kQ8_K, MmLayout::kNatural, true, 0}, wb,
+                                       n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
+      break;
     case DType::kIQ2_XS:
       MatMulInt<KernIQ2_XS, MmRowKVnni>(MmPrepSpec{MmPrep::kQ8_K, MmLayout::kNatural, true, 0}, wb,
                                 n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
@@ -1959,6 +1987,10 @@ HWY_NOINLINE inline void MatMul(DType w, const void* W, int64_t n_in, int64_t r0
     case DType::kIQ2_S:
       MatMulInt<KernIQ2_S, MmRowK>(MmPrepSpec{MmPrep::kQ8_K, MmLayout::kNatural, false, 0}, wb,
                             n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
+      break;
+    case DType::kIQ1_S:
+      MatMulInt<KernIQ1_S, MmRowK>(MmPrepSpec{MmPrep::kQ8_K, MmLayout::kNatural, false, 0}, wb,
+                                   n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
       break;
     case DType::kIQ2_XS:
       MatMulInt<KernIQ2_XS, MmRowK>(MmPrepSpec{MmPrep::kQ8_K, MmLayout::kNatural, false, 0}, wb,

@@ -1098,7 +1098,8 @@ void QuantizeRow(DType t, const float* x, void* y, int64_t n) {
     case DType::kIQ3_XXS:
     case DType::kIQ3_S:
     case DType::kIQ2_XS:
-    case DType::kIQ2_S: QuantizeIQGridRow(t, x, out, n); return;
+    case DType::kIQ2_S:
+    case DType::kIQ1_S: QuantizeIQGridRow(t, x, out, n); return;
     case DType::kQ8_K: ActivationsQ8_KDispatch(x, out, n); return;  // same as the reference
     default: MOE_ASSERT(false && "QuantizeRow: unsupported type");
   }
@@ -1144,6 +1145,7 @@ void DequantizeRow(DType t, const void* x, float* y, int64_t n) {
     case DType::kIQ3_S:
     case DType::kIQ2_XS:
     case DType::kIQ2_S:
+    case DType::kIQ1_S:
       // Not on a hot path (embedding rows, tools): the float reference is ggml's arithmetic.
       ref::DequantizeRow<float>(t, x, y, n);
       return;

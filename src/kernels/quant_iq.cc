@@ -215,6 +215,149 @@ void QuantizeGrid(const Codebook& c, bool parity, float max_mag, const float* x,
   }
 }
 
+// iq1_s: x ~ a (g + delta) with g a signed ternary grid entry of 8 (2048 of the 3^8 patterns)
+// and delta = +-1/8 per sub-block of 32. A full search costs 2048 entries per group and trial;
+// instead each group's ideal pattern round(x / a - delta) (clamped to -1..1) indexes a table of
+// the kNear grid entries nearest to it (built once), and only those are scored exactly.
+constexpr int kIQ1Near = 16;
+
+struct IQ1Book {
+  int8_t g[2048][8];
+  float g1[2048], g2[2048];
+  std::vector<uint16_t> near;  // [6561][kIQ1Near]
+  IQ1Book() : near(6561 * kIQ1Near) {
+    for (int i = 0; i < 2048; ++i) {
+      float s1 = 0, s2 = 0;
+      for (int k = 0; k < 8; ++k) {
+        g[i][k] = static_cast<int8_t>((kIQ1SGrid[i] >> (8 * k)) & 0xFF);
+        s1 += g[i][k];
+        s2 += g[i][k] * g[i][k];
+      }
+      g1[i] = s1;
+      g2[i] = s2;
+    }
+    std::vector<std::pair<int, int>> dist(2048);
+    for (int p = 0; p < 6561; ++p) {
+      int q[8];
+      for (int k = 0, r = p; k < 8; ++k, r /= 3) q[k] = r % 3 - 1;
+      for (int i = 0; i < 2048; ++i) {
+        int d2 = 0;
+        for (int k = 0; k < 8; ++k) d2 += (g[i][k] - q[k]) * (g[i][k] - q[k]);
+        dist[i] = {d2, i};
+      }
+      std::partial_sort(dist.begin(), dist.begin() + kIQ1Near, dist.end());
+      for (int n = 0; n < kIQ1Near; ++n) near[static_cast<size_t>(p) * kIQ1Near + n] = static_cast<uint16_t>(dist[n].second);
+    }
+  }
+};
+
+struct IQ1Search {
+  const IQ1Book& b;
+  const float* x;  // 32 values
+  float x1[4], x2[4];
+  IQ1Search(const IQ1Book& book, const float* xs) : b(book), x(xs) {
+    for (int p = 0; p < 4; ++p) {
+      x1[p] = x2[p] = 0;
+      for (int k = 0; k < 8; ++k) {
+        x1[p] += x[8 * p + k];
+        x2[p] += x[8 * p + k] * x[8 * p + k];
+      }
+    }
+  }
+  float Choose(float a, float delta, int* idx) const {
+    float total = 0;
+    const float a2 = a * a, c8 = 8 * delta * delta, ia = a > 0 ? 1 / a : 0;
+    for (int p = 0; p < 4; ++p) {
+      const float* xp = x + 8 * p;
+      int pattern = 0;
+      for (int k = 7; k >= 0; --k) {
+        const int q = std::clamp(static_cast<int>(std::lround(xp[k] * ia - delta)), -1, 1);
+        pattern = 3 * pattern + (q + 1);
+      }
+      const uint16_t* cand = &b.near[static_cast<size_t>(pattern) * kIQ1Near];
+      int best = cand[0];
+      float best_e = 0;
+      for (int n = 0; n < kIQ1Near; ++n) {
+        const int i = cand[n];
+        float gx = 0;
+        for (int k = 0; k < 8; ++k) gx += b.g[i][k] * xp[k];
+        const float e = a2 * (b.g2[i] + 2 * delta * b.g1[i] + c8) - 2 * a * (gx + delta * x1[p]);
+        if (n == 0 || e < best_e) {
+          best_e = e;
+          best = i;
+        }
+      }
+      idx[p] = best;
+      total += best_e + x2[p];
+    }
+    return total;
+  }
+  float Refit(const int* idx, float delta, float a) const {
+    float num = 0, den = 0;
+    for (int p = 0; p < 4; ++p) {
+      float gx = 0;
+      for (int k = 0; k < 8; ++k) gx += b.g[idx[p]][k] * x[8 * p + k];
+      num += gx + delta * x1[p];
+      den += b.g2[idx[p]] + 2 * delta * b.g1[idx[p]] + 8 * delta * delta;
+    }
+    return den > 0 && num > 0 ? num / den : a;
+  }
+};
+
+void QuantizeIQ1S(const float* x, uint8_t* y, int64_t nb) {
+  static const IQ1Book book;
+  thread_local std::vector<IQ1Search> search = [] {
+    std::vector<IQ1Search> v;
+    v.reserve(8);
+    return v;
+  }();
+  for (int64_t bi = 0; bi < nb; ++bi) {
+    const float* xb = x + bi * kQK_K;
+    search.clear();
+    float a[8], delta[8], amax_all = 0;
+    for (int j = 0; j < 8; ++j) {
+      search.emplace_back(book, xb + 32 * j);
+      float amax = 0;
+      for (int k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(xb[32 * j + k]));
+      a[j] = 0;
+      delta[j] = kIQ1SDelta;
+      float best_e = -1;
+      int idx[4];
+      for (float dl : {kIQ1SDelta, -kIQ1SDelta}) {
+        for (int k = 0; amax > 0 && k < 16; ++k) {
+          const float a0 = amax / (1 + kIQ1SDelta) * (0.3f + 0.05f * static_cast<float>(k));
+          search[j].Choose(a0, dl, idx);
+          const float a1 = search[j].Refit(idx, dl, a0);
+          const float e = search[j].Choose(a1, dl, idx);
+          if (best_e < 0 || e < best_e) {
+            best_e = e;
+            a[j] = a1;
+            delta[j] = dl;
+          }
+        }
+      }
+      amax_all = std::max(amax_all, a[j]);
+    }
+    BlockIQ1_S blk;
+    std::memset(&blk, 0, sizeof(blk));
+    blk.d = F32ToF16(amax_all / 15.0f);
+    const float d = F16ToF32(blk.d);
+    for (int j = 0; j < 8; ++j) {
+      int ls = 0;
+      if (d > 0) ls = std::clamp(static_cast<int>(std::lround((a[j] / d - 1) / 2)), 0, 7);
+      int idx[4];
+      search[j].Choose(d * static_cast<float>(2 * ls + 1), delta[j], idx);
+      uint16_t h = static_cast<uint16_t>((ls << 12) | (delta[j] < 0 ? 0x8000 : 0));
+      for (int l = 0; l < 4; ++l) {
+        blk.qs[4 * j + l] = static_cast<uint8_t>(idx[l] & 0xFF);
+        h = static_cast<uint16_t>(h | ((idx[l] >> 8) << (3 * l)));
+      }
+      blk.qh[j] = h;
+    }
+    std::memcpy(y + bi * sizeof(blk), &blk, sizeof(blk));
+  }
+}
+
 // The 7 stored sign bits of a parity format's group (bit 7 is implied).
 uint32_t Sign7(uint8_t s) { return s & 127u; }
 
@@ -287,6 +430,7 @@ void QuantizeIQGridRow(DType t, const float* x, void* y, int64_t n) {
         }
       });
       return;
+    case DType::kIQ1_S: QuantizeIQ1S(x, out, nb); return;
     default: MOE_ASSERT(false && "QuantizeIQGridRow: not a codebook type");
   }
 }

@@ -23,7 +23,7 @@ namespace {
 enum Ftype : uint32_t {
   kAllF32 = 0, kF16 = 1, kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 7, kQ5_0 = 8, kQ5_1 = 9, kQ2_K = 10,
   kQ3_K_S = 11, kQ3_K_M = 12, kQ3_K_L = 13, kQ4_K_S = 14, kQ4_K_M = 15, kQ5_K_S = 16,
-  kQ5_K_M = 17, kQ6_K = 18, kIQ2_XXS = 19, kIQ2_XS = 20, kIQ4_NL = 25, kIQ3_S = 26, kIQ3_M = 27,
+  kQ5_K_M = 17, kQ6_K = 18, kIQ2_XXS = 19, kIQ2_XS = 20, kIQ1_S = 24, kIQ4_NL = 25, kIQ3_S = 26, kIQ3_M = 27,
   kIQ2_S = 28, kIQ2_M = 29, kIQ4_XS = 30, kBF16 = 32, kMXFP4_MOE = 38,
 };
 
@@ -54,11 +54,11 @@ const QuantMix kMixes[] = {
     {"IQ2_S", kIQ2_S, DType::kIQ2_XS, "iq2_xs, iq3_s/q4_K where it matters"},
     {"IQ2_XS", kIQ2_XS, DType::kIQ2_XS, "2.31 bpw codebook, q2_K/q4_K/q5_K where it matters"},
     {"IQ2_XXS", kIQ2_XXS, DType::kIQ2_XXS, "2.06 bpw codebook, q2_K/q4_K/q5_K where it matters"},
+    {"IQ1_S", kIQ1_S, DType::kIQ1_S, "1.56 bpw ternary codebook, q2_K/q4_K/q5_K/iq2_xxs where it matters"},
 };
 
 // llama-quantize's other names, for a clear refusal.
-const char* const kMixesNotYet[] = {"Q2_K_S", "IQ3_XS", "IQ3_XXS", "IQ1_M",
-                                    "IQ1_S", "TQ1_0", "TQ2_0"};
+const char* const kMixesNotYet[] = {"Q2_K_S", "IQ3_XS", "IQ3_XXS", "IQ1_M", "TQ1_0", "TQ2_0"};
 
 std::string Upper(std::string s) {
   for (char& c : s) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
@@ -132,7 +132,8 @@ class TypeRules {
   DType Choose(const TensorView& t, DType type) {
     const Cat cat = CategoryOf(t.name);
     const uint32_t ft = ftype_;
-    const bool iq2_family = ft == kIQ2_XXS || ft == kIQ2_XS || ft == kIQ2_S || ft == kIQ2_M;  // (+ IQ1_S/M)
+    const bool iq2_family =
+        ft == kIQ2_XXS || ft == kIQ2_XS || ft == kIQ2_S || ft == kIQ2_M || ft == kIQ1_S;  // (+ IQ1_M)
     const bool iq2_sm = ft == kIQ2_S || ft == kIQ2_M;  // these bump to iq3_s where the others use q2_K
     if (cat == Cat::kOutput || (tied_ && cat == Cat::kTokenEmbd)) {
       if (ft == kMXFP4_MOE || t.ne[0] % Traits(type).block_size != 0) return DType::kQ8_0;
@@ -155,6 +156,8 @@ class TypeRules {
       } else if (cat == Cat::kAttnOutput) {
         if (h_.n_expert == 8) {
           type = DType::kQ5_K;
+        } else if (ft == kIQ1_S) {
+          type = DType::kIQ2_XXS;
         } else if (iq2_sm) {
           type = DType::kIQ3_S;
         }
@@ -251,6 +254,7 @@ DType Fallback(const TensorView& t, DType type) {
     case DType::kIQ2_XXS:
     case DType::kIQ2_XS:
     case DType::kIQ2_S:
+    case DType::kIQ1_S:
     case DType::kIQ3_XXS:
     case DType::kIQ3_S: type = DType::kIQ4_NL; break;
     default: break;
@@ -275,9 +279,31 @@ std::string FormatShape(const TensorView& t) {
 const QuantMix* FindQuantMix(const std::string& name) {
   std::string u = Upper(name);
   if (u == "Q4_K" || u == "Q3_K" || u == "Q5_K") u += "_M";  // llama-quantize's aliases
+  // A weight type spelt as ggml spells it ("iq2_s") means that type: the mix of that name when
+  // its base is the type, else the first mix built on it (llama.cpp's IQ2_S mix is built on
+  // iq2_xs, its IQ2_M on iq2_s), else a mix of that type alone (for --pure).
+  DType t;
+  if (ParseDType(name.c_str(), &t) && IsWeightType(t) && name == DTypeName(t)) {
+    for (const QuantMix& m : kMixes)
+      if (u == m.name && m.base == t) return &m;
+    for (const QuantMix& m : kMixes)
+      if (m.base == t) return &m;
+    static std::map<DType, QuantMix> alone;
+    auto it = alone.find(t);
+    if (it == alone.end()) {
+      it = alone.emplace(t, QuantMix{DTypeName(t), FileTypeOf(t), t, "this type alone (--pure)"}).first;
+    }
+    return &it->second;
+  }
   for (const QuantMix& m : kMixes)
     if (u == m.name) return &m;
   return nullptr;
+}
+
+bool IsMixOfOneType(const QuantMix& mix) {
+  for (const QuantMix& m : kMixes)
+    if (&m == &mix) return false;
+  return true;
 }
 
 std::string QuantMixNames() {
@@ -345,6 +371,9 @@ QuantizeSummary QuantizeModel(const std::string& in, const std::string& out,
       if (u == n) Fail("--type %s: moe.cpp cannot write this mix yet (it writes: %s)", n, QuantMixNames().c_str());
     Fail("--type '%s' is not a quantization type (use one of: %s)", opt.mix.c_str(), QuantMixNames().c_str());
   }
+  if (IsMixOfOneType(*mix) && !opt.pure)
+    Fail("--type %s: moe.cpp has no llama.cpp mix built on %s yet; --pure writes every matrix in it",
+         opt.mix.c_str(), mix->name);
   if (opt.threads < 0 || opt.threads > 4 * AvailableCpus() + 64)
     Fail("--threads %d: use 1..%d (0 = every CPU)", opt.threads, 4 * AvailableCpus() + 64);
   const std::unique_ptr<GgufFile> file = GgufFile::Open(in);

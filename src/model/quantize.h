@@ -31,8 +31,11 @@ struct QuantMix {
 };
 
 // The named mixes moe quantize knows (llama-quantize's names, case-insensitive; "Q4_K" means
-// Q4_K_M as there). Null if unknown.
+// Q4_K_M as there), or a weight type in ggml's spelling ("q4_K", "iq2_s": the mix built on that
+// type; a type without one gives a mix of it alone, for --pure). Null if unknown.
 const QuantMix* FindQuantMix(const std::string& name);
+// Whether mix is such a one-type mix (it has no llama.cpp rules: --pure only).
+bool IsMixOfOneType(const QuantMix& mix);
 // "Q2_K, Q3_K_S, ..." for messages and help.
 std::string QuantMixNames();
 

@@ -26,6 +26,7 @@ enum class DType : uint32_t {
   kIQ2_XXS = 16,
   kIQ2_XS = 17,
   kIQ3_XXS = 18,
+  kIQ1_S = 19,
   kIQ4_NL = 20,
   kIQ3_S = 21,
   kIQ2_S = 22,
@@ -206,6 +207,16 @@ struct BlockIQ2_S {  // 16 sub-blocks of 16 = 2 groups of 8; x = d (0.5 + ls) / 
   uint8_t scales[kQK_K / 32];  // ls of sub-block j (of 16): nibble j % 2 of scales[j / 2]
 };
 static_assert(sizeof(BlockIQ2_S) == 82);
+
+struct BlockIQ1_S {  // 8 sub-blocks of 32 = 4 groups of 8; x = d (2 ls + 1) (grid + delta)
+  uint16_t d;
+  uint8_t qs[kQK_K / 8];    // group l of sub-block j: the low 8 bits of its 11-bit grid index
+  // Sub-block j: bits 3l..3l+2 the index's top bits for group l, bits 12..14 ls, bit 15 the
+  // sign of delta (set: -1/8, clear: +1/8). The grid (kIQ1SGrid) holds signed bytes -1, 0, 1.
+  uint16_t qh[kQK_K / 32];
+};
+static_assert(sizeof(BlockIQ1_S) == 50);
+inline constexpr float kIQ1SDelta = 0.125f;
 
 struct BlockIQ3_XXS {  // 8 sub-blocks of 32 = 4 groups of 8; x = d (0.5 + ls) / 2 * grid * sign
   uint16_t d;

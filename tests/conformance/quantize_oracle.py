@@ -35,14 +35,14 @@ ALL_MIXES = ["IQ3_M", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", 
              "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "IQ4_XS", "MXFP4_MOE", "F16", "BF16"]
 # llama.cpp refuses these without an importance matrix; it then gets one of ones, and every
 # tensor's type is compared but not the bytes (its quantizers weight by the matrix).
-NEEDS_IMATRIX = {"IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M"}
+NEEDS_IMATRIX = {"IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ1_S"}
 # Types whose quantizer moe does not share with ggml (the codebook i-quants): types compared,
 # bytes not (tests/kernels/ggml_oracle_test.cc compares their error instead).
-OWN_QUANTIZER = {"iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s"}
+OWN_QUANTIZER = {"iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s", "iq1_s"}
 FTYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10,
          "Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16,
          "Q5_K_M": 17, "Q6_K": 18, "IQ4_NL": 25, "IQ4_XS": 30, "BF16": 32, "MXFP4_MOE": 38, "IQ2_XXS": 19, "IQ3_S": 26,
-         "IQ3_M": 27, "IQ2_XS": 20, "IQ2_S": 28, "IQ2_M": 29}
+         "IQ3_M": 27, "IQ2_XS": 20, "IQ2_S": 28, "IQ2_M": 29, "IQ1_S": 24}
 
 
 def case(name, mixes, pure=False, source_type=None, overrides=None, **init):
@@ -61,12 +61,12 @@ CASES = [
          shared_ffn=512, heads=8, kv_heads=2, vocab=512, seed=12),
     # Expert width 160 and dim 256: ffn_down rows of 160 fall back to 32-block types.
     case("qwen3moe_ffn160_tied", ["Q2_K", "Q3_K_L", "Q4_K_M", "Q5_K_S", "Q6_K", "Q4_1", "IQ4_XS",
-                                  "IQ2_XXS", "IQ3_M", "IQ3_S", "IQ2_M"],
+                                  "IQ2_XXS", "IQ3_M", "IQ3_S", "IQ2_M", "IQ1_S"],
          arch="qwen3moe", layers=4, dim=256, ffn=160, experts=6, experts_used=2, heads=4,
          kv_heads=1, head_dim=64, vocab=512, tie_output=True, seed=13),
     # Rows of 96: no 256-block type fits anywhere (q8_0 output, 32-block fallbacks).
     case("olmoe_dim96", ["Q4_K_M", "Q3_K_S", "Q2_K", "Q5_K_M", "IQ4_XS", "IQ4_NL", "MXFP4_MOE",
-                         "IQ2_XS", "IQ2_S"], arch="olmoe", layers=3,
+                         "IQ2_XS", "IQ2_S", "IQ1_S"], arch="olmoe", layers=3,
          dim=96, ffn=64, experts=4, experts_used=2, heads=4, vocab=256, seed=14),
     case("llama_pure", ["Q4_K_M", "Q3_K_M", "Q2_K"], pure=True, arch="llama", layers=3, dim=256,
          ffn=160, experts=8, experts_used=2, heads=4, kv_heads=2, vocab=512, seed=15),
@@ -229,7 +229,7 @@ def read_gguf(path):
 GGML_NAMES = {0: "f32", 1: "f16", 2: "q4_0", 3: "q4_1", 6: "q5_0", 7: "q5_1", 8: "q8_0",
               10: "q2_K", 11: "q3_K", 12: "q4_K", 13: "q5_K", 14: "q6_K", 20: "iq4_nl",
               23: "iq4_xs", 30: "bf16", 39: "mxfp4", 16: "iq2_xxs", 18: "iq3_xxs", 21: "iq3_s",
-              17: "iq2_xs", 22: "iq2_s"}
+              17: "iq2_xs", 22: "iq2_s", 19: "iq1_s"}
 
 
 def compare(moe_path, ref_path, bytes_too=True):

@@ -117,6 +117,8 @@ CASES = [
          experts_used=2, heads=4, vocab=512, type="iq2_xs", seed=625),
     case("qwen3moe_iq2_s", "quant", arch="qwen3moe", layers=2, dim=256, ffn=256, experts=4,
          experts_used=2, heads=4, kv_heads=2, head_dim=64, vocab=512, type="iq2_s", seed=626),
+    case("llama_iq1_s", "quant", arch="llama", layers=2, dim=256, ffn=256, experts=4,
+         experts_used=2, heads=4, kv_heads=2, vocab=512, type="iq1_s", seed=628),
     case("qwen2moe_iq3_xxs", "quant", arch="qwen2moe", layers=2, dim=256, ffn=256, experts=4,
          experts_used=2, shared_ffn=256, heads=4, kv_heads=2, vocab=512, type="iq3_xxs", seed=620),
     case("qwen3moe_iq3_s", "quant", arch="qwen3moe", layers=2, dim=256, ffn=256, experts=4,
@@ -145,6 +147,8 @@ CASES = [
          mix="IQ3_M"),
     case("olmoe_mix_IQ2_M", "quant", arch="olmoe", layers=2, dim=256, ffn=256, experts=4,
          experts_used=2, heads=4, vocab=512, seed=627, mix="IQ2_M"),
+    case("qwen3moe_mix_IQ1_S", "quant", arch="qwen3moe", layers=2, dim=256, ffn=256, experts=4,
+         experts_used=2, heads=4, kv_heads=2, head_dim=64, vocab=512, seed=629, mix="IQ1_S"),
     case("olmoe_mix_Q2_K", "quant", arch="olmoe", layers=2, dim=256, ffn=256, experts=4,
          experts_used=2, heads=4, vocab=512, seed=613, mix="Q2_K"),
     # Block-32 types on widths that are not multiples of 256 (as llama.cpp's fallback writes).

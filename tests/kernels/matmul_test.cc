@@ -151,6 +151,7 @@ inline void RandomRow(std::mt19937& rng, DType t, int64_t n, uint8_t* dst, bool 
     case DType::kIQ2_XXS:
     case DType::kIQ2_XS:
     case DType::kIQ2_S:
+    case DType::kIQ1_S:
     case DType::kIQ3_XXS:
     case DType::kIQ3_S: {  // any bytes are a valid block; d (the first field) finite
       const size_t bytes = Traits(t).block_bytes;
@@ -380,6 +381,7 @@ void TestMatMulIQ3_XXS() { TestMatMulType(DType::kIQ3_XXS); }
 void TestMatMulIQ3_S() { TestMatMulType(DType::kIQ3_S); }
 void TestMatMulIQ2_XS() { TestMatMulType(DType::kIQ2_XS); }
 void TestMatMulIQ2_S() { TestMatMulType(DType::kIQ2_S); }
+void TestMatMulIQ1_S() { TestMatMulType(DType::kIQ1_S); }
 void TestMatMulQ3_K() { TestMatMulType(DType::kQ3_K); }
 void TestMatMulQ4_K() { TestMatMulType(DType::kQ4_K); }
 void TestMatMulQ5_K() { TestMatMulType(DType::kQ5_K); }
@@ -428,6 +430,7 @@ HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulIQ3_XXS);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulIQ3_S);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulIQ2_XS);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulIQ2_S);
+HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulIQ1_S);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ3_K);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ4_K);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ5_K);

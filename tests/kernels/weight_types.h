@@ -49,6 +49,7 @@ inline std::vector<size_t> HalfScaleOffsets(DType t) {
     case DType::kIQ3_S: return {offsetof(BlockIQ3_S, d)};
     case DType::kIQ2_XS: return {offsetof(BlockIQ2_XS, d)};
     case DType::kIQ2_S: return {offsetof(BlockIQ2_S, d)};
+    case DType::kIQ1_S: return {offsetof(BlockIQ1_S, d)};
     default: return {};
   }
 }

@@ -141,9 +141,10 @@ inline DotResult DotRow(DType w, const void* wrow, const void* xrow, int64_t n) 
     }
   }
   if (w == DType::kIQ2_XXS || w == DType::kIQ2_XS || w == DType::kIQ2_S || w == DType::kIQ3_XXS ||
-      w == DType::kIQ3_S) {
+      w == DType::kIQ3_S || w == DType::kIQ1_S) {
     // ggml's x86 kernels for the codebook types negate the 8-bit activations where the weight
-    // is negative, and -(-128) wraps to -128: such a product counts as w * 128.
+    // is negative, and -(-128) wraps to -128: such a product counts as w * 128. (iq1_s: the
+    // grid part dl g only; its delta part dl delta multiplies the exact activation sums.)
     r = DotResult{0.0, 0.0};
     for (int64_t b = 0; b < n / kQK_K; ++b) {
       const BlockQ8_K xb = LoadBlock<BlockQ8_K>(xrow, b);
@@ -152,10 +153,11 @@ inline DotResult DotRow(DType w, const void* wrow, const void* xrow, int64_t n) 
       const bool d_neg = HalfValue<double>(dw) < 0;
       for (int i = 0; i < kQK_K; ++i) {
         const int64_t e = b * kQK_K + i;
-        const bool w_neg = wd[e] != 0 && ((wd[e] < 0) != d_neg);
+        const double c = OffsetTerm(w, wrow, e), wg = wd[e] - c;
+        const bool w_neg = wg != 0 && ((wg < 0) != d_neg);
         const double x = w_neg && xb.qs[i] == -128 ? 128.0 * xb.d : xd[e];
-        r.value += wd[e] * x;
-        r.basis += std::abs(wd[e] * x);
+        r.value += wg * x + c * xd[e];
+        r.basis += std::abs(wg * x) + std::abs(c * xd[e]);
       }
     }
   }

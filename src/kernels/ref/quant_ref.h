@@ -291,6 +291,22 @@ void DequantizeBlock(const BlockIQ2_S& x, T* y) {  // y: [256]
 }
 
 template <typename T>
+void DequantizeBlock(const BlockIQ1_S& x, T* y) {  // y: [256]
+  const T d = HalfValue<T>(x.d);
+  for (int j = 0; j < 8; ++j) {
+    const T dl = d * static_cast<T>(2 * ((x.qh[j] >> 12) & 7) + 1);
+    const T delta = static_cast<T>(x.qh[j] & 0x8000 ? -kIQ1SDelta : kIQ1SDelta);
+    for (int l = 0; l < 4; ++l) {
+      const uint64_t g = kIQ1SGrid[x.qs[4 * j + l] | (((x.qh[j] >> (3 * l)) & 7) << 8)];
+      for (int k = 0; k < 8; ++k) {
+        const int v = static_cast<int8_t>(GridByte(g, k));
+        y[32 * j + 8 * l + k] = dl * (static_cast<T>(v) + delta);
+      }
+    }
+  }
+}
+
+template <typename T>
 void DequantizeBlock(const BlockIQ3_XXS& x, T* y) {  // y: [256]
   const T d = HalfValue<T>(x.d);
   for (int j = 0; j < 8; ++j) {
@@ -461,6 +477,7 @@ void DequantizeRow(DType t, const void* x, T* y, int64_t n) {
     case DType::kIQ3_S: return DequantizeBlocks<BlockIQ3_S>(x, y, n, kQK_K);
     case DType::kIQ2_XS: return DequantizeBlocks<BlockIQ2_XS>(x, y, n, kQK_K);
     case DType::kIQ2_S: return DequantizeBlocks<BlockIQ2_S>(x, y, n, kQK_K);
+    case DType::kIQ1_S: return DequantizeBlocks<BlockIQ1_S>(x, y, n, kQK_K);
     default: MOE_ASSERT(false && "ref::DequantizeRow: unsupported type");
   }
 }
@@ -481,6 +498,13 @@ inline double OffsetTerm(DType t, const void* row, int64_t i) {
       BlockQ2_K b;
       std::memcpy(&b, p + (i / kQK_K) * sizeof(BlockQ2_K), sizeof(b));
       return -HalfValue<double>(b.dmin) * (b.scales[(i % kQK_K) / 16] >> 4);
+    }
+    case DType::kIQ1_S: {  // x = dl g + dl delta
+      BlockIQ1_S b;
+      std::memcpy(&b, p + (i / kQK_K) * sizeof(BlockIQ1_S), sizeof(b));
+      const int j = static_cast<int>(i % kQK_K) / 32;
+      return HalfValue<double>(b.d) * (2 * ((b.qh[j] >> 12) & 7) + 1) *
+             (b.qh[j] & 0x8000 ? -double{kIQ1SDelta} : double{kIQ1SDelta});
     }
     case DType::kQ4_K:
     case DType::kQ5_K: {  // d, dmin and scales sit at the same offsets in both
