@@ -139,30 +139,6 @@ inline void RandomRow(std::mt19937& rng, DType t, int64_t n, uint8_t* dst, bool 
       }
       return;
     }
-    case DType::kIQ4_NL: {
-      for (int64_t b = 0; b < n / kQK4_0; ++b) {
-        BlockIQ4_NL blk;
-        blk.d = exact ? kHalfOne : RandomHalf(rng, 8, 14, true);
-        RandomBytes(rng, blk.qs, sizeof(blk.qs));
-        PutBlock(dst, b, blk);
-      }
-      return;
-    }
-    case DType::kIQ2_XXS:
-    case DType::kIQ2_XS:
-    case DType::kIQ2_S:
-    case DType::kIQ1_S:
-    case DType::kIQ3_XXS:
-    case DType::kIQ3_S: {  // any bytes are a valid block; d (the first field) finite
-      const size_t bytes = Traits(t).block_bytes;
-      for (int64_t b = 0; b < n / kQK_K; ++b) {
-        uint8_t* blk = dst + b * bytes;
-        RandomBytes(rng, blk, bytes);
-        const uint16_t d = exact ? kHalfOne : RandomHalf(rng, 5, 11, true);
-        std::memcpy(blk, &d, sizeof(d));
-      }
-      return;
-    }
     case DType::kMXFP4: {
       for (int64_t b = 0; b < n / kQK4_0; ++b) {
         BlockMXFP4 blk;
@@ -173,59 +149,28 @@ inline void RandomRow(std::mt19937& rng, DType t, int64_t n, uint8_t* dst, bool 
       }
       return;
     }
-    case DType::kIQ4_XS: {
-      for (int64_t b = 0; b < n / kQK_K; ++b) {
-        BlockIQ4_XS blk;
-        blk.d = exact ? kHalfOne : RandomHalf(rng, 5, 11, true);
-        RandomBytes(rng, reinterpret_cast<uint8_t*>(&blk.scales_h), sizeof(blk.scales_h));
-        RandomBytes(rng, blk.scales_l, sizeof(blk.scales_l));
-        RandomBytes(rng, blk.qs, sizeof(blk.qs));
-        PutBlock(dst, b, blk);
-      }
-      return;
-    }
-    case DType::kQ2_K: {
-      for (int64_t b = 0; b < n / kQK_K; ++b) {
-        BlockQ2_K blk;
-        blk.d = exact ? kHalfOne : RandomHalf(rng, 5, 11, false);
-        blk.dmin = exact ? kHalfOne : RandomHalf(rng, 5, 11, false);
-        RandomBytes(rng, blk.scales, sizeof(blk.scales));
-        RandomBytes(rng, blk.qs, sizeof(blk.qs));
-        PutBlock(dst, b, blk);
-      }
-      return;
-    }
-    case DType::kQ3_K: {
-      for (int64_t b = 0; b < n / kQK_K; ++b) {
-        BlockQ3_K blk;
-        blk.d = exact ? kHalfOne : RandomHalf(rng, 5, 11, true);
-        RandomBytes(rng, blk.hmask, sizeof(blk.hmask));
-        RandomBytes(rng, blk.qs, sizeof(blk.qs));
-        RandomBytes(rng, blk.scales, sizeof(blk.scales));
-        PutBlock(dst, b, blk);
-      }
-      return;
-    }
-    case DType::kQ4_K: {
-      for (int64_t b = 0; b < n / kQK_K; ++b) {
-        BlockQ4_K blk;
-        blk.d = exact ? kHalfOne : RandomHalf(rng, 5, 11, false);
-        blk.dmin = exact ? kHalfOne : RandomHalf(rng, 5, 11, false);
-        RandomBytes(rng, blk.scales, sizeof(blk.scales));
-        RandomBytes(rng, blk.qs, sizeof(blk.qs));
-        PutBlock(dst, b, blk);
-      }
-      return;
-    }
-    case DType::kQ5_K: {
-      for (int64_t b = 0; b < n / kQK_K; ++b) {
-        BlockQ5_K blk;
-        blk.d = exact ? kHalfOne : RandomHalf(rng, 5, 11, false);
-        blk.dmin = exact ? kHalfOne : RandomHalf(rng, 5, 11, false);
-        RandomBytes(rng, blk.scales, sizeof(blk.scales));
-        RandomBytes(rng, blk.qh, sizeof(blk.qh));
-        RandomBytes(rng, blk.qs, sizeof(blk.qs));
-        PutBlock(dst, b, blk);
+    case DType::kIQ4_NL:
+    case DType::kIQ4_XS:
+    case DType::kQ2_K:
+    case DType::kQ3_K:
+    case DType::kQ4_K:
+    case DType::kQ5_K:
+    case DType::kIQ1_S:
+    case DType::kIQ2_XXS:
+    case DType::kIQ2_XS:
+    case DType::kIQ2_S:
+    case DType::kIQ3_XXS:
+    case DType::kIQ3_S: {
+      // Any bytes are a valid block of these types; the f16 scales get finite values (exact:
+      // 1), so every quant, sub-block scale and grid index is exercised.
+      const size_t bytes = Traits(t).block_bytes;
+      for (int64_t b = 0; b < n / Traits(t).block_size; ++b) {
+        uint8_t* blk = dst + b * bytes;
+        RandomBytes(rng, blk, bytes);
+        for (size_t off : moe::test::HalfScaleOffsets(t)) {
+          const uint16_t h = exact ? kHalfOne : RandomHalf(rng, 5, 11, true);
+          std::memcpy(blk + off, &h, sizeof(h));
+        }
       }
       return;
     }
