@@ -14,6 +14,16 @@
 
 namespace moe::kernels {
 
+// IQ2SignByte of every 7-bit index.
+inline constexpr auto kIQ2Signs = [] {
+  struct Table {
+    uint8_t v[128];
+    constexpr uint8_t operator[](uint32_t i) const { return v[i]; }
+  } t{};
+  for (uint32_t i = 0; i < 128; ++i) t.v[i] = IQ2SignByte(i);
+  return t;
+}();
+
 struct IQGroup {
   uint64_t mag;  // byte k: magnitude of element k
   uint8_t sign;  // bit k: element k negative
@@ -37,6 +47,18 @@ struct IQ2XXSFormat {
   }
   static int Scale(const uint8_t* blk, int j) {
     return 2 * static_cast<int>(IQLoadU32(blk + offsetof(BlockIQ2_XXS, qs) + 8 * j + 4) >> 28) + 1;
+  }
+  // Groups 8c..8c+7 (sub-blocks 2c, 2c+1), each sub-block's words read once.
+  static void Groups8(const uint8_t* blk, int c, IQGroup* out) {
+#pragma GCC unroll 2
+    for (int s = 0; s < 2; ++s) {
+      const uint8_t* qs = blk + offsetof(BlockIQ2_XXS, qs) + 8 * (2 * c + s);
+      const uint32_t aux = IQLoadU32(qs + 4);
+#pragma GCC unroll 4
+      for (int l = 0; l < 4; ++l) {
+        out[4 * s + l] = {kIQ2XXSGrid[qs[l]], kIQ2Signs[(aux >> (7 * l)) & 127]};
+      }
+    }
   }
 };
 

@@ -1321,14 +1321,22 @@ HWY_INLINE void VnniScales8(const uint8_t* blk, __m512& scf, __m256i& k32, float
 // negated in 8 bits as ggml's x86 kernels do (-128 stays -128; see MacI16SignWrap).
 template <class K>
 HWY_INLINE __m512i VnniChunkIQGrid(const uint8_t* blk, int c, __mmask64* sign) {
-  uint64_t mag[8], sg = 0;
-  for (int l = 0; l < 8; ++l) {
-    const IQGroup q = K::Format::Group(blk, 8 * c + l);
-    mag[l] = q.mag;
-    sg |= uint64_t{q.sign} << (8 * l);
+  IQGroup q[8];
+  if constexpr (std::is_same_v<typename K::Format, IQ2XXSFormat>) {
+    IQ2XXSFormat::Groups8(blk, c, q);
+  } else {
+    HWY_UNROLL(8)
+    for (int l = 0; l < 8; ++l) q[l] = K::Format::Group(blk, 8 * c + l);
   }
+  uint64_t sg = 0;
+  HWY_UNROLL(8)
+  for (int l = 0; l < 8; ++l) sg |= uint64_t{q[l].sign} << (8 * l);
   *sign = static_cast<__mmask64>(sg);
-  return _mm512_loadu_si512(mag);
+  // Built in registers (a store of 8 words and a 64-byte reload would stall on forwarding).
+  return _mm512_set_epi64(static_cast<int64_t>(q[7].mag), static_cast<int64_t>(q[6].mag),
+                          static_cast<int64_t>(q[5].mag), static_cast<int64_t>(q[4].mag),
+                          static_cast<int64_t>(q[3].mag), static_cast<int64_t>(q[2].mag),
+                          static_cast<int64_t>(q[1].mag), static_cast<int64_t>(q[0].mag));
 }
 
 // VnniChunkToken with the weight signs applied to the activations.
