@@ -1287,16 +1287,20 @@ HWY_INLINE void VnniScales8(const uint8_t* blk, __m512& scf, __m256i& k32, float
     typename K::State st;
     K::Prep(blk, st);
     d = st.d;  // the grid types fold their format constant into d
-    k32 = _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(st.sc)));
-    scf = _mm512_castps256_ps512(_mm256_cvtepi32_ps(k32));
-    dmin = d;
-    koff = IsIQGrid<K>() ? 0 : 128;  // the grid types' weights are unsigned magnitudes
-    if constexpr (IsIQGrid<K>()) {
-      if constexpr (K::kHasMin) {  // iq1_s's delta term (KernIQGrid::MinSum)
-        k32 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(st.k));
-        dmin = st.dmin;
-        koff = 1;
-      }
+    const __m256i sc32 = _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(st.sc)));
+    scf = _mm512_castps256_ps512(_mm256_cvtepi32_ps(sc32));
+    if constexpr (!IsIQGrid<K>()) {  // iq4_xs: unsigned weights are value + 128
+      k32 = sc32;
+      dmin = d;
+      koff = 128;
+    } else if constexpr (K::kHasMin) {  // iq1_s's delta term (KernIQGrid::MinSum)
+      k32 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(st.k));
+      dmin = st.dmin;
+      koff = 1;
+    } else {  // magnitudes times signed activations: no term to subtract
+      k32 = _mm256_setzero_si256();
+      dmin = 0.0f;
+      koff = 0;
     }
   } else {
     dmin = LoadF16Scalar(blk + offsetof(Block, dmin));
@@ -1315,15 +1319,15 @@ HWY_INLINE void VnniScales8(const uint8_t* blk, __m512& scf, __m256i& k32, float
   }
 }
 
-// One 64-quant chunk c (0..3) of a codebook i-quant super-block (groups 8c..8c+7) as unsigned
-// bytes: the grid magnitudes, negated where the sign bits say, + 128.
-// Its magnitudes (unsigned bytes, all < 128) and the sign bits go to the activations instead,
-// negated in 8 bits as ggml's x86 kernels do (-128 stays -128; see MacI16SignWrap).
+// One 64-quant chunk c (0..3) of a codebook i-quant super-block (groups 8c..8c+7): the grid
+// magnitudes as unsigned bytes (all < 128) and, in *sign, the sign bits, which go to the
+// activations, negated in 8 bits as ggml's x86 kernels do (-128 stays -128; MacI16SignWrap).
 template <class K>
 HWY_INLINE __m512i VnniChunkIQGrid(const uint8_t* blk, int c, __mmask64* sign) {
   IQGroup q[8];
-  if constexpr (std::is_same_v<typename K::Format, IQ2XXSFormat>) {
-    IQ2XXSFormat::Groups8(blk, c, q);
+  using F = typename K::Format;
+  if constexpr (requires { F::Groups8(blk, c, q); }) {  // a format's faster unpacking
+    F::Groups8(blk, c, q);
   } else {
     HWY_UNROLL(8)
     for (int l = 0; l < 8; ++l) q[l] = K::Format::Group(blk, 8 * c + l);
@@ -1425,7 +1429,7 @@ HWY_INLINE void RowKVnni(const uint8_t* HWY_RESTRICT wrow, int64_t nb, const MmA
       __m256i k32;
       int32_t koff;
       VnniScales8<K>(blk, scf, k32, d, dmin, koff);
-      for (int t = 0; t < NT; ++t) {
+      for (int t = 0; t < NT && (!IsIQGrid<K>() || K::kHasMin); ++t) {
         const __m256i bs =
             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(act[t].bsum2 + b * 8));
         msum[t] = koff * _mm512_reduce_add_epi32(
@@ -1437,7 +1441,7 @@ HWY_INLINE void RowKVnni(const uint8_t* HWY_RESTRICT wrow, int64_t nb, const MmA
       VnniScales16<K>(blk, sc8, k8, d, dmin, koff);
       scf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc8));
       const __m256i k16 = _mm256_cvtepi8_epi16(k8);
-      for (int t = 0; t < NT; ++t) {
+      for (int t = 0; t < NT && !IsIQGrid<K>(); ++t) {  // (the grid types have no term)
         const __m256i bs =
             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(act[t].bsums + b * 16));
         msum[t] = koff * _mm512_reduce_add_epi32(
