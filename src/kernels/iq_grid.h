@@ -6,8 +6,10 @@
 // references are in ref/quant_ref.h.)
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "tensor/dtype.h"
 #include "tensor/iq_tables.h"
@@ -27,7 +29,15 @@ inline constexpr auto kIQ2Signs = [] {
 struct IQGroup {
   uint64_t mag;  // byte k: magnitude of element k
   uint8_t sign;  // bit k: element k negative
+  // Formats with WrapAlt (iq1_m) only: byte k: what ggml's x86 kernel multiplies an activation
+  // of -128 by at element k (the others: mag; see MacI16SignWrap).
+  uint64_t alt = 0;
 };
+
+// Bit k = the low bit of byte k.
+inline uint8_t IQPackLowBits(uint64_t v) {
+  return static_cast<uint8_t>((v * 0x0102040810204080ull) >> 56);
+}
 
 inline uint32_t IQLoadU32(const uint8_t* p) {
   uint32_t v;
@@ -107,14 +117,43 @@ struct IQ1SFormat {
     const int idx = blk[offsetof(BlockIQ1_S, qs) + g] | (((Qh(blk, g / 4) >> (3 * (g % 4))) & 7) << 8);
     const uint64_t v = kIQ1SGrid[idx];
     // Bytes are 0x00, 0x01 or 0xff: magnitude = low bit, sign = the top bit.
-    uint64_t neg = v & 0x8080808080808080ull;
-    uint8_t sign = 0;
-    for (int k = 0; k < 8; ++k) sign = static_cast<uint8_t>(sign | (((neg >> (8 * k + 7)) & 1) << k));
-    return {v & 0x0101010101010101ull, sign};
+    return {v & 0x0101010101010101ull, IQPackLowBits((v >> 7) & 0x0101010101010101ull)};
   }
   static int Scale(const uint8_t* blk, int j) { return 2 * ((Qh(blk, j) >> 12) & 7) + 1; }
   static int DeltaSign(const uint8_t* blk, int j) { return Qh(blk, j) & 0x8000 ? -1 : 1; }
 };
+
+// iq1_m: iq1_s's grid in 16 sub-blocks of 16 with a delta sign per group and d spread over the
+// scale words. A value is d s (g + delta) = d/8 s (8 g +- 1): magnitudes 1, 7 or 9 with
+// the sign of g (or of delta where g = 0), so the delta needs no term of its own. ggml's x86
+// kernel puts g's and delta's signs on the activation separately, so for an activation of -128
+// (which negation leaves at -128) it forms -128 (8 |g| + 1): that magnitude is alt.
+struct IQ1MFormat {
+  using Block = BlockIQ1_M;
+  static constexpr int kSubBlocks = 16;
+  static constexpr float kConst = 0.125f;
+  static uint16_t DBits(const uint8_t* blk) { return IQ1MScaleBits(blk + offsetof(BlockIQ1_M, scales)); }
+  static IQGroup Group(const uint8_t* blk, int g) {
+    const int h = blk[offsetof(BlockIQ1_M, qh) + g / 2] >> (4 * (g % 2));
+    const uint64_t v = kIQ1SGrid[blk[offsetof(BlockIQ1_M, qs) + g] | ((h & 7) << 8)];
+    constexpr uint64_t kOnes = 0x0101010101010101ull;
+    const uint64_t nonzero = v & kOnes, neg_g = (v >> 7) & kOnes;
+    const uint64_t neg_delta = h & 8 ? kOnes : 0;
+    const uint64_t differ = (neg_g ^ neg_delta) & nonzero;  // 8 g and delta of opposite signs
+    const uint64_t alt = (nonzero << 3) | kOnes;             // 8 |g| + 1: 1 or 9
+    const uint64_t neg = (nonzero & neg_g) | (~nonzero & neg_delta);
+    return {alt - (differ << 1), IQPackLowBits(neg), alt};
+  }
+  static int Scale(const uint8_t* blk, int j) {
+    const uint8_t* sc = blk + offsetof(BlockIQ1_M, scales) + 2 * (j / 4);
+    return 2 * (((sc[0] | (sc[1] << 8)) >> (3 * (j % 4))) & 7) + 1;
+  }
+};
+
+template <class F>
+constexpr bool HasWrapAlt() {
+  return std::is_same_v<F, IQ1MFormat>;
+}
 
 template <class F>
 constexpr bool HasDelta() {

@@ -22,6 +22,12 @@ uint16_t F32ToBF16(float f);  // round-to-nearest-even; NaN stays NaN
 // is byte for byte what ggml's reference quantizers (quantize_row_*_ref) produce.
 // t: any weight type (IsWeightType) or q8_K.
 void QuantizeRow(DType t, const float* x, void* y, int64_t n);
+// With an importance matrix: importance[n] weights each column's squared error (per-column mean
+// of the squared activations that meet it), as ggml_quantize_chunk does with an imatrix; byte
+// for byte ggml's for the types where QuantizerUsesImportance. The others (q8_0, mxfp4, f16:
+// ggml ignores it too; q2_K, q3_K and the codebook types: not yet) quantize without it.
+void QuantizeRow(DType t, const float* x, void* y, int64_t n, const float* importance);
+bool QuantizerUsesImportance(DType t);
 // Inverse: y = dequant(x), n elements, bit-identical to ggml's dequantize_row_*.
 void DequantizeRow(DType t, const void* x, float* y, int64_t n);
 

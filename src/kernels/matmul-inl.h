@@ -488,6 +488,13 @@ struct KernIQ4_XS {
   static HWY_INLINE int32_t MinSum(const State&, const MmAct&, int64_t) { return 0; }
 };
 
+// Codebook weights (MacI16SignWrap) come with alt, what an activation of -128 is multiplied by instead of w: |w|
+// for the plain codebook formats (w x with the sign wrapped = |w| * -128), iq1_m's own
+// (IQ1MFormat).
+struct MmWrapW {
+  MmV16 w, alt;
+};
+
 // The int16 scales of the 16-quant sub-blocks that lanes [e, e + N) of a super-block fall in
 // (32 lanes on 512-bit vectors span two sub-blocks).
 HWY_INLINE MmV16 SubBlock16Scales(const int16_t* sc, size_t e) {
@@ -520,7 +527,12 @@ struct KernIQGrid {
     int32_t k[8];  // iq1_s: s_j * sign(delta_j)
   };
   static HWY_INLINE void Prep(const uint8_t* blk, State& st) {
-    st.d = LoadF16Scalar(blk) * F::kConst;  // d is the first field of every format
+    if constexpr (requires { F::DBits(blk); }) {  // iq1_m
+      const uint16_t bits = F::DBits(blk);
+      st.d = LoadF16Scalar(reinterpret_cast<const uint8_t*>(&bits)) * F::kConst;
+    } else {
+      st.d = LoadF16Scalar(blk) * F::kConst;  // d is the first field of the others
+    }
     st.dmin = 0.0f;
     for (int j = 0; j < F::kSubBlocks; ++j) st.sc[j] = static_cast<int16_t>(F::Scale(blk, j));
     if constexpr (kHasMin) {
@@ -538,11 +550,13 @@ struct KernIQGrid {
       return 0;
     }
   }
-  // The signed quants of lanes [e, e + N) (N divides 32: one sub-block), decoded group by group.
-  static HWY_INLINE MmV16 Chunk(const uint8_t* blk, const State& st, size_t e) {
+  // The signed quants of lanes [e, e + N) (N divides 32: one sub-block), decoded group by group,
+  // times their sub-block scales, and the alt weights for activations of -128.
+  static HWY_INLINE MmWrapW Chunk(const uint8_t* blk, const State& st, size_t e) {
     const MmD16 d16;
     const size_t N = hn::Lanes(d16);
     HWY_ALIGN int16_t v[32];
+    HWY_ALIGN int16_t alt[32];
     for (size_t g = e / 8; g * 8 < e + N; ++g) {
       const IQGroup q = F::Group(blk, static_cast<int>(g));
       for (size_t k = 0; k < 8; ++k) {
@@ -550,19 +564,21 @@ struct KernIQGrid {
         if (i < e || i >= e + N) continue;
         const int m = static_cast<int>((q.mag >> (8 * k)) & 0xFF);
         v[i - e] = static_cast<int16_t>((q.sign >> k) & 1 ? -m : m);
+        if constexpr (HasWrapAlt<F>()) alt[i - e] = static_cast<int16_t>((q.alt >> (8 * k)) & 0xFF);
       }
     }
-    if constexpr (kSubBlock == 32) {
-      return hn::Mul(hn::Load(d16, v), hn::Set(d16, st.sc[e / 32]));
-    } else {
-      return hn::Mul(hn::Load(d16, v), SubBlock16Scales(st.sc, e));
-    }
+    const MmV16 scales =
+        kSubBlock == 32 ? hn::Set(d16, st.sc[e / 32]) : SubBlock16Scales(st.sc, e);
+    const MmV16 w = hn::Mul(hn::Load(d16, v), scales);
+    if constexpr (HasWrapAlt<F>()) return {w, hn::Mul(hn::Load(d16, alt), scales)};
+    return {w, hn::Abs(w)};
   }
 };
 using KernIQ2_XXS = KernIQGrid<IQ2XXSFormat>;
 using KernIQ2_XS = KernIQGrid<IQ2XSFormat>;
 using KernIQ2_S = KernIQGrid<IQ2SFormat>;
 using KernIQ1_S = KernIQGrid<IQ1SFormat>;
+using KernIQ1_M = KernIQGrid<IQ1MFormat>;
 using KernIQ3_XXS = KernIQGrid<IQ3XXSFormat>;
 using KernIQ3_S = KernIQGrid<IQ3SFormat>;
 
@@ -799,13 +815,12 @@ HWY_INLINE void FoldBlock(hn::Vec<MmD32> s0, hn::Vec<MmD32> s1, float scale,
 // MacI16 for the codebook i-quants, as ggml's x86 kernels compute them: they put the weight
 // signs on the 8-bit activations, where negating -128 wraps to -128, so an activation of -128
 // meets a negative weight as +128 would (w x = w * 128). llama.cpp's numbers include this.
-HWY_INLINE void MacI16SignWrap(MmV16 w, const int16_t* x, hn::Vec<MmD32>& s0,
+HWY_INLINE void MacI16SignWrap(MmWrapW w, const int16_t* x, hn::Vec<MmD32>& s0,
                                hn::Vec<MmD32>& s1) {
   const MmD16 d16;
-  auto xv = hn::Load(d16, x);
-  const auto wrap = hn::And(hn::Lt(w, hn::Zero(d16)), hn::Eq(xv, hn::Set(d16, -128)));
-  xv = hn::IfThenElse(wrap, hn::Set(d16, 128), xv);
-  s0 = hn::ReorderWidenMulAccumulate(MmD32(), w, xv, s0, s1);
+  const auto xv = hn::Load(d16, x);
+  const MmV16 we = hn::IfThenElse(hn::Eq(xv, hn::Set(d16, -128)), w.alt, w.w);
+  s0 = hn::ReorderWidenMulAccumulate(MmD32(), we, xv, s0, s1);
 }
 
 template <int NT, size_t kElems, bool kSignWrap = false, class ChunkFn>
@@ -816,7 +831,7 @@ HWY_INLINE void DotBlock(const ChunkFn& chunk, size_t q_off, const MmAct* act, f
   const size_t N = hn::Lanes(MmD16());
   auto s00 = hn::Zero(d32), s01 = hn::Zero(d32), s10 = hn::Zero(d32), s11 = hn::Zero(d32);
   auto s20 = hn::Zero(d32), s21 = hn::Zero(d32), s30 = hn::Zero(d32), s31 = hn::Zero(d32);
-  const auto mac = [](MmV16 w, const int16_t* x, hn::Vec<MmD32>& t0, hn::Vec<MmD32>& t1) {
+  const auto mac = [](const auto& w, const int16_t* x, hn::Vec<MmD32>& t0, hn::Vec<MmD32>& t1) {
     if constexpr (kSignWrap) {
       MacI16SignWrap(w, x, t0, t1);
     } else {
@@ -825,7 +840,7 @@ HWY_INLINE void DotBlock(const ChunkFn& chunk, size_t q_off, const MmAct* act, f
   };
   HWY_UNROLL(16)
   for (size_t e = 0; e < kElems; e += N) {
-    const MmV16 w = chunk(e);
+    const auto w = chunk(e);  // MmV16, or MmWrapW for kSignWrap
     mac(w, act[0].q + q_off + e, s00, s01);
     if constexpr (NT > 1) mac(w, act[1].q + q_off + e, s10, s11);
     if constexpr (NT > 2) mac(w, act[2].q + q_off + e, s20, s21);
@@ -1322,8 +1337,10 @@ HWY_INLINE void VnniScales8(const uint8_t* blk, __m512& scf, __m256i& k32, float
 // One 64-quant chunk c (0..3) of a codebook i-quant super-block (groups 8c..8c+7): the grid
 // magnitudes as unsigned bytes (all < 128) and, in *sign, the sign bits, which go to the
 // activations, negated in 8 bits as ggml's x86 kernels do (-128 stays -128; MacI16SignWrap).
+// iq1_m also gives *alt, the magnitudes an activation of -128 meets (IQ1MFormat).
 template <class K>
-HWY_INLINE __m512i VnniChunkIQGrid(const uint8_t* blk, int c, __mmask64* sign) {
+HWY_INLINE __m512i VnniChunkIQGrid(const uint8_t* blk, int c, __mmask64* sign,
+                                   __m512i* alt = nullptr) {
   IQGroup q[8];
   using F = typename K::Format;
   if constexpr (requires { F::Groups8(blk, c, q); }) {  // a format's faster unpacking
@@ -1336,6 +1353,12 @@ HWY_INLINE __m512i VnniChunkIQGrid(const uint8_t* blk, int c, __mmask64* sign) {
   HWY_UNROLL(8)
   for (int l = 0; l < 8; ++l) sg |= uint64_t{q[l].sign} << (8 * l);
   *sign = static_cast<__mmask64>(sg);
+  if constexpr (HasWrapAlt<F>()) {
+    *alt = _mm512_set_epi64(static_cast<int64_t>(q[7].alt), static_cast<int64_t>(q[6].alt),
+                            static_cast<int64_t>(q[5].alt), static_cast<int64_t>(q[4].alt),
+                            static_cast<int64_t>(q[3].alt), static_cast<int64_t>(q[2].alt),
+                            static_cast<int64_t>(q[1].alt), static_cast<int64_t>(q[0].alt));
+  }
   // Built in registers (a store of 8 words and a 64-byte reload would stall on forwarding).
   return _mm512_set_epi64(static_cast<int64_t>(q[7].mag), static_cast<int64_t>(q[6].mag),
                           static_cast<int64_t>(q[5].mag), static_cast<int64_t>(q[4].mag),
@@ -1343,10 +1366,15 @@ HWY_INLINE __m512i VnniChunkIQGrid(const uint8_t* blk, int c, __mmask64* sign) {
                           static_cast<int64_t>(q[1].mag), static_cast<int64_t>(q[0].mag));
 }
 
-// VnniChunkToken with the weight signs applied to the activations.
+// VnniChunkToken with the weight signs applied to the activations; kAlt (iq1_m): activations
+// of -128 meet the magnitudes alt instead of mag.
+template <bool kAlt = false>
 HWY_INLINE void VnniChunkTokenSigned(__m512i mag, __mmask64 sign, const int8_t* x, __m512 scales,
-                                     __m512& sb) {
+                                     __m512& sb, __m512i alt = __m512i()) {
   const __m512i xv = _mm512_load_si512(x);
+  if constexpr (kAlt) {
+    mag = _mm512_mask_blend_epi8(_mm512_cmpeq_epi8_mask(xv, _mm512_set1_epi8(-128)), mag, alt);
+  }
   const __m512i xs = _mm512_mask_sub_epi8(xv, sign, _mm512_setzero_si512(), xv);
   const __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), mag, xs);
   sb = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scales, sb);
@@ -1381,7 +1409,6 @@ template <class K>
 HWY_INLINE void VnniScales16(const uint8_t* blk, __m128i& sc8, __m128i& k8, float& d,
                              float& dmin, int32_t& koff) {
   using Block = typename K::BlockType;
-  d = LoadF16Scalar(blk + offsetof(Block, d));
   if constexpr (IsIQGrid<K>()) {  // magnitudes times signed activations: no offset
     typename K::State st;
     K::Prep(blk, st);
@@ -1391,7 +1418,11 @@ HWY_INLINE void VnniScales16(const uint8_t* blk, __m128i& sc8, __m128i& k8, floa
     d = st.d;
     dmin = d;
     koff = 0;
-  } else if constexpr (std::is_same_v<K, KernQ6_K>) {
+    return;
+  } else {
+    d = LoadF16Scalar(blk + offsetof(Block, d));
+  }
+  if constexpr (std::is_same_v<K, KernQ6_K>) {
     sc8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + offsetof(BlockQ6_K, scales)));
     k8 = sc8;
     dmin = d;
@@ -1456,6 +1487,7 @@ HWY_INLINE void RowKVnni(const uint8_t* HWY_RESTRICT wrow, int64_t nb, const MmA
       __m512 scales;
       __m512i w;
       __mmask64 sign = 0;  // codebook types: weight signs, applied to the activations
+      __m512i alt = _mm512_setzero_si512();  // iq1_m: magnitudes for activations of -128
       if constexpr (kQ4K) {
         // lanes 0..7: scale of sub-block 2c, lanes 8..15: 2c+1
         scales = _mm512_permutexvar_ps(
@@ -1480,7 +1512,7 @@ HWY_INLINE void RowKVnni(const uint8_t* HWY_RESTRICT wrow, int64_t nb, const MmA
                              4 * c, 4 * c, 4 * c, 4 * c),
             scf);
         if constexpr (IsIQGrid<K>()) {
-          w = VnniChunkIQGrid<K>(blk, c, &sign);
+          w = VnniChunkIQGrid<K>(blk, c, &sign, &alt);
         } else if constexpr (std::is_same_v<K, KernQ6_K>) {
           w = VnniChunkQ6_K(blk, c);
         } else if constexpr (std::is_same_v<K, KernQ3_K>) {
@@ -1492,7 +1524,8 @@ HWY_INLINE void RowKVnni(const uint8_t* HWY_RESTRICT wrow, int64_t nb, const MmA
       const size_t xo = xb + 64 * c;
       const auto tok = [&](const MmAct& a, __m512& acc) {
         if constexpr (IsIQGrid<K>()) {
-          VnniChunkTokenSigned(w, sign, a.q8 + xo, scales, acc);
+          VnniChunkTokenSigned<HasWrapAlt<typename K::Format>()>(w, sign, a.q8 + xo, scales, acc,
+                                                                 alt);
         } else {
           VnniChunkToken(w, a.q8 + xo, scales, acc);
         }
@@ -1948,6 +1981,10 @@ HWY_NOINLINE inline void MatMul(DType w, const void* W, int64_t n_in, int64_t r0
       MatMulInt<KernIQ1_S, MmRowKVnni>(MmPrepSpec{MmPrep::kQ8_K, MmLayout::kNatural, true, 0}, wb,
                                        n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
       break;
+    case DType::kIQ1_M:
+      MatMulInt<KernIQ1_M, MmRowKVnni>(MmPrepSpec{MmPrep::kQ8_K, MmLayout::kNatural, true, 0}, wb,
+                                       n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
+      break;
     case DType::kIQ2_XS:
       MatMulInt<KernIQ2_XS, MmRowKVnni>(MmPrepSpec{MmPrep::kQ8_K, MmLayout::kNatural, true, 0}, wb,
                                 n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
@@ -2002,6 +2039,10 @@ HWY_NOINLINE inline void MatMul(DType w, const void* W, int64_t n_in, int64_t r0
       break;
     case DType::kIQ1_S:
       MatMulInt<KernIQ1_S, MmRowK>(MmPrepSpec{MmPrep::kQ8_K, MmLayout::kNatural, false, 0}, wb,
+                                   n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
+      break;
+    case DType::kIQ1_M:
+      MatMulInt<KernIQ1_M, MmRowK>(MmPrepSpec{MmPrep::kQ8_K, MmLayout::kNatural, false, 0}, wb,
                                    n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
       break;
     case DType::kIQ2_XS:

@@ -534,6 +534,133 @@ void QuantizeMinRef(const float* x, uint8_t* y, int64_t nb) {
   }
 }
 
+float FitScaleSymmetric(int n, int nmax, const float* x, int8_t* L, const float* qw);
+float FitScaleMin(int n, int nmax, const float* x, const float* w, uint8_t* L, float* neg_min,
+                  float rmin, float rdelta, int nstep, bool use_mad = false);
+
+// Importance weights of a block: qw[j] * sqrt(sigma2 + x[j]^2), sigma2 the mean square of the
+// row (block-32 types) or twice that of the super-block (the 256-block types), as ggml's
+// quantize_row_*_impl weigh the error with an importance matrix.
+float MeanSquare(const float* x, int64_t n, float factor) {
+  float sum_x2 = 0;
+  for (int64_t j = 0; j < n; ++j) sum_x2 += x[j] * x[j];
+  return factor * sum_x2 / static_cast<float>(n);
+}
+void ImportanceWeights(const float* x, const float* qw, float sigma2, int n, float* w) {
+  for (int j = 0; j < n; ++j) w[j] = qw[j] * std::sqrt(sigma2 + x[j] * x[j]);
+}
+
+// q4_0 / q5_0 with importance weights (ggml's quantize_row_q{4,5}_0_impl): the weighted
+// symmetric fit of each block.
+template <typename Block>
+void QuantizeSymmetric32Weighted(const float* x, uint8_t* y, int64_t n, const float* qw) {
+  constexpr bool kQ5 = std::is_same_v<Block, BlockQ5_0>;
+  const float sigma2 = MeanSquare(x, n, 1.0f);
+  for (int64_t b = 0; b < n / kQK4_0; ++b) {
+    const float* xb = x + b * kQK4_0;
+    float w[kQK4_0];
+    ImportanceWeights(xb, qw + b * kQK4_0, sigma2, kQK4_0, w);
+    int8_t L[kQK4_0];
+    Block blk;
+    blk.d = F32ToF16(FitScaleSymmetric(kQK4_0, kQ5 ? 16 : 8, xb, L, w));
+    if constexpr (kQ5) {
+      PackQ5Levels(reinterpret_cast<const uint8_t*>(L), blk.qh, blk.qs);
+    } else {
+      for (int j = 0; j < kQK4_0 / 2; ++j) blk.qs[j] = static_cast<uint8_t>(L[j] | (L[j + 16] << 4));
+    }
+    std::memcpy(y + b * sizeof(Block), &blk, sizeof(blk));
+  }
+}
+
+// q4_1 / q5_1 with importance weights (ggml's quantize_row_q{4,5}_1_impl): the weighted
+// scale-and-offset fit (make_qkx3_quants, 37 grids from nmax - 0.9 levels up).
+template <typename Block>
+void QuantizeMin32Weighted(const float* x, uint8_t* y, int64_t n, const float* qw) {
+  constexpr bool kQ5 = std::is_same_v<Block, BlockQ5_1>;
+  const float sigma2 = MeanSquare(x, n, 1.0f);
+  for (int64_t b = 0; b < n / kQK4_0; ++b) {
+    const float* xb = x + b * kQK4_0;
+    float w[kQK4_0];
+    ImportanceWeights(xb, qw + b * kQK4_0, sigma2, kQK4_0, w);
+    uint8_t L[kQK4_0];
+    float neg_min;
+    Block blk;
+    blk.d = F32ToF16(FitScaleMin(kQK4_0, kQ5 ? 31 : 15, xb, w, L, &neg_min, -0.9f, 0.05f, 36));
+    blk.m = F32ToF16(-neg_min);
+    if constexpr (kQ5) {
+      PackQ5Levels(L, blk.qh, blk.qs);
+    } else {
+      for (int j = 0; j < kQK4_0 / 2; ++j) blk.qs[j] = static_cast<uint8_t>(L[j] | (L[j + 16] << 4));
+    }
+    std::memcpy(y + b * sizeof(Block), &blk, sizeof(blk));
+  }
+}
+
+// Fit of non-negative x[i] ~= scale * L[i], L in 0..nmax, weighted by w (ggml's make_qp_quants:
+// the q4_K / q5_K sub-block scales and mins under an importance matrix): the best of 9 grids
+// near nmax / max, then up to 5 passes moving single levels where that raises
+// (sum w x l)^2 / sum w l^2.
+float FitScalePositive(int n, int nmax, const float* x, uint8_t* L, const float* w) {
+  float max = 0;
+  for (int i = 0; i < n; ++i) max = std::max(max, x[i]);
+  if (max < 1e-15f) {
+    for (int i = 0; i < n; ++i) L[i] = 0;
+    return 0.f;
+  }
+  float iscale = nmax / max;
+  const float scale = 1 / iscale;
+  float best_mse = 0;
+  for (int i = 0; i < n; ++i) {  // (levels unclamped here, as ggml's first grid)
+    const float diff = x[i] - scale * static_cast<float>(NearestInt(iscale * x[i]));
+    best_mse += w[i] * diff * diff;
+  }
+  for (int k = -4; k <= 4; ++k) {
+    if (k == 0) continue;
+    const float iscale_k = (0.1f * k + nmax) / max;
+    const float scale_k = 1 / iscale_k;
+    float mse = 0;
+    for (int i = 0; i < n; ++i) {
+      const int l = std::min(nmax, NearestInt(iscale_k * x[i]));
+      const float diff = x[i] - scale_k * l;
+      mse += w[i] * diff * diff;
+    }
+    if (mse < best_mse) {
+      best_mse = mse;
+      iscale = iscale_k;
+    }
+  }
+  float sumlx = 0, suml2 = 0;
+  int Li[32];  // n <= 32
+  for (int i = 0; i < n; ++i) {
+    Li[i] = std::min(nmax, NearestInt(iscale * x[i]));
+    sumlx += w[i] * x[i] * Li[i];
+    suml2 += w[i] * Li[i] * Li[i];
+  }
+  for (int pass = 0; pass < 5; ++pass) {
+    int changed = 0;
+    for (int i = 0; i < n; ++i) {
+      float slx = sumlx - w[i] * x[i] * Li[i];
+      float sl2 = suml2 - w[i] * Li[i] * Li[i];
+      if (slx > 0 && sl2 > 0) {
+        const int l = std::min(nmax, NearestInt(x[i] * sl2 / slx));
+        if (l != Li[i]) {
+          slx += w[i] * x[i] * l;
+          sl2 += w[i] * l * l;
+          if (slx * slx * suml2 > sumlx * sumlx * sl2) {
+            Li[i] = l;
+            sumlx = slx;
+            suml2 = sl2;
+            ++changed;
+          }
+        }
+      }
+    }
+    if (!changed) break;
+  }
+  for (int i = 0; i < n; ++i) L[i] = static_cast<uint8_t>(Li[i]);
+  return suml2 > 0.0f ? sumlx / suml2 : 0.0f;
+}
+
 // Weighted fit of x[i] ~= scale * L[i] - neg_min with L[i] in 0..nmax and neg_min >= 0 (ggml's
 // make_qkx2_quants; use_mad: the error of a candidate is the weighted absolute, not squared,
 // difference). Starts from the min/max grid, then tries nstep+1
@@ -543,7 +670,7 @@ void QuantizeMinRef(const float* x, uint8_t* y, int64_t nb) {
 // through zero when the optimal min would be positive) and keeps the lowest weighted squared
 // error. Returns the scale; *neg_min receives -min. L receives the chosen levels.
 float FitScaleMin(int n, int nmax, const float* x, const float* w, uint8_t* L, float* neg_min,
-                  float rmin, float rdelta, int nstep, bool use_mad = false) {
+                  float rmin, float rdelta, int nstep, bool use_mad) {
   auto loss = [use_mad](float diff) { return use_mad ? std::fabs(diff) : diff * diff; };
   float lo = x[0], hi = x[0];
   float sum_w = w[0];
@@ -610,8 +737,36 @@ float FitScaleMin(int n, int nmax, const float* x, const float* w, uint8_t* L, f
 
 // q4_K and q5_K: 8 sub-blocks of 32 with x ~= d*sc[j] * L - dmin*m[j], L in 0..nmax (15 or 31),
 // 6-bit sub-block scales and mins under two f16 super-scales (ggml's quantize_row_q{4,5}_K_ref).
+// The levels of a q4_K / q5_K block re-derived against its scales as stored (6 bits and f16),
+// packed with them into out. A sub-block whose scale is 0 keeps the fit's levels.
 template <typename Block>
-void QuantizeScaleMinKRef(const float* x, uint8_t* y, int64_t nb) {
+void FinishScaleMinK(const float* xb, uint8_t* L, Block& blk, uint8_t* out) {
+  constexpr int kNmax = std::is_same_v<Block, BlockQ5_K> ? 31 : 15;
+  const float d_all = F16ToF32(blk.d), dmin_all = F16ToF32(blk.dmin);
+  for (int j = 0; j < 8; ++j) {
+    uint8_t sc, m;
+    ref::GetScaleMinK4(j, blk.scales, &sc, &m);
+    const float d = d_all * sc;
+    if (d == 0.f) continue;
+    const float dm = dmin_all * m;
+    for (int l = 0; l < 32; ++l) {
+      const int q = NearestInt((xb[32 * j + l] + dm) / d);
+      L[32 * j + l] = static_cast<uint8_t>(q < 0 ? 0 : (q > kNmax ? kNmax : q));
+    }
+  }
+  if constexpr (std::is_same_v<Block, BlockQ5_K>) {
+    ref::PackQ5KQuants(L, blk.qh, blk.qs);
+  } else {
+    ref::PackQ4KQuants(L, blk.qs);
+  }
+  std::memcpy(out, &blk, sizeof(blk));
+}
+
+// qw: importance weights per column of the row (ggml's quantize_row_q{4,5}_K_impl: each
+// sub-block's fit weighted by them, the 6-bit scales and mins fitted by FitScalePositive), or
+// null.
+template <typename Block>
+void QuantizeScaleMinK(const float* x, uint8_t* y, int64_t nb, const float* qw) {
   constexpr bool kQ5 = std::is_same_v<Block, BlockQ5_K>;
   constexpr int kNmax = kQ5 ? 31 : 15;
   for (int64_t b = 0; b < nb; ++b) {
@@ -619,6 +774,26 @@ void QuantizeScaleMinKRef(const float* x, uint8_t* y, int64_t nb) {
     uint8_t L[kQK_K];                 // levels 0..kNmax
     float scales[8], mins[8];         // per sub-block: x ~= scale * L - min
     float max_scale = 0, max_min = 0;
+    if (qw) {
+      const float sigma2 = MeanSquare(xb, kQK_K, 2.0f);
+      float sw[8];
+      for (int j = 0; j < 8; ++j) {
+        float w[32];
+        ImportanceWeights(xb + 32 * j, qw + b * kQK_K + 32 * j, sigma2, 32, w);
+        sw[j] = 0;
+        for (int l = 0; l < 32; ++l) sw[j] += w[l];
+        scales[j] = FitScaleMin(32, kNmax, xb + 32 * j, w, L + 32 * j, &mins[j], -0.9f, 0.05f, 36);
+      }
+      uint8_t ls[8], lm[8];
+      const float d_block = FitScalePositive(8, 63, scales, ls, sw);
+      const float m_block = FitScalePositive(8, 63, mins, lm, sw);
+      Block blk;
+      ref::PackScaleMinK4(ls, lm, blk.scales);
+      blk.d = F32ToF16(d_block);
+      blk.dmin = F32ToF16(m_block);
+      FinishScaleMinK<Block>(xb, L, blk, y + b * sizeof(Block));
+      continue;
+    }
     for (int j = 0; j < 8; ++j) {
       const float* xs = xb + 32 * j;
       // Weights favour large magnitudes over a floor of the sub-block's RMS.
@@ -646,26 +821,7 @@ void QuantizeScaleMinKRef(const float* x, uint8_t* y, int64_t nb) {
     ref::PackScaleMinK4(ls, lm, blk.scales);
     blk.d = F32ToF16(max_scale / 63.f);
     blk.dmin = F32ToF16(max_min / 63.f);
-    // Re-derive the levels against the scales as stored (rounded to 6 bits and f16). A
-    // sub-block whose scale rounded to 0 keeps the fit's levels (they multiply 0).
-    const float d_all = F16ToF32(blk.d), dmin_all = F16ToF32(blk.dmin);
-    for (int j = 0; j < 8; ++j) {
-      uint8_t sc, m;
-      ref::GetScaleMinK4(j, blk.scales, &sc, &m);
-      const float d = d_all * sc;
-      if (d == 0.f) continue;
-      const float dm = dmin_all * m;
-      for (int l = 0; l < 32; ++l) {
-        const int q = NearestInt((xb[32 * j + l] + dm) / d);
-        L[32 * j + l] = static_cast<uint8_t>(q < 0 ? 0 : (q > kNmax ? kNmax : q));
-      }
-    }
-    if constexpr (kQ5) {
-      ref::PackQ5KQuants(L, blk.qh, blk.qs);
-    } else {
-      ref::PackQ4KQuants(L, blk.qs);
-    }
-    std::memcpy(y + b * sizeof(Block), &blk, sizeof(blk));
+    FinishScaleMinK<Block>(xb, L, blk, y + b * sizeof(Block));
   }
 }
 
@@ -854,12 +1010,11 @@ int NearestIQ4Level(float v) {
 // quantize_row_iq4_nl_impl with 7 tries, what llama-quantize writes). iq4_nl stores d as f16
 // and picks the levels with the unrounded d; iq4_xs stores 6-bit block scales relative to a
 // super-block d and picks the levels with d * scale.
-void FitIQ4Block(const float* x, float* scale, uint8_t* L) {
+// w: the error weights (x^2 without an importance matrix).
+void FitIQ4Block(const float* x, const float* w, float* scale, uint8_t* L) {
   constexpr int kTries = 7;
-  float w[32];
   float amax = 0, max = 0;
   for (int j = 0; j < 32; ++j) {
-    w[j] = x[j] * x[j];
     const float ax = std::fabs(x[j]);
     if (ax > amax) {
       amax = ax;
@@ -903,13 +1058,24 @@ void PackIQ4Nibbles(const uint8_t* L, uint8_t* qs) {  // 32 levels -> 16 bytes
   for (int j = 0; j < 16; ++j) qs[j] = static_cast<uint8_t>(L[j] | (L[j + 16] << 4));
 }
 
-void QuantizeIQ4_NLRef(const float* x, uint8_t* y, int64_t nb) {
+// The error weights of an iq4 block of 32 (ggml's quantize_row_iq4_nl_impl): x^2, or with an
+// importance matrix qw * sqrt(sigma2 + x^2), sigma2 twice the mean square of the super-block.
+void IQ4Weights(const float* xb, const float* qw, float sigma2, float* w) {
+  if (qw) {
+    ImportanceWeights(xb, qw, sigma2, 32, w);
+  } else {
+    for (int j = 0; j < 32; ++j) w[j] = xb[j] * xb[j];
+  }
+}
+
+void QuantizeIQ4_NL(const float* x, uint8_t* y, int64_t nb, const float* qw) {
   for (int64_t b = 0; b < nb; ++b) {
     const float* xb = x + b * 32;
     BlockIQ4_NL blk;
     uint8_t L[32];
-    float d;
-    FitIQ4Block(xb, &d, L);
+    float d, w[32];
+    IQ4Weights(xb, qw ? qw + b * 32 : nullptr, MeanSquare(xb, 32, 2.0f), w);
+    FitIQ4Block(xb, w, &d, L);
     blk.d = F32ToF16(d);
     const float id = d != 0.f ? 1 / d : 0;
     for (int j = 0; j < 32; ++j) L[j] = static_cast<uint8_t>(NearestIQ4Level(id * xb[j]));
@@ -918,15 +1084,18 @@ void QuantizeIQ4_NLRef(const float* x, uint8_t* y, int64_t nb) {
   }
 }
 
-void QuantizeIQ4_XSRef(const float* x, uint8_t* y, int64_t nb) {
+void QuantizeIQ4_XS(const float* x, uint8_t* y, int64_t nb, const float* qw) {
   for (int64_t b = 0; b < nb; ++b) {
     const float* xb = x + b * kQK_K;
     BlockIQ4_XS blk;
     uint8_t L[kQK_K];
     float scales[8];
     float max_scale = 0, amax_scale = 0;
+    const float sigma2 = MeanSquare(xb, kQK_K, 2.0f);
     for (int j = 0; j < 8; ++j) {
-      FitIQ4Block(xb + 32 * j, &scales[j], L + 32 * j);
+      float w[32];
+      IQ4Weights(xb + 32 * j, qw ? qw + b * kQK_K + 32 * j : nullptr, sigma2, w);
+      FitIQ4Block(xb + 32 * j, w, &scales[j], L + 32 * j);
       if (std::fabs(scales[j]) > amax_scale) {
         amax_scale = std::fabs(scales[j]);
         max_scale = scales[j];
@@ -981,11 +1150,11 @@ void QuantizeMXFP4Ref(const float* x, uint8_t* y, int64_t nb) {
   }
 }
 
-// Symmetric fit x[i] ~= scale * (L[i] - nmax), L[i] - nmax in -nmax..nmax-1, weighted by x^2
-// (ggml's make_qx_quants with rmse_type 1 and no importance weights): starts from the grid
+// Symmetric fit x[i] ~= scale * (L[i] - nmax), L[i] - nmax in -nmax..nmax-1, weighted by qw
+// or, without, by x^2 (ggml's make_qx_quants with rmse_type 1): starts from the grid
 // that maps the largest-magnitude value to -nmax, tries 18 nearby grids, and keeps the one
 // maximising (sum w x l)^2 / sum w l^2, i.e. minimising the weighted error at the optimal scale.
-float FitScaleSymmetric(int n, int nmax, const float* x, int8_t* L) {
+float FitScaleSymmetric(int n, int nmax, const float* x, int8_t* L, const float* qw) {
   float amax = 0, max = 0;
   for (int i = 0; i < n; ++i) {
     if (std::fabs(x[i]) > amax) {
@@ -1004,7 +1173,7 @@ float FitScaleSymmetric(int n, int nmax, const float* x, int8_t* L) {
       int l = NearestInt(iscale * x[i]);
       l = l < -nmax ? -nmax : (l > nmax - 1 ? nmax - 1 : l);
       if (out) out[i] = static_cast<int8_t>(l + nmax);
-      const float w = x[i] * x[i];
+      const float w = qw ? qw[i] : x[i] * x[i];
       *sumlx += w * x[i] * l;
       *suml2 += w * l * l;
     }
@@ -1026,14 +1195,15 @@ float FitScaleSymmetric(int n, int nmax, const float* x, int8_t* L) {
   return scale;
 }
 
-void QuantizeQ6_KRef(const float* x, uint8_t* y, int64_t nb) {
+// qw: importance weights per column of the row (ggml's quantize_row_q6_K_impl), or null.
+void QuantizeQ6_K(const float* x, uint8_t* y, int64_t nb, const float* qw) {
   for (int64_t b = 0; b < nb; ++b) {
     const float* xb = x + b * kQK_K;  // [256] = 16 sub-blocks of 16
     int8_t L[kQK_K];                  // levels 0..63 (value + 32)
     float scales[16];
     float max_scale = 0, max_abs_scale = 0;
     for (int j = 0; j < 16; ++j) {
-      scales[j] = FitScaleSymmetric(16, 32, xb + 16 * j, L + 16 * j);
+      scales[j] = FitScaleSymmetric(16, 32, xb + 16 * j, L + 16 * j, qw ? qw + b * kQK_K + 16 * j : nullptr);
       if (std::fabs(scales[j]) > max_abs_scale) {
         max_abs_scale = std::fabs(scales[j]);
         max_scale = scales[j];
@@ -1088,20 +1258,53 @@ void QuantizeRow(DType t, const float* x, void* y, int64_t n) {
     case DType::kQ8_1: HWY_DYNAMIC_DISPATCH(ActivationsQ8_1)(x, out, n / kQK8_0); return;
     case DType::kQ2_K: QuantizeQ2_KRef(x, out, n / kQK_K); return;
     case DType::kQ3_K: QuantizeQ3_KRef(x, out, n / kQK_K); return;
-    case DType::kQ4_K: QuantizeScaleMinKRef<BlockQ4_K>(x, out, n / kQK_K); return;
-    case DType::kQ5_K: QuantizeScaleMinKRef<BlockQ5_K>(x, out, n / kQK_K); return;
-    case DType::kQ6_K: QuantizeQ6_KRef(x, out, n / kQK_K); return;
-    case DType::kIQ4_NL: QuantizeIQ4_NLRef(x, out, n / kQK4_0); return;
-    case DType::kIQ4_XS: QuantizeIQ4_XSRef(x, out, n / kQK_K); return;
+    case DType::kQ4_K: QuantizeScaleMinK<BlockQ4_K>(x, out, n / kQK_K, nullptr); return;
+    case DType::kQ5_K: QuantizeScaleMinK<BlockQ5_K>(x, out, n / kQK_K, nullptr); return;
+    case DType::kQ6_K: QuantizeQ6_K(x, out, n / kQK_K, nullptr); return;
+    case DType::kIQ4_NL: QuantizeIQ4_NL(x, out, n / kQK4_0, nullptr); return;
+    case DType::kIQ4_XS: QuantizeIQ4_XS(x, out, n / kQK_K, nullptr); return;
     case DType::kMXFP4: QuantizeMXFP4Ref(x, out, n / kQK4_0); return;
     case DType::kIQ2_XXS:
     case DType::kIQ3_XXS:
     case DType::kIQ3_S:
     case DType::kIQ2_XS:
     case DType::kIQ2_S:
-    case DType::kIQ1_S: QuantizeIQGridRow(t, x, out, n); return;
+    case DType::kIQ1_S:
+    case DType::kIQ1_M: QuantizeIQGridRow(t, x, out, n); return;
     case DType::kQ8_K: ActivationsQ8_KDispatch(x, out, n); return;  // same as the reference
     default: MOE_ASSERT(false && "QuantizeRow: unsupported type");
+  }
+}
+
+bool QuantizerUsesImportance(DType t) {
+  switch (t) {
+    case DType::kQ4_0:
+    case DType::kQ4_1:
+    case DType::kQ5_0:
+    case DType::kQ5_1:
+    case DType::kQ4_K:
+    case DType::kQ5_K:
+    case DType::kQ6_K:
+    case DType::kIQ4_NL:
+    case DType::kIQ4_XS: return true;
+    default: return false;
+  }
+}
+
+void QuantizeRow(DType t, const float* x, void* y, int64_t n, const float* importance) {
+  if (importance == nullptr || !QuantizerUsesImportance(t)) return QuantizeRow(t, x, y, n);
+  uint8_t* out = static_cast<uint8_t*>(y);
+  switch (t) {
+    case DType::kQ4_0: QuantizeSymmetric32Weighted<BlockQ4_0>(x, out, n, importance); return;
+    case DType::kQ5_0: QuantizeSymmetric32Weighted<BlockQ5_0>(x, out, n, importance); return;
+    case DType::kQ4_1: QuantizeMin32Weighted<BlockQ4_1>(x, out, n, importance); return;
+    case DType::kQ5_1: QuantizeMin32Weighted<BlockQ5_1>(x, out, n, importance); return;
+    case DType::kQ4_K: QuantizeScaleMinK<BlockQ4_K>(x, out, n / kQK_K, importance); return;
+    case DType::kQ5_K: QuantizeScaleMinK<BlockQ5_K>(x, out, n / kQK_K, importance); return;
+    case DType::kQ6_K: QuantizeQ6_K(x, out, n / kQK_K, importance); return;
+    case DType::kIQ4_NL: QuantizeIQ4_NL(x, out, n / kQK4_0, importance); return;
+    case DType::kIQ4_XS: QuantizeIQ4_XS(x, out, n / kQK_K, importance); return;
+    default: MOE_ASSERT(false && "QuantizeRow: no importance-weighted quantizer");
   }
 }
 
@@ -1146,6 +1349,7 @@ void DequantizeRow(DType t, const void* x, float* y, int64_t n) {
     case DType::kIQ2_XS:
     case DType::kIQ2_S:
     case DType::kIQ1_S:
+    case DType::kIQ1_M:
       // Not on a hot path (embedding rows, tools): the float reference is ggml's arithmetic.
       ref::DequantizeRow<float>(t, x, y, n);
       return;

@@ -1,4 +1,4 @@
-// Quantizers of the codebook i-quants (iq2_xxs, iq2_xs, iq2_s, iq3_xxs, iq3_s). ggml's quantizers for these
+// Quantizers of the codebook i-quants (iq2_xxs, iq2_xs, iq2_s, iq3_xxs, iq3_s, iq1_s, iq1_m). ggml's quantizers for these
 // search a neighbourhood of each group's nearest lattice point with importance weights; this one
 // searches the whole grid for every group at each of a range of sub-block scales (simpler, and
 // slower), minimising the squared error. The encodings are the formats' own (kernels/iq_grid.h),
@@ -251,12 +251,15 @@ struct IQ1Book {
   }
 };
 
+// One sub-block of iq1_s (4 groups of 8) or iq1_m (2 groups): the best entry per group at a
+// scale a and delta, and the refitted scale.
 struct IQ1Search {
   const IQ1Book& b;
-  const float* x;  // 32 values
+  const float* x;
+  int ng;  // groups
   float x1[4], x2[4];
-  IQ1Search(const IQ1Book& book, const float* xs) : b(book), x(xs) {
-    for (int p = 0; p < 4; ++p) {
+  IQ1Search(const IQ1Book& book, const float* xs, int groups) : b(book), x(xs), ng(groups) {
+    for (int p = 0; p < ng; ++p) {
       x1[p] = x2[p] = 0;
       for (int k = 0; k < 8; ++k) {
         x1[p] += x[8 * p + k];
@@ -264,78 +267,100 @@ struct IQ1Search {
       }
     }
   }
-  float Choose(float a, float delta, int* idx) const {
-    float total = 0;
-    const float a2 = a * a, c8 = 8 * delta * delta, ia = a > 0 ? 1 / a : 0;
-    for (int p = 0; p < 4; ++p) {
-      const float* xp = x + 8 * p;
-      int pattern = 0;
-      for (int k = 7; k >= 0; --k) {
-        const int q = std::clamp(static_cast<int>(std::lround(xp[k] * ia - delta)), -1, 1);
-        pattern = 3 * pattern + (q + 1);
+  // Group p's squared error at (a, delta) with its best candidate entry (into *idx).
+  float Group(int p, float a, float delta, int* idx) const {
+    const float* xp = x + 8 * p;
+    const float ia = a > 0 ? 1 / a : 0;
+    int pattern = 0;
+    for (int k = 7; k >= 0; --k) {
+      const int q = std::clamp(static_cast<int>(std::lround(xp[k] * ia - delta)), -1, 1);
+      pattern = 3 * pattern + (q + 1);
+    }
+    const uint16_t* cand = &b.near[static_cast<size_t>(pattern) * kIQ1Near];
+    const float a2 = a * a, c8 = 8 * delta * delta;
+    int best = cand[0];
+    float best_e = 0;
+    for (int n = 0; n < kIQ1Near; ++n) {
+      const int i = cand[n];
+      float gx = 0;
+      for (int k = 0; k < 8; ++k) gx += b.g[i][k] * xp[k];
+      const float e = a2 * (b.g2[i] + 2 * delta * b.g1[i] + c8) - 2 * a * (gx + delta * x1[p]);
+      if (n == 0 || e < best_e) {
+        best_e = e;
+        best = i;
       }
-      const uint16_t* cand = &b.near[static_cast<size_t>(pattern) * kIQ1Near];
-      int best = cand[0];
-      float best_e = 0;
-      for (int n = 0; n < kIQ1Near; ++n) {
-        const int i = cand[n];
-        float gx = 0;
-        for (int k = 0; k < 8; ++k) gx += b.g[i][k] * xp[k];
-        const float e = a2 * (b.g2[i] + 2 * delta * b.g1[i] + c8) - 2 * a * (gx + delta * x1[p]);
-        if (n == 0 || e < best_e) {
-          best_e = e;
-          best = i;
+    }
+    *idx = best;
+    return best_e + x2[p];
+  }
+  // The sub-block's error at a: each group with its delta (free: each group's better of +-1/8,
+  // written into delta).
+  float Choose(float a, float* delta, bool free, int* idx) const {
+    float total = 0;
+    for (int p = 0; p < ng; ++p) {
+      float e = Group(p, a, delta[p], &idx[p]);
+      if (free) {
+        int i2;
+        const float e2 = Group(p, a, -delta[p], &i2);
+        if (e2 < e) {
+          e = e2;
+          idx[p] = i2;
+          delta[p] = -delta[p];
         }
       }
-      idx[p] = best;
-      total += best_e + x2[p];
+      total += e;
     }
     return total;
   }
-  float Refit(const int* idx, float delta, float a) const {
+  float Refit(const int* idx, const float* delta, float a) const {
     float num = 0, den = 0;
-    for (int p = 0; p < 4; ++p) {
+    for (int p = 0; p < ng; ++p) {
       float gx = 0;
       for (int k = 0; k < 8; ++k) gx += b.g[idx[p]][k] * x[8 * p + k];
-      num += gx + delta * x1[p];
-      den += b.g2[idx[p]] + 2 * delta * b.g1[idx[p]] + 8 * delta * delta;
+      num += gx + delta[p] * x1[p];
+      den += b.g2[idx[p]] + 2 * delta[p] * b.g1[idx[p]] + 8 * delta[p] * delta[p];
     }
     return den > 0 && num > 0 ? num / den : a;
   }
+  // The best scale (from a range of trials, each refitted) and deltas: one delta for all groups
+  // (iq1_s) or one per group (iq1_m). Returns the scale; delta[0..ng) and the error are set.
+  float Search(bool per_group, float* delta) const {
+    float amax = 0;
+    for (int k = 0; k < 8 * ng; ++k) amax = std::max(amax, std::fabs(x[k]));
+    float best_a = 0, best_e = -1;
+    for (float dl : {kIQ1SDelta, -kIQ1SDelta}) {
+      if (per_group && dl < 0) break;  // the groups choose their own signs
+      for (int k = 0; amax > 0 && k < 16; ++k) {
+        float dt[4] = {dl, dl, dl, dl};
+        int idx[4];
+        const float a0 = amax / (1 + kIQ1SDelta) * (0.3f + 0.05f * static_cast<float>(k));
+        Choose(a0, dt, per_group, idx);
+        const float a1 = Refit(idx, dt, a0);
+        const float e = Choose(a1, dt, per_group, idx);
+        if (best_e < 0 || e < best_e) {
+          best_e = e;
+          best_a = a1;
+          std::copy(dt, dt + ng, delta);
+        }
+      }
+    }
+    if (best_e < 0) std::fill(delta, delta + ng, kIQ1SDelta);
+    return best_a;
+  }
 };
+
+// The 3-bit scale index of a sub-block fitted at a, on the super-block scale d.
+int IQ1Ls(float a, float d) {
+  return d > 0 ? std::clamp(static_cast<int>(std::lround((a / d - 1) / 2)), 0, 7) : 0;
+}
 
 void QuantizeIQ1S(const float* x, uint8_t* y, int64_t nb) {
   static const IQ1Book book;
-  thread_local std::vector<IQ1Search> search = [] {
-    std::vector<IQ1Search> v;
-    v.reserve(8);
-    return v;
-  }();
   for (int64_t bi = 0; bi < nb; ++bi) {
     const float* xb = x + bi * kQK_K;
-    search.clear();
-    float a[8], delta[8], amax_all = 0;
+    float a[8], delta[8][4], amax_all = 0;
     for (int j = 0; j < 8; ++j) {
-      search.emplace_back(book, xb + 32 * j);
-      float amax = 0;
-      for (int k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(xb[32 * j + k]));
-      a[j] = 0;
-      delta[j] = kIQ1SDelta;
-      float best_e = -1;
-      int idx[4];
-      for (float dl : {kIQ1SDelta, -kIQ1SDelta}) {
-        for (int k = 0; amax > 0 && k < 16; ++k) {
-          const float a0 = amax / (1 + kIQ1SDelta) * (0.3f + 0.05f * static_cast<float>(k));
-          search[j].Choose(a0, dl, idx);
-          const float a1 = search[j].Refit(idx, dl, a0);
-          const float e = search[j].Choose(a1, dl, idx);
-          if (best_e < 0 || e < best_e) {
-            best_e = e;
-            a[j] = a1;
-            delta[j] = dl;
-          }
-        }
-      }
+      a[j] = IQ1Search(book, xb + 32 * j, 4).Search(false, delta[j]);
       amax_all = std::max(amax_all, a[j]);
     }
     BlockIQ1_S blk;
@@ -343,16 +368,51 @@ void QuantizeIQ1S(const float* x, uint8_t* y, int64_t nb) {
     blk.d = F32ToF16(amax_all / 15.0f);
     const float d = F16ToF32(blk.d);
     for (int j = 0; j < 8; ++j) {
-      int ls = 0;
-      if (d > 0) ls = std::clamp(static_cast<int>(std::lround((a[j] / d - 1) / 2)), 0, 7);
+      const int ls = IQ1Ls(a[j], d);
       int idx[4];
-      search[j].Choose(d * static_cast<float>(2 * ls + 1), delta[j], idx);
-      uint16_t h = static_cast<uint16_t>((ls << 12) | (delta[j] < 0 ? 0x8000 : 0));
+      IQ1Search(book, xb + 32 * j, 4).Choose(d * static_cast<float>(2 * ls + 1), delta[j], false, idx);
+      uint16_t h = static_cast<uint16_t>((ls << 12) | (delta[j][0] < 0 ? 0x8000 : 0));
       for (int l = 0; l < 4; ++l) {
         blk.qs[4 * j + l] = static_cast<uint8_t>(idx[l] & 0xFF);
         h = static_cast<uint16_t>(h | ((idx[l] >> 8) << (3 * l)));
       }
       blk.qh[j] = h;
+    }
+    std::memcpy(y + bi * sizeof(blk), &blk, sizeof(blk));
+  }
+}
+
+// iq1_m: the same grid and search in sub-blocks of 16 with a delta sign per group.
+void QuantizeIQ1M(const float* x, uint8_t* y, int64_t nb) {
+  static const IQ1Book book;
+  for (int64_t bi = 0; bi < nb; ++bi) {
+    const float* xb = x + bi * kQK_K;
+    float a[16], delta[16][4], amax_all = 0;
+    for (int j = 0; j < 16; ++j) {
+      a[j] = IQ1Search(book, xb + 16 * j, 2).Search(true, delta[j]);
+      amax_all = std::max(amax_all, a[j]);
+    }
+    const uint16_t dbits = F32ToF16(amax_all / 15.0f);
+    const float d = F16ToF32(dbits);
+    BlockIQ1_M blk;
+    std::memset(&blk, 0, sizeof(blk));
+    uint16_t w[4] = {0, 0, 0, 0};
+    for (int j = 0; j < 16; ++j) {
+      const int ls = IQ1Ls(a[j], d);
+      int idx[4];
+      IQ1Search(book, xb + 16 * j, 2).Choose(d * static_cast<float>(2 * ls + 1), delta[j], true, idx);
+      w[j / 4] = static_cast<uint16_t>(w[j / 4] | (ls << (3 * (j % 4))));
+      for (int l = 0; l < 2; ++l) {
+        const int g = 2 * j + l;
+        blk.qs[g] = static_cast<uint8_t>(idx[l] & 0xFF);
+        const int h = (idx[l] >> 8) | (delta[j][l] < 0 ? 8 : 0);
+        blk.qh[g / 2] = static_cast<uint8_t>(blk.qh[g / 2] | (h << (4 * (g % 2))));
+      }
+    }
+    for (int i = 0; i < 4; ++i) {
+      w[i] = static_cast<uint16_t>(w[i] | (((dbits >> (4 * i)) & 0xF) << 12));
+      blk.scales[2 * i] = static_cast<uint8_t>(w[i] & 0xFF);
+      blk.scales[2 * i + 1] = static_cast<uint8_t>(w[i] >> 8);
     }
     std::memcpy(y + bi * sizeof(blk), &blk, sizeof(blk));
   }
@@ -431,6 +491,7 @@ void QuantizeIQGridRow(DType t, const float* x, void* y, int64_t n) {
       });
       return;
     case DType::kIQ1_S: QuantizeIQ1S(x, out, nb); return;
+    case DType::kIQ1_M: QuantizeIQ1M(x, out, nb); return;
     default: MOE_ASSERT(false && "QuantizeIQGridRow: not a codebook type");
   }
 }

@@ -32,6 +32,7 @@ const DTypeTraits kIQ3_S{"iq3_s", kQK_K, sizeof(BlockIQ3_S)};
 const DTypeTraits kIQ2_XS{"iq2_xs", kQK_K, sizeof(BlockIQ2_XS)};
 const DTypeTraits kIQ2_S{"iq2_s", kQK_K, sizeof(BlockIQ2_S)};
 const DTypeTraits kIQ1_S{"iq1_s", kQK_K, sizeof(BlockIQ1_S)};
+const DTypeTraits kIQ1_M{"iq1_m", kQK_K, sizeof(BlockIQ1_M)};
 const DTypeTraits kIQ4_XS{"iq4_xs", kQK_K, sizeof(BlockIQ4_XS)};
 const DTypeTraits kMXFP4{"mxfp4", kQK4_0, sizeof(BlockMXFP4)};
 }  // namespace
@@ -61,6 +62,7 @@ const DTypeTraits* FindDTypeTraits(uint32_t t) {
     case DType::kIQ2_XS: return &kIQ2_XS;
     case DType::kIQ2_S: return &kIQ2_S;
     case DType::kIQ1_S: return &kIQ1_S;
+    case DType::kIQ1_M: return &kIQ1_M;
     case DType::kIQ4_XS: return &kIQ4_XS;
     case DType::kMXFP4: return &kMXFP4;
   }
@@ -128,7 +130,8 @@ DType VecDotType(DType w) {
     case DType::kIQ3_S:
     case DType::kIQ2_XS:
     case DType::kIQ2_S:
-    case DType::kIQ1_S: return DType::kQ8_K;
+    case DType::kIQ1_S:
+    case DType::kIQ1_M: return DType::kQ8_K;
     default: MOE_ASSERT(false && "no vec-dot type");
   }
   return DType::kF32;
@@ -159,6 +162,7 @@ uint32_t FileTypeOf(DType t) {
     case DType::kIQ2_XS: return 20;
     case DType::kIQ2_S: return 28;
     case DType::kIQ1_S: return 24;
+    case DType::kIQ1_M: return 31;
     case DType::kIQ4_XS: return 30;
     case DType::kMXFP4: return 38;  // MXFP4_MOE
     case DType::kBF16: return 32;

@@ -31,6 +31,7 @@ enum class DType : uint32_t {
   kIQ3_S = 21,
   kIQ2_S = 22,
   kIQ4_XS = 23,
+  kIQ1_M = 29,
   kMXFP4 = 39,
   kI32 = 26,
   kBF16 = 30,
@@ -217,6 +218,26 @@ struct BlockIQ1_S {  // 8 sub-blocks of 32 = 4 groups of 8; x = d (2 ls + 1) (gr
 };
 static_assert(sizeof(BlockIQ1_S) == 50);
 inline constexpr float kIQ1SDelta = 0.125f;
+
+// iq1_m: iq1_s's grid in 16 sub-blocks of 16 with 3-bit scales, a delta sign per group of 8,
+// and no d field: the super-block's f16 d is spread over the top nibbles of the four scale words.
+struct BlockIQ1_M {
+  uint8_t qs[kQK_K / 8];   // group g: the low 8 bits of its 11-bit grid index
+  // Byte g / 2: group g's index top bits in bits 0..2 (g even) or 4..6 (g odd); bit 3 / 7 the
+  // sign of its delta (set: -1/8).
+  uint8_t qh[kQK_K / 16];
+  // Four little-endian uint16 words: ls of sub-block j (of 16) in bits 3 (j % 4).. of word j / 4;
+  // bits 12..15 of word w are bits 4w..4w+3 of d.
+  uint8_t scales[kQK_K / 32];
+};
+static_assert(sizeof(BlockIQ1_M) == 56);
+
+// d of an iq1_m block (f16 bits).
+inline uint16_t IQ1MScaleBits(const uint8_t* scales) {
+  uint16_t w[4];
+  for (int i = 0; i < 4; ++i) w[i] = static_cast<uint16_t>(scales[2 * i] | (scales[2 * i + 1] << 8));
+  return static_cast<uint16_t>((w[0] >> 12) | ((w[1] >> 8) & 0x00F0) | ((w[2] >> 4) & 0x0F00) | (w[3] & 0xF000));
+}
 
 struct BlockIQ3_XXS {  // 8 sub-blocks of 32 = 4 groups of 8; x = d (0.5 + ls) / 2 * grid * sign
   uint16_t d;

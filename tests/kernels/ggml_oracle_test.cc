@@ -27,6 +27,7 @@ using kernels::ActivationRowBytes;
 using kernels::ConvertActivations;
 using kernels::DequantizeRow;
 using kernels::QuantizeRow;
+using kernels::QuantizerUsesImportance;
 
 const test::GgmlOracle* Oracle() {
   std::string why;
@@ -74,7 +75,8 @@ std::vector<std::vector<float>> AdversarialRows(int64_t n, uint64_t seed) {
 // below compares the error instead.
 bool IsCodebookType(DType t) {
   return t == DType::kIQ2_XXS || t == DType::kIQ2_XS || t == DType::kIQ2_S ||
-         t == DType::kIQ3_XXS || t == DType::kIQ3_S || t == DType::kIQ1_S;
+         t == DType::kIQ3_XXS || t == DType::kIQ3_S || t == DType::kIQ1_S ||
+         t == DType::kIQ1_M;
 }
 
 // Types whose ggml quantizer is a deterministic reference moe must reproduce byte for byte.
@@ -140,6 +142,36 @@ TEST(GgmlOracle, QuantizersAreByteIdentical) {
       }
     }
   }
+}
+
+// With an importance matrix (llama-quantize --imatrix): ggml_quantize_chunk's weighted
+// quantizers, byte for byte, for every type whose moe quantizer takes one. Importance values
+// span orders of magnitude, some columns zero, as real activation statistics do.
+TEST(GgmlOracle, ImportanceWeightedQuantizersAreByteIdentical) {
+  const test::GgmlOracle* o = Oracle();
+  if (!o) GTEST_SKIP() << "no ggml oracle on this platform";
+  int checked_types = 0;
+  for (DType t : test::QuantizedWeightTypes()) {
+    if (!QuantizerUsesImportance(t)) continue;
+    ++checked_types;
+    const int64_t n = Traits(t).block_size * 24;
+    std::mt19937_64 rng(static_cast<uint64_t>(t) + 100);
+    std::uniform_real_distribution<float> ud(-6.f, 3.f);
+    int rows = 0;
+    for (uint64_t seed : {1, 2}) {
+      for (const auto& row : AdversarialRows(n, seed)) {
+        std::vector<float> imp(n);
+        for (float& v : imp) v = rng() % 17 == 0 ? 0.f : std::exp2(ud(rng));
+        std::vector<uint8_t> ours(RowBytes(t, n)), theirs(ours.size()), plain(ours.size());
+        QuantizeRow(t, row.data(), ours.data(), n, imp.data());
+        o->QuantizeChunk(static_cast<int>(t), row.data(), theirs.data(), 1, n, imp.data());
+        for (size_t i = 0; i < ours.size(); ++i)
+          ASSERT_EQ(ours[i], theirs[i]) << DTypeName(t) << " row " << rows << " byte " << i;
+        ++rows;
+      }
+    }
+  }
+  EXPECT_GE(checked_types, 9);
 }
 
 // Codebook types: ggml reads moe's encoding as moe does (the dequantization test above covers

@@ -156,6 +156,7 @@ inline void RandomRow(std::mt19937& rng, DType t, int64_t n, uint8_t* dst, bool 
     case DType::kQ4_K:
     case DType::kQ5_K:
     case DType::kIQ1_S:
+    case DType::kIQ1_M:
     case DType::kIQ2_XXS:
     case DType::kIQ2_XS:
     case DType::kIQ2_S:
@@ -167,10 +168,7 @@ inline void RandomRow(std::mt19937& rng, DType t, int64_t n, uint8_t* dst, bool 
       for (int64_t b = 0; b < n / Traits(t).block_size; ++b) {
         uint8_t* blk = dst + b * bytes;
         RandomBytes(rng, blk, bytes);
-        for (size_t off : moe::test::HalfScaleOffsets(t)) {
-          const uint16_t h = exact ? kHalfOne : RandomHalf(rng, 5, 11, true);
-          std::memcpy(blk + off, &h, sizeof(h));
-        }
+        moe::test::SetHalfScales(t, blk, [&] { return exact ? kHalfOne : RandomHalf(rng, 5, 11, true); });
       }
       return;
     }
@@ -327,6 +325,7 @@ void TestMatMulIQ3_S() { TestMatMulType(DType::kIQ3_S); }
 void TestMatMulIQ2_XS() { TestMatMulType(DType::kIQ2_XS); }
 void TestMatMulIQ2_S() { TestMatMulType(DType::kIQ2_S); }
 void TestMatMulIQ1_S() { TestMatMulType(DType::kIQ1_S); }
+void TestMatMulIQ1_M() { TestMatMulType(DType::kIQ1_M); }
 void TestMatMulQ3_K() { TestMatMulType(DType::kQ3_K); }
 void TestMatMulQ4_K() { TestMatMulType(DType::kQ4_K); }
 void TestMatMulQ5_K() { TestMatMulType(DType::kQ5_K); }
@@ -376,6 +375,7 @@ HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulIQ3_S);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulIQ2_XS);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulIQ2_S);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulIQ1_S);
+HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulIQ1_M);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ3_K);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ4_K);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ5_K);

@@ -557,8 +557,7 @@ std::vector<uint8_t> RandomBlocks(DType t, int nb, std::mt19937& rng) {
   for (auto& v : buf) v = static_cast<uint8_t>(rng());
   for (int b = 0; b < nb; ++b) {  // make the scales finite
     uint8_t* p = buf.data() + bb * b;
-    auto put16 = [](uint8_t* q, uint16_t v) { std::memcpy(q, &v, 2); };
-    for (size_t off : moe::test::HalfScaleOffsets(t)) put16(p + off, RandomFiniteHalf(rng));
+    moe::test::SetHalfScales(t, p, [&] { return RandomFiniteHalf(rng); });
     switch (t) {
       case DType::kQ8_K: {
         const float d = std::ldexp(1.f, static_cast<int>(rng() % 40) - 30) * 1.37f;

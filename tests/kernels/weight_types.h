@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "tensor/dtype.h"
@@ -51,6 +52,25 @@ inline std::vector<size_t> HalfScaleOffsets(DType t) {
     case DType::kIQ2_S: return {offsetof(BlockIQ2_S, d)};
     case DType::kIQ1_S: return {offsetof(BlockIQ1_S, d)};
     default: return {};
+  }
+}
+
+// Gives the f16 scales of one block the values next() returns (random blocks get finite
+// scales this way): the fields at HalfScaleOffsets, or iq1_m's d, spread over the top
+// nibbles of its four scale words.
+template <class Next>
+void SetHalfScales(DType t, uint8_t* blk, Next&& next) {
+  if (t == DType::kIQ1_M) {
+    const uint16_t h = next();
+    uint8_t* hi = blk + offsetof(BlockIQ1_M, scales) + 1;  // high bytes of the words
+    for (int i = 0; i < 4; ++i) {
+      hi[2 * i] = static_cast<uint8_t>((hi[2 * i] & 0x0F) | (((h >> (4 * i)) & 0xF) << 4));
+    }
+    return;
+  }
+  for (size_t off : HalfScaleOffsets(t)) {
+    const uint16_t h = next();
+    std::memcpy(blk + off, &h, sizeof(h));
   }
 }
 

@@ -89,6 +89,7 @@ TEST(Forward, QuantizedPrefillEqualsDecode) {
   CheckPrefillEqualsDecode(MakeModel(Arch::kLlama, DType::kMXFP4, "fw_mxfp4", 96, 160, 4, 2), 2e-3);
   CheckPrefillEqualsDecode(MakeModel(Arch::kLlama, DType::kIQ2_XXS, "fw_iq2xxs", 256, 256, 4, 2), 2e-3);
   CheckPrefillEqualsDecode(MakeModel(Arch::kQwen3Moe, DType::kIQ1_S, "fw_iq1s", 256, 256, 4, 2), 2e-3);
+  CheckPrefillEqualsDecode(MakeModel(Arch::kLlama, DType::kIQ1_M, "fw_iq1m", 256, 256, 4, 2), 2e-3);
   // q8_1 activations (q4_1, q5_1), an odd number of blocks per ffn_down row (96 = 3 x 32).
   CheckPrefillEqualsDecode(MakeModel(Arch::kLlama, DType::kQ4_1, "fw_q41", 128, 96, 4, 4), 2e-3);
   CheckPrefillEqualsDecode(MakeModel(Arch::kLlama, DType::kQ5_1, "fw_q51", 128, 96, 4, 4), 2e-3);

@@ -141,23 +141,33 @@ inline DotResult DotRow(DType w, const void* wrow, const void* xrow, int64_t n) 
     }
   }
   if (w == DType::kIQ2_XXS || w == DType::kIQ2_XS || w == DType::kIQ2_S || w == DType::kIQ3_XXS ||
-      w == DType::kIQ3_S || w == DType::kIQ1_S) {
+      w == DType::kIQ3_S || w == DType::kIQ1_S || w == DType::kIQ1_M) {
     // ggml's x86 kernels for the codebook types negate the 8-bit activations where the weight
-    // is negative, and -(-128) wraps to -128: such a product counts as w * 128. (iq1_s: the
-    // grid part dl g only; its delta part dl delta multiplies the exact activation sums.)
+    // is negative, and -(-128) wraps to -128: such a product counts as w * 128. iq1_s: the grid
+    // part dl g only (its delta part dl delta multiplies the exact activation sums); iq1_m: the
+    // grid part and, separately, the delta part (both are signs put on the activations).
     r = DotResult{0.0, 0.0};
+    const auto wrapped = [](double part, bool d_neg, int8_t q, double x, float xd_scale) {
+      const bool neg = part != 0 && ((part < 0) != d_neg);  // the encoded sign: that of part / d
+      return neg && q == -128 ? 128.0 * xd_scale : x;
+    };
     for (int64_t b = 0; b < n / kQK_K; ++b) {
       const BlockQ8_K xb = LoadBlock<BlockQ8_K>(xrow, b);
-      uint16_t dw;  // the weight block's d (first field): the encoded sign is that of wd / d
-      std::memcpy(&dw, static_cast<const uint8_t*>(wrow) + b * Traits(w).block_bytes, sizeof(dw));
+      const uint8_t* wb = static_cast<const uint8_t*>(wrow) + b * Traits(w).block_bytes;
+      uint16_t dw;  // the weight block's d (the first field, but for iq1_m)
+      if (w == DType::kIQ1_M) {
+        dw = IQ1MScaleBits(wb + offsetof(BlockIQ1_M, scales));
+      } else {
+        std::memcpy(&dw, wb, sizeof(dw));
+      }
       const bool d_neg = HalfValue<double>(dw) < 0;
       for (int i = 0; i < kQK_K; ++i) {
         const int64_t e = b * kQK_K + i;
         const double c = OffsetTerm(w, wrow, e), wg = wd[e] - c;
-        const bool w_neg = wg != 0 && ((wg < 0) != d_neg);
-        const double x = w_neg && xb.qs[i] == -128 ? 128.0 * xb.d : xd[e];
-        r.value += wg * x + c * xd[e];
-        r.basis += std::abs(wg * x) + std::abs(c * xd[e]);
+        const double xg = wrapped(wg, d_neg, xb.qs[i], xd[e], xb.d);
+        const double xc = w == DType::kIQ1_M ? wrapped(c, d_neg, xb.qs[i], xd[e], xb.d) : xd[e];
+        r.value += wg * xg + c * xc;
+        r.basis += std::abs(wg * xg) + std::abs(c * xc);
       }
     }
   }

@@ -306,6 +306,26 @@ void DequantizeBlock(const BlockIQ1_S& x, T* y) {  // y: [256]
   }
 }
 
+// Sub-block j (of 16) of an iq1_m block: its 3-bit ls.
+inline int IQ1MLs(const uint8_t* scales, int j) {
+  const int w = scales[2 * (j / 4)] | (scales[2 * (j / 4) + 1] << 8);
+  return (w >> (3 * (j % 4))) & 7;
+}
+
+template <typename T>
+void DequantizeBlock(const BlockIQ1_M& x, T* y) {  // y: [256]
+  const T d = HalfValue<T>(IQ1MScaleBits(x.scales));
+  for (int g = 0; g < 32; ++g) {
+    const T dl = d * static_cast<T>(2 * IQ1MLs(x.scales, g / 2) + 1);
+    const int h = x.qh[g / 2] >> (4 * (g % 2));
+    const T delta = static_cast<T>(h & 8 ? -kIQ1SDelta : kIQ1SDelta);
+    const uint64_t grid = kIQ1SGrid[x.qs[g] | ((h & 7) << 8)];
+    for (int k = 0; k < 8; ++k) {
+      y[8 * g + k] = dl * (static_cast<T>(static_cast<int8_t>(GridByte(grid, k))) + delta);
+    }
+  }
+}
+
 template <typename T>
 void DequantizeBlock(const BlockIQ3_XXS& x, T* y) {  // y: [256]
   const T d = HalfValue<T>(x.d);
@@ -478,12 +498,14 @@ void DequantizeRow(DType t, const void* x, T* y, int64_t n) {
     case DType::kIQ2_XS: return DequantizeBlocks<BlockIQ2_XS>(x, y, n, kQK_K);
     case DType::kIQ2_S: return DequantizeBlocks<BlockIQ2_S>(x, y, n, kQK_K);
     case DType::kIQ1_S: return DequantizeBlocks<BlockIQ1_S>(x, y, n, kQK_K);
+    case DType::kIQ1_M: return DequantizeBlocks<BlockIQ1_M>(x, y, n, kQK_K);
     default: MOE_ASSERT(false && "ref::DequantizeRow: unsupported type");
   }
 }
 
 // The additive part c of weight element i (w = (w - c) + c, computed as two terms that may
-// cancel): -dmin * m for q2_K, q4_K and q5_K, the block minimum m for q4_1 and q5_1, else 0.
+// cancel): -dmin * m for q2_K, q4_K and q5_K, the block minimum m for q4_1 and q5_1, the delta
+// part dl delta for iq1_s and iq1_m, else 0.
 // Error bounds of dequantization and products scale with |w - c| + |c|, not |w|.
 inline double OffsetTerm(DType t, const void* row, int64_t i) {
   const uint8_t* p = static_cast<const uint8_t*>(row);
@@ -505,6 +527,13 @@ inline double OffsetTerm(DType t, const void* row, int64_t i) {
       const int j = static_cast<int>(i % kQK_K) / 32;
       return HalfValue<double>(b.d) * (2 * ((b.qh[j] >> 12) & 7) + 1) *
              (b.qh[j] & 0x8000 ? -double{kIQ1SDelta} : double{kIQ1SDelta});
+    }
+    case DType::kIQ1_M: {  // x = dl g + dl delta
+      BlockIQ1_M b;
+      std::memcpy(&b, p + (i / kQK_K) * sizeof(BlockIQ1_M), sizeof(b));
+      const int g = static_cast<int>(i % kQK_K) / 8;
+      return HalfValue<double>(IQ1MScaleBits(b.scales)) * (2 * IQ1MLs(b.scales, g / 2) + 1) *
+             ((b.qh[g / 2] >> (4 * (g % 2))) & 8 ? -double{kIQ1SDelta} : double{kIQ1SDelta});
     }
     case DType::kQ4_K:
     case DType::kQ5_K: {  // d, dmin and scales sit at the same offsets in both
