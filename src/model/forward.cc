@@ -56,6 +56,11 @@ void Forward::Eval(const int32_t* tokens, int n, bool all_logits, std::vector<fl
 
 void Forward::Linear(const TensorView& W, const float* x, int T, float* y) {
   const int64_t in = W.ne[0], out = W.ne[1] * W.ne[2];
+  if (input_observer_) {
+    observed_rows_.resize(static_cast<size_t>(T));
+    for (int t = 0; t < T; ++t) observed_rows_[t] = x + t * in;
+    input_observer_(W, 0, observed_rows_.data(), T);
+  }
   const size_t rb = kernels::ActivationRowBytes(W.dtype, in);
   act_.resize(rb * T);
   if (T >= 8) {
@@ -228,6 +233,23 @@ void Forward::MoeFfn(int il, const int32_t* tokens, int T) {
       }
     });
   };
+  // Importance statistics: each expert's input rows (its tokens' normalised states), and below
+  // the down projection's (the SwiGLU outputs).
+  const auto observe_experts = [&](const TensorView& w, const float* base, int64_t stride, bool by_token) {
+    if (!input_observer_) return;
+    for (int e = 0; e < X; ++e) {
+      const int n = plan_.tokens_per_expert[e], off = plan_.expert_offsets[e];
+      if (n == 0) continue;
+      observed_rows_.resize(static_cast<size_t>(n));
+      for (int i = 0; i < n; ++i) {
+        const int p = off + i;
+        observed_rows_[i] = base + (by_token ? plan_.sorted_slots[p] / K : p) * stride;
+      }
+      input_observer_(w, e, observed_rows_.data(), n);
+    }
+  };
+  observe_experts(*L.gate_exps, h_.data(), E, true);
+  observe_experts(*L.up_exps, h_.data(), E, true);
   g_.resize(static_cast<size_t>(S) * Fx);
   u_.resize(static_cast<size_t>(S) * Fx);
   expert_products(Fx, [&](int e, int off, int n, int64_t r0, int64_t r1) {
@@ -246,6 +268,7 @@ void Forward::MoeFfn(int il, const int32_t* tokens, int T) {
       kernels::ConvertActivations(dt, g, aq_.data() + p * rbd, Fx);
     }
   });
+  observe_experts(*L.down_exps, g_.data(), Fx, false);
   y_.resize(static_cast<size_t>(S) * E);
   expert_products(E, [&](int e, int off, int n, int64_t r0, int64_t r1) {
     kernels::MatMul(dt, L.down_exps->Slab(e), Fx, r0, r1, aq_.data() + off * rbd, rbd, n,

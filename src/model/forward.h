@@ -30,6 +30,13 @@ class Forward {
                                              const int32_t* tokens, const RoutingPlan& plan)>;
   void SetRoutingObserver(RoutingObserver fn) { observer_ = std::move(fn); }
 
+  // Called with the float input rows of every weight product (importance matrices): the weight,
+  // the matrix within it (the expert of a 3-D expert tensor, else 0) and n rows of W.ne[0]
+  // floats. Called from the calling thread, before the product.
+  using InputObserver =
+      std::function<void(const TensorView& w, int matrix, const float* const* rows, int n)>;
+  void SetInputObserver(InputObserver fn) { input_observer_ = std::move(fn); }
+
   int n_past() const { return n_past_; }
   int n_ctx() const { return n_ctx_; }
   void Reset() { n_past_ = 0; }
@@ -80,6 +87,8 @@ class Forward {
   std::vector<float> shout_;    // [T][n_embd]  shared-expert output
   RoutingPlan plan_;
   RoutingObserver observer_;
+  InputObserver input_observer_;
+  std::vector<const float*> observed_rows_;  // row pointers handed to input_observer_
 };
 
 }  // namespace moe

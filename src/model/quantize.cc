@@ -13,6 +13,7 @@
 
 #include "formats/gguf.h"
 #include "kernels/kernels.h"
+#include "model/imatrix.h"
 #include "util/error.h"
 #include "util/threadpool.h"
 
@@ -23,8 +24,9 @@ namespace {
 enum Ftype : uint32_t {
   kAllF32 = 0, kF16 = 1, kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 7, kQ5_0 = 8, kQ5_1 = 9, kQ2_K = 10,
   kQ3_K_S = 11, kQ3_K_M = 12, kQ3_K_L = 13, kQ4_K_S = 14, kQ4_K_M = 15, kQ5_K_S = 16,
-  kQ5_K_M = 17, kQ6_K = 18, kIQ2_XXS = 19, kIQ2_XS = 20, kIQ1_S = 24, kIQ4_NL = 25, kIQ3_S = 26, kIQ3_M = 27,
-  kIQ2_S = 28, kIQ2_M = 29, kIQ4_XS = 30, kBF16 = 32, kMXFP4_MOE = 38,
+  kQ5_K_M = 17, kQ6_K = 18, kIQ2_XXS = 19, kIQ2_XS = 20, kQ2_K_S = 21, kIQ3_XS = 22, kIQ3_XXS = 23,
+  kIQ1_S = 24, kIQ4_NL = 25, kIQ3_S = 26, kIQ3_M = 27, kIQ2_S = 28, kIQ2_M = 29, kIQ4_XS = 30,
+  kIQ1_M = 31, kBF16 = 32, kMXFP4_MOE = 38,
 };
 
 const QuantMix kMixes[] = {
@@ -49,16 +51,20 @@ const QuantMix kMixes[] = {
     {"Q3_K_S", kQ3_K_S, DType::kQ3_K, "q3_K"},
     {"IQ3_M", kIQ3_M, DType::kIQ3_S, "iq3_s, q4_K for attn_v, attn_output and the first ffn_down"},
     {"IQ3_S", kIQ3_S, DType::kIQ3_S, "3.44 bpw codebook"},
+    {"IQ3_XS", kIQ3_XS, DType::kIQ3_S, "iq3_s, iq3_xxs for the middle layers' ffn and attn_q/k"},
+    {"IQ3_XXS", kIQ3_XXS, DType::kIQ3_XXS, "3.06 bpw codebook, iq2_s for attn_q/k"},
     {"Q2_K", kQ2_K, DType::kQ2_K, "q2_K, q3_K/q4_K for attn_v, attn_output and ffn_down"},
+    {"Q2_K_S", kQ2_K_S, DType::kQ2_K, "q2_K, q4_K for the first ffn_down (an imatrix mix)"},
     {"IQ2_M", kIQ2_M, DType::kIQ2_S, "iq2_s, iq3_s/q4_K where it matters"},
     {"IQ2_S", kIQ2_S, DType::kIQ2_XS, "iq2_xs, iq3_s/q4_K where it matters"},
     {"IQ2_XS", kIQ2_XS, DType::kIQ2_XS, "2.31 bpw codebook, q2_K/q4_K/q5_K where it matters"},
     {"IQ2_XXS", kIQ2_XXS, DType::kIQ2_XXS, "2.06 bpw codebook, q2_K/q4_K/q5_K where it matters"},
+    {"IQ1_M", kIQ1_M, DType::kIQ1_M, "1.75 bpw ternary codebook, q2_K/q4_K/q5_K/iq2_xxs where it matters"},
     {"IQ1_S", kIQ1_S, DType::kIQ1_S, "1.56 bpw ternary codebook, q2_K/q4_K/q5_K/iq2_xxs where it matters"},
 };
 
 // llama-quantize's other names, for a clear refusal.
-const char* const kMixesNotYet[] = {"Q2_K_S", "IQ3_XS", "IQ3_XXS", "IQ1_M", "TQ1_0", "TQ2_0"};
+const char* const kMixesNotYet[] = {"TQ1_0", "TQ2_0"};
 
 std::string Upper(std::string s) {
   for (char& c : s) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
@@ -126,22 +132,24 @@ Hparams ReadHparams(const GgufFile& f) {
 // llama.cpp's per-mix choices (llama_tensor_get_type_impl) for the mixes above.
 class TypeRules {
  public:
-  TypeRules(const Hparams& h, uint32_t ftype, int n_attn_v, bool tied)
-      : h_(h), ftype_(ftype), n_attn_v_(n_attn_v), tied_(tied) {}
+  TypeRules(const Hparams& h, uint32_t ftype, int n_attn_v, bool tied, bool imatrix)
+      : h_(h), ftype_(ftype), n_attn_v_(n_attn_v), tied_(tied), imatrix_(imatrix) {}
 
   DType Choose(const TensorView& t, DType type) {
     const Cat cat = CategoryOf(t.name);
     const uint32_t ft = ftype_;
-    const bool iq2_family =
-        ft == kIQ2_XXS || ft == kIQ2_XS || ft == kIQ2_S || ft == kIQ2_M || ft == kIQ1_S;  // (+ IQ1_M)
+    const bool iq2_family = ft == kIQ2_XXS || ft == kIQ2_XS || ft == kIQ2_S || ft == kIQ2_M ||
+                            ft == kIQ1_S || ft == kIQ1_M;
     const bool iq2_sm = ft == kIQ2_S || ft == kIQ2_M;  // these bump to iq3_s where the others use q2_K
     if (cat == Cat::kOutput || (tied_ && cat == Cat::kTokenEmbd)) {
       if (ft == kMXFP4_MOE || t.ne[0] % Traits(type).block_size != 0) return DType::kQ8_0;
-      if (iq2_family) return DType::kQ5_K;
+      if (iq2_family || ft == kIQ3_XXS) return DType::kQ5_K;
       return type != DType::kQ8_0 ? DType::kQ6_K : type;
     }
     if (ft == kMXFP4_MOE) return t.n_dims > 2 && t.ne[2] > 1 ? DType::kMXFP4 : DType::kQ8_0;
-    if (cat == Cat::kTokenEmbd) return iq2_sm ? DType::kIQ3_S : iq2_family ? DType::kQ2_K : type;
+    if (cat == Cat::kTokenEmbd) {
+      return iq2_sm || ft == kIQ3_XXS ? DType::kIQ3_S : iq2_family ? DType::kQ2_K : type;
+    }
     if (iq2_family) {
       const DType bump = iq2_sm ? DType::kIQ3_S : DType::kQ2_K;
       if (cat == Cat::kAttnV) {
@@ -156,7 +164,7 @@ class TypeRules {
       } else if (cat == Cat::kAttnOutput) {
         if (h_.n_expert == 8) {
           type = DType::kQ5_K;
-        } else if (ft == kIQ1_S) {
+        } else if (ft == kIQ1_S || ft == kIQ1_M) {
           type = DType::kIQ2_XXS;
         } else if (iq2_sm) {
           type = DType::kIQ3_S;
@@ -167,7 +175,11 @@ class TypeRules {
     if (cat == Cat::kAttnV) {
       if (ft == kQ2_K) {
         type = h_.n_gqa >= 4 ? DType::kQ4_K : DType::kQ3_K;
-      } else if ((ft == kIQ3_S && h_.n_gqa >= 4) || ft == kIQ3_M) {
+      } else if (ft == kQ2_K_S && h_.n_gqa >= 4) {
+        type = DType::kQ4_K;
+      } else if (ft == kIQ3_XXS) {
+        type = h_.n_gqa >= 4 ? DType::kQ4_K : imatrix_ ? DType::kIQ3_XXS : DType::kIQ3_S;
+      } else if (((ft == kIQ3_S || ft == kIQ3_XS) && h_.n_gqa >= 4) || ft == kIQ3_M) {
         type = DType::kQ4_K;
       } else if (ft == kQ3_K_M) {
         type = i_attn_v_ < 2 ? DType::kQ5_K : DType::kQ4_K;
@@ -184,7 +196,10 @@ class TypeRules {
       ++i_attn_v_;
       return type;
     }
-    if (cat == Cat::kAttnK) return h_.n_expert == 8 ? DType::kQ8_0 : type;
+    if (cat == Cat::kAttnK && h_.n_expert == 8) return DType::kQ8_0;
+    if (cat == Cat::kAttnK || cat == Cat::kAttnQ) {
+      return ft == kIQ3_XS ? DType::kIQ3_XXS : ft == kIQ3_XXS ? DType::kIQ2_S : type;
+    }
     if (cat == Cat::kFfnDown) {
       // MoE models: the layer from the name (experts and shared experts of one layer share
       // it); dense ones count ffn_down tensors.
@@ -193,6 +208,10 @@ class TypeRules {
       if (il < 0 || il >= n) Fail("cannot determine the layer of tensor '%s'", t.name.c_str());
       if (ft == kQ2_K) {
         type = DType::kQ3_K;
+      } else if (ft == kQ2_K_S) {
+        if (il < n / 8) type = DType::kQ4_K;
+      } else if (ft == kIQ3_XXS && !imatrix_) {
+        type = il < n / 8 ? DType::kQ4_K : DType::kQ3_K;
       } else if (ft == kQ3_K_M) {
         type = il < n / 16 ? DType::kQ5_K : DType::kQ4_K;
       } else if (ft == kIQ3_M && (il < n / 8 || (h_.n_expert == 8 && UseMoreBits(il, n)))) {
@@ -201,23 +220,37 @@ class TypeRules {
         type = DType::kQ5_K;
       } else if (ft == kQ4_K_M) {
         if (UseMoreBits(il, n)) type = DType::kQ6_K;
-      } else if (il < n / 8 && (ft == kIQ4_NL || ft == kIQ4_XS)) {  // (without an imatrix)
+      } else if (il < n / 8 && (ft == kIQ4_NL || ft == kIQ4_XS) && !imatrix_) {
         type = DType::kQ5_K;
       } else if (ft == kQ5_K_M && UseMoreBits(il, n)) {
         type = DType::kQ6_K;
       } else if (ft == kQ4_K_S && il < n / 8) {
         type = DType::kQ5_K;
+      } else if ((ft == kQ4_0 || ft == kQ5_0) && imatrix_ && il < n / 8) {
+        type = ft == kQ4_0 ? DType::kQ4_1 : DType::kQ5_1;
       }
       ++i_ffn_down_;
       return type;
     }
+    if (cat == Cat::kFfnGate || cat == Cat::kFfnUp) {
+      int& counter = cat == Cat::kFfnGate ? i_ffn_gate_ : i_ffn_up_;
+      const int il = h_.n_expert > 1 ? LayerOf(t.name) : counter;
+      const int n = h_.n_layer;
+      if (il < 0 || il >= n) Fail("cannot determine the layer of tensor '%s'", t.name.c_str());
+      if (ft == kIQ3_XS && il >= n / 8 && il < 7 * n / 8) type = DType::kIQ3_XXS;
+      ++counter;
+      return type;
+    }
     if (cat == Cat::kAttnOutput) {
       if (h_.n_expert == 8) {
-        if (ft == kQ2_K || ft == kQ3_K_S || ft == kQ3_K_M || ft == kQ4_K_S || ft == kQ4_K_M ||
-            ft == kIQ4_NL || ft == kIQ4_XS || ft == kIQ3_S || ft == kIQ3_M)
+        if (ft == kQ2_K || ft == kIQ3_XS || ft == kIQ3_XXS || ft == kQ3_K_S || ft == kQ3_K_M ||
+            ft == kIQ4_NL || ft == kQ4_K_S || ft == kQ4_K_M || ft == kIQ3_S || ft == kIQ3_M ||
+            ft == kIQ4_XS)
           type = DType::kQ5_K;
       } else if (ft == kQ2_K) {
         type = DType::kQ3_K;
+      } else if (ft == kIQ3_XXS) {
+        type = DType::kIQ3_S;
       } else if (ft == kQ3_K_M) {
         type = DType::kQ4_K;
       } else if (ft == kQ3_K_L) {
@@ -236,8 +269,9 @@ class TypeRules {
 
   Hparams h_;
   uint32_t ftype_;
-  int n_attn_v_, i_attn_v_ = 0, i_ffn_down_ = 0;
+  int n_attn_v_, i_attn_v_ = 0, i_ffn_down_ = 0, i_ffn_gate_ = 0, i_ffn_up_ = 0;
   bool tied_;
+  bool imatrix_;  // an importance matrix is given (some mixes choose differently with one)
 };
 
 // A type whose block does not divide the rows: the 32-block type llama.cpp uses instead,
@@ -255,6 +289,7 @@ DType Fallback(const TensorView& t, DType type) {
     case DType::kIQ2_XS:
     case DType::kIQ2_S:
     case DType::kIQ1_S:
+    case DType::kIQ1_M:
     case DType::kIQ3_XXS:
     case DType::kIQ3_S: type = DType::kIQ4_NL; break;
     default: break;
@@ -313,7 +348,7 @@ std::string QuantMixNames() {
 }
 
 std::vector<TensorPlan> PlanQuantization(const GgufFile& f, const QuantMix& mix, bool pure,
-                                         const TypeOverrides& overrides) {
+                                         const TypeOverrides& overrides, bool imatrix) {
   std::vector<std::pair<std::regex, DType>> patterns;
   for (const auto& [pattern, type] : overrides) {
     try {
@@ -335,7 +370,7 @@ std::vector<TensorPlan> PlanQuantization(const GgufFile& f, const QuantMix& mix,
     tied &= CategoryOf(t->name) != Cat::kOutput;
   }
   const bool quantized_mix = Traits(mix.base).block_size > 1;
-  TypeRules rules(ReadHparams(f), mix.ftype, n_attn_v, tied);
+  TypeRules rules(ReadHparams(f), mix.ftype, n_attn_v, tied, imatrix);
   std::vector<TensorPlan> plan;
   for (const TensorView* t : order) {
     TensorPlan p{t->name, t->dtype, t->dtype, false};
@@ -381,7 +416,7 @@ QuantizeSummary QuantizeModel(const std::string& in, const std::string& out,
   if (SameFile(in, out)) Fail("%s: the output would replace the input; write to another file", out.c_str());
 
   QuantizeSummary sum;
-  sum.plan = PlanQuantization(f, *mix, opt.pure, opt.overrides);
+  sum.plan = PlanQuantization(f, *mix, opt.pure, opt.overrides, opt.imatrix != nullptr);
   for (const TensorPlan& p : sum.plan) {
     if (!IsWeightType(p.to) && p.to != DType::kF32)
       Fail("tensor '%s' would be %s, which moe.cpp cannot write yet", p.name.c_str(), DTypeName(p.to));
@@ -397,6 +432,12 @@ QuantizeSummary QuantizeModel(const std::string& in, const std::string& out,
   }
   w.SetU32("general.quantization_version", 2);
   w.SetU32("general.file_type", mix->ftype);
+  if (opt.imatrix) {  // the keys llama-quantize records
+    w.SetString("quantize.imatrix.file", opt.imatrix_label);
+    if (!opt.imatrix->datasets.empty()) w.SetString("quantize.imatrix.dataset", opt.imatrix->datasets[0]);
+    w.SetI32("quantize.imatrix.entries_count", static_cast<int32_t>(opt.imatrix->entries().size()));
+    w.SetI32("quantize.imatrix.chunks_count", static_cast<int32_t>(opt.imatrix->chunk_count));
+  }
 
   ThreadPool pool(opt.threads);
   const int n_total = static_cast<int>(sum.plan.size());
@@ -409,11 +450,32 @@ QuantizeSummary QuantizeModel(const std::string& in, const std::string& out,
     sum.bytes_in += t.NumBytes();
     sum.bytes_out += out_bytes;
     sum.params += static_cast<uint64_t>(t.NumElements());
+    // The importance of each matrix (expert) of the tensor, where the type's quantizer uses one.
+    const int n_mat = static_cast<int>(t.ne[2]);
+    std::vector<std::vector<float>> importance;
+    std::string note;
+    if (opt.imatrix && p.quantized) {
+      if (!kernels::QuantizerUsesImportance(p.to)) {
+        note = " (imatrix unused by this type)";
+      } else {
+        for (int e = 0; e < n_mat; ++e) {
+          importance.push_back(opt.imatrix->Values(p.name, e, n_mat, n));
+          if (importance.back().empty()) {
+            importance.clear();
+            note = " (no imatrix entry)";
+            break;
+          }
+        }
+        if (!importance.empty()) note = " (imatrix)";
+      }
+    }
     const std::string line =
-        StrFormat("[%4d/%4d] %-36s %-22s %6s -> %-6s %9.2f MiB -> %8.2f MiB", i + 1, n_total,
+        StrFormat("[%4d/%4d] %-36s %-22s %6s -> %-6s %9.2f MiB -> %8.2f MiB%s", i + 1, n_total,
                   p.name.c_str(), FormatShape(t).c_str(), DTypeName(p.from), DTypeName(p.to),
-                  t.NumBytes() / 1048576.0, out_bytes / 1048576.0);
-    w.AddTensorDeferred(p.name, p.to, ne, [&pool, &t, p, n, rows, line, &opt](uint8_t* dst) {
+                  t.NumBytes() / 1048576.0, out_bytes / 1048576.0, note.c_str());
+    const int64_t rows_per_mat = t.ne[1];
+    w.AddTensorDeferred(p.name, p.to, ne, [&pool, &t, p, n, rows, line, &opt, importance = std::move(importance),
+                                           rows_per_mat](uint8_t* dst) {
       if (!p.quantized) {
         std::memcpy(dst, t.data, t.NumBytes());
       } else {
@@ -432,7 +494,8 @@ QuantizeSummary QuantizeModel(const std::string& in, const std::string& out,
               }
               continue;
             }
-            kernels::QuantizeRow(p.to, row.data(), dst + static_cast<size_t>(r) * rb, n);
+            const float* imp = importance.empty() ? nullptr : importance[r / rows_per_mat % importance.size()].data();
+            kernels::QuantizeRow(p.to, row.data(), dst + static_cast<size_t>(r) * rb, n, imp);
           }
         });
         if (bad_row.load() < rows)

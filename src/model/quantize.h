@@ -22,6 +22,7 @@
 namespace moe {
 
 class GgufFile;
+class Imatrix;
 
 struct QuantMix {
   const char* name;   // "Q4_K_M"
@@ -49,16 +50,21 @@ struct TensorPlan {
 };
 // overrides: (regular expression, type) pairs as llama-quantize's --tensor-type: the first
 // pattern found in a quantizable tensor's name sets its type instead of the mix's rules (the
-// block-size fallback still applies).
+// block-size fallback still applies). imatrix: whether an importance matrix will weight the
+// quantization (IQ3_XXS, IQ4_NL/XS, Q4_0/Q5_0 choose some tensors' types differently then).
 using TypeOverrides = std::vector<std::pair<std::string, DType>>;
 std::vector<TensorPlan> PlanQuantization(const GgufFile& f, const QuantMix& mix, bool pure,
-                                         const TypeOverrides& overrides = {});
+                                         const TypeOverrides& overrides = {}, bool imatrix = false);
 
 struct QuantizeOptions {
   std::string mix = "Q4_K_M";
   bool pure = false;
   TypeOverrides overrides;
   int threads = 0;  // 0: every available CPU
+  // Importance matrix (model/imatrix.h): weights each column's error in the quantizers that
+  // take one (kernels::QuantizerUsesImportance) and switches the mixes' imatrix rules on.
+  const Imatrix* imatrix = nullptr;
+  std::string imatrix_label;  // where it came from, recorded as quantize.imatrix.file
   // One line per tensor as it is written ("[  3/ 27] blk.0.attn_v.weight  f32 -> q6_K ...").
   std::function<void(const std::string&)> progress;
 };

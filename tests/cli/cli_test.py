@@ -205,8 +205,7 @@ with tempfile.TemporaryDirectory() as d:
     check("quantize --pure", pq.returncode == 0 and set(pi["types"]) == {"f32", "q3_K"}, str(pi.get("types")))
     before = open(q, "rb").read()
     expect_error("quantize unknown type", ["quantize", big, q, "--type", "Q7_K"], 2, "not a quantization type")
-    expect_error("quantize IQ mix", ["quantize", big, q, "--type", "IQ1_M"], 2, "cannot write this mix yet")
-    expect_error("quantize type without a mix needs --pure", ["quantize", big, q, "--type", "iq3_xxs"], 2, "--pure")
+    expect_error("quantize ternary mix", ["quantize", big, q, "--type", "TQ1_0"], 2, "cannot write this mix yet")
     expect_error("quantize onto input", ["quantize", q, q, "--type", "Q8_0"], 2, "replace the input")
     expect_error("quantize threads", ["quantize", big, q, "--type", "Q8_0", "--threads", "100000"], 2, "--threads")
     expect_error("quantize missing input", ["quantize", os.path.join(d, "none.gguf"), q, "--type", "Q8_0"], 2, "cannot open")
@@ -251,14 +250,14 @@ with tempfile.TemporaryDirectory() as d:
         nd = rd("I")
         pos += 8 * nd
         if name == "blk.0.attn_q.weight":
-            struct.pack_into("<I", raw, pos, 29)  # iq1_m
+            struct.pack_into("<I", raw, pos, 34)  # tq1_0
             break
         pos += 4 + 8
     iq = os.path.join(d, "iq.gguf")
     open(iq, "wb").write(bytes(raw))
     expect_error("run names an unsupported type", ["run", "-m", iq, "--prompt-ids", "1"], 2,
                  "blk.0.attn_q.weight")
-    expect_error("run names the type", ["run", "-m", iq, "--prompt-ids", "1"], 2, "iq1_m")
+    expect_error("run names the type", ["run", "-m", iq, "--prompt-ids", "1"], 2, "tq1_0")
 
 print("%d passed, %d failed" % (passed, len(failures)))
 sys.exit(1 if failures else 0)

@@ -8,9 +8,15 @@ llama_model_quantize (the same mix, as llama-quantize runs it) each write a file
     FFN-down bumps by layer, the 8-expert rule, the GQA rule, the output/tied-embedding rule,
     the fallback for rows that are not whole 256-blocks, norms and routers left alone),
   - every tensor's data is byte-identical (the quantizers are ggml's reference quantizers),
-    except for the codebook i-quants, whose quantizer is moe's own, and for the mixes llama.cpp
-    only writes with an importance matrix (it gets one of ones; types compared only),
+    except for the codebook i-quants, whose quantizer is moe's own,
   - general.file_type is the same.
+With an importance matrix (cases marked imatrix, and the mixes llama.cpp only writes with one):
+the script writes a random one in llama.cpp's imatrix GGUF format (per-expert counts, some
+experts never used, columns whose importance spans orders of magnitude, some zero), moe reads
+the file (--imatrix) and llama.cpp gets the same values (sums / counts, as llama-quantize loads
+them): the types must agree (the mixes' imatrix rules), and the bytes wherever moe's quantizer
+weighs by the matrix as ggml's does (kernels::QuantizerUsesImportance: the 32-block types, q4_K,
+q5_K, q6_K, iq4_nl, iq4_xs) or neither does (q8_0, mxfp4, f16).
 Shapes cover 8 experts (Mixtral's rule), GQA 4 (qwen2moe with shared experts), enough layers
 for the first-sixteenth and every-third-layer rules, expert widths that are not multiples of
 256 (fallback types), tied output, and a quantized input (requantization).
@@ -35,19 +41,23 @@ ALL_MIXES = ["IQ3_M", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", 
              "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "IQ4_XS", "MXFP4_MOE", "F16", "BF16"]
 # llama.cpp refuses these without an importance matrix; it then gets one of ones, and every
 # tensor's type is compared but not the bytes (its quantizers weight by the matrix).
-NEEDS_IMATRIX = {"IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ1_S"}
+NEEDS_IMATRIX = {"IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ1_S", "IQ1_M", "IQ3_XXS", "IQ3_XS", "Q2_K_S"}
+# Types whose moe quantizer does not weigh by an importance matrix yet (ggml's does): with one,
+# types compared, bytes not.
+UNWEIGHTED = {"q2_K", "q3_K"}
 # Types whose quantizer moe does not share with ggml (the codebook i-quants): types compared,
 # bytes not (tests/kernels/ggml_oracle_test.cc compares their error instead).
-OWN_QUANTIZER = {"iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s", "iq1_s"}
+OWN_QUANTIZER = {"iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s", "iq1_s", "iq1_m"}
 FTYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10,
          "Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16,
          "Q5_K_M": 17, "Q6_K": 18, "IQ4_NL": 25, "IQ4_XS": 30, "BF16": 32, "MXFP4_MOE": 38, "IQ2_XXS": 19, "IQ3_S": 26,
-         "IQ3_M": 27, "IQ2_XS": 20, "IQ2_S": 28, "IQ2_M": 29, "IQ1_S": 24}
+         "IQ3_M": 27, "IQ2_XS": 20, "IQ2_S": 28, "IQ2_M": 29, "IQ1_S": 24, "IQ1_M": 31,
+         "IQ3_XXS": 23, "IQ3_XS": 22, "Q2_K_S": 21}
 
 
-def case(name, mixes, pure=False, source_type=None, overrides=None, **init):
+def case(name, mixes, pure=False, source_type=None, overrides=None, imatrix=False, **init):
     return dict(name=name, mixes=mixes, pure=pure, source_type=source_type,
-                overrides=overrides or [], init=init)
+                overrides=overrides or [], imatrix=imatrix, init=init)
 
 
 CASES = [
@@ -79,6 +89,17 @@ CASES = [
     # A quantized input is dequantized and quantized again, as llama.cpp does when allowed.
     case("olmoe_from_q8_0", ["Q4_K_M", "Q3_K_L"], source_type="q8_0", arch="olmoe", layers=2,
          dim=256, ffn=256, experts=4, experts_used=2, heads=4, vocab=512, seed=16),
+    # With an importance matrix: the weighted quantizers byte for byte, and the mixes' imatrix
+    # rules (IQ4_XS/IQ4_NL keep q5_K off the first ffn_down, Q4_0/Q5_0 bump it to q4_1/q5_1,
+    # IQ3_XXS's attention V and ffn_down). 17 layers: n/8 = 2.
+    case("qwen2moe_imatrix_17l", ["Q4_K_M", "Q5_K_S", "Q6_K", "Q4_0", "Q5_0", "Q4_1", "Q5_1",
+                                  "IQ4_XS", "IQ4_NL", "Q3_K_M", "Q8_0", "IQ3_XXS"], imatrix=True,
+         arch="qwen2moe", layers=17, dim=256, ffn=256, experts=4, experts_used=2,
+         shared_ffn=512, heads=8, kv_heads=4, vocab=512, seed=18),
+    case("llama_8x_imatrix_ffn160", ["Q4_K_M", "IQ4_XS", "Q5_K_M", "IQ3_XXS", "IQ3_XS", "IQ1_M",
+                                     "Q2_K_S"],
+         imatrix=True, arch="llama", layers=4, dim=256, ffn=160, experts=8, experts_used=2,
+         heads=4, kv_heads=1, vocab=512, seed=19),
 ]
 
 
@@ -121,26 +142,79 @@ def load_llama():
     return lib
 
 
-def ones_imatrix(path):
-    """An importance matrix of ones for every matrix of the file (ne[0] * experts values):
-    llama.cpp refuses some low-bit mixes without one."""
-    _, tensors = read_gguf(path)
+def f32(v):
+    return struct.unpack("<f", struct.pack("<f", v))[0]
+
+
+def random_imatrix(src, path, seed):
+    """Writes a random importance matrix for the matrices of `src` in llama.cpp's imatrix GGUF
+    format (no output.weight, as llama-imatrix) and returns {name: values}, the values
+    llama-quantize derives from the file (sums / count per matrix, ones for a count of 0)."""
+    import random
+    rng = random.Random(seed)
+    _, tensors = read_gguf(src)
+    entries, values = [], {}
+    for name in sorted(tensors):
+        t = tensors[name]
+        if len(t["ne"]) < 2 or name == "output.weight" or "_norm" in name:
+            continue
+        ne0, n_mat = t["ne"][0], (t["ne"][2] if len(t["ne"]) > 2 else 1)
+        counts = [0.0 if n_mat > 1 and rng.random() < 0.25 else float(rng.randint(1, 900))
+                  for _ in range(n_mat)]
+        sums, vals = [], []
+        for c in counts:
+            for _ in range(ne0):
+                s = 0.0 if c == 0 or rng.random() < 0.05 else f32(c * 2.0 ** rng.uniform(-8, 4))
+                sums.append(s)
+                vals.append(f32(s / c) if c > 0 else 1.0)
+        entries.append((name, ne0, n_mat, sums, counts))
+        values[name] = vals
+    kvs = [("general.type", 8, "imatrix"), ("imatrix.datasets", 9, ["random"]),
+           ("imatrix.chunk_count", 4, 1), ("imatrix.chunk_size", 4, 512)]
+    infos, blobs, off = [], [], 0
+    for name, ne0, n_mat, sums, counts in entries:
+        for suffix, ne, data in ((".in_sum2", [ne0, n_mat], sums), (".counts", [1, n_mat], counts)):
+            raw = struct.pack("<%df" % len(data), *data)
+            infos.append((name + suffix, ne, off))
+            blobs.append(raw + b"\0" * ((-len(raw)) % 32))
+            off += len(raw) + (-len(raw)) % 32
+
+    def gstr(x):
+        b = x.encode()
+        return struct.pack("<Q", len(b)) + b
+    out = struct.pack("<IIQQ", 0x46554747, 3, len(infos), len(kvs))
+    for k, t, v in kvs:
+        out += gstr(k) + struct.pack("<I", t)
+        if t == 8:
+            out += gstr(v)
+        elif t == 9:
+            out += struct.pack("<IQ", 8, len(v)) + b"".join(gstr(x) for x in v)
+        else:
+            out += struct.pack("<I", v)
+    for name, ne, o in infos:
+        out += gstr(name) + struct.pack("<I", len(ne)) + b"".join(struct.pack("<Q", n) for n in ne)
+        out += struct.pack("<IQ", 0, o)
+    out += b"\0" * ((-len(out)) % 32)
+    with open(path, "wb") as fh:
+        fh.write(out + b"".join(blobs))
+    return values
+
+
+def imatrix_arg(values):
+    """llama_model_quantize's imatrix parameter for {name: values}."""
     keep = []
     entries = []
-    for name, t in tensors.items():
-        if len(t["ne"]) < 2:
-            continue
-        n = t["ne"][0] * (t["ne"][2] if len(t["ne"]) > 2 else 1)
-        buf = (ctypes.c_float * n)(*([1.0] * n))
+    for name, vals in values.items():
+        buf = (ctypes.c_float * len(vals))(*vals)
         keep.append(buf)
-        entries.append(ImatrixData(name.encode(), ctypes.cast(buf, ctypes.POINTER(ctypes.c_float)), n))
+        entries.append(ImatrixData(name.encode(), ctypes.cast(buf, ctypes.POINTER(ctypes.c_float)), len(vals)))
     entries.append(ImatrixData(None, None, 0))
     arr = (ImatrixData * len(entries))(*entries)
     keep.append(arr)
     return arr, keep
 
 
-def llama_quantize(lib, src, dst, mix, pure, overrides=()):
+def llama_quantize(lib, src, dst, mix, pure, overrides=(), imatrix=None):
     p = lib.llama_model_quantize_default_params()
     if overrides:
         ids = {v: k for k, v in GGML_NAMES.items()}
@@ -151,8 +225,8 @@ def llama_quantize(lib, src, dst, mix, pure, overrides=()):
     p.nthread = 2
     p.allow_requantize = True
     p.pure = pure
-    if mix in NEEDS_IMATRIX:
-        arr, keep = ones_imatrix(src)
+    if imatrix is not None:
+        arr, keep = imatrix_arg(imatrix)
         p.imatrix = ctypes.cast(arr, ctypes.c_void_p)
     # llama.cpp logs every tensor to stderr; keep it out of the test output.
     saved = os.dup(2)
@@ -229,10 +303,10 @@ def read_gguf(path):
 GGML_NAMES = {0: "f32", 1: "f16", 2: "q4_0", 3: "q4_1", 6: "q5_0", 7: "q5_1", 8: "q8_0",
               10: "q2_K", 11: "q3_K", 12: "q4_K", 13: "q5_K", 14: "q6_K", 20: "iq4_nl",
               23: "iq4_xs", 30: "bf16", 39: "mxfp4", 16: "iq2_xxs", 18: "iq3_xxs", 21: "iq3_s",
-              17: "iq2_xs", 22: "iq2_s", 19: "iq1_s"}
+              17: "iq2_xs", 22: "iq2_s", 19: "iq1_s", 29: "iq1_m"}
 
 
-def compare(moe_path, ref_path, bytes_too=True):
+def compare(moe_path, ref_path, weighted=False):
     kv_m, t_m = read_gguf(moe_path)
     kv_r, t_r = read_gguf(ref_path)
     if kv_m.get("general.file_type") != kv_r.get("general.file_type"):
@@ -248,7 +322,8 @@ def compare(moe_path, ref_path, bytes_too=True):
                 name, GGML_NAMES.get(a["type"], a["type"]), GGML_NAMES.get(b["type"], b["type"])))
         n = min(len(a["data"]), len(b["data"]))
         tname = GGML_NAMES.get(a["type"], str(a["type"]))
-        if bytes_too and tname not in OWN_QUANTIZER and a["data"][:n] != b["data"][:n]:
+        exact = tname not in OWN_QUANTIZER and not (weighted and tname in UNWEIGHTED)
+        if exact and a["data"][:n] != b["data"][:n]:
             first = next(i for i in range(n) if a["data"][i] != b["data"][i])
             raise CaseError("%s (%s): data differs from byte %d" % (
                 name, GGML_NAMES.get(a["type"], a["type"]), first))
@@ -275,7 +350,12 @@ def run_case(moe, lib, c, tmp, verbose):
         argv += ["--type", c["source_type"]]
     run(argv + ["-o", src], "moe init")
     notes = []
+    im_path = os.path.join(tmp, c["name"] + ".imatrix.gguf")
+    im_values = None
+    if c["imatrix"] or any(m in NEEDS_IMATRIX for m in c["mixes"]):
+        im_values = random_imatrix(src, im_path, c["init"].get("seed", 1))
     for mix in c["mixes"]:
+        use_im = c["imatrix"] or mix in NEEDS_IMATRIX
         out_m = os.path.join(tmp, "%s.%s.moe.gguf" % (c["name"], mix))
         out_r = os.path.join(tmp, "%s.%s.llama.gguf" % (c["name"], mix))
         qargv = [moe, "quantize", src, out_m, "--type", mix, "--threads", "2", "-q"]
@@ -283,10 +363,12 @@ def run_case(moe, lib, c, tmp, verbose):
             qargv.append("--pure")
         for pat, t in c["overrides"]:
             qargv += ["--tensor-type", "%s=%s" % (pat, t)]
+        if use_im:
+            qargv += ["--imatrix", im_path]
         run(qargv, "moe quantize --type " + mix)
-        llama_quantize(lib, src, out_r, mix, c["pure"], c["overrides"])
+        llama_quantize(lib, src, out_r, mix, c["pure"], c["overrides"], im_values if use_im else None)
         try:
-            types = compare(out_m, out_r, bytes_too=mix not in NEEDS_IMATRIX)
+            types = compare(out_m, out_r, weighted=use_im)
         except CaseError as e:
             raise CaseError("%s: %s" % (mix, e))
         notes.append("%s{%s}" % (mix, ",".join("%s:%d" % kv for kv in sorted(types.items()))))

@@ -296,8 +296,8 @@ TEST(GgufWriter, RejectsBadInput) {
       },
       {"5 dimensions given"});
   ExpectError([&] { w.AddTensor("x", DType::kF32, {4, 0}, d.data(), 0); }, {">= 1"});
-  ExpectError([&] { w.AddTensor("y", static_cast<DType>(29), {4}, d.data(), 4); },
-              {"unsupported dtype 29"});
+  ExpectError([&] { w.AddTensor("y", static_cast<DType>(34), {4}, d.data(), 4); },
+              {"unsupported dtype 34"});
   ExpectError([&] { w.SetAlignment(0); }, {"power of two"});
   ExpectError([&] { w.SetAlignment(48); }, {"power of two"});
   ExpectError([&] { w.SetU64("general.alignment", 32); }, {"general.alignment", "u32"});
@@ -835,10 +835,10 @@ TEST(GgufValidation, TensorInfos) {
   }
   {
     RawFile r = Baseline();
-    r.tensors[1].type = 29;
+    r.tensors[1].type = 34;
     const auto b = r.Build();
     ExpectError([&] { ParseBytes(b); },
-                {"tensor 'q' has ggml type 29 (iq1_m) which moe.cpp does not support", "q8_0",
+                {"tensor 'q' has ggml type 34 (tq1_0) which moe.cpp does not support", "q8_0",
                  At(r.offset_field_at[1] - 4)});
   }
   {

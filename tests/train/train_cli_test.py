@@ -145,6 +145,35 @@ with tempfile.TemporaryDirectory() as d:
           and kl["Q8_0"]["top1_agreement"] >= kl["Q4_0"]["top1_agreement"] > 0.5
           and kl["Q8_0"]["kl_median"] <= kl["Q8_0"]["kl_p99"] and kl["Q4_0"]["base_loss"] == ev["loss"],
           str({k: (v["kl_mean"], v["top1_agreement"]) for k, v in kl.items()}))
+    # An importance matrix gathered from text with the model itself: the weighted quantizer's
+    # file, the same bytes again from the saved matrix (--imatrix), llama-quantize's metadata
+    # keys, and a distribution still close to the reference.
+    qi = os.path.join(d, "trained-Q4_0-imatrix.gguf")
+    im = os.path.join(d, "trained.imatrix.gguf")
+    p = must(run("quantize", trained, qi, "--type", "Q4_0", "--imatrix-from", train_txt, "--imatrix-chunk", "64",
+                 "--imatrix-chunks", "16", "--imatrix-out", im), "quantize --imatrix-from")
+    check("quantize --imatrix-from", "imatrix: chunk 16/16" in p.stderr and "(Q4_0, imatrix)" in p.stderr
+          and "blk.0.ffn_down_exps.weight" in p.stderr and "(imatrix)" in p.stderr, p.stderr[-400:])
+    qi2 = os.path.join(d, "trained-Q4_0-imatrix2.gguf")
+    must(run("quantize", trained, qi2, "--type", "Q4_0", "--imatrix", im, "-q"), "quantize --imatrix")
+    check("--imatrix file gives the same bytes", open(qi, "rb").read() == open(qi2, "rb").read())
+    iq = json.loads(must(run("inspect", qi, "--json"), "inspect imatrix quantized").stdout).get("imatrix")
+    check("inspect: quantized with an imatrix", iq == {"file": im, "chunks": 16}, str(iq))
+    ii = json.loads(must(run("inspect", im, "--json"), "inspect imatrix").stdout).get("imatrix", {})
+    check("inspect an imatrix file", ii.get("chunk_count") == 16 and ii.get("chunk_size") == 64
+          and ii.get("datasets") == [train_txt] and ii.get("entries", 0) >= 8, str(ii))
+    kl_im = json.loads(must(run("eval", "-m", qi, "--data", val_txt, "--seq", "64", "--chunks", "20",
+                                "--kl-from", trained, "--json"), "eval imatrix").stdout)
+    check("imatrix Q4_0 stays close", 0 < kl_im["kl_mean"] < 0.5 and kl_im["top1_agreement"] > 0.5,
+          "imatrix kl %.5f (plain %.5f)" % (kl_im["kl_mean"], kl["Q4_0"]["kl_mean"]))
+    for name, args, needle in (
+            ("both imatrix flags", ["--imatrix", im, "--imatrix-from", train_txt], "use one"),
+            ("imatrix-out without gathering", ["--imatrix-out", im], "needs --imatrix-from"),
+            ("imatrix not a file", ["--imatrix", os.path.join(d, "none.imatrix")], "cannot open"),
+            ("a model is not an imatrix", ["--imatrix", trained], "not an importance matrix")):
+        pe = run("quantize", trained, os.path.join(d, "bad.gguf"), "--type", "Q4_0", *args)
+        check("quantize: " + name, pe.returncode == 2 and needle in pe.stderr
+              and not os.path.exists(os.path.join(d, "bad.gguf")), pe.stderr[-300:])
     p = must(run("report", ra), "report")
     rep = os.path.join(ra, "report")
     pngs = [os.path.join(rep, n) for n in ("loss.png", "expert_load.png")]

@@ -4,11 +4,14 @@
 #include <cstdio>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include <nlohmann/json.hpp>
 
 #include "commands.h"
+#include "formats/gguf.h"
+#include "model/imatrix.h"
 #include "model/model.h"
 #include "moe/moe_layer.h"
 #include "util/error.h"
@@ -21,6 +24,21 @@ Runner AddInspect(CLI::App& app) {
   app.add_option("model", *path, "GGUF model file")->required();
   app.add_flag("--json", *json, "print one JSON object");
   return [=]() {
+    // An importance matrix (llama.cpp's imatrix GGUF) rather than a model.
+    if (GgufFile::Open(*path)->GetStringOpt("general.type") == std::optional<std::string>("imatrix")) {
+      const Imatrix m = Imatrix::Load(*path);
+      nlohmann::json j;
+      j["imatrix"] = {{"entries", m.entries().size()}, {"chunk_count", m.chunk_count},
+                      {"chunk_size", m.chunk_size}, {"datasets", m.datasets}};
+      if (*json) {
+        std::printf("%s\n", j.dump().c_str());
+        return 0;
+      }
+      std::printf("%s: importance matrix of %zu weight matrices from %u chunks of %u tokens\n", path->c_str(),
+                  m.entries().size(), m.chunk_count, m.chunk_size);
+      for (const std::string& d : m.datasets) std::printf("  dataset %s\n", d.c_str());
+      return 0;
+    }
     auto model = Model::Load(*path, /*allow_training_only=*/true);
     const ModelConfig& c = model->config();
     const GgufFile& f = model->file();
@@ -81,6 +99,10 @@ Runner AddInspect(CLI::App& app) {
     j["n_params"] = n_params;
     j["bits_per_weight"] = n_params ? 8.0 * static_cast<double>(total) / static_cast<double>(n_params) : 0.0;
     if (const auto ft = f.GetU32Opt("general.file_type")) j["file_type"] = *ft;
+    if (const auto im = f.GetStringOpt("quantize.imatrix.file")) {  // quantized with an importance matrix
+      const GgufValue* chunks = f.Find("quantize.imatrix.chunks_count");
+      j["imatrix"] = {{"file", *im}, {"chunks", chunks ? chunks->num.i64 : 0}};
+    }
     if (*json) {
       std::printf("%s\n", j.dump().c_str());
       return 0;
@@ -118,6 +140,9 @@ Runner AddInspect(CLI::App& app) {
     std::printf("  %-16s %s\n", "weight types", tline.c_str());
     std::printf("  %-16s %.3f bits per weight over %.2f M parameters\n", "size",
                 j["bits_per_weight"].get<double>(), n_params / 1e6);
+    if (j.contains("imatrix"))
+      std::printf("  %-16s %s (%lld chunks)\n", "imatrix", j["imatrix"]["file"].get<std::string>().c_str(),
+                  static_cast<long long>(j["imatrix"]["chunks"].get<int64_t>()));
     std::printf("\n%-36s %-6s %-22s %12s\n", "tensor", "type", "shape", "bytes");
     for (const GgufTensorInfo& t : f.tensors())
       std::printf("%-36s %-6s %-22s %12zu\n", t.view.name.c_str(), DTypeName(t.view.dtype),
