@@ -23,9 +23,10 @@ uint16_t F32ToBF16(float f);  // round-to-nearest-even; NaN stays NaN
 // t: any weight type (IsWeightType) or q8_K.
 void QuantizeRow(DType t, const float* x, void* y, int64_t n);
 // With an importance matrix: importance[n] weights each column's squared error (per-column mean
-// of the squared activations that meet it), as ggml_quantize_chunk does with an imatrix; byte
-// for byte ggml's for the types where QuantizerUsesImportance. The others (q8_0, mxfp4, f16:
-// ggml ignores it too; q2_K, q3_K and the codebook types: not yet) quantize without it.
+// of the squared activations that meet it), as ggml_quantize_chunk does with an imatrix, for the
+// types where QuantizerUsesImportance: byte for byte ggml's for the block-32 and k-quant types
+// and iq4_nl/iq4_xs; the codebook types' own searches minimise the importance-weighted error.
+// The others (q8_0, mxfp4, f16: ggml ignores it too) quantize without it.
 void QuantizeRow(DType t, const float* x, void* y, int64_t n, const float* importance);
 bool QuantizerUsesImportance(DType t);
 // Inverse: y = dequant(x), n elements, bit-identical to ggml's dequantize_row_*.

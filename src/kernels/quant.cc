@@ -827,13 +827,49 @@ void QuantizeScaleMinK(const float* x, uint8_t* y, int64_t nb, const float* qw) 
 
 // q2_K: 16 sub-blocks of 16 with x ~= d sc_j L - dmin m_j, L in 0..3, 4-bit sc_j and m_j
 // (ggml's quantize_row_q2_K_ref: a least-absolute-deviation fit weighted by |x|).
-void QuantizeQ2_KRef(const float* x, uint8_t* y, int64_t nb) {
+// The levels of a q2_K block re-derived against its scales and mins as stored, packed into out.
+void FinishQ2_K(const float* xb, uint8_t* L, BlockQ2_K& blk, uint8_t* out) {
+  const float d_all = F16ToF32(blk.d), dmin_all = F16ToF32(blk.dmin);
+  for (int j = 0; j < 16; ++j) {
+    const float d = d_all * (blk.scales[j] & 0xF);
+    if (d == 0.f) continue;
+    const float dm = dmin_all * (blk.scales[j] >> 4);
+    for (int l = 0; l < 16; ++l) {
+      const int q = NearestInt((xb[16 * j + l] + dm) / d);
+      L[16 * j + l] = static_cast<uint8_t>(q < 0 ? 0 : (q > 3 ? 3 : q));
+    }
+  }
+  ref::PackQ2Quants(L, blk.qs);
+  std::memcpy(out, &blk, sizeof(blk));
+}
+
+// qw: importance weights per column of the row (ggml's quantize_row_q2_K_impl: the sub-block
+// fits weighted by them, the 4-bit scales and mins fitted by FitScalePositive), or null.
+void QuantizeQ2_K(const float* x, uint8_t* y, int64_t nb, const float* qw) {
   constexpr float kQ4Scale = 15.f;
   for (int64_t b = 0; b < nb; ++b) {
     const float* xb = x + b * kQK_K;
     uint8_t L[kQK_K];
     float scales[16], mins[16];
     float max_scale = 0, max_min = 0;
+    BlockQ2_K blk;
+    if (qw) {
+      const float sigma2 = MeanSquare(xb, kQK_K, 1.0f);
+      float sw[16];
+      for (int j = 0; j < 16; ++j) {
+        float w[16];
+        ImportanceWeights(xb + 16 * j, qw + b * kQK_K + 16 * j, sigma2, 16, w);
+        sw[j] = 0;
+        for (int l = 0; l < 16; ++l) sw[j] += w[l];
+        scales[j] = FitScaleMin(16, 3, xb + 16 * j, w, L + 16 * j, &mins[j], -0.9f, 0.05f, 36);
+      }
+      uint8_t ls[16], lm[16];
+      blk.d = F32ToF16(FitScalePositive(16, 15, scales, ls, sw));
+      blk.dmin = F32ToF16(FitScalePositive(16, 15, mins, lm, sw));
+      for (int j = 0; j < 16; ++j) blk.scales[j] = static_cast<uint8_t>(ls[j] | (lm[j] << 4));
+      FinishQ2_K(xb, L, blk, y + b * sizeof(BlockQ2_K));
+      continue;
+    }
     for (int j = 0; j < 16; ++j) {
       float w[16];
       for (int l = 0; l < 16; ++l) w[l] = std::fabs(xb[16 * j + l]);
@@ -842,7 +878,6 @@ void QuantizeQ2_KRef(const float* x, uint8_t* y, int64_t nb) {
       if (scales[j] > max_scale) max_scale = scales[j];
       if (mins[j] > max_min) max_min = mins[j];
     }
-    BlockQ2_K blk;
     // The stores are C's int-to-uint8 conversions of nearest_int, modulo 256 as in ggml.
     if (max_scale > 0) {
       const float iscale = kQ4Scale / max_scale;
@@ -861,18 +896,7 @@ void QuantizeQ2_KRef(const float* x, uint8_t* y, int64_t nb) {
     } else {
       blk.dmin = F32ToF16(0.f);
     }
-    const float d_all = F16ToF32(blk.d), dmin_all = F16ToF32(blk.dmin);
-    for (int j = 0; j < 16; ++j) {
-      const float d = d_all * (blk.scales[j] & 0xF);
-      if (d == 0.f) continue;
-      const float dm = dmin_all * (blk.scales[j] >> 4);
-      for (int l = 0; l < 16; ++l) {
-        const int q = NearestInt((xb[16 * j + l] + dm) / d);
-        L[16 * j + l] = static_cast<uint8_t>(q < 0 ? 0 : (q > 3 ? 3 : q));
-      }
-    }
-    ref::PackQ2Quants(L, blk.qs);
-    std::memcpy(y + b * sizeof(BlockQ2_K), &blk, sizeof(blk));
+    FinishQ2_K(xb, L, blk, y + b * sizeof(BlockQ2_K));
   }
 }
 
@@ -931,12 +955,46 @@ float FitScaleQ3(int n, int nmax, const float* x, int8_t* L) {
 
 // q3_K: 16 sub-blocks of 16 with x ~= d (s_j - 32) (L - 4), L in 0..7, 6-bit s_j (ggml's
 // quantize_row_q3_K_ref).
-void QuantizeQ3_KRef(const float* x, uint8_t* y, int64_t nb) {
+// Scale j (0..63, stored value + 32) into q3_K's 12 scale bytes (zeroed first): low nibbles in
+// bytes 0..7, the top two bits in bytes 8..11.
+void PutQ3KScale(uint8_t* scales, int j, int8_t l) {
+  if (j < 8) {
+    scales[j] = static_cast<uint8_t>(l & 0xF);
+  } else {
+    scales[j - 8] = static_cast<uint8_t>(scales[j - 8] | ((l & 0xF) << 4));
+  }
+  l = static_cast<int8_t>(l >> 4);
+  scales[j % 4 + 8] = static_cast<uint8_t>(scales[j % 4 + 8] | (l << (2 * (j / 4))));
+}
+
+void FinishQ3_K(const float* xb, int8_t* L, BlockQ3_K& blk, uint8_t* out);
+
+// qw: importance weights per column of the row (ggml's quantize_row_q3_K_impl: weighted
+// symmetric fits of the sub-blocks and of their 6-bit scales), or null.
+void QuantizeQ3_K(const float* x, uint8_t* y, int64_t nb, const float* qw) {
   for (int64_t b = 0; b < nb; ++b) {
     const float* xb = x + b * kQK_K;
     int8_t L[kQK_K];
     float scales[16];
     float max_scale = 0, amax = 0;
+    BlockQ3_K blk;
+    std::memset(blk.scales, 0, sizeof(blk.scales));
+    if (qw) {
+      const float sigma2 = MeanSquare(xb, kQK_K, 2.0f);
+      float sw[16];
+      for (int j = 0; j < 16; ++j) {
+        float w[16];
+        ImportanceWeights(xb + 16 * j, qw + b * kQK_K + 16 * j, sigma2, 16, w);
+        sw[j] = 0;
+        for (int l = 0; l < 16; ++l) sw[j] += w[l];
+        scales[j] = FitScaleSymmetric(16, 4, xb + 16 * j, L + 16 * j, w);
+      }
+      int8_t ls[16];  // 0..63 (scale + 32)
+      blk.d = F32ToF16(FitScaleSymmetric(16, 32, scales, ls, sw));
+      for (int j = 0; j < 16; ++j) PutQ3KScale(blk.scales, j, ls[j]);
+      FinishQ3_K(xb, L, blk, y + b * sizeof(BlockQ3_K));
+      continue;
+    }
     for (int j = 0; j < 16; ++j) {
       scales[j] = FitScaleQ3(16, 4, xb + 16 * j, L + 16 * j);
       const float a = std::fabs(scales[j]);
@@ -945,46 +1003,42 @@ void QuantizeQ3_KRef(const float* x, uint8_t* y, int64_t nb) {
         max_scale = scales[j];
       }
     }
-    BlockQ3_K blk;
-    std::memset(blk.scales, 0, sizeof(blk.scales));
     if (max_scale != 0.f) {
       const float iscale = -32.f / max_scale;
       for (int j = 0; j < 16; ++j) {
         // int8_t l = nearest_int(...): C's modular narrowing, then the clamp, then + 32.
-        int8_t l = static_cast<int8_t>(NearestInt(iscale * scales[j]));
-        l = static_cast<int8_t>((l < -32 ? -32 : (l > 31 ? 31 : l)) + 32);
-        if (j < 8) {
-          blk.scales[j] = static_cast<uint8_t>(l & 0xF);
-        } else {
-          blk.scales[j - 8] = static_cast<uint8_t>(blk.scales[j - 8] | ((l & 0xF) << 4));
-        }
-        l = static_cast<int8_t>(l >> 4);
-        blk.scales[j % 4 + 8] = static_cast<uint8_t>(blk.scales[j % 4 + 8] | (l << (2 * (j / 4))));
+        const int8_t l = static_cast<int8_t>(NearestInt(iscale * scales[j]));
+        PutQ3KScale(blk.scales, j, static_cast<int8_t>((l < -32 ? -32 : (l > 31 ? 31 : l)) + 32));
       }
       blk.d = F32ToF16(1 / iscale);
     } else {
       blk.d = F32ToF16(0.f);
     }
-    const float d_all = F16ToF32(blk.d);
-    for (int j = 0; j < 16; ++j) {
-      const float d = d_all * ref::Q3KScale(blk.scales, j);
-      if (d == 0.f) continue;
-      for (int l = 0; l < 16; ++l) {
-        int q = NearestInt(xb[16 * j + l] / d);
-        q = q < -4 ? -4 : (q > 3 ? 3 : q);
-        L[16 * j + l] = static_cast<int8_t>(q + 4);
-      }
-    }
-    std::memset(blk.hmask, 0, sizeof(blk.hmask));
-    uint8_t lo[kQK_K];
-    for (int e = 0; e < kQK_K; ++e) {
-      const int v = L[e];  // 0..7 (sub-blocks with d == 0 keep the fit's levels, also 0..7)
-      if (v > 3) blk.hmask[e % 32] = static_cast<uint8_t>(blk.hmask[e % 32] | (1 << (e / 32)));
-      lo[e] = static_cast<uint8_t>(v > 3 ? v - 4 : v);
-    }
-    ref::PackQ2Quants(lo, blk.qs);
-    std::memcpy(y + b * sizeof(BlockQ3_K), &blk, sizeof(blk));
+    FinishQ3_K(xb, L, blk, y + b * sizeof(BlockQ3_K));
   }
+}
+
+// The levels of a q3_K block re-derived against its scales as stored, packed into out.
+void FinishQ3_K(const float* xb, int8_t* L, BlockQ3_K& blk, uint8_t* out) {
+  const float d_all = F16ToF32(blk.d);
+  for (int j = 0; j < 16; ++j) {
+    const float d = d_all * ref::Q3KScale(blk.scales, j);
+    if (d == 0.f) continue;
+    for (int l = 0; l < 16; ++l) {
+      int q = NearestInt(xb[16 * j + l] / d);
+      q = q < -4 ? -4 : (q > 3 ? 3 : q);
+      L[16 * j + l] = static_cast<int8_t>(q + 4);
+    }
+  }
+  std::memset(blk.hmask, 0, sizeof(blk.hmask));
+  uint8_t lo[kQK_K];
+  for (int e = 0; e < kQK_K; ++e) {
+    const int v = L[e];  // 0..7 (sub-blocks with d == 0 keep the fit's levels, also 0..7)
+    if (v > 3) blk.hmask[e % 32] = static_cast<uint8_t>(blk.hmask[e % 32] | (1 << (e / 32)));
+    lo[e] = static_cast<uint8_t>(v > 3 ? v - 4 : v);
+  }
+  ref::PackQ2Quants(lo, blk.qs);
+  std::memcpy(out, &blk, sizeof(blk));
 }
 
 // Index of the level of kIQ4NLValues nearest to v (ties to the upper level only when v is
@@ -1256,8 +1310,8 @@ void QuantizeRow(DType t, const float* x, void* y, int64_t n) {
     case DType::kQ5_0: QuantizeQ5_0Ref(x, out, n / kQK4_0); return;
     case DType::kQ5_1: QuantizeMinRef<BlockQ5_1>(x, out, n / kQK4_0); return;
     case DType::kQ8_1: HWY_DYNAMIC_DISPATCH(ActivationsQ8_1)(x, out, n / kQK8_0); return;
-    case DType::kQ2_K: QuantizeQ2_KRef(x, out, n / kQK_K); return;
-    case DType::kQ3_K: QuantizeQ3_KRef(x, out, n / kQK_K); return;
+    case DType::kQ2_K: QuantizeQ2_K(x, out, n / kQK_K, nullptr); return;
+    case DType::kQ3_K: QuantizeQ3_K(x, out, n / kQK_K, nullptr); return;
     case DType::kQ4_K: QuantizeScaleMinK<BlockQ4_K>(x, out, n / kQK_K, nullptr); return;
     case DType::kQ5_K: QuantizeScaleMinK<BlockQ5_K>(x, out, n / kQK_K, nullptr); return;
     case DType::kQ6_K: QuantizeQ6_K(x, out, n / kQK_K, nullptr); return;
@@ -1282,11 +1336,20 @@ bool QuantizerUsesImportance(DType t) {
     case DType::kQ4_1:
     case DType::kQ5_0:
     case DType::kQ5_1:
+    case DType::kQ2_K:
+    case DType::kQ3_K:
     case DType::kQ4_K:
     case DType::kQ5_K:
     case DType::kQ6_K:
     case DType::kIQ4_NL:
-    case DType::kIQ4_XS: return true;
+    case DType::kIQ4_XS:
+    case DType::kIQ2_XXS:
+    case DType::kIQ2_XS:
+    case DType::kIQ2_S:
+    case DType::kIQ3_XXS:
+    case DType::kIQ3_S:
+    case DType::kIQ1_S:
+    case DType::kIQ1_M: return true;
     default: return false;
   }
 }
@@ -1299,11 +1362,20 @@ void QuantizeRow(DType t, const float* x, void* y, int64_t n, const float* impor
     case DType::kQ5_0: QuantizeSymmetric32Weighted<BlockQ5_0>(x, out, n, importance); return;
     case DType::kQ4_1: QuantizeMin32Weighted<BlockQ4_1>(x, out, n, importance); return;
     case DType::kQ5_1: QuantizeMin32Weighted<BlockQ5_1>(x, out, n, importance); return;
+    case DType::kQ2_K: QuantizeQ2_K(x, out, n / kQK_K, importance); return;
+    case DType::kQ3_K: QuantizeQ3_K(x, out, n / kQK_K, importance); return;
     case DType::kQ4_K: QuantizeScaleMinK<BlockQ4_K>(x, out, n / kQK_K, importance); return;
     case DType::kQ5_K: QuantizeScaleMinK<BlockQ5_K>(x, out, n / kQK_K, importance); return;
     case DType::kQ6_K: QuantizeQ6_K(x, out, n / kQK_K, importance); return;
     case DType::kIQ4_NL: QuantizeIQ4_NL(x, out, n / kQK4_0, importance); return;
     case DType::kIQ4_XS: QuantizeIQ4_XS(x, out, n / kQK_K, importance); return;
+    case DType::kIQ2_XXS:
+    case DType::kIQ2_XS:
+    case DType::kIQ2_S:
+    case DType::kIQ3_XXS:
+    case DType::kIQ3_S:
+    case DType::kIQ1_S:
+    case DType::kIQ1_M: QuantizeIQGridRow(t, x, out, n, importance); return;
     default: MOE_ASSERT(false && "QuantizeRow: no importance-weighted quantizer");
   }
 }

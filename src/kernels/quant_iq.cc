@@ -66,23 +66,28 @@ const Codebook& IQ2SBook() {
 }
 
 // One sub-block of n = 32 or 16 values as n / 8 groups of 8: signs, targets t = x * sign >= 0
-// except where a parity format had to flip the sign of the group's smallest element.
+// except where a parity format had to flip the sign of the group's least important element,
+// and the error weights w (an importance matrix's; null: every element counts alike).
 struct SubBlock {
   float t[32];
+  const float* w;
   uint8_t sign[4];
   int n;
 };
 
-SubBlock Signs(const float* x, bool parity, int n) {
+SubBlock Signs(const float* x, const float* w, bool parity, int n) {
   SubBlock s;
   s.n = n;
+  s.w = w;
+  // What flipping element k's sign costs: 4 w x^2.
+  const auto cost = [x, w](int k) { return (w ? w[k] : 1.0f) * x[k] * x[k]; };
   for (int g = 0; g < n / 8; ++g) {
     uint8_t sg = 0;
     int smallest = 0;
     for (int k = 0; k < 8; ++k) {
       const float v = x[8 * g + k];
       if (v < 0) sg = static_cast<uint8_t>(sg | (1 << k));
-      if (std::fabs(v) < std::fabs(x[8 * g + smallest])) smallest = k;
+      if (cost(8 * g + k) < cost(8 * g + smallest)) smallest = k;
     }
     if (parity && (__builtin_popcount(sg) & 1)) sg = static_cast<uint8_t>(sg ^ (1 << smallest));
     s.sign[g] = sg;
@@ -91,26 +96,40 @@ SubBlock Signs(const float* x, bool parity, int n) {
   return s;
 }
 
-// The squared error of entry i for a part p of a sub-block at scale a is
-// a^2 |m_i|^2 - 2 a m_i.t_p + |t_p|^2: the dot products m_i.t_p do not depend on a, so they are
+// The (weighted) squared error of entry i for a part p of a sub-block at scale a is
+// a^2 |m_i|^2_w - 2 a m_i.t_p,w + |t_p|^2_w: the products do not depend on a, so they are
 // computed once per sub-block and every trial scale costs one pass over the entries per part.
 struct Search {
   const Codebook& c;
   int parts;             // sub-block size / width
-  float mt[8][1024];     // [part][entry]
+  float mt[8][1024];     // [part][entry]: sum_k w_k m_ik t_k
+  float mw2[8][1024];    // [part][entry]: sum_k w_k m_ik^2 (weighted searches only)
+  const float* m2[8];    // [part]: mw2[part], or the codebook's |m_i|^2 without weights
   float t2[8];
 
   Search(const Codebook& cb, const SubBlock& sb) : c(cb), parts(sb.n / cb.width) {
     for (int p = 0; p < parts; ++p) {
       const float* t = sb.t + c.width * p;
+      const float* w = sb.w ? sb.w + c.width * p : nullptr;
       float s2 = 0;
-      for (int k = 0; k < c.width; ++k) s2 += t[k] * t[k];
+      for (int k = 0; k < c.width; ++k) s2 += (w ? w[k] : 1.0f) * t[k] * t[k];
       t2[p] = s2;
       float* row = mt[p];
       for (int i = 0; i < c.n; ++i) row[i] = 0;
       for (int k = 0; k < c.width; ++k) {
         const float* m = &c.magT[static_cast<size_t>(k) * c.n];
-        for (int i = 0; i < c.n; ++i) row[i] += m[i] * t[k];
+        const float wt = (w ? w[k] : 1.0f) * t[k];
+        for (int i = 0; i < c.n; ++i) row[i] += m[i] * wt;
+      }
+      m2[p] = c.mag2.data();
+      if (w) {
+        float* q = mw2[p];
+        for (int i = 0; i < c.n; ++i) q[i] = 0;
+        for (int k = 0; k < c.width; ++k) {
+          const float* m = &c.magT[static_cast<size_t>(k) * c.n];
+          for (int i = 0; i < c.n; ++i) q[i] += w[k] * m[i] * m[i];
+        }
+        m2[p] = q;
       }
     }
   }
@@ -120,10 +139,11 @@ struct Search {
     const float a2 = a * a, ta = 2 * a;
     for (int p = 0; p < parts; ++p) {
       const float* row = mt[p];
+      const float* q = m2[p];
       int best = 0;
-      float best_e = a2 * c.mag2[0] - ta * row[0];
+      float best_e = a2 * q[0] - ta * row[0];
       for (int i = 1; i < c.n; ++i) {
-        const float e = a2 * c.mag2[i] - ta * row[i];
+        const float e = a2 * q[i] - ta * row[i];
         if (e < best_e) {
           best_e = e;
           best = i;
@@ -139,7 +159,7 @@ struct Search {
     float num = 0, den = 0;
     for (int p = 0; p < parts; ++p) {
       num += mt[p][idx[p]];
-      den += c.mag2[idx[p]];
+      den += m2[p][idx[p]];
     }
     return den > 0 && num > 0 ? num / den : a;
   }
@@ -179,8 +199,8 @@ std::vector<Search>* SearchScratch() {
 // Shared driver: per super-block, sub-block scales a_j, then d with a_j ~ d kConst (2 ls_j + 1)
 // (ls in 0..15), the entries chosen again at the rounded scales, and the format's packing.
 template <class F, class Pack>
-void QuantizeGrid(const Codebook& c, bool parity, float max_mag, const float* x, uint8_t* y,
-                  int64_t nb, const Pack& pack) {
+void QuantizeGrid(const Codebook& c, bool parity, float max_mag, const float* x, const float* qw,
+                  uint8_t* y, int64_t nb, const Pack& pack) {
   for (int64_t b = 0; b < nb; ++b) {
     const float* xb = x + b * kQK_K;
     constexpr int kSub = F::kSubBlocks, kLen = kQK_K / kSub;
@@ -189,7 +209,7 @@ void QuantizeGrid(const Codebook& c, bool parity, float max_mag, const float* x,
     search.clear();
     float a[kSub], amax = 0;
     for (int j = 0; j < kSub; ++j) {
-      sb[j] = Signs(xb + kLen * j, parity, kLen);
+      sb[j] = Signs(xb + kLen * j, qw ? qw + b * kQK_K + kLen * j : nullptr, parity, kLen);
       search.emplace_back(c, sb[j]);
       a[j] = FitSubBlockScale(search[j], sb[j], max_mag);
       amax = std::max(amax, a[j]);
@@ -223,18 +243,10 @@ constexpr int kIQ1Near = 16;
 
 struct IQ1Book {
   int8_t g[2048][8];
-  float g1[2048], g2[2048];
   std::vector<uint16_t> near;  // [6561][kIQ1Near]
   IQ1Book() : near(6561 * kIQ1Near) {
     for (int i = 0; i < 2048; ++i) {
-      float s1 = 0, s2 = 0;
-      for (int k = 0; k < 8; ++k) {
-        g[i][k] = static_cast<int8_t>((kIQ1SGrid[i] >> (8 * k)) & 0xFF);
-        s1 += g[i][k];
-        s2 += g[i][k] * g[i][k];
-      }
-      g1[i] = s1;
-      g2[i] = s2;
+      for (int k = 0; k < 8; ++k) g[i][k] = static_cast<int8_t>((kIQ1SGrid[i] >> (8 * k)) & 0xFF);
     }
     std::vector<std::pair<int, int>> dist(2048);
     for (int p = 0; p < 6561; ++p) {
@@ -256,16 +268,31 @@ struct IQ1Book {
 struct IQ1Search {
   const IQ1Book& b;
   const float* x;
-  int ng;  // groups
-  float x1[4], x2[4];
-  IQ1Search(const IQ1Book& book, const float* xs, int groups) : b(book), x(xs), ng(groups) {
+  float w[32];  // error weights (ones without an importance matrix)
+  int ng;       // groups
+  float x1[4], x2[4], w1[4];  // per group: sum w x, sum w x^2, sum w
+  IQ1Search(const IQ1Book& book, const float* xs, const float* ws, int groups) : b(book), x(xs), ng(groups) {
+    for (int k = 0; k < 8 * ng; ++k) w[k] = ws ? ws[k] : 1.0f;
     for (int p = 0; p < ng; ++p) {
-      x1[p] = x2[p] = 0;
+      x1[p] = x2[p] = w1[p] = 0;
       for (int k = 0; k < 8; ++k) {
-        x1[p] += x[8 * p + k];
-        x2[p] += x[8 * p + k] * x[8 * p + k];
+        const float wk = w[8 * p + k], xk = x[8 * p + k];
+        x1[p] += wk * xk;
+        x2[p] += wk * xk * xk;
+        w1[p] += wk;
       }
     }
+  }
+  // sum w g and sum w g^2 of entry i over group p.
+  void Sums(int p, int i, float* wg, float* wg2) const {
+    float s1 = 0, s2 = 0;
+    for (int k = 0; k < 8; ++k) {
+      const float wk = w[8 * p + k];
+      s1 += wk * b.g[i][k];
+      s2 += wk * b.g[i][k] * b.g[i][k];
+    }
+    *wg = s1;
+    *wg2 = s2;
   }
   // Group p's squared error at (a, delta) with its best candidate entry (into *idx).
   float Group(int p, float a, float delta, int* idx) const {
@@ -277,14 +304,16 @@ struct IQ1Search {
       pattern = 3 * pattern + (q + 1);
     }
     const uint16_t* cand = &b.near[static_cast<size_t>(pattern) * kIQ1Near];
-    const float a2 = a * a, c8 = 8 * delta * delta;
+    const float a2 = a * a, cw = w1[p] * delta * delta;
+    const float* wp = w + 8 * p;
     int best = cand[0];
     float best_e = 0;
     for (int n = 0; n < kIQ1Near; ++n) {
       const int i = cand[n];
-      float gx = 0;
-      for (int k = 0; k < 8; ++k) gx += b.g[i][k] * xp[k];
-      const float e = a2 * (b.g2[i] + 2 * delta * b.g1[i] + c8) - 2 * a * (gx + delta * x1[p]);
+      float gx = 0, wg, wg2;
+      for (int k = 0; k < 8; ++k) gx += b.g[i][k] * wp[k] * xp[k];
+      Sums(p, i, &wg, &wg2);
+      const float e = a2 * (wg2 + 2 * delta * wg + cw) - 2 * a * (gx + delta * x1[p]);
       if (n == 0 || e < best_e) {
         best_e = e;
         best = i;
@@ -315,10 +344,11 @@ struct IQ1Search {
   float Refit(const int* idx, const float* delta, float a) const {
     float num = 0, den = 0;
     for (int p = 0; p < ng; ++p) {
-      float gx = 0;
-      for (int k = 0; k < 8; ++k) gx += b.g[idx[p]][k] * x[8 * p + k];
+      float gx = 0, wg, wg2;
+      for (int k = 0; k < 8; ++k) gx += b.g[idx[p]][k] * w[8 * p + k] * x[8 * p + k];
+      Sums(p, idx[p], &wg, &wg2);
       num += gx + delta[p] * x1[p];
-      den += b.g2[idx[p]] + 2 * delta[p] * b.g1[idx[p]] + 8 * delta[p] * delta[p];
+      den += wg2 + 2 * delta[p] * wg + w1[p] * delta[p] * delta[p];
     }
     return den > 0 && num > 0 ? num / den : a;
   }
@@ -349,18 +379,21 @@ struct IQ1Search {
   }
 };
 
+// The weights of elements [off, off + ...) of super-block b, or null.
+const float* QwAt(const float* qw, int64_t b, int off) { return qw ? qw + b * kQK_K + off : nullptr; }
+
 // The 3-bit scale index of a sub-block fitted at a, on the super-block scale d.
 int IQ1Ls(float a, float d) {
   return d > 0 ? std::clamp(static_cast<int>(std::lround((a / d - 1) / 2)), 0, 7) : 0;
 }
 
-void QuantizeIQ1S(const float* x, uint8_t* y, int64_t nb) {
+void QuantizeIQ1S(const float* x, const float* qw, uint8_t* y, int64_t nb) {
   static const IQ1Book book;
   for (int64_t bi = 0; bi < nb; ++bi) {
     const float* xb = x + bi * kQK_K;
     float a[8], delta[8][4], amax_all = 0;
     for (int j = 0; j < 8; ++j) {
-      a[j] = IQ1Search(book, xb + 32 * j, 4).Search(false, delta[j]);
+      a[j] = IQ1Search(book, xb + 32 * j, QwAt(qw, bi, 32 * j), 4).Search(false, delta[j]);
       amax_all = std::max(amax_all, a[j]);
     }
     BlockIQ1_S blk;
@@ -370,7 +403,7 @@ void QuantizeIQ1S(const float* x, uint8_t* y, int64_t nb) {
     for (int j = 0; j < 8; ++j) {
       const int ls = IQ1Ls(a[j], d);
       int idx[4];
-      IQ1Search(book, xb + 32 * j, 4).Choose(d * static_cast<float>(2 * ls + 1), delta[j], false, idx);
+      IQ1Search(book, xb + 32 * j, QwAt(qw, bi, 32 * j), 4).Choose(d * static_cast<float>(2 * ls + 1), delta[j], false, idx);
       uint16_t h = static_cast<uint16_t>((ls << 12) | (delta[j][0] < 0 ? 0x8000 : 0));
       for (int l = 0; l < 4; ++l) {
         blk.qs[4 * j + l] = static_cast<uint8_t>(idx[l] & 0xFF);
@@ -383,13 +416,13 @@ void QuantizeIQ1S(const float* x, uint8_t* y, int64_t nb) {
 }
 
 // iq1_m: the same grid and search in sub-blocks of 16 with a delta sign per group.
-void QuantizeIQ1M(const float* x, uint8_t* y, int64_t nb) {
+void QuantizeIQ1M(const float* x, const float* qw, uint8_t* y, int64_t nb) {
   static const IQ1Book book;
   for (int64_t bi = 0; bi < nb; ++bi) {
     const float* xb = x + bi * kQK_K;
     float a[16], delta[16][4], amax_all = 0;
     for (int j = 0; j < 16; ++j) {
-      a[j] = IQ1Search(book, xb + 16 * j, 2).Search(true, delta[j]);
+      a[j] = IQ1Search(book, xb + 16 * j, QwAt(qw, bi, 16 * j), 2).Search(true, delta[j]);
       amax_all = std::max(amax_all, a[j]);
     }
     const uint16_t dbits = F32ToF16(amax_all / 15.0f);
@@ -400,7 +433,7 @@ void QuantizeIQ1M(const float* x, uint8_t* y, int64_t nb) {
     for (int j = 0; j < 16; ++j) {
       const int ls = IQ1Ls(a[j], d);
       int idx[4];
-      IQ1Search(book, xb + 16 * j, 2).Choose(d * static_cast<float>(2 * ls + 1), delta[j], true, idx);
+      IQ1Search(book, xb + 16 * j, QwAt(qw, bi, 16 * j), 2).Choose(d * static_cast<float>(2 * ls + 1), delta[j], true, idx);
       w[j / 4] = static_cast<uint16_t>(w[j / 4] | (ls << (3 * (j % 4))));
       for (int l = 0; l < 2; ++l) {
         const int g = 2 * j + l;
@@ -423,12 +456,12 @@ uint32_t Sign7(uint8_t s) { return s & 127u; }
 
 }  // namespace
 
-void QuantizeIQGridRow(DType t, const float* x, void* y, int64_t n) {
+void QuantizeIQGridRow(DType t, const float* x, void* y, int64_t n, const float* qw) {
   uint8_t* out = static_cast<uint8_t*>(y);
   const int64_t nb = n / kQK_K;
   switch (t) {
     case DType::kIQ2_XXS:
-      QuantizeGrid<IQ2XXSFormat>(IQ2XXSBook(), true, 43.f, x, out, nb,
+      QuantizeGrid<IQ2XXSFormat>(IQ2XXSBook(), true, 43.f, x, qw, out, nb,
                                  [](BlockIQ2_XXS& blk, const int* ls, const int (*idx)[8], const SubBlock* sb) {
         uint8_t* qs = reinterpret_cast<uint8_t*>(blk.qs);
         for (int j = 0; j < 8; ++j) {
@@ -442,7 +475,7 @@ void QuantizeIQGridRow(DType t, const float* x, void* y, int64_t n) {
       });
       return;
     case DType::kIQ3_XXS:
-      QuantizeGrid<IQ3XXSFormat>(IQ3XXSBook(), true, 62.f, x, out, nb,
+      QuantizeGrid<IQ3XXSFormat>(IQ3XXSBook(), true, 62.f, x, qw, out, nb,
                                  [](BlockIQ3_XXS& blk, const int* ls, const int (*idx)[8], const SubBlock* sb) {
         for (int j = 0; j < 8; ++j) {
           uint32_t aux = static_cast<uint32_t>(ls[j]) << 28;
@@ -453,7 +486,7 @@ void QuantizeIQGridRow(DType t, const float* x, void* y, int64_t n) {
       });
       return;
     case DType::kIQ3_S:
-      QuantizeGrid<IQ3SFormat>(IQ3SBook(), false, 15.f, x, out, nb,
+      QuantizeGrid<IQ3SFormat>(IQ3SBook(), false, 15.f, x, qw, out, nb,
                                [](BlockIQ3_S& blk, const int* ls, const int (*idx)[8], const SubBlock* sb) {
         for (int j = 0; j < 8; ++j) {
           blk.scales[j / 2] = static_cast<uint8_t>(blk.scales[j / 2] | (ls[j] << (4 * (j % 2))));
@@ -466,7 +499,7 @@ void QuantizeIQGridRow(DType t, const float* x, void* y, int64_t n) {
       });
       return;
     case DType::kIQ2_XS:
-      QuantizeGrid<IQ2XSFormat>(IQ2XSBook(), true, 43.f, x, out, nb,
+      QuantizeGrid<IQ2XSFormat>(IQ2XSBook(), true, 43.f, x, qw, out, nb,
                                 [](BlockIQ2_XS& blk, const int* ls, const int (*idx)[8], const SubBlock* sb) {
         for (int j = 0; j < 16; ++j) {
           blk.scales[j / 2] = static_cast<uint8_t>(blk.scales[j / 2] | (ls[j] << (4 * (j % 2))));
@@ -477,7 +510,7 @@ void QuantizeIQGridRow(DType t, const float* x, void* y, int64_t n) {
       });
       return;
     case DType::kIQ2_S:
-      QuantizeGrid<IQ2SFormat>(IQ2SBook(), false, 43.f, x, out, nb,
+      QuantizeGrid<IQ2SFormat>(IQ2SBook(), false, 43.f, x, qw, out, nb,
                                [](BlockIQ2_S& blk, const int* ls, const int (*idx)[8], const SubBlock* sb) {
         for (int j = 0; j < 16; ++j) {
           blk.scales[j / 2] = static_cast<uint8_t>(blk.scales[j / 2] | (ls[j] << (4 * (j % 2))));
@@ -490,8 +523,8 @@ void QuantizeIQGridRow(DType t, const float* x, void* y, int64_t n) {
         }
       });
       return;
-    case DType::kIQ1_S: QuantizeIQ1S(x, out, nb); return;
-    case DType::kIQ1_M: QuantizeIQ1M(x, out, nb); return;
+    case DType::kIQ1_S: QuantizeIQ1S(x, qw, out, nb); return;
+    case DType::kIQ1_M: QuantizeIQ1M(x, qw, out, nb); return;
     default: MOE_ASSERT(false && "QuantizeIQGridRow: not a codebook type");
   }
 }

@@ -14,9 +14,8 @@ With an importance matrix (cases marked imatrix, and the mixes llama.cpp only wr
 the script writes a random one in llama.cpp's imatrix GGUF format (per-expert counts, some
 experts never used, columns whose importance spans orders of magnitude, some zero), moe reads
 the file (--imatrix) and llama.cpp gets the same values (sums / counts, as llama-quantize loads
-them): the types must agree (the mixes' imatrix rules), and the bytes wherever moe's quantizer
-weighs by the matrix as ggml's does (kernels::QuantizerUsesImportance: the 32-block types, q4_K,
-q5_K, q6_K, iq4_nl, iq4_xs) or neither does (q8_0, mxfp4, f16).
+them): the types must agree (the mixes' imatrix rules), and the bytes as above (the weighted
+quantizers are ggml's; q8_0, mxfp4 and f16 ignore the matrix in both).
 Shapes cover 8 experts (Mixtral's rule), GQA 4 (qwen2moe with shared experts), enough layers
 for the first-sixteenth and every-third-layer rules, expert widths that are not multiples of
 256 (fallback types), tied output, and a quantized input (requantization).
@@ -42,9 +41,6 @@ ALL_MIXES = ["IQ3_M", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", 
 # llama.cpp refuses these without an importance matrix; it then gets one of ones, and every
 # tensor's type is compared but not the bytes (its quantizers weight by the matrix).
 NEEDS_IMATRIX = {"IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ1_S", "IQ1_M", "IQ3_XXS", "IQ3_XS", "Q2_K_S"}
-# Types whose moe quantizer does not weigh by an importance matrix yet (ggml's does): with one,
-# types compared, bytes not.
-UNWEIGHTED = {"q2_K", "q3_K"}
 # Types whose quantizer moe does not share with ggml (the codebook i-quants): types compared,
 # bytes not (tests/kernels/ggml_oracle_test.cc compares their error instead).
 OWN_QUANTIZER = {"iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s", "iq1_s", "iq1_m"}
@@ -306,7 +302,7 @@ GGML_NAMES = {0: "f32", 1: "f16", 2: "q4_0", 3: "q4_1", 6: "q5_0", 7: "q5_1", 8:
               17: "iq2_xs", 22: "iq2_s", 19: "iq1_s", 29: "iq1_m"}
 
 
-def compare(moe_path, ref_path, weighted=False):
+def compare(moe_path, ref_path):
     kv_m, t_m = read_gguf(moe_path)
     kv_r, t_r = read_gguf(ref_path)
     if kv_m.get("general.file_type") != kv_r.get("general.file_type"):
@@ -322,8 +318,7 @@ def compare(moe_path, ref_path, weighted=False):
                 name, GGML_NAMES.get(a["type"], a["type"]), GGML_NAMES.get(b["type"], b["type"])))
         n = min(len(a["data"]), len(b["data"]))
         tname = GGML_NAMES.get(a["type"], str(a["type"]))
-        exact = tname not in OWN_QUANTIZER and not (weighted and tname in UNWEIGHTED)
-        if exact and a["data"][:n] != b["data"][:n]:
+        if tname not in OWN_QUANTIZER and a["data"][:n] != b["data"][:n]:
             first = next(i for i in range(n) if a["data"][i] != b["data"][i])
             raise CaseError("%s (%s): data differs from byte %d" % (
                 name, GGML_NAMES.get(a["type"], a["type"]), first))
@@ -368,7 +363,7 @@ def run_case(moe, lib, c, tmp, verbose):
         run(qargv, "moe quantize --type " + mix)
         llama_quantize(lib, src, out_r, mix, c["pure"], c["overrides"], im_values if use_im else None)
         try:
-            types = compare(out_m, out_r, weighted=use_im)
+            types = compare(out_m, out_r)
         except CaseError as e:
             raise CaseError("%s: %s" % (mix, e))
         notes.append("%s{%s}" % (mix, ",".join("%s:%d" % kv for kv in sorted(types.items()))))
