@@ -550,43 +550,29 @@ void ImportanceWeights(const float* x, const float* qw, float sigma2, int n, flo
   for (int j = 0; j < n; ++j) w[j] = qw[j] * std::sqrt(sigma2 + x[j] * x[j]);
 }
 
-// q4_0 / q5_0 with importance weights (ggml's quantize_row_q{4,5}_0_impl): the weighted
-// symmetric fit of each block.
+// The block-32 types with importance weights (ggml's quantize_row_{q4_0,q4_1,q5_0,q5_1}_impl):
+// q4_0 / q5_0 the weighted symmetric fit of each block, q4_1 / q5_1 the weighted
+// scale-and-offset fit (make_qkx3_quants: 37 grids from nmax - 0.9 levels up).
 template <typename Block>
-void QuantizeSymmetric32Weighted(const float* x, uint8_t* y, int64_t n, const float* qw) {
-  constexpr bool kQ5 = std::is_same_v<Block, BlockQ5_0>;
-  const float sigma2 = MeanSquare(x, n, 1.0f);
-  for (int64_t b = 0; b < n / kQK4_0; ++b) {
-    const float* xb = x + b * kQK4_0;
-    float w[kQK4_0];
-    ImportanceWeights(xb, qw + b * kQK4_0, sigma2, kQK4_0, w);
-    int8_t L[kQK4_0];
-    Block blk;
-    blk.d = F32ToF16(FitScaleSymmetric(kQK4_0, kQ5 ? 16 : 8, xb, L, w));
-    if constexpr (kQ5) {
-      PackQ5Levels(reinterpret_cast<const uint8_t*>(L), blk.qh, blk.qs);
-    } else {
-      for (int j = 0; j < kQK4_0 / 2; ++j) blk.qs[j] = static_cast<uint8_t>(L[j] | (L[j + 16] << 4));
-    }
-    std::memcpy(y + b * sizeof(Block), &blk, sizeof(blk));
-  }
-}
-
-// q4_1 / q5_1 with importance weights (ggml's quantize_row_q{4,5}_1_impl): the weighted
-// scale-and-offset fit (make_qkx3_quants, 37 grids from nmax - 0.9 levels up).
-template <typename Block>
-void QuantizeMin32Weighted(const float* x, uint8_t* y, int64_t n, const float* qw) {
-  constexpr bool kQ5 = std::is_same_v<Block, BlockQ5_1>;
+void QuantizeBlock32Weighted(const float* x, uint8_t* y, int64_t n, const float* qw) {
+  constexpr bool kMin = std::is_same_v<Block, BlockQ4_1> || std::is_same_v<Block, BlockQ5_1>;
+  constexpr bool kQ5 = std::is_same_v<Block, BlockQ5_0> || std::is_same_v<Block, BlockQ5_1>;
   const float sigma2 = MeanSquare(x, n, 1.0f);
   for (int64_t b = 0; b < n / kQK4_0; ++b) {
     const float* xb = x + b * kQK4_0;
     float w[kQK4_0];
     ImportanceWeights(xb, qw + b * kQK4_0, sigma2, kQK4_0, w);
     uint8_t L[kQK4_0];
-    float neg_min;
     Block blk;
-    blk.d = F32ToF16(FitScaleMin(kQK4_0, kQ5 ? 31 : 15, xb, w, L, &neg_min, -0.9f, 0.05f, 36));
-    blk.m = F32ToF16(-neg_min);
+    if constexpr (kMin) {
+      float neg_min;
+      blk.d = F32ToF16(FitScaleMin(kQK4_0, kQ5 ? 31 : 15, xb, w, L, &neg_min, -0.9f, 0.05f, 36));
+      blk.m = F32ToF16(-neg_min);
+    } else {
+      int8_t Ls[kQK4_0];  // level + nmax: 0..15 or 0..31
+      blk.d = F32ToF16(FitScaleSymmetric(kQK4_0, kQ5 ? 16 : 8, xb, Ls, w));
+      std::memcpy(L, Ls, sizeof(L));
+    }
     if constexpr (kQ5) {
       PackQ5Levels(L, blk.qh, blk.qs);
     } else {
@@ -1358,10 +1344,10 @@ void QuantizeRow(DType t, const float* x, void* y, int64_t n, const float* impor
   if (importance == nullptr || !QuantizerUsesImportance(t)) return QuantizeRow(t, x, y, n);
   uint8_t* out = static_cast<uint8_t*>(y);
   switch (t) {
-    case DType::kQ4_0: QuantizeSymmetric32Weighted<BlockQ4_0>(x, out, n, importance); return;
-    case DType::kQ5_0: QuantizeSymmetric32Weighted<BlockQ5_0>(x, out, n, importance); return;
-    case DType::kQ4_1: QuantizeMin32Weighted<BlockQ4_1>(x, out, n, importance); return;
-    case DType::kQ5_1: QuantizeMin32Weighted<BlockQ5_1>(x, out, n, importance); return;
+    case DType::kQ4_0: QuantizeBlock32Weighted<BlockQ4_0>(x, out, n, importance); return;
+    case DType::kQ5_0: QuantizeBlock32Weighted<BlockQ5_0>(x, out, n, importance); return;
+    case DType::kQ4_1: QuantizeBlock32Weighted<BlockQ4_1>(x, out, n, importance); return;
+    case DType::kQ5_1: QuantizeBlock32Weighted<BlockQ5_1>(x, out, n, importance); return;
     case DType::kQ2_K: QuantizeQ2_K(x, out, n / kQK_K, importance); return;
     case DType::kQ3_K: QuantizeQ3_K(x, out, n / kQK_K, importance); return;
     case DType::kQ4_K: QuantizeScaleMinK<BlockQ4_K>(x, out, n / kQK_K, importance); return;

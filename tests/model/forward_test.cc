@@ -13,16 +13,10 @@
 
 #include "model/init.h"
 #include "util/error.h"
+#include "test_dir.h"
 
 namespace moe {
 namespace {
-
-std::string TmpDir() {
-  const char* env = std::getenv("MOE_TEST_TMP");
-  std::string d = env ? env : "/tmp/moe_test";
-  std::filesystem::create_directories(d);
-  return d;
-}
 
 std::string MakeModel(Arch arch, DType type, const std::string& name, uint32_t dim, uint32_t ffn,
                       uint32_t heads, uint32_t kv_heads, uint32_t shared = 0) {
@@ -40,7 +34,7 @@ std::string MakeModel(Arch arch, DType type, const std::string& name, uint32_t d
   o.config.n_ctx_train = 128;
   o.type = type;
   o.seed = 42;
-  const std::string path = TmpDir() + "/" + name + ".gguf";
+  const std::string path = TestDir("forward") + "/" + name + ".gguf";
   InitRandomModel(o, path);
   return path;
 }
@@ -118,11 +112,11 @@ TEST(Init, ImpossibleConfigsAreOneLineErrors) {
   o.config.n_expert = 4;
   o.config.n_expert_used = 5;  // k > E
   o.config.n_vocab = 50;
-  EXPECT_THROW(InitRandomModel(o, TmpDir() + "/bad.gguf"), Error);
+  EXPECT_THROW(InitRandomModel(o, TestDir("forward") + "/bad.gguf"), Error);
   o.config.n_expert_used = 2;
   o.type = DType::kQ4_K;  // rows of 100 are not multiples of 256
   try {
-    InitRandomModel(o, TmpDir() + "/bad.gguf");
+    InitRandomModel(o, TestDir("forward") + "/bad.gguf");
     FAIL() << "expected an error";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("multiples of 256"), std::string::npos) << e.what();

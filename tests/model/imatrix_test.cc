@@ -17,16 +17,10 @@
 #include "model/init.h"
 #include "model/model.h"
 #include "util/error.h"
+#include "test_dir.h"
 
 namespace moe {
 namespace {
-
-std::string TmpDir() {
-  const char* env = std::getenv("MOE_TEST_TMP");
-  std::string d = env ? env : "/tmp/moe_test";
-  std::filesystem::create_directories(d);
-  return d;
-}
 
 std::string SmallModel() {
   InitOptions o;
@@ -42,7 +36,7 @@ std::string SmallModel() {
   o.config.n_ctx_train = 128;
   o.type = DType::kF32;
   o.seed = 7;
-  const std::string path = TmpDir() + "/imatrix_model.gguf";
+  const std::string path = TestDir("imatrix") + "/imatrix_model.gguf";
   InitRandomModel(o, path);
   return path;
 }
@@ -120,7 +114,7 @@ TEST(Imatrix, FileRoundTripAndBadFiles) {
   m.datasets = {"some.txt"};
   m.chunk_count = 2;
   m.chunk_size = 64;
-  const std::string path = TmpDir() + "/round.imatrix.gguf";
+  const std::string path = TestDir("imatrix") + "/round.imatrix.gguf";
   m.Save(path);
   const Imatrix back = Imatrix::Load(path);
   EXPECT_EQ(back.datasets, m.datasets);
