@@ -1353,17 +1353,17 @@ HWY_INLINE __m512i VnniChunkIQGrid(const uint8_t* blk, int c, __mmask64* sign,
   HWY_UNROLL(8)
   for (int l = 0; l < 8; ++l) sg |= uint64_t{q[l].sign} << (8 * l);
   *sign = static_cast<__mmask64>(sg);
-  if constexpr (HasWrapAlt<F>()) {
-    *alt = _mm512_set_epi64(static_cast<int64_t>(q[7].alt), static_cast<int64_t>(q[6].alt),
-                            static_cast<int64_t>(q[5].alt), static_cast<int64_t>(q[4].alt),
-                            static_cast<int64_t>(q[3].alt), static_cast<int64_t>(q[2].alt),
-                            static_cast<int64_t>(q[1].alt), static_cast<int64_t>(q[0].alt));
-  }
   // Built in registers (a store of 8 words and a 64-byte reload would stall on forwarding).
-  return _mm512_set_epi64(static_cast<int64_t>(q[7].mag), static_cast<int64_t>(q[6].mag),
-                          static_cast<int64_t>(q[5].mag), static_cast<int64_t>(q[4].mag),
-                          static_cast<int64_t>(q[3].mag), static_cast<int64_t>(q[2].mag),
-                          static_cast<int64_t>(q[1].mag), static_cast<int64_t>(q[0].mag));
+  const __m512i mag = _mm512_set_epi64(static_cast<int64_t>(q[7].mag), static_cast<int64_t>(q[6].mag),
+                                       static_cast<int64_t>(q[5].mag), static_cast<int64_t>(q[4].mag),
+                                       static_cast<int64_t>(q[3].mag), static_cast<int64_t>(q[2].mag),
+                                       static_cast<int64_t>(q[1].mag), static_cast<int64_t>(q[0].mag));
+  if constexpr (HasWrapAlt<F>()) {  // iq1_m: alt is 9 where mag is 7 (8|g| + 1), else mag
+    static_assert(std::is_same_v<F, IQ1MFormat>);
+    *alt = _mm512_mask_add_epi8(mag, _mm512_cmpeq_epi8_mask(mag, _mm512_set1_epi8(7)), mag,
+                                _mm512_set1_epi8(2));
+  }
+  return mag;
 }
 
 // VnniChunkToken with the weight signs applied to the activations; kAlt (iq1_m): activations
