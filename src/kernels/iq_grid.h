@@ -29,9 +29,6 @@ inline constexpr auto kIQ2Signs = [] {
 struct IQGroup {
   uint64_t mag;  // byte k: magnitude of element k
   uint8_t sign;  // bit k: element k negative
-  // Formats with WrapAlt (iq1_m) only: byte k: what ggml's x86 kernel multiplies an activation
-  // of -128 by at element k (the others: mag; see MacI16SignWrap).
-  uint64_t alt = 0;
 };
 
 // Bit k = the low bit of byte k.
@@ -127,7 +124,8 @@ struct IQ1SFormat {
 // scale words. A value is d s (g + delta) = d/8 s (8 g +- 1): magnitudes 1, 7 or 9 with
 // the sign of g (or of delta where g = 0), so the delta needs no term of its own. ggml's x86
 // kernel puts g's and delta's signs on the activation separately, so for an activation of -128
-// (which negation leaves at -128) it forms -128 (8 |g| + 1): that magnitude is alt.
+// (which negation leaves at -128) it forms -128 (8 |g| + 1): magnitude 9 where the value's is 7
+// (IQ1MWrapMagnitude; the kernels' "alt" weights).
 struct IQ1MFormat {
   using Block = BlockIQ1_M;
   static constexpr int kSubBlocks = 16;
@@ -140,9 +138,8 @@ struct IQ1MFormat {
     const uint64_t nonzero = v & kOnes, neg_g = (v >> 7) & kOnes;
     const uint64_t neg_delta = h & 8 ? kOnes : 0;
     const uint64_t differ = (neg_g ^ neg_delta) & nonzero;  // 8 g and delta of opposite signs
-    const uint64_t alt = (nonzero << 3) | kOnes;             // 8 |g| + 1: 1 or 9
     const uint64_t neg = (nonzero & neg_g) | (~nonzero & neg_delta);
-    return {alt - (differ << 1), IQPackLowBits(neg), alt};
+    return {((nonzero << 3) | kOnes) - (differ << 1), IQPackLowBits(neg)};  // 8 |g| + 1, less 2 where they differ
   }
   static int Scale(const uint8_t* blk, int j) {
     const uint8_t* sc = blk + offsetof(BlockIQ1_M, scales) + 2 * (j / 4);
@@ -154,6 +151,9 @@ template <class F>
 constexpr bool HasWrapAlt() {
   return std::is_same_v<F, IQ1MFormat>;
 }
+
+// What an iq1_m element of magnitude m meets an activation of -128 with: 8 |g| + 1.
+constexpr int IQ1MWrapMagnitude(int m) { return m == 7 ? 9 : m; }
 
 template <class F>
 constexpr bool HasDelta() {

@@ -18,16 +18,16 @@ float BF16ToF32(uint16_t h);
 uint16_t F32ToBF16(float f);  // round-to-nearest-even; NaN stays NaN
 
 // ---- weight quantization (file writing) ----
-// Quantizes n floats (n a multiple of the block size) into the block format of t. The output
-// is byte for byte what ggml's reference quantizers (quantize_row_*_ref) produce.
+// Quantizes n floats (n a multiple of the block size) into the block format of t, byte for
+// byte what ggml_quantize_chunk writes (without an importance matrix: ggml's reference
+// quantizers, quantize_row_*_ref), except the codebook types (kernels/quant_iq.h).
 // t: any weight type (IsWeightType) or q8_K.
-void QuantizeRow(DType t, const float* x, void* y, int64_t n);
-// With an importance matrix: importance[n] weights each column's squared error (per-column mean
+// importance (optional): importance[n] weights each column's squared error (per-column mean
 // of the squared activations that meet it), as ggml_quantize_chunk does with an imatrix, for the
 // types where QuantizerUsesImportance: byte for byte ggml's for the block-32 and k-quant types
 // and iq4_nl/iq4_xs; the codebook types' own searches minimise the importance-weighted error.
 // The others (q8_0, mxfp4, f16: ggml ignores it too) quantize without it.
-void QuantizeRow(DType t, const float* x, void* y, int64_t n, const float* importance);
+void QuantizeRow(DType t, const float* x, void* y, int64_t n, const float* importance = nullptr);
 bool QuantizerUsesImportance(DType t);
 // Inverse: y = dequant(x), n elements, bit-identical to ggml's dequantize_row_*.
 void DequantizeRow(DType t, const void* x, float* y, int64_t n);

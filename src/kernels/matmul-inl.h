@@ -564,7 +564,7 @@ struct KernIQGrid {
         if (i < e || i >= e + N) continue;
         const int m = static_cast<int>((q.mag >> (8 * k)) & 0xFF);
         v[i - e] = static_cast<int16_t>((q.sign >> k) & 1 ? -m : m);
-        if constexpr (HasWrapAlt<F>()) alt[i - e] = static_cast<int16_t>((q.alt >> (8 * k)) & 0xFF);
+        if constexpr (HasWrapAlt<F>()) alt[i - e] = static_cast<int16_t>(IQ1MWrapMagnitude(m));
       }
     }
     const MmV16 scales =
@@ -1358,8 +1358,7 @@ HWY_INLINE __m512i VnniChunkIQGrid(const uint8_t* blk, int c, __mmask64* sign,
                                        static_cast<int64_t>(q[5].mag), static_cast<int64_t>(q[4].mag),
                                        static_cast<int64_t>(q[3].mag), static_cast<int64_t>(q[2].mag),
                                        static_cast<int64_t>(q[1].mag), static_cast<int64_t>(q[0].mag));
-  if constexpr (HasWrapAlt<F>()) {  // iq1_m: alt is 9 where mag is 7 (8|g| + 1), else mag
-    static_assert(std::is_same_v<F, IQ1MFormat>);
+  if constexpr (HasWrapAlt<F>()) {  // iq1_m: IQ1MWrapMagnitude, lane by lane
     *alt = _mm512_mask_add_epi8(mag, _mm512_cmpeq_epi8_mask(mag, _mm512_set1_epi8(7)), mag,
                                 _mm512_set1_epi8(2));
   }

@@ -1282,8 +1282,9 @@ void ActivationsQ8_KDispatch(const float* x, uint8_t* y, int64_t n) {
 
 }  // namespace
 
-void QuantizeRow(DType t, const float* x, void* y, int64_t n) {
+void QuantizeRow(DType t, const float* x, void* y, int64_t n, const float* importance) {
   uint8_t* out = static_cast<uint8_t*>(y);
+  const float* qw = QuantizerUsesImportance(t) ? importance : nullptr;
   switch (t) {
     case DType::kF32:
       if (n > 0) std::memcpy(out, x, static_cast<size_t>(n) * sizeof(float));
@@ -1291,18 +1292,23 @@ void QuantizeRow(DType t, const float* x, void* y, int64_t n) {
     case DType::kF16: HWY_DYNAMIC_DISPATCH(ActivationsF16)(x, out, n); return;
     case DType::kBF16: HWY_DYNAMIC_DISPATCH(ActivationsBF16)(x, out, n); return;
     case DType::kQ8_0: QuantizeQ8_0Ref(x, out, n / kQK8_0); return;
-    case DType::kQ4_0: QuantizeQ4_0Ref(x, out, n / kQK4_0); return;
-    case DType::kQ4_1: QuantizeMinRef<BlockQ4_1>(x, out, n / kQK4_0); return;
-    case DType::kQ5_0: QuantizeQ5_0Ref(x, out, n / kQK4_0); return;
-    case DType::kQ5_1: QuantizeMinRef<BlockQ5_1>(x, out, n / kQK4_0); return;
+    // ggml's block-32 quantizers without an importance matrix are the *_ref ones.
+    case DType::kQ4_0:
+      return qw ? QuantizeBlock32Weighted<BlockQ4_0>(x, out, n, qw) : QuantizeQ4_0Ref(x, out, n / kQK4_0);
+    case DType::kQ4_1:
+      return qw ? QuantizeBlock32Weighted<BlockQ4_1>(x, out, n, qw) : QuantizeMinRef<BlockQ4_1>(x, out, n / kQK4_0);
+    case DType::kQ5_0:
+      return qw ? QuantizeBlock32Weighted<BlockQ5_0>(x, out, n, qw) : QuantizeQ5_0Ref(x, out, n / kQK4_0);
+    case DType::kQ5_1:
+      return qw ? QuantizeBlock32Weighted<BlockQ5_1>(x, out, n, qw) : QuantizeMinRef<BlockQ5_1>(x, out, n / kQK4_0);
     case DType::kQ8_1: HWY_DYNAMIC_DISPATCH(ActivationsQ8_1)(x, out, n / kQK8_0); return;
-    case DType::kQ2_K: QuantizeQ2_K(x, out, n / kQK_K, nullptr); return;
-    case DType::kQ3_K: QuantizeQ3_K(x, out, n / kQK_K, nullptr); return;
-    case DType::kQ4_K: QuantizeScaleMinK<BlockQ4_K>(x, out, n / kQK_K, nullptr); return;
-    case DType::kQ5_K: QuantizeScaleMinK<BlockQ5_K>(x, out, n / kQK_K, nullptr); return;
-    case DType::kQ6_K: QuantizeQ6_K(x, out, n / kQK_K, nullptr); return;
-    case DType::kIQ4_NL: QuantizeIQ4_NL(x, out, n / kQK4_0, nullptr); return;
-    case DType::kIQ4_XS: QuantizeIQ4_XS(x, out, n / kQK_K, nullptr); return;
+    case DType::kQ2_K: QuantizeQ2_K(x, out, n / kQK_K, qw); return;
+    case DType::kQ3_K: QuantizeQ3_K(x, out, n / kQK_K, qw); return;
+    case DType::kQ4_K: QuantizeScaleMinK<BlockQ4_K>(x, out, n / kQK_K, qw); return;
+    case DType::kQ5_K: QuantizeScaleMinK<BlockQ5_K>(x, out, n / kQK_K, qw); return;
+    case DType::kQ6_K: QuantizeQ6_K(x, out, n / kQK_K, qw); return;
+    case DType::kIQ4_NL: QuantizeIQ4_NL(x, out, n / kQK4_0, qw); return;
+    case DType::kIQ4_XS: QuantizeIQ4_XS(x, out, n / kQK_K, qw); return;
     case DType::kMXFP4: QuantizeMXFP4Ref(x, out, n / kQK4_0); return;
     case DType::kIQ2_XXS:
     case DType::kIQ3_XXS:
@@ -1310,60 +1316,15 @@ void QuantizeRow(DType t, const float* x, void* y, int64_t n) {
     case DType::kIQ2_XS:
     case DType::kIQ2_S:
     case DType::kIQ1_S:
-    case DType::kIQ1_M: QuantizeIQGridRow(t, x, out, n); return;
+    case DType::kIQ1_M: QuantizeIQGridRow(t, x, out, n, qw); return;
     case DType::kQ8_K: ActivationsQ8_KDispatch(x, out, n); return;  // same as the reference
     default: MOE_ASSERT(false && "QuantizeRow: unsupported type");
   }
 }
 
+// Every block-quantized weight type but q8_0 and mxfp4, whose ggml quantizers ignore the matrix.
 bool QuantizerUsesImportance(DType t) {
-  switch (t) {
-    case DType::kQ4_0:
-    case DType::kQ4_1:
-    case DType::kQ5_0:
-    case DType::kQ5_1:
-    case DType::kQ2_K:
-    case DType::kQ3_K:
-    case DType::kQ4_K:
-    case DType::kQ5_K:
-    case DType::kQ6_K:
-    case DType::kIQ4_NL:
-    case DType::kIQ4_XS:
-    case DType::kIQ2_XXS:
-    case DType::kIQ2_XS:
-    case DType::kIQ2_S:
-    case DType::kIQ3_XXS:
-    case DType::kIQ3_S:
-    case DType::kIQ1_S:
-    case DType::kIQ1_M: return true;
-    default: return false;
-  }
-}
-
-void QuantizeRow(DType t, const float* x, void* y, int64_t n, const float* importance) {
-  if (importance == nullptr || !QuantizerUsesImportance(t)) return QuantizeRow(t, x, y, n);
-  uint8_t* out = static_cast<uint8_t*>(y);
-  switch (t) {
-    case DType::kQ4_0: QuantizeBlock32Weighted<BlockQ4_0>(x, out, n, importance); return;
-    case DType::kQ5_0: QuantizeBlock32Weighted<BlockQ5_0>(x, out, n, importance); return;
-    case DType::kQ4_1: QuantizeBlock32Weighted<BlockQ4_1>(x, out, n, importance); return;
-    case DType::kQ5_1: QuantizeBlock32Weighted<BlockQ5_1>(x, out, n, importance); return;
-    case DType::kQ2_K: QuantizeQ2_K(x, out, n / kQK_K, importance); return;
-    case DType::kQ3_K: QuantizeQ3_K(x, out, n / kQK_K, importance); return;
-    case DType::kQ4_K: QuantizeScaleMinK<BlockQ4_K>(x, out, n / kQK_K, importance); return;
-    case DType::kQ5_K: QuantizeScaleMinK<BlockQ5_K>(x, out, n / kQK_K, importance); return;
-    case DType::kQ6_K: QuantizeQ6_K(x, out, n / kQK_K, importance); return;
-    case DType::kIQ4_NL: QuantizeIQ4_NL(x, out, n / kQK4_0, importance); return;
-    case DType::kIQ4_XS: QuantizeIQ4_XS(x, out, n / kQK_K, importance); return;
-    case DType::kIQ2_XXS:
-    case DType::kIQ2_XS:
-    case DType::kIQ2_S:
-    case DType::kIQ3_XXS:
-    case DType::kIQ3_S:
-    case DType::kIQ1_S:
-    case DType::kIQ1_M: QuantizeIQGridRow(t, x, out, n, importance); return;
-    default: MOE_ASSERT(false && "QuantizeRow: no importance-weighted quantizer");
-  }
+  return IsWeightType(t) && Traits(t).block_size > 1 && t != DType::kQ8_0 && t != DType::kMXFP4;
 }
 
 void DequantizeRow(DType t, const void* x, float* y, int64_t n) {

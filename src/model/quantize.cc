@@ -397,8 +397,7 @@ std::vector<TensorPlan> PlanQuantization(const GgufFile& f, const QuantMix& mix,
   return plan;
 }
 
-QuantizeSummary QuantizeModel(const std::string& in, const std::string& out,
-                              const QuantizeOptions& opt) {
+const QuantMix& CheckQuantizeOptions(const QuantizeOptions& opt) {
   const QuantMix* mix = FindQuantMix(opt.mix);
   if (mix == nullptr) {
     const std::string u = Upper(opt.mix);
@@ -411,6 +410,12 @@ QuantizeSummary QuantizeModel(const std::string& in, const std::string& out,
          opt.mix.c_str(), mix->name);
   if (opt.threads < 0 || opt.threads > 4 * AvailableCpus() + 64)
     Fail("--threads %d: use 1..%d (0 = every CPU)", opt.threads, 4 * AvailableCpus() + 64);
+  return *mix;
+}
+
+QuantizeSummary QuantizeModel(const std::string& in, const std::string& out,
+                              const QuantizeOptions& opt) {
+  const QuantMix* mix = &CheckQuantizeOptions(opt);
   const std::unique_ptr<GgufFile> file = GgufFile::Open(in);
   const GgufFile& f = *file;
   if (SameFile(in, out)) Fail("%s: the output would replace the input; write to another file", out.c_str());

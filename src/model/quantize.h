@@ -75,6 +75,11 @@ struct QuantizeSummary {
   std::vector<TensorPlan> plan;
 };
 
+// The mix opt names, after checking the options that need no file (the mix, --pure, the thread
+// count); throws moe::Error naming the problem. QuantizeModel checks them too; callers that do
+// expensive work first (gathering an importance matrix) call it before.
+const QuantMix& CheckQuantizeOptions(const QuantizeOptions& opt);
+
 // Reads `in`, writes `out` (atomically: a failure leaves any old `out` as it was). Throws
 // moe::Error naming the problem (unknown mix, a type moe.cpp cannot write yet and the tensor
 // that needs it, out == in, ...).

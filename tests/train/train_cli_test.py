@@ -170,7 +170,11 @@ with tempfile.TemporaryDirectory() as d:
             ("both imatrix flags", ["--imatrix", im, "--imatrix-from", train_txt], "use one"),
             ("imatrix-out without gathering", ["--imatrix-out", im], "needs --imatrix-from"),
             ("imatrix not a file", ["--imatrix", os.path.join(d, "none.imatrix")], "cannot open"),
-            ("a model is not an imatrix", ["--imatrix", trained], "not an importance matrix")):
+            ("a model is not an imatrix", ["--imatrix", trained], "not an importance matrix"),
+            ("imatrix-out onto the model", ["--imatrix-from", train_txt, "--imatrix-out", trained],
+             "would replace the model file"),
+            ("threads checked before gathering", ["--imatrix-from", train_txt, "--threads", "100000"],
+             "--threads")):
         pe = run("quantize", trained, os.path.join(d, "bad.gguf"), "--type", "Q4_0", *args)
         check("quantize: " + name, pe.returncode == 2 and needle in pe.stderr
               and not os.path.exists(os.path.join(d, "bad.gguf")), pe.stderr[-300:])

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <filesystem>
 #include <memory>
 #include <string>
 #include <vector>
@@ -72,13 +73,21 @@ Runner AddQuantize(CLI::App& app) {
     if (!o->imatrix_out.empty() && o->imatrix_from.empty())
       Fail("--imatrix-out saves a gathered importance matrix: it needs --imatrix-from");
     if (o->imatrix_chunks < 0) Fail("--imatrix-chunks must be >= 0 (got %d)", o->imatrix_chunks);
+    if (!o->imatrix_out.empty()) {
+      const auto same = [](const std::string& a, const std::string& b) {
+        std::error_code ec;
+        return a == b || std::filesystem::equivalent(a, b, ec);
+      };
+      if (same(o->imatrix_out, o->in) || same(o->imatrix_out, o->out))
+        Fail("--imatrix-out %s would replace the model file; write the matrix elsewhere", o->imatrix_out.c_str());
+    }
+    CheckQuantizeOptions(q);  // before an importance matrix is gathered
     Imatrix imatrix;
     if (!o->imatrix.empty()) {
       imatrix = Imatrix::Load(o->imatrix);
       q.imatrix = &imatrix;
       q.imatrix_label = o->imatrix;
     } else if (!o->imatrix_from.empty()) {
-      if (!FindQuantMix(o->type)) Fail("--type '%s' is not a quantization type (use one of: %s)", o->type.c_str(), QuantMixNames().c_str());
       auto model = Model::Load(o->in);
       const Tokenizer& tok = model->tokenizer();
       if (!tok.HasVocab()) Fail("%s has no vocabulary: it cannot read the --imatrix-from text", o->in.c_str());
