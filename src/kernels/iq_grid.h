@@ -47,53 +47,49 @@ struct IQ2XXSFormat {
   using Block = BlockIQ2_XXS;
   static constexpr int kSubBlocks = 8;
   static constexpr float kConst = 0.125f;  // (0.5 + ls) / 4 = (2 ls + 1) / 8
+  // Sub-block j: 8 bytes, the grid indices of its 4 groups then a word with their 7-bit sign
+  // indices at 7 l and ls in the top nibble.
+  static uint32_t SignWord(const uint8_t* blk, int j) {
+    return IQLoadU32(blk + offsetof(BlockIQ2_XXS, qs) + 8 * j + 4);
+  }
+  static uint64_t Mag(const uint8_t* blk, int g) {
+    return kIQ2XXSGrid[blk[offsetof(BlockIQ2_XXS, qs) + 8 * (g / 4) + g % 4]];
+  }
   static IQGroup Group(const uint8_t* blk, int g) {
-    const uint8_t* qs = blk + offsetof(BlockIQ2_XXS, qs) + 8 * (g / 4);
-    const uint32_t aux = IQLoadU32(qs + 4);
-    return {kIQ2XXSGrid[qs[g % 4]], IQ2SignByte((aux >> (7 * (g % 4))) & 127)};
+    return {Mag(blk, g), kIQ2Signs[(SignWord(blk, g / 4) >> (7 * (g % 4))) & 127]};
   }
-  static int Scale(const uint8_t* blk, int j) {
-    return 2 * static_cast<int>(IQLoadU32(blk + offsetof(BlockIQ2_XXS, qs) + 8 * j + 4) >> 28) + 1;
-  }
-  // Groups 8c..8c+7 (sub-blocks 2c, 2c+1), each sub-block's words read once.
-  static void Groups8(const uint8_t* blk, int c, IQGroup* out) {
-#pragma GCC unroll 2
-    for (int s = 0; s < 2; ++s) {
-      const uint8_t* qs = blk + offsetof(BlockIQ2_XXS, qs) + 8 * (2 * c + s);
-      const uint32_t aux = IQLoadU32(qs + 4);
-#pragma GCC unroll 4
-      for (int l = 0; l < 4; ++l) {
-        out[4 * s + l] = {kIQ2XXSGrid[qs[l]], kIQ2Signs[(aux >> (7 * l)) & 127]};
-      }
-    }
-  }
+  static int Scale(const uint8_t* blk, int j) { return 2 * static_cast<int>(SignWord(blk, j) >> 28) + 1; }
 };
 
 struct IQ3XXSFormat {
   using Block = BlockIQ3_XXS;
   static constexpr int kSubBlocks = 8;
   static constexpr float kConst = 0.25f;  // (0.5 + ls) / 2 = (2 ls + 1) / 4
-  static IQGroup Group(const uint8_t* blk, int g) {
+  // Sub-block j's word after the 64 index bytes: 7-bit sign indices at 7 l, ls on top.
+  static uint32_t SignWord(const uint8_t* blk, int j) {
+    return IQLoadU32(blk + offsetof(BlockIQ3_XXS, qs) + kQK_K / 4 + 4 * j);
+  }
+  static uint64_t Mag(const uint8_t* blk, int g) {
     const uint8_t* qs = blk + offsetof(BlockIQ3_XXS, qs);
-    const uint32_t aux = IQLoadU32(qs + kQK_K / 4 + 4 * (g / 4));
-    const uint64_t mag = kIQ3XXSGrid[qs[2 * g]] | uint64_t{kIQ3XXSGrid[qs[2 * g + 1]]} << 32;
-    return {mag, IQ2SignByte((aux >> (7 * (g % 4))) & 127)};
+    return kIQ3XXSGrid[qs[2 * g]] | uint64_t{kIQ3XXSGrid[qs[2 * g + 1]]} << 32;
   }
-  static int Scale(const uint8_t* blk, int j) {
-    return 2 * static_cast<int>(IQLoadU32(blk + offsetof(BlockIQ3_XXS, qs) + kQK_K / 4 + 4 * j) >> 28) + 1;
+  static IQGroup Group(const uint8_t* blk, int g) {
+    return {Mag(blk, g), kIQ2Signs[(SignWord(blk, g / 4) >> (7 * (g % 4))) & 127]};
   }
+  static int Scale(const uint8_t* blk, int j) { return 2 * static_cast<int>(SignWord(blk, j) >> 28) + 1; }
 };
 
 struct IQ3SFormat {
   using Block = BlockIQ3_S;
   static constexpr int kSubBlocks = 8;
   static constexpr float kConst = 1.0f;
-  static IQGroup Group(const uint8_t* blk, int g) {
+  static uint64_t Mag(const uint8_t* blk, int g) {
     const uint8_t* qs = blk + offsetof(BlockIQ3_S, qs);
     const int h = blk[offsetof(BlockIQ3_S, qh) + g / 4] >> (2 * (g % 4));
     const int i0 = qs[2 * g] | ((h & 1) << 8), i1 = qs[2 * g + 1] | ((h & 2) << 7);
-    return {kIQ3SGrid[i0] | uint64_t{kIQ3SGrid[i1]} << 32, blk[offsetof(BlockIQ3_S, signs) + g]};
+    return kIQ3SGrid[i0] | uint64_t{kIQ3SGrid[i1]} << 32;
   }
+  static IQGroup Group(const uint8_t* blk, int g) { return {Mag(blk, g), blk[offsetof(BlockIQ3_S, signs) + g]}; }
   static int Scale(const uint8_t* blk, int j) {
     return 2 * ((blk[offsetof(BlockIQ3_S, scales) + j / 2] >> (4 * (j % 2))) & 0xF) + 1;
   }
@@ -136,7 +132,7 @@ struct IQ1MFormat {
     const uint64_t v = kIQ1SGrid[blk[offsetof(BlockIQ1_M, qs) + g] | ((h & 7) << 8)];
     constexpr uint64_t kOnes = 0x0101010101010101ull;
     const uint64_t nonzero = v & kOnes, neg_g = (v >> 7) & kOnes;
-    const uint64_t neg_delta = h & 8 ? kOnes : 0;
+    const uint64_t neg_delta = kOnes * ((h >> 3) & 1);  // (no branch: the signs are random)
     const uint64_t differ = (neg_g ^ neg_delta) & nonzero;  // 8 g and delta of opposite signs
     const uint64_t neg = (nonzero & neg_g) | (~nonzero & neg_delta);
     return {((nonzero << 3) | kOnes) - (differ << 1), IQPackLowBits(neg)};  // 8 |g| + 1, less 2 where they differ
@@ -167,11 +163,13 @@ struct IQ2XSFormat {
   using Block = BlockIQ2_XS;
   static constexpr int kSubBlocks = 16;
   static constexpr float kConst = 0.125f;
-  static IQGroup Group(const uint8_t* blk, int g) {
+  static uint16_t Q(const uint8_t* blk, int g) {
     uint16_t q;
     std::memcpy(&q, blk + offsetof(BlockIQ2_XS, qs) + 2 * g, sizeof(q));
-    return {kIQ2XSGrid[q & 511], IQ2SignByte(q >> 9)};
+    return q;
   }
+  static uint64_t Mag(const uint8_t* blk, int g) { return kIQ2XSGrid[Q(blk, g) & 511]; }
+  static IQGroup Group(const uint8_t* blk, int g) { return {Mag(blk, g), kIQ2Signs[Q(blk, g) >> 9]}; }
   static int Scale(const uint8_t* blk, int j) { return IQScale16(blk + offsetof(BlockIQ2_XS, scales), j); }
 };
 
@@ -179,11 +177,11 @@ struct IQ2SFormat {
   using Block = BlockIQ2_S;
   static constexpr int kSubBlocks = 16;
   static constexpr float kConst = 0.125f;
-  static IQGroup Group(const uint8_t* blk, int g) {
-    const uint8_t* qs = blk + offsetof(BlockIQ2_S, qs);
+  static uint64_t Mag(const uint8_t* blk, int g) {
     const int hi = (blk[offsetof(BlockIQ2_S, qh) + g / 4] >> (2 * (g % 4))) & 3;
-    return {kIQ2SGrid[qs[g] | (hi << 8)], qs[32 + g]};
+    return kIQ2SGrid[blk[offsetof(BlockIQ2_S, qs) + g] | (hi << 8)];
   }
+  static IQGroup Group(const uint8_t* blk, int g) { return {Mag(blk, g), blk[offsetof(BlockIQ2_S, qs) + 32 + g]}; }
   static int Scale(const uint8_t* blk, int j) { return IQScale16(blk + offsetof(BlockIQ2_S, scales), j); }
 };
 

@@ -526,13 +526,17 @@ struct KernIQGrid {
     int16_t sc[16];
     int32_t k[8];  // iq1_s: s_j * sign(delta_j)
   };
-  static HWY_INLINE void Prep(const uint8_t* blk, State& st) {
+  // The super-block's d times the format constant.
+  static HWY_INLINE float D(const uint8_t* blk) {
     if constexpr (requires { F::DBits(blk); }) {  // iq1_m
       const uint16_t bits = F::DBits(blk);
-      st.d = LoadF16Scalar(reinterpret_cast<const uint8_t*>(&bits)) * F::kConst;
+      return LoadF16Scalar(reinterpret_cast<const uint8_t*>(&bits)) * F::kConst;
     } else {
-      st.d = LoadF16Scalar(blk) * F::kConst;  // d is the first field of the others
+      return LoadF16Scalar(blk) * F::kConst;  // d is the first field of the others
     }
+  }
+  static HWY_INLINE void Prep(const uint8_t* blk, State& st) {
+    st.d = D(blk);
     st.dmin = 0.0f;
     for (int j = 0; j < F::kSubBlocks; ++j) st.sc[j] = static_cast<int16_t>(F::Scale(blk, j));
     if constexpr (kHasMin) {
@@ -913,15 +917,29 @@ HWY_INLINE void ChunkScalesE8M0(const uint8_t* cblk, int64_t cn, int64_t c0, con
 // dot, which the row results subtract from their lane sums. Summed block by block with fused
 // multiply-adds, as ggml's x86 kernels do (compiled with FMA): this term is often much larger
 // than the dot itself (the two parts cancel), so its rounding is kept close to llama.cpp's.
+// One token sums even and odd blocks in two chains (the latency of one chain of FMAs was half
+// of q4_1's decode time).
 template <int NT, size_t kBytes>
 HWY_INLINE void ChunkMinTerms(const uint8_t* cblk, int64_t cn, int64_t c0, const MmAct* act,
                               float* m) {
-  float sum[4] = {-m[0], NT > 1 ? -m[1] : 0.0f, NT > 2 ? -m[2] : 0.0f, NT > 3 ? -m[3] : 0.0f};
-  for (int64_t j = 0; j < cn; ++j) {
-    const float mw = LoadF16Scalar(cblk + j * kBytes + 2);  // m follows d in q4_1 and q5_1
-    for (int t = 0; t < NT; ++t) sum[t] = std::fma(mw, act[t].s[c0 + j], sum[t]);
+  const auto mw = [&](int64_t j) { return LoadF16Scalar(cblk + j * kBytes + 2); };  // m follows d
+  if constexpr (NT == 1) {
+    float even = -m[0], odd = 0.0f;
+    int64_t j = 0;
+    for (; j + 2 <= cn; j += 2) {
+      even = std::fma(mw(j), act[0].s[c0 + j], even);
+      odd = std::fma(mw(j + 1), act[0].s[c0 + j + 1], odd);
+    }
+    if (j < cn) even = std::fma(mw(j), act[0].s[c0 + j], even);
+    m[0] = -(even + odd);
+  } else {
+    float sum[4] = {-m[0], -m[1], NT > 2 ? -m[2] : 0.0f, NT > 3 ? -m[3] : 0.0f};
+    for (int64_t j = 0; j < cn; ++j) {
+      const float w = mw(j);
+      for (int t = 0; t < NT; ++t) sum[t] = std::fma(w, act[t].s[c0 + j], sum[t]);
+    }
+    for (int t = 0; t < NT; ++t) m[t] = -sum[t];
   }
-  for (int t = 0; t < NT; ++t) m[t] = -sum[t];
 }
 
 // Block-32 rows (q8_0, q4_0, q4_1, q5_0, q5_1): per chunk of blocks, the f16 weight scales are gathered and
@@ -1289,28 +1307,79 @@ HWY_INLINE __m512i VnniChunkIQ4_XS(const uint8_t* blk, int c) {
                           _mm512_set1_epi8(static_cast<char>(0x80)));
 }
 
+// The sub-block scales of a codebook super-block (the odd s_j = 2 ls_j + 1) or of iq4_xs
+// (ls_j - 32) as int8 in byte j (j < 8 or 16), unpacked in registers (see VnniScales8).
+template <class K>
+HWY_INLINE __m128i VnniScalesI8(const uint8_t* blk) {
+  using Block = typename K::BlockType;
+  // Nibbles j = 0..2n-1 of the n bytes at p, in bytes j.
+  const auto nibbles = [](const uint8_t* p, int n) {
+    uint64_t v = 0;
+    std::memcpy(&v, p, static_cast<size_t>(n));
+    const __m128i x = _mm_cvtsi64_si128(static_cast<int64_t>(v));
+    const __m128i m = _mm_set1_epi8(0x0F);
+    return _mm_unpacklo_epi8(_mm_and_si128(x, m), _mm_and_si128(_mm_srli_epi16(x, 4), m));
+  };
+  __m128i ls;
+  if constexpr (std::is_same_v<K, KernIQ4_XS>) {
+    uint16_t h;
+    std::memcpy(&h, blk + offsetof(BlockIQ4_XS, scales_h), sizeof(h));
+    const __m128i hi = _mm_cvtsi64_si128(static_cast<int64_t>(_pdep_u64(h, 0x0303030303030303ull) << 4));
+    return _mm_sub_epi8(_mm_or_si128(nibbles(blk + offsetof(BlockIQ4_XS, scales_l), 4), hi),
+                        _mm_set1_epi8(32));
+  } else if constexpr (std::is_same_v<K, KernIQ2_XS> || std::is_same_v<K, KernIQ2_S>) {
+    ls = nibbles(blk + offsetof(Block, scales), 8);
+  } else if constexpr (std::is_same_v<K, KernIQ3_S>) {
+    ls = nibbles(blk + offsetof(BlockIQ3_S, scales), 4);
+  } else if constexpr (std::is_same_v<K, KernIQ1_M>) {  // 3-bit fields at 3 (j % 4) of word j / 4
+    uint64_t v;
+    std::memcpy(&v, blk + offsetof(BlockIQ1_M, scales), sizeof(v));
+    const uint64_t f = _pext_u64(v, 0x0FFF0FFF0FFF0FFFull);
+    constexpr uint64_t kField = 0x0707070707070707ull;
+    ls = _mm_set_epi64x(static_cast<int64_t>(_pdep_u64(f >> 24, kField)),
+                        static_cast<int64_t>(_pdep_u64(f, kField)));
+  } else if constexpr (std::is_same_v<K, KernIQ1_S>) {  // bits 12..14 of the qh words
+    const __m128i qh = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + offsetof(BlockIQ1_S, qh)));
+    ls = _mm_cvtepi16_epi8(_mm_and_si128(_mm_srli_epi16(qh, 12), _mm_set1_epi16(7)));
+  } else if constexpr (std::is_same_v<K, KernIQ3_XXS>) {  // the top nibbles of 8 words
+    const __m256i w = _mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(blk + offsetof(BlockIQ3_XXS, qs) + kQK_K / 4));
+    ls = _mm256_cvtepi32_epi8(_mm256_srli_epi32(w, 28));
+  } else {  // iq2_xxs: the top nibble of each 8-byte group of qs
+    static_assert(std::is_same_v<K, KernIQ2_XXS>);
+    const __m512i w = _mm512_loadu_si512(blk + offsetof(BlockIQ2_XXS, qs));
+    ls = _mm512_cvtepi64_epi8(_mm512_srli_epi64(w, 60));
+  }
+  return _mm_add_epi8(_mm_add_epi8(ls, ls), _mm_set1_epi8(1));
+}
+
 // Super-block types with 8 sub-blocks of 32 (q4_K, q5_K, iq4_xs) on the VNNI path: the 8
 // sub-block scales as floats, and the multipliers k_j of the 32-quant activation sums in the
 // term the row subtracts (times kOff and dmin): q4_K / q5_K their mins; iq4_xs, whose
 // unsigned weights are grid value + 128, its scales (kOff 128, dmin = d).
+//
+// The sub-block scales of these and of the codebook types (VnniScalesI8) are unpacked in
+// registers: the State arrays of Prep, stored lane by lane and reloaded as a vector, stall on
+// store forwarding (a third of iq1_m's time).
 template <class K>
 HWY_INLINE void VnniScales8(const uint8_t* blk, __m512& scf, __m256i& k32, float& d,
                             float& dmin, int32_t& koff) {
   using Block = typename K::BlockType;
   d = LoadF16Scalar(blk + offsetof(Block, d));
   if constexpr (IsIQGrid<K>() || std::is_same_v<K, KernIQ4_XS>) {
-    typename K::State st;
-    K::Prep(blk, st);
-    d = st.d;  // the grid types fold their format constant into d
-    const __m256i sc32 = _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(st.sc)));
+    if constexpr (IsIQGrid<K>()) d = K::D(blk);  // the grid types fold their constant into d
+    const __m256i sc32 = _mm256_cvtepi8_epi32(VnniScalesI8<K>(blk));
     scf = _mm512_castps256_ps512(_mm256_cvtepi32_ps(sc32));
     if constexpr (!IsIQGrid<K>()) {  // iq4_xs: unsigned weights are value + 128
       k32 = sc32;
       dmin = d;
       koff = 128;
-    } else if constexpr (K::kHasMin) {  // iq1_s's delta term (KernIQGrid::MinSum)
-      k32 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(st.k));
-      dmin = st.dmin;
+    } else if constexpr (K::kHasMin) {  // iq1_s's delta term (KernIQGrid::MinSum): s_j sign_j
+      const __m256i qh = _mm256_cvtepi16_epi32(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + offsetof(BlockIQ1_S, qh))));
+      const __m256i neg = _mm256_srai_epi32(qh, 15);  // -1 where bit 15 (delta -1/8)
+      k32 = _mm256_sub_epi32(_mm256_xor_si256(sc32, neg), neg);
+      dmin = -kIQ1SDelta * d;
       koff = 1;
     } else {  // magnitudes times signed activations: no term to subtract
       k32 = _mm256_setzero_si256();
@@ -1334,35 +1403,87 @@ HWY_INLINE void VnniScales8(const uint8_t* blk, __m512& scf, __m256i& k32, float
   }
 }
 
+// iq1_s / iq1_m groups 8c..8c+7 in byte lanes: the grid bytes (-1, 0, 1) are looked up one
+// group at a time (no vector gather: see ChunkScales), everything else is done on the
+// whole vector with byte masks. iq1_s: magnitude = the low bit, sign = the top bit (its delta is
+// the "min" term). iq1_m (IQ1MFormat::Group): 8 |g| + 1, or 7 where g and the group's delta
+// have opposite signs; the sign of g, or of the delta where g = 0; alt = 9 where g != 0.
+template <class F>
+HWY_INLINE __m512i VnniChunkIQ1(const uint8_t* blk, int c, __mmask64* sign, __m512i* alt) {
+  constexpr bool kM = std::is_same_v<F, IQ1MFormat>;
+  const uint8_t* qs = blk + offsetof(typename F::Block, qs) + 8 * c;
+  // iq1_s: the two 16-bit qh words of sub-blocks 2c, 2c+1 (3 index bits per group);
+  // iq1_m: four qh bytes, a nibble per group (3 index bits and the delta's sign).
+  const uint32_t qh = IQLoadU32(blk + offsetof(typename F::Block, qh) + 4 * c);
+  const auto grid = [&](int l) {
+    const int shift = kM ? 4 * l : 16 * (l / 4) + 3 * (l % 4);
+    return static_cast<int64_t>(kIQ1SGrid[qs[l] | (((qh >> shift) & 7) << 8)]);
+  };
+  const __m512i v = _mm512_set_epi64(grid(7), grid(6), grid(5), grid(4), grid(3), grid(2),
+                                     grid(1), grid(0));
+  const __mmask64 neg_g = _mm512_movepi8_mask(v);
+  if constexpr (!kM) {
+    *sign = neg_g;
+    return _mm512_and_si512(v, _mm512_set1_epi8(1));
+  } else {
+    const __mmask64 nonzero = _mm512_test_epi8_mask(v, _mm512_set1_epi8(1));
+    // Bit 4l + 3 of qh (group l's delta sign) spread over byte l.
+    const __mmask64 neg_delta = _pdep_u64(_pext_u32(qh, 0x88888888u), 0x0101010101010101ull) * 0xFF;
+    *sign = (nonzero & neg_g) | (~nonzero & neg_delta);
+    const __m512i nine = _mm512_mask_mov_epi8(_mm512_set1_epi8(1), nonzero, _mm512_set1_epi8(9));
+    *alt = nine;
+    return _mm512_mask_mov_epi8(nine, (neg_g ^ neg_delta) & nonzero, _mm512_set1_epi8(7));
+  }
+}
+
+// The sign bytes (IQ2SignByte: 7 bits and their parity on top) of the 7-bit sign indices in
+// the eight 16-bit lanes of s7, as the 64 bits of a byte-lane mask.
+HWY_INLINE uint64_t VnniSignBytes(__m128i s7) {
+  const __m128i parity = _mm_setr_epi8(0, -128, -128, 0, -128, 0, 0, -128, -128, 0, 0, -128, 0,
+                                       -128, -128, 0);  // parity of a nibble, in bit 7
+  const __m128i p = _mm_xor_si128(_mm_shuffle_epi8(parity, _mm_and_si128(s7, _mm_set1_epi16(15))),
+                                  _mm_shuffle_epi8(parity, _mm_srli_epi16(s7, 4)));
+  return static_cast<uint64_t>(
+      _mm_cvtsi128_si64(_mm_packus_epi16(_mm_or_si128(s7, p), _mm_setzero_si128())));
+}
+
+// The sign bits of groups 8c..8c+7 (bit 8 l + k: element k of group 8c + l negative).
+template <class F>
+HWY_INLINE uint64_t VnniIQSigns(const uint8_t* blk, int c) {
+  uint64_t v;
+  if constexpr (std::is_same_v<F, IQ3SFormat> || std::is_same_v<F, IQ2SFormat>) {  // stored
+    const size_t off = std::is_same_v<F, IQ3SFormat> ? offsetof(BlockIQ3_S, signs)
+                                                     : offsetof(BlockIQ2_S, qs) + 32;
+    std::memcpy(&v, blk + off + 8 * c, sizeof(v));
+    return v;
+  } else if constexpr (std::is_same_v<F, IQ2XSFormat>) {  // bits 9..15 of each group's word
+    const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + offsetof(BlockIQ2_XS, qs) + 16 * c));
+    return VnniSignBytes(_mm_srli_epi16(q, 9));
+  } else {  // iq2_xxs, iq3_xxs: four 7-bit indices in each of sub-blocks 2c and 2c+1's words
+    const __m256i w = _mm256_set_m128i(_mm_set1_epi32(static_cast<int>(F::SignWord(blk, 2 * c + 1))),
+                                       _mm_set1_epi32(static_cast<int>(F::SignWord(blk, 2 * c))));
+    const __m256i s7 = _mm256_and_si256(
+        _mm256_srlv_epi32(w, _mm256_setr_epi32(0, 7, 14, 21, 0, 7, 14, 21)), _mm256_set1_epi32(127));
+    return VnniSignBytes(_mm256_cvtepi32_epi16(s7));
+  }
+}
+
 // One 64-quant chunk c (0..3) of a codebook i-quant super-block (groups 8c..8c+7): the grid
-// magnitudes as unsigned bytes (all < 128) and, in *sign, the sign bits, which go to the
-// activations, negated in 8 bits as ggml's x86 kernels do (-128 stays -128; MacI16SignWrap).
-// iq1_m also gives *alt, the magnitudes an activation of -128 meets (IQ1MFormat).
+// magnitudes as unsigned bytes (all < 128), looked up group by group (no vector gather: see
+// ChunkScales), and, in *sign, the sign bits, which go to the activations, negated in 8 bits
+// as ggml's x86 kernels do (-128 stays -128; MacI16SignWrap). iq1_m also gives *alt, the
+// magnitudes an activation of -128 meets (IQ1MFormat).
 template <class K>
 HWY_INLINE __m512i VnniChunkIQGrid(const uint8_t* blk, int c, __mmask64* sign,
                                    __m512i* alt = nullptr) {
-  IQGroup q[8];
   using F = typename K::Format;
-  if constexpr (requires { F::Groups8(blk, c, q); }) {  // a format's faster unpacking
-    F::Groups8(blk, c, q);
+  if constexpr (std::is_same_v<F, IQ1SFormat> || std::is_same_v<F, IQ1MFormat>) {
+    return VnniChunkIQ1<F>(blk, c, sign, alt);
   } else {
-    HWY_UNROLL(8)
-    for (int l = 0; l < 8; ++l) q[l] = K::Format::Group(blk, 8 * c + l);
+    *sign = static_cast<__mmask64>(VnniIQSigns<F>(blk, c));
+    const auto mag = [&](int l) { return static_cast<int64_t>(F::Mag(blk, 8 * c + l)); };
+    return _mm512_set_epi64(mag(7), mag(6), mag(5), mag(4), mag(3), mag(2), mag(1), mag(0));
   }
-  uint64_t sg = 0;
-  HWY_UNROLL(8)
-  for (int l = 0; l < 8; ++l) sg |= uint64_t{q[l].sign} << (8 * l);
-  *sign = static_cast<__mmask64>(sg);
-  // Built in registers (a store of 8 words and a 64-byte reload would stall on forwarding).
-  const __m512i mag = _mm512_set_epi64(static_cast<int64_t>(q[7].mag), static_cast<int64_t>(q[6].mag),
-                                       static_cast<int64_t>(q[5].mag), static_cast<int64_t>(q[4].mag),
-                                       static_cast<int64_t>(q[3].mag), static_cast<int64_t>(q[2].mag),
-                                       static_cast<int64_t>(q[1].mag), static_cast<int64_t>(q[0].mag));
-  if constexpr (HasWrapAlt<F>()) {  // iq1_m: IQ1MWrapMagnitude, lane by lane
-    *alt = _mm512_mask_add_epi8(mag, _mm512_cmpeq_epi8_mask(mag, _mm512_set1_epi8(7)), mag,
-                                _mm512_set1_epi8(2));
-  }
-  return mag;
 }
 
 // VnniChunkToken with the weight signs applied to the activations; kAlt (iq1_m): activations
@@ -1409,12 +1530,9 @@ HWY_INLINE void VnniScales16(const uint8_t* blk, __m128i& sc8, __m128i& k8, floa
                              float& dmin, int32_t& koff) {
   using Block = typename K::BlockType;
   if constexpr (IsIQGrid<K>()) {  // magnitudes times signed activations: no offset
-    typename K::State st;
-    K::Prep(blk, st);
-    const __m256i s16 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(st.sc));
-    sc8 = _mm256_cvtepi16_epi8(s16);
+    sc8 = VnniScalesI8<K>(blk);
     k8 = _mm_setzero_si128();
-    d = st.d;
+    d = K::D(blk);
     dmin = d;
     koff = 0;
     return;
@@ -1427,9 +1545,18 @@ HWY_INLINE void VnniScales16(const uint8_t* blk, __m128i& sc8, __m128i& k8, floa
     dmin = d;
     koff = 32;
   } else if constexpr (std::is_same_v<K, KernQ3_K>) {
-    alignas(16) uint8_t u[16];
-    UnpackQ3KScales(blk + offsetof(BlockQ3_K, scales), u);
-    sc8 = _mm_sub_epi8(_mm_load_si128(reinterpret_cast<const __m128i*>(u)), _mm_set1_epi8(32));
+    // UnpackQ3KScales in registers (see VnniScales8).
+    uint32_t w[3];
+    std::memcpy(w, blk + offsetof(BlockQ3_K, scales), sizeof(w));
+    const __m128i lo = _mm_and_si128(
+        _mm_srlv_epi32(_mm_setr_epi32(static_cast<int>(w[0]), static_cast<int>(w[1]),
+                                      static_cast<int>(w[0]), static_cast<int>(w[1])),
+                       _mm_setr_epi32(0, 0, 4, 4)),
+        _mm_set1_epi8(0x0F));
+    const __m128i hi = _mm_and_si128(
+        _mm_srlv_epi32(_mm_set1_epi32(static_cast<int>(w[2])), _mm_setr_epi32(0, 2, 4, 6)),
+        _mm_set1_epi8(0x03));
+    sc8 = _mm_sub_epi8(_mm_or_si128(lo, _mm_slli_epi32(hi, 4)), _mm_set1_epi8(32));
     k8 = sc8;
     dmin = d;
     koff = 4;

@@ -9,7 +9,11 @@
 //    ggml's from_float makes, within the float summation-order error.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <cstdlib>
+#include <cstdio>
 #include <cstring>
 #include <random>
 #include <string>
@@ -309,6 +313,67 @@ TEST(GgmlOracle, ActivationConversionIsByteIdentical) {
       from(rows[r].data(), theirs.data(), n);
       ASSERT_EQ(ours, theirs) << DTypeName(t) << " -> " << DTypeName(vt) << " row " << r;
     }
+  }
+}
+
+// Not a test: the decode kernels' speed against ggml's vec_dot, one thread, on the same hot
+// matrix (2816 x 1024, weights written by moe's quantizer) and each engine's own activation
+// conversion. Run with the CPU library llama.cpp picks on this machine, e.g.
+//   MOE_GGML_CPU=libggml-cpu-zen4.so MOE_BENCH_TYPES=iq1_m,iq2_xs test_kernels \
+//     --gtest_also_run_disabled_tests --gtest_filter='*DecodeKernelVsGgml*'
+TEST(GgmlOracle, DISABLED_DecodeKernelVsGgml) {
+  const test::GgmlOracle* o = Oracle();
+  if (!o) GTEST_SKIP() << "no ggml oracle on this platform";
+  const int64_t rows = 2816, n = 1024;
+  const char* sel = std::getenv("MOE_BENCH_TYPES");
+  const std::string list = std::string(",") + (sel ? sel : "") + ",";
+  std::mt19937_64 rng(11);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  // Best of 5 runs of >= 0.2 s each (the machine is shared): GB/s of weights.
+  const auto best_gbs = [](size_t bytes, auto&& fn) {
+    double best = 0;
+    for (int run = 0; run < 5; ++run) {
+      const auto t0 = std::chrono::steady_clock::now();
+      double secs = 0;
+      int it = 0;
+      do {
+        fn();
+        ++it;
+        secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      } while (secs < 0.2);
+      best = std::max(best, static_cast<double>(bytes) * it / secs * 1e-9);
+    }
+    return best;
+  };
+  std::printf("%-8s %10s %10s %7s\n", "type", "moe GB/s", "ggml GB/s", "ratio");
+  for (DType t : test::AllWeightTypes(/*include_f32=*/false)) {
+    if (sel && list.find(std::string(",") + DTypeName(t) + ",") == std::string::npos) continue;
+    const auto* cpu = o->TraitsCpu(static_cast<int>(t));
+    const size_t rb = RowBytes(t, n);
+    std::vector<float> w(static_cast<size_t>(n)), x(static_cast<size_t>(n));
+    std::vector<uint8_t> wq(rb * rows);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (float& v : w) v = nd(rng);
+      QuantizeRow(t, w.data(), wq.data() + r * rb, n);
+    }
+    for (float& v : x) v = nd(rng);
+    std::vector<uint8_t> act(ActivationRowBytes(t, n));
+    ConvertActivations(t, x.data(), act.data(), n);
+    const auto* vdt = o->Traits(cpu->vec_dot_type);
+    std::vector<uint8_t> gact(static_cast<size_t>(n / vdt->blck_size * vdt->type_size) + 64);
+    test::GgmlOracle::FromFloat from = o->TraitsCpu(cpu->vec_dot_type)->from_float;
+    if (from == nullptr) from = vdt->from_float_ref;
+    from(x.data(), gact.data(), n);
+    std::vector<float> y(rows), gy(rows);
+    const double ours = best_gbs(wq.size(), [&] {
+      kernels::MatMul(t, wq.data(), n, 0, rows, act.data(), act.size(), 1, y.data(), rows);
+    });
+    const double theirs = best_gbs(wq.size(), [&] {
+      for (int64_t r = 0; r < rows; ++r) {
+        cpu->vec_dot(static_cast<int>(n), &gy[r], 0, wq.data() + r * rb, 0, gact.data(), 0, 1);
+      }
+    });
+    std::printf("%-8s %10.2f %10.2f %6.2fx\n", DTypeName(t), ours, theirs, ours / theirs);
   }
 }
 
