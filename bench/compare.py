@@ -45,6 +45,9 @@ def main():
     work = os.path.join(ROOT, "build", "bench")
     os.makedirs(work, exist_ok=True)
     rows = []
+    # The machine's ceilings, measured in this run (before and after the comparisons; the higher
+    # bandwidth of the two is the floor's, so a busy moment cannot flatter the shares).
+    machine = [benchutil.run_json([a.moe, "bench-machine", "-t", str(a.t), "--json"], "moe bench-machine")]
     for t in a.types.split(","):
         path = os.path.join(work, f"medium-{t}.gguf")
         if not os.path.exists(path):
@@ -67,6 +70,7 @@ def main():
             res["moe"]["pp"].append(m["prefill_tokens_per_s"])
             res["moe"]["tg"].append(m["decode_tokens_per_s"])
             res["moe"]["rss"].append(m["peak_rss_bytes"])
+            res["moe"].setdefault("bytes", []).append(m["weight_bytes_per_token"] + m["kv_bytes_per_token"])
             if a.pinning:
                 u = benchutil.run_json(["env", "MOE_NO_PIN=1", a.moe, "bench", "-m", path, "-p", str(a.p),
                                         "-n", str(a.n), "-t", str(a.t), "--seed", str(100 + r), "--json"],
@@ -82,6 +86,8 @@ def main():
                   f"llama.cpp pp {l['prefill_tokens_per_s']:.1f} tg {l['decode_tokens_per_s']:.1f}", flush=True)
         med = {k: {kk: statistics.median(v) if v else 0.0 for kk, v in d.items()} for k, d in res.items()}
         rows.append((t, size, med))
+    machine.append(benchutil.run_json([a.moe, "bench-machine", "-t", str(a.t), "--json"], "moe bench-machine"))
+    bw = max(x["read_gbs"] for x in machine) * 1e9
     date = datetime.date.today().isoformat()
     cmd = (f"bench/compare.py --types {a.types} -p {a.p} -n {a.n} -t {a.t} --rounds {a.rounds}"
            + (" --pinning" if a.pinning else ""))
@@ -91,12 +97,24 @@ def main():
              f"vocab 32000; q8_0 and q4_0 written by `moe init`, the others by `moe quantize` from the q8_0 "
              f"file: upper-case names are llama.cpp mixes, lower-case ones `--pure`), random tokens, {a.t} threads, medians of {a.rounds} alternating rounds. "
              "llama.cpp = node-llama-cpp 3.21.1 prebuilt CPU build with an F32 KV cache and flash attention off (moe.cpp's cache is F32 too).", "",
-             "| type | file MiB | moe prefill tok/s | llama.cpp prefill tok/s | ratio | moe decode tok/s | llama.cpp decode tok/s | ratio | moe peak RSS MiB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "",
+             "Ceilings (`moe bench-machine`, the same run, before / after): memory read " +
+             " / ".join(f"{x['read_gbs_1t']:.1f}" for x in machine) + " GB/s with 1 pinned thread, " +
+             " / ".join(f"{x['read_gbs']:.1f}" for x in machine) + f" GB/s with {a.t}; fp32 FMA " +
+             " / ".join(f"{x['fp32_gflops']:.0f}" for x in machine) + " GFLOP/s, int8 multiply-add " +
+             " / ".join(f"{x['int8_gops']:.0f}" for x in machine) + f" GOP/s ({machine[0]['target']}, {a.t} threads). "
+             "Decode floor = the bytes one token reads (the weights of the dense part, the k routed experts and "
+             f"the head, and the KV cache at the mean context) / {bw / 1e9:.1f} GB/s; a share is the decode speed "
+             "over that floor.", "",
+             "| type | file MiB | moe prefill tok/s | llama.cpp prefill tok/s | ratio | moe decode tok/s | llama.cpp decode tok/s | ratio | MB read / token | decode floor tok/s | moe share | llama.cpp share | moe peak RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for t, size, m in rows:
+        floor = bw / m['moe']['bytes']
         lines.append(f"| {t} | {size / 2**20:.0f} | {m['moe']['pp']:.1f} | {m['llama']['pp']:.1f} | "
                      f"{m['moe']['pp'] / m['llama']['pp']:.2f}x | {m['moe']['tg']:.1f} | {m['llama']['tg']:.1f} | "
-                     f"{m['moe']['tg'] / m['llama']['tg']:.2f}x | {m['moe']['rss'] / 2**20:.0f} |")
+                     f"{m['moe']['tg'] / m['llama']['tg']:.2f}x | {m['moe']['bytes'] / 1e6:.1f} | {floor:.1f} | "
+                     f"{100 * m['moe']['tg'] / floor:.0f}% | {100 * m['llama']['tg'] / floor:.0f}% | "
+                     f"{m['moe']['rss'] / 2**20:.0f} |")
     if a.pinning:
         lines += ["", "Thread pinning (same runs): moe.cpp's persistent pool with workers pinned to distinct "
                   "CPUs (default) vs the same pool left to the scheduler (`MOE_NO_PIN=1`).", "",

@@ -99,6 +99,8 @@ struct ModelConfig {
   uint32_t n_q() const { return n_head * n_embd_head_k; }     // Q width
   uint32_t n_k() const { return n_head_kv * n_embd_head_k; }  // K width
   uint32_t n_v() const { return n_head_kv * n_embd_head_v; }  // V width
+  // Bytes the KV cache (f32 keys and values of every layer) holds per position.
+  uint64_t KvBytesPerPosition() const { return uint64_t{n_layer} * (n_k() + n_v()) * sizeof(float); }
   uint32_t n_router() const { return static_cast<uint32_t>(moe.router_width()); }  // R
 };
 

@@ -72,6 +72,17 @@ with tempfile.TemporaryDirectory() as d:
     check("run seeded sampling", a["tokens"] == b["tokens"] and all(0 <= t < 200 for t in a["tokens"]))
     bench = json.loads(run("bench", "-m", m, "-p", "8", "-n", "4", "--json").stdout)
     check("bench json", bench["prefill_tokens_per_s"] > 0 and bench["decode_tokens_per_s"] > 0)
+    # What a decoded token reads: the weights inspect counts, and the f32 KV cache of 2 layers x
+    # (2 kv heads x 16) keys and values at the decode's mean context 8 + 1.5.
+    check("bench bytes per token", bench["weight_bytes_per_token"] == info["bytes_per_token"]
+          and info["kv_bytes_per_token"] == 2 * 2 * 32 * 4
+          and abs(bench["kv_bytes_per_token"] - 2 * 2 * 32 * 4 * 9.5) < 1e-6, str(bench))
+    mach = json.loads(run("bench-machine", "-t", "1", "--mib", "16", "-r", "1", "--json").stdout)
+    check("bench-machine json", all(mach[k] > 0 for k in ("read_gbs", "read_gbs_1t", "fp32_gflops",
+                                                          "fp32_gflops_1t", "int8_gops", "int8_gops_1t"))
+          and mach["threads"] == 1, str(mach))
+    expect_error("bench-machine threads bound", ["bench-machine", "-t", "100000"], 2, "--threads")
+    expect_error("bench-machine mib bound", ["bench-machine", "--mib", "1"], 2, "--mib")
     layer = json.loads(run("bench-layer", "--router", "sigmoid_bias", "--tokens", "40", "--dim", "24",
                            "--ffn", "16", "--experts", "4", "--experts-used", "2", "--json").stdout)
     check("bench-layer json", layer["forward_ms"] > 0 and layer["forward_backward_ms"] >= layer["forward_ms"])

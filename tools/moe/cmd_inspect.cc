@@ -73,6 +73,7 @@ Runner AddInspect(CLI::App& app) {
     j["tokenizer"] = model->tokenizer().model();
     j["bytes_per_expert"] = model->BytesPerExpert();
     j["bytes_per_token"] = model->BytesPerToken();
+    j["kv_bytes_per_token"] = c.KvBytesPerPosition();
     uint64_t total = 0;
     nlohmann::json tensors = nlohmann::json::array();
     for (const GgufTensorInfo& t : f.tensors()) {

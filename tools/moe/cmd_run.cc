@@ -231,6 +231,11 @@ Runner AddBench(CLI::App& app) {
     j["decode_tokens_per_s"] = Median(tg);
     j["n_prompt"] = o->n_prompt;
     j["n_gen"] = o->n_gen;
+    // What one decoded token reads (the decode floor is this over the memory bandwidth):
+    // the weights (Model::BytesPerToken) and the KV cache at the decode's mean context.
+    j["weight_bytes_per_token"] = model->BytesPerToken();
+    j["kv_bytes_per_token"] = static_cast<double>(model->config().KvBytesPerPosition()) *
+                              (o->n_prompt + (o->n_gen - 1) / 2.0);
     j["threads"] = pool.size();
     j["peak_rss_bytes"] = PeakRssBytes();
     if (o->json) {

@@ -28,6 +28,7 @@ Runner AddTokenizer(CLI::App& app);
 Runner AddEval(CLI::App& app);
 Runner AddUpcycle(CLI::App& app);
 Runner AddBenchTrain(CLI::App& app);
+Runner AddBenchMachine(CLI::App& app);
 Runner AddReport(CLI::App& app);
 Runner AddQuantize(CLI::App& app);
 

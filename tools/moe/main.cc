@@ -28,6 +28,7 @@ int main(int argc, char** argv) {
   add("inspect", "show a model's architecture, tensors and bytes per token", moe::cli::AddInspect);
   add("run", "generate text (or token ids) from a model", moe::cli::AddRun);
   add("bench", "measure prefill and decode speed on random tokens", moe::cli::AddBench);
+  add("bench-machine", "this machine's ceilings: memory read bandwidth, fp32 and int8 rates", moe::cli::AddBenchMachine);
   add("bench-layer", "time one MoE layer forward and backward", moe::cli::AddBenchLayer);
   add("train", "train a model on text (AdamW; checkpoints, resume, metrics)", moe::cli::AddTrain);
   add("tokenizer", "train a vocabulary: moe tokenizer train --data ... --vocab V -o tok.gguf", moe::cli::AddTokenizer);
