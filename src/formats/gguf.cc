@@ -419,6 +419,17 @@ std::unique_ptr<GgufFile> GgufFile::FromMemory(const void* data, size_t size,
   return f;
 }
 
+void GgufFile::ReleasePages(const void* p, size_t n) const {
+  if (mapping_ == nullptr) return;
+  const auto lo = reinterpret_cast<uintptr_t>(mapping_), hi = lo + mapping_size_;
+  const auto page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  uintptr_t a = reinterpret_cast<uintptr_t>(p), b = a + n;
+  if (a < lo || b > hi) return;
+  a = (a + page - 1) / page * page;
+  b = b / page * page;
+  if (b > a) ::madvise(reinterpret_cast<void*>(a), b - a, MADV_DONTNEED);
+}
+
 GgufFile::~GgufFile() {
   if (mapping_ != nullptr) ::munmap(mapping_, mapping_size_);
 }

@@ -98,6 +98,11 @@ class GgufFile {
   // Formats "<label>: <msg>" and throws moe::Error.
   [[noreturn]] void Throw(const std::string& msg) const;
 
+  // Gives the pages of a mapped file that lie wholly inside [p, p + n) back to the kernel (they
+  // are read from the file again if touched): for data copied elsewhere, e.g. repacked weights.
+  // No-op for a buffer (FromMemory) or a range outside the mapping.
+  void ReleasePages(const void* p, size_t n) const;
+
  private:
   GgufFile() = default;
   void Parse();

@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "tensor/dtype.h"
+#include "tensor/tensor.h"
 
 namespace moe::kernels {
 
@@ -46,8 +47,19 @@ size_t ActivationRowBytes(DType w, int64_t n);
 // W points at row 0 of a weight matrix of type w with rows of n_in elements; activation t is
 // at (const uint8_t*)xa + t * xa_stride, converted with ConvertActivations(w, ...).
 // Blocks over tokens so each weight row is loaded once per group of tokens.
+// W in layout kTiles16 (Repack): the same, for rows of whole tiles except that r0 and r1 may
+// cut the first and last tile.
 void MatMul(DType w, const void* W, int64_t n_in, int64_t r0, int64_t r1, const void* xa,
-            size_t xa_stride, int64_t n_tok, float* y, int64_t y_stride);
+            size_t xa_stride, int64_t n_tok, float* y, int64_t y_stride,
+            WeightLayout layout = WeightLayout::kRows);
+
+// ---- repacking ----
+// The layout the running CPU's kernels multiply a matrix of `rows` rows of n_in elements of type
+// w fastest in: kTiles16 for q8_0 on CPUs with AVX-512 VNNI (rows a multiple of 16, n_in of 64),
+// else kRows (keep the file's).
+WeightLayout RepackLayout(DType w, int64_t n_in, int64_t rows);
+// Writes the matrix src (kRows) into dst (as many bytes) in `layout`.
+void Repack(DType w, WeightLayout layout, const void* src, void* dst, int64_t n_in, int64_t rows);
 
 float DotF32(const float* a, const float* b, int64_t n);
 // y[i] += a * x[i]

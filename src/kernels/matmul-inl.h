@@ -38,6 +38,7 @@
 #define MOE_KERNELS_MATMUL_INL_H_
 #endif
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cmath>
@@ -49,6 +50,7 @@
 #include "hwy/highway.h"
 #include "kernels/iq_grid.h"
 #include "tensor/dtype.h"
+#include "tensor/tensor.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace moe::kernels {
@@ -143,6 +145,7 @@ struct MmAct {
   const int8_t* q8;
   const int32_t* corr;
   const int16_t* bsums;
+  const int32_t* bcorr;  // q8_0 tiles: -corr x (sum of block b's quants), per block
 };
 
 // Blocks per chunk of a row whose f16 scales are widened together (block-32 types).
@@ -1823,6 +1826,7 @@ struct MmPrepSpec {
   MmLayout layout;  // int16 path only
   bool int8;        // VNNI path: int8 quants (+ corrections) instead of int16
   int32_t corr;     // VNNI block-32 path: unsigned offset of the weights (0: none)
+  bool block_corr = false;  // q8_0 tiles: the offset's correction per block (MmAct::bcorr)
 };
 
 // Converts the n_tok activation rows into the workspace and fills acts[n_tok].
@@ -1846,8 +1850,9 @@ HWY_INLINE MmAct* PrepareActs(const MmPrepSpec& spec, int64_t n_in, const uint8_
   const size_t r_bytes =
       prep == MmPrep::kQ8_K ? MmRoundUp64(static_cast<size_t>(nb) * 16 * sizeof(int16_t)) : 0;
   const size_t f_bytes = is_int ? 0 : MmRoundUp64(static_cast<size_t>(n_in) * sizeof(float));
+  const size_t bc_bytes = spec.block_corr ? MmRoundUp64(static_cast<size_t>(nb) * sizeof(int32_t)) : 0;
   const size_t per_tok =
-      q_bytes + q8_bytes + c_bytes + d_bytes + s_bytes + b_bytes + r_bytes + f_bytes;
+      q_bytes + q8_bytes + c_bytes + d_bytes + s_bytes + b_bytes + r_bytes + f_bytes + bc_bytes;
   const size_t head = MmRoundUp64(static_cast<size_t>(n_tok) * sizeof(MmAct));
   uint8_t* ws = MmWorkspace(head + per_tok * static_cast<size_t>(n_tok));
   MmAct* acts = reinterpret_cast<MmAct*>(ws);
@@ -1868,6 +1873,8 @@ HWY_INLINE MmAct* PrepareActs(const MmPrepSpec& spec, int64_t n_in, const uint8_
     int16_t* bsums = reinterpret_cast<int16_t*>(p);
     p += r_bytes;
     float* f = reinterpret_cast<float*>(p);
+    p += f_bytes;
+    int32_t* bcorr = reinterpret_cast<int32_t*>(p);
     const uint8_t* row = xa + xa_stride * static_cast<size_t>(t);
     switch (prep) {
       case MmPrep::kF32: WidenToF32<float>(row, f, n_in); break;
@@ -1895,7 +1902,13 @@ HWY_INLINE MmAct* PrepareActs(const MmPrepSpec& spec, int64_t n_in, const uint8_
         }
         break;
     }
-    acts[t] = MmAct{q, d, sx, bsum2, f, q8, corr, bsums};
+    if (spec.block_corr) {  // block b's units are 2k + (b & 1) of its pair's 16 (PrepareQ8_0Int8)
+      for (int64_t b = 0; b < nb; ++b) {
+        const int32_t* c = corr + 16 * (b / 2) + (b & 1);
+        bcorr[b] = c[0] + c[2] + c[4] + c[6] + c[8] + c[10] + c[12] + c[14];
+      }
+    }
+    acts[t] = MmAct{q, d, sx, bsum2, f, q8, corr, bsums, bcorr};
   }
   return acts;
 }
@@ -2031,6 +2044,105 @@ HWY_INLINE void MatMulVnni32(MmPrep prep, const uint8_t* W, int64_t n_in, int64_
 }
 #endif
 
+#if MOE_MATMUL_VNNI
+// ---- q8_0 in row tiles (WeightLayout::kTiles16) ---------------------------------------------
+// Decode multiplies each weight byte once, so what bounds it is the instructions a byte costs.
+// In the file's layout a row's blocks are contiguous and every row ends in a horizontal sum;
+// repacked (Repack), 16 rows are interleaved 4 quants at a time, so one vpdpbusd multiplies 16
+// rows by 4 activation quants broadcast to every lane, the 16 rows' f16 scales are one load and
+// no horizontal sum is left. Per tile of 16 rows, per pair of blocks p (1088 bytes = 2 blocks x
+// 16 rows x 34 bytes: the file's size):
+//   64 bytes:  the f16 d of block 2p for rows 0..15, then of block 2p + 1
+//   512 bytes: block 2p, group k = 0..7 at 64 k: lane r = row r's quants 4k..4k+3, plus 128
+//   512 bytes: block 2p + 1, the same
+// The quants are stored plus 128 (vpdpbusd's unsigned operand); the activation's -128 x (sum
+// of the block's quants), MmAct::bcorr, starts each block's sum and undoes it.
+constexpr size_t kTilePairBytes = 2 * 16 * sizeof(BlockQ8_0);
+
+// out[t][r] = the dot of tile row r with token t (NT tokens), over np pairs of blocks.
+template <int NT>
+HWY_INLINE void TileQ8_0(const uint8_t* HWY_RESTRICT tile, int64_t np, const MmAct* act,
+                         float (*out)[16]) {
+  __m512 acc[NT][2];
+  HWY_UNROLL(4)
+  for (int t = 0; t < NT; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < np; ++p) {
+    const uint8_t* pp = tile + p * kTilePairBytes;
+    MmPrefetch<kTilePairBytes>(pp + kMmPrefetchBytes);
+    HWY_UNROLL(2)
+    for (int h = 0; h < 2; ++h) {
+      const __m512 dw = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(pp + 32 * h)));
+      const uint8_t* g = pp + 64 + 512 * h;
+      const int64_t b = 2 * p + h;
+      HWY_UNROLL(4)
+      for (int t = 0; t < NT; ++t) {
+        const int8_t* xq = act[t].q8 + 64 * p + 4 * h;  // PrepareQ8_0Int8's pair interleave
+        const auto x4 = [&](int k) {
+          int32_t v;
+          std::memcpy(&v, xq + 8 * k, sizeof(v));
+          return _mm512_set1_epi32(v);
+        };
+        const auto w = [&](int k) { return _mm512_load_si512(g + 64 * k); };
+        __m512i s0 = _mm512_set1_epi32(act[t].bcorr[b]), s1 = _mm512_setzero_si512();
+        s0 = _mm512_dpbusd_epi32(s0, w(0), x4(0));
+        s1 = _mm512_dpbusd_epi32(s1, w(1), x4(1));
+        s0 = _mm512_dpbusd_epi32(s0, w(2), x4(2));
+        s1 = _mm512_dpbusd_epi32(s1, w(3), x4(3));
+        s0 = _mm512_dpbusd_epi32(s0, w(4), x4(4));
+        s1 = _mm512_dpbusd_epi32(s1, w(5), x4(5));
+        s0 = _mm512_dpbusd_epi32(s0, w(6), x4(6));
+        s1 = _mm512_dpbusd_epi32(s1, w(7), x4(7));
+        acc[t][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)),
+                                    _mm512_mul_ps(dw, _mm512_set1_ps(act[t].d[b])), acc[t][h]);
+      }
+    }
+  }
+  HWY_UNROLL(4)
+  for (int t = 0; t < NT; ++t) _mm512_store_ps(out[t], _mm512_add_ps(acc[t][0], acc[t][1]));
+}
+
+HWY_INLINE void MatMulQ8_0Tiles(const uint8_t* W, int64_t n_in, int64_t r0, int64_t r1,
+                                const uint8_t* xa, size_t xa_stride, int64_t n_tok, float* y,
+                                int64_t y_stride) {
+  const MmAct* acts = PrepareActs(MmPrepSpec{MmPrep::kQ8_0, MmLayout::kNatural, true, 128, true},
+                                  n_in, xa, xa_stride, n_tok);
+  const int64_t np = n_in / 64;
+  const size_t tile_bytes = static_cast<size_t>(np) * kTilePairBytes;
+  for (int64_t t0 = r0 / 16 * 16; t0 < r1; t0 += 16) {
+    const uint8_t* tile = W + static_cast<size_t>(t0 / 16) * tile_bytes;
+    const int64_t lo = std::max(t0, r0), hi = std::min(t0 + 16, r1);
+    for (int64_t k0 = 0; k0 < n_tok; k0 += 4) {  // token groups over a tile that stays in cache
+      HWY_ALIGN float out[4][16];
+      const MmAct* a = acts + k0;
+      const int64_t nt = std::min<int64_t>(4, n_tok - k0);
+      switch (nt) {
+        case 1: TileQ8_0<1>(tile, np, a, out); break;
+        case 2: TileQ8_0<2>(tile, np, a, out); break;
+        case 3: TileQ8_0<3>(tile, np, a, out); break;
+        default: TileQ8_0<4>(tile, np, a, out); break;
+      }
+      for (int64_t t = 0; t < nt; ++t) {
+        std::memcpy(y + (k0 + t) * y_stride + (lo - r0), out[t] + (lo - t0),
+                    static_cast<size_t>(hi - lo) * sizeof(float));
+      }
+    }
+  }
+}
+#endif  // MOE_MATMUL_VNNI
+
+// Per-target body of kernels::RepackLayout.
+HWY_NOINLINE inline WeightLayout RepackLayout(DType w, int64_t n_in, int64_t rows) {
+#if MOE_MATMUL_VNNI
+  if (w == DType::kQ8_0 && n_in > 0 && n_in % 64 == 0 && rows > 0 && rows % 16 == 0) {
+    return WeightLayout::kTiles16;
+  }
+#endif
+  (void)w;
+  (void)n_in;
+  (void)rows;
+  return WeightLayout::kRows;
+}
+
 template <typename T>
 HWY_INLINE void MatMulFloat(const uint8_t* W, int64_t n_in, int64_t r0, int64_t r1,
                             const MmAct* acts, int64_t n_tok, float* y, int64_t y_stride) {
@@ -2056,10 +2168,18 @@ HWY_INLINE void MatMulFloat(const uint8_t* W, int64_t n_in, int64_t r0, int64_t 
 // inline: this header is also compiled into the test binary.
 HWY_NOINLINE inline void MatMul(DType w, const void* W, int64_t n_in, int64_t r0, int64_t r1,
                          const void* xa, size_t xa_stride, int64_t n_tok, float* y,
-                         int64_t y_stride) {
+                         int64_t y_stride, WeightLayout layout = WeightLayout::kRows) {
   if (r1 <= r0 || n_tok <= 0) return;
   const uint8_t* wb = static_cast<const uint8_t*>(W);
   const uint8_t* xb = static_cast<const uint8_t*>(xa);
+  if (layout != WeightLayout::kRows) {  // only what RepackLayout gives on this target
+#if MOE_MATMUL_VNNI
+    if (layout == WeightLayout::kTiles16 && w == DType::kQ8_0) {
+      MatMulQ8_0Tiles(wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
+    }
+#endif
+    return;
+  }
   switch (w) {
     case DType::kF32:
       MatMulFloat<float>(

@@ -71,7 +71,7 @@ void Forward::Linear(const TensorView& W, const float* x, int T, float* y) {
     for (int t = 0; t < T; ++t) kernels::ConvertActivations(W.dtype, x + t * in, act_.data() + t * rb, in);
   }
   pool_.ParallelFor(out, RowGrain(out, T, pool_.size()), [&](int64_t r0, int64_t r1, int) {
-    kernels::MatMul(W.dtype, W.data, in, r0, r1, act_.data(), rb, T, y + r0, out);
+    kernels::MatMul(W.dtype, W.data, in, r0, r1, act_.data(), rb, T, y + r0, out, W.layout);
   });
 }
 
@@ -254,9 +254,9 @@ void Forward::MoeFfn(int il, const int32_t* tokens, int T) {
   u_.resize(static_cast<size_t>(S) * Fx);
   expert_products(Fx, [&](int e, int off, int n, int64_t r0, int64_t r1) {
     kernels::MatMul(gt, L.gate_exps->Slab(e), E, r0, r1, xg_.data() + off * rbg, rbg, n,
-                    F(g_, static_cast<size_t>(off) * Fx + r0), Fx);
+                    F(g_, static_cast<size_t>(off) * Fx + r0), Fx, L.gate_exps->layout);
     kernels::MatMul(ut, L.up_exps->Slab(e), E, r0, r1, xu + off * rbu_eff, rbu_eff, n,
-                    F(u_, static_cast<size_t>(off) * Fx + r0), Fx);
+                    F(u_, static_cast<size_t>(off) * Fx + r0), Fx, L.up_exps->layout);
   });
   // SwiGLU, then convert for the down projection.
   const size_t rbd = kernels::ActivationRowBytes(dt, Fx);
@@ -272,7 +272,7 @@ void Forward::MoeFfn(int il, const int32_t* tokens, int T) {
   y_.resize(static_cast<size_t>(S) * E);
   expert_products(E, [&](int e, int off, int n, int64_t r0, int64_t r1) {
     kernels::MatMul(dt, L.down_exps->Slab(e), Fx, r0, r1, aq_.data() + off * rbd, rbd, n,
-                    F(y_, static_cast<size_t>(off) * E + r0), E);
+                    F(y_, static_cast<size_t>(off) * E + r0), E, L.down_exps->layout);
   });
   // Combine in selection order (deterministic and independent of batch-mates): FFN rows, and the
   // zero-computation targets (null and zero: nothing; copy: x; constant: a1 x + a2 v).

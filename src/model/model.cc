@@ -1,7 +1,11 @@
 #include "model/model.h"
 
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <unordered_set>
 
+#include "kernels/kernels.h"
 #include "util/error.h"
 
 namespace moe {
@@ -139,6 +143,49 @@ uint64_t Model::BytesPerToken() const {
     total += (L.gate_exps->NumBytes() + L.up_exps->NumBytes() + L.down_exps->NumBytes()) /
              config_.n_expert * config_.n_expert_used;
   }
+  return total;
+}
+
+uint64_t Model::RepackForInference(ThreadPool& pool) {
+  if (const char* off = std::getenv("MOE_NO_REPACK"); off && std::strcmp(off, "0") != 0) return 0;
+  uint64_t total = 0;
+  // Repacks *slot (each 2-D matrix, or each expert of a 3-D tensor) and points it at the copy.
+  const auto repack = [&](const TensorView*& slot) {
+    if (!slot || slot == token_embd || slot->layout != WeightLayout::kRows) return;
+    const TensorView& t = *slot;
+    const int64_t rows = t.ne[1];
+    const WeightLayout layout = kernels::RepackLayout(t.dtype, t.ne[0], rows);
+    if (layout == WeightLayout::kRows) return;
+    const size_t bytes = t.NumBytes(), slab = t.RowBytes() * static_cast<size_t>(rows);
+    auto* dst = static_cast<uint8_t*>(std::aligned_alloc(64, (bytes + 63) / 64 * 64));
+    if (!dst) throw Error(StrFormat("out of memory repacking %s (%zu bytes)", t.name.c_str(), bytes));
+    repacked_.emplace_back(dst, &std::free);
+    // Work items of whole tiles (16 rows): the tiles of a slab are independent.
+    const int64_t slabs = static_cast<int64_t>(bytes / slab), chunk = 256;
+    const int64_t per_slab = (rows + chunk - 1) / chunk;
+    const auto* src = static_cast<const uint8_t*>(t.data);
+    pool.ParallelFor(slabs * per_slab, 1, [&](int64_t b, int64_t e, int) {
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t r0 = (i % per_slab) * chunk, n = std::min(chunk, rows - r0);
+        const size_t off = static_cast<size_t>(i / per_slab) * slab + static_cast<size_t>(r0) * t.RowBytes();
+        kernels::Repack(t.dtype, layout, src + off, dst + off, t.ne[0], n);
+      }
+    });
+    file_->ReleasePages(t.data, bytes);
+    TensorView v = t;
+    v.data = dst;
+    v.layout = layout;
+    repacked_views_.push_back(v);
+    slot = &repacked_views_.back();
+    total += bytes;
+  };
+  for (LayerWeights& L : layers) {
+    for (const TensorView** w : {&L.wq, &L.wk, &L.wv, &L.wo, &L.gate_exps, &L.up_exps, &L.down_exps,
+                                 &L.gate_shexp, &L.up_shexp, &L.down_shexp}) {
+      repack(*w);
+    }
+  }
+  repack(output);
   return total;
 }
 

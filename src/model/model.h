@@ -1,6 +1,7 @@
 // A loaded model: config, zero-copy weight views into the mapped GGUF, and the tokenizer.
 #pragma once
 
+#include <deque>
 #include <functional>
 #include <memory>
 #include <string>
@@ -10,6 +11,7 @@
 #include "model/config.h"
 #include "model/params.h"
 #include "tokenizer/tokenizer.h"
+#include "util/threadpool.h"
 
 namespace moe {
 
@@ -73,12 +75,23 @@ class Model {
   // Bytes of one routed expert of one layer (gate + up + down).
   uint64_t BytesPerExpert() const;
 
+  // For inference only: rewrites the matrices the forward pass multiplies into the layout the
+  // running CPU's kernels stream fastest (kernels::RepackLayout: q8_0 in tiles of 16 rows on
+  // AVX-512 VNNI), in memory of the model's own, and hands each tensor's file pages back to the
+  // kernel once it is copied, so resident memory stays near the file's size. Row() and
+  // dequantization mean nothing for a repacked matrix afterwards (the token embedding, which
+  // is read by rows, is never repacked). MOE_NO_REPACK=1 in the environment turns it off.
+  // Returns the bytes repacked.
+  uint64_t RepackForInference(ThreadPool& pool);
+
  private:
   // Points the weight fields at the tensors `find` returns (nullptr when absent).
   void Bind(const std::function<const TensorView*(const std::string&)>& find);
 
   std::vector<uint8_t> meta_;            // FromParams: the metadata-only GGUF behind file_
   std::vector<TensorView> owned_views_;  // FromParams: views into the store
+  std::deque<TensorView> repacked_views_;  // RepackForInference: views of repacked_
+  std::vector<std::unique_ptr<uint8_t, void (*)(void*)>> repacked_;
   std::unique_ptr<GgufFile> file_;
   ModelConfig config_;
   std::unique_ptr<Tokenizer> tokenizer_;

@@ -13,12 +13,18 @@
 
 namespace moe {
 
+// How a weight matrix's bytes are arranged in memory. kRows: as in the file, row after row.
+// kTiles16: repacked at load for the running CPU's kernels (kernels::Repack): 16 rows
+// interleaved per tile, the same bytes in total; Row() means nothing in that layout.
+enum class WeightLayout : uint8_t { kRows = 0, kTiles16 = 1 };
+
 struct TensorView {
   std::string name;
   DType dtype = DType::kF32;
   int n_dims = 0;
   int64_t ne[4] = {1, 1, 1, 1};
   const void* data = nullptr;  // points into the mapped file (zero-copy) or owned storage
+  WeightLayout layout = WeightLayout::kRows;
 
   int64_t NumElements() const { return ne[0] * ne[1] * ne[2] * ne[3]; }
   size_t RowBytes() const { return moe::RowBytes(dtype, ne[0]); }

@@ -231,7 +231,8 @@ using test::kEpsF32;
 // activations and checks every written cell against the reference and every other cell of y
 // against its sentinel.
 void CheckMatMul(DType w, int64_t n_in, int64_t n_rows, int64_t r0, int64_t r1, int64_t n_tok,
-                 size_t w_offset, size_t x_offset, size_t x_pad, bool exact, std::mt19937& rng) {
+                 size_t w_offset, size_t x_offset, size_t x_pad, bool exact, std::mt19937& rng,
+                 WeightLayout layout = WeightLayout::kRows) {
   const DType xt = VecDotType(w);
   const size_t w_row = RowBytes(w, n_in);
   const size_t x_row = RowBytes(xt, n_in);
@@ -246,7 +247,15 @@ void CheckMatMul(DType w, int64_t n_in, int64_t n_rows, int64_t r0, int64_t r1, 
   const int64_t y_stride = (r1 - r0) + 5;
   constexpr float kSentinel = -12345.25f;
   std::vector<float> y(static_cast<size_t>(y_stride * n_tok + 3), kSentinel);
-  MatMul(w, W, n_in, r0, r1, X, x_stride, n_tok, y.data(), y_stride);
+  if (layout == WeightLayout::kRows) {
+    MatMul(w, W, n_in, r0, r1, X, x_stride, n_tok, y.data(), y_stride);
+  } else {  // the same matrix repacked (64-byte aligned, as the model's copies are)
+    const size_t bytes = w_row * static_cast<size_t>(n_rows);
+    std::vector<uint8_t> tiles(bytes + 64);
+    uint8_t* T = tiles.data() + (64 - reinterpret_cast<uintptr_t>(tiles.data()) % 64) % 64;
+    Repack(w, layout, W, T, n_in, n_rows);
+    MatMul(w, T, n_in, r0, r1, X, x_stride, n_tok, y.data(), y_stride, layout);
+  }
 
   const size_t lanes = hwy::HWY_NAMESPACE::Lanes(hwy::HWY_NAMESPACE::ScalableTag<float>());
   const int64_t block = Traits(w).block_size;
@@ -346,6 +355,26 @@ void TestMatMulRowTiles() {
   }
 }
 
+// q8_0 repacked in tiles of 16 rows (WeightLayout::kTiles16) against the same reference, on
+// the targets that have the layout: whole and cut tiles, 1..9 tokens, exact integers too.
+void TestMatMulQ8_0Tiles() {
+  std::mt19937 rng(1234);
+  if (RepackLayout(DType::kQ8_0, 64, 16) != WeightLayout::kTiles16) return;  // not this target
+  EXPECT_EQ(RepackLayout(DType::kQ8_0, 96, 16), WeightLayout::kRows);  // blocks not in pairs
+  EXPECT_EQ(RepackLayout(DType::kQ8_0, 64, 24), WeightLayout::kRows);  // rows not in tiles
+  EXPECT_EQ(RepackLayout(DType::kQ4_0, 64, 16), WeightLayout::kRows);
+  const WeightLayout tiles = WeightLayout::kTiles16;
+  for (int64_t n_in : {64, 128, 64 * 37}) {
+    for (int64_t n_tok = 1; n_tok <= 9; ++n_tok) {
+      CheckMatMul(DType::kQ8_0, n_in, 48, 0, 48, n_tok, 0, n_tok % 3, n_tok, false, rng, tiles);
+      CheckMatMul(DType::kQ8_0, n_in, 48, 3, 37, n_tok, 0, 1, 0, false, rng, tiles);
+      CheckMatMul(DType::kQ8_0, n_in, 48, 16, 32, n_tok, 0, 0, 2, true, rng, tiles);
+      CheckMatMul(DType::kQ8_0, n_in, 16, 5, 6, n_tok, 0, 2, 1, true, rng, tiles);
+      if (::testing::Test::HasFailure()) return;
+    }
+  }
+}
+
 }  // namespace
 // NOLINTNEXTLINE(google-readability-namespace-comments)
 }  // namespace HWY_NAMESPACE
@@ -381,6 +410,7 @@ HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ4_K);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ5_K);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ6_K);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulRowTiles);
+HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ8_0Tiles);
 
 // Single-thread decode (n_tok = 1) throughput in GB/s of weight bytes, through the dispatched
 // entry point. "hot": one 2816 x 1024 matrix again and again (L2/L3 resident, like an expert
@@ -420,6 +450,18 @@ TEST(MatMulBench, DISABLED_DecodeBandwidth) {
     std::vector<uint8_t> x(RowBytes(xt, n_in));
     test::RandomRow(rng, xt, n_in, x.data(), false);
     std::vector<float> y(rows);
+    // The file's layout, then (where this CPU has one) the repacked layout the model loads.
+    std::vector<uint8_t> tbuf;
+    for (int pass = 0; pass < 2; ++pass) {
+    const WeightLayout layout = pass ? RepackLayout(w, n_in, rows) : WeightLayout::kRows;
+    if (pass && layout == WeightLayout::kRows) break;
+    const uint8_t* base = wbuf.data();
+    if (layout != WeightLayout::kRows) {
+      tbuf.resize(wbuf.size() + 64);
+      uint8_t* T = tbuf.data() + (64 - reinterpret_cast<uintptr_t>(tbuf.data()) % 64) % 64;
+      for (int c = 0; c < copies; ++c) Repack(w, layout, wbuf.data() + c * mat_bytes, T + c * mat_bytes, n_in, rows);
+      base = T;
+    }
     for (int cold = 0; cold < 2; ++cold) {
       // Best of 5 runs of >= 0.2 s: the machine is shared, the best run is the kernel's speed.
       const int n_mats = cold ? copies : 1;
@@ -431,8 +473,8 @@ TEST(MatMulBench, DISABLED_DecodeBandwidth) {
         double secs = 0;
         int it = 0;
         do {
-          MatMul(w, wbuf.data() + (iters % n_mats) * mat_bytes, n_in, 0, rows, x.data(),
-                 x.size(), 1, y.data(), rows);
+          MatMul(w, base + (iters % n_mats) * mat_bytes, n_in, 0, rows, x.data(),
+                 x.size(), 1, y.data(), rows, layout);
           ++it;
           ++iters;
           secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -443,8 +485,9 @@ TEST(MatMulBench, DISABLED_DecodeBandwidth) {
           best_cpu_us = (ThreadCpuSeconds() - c0) / it * 1e6;
         }
       }
-      std::printf("%-5s %s: %7.2f GB/s  (%.1f us cpu per %zu KB matrix)\n", DTypeName(w),
-                  cold ? "cold" : "hot ", best, best_cpu_us, mat_bytes >> 10);
+      std::printf("%-5s%s %s: %7.2f GB/s  (%.1f us cpu per %zu KB matrix)\n", DTypeName(w),
+                  pass ? " tiles" : "", cold ? "cold" : "hot ", best, best_cpu_us, mat_bytes >> 10);
+    }
     }
   }
 }

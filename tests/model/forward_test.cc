@@ -11,6 +11,7 @@
 #include <random>
 #include <string>
 
+#include "kernels/kernels.h"
 #include "model/init.h"
 #include "util/error.h"
 #include "test_dir.h"
@@ -88,6 +89,41 @@ TEST(Forward, QuantizedPrefillEqualsDecode) {
   CheckPrefillEqualsDecode(MakeModel(Arch::kLlama, DType::kQ4_1, "fw_q41", 128, 96, 4, 4), 2e-3);
   CheckPrefillEqualsDecode(MakeModel(Arch::kLlama, DType::kQ5_1, "fw_q51", 128, 96, 4, 4), 2e-3);
   CheckPrefillEqualsDecode(MakeModel(Arch::kLlama, DType::kQ5_0, "fw_q50", 96, 160, 4, 2), 2e-3);
+}
+
+// Repacked weights (Model::RepackForInference: q8_0 tiles where the CPU has AVX-512 VNNI) give
+// the logits of the file's layout, up to float summation order, in prefill and decode; a
+// second call repacks nothing; the token embedding (read by rows) stays as it was.
+TEST(Forward, RepackedWeightsGiveTheSameLogits) {
+  const std::string path = MakeModel(Arch::kQwen2Moe, DType::kQ8_0, "fw_repack", 128, 192, 4, 2, 64);
+  auto plain = Model::Load(path);
+  auto packed = Model::Load(path);
+  ThreadPool pool(2);
+  const uint64_t bytes = packed->RepackForInference(pool);
+  if (kernels::RepackLayout(DType::kQ8_0, 128, 192) == WeightLayout::kRows) {
+    EXPECT_EQ(bytes, 0u);
+  } else {
+    // Every multiplied matrix is q8_0 with rows in tiles and blocks in pairs.
+    EXPECT_GT(bytes, 0u);
+    EXPECT_EQ(packed->layers[0].gate_exps->layout, WeightLayout::kTiles16);
+    EXPECT_EQ(packed->layers[0].down_shexp->layout, WeightLayout::kTiles16);
+    EXPECT_EQ(packed->token_embd->layout, WeightLayout::kRows);
+  }
+  EXPECT_EQ(packed->RepackForInference(pool), 0u);
+  const int V = static_cast<int>(plain->config().n_vocab);
+  std::mt19937 rng(3);
+  std::vector<int32_t> toks(13);
+  for (auto& t : toks) t = static_cast<int32_t>(rng() % V);
+  Forward a(*plain, pool, 64), b(*packed, pool, 64);
+  std::vector<float> la, lb;
+  a.Eval(toks.data(), 9, true, &la);
+  b.Eval(toks.data(), 9, true, &lb);
+  ASSERT_LE(MaxAbsDiff(la.data(), lb.data(), la.size()), 1e-3);
+  for (size_t i = 9; i < toks.size(); ++i) {
+    a.Eval(&toks[i], 1, false, &la);
+    b.Eval(&toks[i], 1, false, &lb);
+    ASSERT_LE(MaxAbsDiff(la.data(), lb.data(), la.size()), 1e-3) << "decode position " << i;
+  }
 }
 
 TEST(Forward, BadTokenAndFullContextAreErrors) {

@@ -70,6 +70,7 @@ Runner AddEval(CLI::App& app) {
       Fail("the data has %zu tokens, fewer than one chunk of --seq %d", tokens.size(), L);
     if (o->max_chunks > 0) n_chunks = std::min<int64_t>(n_chunks, o->max_chunks);
     ThreadPool pool(o->threads);
+    model->RepackForInference(pool);
     Forward fwd(*model, pool, L, std::min(L, 512));
     std::unique_ptr<Model> base;
     std::unique_ptr<Forward> base_fwd;
@@ -78,6 +79,7 @@ Runner AddEval(CLI::App& app) {
       if (base->config().n_vocab != c.n_vocab)
         Fail("--kl-from %s has %u tokens in its vocabulary, %s has %u: they do not predict the same tokens",
              o->kl_from.c_str(), base->config().n_vocab, o->model.c_str(), c.n_vocab);
+      base->RepackForInference(pool);
       base_fwd = std::make_unique<Forward>(*base, pool, L, std::min(L, 512));
     }
     std::vector<float> base_logits;

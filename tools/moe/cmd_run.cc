@@ -88,6 +88,7 @@ int DoRun(const RunOptions& o) {
   if (o.top_logprobs < 0) Fail("--top-logprobs must be >= 0");
   const int n_ctx = o.ctx > 0 ? o.ctx : static_cast<int>(prompt.size()) + o.n_predict + 1;
   ThreadPool pool(o.threads);
+  model->RepackForInference(pool);
   Forward fwd(*model, pool, n_ctx);
   const int V = static_cast<int>(c.n_vocab);
   std::vector<float> logits;
@@ -200,6 +201,7 @@ Runner AddBench(CLI::App& app) {
     auto model = Model::Load(o->model);
     const int V = static_cast<int>(model->config().n_vocab);
     ThreadPool pool(o->threads);
+    model->RepackForInference(pool);
     Forward fwd(*model, pool, o->n_prompt + o->n_gen + 1);
     // Random tokens, never one repeated token: a repeated token always hits the same experts.
     std::mt19937_64 rng(o->seed);
