@@ -2045,35 +2045,53 @@ HWY_INLINE void MatMulVnni32(MmPrep prep, const uint8_t* W, int64_t n_in, int64_
 #endif
 
 #if MOE_MATMUL_VNNI
-// ---- q8_0 in row tiles (WeightLayout::kTiles16) ---------------------------------------------
+// ---- q8_0 and q4_0 in row tiles (WeightLayout::kTiles16) ------------------------------------
 // Decode multiplies each weight byte once, so what bounds it is the instructions a byte costs.
 // In the file's layout a row's blocks are contiguous and every row ends in a horizontal sum;
 // repacked (Repack), 16 rows are interleaved 4 quants at a time, so one vpdpbusd multiplies 16
 // rows by 4 activation quants broadcast to every lane, the 16 rows' f16 scales are one load and
-// no horizontal sum is left. Per tile of 16 rows, per pair of blocks p (1088 bytes = 2 blocks x
-// 16 rows x 34 bytes: the file's size):
-//   64 bytes:  the f16 d of block 2p for rows 0..15, then of block 2p + 1
-//   512 bytes: block 2p, group k = 0..7 at 64 k: lane r = row r's quants 4k..4k+3, plus 128
-//   512 bytes: block 2p + 1, the same
-// The quants are stored plus 128 (vpdpbusd's unsigned operand); the activation's -128 x (sum
-// of the block's quants), MmAct::bcorr, starts each block's sum and undoes it.
-constexpr size_t kTilePairBytes = 2 * 16 * sizeof(BlockQ8_0);
+// no horizontal sum is left. Per tile of 16 rows, per pair of blocks p (2 blocks x 16 rows x
+// the block's bytes: the file's size):
+//   64 bytes: the f16 d of block 2p for rows 0..15, then of block 2p + 1
+//   then block 2p, then block 2p + 1, each as 64-byte vectors whose lane r holds row r's
+//   quants, unsigned: q8_0 8 vectors, vector k = quants 4k..4k+3 plus 128; q4_0 4 vectors,
+//   vector j = the nibbles of quants 8j..8j+3 (low) and 8j+4..8j+7 (high), as stored (q + 8).
+// The activation's -offset x (sum of the block's quants), MmAct::bcorr, starts each block's
+// sum and undoes the offset.
+template <DType kW>
+struct TileFormat {
+  static constexpr bool kQ4 = kW == DType::kQ4_0;
+  static constexpr size_t kBlockBytes = kQ4 ? 256 : 512;  // 16 rows of one block's quants
+  static constexpr size_t kPairBytes = 64 + 2 * kBlockBytes;
+  static constexpr int32_t kOffset = kQ4 ? 8 : 128;
+};
 
 // out[t][r] = the dot of tile row r with token t (NT tokens), over np pairs of blocks.
-template <int NT>
-HWY_INLINE void TileQ8_0(const uint8_t* HWY_RESTRICT tile, int64_t np, const MmAct* act,
-                         float (*out)[16]) {
+template <DType kW, int NT>
+HWY_INLINE void TileDot(const uint8_t* HWY_RESTRICT tile, int64_t np, const MmAct* act,
+                        float (*out)[16]) {
+  using TF = TileFormat<kW>;
   __m512 acc[NT][2];
   HWY_UNROLL(4)
   for (int t = 0; t < NT; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+  const __m512i nib = _mm512_set1_epi8(0x0F);
   for (int64_t p = 0; p < np; ++p) {
-    const uint8_t* pp = tile + p * kTilePairBytes;
-    MmPrefetch<kTilePairBytes>(pp + kMmPrefetchBytes);
+    const uint8_t* pp = tile + p * TF::kPairBytes;
+    MmPrefetch<TF::kPairBytes>(pp + kMmPrefetchBytes);
     HWY_UNROLL(2)
     for (int h = 0; h < 2; ++h) {
       const __m512 dw = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(pp + 32 * h)));
-      const uint8_t* g = pp + 64 + 512 * h;
+      const uint8_t* g = pp + 64 + TF::kBlockBytes * h;
       const int64_t b = 2 * p + h;
+      // Group k's unsigned quants of the 16 rows.
+      const auto w = [&](int k) {
+        if constexpr (TF::kQ4) {
+          const __m512i v = _mm512_load_si512(g + 64 * (k / 2));
+          return _mm512_and_si512(k % 2 ? _mm512_srli_epi16(v, 4) : v, nib);
+        } else {
+          return _mm512_load_si512(g + 64 * k);
+        }
+      };
       HWY_UNROLL(4)
       for (int t = 0; t < NT; ++t) {
         const int8_t* xq = act[t].q8 + 64 * p + 4 * h;  // PrepareQ8_0Int8's pair interleave
@@ -2082,7 +2100,6 @@ HWY_INLINE void TileQ8_0(const uint8_t* HWY_RESTRICT tile, int64_t np, const MmA
           std::memcpy(&v, xq + 8 * k, sizeof(v));
           return _mm512_set1_epi32(v);
         };
-        const auto w = [&](int k) { return _mm512_load_si512(g + 64 * k); };
         __m512i s0 = _mm512_set1_epi32(act[t].bcorr[b]), s1 = _mm512_setzero_si512();
         s0 = _mm512_dpbusd_epi32(s0, w(0), x4(0));
         s1 = _mm512_dpbusd_epi32(s1, w(1), x4(1));
@@ -2101,13 +2118,15 @@ HWY_INLINE void TileQ8_0(const uint8_t* HWY_RESTRICT tile, int64_t np, const MmA
   for (int t = 0; t < NT; ++t) _mm512_store_ps(out[t], _mm512_add_ps(acc[t][0], acc[t][1]));
 }
 
-HWY_INLINE void MatMulQ8_0Tiles(const uint8_t* W, int64_t n_in, int64_t r0, int64_t r1,
-                                const uint8_t* xa, size_t xa_stride, int64_t n_tok, float* y,
-                                int64_t y_stride) {
-  const MmAct* acts = PrepareActs(MmPrepSpec{MmPrep::kQ8_0, MmLayout::kNatural, true, 128, true},
-                                  n_in, xa, xa_stride, n_tok);
+template <DType kW>
+HWY_INLINE void MatMulTiles(const uint8_t* W, int64_t n_in, int64_t r0, int64_t r1,
+                            const uint8_t* xa, size_t xa_stride, int64_t n_tok, float* y,
+                            int64_t y_stride) {
+  using TF = TileFormat<kW>;
+  const MmAct* acts = PrepareActs(
+      MmPrepSpec{MmPrep::kQ8_0, MmLayout::kNatural, true, TF::kOffset, true}, n_in, xa, xa_stride, n_tok);
   const int64_t np = n_in / 64;
-  const size_t tile_bytes = static_cast<size_t>(np) * kTilePairBytes;
+  const size_t tile_bytes = static_cast<size_t>(np) * TF::kPairBytes;
   for (int64_t t0 = r0 / 16 * 16; t0 < r1; t0 += 16) {
     const uint8_t* tile = W + static_cast<size_t>(t0 / 16) * tile_bytes;
     const int64_t lo = std::max(t0, r0), hi = std::min(t0 + 16, r1);
@@ -2116,10 +2135,10 @@ HWY_INLINE void MatMulQ8_0Tiles(const uint8_t* W, int64_t n_in, int64_t r0, int6
       const MmAct* a = acts + k0;
       const int64_t nt = std::min<int64_t>(4, n_tok - k0);
       switch (nt) {
-        case 1: TileQ8_0<1>(tile, np, a, out); break;
-        case 2: TileQ8_0<2>(tile, np, a, out); break;
-        case 3: TileQ8_0<3>(tile, np, a, out); break;
-        default: TileQ8_0<4>(tile, np, a, out); break;
+        case 1: TileDot<kW, 1>(tile, np, a, out); break;
+        case 2: TileDot<kW, 2>(tile, np, a, out); break;
+        case 3: TileDot<kW, 3>(tile, np, a, out); break;
+        default: TileDot<kW, 4>(tile, np, a, out); break;
       }
       for (int64_t t = 0; t < nt; ++t) {
         std::memcpy(y + (k0 + t) * y_stride + (lo - r0), out[t] + (lo - t0),
@@ -2133,7 +2152,8 @@ HWY_INLINE void MatMulQ8_0Tiles(const uint8_t* W, int64_t n_in, int64_t r0, int6
 // Per-target body of kernels::RepackLayout.
 HWY_NOINLINE inline WeightLayout RepackLayout(DType w, int64_t n_in, int64_t rows) {
 #if MOE_MATMUL_VNNI
-  if (w == DType::kQ8_0 && n_in > 0 && n_in % 64 == 0 && rows > 0 && rows % 16 == 0) {
+  if ((w == DType::kQ8_0 || w == DType::kQ4_0) && n_in > 0 && n_in % 64 == 0 && rows > 0 &&
+      rows % 16 == 0) {
     return WeightLayout::kTiles16;
   }
 #endif
@@ -2175,7 +2195,9 @@ HWY_NOINLINE inline void MatMul(DType w, const void* W, int64_t n_in, int64_t r0
   if (layout != WeightLayout::kRows) {  // only what RepackLayout gives on this target
 #if MOE_MATMUL_VNNI
     if (layout == WeightLayout::kTiles16 && w == DType::kQ8_0) {
-      MatMulQ8_0Tiles(wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
+      MatMulTiles<DType::kQ8_0>(wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
+    } else if (layout == WeightLayout::kTiles16 && w == DType::kQ4_0) {
+      MatMulTiles<DType::kQ4_0>(wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
     }
 #endif
     return;

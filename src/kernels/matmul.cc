@@ -27,27 +27,37 @@ WeightLayout RepackLayout(DType w, int64_t n_in, int64_t rows) {
   return HWY_DYNAMIC_DISPATCH(RepackLayout)(w, n_in, rows);
 }
 
-// The tile layout of MatMulQ8_0Tiles (matmul-inl.h).
+// The tile layout of MatMulTiles (matmul-inl.h).
 void Repack(DType w, WeightLayout layout, const void* src, void* dst, int64_t n_in, int64_t rows) {
   if (layout == WeightLayout::kRows) {
     std::memcpy(dst, src, RowBytes(w, n_in) * static_cast<size_t>(rows));
     return;
   }
-  if (layout != WeightLayout::kTiles16 || w != DType::kQ8_0 || n_in % 64 != 0 || rows % 16 != 0) {
+  if (layout != WeightLayout::kTiles16 || (w != DType::kQ8_0 && w != DType::kQ4_0) ||
+      n_in % 64 != 0 || rows % 16 != 0) {
     throw Error("no tile layout for this matrix");  // RepackLayout never gives one
   }
-  const auto* in = static_cast<const BlockQ8_0*>(src);
+  const bool q4 = w == DType::kQ4_0;
+  const size_t bb = Traits(w).block_bytes, block_tile = q4 ? 256 : 512;
+  const auto* in = static_cast<const uint8_t*>(src);
   auto* out = static_cast<uint8_t*>(dst);
   const int64_t nb = n_in / kQK8_0;
   for (int64_t t0 = 0; t0 < rows; t0 += 16) {
-    for (int64_t p = 0; p < nb / 2; ++p, out += 2 * 16 * sizeof(BlockQ8_0)) {
+    for (int64_t p = 0; p < nb / 2; ++p, out += 64 + 2 * block_tile) {
       for (int h = 0; h < 2; ++h) {
+        uint8_t* g = out + 64 + block_tile * h;
         for (int r = 0; r < 16; ++r) {
-          const BlockQ8_0& blk = in[(t0 + r) * nb + 2 * p + h];
-          std::memcpy(out + 32 * h + 2 * r, &blk.d, sizeof(blk.d));
-          for (int k = 0; k < 8; ++k) {
-            for (int i = 0; i < 4; ++i) {
-              out[64 + 512 * h + 64 * k + 4 * r + i] = static_cast<uint8_t>(blk.qs[4 * k + i] + 128);
+          const uint8_t* blk = in + (static_cast<size_t>(t0 + r) * nb + 2 * p + h) * bb;
+          std::memcpy(out + 32 * h + 2 * r, blk, 2);  // d (the first field of both)
+          const uint8_t* qs = blk + 2;
+          for (int i = 0; i < 4; ++i) {
+            if (q4) {  // vector j: quants 8j+i (low nibble) and 8j+4+i (high); qs[k] = q_k | q_(k+16) << 4
+              const auto nibble = [&](int q) { return q < 16 ? qs[q] & 0x0F : qs[q - 16] >> 4; };
+              for (int j = 0; j < 4; ++j) {
+                g[64 * j + 4 * r + i] = static_cast<uint8_t>(nibble(8 * j + i) | nibble(8 * j + 4 + i) << 4);
+              }
+            } else {  // vector k: quants 4k+i plus 128
+              for (int k = 0; k < 8; ++k) g[64 * k + 4 * r + i] = static_cast<uint8_t>(qs[4 * k + i] ^ 0x80);
             }
           }
         }

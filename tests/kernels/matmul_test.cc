@@ -355,22 +355,26 @@ void TestMatMulRowTiles() {
   }
 }
 
-// q8_0 repacked in tiles of 16 rows (WeightLayout::kTiles16) against the same reference, on
-// the targets that have the layout: whole and cut tiles, 1..9 tokens, exact integers too.
-void TestMatMulQ8_0Tiles() {
+// q8_0 and q4_0 repacked in tiles of 16 rows (WeightLayout::kTiles16) against the same
+// reference, on the targets that have the layout: whole and cut tiles, 1..9 tokens, exact
+// integers too.
+void TestMatMulTiles() {
   std::mt19937 rng(1234);
   if (RepackLayout(DType::kQ8_0, 64, 16) != WeightLayout::kTiles16) return;  // not this target
   EXPECT_EQ(RepackLayout(DType::kQ8_0, 96, 16), WeightLayout::kRows);  // blocks not in pairs
-  EXPECT_EQ(RepackLayout(DType::kQ8_0, 64, 24), WeightLayout::kRows);  // rows not in tiles
-  EXPECT_EQ(RepackLayout(DType::kQ4_0, 64, 16), WeightLayout::kRows);
+  EXPECT_EQ(RepackLayout(DType::kQ4_0, 64, 24), WeightLayout::kRows);  // rows not in tiles
+  EXPECT_EQ(RepackLayout(DType::kQ4_1, 64, 16), WeightLayout::kRows);
   const WeightLayout tiles = WeightLayout::kTiles16;
-  for (int64_t n_in : {64, 128, 64 * 37}) {
-    for (int64_t n_tok = 1; n_tok <= 9; ++n_tok) {
-      CheckMatMul(DType::kQ8_0, n_in, 48, 0, 48, n_tok, 0, n_tok % 3, n_tok, false, rng, tiles);
-      CheckMatMul(DType::kQ8_0, n_in, 48, 3, 37, n_tok, 0, 1, 0, false, rng, tiles);
-      CheckMatMul(DType::kQ8_0, n_in, 48, 16, 32, n_tok, 0, 0, 2, true, rng, tiles);
-      CheckMatMul(DType::kQ8_0, n_in, 16, 5, 6, n_tok, 0, 2, 1, true, rng, tiles);
-      if (::testing::Test::HasFailure()) return;
+  for (DType w : {DType::kQ8_0, DType::kQ4_0}) {
+    ASSERT_EQ(RepackLayout(w, 128, 48), tiles);
+    for (int64_t n_in : {64, 128, 64 * 37}) {
+      for (int64_t n_tok = 1; n_tok <= 9; ++n_tok) {
+        CheckMatMul(w, n_in, 48, 0, 48, n_tok, 0, n_tok % 3, n_tok, false, rng, tiles);
+        CheckMatMul(w, n_in, 48, 3, 37, n_tok, 0, 1, 0, false, rng, tiles);
+        CheckMatMul(w, n_in, 48, 16, 32, n_tok, 0, 0, 2, true, rng, tiles);
+        CheckMatMul(w, n_in, 16, 5, 6, n_tok, 0, 2, 1, true, rng, tiles);
+        if (::testing::Test::HasFailure()) return;
+      }
     }
   }
 }
@@ -410,7 +414,7 @@ HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ4_K);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ5_K);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ6_K);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulRowTiles);
-HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ8_0Tiles);
+HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulTiles);
 
 // Single-thread decode (n_tok = 1) throughput in GB/s of weight bytes, through the dispatched
 // entry point. "hot": one 2816 x 1024 matrix again and again (L2/L3 resident, like an expert

@@ -91,16 +91,16 @@ TEST(Forward, QuantizedPrefillEqualsDecode) {
   CheckPrefillEqualsDecode(MakeModel(Arch::kLlama, DType::kQ5_0, "fw_q50", 96, 160, 4, 2), 2e-3);
 }
 
-// Repacked weights (Model::RepackForInference: q8_0 tiles where the CPU has AVX-512 VNNI) give
+// Repacked weights (Model::RepackForInference: q8_0 and q4_0 tiles where the CPU has AVX-512 VNNI) give
 // the logits of the file's layout, up to float summation order, in prefill and decode; a
 // second call repacks nothing; the token embedding (read by rows) stays as it was.
-TEST(Forward, RepackedWeightsGiveTheSameLogits) {
-  const std::string path = MakeModel(Arch::kQwen2Moe, DType::kQ8_0, "fw_repack", 128, 192, 4, 2, 64);
+void CheckRepackedEqualsPlain(DType type, const std::string& name) {
+  const std::string path = MakeModel(Arch::kQwen2Moe, type, name, 128, 192, 4, 2, 64);
   auto plain = Model::Load(path);
   auto packed = Model::Load(path);
   ThreadPool pool(2);
   const uint64_t bytes = packed->RepackForInference(pool);
-  if (kernels::RepackLayout(DType::kQ8_0, 128, 192) == WeightLayout::kRows) {
+  if (kernels::RepackLayout(type, 128, 192) == WeightLayout::kRows) {
     EXPECT_EQ(bytes, 0u);
   } else {
     // Every multiplied matrix is q8_0 with rows in tiles and blocks in pairs.
@@ -124,6 +124,11 @@ TEST(Forward, RepackedWeightsGiveTheSameLogits) {
     b.Eval(&toks[i], 1, false, &lb);
     ASSERT_LE(MaxAbsDiff(la.data(), lb.data(), la.size()), 1e-3) << "decode position " << i;
   }
+}
+
+TEST(Forward, RepackedWeightsGiveTheSameLogits) {
+  CheckRepackedEqualsPlain(DType::kQ8_0, "fw_repack_q8");
+  CheckRepackedEqualsPlain(DType::kQ4_0, "fw_repack_q4");
 }
 
 TEST(Forward, BadTokenAndFullContextAreErrors) {
