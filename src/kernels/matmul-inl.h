@@ -2118,15 +2118,99 @@ HWY_INLINE void TileDot(const uint8_t* HWY_RESTRICT tile, int64_t np, const MmAc
   for (int t = 0; t < NT; ++t) _mm512_store_ps(out[t], _mm512_add_ps(acc[t][0], acc[t][1]));
 }
 
+// q4_K in tiles: per super-block, 2304 bytes for 16 rows (the file's 16 x 144):
+//   [0, 64):      the f16 d of rows 0..15, then their dmin
+//   [64, 256):    byte b (0..11) of row r's packed 6-bit scales and mins at 64 + 16 b + r
+//   [256, 2304):  sub-block j (32 quants) at 256 + 256 j, as a q4_0 block's 4 vectors
+// The 16 rows' scales and mins of sub-block j are unpacked together (GetScaleMinK4 on byte
+// lanes); the mins' term sum_j m_j bsum_j is a vpmaddwd over pairs of sub-blocks.
+constexpr size_t kTileQ4KBytes = 16 * sizeof(BlockQ4_K);
+
+template <int NT>
+HWY_INLINE void TileDotQ4K(const uint8_t* HWY_RESTRICT tile, int64_t nb, const MmAct* act,
+                           float (*out)[16]) {
+  __m512 acc[NT];
+  HWY_UNROLL(4)
+  for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
+  const __m512i nib = _mm512_set1_epi8(0x0F);
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* sb = tile + b * kTileQ4KBytes;
+    MmPrefetch<kTileQ4KBytes>(sb + kMmPrefetchBytes);
+    const __m512 dw = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(sb)));
+    const __m512 dmw = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(sb + 32)));
+    const auto byte = [&](int i) { return _mm_load_si128(reinterpret_cast<const __m128i*>(sb + 64 + 16 * i)); };
+    const __m128i m63 = _mm_set1_epi8(63), m15 = _mm_set1_epi8(15), top = _mm_set1_epi8(static_cast<char>(0xC0));
+    const auto hi2 = [&](__m128i v) { return _mm_srli_epi16(_mm_and_si128(v, top), 2); };  // bits 6..7 -> 4..5
+    __m512i sc[8];
+    __m128i mn[8];
+    HWY_UNROLL(4)
+    for (int j = 0; j < 4; ++j) {
+      sc[j] = _mm512_cvtepu8_epi32(_mm_and_si128(byte(j), m63));
+      mn[j] = _mm_and_si128(byte(j + 4), m63);
+      sc[j + 4] = _mm512_cvtepu8_epi32(_mm_or_si128(_mm_and_si128(byte(j + 8), m15), hi2(byte(j))));
+      mn[j + 4] = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(byte(j + 8), 4), m15), hi2(byte(j + 4)));
+    }
+    // Mins of sub-blocks 2i and 2i + 1 as the int16 pair of each row's 32-bit lane.
+    __m512i mp[4];
+    HWY_UNROLL(4)
+    for (int i = 0; i < 4; ++i) {
+      mp[i] = _mm512_or_si512(_mm512_cvtepu8_epi32(mn[2 * i]), _mm512_slli_epi32(_mm512_cvtepu8_epi32(mn[2 * i + 1]), 16));
+    }
+    HWY_UNROLL(4)
+    for (int t = 0; t < NT; ++t) {
+      const int8_t* xq = act[t].q8 + b * kQK_K;
+      const int32_t* bs = act[t].bsum2 + b * 8;
+      __m512i isum = _mm512_setzero_si512();
+      HWY_UNROLL(8)
+      for (int j = 0; j < 8; ++j) {
+        const uint8_t* g = sb + 256 + 256 * j;
+        const auto x4 = [&](int k) {
+          int32_t v;
+          std::memcpy(&v, xq + 32 * j + 4 * k, sizeof(v));
+          return _mm512_set1_epi32(v);
+        };
+        const auto w = [&](int k) {
+          const __m512i v = _mm512_load_si512(g + 64 * (k / 2));
+          return _mm512_and_si512(k % 2 ? _mm512_srli_epi16(v, 4) : v, nib);
+        };
+        __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w(0), x4(0));
+        __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w(1), x4(1));
+        s0 = _mm512_dpbusd_epi32(s0, w(2), x4(2));
+        s1 = _mm512_dpbusd_epi32(s1, w(3), x4(3));
+        s0 = _mm512_dpbusd_epi32(s0, w(4), x4(4));
+        s1 = _mm512_dpbusd_epi32(s1, w(5), x4(5));
+        s0 = _mm512_dpbusd_epi32(s0, w(6), x4(6));
+        s1 = _mm512_dpbusd_epi32(s1, w(7), x4(7));
+        isum = _mm512_add_epi32(isum, _mm512_mullo_epi32(_mm512_add_epi32(s0, s1), sc[j]));
+      }
+      __m512i msum = _mm512_setzero_si512();
+      HWY_UNROLL(4)
+      for (int i = 0; i < 4; ++i) {
+        const int32_t pair = static_cast<int32_t>((static_cast<uint32_t>(bs[2 * i + 1]) << 16) |
+                                                  (static_cast<uint32_t>(bs[2 * i]) & 0xFFFF));
+        msum = _mm512_add_epi32(msum, _mm512_madd_epi16(mp[i], _mm512_set1_epi32(pair)));
+      }
+      const __m512 xd = _mm512_set1_ps(act[t].d[b]);
+      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, xd), acc[t]);
+      acc[t] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(msum), _mm512_mul_ps(dmw, xd), acc[t]);
+    }
+  }
+  HWY_UNROLL(4)
+  for (int t = 0; t < NT; ++t) _mm512_store_ps(out[t], acc[t]);
+}
+
 template <DType kW>
 HWY_INLINE void MatMulTiles(const uint8_t* W, int64_t n_in, int64_t r0, int64_t r1,
                             const uint8_t* xa, size_t xa_stride, int64_t n_tok, float* y,
                             int64_t y_stride) {
+  constexpr bool kK = kW == DType::kQ4_K;
   using TF = TileFormat<kW>;
-  const MmAct* acts = PrepareActs(
-      MmPrepSpec{MmPrep::kQ8_0, MmLayout::kNatural, true, TF::kOffset, true}, n_in, xa, xa_stride, n_tok);
-  const int64_t np = n_in / 64;
-  const size_t tile_bytes = static_cast<size_t>(np) * TF::kPairBytes;
+  const MmAct* acts =
+      kK ? PrepareActs(MmPrepSpec{MmPrep::kQ8_K, MmLayout::kNatural, true, 0}, n_in, xa, xa_stride, n_tok)
+         : PrepareActs(MmPrepSpec{MmPrep::kQ8_0, MmLayout::kNatural, true, TF::kOffset, true}, n_in, xa,
+                       xa_stride, n_tok);
+  const int64_t np = kK ? n_in / kQK_K : n_in / 64;  // super-blocks, or pairs of blocks
+  const size_t tile_bytes = static_cast<size_t>(np) * (kK ? kTileQ4KBytes : TF::kPairBytes);
   for (int64_t t0 = r0 / 16 * 16; t0 < r1; t0 += 16) {
     const uint8_t* tile = W + static_cast<size_t>(t0 / 16) * tile_bytes;
     const int64_t lo = std::max(t0, r0), hi = std::min(t0 + 16, r1);
@@ -2134,11 +2218,20 @@ HWY_INLINE void MatMulTiles(const uint8_t* W, int64_t n_in, int64_t r0, int64_t 
       HWY_ALIGN float out[4][16];
       const MmAct* a = acts + k0;
       const int64_t nt = std::min<int64_t>(4, n_tok - k0);
-      switch (nt) {
-        case 1: TileDot<kW, 1>(tile, np, a, out); break;
-        case 2: TileDot<kW, 2>(tile, np, a, out); break;
-        case 3: TileDot<kW, 3>(tile, np, a, out); break;
-        default: TileDot<kW, 4>(tile, np, a, out); break;
+      if constexpr (kK) {
+        switch (nt) {
+          case 1: TileDotQ4K<1>(tile, np, a, out); break;
+          case 2: TileDotQ4K<2>(tile, np, a, out); break;
+          case 3: TileDotQ4K<3>(tile, np, a, out); break;
+          default: TileDotQ4K<4>(tile, np, a, out); break;
+        }
+      } else {
+        switch (nt) {
+          case 1: TileDot<kW, 1>(tile, np, a, out); break;
+          case 2: TileDot<kW, 2>(tile, np, a, out); break;
+          case 3: TileDot<kW, 3>(tile, np, a, out); break;
+          default: TileDot<kW, 4>(tile, np, a, out); break;
+        }
       }
       for (int64_t t = 0; t < nt; ++t) {
         std::memcpy(y + (k0 + t) * y_stride + (lo - r0), out[t] + (lo - t0),
@@ -2152,8 +2245,9 @@ HWY_INLINE void MatMulTiles(const uint8_t* W, int64_t n_in, int64_t r0, int64_t 
 // Per-target body of kernels::RepackLayout.
 HWY_NOINLINE inline WeightLayout RepackLayout(DType w, int64_t n_in, int64_t rows) {
 #if MOE_MATMUL_VNNI
-  if ((w == DType::kQ8_0 || w == DType::kQ4_0) && n_in > 0 && n_in % 64 == 0 && rows > 0 &&
-      rows % 16 == 0) {
+  const int64_t step = w == DType::kQ4_K ? kQK_K : 64;  // whole super-blocks / pairs of blocks
+  if ((w == DType::kQ8_0 || w == DType::kQ4_0 || w == DType::kQ4_K) && n_in > 0 &&
+      n_in % step == 0 && rows > 0 && rows % 16 == 0) {
     return WeightLayout::kTiles16;
   }
 #endif
@@ -2198,6 +2292,8 @@ HWY_NOINLINE inline void MatMul(DType w, const void* W, int64_t n_in, int64_t r0
       MatMulTiles<DType::kQ8_0>(wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
     } else if (layout == WeightLayout::kTiles16 && w == DType::kQ4_0) {
       MatMulTiles<DType::kQ4_0>(wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
+    } else if (layout == WeightLayout::kTiles16 && w == DType::kQ4_K) {
+      MatMulTiles<DType::kQ4_K>(wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
     }
 #endif
     return;

@@ -27,15 +27,51 @@ WeightLayout RepackLayout(DType w, int64_t n_in, int64_t rows) {
   return HWY_DYNAMIC_DISPATCH(RepackLayout)(w, n_in, rows);
 }
 
+namespace {
+
+// Lane r of a 4-vector group (64 bytes each): the nibbles of quants 8j+i (low) and 8j+4+i (high)
+// of row r's 32 quants q (0..15), at g[64 j + 4 r + i].
+void PutNibbleGroup(const uint8_t* q, int r, uint8_t* g) {
+  for (int j = 0; j < 4; ++j) {
+    for (int i = 0; i < 4; ++i) g[64 * j + 4 * r + i] = static_cast<uint8_t>(q[8 * j + i] | q[8 * j + 4 + i] << 4);
+  }
+}
+
+// q4_K tiles (TileDotQ4K in matmul-inl.h).
+void RepackQ4KTiles(const BlockQ4_K* in, uint8_t* out, int64_t nb, int64_t rows) {
+  for (int64_t t0 = 0; t0 < rows; t0 += 16) {
+    for (int64_t b = 0; b < nb; ++b, out += 16 * sizeof(BlockQ4_K)) {
+      for (int r = 0; r < 16; ++r) {
+        const BlockQ4_K& blk = in[static_cast<size_t>(t0 + r) * nb + b];
+        std::memcpy(out + 2 * r, &blk.d, 2);
+        std::memcpy(out + 32 + 2 * r, &blk.dmin, 2);
+        for (int i = 0; i < 12; ++i) out[64 + 16 * i + r] = blk.scales[i];
+        for (int j = 0; j < 8; ++j) {  // sub-block j: nibble j % 2 of qs[32 (j / 2) ..]
+          uint8_t q[32];
+          for (int l = 0; l < 32; ++l) q[l] = static_cast<uint8_t>((blk.qs[32 * (j / 2) + l] >> (4 * (j % 2))) & 0xF);
+          PutNibbleGroup(q, r, out + 256 + 256 * j);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
 // The tile layout of MatMulTiles (matmul-inl.h).
 void Repack(DType w, WeightLayout layout, const void* src, void* dst, int64_t n_in, int64_t rows) {
   if (layout == WeightLayout::kRows) {
     std::memcpy(dst, src, RowBytes(w, n_in) * static_cast<size_t>(rows));
     return;
   }
-  if (layout != WeightLayout::kTiles16 || (w != DType::kQ8_0 && w != DType::kQ4_0) ||
-      n_in % 64 != 0 || rows % 16 != 0) {
+  const bool k4 = w == DType::kQ4_K;
+  if (layout != WeightLayout::kTiles16 || (w != DType::kQ8_0 && w != DType::kQ4_0 && !k4) ||
+      n_in % (k4 ? kQK_K : 64) != 0 || rows % 16 != 0) {
     throw Error("no tile layout for this matrix");  // RepackLayout never gives one
+  }
+  if (k4) {
+    RepackQ4KTiles(static_cast<const BlockQ4_K*>(src), static_cast<uint8_t*>(dst), n_in / kQK_K, rows);
+    return;
   }
   const bool q4 = w == DType::kQ4_0;
   const size_t bb = Traits(w).block_bytes, block_tile = q4 ? 256 : 512;
@@ -51,10 +87,14 @@ void Repack(DType w, WeightLayout layout, const void* src, void* dst, int64_t n_
           std::memcpy(out + 32 * h + 2 * r, blk, 2);  // d (the first field of both)
           const uint8_t* qs = blk + 2;
           for (int i = 0; i < 4; ++i) {
-            if (q4) {  // vector j: quants 8j+i (low nibble) and 8j+4+i (high); qs[k] = q_k | q_(k+16) << 4
-              const auto nibble = [&](int q) { return q < 16 ? qs[q] & 0x0F : qs[q - 16] >> 4; };
-              for (int j = 0; j < 4; ++j) {
-                g[64 * j + 4 * r + i] = static_cast<uint8_t>(nibble(8 * j + i) | nibble(8 * j + 4 + i) << 4);
+            if (q4) {  // qs[k] = q_k | q_(k+16) << 4
+              if (i == 0) {
+                uint8_t q[32];
+                for (int l = 0; l < 16; ++l) {
+                  q[l] = qs[l] & 0x0F;
+                  q[l + 16] = qs[l] >> 4;
+                }
+                PutNibbleGroup(q, r, g);
               }
             } else {  // vector k: quants 4k+i plus 128
               for (int k = 0; k < 8; ++k) g[64 * k + 4 * r + i] = static_cast<uint8_t>(qs[4 * k + i] ^ 0x80);

@@ -355,7 +355,7 @@ void TestMatMulRowTiles() {
   }
 }
 
-// q8_0 and q4_0 repacked in tiles of 16 rows (WeightLayout::kTiles16) against the same
+// q8_0, q4_0 and q4_K repacked in tiles of 16 rows (WeightLayout::kTiles16) against the same
 // reference, on the targets that have the layout: whole and cut tiles, 1..9 tokens, exact
 // integers too.
 void TestMatMulTiles() {
@@ -365,9 +365,12 @@ void TestMatMulTiles() {
   EXPECT_EQ(RepackLayout(DType::kQ4_0, 64, 24), WeightLayout::kRows);  // rows not in tiles
   EXPECT_EQ(RepackLayout(DType::kQ4_1, 64, 16), WeightLayout::kRows);
   const WeightLayout tiles = WeightLayout::kTiles16;
-  for (DType w : {DType::kQ8_0, DType::kQ4_0}) {
-    ASSERT_EQ(RepackLayout(w, 128, 48), tiles);
-    for (int64_t n_in : {64, 128, 64 * 37}) {
+  EXPECT_EQ(RepackLayout(DType::kQ4_K, 128, 16), WeightLayout::kRows);  // half a super-block
+  for (DType w : {DType::kQ8_0, DType::kQ4_0, DType::kQ4_K}) {
+    ASSERT_EQ(RepackLayout(w, 256, 48), tiles);
+    const std::vector<int64_t> sizes = w == DType::kQ4_K ? std::vector<int64_t>{256, 512, 256 * 11}
+                                                         : std::vector<int64_t>{64, 128, 64 * 37};
+    for (int64_t n_in : sizes) {
       for (int64_t n_tok = 1; n_tok <= 9; ++n_tok) {
         CheckMatMul(w, n_in, 48, 0, 48, n_tok, 0, n_tok % 3, n_tok, false, rng, tiles);
         CheckMatMul(w, n_in, 48, 3, 37, n_tok, 0, 1, 0, false, rng, tiles);

@@ -91,16 +91,16 @@ TEST(Forward, QuantizedPrefillEqualsDecode) {
   CheckPrefillEqualsDecode(MakeModel(Arch::kLlama, DType::kQ5_0, "fw_q50", 96, 160, 4, 2), 2e-3);
 }
 
-// Repacked weights (Model::RepackForInference: q8_0 and q4_0 tiles where the CPU has AVX-512 VNNI) give
+// Repacked weights (Model::RepackForInference: q8_0, q4_0 and q4_K tiles where the CPU has AVX-512 VNNI) give
 // the logits of the file's layout, up to float summation order, in prefill and decode; a
 // second call repacks nothing; the token embedding (read by rows) stays as it was.
-void CheckRepackedEqualsPlain(DType type, const std::string& name) {
-  const std::string path = MakeModel(Arch::kQwen2Moe, type, name, 128, 192, 4, 2, 64);
+void CheckRepackedEqualsPlain(DType type, const std::string& name, uint32_t dim, uint32_t ffn) {
+  const std::string path = MakeModel(Arch::kQwen2Moe, type, name, dim, ffn, 4, 2, ffn);
   auto plain = Model::Load(path);
   auto packed = Model::Load(path);
   ThreadPool pool(2);
   const uint64_t bytes = packed->RepackForInference(pool);
-  if (kernels::RepackLayout(type, 128, 192) == WeightLayout::kRows) {
+  if (kernels::RepackLayout(type, dim, ffn) == WeightLayout::kRows) {
     EXPECT_EQ(bytes, 0u);
   } else {
     // Every multiplied matrix is q8_0 with rows in tiles and blocks in pairs.
@@ -127,8 +127,9 @@ void CheckRepackedEqualsPlain(DType type, const std::string& name) {
 }
 
 TEST(Forward, RepackedWeightsGiveTheSameLogits) {
-  CheckRepackedEqualsPlain(DType::kQ8_0, "fw_repack_q8");
-  CheckRepackedEqualsPlain(DType::kQ4_0, "fw_repack_q4");
+  CheckRepackedEqualsPlain(DType::kQ8_0, "fw_repack_q8", 128, 192);
+  CheckRepackedEqualsPlain(DType::kQ4_0, "fw_repack_q4", 128, 192);
+  CheckRepackedEqualsPlain(DType::kQ4_K, "fw_repack_q4k", 256, 512);
 }
 
 TEST(Forward, BadTokenAndFullContextAreErrors) {
