@@ -2129,9 +2129,12 @@ constexpr size_t kTileQ4KBytes = 16 * sizeof(BlockQ4_K);
 template <int NT>
 HWY_INLINE void TileDotQ4K(const uint8_t* HWY_RESTRICT tile, int64_t nb, const MmAct* act,
                            float (*out)[16]) {
-  __m512 acc[NT];
+  // The scales' and the mins' terms in accumulators of their own, subtracted at the end (as
+  // llama.cpp's repacked q4_K product does: the two are large and cancel, so their rounding
+  // order shows).
+  __m512 acc[NT], accm[NT];
   HWY_UNROLL(4)
-  for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
+  for (int t = 0; t < NT; ++t) acc[t] = accm[t] = _mm512_setzero_ps();
   const __m512i nib = _mm512_set1_epi8(0x0F);
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* sb = tile + b * kTileQ4KBytes;
@@ -2192,7 +2195,71 @@ HWY_INLINE void TileDotQ4K(const uint8_t* HWY_RESTRICT tile, int64_t nb, const M
       }
       const __m512 xd = _mm512_set1_ps(act[t].d[b]);
       acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, xd), acc[t]);
-      acc[t] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(msum), _mm512_mul_ps(dmw, xd), acc[t]);
+      accm[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(msum), _mm512_mul_ps(dmw, xd), accm[t]);
+    }
+  }
+  HWY_UNROLL(4)
+  for (int t = 0; t < NT; ++t) _mm512_store_ps(out[t], _mm512_sub_ps(acc[t], accm[t]));
+}
+
+// q6_K in tiles: per super-block, 3360 bytes for 16 rows (the file's 16 x 210):
+//   [0, 2048):     the low 4 bits, 32 quants c at 256 c as a q4_0 block's 4 vectors
+//   [2048, 3072):  the top 2 bits, 32 quants c at 2048 + 128 c: vector v, lane r, byte i holds
+//                  those of quant 16 v + 4 s + i at bits 2 s (s = 0..3)
+//   [3072, 3328):  the int8 scale of sub-block j (16 quants) of row r at 3072 + 16 j + r
+//   [3328, 3360):  the f16 d of rows 0..15
+// The quants are q + 32 (unsigned); each sub-block's dot less 32 x its activation sum undoes it.
+// (3360 is no multiple of 64: unaligned loads.)
+constexpr size_t kTileQ6KBytes = 16 * sizeof(BlockQ6_K);
+
+template <int NT>
+HWY_INLINE void TileDotQ6K(const uint8_t* HWY_RESTRICT tile, int64_t nb, const MmAct* act,
+                           float (*out)[16]) {
+  __m512 acc[NT];
+  HWY_UNROLL(4)
+  for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
+  const __m512i nib = _mm512_set1_epi8(0x0F), two = _mm512_set1_epi8(0x03);
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* sb = tile + b * kTileQ6KBytes;
+    MmPrefetch<kTileQ6KBytes>(sb + kMmPrefetchBytes);
+    const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + 3328)));
+    HWY_UNROLL(4)
+    for (int t = 0; t < NT; ++t) {
+      const int8_t* xq = act[t].q8 + b * kQK_K;
+      const int16_t* bs = act[t].bsums + b * 16;
+      __m512i isum = _mm512_setzero_si512();
+      HWY_UNROLL(8)
+      for (int c = 0; c < 8; ++c) {
+        const uint8_t* lo = sb + 256 * c;
+        const uint8_t* hi = sb + 2048 + 128 * c;
+        const auto x4 = [&](int k) {
+          int32_t v;
+          std::memcpy(&v, xq + 32 * c + 4 * k, sizeof(v));
+          return _mm512_set1_epi32(v);
+        };
+        const auto w = [&](int k) {  // group k (quants 4k..4k+3 of the 32) of the 16 rows
+          const __m512i l = _mm512_loadu_si512(lo + 64 * (k / 2));
+          const __m512i h = _mm512_loadu_si512(hi + 64 * (k / 4));
+          const __m512i low = _mm512_and_si512(k % 2 ? _mm512_srli_epi16(l, 4) : l, nib);
+          const int sh = 2 * (k % 4);
+          const __m512i top = _mm512_and_si512(sh ? _mm512_srli_epi16(h, sh) : h, two);
+          return _mm512_or_si512(low, _mm512_slli_epi16(top, 4));
+        };
+        const auto sub = [&](int j, __m512i dot) {  // sub-block j = 2c + half: (dot - 32 bsum) s_j
+          const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + 3072 + 16 * j)));
+          return _mm512_mullo_epi32(_mm512_sub_epi32(dot, _mm512_set1_epi32(32 * bs[j])), sc);
+        };
+        __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w(0), x4(0));
+        __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w(4), x4(4));
+        s0 = _mm512_dpbusd_epi32(s0, w(1), x4(1));
+        s1 = _mm512_dpbusd_epi32(s1, w(5), x4(5));
+        s0 = _mm512_dpbusd_epi32(s0, w(2), x4(2));
+        s1 = _mm512_dpbusd_epi32(s1, w(6), x4(6));
+        s0 = _mm512_dpbusd_epi32(s0, w(3), x4(3));
+        s1 = _mm512_dpbusd_epi32(s1, w(7), x4(7));
+        isum = _mm512_add_epi32(isum, _mm512_add_epi32(sub(2 * c, s0), sub(2 * c + 1, s1)));
+      }
+      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, _mm512_set1_ps(act[t].d[b])), acc[t]);
     }
   }
   HWY_UNROLL(4)
@@ -2203,14 +2270,16 @@ template <DType kW>
 HWY_INLINE void MatMulTiles(const uint8_t* W, int64_t n_in, int64_t r0, int64_t r1,
                             const uint8_t* xa, size_t xa_stride, int64_t n_tok, float* y,
                             int64_t y_stride) {
-  constexpr bool kK = kW == DType::kQ4_K;
+  constexpr bool kK = kW == DType::kQ4_K || kW == DType::kQ6_K;  // super-blocks of 256
   using TF = TileFormat<kW>;
   const MmAct* acts =
       kK ? PrepareActs(MmPrepSpec{MmPrep::kQ8_K, MmLayout::kNatural, true, 0}, n_in, xa, xa_stride, n_tok)
          : PrepareActs(MmPrepSpec{MmPrep::kQ8_0, MmLayout::kNatural, true, TF::kOffset, true}, n_in, xa,
                        xa_stride, n_tok);
   const int64_t np = kK ? n_in / kQK_K : n_in / 64;  // super-blocks, or pairs of blocks
-  const size_t tile_bytes = static_cast<size_t>(np) * (kK ? kTileQ4KBytes : TF::kPairBytes);
+  const size_t tile_bytes = static_cast<size_t>(np) * (kW == DType::kQ4_K   ? kTileQ4KBytes
+                                                       : kW == DType::kQ6_K ? kTileQ6KBytes
+                                                                            : TF::kPairBytes);
   for (int64_t t0 = r0 / 16 * 16; t0 < r1; t0 += 16) {
     const uint8_t* tile = W + static_cast<size_t>(t0 / 16) * tile_bytes;
     const int64_t lo = std::max(t0, r0), hi = std::min(t0 + 16, r1);
@@ -2218,7 +2287,14 @@ HWY_INLINE void MatMulTiles(const uint8_t* W, int64_t n_in, int64_t r0, int64_t 
       HWY_ALIGN float out[4][16];
       const MmAct* a = acts + k0;
       const int64_t nt = std::min<int64_t>(4, n_tok - k0);
-      if constexpr (kK) {
+      if constexpr (kW == DType::kQ6_K) {
+        switch (nt) {
+          case 1: TileDotQ6K<1>(tile, np, a, out); break;
+          case 2: TileDotQ6K<2>(tile, np, a, out); break;
+          case 3: TileDotQ6K<3>(tile, np, a, out); break;
+          default: TileDotQ6K<4>(tile, np, a, out); break;
+        }
+      } else if constexpr (kK) {
         switch (nt) {
           case 1: TileDotQ4K<1>(tile, np, a, out); break;
           case 2: TileDotQ4K<2>(tile, np, a, out); break;
@@ -2245,8 +2321,9 @@ HWY_INLINE void MatMulTiles(const uint8_t* W, int64_t n_in, int64_t r0, int64_t 
 // Per-target body of kernels::RepackLayout.
 HWY_NOINLINE inline WeightLayout RepackLayout(DType w, int64_t n_in, int64_t rows) {
 #if MOE_MATMUL_VNNI
-  const int64_t step = w == DType::kQ4_K ? kQK_K : 64;  // whole super-blocks / pairs of blocks
-  if ((w == DType::kQ8_0 || w == DType::kQ4_0 || w == DType::kQ4_K) && n_in > 0 &&
+  const bool k = w == DType::kQ4_K || w == DType::kQ6_K;
+  const int64_t step = k ? kQK_K : 64;  // whole super-blocks / pairs of blocks
+  if ((w == DType::kQ8_0 || w == DType::kQ4_0 || k) && n_in > 0 &&
       n_in % step == 0 && rows > 0 && rows % 16 == 0) {
     return WeightLayout::kTiles16;
   }
@@ -2294,6 +2371,8 @@ HWY_NOINLINE inline void MatMul(DType w, const void* W, int64_t n_in, int64_t r0
       MatMulTiles<DType::kQ4_0>(wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
     } else if (layout == WeightLayout::kTiles16 && w == DType::kQ4_K) {
       MatMulTiles<DType::kQ4_K>(wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
+    } else if (layout == WeightLayout::kTiles16 && w == DType::kQ6_K) {
+      MatMulTiles<DType::kQ6_K>(wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
     }
 #endif
     return;

@@ -56,6 +56,42 @@ void RepackQ4KTiles(const BlockQ4_K* in, uint8_t* out, int64_t nb, int64_t rows)
   }
 }
 
+// q6_K tiles (TileDotQ6K in matmul-inl.h).
+void RepackQ6KTiles(const BlockQ6_K* in, uint8_t* out, int64_t nb, int64_t rows) {
+  for (int64_t t0 = 0; t0 < rows; t0 += 16) {
+    for (int64_t b = 0; b < nb; ++b, out += 16 * sizeof(BlockQ6_K)) {
+      std::memset(out + 2048, 0, 1024);
+      for (int r = 0; r < 16; ++r) {
+        const BlockQ6_K& blk = in[static_cast<size_t>(t0 + r) * nb + b];
+        uint8_t L[kQK_K];  // levels q + 32 (ref::PackQ6KQuants's inverse)
+        for (int h = 0; h < 2; ++h) {
+          for (int l = 0; l < 32; ++l) {
+            const uint8_t a = blk.ql[64 * h + l], c = blk.ql[64 * h + l + 32], q = blk.qh[32 * h + l];
+            L[128 * h + l] = static_cast<uint8_t>((a & 0xF) | (q & 3) << 4);
+            L[128 * h + l + 32] = static_cast<uint8_t>((c & 0xF) | ((q >> 2) & 3) << 4);
+            L[128 * h + l + 64] = static_cast<uint8_t>((a >> 4) | ((q >> 4) & 3) << 4);
+            L[128 * h + l + 96] = static_cast<uint8_t>((c >> 4) | ((q >> 6) & 3) << 4);
+          }
+        }
+        for (int c = 0; c < 8; ++c) {
+          uint8_t q[32];
+          for (int l = 0; l < 32; ++l) q[l] = L[32 * c + l] & 0xF;
+          PutNibbleGroup(q, r, out + 256 * c);
+          for (int v = 0; v < 2; ++v) {
+            for (int i = 0; i < 4; ++i) {
+              uint8_t hb = 0;
+              for (int sft = 0; sft < 4; ++sft) hb = static_cast<uint8_t>(hb | (L[32 * c + 16 * v + 4 * sft + i] >> 4) << (2 * sft));
+              out[2048 + 128 * c + 64 * v + 4 * r + i] = hb;
+            }
+          }
+        }
+        for (int j = 0; j < 16; ++j) out[3072 + 16 * j + r] = static_cast<uint8_t>(blk.scales[j]);
+        std::memcpy(out + 3328 + 2 * r, &blk.d, 2);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 // The tile layout of MatMulTiles (matmul-inl.h).
@@ -64,13 +100,17 @@ void Repack(DType w, WeightLayout layout, const void* src, void* dst, int64_t n_
     std::memcpy(dst, src, RowBytes(w, n_in) * static_cast<size_t>(rows));
     return;
   }
-  const bool k4 = w == DType::kQ4_K;
-  if (layout != WeightLayout::kTiles16 || (w != DType::kQ8_0 && w != DType::kQ4_0 && !k4) ||
-      n_in % (k4 ? kQK_K : 64) != 0 || rows % 16 != 0) {
+  const bool k = w == DType::kQ4_K || w == DType::kQ6_K;
+  if (layout != WeightLayout::kTiles16 || (w != DType::kQ8_0 && w != DType::kQ4_0 && !k) ||
+      n_in % (k ? kQK_K : 64) != 0 || rows % 16 != 0) {
     throw Error("no tile layout for this matrix");  // RepackLayout never gives one
   }
-  if (k4) {
+  if (w == DType::kQ4_K) {
     RepackQ4KTiles(static_cast<const BlockQ4_K*>(src), static_cast<uint8_t*>(dst), n_in / kQK_K, rows);
+    return;
+  }
+  if (w == DType::kQ6_K) {
+    RepackQ6KTiles(static_cast<const BlockQ6_K*>(src), static_cast<uint8_t*>(dst), n_in / kQK_K, rows);
     return;
   }
   const bool q4 = w == DType::kQ4_0;

@@ -142,8 +142,13 @@ CASES = [
     case("qwen3moe_mix_MXFP4_MOE", "quant", arch="qwen3moe", layers=2, dim=256, ffn=256,
          experts=8, experts_used=2, heads=4, kv_heads=2, head_dim=64, vocab=512, seed=618,
          mix="MXFP4_MOE"),
+    # (seed 625: seed 624's file put a layer-0 attention output within 6e-7 of a q8_K rounding
+    # step of attn_output's activations, so the float summation order of attn_k/attn_v, which
+    # differs between any two kernels, moved one quant and, through the KV cache and a routing
+    # choice, a later position by 0.27 nats: llama.cpp agreed with one order of moe's q4_K
+    # products and not with the other.)
     case("llama_mix_IQ2_XXS", "quant", arch="llama", layers=2, dim=256, ffn=256, experts=8,
-         experts_used=2, heads=4, kv_heads=2, vocab=512, seed=624, mix="IQ2_XXS"),
+         experts_used=2, heads=4, kv_heads=2, vocab=512, seed=625, mix="IQ2_XXS"),
     case("qwen2moe_mix_IQ3_M_ffn160", "quant", arch="qwen2moe", layers=2, dim=256, ffn=160,
          experts=4, experts_used=2, shared_ffn=256, heads=8, kv_heads=2, vocab=512, seed=623,
          mix="IQ3_M"),

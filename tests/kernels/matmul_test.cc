@@ -355,7 +355,7 @@ void TestMatMulRowTiles() {
   }
 }
 
-// q8_0, q4_0 and q4_K repacked in tiles of 16 rows (WeightLayout::kTiles16) against the same
+// q8_0, q4_0, q4_K and q6_K repacked in tiles of 16 rows (WeightLayout::kTiles16) against the same
 // reference, on the targets that have the layout: whole and cut tiles, 1..9 tokens, exact
 // integers too.
 void TestMatMulTiles() {
@@ -366,9 +366,10 @@ void TestMatMulTiles() {
   EXPECT_EQ(RepackLayout(DType::kQ4_1, 64, 16), WeightLayout::kRows);
   const WeightLayout tiles = WeightLayout::kTiles16;
   EXPECT_EQ(RepackLayout(DType::kQ4_K, 128, 16), WeightLayout::kRows);  // half a super-block
-  for (DType w : {DType::kQ8_0, DType::kQ4_0, DType::kQ4_K}) {
+  for (DType w : {DType::kQ8_0, DType::kQ4_0, DType::kQ4_K, DType::kQ6_K}) {
     ASSERT_EQ(RepackLayout(w, 256, 48), tiles);
-    const std::vector<int64_t> sizes = w == DType::kQ4_K ? std::vector<int64_t>{256, 512, 256 * 11}
+    const bool k = w == DType::kQ4_K || w == DType::kQ6_K;
+    const std::vector<int64_t> sizes = k ? std::vector<int64_t>{256, 512, 256 * 11}
                                                          : std::vector<int64_t>{64, 128, 64 * 37};
     for (int64_t n_in : sizes) {
       for (int64_t n_tok = 1; n_tok <= 9; ++n_tok) {

@@ -91,7 +91,7 @@ TEST(Forward, QuantizedPrefillEqualsDecode) {
   CheckPrefillEqualsDecode(MakeModel(Arch::kLlama, DType::kQ5_0, "fw_q50", 96, 160, 4, 2), 2e-3);
 }
 
-// Repacked weights (Model::RepackForInference: q8_0, q4_0 and q4_K tiles where the CPU has AVX-512 VNNI) give
+// Repacked weights (Model::RepackForInference: q8_0, q4_0, q4_K and q6_K tiles where the CPU has AVX-512 VNNI) give
 // the logits of the file's layout, up to float summation order, in prefill and decode; a
 // second call repacks nothing; the token embedding (read by rows) stays as it was.
 void CheckRepackedEqualsPlain(DType type, const std::string& name, uint32_t dim, uint32_t ffn) {
@@ -130,6 +130,7 @@ TEST(Forward, RepackedWeightsGiveTheSameLogits) {
   CheckRepackedEqualsPlain(DType::kQ8_0, "fw_repack_q8", 128, 192);
   CheckRepackedEqualsPlain(DType::kQ4_0, "fw_repack_q4", 128, 192);
   CheckRepackedEqualsPlain(DType::kQ4_K, "fw_repack_q4k", 256, 512);
+  CheckRepackedEqualsPlain(DType::kQ6_K, "fw_repack_q6k", 256, 256);
 }
 
 TEST(Forward, BadTokenAndFullContextAreErrors) {
