@@ -24,6 +24,15 @@ from benchutil import cpu_name  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEDIUM = ["--arch", "llama", "--layers", "8", "--dim", "1024", "--ffn", "2816", "--experts", "8",
           "--experts-used", "2", "--heads", "16", "--kv-heads", "8", "--vocab", "32000"]
+# Many small experts, like Qwen3-30B-A3B scaled to this machine: dim 2048, 64 experts top-8 of
+# width 768, GQA 32/4 heads of 128, 4 layers.
+QWEN3 = ["--arch", "qwen3moe", "--layers", "4", "--dim", "2048", "--ffn", "768", "--experts", "64",
+         "--experts-used", "8", "--heads", "32", "--kv-heads", "4", "--head-dim", "128",
+         "--vocab", "32000"]
+SHAPES = {"medium": (MEDIUM, "medium model (8 layers, dim 1024, expert ffn 2816, 8 experts top-2, "
+                             "vocab 32000)"),
+          "qwen3": (QWEN3, "Qwen3-30B-A3B-like model (qwen3moe, 4 layers, dim 2048, 64 experts top-8 "
+                           "of width 768, 32/4 heads of 128, vocab 32000)")}
 
 
 
@@ -40,8 +49,10 @@ def main():
     ap.add_argument("-p", type=int, default=128)
     ap.add_argument("-n", type=int, default=64)
     ap.add_argument("-t", type=int, default=2)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="medium")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "RESULTS.md"))
     a = ap.parse_args()
+    shape_args, shape_text = SHAPES[a.shape]
     work = os.path.join(ROOT, "build", "bench")
     os.makedirs(work, exist_ok=True)
     rows = []
@@ -49,15 +60,15 @@ def main():
     # bandwidth of the two is the floor's, so a busy moment cannot flatter the shares).
     machine = [benchutil.run_json([a.moe, "bench-machine", "-t", str(a.t), "--json"], "moe bench-machine")]
     for t in a.types.split(","):
-        path = os.path.join(work, f"medium-{t}.gguf")
+        path = os.path.join(work, f"{a.shape}-{t}.gguf")
         if not os.path.exists(path):
             print(f"making {path}", flush=True)
             if t in ("q8_0", "q4_0"):
-                subprocess.run([a.moe, "init", *MEDIUM, "--type", t, "--seed", "7", "-o", path], check=True)
+                subprocess.run([a.moe, "init", *shape_args, "--type", t, "--seed", "7", "-o", path], check=True)
             else:  # from the q8_0 file: a mix by llama.cpp's rules, a single type --pure
-                src = os.path.join(work, "medium-q8_0.gguf")
+                src = os.path.join(work, f"{a.shape}-q8_0.gguf")
                 if not os.path.exists(src):
-                    subprocess.run([a.moe, "init", *MEDIUM, "--type", "q8_0", "--seed", "7", "-o", src],
+                    subprocess.run([a.moe, "init", *shape_args, "--type", "q8_0", "--seed", "7", "-o", src],
                                    check=True)
                 subprocess.run([a.moe, "quantize", src, path, "--type", t, "-q"]
                                + ([] if t.upper() == t else ["--pure"]), check=True)
@@ -89,12 +100,12 @@ def main():
     machine.append(benchutil.run_json([a.moe, "bench-machine", "-t", str(a.t), "--json"], "moe bench-machine"))
     bw = max(x["read_gbs"] for x in machine) * 1e9
     date = datetime.date.today().isoformat()
-    cmd = (f"bench/compare.py --types {a.types} -p {a.p} -n {a.n} -t {a.t} --rounds {a.rounds}"
+    cmd = (f"bench/compare.py --shape {a.shape} --types {a.types} -p {a.p} -n {a.n} -t {a.t} --rounds {a.rounds}"
            + (" --pinning" if a.pinning else ""))
     lines = [f"## End-to-end: moe.cpp vs llama.cpp ({date})", "",
              f"Machine: {cpu_name()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}. "
-             f"Command: `{cmd}`. Medium model (8 layers, dim 1024, expert ffn 2816, 8 experts top-2, "
-             f"vocab 32000; q8_0 and q4_0 written by `moe init`, the others by `moe quantize` from the q8_0 "
+             f"Command: `{cmd}`. The {shape_text}; "
+             f"q8_0 and q4_0 written by `moe init`, the others by `moe quantize` from the q8_0 "
              f"file: upper-case names are llama.cpp mixes, lower-case ones `--pure`), random tokens, {a.t} threads, medians of {a.rounds} alternating rounds. "
              "llama.cpp = node-llama-cpp 3.21.1 prebuilt CPU build with an F32 KV cache and flash attention off (moe.cpp's cache is F32 too).", "",
              "",

@@ -2058,6 +2058,26 @@ HWY_INLINE void MatMulVnni32(MmPrep prep, const uint8_t* W, int64_t n_in, int64_
 //   vector j = the nibbles of quants 8j..8j+3 (low) and 8j+4..8j+7 (high), as stored (q + 8).
 // The activation's -offset x (sum of the block's quants), MmAct::bcorr, starts each block's
 // sum and undoes the offset.
+// The 4 activation quants at p, broadcast to every lane.
+HWY_INLINE __m512i TileX4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return _mm512_set1_epi32(v);
+}
+
+// The 16 rows' dots with 8 groups of 4 quants, w(k) the rows' unsigned quants of group k and
+// x4(k) the activation's, in two vpdpbusd chains from s0 and s1: kHalves puts groups 0..3 in
+// s0 and 4..7 in s1 (two sub-blocks of 16), else the even groups in s0 and the odd in s1.
+template <bool kHalves, class W, class X>
+HWY_INLINE void TileDot8(const W& w, const X& x4, __m512i& s0, __m512i& s1) {
+  HWY_UNROLL(4)
+  for (int i = 0; i < 4; ++i) {
+    const int k0 = kHalves ? i : 2 * i, k1 = kHalves ? i + 4 : 2 * i + 1;
+    s0 = _mm512_dpbusd_epi32(s0, w(k0), x4(k0));
+    s1 = _mm512_dpbusd_epi32(s1, w(k1), x4(k1));
+  }
+}
+
 template <DType kW>
 struct TileFormat {
   static constexpr bool kQ4 = kW == DType::kQ4_0;
@@ -2095,20 +2115,8 @@ HWY_INLINE void TileDot(const uint8_t* HWY_RESTRICT tile, int64_t np, const MmAc
       HWY_UNROLL(4)
       for (int t = 0; t < NT; ++t) {
         const int8_t* xq = act[t].q8 + 64 * p + 4 * h;  // PrepareQ8_0Int8's pair interleave
-        const auto x4 = [&](int k) {
-          int32_t v;
-          std::memcpy(&v, xq + 8 * k, sizeof(v));
-          return _mm512_set1_epi32(v);
-        };
         __m512i s0 = _mm512_set1_epi32(act[t].bcorr[b]), s1 = _mm512_setzero_si512();
-        s0 = _mm512_dpbusd_epi32(s0, w(0), x4(0));
-        s1 = _mm512_dpbusd_epi32(s1, w(1), x4(1));
-        s0 = _mm512_dpbusd_epi32(s0, w(2), x4(2));
-        s1 = _mm512_dpbusd_epi32(s1, w(3), x4(3));
-        s0 = _mm512_dpbusd_epi32(s0, w(4), x4(4));
-        s1 = _mm512_dpbusd_epi32(s1, w(5), x4(5));
-        s0 = _mm512_dpbusd_epi32(s0, w(6), x4(6));
-        s1 = _mm512_dpbusd_epi32(s1, w(7), x4(7));
+        TileDot8<false>(w, [&](int k) { return TileX4(xq + 8 * k); }, s0, s1);
         acc[t][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)),
                                     _mm512_mul_ps(dw, _mm512_set1_ps(act[t].d[b])), acc[t][h]);
       }
@@ -2167,23 +2175,12 @@ HWY_INLINE void TileDotQ4K(const uint8_t* HWY_RESTRICT tile, int64_t nb, const M
       HWY_UNROLL(8)
       for (int j = 0; j < 8; ++j) {
         const uint8_t* g = sb + 256 + 256 * j;
-        const auto x4 = [&](int k) {
-          int32_t v;
-          std::memcpy(&v, xq + 32 * j + 4 * k, sizeof(v));
-          return _mm512_set1_epi32(v);
-        };
         const auto w = [&](int k) {
           const __m512i v = _mm512_load_si512(g + 64 * (k / 2));
           return _mm512_and_si512(k % 2 ? _mm512_srli_epi16(v, 4) : v, nib);
         };
-        __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w(0), x4(0));
-        __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w(1), x4(1));
-        s0 = _mm512_dpbusd_epi32(s0, w(2), x4(2));
-        s1 = _mm512_dpbusd_epi32(s1, w(3), x4(3));
-        s0 = _mm512_dpbusd_epi32(s0, w(4), x4(4));
-        s1 = _mm512_dpbusd_epi32(s1, w(5), x4(5));
-        s0 = _mm512_dpbusd_epi32(s0, w(6), x4(6));
-        s1 = _mm512_dpbusd_epi32(s1, w(7), x4(7));
+        __m512i s0 = _mm512_setzero_si512(), s1 = s0;
+        TileDot8<false>(w, [&](int k) { return TileX4(xq + 32 * j + 4 * k); }, s0, s1);
         isum = _mm512_add_epi32(isum, _mm512_mullo_epi32(_mm512_add_epi32(s0, s1), sc[j]));
       }
       __m512i msum = _mm512_setzero_si512();
@@ -2232,11 +2229,6 @@ HWY_INLINE void TileDotQ6K(const uint8_t* HWY_RESTRICT tile, int64_t nb, const M
       for (int c = 0; c < 8; ++c) {
         const uint8_t* lo = sb + 256 * c;
         const uint8_t* hi = sb + 2048 + 128 * c;
-        const auto x4 = [&](int k) {
-          int32_t v;
-          std::memcpy(&v, xq + 32 * c + 4 * k, sizeof(v));
-          return _mm512_set1_epi32(v);
-        };
         const auto w = [&](int k) {  // group k (quants 4k..4k+3 of the 32) of the 16 rows
           const __m512i l = _mm512_loadu_si512(lo + 64 * (k / 2));
           const __m512i h = _mm512_loadu_si512(hi + 64 * (k / 4));
@@ -2249,14 +2241,8 @@ HWY_INLINE void TileDotQ6K(const uint8_t* HWY_RESTRICT tile, int64_t nb, const M
           const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + 3072 + 16 * j)));
           return _mm512_mullo_epi32(_mm512_sub_epi32(dot, _mm512_set1_epi32(32 * bs[j])), sc);
         };
-        __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w(0), x4(0));
-        __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w(4), x4(4));
-        s0 = _mm512_dpbusd_epi32(s0, w(1), x4(1));
-        s1 = _mm512_dpbusd_epi32(s1, w(5), x4(5));
-        s0 = _mm512_dpbusd_epi32(s0, w(2), x4(2));
-        s1 = _mm512_dpbusd_epi32(s1, w(6), x4(6));
-        s0 = _mm512_dpbusd_epi32(s0, w(3), x4(3));
-        s1 = _mm512_dpbusd_epi32(s1, w(7), x4(7));
+        __m512i s0 = _mm512_setzero_si512(), s1 = s0;
+        TileDot8<true>(w, [&](int k) { return TileX4(xq + 32 * c + 4 * k); }, s0, s1);
         isum = _mm512_add_epi32(isum, _mm512_add_epi32(sub(2 * c, s0), sub(2 * c + 1, s1)));
       }
       acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, _mm512_set1_ps(act[t].d[b])), acc[t]);
