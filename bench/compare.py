@@ -106,9 +106,8 @@ def main():
              f"Machine: {cpu_name()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}. "
              f"Command: `{cmd}`. The {shape_text}; "
              f"q8_0 and q4_0 written by `moe init`, the others by `moe quantize` from the q8_0 "
-             f"file: upper-case names are llama.cpp mixes, lower-case ones `--pure`), random tokens, {a.t} threads, medians of {a.rounds} alternating rounds. "
+             f"file (upper-case names are llama.cpp mixes, lower-case ones `--pure`), random tokens, {a.t} threads, medians of {a.rounds} alternating rounds. "
              "llama.cpp = node-llama-cpp 3.21.1 prebuilt CPU build with an F32 KV cache and flash attention off (moe.cpp's cache is F32 too).", "",
-             "",
              "Ceilings (`moe bench-machine`, the same run, before / after): memory read " +
              " / ".join(f"{x['read_gbs_1t']:.1f}" for x in machine) + " GB/s with 1 pinned thread, " +
              " / ".join(f"{x['read_gbs']:.1f}" for x in machine) + f" GB/s with {a.t}; fp32 FMA " +

@@ -9,10 +9,16 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # keep a value that is set, default to it otherwise, so PyTorch's and moe.cpp's BLAS calls run the
 # same kernel as on the machines the results are for.
 export OPENBLAS_CORETYPE="${OPENBLAS_CORETYPE:-Haswell}"
-/usr/bin/python3 "$ROOT/bench/compare.py" --moe "$ROOT/build/bin/moe" "$@"
-# Every weight type this issue added, and the common mixes, against llama.cpp (decode and prefill).
+# The speed issue's models, each with the machine's ceilings and the decode floor's share: the
+# medium model and a Qwen3-30B-A3B-like one (many small experts).
+/usr/bin/python3 "$ROOT/bench/compare.py" --moe "$ROOT/build/bin/moe" --types q8_0,q4_0,Q4_K_M "$@"
+/usr/bin/python3 "$ROOT/bench/compare.py" --moe "$ROOT/build/bin/moe" --shape qwen3 --types q8_0,Q4_K_M "$@"
+# Every other weight type and the common mixes, against llama.cpp (decode and prefill); the
+# codebook types' files take minutes each to quantize.
 /usr/bin/python3 "$ROOT/bench/compare.py" --moe "$ROOT/build/bin/moe" --rounds 3 \
-  --types Q4_K_M,Q5_K_M,Q3_K_M,Q2_K,IQ4_XS,q4_1,q5_0,q5_1,iq4_nl,MXFP4_MOE
+  --types Q5_K_M,Q3_K_M,Q2_K,IQ4_XS,q4_1,q5_0,q5_1,iq4_nl,MXFP4_MOE
+/usr/bin/python3 "$ROOT/bench/compare.py" --moe "$ROOT/build/bin/moe" --rounds 3 \
+  --types iq1_s,iq1_m,iq2_xxs,iq2_xs,iq2_s,iq3_xxs,iq3_s
 # Quantization quality: every mix against F32 on a trained model (KL divergence, top-1 agreement).
 /usr/bin/python3 "$ROOT/bench/quant_quality.py" --moe "$ROOT/build/bin/moe"
 /usr/bin/python3 "$ROOT/bench/layer_compare.py" --moe "$ROOT/build/bin/moe" --rounds 3
