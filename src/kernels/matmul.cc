@@ -29,11 +29,30 @@ WeightLayout RepackLayout(DType w, int64_t n_in, int64_t rows) {
 
 namespace {
 
+// Word-wide helpers (the repacking runs at every load: a byte loop cost seconds per GB).
+uint32_t Word(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+void PutWord(uint8_t* p, uint32_t v) { std::memcpy(p, &v, sizeof(v)); }
+constexpr uint32_t kLowNibbles = 0x0F0F0F0Fu;
+
 // Lane r of a 4-vector group (64 bytes each): the nibbles of quants 8j+i (low) and 8j+4+i (high)
 // of row r's 32 quants q (0..15), at g[64 j + 4 r + i].
 void PutNibbleGroup(const uint8_t* q, int r, uint8_t* g) {
   for (int j = 0; j < 4; ++j) {
     for (int i = 0; i < 4; ++i) g[64 * j + 4 * r + i] = static_cast<uint8_t>(q[8 * j + i] | q[8 * j + 4 + i] << 4);
+  }
+}
+
+// The same for 32 quants stored as nibble `half` (0 low, 1 high) of the 32 bytes at qs (q4_K),
+// four bytes at a time.
+void PutNibbleGroupK(const uint8_t* qs, int half, int r, uint8_t* g) {
+  for (int j = 0; j < 4; ++j) {
+    const uint32_t a = Word(qs + 8 * j), b = Word(qs + 8 * j + 4);
+    PutWord(g + 64 * j + 4 * r, half ? ((a >> 4) & kLowNibbles) | (b & ~kLowNibbles)
+                                     : (a & kLowNibbles) | ((b & kLowNibbles) << 4));
   }
 }
 
@@ -47,9 +66,7 @@ void RepackQ4KTiles(const BlockQ4_K* in, uint8_t* out, int64_t nb, int64_t rows)
         std::memcpy(out + 32 + 2 * r, &blk.dmin, 2);
         for (int i = 0; i < 12; ++i) out[64 + 16 * i + r] = blk.scales[i];
         for (int j = 0; j < 8; ++j) {  // sub-block j: nibble j % 2 of qs[32 (j / 2) ..]
-          uint8_t q[32];
-          for (int l = 0; l < 32; ++l) q[l] = static_cast<uint8_t>((blk.qs[32 * (j / 2) + l] >> (4 * (j % 2))) & 0xF);
-          PutNibbleGroup(q, r, out + 256 + 256 * j);
+          PutNibbleGroupK(blk.qs + 32 * (j / 2), j % 2, r, out + 256 + 256 * j);
         }
       }
     }
@@ -116,32 +133,30 @@ void Repack(DType w, WeightLayout layout, const void* src, void* dst, int64_t n_
   const bool q4 = w == DType::kQ4_0;
   const size_t bb = Traits(w).block_bytes, block_tile = q4 ? 256 : 512;
   const auto* in = static_cast<const uint8_t*>(src);
-  auto* out = static_cast<uint8_t*>(dst);
+  auto* dst_bytes = static_cast<uint8_t*>(dst);
   const int64_t nb = n_in / kQK8_0;
+  const size_t pair = 64 + 2 * block_tile;
+  alignas(64) uint8_t out[64 + 2 * 512];  // one pair, built here and copied out whole
   for (int64_t t0 = 0; t0 < rows; t0 += 16) {
-    for (int64_t p = 0; p < nb / 2; ++p, out += 64 + 2 * block_tile) {
+    for (int64_t p = 0; p < nb / 2; ++p, dst_bytes += pair) {
       for (int h = 0; h < 2; ++h) {
         uint8_t* g = out + 64 + block_tile * h;
         for (int r = 0; r < 16; ++r) {
           const uint8_t* blk = in + (static_cast<size_t>(t0 + r) * nb + 2 * p + h) * bb;
           std::memcpy(out + 32 * h + 2 * r, blk, 2);  // d (the first field of both)
           const uint8_t* qs = blk + 2;
-          for (int i = 0; i < 4; ++i) {
-            if (q4) {  // qs[k] = q_k | q_(k+16) << 4
-              if (i == 0) {
-                uint8_t q[32];
-                for (int l = 0; l < 16; ++l) {
-                  q[l] = qs[l] & 0x0F;
-                  q[l + 16] = qs[l] >> 4;
-                }
-                PutNibbleGroup(q, r, g);
-              }
-            } else {  // vector k: quants 4k+i plus 128
-              for (int k = 0; k < 8; ++k) g[64 * k + 4 * r + i] = static_cast<uint8_t>(qs[4 * k + i] ^ 0x80);
+          if (q4) {  // qs[k] = q_k | q_(k+16) << 4: vectors 0, 1 the low nibbles, 2, 3 the high
+            for (int j = 0; j < 2; ++j) {
+              const uint32_t a = Word(qs + 8 * j), b = Word(qs + 8 * j + 4);
+              PutWord(g + 64 * j + 4 * r, (a & kLowNibbles) | ((b & kLowNibbles) << 4));
+              PutWord(g + 64 * (j + 2) + 4 * r, ((a >> 4) & kLowNibbles) | (b & ~kLowNibbles));
             }
+          } else {  // vector k: quants 4k..4k+3 plus 128
+            for (int k = 0; k < 8; ++k) PutWord(g + 64 * k + 4 * r, Word(qs + 4 * k) ^ 0x80808080u);
           }
         }
       }
+      std::memcpy(dst_bytes, out, pair);
     }
   }
 }

@@ -59,6 +59,7 @@ class Model {
   // built from the store, exactly as Load would read SaveParams' file.
   static std::unique_ptr<Model> FromParams(const ModelParams<float>& p, bool allow_training_only = false);
 
+  ~Model();
   const ModelConfig& config() const { return config_; }
   const GgufFile& file() const { return *file_; }
   const Tokenizer& tokenizer() const { return *tokenizer_; }
@@ -91,7 +92,11 @@ class Model {
   std::vector<uint8_t> meta_;            // FromParams: the metadata-only GGUF behind file_
   std::vector<TensorView> owned_views_;  // FromParams: views into the store
   std::deque<TensorView> repacked_views_;  // RepackForInference: views of repacked_
-  std::vector<std::unique_ptr<uint8_t, void (*)(void*)>> repacked_;
+  struct Mapping {  // an anonymous mapping of the repacked weights, unmapped with the model
+    void* p = nullptr;
+    size_t len = 0;
+  };
+  std::vector<Mapping> repacked_;
   std::unique_ptr<GgufFile> file_;
   ModelConfig config_;
   std::unique_ptr<Tokenizer> tokenizer_;
