@@ -14,14 +14,7 @@ namespace moe::kernels {
 namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 
-// (as matmul-inl.h: Highway 1.0.3's AVX3_DL target string lacks avx512vnni)
-#undef MOE_CEILINGS_VNNI
-#if HWY_TARGET == HWY_AVX3_DL && HWY_COMPILER_GCC_ACTUAL
-#define MOE_CEILINGS_VNNI 1
-HWY_PRAGMA(GCC target("avx512vnni"))
-#else
-#define MOE_CEILINGS_VNNI 0
-#endif
+#include "kernels/vnni-inl.h"  // MOE_VNNI: Int8Probe's vpdpbusd
 
 uint64_t ReadStream(const uint8_t* p, size_t n) {
   const hn::ScalableTag<uint64_t> d;
@@ -78,7 +71,7 @@ double FmaProbe(int64_t iters) {
 }
 
 double Int8Probe(int64_t iters) {
-#if MOE_CEILINGS_VNNI
+#if MOE_VNNI
   __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0;
   __m512i a6 = a0, a7 = a0, a8 = a0, a9 = a0, a10 = a0, a11 = a0;
   const __m512i x = _mm512_set1_epi8(3), y = _mm512_set1_epi8(-2);

@@ -23,7 +23,7 @@
 //   32-quant block is one int16 vector on AVX-512 and 2..32 vectors elsewhere, so each kernel
 //   is written for "a chunk of N int16 lanes", N dividing 32.
 // - VNNI (AVX3_DL, GCC): vpdpbusd on unsigned weight bytes x signed activation bytes, 64 quants
-//   per instruction (see the MOE_MATMUL_VNNI section).
+//   per instruction (see the MOE_VNNI section).
 // The activation rows are converted once per call into a per-thread workspace and reused by
 // every row; weights are unpacked in registers.
 //
@@ -57,17 +57,7 @@ namespace moe::kernels {
 namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 
-// AVX3_DL is only chosen on CPUs with AVX512-VNNI (Highway checks it at run time), but
-// Highway 1.0.3's AVX3_DL target string lacks "avx512vnni": add it for the vpdpbusd kernels.
-// Popped by HWY_AFTER_NAMESPACE together with Highway's own target options. (Other compilers
-// take the int16 path, which is also correct on AVX3_DL.)
-#undef MOE_MATMUL_VNNI
-#if HWY_TARGET == HWY_AVX3_DL && HWY_COMPILER_GCC_ACTUAL
-#define MOE_MATMUL_VNNI 1
-HWY_PRAGMA(GCC target("avx512vnni"))
-#else
-#define MOE_MATMUL_VNNI 0
-#endif
+#include "kernels/vnni-inl.h"  // MOE_VNNI: the vpdpbusd kernels below
 
 // int16 path: one int16 vector per 32-quant block where the vectors are 512-bit; elsewhere
 // at most 16 lanes (always a divisor of 32, and of 16 for the half-block layouts of q4_0 and
@@ -1034,7 +1024,7 @@ HWY_INLINE void RowKDot(const uint8_t* HWY_RESTRICT wrow, int64_t nb, const MmAc
 }
 
 
-#if MOE_MATMUL_VNNI
+#if MOE_VNNI
 // ---------------------------------------------------------------- AVX-512 VNNI (AVX3_DL)
 // vpdpbusd multiplies unsigned by signed bytes and adds groups of 4 into int32 lanes, so the
 // weights are made unsigned: q8_0 by adding 128 (xor 0x80), q4_0 by keeping the raw nibble; the
@@ -1731,7 +1721,7 @@ HWY_INLINE void VnniRowsOneToken(const uint8_t* w, int64_t n_rows, size_t row_by
     _mm512_mask_storeu_ps(out + r0, static_cast<__mmask16>((1u << cnt) - 1), sums);
   }
 }
-#endif  // MOE_MATMUL_VNNI
+#endif  // MOE_VNNI
 
 // ---------------------------------------------------------------- float weights
 
@@ -1945,7 +1935,7 @@ struct MmBatchRows<R, std::void_t<decltype(R::kBatchRows)>> : std::bool_constant
 template <int NT, template <int, class> class Row, class K>
 HWY_INLINE void MmRows(const uint8_t* w, int64_t n_rows, size_t row_bytes, int64_t nb,
                        const MmAct* a, float* out, int64_t stride) {
-#if MOE_MATMUL_VNNI
+#if MOE_VNNI
   if constexpr (NT == 1 && MmBatchRows<Row<1, K>>::value) {
     VnniRowsOneToken<Row, K>(w, n_rows, row_bytes, nb, a, out);
     return;
@@ -1974,7 +1964,7 @@ struct MmRow32 {
     Row32Dot<NT, K>(w, nb, a, o, s);
   }
 };
-#if MOE_MATMUL_VNNI
+#if MOE_VNNI
 // out[t * s] = sum(acc[t]) - m[t]
 template <int NT>
 HWY_INLINE void VnniStore(const __m512* acc, const float* m, float* o, int64_t s) {
@@ -2034,7 +2024,7 @@ HWY_INLINE void MatMulInt32(MmPrep prep, const uint8_t* W, int64_t n_in, int64_t
   MatMulInt<K, MmRow32>(MmPrepSpec{prep, K::kLayout, false, 0}, W, n_in, r0, r1, xa, xa_stride,
                         n_tok, y, y_stride);
 }
-#if MOE_MATMUL_VNNI
+#if MOE_VNNI
 template <class K>
 HWY_INLINE void MatMulVnni32(MmPrep prep, const uint8_t* W, int64_t n_in, int64_t r0,
                              int64_t r1, const uint8_t* xa, size_t xa_stride, int64_t n_tok,
@@ -2044,7 +2034,7 @@ HWY_INLINE void MatMulVnni32(MmPrep prep, const uint8_t* W, int64_t n_in, int64_
 }
 #endif
 
-#if MOE_MATMUL_VNNI
+#if MOE_VNNI
 // ---- q8_0 and q4_0 in row tiles (WeightLayout::kTiles16) ------------------------------------
 // Decode multiplies each weight byte once, so what bounds it is the instructions a byte costs.
 // In the file's layout a row's blocks are contiguous and every row ends in a horizontal sum;
@@ -2302,11 +2292,11 @@ HWY_INLINE void MatMulTiles(const uint8_t* W, int64_t n_in, int64_t r0, int64_t 
     }
   }
 }
-#endif  // MOE_MATMUL_VNNI
+#endif  // MOE_VNNI
 
 // Per-target body of kernels::RepackLayout.
 HWY_NOINLINE inline WeightLayout RepackLayout(DType w, int64_t n_in, int64_t rows) {
-#if MOE_MATMUL_VNNI
+#if MOE_VNNI
   const bool k = w == DType::kQ4_K || w == DType::kQ6_K;
   const int64_t step = k ? kQK_K : 64;  // whole super-blocks / pairs of blocks
   if ((w == DType::kQ8_0 || w == DType::kQ4_0 || k) && n_in > 0 &&
@@ -2350,7 +2340,7 @@ HWY_NOINLINE inline void MatMul(DType w, const void* W, int64_t n_in, int64_t r0
   const uint8_t* wb = static_cast<const uint8_t*>(W);
   const uint8_t* xb = static_cast<const uint8_t*>(xa);
   if (layout != WeightLayout::kRows) {  // only what RepackLayout gives on this target
-#if MOE_MATMUL_VNNI
+#if MOE_VNNI
     if (layout == WeightLayout::kTiles16 && w == DType::kQ8_0) {
       MatMulTiles<DType::kQ8_0>(wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
     } else if (layout == WeightLayout::kTiles16 && w == DType::kQ4_0) {
@@ -2382,7 +2372,7 @@ HWY_NOINLINE inline void MatMul(DType w, const void* W, int64_t n_in, int64_t r0
           PrepareActs(MmPrepSpec{MmPrep::kBF16, MmLayout::kNatural, false, 0}, n_in, xb, xa_stride, n_tok), n_tok, y,
           y_stride);
       break;
-#if MOE_MATMUL_VNNI
+#if MOE_VNNI
     case DType::kQ8_0: MatMulVnni32<KernQ8_0>(MmPrep::kQ8_0, wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride); break;
     case DType::kQ4_0: MatMulVnni32<KernQ4_0>(MmPrep::kQ8_0, wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride); break;
     case DType::kQ4_1: MatMulVnni32<KernQ4_1>(MmPrep::kQ8_1, wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride); break;
