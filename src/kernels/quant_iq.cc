@@ -1,9 +1,9 @@
-// Quantizers of the codebook i-quants (iq2_xxs, iq2_xs, iq2_s, iq3_xxs, iq3_s, iq1_s, iq1_m). ggml's quantizers for these
-// search a neighbourhood of each group's nearest lattice point with importance weights; this one
-// searches the whole grid for every group at each of a range of sub-block scales (simpler, and
-// slower), minimising the squared error. The encodings are the formats' own (kernels/iq_grid.h),
-// so ggml dequantizes them to the same values; tests/kernels/ggml_oracle_test.cc compares the
-// error with ggml's quantizer on the same rows.
+// Quantizers of the codebook i-quants (iq2_xxs, iq2_xs, iq2_s, iq3_xxs, iq3_s, iq1_s, iq1_m).
+// Like ggml's, they score only the grid entries near each group's ideal pattern, with
+// importance weights; unlike ggml's, every sub-block tries a range of scales, each refitted by
+// least squares, minimising the (weighted) squared error. The encodings are the formats' own
+// (kernels/iq_grid.h), so ggml dequantizes them to the same values;
+// tests/kernels/ggml_oracle_test.cc compares the error with ggml's quantizer on the same rows.
 #include "kernels/quant_iq.h"
 
 #include <algorithm>
@@ -18,50 +18,86 @@
 namespace moe::kernels {
 namespace {
 
-// A codebook as floats: n entries of `width` magnitudes (8 for iq2, 4 for iq3), also stored
-// element-major so the search over entries runs as vector loops.
+// A codebook as floats: n entries of `width` magnitudes (8 for iq2, 4 for iq3), and a table of
+// neighbours that keeps the search from scanning the whole grid. Every magnitude of a grid is
+// one of a few levels (3 for iq2_xxs/iq2_xs, 4 for iq2_s, 8 for the iq3 grids); a group's ideal
+// pattern at a scale a is each element's nearest level to t / a, and the table lists, for each
+// of the levels^width patterns, the `near` entries closest to it. Only those are scored exactly
+// (ggml's quantizers search the same kind of neighbourhood).
 struct Codebook {
-  int n, width;
-  std::vector<float> mag;   // [n][width]
-  std::vector<float> magT;  // [width][n]
-  std::vector<float> mag2;  // [n]: sum of squares
+  int n, width, near;
+  std::vector<float> mag;     // [n][width]
+  std::vector<float> mag2;    // [n]: sum of squares
+  std::vector<float> level;   // the distinct magnitudes, ascending
+  std::vector<float> cut;     // midpoints between consecutive levels
+  std::vector<uint16_t> nbr;  // [levels^width][near], nearest first
+
+  // The pattern of target t (width values) at inverse scale ia: its index in nbr.
+  int Pattern(const float* t, float ia) const {
+    int p = 0;
+    for (int k = width - 1; k >= 0; --k) {
+      const float v = t[k] * ia;
+      int d = 0;
+      for (float c : cut) d += v > c;
+      p = p * static_cast<int>(level.size()) + d;
+    }
+    return p;
+  }
 };
 
 template <typename G>
-Codebook MakeCodebook(const G* grid, int n, int width) {
-  const size_t sz = static_cast<size_t>(n) * width;
-  Codebook c{n, width, std::vector<float>(sz), std::vector<float>(sz), std::vector<float>(n)};
+Codebook MakeCodebook(const G* grid, int n, int width, int near) {
+  Codebook c{n, width, near, std::vector<float>(static_cast<size_t>(n) * width), std::vector<float>(n), {}, {}, {}};
   for (int i = 0; i < n; ++i) {
     float s = 0;
     for (int k = 0; k < width; ++k) {
       const float m = static_cast<float>((grid[i] >> (8 * k)) & 0xFF);
       c.mag[static_cast<size_t>(i) * width + k] = m;
-      c.magT[static_cast<size_t>(k) * n + i] = m;
       s += m * m;
+      if (std::find(c.level.begin(), c.level.end(), m) == c.level.end()) c.level.push_back(m);
     }
     c.mag2[i] = s;
+  }
+  std::sort(c.level.begin(), c.level.end());
+  for (size_t l = 1; l < c.level.size(); ++l) c.cut.push_back((c.level[l - 1] + c.level[l]) / 2);
+  const int levels = static_cast<int>(c.level.size());
+  int patterns = 1;
+  for (int k = 0; k < width; ++k) patterns *= levels;
+  c.nbr.resize(static_cast<size_t>(patterns) * near);
+  std::vector<std::pair<float, int>> dist(n);
+  float lv[8];
+  for (int p = 0; p < patterns; ++p) {
+    for (int k = 0, r = p; k < width; ++k, r /= levels) lv[k] = c.level[r % levels];
+    for (int i = 0; i < n; ++i) {
+      const float* m = &c.mag[static_cast<size_t>(i) * width];
+      float d2 = 0;
+      for (int k = 0; k < width; ++k) d2 += (m[k] - lv[k]) * (m[k] - lv[k]);
+      dist[i] = {d2, i};
+    }
+    std::partial_sort(dist.begin(), dist.begin() + near, dist.end());
+    for (int j = 0; j < near; ++j) c.nbr[static_cast<size_t>(p) * near + j] = static_cast<uint16_t>(dist[j].second);
   }
   return c;
 }
 
 const Codebook& IQ2XXSBook() {
-  static const Codebook c = MakeCodebook(kIQ2XXSGrid, 256, 8);
+  static const Codebook c = MakeCodebook(kIQ2XXSGrid, 256, 8, 16);
   return c;
 }
 const Codebook& IQ3XXSBook() {
-  static const Codebook c = MakeCodebook(kIQ3XXSGrid, 256, 4);
+  static const Codebook c = MakeCodebook(kIQ3XXSGrid, 256, 4, 16);
   return c;
 }
 const Codebook& IQ3SBook() {
-  static const Codebook c = MakeCodebook(kIQ3SGrid, 512, 4);
+  static const Codebook c = MakeCodebook(kIQ3SGrid, 512, 4, 16);
   return c;
 }
 const Codebook& IQ2XSBook() {
-  static const Codebook c = MakeCodebook(kIQ2XSGrid, 512, 8);
+  static const Codebook c = MakeCodebook(kIQ2XSGrid, 512, 8, 16);
   return c;
 }
 const Codebook& IQ2SBook() {
-  static const Codebook c = MakeCodebook(kIQ2SGrid, 1024, 8);
+  static const Codebook c = MakeCodebook(kIQ2SGrid, 1024, 8, 16);
   return c;
 }
 
@@ -96,70 +132,61 @@ SubBlock Signs(const float* x, const float* w, bool parity, int n) {
   return s;
 }
 
-// The (weighted) squared error of entry i for a part p of a sub-block at scale a is
-// a^2 |m_i|^2_w - 2 a m_i.t_p,w + |t_p|^2_w: the products do not depend on a, so they are
-// computed once per sub-block and every trial scale costs one pass over the entries per part.
+// The search of one sub-block: its parts (groups of `width` values), the (weighted) squared
+// error of an entry at a scale, and the least-squares scale of a choice of entries.
 struct Search {
-  const Codebook& c;
-  int parts;             // sub-block size / width
-  float mt[8][1024];     // [part][entry]: sum_k w_k m_ik t_k
-  float mw2[8][1024];    // [part][entry]: sum_k w_k m_ik^2 (weighted searches only)
-  const float* m2[8];    // [part]: mw2[part], or the codebook's |m_i|^2 without weights
-  float t2[8];
+  const Codebook* c = nullptr;
+  const SubBlock* sb = nullptr;
+  int parts = 0;  // sub-block size / width
 
-  Search(const Codebook& cb, const SubBlock& sb) : c(cb), parts(sb.n / cb.width) {
-    for (int p = 0; p < parts; ++p) {
-      const float* t = sb.t + c.width * p;
-      const float* w = sb.w ? sb.w + c.width * p : nullptr;
-      float s2 = 0;
-      for (int k = 0; k < c.width; ++k) s2 += (w ? w[k] : 1.0f) * t[k] * t[k];
-      t2[p] = s2;
-      float* row = mt[p];
-      for (int i = 0; i < c.n; ++i) row[i] = 0;
-      for (int k = 0; k < c.width; ++k) {
-        const float* m = &c.magT[static_cast<size_t>(k) * c.n];
-        const float wt = (w ? w[k] : 1.0f) * t[k];
-        for (int i = 0; i < c.n; ++i) row[i] += m[i] * wt;
-      }
-      m2[p] = c.mag2.data();
-      if (w) {
-        float* q = mw2[p];
-        for (int i = 0; i < c.n; ++i) q[i] = 0;
-        for (int k = 0; k < c.width; ++k) {
-          const float* m = &c.magT[static_cast<size_t>(k) * c.n];
-          for (int i = 0; i < c.n; ++i) q[i] += w[k] * m[i] * m[i];
-        }
-        m2[p] = q;
-      }
-    }
+  void Init(const Codebook& cb, const SubBlock& s) {
+    c = &cb;
+    sb = &s;
+    parts = s.n / cb.width;
   }
-  // Best entries at scale a (the first of equals); returns the total squared error.
-  float Choose(float a, int* idx) const {
+  // Best entries at scale a among each part's neighbours (the lowest index of equals); returns
+  // the total squared error.
+  float Choose(float a, int* idx) const { return c->width == 8 ? ChooseW<8>(a, idx) : ChooseW<4>(a, idx); }
+  template <int kW>
+  float ChooseW(float a, int* idx) const {
     float total = 0;
-    const float a2 = a * a, ta = 2 * a;
+    const float ia = a > 0 ? 1 / a : 0;
+    const float* mag = c->mag.data();
     for (int p = 0; p < parts; ++p) {
-      const float* row = mt[p];
-      const float* q = m2[p];
-      int best = 0;
-      float best_e = a2 * q[0] - ta * row[0];
-      for (int i = 1; i < c.n; ++i) {
-        const float e = a2 * q[i] - ta * row[i];
-        if (e < best_e) {
-          best_e = e;
-          best = i;
+      const float* t = sb->t + kW * p;
+      float w[kW];
+      for (int k = 0; k < kW; ++k) w[k] = sb->w ? sb->w[kW * p + k] : 1.0f;
+      const uint16_t* cand = &c->nbr[static_cast<size_t>(c->Pattern(t, ia)) * c->near];
+      int best = 0x7fffffff;
+      float best_e = 0;
+      for (int j = 0; j < c->near; ++j) {
+        const int i = cand[j];
+        const float* m = mag + static_cast<size_t>(i) * kW;
+        float e = 0;
+        for (int k = 0; k < kW; ++k) {
+          const float r = a * m[k] - t[k];
+          e += w[k] * r * r;
         }
+        const bool better = j == 0 || e < best_e || (e == best_e && i < best);
+        best_e = better ? e : best_e;
+        best = better ? i : best;
       }
       idx[p] = best;
-      total += best_e + t2[p];
+      total += best_e;
     }
     return total;
   }
   // The least-squares scale for the given entries (a if they give none).
   float Refit(const int* idx, float a) const {
+    const int width = c->width;
     float num = 0, den = 0;
     for (int p = 0; p < parts; ++p) {
-      num += mt[p][idx[p]];
-      den += m2[p][idx[p]];
+      const float* m = &c->mag[static_cast<size_t>(idx[p]) * width];
+      for (int k = 0; k < width; ++k) {
+        const float wk = sb->w ? sb->w[width * p + k] : 1.0f;
+        num += wk * m[k] * sb->t[width * p + k];
+        den += wk * m[k] * m[k];
+      }
     }
     return den > 0 && num > 0 ? num / den : a;
   }
@@ -167,14 +194,15 @@ struct Search {
 
 // The sub-block scale (before the 4-bit rounding): the best of a range of trial scales, each
 // refined once by least squares over the entries it chose.
+constexpr int kScaleTrials = 10;
 float FitSubBlockScale(const Search& s, const SubBlock& sb, float max_mag) {
   float amax = 0;
   for (int i = 0; i < sb.n; ++i) amax = std::max(amax, std::fabs(sb.t[i]));
   if (amax == 0) return 0;
   float best_a = amax / max_mag, best_e = -1;
   int idx[8];
-  for (int k = 0; k < 20; ++k) {
-    const float a0 = amax / max_mag * (0.5f + 0.04f * static_cast<float>(k));
+  for (int k = 0; k < kScaleTrials; ++k) {
+    const float a0 = amax / max_mag * (0.5f + 0.8f / kScaleTrials * static_cast<float>(k));
     s.Choose(a0, idx);
     const float a = s.Refit(idx, a0);
     const float e = s.Choose(a, idx);
@@ -186,16 +214,6 @@ float FitSubBlockScale(const Search& s, const SubBlock& sb, float max_mag) {
   return best_a;
 }
 
-// Per-thread room for a super-block's searches (up to 16 x 32 KiB: too big for the stack).
-std::vector<Search>* SearchScratch() {
-  thread_local std::vector<Search> v = [] {
-    std::vector<Search> s;
-    s.reserve(16);
-    return s;
-  }();
-  return &v;
-}
-
 // Shared driver: per super-block, sub-block scales a_j, then d with a_j ~ d kConst (2 ls_j + 1)
 // (ls in 0..15), the entries chosen again at the rounded scales, and the format's packing.
 template <class F, class Pack>
@@ -205,12 +223,11 @@ void QuantizeGrid(const Codebook& c, bool parity, float max_mag, const float* x,
     const float* xb = x + b * kQK_K;
     constexpr int kSub = F::kSubBlocks, kLen = kQK_K / kSub;
     SubBlock sb[kSub];
-    std::vector<Search>& search = *SearchScratch();
-    search.clear();
+    Search search[kSub];
     float a[kSub], amax = 0;
     for (int j = 0; j < kSub; ++j) {
       sb[j] = Signs(xb + kLen * j, qw ? qw + b * kQK_K + kLen * j : nullptr, parity, kLen);
-      search.emplace_back(c, sb[j]);
+      search[j].Init(c, sb[j]);
       a[j] = FitSubBlockScale(search[j], sb[j], max_mag);
       amax = std::max(amax, a[j]);
     }
@@ -265,13 +282,36 @@ struct IQ1Book {
 
 // One sub-block of iq1_s (4 groups of 8) or iq1_m (2 groups): the best entry per group at a
 // scale a and delta, and the refitted scale.
+// Per group and entry, the sums that do not depend on the scale or delta: sum w g x, sum w g,
+// sum w g^2, kept for the sub-block's trials (valid where seen == the search's stamp).
+struct IQ1Products {
+  float gx, wg, wg2;
+  uint32_t seen;
+};
+struct IQ1Memo {
+  std::vector<IQ1Products> p = std::vector<IQ1Products>(4 * 2048, IQ1Products{0, 0, 0, 0});
+  uint32_t stamp = 0;
+  uint32_t Next() {
+    if (++stamp == 0) {  // wrapped: forget everything
+      std::fill(p.begin(), p.end(), IQ1Products{0, 0, 0, 0});
+      stamp = 1;
+    }
+    return stamp;
+  }
+};
+
 struct IQ1Search {
   const IQ1Book& b;
   const float* x;
   float w[32];  // error weights (ones without an importance matrix)
   int ng;       // groups
   float x1[4], x2[4], w1[4];  // per group: sum w x, sum w x^2, sum w
+  IQ1Products* memo;          // [group][entry]
+  uint32_t stamp;
   IQ1Search(const IQ1Book& book, const float* xs, const float* ws, int groups) : b(book), x(xs), ng(groups) {
+    thread_local IQ1Memo m;
+    memo = m.p.data();
+    stamp = m.Next();
     for (int k = 0; k < 8 * ng; ++k) w[k] = ws ? ws[k] : 1.0f;
     for (int p = 0; p < ng; ++p) {
       x1[p] = x2[p] = w1[p] = 0;
@@ -283,16 +323,19 @@ struct IQ1Search {
       }
     }
   }
-  // sum w g and sum w g^2 of entry i over group p.
-  void Sums(int p, int i, float* wg, float* wg2) const {
-    float s1 = 0, s2 = 0;
+  // Entry i's sums over group p.
+  const IQ1Products& Sums(int p, int i) const {
+    IQ1Products& r = memo[2048 * p + i];
+    if (r.seen == stamp) return r;
+    float gx = 0, s1 = 0, s2 = 0;
     for (int k = 0; k < 8; ++k) {
-      const float wk = w[8 * p + k];
-      s1 += wk * b.g[i][k];
-      s2 += wk * b.g[i][k] * b.g[i][k];
+      const float wk = w[8 * p + k], g = b.g[i][k];
+      gx += g * wk * x[8 * p + k];
+      s1 += wk * g;
+      s2 += wk * g * g;
     }
-    *wg = s1;
-    *wg2 = s2;
+    r = {gx, s1, s2, stamp};
+    return r;
   }
   // Group p's squared error at (a, delta) with its best candidate entry (into *idx).
   float Group(int p, float a, float delta, int* idx) const {
@@ -305,15 +348,12 @@ struct IQ1Search {
     }
     const uint16_t* cand = &b.near[static_cast<size_t>(pattern) * kIQ1Near];
     const float a2 = a * a, cw = w1[p] * delta * delta;
-    const float* wp = w + 8 * p;
     int best = cand[0];
     float best_e = 0;
     for (int n = 0; n < kIQ1Near; ++n) {
       const int i = cand[n];
-      float gx = 0, wg, wg2;
-      for (int k = 0; k < 8; ++k) gx += b.g[i][k] * wp[k] * xp[k];
-      Sums(p, i, &wg, &wg2);
-      const float e = a2 * (wg2 + 2 * delta * wg + cw) - 2 * a * (gx + delta * x1[p]);
+      const IQ1Products& s = Sums(p, i);
+      const float e = a2 * (s.wg2 + 2 * delta * s.wg + cw) - 2 * a * (s.gx + delta * x1[p]);
       if (n == 0 || e < best_e) {
         best_e = e;
         best = i;
@@ -344,11 +384,9 @@ struct IQ1Search {
   float Refit(const int* idx, const float* delta, float a) const {
     float num = 0, den = 0;
     for (int p = 0; p < ng; ++p) {
-      float gx = 0, wg, wg2;
-      for (int k = 0; k < 8; ++k) gx += b.g[idx[p]][k] * w[8 * p + k] * x[8 * p + k];
-      Sums(p, idx[p], &wg, &wg2);
-      num += gx + delta[p] * x1[p];
-      den += wg2 + 2 * delta[p] * wg + w1[p] * delta[p] * delta[p];
+      const IQ1Products& s = Sums(p, idx[p]);
+      num += s.gx + delta[p] * x1[p];
+      den += s.wg2 + 2 * delta[p] * s.wg + w1[p] * delta[p] * delta[p];
     }
     return den > 0 && num > 0 ? num / den : a;
   }
