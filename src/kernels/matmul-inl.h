@@ -2076,7 +2076,8 @@ struct TileFormat {
   static constexpr int32_t kOffset = kQ4 ? 8 : 128;
 };
 
-// out[t][r] = the dot of tile row r with token t (NT tokens), over np pairs of blocks.
+// out[t][r] = the dot of tile row r with token t (NT tokens), over np pairs of blocks. A block's
+// quants are unpacked once for all NT tokens (prefill's tokens share them).
 template <DType kW, int NT>
 HWY_INLINE void TileDot(const uint8_t* HWY_RESTRICT tile, int64_t np, const MmAct* act,
                         float (*out)[16]) {
@@ -2093,20 +2094,21 @@ HWY_INLINE void TileDot(const uint8_t* HWY_RESTRICT tile, int64_t np, const MmAc
       const __m512 dw = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(pp + 32 * h)));
       const uint8_t* g = pp + 64 + TF::kBlockBytes * h;
       const int64_t b = 2 * p + h;
-      // Group k's unsigned quants of the 16 rows.
-      const auto w = [&](int k) {
+      __m512i w[8];  // group k's unsigned quants of the 16 rows
+      HWY_UNROLL(8)
+      for (int k = 0; k < 8; ++k) {
         if constexpr (TF::kQ4) {
           const __m512i v = _mm512_load_si512(g + 64 * (k / 2));
-          return _mm512_and_si512(k % 2 ? _mm512_srli_epi16(v, 4) : v, nib);
+          w[k] = _mm512_and_si512(k % 2 ? _mm512_srli_epi16(v, 4) : v, nib);
         } else {
-          return _mm512_load_si512(g + 64 * k);
+          w[k] = _mm512_load_si512(g + 64 * k);
         }
-      };
+      }
       HWY_UNROLL(4)
       for (int t = 0; t < NT; ++t) {
         const int8_t* xq = act[t].q8 + 64 * p + 4 * h;  // PrepareQ8_0Int8's pair interleave
         __m512i s0 = _mm512_set1_epi32(act[t].bcorr[b]), s1 = _mm512_setzero_si512();
-        TileDot8<false>(w, [&](int k) { return TileX4(xq + 8 * k); }, s0, s1);
+        TileDot8<false>([&](int k) { return w[k]; }, [&](int k) { return TileX4(xq + 8 * k); }, s0, s1);
         acc[t][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)),
                                     _mm512_mul_ps(dw, _mm512_set1_ps(act[t].d[b])), acc[t][h]);
       }
@@ -2142,37 +2144,46 @@ HWY_INLINE void TileDotQ4K(const uint8_t* HWY_RESTRICT tile, int64_t nb, const M
     const auto byte = [&](int i) { return _mm_load_si128(reinterpret_cast<const __m128i*>(sb + 64 + 16 * i)); };
     const __m128i m63 = _mm_set1_epi8(63), m15 = _mm_set1_epi8(15), top = _mm_set1_epi8(static_cast<char>(0xC0));
     const auto hi2 = [&](__m128i v) { return _mm_srli_epi16(_mm_and_si128(v, top), 2); };  // bits 6..7 -> 4..5
-    __m512i sc[8];
-    __m128i mn[8];
-    HWY_UNROLL(4)
-    for (int j = 0; j < 4; ++j) {
-      sc[j] = _mm512_cvtepu8_epi32(_mm_and_si128(byte(j), m63));
-      mn[j] = _mm_and_si128(byte(j + 4), m63);
-      sc[j + 4] = _mm512_cvtepu8_epi32(_mm_or_si128(_mm_and_si128(byte(j + 8), m15), hi2(byte(j))));
-      mn[j + 4] = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(byte(j + 8), 4), m15), hi2(byte(j + 4)));
-    }
+    // Sub-block j's scales of the 16 rows (int32 lanes).
+    const auto scale = [&](int j) {
+      return _mm512_cvtepu8_epi32(j < 4 ? _mm_and_si128(byte(j), m63)
+                                        : _mm_or_si128(_mm_and_si128(byte(j + 4), m15), hi2(byte(j - 4))));
+    };
     // Mins of sub-blocks 2i and 2i + 1 as the int16 pair of each row's 32-bit lane.
+    const auto mins = [&](int j) {
+      return j < 4 ? _mm_and_si128(byte(j + 4), m63)
+                   : _mm_or_si128(_mm_and_si128(_mm_srli_epi16(byte(j + 4), 4), m15), hi2(byte(j)));
+    };
+    __m512i isum[NT];
+    HWY_UNROLL(4)
+    for (int t = 0; t < NT; ++t) isum[t] = _mm512_setzero_si512();
+    HWY_UNROLL(8)
+    for (int j = 0; j < 8; ++j) {  // the sub-block's quants unpacked once for all NT tokens
+      const uint8_t* g = sb + 256 + 256 * j;
+      __m512i w[8];
+      HWY_UNROLL(4)
+      for (int k = 0; k < 8; k += 2) {
+        const __m512i v = _mm512_load_si512(g + 32 * k);
+        w[k] = _mm512_and_si512(v, nib);
+        w[k + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+      }
+      const __m512i sc = scale(j);
+      HWY_UNROLL(4)
+      for (int t = 0; t < NT; ++t) {
+        const int8_t* xq = act[t].q8 + b * kQK_K + 32 * j;
+        __m512i s0 = _mm512_setzero_si512(), s1 = s0;
+        TileDot8<false>([&](int k) { return w[k]; }, [&](int k) { return TileX4(xq + 4 * k); }, s0, s1);
+        isum[t] = _mm512_add_epi32(isum[t], _mm512_mullo_epi32(_mm512_add_epi32(s0, s1), sc));
+      }
+    }
     __m512i mp[4];
     HWY_UNROLL(4)
     for (int i = 0; i < 4; ++i) {
-      mp[i] = _mm512_or_si512(_mm512_cvtepu8_epi32(mn[2 * i]), _mm512_slli_epi32(_mm512_cvtepu8_epi32(mn[2 * i + 1]), 16));
+      mp[i] = _mm512_or_si512(_mm512_cvtepu8_epi32(mins(2 * i)), _mm512_slli_epi32(_mm512_cvtepu8_epi32(mins(2 * i + 1)), 16));
     }
     HWY_UNROLL(4)
     for (int t = 0; t < NT; ++t) {
-      const int8_t* xq = act[t].q8 + b * kQK_K;
       const int32_t* bs = act[t].bsum2 + b * 8;
-      __m512i isum = _mm512_setzero_si512();
-      HWY_UNROLL(8)
-      for (int j = 0; j < 8; ++j) {
-        const uint8_t* g = sb + 256 + 256 * j;
-        const auto w = [&](int k) {
-          const __m512i v = _mm512_load_si512(g + 64 * (k / 2));
-          return _mm512_and_si512(k % 2 ? _mm512_srli_epi16(v, 4) : v, nib);
-        };
-        __m512i s0 = _mm512_setzero_si512(), s1 = s0;
-        TileDot8<false>(w, [&](int k) { return TileX4(xq + 32 * j + 4 * k); }, s0, s1);
-        isum = _mm512_add_epi32(isum, _mm512_mullo_epi32(_mm512_add_epi32(s0, s1), sc[j]));
-      }
       __m512i msum = _mm512_setzero_si512();
       HWY_UNROLL(4)
       for (int i = 0; i < 4; ++i) {
@@ -2181,7 +2192,7 @@ HWY_INLINE void TileDotQ4K(const uint8_t* HWY_RESTRICT tile, int64_t nb, const M
         msum = _mm512_add_epi32(msum, _mm512_madd_epi16(mp[i], _mm512_set1_epi32(pair)));
       }
       const __m512 xd = _mm512_set1_ps(act[t].d[b]);
-      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, xd), acc[t]);
+      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), _mm512_mul_ps(dw, xd), acc[t]);
       acc[t] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(msum), _mm512_mul_ps(dmw, xd), acc[t]);
     }
   }
@@ -2210,32 +2221,42 @@ HWY_INLINE void TileDotQ6K(const uint8_t* HWY_RESTRICT tile, int64_t nb, const M
     const uint8_t* sb = tile + b * kTileQ6KBytes;
     MmPrefetch<kTileQ6KBytes>(sb + kMmPrefetchBytes);
     const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + 3328)));
+    __m512i isum[NT];
+    HWY_UNROLL(4)
+    for (int t = 0; t < NT; ++t) isum[t] = _mm512_setzero_si512();
+    HWY_UNROLL(8)
+    for (int c = 0; c < 8; ++c) {  // 32 quants unpacked once for all NT tokens
+      const uint8_t* lo = sb + 256 * c;
+      const uint8_t* hi = sb + 2048 + 128 * c;
+      __m512i w[8];  // group k (quants 4k..4k+3 of the 32) of the 16 rows
+      HWY_UNROLL(8)
+      for (int k = 0; k < 8; ++k) {
+        const __m512i l = _mm512_loadu_si512(lo + 64 * (k / 2));
+        const __m512i h = _mm512_loadu_si512(hi + 64 * (k / 4));
+        const __m512i low = _mm512_and_si512(k % 2 ? _mm512_srli_epi16(l, 4) : l, nib);
+        const int sh = 2 * (k % 4);
+        const __m512i top = _mm512_and_si512(sh ? _mm512_srli_epi16(h, sh) : h, two);
+        w[k] = _mm512_or_si512(low, _mm512_slli_epi16(top, 4));
+      }
+      const auto scale = [&](int j) {  // sub-block j's int8 scales of the 16 rows
+        return _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + 3072 + 16 * j)));
+      };
+      const __m512i sc0 = scale(2 * c), sc1 = scale(2 * c + 1);
+      HWY_UNROLL(4)
+      for (int t = 0; t < NT; ++t) {
+        const int8_t* xq = act[t].q8 + b * kQK_K + 32 * c;
+        const int16_t* bs = act[t].bsums + b * 16 + 2 * c;
+        __m512i s0 = _mm512_setzero_si512(), s1 = s0;
+        TileDot8<true>([&](int k) { return w[k]; }, [&](int k) { return TileX4(xq + 4 * k); }, s0, s1);
+        // Sub-block j = 2c + half: (dot - 32 bsum_j) s_j undoes the +32 of the quants.
+        const __m512i d0 = _mm512_mullo_epi32(_mm512_sub_epi32(s0, _mm512_set1_epi32(32 * bs[0])), sc0);
+        const __m512i d1 = _mm512_mullo_epi32(_mm512_sub_epi32(s1, _mm512_set1_epi32(32 * bs[1])), sc1);
+        isum[t] = _mm512_add_epi32(isum[t], _mm512_add_epi32(d0, d1));
+      }
+    }
     HWY_UNROLL(4)
     for (int t = 0; t < NT; ++t) {
-      const int8_t* xq = act[t].q8 + b * kQK_K;
-      const int16_t* bs = act[t].bsums + b * 16;
-      __m512i isum = _mm512_setzero_si512();
-      HWY_UNROLL(8)
-      for (int c = 0; c < 8; ++c) {
-        const uint8_t* lo = sb + 256 * c;
-        const uint8_t* hi = sb + 2048 + 128 * c;
-        const auto w = [&](int k) {  // group k (quants 4k..4k+3 of the 32) of the 16 rows
-          const __m512i l = _mm512_loadu_si512(lo + 64 * (k / 2));
-          const __m512i h = _mm512_loadu_si512(hi + 64 * (k / 4));
-          const __m512i low = _mm512_and_si512(k % 2 ? _mm512_srli_epi16(l, 4) : l, nib);
-          const int sh = 2 * (k % 4);
-          const __m512i top = _mm512_and_si512(sh ? _mm512_srli_epi16(h, sh) : h, two);
-          return _mm512_or_si512(low, _mm512_slli_epi16(top, 4));
-        };
-        const auto sub = [&](int j, __m512i dot) {  // sub-block j = 2c + half: (dot - 32 bsum) s_j
-          const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + 3072 + 16 * j)));
-          return _mm512_mullo_epi32(_mm512_sub_epi32(dot, _mm512_set1_epi32(32 * bs[j])), sc);
-        };
-        __m512i s0 = _mm512_setzero_si512(), s1 = s0;
-        TileDot8<true>(w, [&](int k) { return TileX4(xq + 32 * c + 4 * k); }, s0, s1);
-        isum = _mm512_add_epi32(isum, _mm512_add_epi32(sub(2 * c, s0), sub(2 * c + 1, s1)));
-      }
-      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, _mm512_set1_ps(act[t].d[b])), acc[t]);
+      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), _mm512_mul_ps(dw, _mm512_set1_ps(act[t].d[b])), acc[t]);
     }
   }
   HWY_UNROLL(4)
