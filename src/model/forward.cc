@@ -5,6 +5,7 @@
 #include <cstring>
 #include <string>
 
+#include "kernels/gemm.h"
 #include "kernels/kernels.h"
 #include "util/error.h"
 
@@ -24,6 +25,9 @@ int64_t RowGrain(int64_t rows, int64_t n_tok, int n_threads) {
 
 float* F(std::vector<float>& v, size_t i) { return v.data() + i; }
 
+// Queries per block of batched (prefill) attention; fewer queries take the per-token path.
+constexpr int kAttnBlock = 32;
+
 }  // namespace
 
 Forward::Forward(const Model& model, ThreadPool& pool, int n_ctx, int n_batch)
@@ -33,7 +37,7 @@ Forward::Forward(const Model& model, ThreadPool& pool, int n_ctx, int n_batch)
   if (n_batch_ <= 0) n_batch_ = 256;
   k_cache_.assign(static_cast<size_t>(c_.n_layer) * n_ctx_ * c_.n_k(), 0.0f);
   v_cache_.assign(static_cast<size_t>(c_.n_layer) * n_ctx_ * c_.n_v(), 0.0f);
-  scores_.resize(static_cast<size_t>(pool_.size()) * n_ctx_);
+  scores_.resize(static_cast<size_t>(pool_.size()) * kAttnBlock * n_ctx_);
 }
 
 void Forward::Eval(const int32_t* tokens, int n, bool all_logits, std::vector<float>* logits) {
@@ -142,25 +146,50 @@ void Forward::Attention(int il, int T) {
     std::memcpy(kc, k, nk * sizeof(float));
     std::memcpy(vc, F(v_, t * nv), nv * sizeof(float));
   }
-  // Causal attention, one (token, head) pair per work item.
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const float* K = k_cache_.data() + static_cast<size_t>(il) * n_ctx_ * nk;
   const float* V = v_cache_.data() + static_cast<size_t>(il) * n_ctx_ * nv;
   const int group = H / Hkv;
-  pool_.ParallelFor(static_cast<int64_t>(T) * H, 1, [&](int64_t b, int64_t e, int thread) {
-    float* s = scores_.data() + static_cast<size_t>(thread) * n_ctx_;  // [n_kv]
-    for (int64_t item = b; item < e; ++item) {
-      const int t = static_cast<int>(item / H), h = static_cast<int>(item % H);
-      const int g = h / group;
-      const int n_kv = n_past_ + t + 1;
-      const float* q = q_.data() + t * nq + h * D;
-      for (int j = 0; j < n_kv; ++j) s[j] = kernels::DotF32(q, K + static_cast<size_t>(j) * nk + g * D, D) * scale;
-      kernels::Softmax(s, n_kv);
-      float* o = att_.data() + t * nq + h * D;
-      std::fill(o, o + D, 0.0f);
-      for (int j = 0; j < n_kv; ++j) kernels::Axpy(s[j], V + static_cast<size_t>(j) * nv + g * D, o, D);
-    }
-  });
+  if (T < kAttnBlock) {
+    // Few queries (decode): one (token, head) pair per work item, a dot product per key.
+    pool_.ParallelFor(static_cast<int64_t>(T) * H, 1, [&](int64_t b, int64_t e, int thread) {
+      float* s = scores_.data() + static_cast<size_t>(thread) * kAttnBlock * n_ctx_;  // [n_kv]
+      for (int64_t item = b; item < e; ++item) {
+        const int t = static_cast<int>(item / H), h = static_cast<int>(item % H);
+        const int g = h / group;
+        const int n_kv = n_past_ + t + 1;
+        const float* q = q_.data() + t * nq + h * D;
+        for (int j = 0; j < n_kv; ++j) s[j] = kernels::DotF32(q, K + static_cast<size_t>(j) * nk + g * D, D) * scale;
+        kernels::Softmax(s, n_kv);
+        float* o = att_.data() + t * nq + h * D;
+        std::fill(o, o + D, 0.0f);
+        for (int j = 0; j < n_kv; ++j) kernels::Axpy(s[j], V + static_cast<size_t>(j) * nv + g * D, o, D);
+      }
+    });
+  } else {
+    // Prefill: per (head, block of kAttnBlock queries), the scores of every key any of them
+    // sees as one GEMM (Q K^T), masked causally and normalised row by row, then P V as another.
+    const int blocks = (T + kAttnBlock - 1) / kAttnBlock;
+    pool_.ParallelFor(static_cast<int64_t>(blocks) * H, 1, [&](int64_t b, int64_t e, int thread) {
+      float* S = scores_.data() + static_cast<size_t>(thread) * kAttnBlock * n_ctx_;  // [rows][n_keys]
+      for (int64_t item = b; item < e; ++item) {
+        const int h = static_cast<int>(item % H), t0 = static_cast<int>(item / H) * kAttnBlock;
+        const int rows = std::min(kAttnBlock, T - t0), g = h / group;
+        const int n_keys = n_past_ + t0 + rows;  // the last query's keys
+        kernels::Gemm(kernels::GemmOp::kNT, rows, n_keys, D, q_.data() + t0 * nq + h * D, static_cast<int>(nq),
+                      K + g * D, static_cast<int>(nk), S, n_keys, false);
+        for (int i = 0; i < rows; ++i) {
+          float* s = S + static_cast<size_t>(i) * n_keys;
+          const int n_kv = n_past_ + t0 + i + 1;
+          for (int j = 0; j < n_kv; ++j) s[j] *= scale;
+          kernels::Softmax(s, n_kv);
+          std::fill(s + n_kv, s + n_keys, 0.0f);
+        }
+        kernels::Gemm(kernels::GemmOp::kNN, rows, D, n_keys, S, n_keys, V + g * D, static_cast<int>(nv),
+                      att_.data() + t0 * nq + h * D, static_cast<int>(nq), false);
+      }
+    });
+  }
   Linear(*L.wo, att_.data(), T, tmp_.data());  // [T][n_embd]
   (void)E;
 }

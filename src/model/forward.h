@@ -68,7 +68,7 @@ class Forward {
   std::vector<float> v_;        // [T][n_v]
   std::vector<float> att_;      // [T][n_q]
   std::vector<float> tmp_;      // [T][n_embd]
-  std::vector<float> scores_;   // [n_threads][n_ctx]
+  std::vector<float> scores_;   // [n_threads][kAttnBlock queries][n_ctx]
   std::vector<float> router_;   // [T][R] router logits (R = c_.moe.router_width())
   std::vector<float> prev_router_;  // [T][R] the previous layer's logits (gating residual)
   std::vector<float> probs_;    // [T][R] gating output
