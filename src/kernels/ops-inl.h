@@ -5,7 +5,8 @@
 //
 // Numerics follow ggml's CPU backend where it matters for agreement with llama.cpp:
 //   RmsNorm: float squares summed in double, scale = 1/sqrtf(mean + eps) in float.
-//   Softmax: max subtracted, expf in float, sum in double, scale by float(1/sum).
+//   Softmax: max subtracted, exp in float (Highway's Exp, within 1 ulp of expf, as ggml's
+//   vectorised expf is), each vector's sum added in double, scale by float(1/sum).
 //   Rope: theta_scale = powf(base, -2/n_rot), theta *= theta_scale iteratively from pos.
 
 #if defined(MOE_KERNELS_OPS_INL_H_) == defined(HWY_TARGET_TOGGLE)
@@ -15,10 +16,12 @@
 #define MOE_KERNELS_OPS_INL_H_
 #endif
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
 
+#include "hwy/contrib/math/math-inl.h"
 #include "hwy/highway.h"
 #include "kernels/rope-inl.h"
 
@@ -160,20 +163,30 @@ HWY_NOINLINE inline void Softmax(float* x, int64_t n) {
   if (n <= 0) return;
   float max = x[0];
   for (int64_t i = 1; i < n; ++i) max = x[i] > max ? x[i] : max;
+  const hn::ScalableTag<float> d;
+  const int64_t N = static_cast<int64_t>(hn::Lanes(d));
+  const auto vmax = hn::Set(d, max);
   double sum = 0.0;
-  for (int64_t i = 0; i < n; ++i) {
-    const float e = std::exp(x[i] - max);
-    sum += static_cast<double>(e);
-    x[i] = e;
+  for (int64_t i = 0; i < n; i += N) {  // the tail through a masked load and store
+    const auto m = hn::FirstN(d, static_cast<size_t>(std::min(N, n - i)));
+    const auto e = hn::IfThenElseZero(m, hn::Exp(d, hn::Sub(hn::MaskedLoad(m, d, x + i), vmax)));
+    hn::BlendedStore(e, m, d, x + i);
+    sum += static_cast<double>(hn::GetLane(hn::SumOfLanes(d, e)));
   }
   Scale(static_cast<float>(1.0 / sum), x, n);
 }
 
-// out may alias gate or up: element i is read before it is written.
+// out may alias gate or up: element i is read before it is written. silu(g) = g / (1 + e^-g),
+// with e^-g capped at e^88 (beyond it g / (1 + e^-g) rounds to -0 anyway).
 HWY_NOINLINE inline void SiluMul(const float* gate, const float* up, float* out, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float g = gate[i];
-    out[i] = (g / (1.0f + std::exp(-g))) * up[i];
+  const hn::ScalableTag<float> d;
+  const int64_t N = static_cast<int64_t>(hn::Lanes(d));
+  const auto one = hn::Set(d, 1.0f), cap = hn::Set(d, 88.0f);
+  for (int64_t i = 0; i < n; i += N) {
+    const auto m = hn::FirstN(d, static_cast<size_t>(std::min(N, n - i)));
+    const auto g = hn::MaskedLoad(m, d, gate + i);
+    const auto e = hn::Exp(d, hn::Min(hn::Neg(g), cap));
+    hn::BlendedStore(hn::Mul(hn::Div(g, hn::Add(one, e)), hn::MaskedLoad(m, d, up + i)), m, d, out + i);
   }
 }
 
