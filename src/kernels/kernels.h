@@ -80,6 +80,10 @@ void Rope(float* x, int n_heads, int head_dim, int n_rot, int pos, float freq_ba
 void Softmax(float* x, int64_t n);
 // out[i] = silu(gate[i]) * up[i], silu(g) = g / (1 + exp(-g)). out may alias gate or up.
 void SiluMul(const float* gate, const float* up, float* out, int64_t n);
+// One query's attention: out[0..D) = softmax_j(scale * q.K_j) V_j over j < n, K and V rows
+// k_stride and v_stride floats apart; s: n floats of scratch (left holding the probabilities).
+void Attend(const float* q, const float* K, int64_t k_stride, const float* V, int64_t v_stride, int64_t n,
+            int64_t D, float scale, float* s, float* out);
 // The k largest of x[0..n) in descending order into idx; ties keep the lower index first.
 void TopK(const float* x, int n, int k, int* idx);
 

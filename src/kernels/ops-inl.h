@@ -176,6 +176,46 @@ HWY_NOINLINE inline void Softmax(float* x, int64_t n) {
   Scale(static_cast<float>(1.0 / sum), x, n);
 }
 
+// One query's attention over n keys and values (rows k_stride and v_stride floats apart), in one
+// call: s[j] = scale * q.K_j (DotF32), s = softmax(s), out[0..D) = sum_j s[j] V_j with each output
+// element one fused multiply-add chain over j in order (what std::fill and an Axpy per key give),
+// held in registers four vectors at a time. s: n floats of scratch.
+HWY_NOINLINE inline void Attend(const float* HWY_RESTRICT q, const float* K, int64_t k_stride,
+                                const float* V, int64_t v_stride, int64_t n, int64_t D, float scale,
+                                float* HWY_RESTRICT s, float* HWY_RESTRICT out) {
+  for (int64_t j = 0; j < n; ++j) s[j] = DotF32(q, K + j * k_stride, D) * scale;
+  Softmax(s, n);
+  const hn::ScalableTag<float> df;
+  const int64_t N = static_cast<int64_t>(hn::Lanes(df));
+  int64_t c = 0;
+  for (; c + 4 * N <= D; c += 4 * N) {
+    auto o0 = hn::Zero(df), o1 = o0, o2 = o0, o3 = o0;
+    for (int64_t j = 0; j < n; ++j) {
+      const auto sj = hn::Set(df, s[j]);
+      const float* v = V + j * v_stride + c;
+      o0 = hn::MulAdd(sj, hn::LoadU(df, v), o0);
+      o1 = hn::MulAdd(sj, hn::LoadU(df, v + N), o1);
+      o2 = hn::MulAdd(sj, hn::LoadU(df, v + 2 * N), o2);
+      o3 = hn::MulAdd(sj, hn::LoadU(df, v + 3 * N), o3);
+    }
+    hn::StoreU(o0, df, out + c);
+    hn::StoreU(o1, df, out + c + N);
+    hn::StoreU(o2, df, out + c + 2 * N);
+    hn::StoreU(o3, df, out + c + 3 * N);
+  }
+  for (; c + N <= D; c += N) {
+    auto o = hn::Zero(df);
+    for (int64_t j = 0; j < n; ++j) o = hn::MulAdd(hn::Set(df, s[j]), hn::LoadU(df, V + j * v_stride + c), o);
+    hn::StoreU(o, df, out + c);
+  }
+  const hn::CappedTag<float, 1> d1;  // the tail rounds like the body (fused)
+  for (; c < D; ++c) {
+    auto o = hn::Zero(d1);
+    for (int64_t j = 0; j < n; ++j) o = hn::MulAdd(hn::Set(d1, s[j]), hn::LoadU(d1, V + j * v_stride + c), o);
+    hn::StoreU(o, d1, out + c);
+  }
+}
+
 // out may alias gate or up: element i is read before it is written. silu(g) = g / (1 + e^-g),
 // with e^-g capped at e^88 (beyond it g / (1 + e^-g) rounds to -0 anyway).
 HWY_NOINLINE inline void SiluMul(const float* gate, const float* up, float* out, int64_t n) {

@@ -20,6 +20,7 @@ HWY_EXPORT(RmsNorm);
 HWY_EXPORT(Rope);
 HWY_EXPORT(Softmax);
 HWY_EXPORT(SiluMul);
+HWY_EXPORT(Attend);
 HWY_EXPORT(TopK);
 HWY_EXPORT(ActiveTarget);
 
@@ -43,6 +44,10 @@ void Rope(float* x, int n_heads, int head_dim, int n_rot, int pos, float freq_ba
 void Softmax(float* x, int64_t n) { HWY_DYNAMIC_DISPATCH(Softmax)(x, n); }
 void SiluMul(const float* gate, const float* up, float* out, int64_t n) {
   HWY_DYNAMIC_DISPATCH(SiluMul)(gate, up, out, n);
+}
+void Attend(const float* q, const float* K, int64_t k_stride, const float* V, int64_t v_stride, int64_t n,
+            int64_t D, float scale, float* s, float* out) {
+  HWY_DYNAMIC_DISPATCH(Attend)(q, K, k_stride, V, v_stride, n, D, scale, s, out);
 }
 void TopK(const float* x, int n, int k, int* idx) { HWY_DYNAMIC_DISPATCH(TopK)(x, n, k, idx); }
 const char* ActiveTarget() { return HWY_DYNAMIC_DISPATCH(ActiveTarget)(); }

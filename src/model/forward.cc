@@ -151,19 +151,15 @@ void Forward::Attention(int il, int T) {
   const float* V = v_cache_.data() + static_cast<size_t>(il) * n_ctx_ * nv;
   const int group = H / Hkv;
   if (T < kAttnBlock) {
-    // Few queries (decode): one (token, head) pair per work item, a dot product per key.
+    // Few queries (decode): one (token, head) pair per work item.
     pool_.ParallelFor(static_cast<int64_t>(T) * H, 1, [&](int64_t b, int64_t e, int thread) {
       float* s = scores_.data() + static_cast<size_t>(thread) * kAttnBlock * n_ctx_;  // [n_kv]
       for (int64_t item = b; item < e; ++item) {
         const int t = static_cast<int>(item / H), h = static_cast<int>(item % H);
         const int g = h / group;
         const int n_kv = n_past_ + t + 1;
-        const float* q = q_.data() + t * nq + h * D;
-        for (int j = 0; j < n_kv; ++j) s[j] = kernels::DotF32(q, K + static_cast<size_t>(j) * nk + g * D, D) * scale;
-        kernels::Softmax(s, n_kv);
-        float* o = att_.data() + t * nq + h * D;
-        std::fill(o, o + D, 0.0f);
-        for (int j = 0; j < n_kv; ++j) kernels::Axpy(s[j], V + static_cast<size_t>(j) * nv + g * D, o, D);
+        kernels::Attend(q_.data() + t * nq + h * D, K + g * D, nk, V + g * D, nv, n_kv, D, scale, s,
+                        att_.data() + t * nq + h * D);
       }
     });
   } else {

@@ -215,6 +215,37 @@ void TestSoftmax() {
   }
 }
 
+void TestAttend() {
+  std::mt19937 rng(8);
+  for (int64_t D : {1, 7, 16, 64, 72, 128, 200}) {
+    for (int64_t n : {1, 2, 5, 33, 200}) {
+      const int64_t ks = D + 3, vs = D + 5;  // rows further apart than D, unaligned
+      std::vector<float> q(D), K(n * ks), V(n * vs), s(n), out(D);
+      Fill(rng, q.data(), D, -1.0f, 1.0f);
+      Fill(rng, K.data(), n * ks, -1.0f, 1.0f);
+      Fill(rng, V.data(), n * vs, -1.0f, 1.0f);
+      const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+      Attend(q.data(), K.data(), ks, V.data(), vs, n, D, scale, s.data(), out.data());
+      // Double reference.
+      std::vector<double> p(n);
+      double max = -1e300, sum = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        double d = 0;
+        for (int64_t i = 0; i < D; ++i) d += double(q[i]) * K[j * ks + i];
+        p[j] = d * scale;
+        max = std::max(max, p[j]);
+      }
+      for (double& v : p) sum += (v = std::exp(v - max));
+      for (int64_t i = 0; i < D; ++i) {
+        double want = 0;
+        for (int64_t j = 0; j < n; ++j) want += p[j] / sum * V[j * vs + i];
+        ASSERT_NEAR(out[i], want, (D + n + 8) * kEpsF) << "D=" << D << " n=" << n << " i=" << i;
+      }
+      for (int64_t j = 0; j < n; ++j) ASSERT_NEAR(s[j], p[j] / sum, (D + 8) * kEpsF) << "D=" << D << " j=" << j;
+    }
+  }
+}
+
 void TestSiluMul() {
   std::mt19937 rng(6);
   for (int64_t n : Counts(FloatLanes())) {
@@ -270,6 +301,7 @@ HWY_EXPORT_AND_TEST_P(OpsTest, TestRmsNorm);
 HWY_EXPORT_AND_TEST_P(OpsTest, TestRope);
 HWY_EXPORT_AND_TEST_P(OpsTest, TestSoftmax);
 HWY_EXPORT_AND_TEST_P(OpsTest, TestSiluMul);
+HWY_EXPORT_AND_TEST_P(OpsTest, TestAttend);
 HWY_EXPORT_AND_TEST_P(OpsTest, TestTopK);
 
 // The dispatched entry points reach the best target this CPU supports.
