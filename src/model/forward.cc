@@ -60,23 +60,49 @@ void Forward::Eval(const int32_t* tokens, int n, bool all_logits, std::vector<fl
 }
 
 void Forward::Linear(const TensorView& W, const float* x, int T, float* y) {
-  const int64_t in = W.ne[0], out = W.ne[1] * W.ne[2];
+  const TensorView* w[1] = {&W};
+  float* out[1] = {y};
+  Linears(w, out, 1, x, T);
+}
+
+void Forward::Linears(const TensorView* const* W, float* const* y, int n, const float* x, int T) {
+  const int64_t in = W[0]->ne[0];
+  const DType dt = W[0]->dtype;
+  for (int i = 1; i < n; ++i) {
+    if (W[i]->dtype != dt || W[i]->ne[0] != in) {  // different activations: one at a time
+      for (int j = 0; j < n; ++j) Linears(&W[j], &y[j], 1, x, T);
+      return;
+    }
+  }
   if (input_observer_) {
     observed_rows_.resize(static_cast<size_t>(T));
     for (int t = 0; t < T; ++t) observed_rows_[t] = x + t * in;
-    input_observer_(W, 0, observed_rows_.data(), T);
+    for (int i = 0; i < n; ++i) input_observer_(*W[i], 0, observed_rows_.data(), T);
   }
-  const size_t rb = kernels::ActivationRowBytes(W.dtype, in);
+  const size_t rb = kernels::ActivationRowBytes(dt, in);
   act_.resize(rb * T);
   if (T >= 8) {
     pool_.ParallelFor(T, 4, [&](int64_t b, int64_t e, int) {
-      for (int64_t t = b; t < e; ++t) kernels::ConvertActivations(W.dtype, x + t * in, act_.data() + t * rb, in);
+      for (int64_t t = b; t < e; ++t) kernels::ConvertActivations(dt, x + t * in, act_.data() + t * rb, in);
     });
   } else {
-    for (int t = 0; t < T; ++t) kernels::ConvertActivations(W.dtype, x + t * in, act_.data() + t * rb, in);
+    for (int t = 0; t < T; ++t) kernels::ConvertActivations(dt, x + t * in, act_.data() + t * rb, in);
   }
-  pool_.ParallelFor(out, RowGrain(out, T, pool_.size()), [&](int64_t r0, int64_t r1, int) {
-    kernels::MatMul(W.dtype, W.data, in, r0, r1, act_.data(), rb, T, y + r0, out, W.layout);
+  // (matrix, row chunk) work items over all n matrices: one pass of the pool.
+  std::vector<LinearItem>& items = linear_items_;
+  items.clear();
+  for (int i = 0; i < n; ++i) {
+    const int64_t rows = W[i]->ne[1] * W[i]->ne[2];
+    const int64_t grain = RowGrain(rows, T, pool_.size());
+    for (int64_t r = 0; r < rows; r += grain) items.push_back({i, r, std::min(rows, r + grain)});
+  }
+  pool_.ParallelFor(static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e, int) {
+    for (int64_t k = b; k < e; ++k) {
+      const LinearItem& it = items[k];
+      const TensorView& w = *W[it.m];
+      const int64_t rows = w.ne[1] * w.ne[2];
+      kernels::MatMul(dt, w.data, in, it.r0, it.r1, act_.data(), rb, T, y[it.m] + it.r0, rows, w.layout);
+    }
   });
 }
 
@@ -121,9 +147,10 @@ void Forward::Attention(int il, int T) {
   k_.resize(T * nk);
   v_.resize(T * nv);
   att_.resize(T * nq);
-  Linear(*L.wq, h_.data(), T, q_.data());  // [T][n_q]
-  Linear(*L.wk, h_.data(), T, k_.data());  // [T][n_k]
-  Linear(*L.wv, h_.data(), T, v_.data());  // [T][n_v]
+  // q [T][n_q], k [T][n_k], v [T][n_v] in one pass of the pool.
+  const TensorView* qkv[3] = {L.wq, L.wk, L.wv};
+  float* qkv_out[3] = {q_.data(), k_.data(), v_.data()};
+  Linears(qkv, qkv_out, 3, h_.data(), T);
   const bool neox = c_.rope_type == RopeType::kNeox;
   for (int t = 0; t < T; ++t) {
     float* q = F(q_, t * nq);
@@ -339,8 +366,9 @@ void Forward::MoeFfn(int il, const int32_t* tokens, int T) {
     const int64_t Sh = c_.n_ff_shexp;
     sg_.resize(static_cast<size_t>(T) * Sh);
     su_.resize(static_cast<size_t>(T) * Sh);
-    Linear(*L.gate_shexp, h_.data(), T, sg_.data());
-    Linear(*L.up_shexp, h_.data(), T, su_.data());
+    const TensorView* gu[2] = {L.gate_shexp, L.up_shexp};
+    float* gu_out[2] = {sg_.data(), su_.data()};
+    Linears(gu, gu_out, 2, h_.data(), T);
     for (int t = 0; t < T; ++t) kernels::SiluMul(F(sg_, t * Sh), F(su_, t * Sh), F(sg_, t * Sh), Sh);
     shout_.resize(static_cast<size_t>(T) * E);
     Linear(*L.down_shexp, sg_.data(), T, shout_.data());  // [T][n_embd]

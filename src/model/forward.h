@@ -49,6 +49,9 @@ class Forward {
   void MoeFfn(int layer, const int32_t* tokens, int T);
   // y[T][out] = x[T][in] . W^T for a 2-D weight (or slab e of a 3-D one when W3 is given).
   void Linear(const TensorView& W, const float* x, int T, float* y);
+  // y[i] = x W[i] for n matrices of one input width and weight type, sharing the converted
+  // activations and one pass of the pool (any other mix runs them one at a time).
+  void Linears(const TensorView* const* W, float* const* y, int n, const float* x, int T);
 
   const Model& model_;
   const ModelConfig& c_;
@@ -74,6 +77,8 @@ class Forward {
   std::vector<float> probs_;    // [T][R] gating output
   std::vector<float> gate_w_;   // [T][k] gate weights
   std::vector<uint8_t> act_;    // converted activations (Linear)
+  struct LinearItem { int m; int64_t r0, r1; };  // (matrix, row chunk) of Linears
+  std::vector<LinearItem> linear_items_;
   // Expert rows: S = the plan's FFN rows (T*k, fewer with top_p or zero-computation picks).
   std::vector<uint8_t> xg_;     // [S] gathered expert inputs, converted
   std::vector<uint8_t> act2_;   // tokens converted for the up projection when its vec-dot type differs
