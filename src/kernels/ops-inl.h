@@ -177,16 +177,38 @@ HWY_NOINLINE inline void Softmax(float* x, int64_t n) {
 }
 
 // One query's attention over n keys and values (rows k_stride and v_stride floats apart), in one
-// call: s[j] = scale * q.K_j (DotF32), s = softmax(s), out[0..D) = sum_j s[j] V_j with each output
+// call: s[j] = scale * q.K_j, s = softmax(s), out[0..D) = sum_j s[j] V_j with each output
 // element one fused multiply-add chain over j in order (what std::fill and an Axpy per key give),
 // held in registers four vectors at a time. s: n floats of scratch.
 HWY_NOINLINE inline void Attend(const float* HWY_RESTRICT q, const float* K, int64_t k_stride,
                                 const float* V, int64_t v_stride, int64_t n, int64_t D, float scale,
                                 float* HWY_RESTRICT s, float* HWY_RESTRICT out) {
-  for (int64_t j = 0; j < n; ++j) s[j] = DotF32(q, K + j * k_stride, D) * scale;
-  Softmax(s, n);
   const hn::ScalableTag<float> df;
   const int64_t N = static_cast<int64_t>(hn::Lanes(df));
+  int64_t j = 0;
+  if (D % N == 0) {
+    // Four keys at a time: four independent chains, one reduction each.
+    for (; j + 4 <= n; j += 4) {
+      const float* k0 = K + j * k_stride;
+      const float* k1 = k0 + k_stride;
+      const float* k2 = k1 + k_stride;
+      const float* k3 = k2 + k_stride;
+      auto s0 = hn::Zero(df), s1 = s0, s2 = s0, s3 = s0;
+      for (int64_t i = 0; i < D; i += N) {
+        const auto qi = hn::LoadU(df, q + i);
+        s0 = hn::MulAdd(qi, hn::LoadU(df, k0 + i), s0);
+        s1 = hn::MulAdd(qi, hn::LoadU(df, k1 + i), s1);
+        s2 = hn::MulAdd(qi, hn::LoadU(df, k2 + i), s2);
+        s3 = hn::MulAdd(qi, hn::LoadU(df, k3 + i), s3);
+      }
+      s[j] = ReduceLanes(df, s0) * scale;
+      s[j + 1] = ReduceLanes(df, s1) * scale;
+      s[j + 2] = ReduceLanes(df, s2) * scale;
+      s[j + 3] = ReduceLanes(df, s3) * scale;
+    }
+  }
+  for (; j < n; ++j) s[j] = DotF32(q, K + j * k_stride, D) * scale;
+  Softmax(s, n);
   int64_t c = 0;
   for (; c + 4 * N <= D; c += 4 * N) {
     auto o0 = hn::Zero(df), o1 = o0, o2 = o0, o3 = o0;
