@@ -38,6 +38,42 @@ Forward::Forward(const Model& model, ThreadPool& pool, int n_ctx, int n_batch)
   k_cache_.assign(static_cast<size_t>(c_.n_layer) * n_ctx_ * c_.n_k(), 0.0f);
   v_cache_.assign(static_cast<size_t>(c_.n_layer) * n_ctx_ * c_.n_v(), 0.0f);
   scores_.resize(static_cast<size_t>(pool_.size()) * kAttnBlock * n_ctx_);
+  ReserveScratch();
+}
+
+// Sizes the scratch buffers for the largest chunk (n_batch tokens) once, here: grown on the
+// first long prompt instead, their fresh pages faulted in during that prompt (a 128-token
+// prefill after a 64-token one ran at two thirds of its speed on the 2-vCPU VM).
+void Forward::ReserveScratch() {
+  const size_t T = static_cast<size_t>(std::min(n_batch_, n_ctx_));
+  const size_t E = c_.n_embd, Fx = c_.n_ff_exp, R = c_.moe.router_width(), K = c_.moe.k;
+  const size_t S = T * K;  // expert rows
+  size_t rb_in = 0, rb_e = 0, rb_d = 0;  // activation row bytes: Linear inputs, expert inputs, down
+  for (const LayerWeights& L : model_.layers) {
+    for (const TensorView* w : {L.wq, L.wo, L.gate_inp, L.gate_shexp, L.down_shexp})
+      if (w) rb_in = std::max(rb_in, kernels::ActivationRowBytes(w->dtype, w->ne[0]));
+    rb_e = std::max(rb_e, kernels::ActivationRowBytes(L.gate_exps->dtype, static_cast<int64_t>(E)));
+    rb_d = std::max(rb_d, kernels::ActivationRowBytes(L.down_exps->dtype, static_cast<int64_t>(Fx)));
+  }
+  rb_in = std::max({rb_in, rb_e, kernels::ActivationRowBytes(model_.output->dtype, static_cast<int64_t>(E))});
+  for (auto* v : {&x_, &h_, &tmp_, &shout_}) v->resize(T * E);
+  q_.resize(T * c_.n_q());
+  att_.resize(T * c_.n_q());
+  k_.resize(T * c_.n_k());
+  v_.resize(T * c_.n_v());
+  router_.resize(T * R);
+  probs_.resize(T * R);
+  gate_w_.resize(T * K);
+  act_.resize(T * rb_in);
+  xg_.resize(S * rb_e);
+  aq_.resize(S * rb_d);
+  g_.resize(S * Fx);
+  u_.resize(S * Fx);
+  y_.resize(S * E);
+  if (c_.n_ff_shexp) {
+    sg_.resize(T * c_.n_ff_shexp);
+    su_.resize(T * c_.n_ff_shexp);
+  }
 }
 
 void Forward::Eval(const int32_t* tokens, int n, bool all_logits, std::vector<float>* logits) {
