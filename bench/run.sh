@@ -13,6 +13,10 @@ export OPENBLAS_CORETYPE="${OPENBLAS_CORETYPE:-Haswell}"
 # medium model and a Qwen3-30B-A3B-like one (many small experts).
 /usr/bin/python3 "$ROOT/bench/compare.py" --moe "$ROOT/build/bin/moe" --types q8_0,q4_0,Q4_K_M "$@"
 /usr/bin/python3 "$ROOT/bench/compare.py" --moe "$ROOT/build/bin/moe" --shape qwen3 --types q8_0,Q4_K_M "$@"
+# The same with 512-token prompts, then speed against prompt length and threads (bench/sweep.py).
+/usr/bin/python3 "$ROOT/bench/compare.py" --moe "$ROOT/build/bin/moe" --types q8_0,q4_0,Q4_K_M -p 512 "$@"
+/usr/bin/python3 "$ROOT/bench/compare.py" --moe "$ROOT/build/bin/moe" --shape qwen3 --types q8_0,Q4_K_M -p 512 "$@"
+/usr/bin/python3 "$ROOT/bench/sweep.py" --moe "$ROOT/build/bin/moe" --shape medium --type Q4_K_M
 # Every other weight type and the common mixes, against llama.cpp (decode and prefill); the
 # codebook types' files take minutes each to quantize.
 /usr/bin/python3 "$ROOT/bench/compare.py" --moe "$ROOT/build/bin/moe" --rounds 3 \
