@@ -52,10 +52,11 @@ void Forward::ReserveScratch() {
   for (const LayerWeights& L : model_.layers) {
     for (const TensorView* w : {L.wq, L.wo, L.gate_inp, L.gate_shexp, L.down_shexp})
       if (w) rb_in = std::max(rb_in, kernels::ActivationRowBytes(w->dtype, w->ne[0]));
-    rb_e = std::max(rb_e, kernels::ActivationRowBytes(L.gate_exps->dtype, static_cast<int64_t>(E)));
-    rb_d = std::max(rb_d, kernels::ActivationRowBytes(L.down_exps->dtype, static_cast<int64_t>(Fx)));
+    if (L.gate_exps) rb_e = std::max(rb_e, kernels::ActivationRowBytes(L.gate_exps->dtype, static_cast<int64_t>(E)));
+    if (L.down_exps) rb_d = std::max(rb_d, kernels::ActivationRowBytes(L.down_exps->dtype, static_cast<int64_t>(Fx)));
   }
-  rb_in = std::max({rb_in, rb_e, kernels::ActivationRowBytes(model_.output->dtype, static_cast<int64_t>(E))});
+  rb_in = std::max(rb_in, rb_e);
+  if (model_.output) rb_in = std::max(rb_in, kernels::ActivationRowBytes(model_.output->dtype, static_cast<int64_t>(E)));
   for (auto* v : {&x_, &h_, &tmp_, &shout_}) v->resize(T * E);
   q_.resize(T * c_.n_q());
   att_.resize(T * c_.n_q());
