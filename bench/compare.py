@@ -3,10 +3,12 @@
 
 Both engines run the same GGUF files (the issue's medium model: 8 layers, dim 1024, expert ffn
 2816, 8 experts top-2, vocab 32000; Q8_0 and Q4_0), on random tokens (never one repeated token),
-with the same thread count. Runs alternate moe / llama.cpp, one fresh process each, so drift of
-the machine hits both alike; each tool reports speeds after an untimed warm-up, and the medians
-over rounds are compared. llama.cpp gets its best setting on these VMs (2 threads, see
-bench/llama_bench.mjs --sweep). The ratios and the command go to bench/RESULTS.md.
+moe.cpp on -t threads. Runs alternate moe / llama.cpp, one fresh process each, so drift of the
+machine hits both alike; each tool reports speeds after an untimed warm-up, and the medians over
+rounds are compared. llama.cpp gets its best configuration: it runs at 1 and at -t threads
+every round (--llama-threads), and its better median prefill and better median decode are the
+ones compared (on the 2-vCPU VMs its decode is often faster on one thread: ggml starts its
+threads anew for every graph). The ratios and the command go to bench/RESULTS.md.
 --types takes weight types and llama.cpp mixes (written by moe quantize).
 """
 import argparse
@@ -50,9 +52,13 @@ def main():
     ap.add_argument("-n", type=int, default=64)
     ap.add_argument("-t", type=int, default=2)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="medium")
+    ap.add_argument("--llama-threads", default=None,
+                    help="thread counts llama.cpp runs at in every round (default: 1 and -t); its best "
+                         "median prefill and its best median decode are the ones compared")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "RESULTS.md"))
     a = ap.parse_args()
     shape_args, shape_text = SHAPES[a.shape]
+    llama_threads = sorted({int(x) for x in (a.llama_threads or f"1,{a.t}").split(",")})
     work = os.path.join(ROOT, "build", "bench")
     os.makedirs(work, exist_ok=True)
     rows = []
@@ -73,8 +79,9 @@ def main():
                 subprocess.run([a.moe, "quantize", src, path, "--type", t, "-q"]
                                + ([] if t.upper() == t else ["--pure"]), check=True)
         size = os.path.getsize(path)
-        res = {"moe": {"pp": [], "tg": [], "rss": []}, "llama": {"pp": [], "tg": []},
-               "unpinned": {"pp": [], "tg": []}}
+        res = {"moe": {"pp": [], "tg": [], "rss": []}, "unpinned": {"pp": [], "tg": []}}
+        for lt in llama_threads:
+            res[f"llama{lt}"] = {"pp": [], "tg": []}
         for r in range(a.rounds):
             m = benchutil.run_json([a.moe, "bench", "-m", path, "-p", str(a.p), "-n", str(a.n), "-t", str(a.t),
                           "--seed", str(100 + r), "--json"], "moe bench")
@@ -88,26 +95,37 @@ def main():
                                        "moe bench (unpinned)")
                 res["unpinned"]["pp"].append(u["prefill_tokens_per_s"])
                 res["unpinned"]["tg"].append(u["decode_tokens_per_s"])
-            l = benchutil.run_json(["node", os.path.join(ROOT, "bench", "llama_bench.mjs"), "-m", path, "-p", str(a.p),
-                          "-n", str(a.n), "-t", str(a.t), "--seed", str(100 + r), "--decode", "random",
-                          "--repeat", "1"], "llama_bench.mjs")
-            res["llama"]["pp"].append(l["prefill_tokens_per_s"])
-            res["llama"]["tg"].append(l["decode_tokens_per_s"])
+            said = []
+            for lt in llama_threads:
+                l = benchutil.run_json(["node", os.path.join(ROOT, "bench", "llama_bench.mjs"), "-m", path,
+                                        "-p", str(a.p), "-n", str(a.n), "-t", str(lt), "--seed", str(100 + r),
+                                        "--decode", "random", "--repeat", "1"], "llama_bench.mjs")
+                res[f"llama{lt}"]["pp"].append(l["prefill_tokens_per_s"])
+                res[f"llama{lt}"]["tg"].append(l["decode_tokens_per_s"])
+                said.append(f"{lt}t pp {l['prefill_tokens_per_s']:.1f} tg {l['decode_tokens_per_s']:.1f}")
             print(f"{t} round {r}: moe pp {m['prefill_tokens_per_s']:.1f} tg {m['decode_tokens_per_s']:.1f} | "
-                  f"llama.cpp pp {l['prefill_tokens_per_s']:.1f} tg {l['decode_tokens_per_s']:.1f}", flush=True)
+                  f"llama.cpp {', '.join(said)}", flush=True)
         med = {k: {kk: statistics.median(v) if v else 0.0 for kk, v in d.items()} for k, d in res.items()}
+        # llama.cpp in its best configuration: the thread count with the best median, per metric.
+        med["llama"] = {}
+        for metric in ("pp", "tg"):
+            best = max(llama_threads, key=lambda lt: med[f"llama{lt}"][metric])
+            med["llama"][metric] = med[f"llama{best}"][metric]
+            med["llama"][metric + "_threads"] = best
         rows.append((t, size, med))
     machine.append(benchutil.run_json([a.moe, "bench-machine", "-t", str(a.t), "--json"], "moe bench-machine"))
     bw = max(x["read_gbs"] for x in machine) * 1e9
     date = datetime.date.today().isoformat()
     cmd = (f"bench/compare.py --shape {a.shape} --types {a.types} -p {a.p} -n {a.n} -t {a.t} --rounds {a.rounds}"
-           + (" --pinning" if a.pinning else ""))
+           + (" --pinning" if a.pinning else "") + (f" --llama-threads {a.llama_threads}" if a.llama_threads else ""))
     lines = [f"## End-to-end: moe.cpp vs llama.cpp ({date})", "",
              f"Machine: {cpu_name()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}. "
              f"Command: `{cmd}`. The {shape_text}; "
              f"q8_0 and q4_0 written by `moe init`, the others by `moe quantize` from the q8_0 "
-             f"file (upper-case names are llama.cpp mixes, lower-case ones `--pure`), random tokens, {a.t} threads, medians of {a.rounds} alternating rounds. "
-             "llama.cpp = node-llama-cpp 3.21.1 prebuilt CPU build with an F32 KV cache and flash attention off (moe.cpp's cache is F32 too).", "",
+             f"file (upper-case names are llama.cpp mixes, lower-case ones `--pure`), random tokens, moe.cpp on {a.t} threads, medians of {a.rounds} alternating rounds. "
+             "llama.cpp = node-llama-cpp 3.21.1 prebuilt CPU build with an F32 KV cache and flash attention off (moe.cpp's cache is F32 too), "
+             f"run at {' and '.join(str(x) for x in llama_threads)} thread(s) every round; its better median prefill and its better median decode "
+             "are compared (the thread count that gave each in brackets).", "",
              "Ceilings (`moe bench-machine`, the same run, before / after): memory read " +
              " / ".join(f"{x['read_gbs_1t']:.1f}" for x in machine) + " GB/s with 1 pinned thread, " +
              " / ".join(f"{x['read_gbs']:.1f}" for x in machine) + f" GB/s with {a.t}; fp32 FMA " +
@@ -120,8 +138,8 @@ def main():
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for t, size, m in rows:
         floor = bw / m['moe']['bytes']
-        lines.append(f"| {t} | {size / 2**20:.0f} | {m['moe']['pp']:.1f} | {m['llama']['pp']:.1f} | "
-                     f"{m['moe']['pp'] / m['llama']['pp']:.2f}x | {m['moe']['tg']:.1f} | {m['llama']['tg']:.1f} | "
+        lines.append(f"| {t} | {size / 2**20:.0f} | {m['moe']['pp']:.1f} | {m['llama']['pp']:.1f} ({m['llama']['pp_threads']}t) | "
+                     f"{m['moe']['pp'] / m['llama']['pp']:.2f}x | {m['moe']['tg']:.1f} | {m['llama']['tg']:.1f} ({m['llama']['tg_threads']}t) | "
                      f"{m['moe']['tg'] / m['llama']['tg']:.2f}x | {m['moe']['bytes'] / 1e6:.1f} | {floor:.1f} | "
                      f"{100 * m['moe']['tg'] / floor:.0f}% | {100 * m['llama']['tg'] / floor:.0f}% | "
                      f"{m['moe']['rss'] / 2**20:.0f} |")
