@@ -47,8 +47,9 @@ class Forward {
   void Attention(int layer, int T);
   // tokens [T]: the chunk's token ids (hash routing).
   void MoeFfn(int layer, const int32_t* tokens, int T);
-  // y[T][out] = x[T][in] . W^T for a 2-D weight (or slab e of a 3-D one when W3 is given).
+  // Sizes the scratch buffers for a full chunk (n_batch tokens) at construction.
   void ReserveScratch();
+  // y[T][out] = x[T][in] . W^T for a 2-D weight (or slab e of a 3-D one when W3 is given).
   void Linear(const TensorView& W, const float* x, int T, float* y);
   // y[i] = x W[i] for n matrices of one input width and weight type, sharing the converted
   // activations and one pass of the pool (any other mix runs them one at a time).
