@@ -27,7 +27,6 @@ namespace {
 struct Codebook {
   int n, width, near;
   std::vector<float> mag;     // [n][width]
-  std::vector<float> mag2;    // [n]: sum of squares
   std::vector<float> level;   // the distinct magnitudes, ascending
   std::vector<float> cut;     // midpoints between consecutive levels
   std::vector<uint16_t> nbr;  // [levels^width][near], nearest first
@@ -47,16 +46,13 @@ struct Codebook {
 
 template <typename G>
 Codebook MakeCodebook(const G* grid, int n, int width, int near) {
-  Codebook c{n, width, near, std::vector<float>(static_cast<size_t>(n) * width), std::vector<float>(n), {}, {}, {}};
+  Codebook c{n, width, near, std::vector<float>(static_cast<size_t>(n) * width), {}, {}, {}};
   for (int i = 0; i < n; ++i) {
-    float s = 0;
     for (int k = 0; k < width; ++k) {
       const float m = static_cast<float>((grid[i] >> (8 * k)) & 0xFF);
       c.mag[static_cast<size_t>(i) * width + k] = m;
-      s += m * m;
       if (std::find(c.level.begin(), c.level.end(), m) == c.level.end()) c.level.push_back(m);
     }
-    c.mag2[i] = s;
   }
   std::sort(c.level.begin(), c.level.end());
   for (size_t l = 1; l < c.level.size(); ++l) c.cut.push_back((c.level[l - 1] + c.level[l]) / 2);
@@ -195,7 +191,8 @@ struct Search {
 // The sub-block scale (before the 4-bit rounding): the best of a range of trial scales, each
 // refined once by least squares over the entries it chose.
 constexpr int kScaleTrials = 10;
-float FitSubBlockScale(const Search& s, const SubBlock& sb, float max_mag) {
+float FitSubBlockScale(const Search& s, float max_mag) {
+  const SubBlock& sb = *s.sb;
   float amax = 0;
   for (int i = 0; i < sb.n; ++i) amax = std::max(amax, std::fabs(sb.t[i]));
   if (amax == 0) return 0;
@@ -228,7 +225,7 @@ void QuantizeGrid(const Codebook& c, bool parity, float max_mag, const float* x,
     for (int j = 0; j < kSub; ++j) {
       sb[j] = Signs(xb + kLen * j, qw ? qw + b * kQK_K + kLen * j : nullptr, parity, kLen);
       search[j].Init(c, sb[j]);
-      a[j] = FitSubBlockScale(search[j], sb[j], max_mag);
+      a[j] = FitSubBlockScale(search[j], max_mag);
       amax = std::max(amax, a[j]);
     }
     typename F::Block blk;
