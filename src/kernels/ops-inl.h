@@ -185,9 +185,15 @@ HWY_NOINLINE inline void Attend(const float* HWY_RESTRICT q, const float* K, int
                                 float* HWY_RESTRICT s, float* HWY_RESTRICT out) {
   const hn::ScalableTag<float> df;
   const int64_t N = static_cast<int64_t>(hn::Lanes(df));
-  int64_t j = 0;
   if (D % N == 0) {
-    // Four keys at a time: four independent chains, one reduction each.
+    // Four keys at a time (four independent chains, one reduction each), then one at a time in
+    // the same form, so a key's score does not depend on where it falls.
+    const auto dot = [&](const float* k) {
+      auto acc = hn::Zero(df);
+      for (int64_t i = 0; i < D; i += N) acc = hn::MulAdd(hn::LoadU(df, q + i), hn::LoadU(df, k + i), acc);
+      return ReduceLanes(df, acc) * scale;
+    };
+    int64_t j = 0;
     for (; j + 4 <= n; j += 4) {
       const float* k0 = K + j * k_stride;
       const float* k1 = k0 + k_stride;
@@ -206,8 +212,10 @@ HWY_NOINLINE inline void Attend(const float* HWY_RESTRICT q, const float* K, int
       s[j + 2] = ReduceLanes(df, s2) * scale;
       s[j + 3] = ReduceLanes(df, s3) * scale;
     }
+    for (; j < n; ++j) s[j] = dot(K + j * k_stride);
+  } else {
+    for (int64_t j = 0; j < n; ++j) s[j] = DotF32(q, K + j * k_stride, D) * scale;
   }
-  for (; j < n; ++j) s[j] = DotF32(q, K + j * k_stride, D) * scale;
   Softmax(s, n);
   int64_t c = 0;
   for (; c + 4 * N <= D; c += 4 * N) {
