@@ -58,7 +58,12 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "RESULTS.md"))
     a = ap.parse_args()
     shape_args, shape_text = SHAPES[a.shape]
-    llama_threads = sorted({int(x) for x in (a.llama_threads or f"1,{a.t}").split(",")})
+    try:
+        llama_threads = sorted({int(x) for x in (a.llama_threads or f"1,{a.t}").split(",")})
+    except ValueError:
+        raise SystemExit(f"--llama-threads takes thread counts separated by commas, got {a.llama_threads!r}")
+    if min(llama_threads) < 1:
+        raise SystemExit(f"--llama-threads: thread counts must be >= 1, got {a.llama_threads!r}")
     work = os.path.join(ROOT, "build", "bench")
     os.makedirs(work, exist_ok=True)
     rows = []
