@@ -55,6 +55,9 @@ def main():
     ap.add_argument("--llama-threads", default=None,
                     help="thread counts llama.cpp runs at in every round (default: 1 and -t); its best "
                          "median prefill and its best median decode are the ones compared")
+    ap.add_argument("--llama-pin", choices=("both", "on", "off"), default="both",
+                    help="llama.cpp with its threads pinned to CPUs (llama_bench.mjs --pin), unpinned, or both "
+                         "as separate candidates (default)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "RESULTS.md"))
     a = ap.parse_args()
     shape_args, shape_text = SHAPES[a.shape]
@@ -64,6 +67,10 @@ def main():
         raise SystemExit(f"--llama-threads takes thread counts separated by commas, got {a.llama_threads!r}")
     if min(llama_threads) < 1:
         raise SystemExit(f"--llama-threads: thread counts must be >= 1, got {a.llama_threads!r}")
+    pins = {"both": (False, True), "on": (True,), "off": (False,)}[a.llama_pin]
+    # llama.cpp's candidate configurations: every thread count, pinned and / or not.
+    configs = [(lt, pin) for lt in llama_threads for pin in pins]
+    label = lambda c: f"{c[0]}t{' pinned' if c[1] else ''}"
     work = os.path.join(ROOT, "build", "bench")
     os.makedirs(work, exist_ok=True)
     rows = []
@@ -85,8 +92,8 @@ def main():
                                + ([] if t.upper() == t else ["--pure"]), check=True)
         size = os.path.getsize(path)
         res = {"moe": {"pp": [], "tg": [], "rss": []}, "unpinned": {"pp": [], "tg": []}}
-        for lt in llama_threads:
-            res[f"llama{lt}"] = {"pp": [], "tg": []}
+        for c in configs:
+            res[label(c)] = {"pp": [], "tg": []}
         for r in range(a.rounds):
             m = benchutil.run_json([a.moe, "bench", "-m", path, "-p", str(a.p), "-n", str(a.n), "-t", str(a.t),
                           "--seed", str(100 + r), "--json"], "moe bench")
@@ -101,36 +108,40 @@ def main():
                 res["unpinned"]["pp"].append(u["prefill_tokens_per_s"])
                 res["unpinned"]["tg"].append(u["decode_tokens_per_s"])
             said = []
-            for lt in llama_threads:
+            for c in configs:
                 l = benchutil.run_json(["node", os.path.join(ROOT, "bench", "llama_bench.mjs"), "-m", path,
-                                        "-p", str(a.p), "-n", str(a.n), "-t", str(lt), "--seed", str(100 + r),
-                                        "--decode", "random", "--repeat", "1"], "llama_bench.mjs")
-                res[f"llama{lt}"]["pp"].append(l["prefill_tokens_per_s"])
-                res[f"llama{lt}"]["tg"].append(l["decode_tokens_per_s"])
-                said.append(f"{lt}t pp {l['prefill_tokens_per_s']:.1f} tg {l['decode_tokens_per_s']:.1f}")
+                                        "-p", str(a.p), "-n", str(a.n), "-t", str(c[0]), "--seed", str(100 + r),
+                                        "--decode", "random", "--repeat", "1"] + (["--pin"] if c[1] else []),
+                                       "llama_bench.mjs")
+                res[label(c)]["pp"].append(l["prefill_tokens_per_s"])
+                res[label(c)]["tg"].append(l["decode_tokens_per_s"])
+                said.append(f"{label(c)} pp {l['prefill_tokens_per_s']:.1f} tg {l['decode_tokens_per_s']:.1f}")
             print(f"{t} round {r}: moe pp {m['prefill_tokens_per_s']:.1f} tg {m['decode_tokens_per_s']:.1f} | "
                   f"llama.cpp {', '.join(said)}", flush=True)
         med = {k: {kk: statistics.median(v) if v else 0.0 for kk, v in d.items()} for k, d in res.items()}
-        # llama.cpp in its best configuration: the thread count with the best median, per metric.
+        # llama.cpp in its best configuration: the candidate with the best median, per metric.
         med["llama"] = {}
         for metric in ("pp", "tg"):
-            best = max(llama_threads, key=lambda lt: med[f"llama{lt}"][metric])
-            med["llama"][metric] = med[f"llama{best}"][metric]
-            med["llama"][metric + "_threads"] = best
+            best = max(configs, key=lambda c: med[label(c)][metric])
+            med["llama"][metric] = med[label(best)][metric]
+            med["llama"][metric + "_threads"] = label(best)
         rows.append((t, size, med))
     machine.append(benchutil.run_json([a.moe, "bench-machine", "-t", str(a.t), "--json"], "moe bench-machine"))
     bw = max(x["read_gbs"] for x in machine) * 1e9
     date = datetime.date.today().isoformat()
     cmd = (f"bench/compare.py --shape {a.shape} --types {a.types} -p {a.p} -n {a.n} -t {a.t} --rounds {a.rounds}"
-           + (" --pinning" if a.pinning else "") + (f" --llama-threads {a.llama_threads}" if a.llama_threads else ""))
+           + (" --pinning" if a.pinning else "") + (f" --llama-threads {a.llama_threads}" if a.llama_threads else "")
+           + (f" --llama-pin {a.llama_pin}" if a.llama_pin != "both" else ""))
     lines = [f"## End-to-end: moe.cpp vs llama.cpp ({date})", "",
              f"Machine: {cpu_name()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}. "
              f"Command: `{cmd}`. The {shape_text}; "
              f"q8_0 and q4_0 written by `moe init`, the others by `moe quantize` from the q8_0 "
              f"file (upper-case names are llama.cpp mixes, lower-case ones `--pure`), random tokens, moe.cpp on {a.t} threads, medians of {a.rounds} alternating rounds. "
              "llama.cpp = node-llama-cpp 3.21.1 prebuilt CPU build with an F32 KV cache and flash attention off (moe.cpp's cache is F32 too), "
-             f"run at {' and '.join(str(x) for x in llama_threads)} thread(s) every round; its better median prefill and its better median decode "
-             "are compared (the thread count that gave each in brackets).", "",
+             f"run every round at {' and '.join(str(x) for x in llama_threads)} thread(s)"
+             + {"both": ", each with its threads pinned to CPUs and not", "on": ", its threads pinned to CPUs",
+                "off": ", its threads not pinned"}[a.llama_pin]
+             + "; its best median prefill and its best median decode are compared (the configuration that gave each in brackets).", "",
              "Ceilings (`moe bench-machine`, the same run, before / after): memory read " +
              " / ".join(f"{x['read_gbs_1t']:.1f}" for x in machine) + " GB/s with 1 pinned thread, " +
              " / ".join(f"{x['read_gbs']:.1f}" for x in machine) + f" GB/s with {a.t}; fp32 FMA " +
@@ -143,8 +154,8 @@ def main():
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for t, size, m in rows:
         floor = bw / m['moe']['bytes']
-        lines.append(f"| {t} | {size / 2**20:.0f} | {m['moe']['pp']:.1f} | {m['llama']['pp']:.1f} ({m['llama']['pp_threads']}t) | "
-                     f"{m['moe']['pp'] / m['llama']['pp']:.2f}x | {m['moe']['tg']:.1f} | {m['llama']['tg']:.1f} ({m['llama']['tg_threads']}t) | "
+        lines.append(f"| {t} | {size / 2**20:.0f} | {m['moe']['pp']:.1f} | {m['llama']['pp']:.1f} ({m['llama']['pp_threads']}) | "
+                     f"{m['moe']['pp'] / m['llama']['pp']:.2f}x | {m['moe']['tg']:.1f} | {m['llama']['tg']:.1f} ({m['llama']['tg_threads']}) | "
                      f"{m['moe']['tg'] / m['llama']['tg']:.2f}x | {m['moe']['bytes'] / 1e6:.1f} | {floor:.1f} | "
                      f"{100 * m['moe']['tg'] / floor:.0f}% | {100 * m['llama']['tg'] / floor:.0f}% | "
                      f"{m['moe']['rss'] / 2**20:.0f} |")
