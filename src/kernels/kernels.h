@@ -72,10 +72,22 @@ void Add(const float* a, const float* b, float* y, int64_t n);
 // ---- element-wise / normalisation ----
 // out[i] = x[i] / sqrt(mean(x^2) + eps) * (w ? w[i] : 1). out may alias x.
 void RmsNorm(const float* x, const float* w, int64_t n, float eps, float* out);
+// RoPE scaling as ggml's rope_yarn applies it to pair i's angle t = pos * freq_base^(-2i/n_rot):
+// theta = freq_scale t, or with ext_factor != 0 (YaRN) the mix freq_scale t (1 - r) + t r with
+// r = ext_factor (1 - clamp((i - corr_dims[0]) / max(0.001, corr_dims[1] - corr_dims[0]), 0, 1)),
+// and cos / sin times attn_factor (YaRN: times 1 + 0.1 ln(1 / freq_scale) too). The defaults are
+// plain RoPE, bit for bit.
+struct RopeScaling {
+  float freq_scale = 1.0f;
+  float ext_factor = 0.0f;
+  float attn_factor = 1.0f;
+  float corr_dims[2] = {0.0f, 0.0f};
+};
 // Rotary embedding in place on x = [n_heads][head_dim] for one position. The first n_rot dims
-// of each head rotate with theta_i = pos * freq_base^(-2i/n_rot). neox=false: pairs (2i, 2i+1)
-// ("normal", llama); neox=true: pairs (i, i + n_rot/2) (qwen, olmoe).
-void Rope(float* x, int n_heads, int head_dim, int n_rot, int pos, float freq_base, bool neox);
+// of each head rotate with theta_i = pos * freq_base^(-2i/n_rot) (scaled by `scaling`).
+// neox=false: pairs (2i, 2i+1) ("normal", llama); neox=true: pairs (i, i + n_rot/2) (qwen, olmoe).
+void Rope(float* x, int n_heads, int head_dim, int n_rot, int pos, float freq_base, bool neox,
+          const RopeScaling& scaling = RopeScaling());
 // In place, numerically stable (max subtracted).
 void Softmax(float* x, int64_t n);
 // out[i] = silu(gate[i]) * up[i], silu(g) = g / (1 + exp(-g)). out may alias gate or up.

@@ -23,6 +23,7 @@
 
 #include "hwy/contrib/math/math-inl.h"
 #include "hwy/highway.h"
+#include "kernels/kernels.h"
 #include "kernels/rope-inl.h"
 
 HWY_BEFORE_NAMESPACE();
@@ -142,16 +143,24 @@ HWY_NOINLINE inline void RmsNorm(const float* x, const float* w, int64_t n, floa
 }
 
 // Not hot (one call per head group per token): scalar, with the angle recurrence of ggml so the
-// float rounding of theta matches.
+// float rounding of theta matches, and its rope_yarn for the scaling.
 HWY_NOINLINE inline void Rope(float* x, int n_heads, int head_dim, int n_rot, int pos,
-                       float freq_base, bool neox) {
+                       float freq_base, bool neox, const RopeScaling& sc = RopeScaling()) {
   if (n_rot <= 0 || n_heads <= 0) return;
   const float theta_scale = std::pow(freq_base, -2.0f / static_cast<float>(n_rot));
   const int half = n_rot / 2;
+  float mscale = sc.attn_factor;
+  if (sc.ext_factor != 0.0f) mscale *= 1.0f + 0.1f * std::log(1.0f / sc.freq_scale);
   float theta = static_cast<float>(pos);
   for (int i = 0; i < half; ++i) {
-    const float c = std::cos(theta);
-    const float s = std::sin(theta);
+    float angle = sc.freq_scale * theta;
+    if (sc.ext_factor != 0.0f) {
+      const float y = (static_cast<float>(i) - sc.corr_dims[0]) / std::max(0.001f, sc.corr_dims[1] - sc.corr_dims[0]);
+      const float ramp = (1.0f - std::min(1.0f, std::max(0.0f, y))) * sc.ext_factor;
+      angle = angle * (1.0f - ramp) + theta * ramp;
+    }
+    const float c = std::cos(angle) * mscale;
+    const float s = std::sin(angle) * mscale;
     const int i0 = neox ? i : 2 * i;
     const int i1 = neox ? i + half : 2 * i + 1;
     RotatePair(x, n_heads, head_dim, i0, i1, c, s);

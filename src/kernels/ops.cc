@@ -37,9 +37,9 @@ void Add(const float* a, const float* b, float* y, int64_t n) {
 void RmsNorm(const float* x, const float* w, int64_t n, float eps, float* out) {
   HWY_DYNAMIC_DISPATCH(RmsNorm)(x, w, n, eps, out);
 }
-void Rope(float* x, int n_heads, int head_dim, int n_rot, int pos, float freq_base,
-          bool neox) {
-  HWY_DYNAMIC_DISPATCH(Rope)(x, n_heads, head_dim, n_rot, pos, freq_base, neox);
+void Rope(float* x, int n_heads, int head_dim, int n_rot, int pos, float freq_base, bool neox,
+          const RopeScaling& scaling) {
+  HWY_DYNAMIC_DISPATCH(Rope)(x, n_heads, head_dim, n_rot, pos, freq_base, neox, scaling);
 }
 void Softmax(float* x, int64_t n) { HWY_DYNAMIC_DISPATCH(Softmax)(x, n); }
 void SiluMul(const float* gate, const float* up, float* out, int64_t n) {

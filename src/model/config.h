@@ -43,8 +43,9 @@
 
 namespace moe {
 
-enum class Arch { kLlama, kQwen2Moe, kQwen3Moe, kOlmoe };
+enum class Arch { kLlama, kQwen2Moe, kQwen3Moe, kOlmoe, kDeepseek2 };
 enum class RopeType { kNorm, kNeox };  // adjacent pairs (llama) | split halves (qwen, olmoe)
+enum class RopeScalingType { kNone, kLinear, kYarn };
 enum class QkNorm { kNone, kPerHead, kFull };  // qwen3moe: per head over head_dim; olmoe: whole Q/K
 
 struct ModelConfig {
@@ -69,6 +70,26 @@ struct ModelConfig {
 
   float rms_eps = 1e-5f;
   float rope_freq_base = 10000.0f;
+
+  // RoPE scaling (<arch>.rope.scaling.*) as llama.cpp applies it (kernels::RopeScaling, made by
+  // RopeScalingOf in forward.cc).
+  RopeScalingType rope_scaling = RopeScalingType::kNone;
+  float rope_scaling_factor = 1.0f;  // rope.scaling.factor (positions divided by it; 1 = none)
+  float rope_attn_factor = 1.0f;     // rope.scaling.attn_factor
+  uint32_t n_ctx_orig_yarn = 0;      // rope.scaling.original_context_length (0 = n_ctx_train)
+  float rope_yarn_log_mul = 0.0f;    // rope.scaling.yarn_log_multiplier as stored (0.1 * mscale_all_dim)
+  float yarn_beta_fast = 32.0f;      // rope.scaling.yarn_beta_fast
+  float yarn_beta_slow = 1.0f;       // rope.scaling.yarn_beta_slow
+
+  // deepseek2 (multi-head latent attention; 0 elsewhere). The MLA head sizes are n_embd_head_k
+  // (= qk_nope + qk_rope, the key_length_mla key) and n_embd_head_v (value_length_mla); n_rot is
+  // qk_rope. Files store key_length = kv_lora + qk_rope and value_length = kv_lora (the latent
+  // cache's "head" as MQA).
+  uint32_t n_lora_q = 0;             // attention.q_lora_rank (0: plain attn_q)
+  uint32_t n_lora_kv = 0;            // attention.kv_lora_rank
+  bool mla_kv_b_legacy = false;      // one attn_kv_b per layer instead of attn_k_b + attn_v_b
+  uint32_t n_layer_dense_lead = 0;   // leading_dense_block_count: blocks with a dense FFN (n_ff)
+  bool expert_weights_norm = false;  // renormalise the top-k weights (deepseek2 reads the key)
 
   // Architecture traits (fixed per arch, not stored as keys).
   RopeType rope_type = RopeType::kNorm;
@@ -96,11 +117,18 @@ struct ModelConfig {
   // keep their defaults; the trainer sets them from its own config.
   MoeLayerConfig moe;
 
+  bool is_mla() const { return arch == Arch::kDeepseek2; }
+  uint32_t qk_nope() const { return n_embd_head_k - n_rot; }  // deepseek2: unrotated part of a head
   uint32_t n_q() const { return n_head * n_embd_head_k; }     // Q width
-  uint32_t n_k() const { return n_head_kv * n_embd_head_k; }  // K width
-  uint32_t n_v() const { return n_head_kv * n_embd_head_v; }  // V width
-  // Bytes the KV cache (f32 keys and values of every layer) holds per position.
-  uint64_t KvBytesPerPosition() const { return uint64_t{n_layer} * (n_k() + n_v()) * sizeof(float); }
+  uint32_t n_k() const { return n_head_kv * n_embd_head_k; }  // K width (not MLA)
+  uint32_t n_v() const { return n_head_kv * n_embd_head_v; }  // V width (not MLA)
+  // Floats one position of one layer's cache holds: K and V, or MLA's latent (kv_lora) and its
+  // rotated key part (qk_rope), which every head shares.
+  uint32_t KvFloatsPerLayer() const { return is_mla() ? n_lora_kv + n_rot : n_k() + n_v(); }
+  // Bytes the KV cache (f32, every layer) holds per position.
+  uint64_t KvBytesPerPosition() const { return uint64_t{n_layer} * KvFloatsPerLayer() * sizeof(float); }
+  // Whether block il has the routed experts (deepseek2's leading blocks are dense).
+  bool IsMoeLayer(uint32_t il) const { return il >= n_layer_dense_lead; }
   uint32_t n_router() const { return static_cast<uint32_t>(moe.router_width()); }  // R
 };
 

@@ -32,13 +32,65 @@ constexpr int kAttnBlock = 32;
 
 }  // namespace
 
+kernels::RopeScaling RopeScalingOf(const ModelConfig& c) {
+  kernels::RopeScaling r;
+  if (c.rope_scaling == RopeScalingType::kNone) {
+    r.attn_factor = c.rope_attn_factor;
+    return r;
+  }
+  // llama.cpp's context setup (llama_context's yarn_attn_factor, ggml_rope_yarn_corr_dims), in
+  // float as there.
+  r.freq_scale = 1.0f / c.rope_scaling_factor;
+  r.ext_factor = c.rope_scaling == RopeScalingType::kYarn ? 1.0f : 0.0f;
+  float attn = 1.0f;
+  if (r.ext_factor != 0.0f) {
+    const auto get_mscale = [](float scale, float m) { return scale <= 1.0f ? 1.0f : 0.1f * m * std::log(scale) + 1.0f; };
+    const float factor = 1.0f / r.freq_scale;
+    // Only deepseek2 reads yarn_log_multiplier, stored as 0.1 * mscale_all_dim.
+    const float log_mul = c.arch == Arch::kDeepseek2 ? c.rope_yarn_log_mul / 0.1f : 0.0f;
+    if (log_mul != 0.0f) {
+      const float mscale = c.arch == Arch::kDeepseek2 && log_mul != 1.0f ? log_mul : 1.0f;
+      attn = get_mscale(factor, mscale) / get_mscale(factor, log_mul);
+    } else {
+      attn = get_mscale(factor, 1.0f);
+    }
+    attn *= 1.0f / (1.0f + 0.1f * std::log(factor));  // ggml's rope multiplies this back in
+    const float n_ctx_orig = static_cast<float>(c.n_ctx_orig_yarn ? c.n_ctx_orig_yarn : c.n_ctx_train);
+    const float n_dims = static_cast<float>(c.n_rot);
+    const auto corr_dim = [&](float n_rot) {
+      return n_dims * std::log(n_ctx_orig / (n_rot * 2 * static_cast<float>(M_PI))) / (2 * std::log(c.rope_freq_base));
+    };
+    r.corr_dims[0] = std::max(0.0f, std::floor(corr_dim(c.yarn_beta_fast)));
+    r.corr_dims[1] = std::min(n_dims - 1, std::ceil(corr_dim(c.yarn_beta_slow)));
+  }
+  r.attn_factor = attn * c.rope_attn_factor;
+  return r;
+}
+
+float AttentionScale(const ModelConfig& c) {
+  if (!c.is_mla()) return 1.0f / std::sqrt(static_cast<float>(c.n_embd_head_k));
+  // llama.cpp's deepseek2 graph: the original attention factor (the YaRN cancellation undone),
+  // times DeepSeek's mscale, squared.
+  const kernels::RopeScaling r = RopeScalingOf(c);
+  const float attn_org = r.attn_factor * (1.0f + 0.1f * std::log(1.0f / r.freq_scale));
+  const float log_mul = c.rope_yarn_log_mul / 0.1f;
+  const float mscale = attn_org * (1.0f + 0.1f * log_mul * std::log(1.0f / r.freq_scale));
+  return 1.0f * mscale * mscale / std::sqrt(static_cast<float>(c.n_embd_head_k));
+}
+
 Forward::Forward(const Model& model, ThreadPool& pool, int n_ctx, int n_batch)
     : model_(model), c_(model.config()), pool_(pool), n_ctx_(n_ctx), n_batch_(n_batch) {
   if (const std::string why = UnservableRouterReason(c_); !why.empty()) throw Error(why);
   if (n_ctx_ <= 0) n_ctx_ = static_cast<int>(std::min<uint32_t>(c_.n_ctx_train ? c_.n_ctx_train : 4096, 4096));
   if (n_batch_ <= 0) n_batch_ = 256;
-  k_cache_.assign(static_cast<size_t>(c_.n_layer) * n_ctx_ * c_.n_k(), 0.0f);
-  v_cache_.assign(static_cast<size_t>(c_.n_layer) * n_ctx_ * c_.n_v(), 0.0f);
+  if (c_.is_mla()) {  // the latent cache only: values are its first Kr floats
+    k_cache_.assign(static_cast<size_t>(c_.n_layer) * n_ctx_ * c_.KvFloatsPerLayer(), 0.0f);
+  } else {
+    k_cache_.assign(static_cast<size_t>(c_.n_layer) * n_ctx_ * c_.n_k(), 0.0f);
+    v_cache_.assign(static_cast<size_t>(c_.n_layer) * n_ctx_ * c_.n_v(), 0.0f);
+  }
+  rope_ = RopeScalingOf(c_);
+  kq_scale_ = AttentionScale(c_);
   scores_.resize(static_cast<size_t>(pool_.size()) * kAttnBlock * n_ctx_);
   ReserveScratch();
 }
@@ -52,8 +104,11 @@ void Forward::ReserveScratch() {
   const size_t S = T * K;  // expert rows
   size_t rb_in = 0, rb_e = 0, rb_d = 0;  // activation row bytes: Linear inputs, expert inputs, down
   for (const LayerWeights& L : model_.layers) {
-    for (const TensorView* w : {L.wq, L.wo, L.gate_inp, L.gate_shexp, L.down_shexp})
+    for (const TensorView* w : {L.wq, L.wo, L.gate_inp, L.gate_shexp, L.down_shexp, L.wq_a, L.wq_b, L.wkv_a,
+                                L.ffn_gate, L.ffn_down})
       if (w) rb_in = std::max(rb_in, kernels::ActivationRowBytes(w->dtype, w->ne[0]));
+    for (const TensorView* w : {L.wk_b, L.wv_b})  // one row per (token, head)
+      if (w) rb_in = std::max(rb_in, c_.n_head * kernels::ActivationRowBytes(w->dtype, w->ne[0]));
     if (L.gate_exps) rb_e = std::max(rb_e, kernels::ActivationRowBytes(L.gate_exps->dtype, static_cast<int64_t>(E)));
     if (L.down_exps) rb_d = std::max(rb_d, kernels::ActivationRowBytes(L.down_exps->dtype, static_cast<int64_t>(Fx)));
   }
@@ -73,10 +128,34 @@ void Forward::ReserveScratch() {
   g_.resize(S * Fx);
   u_.resize(S * Fx);
   y_.resize(S * E);
-  if (c_.n_ff_shexp) {
-    sg_.resize(T * c_.n_ff_shexp);
-    su_.resize(T * c_.n_ff_shexp);
+  const size_t ffn2 = std::max<size_t>(c_.n_ff_shexp, c_.n_layer_dense_lead > 0 ? c_.n_ff : 0);
+  sg_.resize(T * ffn2);
+  su_.resize(T * ffn2);
+  if (c_.is_mla()) {
+    const size_t H = c_.n_head, W = c_.KvFloatsPerLayer();
+    att_.resize(T * H * c_.n_embd_head_v);
+    qa_.resize(T * c_.n_lora_q);
+    kva_.resize(T * W);
+    qabs_.resize(T * H * W);
+    lat_.resize(T * H * c_.n_lora_kv);
   }
+}
+
+void Forward::SetMlaPlain(bool plain) {
+  mla_plain_ = plain && c_.is_mla();
+  if (!mla_plain_ || !mla_kb_.empty()) return;
+  // f32 copies of every layer's attn_k_b [H][Kr][Dn] and attn_v_b [H][Dv][Kr].
+  for (const LayerWeights& L : model_.layers) {
+    for (auto [w, out] : {std::pair{L.wk_b, &mla_kb_}, std::pair{L.wv_b, &mla_vb_}}) {
+      if (w->layout != WeightLayout::kRows)
+        Fail("plain MLA attention needs %s in the file's layout: load the model without repacking", w->name.c_str());
+      std::vector<float>& a = out->emplace_back(static_cast<size_t>(w->NumElements()));
+      for (int64_t r = 0; r < w->ne[1] * w->ne[2]; ++r)
+        kernels::DequantizeRow(w->dtype, w->Row(r), a.data() + r * w->ne[0], w->ne[0]);
+    }
+  }
+  const size_t per_thread = static_cast<size_t>(n_ctx_) * (c_.n_embd_head_k + c_.n_embd_head_v);
+  plain_kv_.resize(static_cast<size_t>(pool_.size()) * per_thread);
 }
 
 void Forward::Eval(const int32_t* tokens, int n, bool all_logits, std::vector<float>* logits) {
@@ -158,12 +237,20 @@ void Forward::EvalChunk(const int32_t* tokens, int T, bool all_logits, float* lo
     const LayerWeights& L = model_.layers[il];
     for (int t = 0; t < T; ++t)  // attn_norm
       kernels::RmsNorm(F(x_, t * E), L.attn_norm->F32(), E, c_.rms_eps, F(h_, t * E));
-    Attention(static_cast<int>(il), T);
+    if (c_.is_mla()) {
+      MlaAttention(static_cast<int>(il), T);
+    } else {
+      Attention(static_cast<int>(il), T);
+    }
     for (int t = 0; t < T; ++t)  // ffn_inp = attn_out + residual
       kernels::Add(F(x_, t * E), F(tmp_, t * E), F(x_, t * E), E);
     for (int t = 0; t < T; ++t)  // ffn_norm
       kernels::RmsNorm(F(x_, t * E), L.ffn_norm->F32(), E, c_.rms_eps, F(h_, t * E));
-    MoeFfn(static_cast<int>(il), tokens, T);
+    if (c_.IsMoeLayer(il)) {
+      MoeFfn(static_cast<int>(il), tokens, T);
+    } else {
+      DenseFfn(static_cast<int>(il), T);
+    }
     for (int t = 0; t < T; ++t) kernels::Add(F(x_, t * E), F(tmp_, t * E), F(x_, t * E), E);
   }
 
@@ -205,14 +292,14 @@ void Forward::Attention(int il, int T) {
       for (int h = 0; h < Hkv; ++h) kernels::RmsNorm(k + h * D, L.k_norm->F32(), D, c_.rms_eps, k + h * D);
     }
     const int pos = n_past_ + t;
-    kernels::Rope(q, H, D, static_cast<int>(c_.n_rot), pos, c_.rope_freq_base, neox);
-    kernels::Rope(k, Hkv, D, static_cast<int>(c_.n_rot), pos, c_.rope_freq_base, neox);
+    kernels::Rope(q, H, D, static_cast<int>(c_.n_rot), pos, c_.rope_freq_base, neox, rope_);
+    kernels::Rope(k, Hkv, D, static_cast<int>(c_.n_rot), pos, c_.rope_freq_base, neox, rope_);
     float* kc = k_cache_.data() + (static_cast<size_t>(il) * n_ctx_ + pos) * nk;
     float* vc = v_cache_.data() + (static_cast<size_t>(il) * n_ctx_ + pos) * nv;
     std::memcpy(kc, k, nk * sizeof(float));
     std::memcpy(vc, F(v_, t * nv), nv * sizeof(float));
   }
-  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const float scale = kq_scale_;
   const float* K = k_cache_.data() + static_cast<size_t>(il) * n_ctx_ * nk;
   const float* V = v_cache_.data() + static_cast<size_t>(il) * n_ctx_ * nv;
   const int group = H / Hkv;
@@ -254,6 +341,170 @@ void Forward::Attention(int il, int T) {
   }
   Linear(*L.wo, att_.data(), T, tmp_.data());  // [T][n_embd]
   (void)E;
+}
+
+void Forward::HeadLinears(const TensorView& W, const float* x, int64_t x_tok, int64_t x_head, int T, float* y,
+                          int64_t y_tok, int64_t y_head) {
+  const int64_t in = W.ne[0], out = W.ne[1], H = W.ne[2];
+  const DType dt = W.dtype;
+  if (input_observer_) {
+    observed_rows_.resize(static_cast<size_t>(T));
+    for (int64_t h = 0; h < H; ++h) {
+      for (int t = 0; t < T; ++t) observed_rows_[t] = x + t * x_tok + h * x_head;
+      input_observer_(W, static_cast<int>(h), observed_rows_.data(), T);
+    }
+  }
+  const size_t rb = kernels::ActivationRowBytes(dt, in);
+  act_.resize(rb * static_cast<size_t>(T * H));  // [H][T] rows
+  const auto convert = [&](int64_t b, int64_t e, int) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t h = i / T, t = i % T;
+      kernels::ConvertActivations(dt, x + t * x_tok + h * x_head, act_.data() + i * rb, in);
+    }
+  };
+  if (T * H >= 8) {
+    pool_.ParallelFor(T * H, 4, convert);
+  } else {
+    convert(0, T * H, 0);
+  }
+  std::vector<LinearItem>& items = linear_items_;
+  items.clear();
+  const int64_t grain = RowGrain(out, T, pool_.size());
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t r = 0; r < out; r += grain) items.push_back({static_cast<int>(h), r, std::min(out, r + grain)});
+  pool_.ParallelFor(static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e, int) {
+    for (int64_t k = b; k < e; ++k) {
+      const LinearItem& it = items[k];
+      kernels::MatMul(dt, W.Slab(it.m), in, it.r0, it.r1, act_.data() + static_cast<size_t>(it.m) * T * rb, rb, T,
+                      y + it.m * y_head + it.r0, y_tok, W.layout);
+    }
+  });
+}
+
+void Forward::MlaAttention(int il, int T) {
+  const LayerWeights& L = model_.layers[il];
+  const int64_t H = c_.n_head, Dk = c_.n_embd_head_k, Dn = c_.qk_nope(), Dr = c_.n_rot;
+  const int64_t Kr = c_.n_lora_kv, W = Kr + Dr, Rq = c_.n_lora_q;
+  q_.resize(static_cast<size_t>(T * H * Dk));
+  kva_.resize(static_cast<size_t>(T * W));
+  if (L.wq_a) {  // q through the low-rank bottleneck: q_b(norm(q_a x))
+    qa_.resize(static_cast<size_t>(T * Rq));
+    const TensorView* w[2] = {L.wq_a, L.wkv_a};
+    float* out[2] = {qa_.data(), kva_.data()};
+    Linears(w, out, 2, h_.data(), T);
+    for (int t = 0; t < T; ++t) kernels::RmsNorm(F(qa_, t * Rq), L.q_a_norm->F32(), Rq, c_.rms_eps, F(qa_, t * Rq));
+    Linear(*L.wq_b, qa_.data(), T, q_.data());
+  } else {
+    const TensorView* w[2] = {L.wq, L.wkv_a};
+    float* out[2] = {q_.data(), kva_.data()};
+    Linears(w, out, 2, h_.data(), T);
+  }
+  // RoPE on each head's last Dr dims and on the shared key part; the cache takes the normalised
+  // latent and the rotated key.
+  for (int t = 0; t < T; ++t) {
+    const int pos = n_past_ + t;
+    kernels::Rope(F(q_, t * H * Dk + Dn), static_cast<int>(H), static_cast<int>(Dk), static_cast<int>(Dr), pos,
+                  c_.rope_freq_base, false, rope_);
+    float* kc = k_cache_.data() + (static_cast<size_t>(il) * n_ctx_ + pos) * W;
+    kernels::RmsNorm(F(kva_, t * W), L.kv_a_norm->F32(), Kr, c_.rms_eps, kc);
+    std::memcpy(kc + Kr, F(kva_, t * W + Kr), Dr * sizeof(float));
+    kernels::Rope(kc + Kr, 1, static_cast<int>(Dr), static_cast<int>(Dr), pos, c_.rope_freq_base, false, rope_);
+  }
+  if (mla_plain_) {
+    MlaPlain(il, T);
+  } else {
+    MlaAbsorbed(il, T);
+  }
+  Linear(*L.wo, att_.data(), T, tmp_.data());
+}
+
+// Absorbed MLA (DeepSeek-V2's inference form, as llama.cpp runs it): head h's query against the
+// latent c is q_nope W_kb,h (Kr wide) next to its rotated part, so all heads attend to the one
+// shared cache row [c | k_pe] (MQA with head size Kr + Dr); the attention output, a mix of c, goes
+// through W_vb,h. Rows of the score GEMMs are (token, head) pairs, H per token.
+void Forward::MlaAbsorbed(int il, int T) {
+  const LayerWeights& L = model_.layers[il];
+  const int64_t H = c_.n_head, Dk = c_.n_embd_head_k, Dn = c_.qk_nope(), Dr = c_.n_rot, Dv = c_.n_embd_head_v;
+  const int64_t Kr = c_.n_lora_kv, W = Kr + Dr;
+  qabs_.resize(static_cast<size_t>(T * H * W));
+  lat_.resize(static_cast<size_t>(T * H * Kr));
+  att_.resize(static_cast<size_t>(T * H * Dv));
+  HeadLinears(*L.wk_b, q_.data(), H * Dk, Dk, T, qabs_.data(), H * W, W);  // q_nope -> latent space
+  for (int64_t g = 0; g < T * H; ++g) std::memcpy(F(qabs_, g * W + Kr), F(q_, g * Dk + Dn), Dr * sizeof(float));
+  const float* C = k_cache_.data() + static_cast<size_t>(il) * n_ctx_ * W;
+  const int64_t rows_all = T * H;
+  const int64_t per = std::clamp<int64_t>((rows_all + pool_.size() - 1) / pool_.size(), 1, kAttnBlock);
+  const int64_t blocks = (rows_all + per - 1) / per;
+  pool_.ParallelFor(blocks, 1, [&](int64_t b, int64_t e, int thread) {
+    float* S = scores_.data() + static_cast<size_t>(thread) * kAttnBlock * n_ctx_;  // [rows][n_keys]
+    for (int64_t blk = b; blk < e; ++blk) {
+      const int64_t g0 = blk * per, rows = std::min(per, rows_all - g0);
+      const int n_keys = n_past_ + static_cast<int>((g0 + rows - 1) / H) + 1;  // the last row's keys
+      kernels::Gemm(kernels::GemmOp::kNT, static_cast<int>(rows), n_keys, static_cast<int>(W), F(qabs_, g0 * W),
+                    static_cast<int>(W), C, static_cast<int>(W), S, n_keys, false);
+      for (int64_t i = 0; i < rows; ++i) {
+        float* s = S + i * n_keys;
+        const int n_kv = n_past_ + static_cast<int>((g0 + i) / H) + 1;
+        for (int j = 0; j < n_kv; ++j) s[j] *= kq_scale_;
+        kernels::Softmax(s, n_kv);
+        std::fill(s + n_kv, s + n_keys, 0.0f);
+      }
+      kernels::Gemm(kernels::GemmOp::kNN, static_cast<int>(rows), static_cast<int>(Kr), n_keys, S, n_keys, C,
+                    static_cast<int>(W), F(lat_, g0 * Kr), static_cast<int>(Kr), false);
+    }
+  });
+  HeadLinears(*L.wv_b, lat_.data(), H * Kr, Kr, T, att_.data(), H * Dv, Dv);  // latent -> values
+}
+
+// Plain MLA: per head, the keys [c W_kb,h^T | k_pe] and values c W_vb,h^T of every cached
+// position decompressed, then attention as in any multi-head model. The reference form of
+// MlaAbsorbed (O(context) decompression per step).
+void Forward::MlaPlain(int il, int T) {
+  const int64_t H = c_.n_head, Dk = c_.n_embd_head_k, Dn = c_.qk_nope(), Dr = c_.n_rot, Dv = c_.n_embd_head_v;
+  const int64_t Kr = c_.n_lora_kv, W = Kr + Dr;
+  att_.resize(static_cast<size_t>(T * H * Dv));
+  const float* C = k_cache_.data() + static_cast<size_t>(il) * n_ctx_ * W;
+  const int blocks = (T + kAttnBlock - 1) / kAttnBlock;
+  pool_.ParallelFor(static_cast<int64_t>(blocks) * H, 1, [&](int64_t b, int64_t e, int thread) {
+    float* S = scores_.data() + static_cast<size_t>(thread) * kAttnBlock * n_ctx_;
+    float* Kp = plain_kv_.data() + static_cast<size_t>(thread) * n_ctx_ * (Dk + Dv);  // [n_keys][Dk]
+    for (int64_t item = b; item < e; ++item) {
+      const int64_t h = item % H;
+      const int t0 = static_cast<int>(item / H) * kAttnBlock, rows = std::min(kAttnBlock, T - t0);
+      const int n_keys = n_past_ + t0 + rows;
+      float* Vp = Kp + static_cast<size_t>(n_keys) * Dk;  // [n_keys][Dv]
+      const float* kb = mla_kb_[il].data() + h * Kr * Dn;  // [Kr][Dn]
+      const float* vb = mla_vb_[il].data() + h * Dv * Kr;  // [Dv][Kr]
+      kernels::Gemm(kernels::GemmOp::kNN, n_keys, static_cast<int>(Dn), static_cast<int>(Kr), C, static_cast<int>(W),
+                    kb, static_cast<int>(Dn), Kp, static_cast<int>(Dk), false);
+      for (int j = 0; j < n_keys; ++j) std::memcpy(Kp + j * Dk + Dn, C + j * W + Kr, Dr * sizeof(float));
+      kernels::Gemm(kernels::GemmOp::kNT, n_keys, static_cast<int>(Dv), static_cast<int>(Kr), C, static_cast<int>(W),
+                    vb, static_cast<int>(Kr), Vp, static_cast<int>(Dv), false);
+      kernels::Gemm(kernels::GemmOp::kNT, rows, n_keys, static_cast<int>(Dk), F(q_, (t0 * H + h) * Dk),
+                    static_cast<int>(H * Dk), Kp, static_cast<int>(Dk), S, n_keys, false);
+      for (int i = 0; i < rows; ++i) {
+        float* s = S + static_cast<size_t>(i) * n_keys;
+        const int n_kv = n_past_ + t0 + i + 1;
+        for (int j = 0; j < n_kv; ++j) s[j] *= kq_scale_;
+        kernels::Softmax(s, n_kv);
+        std::fill(s + n_kv, s + n_keys, 0.0f);
+      }
+      kernels::Gemm(kernels::GemmOp::kNN, rows, static_cast<int>(Dv), n_keys, S, n_keys, Vp, static_cast<int>(Dv),
+                    F(att_, (t0 * H + h) * Dv), static_cast<int>(H * Dv), false);
+    }
+  });
+}
+
+void Forward::DenseFfn(int il, int T) {
+  const LayerWeights& L = model_.layers[il];
+  const int64_t N = c_.n_ff;
+  sg_.resize(static_cast<size_t>(T) * N);
+  su_.resize(static_cast<size_t>(T) * N);
+  const TensorView* gu[2] = {L.ffn_gate, L.ffn_up};
+  float* gu_out[2] = {sg_.data(), su_.data()};
+  Linears(gu, gu_out, 2, h_.data(), T);
+  for (int t = 0; t < T; ++t) kernels::SiluMul(F(sg_, t * N), F(su_, t * N), F(sg_, t * N), N);
+  Linear(*L.ffn_down, sg_.data(), T, tmp_.data());
 }
 
 void Forward::MoeFfn(int il, const int32_t* tokens, int T) {

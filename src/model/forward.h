@@ -7,11 +7,18 @@
 #include <functional>
 #include <vector>
 
+#include "kernels/kernels.h"
 #include "model/model.h"
 #include "moe/routing.h"
 #include "util/threadpool.h"
 
 namespace moe {
+
+// llama.cpp's RoPE scaling for a config (linear, or YaRN with its attention factor and
+// correction dimensions), and the scale of its attention scores (deepseek2: YaRN's mscale^2 /
+// sqrt(qk_nope + qk_rope); else 1 / sqrt(head_dim)).
+kernels::RopeScaling RopeScalingOf(const ModelConfig& c);
+float AttentionScale(const ModelConfig& c);
 
 class Forward {
  public:
@@ -37,6 +44,12 @@ class Forward {
       std::function<void(const TensorView& w, int matrix, const float* const* rows, int n)>;
   void SetInputObserver(InputObserver fn) { input_observer_ = std::move(fn); }
 
+  // deepseek2 only: attention in the "plain" form (each head's keys and values decompressed
+  // from the latent cache, then ordinary attention) instead of the absorbed one (the
+  // up-projections folded into the query and the output; the default). The two are the same
+  // function; tests compare them. Plain needs the weights in the file's layout (no repacking).
+  void SetMlaPlain(bool plain);
+
   int n_past() const { return n_past_; }
   int n_ctx() const { return n_ctx_; }
   void Reset() { n_past_ = 0; }
@@ -45,6 +58,13 @@ class Forward {
  private:
   void EvalChunk(const int32_t* tokens, int n, bool all_logits, float* logits);
   void Attention(int layer, int T);
+  // deepseek2's multi-head latent attention: q and the latent KV, the cache, attention (absorbed
+  // or plain), the output projection into tmp_.
+  void MlaAttention(int layer, int T);
+  void MlaAbsorbed(int layer, int T);
+  void MlaPlain(int layer, int T);
+  // A dense SwiGLU FFN (deepseek2's leading blocks) into tmp_.
+  void DenseFfn(int layer, int T);
   // tokens [T]: the chunk's token ids (hash routing).
   void MoeFfn(int layer, const int32_t* tokens, int T);
   // Sizes the scratch buffers for a full chunk (n_batch tokens) at construction.
@@ -54,6 +74,10 @@ class Forward {
   // y[i] = x W[i] for n matrices of one input width and weight type, sharing the converted
   // activations and one pass of the pool (any other mix runs them one at a time).
   void Linears(const TensorView* const* W, float* const* y, int n, const float* x, int T);
+  // Per-head products of a 3-D weight W {in, out, H}: y[t*y_tok + h*y_head + r] =
+  // W_h[r] . x[t*x_tok + h*x_head ...] for every token t < T and head h.
+  void HeadLinears(const TensorView& W, const float* x, int64_t x_tok, int64_t x_head, int T, float* y,
+                   int64_t y_tok, int64_t y_head);
 
   const Model& model_;
   const ModelConfig& c_;
@@ -62,8 +86,14 @@ class Forward {
   int n_batch_;
   int n_past_ = 0;
 
-  std::vector<float> k_cache_;  // [n_layer][n_ctx][n_k]
-  std::vector<float> v_cache_;  // [n_layer][n_ctx][n_v]
+  // [n_layer][n_ctx][n_k] and [n_layer][n_ctx][n_v]; MLA: k_cache_ [n_layer][n_ctx][Kr + Dr]
+  // (the normalised latent, then the rotated key part), which is also the values' source.
+  std::vector<float> k_cache_;
+  std::vector<float> v_cache_;
+  kernels::RopeScaling rope_;   // the model's RoPE scaling (RopeScalingOf)
+  float kq_scale_ = 1.0f;       // scale of the attention scores
+  bool mla_plain_ = false;
+  std::vector<std::vector<float>> mla_kb_, mla_vb_;  // plain MLA: f32 attn_k_b / attn_v_b per layer
 
   // Scratch for one chunk of up to n_batch tokens.
   std::vector<float> x_;        // [T][n_embd]  residual stream
@@ -71,7 +101,12 @@ class Forward {
   std::vector<float> q_;        // [T][n_q]
   std::vector<float> k_;        // [T][n_k]
   std::vector<float> v_;        // [T][n_v]
-  std::vector<float> att_;      // [T][n_q]
+  std::vector<float> att_;      // [T][n_q] (MLA: [T][H * Dv])
+  std::vector<float> qa_;       // MLA: [T][q_lora_rank]
+  std::vector<float> kva_;      // MLA: [T][Kr + Dr]
+  std::vector<float> qabs_;     // MLA: [T][H][Kr + Dr] absorbed queries
+  std::vector<float> lat_;      // MLA: [T][H][Kr] attention output in the latent space
+  std::vector<float> plain_kv_;  // plain MLA: [n_threads][n_ctx][Dk + Dv] decompressed keys, values
   std::vector<float> tmp_;      // [T][n_embd]
   std::vector<float> scores_;   // [n_threads][kAttnBlock queries][n_ctx]
   std::vector<float> router_;   // [T][R] router logits (R = c_.moe.router_width())
@@ -89,8 +124,8 @@ class Forward {
   std::vector<float> u_;        // [S][n_ff_exp]
   std::vector<uint8_t> aq_;     // [S] converted activations of the down projection
   std::vector<float> y_;        // [S][n_embd]
-  std::vector<float> sg_;       // [T][n_ff_shexp]
-  std::vector<float> su_;       // [T][n_ff_shexp]
+  std::vector<float> sg_;       // [T][max(n_ff_shexp, n_ff)] shared expert / dense FFN
+  std::vector<float> su_;       // [T][max(n_ff_shexp, n_ff)]
   std::vector<float> shout_;    // [T][n_embd]  shared-expert output
   RoutingPlan plan_;
   RoutingObserver observer_;

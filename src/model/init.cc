@@ -41,12 +41,8 @@ void PlantMargins(const std::vector<float>& embd, int64_t E, int64_t V, float ma
   }
 }
 
-}  // namespace
-
-void InitRandomModel(InitOptions opt, const std::string& path) {
-  ModelConfig& c = opt.config;
-  ApplyArchTraits(c);
-  if (c.n_head == 0) c.n_head = std::max<uint32_t>(1, c.n_embd / 64);
+// Heads, head dimension and widths of the plain-attention architectures.
+void PlainAttentionDefaults(ModelConfig& c) {
   if (c.n_head_kv == 0) c.n_head_kv = c.n_head;
   if (c.n_embd_head_k == 0) {
     if (c.n_embd % c.n_head != 0)
@@ -61,6 +57,45 @@ void InitRandomModel(InitOptions opt, const std::string& path) {
   if (c.arch == Arch::kQwen2Moe && c.n_ff_shexp == 0) c.n_ff_shexp = c.n_ff_exp;
   if (c.arch == Arch::kLlama && c.n_embd_head_k * c.n_head != c.n_embd)
     Fail("llama needs --heads x --head-dim == --dim (%u x %u != %u)", c.n_head, c.n_embd_head_k, c.n_embd);
+}
+
+// deepseek2: the MLA sizes (DeepSeek-V2's proportions: qk_rope = qk_nope / 2, v = qk_nope,
+// kv_lora = 4 qk_nope), one shared latent head, S shared experts of the routed width.
+void MlaDefaults(InitOptions& opt) {
+  ModelConfig& c = opt.config;
+  if (c.n_embd_head_k != 0) Fail("--head-dim does not apply to deepseek2: give --qk-nope and --qk-rope");
+  uint32_t nope = opt.qk_nope;
+  if (nope == 0) {
+    if (c.n_embd % c.n_head != 0) Fail("--dim %u is not a multiple of --heads %u: give --qk-nope", c.n_embd, c.n_head);
+    nope = c.n_embd / c.n_head;
+  }
+  if (c.n_rot == 0) c.n_rot = std::max<uint32_t>(2, nope / 2 / 2 * 2);
+  c.n_embd_head_k = nope + c.n_rot;
+  if (c.n_embd_head_v == 0) c.n_embd_head_v = nope;
+  if (c.n_lora_kv == 0) c.n_lora_kv = 4 * nope;
+  if (c.n_head_kv != 0 && c.n_head_kv != 1) Fail("--kv-heads does not apply to deepseek2 (MLA caches one latent head)");
+  c.n_head_kv = 1;
+  if (c.n_ctx_train == 0) c.n_ctx_train = 2048;
+  if (c.n_expert_shared == 0) c.n_expert_shared = 1;
+  if (c.n_ff_shexp == 0) c.n_ff_shexp = c.n_ff_exp * c.n_expert_shared;
+  if (c.n_ff_shexp != c.n_ff_exp * c.n_expert_shared)
+    Fail("deepseek2's shared experts are --shared-experts x --ffn wide (%u x %u): drop --shared-ffn %u",
+         c.n_expert_shared, c.n_ff_exp, c.n_ff_shexp);
+  if (c.n_ff == 0 && c.n_layer_dense_lead > 0) c.n_ff = c.n_ff_exp * (c.n_expert_used + c.n_expert_shared);
+  if (c.n_layer_dense_lead == 0 && c.n_ff == 0) c.n_ff = c.n_ff_exp;
+}
+
+}  // namespace
+
+void InitRandomModel(InitOptions opt, const std::string& path) {
+  ModelConfig& c = opt.config;
+  ApplyArchTraits(c);
+  if (c.n_head == 0) c.n_head = std::max<uint32_t>(1, c.n_embd / 64);
+  if (c.arch == Arch::kDeepseek2) {
+    MlaDefaults(opt);
+  } else {
+    PlainAttentionDefaults(c);
+  }
   if (opt.tie_output && (c.arch == Arch::kQwen2Moe || c.arch == Arch::kOlmoe))
     Fail("--tie-output: architecture %s needs its own output.weight in llama.cpp", c.arch_name.c_str());
 

@@ -24,7 +24,10 @@ struct InitOptions {
   // with the margins.)
   float plant_margin = 0.0f;
   float embd_scale = 1.0f;
-  bool tie_output = false;       // llama / qwen3moe only: no output.weight, reuse token_embd
+  bool tie_output = false;       // llama / qwen3moe / deepseek2: no output.weight, reuse token_embd
+  uint32_t qk_nope = 0;          // deepseek2: unrotated part of a head (0 = dim / heads); the
+                                 // config's n_rot (qk_rope), n_embd_head_v, n_lora_kv, n_ff
+                                 // (dense width) and n_ff_shexp default from it when 0
   std::string tokenizer_from;    // copy tokenizer.* keys from this GGUF (vocab = its tokens)
 };
 

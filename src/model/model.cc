@@ -52,6 +52,7 @@ std::unique_ptr<Model> Model::Load(const std::string& path, bool allow_training_
 
   ValidateModelTensors(f, c);
   m->Bind([&](const std::string& name) { return f.FindTensor(name); });
+  m->SplitKvB([&](const std::string& name) { return f.FindTensor(name); });
   if (c.n_vocab != m->token_embd->ne[1])
     f.Throw(StrFormat("vocabulary has %u tokens but token_embd.weight has %lld rows", c.n_vocab,
                       static_cast<long long>(m->token_embd->ne[1])));
@@ -81,11 +82,13 @@ std::unique_ptr<Model> Model::FromParams(const ModelParams<float>& p, bool allow
     v.data = a.data->data();
     m->owned_views_.push_back(v);
   }
-  m->Bind([&](const std::string& name) -> const TensorView* {
+  const auto find = [&](const std::string& name) -> const TensorView* {
     for (const TensorView& v : m->owned_views_)
       if (v.name == name) return &v;
     return nullptr;
-  });
+  };
+  m->Bind(find);
+  m->SplitKvB(find);
   m->tokenizer_ = Tokenizer::FromGguf(*m->file_, m->config_.n_vocab);
   return m;
 }
@@ -111,6 +114,16 @@ void Model::Bind(const std::function<const TensorView*(const std::string&)>& get
     L.q_norm = get(p + "attn_q_norm.weight");
     L.k_norm = get(p + "attn_k_norm.weight");
     L.ffn_norm = get(p + "ffn_norm.weight");
+    L.wq_a = get(p + "attn_q_a.weight");
+    L.q_a_norm = get(p + "attn_q_a_norm.weight");
+    L.wq_b = get(p + "attn_q_b.weight");
+    L.wkv_a = get(p + "attn_kv_a_mqa.weight");
+    L.kv_a_norm = get(p + "attn_kv_a_norm.weight");
+    L.wk_b = get(p + "attn_k_b.weight");
+    L.wv_b = get(p + "attn_v_b.weight");
+    L.ffn_gate = get(p + "ffn_gate.weight");
+    L.ffn_up = get(p + "ffn_up.weight");
+    L.ffn_down = get(p + "ffn_down.weight");
     // hash routing reads no router logits, so a present ffn_gate_inp is ignored.
     L.gate_inp = c.router_kind == MoeRouterKind::kHash ? nullptr : get(p + "ffn_gate_inp.weight");
     L.exp_probs_b = get(p + "exp_probs_b.bias");
@@ -127,8 +140,48 @@ void Model::Bind(const std::function<const TensorView*(const std::string&)>& get
   }
 }
 
+void Model::SplitKvB(const std::function<const TensorView*(const std::string&)>& get) {
+  const ModelConfig& c = config_;
+  if (!c.is_mla() || !c.mla_kv_b_legacy) return;
+  const int64_t H = c.n_head, Dn = c.qk_nope(), Dv = c.n_embd_head_v, Kr = c.n_lora_kv;
+  std::vector<float> row(static_cast<size_t>(Kr));
+  for (uint32_t i = 0; i < c.n_layer; ++i) {
+    const TensorView& kvb = *get("blk." + std::to_string(i) + ".attn_kv_b.weight");
+    std::vector<float>& kb = derived_.emplace_back(static_cast<size_t>(H * Kr * Dn));  // [H][Kr][Dn]
+    std::vector<float>& vb = derived_.emplace_back(static_cast<size_t>(H * Dv * Kr));  // [H][Dv][Kr]
+    for (int64_t h = 0; h < H; ++h) {
+      for (int64_t j = 0; j < Dn + Dv; ++j) {  // head h's rows: Dn of K, then Dv of V
+        kernels::DequantizeRow(kvb.dtype, kvb.Row(h * (Dn + Dv) + j), row.data(), Kr);
+        if (j < Dn) {
+          for (int64_t r = 0; r < Kr; ++r) kb[static_cast<size_t>((h * Kr + r) * Dn + j)] = row[r];
+        } else {
+          std::copy(row.begin(), row.end(), vb.begin() + (h * Dv + j - Dn) * Kr);
+        }
+      }
+    }
+    const auto view = [&](const std::string& name, const std::vector<float>& a, int64_t ne0, int64_t ne1) {
+      TensorView v;
+      v.name = "blk." + std::to_string(i) + "." + name + " (from attn_kv_b)";
+      v.dtype = DType::kF32;
+      v.n_dims = 3;
+      v.ne[0] = ne0;
+      v.ne[1] = ne1;
+      v.ne[2] = H;
+      v.data = a.data();
+      return &derived_views_.emplace_back(std::move(v));
+    };
+    layers[i].wk_b = view("attn_k_b", kb, Dn, Kr);
+    layers[i].wv_b = view("attn_v_b", vb, Kr, Dv);
+  }
+}
+
+// The first block with routed experts (deepseek2's leading blocks are dense).
+static const LayerWeights& FirstMoeLayer(const std::vector<LayerWeights>& layers, const ModelConfig& c) {
+  return layers[std::min<size_t>(c.n_layer_dense_lead, layers.size() - 1)];
+}
+
 uint64_t Model::BytesPerExpert() const {
-  const LayerWeights& L = layers[0];
+  const LayerWeights& L = FirstMoeLayer(layers, config_);
   return (L.gate_exps->NumBytes() + L.up_exps->NumBytes() + L.down_exps->NumBytes()) /
          config_.n_expert;
 }
@@ -137,13 +190,16 @@ uint64_t Model::BytesPerToken() const {
   uint64_t total = token_embd->RowBytes() + output->NumBytes() + output_norm->NumBytes();
   for (const LayerWeights& L : layers) {
     const TensorView* dense[] = {L.attn_norm, L.wq, L.wk, L.wv, L.bq, L.bk, L.bv, L.wo,
-                                 L.q_norm, L.k_norm, L.ffn_norm, L.gate_inp, L.exp_probs_b, L.zc_mix,
+                                 L.q_norm, L.k_norm, L.wq_a, L.q_a_norm, L.wq_b, L.wkv_a,
+                                 L.kv_a_norm, L.wk_b, L.wv_b, L.ffn_gate, L.ffn_up, L.ffn_down,
+                                 L.ffn_norm, L.gate_inp, L.exp_probs_b, L.zc_mix,
                                  L.zc_const, L.gate_res, L.gate_inp_shexp,
                                  L.gate_shexp, L.up_shexp, L.down_shexp};
     for (const TensorView* t : dense)
       if (t) total += t->NumBytes();
-    total += (L.gate_exps->NumBytes() + L.up_exps->NumBytes() + L.down_exps->NumBytes()) /
-             config_.n_expert * config_.n_expert_used;
+    if (L.gate_exps)
+      total += (L.gate_exps->NumBytes() + L.up_exps->NumBytes() + L.down_exps->NumBytes()) /
+               config_.n_expert * config_.n_expert_used;
   }
   return total;
 }
@@ -191,8 +247,9 @@ uint64_t Model::RepackForInference(ThreadPool& pool) {
     total += bytes;
   };
   for (LayerWeights& L : layers) {
-    for (const TensorView** w : {&L.wq, &L.wk, &L.wv, &L.wo, &L.gate_exps, &L.up_exps, &L.down_exps,
-                                 &L.gate_shexp, &L.up_shexp, &L.down_shexp}) {
+    for (const TensorView** w : {&L.wq, &L.wk, &L.wv, &L.wo, &L.wq_a, &L.wq_b, &L.wkv_a, &L.wk_b, &L.wv_b,
+                                 &L.ffn_gate, &L.ffn_up, &L.ffn_down, &L.gate_exps, &L.up_exps,
+                                 &L.down_exps, &L.gate_shexp, &L.up_shexp, &L.down_shexp}) {
       repack(*w);
     }
   }

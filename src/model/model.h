@@ -26,6 +26,20 @@ struct LayerWeights {
   const TensorView* wo = nullptr;         // {n_q, n_embd}
   const TensorView* q_norm = nullptr;     // [head_dim] (per head) or [n_q] (full)
   const TensorView* k_norm = nullptr;
+  // deepseek2 (MLA; Dk = qk_nope + qk_rope, Dr = qk_rope, Kr = kv_lora_rank, Rq = q_lora_rank).
+  // wq above is {n_embd, H*Dk} when Rq = 0.
+  const TensorView* wq_a = nullptr;       // {n_embd, Rq}
+  const TensorView* q_a_norm = nullptr;   // [Rq]
+  const TensorView* wq_b = nullptr;       // {Rq, H*Dk}
+  const TensorView* wkv_a = nullptr;      // {n_embd, Kr + Dr}  attn_kv_a_mqa: latent, then rotated key
+  const TensorView* kv_a_norm = nullptr;  // [Kr]
+  // Per-head up-projections {Dn, Kr, H} (head h: Kr rows of Dn) and {Kr, Dv, H}; for legacy files
+  // (one attn_kv_b) f32 copies the model derives from it.
+  const TensorView* wk_b = nullptr;
+  const TensorView* wv_b = nullptr;
+  const TensorView* ffn_gate = nullptr;   // {n_embd, n_ff}  deepseek2's leading dense blocks
+  const TensorView* ffn_up = nullptr;     // {n_embd, n_ff}
+  const TensorView* ffn_down = nullptr;   // {n_ff, n_embd}
   const TensorView* ffn_norm = nullptr;   // [n_embd]
   const TensorView* gate_inp = nullptr;   // {n_embd, R}  router, R = ModelConfig::n_router() (hash: null)
   const TensorView* exp_probs_b = nullptr;  // [n_expert] selection-only bias (sigmoid_bias)
@@ -88,10 +102,14 @@ class Model {
  private:
   // Points the weight fields at the tensors `find` returns (nullptr when absent).
   void Bind(const std::function<const TensorView*(const std::string&)>& find);
+  // Legacy deepseek2 files: attn_k_b / attn_v_b as f32 copies of attn_kv_b's two parts.
+  void SplitKvB(const std::function<const TensorView*(const std::string&)>& find);
 
   std::vector<uint8_t> meta_;            // FromParams: the metadata-only GGUF behind file_
   std::vector<TensorView> owned_views_;  // FromParams: views into the store
   std::deque<TensorView> repacked_views_;  // RepackForInference: views of repacked_
+  std::deque<std::vector<float>> derived_;  // SplitKvB's arrays
+  std::deque<TensorView> derived_views_;    // and their views
   struct Mapping {  // an anonymous mapping of the repacked weights, unmapped with the model
     void* p = nullptr;
     size_t len = 0;

@@ -16,6 +16,9 @@ namespace {
 // The tensors of a store: ExpectedTensors minus what the store has no array for (the optional
 // router of hash routing, the output when tied, the Q/K/V biases when absent).
 std::vector<TensorSpec> StoreSpecs(const ModelConfig& c, bool tied_output, bool qkv_bias) {
+  if (c.is_mla())
+    Fail("training %s (multi-head latent attention) is not supported yet: moe.cpp runs these models but "
+         "cannot train them", c.arch_name.c_str());
   std::vector<TensorSpec> out;
   for (TensorSpec& s : ExpectedTensors(c, !tied_output, qkv_bias)) {
     if (s.role == TensorRole::kRouter && c.router_kind == MoeRouterKind::kHash) continue;

@@ -88,6 +88,16 @@ CASES = [
          experts_used=3, heads=8, kv_heads=2, head_dim=16, vocab=512, seed=402),
     case("qwen3moe_128_k1", "exact", arch="qwen3moe", layers=3, dim=128, ffn=64, experts=4,
          experts_used=1, heads=4, kv_heads=4, vocab=256, seed=403),
+    # deepseek2: V2-style (softmax, plain attn_q, a leading dense block, 2 shared experts) and
+    # V3-style (sigmoid + selection bias + 4 groups of which 2 compete, normalised and scaled
+    # weights, the q_lora bottleneck) multi-head latent attention.
+    case("deepseek2_v2", "exact", arch="deepseek2", layers=3, dim=128, ffn=64, experts=8,
+         experts_used=2, heads=4, qk_nope=32, qk_rope=16, v_head_dim=32, kv_lora_rank=64,
+         leading_dense=1, shared_experts=2, vocab=512, seed=601),
+    case("deepseek2_v3", "exact", arch="deepseek2", layers=3, dim=96, ffn=48, experts=8,
+         experts_used=3, heads=6, qk_nope=16, qk_rope=8, v_head_dim=24, kv_lora_rank=40,
+         q_lora_rank=48, leading_dense=1, shared_experts=1, gating="sigmoid", weights_norm=True,
+         n_group=4, topk_group=2, weights_scale=2.5, vocab=384, seed=602),
     case("llama_f16", "close", tol=0.03, arch="llama", layers=3, dim=96, ffn=64, experts=4,
          experts_used=2, heads=4, kv_heads=2, vocab=256, type="f16", seed=501),
     case("qwen3moe_bf16", "close", tol=0.15, arch="qwen3moe", layers=3, dim=64, ffn=64,
@@ -240,7 +250,7 @@ def run_cmd(argv, what, timeout):
 def moe_init(moe, c, path):
     argv = [moe, "init"]
     for k, v in c["init"].items():
-        argv += ["--" + k.replace("_", "-"), str(v)]
+        argv += ["--" + k.replace("_", "-")] + ([] if v is True else [str(v)])
     argv += ["-o", path]
     run_cmd(argv, "moe init", 300)
     return argv

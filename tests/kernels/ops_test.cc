@@ -189,6 +189,39 @@ void TestRope() {
   }
 }
 
+// Scaled RoPE (linear and YaRN, as llama.cpp sets them up for a 4x / 40x context extension)
+// against the double reference.
+void TestRopeScaling() {
+  std::mt19937 rng(14);
+  struct Case {
+    float freq_scale, ext_factor, attn_factor, corr0, corr1;
+  };
+  for (const Case cs : {Case{0.25f, 0.0f, 1.0f, 0, 0}, Case{1.0f / 40, 1.0f, 0.7305f, 10, 23},
+                        Case{1.0f / 4, 1.0f, 1.0f, 0, 31}, Case{0.5f, 1.0f, 1.2f, 3, 3}}) {
+    for (bool neox : {false, true}) {
+      for (int pos : {0, 5, 1000}) {
+        const int n_heads = 3, head_dim = 64, n_rot = 64;
+        const float base = 10000.0f;
+        std::vector<float> x(n_heads * head_dim);
+        Fill(rng, x.data(), static_cast<int64_t>(x.size()), -2.0f, 2.0f);
+        std::vector<double> want(x.begin(), x.end());
+        ref::Rope<double>(want.data(), n_heads, head_dim, n_rot, pos, base, neox, cs.freq_scale, cs.ext_factor,
+                          cs.attn_factor, cs.corr0, cs.corr1);
+        RopeScaling sc;
+        sc.freq_scale = cs.freq_scale;
+        sc.ext_factor = cs.ext_factor;
+        sc.attn_factor = cs.attn_factor;
+        sc.corr_dims[0] = cs.corr0;
+        sc.corr_dims[1] = cs.corr1;
+        std::vector<float> got = x;
+        HWY_NAMESPACE::Rope(got.data(), n_heads, head_dim, n_rot, pos, base, neox, sc);
+        for (size_t i = 0; i < x.size(); ++i)  // angles up to ~1000 rad: ~1e-4 absolute in float
+          ASSERT_NEAR(got[i], want[i], 2e-4 * pos + 1e-5) << "pos=" << pos << " i=" << i;
+      }
+    }
+  }
+}
+
 void TestSoftmax() {
   std::mt19937 rng(5);
   for (int64_t n : Counts(FloatLanes())) {
@@ -299,6 +332,7 @@ HWY_EXPORT_AND_TEST_P(OpsTest, TestDotF32);
 HWY_EXPORT_AND_TEST_P(OpsTest, TestAxpyScaleAdd);
 HWY_EXPORT_AND_TEST_P(OpsTest, TestRmsNorm);
 HWY_EXPORT_AND_TEST_P(OpsTest, TestRope);
+HWY_EXPORT_AND_TEST_P(OpsTest, TestRopeScaling);
 HWY_EXPORT_AND_TEST_P(OpsTest, TestSoftmax);
 HWY_EXPORT_AND_TEST_P(OpsTest, TestSiluMul);
 HWY_EXPORT_AND_TEST_P(OpsTest, TestAttend);

@@ -14,8 +14,9 @@ Runner AddInit(CLI::App& app) {
   auto type = std::make_shared<std::string>("f32");
   auto out = std::make_shared<std::string>();
   auto router = std::make_shared<std::string>("softmax_topk");
+  auto gating_name = std::make_shared<std::string>();
   ModelConfig& c = o->config;
-  app.add_option("--arch", *arch, "architecture: llama (Mixtral), qwen2moe, qwen3moe, olmoe")->required();
+  app.add_option("--arch", *arch, "architecture: llama (Mixtral), qwen2moe, qwen3moe, olmoe, deepseek2")->required();
   app.add_option("--layers", c.n_layer, "number of blocks")->required();
   app.add_option("--dim", c.n_embd, "embedding width")->required();
   app.add_option("--ffn", c.n_ff_exp, "width of one routed expert")->required();
@@ -37,8 +38,18 @@ Runner AddInit(CLI::App& app) {
                            ->default_val(0.4f);
   CLI::Option* hash_seed = app.add_option("--hash-seed", c.router_hash_seed, "hash router: seed of the token -> expert hash")
                                ->default_val(0);
-  app.add_option("--expert-groups", c.n_expert_groups, "group-limited top-k: expert groups (DeepSeek-V3)");
-  app.add_option("--groups-used", c.n_group_used, "group-limited top-k: groups that compete");
+  app.add_option("--expert-groups,--n-group", c.n_expert_groups, "group-limited top-k: expert groups (DeepSeek-V3)");
+  app.add_option("--groups-used,--topk-group", c.n_group_used, "group-limited top-k: groups that compete");
+  // deepseek2 (multi-head latent attention, leading dense blocks).
+  app.add_option("--kv-lora-rank", c.n_lora_kv, "deepseek2: latent KV width, what the cache holds (default 4 x head dim)");
+  app.add_option("--q-lora-rank", c.n_lora_q, "deepseek2: query bottleneck width (0 = a plain attn_q)")->default_val(0);
+  app.add_option("--qk-nope", o->qk_nope, "deepseek2: unrotated part of a query/key head (default dim/heads)");
+  app.add_option("--qk-rope", c.n_rot, "deepseek2: rotated part of a query/key head (default qk-nope/2)");
+  app.add_option("--v-head-dim", c.n_embd_head_v, "deepseek2: value head dimension (default qk-nope)");
+  app.add_option("--leading-dense", c.n_layer_dense_lead, "deepseek2: leading blocks with a dense FFN")->default_val(0);
+  app.add_option("--dense-ffn", c.n_ff, "deepseek2: dense FFN width (default ffn x (experts-used + shared-experts))");
+  CLI::Option* gating = app.add_option("--gating", *gating_name, "deepseek2: softmax (V2) or sigmoid (V3: router sigmoid_bias)");
+  app.add_flag("--weights-norm", c.expert_weights_norm, "deepseek2: renormalise the top-k gate weights (V3)");
   app.add_option("--weights-scale", c.expert_weights_scale, "multiplies the gate weights")->default_val(1.0f);
   app.add_option("--null-experts", c.n_expert_null, "AdaMoE null experts (softmax routers)");
   app.add_option("--zero-experts", c.n_expert_zero, "MoE++ zero experts (softmax routers)");
@@ -53,13 +64,27 @@ Runner AddInit(CLI::App& app) {
   app.add_flag("--tie-output", o->tie_output, "no output.weight: reuse token_embd (llama, qwen3moe)");
   app.add_option("--tokenizer", o->tokenizer_from, "copy the tokenizer of this GGUF file");
   app.add_option("-o,--output", *out, "output GGUF file")->required();
+  CLI::App* cmd = &app;
   return [=]() {
     if (!ParseArch(*arch, &o->config.arch))
-      Fail("--arch '%s' is not supported (use llama, qwen2moe, qwen3moe or olmoe)", arch->c_str());
+      Fail("--arch '%s' is not supported (use llama, qwen2moe, qwen3moe, olmoe or deepseek2)", arch->c_str());
     if (!ParseDType(type->c_str(), &o->type))
       Fail("--type '%s' is not a weight type (use one of: %s)", type->c_str(), WeightTypeNames().c_str());
     if (!ParseMoeRouterKind(*router, &o->config.router_kind))
       Fail("--router '%s' is not a router (use one of: %s)", router->c_str(), MoeRouterNames());
+    if (gating->count() > 0) {
+      if (o->config.arch != Arch::kDeepseek2) Fail("--gating applies to --arch deepseek2 (others: --router)");
+      if (*gating_name == "sigmoid") {
+        o->config.router_kind = MoeRouterKind::kSigmoidBias;
+      } else if (*gating_name != "softmax") {
+        Fail("--gating '%s' is not a gating function (use softmax or sigmoid)", gating_name->c_str());
+      }
+    }
+    if (o->config.arch != Arch::kDeepseek2) {
+      for (const char* flag : {"--kv-lora-rank", "--q-lora-rank", "--qk-nope", "--qk-rope", "--v-head-dim",
+                               "--leading-dense", "--dense-ffn", "--weights-norm"})
+        if (cmd->count(flag) > 0) Fail("%s applies to --arch deepseek2 only", flag);
+    }
     if (top_p->count() > 0 && o->config.router_kind != MoeRouterKind::kTopP)
       Fail("--top-p applies to --router top_p only, not %s", router->c_str());
     if (hash_seed->count() > 0 && o->config.router_kind != MoeRouterKind::kHash)

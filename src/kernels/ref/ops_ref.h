@@ -58,18 +58,29 @@ void RmsNorm(const float* x, const float* w, int64_t n, T eps, T* out) {
 }
 
 // Rotary embedding of x = [n_heads][head_dim] (in/out, in T) at position pos.
+// Scaled as kernels::RopeScaling says: freq_scale, ext_factor, attn_factor, corr_dims (in T).
 template <typename T>
-void Rope(T* x, int n_heads, int head_dim, int n_rot, int pos, T freq_base, bool neox) {
+void Rope(T* x, int n_heads, int head_dim, int n_rot, int pos, T freq_base, bool neox,
+          T freq_scale = 1, T ext_factor = 0, T attn_factor = 1, T corr0 = 0, T corr1 = 0) {
   const int half = n_rot / 2;
+  T mscale = attn_factor;
+  if (ext_factor != 0) mscale *= 1 + T(0.1) * std::log(1 / freq_scale);
   for (int h = 0; h < n_heads; ++h) {
     T* xh = x + static_cast<int64_t>(h) * head_dim;
     for (int i = 0; i < half; ++i) {
-      const T theta = static_cast<T>(pos) * std::pow(freq_base, T(-2) * i / n_rot);
+      const T t = static_cast<T>(pos) * std::pow(freq_base, T(-2) * i / n_rot);
+      T theta = freq_scale * t;
+      if (ext_factor != 0) {
+        const T y = (i - corr0) / std::max(T(0.001), corr1 - corr0);
+        const T ramp = (1 - std::min(T(1), std::max(T(0), y))) * ext_factor;
+        theta = theta * (1 - ramp) + t * ramp;
+      }
       const int i0 = neox ? i : 2 * i;
       const int i1 = neox ? i + half : 2 * i + 1;
       const T x0 = xh[i0], x1 = xh[i1];
-      xh[i0] = x0 * std::cos(theta) - x1 * std::sin(theta);
-      xh[i1] = x0 * std::sin(theta) + x1 * std::cos(theta);
+      const T c = std::cos(theta) * mscale, s = std::sin(theta) * mscale;
+      xh[i0] = x0 * c - x1 * s;
+      xh[i1] = x0 * s + x1 * c;
     }
   }
 }
