@@ -459,11 +459,16 @@ void WriteConfig(const ModelConfig& c, GgufWriter& w) {
       w.SetU32(Key(c, "feed_forward_length"), c.n_ff_exp * c.n_expert_used);
       w.SetU32(Key(c, "expert_feed_forward_length"), c.n_ff_exp);
       break;
-    case Arch::kDeepseek2:  // always the split attn_k_b / attn_v_b layout
-      w.SetU32(Key(c, "attention.key_length"), c.n_lora_kv + c.n_rot);
-      w.SetU32(Key(c, "attention.value_length"), c.n_lora_kv);
-      w.SetU32(Key(c, "attention.key_length_mla"), c.n_embd_head_k);
-      w.SetU32(Key(c, "attention.value_length_mla"), c.n_embd_head_v);
+    case Arch::kDeepseek2:
+      if (c.mla_kv_b_legacy) {  // the old layout: one attn_kv_b, heads as MHA
+        w.SetU32(Key(c, "attention.key_length"), c.n_embd_head_k);
+        w.SetU32(Key(c, "attention.value_length"), c.n_embd_head_v);
+      } else {  // split attn_k_b / attn_v_b; the cache "head" is the latent
+        w.SetU32(Key(c, "attention.key_length"), c.n_lora_kv + c.n_rot);
+        w.SetU32(Key(c, "attention.value_length"), c.n_lora_kv);
+        w.SetU32(Key(c, "attention.key_length_mla"), c.n_embd_head_k);
+        w.SetU32(Key(c, "attention.value_length_mla"), c.n_embd_head_v);
+      }
       w.SetU32(Key(c, "attention.q_lora_rank"), c.n_lora_q);
       w.SetU32(Key(c, "attention.kv_lora_rank"), c.n_lora_kv);
       w.SetU32(Key(c, "leading_dense_block_count"), c.n_layer_dense_lead);

@@ -74,7 +74,7 @@ void MlaDefaults(InitOptions& opt) {
   if (c.n_embd_head_v == 0) c.n_embd_head_v = nope;
   if (c.n_lora_kv == 0) c.n_lora_kv = 4 * nope;
   if (c.n_head_kv != 0 && c.n_head_kv != 1) Fail("--kv-heads does not apply to deepseek2 (MLA caches one latent head)");
-  c.n_head_kv = 1;
+  c.n_head_kv = c.mla_kv_b_legacy ? c.n_head : 1;  // legacy files run as MHA in llama.cpp
   if (c.n_ctx_train == 0) c.n_ctx_train = 2048;
   if (c.n_expert_shared == 0) c.n_expert_shared = 1;
   if (c.n_ff_shexp == 0) c.n_ff_shexp = c.n_ff_exp * c.n_expert_shared;

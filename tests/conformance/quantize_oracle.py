@@ -92,6 +92,12 @@ CASES = [
                                   "IQ4_XS", "IQ4_NL", "Q3_K_M", "Q8_0", "IQ3_XXS"], imatrix=True,
          arch="qwen2moe", layers=17, dim=256, ffn=256, experts=4, experts_used=2,
          shared_ffn=512, heads=8, kv_heads=4, vocab=512, seed=18),
+    # deepseek2: the MLA tensors (attn_kv_a_mqa, attn_k_b / attn_v_b per head, the q_lora pair),
+    # a leading dense block and shared experts; qk_nope 64 puts attn_k_b on a 32-block fallback.
+    case("deepseek2_mla", ["Q4_K_M", "Q3_K_M", "Q5_K_M", "Q2_K", "Q6_K", "IQ4_XS", "IQ2_XXS"],
+         arch="deepseek2", layers=4, dim=256, ffn=256, experts=8, experts_used=2, heads=4,
+         qk_nope=64, qk_rope=32, v_head_dim=64, kv_lora_rank=256, q_lora_rank=256,
+         leading_dense=1, shared_experts=2, vocab=512, seed=20),
     case("llama_8x_imatrix_ffn160", ["Q4_K_M", "IQ4_XS", "Q5_K_M", "IQ3_XXS", "IQ3_XS", "IQ1_M",
                                      "Q2_K_S"],
          imatrix=True, arch="llama", layers=4, dim=256, ffn=160, experts=8, experts_used=2,

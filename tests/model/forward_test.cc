@@ -40,6 +40,42 @@ std::string MakeModel(Arch arch, DType type, const std::string& name, uint32_t d
   return path;
 }
 
+// A deepseek2 model: 3 blocks (the first dense), MLA with qk_nope 32, qk_rope 16, v 32, kv_lora
+// 64, optionally the q_lora bottleneck, the legacy attn_kv_b layout or V3 routing.
+std::string MakeDeepseek(const std::string& name, DType type, uint32_t q_lora, bool legacy, bool v3 = false) {
+  InitOptions o;
+  ModelConfig& c = o.config;
+  c.arch = Arch::kDeepseek2;
+  c.n_layer = 3;
+  c.n_embd = 128;
+  c.n_ff_exp = 64;
+  c.n_expert = 8;
+  c.n_expert_used = 2;
+  c.n_head = 4;
+  o.qk_nope = 32;
+  c.n_rot = 16;
+  c.n_embd_head_v = 32;
+  c.n_lora_kv = 64;
+  c.n_lora_q = q_lora;
+  c.n_layer_dense_lead = 1;
+  c.n_expert_shared = 2;
+  c.mla_kv_b_legacy = legacy;
+  if (v3) {
+    c.router_kind = MoeRouterKind::kSigmoidBias;
+    c.expert_weights_norm = true;
+    c.n_expert_groups = 4;
+    c.n_group_used = 2;
+    c.expert_weights_scale = 2.5f;
+  }
+  c.n_vocab = 300;
+  c.n_ctx_train = 128;
+  o.type = type;
+  o.seed = 43;
+  const std::string path = TestDir("forward") + "/" + name + ".gguf";
+  InitRandomModel(o, path);
+  return path;
+}
+
 double MaxAbsDiff(const float* a, const float* b, size_t n) {
   double m = 0;
   for (size_t i = 0; i < n; ++i) m = std::max(m, std::fabs(static_cast<double>(a[i]) - b[i]));
@@ -75,7 +111,57 @@ TEST(Forward, PrefillEqualsDecodeAllArchitectures) {
     CheckPrefillEqualsDecode(MakeModel(Arch::kQwen2Moe, DType::kF32, "fw_qwen2", 64, 48, 4, 4, 40), 2e-4, n, n_batch);
     CheckPrefillEqualsDecode(MakeModel(Arch::kOlmoe, DType::kF32, "fw_olmoe", 64, 72, 2, 2), 2e-4, n, n_batch);
     CheckPrefillEqualsDecode(MakeModel(Arch::kQwen3Moe, DType::kF32, "fw_qwen3", 64, 64, 4, 2), 2e-4, n, n_batch);
+    CheckPrefillEqualsDecode(MakeDeepseek("fw_deepseek2", DType::kF32, 48, false, true), 2e-4, n, n_batch);
   }
+}
+
+// MLA's absorbed form (the up-projections folded into query and output, the default) against
+// the plain one (every head's keys and values decompressed from the latent cache): the same
+// logits up to float summation order, batched and token by token, for the split and the legacy
+// layout, with and without the q_lora bottleneck.
+void CheckAbsorbedEqualsPlain(const std::string& path, double tol) {
+  auto model = Model::Load(path);
+  const int V = static_cast<int>(model->config().n_vocab);
+  std::mt19937 rng(2);
+  std::vector<int32_t> toks(45);
+  for (auto& t : toks) t = static_cast<int32_t>(rng() % V);
+  ThreadPool pool(2);
+  Forward absorbed(*model, pool, 128, 40), plain(*model, pool, 128, 40);
+  plain.SetMlaPlain(true);
+  std::vector<float> a, b;
+  absorbed.Eval(toks.data(), 40, true, &a);  // 40 tokens: batched blocks of 32 and 8
+  plain.Eval(toks.data(), 40, true, &b);
+  ASSERT_LE(MaxAbsDiff(a.data(), b.data(), a.size()), tol) << path << " prefill";
+  for (int i = 40; i < 45; ++i) {  // then decode
+    absorbed.Eval(&toks[i], 1, false, &a);
+    plain.Eval(&toks[i], 1, false, &b);
+    ASSERT_LE(MaxAbsDiff(a.data(), b.data(), V), tol) << path << " decode position " << i;
+  }
+  // The two forms must be distinguishable from a wrong one: the logits move with the tokens.
+  std::vector<float> other;
+  Forward fresh(*model, pool, 128);
+  int32_t tok = (toks[0] + 1) % V;
+  fresh.Eval(&tok, 1, false, &other);
+  EXPECT_GT(MaxAbsDiff(a.data(), other.data(), V), 100 * tol);
+}
+
+TEST(Forward, MlaAbsorbedEqualsPlain) {
+  CheckAbsorbedEqualsPlain(MakeDeepseek("mla_split", DType::kF32, 0, false), 2e-4);
+  CheckAbsorbedEqualsPlain(MakeDeepseek("mla_split_qlora", DType::kF32, 48, false, true), 2e-4);
+  CheckAbsorbedEqualsPlain(MakeDeepseek("mla_legacy", DType::kF32, 0, true), 2e-4);
+  // (Quantized files are not compared here: the absorbed form quantizes q_nope and the latent
+  // mix as llama.cpp does, the plain one multiplies dequantized weights in f32; conformance
+  // holds the absorbed form to llama.cpp instead.)
+}
+
+// The latent cache is what MLA is for: kv_lora + qk_rope floats per position and layer.
+TEST(Forward, MlaCachesTheLatent) {
+  auto model = Model::Load(MakeDeepseek("mla_cache", DType::kF32, 0, false));
+  const ModelConfig& c = model->config();
+  EXPECT_EQ(c.KvBytesPerPosition(), 3u * (64 + 16) * sizeof(float));
+  ThreadPool pool(1);
+  Forward f(*model, pool, 100);
+  EXPECT_EQ(f.KvCacheBytes(), 100u * c.KvBytesPerPosition());
 }
 
 TEST(Forward, QuantizedPrefillEqualsDecode) {
@@ -113,12 +199,14 @@ void CheckRepackedMatrices(const Model& plain, const Model& packed) {
     const std::pair<const TensorView*, const TensorView*> mats[] = {
         {A.wq, B.wq}, {A.wk, B.wk}, {A.wv, B.wv}, {A.wo, B.wo}, {A.gate_exps, B.gate_exps},
         {A.up_exps, B.up_exps}, {A.down_exps, B.down_exps}, {A.gate_shexp, B.gate_shexp},
-        {A.up_shexp, B.up_shexp}, {A.down_shexp, B.down_shexp}};
+        {A.up_shexp, B.up_shexp}, {A.down_shexp, B.down_shexp}, {A.wq_a, B.wq_a}, {A.wq_b, B.wq_b},
+        {A.wkv_a, B.wkv_a}, {A.wk_b, B.wk_b}, {A.wv_b, B.wv_b}, {A.ffn_gate, B.ffn_gate},
+        {A.ffn_up, B.ffn_up}, {A.ffn_down, B.ffn_down}};
     for (const auto& [a, b] : mats) {
       if (!a || b->layout != WeightLayout::kTiles16) continue;
       const int64_t in = a->ne[0], rows = a->ne[1];
       const size_t rb = kernels::ActivationRowBytes(a->dtype, in);
-      for (int T : {1, 4, 6}) {
+      for (int T : {1, 4, 6, 40}) {
         std::vector<float> x(static_cast<size_t>(T) * in);
         for (float& v : x) v = nd(rng);
         std::vector<uint8_t> act(rb * T);
@@ -139,19 +227,26 @@ void CheckRepackedMatrices(const Model& plain, const Model& packed) {
   EXPECT_GT(checked, 0);
 }
 
-void CheckRepackedEqualsPlain(DType type, const std::string& name, uint32_t dim, uint32_t ffn) {
-  const std::string path = MakeModel(Arch::kQwen2Moe, type, name, dim, ffn, 4, 2, ffn);
+// deepseek: MakeDeepseek's q_lora q8_0 model (dim and ffn unused) instead of a qwen2moe one.
+void CheckRepackedEqualsPlain(DType type, const std::string& name, uint32_t dim, uint32_t ffn, bool deepseek = false) {
+  const std::string path = deepseek ? MakeDeepseek(name, type, 64, false)
+                                    : MakeModel(Arch::kQwen2Moe, type, name, dim, ffn, 4, 2, ffn);
   auto plain = Model::Load(path);
   auto packed = Model::Load(path);
   ThreadPool pool(2);
   const uint64_t bytes = packed->RepackForInference(pool);
-  if (kernels::RepackLayout(type, dim, ffn) == WeightLayout::kRows) {
+  if (kernels::RepackLayout(type, deepseek ? 128 : dim, deepseek ? 64 : ffn) == WeightLayout::kRows) {
     EXPECT_EQ(bytes, 0u);
   } else {
     // Every multiplied matrix is q8_0 with rows in tiles and blocks in pairs.
     EXPECT_GT(bytes, 0u);
-    EXPECT_EQ(packed->layers[0].gate_exps->layout, WeightLayout::kTiles16);
-    EXPECT_EQ(packed->layers[0].down_shexp->layout, WeightLayout::kTiles16);
+    const LayerWeights& last = packed->layers.back();
+    EXPECT_EQ(last.gate_exps->layout, WeightLayout::kTiles16);
+    EXPECT_EQ(last.down_shexp->layout, WeightLayout::kTiles16);
+    if (deepseek) {
+      EXPECT_EQ(last.wv_b->layout, WeightLayout::kTiles16);  // {64, 32, 4}: per-head tiles
+      EXPECT_EQ(packed->layers[0].ffn_down->layout, WeightLayout::kTiles16);
+    }
     EXPECT_EQ(packed->token_embd->layout, WeightLayout::kRows);
     CheckRepackedMatrices(*plain, *packed);
   }
@@ -176,6 +271,7 @@ void CheckRepackedEqualsPlain(DType type, const std::string& name, uint32_t dim,
 }
 
 TEST(Forward, RepackedWeightsGiveTheSameLogits) {
+  CheckRepackedEqualsPlain(DType::kQ8_0, "fw_repack_ds", 0, 0, /*deepseek=*/true);
   CheckRepackedEqualsPlain(DType::kQ8_0, "fw_repack_q8", 128, 192);
   CheckRepackedEqualsPlain(DType::kQ4_0, "fw_repack_q4", 128, 192);
   CheckRepackedEqualsPlain(DType::kQ4_K, "fw_repack_q4k", 256, 512);

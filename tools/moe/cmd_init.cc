@@ -15,6 +15,7 @@ Runner AddInit(CLI::App& app) {
   auto out = std::make_shared<std::string>();
   auto router = std::make_shared<std::string>("softmax_topk");
   auto gating_name = std::make_shared<std::string>();
+  auto rope_scaling = std::make_shared<std::string>("none");
   ModelConfig& c = o->config;
   app.add_option("--arch", *arch, "architecture: llama (Mixtral), qwen2moe, qwen3moe, olmoe, deepseek2")->required();
   app.add_option("--layers", c.n_layer, "number of blocks")->required();
@@ -50,6 +51,14 @@ Runner AddInit(CLI::App& app) {
   app.add_option("--dense-ffn", c.n_ff, "deepseek2: dense FFN width (default ffn x (experts-used + shared-experts))");
   CLI::Option* gating = app.add_option("--gating", *gating_name, "deepseek2: softmax (V2) or sigmoid (V3: router sigmoid_bias)");
   app.add_flag("--weights-norm", c.expert_weights_norm, "deepseek2: renormalise the top-k gate weights (V3)");
+  app.add_flag("--mla-legacy", c.mla_kv_b_legacy,
+               "deepseek2: write the pre-split layout (one attn_kv_b per block, as older GGUF files have)");
+  // RoPE scaling keys, as context-extended checkpoints carry them.
+  app.add_option("--rope-scaling", *rope_scaling, "RoPE scaling: none, linear or yarn")->default_val("none");
+  app.add_option("--rope-scale", c.rope_scaling_factor, "RoPE scaling factor (context extension)")->default_val(1.0f);
+  app.add_option("--rope-orig-ctx", c.n_ctx_orig_yarn, "YaRN: the original training context (default --ctx)");
+  app.add_option("--yarn-log-mul", c.rope_yarn_log_mul,
+                 "deepseek2 YaRN: rope.scaling.yarn_log_multiplier as stored (0.1 x mscale_all_dim)");
   app.add_option("--weights-scale", c.expert_weights_scale, "multiplies the gate weights")->default_val(1.0f);
   app.add_option("--null-experts", c.n_expert_null, "AdaMoE null experts (softmax routers)");
   app.add_option("--zero-experts", c.n_expert_zero, "MoE++ zero experts (softmax routers)");
@@ -80,9 +89,18 @@ Runner AddInit(CLI::App& app) {
         Fail("--gating '%s' is not a gating function (use softmax or sigmoid)", gating_name->c_str());
       }
     }
+    if (*rope_scaling == "linear") {
+      o->config.rope_scaling = RopeScalingType::kLinear;
+    } else if (*rope_scaling == "yarn") {
+      o->config.rope_scaling = RopeScalingType::kYarn;
+    } else if (*rope_scaling != "none") {
+      Fail("--rope-scaling '%s' is not a RoPE scaling (use none, linear or yarn)", rope_scaling->c_str());
+    }
+    if (o->config.rope_scaling == RopeScalingType::kNone && (cmd->count("--rope-scale") || cmd->count("--rope-orig-ctx")))
+      Fail("--rope-scale and --rope-orig-ctx need --rope-scaling linear or yarn");
     if (o->config.arch != Arch::kDeepseek2) {
       for (const char* flag : {"--kv-lora-rank", "--q-lora-rank", "--qk-nope", "--qk-rope", "--v-head-dim",
-                               "--leading-dense", "--dense-ffn", "--weights-norm"})
+                               "--leading-dense", "--dense-ffn", "--weights-norm", "--mla-legacy", "--yarn-log-mul"})
         if (cmd->count(flag) > 0) Fail("%s applies to --arch deepseek2 only", flag);
     }
     if (top_p->count() > 0 && o->config.router_kind != MoeRouterKind::kTopP)

@@ -54,6 +54,20 @@ Runner AddInspect(CLI::App& app) {
         {"rope_freq_base", c.rope_freq_base},
         {"rope_type", c.rope_type == RopeType::kNeox ? "neox" : "normal"},
         {"norm_topk", c.moe.norm_topk}};
+    if (c.rope_scaling != RopeScalingType::kNone) {
+      j["hparams"]["rope_scaling"] = c.rope_scaling == RopeScalingType::kYarn ? "yarn" : "linear";
+      j["hparams"]["rope_scaling_factor"] = c.rope_scaling_factor;
+      if (c.n_ctx_orig_yarn) j["hparams"]["rope_orig_ctx"] = c.n_ctx_orig_yarn;
+    }
+    if (c.is_mla()) {  // deepseek2: head_dim is qk_nope + qk_rope, n_rot is qk_rope
+      j["hparams"]["kv_lora_rank"] = c.n_lora_kv;
+      j["hparams"]["q_lora_rank"] = c.n_lora_q;
+      j["hparams"]["qk_nope"] = c.qk_nope();
+      j["hparams"]["v_head_dim"] = c.n_embd_head_v;
+      j["hparams"]["mla_layout"] = c.mla_kv_b_legacy ? "attn_kv_b (legacy)" : "attn_k_b + attn_v_b";
+      j["hparams"]["leading_dense"] = c.n_layer_dense_lead;
+      if (c.n_layer_dense_lead > 0) j["hparams"]["n_ff_dense"] = c.n_ff;
+    }
     nlohmann::json router = {{"name", MoeRouterName(c.router_kind)},
                              {"gating", c.router_kind == MoeRouterKind::kSigmoidBias ? "sigmoid" : "softmax"},
                              {"norm_topk", c.moe.norm_topk},
@@ -134,6 +148,9 @@ Runner AddInspect(CLI::App& app) {
     std::printf("  %-16s %.3f MiB\n", "bytes/expert", model->BytesPerExpert() / 1048576.0);
     std::printf("  %-16s %.3f MiB (weights read per generated token)\n", "bytes/token",
                 model->BytesPerToken() / 1048576.0);
+    std::printf("  %-16s %llu (f32 cache, all layers%s)\n", "KV bytes/token",
+                static_cast<unsigned long long>(c.KvBytesPerPosition()),
+                c.is_mla() ? "; MLA caches the latent, not per-head K and V" : "");
     std::string tline;
     for (const auto& [name, m] : mix)
       tline += StrFormat("%s%s x%llu (%.2f MiB)", tline.empty() ? "" : ", ", name.c_str(),
