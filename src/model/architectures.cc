@@ -152,8 +152,6 @@ void ValidateConfig(const ModelConfig& c) {
   need(c.n_head_kv >= 1 && c.n_head % c.n_head_kv == 0,
        StrFormat("attention.head_count (%u) must be a multiple of head_count_kv (%u)", c.n_head,
                  c.n_head_kv));
-  need(c.n_embd_head_k >= 2 && c.n_embd_head_k % 2 == 0,
-       StrFormat("head dimension %u must be even and >= 2", c.n_embd_head_k));
   if (c.is_mla()) {
     need(c.n_lora_kv >= 1 && c.n_lora_kv <= 65536, StrFormat("attention.kv_lora_rank %u must be in 1..65536", c.n_lora_kv));
     need(c.n_lora_q <= 65536, StrFormat("attention.q_lora_rank %u must be at most 65536", c.n_lora_q));
@@ -170,6 +168,8 @@ void ValidateConfig(const ModelConfig& c) {
          StrFormat("deepseek2's shared experts are expert_shared_count x expert_feed_forward_length wide "
                    "(%u x %u), not %u", c.n_expert_shared, c.n_ff_exp, c.n_ff_shexp));
   } else {
+    need(c.n_embd_head_k >= 2 && c.n_embd_head_k % 2 == 0,
+         StrFormat("head dimension %u must be even and >= 2", c.n_embd_head_k));
     need(c.n_layer_dense_lead == 0, "leading dense blocks are supported for deepseek2 only");
     need(c.n_embd_head_v == c.n_embd_head_k,
          StrFormat("key_length (%u) != value_length (%u) is not supported for %s", c.n_embd_head_k,

@@ -182,6 +182,32 @@ with tempfile.TemporaryDirectory() as d:
     expect_error("--top-p range", ["init", "--arch", "llama", "--layers", "1", "--dim", "32", "--ffn", "32",
                                    "--experts", "2", "--experts-used", "1", "--router", "top_p", "--top-p", "1.5",
                                    "-o", os.path.join(d, "x.gguf")], 2, "(0, 1]")
+    # deepseek2's flags: checked once, each error naming the flag or key to change.
+    ds = ["init", "--arch", "deepseek2", "--layers", "2", "--dim", "64", "--ffn", "32", "--experts", "4",
+          "--experts-used", "2", "--heads", "2"]
+    ds_out = ["-o", os.path.join(d, "ds.gguf")]
+    expect_error("MLA flag on llama", ["init", "--arch", "llama", "--layers", "1", "--dim", "32", "--ffn", "32",
+                                       "--experts", "2", "--experts-used", "1", "--kv-lora-rank", "16"] + ds_out,
+                 2, "--kv-lora-rank applies to --arch deepseek2")
+    expect_error("bad gating", ds + ["--gating", "tanh"] + ds_out, 2, "tanh")
+    expect_error("odd qk-rope", ds + ["--qk-rope", "7"] + ds_out, 2, "rope.dimension_count")
+    expect_error("all blocks dense", ds + ["--leading-dense", "2"] + ds_out, 2, "leading_dense_block_count")
+    expect_error("no shared expert width", ds + ["--shared-experts", "2", "--shared-ffn", "40"] + ds_out, 2, "--shared-experts")
+    expect_error("head-dim on deepseek2", ds + ["--head-dim", "16"] + ds_out, 2, "--qk-nope")
+    expect_error("rope scale without scaling", ds + ["--rope-scale", "4"] + ds_out, 2, "--rope-scaling")
+    expect_error("bad rope scaling", ds + ["--rope-scaling", "ntk"] + ds_out, 2, "ntk")
+    run(*(ds + ["--leading-dense", "1", "--gating", "sigmoid", "--weights-norm"] + ds_out))
+    info = json.loads(run("inspect", os.path.join(d, "ds.gguf"), "--json").stdout)
+    check("deepseek2 inspect: latent KV bytes per token",
+          info["kv_bytes_per_token"] == 2 * (info["hparams"]["kv_lora_rank"] + info["hparams"]["n_rot"]) * 4,
+          str(info["kv_bytes_per_token"]))
+    check("deepseek2 inspect: sigmoid gating", info["router"]["gating"] == "sigmoid", str(info["router"]))
+    txt = os.path.join(d, "ds.txt")
+    with open(txt, "w") as fh:
+        fh.write("some training text\n" * 50)
+    expect_error("deepseek2 is not trainable yet", ["train", "-m", os.path.join(d, "ds.gguf"), "--data", txt,
+                                                    "--out", os.path.join(d, "dst"), "--steps", "1"],
+                 2, "not supported yet")
     ec = json.loads(run("bench-layer", "--router", "expert_choice", "--tokens", "40", "--dim", "24",
                         "--ffn", "16", "--experts", "4", "--json").stdout)
     check("bench-layer expert_choice", ec["forward_backward_ms"] > 0)
