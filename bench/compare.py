@@ -31,10 +31,20 @@ MEDIUM = ["--arch", "llama", "--layers", "8", "--dim", "1024", "--ffn", "2816", 
 QWEN3 = ["--arch", "qwen3moe", "--layers", "4", "--dim", "2048", "--ffn", "768", "--experts", "64",
          "--experts-used", "8", "--heads", "32", "--kv-heads", "4", "--head-dim", "128",
          "--vocab", "32000"]
+# DeepSeek-V2-Lite-like, scaled: deepseek2 with MLA (16 heads, qk_nope 128, qk_rope 64, v 128,
+# kv_lora 512, plain attn_q), 1 leading dense block then 3 MoE blocks of 64 experts top-6 of
+# width 1536 (a multiple of 256, so Q4_K fits ffn_down) and 2 shared experts.
+DEEPSEEK = ["--arch", "deepseek2", "--layers", "4", "--dim", "1024", "--ffn", "1536", "--experts", "64",
+            "--experts-used", "6", "--heads", "16", "--qk-nope", "128", "--qk-rope", "64", "--v-head-dim", "128",
+            "--kv-lora-rank", "512", "--leading-dense", "1", "--dense-ffn", "5632", "--shared-experts", "2",
+            "--vocab", "32000"]
 SHAPES = {"medium": (MEDIUM, "medium model (8 layers, dim 1024, expert ffn 2816, 8 experts top-2, "
                              "vocab 32000)"),
           "qwen3": (QWEN3, "Qwen3-30B-A3B-like model (qwen3moe, 4 layers, dim 2048, 64 experts top-8 "
-                           "of width 768, 32/4 heads of 128, vocab 32000)")}
+                           "of width 768, 32/4 heads of 128, vocab 32000)"),
+          "deepseek2": (DEEPSEEK, "DeepSeek-V2-Lite-like model (deepseek2, MLA with 16 heads, qk_nope 128, "
+                                  "qk_rope 64, kv_lora 512; dim 1024, 1 dense + 3 MoE blocks of 64 experts "
+                                  "top-6 of width 1536 and 2 shared experts, vocab 32000)")}
 
 
 

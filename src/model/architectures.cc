@@ -163,6 +163,8 @@ void ValidateConfig(const ModelConfig& c) {
     need(c.n_layer_dense_lead < c.n_layer,
          StrFormat("leading_dense_block_count %u leaves no MoE block of %u", c.n_layer_dense_lead, c.n_layer));
     need(c.n_layer_dense_lead == 0 || c.n_ff >= 1, "leading dense blocks need feed_forward_length >= 1");
+    need(c.n_layer_dense_lead == 0 || !c.expert_gating_residual,
+         "gating residuals need a router in every block, but leading_dense_block_count is set");
     need(c.n_expert_shared >= 1, "deepseek2 needs expert_shared_count >= 1 (--shared-experts)");
     need(c.n_ff_shexp == c.n_ff_exp * c.n_expert_shared,
          StrFormat("deepseek2's shared experts are expert_shared_count x expert_feed_forward_length wide "

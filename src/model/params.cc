@@ -16,9 +16,12 @@ namespace {
 // The tensors of a store: ExpectedTensors minus what the store has no array for (the optional
 // router of hash routing, the output when tied, the Q/K/V biases when absent).
 std::vector<TensorSpec> StoreSpecs(const ModelConfig& c, bool tied_output, bool qkv_bias) {
-  if (c.is_mla())
-    Fail("training %s (multi-head latent attention) is not supported yet: moe.cpp runs these models but "
-         "cannot train them", c.arch_name.c_str());
+  if (c.is_mla() && c.mla_kv_b_legacy)
+    Fail("training a %s file in the legacy attn_kv_b layout is not supported: start from a file with "
+         "attn_k_b / attn_v_b (moe init writes them)", c.arch_name.c_str());
+  if (c.rope_scaling != RopeScalingType::kNone || c.rope_attn_factor != 1.0f)
+    Fail("training with RoPE scaling (rope.scaling.type) is not supported yet: the trainer rotates with "
+         "the unscaled angles");
   std::vector<TensorSpec> out;
   for (TensorSpec& s : ExpectedTensors(c, !tied_output, qkv_bias)) {
     if (s.role == TensorRole::kRouter && c.router_kind == MoeRouterKind::kHash) continue;
@@ -52,6 +55,16 @@ std::vector<T>* Resolve(ModelArrays<T, Layer>& a, const std::string& name) {
   if (s == "attn_q_norm.weight") return &L.q_norm;
   if (s == "attn_k_norm.weight") return &L.k_norm;
   if (s == "ffn_norm.weight") return &L.ffn_norm;
+  if (s == "attn_q_a.weight") return &L.wq_a;
+  if (s == "attn_q_a_norm.weight") return &L.q_a_norm;
+  if (s == "attn_q_b.weight") return &L.wq_b;
+  if (s == "attn_kv_a_mqa.weight") return &L.wkv_a;
+  if (s == "attn_kv_a_norm.weight") return &L.kv_a_norm;
+  if (s == "attn_k_b.weight") return &L.wk_b;
+  if (s == "attn_v_b.weight") return &L.wv_b;
+  if (s == "ffn_gate.weight") return &L.ffn_gate;
+  if (s == "ffn_up.weight") return &L.ffn_up;
+  if (s == "ffn_down.weight") return &L.ffn_down;
   if (s == "ffn_gate_inp.weight") return &L.moe.router;
   if (s == "ffn_gate_exps.weight") return &L.moe.gate_exps;
   if (s == "ffn_up_exps.weight") return &L.moe.up_exps;
@@ -91,7 +104,8 @@ void ModelGrads<T>::Zero() {
   zero(this->output);
   for (LayerGrads<T>& L : this->layers) {
     for (auto* v : {&L.attn_norm, &L.wq, &L.wk, &L.wv, &L.bq, &L.bk, &L.bv, &L.wo, &L.q_norm,
-                    &L.k_norm, &L.ffn_norm})
+                    &L.k_norm, &L.ffn_norm, &L.wq_a, &L.q_a_norm, &L.wq_b, &L.wkv_a, &L.kv_a_norm,
+                    &L.wk_b, &L.wv_b, &L.ffn_gate, &L.ffn_up, &L.ffn_down})
       zero(*v);
     L.moe.Zero();
   }
@@ -108,7 +122,8 @@ template <typename T>
 void ModelParams<T>::Allocate() {
   ApplyArchTraits(config);
   this->layers.assign(config.n_layer, LayerParams<T>());
-  for (uint32_t il = 0; il < config.n_layer; ++il) this->layers[il].moe.Resize(LayerMoe(static_cast<int>(il)));
+  for (uint32_t il = 0; il < config.n_layer; ++il)
+    if (config.IsMoeLayer(il)) this->layers[il].moe.Resize(LayerMoe(static_cast<int>(il)));
   for (const TensorSpec& s : StoreSpecs(config, tied_output, qkv_bias)) {
     std::vector<T>* v = Resolve(*this, s.name);
     v->assign(static_cast<size_t>(Count(s.ne)), T(0));
@@ -119,7 +134,8 @@ template <typename T>
 ModelGrads<T> ModelParams<T>::NewGrads() const {
   ModelGrads<T> g;
   g.layers.resize(config.n_layer);
-  for (uint32_t il = 0; il < config.n_layer; ++il) g.layers[il].moe.Resize(LayerMoe(static_cast<int>(il)));
+  for (uint32_t il = 0; il < config.n_layer; ++il)
+    if (config.IsMoeLayer(il)) g.layers[il].moe.Resize(LayerMoe(static_cast<int>(il)));
   for (const TensorSpec& s : StoreSpecs(config, tied_output, qkv_bias)) {
     if (std::vector<T>* v = Resolve(g, s.name)) v->assign(static_cast<size_t>(Count(s.ne)), T(0));
   }

@@ -22,7 +22,8 @@
 
 namespace moe {
 
-// The dense arrays of one block (empty when the architecture does not have them).
+// The dense arrays of one block (empty when the architecture does not have them). A dense block
+// (ModelConfig::IsMoeLayer false) has empty MoE arrays.
 template <typename T>
 struct DenseLayerArrays {
   std::vector<T> attn_norm;   // [D]
@@ -32,6 +33,13 @@ struct DenseLayerArrays {
   std::vector<T> q_norm;      // [head_dim] (per head) or [n_q] (whole Q)
   std::vector<T> k_norm;      // [head_dim] or [n_k]
   std::vector<T> ffn_norm;    // [D]
+  // deepseek2 (Dk = qk_nope + qk_rope, Kr = kv_lora_rank, Rq = q_lora_rank): Q through the q_lora
+  // bottleneck (wq above when Rq = 0), the compressed KV and its norm, the per-head
+  // up-projections, and a leading block's dense FFN of width n_ff.
+  std::vector<T> wq_a, q_a_norm, wq_b;         // [Rq][D], [Rq], [H*Dk][Rq]
+  std::vector<T> wkv_a, kv_a_norm;             // [Kr+Dr][D], [Kr]
+  std::vector<T> wk_b, wv_b;                   // [H][Kr][qk_nope], [H][Dv][Kr]
+  std::vector<T> ffn_gate, ffn_up, ffn_down;   // [n_ff][D], [n_ff][D], [D][n_ff]
 };
 
 template <typename T>

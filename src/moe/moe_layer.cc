@@ -1,6 +1,7 @@
 // The grouped MoE layer: router, capacity, permuted expert GEMMs, shared experts, losses,
 // backward, telemetry. See moe_layer.h for the conventions.
 #include "moe/moe_layer.h"
+#include "moe/swiglu_act.h"
 
 #include <algorithm>
 #include <cmath>
@@ -56,8 +57,6 @@ void BlockedGemmNT(const T* a, int m_pad, const T* b, int n, int kd, T* c) {
   }
 }
 
-template <typename T>
-T Sigmoid(T v) { return T(1) / (T(1) + std::exp(-v)); }
 
 // Per-thread scratch arrays of the expert products: grown once, never shrunk, never zeroed (every
 // use writes before it reads), so the hot loops do not allocate or clear memory per expert.
@@ -73,31 +72,6 @@ template <typename T>
 Scratch<T>& ThreadScratch() {
   thread_local Scratch<T> s;
   return s;
-}
-
-// act = silu(g) * u element-wise; float: the vectorised kernel (each element's result depends on
-// its inputs only, kernels/swiglu.h).
-template <typename T>
-void SwigluAct(const T* g, const T* u, T* act, size_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    kernels::SwigluForward(g, u, act, static_cast<int64_t>(n));
-  } else {
-    for (size_t i = 0; i < n; ++i) act[i] = g[i] * Sigmoid(g[i]) * u[i];
-  }
-}
-
-// dg, du from dact: silu(g) = g s, d silu / dg = s (1 + g (1 - s)), s = sigmoid(g).
-template <typename T>
-void SwigluGrads(const T* g, const T* u, const T* dact, T* dg, T* du, size_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    kernels::SwigluBackward(g, u, dact, nullptr, dg, du, static_cast<int64_t>(n));
-  } else {
-    for (size_t i = 0; i < n; ++i) {
-      const T s = Sigmoid(g[i]);
-      dg[i] = dact[i] * u[i] * s * (T(1) + g[i] * (T(1) - s));
-      du[i] = dact[i] * g[i] * s;
-    }
-  }
 }
 
 // SwiGLU expert forward on m rows (padded to m_pad with zero rows): xe [m_pad][D] ->

@@ -7,6 +7,7 @@
 #include "kernels/gemm.h"
 #include "kernels/ref/train_ref.h"
 #include "kernels/train_ops.h"
+#include "moe/swiglu_act.h"
 #include "util/error.h"
 #include "util/threadpool.h"
 
@@ -165,6 +166,177 @@ const T* OrNull(const std::vector<T>& v) { return v.empty() ? nullptr : v.data()
 template <typename T>
 T* OrNull(std::vector<T>& v) { return v.empty() ? nullptr : v.data(); }
 
+// ---- deepseek2: multi-head latent attention (plain form) and dense FFN blocks ---------------
+
+// MLA's sizes; Dp = max(Dk, Dv) is the head size q, k and v are padded to (zeros add nothing to
+// a score or an output), so the attention kernels of the other architectures serve.
+struct MlaDims {
+  int H, Dk, Dn, Dr, Dv, Kr, Rq, Dp, W;
+  explicit MlaDims(const ModelConfig& c)
+      : H(static_cast<int>(c.n_head)), Dk(static_cast<int>(c.n_embd_head_k)), Dn(static_cast<int>(c.qk_nope())),
+        Dr(static_cast<int>(c.n_rot)), Dv(static_cast<int>(c.n_embd_head_v)), Kr(static_cast<int>(c.n_lora_kv)),
+        Rq(static_cast<int>(c.n_lora_q)), Dp(std::max(Dk, Dv)), W(Kr + Dr) {}
+};
+
+// Q (through the q_lora bottleneck or attn_q), the latent c = norm(kv_a x), the rotated shared
+// key part, then every head's query, key [c A_h | k_pe] and value c B_h^T (A_h = attn_k_b's head
+// h [Kr][Dn], B_h = attn_v_b's [Dv][Kr]) into B.qp / kp / vp [N][H][Dp].
+template <typename T>
+void MlaProject(const ModelConfig& c, const LayerParams<T>& Wt, BlockCache<T>& B, int N, int L, const Rope<T>& rope,
+                ThreadPool* pool) {
+  const MlaDims m(c);
+  const int D = static_cast<int>(c.n_embd), nq = m.H * m.Dk, hp = m.H * m.Dp;
+  const T eps = static_cast<T>(c.rms_eps);
+  B.q.resize(static_cast<size_t>(N) * nq);
+  if (m.Rq > 0) {
+    B.qa_pre.resize(static_cast<size_t>(N) * m.Rq);
+    B.qa.resize(B.qa_pre.size());
+    B.qa_rstd.resize(N);
+    LinearForward(pool, B.h1.data(), N, D, Wt.wq_a.data(), m.Rq, B.qa_pre.data());
+    ForChunks(pool, N, RowGrain(N, pool), [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t)
+        B.qa_rstd[t] = RmsNorm(&B.qa_pre[t * m.Rq], Wt.q_a_norm.data(), m.Rq, eps, &B.qa[t * m.Rq]);
+    });
+    LinearForward(pool, B.qa.data(), N, m.Rq, Wt.wq_b.data(), nq, B.q.data());
+  } else {
+    LinearForward(pool, B.h1.data(), N, D, Wt.wq.data(), nq, B.q.data());
+  }
+  B.kva.resize(static_cast<size_t>(N) * m.W);
+  LinearForward(pool, B.h1.data(), N, D, Wt.wkv_a.data(), m.W, B.kva.data());
+  B.lat.resize(static_cast<size_t>(N) * m.Kr);
+  B.kv_rstd.resize(N);
+  B.qp.assign(static_cast<size_t>(N) * hp, T(0));
+  B.kp.assign(B.qp.size(), T(0));
+  B.vp.assign(B.qp.size(), T(0));
+  ForChunks(pool, N, RowGrain(N, pool), [&](int64_t b, int64_t e) {
+    std::vector<T> kpe(m.Dr);
+    for (int64_t t = b; t < e; ++t) {
+      const int pos = static_cast<int>(t % L);
+      B.kv_rstd[t] = RmsNorm(&B.kva[t * m.W], Wt.kv_a_norm.data(), m.Kr, eps, &B.lat[t * m.Kr]);
+      std::copy_n(&B.kva[t * m.W + m.Kr], m.Dr, kpe.data());
+      rope.Apply(kpe.data(), 1, m.Dr, pos, false);
+      T* q = &B.q[t * nq];
+      rope.Apply(q + m.Dn, m.H, m.Dk, pos, false);
+      for (int h = 0; h < m.H; ++h) {
+        std::copy_n(q + h * m.Dk, m.Dk, &B.qp[t * hp + h * m.Dp]);
+        std::copy_n(kpe.data(), m.Dr, &B.kp[t * hp + h * m.Dp + m.Dn]);
+      }
+    }
+  });
+  ForChunks(pool, m.H, 1, [&](int64_t b, int64_t e) {
+    for (int64_t h = b; h < e; ++h) {
+      kernels::Gemm(kernels::GemmOp::kNN, N, m.Dn, m.Kr, B.lat.data(), m.Kr, &Wt.wk_b[h * m.Kr * m.Dn], m.Dn,
+                    &B.kp[h * m.Dp], hp, false);
+      kernels::Gemm(kernels::GemmOp::kNT, N, m.Dv, m.Kr, B.lat.data(), m.Kr, &Wt.wv_b[h * m.Dv * m.Kr], m.Kr,
+                    &B.vp[h * m.Dp], hp, false);
+    }
+  });
+}
+
+// From datp [N][H][Dp] (the attention output's gradient, padded): the attention backward, then
+// through the up-projections, the latent's norm, RoPE and the projections; dh1 [N][D] written.
+template <typename T>
+void MlaBackward(const ModelConfig& c, const LayerParams<T>& Wt, LayerGrads<T>& G, const BlockCache<T>& B,
+                 ModelCache<T>& C, const Rope<T>& rope, T scale, ThreadPool* pool, std::vector<T>& dh1) {
+  const MlaDims m(c);
+  const int D = static_cast<int>(c.n_embd), nq = m.H * m.Dk, hp = m.H * m.Dp;
+  const int L = C.seq_len, N = C.n_seq * C.seq_len;
+  std::vector<T>&dqp = C.dqp, &dkp = C.dkp, &dvp = C.dvp, &dq = C.dq, &dlat = C.dlat, &dkva = C.dkva;
+  dqp.resize(static_cast<size_t>(N) * hp);  // written per head
+  dkp.assign(dqp.size(), T(0));
+  dvp.assign(dqp.size(), T(0));
+  ForChunks(pool, static_cast<int64_t>(C.n_seq) * m.H, 1, [&](int64_t b, int64_t e) {
+    thread_local std::vector<T> scratch;
+    scratch.resize(static_cast<size_t>(L) * L);
+    for (int64_t item = b; item < e; ++item) {
+      const int s = static_cast<int>(item / m.H), h = static_cast<int>(item % m.H);
+      const size_t o = static_cast<size_t>(s) * L * hp + static_cast<size_t>(h) * m.Dp;
+      AttnBackward(L, m.Dp, scale, &B.qp[o], hp, &B.kp[o], hp, &B.vp[o], hp,
+                   &B.probs[(static_cast<size_t>(s) * m.H + h) * L * L], &C.datp[o], hp, &dqp[o], hp, &dkp[o], hp,
+                   &dvp[o], hp, scratch.data());
+    }
+  });
+  // The queries' gradient (rotation undone); the latent's through both up-projections, head by
+  // head in order; the shared key part's summed over the heads.
+  dq.resize(static_cast<size_t>(N) * nq);
+  dlat.resize(static_cast<size_t>(N) * m.Kr);
+  dkva.resize(static_cast<size_t>(N) * m.W);
+  ForChunks(pool, N, RowGrain(N, pool), [&](int64_t b, int64_t e) {
+    const int rows = static_cast<int>(e - b);
+    for (int h = 0; h < m.H; ++h) {
+      kernels::Gemm(kernels::GemmOp::kNT, rows, m.Kr, m.Dn, &dkp[b * hp + h * m.Dp], hp, &Wt.wk_b[static_cast<size_t>(h) * m.Kr * m.Dn],
+                    m.Dn, &dlat[b * m.Kr], m.Kr, h > 0);
+      kernels::Gemm(kernels::GemmOp::kNN, rows, m.Kr, m.Dv, &dvp[b * hp + h * m.Dp], hp, &Wt.wv_b[static_cast<size_t>(h) * m.Dv * m.Kr],
+                    m.Kr, &dlat[b * m.Kr], m.Kr, true);
+    }
+    for (int64_t t = b; t < e; ++t) {
+      const int pos = static_cast<int>(t % L);
+      T* qt = &dq[t * nq];
+      for (int h = 0; h < m.H; ++h) std::copy_n(&dqp[t * hp + h * m.Dp], m.Dk, qt + h * m.Dk);
+      rope.Apply(qt + m.Dn, m.H, m.Dk, pos, true);
+      T* kpe = &dkva[t * m.W + m.Kr];
+      std::fill(kpe, kpe + m.Dr, T(0));
+      for (int h = 0; h < m.H; ++h)
+        for (int i = 0; i < m.Dr; ++i) kpe[i] += dkp[t * hp + h * m.Dp + m.Dn + i];
+      rope.Apply(kpe, 1, m.Dr, pos, true);
+    }
+  });
+  ForChunks(pool, m.H, 1, [&](int64_t b, int64_t e) {  // dA_h += c^T dk_nope_h, dB_h += dv_h^T c
+    for (int64_t h = b; h < e; ++h) {
+      kernels::Gemm(kernels::GemmOp::kTN, m.Kr, m.Dn, N, B.lat.data(), m.Kr, &dkp[h * m.Dp], hp,
+                    &G.wk_b[h * m.Kr * m.Dn], m.Dn, true);
+      kernels::Gemm(kernels::GemmOp::kTN, m.Dv, m.Kr, N, &dvp[h * m.Dp], hp, B.lat.data(), m.Kr,
+                    &G.wv_b[h * m.Dv * m.Kr], m.Kr, true);
+    }
+  });
+  ReduceOverTokens<T>(pool, N, m.Kr, G.kv_a_norm.data(), [&](int t, T* dw) {
+    const size_t o = static_cast<size_t>(t);
+    RmsNormBack(&B.kva[o * m.W], Wt.kv_a_norm.data(), B.kv_rstd[t], &dlat[o * m.Kr], m.Kr, &dkva[o * m.W], dw);
+  });
+  LinearBackward(pool, B.h1.data(), dkva.data(), N, D, Wt.wkv_a.data(), m.W, dh1.data(), false, G.wkv_a.data());
+  if (m.Rq > 0) {
+    std::vector<T>& dqa = C.dqa;
+    dqa.resize(static_cast<size_t>(N) * m.Rq);
+    LinearBackward(pool, B.qa.data(), dq.data(), N, m.Rq, Wt.wq_b.data(), nq, dqa.data(), false, G.wq_b.data());
+    ReduceOverTokens<T>(pool, N, m.Rq, G.q_a_norm.data(), [&](int t, T* dw) {
+      const size_t o = static_cast<size_t>(t) * m.Rq;
+      RmsNormBack(&B.qa_pre[o], Wt.q_a_norm.data(), B.qa_rstd[t], &dqa[o], m.Rq, &dqa[o], dw);
+    });
+    LinearBackward(pool, B.h1.data(), dqa.data(), N, D, Wt.wq_a.data(), m.Rq, dh1.data(), true, G.wq_a.data());
+  } else {
+    LinearBackward(pool, B.h1.data(), dq.data(), N, D, Wt.wq.data(), nq, dh1.data(), true, G.wq.data());
+  }
+}
+
+// A dense block's SwiGLU FFN: y [N][D] = (silu(h Wg^T) * h Wu^T) Wd^T, with fg, fu, fa cached.
+template <typename T>
+void DenseFfnForward(const LayerParams<T>& Wt, BlockCache<T>& B, int N, int D, int F, T* y, ThreadPool* pool) {
+  B.fg.resize(static_cast<size_t>(N) * F);
+  B.fu.resize(B.fg.size());
+  B.fa.resize(B.fg.size());
+  LinearForward(pool, B.h2.data(), N, D, Wt.ffn_gate.data(), F, B.fg.data());
+  LinearForward(pool, B.h2.data(), N, D, Wt.ffn_up.data(), F, B.fu.data());
+  ForChunks(pool, N, RowGrain(N, pool), [&](int64_t b, int64_t e) {
+    SwigluAct(&B.fg[b * F], &B.fu[b * F], &B.fa[b * F], static_cast<size_t>(e - b) * F);
+  });
+  LinearForward(pool, B.fa.data(), N, F, Wt.ffn_down.data(), D, y);
+}
+
+// Its backward from dy [N][D]: the weight gradients, and dh2 [N][D] written.
+template <typename T>
+void DenseFfnBackward(const LayerParams<T>& Wt, LayerGrads<T>& G, const BlockCache<T>& B, ModelCache<T>& C, int N,
+                      int D, int F, const T* dy, T* dh2, ThreadPool* pool) {
+  C.dfa.resize(static_cast<size_t>(N) * F);
+  C.dfg.resize(C.dfa.size());
+  C.dfu.resize(C.dfa.size());
+  LinearBackward(pool, B.fa.data(), dy, N, F, Wt.ffn_down.data(), D, C.dfa.data(), false, G.ffn_down.data());
+  ForChunks(pool, N, RowGrain(N, pool), [&](int64_t b, int64_t e) {
+    SwigluGrads(&B.fg[b * F], &B.fu[b * F], &C.dfa[b * F], &C.dfg[b * F], &C.dfu[b * F], static_cast<size_t>(e - b) * F);
+  });
+  LinearBackward(pool, B.h2.data(), C.dfg.data(), N, D, Wt.ffn_gate.data(), F, dh2, false, G.ffn_gate.data());
+  LinearBackward(pool, B.h2.data(), C.dfu.data(), N, D, Wt.ffn_up.data(), F, dh2, true, G.ffn_up.data());
+}
+
 }  // namespace
 
 template <typename T>
@@ -241,6 +413,26 @@ double ModelForward(const ModelParams<T>& p, const std::vector<MoeLayerConfig>& 
     ForChunks(pool, N, RowGrain(N, pool), [&](int64_t b, int64_t e) {
       for (int64_t t = b; t < e; ++t) B.rstd1[t] = RmsNorm(&x[t * D], W.attn_norm.data(), D, eps, &B.h1[t * D]);
     });
+    if (c.is_mla()) {  // deepseek2: per (sequence, head) over the padded heads
+      const MlaDims m(c);
+      const int hp = m.H * m.Dp;
+      MlaProject(c, W, B, N, L, rope, pool);
+      B.probs.resize(static_cast<size_t>(n_seq) * H * L * L);
+      B.att.resize(static_cast<size_t>(N) * hp);
+      const T scale = T(1) / std::sqrt(static_cast<T>(m.Dk));
+      ForChunks(pool, static_cast<int64_t>(n_seq) * H, 1, [&](int64_t b, int64_t e) {
+        for (int64_t item = b; item < e; ++item) {
+          const int s = static_cast<int>(item / H), h = static_cast<int>(item % H);
+          const size_t o = static_cast<size_t>(s) * L * hp + static_cast<size_t>(h) * m.Dp;
+          AttnForward(L, m.Dp, scale, &B.qp[o], hp, &B.kp[o], hp, &B.vp[o], hp,
+                      &B.probs[(static_cast<size_t>(s) * H + h) * L * L], &B.att[o], hp);
+        }
+      });
+      for (size_t r = 0; r < static_cast<size_t>(N) * H; ++r)  // unpad in place: [N][H][Dv]
+        std::copy_n(&B.att[r * m.Dp], m.Dv, &B.att[r * m.Dv]);
+      B.att.resize(static_cast<size_t>(N) * H * m.Dv);
+      LinearForward(pool, B.att.data(), N, H * m.Dv, W.wo.data(), D, x.data(), /*accumulate=*/true);
+    } else {
     B.q.resize(static_cast<size_t>(N) * nq);
     B.k.resize(static_cast<size_t>(N) * nk);
     B.v.resize(static_cast<size_t>(N) * nv);
@@ -299,12 +491,18 @@ double ModelForward(const ModelParams<T>& p, const std::vector<MoeLayerConfig>& 
       }
     });
     LinearForward(pool, B.att.data(), N, nq, W.wo.data(), D, x.data(), /*accumulate=*/true);
+    }
     B.x_mid = x;
     B.rstd2.resize(N);
     B.h2.resize(x.size());
     ForChunks(pool, N, RowGrain(N, pool), [&](int64_t b, int64_t e) {
       for (int64_t t = b; t < e; ++t) B.rstd2[t] = RmsNorm(&x[t * D], W.ffn_norm.data(), D, eps, &B.h2[t * D]);
     });
+    if (!c.IsMoeLayer(il)) {  // deepseek2's leading dense blocks
+      DenseFfnForward(W, B, N, D, static_cast<int>(c.n_ff), y.data(), pool);
+      for (size_t i = 0; i < x.size(); ++i) x[i] += y[i];
+      continue;
+    }
     MoeForwardOptions mo;
     mo.training = opt.training;
     mo.jitter_seed = opt.jitter_seed ^ (0x9e3779b97f4a7c15ULL * (il + 1));
@@ -392,8 +590,22 @@ void ModelBackward(const ModelParams<T>& p, const std::vector<MoeLayerConfig>& c
     const T* dlogits_next = nullptr;
     if (il + 1 < static_cast<int>(c.n_layer) && cfgs[il + 1].gating_residual)
       dlogits_next = g->layers[il + 1].moe.prev_logits.data();
-    MoeBackward(cfgs[il], W.moe, B.moe, dx.data(), dh2.data(), &G.moe, pool, dlogits_next);
+    if (c.IsMoeLayer(static_cast<uint32_t>(il))) {
+      MoeBackward(cfgs[il], W.moe, B.moe, dx.data(), dh2.data(), &G.moe, pool, dlogits_next);
+    } else {
+      DenseFfnBackward(W, G, B, C, N, D, static_cast<int>(c.n_ff), dx.data(), dh2.data(), pool);
+    }
     NormBackwardAdd(B.x_mid, W.ffn_norm, B.rstd2, dh2, &G.ffn_norm);
+    if (c.is_mla()) {  // deepseek2's attention
+      const MlaDims m(c);
+      datt.resize(static_cast<size_t>(N) * H * m.Dv);
+      LinearBackward(pool, B.att.data(), dx.data(), N, H * m.Dv, W.wo.data(), D, datt.data(), false, G.wo.data());
+      C.datp.assign(static_cast<size_t>(N) * H * m.Dp, T(0));
+      for (size_t r = 0; r < static_cast<size_t>(N) * H; ++r) std::copy_n(&datt[r * m.Dv], m.Dv, &C.datp[r * m.Dp]);
+      MlaBackward(c, W, G, B, C, rope, T(1) / std::sqrt(static_cast<T>(m.Dk)), pool, dh);
+      NormBackwardAdd(B.x_in, W.attn_norm, B.rstd1, dh, &G.attn_norm);
+      continue;
+    }
     // Attention output: x_mid = x_in + W_o att.
     datt.resize(static_cast<size_t>(N) * nq);  // written by the product below
     LinearBackward(pool, B.att.data(), dx.data(), N, nq, W.wo.data(), D, datt.data(), false, G.wo.data());

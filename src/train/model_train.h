@@ -47,7 +47,17 @@ struct BlockCache {
   std::vector<T> x_mid;         // [N][D] after the attention residual
   std::vector<T> rstd2;         // [N] ffn_norm
   std::vector<T> h2;            // [N][D] ffn_norm output, the MoE layer's input
-  MoeCache<T> moe;
+  MoeCache<T> moe;              // empty in a dense block
+  // deepseek2 (MLA, computed in the plain form: every head's keys and values decompressed from
+  // the latent; Dp = max(qk_nope + qk_rope, v) pads q, k and v to one head size):
+  std::vector<T> qa_pre, qa, qa_rstd;  // [N][Rq] q_a output, its normalisation, [N] rstd
+  std::vector<T> kva;           // [N][Kr + Dr] attn_kv_a_mqa output (before norm and RoPE)
+  std::vector<T> kv_rstd;       // [N] attn_kv_a_norm's rstd
+  std::vector<T> lat;           // [N][Kr] the normalised latent c
+  std::vector<T> qp, kp, vp;    // [N][H][Dp] the heads' rotated queries, keys, values (zero padded)
+  // A dense block's FFN (deepseek2's leading blocks): gate and up outputs [N][n_ff], and
+  // silu(gate) * up.
+  std::vector<T> fg, fu, fa;
 };
 
 template <typename T>
@@ -65,6 +75,8 @@ struct ModelCache {
   // Work arrays of the forward and backward, kept between calls (every use writes before it reads,
   // so nothing is cleared or allocated per step once the sizes settle).
   std::vector<T> x, y, dh, dx, dh2, datt, dq, dk, dv;
+  std::vector<T> dqp, dkp, dvp, datp, dlat, dkva, dqa;  // deepseek2's attention
+  std::vector<T> dfa, dfg, dfu;                         // a dense block's FFN
   double ce_sum = 0;             // sum over counted targets of -log p(target)
   double moe_loss = 0;           // sum over layers of the MoE balance terms (as weighted)
   double loss() const { return n_counted ? ce_sum / static_cast<double>(n_counted) : 0.0; }  // mean CE

@@ -173,6 +173,7 @@ StepStats StepEngine::Step(int step, const std::vector<const int32_t*>& tokens, 
     ce += cache_.ce_sum;
     st.aux_loss += cache_.moe_loss;
     for (uint32_t il = 0; il < mc.n_layer; ++il) {
+      if (!mc.IsMoeLayer(il)) continue;  // a dense block routes nothing (its loads stay empty)
       const MoeTelemetry t = ComputeTelemetry(cfgs_[il], cache_.blocks[il].moe);
       if (st.loads[il].empty()) st.loads[il].assign(t.routed_per_expert.size(), 0);
       for (size_t e = 0; e < t.routed_per_expert.size(); ++e) st.loads[il][e] += t.routed_per_expert[e];
@@ -187,7 +188,9 @@ StepStats StepEngine::Step(int step, const std::vector<const int32_t*>& tokens, 
   const double scale = adam_.clip > 0 && st.grad_norm > adam_.clip ? adam_.clip / st.grad_norm : 1.0;
   opt_.Step(pnamed_, gnamed_, st.lr, scale, pool_);
   // Per layer: MaxVio over the FFN experts, and the aux-loss-free bias update (DeepSeek-V3).
+  const uint32_t n_moe = mc.n_layer - mc.n_layer_dense_lead;
   for (uint32_t il = 0; il < mc.n_layer; ++il) {
+    if (!mc.IsMoeLayer(il)) continue;
     const int E = static_cast<int>(mc.n_expert);
     int64_t total = 0, mx = 0;
     for (int e = 0; e < E; ++e) {
@@ -195,7 +198,7 @@ StepStats StepEngine::Step(int step, const std::vector<const int32_t*>& tokens, 
       mx = std::max(mx, st.loads[il][e]);
     }
     const double mean = static_cast<double>(total) / E;
-    st.max_vio += mean > 0 ? (mx - mean) / mean / mc.n_layer : 0.0;
+    st.max_vio += mean > 0 ? (mx - mean) / mean / n_moe : 0.0;
     if (mc.router_kind == MoeRouterKind::kSigmoidBias) {
       MoeTelemetry t;
       t.routed_per_expert = st.loads[il];

@@ -205,9 +205,13 @@ with tempfile.TemporaryDirectory() as d:
     txt = os.path.join(d, "ds.txt")
     with open(txt, "w") as fh:
         fh.write("some training text\n" * 50)
-    expect_error("deepseek2 is not trainable yet", ["train", "-m", os.path.join(d, "ds.gguf"), "--data", txt,
-                                                    "--out", os.path.join(d, "dst"), "--steps", "1"],
-                 2, "not supported yet")
+    run(*(ds + ["--mla-legacy", "-o", os.path.join(d, "dsl.gguf")]))
+    expect_error("training a legacy MLA file", ["train", "-m", os.path.join(d, "dsl.gguf"), "--data", txt,
+                                                "--out", os.path.join(d, "dst"), "--steps", "1"],
+                 2, "legacy attn_kv_b layout")
+    run(*(ds + ["--rope-scaling", "yarn", "--rope-scale", "4", "-o", os.path.join(d, "dsy.gguf")]))
+    expect_error("training with YaRN", ["train", "-m", os.path.join(d, "dsy.gguf"), "--data", txt,
+                                        "--out", os.path.join(d, "dst"), "--steps", "1"], 2, "RoPE scaling")
     ec = json.loads(run("bench-layer", "--router", "expert_choice", "--tokens", "40", "--dim", "24",
                         "--ffn", "16", "--experts", "4", "--json").stdout)
     check("bench-layer expert_choice", ec["forward_backward_ms"] > 0)

@@ -125,7 +125,7 @@ import ref_forward  # noqa: E402  (GGUF reader; the numpy reference forward for 
 
 torch.set_default_dtype(torch.float64)
 
-ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe")
+ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek2")
 
 
 class GoldenError(Exception):
@@ -172,6 +172,7 @@ def read_spec(meta, names):
     def key(suffix):
         return a + "." + suffix
 
+    s.mla = a == "deepseek2"
     s.n_layer = int(meta[key("block_count")])
     s.D = int(meta[key("embedding_length")])
     s.n_ctx = int(meta[key("context_length")])
@@ -183,9 +184,20 @@ def read_spec(meta, names):
     s.eps = f32(meta[key("attention.layer_norm_rms_epsilon")])
     s.E = int(meta[key("expert_count")])
     s.k = int(meta[key("expert_used_count")])
+    s.dense = 0
+    if s.mla:  # the MLA head sizes; key_length / value_length describe the latent cache
+        if key("attention.key_length_mla") not in meta:
+            fail("deepseek2: only the split attn_k_b / attn_v_b layout is supported here")
+        s.Dh = int(meta[key("attention.key_length_mla")])
+        s.Dv = int(meta[key("attention.value_length_mla")])
+        s.Kr = int(meta[key("attention.kv_lora_rank")])
+        s.Rq = int(meta.get(key("attention.q_lora_rank"), 0))
+        s.Dn = s.Dh - s.n_rot
+        s.dense = int(meta.get(key("leading_dense_block_count"), 0))
+        s.Hkv = s.H
     if s.H % s.Hkv or s.n_rot > s.Dh or s.n_rot % 2:
         fail(f"heads {s.H} / kv heads {s.Hkv} / rotated dims {s.n_rot} of head dim {s.Dh} do not fit")
-    s.neox = a != "llama"
+    s.neox = a not in ("llama", "deepseek2")
     s.qk_norm = {"olmoe": "full", "qwen3moe": "head"}.get(a, "none")
     # Router keys (ReadRouter).
     router = meta.get(key("expert_router"))
@@ -210,6 +222,8 @@ def read_spec(meta, names):
     s.n_const = int(meta.get(key("expert_const_count"), 0))
     s.gating_residual = bool(meta.get(key("expert_gating_residual"), False))
     s.norm_topk = a in ("llama", "qwen3moe") and router not in ("hash", "expert_choice")
+    if s.mla:  # deepseek2 reads the normalisation from the file
+        s.norm_topk = bool(meta.get(key("expert_weights_norm"), False)) and router not in ("hash", "expert_choice")
     s.R = s.E + s.n_null + s.n_zero + s.n_copy + s.n_const
     s.tied = "output.weight" not in names
     s.shared_gate = a == "qwen2moe"
@@ -259,16 +273,37 @@ def check_tensors(s, W):
     need("output_norm.weight", [D])
     if not s.tied:
         need("output.weight", [s.V, D])
-    p0 = "blk.0."
+    p0 = f"blk.{s.dense}."  # the first MoE block
     s.F = W[p0 + "ffn_gate_exps.weight"].shape[1] if p0 + "ffn_gate_exps.weight" in W else 1
     s.Fs = W[p0 + "ffn_gate_shexp.weight"].shape[0] if p0 + "ffn_gate_shexp.weight" in W else 0
+    s.Fd = W["blk.0.ffn_gate.weight"].shape[0] if s.dense else 0
     for il in range(s.n_layer):
         p = f"blk.{il}."
         need(p + "attn_norm.weight", [D])
-        need(p + "attn_q.weight", [nq, D])
-        need(p + "attn_k.weight", [nk, D])
-        need(p + "attn_v.weight", [nk, D])
-        need(p + "attn_output.weight", [D, nq])
+        if s.mla:
+            H, Dk, Dv, Kr, Rq, Dn = s.H, s.Dh, s.Dv, s.Kr, s.Rq, s.Dn
+            if Rq:
+                need(p + "attn_q_a.weight", [Rq, D])
+                need(p + "attn_q_a_norm.weight", [Rq])
+                need(p + "attn_q_b.weight", [H * Dk, Rq])
+            else:
+                need(p + "attn_q.weight", [H * Dk, D])
+            need(p + "attn_kv_a_mqa.weight", [Kr + s.n_rot, D])
+            need(p + "attn_kv_a_norm.weight", [Kr])
+            need(p + "attn_k_b.weight", [H, Kr, Dn])
+            need(p + "attn_v_b.weight", [H, Dv, Kr])
+            need(p + "attn_output.weight", [D, H * Dv])
+            need(p + "ffn_norm.weight", [D])
+            if il < s.dense:
+                need(p + "ffn_gate.weight", [s.Fd, D])
+                need(p + "ffn_up.weight", [s.Fd, D])
+                need(p + "ffn_down.weight", [D, s.Fd])
+                continue
+        else:
+            need(p + "attn_q.weight", [nq, D])
+            need(p + "attn_k.weight", [nk, D])
+            need(p + "attn_v.weight", [nk, D])
+            need(p + "attn_output.weight", [D, nq])
         if p + "attn_q.bias" in W:
             need(p + "attn_q.bias", [nq])
             need(p + "attn_k.bias", [nk])
@@ -285,7 +320,7 @@ def check_tensors(s, W):
         need(p + "ffn_gate_exps.weight", [s.E, s.F, D])
         need(p + "ffn_up_exps.weight", [s.E, s.F, D])
         need(p + "ffn_down_exps.weight", [s.E, D, s.F])
-        if s.router == "sigmoid_bias":
+        if s.router == "sigmoid_bias" and (not s.mla or p + "exp_probs_b.bias" in W):
             need(p + "exp_probs_b.bias", [s.E])
         if s.n_const:
             need(p + "ffn_zc_mix.weight", [s.n_const, 2, D])
@@ -370,6 +405,44 @@ def attention(s, W, p, h, n_seq, L):
     probs = torch.softmax(scores.masked_fill(causal, -math.inf), dim=-1)
     att = (probs @ v).transpose(1, 2).reshape(N, s.H * s.Dh)
     return att @ W[p + "attn_output.weight"].t()
+
+
+def mla_attention(s, W, p, h, n_seq, L):
+    """deepseek2's multi-head latent attention, written out in the plain form: q through the
+    q_lora bottleneck (or attn_q); the latent c = rmsnorm(kv_a x)[:Kr] and the shared rotated key
+    part; head h's key [c A_h | k_pe] (A_h = attn_k_b[h] [Kr][Dn]) and value c B_h^T (B_h =
+    attn_v_b[h] [Dv][Kr]); RoPE on the last qk_rope dims of each query head (adjacent pairs);
+    scores / sqrt(qk_nope + qk_rope)."""
+    N, H, Dk, Dn, Dr, Dv, Kr = n_seq * L, s.H, s.Dh, s.Dn, s.n_rot, s.Dv, s.Kr
+    if s.Rq:
+        qa = rmsnorm(h @ W[p + "attn_q_a.weight"].t(), W[p + "attn_q_a_norm.weight"], s.eps)
+        q = qa @ W[p + "attn_q_b.weight"].t()
+    else:
+        q = h @ W[p + "attn_q.weight"].t()
+    q = q.reshape(N, H, Dk)
+    kva = h @ W[p + "attn_kv_a_mqa.weight"].t()
+    c = rmsnorm(kva[:, :Kr], W[p + "attn_kv_a_norm.weight"], s.eps)          # [N][Kr]
+    pos = torch.arange(N) % L
+    kpe = rope(kva[:, None, Kr:], pos, s)                                   # [N][1][Dr]
+    q = torch.cat([q[..., :Dn], rope(q[..., Dn:], pos, s)], dim=-1)
+    k_nope = torch.einsum("nr,hrd->nhd", c, W[p + "attn_k_b.weight"])
+    v = torch.einsum("nr,hvr->nhv", c, W[p + "attn_v_b.weight"])
+    k = torch.cat([k_nope, kpe.expand(N, H, Dr)], dim=-1)                    # [N][H][Dk]
+    q = q.reshape(n_seq, L, H, Dk).transpose(1, 2)
+    k = k.reshape(n_seq, L, H, Dk).transpose(1, 2)
+    v = v.reshape(n_seq, L, H, Dv).transpose(1, 2)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(Dk)
+    causal = torch.ones(L, L, dtype=torch.bool).triu(1)
+    probs = torch.softmax(scores.masked_fill(causal, -math.inf), dim=-1)
+    att = (probs @ v).transpose(1, 2).reshape(N, H * Dv)
+    return att @ W[p + "attn_output.weight"].t()
+
+
+def dense_ffn(W, p, h2):
+    """A leading dense block's SwiGLU FFN (deepseek2)."""
+    g = h2 @ W[p + "ffn_gate.weight"].t()
+    u = h2 @ W[p + "ffn_up.weight"].t()
+    return (torch.nn.functional.silu(g) * u) @ W[p + "ffn_down.weight"].t()
 
 
 def moe_inputs(s, W, p, h2, prev_logits, gating_residual):
@@ -464,8 +537,16 @@ def forward(s, W, tokens, mask, coefs, sels=None):
     new_sels, outs, cfgs, moe = [], [], [], []
     for il in range(s.n_layer):
         p = f"blk.{il}."
-        x = x + attention(s, W, p, rmsnorm(x, W[p + "attn_norm.weight"], s.eps), n_seq, L)
+        att = mla_attention if s.mla else attention
+        x = x + att(s, W, p, rmsnorm(x, W[p + "attn_norm.weight"], s.eps), n_seq, L)
         h2 = rmsnorm(x, W[p + "ffn_norm.weight"], s.eps)
+        if il < s.dense:  # no routing: no selection, no balance terms
+            x = x + dense_ffn(W, p, h2)
+            new_sels.append(None)
+            outs.append(None)
+            cfgs.append(None)
+            moe.append(torch.zeros(()))
+            continue
         c = layer_config(s, il, N, coefs)
         P = moe_inputs(s, W, p, h2, prev_logits, c["gating_residual"])
         sel = sels[il] if sels is not None else select_layer(s, c, P, inp)
@@ -550,6 +631,8 @@ def adamw_run(s, W, a, coefs):
             W[n] = w - (lr / bc1) * m[n] / (torch.sqrt(v[n] / bc2) + a["eps"])
         if s.router == "sigmoid_bias":
             for il, o in enumerate(r["outs"]):
+                if o is None:
+                    continue
                 load = o["tokens_per_expert"][:s.E]
                 name = f"blk.{il}.exp_probs_b.bias"
                 W[name] = W[name] + a["bias_update_rate"] * torch.sign(load.mean() - load)
@@ -641,8 +724,10 @@ def write_golden(d):
     for n, g in grads.items():
         put(f"grad/{n}.bin", g)
     for il, (sel, c) in enumerate(zip(r["sels"], r["cfgs"])):
-        put(f"expert_ids/{il}.bin", expert_ids(sel, c, N))
-    put("selection_gap.bin", torch.tensor([float(sel["gap"]) for sel in r["sels"]]))
+        if sel is not None:  # dense blocks route nothing
+            put(f"expert_ids/{il}.bin", expert_ids(sel, c, N))
+    put("selection_gap.bin", torch.tensor([float(sel["gap"]) if sel is not None else math.inf
+                                           for sel in r["sels"]]))
     if cfg.get("adamw") is not None:
         a = adamw_config(cfg["adamw"], s)
         losses, final = adamw_run(s, W, a, coefs)

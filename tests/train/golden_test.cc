@@ -1,7 +1,8 @@
 // The whole model against PyTorch (tests/golden/model_torch.py, an independent float64 model that
 // reuses nothing of moe.cpp): logits, loss, MoE losses and every parameter gradient, and the
-// losses of 10 AdamW steps run by the trainer's own step (StepEngine), for four architectures
-// and five routers plus the expert options.
+// losses of 10 AdamW steps run by the trainer's own step (StepEngine), for five architectures
+// (deepseek2's latent attention, dense and MoE blocks included) and five routers plus the
+// expert options.
 //   double path: within 1e-9 relative (what an exact reimplementation gives in double);
 //   float path (the trainer): within 1e-4 relative, the bound, per tensor in norm.
 #include <gtest/gtest.h>
@@ -56,6 +57,8 @@ struct Case {
   MoeRouterKind router;
   uint32_t n_null = 0, n_const = 0, n_copy = 0, shared_ffn = 0, groups = 0;
   bool residual = false, tie = false;
+  uint32_t q_lora = 0;  // deepseek2: 0 = attn_q
+  bool weights_norm = false;
 };
 
 const int kSeq = 3, kLen = 9, kSteps = 10;
@@ -94,6 +97,20 @@ void RunCase(const Case& cs) {
   c.n_group_used = cs.groups ? 2 : 0;
   c.expert_gating_residual = cs.residual;
   if (cs.router == MoeRouterKind::kTopP) c.n_expert_used = 3;
+  if (cs.arch == Arch::kDeepseek2) {  // MLA (v head < qk head), a dense first block, 1 shared expert
+    c.n_layer = 3;
+    c.n_head_kv = 0;
+    o.qk_nope = 8;
+    c.n_rot = 4;
+    c.n_embd_head_v = 6;
+    c.n_lora_kv = 10;
+    c.n_lora_q = cs.q_lora;
+    c.n_layer_dense_lead = 1;
+    c.n_ff = 20;
+    c.n_expert_shared = 1;
+    c.n_ff_shexp = 0;
+    c.expert_weights_norm = cs.weights_norm;
+  }
   o.tie_output = cs.tie;
   o.seed = 5;
   const std::string model = (dir / "model.gguf").string();
@@ -149,6 +166,7 @@ void RunCase(const Case& cs) {
   const auto cfgs_d = TrainLayerConfigs(pd, train);
   ModelForward(pd, cfgs_d, tokens.data(), nullptr, kSeq, kLen, fo, &cd);
   for (uint32_t il = 0; il < c.n_layer; ++il) {
+    if (!c.IsMoeLayer(il)) continue;  // a dense block routes nothing
     const size_t k = cd.blocks[il].moe.plan.k;
     const std::vector<double> ids = ReadBin(dir / "expert_ids" / (std::to_string(il) + ".bin"), static_cast<size_t>(N) * k);
     for (size_t s = 0; s < ids.size(); ++s)
@@ -209,6 +227,10 @@ TEST(TorchGolden, WholeModelAndAdamW) {
       {"olmoe_expert_choice", Arch::kOlmoe, MoeRouterKind::kExpertChoice},
       {"llama_hash_shared", Arch::kLlama, MoeRouterKind::kHash, 0, 0, 0, 16},
       {"olmoe_softmax_zc", Arch::kOlmoe, MoeRouterKind::kSoftmaxTopK, 1, 1, 1},
+      // deepseek2 blocks: V2-style (softmax, attn_q) and V3-style (sigmoid + bias + groups,
+      // normalised weights, the q_lora bottleneck).
+      {"deepseek2_v2", Arch::kDeepseek2, MoeRouterKind::kSoftmaxTopK},
+      {"deepseek2_v3", Arch::kDeepseek2, MoeRouterKind::kSigmoidBias, 0, 0, 0, 0, 3, false, false, 7, true},
   };
   for (const Case& cs : cases) RunCase(cs);
 }

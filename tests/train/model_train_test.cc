@@ -35,6 +35,10 @@ struct Spec {
   uint32_t layers = 2, dim = 24, ffn = 16, experts = 4, used = 2, heads = 4, kv_heads = 2, vocab = 37;
   uint32_t shared_ffn = 0, groups = 0, groups_used = 0, n_null = 0, n_zero = 0, n_copy = 0, n_const = 0;
   bool residual = false, tie = false;
+  // deepseek2: qk_nope, qk_rope, v head, kv_lora, q_lora (0 = attn_q), leading dense blocks,
+  // shared experts, weight normalisation.
+  uint32_t nope = 8, rope = 4, vdim = 6, kv_lora = 10, q_lora = 0, dense = 1, n_shared = 1;
+  bool weights_norm = false;
 };
 
 std::string MakeModel(const Spec& s) {
@@ -61,6 +65,19 @@ std::string MakeModel(const Spec& s) {
   c.n_expert_copy = s.n_copy;
   c.n_expert_const = s.n_const;
   c.expert_gating_residual = s.residual;
+  if (s.arch == Arch::kDeepseek2) {
+    c.n_head_kv = 0;
+    o.qk_nope = s.nope;
+    c.n_rot = s.rope;
+    c.n_embd_head_v = s.vdim;
+    c.n_lora_kv = s.kv_lora;
+    c.n_lora_q = s.q_lora;
+    c.n_layer_dense_lead = s.dense;
+    c.n_ff = 20;
+    c.n_expert_shared = s.n_shared;
+    c.n_ff_shexp = 0;
+    c.expert_weights_norm = s.weights_norm;
+  }
   o.tie_output = s.tie;
   o.seed = 11;
   const std::string path = Dir() + "/" + s.name + ".gguf";
@@ -165,6 +182,18 @@ TEST(ModelTrain, GradientsMatchCentralDifferences) {
   s.router = MoeRouterKind::kSigmoidBias;
   s.experts = 6, s.used = 2, s.groups = 3, s.groups_used = 2;
   specs.push_back(s);
+  // deepseek2: V2-style (softmax, attn_q, v head < qk head) and V3-style (sigmoid + bias +
+  // groups, normalised weights, the q_lora bottleneck, v head > qk head), a dense first block.
+  s = Spec();
+  s.name = "gc_deepseek2_v2";
+  s.arch = Arch::kDeepseek2;
+  s.layers = 3;
+  specs.push_back(s);
+  s.name = "gc_deepseek2_v3";
+  s.router = MoeRouterKind::kSigmoidBias;
+  s.experts = 6, s.used = 2, s.groups = 3, s.groups_used = 2;
+  s.q_lora = 7, s.vdim = 16, s.weights_norm = true, s.n_shared = 2;
+  specs.push_back(s);
   s = Spec();
   s.name = "gc_expert_choice";
   s.router = MoeRouterKind::kExpertChoice;
@@ -195,7 +224,7 @@ double RelDiff(const std::vector<A>& a, const std::vector<B>& b) {
 }
 
 TEST(ModelTrain, FloatPathMatchesDoublePath) {
-  for (Arch a : {Arch::kLlama, Arch::kQwen2Moe, Arch::kQwen3Moe, Arch::kOlmoe}) {
+  for (Arch a : {Arch::kLlama, Arch::kQwen2Moe, Arch::kQwen3Moe, Arch::kOlmoe, Arch::kDeepseek2}) {
     Spec s;
     s.arch = a;
     s.name = std::string("fd_") + ArchName(a);
@@ -227,7 +256,8 @@ TEST(ModelTrain, FloatPathMatchesDoublePath) {
 }
 
 TEST(ModelTrain, TrainingForwardComputesTheInferenceModel) {
-  for (Arch a : {Arch::kLlama, Arch::kQwen2Moe, Arch::kQwen3Moe, Arch::kOlmoe}) {
+  // deepseek2: the trainer's plain MLA against inference's absorbed one (itself held to llama.cpp).
+  for (Arch a : {Arch::kLlama, Arch::kQwen2Moe, Arch::kQwen3Moe, Arch::kOlmoe, Arch::kDeepseek2}) {
     Spec s;
     s.arch = a;
     s.name = std::string("inf_") + ArchName(a);

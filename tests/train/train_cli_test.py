@@ -185,6 +185,19 @@ with tempfile.TemporaryDirectory() as d:
     check("report summary", "Routing at the last step" in p.stdout and "| 24 |" in p.stdout and
           open(os.path.join(rep, "summary.md")).read() == p.stdout, p.stdout[:500])
 
+    # deepseek2: a dense first block routes nothing; the report says so instead of failing.
+    dsi = os.path.join(d, "ds_init.gguf")
+    must(run("init", "--arch", "deepseek2", "--layers", "3", "--dim", "64", "--ffn", "32", "--experts", "4",
+             "--experts-used", "2", "--heads", "4", "--leading-dense", "1", "--gating", "sigmoid",
+             "--tokenizer", tok, "-o", dsi), "init deepseek2")
+    rd = os.path.join(d, "run_ds")
+    must(run("train", "-m", dsi, "--data", train_txt, "--steps", "4", "--batch", "2", "--seq", "32", "--out", rd),
+         "train deepseek2")
+    pd = must(run("report", rd), "report deepseek2")
+    loads = [json.loads(l)["expert_load"] for l in open(os.path.join(rd, "metrics.jsonl")) if '"expert_load"' in l]
+    check("deepseek2: the dense block has no expert load", all(l[0] == [] and len(l[1]) == 4 for l in loads), str(loads[:1]))
+    check("deepseek2 report marks the dense block", "| 0 | (dense) |" in pd.stdout, pd.stdout[-400:])
+
     # ---- kill -9 and --resume ---------------------------------------------------------------------
     rb = os.path.join(d, "run_b")
     proc = subprocess.Popen([MOE, "train", *flags, "--out", rb], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

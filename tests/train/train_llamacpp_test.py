@@ -2,7 +2,7 @@
 """Trained and upcycled models against llama.cpp (node-llama-cpp, tests/conformance/oracle.mjs).
 
   - a vocabulary from `moe tokenizer train`: llama.cpp tokenizes text exactly as moe does;
-  - models trained by `moe train` (llama and qwen3moe): llama.cpp loads them and decodes the same
+  - models trained by `moe train` (llama, qwen3moe, deepseek2): llama.cpp loads them and decodes the same
     greedy tokens as `moe run` (log-probs within 1e-3), and llama.cpp's held-out loss, counted as
     its perplexity tool counts it, equals `moe eval`'s;
   - `moe upcycle` of dense llama and qwen3 models (written by tiny_gguf.py, independent of moe):
@@ -71,11 +71,17 @@ with tempfile.TemporaryDirectory() as d:
     run("tokenizer", "train", "--data", train_txt, "--vocab", "1000", "-o", tok)
 
     models = {}
-    for arch in ("llama", "qwen3moe"):
+    # deepseek2: V3-style routing (sigmoid + selection bias, which the trainer moves), the q_lora
+    # bottleneck, a dense first block and a shared expert.
+    arch_args = {"llama": ["--layers", "2", "--kv-heads", "2"], "qwen3moe": ["--layers", "2", "--kv-heads", "2"],
+                 "deepseek2": ["--layers", "3", "--qk-nope", "16", "--qk-rope", "8", "--kv-lora-rank", "32",
+                               "--q-lora-rank", "24", "--leading-dense", "1", "--gating", "sigmoid",
+                               "--weights-norm"]}
+    for arch, extra in arch_args.items():
         init = os.path.join(d, "init_%s.gguf" % arch)
-        run("init", "--arch", arch, "--layers", "2", "--dim", "64", "--ffn", "64", "--experts", "4",
-            "--experts-used", "2", "--heads", "4", "--kv-heads", "2", "--ctx", "128", "--tokenizer", tok,
-            "--seed", "4", "-o", init)
+        run("init", "--arch", arch, "--dim", "64", "--ffn", "64", "--experts", "4",
+            "--experts-used", "2", "--heads", "4", "--ctx", "128", "--tokenizer", tok,
+            "--seed", "4", *extra, "-o", init)
         out = os.path.join(d, "run_" + arch)
         run("train", "-m", init, "--data", train_txt, "--val-fraction", "0", "--steps", "60", "--batch", "8",
             "--seq", "64", "--lr", "3e-3", "--warmup", "5", "--seed", "1", "--out", out)

@@ -96,6 +96,7 @@ Runner AddReport(CLI::App& app) {
     double vmax = 0;
     for (size_t il = 0; il < n_layers; ++il) {
       const size_t n_targets = r.load.back()[il].size();
+      if (n_targets == 0) continue;  // a dense block (deepseek2's leading blocks) routes nothing
       plot::Heatmap h{StrFormat("layer %zu", il), std::vector<std::vector<double>>(n_targets, std::vector<double>(cols, 0))};
       for (size_t c = 0; c < cols; ++c) {
         const size_t s0 = c * n_steps / cols, s1 = std::max(s0 + 1, (c + 1) * n_steps / cols);
@@ -130,7 +131,8 @@ Runner AddReport(CLI::App& app) {
                         "(%.2fM active per token); vocabulary %u (%s).\n\n",
                         c.arch_name.c_str(), c.n_layer, c.n_embd, c.n_expert, c.n_ff_exp, c.n_expert_used,
                         MoeRouterName(c.router_kind), params / 1e6,
-                        (params - static_cast<double>(c.n_layer) * 3 * c.n_embd * c.n_ff_exp * (c.n_expert - c.n_expert_used)) / 1e6,
+                        (params - static_cast<double>(c.n_layer - c.n_layer_dense_lead) * 3 * c.n_embd * c.n_ff_exp *
+                                      (c.n_expert - c.n_expert_used)) / 1e6,
                         c.n_vocab, m->tokenizer().model().c_str());
       } catch (const Error& e) {
         md += std::string("Model: cannot read model.gguf (") + e.what() + ").\n\n";
@@ -158,6 +160,10 @@ Runner AddReport(CLI::App& app) {
             "averaged over layers: " + Fmt(r.max_vio.back(), "%.3f") + "):\n\n| layer | shares | min | max |\n|---|---|---|---|\n";
       for (size_t il = 0; il < n_layers; ++il) {
         const std::vector<double>& s = r.load.back()[il];
+        if (s.empty()) {  // a dense block
+          md += StrFormat("| %zu | (dense) | - | - |\n", il);
+          continue;
+        }
         std::string shares;
         for (double v : s) shares += (shares.empty() ? "" : " ") + StrFormat("%.3f", v);
         md += StrFormat("| %zu | %s | %.3f | %.3f |\n", il, shares.c_str(), *std::min_element(s.begin(), s.end()),
