@@ -8,6 +8,7 @@
 #include <unordered_set>
 
 #include "kernels/kernels.h"
+#include "kernels/ref/quant_ref.h"
 #include "util/error.h"
 
 namespace moe {
@@ -208,6 +209,16 @@ Model::~Model() {
   for (const Mapping& m : repacked_) ::munmap(m.p, m.len);
 }
 
+// n q5_0 blocks as q8_0 blocks: the same scale, quants q - 16 (exact).
+static void Q5_0ToQ8_0(const uint8_t* src, uint8_t* dst, size_t n) {
+  const auto* x = reinterpret_cast<const BlockQ5_0*>(src);
+  auto* y = reinterpret_cast<BlockQ8_0*>(dst);
+  for (size_t b = 0; b < n; ++b) {
+    y[b].d = x[b].d;
+    for (int j = 0; j < kQK8_0; ++j) y[b].qs[j] = static_cast<int8_t>(kernels::ref::Q5Level(x[b].qs, x[b].qh, j) - 16);
+  }
+}
+
 uint64_t Model::RepackForInference(ThreadPool& pool) {
   if (const char* off = std::getenv("MOE_NO_REPACK"); off && std::strcmp(off, "0") != 0) return 0;
   uint64_t total = 0;
@@ -216,9 +227,16 @@ uint64_t Model::RepackForInference(ThreadPool& pool) {
     if (!slot || slot == token_embd || slot->layout != WeightLayout::kRows) return;
     const TensorView& t = *slot;
     const int64_t rows = t.ne[1];
-    const WeightLayout layout = kernels::RepackLayout(t.dtype, t.ne[0], rows);
+    // q5_0 is q8_0 with 5-bit quants: the same blocks of 32 with an f16 scale and the same q8_0
+    // activations, so its quants q - 16 widen to int8 exactly and the matrix takes q8_0's tiles,
+    // with the same products bit for bit (12 more bytes per block of 22; llama.cpp's mixes put
+    // q5_0 only where rows are not whole k-quant super-blocks, such as deepseek2's attn_k_b).
+    const DType to = t.dtype == DType::kQ5_0 ? DType::kQ8_0 : t.dtype;
+    const WeightLayout layout = kernels::RepackLayout(to, t.ne[0], rows);
     if (layout == WeightLayout::kRows) return;
-    const size_t bytes = t.NumBytes(), slab = t.RowBytes() * static_cast<size_t>(rows);
+    const size_t src_row = t.RowBytes(), row = RowBytes(to, t.ne[0]);
+    const size_t n_slabs = static_cast<size_t>(t.ne[2] * t.ne[3]);
+    const size_t bytes = row * static_cast<size_t>(rows) * n_slabs, slab = row * static_cast<size_t>(rows);
     // Anonymous pages (huge pages where the kernel gives them: fewer faults). On these VMs the
     // first touch of fresh memory, not the copy, is most of the repacking time.
     const size_t len = (bytes + 4095) & ~size_t{4095};
@@ -232,14 +250,22 @@ uint64_t Model::RepackForInference(ThreadPool& pool) {
     const int64_t per_slab = (rows + chunk - 1) / chunk;
     const auto* src = static_cast<const uint8_t*>(t.data);
     pool.ParallelFor(slabs * per_slab, 1, [&](int64_t b, int64_t e, int) {
+      std::vector<uint8_t> widened;  // q5_0 rows as q8_0
       for (int64_t i = b; i < e; ++i) {
         const int64_t r0 = (i % per_slab) * chunk, n = std::min(chunk, rows - r0);
-        const size_t off = static_cast<size_t>(i / per_slab) * slab + static_cast<size_t>(r0) * t.RowBytes();
-        kernels::Repack(t.dtype, layout, src + off, dst + off, t.ne[0], n);
+        const size_t first = static_cast<size_t>(i / per_slab) * static_cast<size_t>(rows) + static_cast<size_t>(r0);
+        const uint8_t* from = src + first * src_row;
+        if (to != t.dtype) {
+          widened.resize(static_cast<size_t>(n) * row);
+          Q5_0ToQ8_0(from, widened.data(), static_cast<size_t>(n) * static_cast<size_t>(t.ne[0] / kQK8_0));
+          from = widened.data();
+        }
+        kernels::Repack(to, layout, from, dst + first * row, t.ne[0], n);
       }
     });
-    file_->ReleasePages(t.data, bytes);
+    file_->ReleasePages(t.data, t.NumBytes());
     TensorView v = t;
+    v.dtype = to;
     v.data = dst;
     v.layout = layout;
     repacked_views_.push_back(v);

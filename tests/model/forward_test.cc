@@ -185,8 +185,8 @@ TEST(Forward, QuantizedPrefillEqualsDecode) {
   CheckPrefillEqualsDecode(MakeModel(Arch::kLlama, DType::kQ5_0, "fw_q50", 96, 160, 4, 2), 2e-3);
 }
 
-// Repacked weights (Model::RepackForInference: q8_0, q4_0, q4_K and q6_K tiles where the CPU
-// has AVX-512 VNNI): every repacked matrix multiplies like the file's layout (up to float
+// Repacked weights (Model::RepackForInference: q8_0, q4_0, q4_K and q6_K tiles, and q5_0
+// widened into q8_0's, where the CPU has AVX-512 VNNI): every repacked matrix multiplies like the file's layout (up to float
 // summation order, 1..6 tokens, first and last expert), a second call repacks nothing, the
 // token embedding (read by rows) stays as it was, and the logits agree.
 void CheckRepackedMatrices(const Model& plain, const Model& packed) {
@@ -235,7 +235,8 @@ void CheckRepackedEqualsPlain(DType type, const std::string& name, uint32_t dim,
   auto packed = Model::Load(path);
   ThreadPool pool(2);
   const uint64_t bytes = packed->RepackForInference(pool);
-  if (kernels::RepackLayout(type, deepseek ? 128 : dim, deepseek ? 64 : ffn) == WeightLayout::kRows) {
+  const DType tiles_type = type == DType::kQ5_0 ? DType::kQ8_0 : type;  // q5_0 widens to q8_0's tiles
+  if (kernels::RepackLayout(tiles_type, deepseek ? 128 : dim, deepseek ? 64 : ffn) == WeightLayout::kRows) {
     EXPECT_EQ(bytes, 0u);
   } else {
     // Every multiplied matrix is q8_0 with rows in tiles and blocks in pairs.
@@ -274,6 +275,7 @@ TEST(Forward, RepackedWeightsGiveTheSameLogits) {
   CheckRepackedEqualsPlain(DType::kQ8_0, "fw_repack_ds", 0, 0, /*deepseek=*/true);
   CheckRepackedEqualsPlain(DType::kQ8_0, "fw_repack_q8", 128, 192);
   CheckRepackedEqualsPlain(DType::kQ4_0, "fw_repack_q4", 128, 192);
+  CheckRepackedEqualsPlain(DType::kQ5_0, "fw_repack_q5", 128, 192);
   CheckRepackedEqualsPlain(DType::kQ4_K, "fw_repack_q4k", 256, 512);
   CheckRepackedEqualsPlain(DType::kQ6_K, "fw_repack_q6k", 256, 256);
 }
