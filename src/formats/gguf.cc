@@ -16,6 +16,7 @@
 #include <cstring>
 #include <limits>
 
+#include "util/atomic_file.h"
 #include "util/error.h"
 
 namespace moe {
@@ -374,7 +375,8 @@ const char* GgmlTypeName(uint32_t ggml_type) {
 std::unique_ptr<GgufFile> GgufFile::Open(const std::string& path) {
   std::unique_ptr<GgufFile> f(new GgufFile());
   f->path_ = path;
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  // O_NONBLOCK: opening a FIFO for reading must not wait for a writer (it is refused below).
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) f->Throw(StrFormat("cannot open: %s", std::strerror(errno)));
   struct stat st;
   if (::fstat(fd, &st) != 0) {
@@ -948,50 +950,6 @@ GgufValue ArrayOf(GgufType et, size_t n) {
   return v;
 }
 
-// Buffered output to a temporary file; every failure names the file and strerror.
-class OutFile {
- public:
-  explicit OutFile(const std::string& path) : path_(path) {
-    f_ = std::fopen(path.c_str(), "wb");
-    if (f_ == nullptr) Fail("%s: cannot create: %s", path.c_str(), std::strerror(errno));
-  }
-  ~OutFile() {
-    if (f_ != nullptr) {
-      std::fclose(f_);
-      std::remove(path_.c_str());
-    }
-  }
-  void Write(const void* p, size_t n) {
-    if (n != 0 && std::fwrite(p, 1, n, f_) != n) {
-      Fail("%s: write failed: %s", path_.c_str(), std::strerror(errno));
-    }
-  }
-  void Zeros(uint64_t n) {
-    static const uint8_t kZeros[4096] = {};
-    while (n > 0) {
-      const size_t k = n < sizeof(kZeros) ? static_cast<size_t>(n) : sizeof(kZeros);
-      Write(kZeros, k);
-      n -= k;
-    }
-  }
-  // Flushes and closes; the file stays on disk.
-  void Close() {
-    FILE* f = f_;
-    f_ = nullptr;
-    const bool ok = std::fflush(f) == 0 && ::fsync(::fileno(f)) == 0;
-    const int err = errno;
-    if (std::fclose(f) != 0 || !ok) {
-      const int e = ok ? errno : err;
-      std::remove(path_.c_str());
-      Fail("%s: write failed: %s", path_.c_str(), std::strerror(e));
-    }
-  }
-
- private:
-  std::string path_;
-  FILE* f_ = nullptr;
-};
-
 }  // namespace
 
 void GgufWriter::Put(const std::string& key, GgufValue v) {
@@ -1195,8 +1153,7 @@ void GgufWriter::Write(const std::string& path) const {
   uint64_t header_end = 0;
   const std::vector<uint8_t> header = Header(&header_end);
 
-  const std::string tmp = path + ".tmp";
-  OutFile out(tmp);
+  AtomicFile out(path);
   out.Write(header.data(), header.size());
   out.Zeros(header_end - header.size());
   std::vector<uint8_t> buf;
@@ -1204,12 +1161,7 @@ void GgufWriter::Write(const std::string& path) const {
     out.Write(Data(t, buf), t.nbytes);
     out.Zeros(PadOrDie(t.nbytes, align) - t.nbytes);
   }
-  out.Close();
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    const int err = errno;
-    std::remove(tmp.c_str());
-    Fail("%s: cannot rename %s to it: %s", path.c_str(), tmp.c_str(), std::strerror(err));
-  }
+  out.Commit();
 }
 
 }  // namespace moe

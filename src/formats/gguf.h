@@ -151,8 +151,9 @@ class GgufWriter {
   void AddTensorDeferred(const std::string& name, DType dtype, const std::vector<int64_t>& ne,
                          TensorFill fill);
 
-  // Writes the file (to path + ".tmp", fsync, then renames over path, so a reader never sees a
-  // half-written file and an old file survives a failed write). Throws moe::Error on I/O failure.
+  // Writes the file through util/atomic_file.h (complete or not at all; a reader never sees a
+  // half-written file, an old file survives a failed write, a symlink or device at path is
+  // refused). Throws moe::Error on I/O failure.
   void Write(const std::string& path) const;
   // The same bytes in memory (metadata-only files, tests).
   std::vector<uint8_t> Serialize() const;

@@ -146,8 +146,8 @@ void ValidateConfig(const ModelConfig& c) {
   auto need = [](bool ok, const std::string& msg) {
     if (!ok) throw Error(msg);
   };
-  need(c.n_layer >= 1, "block_count must be >= 1");
-  need(c.n_embd >= 1, "embedding_length must be >= 1");
+  need(c.n_layer >= 1 && c.n_layer <= 4096, StrFormat("block_count %u must be in 1..4096", c.n_layer));
+  need(c.n_embd >= 1 && c.n_embd <= (1u << 20), StrFormat("embedding_length %u must be in 1..1048576", c.n_embd));
   need(c.n_head >= 1, "attention.head_count must be >= 1");
   need(c.n_head_kv >= 1 && c.n_head % c.n_head_kv == 0,
        StrFormat("attention.head_count (%u) must be a multiple of head_count_kv (%u)", c.n_head,
@@ -193,8 +193,13 @@ void ValidateConfig(const ModelConfig& c) {
        StrFormat("expert_used_count %u must be in 1..expert_count (%u)", c.n_expert_used,
                  c.n_expert));
   need(c.n_ff_exp >= 1, "expert feed-forward length must be >= 1");
-  need(std::isfinite(c.rms_eps) && c.rms_eps > 0, "layer_norm_rms_epsilon must be > 0");
-  need(std::isfinite(c.rope_freq_base) && c.rope_freq_base > 0, "rope.freq_base must be > 0");
+  // Ranges no real model leaves, which otherwise give NaN or constant logits: epsilons up to
+  // 0.1 (models use 1e-6 .. 1e-5), frequency bases of at least 1 (models use 1e4 .. 1e8).
+  need(std::isfinite(c.rms_eps) && c.rms_eps > 0 && c.rms_eps <= 0.1f,
+       StrFormat("layer_norm_rms_epsilon %g must be in (0, 0.1]", c.rms_eps));
+  need(std::isfinite(c.rope_freq_base) && c.rope_freq_base >= 1.0f,
+       StrFormat("rope.freq_base %g must be a finite number >= 1", c.rope_freq_base));
+  need(c.n_ctx_train >= 1, "context_length must be >= 1");
   if (c.arch == Arch::kQwen2Moe || c.arch == Arch::kOlmoe) {
     need(c.n_head * c.n_embd_head_k == c.n_embd,
          StrFormat("%s needs head_count x head dim (%u x %u) == embedding_length (%u)",

@@ -252,6 +252,14 @@ void Forward::EvalChunk(const int32_t* tokens, int T, bool all_logits, float* lo
       DenseFfn(static_cast<int>(il), T);
     }
     for (int t = 0; t < T; ++t) kernels::Add(F(x_, t * E), F(tmp_, t * E), F(x_, t * E), E);
+    // A NaN or Inf weight (or a hyper-parameter that overflows) stops here, named, instead of
+    // flowing into the logits; one pass over the block's output, T x n_embd floats.
+    for (int64_t i = 0; i < T * E; ++i) {
+      if (!std::isfinite(x_[i]))
+        Fail("block %u gave a non-finite value (%s) for the token at position %d: the model's weights or "
+             "hyper-parameters are broken (a NaN or Inf weight, or values that overflow float)",
+             il, std::isnan(x_[i]) ? "NaN" : "Inf", n_past_ + static_cast<int>(i / E));
+    }
   }
 
   if (logits) {

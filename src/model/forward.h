@@ -52,6 +52,7 @@ class Forward {
 
   int n_past() const { return n_past_; }
   int n_ctx() const { return n_ctx_; }
+  uint32_t n_vocab() const { return c_.n_vocab; }
   void Reset() { n_past_ = 0; }
   size_t KvCacheBytes() const { return (k_cache_.size() + v_cache_.size()) * sizeof(float); }
 

@@ -8,6 +8,7 @@
 #include "kernels/kernels.h"
 #include "tokenizer/tokenizer.h"
 #include "util/error.h"
+#include "util/threadpool.h"
 
 namespace moe {
 
@@ -134,6 +135,19 @@ void InitRandomModel(InitOptions opt, const std::string& path) {
   std::normal_distribution<float> normal(0.0f, 1.0f);
   std::vector<float> embd;  // [n_vocab][n_embd], kept for the planted margins
   std::vector<TensorSpec> specs = ExpectedTensors(c, !opt.tie_output, c.arch == Arch::kQwen2Moe);
+  // The writer holds the whole file in memory: refuse upfront what this machine cannot hold.
+  double file_bytes = 0;
+  for (const TensorSpec& sp : specs) {
+    double rows = 1;
+    for (size_t d = 1; d < sp.ne.size(); ++d) rows *= static_cast<double>(sp.ne[d]);
+    const bool f32 = sp.role == TensorRole::kNorm || sp.role == TensorRole::kBias || sp.role == TensorRole::kRouter ||
+                     sp.role == TensorRole::kGate || sp.role == TensorRole::kRouterAux;
+    file_bytes += rows * static_cast<double>(RowBytes(f32 ? DType::kF32 : opt.type, sp.ne[0] / Traits(opt.type).block_size * Traits(opt.type).block_size));
+  }
+  if (const uint64_t mem = PhysicalMemoryBytes(); mem > 0 && file_bytes > static_cast<double>(mem))
+    Fail("this model would be a %.1f GiB file, more than this machine's %.1f GiB of memory, which moe init "
+         "writes it from: choose fewer --layers or --experts, or smaller --dim / --ffn / --vocab",
+         file_bytes / 1073741824.0, static_cast<double>(mem) / 1073741824.0);
   for (const TensorSpec& s : specs) {
     // hash routing has no learned router (like the training layer's kHash): no ffn_gate_inp.
     if (s.role == TensorRole::kRouter && c.router_kind == MoeRouterKind::kHash) continue;

@@ -50,6 +50,10 @@ std::unique_ptr<Model> Model::Load(const std::string& path, bool allow_training_
   const GgufFile& f = *m->file_;
   m->config_ = ReadConfig(f, allow_training_only);
   ModelConfig& c = m->config_;
+  if (f.alignment() < 4)  // tensors are read in place as floats and f16-scaled blocks
+    f.Throw(StrFormat("general.alignment %llu: moe.cpp reads tensors in place and needs them 4-byte "
+                      "aligned (write the file with the default alignment, 32)",
+                      static_cast<unsigned long long>(f.alignment())));
 
   ValidateModelTensors(f, c);
   m->Bind([&](const std::string& name) { return f.FindTensor(name); });
@@ -229,7 +233,7 @@ uint64_t Model::RepackForInference(ThreadPool& pool) {
     const int64_t rows = t.ne[1];
     // q5_0 is q8_0 with 5-bit quants: the same blocks of 32 with an f16 scale and the same q8_0
     // activations, so its quants q - 16 widen to int8 exactly and the matrix takes q8_0's tiles,
-    // with the same products bit for bit (12 more bytes per block of 22; llama.cpp's mixes put
+    // with the same integer block products (12 more bytes per block of 22; llama.cpp's mixes put
     // q5_0 only where rows are not whole k-quant super-blocks, such as deepseek2's attn_k_b).
     const DType to = t.dtype == DType::kQ5_0 ? DType::kQ8_0 : t.dtype;
     const WeightLayout layout = kernels::RepackLayout(to, t.ne[0], rows);

@@ -408,8 +408,7 @@ const QuantMix& CheckQuantizeOptions(const QuantizeOptions& opt) {
   if (IsMixOfOneType(*mix) && !opt.pure)
     Fail("--type %s: moe.cpp has no llama.cpp mix built on %s yet; --pure writes every matrix in it",
          opt.mix.c_str(), mix->name);
-  if (opt.threads < 0 || opt.threads > 4 * AvailableCpus() + 64)
-    Fail("--threads %d: use 1..%d (0 = every CPU)", opt.threads, 4 * AvailableCpus() + 64);
+  CheckThreadCount(opt.threads);
   return *mix;
 }
 

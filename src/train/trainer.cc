@@ -18,6 +18,7 @@
 #include "moe/moe_layer.h"
 #include "train/data.h"
 #include "train/model_train.h"
+#include "util/atomic_file.h"
 #include "util/error.h"
 #include "util/threadpool.h"
 
@@ -55,7 +56,7 @@ void CheckConfig(const TrainConfig& c) {
   if (c.batch < 1) Fail("--batch must be >= 1 (got %d)", c.batch);
   if (c.seq < 1) Fail("--seq must be >= 1 (got %d)", c.seq);
   if (c.grad_accum < 1) Fail("--grad-accum must be >= 1 (got %d)", c.grad_accum);
-  if (c.threads < 0) Fail("--threads must be >= 0");
+  CheckThreadCount(c.threads);
   const AdamWConfig& a = c.adam;
   if (!(a.lr > 0) || !std::isfinite(a.lr)) Fail("--lr must be > 0 (got %g)", a.lr);
   if (!(a.min_lr >= 0) || a.min_lr > a.lr) Fail("--min-lr must be in [0, --lr] (got %g)", a.min_lr);
@@ -110,13 +111,7 @@ void TruncateMetrics(const fs::path& path, int step) {
     if (j.is_discarded() || !j.contains("step") || !j["step"].is_number_integer()) continue;  // a torn last line
     if (j["step"].get<int>() <= step) kept += line + "\n";
   }
-  const fs::path tmp = path.string() + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::trunc);
-    out << kept;
-    if (!out.flush()) Fail("cannot rewrite %s", path.c_str());
-  }
-  fs::rename(tmp, path);
+  WriteFileAtomic(path.string(), kept.data(), kept.size());
 }
 
 std::string FormatDuration(double s) {

@@ -11,6 +11,7 @@
 #include <tuple>
 #include <utility>
 
+#include "util/atomic_file.h"
 #include "util/error.h"
 
 namespace moe::plot {
@@ -614,21 +615,7 @@ std::vector<uint8_t> HeatmapPng(const std::string& title, const std::string& xla
 // ---------------------------------------------------------------------------------------------
 
 void WriteFile(const std::string& path, const std::vector<uint8_t>& bytes) {
-  const std::string tmp = path + ".tmp";
-  std::FILE* f = std::fopen(tmp.c_str(), "wb");
-  if (!f) Fail("cannot write %s: %s", tmp.c_str(), std::strerror(errno));
-  bool ok = std::fwrite(bytes.data(), 1, bytes.size(), f) == bytes.size();
-  int err = errno;
-  if (std::fclose(f) != 0 && ok) ok = false, err = errno;
-  if (!ok) {
-    std::remove(tmp.c_str());
-    Fail("cannot write %s: %s", tmp.c_str(), std::strerror(err));
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    err = errno;
-    std::remove(tmp.c_str());
-    Fail("cannot rename %s to %s: %s", tmp.c_str(), path.c_str(), std::strerror(err));
-  }
+  WriteFileAtomic(path, bytes.data(), bytes.size());
 }
 
 }  // namespace moe::plot

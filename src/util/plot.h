@@ -90,7 +90,7 @@ std::vector<uint8_t> HeatmapPng(const std::string& title, const std::string& xla
 // The heatmaps' sequential colormap (dark blue -> teal -> green -> yellow), t clamped to [0, 1].
 Rgb ColorMap(double t);
 
-// Writes bytes to path atomically (path + ".tmp", then rename); throws moe::Error on failure.
+// Writes bytes to path atomically (util/atomic_file.h); throws moe::Error on failure.
 void WriteFile(const std::string& path, const std::vector<uint8_t>& bytes);
 
 }  // namespace moe::plot

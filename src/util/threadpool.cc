@@ -1,5 +1,9 @@
 #include "util/threadpool.h"
 
+#include <unistd.h>
+
+#include "util/error.h"
+
 #include <pthread.h>
 #include <sched.h>
 
@@ -45,6 +49,16 @@ constexpr int kSpinIterations = 1 << 16;
 }  // namespace
 
 int AvailableCpus() { return static_cast<int>(AffinityCpus().size()); }
+
+uint64_t PhysicalMemoryBytes() {
+  const long pages = ::sysconf(_SC_PHYS_PAGES), page = ::sysconf(_SC_PAGESIZE);
+  return pages > 0 && page > 0 ? static_cast<uint64_t>(pages) * static_cast<uint64_t>(page) : 0;
+}
+
+void CheckThreadCount(int n, const char* flag) {
+  const int most = 4 * AvailableCpus() + 64;
+  if (n < 0 || n > most) Fail("%s %d: use 1..%d, or 0 for every CPU", flag, n, most);
+}
 
 ThreadPool::ThreadPool(int n_threads, bool pin) {
   std::vector<int> cpus = AffinityCpus();

@@ -47,4 +47,13 @@ class ThreadPool {
 // Number of CPUs this process may run on.
 int AvailableCpus();
 
+// Bytes of physical memory of this machine (sysconf), 0 when unknown: the bound for buffers a
+// command would otherwise try to allocate from a user's number (a KV cache, a model to write).
+uint64_t PhysicalMemoryBytes();
+
+// A --threads value checked once for every command: 0 (every CPU) or 1 .. 4 x the CPUs + 64
+// (oversubscription is allowed, a hundred thousand threads are not). Throws moe::Error naming
+// the flag.
+void CheckThreadCount(int n, const char* flag = "--threads");
+
 }  // namespace moe

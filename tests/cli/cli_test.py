@@ -7,6 +7,7 @@ fields of the issue's contract, with values consistent with the model (checked a
 `moe inspect --json` and the file itself).
 """
 import json
+import time
 import os
 import subprocess
 import sys
@@ -98,6 +99,55 @@ with tempfile.TemporaryDirectory() as d:
     expect_error("no vocabulary", ["run", "-m", m, "-p", "hello"], 2, "--prompt-ids")
     expect_error("bad ids", ["run", "-m", m, "--prompt-ids", "1,,2"], 2, "not a token id")
     expect_error("id out of range", ["run", "-m", m, "--prompt-ids", "200"], 2, "out of range")
+    # Hostile values (issue 11's list): validated once, one line each, nothing hangs.
+    for name, args, needle in (
+            ("threads bound (run)", ["--threads", "100000"], "--threads 100000"),
+            ("threads negative", ["--threads", "-3"], "--threads -3"),
+            ("temperature NaN", ["--temp", "nan"], "temperature nan"),
+            ("temperature inf", ["--temp", "inf"], "temperature inf"),
+            ("temperature negative", ["--temp", "-1"], "temperature -1"),
+            ("top-p above 1", ["--top-p", "2"], "top_p 2"),
+            ("top-p zero", ["--top-p", "0"], "top_p 0"),
+            ("top-k negative", ["--top-k", "-1"], "top_k -1"),
+            ("ctx negative", ["--ctx", "-1"], "context size -1"),
+            ("ctx below the prompt", ["--ctx", "1"], "more than the context size 1"),
+            ("absurd -n", ["-n", "2000000000"], "more than moe.cpp supports"),
+            ("n negative", ["-n", "-5"], "must be >= 0"),
+            ("top-logprobs beyond the vocabulary", ["--top-logprobs", "100000"], "top_logprobs 100000")):
+        expect_error(name, ["run", "-m", m, "--prompt-ids", "1,2"] + args, 2, needle)
+    for cmd in (["bench", "-m", m, "-p", "4", "-n", "2"], ["eval", "-m", m, "--data", m],
+                ["bench-layer", "--router", "softmax_topk", "--tokens", "8"]):
+        expect_error("threads bound (%s)" % cmd[0], cmd + ["--threads", "100000"], 2, "--threads 100000")
+    long_ctx = run("run", "-m", m, "--prompt-ids", "1,2", "-n", "1", "--ctx", "100000", "--json")
+    check("a context beyond the training context warns", long_ctx.returncode == 0 and
+          "longer than the model's training context" in long_ctx.stderr, long_ctx.stderr[-300:])
+    fifo = os.path.join(d, "fifo")
+    os.mkfifo(fifo)
+    t0 = time.time()
+    expect_error("inspect a FIFO", ["inspect", fifo], 2, "not a regular file")
+    check("a FIFO is refused without waiting", time.time() - t0 < 10)
+    tiny = ["init", "--arch", "llama", "--layers", "1", "--dim", "32", "--ffn", "32", "--experts", "2",
+            "--experts-used", "1", "--vocab", "64"]
+    link = os.path.join(d, "link.gguf")
+    os.symlink(m, link)
+    before = open(m, "rb").read()
+    expect_error("init onto a symlink", tiny + ["-o", link], 2, "symbolic link")
+    check("the symlink and its target are untouched", os.path.islink(link) and open(m, "rb").read() == before)
+    expect_error("init onto a device", tiny + ["-o", "/dev/null"], 2, "not a regular file")
+    stale = os.path.join(d, "fresh.gguf.tmp")
+    open(stale, "w").write("someone's file")
+    run(*(tiny + ["-o", os.path.join(d, "fresh.gguf")]))
+    check("a file named like the temporary survives", open(stale).read() == "someone's file")
+    check("no temporary is left behind", not [f for f in os.listdir(d) if f.startswith("fresh.gguf.tmp.")])
+    expect_error("init too large for memory", ["init", "--arch", "llama", "--layers", "4000", "--dim", "4096",
+                                               "--ffn", "14336", "--experts", "8", "--experts-used", "2",
+                                               "-o", os.path.join(d, "huge.gguf")], 2, "more than this machine")
+    expect_error("init too many layers", ["init", "--arch", "llama", "--layers", "1000000", "--dim", "32", "--ffn", "32",
+                                          "--experts", "2", "--experts-used", "1", "-o", os.path.join(d, "x.gguf")],
+                 2, "block_count 1000000")
+    for name, args, needle in (("rope base 1e-45", ["--rope-base", "1e-45"], "rope.freq_base"),
+                               ("rms epsilon 1e30", ["--eps", "1e30"], "layer_norm_rms_epsilon")):
+        expect_error("init refuses " + name, tiny + args + ["-o", os.path.join(d, "x.gguf")], 2, needle)
     expect_error("unknown flag", ["run", "-m", m, "--prompt-ids", "1", "--frobnicate"], 1, "frobnicate")
     expect_error("unknown arch", ["init", "--arch", "gpt9", "--layers", "1", "--dim", "32", "--ffn", "32",
                                   "--experts", "2", "--experts-used", "1", "-o", os.path.join(d, "x.gguf")], 2, "gpt9")

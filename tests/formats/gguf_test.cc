@@ -317,7 +317,42 @@ TEST(GgufWriter, RejectsBadInput) {
   ExpectError([&] { w.SetValue("u8", big_u8); }, {"does not fit type u8"});
 
   ExpectError([&] { w.Write("/nonexistent-dir-for-gguf-test/x.gguf"); },
-              {"/nonexistent-dir-for-gguf-test/x.gguf.tmp", "No such file or directory"});
+              {"/nonexistent-dir-for-gguf-test/x.gguf", "cannot create", "No such file or directory"});
+}
+
+// Output never goes through a symlink, device or pipe, never opens an existing "X.tmp", and a
+// FIFO is refused on reading without waiting for a writer.
+TEST(GgufWriter, WritesOnlyNewOrRegularFiles) {
+  TempDir tmp;
+  GgufWriter w;
+  w.SetU32("x", 1);
+  const std::string target = tmp.File("target.gguf");
+  w.Write(target);
+  const std::string link = tmp.File("link.gguf");
+  ASSERT_EQ(::symlink(target.c_str(), link.c_str()), 0);
+  ExpectError([&] { w.Write(link); }, {"link.gguf", "symbolic link", "refusing"});
+  EXPECT_TRUE(std::filesystem::is_symlink(link));
+  ExpectError([&] { w.Write("/dev/null"); }, {"/dev/null", "not a regular file"});
+  const std::string fifo = tmp.File("fifo");
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  ExpectError([&] { w.Write(fifo); }, {"fifo", "device, pipe or socket"});
+  ExpectError([&] { GgufFile::Open(fifo); }, {"fifo", "not a regular file"});  // must not block
+  // Somebody's file named like a temporary survives, and the write leaves no file of its own.
+  const std::string stale = target + ".tmp";
+  std::FILE* f = std::fopen(stale.c_str(), "wb");
+  ASSERT_NE(f, nullptr);
+  std::fputs("keep me", f);
+  std::fclose(f);
+  GgufWriter w2;
+  w2.SetU32("y", 2);
+  w2.Write(target);
+  EXPECT_EQ(GgufFile::Open(target)->GetU32("y"), 2u);
+  std::ifstream in(stale);
+  std::string kept((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_EQ(kept, "keep me");
+  int files = 0;
+  for (const auto& e : std::filesystem::directory_iterator(tmp.path())) files += std::filesystem::is_regular_file(e.symlink_status());
+  EXPECT_EQ(files, 2) << "target.gguf and the stale file only";
 }
 
 TEST(GgufWriter, DeferredTensorsWriteTheSameBytes) {

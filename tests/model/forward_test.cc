@@ -7,6 +7,8 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
+#include <functional>
 #include <filesystem>
 #include <random>
 #include <string>
@@ -291,6 +293,66 @@ TEST(Forward, BadTokenAndFullContextAreErrors) {
   EXPECT_THROW(f.Eval(toks, 5, false, &logits), Error);
   f.Eval(toks, 4, false, &logits);
   EXPECT_EQ(logits.size(), 300u);
+}
+
+// A copy of a model file with some keys replaced (SetValue of the same name) and a tensor's data
+// overwritten by `poke` (or the alignment changed): hostile files for the checks below.
+std::string RewriteModel(const std::string& src, const std::string& name,
+                         const std::function<void(GgufWriter&)>& keys,
+                         const std::function<void(const std::string&, std::vector<uint8_t>&)>& poke = nullptr) {
+  auto f = GgufFile::Open(src);
+  GgufWriter w;
+  for (const auto& [k, v] : f->kvs()) w.SetValue(k, v);
+  if (keys) keys(w);
+  for (const GgufTensorInfo& t : f->tensors()) {
+    std::vector<uint8_t> bytes(static_cast<const uint8_t*>(t.view.data),
+                               static_cast<const uint8_t*>(t.view.data) + t.view.NumBytes());
+    if (poke) poke(t.view.name, bytes);
+    w.AddTensor(t.view.name, t.view.dtype, std::vector<int64_t>(t.view.ne, t.view.ne + t.view.n_dims),
+                bytes.data(), bytes.size());
+  }
+  const std::string path = TestDir("forward") + "/" + name + ".gguf";
+  w.Write(path);
+  return path;
+}
+
+// A NaN weight stops the forward with an error naming the block, not NaN logits; hyper-parameters
+// no model has, and tensors that are not 4-byte aligned, are refused at load.
+TEST(Forward, HostileFilesAreOneLineErrors) {
+  const std::string base = MakeModel(Arch::kLlama, DType::kF32, "fw_hostile", 64, 64, 2, 2);
+  const std::string nan = RewriteModel(base, "fw_nan", nullptr, [](const std::string& n, std::vector<uint8_t>& b) {
+    if (n != "blk.1.ffn_down_exps.weight") return;
+    const float v = std::nanf("");
+    for (size_t i = 0; i + 4 <= b.size(); i += 4) std::memcpy(&b[i], &v, 4);
+  });
+  auto model = Model::Load(nan);
+  ThreadPool pool(1);
+  Forward f(*model, pool, 16);
+  std::vector<float> logits;
+  const int32_t toks[3] = {1, 2, 3};
+  try {
+    f.Eval(toks, 3, false, &logits);
+    FAIL() << "a NaN weight gave logits";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("block 1 gave a non-finite value (NaN)"), std::string::npos) << e.what();
+  }
+  const auto expect_load_error = [](const std::string& path, const std::string& needle) {
+    try {
+      Model::Load(path);
+      ADD_FAILURE() << path << " loaded";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  expect_load_error(RewriteModel(base, "fw_base", [](GgufWriter& w) { w.SetF32("llama.rope.freq_base", 1e-45f); }),
+                    "rope.freq_base");
+  expect_load_error(RewriteModel(base, "fw_eps", [](GgufWriter& w) {
+                      w.SetF32("llama.attention.layer_norm_rms_epsilon", 1e30f);
+                    }), "layer_norm_rms_epsilon");
+  expect_load_error(RewriteModel(base, "fw_ctx", [](GgufWriter& w) { w.SetU32("llama.context_length", 0); }),
+                    "context_length");
+  expect_load_error(RewriteModel(base, "fw_align", [](GgufWriter& w) { w.SetU32("general.alignment", 1); }),
+                    "general.alignment 1");
 }
 
 TEST(Init, ImpossibleConfigsAreOneLineErrors) {

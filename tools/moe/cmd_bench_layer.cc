@@ -63,6 +63,7 @@ Runner AddBenchLayer(CLI::App& app) {
     cfg.k = cfg.router == MoeRouterKind::kExpertChoice ? o->experts : o->k;  // one slot per expert
     cfg.capacity_factor = o->capacity_factor;
     ValidateMoeConfig(cfg);
+    CheckThreadCount(o->threads);
     ThreadPool pool(o->threads);
     std::mt19937_64 rng(o->seed);
     MoeWeights<float> w;

@@ -81,8 +81,9 @@ Runner AddBenchTrain(CLI::App& app) {
   app.add_option("--seed", o->seed, "seed of the random tokens")->default_val(1);
   app.add_flag("--json", o->json, "print one JSON object");
   return [=]() {
-    if (o->batch < 1 || o->seq < 1 || o->steps < 1 || o->warmup < 0 || o->threads < 0)
-      Fail("--batch, --seq and --steps must be >= 1, --warmup and --threads >= 0");
+    if (o->batch < 1 || o->seq < 1 || o->steps < 1 || o->warmup < 0)
+      Fail("--batch, --seq and --steps must be >= 1, --warmup >= 0");
+    CheckThreadCount(o->threads);
     ModelParams<float> p = LoadParams<float>(o->model, /*allow_training_only=*/true);
     if (static_cast<uint32_t>(o->seq) > p.config.n_ctx_train)
       Fail("--seq %d is longer than the model's context of %u tokens", o->seq, p.config.n_ctx_train);

@@ -49,7 +49,8 @@ Runner AddEval(CLI::App& app) {
                  "distributions from the reference's, and how often their top tokens agree, on the scored positions");
   return [=]() {
     if (o->seq < 3) Fail("--seq must be >= 3 (got %d): positions seq/2 .. seq-2 are scored", o->seq);
-    if (o->threads < 0 || o->max_chunks < 0) Fail("--threads and --chunks must be >= 0");
+    CheckThreadCount(o->threads);
+    if (o->max_chunks < 0) Fail("--chunks must be >= 0");
     auto model = Model::Load(o->model);
     const ModelConfig& c = model->config();
     const Tokenizer& tok = model->tokenizer();

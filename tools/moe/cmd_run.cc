@@ -14,6 +14,7 @@
 #include "commands.h"
 #include "model/forward.h"
 #include "model/model.h"
+#include "runtime/generate.h"
 #include "runtime/sampler.h"
 #include "util/error.h"
 #include "util/threadpool.h"
@@ -77,6 +78,12 @@ int DoRun(const RunOptions& o) {
   auto model = Model::Load(o.model);
   const ModelConfig& c = model->config();
   const Tokenizer& tok = model->tokenizer();
+  GenerateOptions g;
+  g.n_predict = o.n_predict;
+  g.sampler = o.sampler;
+  g.ignore_eos = o.ignore_eos;
+  g.top_logprobs = o.top_logprobs;
+  ValidateGenerateOptions(g, static_cast<int>(c.n_vocab));  // before the prompt is read
   std::vector<int32_t> prompt;
   if (!o.prompt_ids.empty()) {
     prompt = ParseIds(o.prompt_ids);
@@ -84,18 +91,17 @@ int DoRun(const RunOptions& o) {
     prompt = tok.Encode(o.prompt, /*add_special=*/true);
     if (prompt.empty()) Fail("the prompt is empty after tokenization");
   }
-  if (o.n_predict < 0) Fail("-n must be >= 0");
-  if (o.top_logprobs < 0) Fail("--top-logprobs must be >= 0");
-  const int n_ctx = o.ctx > 0 ? o.ctx : static_cast<int>(prompt.size()) + o.n_predict + 1;
+  const int n_ctx = ContextSize(c, o.ctx, static_cast<int>(prompt.size()), o.teacher_forcing ? 0 : o.n_predict,
+                                [](const std::string& w) { std::fprintf(stderr, "moe: warning: %s\n", w.c_str()); });
   ThreadPool pool(o.threads);
   model->RepackForInference(pool);
   Forward fwd(*model, pool, n_ctx);
   const int V = static_cast<int>(c.n_vocab);
-  std::vector<float> logits;
   nlohmann::json out;
   out["prompt_tokens"] = prompt;
 
   if (o.teacher_forcing) {
+    std::vector<float> logits;
     const auto t0 = Clock::now();
     fwd.Eval(prompt.data(), static_cast<int>(prompt.size()), /*all_logits=*/true, &logits);
     const auto t1 = Clock::now();
@@ -109,46 +115,39 @@ int DoRun(const RunOptions& o) {
     return 0;
   }
 
-  Sampler sampler(o.sampler);
-  std::vector<int32_t> generated;
-  nlohmann::json top = nlohmann::json::array();
-  std::string text;
-  const auto t0 = Clock::now();
-  fwd.Eval(prompt.data(), static_cast<int>(prompt.size()), false, &logits);
-  const auto t1 = Clock::now();
-  for (int i = 0; i < o.n_predict; ++i) {
-    if (o.top_logprobs > 0) top.push_back(LogprobsJson(logits.data(), V, o.top_logprobs));
-    const int32_t id = sampler.Sample(logits.data(), V);
-    generated.push_back(id);
-    if (tok.HasVocab()) {
-      const std::string piece = tok.TokenToPiece(id);
-      text += piece;
-      if (!o.json) {
+  int shown = 0;
+  const GenerateResult r = Generate(fwd, tok, prompt, g, [&](int32_t id, const std::string& piece) {
+    if (!o.json) {  // stream to the terminal
+      if (tok.HasVocab()) {
         std::fwrite(piece.data(), 1, piece.size(), stdout);
-        std::fflush(stdout);
+      } else {
+        std::printf("%s%d", shown ? " " : "", id);
       }
-    } else if (!o.json) {
-      std::printf("%s%d", i ? " " : "", id);
       std::fflush(stdout);
     }
-    if (!o.ignore_eos && tok.IsEog(id)) break;
-    if (i + 1 < o.n_predict) fwd.Eval(&id, 1, false, &logits);
-  }
-  const auto t2 = Clock::now();
-  const int n_decoded = static_cast<int>(generated.size()) > 1 ? static_cast<int>(generated.size()) - 1 : 0;
+    ++shown;
+    return true;
+  });
+  const size_t n_gen = r.tokens.size();
+  const int n_decoded = n_gen > 1 ? static_cast<int>(n_gen) - 1 : 0;
   if (!o.json) {
     std::printf("\n");
     std::fflush(stdout);
     std::fprintf(stderr, "prefill: %zu tokens, %.1f tok/s; decode: %zu tokens, %.1f tok/s\n",
-                 prompt.size(), prompt.size() / Seconds(t0, t1), generated.size(),
-                 n_decoded ? n_decoded / Seconds(t1, t2) : 0.0);
+                 prompt.size(), prompt.size() / r.prefill_s, n_gen, n_decoded ? n_decoded / r.decode_s : 0.0);
     return 0;
   }
-  out["tokens"] = generated;
-  out["text"] = text;
+  nlohmann::json top = nlohmann::json::array();
+  for (const auto& pos : r.top) {
+    nlohmann::json arr = nlohmann::json::array();
+    for (const auto& [id, lp] : pos) arr.push_back({{"id", id}, {"logprob", lp}});
+    top.push_back(arr);
+  }
+  out["tokens"] = r.tokens;
+  out["text"] = r.text;
   out["top_logprobs"] = top;
-  out["prefill_tokens_per_s"] = prompt.size() / Seconds(t0, t1);
-  out["decode_tokens_per_s"] = n_decoded ? n_decoded / Seconds(t1, t2) : 0.0;
+  out["prefill_tokens_per_s"] = prompt.size() / r.prefill_s;
+  out["decode_tokens_per_s"] = n_decoded ? n_decoded / r.decode_s : 0.0;
   out["peak_rss_bytes"] = PeakRssBytes();
   std::printf("%s\n", out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
   return 0;
@@ -176,7 +175,7 @@ Runner AddRun(CLI::App& app) {
                "no generation: report the top log-probs after every prompt position (with --json)");
   return [=]() {
     if (o->prompt.empty() && o->prompt_ids.empty()) Fail("give a prompt with -p TEXT or --prompt-ids 1,2,3");
-    if (o->threads < 0) Fail("--threads must be >= 0");
+    CheckThreadCount(o->threads);
     return DoRun(*o);
   };
 }
@@ -200,6 +199,7 @@ Runner AddBench(CLI::App& app) {
     if (o->n_prompt < 1 || o->n_gen < 1 || o->reps < 1) Fail("-p, -n and -r must be >= 1");
     auto model = Model::Load(o->model);
     const int V = static_cast<int>(model->config().n_vocab);
+    CheckThreadCount(o->threads);
     ThreadPool pool(o->threads);
     model->RepackForInference(pool);
     Forward fwd(*model, pool, o->n_prompt + o->n_gen + 1);

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "commands.h"
+#include "util/threadpool.h"
 #include "formats/gguf.h"
 #include "tokenizer/spm_trainer.h"
 #include "train/data.h"
@@ -34,6 +35,7 @@ Runner AddTokenizer(CLI::App& app) {
     if (o->spm.vocab_size < 260 || o->spm.vocab_size > 1000000)
       Fail("--vocab %d must be in 260..1000000 (259 tokens are special and byte tokens)", o->spm.vocab_size);
     if (!(o->spm.character_coverage > 0 && o->spm.character_coverage <= 1)) Fail("--coverage must be in (0, 1]");
+    CheckThreadCount(o->spm.threads);
     CorpusStats st;
     std::vector<std::string> texts;
     for (Document& d : ReadDocuments(o->data, &st)) {

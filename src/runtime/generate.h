@@ -1,0 +1,50 @@
+// The generation loop shared by `moe run` and (later) `moe serve`: a prompt through a Forward,
+// then tokens sampled one at a time until n_predict, an end-of-generation token or a stop
+// callback; every option validated once, here, with one-line errors.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "model/forward.h"
+#include "runtime/sampler.h"
+#include "tokenizer/tokenizer.h"
+
+namespace moe {
+
+struct GenerateOptions {
+  int n_predict = 64;        // tokens to generate at most
+  SamplerConfig sampler;
+  bool ignore_eos = false;   // keep going after an end-of-generation token
+  int top_logprobs = 0;      // report the N most likely tokens at every generated position
+};
+
+// Throws moe::Error naming the first bad option: a temperature that is not a finite number >= 0,
+// top_k < 0, top_p outside (0, 1], n_predict < 0, top_logprobs outside 0..n_vocab.
+void ValidateGenerateOptions(const GenerateOptions& o, int n_vocab);
+
+// The KV cache length a generation needs: ctx when given (> 0; it must hold the prompt and at
+// least one more position), else prompt + n_predict + 1. Throws moe::Error when ctx < 0, when
+// the prompt does not fit, or when the cache would not fit in this machine's memory; warn
+// (may be null) hears about a context beyond the model's training context.
+int ContextSize(const ModelConfig& c, int ctx, int n_prompt, int n_predict,
+                const std::function<void(const std::string&)>& warn);
+
+struct GenerateResult {
+  std::vector<int32_t> tokens;  // generated, the end-of-generation token included when it came
+  std::string text;             // their pieces (empty without a vocabulary)
+  std::vector<std::vector<std::pair<int, double>>> top;  // top_logprobs per generated token
+  double prefill_s = 0, decode_s = 0;
+  bool stopped_by_eog = false;
+};
+
+// Evaluates the prompt on fwd (from its current position) and generates. on_token(id, piece),
+// if given, hears each token as it is chosen and returns false to stop there.
+GenerateResult Generate(Forward& fwd, const Tokenizer& tok, const std::vector<int32_t>& prompt,
+                        const GenerateOptions& o,
+                        const std::function<bool(int32_t, const std::string&)>& on_token = nullptr);
+
+}  // namespace moe
