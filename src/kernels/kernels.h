@@ -96,6 +96,13 @@ void SiluMul(const float* gate, const float* up, float* out, int64_t n);
 // k_stride and v_stride floats apart; s: n floats of scratch (left holding the probabilities).
 void Attend(const float* q, const float* K, int64_t k_stride, const float* V, int64_t v_stride, int64_t n,
             int64_t D, float scale, float* s, float* out);
+// Batch invariance of MatMul (process-wide, off by default; `moe serve` turns it on): a token's
+// products are then bitwise the same whatever other tokens share the call and wherever it sits
+// among them. The tile kernels always are; the row kernels give a lone token a faster two-chain
+// sum unless this is on (then it goes through the multi-token kernel, ~10-30% slower decode for
+// the row-layout types).
+void SetBatchInvariant(bool on);
+bool BatchInvariant();
 // The k largest of x[0..n) in descending order into idx; ties keep the lower index first.
 void TopK(const float* x, int n, int k, int* idx);
 

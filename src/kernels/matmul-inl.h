@@ -44,11 +44,13 @@
 #include <cmath>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "hwy/aligned_allocator.h"
 #include "hwy/cache_control.h"
 #include "hwy/highway.h"
 #include "kernels/iq_grid.h"
+#include "kernels/kernels.h"
 #include "tensor/dtype.h"
 #include "tensor/tensor.h"
 
@@ -1915,10 +1917,23 @@ HWY_INLINE void MmLoop(const uint8_t* W, size_t row_bytes, int64_t r0, int64_t r
     tile = static_cast<int64_t>(kMmTileBytes / (row_bytes ? row_bytes : 1));
     if (tile < 1) tile = 1;
   }
+  const bool invariant = BatchInvariant();
   for (int64_t rt = r0; rt < r1; rt += tile) {
     const int64_t rt_end = rt + tile < r1 ? rt + tile : r1;
     for (int64_t t0 = 0; t0 < n_tok; t0 += kMmTokGroup) {
       const int64_t nt = n_tok - t0 < kMmTokGroup ? n_tok - t0 : kMmTokGroup;
+      if (nt == 1 && invariant) {
+        // The one-token kernels split a row's sum over two accumulators (for decode speed),
+        // the multi-token ones do not: a lone token goes through the two-token kernel beside a
+        // copy of itself, so its result is the one it gets in any group.
+        const MmAct pair[2] = {acts[t0], acts[t0]};
+        const int64_t n = rt_end - rt;
+        thread_local std::vector<float> two;
+        two.resize(static_cast<size_t>(2 * n));
+        row_fn(2, W + static_cast<size_t>(rt) * row_bytes, n, row_bytes, pair, two.data(), n);
+        std::copy(two.begin(), two.begin() + n, y + t0 * y_stride + (rt - r0));
+        continue;
+      }
       row_fn(nt, W + static_cast<size_t>(rt) * row_bytes, rt_end - rt, row_bytes, acts + t0,
              y + t0 * y_stride + (rt - r0), y_stride);
     }

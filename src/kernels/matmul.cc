@@ -10,12 +10,20 @@
 #if HWY_ONCE
 #include <cstring>
 
+#include <atomic>
+
 #include "kernels/kernels.h"
 #include "util/error.h"
 
 namespace moe::kernels {
 
 HWY_EXPORT(MatMul);
+
+namespace {
+std::atomic<bool> g_batch_invariant{false};
+}  // namespace
+void SetBatchInvariant(bool on) { g_batch_invariant.store(on, std::memory_order_relaxed); }
+bool BatchInvariant() { return g_batch_invariant.load(std::memory_order_relaxed); }
 HWY_EXPORT(RepackLayout);
 
 void MatMul(DType w, const void* W, int64_t n_in, int64_t r0, int64_t r1, const void* xa,

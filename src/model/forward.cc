@@ -78,17 +78,25 @@ float AttentionScale(const ModelConfig& c) {
   return 1.0f * mscale * mscale / std::sqrt(static_cast<float>(c.n_embd_head_k));
 }
 
+KvCache::KvCache(const ModelConfig& c, int n_ctx) : n_ctx_(n_ctx) {
+  if (n_ctx < 1) Fail("a KV cache needs at least one position (got %d)", n_ctx);
+  // MLA: the latent cache only (values are its first Kr floats).
+  k_row_ = c.is_mla() ? c.KvFloatsPerLayer() : c.n_k();
+  v_row_ = c.is_mla() ? 0 : c.n_v();
+  k_.assign(static_cast<size_t>(c.n_layer) * n_ctx * k_row_, 0.0f);
+  v_.assign(static_cast<size_t>(c.n_layer) * n_ctx * v_row_, 0.0f);
+}
+
+namespace {
+int ResolveCtx(const ModelConfig& c, int n_ctx) {
+  return n_ctx > 0 ? n_ctx : static_cast<int>(std::min<uint32_t>(c.n_ctx_train ? c.n_ctx_train : 4096, 4096));
+}
+}  // namespace
+
 Forward::Forward(const Model& model, ThreadPool& pool, int n_ctx, int n_batch)
-    : model_(model), c_(model.config()), pool_(pool), n_ctx_(n_ctx), n_batch_(n_batch) {
+    : model_(model), c_(model.config()), pool_(pool), n_ctx_(ResolveCtx(model.config(), n_ctx)),
+      n_batch_(n_batch > 0 ? n_batch : 256), own_(model.config(), n_ctx_) {
   if (const std::string why = UnservableRouterReason(c_); !why.empty()) throw Error(why);
-  if (n_ctx_ <= 0) n_ctx_ = static_cast<int>(std::min<uint32_t>(c_.n_ctx_train ? c_.n_ctx_train : 4096, 4096));
-  if (n_batch_ <= 0) n_batch_ = 256;
-  if (c_.is_mla()) {  // the latent cache only: values are its first Kr floats
-    k_cache_.assign(static_cast<size_t>(c_.n_layer) * n_ctx_ * c_.KvFloatsPerLayer(), 0.0f);
-  } else {
-    k_cache_.assign(static_cast<size_t>(c_.n_layer) * n_ctx_ * c_.n_k(), 0.0f);
-    v_cache_.assign(static_cast<size_t>(c_.n_layer) * n_ctx_ * c_.n_v(), 0.0f);
-  }
   rope_ = RopeScalingOf(c_);
   kq_scale_ = AttentionScale(c_);
   scores_.resize(static_cast<size_t>(pool_.size()) * kAttnBlock * n_ctx_);
@@ -158,23 +166,64 @@ void Forward::SetMlaPlain(bool plain) {
   plain_kv_.resize(static_cast<size_t>(pool_.size()) * per_thread);
 }
 
-void Forward::Eval(const int32_t* tokens, int n, bool all_logits, std::vector<float>* logits) {
-  if (n <= 0) return;
-  if (n_past_ + n > n_ctx_)
-    Fail("context is full: %d tokens in the cache + %d new > context size %d (use a shorter prompt or fewer tokens)",
-         n_past_, n, n_ctx_);
+void Forward::CheckTokens(const int32_t* tokens, int n) const {
   for (int i = 0; i < n; ++i) {
     if (tokens[i] < 0 || static_cast<uint32_t>(tokens[i]) >= c_.n_vocab)
       Fail("token id %d is out of range: the vocabulary has %u tokens", tokens[i], c_.n_vocab);
   }
+}
+
+void Forward::Eval(const int32_t* tokens, int n, bool all_logits, std::vector<float>* logits) {
+  if (n <= 0) return;
+  if (own_.n_past() + n > own_.n_ctx())
+    Fail("context is full: %d tokens in the cache + %d new > context size %d (use a shorter prompt or fewer tokens)",
+         own_.n_past(), n, own_.n_ctx());
+  CheckTokens(tokens, n);
   logits->resize(static_cast<size_t>(all_logits ? n : 1) * c_.n_vocab);
+  std::vector<OutRow> outs;
   for (int b = 0; b < n; b += n_batch_) {
     const int m = std::min(n_batch_, n - b);
-    const bool last_chunk = b + m == n;
-    float* out = all_logits ? logits->data() + static_cast<size_t>(b) * c_.n_vocab
-                            : (last_chunk ? logits->data() : nullptr);
-    EvalChunk(tokens + b, m, all_logits, out);
+    outs.clear();
+    float* contiguous = nullptr;
+    if (all_logits) {
+      contiguous = logits->data() + static_cast<size_t>(b) * c_.n_vocab;
+      for (int t = 0; t < m; ++t) outs.push_back({t, contiguous + static_cast<size_t>(t) * c_.n_vocab});
+    } else if (b + m == n) {
+      contiguous = logits->data();
+      outs.push_back({m - 1, contiguous});
+    }
+    segments_.assign(1, Segment{&own_, 0, m});
+    EvalChunk(tokens + b, m, outs, contiguous);
   }
+}
+
+void Forward::EvalBatch(const SeqBatch* seqs, int n_seqs) {
+  int T = 0;
+  for (int i = 0; i < n_seqs; ++i) {
+    const SeqBatch& s = seqs[i];
+    if (s.cache == nullptr || s.n < 1) Fail("batch entry %d has no cache or no tokens", i);
+    if (s.cache->n_ctx() > n_ctx_)
+      Fail("batch entry %d: a cache of %d positions is longer than this forward's context (%d)", i,
+           s.cache->n_ctx(), n_ctx_);
+    if (s.cache->n_past() + s.n > s.cache->n_ctx())
+      Fail("context is full: %d tokens in the cache + %d new > context size %d", s.cache->n_past(), s.n,
+           s.cache->n_ctx());
+    for (int j = 0; j < i; ++j)
+      if (seqs[j].cache == s.cache) Fail("batch entries %d and %d share one cache", j, i);
+    CheckTokens(s.tokens, s.n);
+    T += s.n;
+  }
+  if (T > n_batch_) Fail("a batch of %d tokens is more than this forward's %d", T, n_batch_);
+  if (T == 0) return;
+  batch_tokens_.clear();
+  segments_.clear();
+  std::vector<OutRow> outs;
+  for (int i = 0; i < n_seqs; ++i) {
+    segments_.push_back({seqs[i].cache, static_cast<int>(batch_tokens_.size()), seqs[i].n});
+    batch_tokens_.insert(batch_tokens_.end(), seqs[i].tokens, seqs[i].tokens + seqs[i].n);
+    if (seqs[i].logits) outs.push_back({static_cast<int>(batch_tokens_.size()) - 1, seqs[i].logits});
+  }
+  EvalChunk(batch_tokens_.data(), T, outs, nullptr);
 }
 
 void Forward::Linear(const TensorView& W, const float* x, int T, float* y) {
@@ -224,7 +273,7 @@ void Forward::Linears(const TensorView* const* W, float* const* y, int n, const 
   });
 }
 
-void Forward::EvalChunk(const int32_t* tokens, int T, bool all_logits, float* logits) {
+void Forward::EvalChunk(const int32_t* tokens, int T, const std::vector<OutRow>& outs, float* contiguous) {
   const int64_t E = c_.n_embd;
   x_.resize(T * E);
   h_.resize(T * E);
@@ -255,21 +304,32 @@ void Forward::EvalChunk(const int32_t* tokens, int T, bool all_logits, float* lo
     // A NaN or Inf weight (or a hyper-parameter that overflows) stops here, named, instead of
     // flowing into the logits; one pass over the block's output, T x n_embd floats.
     for (int64_t i = 0; i < T * E; ++i) {
-      if (!std::isfinite(x_[i]))
+      if (!std::isfinite(x_[i])) {
+        const int row = static_cast<int>(i / E);
+        int pos = row;
+        for (const Segment& sg : segments_)
+          if (row >= sg.t0 && row < sg.t0 + sg.n) pos = sg.cache->n_past() + row - sg.t0;
         Fail("block %u gave a non-finite value (%s) for the token at position %d: the model's weights or "
              "hyper-parameters are broken (a NaN or Inf weight, or values that overflow float)",
-             il, std::isnan(x_[i]) ? "NaN" : "Inf", n_past_ + static_cast<int>(i / E));
+             il, std::isnan(x_[i]) ? "NaN" : "Inf", pos);
+      }
     }
   }
+  for (const Segment& sg : segments_) sg.cache->n_past_ += sg.n;
 
-  if (logits) {
-    const int first = all_logits ? 0 : T - 1;
-    const int n_out = T - first;
-    for (int t = first; t < T; ++t)
-      kernels::RmsNorm(F(x_, t * E), model_.output_norm->F32(), E, c_.rms_eps, F(h_, (t - first) * E));
-    Linear(*model_.output, h_.data(), n_out, logits);
+  if (!outs.empty()) {
+    const int n_out = static_cast<int>(outs.size());
+    for (int i = 0; i < n_out; ++i)
+      kernels::RmsNorm(F(x_, outs[i].row * E), model_.output_norm->F32(), E, c_.rms_eps, F(h_, i * E));
+    if (contiguous) {
+      Linear(*model_.output, h_.data(), n_out, contiguous);
+    } else {
+      out_logits_.resize(static_cast<size_t>(n_out) * c_.n_vocab);
+      Linear(*model_.output, h_.data(), n_out, out_logits_.data());
+      for (int i = 0; i < n_out; ++i)
+        std::memcpy(outs[i].dest, &out_logits_[static_cast<size_t>(i) * c_.n_vocab], c_.n_vocab * sizeof(float));
+    }
   }
-  n_past_ += T;
 }
 
 void Forward::Attention(int il, int T) {
@@ -286,67 +346,69 @@ void Forward::Attention(int il, int T) {
   float* qkv_out[3] = {q_.data(), k_.data(), v_.data()};
   Linears(qkv, qkv_out, 3, h_.data(), T);
   const bool neox = c_.rope_type == RopeType::kNeox;
-  for (int t = 0; t < T; ++t) {
-    float* q = F(q_, t * nq);
-    float* k = F(k_, t * nk);
-    if (L.bq) kernels::Add(q, L.bq->F32(), q, nq);
-    if (L.bk) kernels::Add(k, L.bk->F32(), k, nk);
-    if (L.bv) kernels::Add(F(v_, t * nv), L.bv->F32(), F(v_, t * nv), nv);
-    if (c_.qk_norm == QkNorm::kFull) {
-      kernels::RmsNorm(q, L.q_norm->F32(), nq, c_.rms_eps, q);
-      kernels::RmsNorm(k, L.k_norm->F32(), nk, c_.rms_eps, k);
-    } else if (c_.qk_norm == QkNorm::kPerHead) {
-      for (int h = 0; h < H; ++h) kernels::RmsNorm(q + h * D, L.q_norm->F32(), D, c_.rms_eps, q + h * D);
-      for (int h = 0; h < Hkv; ++h) kernels::RmsNorm(k + h * D, L.k_norm->F32(), D, c_.rms_eps, k + h * D);
+  for (const Segment& sg : segments_) {
+    for (int i = 0; i < sg.n; ++i) {
+      const int t = sg.t0 + i, pos = sg.cache->n_past() + i;
+      float* q = F(q_, t * nq);
+      float* k = F(k_, t * nk);
+      if (L.bq) kernels::Add(q, L.bq->F32(), q, nq);
+      if (L.bk) kernels::Add(k, L.bk->F32(), k, nk);
+      if (L.bv) kernels::Add(F(v_, t * nv), L.bv->F32(), F(v_, t * nv), nv);
+      if (c_.qk_norm == QkNorm::kFull) {
+        kernels::RmsNorm(q, L.q_norm->F32(), nq, c_.rms_eps, q);
+        kernels::RmsNorm(k, L.k_norm->F32(), nk, c_.rms_eps, k);
+      } else if (c_.qk_norm == QkNorm::kPerHead) {
+        for (int h = 0; h < H; ++h) kernels::RmsNorm(q + h * D, L.q_norm->F32(), D, c_.rms_eps, q + h * D);
+        for (int h = 0; h < Hkv; ++h) kernels::RmsNorm(k + h * D, L.k_norm->F32(), D, c_.rms_eps, k + h * D);
+      }
+      kernels::Rope(q, H, D, static_cast<int>(c_.n_rot), pos, c_.rope_freq_base, neox, rope_);
+      kernels::Rope(k, Hkv, D, static_cast<int>(c_.n_rot), pos, c_.rope_freq_base, neox, rope_);
+      std::memcpy(sg.cache->K(il) + static_cast<size_t>(pos) * nk, k, nk * sizeof(float));
+      std::memcpy(sg.cache->V(il) + static_cast<size_t>(pos) * nv, F(v_, t * nv), nv * sizeof(float));
     }
-    const int pos = n_past_ + t;
-    kernels::Rope(q, H, D, static_cast<int>(c_.n_rot), pos, c_.rope_freq_base, neox, rope_);
-    kernels::Rope(k, Hkv, D, static_cast<int>(c_.n_rot), pos, c_.rope_freq_base, neox, rope_);
-    float* kc = k_cache_.data() + (static_cast<size_t>(il) * n_ctx_ + pos) * nk;
-    float* vc = v_cache_.data() + (static_cast<size_t>(il) * n_ctx_ + pos) * nv;
-    std::memcpy(kc, k, nk * sizeof(float));
-    std::memcpy(vc, F(v_, t * nv), nv * sizeof(float));
   }
   const float scale = kq_scale_;
-  const float* K = k_cache_.data() + static_cast<size_t>(il) * n_ctx_ * nk;
-  const float* V = v_cache_.data() + static_cast<size_t>(il) * n_ctx_ * nv;
   const int group = H / Hkv;
-  if (T < kAttnBlock) {
-    // Few queries (decode): one (token, head) pair per work item.
-    pool_.ParallelFor(static_cast<int64_t>(T) * H, 1, [&](int64_t b, int64_t e, int thread) {
-      float* s = scores_.data() + static_cast<size_t>(thread) * kAttnBlock * n_ctx_;  // [n_kv]
-      for (int64_t item = b; item < e; ++item) {
-        const int t = static_cast<int>(item / H), h = static_cast<int>(item % H);
-        const int g = h / group;
-        const int n_kv = n_past_ + t + 1;
-        kernels::Attend(q_.data() + t * nq + h * D, K + g * D, nk, V + g * D, nv, n_kv, D, scale, s,
-                        att_.data() + t * nq + h * D);
-      }
-    });
-  } else {
-    // Prefill: per (head, block of kAttnBlock queries), the scores of every key any of them
-    // sees as one GEMM (Q K^T), masked causally and normalised row by row, then P V as another.
-    const int blocks = (T + kAttnBlock - 1) / kAttnBlock;
-    pool_.ParallelFor(static_cast<int64_t>(blocks) * H, 1, [&](int64_t b, int64_t e, int thread) {
-      float* S = scores_.data() + static_cast<size_t>(thread) * kAttnBlock * n_ctx_;  // [rows][n_keys]
-      for (int64_t item = b; item < e; ++item) {
-        const int h = static_cast<int>(item % H), t0 = static_cast<int>(item / H) * kAttnBlock;
-        const int rows = std::min(kAttnBlock, T - t0), g = h / group;
-        const int n_keys = n_past_ + t0 + rows;  // the last query's keys
-        kernels::Gemm(kernels::GemmOp::kNT, rows, n_keys, D, q_.data() + t0 * nq + h * D, static_cast<int>(nq),
-                      K + g * D, static_cast<int>(nk), S, n_keys, false);
-        for (int i = 0; i < rows; ++i) {
-          float* s = S + static_cast<size_t>(i) * n_keys;
-          const int n_kv = n_past_ + t0 + i + 1;
-          for (int j = 0; j < n_kv; ++j) s[j] *= scale;
-          kernels::Softmax(s, n_kv);
-          std::fill(s + n_kv, s + n_keys, 0.0f);
-        }
-        kernels::Gemm(kernels::GemmOp::kNN, rows, D, n_keys, S, n_keys, V + g * D, static_cast<int>(nv),
-                      att_.data() + t0 * nq + h * D, static_cast<int>(nq), false);
-      }
-    });
+  // Work items per sequence: fewer than kAttnBlock new tokens (decode) take one (token, head)
+  // each and kernels::Attend; more take (block of kAttnBlock queries, head) and two GEMMs, the
+  // scores of every key any query of the block sees (Q K^T), masked causally and normalised row
+  // by row, then P V. The path is the sequence's own, whatever else is in the batch.
+  attn_items_.clear();
+  for (int si = 0; si < static_cast<int>(segments_.size()); ++si) {
+    const Segment& sg = segments_[si];
+    const bool batched = sg.n >= kAttnBlock;
+    const int step = batched ? kAttnBlock : 1;
+    for (int i = 0; i < sg.n; i += step)
+      for (int h = 0; h < H; ++h) attn_items_.push_back({si, sg.t0 + i, std::min(step, sg.n - i), h, batched});
   }
+  pool_.ParallelFor(static_cast<int64_t>(attn_items_.size()), 1, [&](int64_t b, int64_t e, int thread) {
+    float* S = scores_.data() + static_cast<size_t>(thread) * kAttnBlock * n_ctx_;  // [rows][n_keys]
+    for (int64_t item = b; item < e; ++item) {
+      const AttnItem& it = attn_items_[item];
+      const Segment& sg = segments_[it.seg];
+      const float* K = sg.cache->K(il);
+      const float* V = sg.cache->V(il);
+      const int g = it.head / group, first = sg.cache->n_past() + (it.t - sg.t0);  // first query's position
+      float* out = att_.data() + it.t * nq + it.head * D;
+      const float* q = q_.data() + it.t * nq + it.head * D;
+      if (!it.batched) {
+        kernels::Attend(q, K + g * D, nk, V + g * D, nv, first + 1, D, scale, S, out);
+        continue;
+      }
+      const int n_keys = first + it.rows;  // the last query's keys
+      kernels::Gemm(kernels::GemmOp::kNT, it.rows, n_keys, D, q, static_cast<int>(nq), K + g * D,
+                    static_cast<int>(nk), S, n_keys, false);
+      for (int i = 0; i < it.rows; ++i) {
+        float* s = S + static_cast<size_t>(i) * n_keys;
+        const int n_kv = first + i + 1;
+        for (int j = 0; j < n_kv; ++j) s[j] *= scale;
+        kernels::Softmax(s, n_kv);
+        std::fill(s + n_kv, s + n_keys, 0.0f);
+      }
+      kernels::Gemm(kernels::GemmOp::kNN, it.rows, D, n_keys, S, n_keys, V + g * D, static_cast<int>(nv), out,
+                    static_cast<int>(nq), false);
+    }
+  });
   Linear(*L.wo, att_.data(), T, tmp_.data());  // [T][n_embd]
   (void)E;
 }
@@ -409,14 +471,16 @@ void Forward::MlaAttention(int il, int T) {
   }
   // RoPE on each head's last Dr dims and on the shared key part; the cache takes the normalised
   // latent and the rotated key.
-  for (int t = 0; t < T; ++t) {
-    const int pos = n_past_ + t;
-    kernels::Rope(F(q_, t * H * Dk + Dn), static_cast<int>(H), static_cast<int>(Dk), static_cast<int>(Dr), pos,
-                  c_.rope_freq_base, false, rope_);
-    float* kc = k_cache_.data() + (static_cast<size_t>(il) * n_ctx_ + pos) * W;
-    kernels::RmsNorm(F(kva_, t * W), L.kv_a_norm->F32(), Kr, c_.rms_eps, kc);
-    std::memcpy(kc + Kr, F(kva_, t * W + Kr), Dr * sizeof(float));
-    kernels::Rope(kc + Kr, 1, static_cast<int>(Dr), static_cast<int>(Dr), pos, c_.rope_freq_base, false, rope_);
+  for (const Segment& sg : segments_) {
+    for (int i = 0; i < sg.n; ++i) {
+      const int t = sg.t0 + i, pos = sg.cache->n_past() + i;
+      kernels::Rope(F(q_, t * H * Dk + Dn), static_cast<int>(H), static_cast<int>(Dk), static_cast<int>(Dr), pos,
+                    c_.rope_freq_base, false, rope_);
+      float* kc = sg.cache->K(il) + static_cast<size_t>(pos) * W;
+      kernels::RmsNorm(F(kva_, t * W), L.kv_a_norm->F32(), Kr, c_.rms_eps, kc);
+      std::memcpy(kc + Kr, F(kva_, t * W + Kr), Dr * sizeof(float));
+      kernels::Rope(kc + Kr, 1, static_cast<int>(Dr), static_cast<int>(Dr), pos, c_.rope_freq_base, false, rope_);
+    }
   }
   if (mla_plain_) {
     MlaPlain(il, T);
@@ -439,20 +503,30 @@ void Forward::MlaAbsorbed(int il, int T) {
   att_.resize(static_cast<size_t>(T * H * Dv));
   HeadLinears(*L.wk_b, q_.data(), H * Dk, Dk, T, qabs_.data(), H * W, W);  // q_nope -> latent space
   for (int64_t g = 0; g < T * H; ++g) std::memcpy(F(qabs_, g * W + Kr), F(q_, g * Dk + Dn), Dr * sizeof(float));
-  const float* C = k_cache_.data() + static_cast<size_t>(il) * n_ctx_ * W;
-  const int64_t rows_all = T * H;
-  const int64_t per = std::clamp<int64_t>((rows_all + pool_.size() - 1) / pool_.size(), 1, kAttnBlock);
-  const int64_t blocks = (rows_all + per - 1) / per;
-  pool_.ParallelFor(blocks, 1, [&](int64_t b, int64_t e, int thread) {
+  // Blocks of (token, head) rows within one sequence (a row's GEMM results do not depend on its
+  // block-mates): each sequence's rows split over the threads, at most kAttnBlock per block.
+  attn_items_.clear();
+  for (int si = 0; si < static_cast<int>(segments_.size()); ++si) {
+    const Segment& sg = segments_[si];
+    const int64_t rows_all = sg.n * H;
+    const int64_t per = std::clamp<int64_t>((rows_all + pool_.size() - 1) / pool_.size(), 1, kAttnBlock);
+    for (int64_t g0 = 0; g0 < rows_all; g0 += per)
+      attn_items_.push_back({si, static_cast<int>(sg.t0 * H + g0), static_cast<int>(std::min(per, rows_all - g0)), 0, true});
+  }
+  pool_.ParallelFor(static_cast<int64_t>(attn_items_.size()), 1, [&](int64_t b, int64_t e, int thread) {
     float* S = scores_.data() + static_cast<size_t>(thread) * kAttnBlock * n_ctx_;  // [rows][n_keys]
-    for (int64_t blk = b; blk < e; ++blk) {
-      const int64_t g0 = blk * per, rows = std::min(per, rows_all - g0);
-      const int n_keys = n_past_ + static_cast<int>((g0 + rows - 1) / H) + 1;  // the last row's keys
+    for (int64_t item = b; item < e; ++item) {
+      const AttnItem& it = attn_items_[item];
+      const Segment& sg = segments_[it.seg];
+      const float* C = sg.cache->K(il);
+      const int64_t g0 = it.t, rows = it.rows;  // global (token, head) rows g = t * H + h
+      const int base = sg.cache->n_past() - sg.t0;  // position = base + token row
+      const int n_keys = base + static_cast<int>((g0 + rows - 1) / H) + 1;  // the last row's keys
       kernels::Gemm(kernels::GemmOp::kNT, static_cast<int>(rows), n_keys, static_cast<int>(W), F(qabs_, g0 * W),
                     static_cast<int>(W), C, static_cast<int>(W), S, n_keys, false);
       for (int64_t i = 0; i < rows; ++i) {
         float* s = S + i * n_keys;
-        const int n_kv = n_past_ + static_cast<int>((g0 + i) / H) + 1;
+        const int n_kv = base + static_cast<int>((g0 + i) / H) + 1;
         for (int j = 0; j < n_kv; ++j) s[j] *= kq_scale_;
         kernels::Softmax(s, n_kv);
         std::fill(s + n_kv, s + n_keys, 0.0f);
@@ -471,15 +545,21 @@ void Forward::MlaPlain(int il, int T) {
   const int64_t H = c_.n_head, Dk = c_.n_embd_head_k, Dn = c_.qk_nope(), Dr = c_.n_rot, Dv = c_.n_embd_head_v;
   const int64_t Kr = c_.n_lora_kv, W = Kr + Dr;
   att_.resize(static_cast<size_t>(T * H * Dv));
-  const float* C = k_cache_.data() + static_cast<size_t>(il) * n_ctx_ * W;
-  const int blocks = (T + kAttnBlock - 1) / kAttnBlock;
-  pool_.ParallelFor(static_cast<int64_t>(blocks) * H, 1, [&](int64_t b, int64_t e, int thread) {
+  attn_items_.clear();
+  for (int si = 0; si < static_cast<int>(segments_.size()); ++si)
+    for (int i = 0; i < segments_[si].n; i += kAttnBlock)
+      for (int h = 0; h < H; ++h)
+        attn_items_.push_back({si, segments_[si].t0 + i, std::min(kAttnBlock, segments_[si].n - i), h, true});
+  pool_.ParallelFor(static_cast<int64_t>(attn_items_.size()), 1, [&](int64_t b, int64_t e, int thread) {
     float* S = scores_.data() + static_cast<size_t>(thread) * kAttnBlock * n_ctx_;
     float* Kp = plain_kv_.data() + static_cast<size_t>(thread) * n_ctx_ * (Dk + Dv);  // [n_keys][Dk]
     for (int64_t item = b; item < e; ++item) {
-      const int64_t h = item % H;
-      const int t0 = static_cast<int>(item / H) * kAttnBlock, rows = std::min(kAttnBlock, T - t0);
-      const int n_keys = n_past_ + t0 + rows;
+      const AttnItem& it = attn_items_[item];
+      const Segment& sg = segments_[it.seg];
+      const float* C = sg.cache->K(il);
+      const int64_t h = it.head;
+      const int t0 = it.t, rows = it.rows, first = sg.cache->n_past() + (it.t - sg.t0);
+      const int n_keys = first + rows;
       float* Vp = Kp + static_cast<size_t>(n_keys) * Dk;  // [n_keys][Dv]
       const float* kb = mla_kb_[il].data() + h * Kr * Dn;  // [Kr][Dn]
       const float* vb = mla_vb_[il].data() + h * Dv * Kr;  // [Dv][Kr]
@@ -492,7 +572,7 @@ void Forward::MlaPlain(int il, int T) {
                     static_cast<int>(H * Dk), Kp, static_cast<int>(Dk), S, n_keys, false);
       for (int i = 0; i < rows; ++i) {
         float* s = S + static_cast<size_t>(i) * n_keys;
-        const int n_kv = n_past_ + t0 + i + 1;
+        const int n_kv = first + i + 1;
         for (int j = 0; j < n_kv; ++j) s[j] *= kq_scale_;
         kernels::Softmax(s, n_kv);
         std::fill(s + n_kv, s + n_keys, 0.0f);

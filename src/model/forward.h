@@ -20,6 +20,36 @@ namespace moe {
 kernels::RopeScaling RopeScalingOf(const ModelConfig& c);
 float AttentionScale(const ModelConfig& c);
 
+// One sequence's KV cache: the keys and values (MLA: the latent rows) of positions
+// 0 .. n_past()-1 of every layer, for up to n_ctx positions. Forward owns one for its
+// single-sequence API; a server gives each of its sequences its own (Forward::EvalBatch).
+class KvCache {
+ public:
+  KvCache(const ModelConfig& c, int n_ctx);
+  int n_past() const { return n_past_; }
+  int n_ctx() const { return n_ctx_; }
+  void Reset() { n_past_ = 0; }
+  size_t Bytes() const { return (k_.size() + v_.size()) * sizeof(float); }
+
+ private:
+  friend class Forward;
+  float* K(uint32_t layer) { return k_.data() + static_cast<size_t>(layer) * n_ctx_ * k_row_; }
+  float* V(uint32_t layer) { return v_.data() + static_cast<size_t>(layer) * n_ctx_ * v_row_; }
+  std::vector<float> k_, v_;
+  size_t k_row_ = 0, v_row_ = 0;  // floats per position and layer
+  int n_ctx_ = 0;
+  int n_past_ = 0;
+};
+
+// One sequence's part of a batch: n tokens appended to its cache; logits, if not null, receives
+// the last token's [n_vocab].
+struct SeqBatch {
+  KvCache* cache = nullptr;
+  const int32_t* tokens = nullptr;
+  int n = 0;
+  float* logits = nullptr;
+};
+
 class Forward {
  public:
   // n_ctx: KV cache length in tokens (0 = the model's training context, capped at 4096).
@@ -30,6 +60,13 @@ class Forward {
   // all_logits: logits of every position go to logits [n][n_vocab]; else only the last
   // position's [n_vocab]. Throws moe::Error if a token id is out of range or the context is full.
   void Eval(const int32_t* tokens, int n, bool all_logits, std::vector<float>* logits);
+
+  // Several sequences in one pass: their tokens (at most n_batch in all; each cache's n_ctx at
+  // most this Forward's) go through every layer together, the routed experts grouped across
+  // sequences, attention per sequence over its own cache. Each token's result is the same as in
+  // any other batch up to the kernels' batch invariance (kernels::SetBatchInvariant): attention
+  // takes the batched or the per-token path by the sequence's own n, never by the batch's.
+  void EvalBatch(const SeqBatch* seqs, int n_seqs);
 
   // Called after each MoE layer routes a chunk of tokens (telemetry, tests): the layer, the
   // chunk's router logits [n_tokens][R] (nullptr for hash routing), its token ids and the plan.
@@ -50,14 +87,28 @@ class Forward {
   // function; tests compare them. Plain needs the weights in the file's layout (no repacking).
   void SetMlaPlain(bool plain);
 
-  int n_past() const { return n_past_; }
+  int n_past() const { return own_.n_past(); }
   int n_ctx() const { return n_ctx_; }
+  int n_batch() const { return n_batch_; }
   uint32_t n_vocab() const { return c_.n_vocab; }
-  void Reset() { n_past_ = 0; }
-  size_t KvCacheBytes() const { return (k_cache_.size() + v_cache_.size()) * sizeof(float); }
+  void Reset() { own_.Reset(); }
+  size_t KvCacheBytes() const { return own_.Bytes(); }
 
  private:
-  void EvalChunk(const int32_t* tokens, int n, bool all_logits, float* logits);
+  // A run of the chunk's rows that belongs to one sequence.
+  struct Segment {
+    KvCache* cache;
+    int t0, n;
+  };
+  // Where the logits of a row go.
+  struct OutRow {
+    int row;
+    float* dest;
+  };
+  // The chunk's T rows (segments_ set) through every layer; then the logits of outs (contiguous:
+  // they are consecutive rows whose destinations follow each other from contiguous).
+  void EvalChunk(const int32_t* tokens, int T, const std::vector<OutRow>& outs, float* contiguous);
+  void CheckTokens(const int32_t* tokens, int n) const;
   void Attention(int layer, int T);
   // deepseek2's multi-head latent attention: q and the latent KV, the cache, attention (absorbed
   // or plain), the output projection into tmp_.
@@ -85,12 +136,16 @@ class Forward {
   ThreadPool& pool_;
   int n_ctx_;
   int n_batch_;
-  int n_past_ = 0;
 
-  // [n_layer][n_ctx][n_k] and [n_layer][n_ctx][n_v]; MLA: k_cache_ [n_layer][n_ctx][Kr + Dr]
-  // (the normalised latent, then the rotated key part), which is also the values' source.
-  std::vector<float> k_cache_;
-  std::vector<float> v_cache_;
+  KvCache own_;                  // the single-sequence API's cache
+  std::vector<Segment> segments_;  // the current chunk's sequences
+  struct AttnItem {  // attention work: rows of a sequence (queries, or MLA's (token, head) rows)
+    int seg, t, rows, head;
+    bool batched;
+  };
+  std::vector<AttnItem> attn_items_;
+  std::vector<int32_t> batch_tokens_;  // EvalBatch: the sequences' tokens, concatenated
+  std::vector<float> out_logits_;      // EvalBatch: logits before they go to each sequence
   kernels::RopeScaling rope_;   // the model's RoPE scaling (RopeScalingOf)
   float kq_scale_ = 1.0f;       // scale of the attention scores
   bool mla_plain_ = false;

@@ -15,6 +15,7 @@
 
 #include "kernels/kernels.h"
 #include "model/init.h"
+#include "runtime/sampler.h"
 #include "util/error.h"
 #include "test_dir.h"
 
@@ -293,6 +294,81 @@ TEST(Forward, BadTokenAndFullContextAreErrors) {
   EXPECT_THROW(f.Eval(toks, 5, false, &logits), Error);
   f.Eval(toks, 4, false, &logits);
   EXPECT_EQ(logits.size(), 300u);
+}
+
+// Batch invariance (the server's promise): with kernels::SetBatchInvariant on, each sequence's
+// logits are bitwise the same whether it runs alone or beside others, whatever the others are
+// (a 40-token prompt takes batched attention, short ones the per-token path), and whatever
+// position it has in the batch; sequences join and leave between steps.
+void CheckBatchInvariance(const std::string& path) {
+  SCOPED_TRACE(path);
+  kernels::SetBatchInvariant(true);
+  auto model = Model::Load(path);
+  ThreadPool pool(2);
+  model->RepackForInference(pool);
+  const int V = static_cast<int>(model->config().n_vocab);
+  Forward f(*model, pool, 96, 64);
+  std::mt19937 rng(7);
+  const std::vector<int> lengths = {5, 40, 9};
+  std::vector<std::vector<int32_t>> prompts;
+  for (int n : lengths) {
+    std::vector<int32_t> p(n);
+    for (auto& t : p) t = static_cast<int32_t>(rng() % V);
+    prompts.push_back(p);
+  }
+  const int kSteps = 5;
+  // Alone: prompt, then greedy decode steps; logits per step.
+  std::vector<std::vector<std::vector<float>>> alone(prompts.size());
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    KvCache cache(model->config(), 96);
+    std::vector<float> logits(V);
+    SeqBatch b{&cache, prompts[i].data(), static_cast<int>(prompts[i].size()), logits.data()};
+    f.EvalBatch(&b, 1);
+    alone[i].push_back(logits);
+    for (int step = 0; step < kSteps; ++step) {
+      const int32_t tok = Argmax(logits.data(), V);
+      SeqBatch d{&cache, &tok, 1, logits.data()};
+      f.EvalBatch(&d, 1);
+      alone[i].push_back(logits);
+    }
+  }
+  // Together, in reverse order, sequence 0 joining one step late and sequence 2 skipping one.
+  std::vector<std::unique_ptr<KvCache>> caches;
+  for (size_t i = 0; i < prompts.size(); ++i) caches.push_back(std::make_unique<KvCache>(model->config(), 96));
+  std::vector<std::vector<float>> logits(prompts.size(), std::vector<float>(V));
+  std::vector<int> done(prompts.size(), -1);  // steps evaluated (-1: prompt not yet)
+  std::vector<int32_t> next(prompts.size());
+  for (int round = 0; round < kSteps + 3; ++round) {
+    std::vector<SeqBatch> batch;
+    for (int i = static_cast<int>(prompts.size()) - 1; i >= 0; --i) {
+      if (i == 0 && round == 0) continue;  // joins late
+      if (i == 2 && round == 2) continue;  // sits one step out
+      if (done[i] >= kSteps) continue;
+      if (done[i] < 0) {
+        batch.push_back({caches[i].get(), prompts[i].data(), static_cast<int>(prompts[i].size()), logits[i].data()});
+      } else {
+        next[i] = Argmax(logits[i].data(), V);
+        batch.push_back({caches[i].get(), &next[i], 1, logits[i].data()});
+      }
+    }
+    if (batch.empty()) break;
+    f.EvalBatch(batch.data(), static_cast<int>(batch.size()));
+    for (const SeqBatch& b : batch) {
+      const int i = static_cast<int>(std::find_if(caches.begin(), caches.end(),
+                                                  [&](const auto& c) { return c.get() == b.cache; }) - caches.begin());
+      ++done[i];
+      ASSERT_EQ(logits[i], alone[i][done[i]]) << "sequence " << i << " step " << done[i];
+    }
+  }
+  for (size_t i = 0; i < prompts.size(); ++i) EXPECT_EQ(done[i], kSteps) << "sequence " << i;
+  kernels::SetBatchInvariant(false);
+}
+
+TEST(Forward, BatchedSequencesAreBitwiseTheirOwn) {
+  CheckBatchInvariance(MakeModel(Arch::kLlama, DType::kF32, "bi_f32", 64, 64, 4, 2));    // float rows kernel
+  CheckBatchInvariance(MakeModel(Arch::kLlama, DType::kQ4_1, "bi_q41", 128, 96, 4, 4));  // int rows kernel
+  CheckBatchInvariance(MakeModel(Arch::kQwen2Moe, DType::kQ8_0, "bi_q8", 128, 128, 4, 2, 64));  // tiles (VNNI)
+  CheckBatchInvariance(MakeDeepseek("bi_deepseek2", DType::kF32, 48, false, true));     // MLA
 }
 
 // A copy of a model file with some keys replaced (SetValue of the same name) and a tensor's data
