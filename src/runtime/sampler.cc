@@ -57,12 +57,16 @@ int Sampler::Sample(const float* logits, int n_vocab) {
   return cand_[n - 1].second;
 }
 
-std::vector<std::pair<int, double>> TopLogprobs(const float* logits, int n_vocab, int n) {
+double LogSumExp(const float* logits, int n_vocab) {
   double mx = logits[0];
   for (int i = 1; i < n_vocab; ++i) mx = std::max(mx, static_cast<double>(logits[i]));
   double sum = 0;
   for (int i = 0; i < n_vocab; ++i) sum += std::exp(logits[i] - mx);
-  const double lse = mx + std::log(sum);
+  return mx + std::log(sum);
+}
+
+std::vector<std::pair<int, double>> TopLogprobs(const float* logits, int n_vocab, int n) {
+  const double lse = LogSumExp(logits, n_vocab);
   n = std::min(n, n_vocab);
   std::vector<int> idx(n_vocab);
   for (int i = 0; i < n_vocab; ++i) idx[i] = i;

@@ -31,6 +31,9 @@ class Sampler {
 // softmax of the raw logits (computed in double), best first.
 std::vector<std::pair<int, double>> TopLogprobs(const float* logits, int n_vocab, int n);
 
+// log sum_i exp(logits[i]), in double: a token's log-probability is logits[id] - this.
+double LogSumExp(const float* logits, int n_vocab);
+
 // Index of the largest logit (lowest index on ties).
 int Argmax(const float* logits, int n_vocab);
 

@@ -21,6 +21,7 @@ inline double Median(std::vector<double> v) {
 Runner AddInit(CLI::App& app);
 Runner AddInspect(CLI::App& app);
 Runner AddRun(CLI::App& app);
+Runner AddServe(CLI::App& app);
 Runner AddBench(CLI::App& app);
 Runner AddBenchLayer(CLI::App& app);
 Runner AddTrain(CLI::App& app);

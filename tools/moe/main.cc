@@ -27,6 +27,7 @@ int main(int argc, char** argv) {
   add("init", "write a randomly initialised MoE model (GGUF)", moe::cli::AddInit);
   add("inspect", "show a model's architecture, tensors and bytes per token", moe::cli::AddInspect);
   add("run", "generate text (or token ids) from a model", moe::cli::AddRun);
+  add("serve", "an OpenAI-compatible HTTP server with continuous batching", moe::cli::AddServe);
   add("bench", "measure prefill and decode speed on random tokens", moe::cli::AddBench);
   add("bench-machine", "this machine's ceilings: memory read bandwidth, fp32 and int8 rates", moe::cli::AddBenchMachine);
   add("bench-layer", "time one MoE layer forward and backward", moe::cli::AddBenchLayer);

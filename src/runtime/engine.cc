@@ -1,0 +1,217 @@
+#include "runtime/engine.h"
+
+#include <algorithm>
+#include <chrono>
+
+#include "kernels/kernels.h"
+#include "util/error.h"
+#include "util/threadpool.h"
+
+namespace moe {
+
+namespace {
+int ResolveEngineCtx(const ModelConfig& c, const EngineConfig& cfg) {
+  if (cfg.parallel < 1 || cfg.parallel > 256) Fail("--parallel %d must be in 1..256", cfg.parallel);
+  if (cfg.chunk < 1 || cfg.chunk > 4096) Fail("the prefill chunk %d must be in 1..4096", cfg.chunk);
+  if (cfg.max_queue < 0) Fail("the queue bound must be >= 0");
+  if (cfg.ctx < 0) Fail("--ctx-size %d must be >= 0 (0 = the model's context, at most 4096)", cfg.ctx);
+  const int ctx = cfg.ctx > 0 ? cfg.ctx : static_cast<int>(std::min<uint32_t>(c.n_ctx_train, 4096));
+  const double kv = static_cast<double>(ctx) * cfg.parallel * static_cast<double>(c.KvBytesPerPosition());
+  if (const uint64_t mem = PhysicalMemoryBytes(); mem > 0 && kv > static_cast<double>(mem))
+    Fail("--parallel %d sequences of --ctx-size %d need %.1f GiB of KV cache, more than this machine's %.1f GiB",
+         cfg.parallel, ctx, kv / 1073741824.0, static_cast<double>(mem) / 1073741824.0);
+  return ctx;
+}
+using Clock = std::chrono::steady_clock;
+}  // namespace
+
+Engine::Engine(const Model& model, ThreadPool& pool, const EngineConfig& cfg)
+    : model_(model), cfg_(cfg), ctx_(ResolveEngineCtx(model.config(), cfg)),
+      fwd_(model, pool, ctx_, cfg.parallel + cfg.chunk) {
+  kernels::SetBatchInvariant(true);
+  const ModelConfig& c = model.config();
+  load_.assign(c.n_layer, std::vector<int64_t>(c.n_expert, 0));
+  fwd_.SetRoutingObserver([this](int layer, int, const float*, const int32_t*, const RoutingPlan& plan) {
+    std::vector<int64_t>& l = load_[layer];
+    for (size_t e = 0; e < l.size() && e < plan.tokens_per_expert.size(); ++e) l[e] += plan.tokens_per_expert[e];
+  });
+  thread_ = std::thread([this] { Loop(); });
+}
+
+Engine::~Engine() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  thread_.join();
+}
+
+void Engine::Submit(EngineRequest r) {
+  const int V = static_cast<int>(model_.config().n_vocab);
+  ValidateGenerateOptions(r.options, V);
+  if (r.prompt.empty()) Fail("the prompt is empty");
+  for (int32_t t : r.prompt)
+    if (t < 0 || t >= V) Fail("token id %d is out of range: the vocabulary has %d tokens", t, V);
+  const int64_t need = static_cast<int64_t>(r.prompt.size()) + std::max(r.options.n_predict, 1) - 1;
+  if (need > ctx_)
+    Fail("the prompt (%zu tokens) and max_tokens (%d) need %lld positions, more than the context of %d",
+         r.prompt.size(), r.options.n_predict, static_cast<long long>(need), ctx_);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stop_) Fail("the server is shutting down");
+    if (static_cast<int>(queue_.size()) >= cfg_.max_queue) Fail("the queue is full (%d waiting requests)", cfg_.max_queue);
+    queue_.push_back(std::move(r));
+    stats_.queue_depth = static_cast<int>(queue_.size());
+  }
+  cv_.notify_one();
+}
+
+EngineStats Engine::Stats() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return stats_;
+}
+
+void Engine::Finish(Slot& s, const std::string& reason, const std::string& error) {
+  FinishInfo f;
+  f.reason = reason;
+  f.error = error;
+  f.prompt_tokens = static_cast<int>(s.req.prompt.size());
+  f.completion_tokens = s.generated;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (reason == "error") {
+      ++stats_.requests_failed;
+    } else {
+      ++stats_.requests_finished;
+    }
+  }
+  s.done = true;
+  if (s.req.on_finish) s.req.on_finish(f);
+}
+
+void Engine::Loop() {
+  std::vector<std::unique_ptr<Slot>> active;
+  std::vector<std::unique_ptr<KvCache>> free_caches;
+  for (;;) {
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait(lock, [&] { return stop_ || !queue_.empty() || !active.empty(); });
+      if (stop_) break;
+      while (static_cast<int>(active.size()) < cfg_.parallel && !queue_.empty()) {
+        auto s = std::make_unique<Slot>();
+        s->req = std::move(queue_.front());
+        queue_.pop_front();
+        active.push_back(std::move(s));
+      }
+      stats_.queue_depth = static_cast<int>(queue_.size());
+      stats_.active = static_cast<int>(active.size());
+    }
+    for (auto& s : active) {
+      if (s->cache) continue;
+      if (free_caches.empty()) {
+        s->cache = std::make_unique<KvCache>(model_.config(), ctx_);
+      } else {
+        s->cache = std::move(free_caches.back());
+        free_caches.pop_back();
+        s->cache->Reset();
+      }
+      s->sampler = std::make_unique<Sampler>(s->req.options.sampler);
+      s->logits.resize(model_.config().n_vocab);
+    }
+    Step(active);
+    for (auto& s : active)
+      if (s->done && s->cache) free_caches.push_back(std::move(s->cache));
+    active.erase(std::remove_if(active.begin(), active.end(), [](const auto& s) { return s->done; }), active.end());
+  }
+  // Shutting down: everything still running or waiting ends with an error.
+  for (auto& s : active) Finish(*s, "error", "the server is shutting down");
+  std::deque<EngineRequest> left;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    left.swap(queue_);
+  }
+  for (EngineRequest& r : left) {
+    Slot s;
+    s.req = std::move(r);
+    Finish(s, "error", "the server is shutting down");
+  }
+}
+
+void Engine::Step(std::vector<std::unique_ptr<Slot>>& active) {
+  const int V = static_cast<int>(model_.config().n_vocab);
+  std::vector<SeqBatch> batch;
+  std::vector<Slot*> who;
+  std::vector<int> n_prompt;  // prompt tokens each entry evaluates (0: a decode token)
+  bool prefill_taken = false;
+  for (auto& sp : active) {
+    Slot& s = *sp;
+    const size_t np = s.req.prompt.size();
+    if (s.prefilled < np) {
+      if (prefill_taken) continue;  // one prompt chunk per step: running streams wait one chunk at most
+      prefill_taken = true;
+      const int n = static_cast<int>(std::min<size_t>(cfg_.chunk, np - s.prefilled));
+      const bool last = s.prefilled + n == np;
+      batch.push_back({s.cache.get(), s.req.prompt.data() + s.prefilled, n, last ? s.logits.data() : nullptr});
+      n_prompt.push_back(n);
+    } else {
+      batch.push_back({s.cache.get(), &s.next, 1, s.logits.data()});
+      n_prompt.push_back(0);
+    }
+    who.push_back(&s);
+  }
+  if (batch.empty()) return;
+  int T = 0;
+  for (const SeqBatch& b : batch) T += b.n;
+  const auto t0 = Clock::now();
+  try {
+    fwd_.EvalBatch(batch.data(), static_cast<int>(batch.size()));
+  } catch (const Error& e) {
+    for (Slot* s : who) Finish(*s, "error", e.what());
+    return;
+  }
+  const double dt = std::chrono::duration<double>(Clock::now() - t0).count();
+  int64_t prompt_done = 0, generated = 0;
+  for (size_t i = 0; i < who.size(); ++i) {
+    Slot& s = *who[i];
+    if (n_prompt[i] > 0) {
+      s.prefilled += n_prompt[i];
+      prompt_done += n_prompt[i];
+      if (s.prefilled < s.req.prompt.size()) continue;  // more prompt to read
+      if (s.req.options.n_predict == 0) {
+        Finish(s, "length");
+        continue;
+      }
+    }
+    const GenerateOptions& o = s.req.options;
+    TokenEvent ev;
+    ev.id = s.sampler->Sample(s.logits.data(), V);
+    ev.logprob = s.logits[ev.id] - LogSumExp(s.logits.data(), V);
+    if (o.top_logprobs > 0) ev.top = TopLogprobs(s.logits.data(), V, o.top_logprobs);
+    const Tokenizer& tok = model_.tokenizer();
+    if (tok.HasVocab()) ev.piece = tok.TokenToPiece(ev.id);
+    ++s.generated;
+    ++generated;
+    const bool go_on = s.req.on_token ? s.req.on_token(ev) : true;
+    if (!o.ignore_eos && tok.IsEog(ev.id)) {
+      Finish(s, "stop");
+    } else if (!go_on) {
+      Finish(s, "stop");
+    } else if (s.generated >= o.n_predict) {
+      Finish(s, "length");
+    } else {
+      s.next = ev.id;
+    }
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  stats_.active = static_cast<int>(std::count_if(active.begin(), active.end(), [](const auto& s) { return !s->done; }));
+  ++stats_.steps;
+  stats_.batch_tokens += T;
+  stats_.last_batch = T;
+  stats_.busy_seconds += dt;
+  stats_.prompt_tokens += prompt_done;
+  stats_.generated_tokens += generated;
+  stats_.expert_load = load_;
+}
+
+}  // namespace moe

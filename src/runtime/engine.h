@@ -1,0 +1,108 @@
+// Continuous batching: many generation requests through one Forward. Requests join and leave at
+// token boundaries; every step evaluates the next token of each decoding request plus one chunk
+// of at most `chunk` prompt tokens of the oldest request still reading its prompt (SARATHI-style
+// chunked prefill), all in one Forward::EvalBatch, so an expert's weights are read once per step
+// for every token that chose it. A request's result is bitwise the same alone or beside any
+// others: each has its own KV cache and seeded sampler, its prompt is always cut into the same
+// chunks, and the kernels run batch-invariant (kernels::SetBatchInvariant).
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "model/forward.h"
+#include "runtime/generate.h"
+
+namespace moe {
+
+struct EngineConfig {
+  int parallel = 4;    // sequences decoding at once (slots)
+  int ctx = 0;         // KV cache positions per sequence (0: the model's context, at most 4096)
+  int chunk = 64;      // prompt tokens per step of a prefilling request
+  int max_queue = 256; // waiting requests beyond the slots; more are refused
+};
+
+// One generated token as the client sees it.
+struct TokenEvent {
+  int32_t id = 0;
+  std::string piece;
+  std::vector<std::pair<int, double>> top;  // top_logprobs, when asked
+  double logprob = 0;                      // of the chosen token (natural log)
+};
+
+// How a request ended.
+struct FinishInfo {
+  std::string reason;  // "stop" (end-of-generation token, or on_token said stop), "length", "error"
+  std::string error;   // when reason == "error"
+  int prompt_tokens = 0, completion_tokens = 0;
+};
+
+struct EngineRequest {
+  std::vector<int32_t> prompt;
+  GenerateOptions options;
+  // Called from the engine's thread for each token; return false to stop the request (a stop
+  // sequence matched, the client went away).
+  std::function<bool(const TokenEvent&)> on_token;
+  std::function<void(const FinishInfo&)> on_finish;  // exactly once
+};
+
+// Counters for /metrics.
+struct EngineStats {
+  int64_t requests_finished = 0, requests_failed = 0;
+  int64_t prompt_tokens = 0, generated_tokens = 0;
+  int64_t steps = 0, batch_tokens = 0;  // sums over steps (mean batch = batch_tokens / steps)
+  int queue_depth = 0, active = 0, last_batch = 0;
+  double busy_seconds = 0;              // time spent in steps
+  std::vector<std::vector<int64_t>> expert_load;  // [layer][expert] routed tokens since start
+};
+
+class Engine {
+ public:
+  Engine(const Model& model, ThreadPool& pool, const EngineConfig& cfg);
+  ~Engine();  // stops the loop; unfinished requests finish with reason "error"
+
+  // Validates and queues a request (throws moe::Error with the reason when it cannot run: an
+  // option out of range, a prompt that does not fit the context, a full queue).
+  void Submit(EngineRequest r);
+  EngineStats Stats() const;
+  const EngineConfig& config() const { return cfg_; }
+  int ctx() const { return ctx_; }
+
+ private:
+  struct Slot {
+    EngineRequest req;
+    std::unique_ptr<KvCache> cache;
+    std::unique_ptr<Sampler> sampler;
+    size_t prefilled = 0;   // prompt tokens evaluated
+    int generated = 0;
+    int32_t next = -1;      // the token to evaluate next while decoding
+    std::vector<float> logits;
+    bool done = false;      // finished (on_finish called)
+  };
+  void Loop();
+  void Step(std::vector<std::unique_ptr<Slot>>& active);
+  void Finish(Slot& s, const std::string& reason, const std::string& error = "");
+
+  const Model& model_;
+  EngineConfig cfg_;
+  int ctx_ = 0;
+  Forward fwd_;
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<EngineRequest> queue_;
+  bool stop_ = false;
+  EngineStats stats_;
+  std::vector<std::vector<int64_t>> load_;  // the engine thread's expert counts
+  std::thread thread_;
+};
+
+}  // namespace moe
