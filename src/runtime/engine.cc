@@ -26,7 +26,7 @@ using Clock = std::chrono::steady_clock;
 }  // namespace
 
 Engine::Engine(const Model& model, ThreadPool& pool, const EngineConfig& cfg)
-    : model_(model), cfg_(cfg), ctx_(ResolveEngineCtx(model.config(), cfg)),
+    : model_(model), pool_(pool), cfg_(cfg), ctx_(ResolveEngineCtx(model.config(), cfg)),
       fwd_(model, pool, ctx_, cfg.parallel + cfg.chunk) {
   kernels::SetBatchInvariant(true);
   const ModelConfig& c = model.config();
@@ -170,8 +170,10 @@ void Engine::Step(std::vector<std::unique_ptr<Slot>>& active) {
     for (Slot* s : who) Finish(*s, "error", e.what());
     return;
   }
-  const double dt = std::chrono::duration<double>(Clock::now() - t0).count();
   int64_t prompt_done = 0, generated = 0;
+  // Which entries sample a token now, then the sampling itself over the pool (each slot has its
+  // own sampler; a full-vocabulary softmax per stream is not small next to a decode step).
+  std::vector<int> sampling;
   for (size_t i = 0; i < who.size(); ++i) {
     Slot& s = *who[i];
     if (n_prompt[i] > 0) {
@@ -183,13 +185,26 @@ void Engine::Step(std::vector<std::unique_ptr<Slot>>& active) {
         continue;
       }
     }
+    sampling.push_back(static_cast<int>(i));
+  }
+  const Tokenizer& tok = model_.tokenizer();
+  std::vector<TokenEvent> events(sampling.size());
+  pool_.ParallelFor(static_cast<int64_t>(sampling.size()), 1, [&](int64_t b, int64_t e, int) {
+    for (int64_t k = b; k < e; ++k) {
+      Slot& s = *who[sampling[k]];
+      TokenEvent& ev = events[k];
+      ev.id = s.sampler->Sample(s.logits.data(), V);
+      if (s.req.logprobs || s.req.options.top_logprobs > 0)
+        ev.logprob = s.logits[ev.id] - LogSumExp(s.logits.data(), V);
+      if (s.req.options.top_logprobs > 0) ev.top = TopLogprobs(s.logits.data(), V, s.req.options.top_logprobs);
+      if (tok.HasVocab()) ev.piece = tok.TokenToPiece(ev.id);
+    }
+  });
+  const double dt = std::chrono::duration<double>(Clock::now() - t0).count();
+  for (size_t k = 0; k < sampling.size(); ++k) {
+    Slot& s = *who[sampling[k]];
     const GenerateOptions& o = s.req.options;
-    TokenEvent ev;
-    ev.id = s.sampler->Sample(s.logits.data(), V);
-    ev.logprob = s.logits[ev.id] - LogSumExp(s.logits.data(), V);
-    if (o.top_logprobs > 0) ev.top = TopLogprobs(s.logits.data(), V, o.top_logprobs);
-    const Tokenizer& tok = model_.tokenizer();
-    if (tok.HasVocab()) ev.piece = tok.TokenToPiece(ev.id);
+    const TokenEvent& ev = events[k];
     ++s.generated;
     ++generated;
     const bool go_on = s.req.on_token ? s.req.on_token(ev) : true;

@@ -36,7 +36,7 @@ struct TokenEvent {
   int32_t id = 0;
   std::string piece;
   std::vector<std::pair<int, double>> top;  // top_logprobs, when asked
-  double logprob = 0;                      // of the chosen token (natural log)
+  double logprob = 0;                      // of the chosen token (natural log), when asked
 };
 
 // How a request ended.
@@ -49,6 +49,7 @@ struct FinishInfo {
 struct EngineRequest {
   std::vector<int32_t> prompt;
   GenerateOptions options;
+  bool logprobs = false;  // TokenEvent::logprob wanted (also when options.top_logprobs > 0)
   // Called from the engine's thread for each token; return false to stop the request (a stop
   // sequence matched, the client went away).
   std::function<bool(const TokenEvent&)> on_token;
@@ -93,6 +94,7 @@ class Engine {
   void Finish(Slot& s, const std::string& reason, const std::string& error = "");
 
   const Model& model_;
+  ThreadPool& pool_;
   EngineConfig cfg_;
   int ctx_ = 0;
   Forward fwd_;

@@ -25,6 +25,7 @@ class Sampler {
   SamplerConfig cfg_;
   std::mt19937_64 rng_;
   std::vector<std::pair<float, int>> cand_;
+  std::vector<double> weights_;
 };
 
 // The n most likely tokens with their natural-log probabilities under the full-vocabulary

@@ -260,6 +260,7 @@ class Api {
       n_top = static_cast<int>(Integer(body, "logprobs", 0, 0, 5));
     }
     g.top_logprobs = n_top;
+    g.ignore_eos = Bool(body, "ignore_eos", false);  // llama-server's extension: generate max_tokens
     const bool stream = Bool(body, "stream", false);
     auto job = std::make_shared<Job>();
     job->stops = StopList(body);
@@ -268,6 +269,7 @@ class Api {
     EngineRequest er;
     er.prompt = prompt;
     er.options = g;
+    er.logprobs = want_logprobs;
     er.on_token = [job, &tok = tok](const TokenEvent& ev) {
       std::lock_guard<std::mutex> lock(job->mu);
       const size_t before = job->text.size();
@@ -344,8 +346,9 @@ class Api {
       };
       std::unique_lock<std::mutex> lock(job->mu);
       const size_t hold = job->max_stop ? job->max_stop - 1 : 0;  // could still become a stop sequence
-      job->cv.wait_for(lock, std::chrono::milliseconds(200),
-                       [&] { return job->finished || job->text.size() > *sent + hold; });
+      job->cv.wait_for(lock, std::chrono::milliseconds(200), [&] {
+        return job->finished || job->text.size() > *sent + hold || job->tokens.size() > *sent_tokens;
+      });
       if (!sink.is_writable()) {
         job->cancel = true;
         return false;
@@ -359,8 +362,9 @@ class Api {
       }
       size_t ready = job->text.size();
       if (!job->finished) ready = Utf8Whole(job->text, ready > hold ? ready - hold : 0);
-      if (ready > *sent) {
-        const std::string piece = job->text.substr(*sent, ready - *sent);
+      // A chunk per new token, its text possibly empty (held back, or a model without a vocabulary).
+      if (ready > *sent || job->tokens.size() > *sent_tokens) {
+        const std::string piece = job->text.substr(*sent, ready > *sent ? ready - *sent : 0);
         const size_t t1 = job->tokens.size();
         json choice = {{"index", 0}, {"finish_reason", nullptr}};
         if (chat) {
@@ -370,7 +374,7 @@ class Api {
           choice["text"] = piece;
           choice["logprobs"] = logprobs ? CompletionLogprobs(job->tokens, *sent_tokens, t1, *sent) : json(nullptr);
         }
-        *sent = ready;
+        *sent = std::max(*sent, ready);
         *sent_tokens = t1;
         if (!chunk(choice)) {
           job->cancel = true;
