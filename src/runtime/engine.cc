@@ -28,7 +28,7 @@ using Clock = std::chrono::steady_clock;
 Engine::Engine(const Model& model, ThreadPool& pool, const EngineConfig& cfg)
     : model_(model), pool_(pool), cfg_(cfg), ctx_(ResolveEngineCtx(model.config(), cfg)),
       fwd_(model, pool, ctx_, cfg.parallel + cfg.chunk) {
-  kernels::SetBatchInvariant(true);
+  if (cfg.batch_invariant) kernels::SetBatchInvariant(true);
   const ModelConfig& c = model.config();
   load_.assign(c.n_layer, std::vector<int64_t>(c.n_expert, 0));
   fwd_.SetRoutingObserver([this](int layer, int, const float*, const int32_t*, const RoutingPlan& plan) {

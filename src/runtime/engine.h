@@ -29,6 +29,7 @@ struct EngineConfig {
   int ctx = 0;         // KV cache positions per sequence (0: the model's context, at most 4096)
   int chunk = 64;      // prompt tokens per step of a prefilling request
   int max_queue = 256; // waiting requests beyond the slots; more are refused
+  bool batch_invariant = true;  // kernels::SetBatchInvariant (a single-stream run may skip it)
 };
 
 // One generated token as the client sees it.

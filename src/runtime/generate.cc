@@ -1,10 +1,13 @@
 #include "runtime/generate.h"
 
 #include <chrono>
+#include <condition_variable>
+#include <mutex>
 #include <cmath>
 #include <limits>
 
 #include "util/error.h"
+#include "runtime/engine.h"
 #include "util/threadpool.h"
 
 namespace moe {
@@ -47,33 +50,50 @@ int ContextSize(const ModelConfig& c, int ctx, int n_prompt, int n_predict,
   return static_cast<int>(n);
 }
 
-GenerateResult Generate(Forward& fwd, const Tokenizer& tok, const std::vector<int32_t>& prompt,
+GenerateResult Generate(const Model& model, ThreadPool& pool, int n_ctx, const std::vector<int32_t>& prompt,
                         const GenerateOptions& o, const std::function<bool(int32_t, const std::string&)>& on_token) {
-  const int V = static_cast<int>(fwd.n_vocab());
-  ValidateGenerateOptions(o, V);
+  ValidateGenerateOptions(o, static_cast<int>(model.config().n_vocab));
+  EngineConfig cfg;
+  cfg.parallel = 1;
+  cfg.ctx = n_ctx;
+  cfg.chunk = 256;
+  cfg.batch_invariant = false;  // alone: the faster one-token kernels
   GenerateResult r;
-  Sampler sampler(o.sampler);
-  std::vector<float> logits;
-  const auto t0 = Clock::now();
-  fwd.Eval(prompt.data(), static_cast<int>(prompt.size()), false, &logits);
-  const auto t1 = Clock::now();
-  for (int i = 0; i < o.n_predict; ++i) {
-    if (o.top_logprobs > 0) r.top.push_back(TopLogprobs(logits.data(), V, o.top_logprobs));
-    const int32_t id = sampler.Sample(logits.data(), V);
-    r.tokens.push_back(id);
-    const std::string piece = tok.HasVocab() ? tok.TokenToPiece(id) : std::string();
-    r.text += piece;
-    const bool go_on = on_token ? on_token(id, piece) : true;
-    if (!o.ignore_eos && tok.IsEog(id)) {
-      r.stopped_by_eog = true;
-      break;
-    }
-    if (!go_on) break;
-    if (i + 1 < o.n_predict) fwd.Eval(&id, 1, false, &logits);
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done = false;
+  FinishInfo fin;
+  Clock::time_point t1{};
+  EngineRequest req;
+  req.prompt = prompt;
+  req.options = o;
+  req.on_token = [&](const TokenEvent& ev) {
+    if (r.tokens.empty()) t1 = Clock::now();
+    r.tokens.push_back(ev.id);
+    r.text += ev.piece;
+    if (o.top_logprobs > 0) r.top.push_back(ev.top);
+    return on_token ? on_token(ev.id, ev.piece) : true;
+  };
+  req.on_finish = [&](const FinishInfo& f) {
+    std::lock_guard<std::mutex> lock(mu);
+    fin = f;
+    done = true;
+    cv.notify_all();
+  };
+  Clock::time_point t0;
+  {
+    Engine engine(model, pool, cfg);
+    t0 = Clock::now();  // the prompt's time starts with the request, not the engine's setup
+    engine.Submit(std::move(req));
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [&] { return done; });
   }
   const auto t2 = Clock::now();
+  if (fin.reason == "error") Fail("%s", fin.error.c_str());
+  if (r.tokens.empty()) t1 = t2;
   r.prefill_s = Seconds(t0, t1);
   r.decode_s = Seconds(t1, t2);
+  r.stopped_by_eog = !r.tokens.empty() && !o.ignore_eos && model.tokenizer().IsEog(r.tokens.back());
   return r;
 }
 

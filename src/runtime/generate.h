@@ -1,6 +1,6 @@
-// The generation loop shared by `moe run` and (later) `moe serve`: a prompt through a Forward,
-// then tokens sampled one at a time until n_predict, an end-of-generation token or a stop
-// callback; every option validated once, here, with one-line errors.
+// Generation as `moe run` drives it: the options validated once, here, with one-line errors (the
+// server takes the same), the context size, and one request through the serving engine, the
+// one generation loop of moe.cpp.
 #pragma once
 
 #include <cstdint>
@@ -41,9 +41,10 @@ struct GenerateResult {
   bool stopped_by_eog = false;
 };
 
-// Evaluates the prompt on fwd (from its current position) and generates. on_token(id, piece),
-// if given, hears each token as it is chosen and returns false to stop there.
-GenerateResult Generate(Forward& fwd, const Tokenizer& tok, const std::vector<int32_t>& prompt,
+// One generation, through the serving engine (runtime/engine.h) with a single sequence of n_ctx
+// positions: the prompt, then tokens until n_predict, an end-of-generation token or on_token
+// (if given; it hears each token as it is chosen) returning false. Throws moe::Error.
+GenerateResult Generate(const Model& model, ThreadPool& pool, int n_ctx, const std::vector<int32_t>& prompt,
                         const GenerateOptions& o,
                         const std::function<bool(int32_t, const std::string&)>& on_token = nullptr);
 

@@ -95,12 +95,12 @@ int DoRun(const RunOptions& o) {
                                 [](const std::string& w) { std::fprintf(stderr, "moe: warning: %s\n", w.c_str()); });
   ThreadPool pool(o.threads);
   model->RepackForInference(pool);
-  Forward fwd(*model, pool, n_ctx);
   const int V = static_cast<int>(c.n_vocab);
   nlohmann::json out;
   out["prompt_tokens"] = prompt;
 
   if (o.teacher_forcing) {
+    Forward fwd(*model, pool, n_ctx);
     std::vector<float> logits;
     const auto t0 = Clock::now();
     fwd.Eval(prompt.data(), static_cast<int>(prompt.size()), /*all_logits=*/true, &logits);
@@ -116,7 +116,7 @@ int DoRun(const RunOptions& o) {
   }
 
   int shown = 0;
-  const GenerateResult r = Generate(fwd, tok, prompt, g, [&](int32_t id, const std::string& piece) {
+  const GenerateResult r = Generate(*model, pool, n_ctx, prompt, g, [&](int32_t id, const std::string& piece) {
     if (!o.json) {  // stream to the terminal
       if (tok.HasVocab()) {
         std::fwrite(piece.data(), 1, piece.size(), stdout);
