@@ -17,6 +17,11 @@ export OPENBLAS_CORETYPE="${OPENBLAS_CORETYPE:-Haswell}"
 /usr/bin/python3 "$ROOT/bench/compare.py" --moe "$ROOT/build/bin/moe" --types q8_0,q4_0,Q4_K_M -p 512 "$@"
 /usr/bin/python3 "$ROOT/bench/compare.py" --moe "$ROOT/build/bin/moe" --shape qwen3 --types q8_0,Q4_K_M -p 512 "$@"
 /usr/bin/python3 "$ROOT/bench/sweep.py" --moe "$ROOT/build/bin/moe" --shape medium --type Q4_K_M
+# DeepSeek-V2-Lite-like (deepseek2, MLA) at 128 and 512 prompt tokens.
+/usr/bin/python3 "$ROOT/bench/compare.py" --moe "$ROOT/build/bin/moe" --shape deepseek2 --types q8_0,Q4_K_M "$@"
+/usr/bin/python3 "$ROOT/bench/compare.py" --moe "$ROOT/build/bin/moe" --shape deepseek2 --types q8_0,Q4_K_M -p 512 "$@"
+# moe serve: 1/4/16/64 concurrent streams and an autocannon load run.
+/usr/bin/python3 "$ROOT/bench/serve_bench.py" --moe "$ROOT/build/bin/moe"
 # Every other weight type and the common mixes, against llama.cpp (decode and prefill); the
 # codebook types' files take minutes each to quantize.
 /usr/bin/python3 "$ROOT/bench/compare.py" --moe "$ROOT/build/bin/moe" --rounds 3 \

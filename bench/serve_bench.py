@@ -10,7 +10,11 @@ first request to the last token; time to first token (TTFT) and inter-token late
 between a stream's tokens) as p50 / p99 over all clients. Results go to the top of
 bench/RESULTS.md with the command and the machine.
 
+Then a load run with autocannon (npm): --load-connections clients posting non-streaming
+completions for --load-seconds; requests/s, generated tokens/s and request latency.
+
   serve_bench.py --moe build/bin/moe [--model FILE] [--streams 1,4,16,64] [--tokens 64] [-t 2]
+                 [--load-connections 16] [--load-seconds 20] [--load-tokens 16]
 """
 import argparse
 import datetime
@@ -64,6 +68,9 @@ def main():
     ap.add_argument("--streams", default="1,4,16,64")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("-t", type=int, default=2)
+    ap.add_argument("--load-connections", type=int, default=16)
+    ap.add_argument("--load-seconds", type=int, default=20)
+    ap.add_argument("--load-tokens", type=int, default=16)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "RESULTS.md"))
     a = ap.parse_args()
     levels = [int(x) for x in a.streams.split(",")]
@@ -107,6 +114,18 @@ def main():
             print(f"{n} streams: {tokens} tokens in {wall:.2f} s = {tokens / wall:.1f} tok/s; TTFT p50 "
                   f"{pct(ttft, 50) * 1e3:.0f} ms p99 {pct(ttft, 99) * 1e3:.0f} ms; ITL p50 {pct(itl, 50) * 1e3:.1f} ms "
                   f"p99 {pct(itl, 99) * 1e3:.1f} ms", flush=True)
+        # A load run with autocannon (npm, pinned in scripts/setup.sh): --load-connections clients
+        # sending non-streaming completions back to back for --load-seconds.
+        body = json.dumps({"prompt": [rng.randrange(vocab) for _ in range(32)], "max_tokens": a.load_tokens,
+                           "temperature": 0.8})
+        ac = subprocess.run(["node", os.path.join(ROOT, "third_party", "npm", "node_modules", "autocannon",
+                                                  "autocannon.js"),
+                             "-c", str(a.load_connections), "-d", str(a.load_seconds), "-m", "POST",
+                             "-H", "Content-Type=application/json", "-b", body, "--json",
+                             f"http://127.0.0.1:{port}/v1/completions"], capture_output=True, text=True)
+        load = json.loads(ac.stdout) if ac.returncode == 0 and ac.stdout.strip() else None
+        if load is None:
+            raise SystemExit(f"autocannon failed: {ac.stderr[-500:]}")
     finally:
         srv.terminate()
         srv.wait()
@@ -124,6 +143,14 @@ def main():
         gain = f"{tps / single:.2f}x" if single else "-"
         lines.append(f"| {n} | {tokens} | {tps:.1f} | {gain} | {t50 * 1e3:.0f} / {t99 * 1e3:.0f} | "
                      f"{i50 * 1e3:.1f} / {i99 * 1e3:.1f} |")
+    lat = load["latency"]
+    ok = load["requests"]["total"] - load.get("non2xx", 0) - load.get("errors", 0)
+    lines += ["", f"Load run (autocannon 8.0.0, `-c {a.load_connections} -d {a.load_seconds}`, non-streaming "
+              f"completions of {a.load_tokens} tokens from one 32-token prompt at temperature 0.8, no seed): "
+              f"{ok} requests answered 200 ({load.get('non2xx', 0)} other statuses, {load.get('errors', 0)} errors, "
+              f"{load.get('timeouts', 0)} timeouts), {load['requests']['average']:.2f} requests/s = "
+              f"{load['requests']['average'] * a.load_tokens:.1f} generated tokens/s; request latency p50 "
+              f"{lat['p50']:.0f} ms, p99 {lat['p99']:.0f} ms, max {lat['max']:.0f} ms."]
     section = "\n".join(lines) + "\n"
     print(section)
     benchutil.write_section(a.out, section)

