@@ -211,6 +211,24 @@ check("a disconnected stream frees its sequence", freed);
 const after = await client.completions.create({ model: modelId, prompt: "The jury said that", max_tokens: 12,
                                                 temperature: 0, logprobs: 2 });
 check("the server still answers the same after all that", JSON.stringify(after.choices[0]) === JSON.stringify(c1.choices[0]));
+// ---- a slow client: half a request, then silence; the server closes it after --timeout and
+// serves everyone else meanwhile ---------------------------------------------------------------
+const net = await import("node:net");
+const slow = net.createConnection({ host: "127.0.0.1", port });
+const closed = new Promise((resolve) => slow.on("close", () => resolve(Date.now())));
+slow.on("error", () => {});
+slow.on("data", () => {});  // read what comes back (a 400), so the end of the stream is seen
+const t0 = Date.now();
+slow.write("POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" +
+           "Content-Length: 100\r\n\r\n{\"prompt\": ");
+const meanwhile = await client.completions.create({ model: modelId, prompt: "The jury said that", max_tokens: 12,
+                                                    temperature: 0, logprobs: 2 });
+check("others are served while a client stalls", JSON.stringify(meanwhile.choices[0]) === JSON.stringify(c1.choices[0]));
+const closedAt = await Promise.race([closed, new Promise((r) => setTimeout(() => r(null), 30000))]);
+check("a stalled client is cut off after the timeout", closedAt !== null && closedAt - t0 < 20000,
+      closedAt === null ? "still open after 30 s" : `${closedAt - t0} ms`);
+slow.destroy();
+
 const health = await raw("/health");
 check("health", health.status === 200 && health.json?.status === "ok", health);
 const metrics = (await raw("/metrics")).text;
