@@ -87,14 +87,12 @@ KvCache::KvCache(const ModelConfig& c, int n_ctx) : n_ctx_(n_ctx) {
   v_.assign(static_cast<size_t>(c.n_layer) * n_ctx * v_row_, 0.0f);
 }
 
-namespace {
-int ResolveCtx(const ModelConfig& c, int n_ctx) {
-  return n_ctx > 0 ? n_ctx : static_cast<int>(std::min<uint32_t>(c.n_ctx_train ? c.n_ctx_train : 4096, 4096));
+int DefaultContext(const ModelConfig& c) {
+  return static_cast<int>(std::min<uint32_t>(c.n_ctx_train ? c.n_ctx_train : 4096, 4096));
 }
-}  // namespace
 
 Forward::Forward(const Model& model, ThreadPool& pool, int n_ctx, int n_batch)
-    : model_(model), c_(model.config()), pool_(pool), n_ctx_(ResolveCtx(model.config(), n_ctx)),
+    : model_(model), c_(model.config()), pool_(pool), n_ctx_(n_ctx > 0 ? n_ctx : DefaultContext(model.config())),
       n_batch_(n_batch > 0 ? n_batch : 256), own_(model.config(), n_ctx_) {
   if (const std::string why = UnservableRouterReason(c_); !why.empty()) throw Error(why);
   rope_ = RopeScalingOf(c_);

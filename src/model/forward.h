@@ -18,6 +18,9 @@ namespace moe {
 // correction dimensions), and the scale of its attention scores (deepseek2: YaRN's mscale^2 /
 // sqrt(qk_nope + qk_rope); else 1 / sqrt(head_dim)).
 kernels::RopeScaling RopeScalingOf(const ModelConfig& c);
+// The context a Forward (or a server's sequence) gets when none is asked for: the model's
+// training context, at most 4096.
+int DefaultContext(const ModelConfig& c);
 float AttentionScale(const ModelConfig& c);
 
 // One sequence's KV cache: the keys and values (MLA: the latent rows) of positions

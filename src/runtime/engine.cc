@@ -15,11 +15,9 @@ int ResolveEngineCtx(const ModelConfig& c, const EngineConfig& cfg) {
   if (cfg.chunk < 1 || cfg.chunk > 4096) Fail("the prefill chunk %d must be in 1..4096", cfg.chunk);
   if (cfg.max_queue < 0) Fail("the queue bound must be >= 0");
   if (cfg.ctx < 0) Fail("--ctx-size %d must be >= 0 (0 = the model's context, at most 4096)", cfg.ctx);
-  const int ctx = cfg.ctx > 0 ? cfg.ctx : static_cast<int>(std::min<uint32_t>(c.n_ctx_train, 4096));
-  const double kv = static_cast<double>(ctx) * cfg.parallel * static_cast<double>(c.KvBytesPerPosition());
-  if (const uint64_t mem = PhysicalMemoryBytes(); mem > 0 && kv > static_cast<double>(mem))
-    Fail("--parallel %d sequences of --ctx-size %d need %.1f GiB of KV cache, more than this machine's %.1f GiB",
-         cfg.parallel, ctx, kv / 1073741824.0, static_cast<double>(mem) / 1073741824.0);
+  const int ctx = cfg.ctx > 0 ? cfg.ctx : DefaultContext(c);
+  CheckKvFits(c, static_cast<int64_t>(ctx) * cfg.parallel,
+              StrFormat("--parallel %d sequences of --ctx-size %d", cfg.parallel, ctx));
   return ctx;
 }
 using Clock = std::chrono::steady_clock;
@@ -28,11 +26,13 @@ using Clock = std::chrono::steady_clock;
 Engine::Engine(const Model& model, ThreadPool& pool, const EngineConfig& cfg)
     : model_(model), pool_(pool), cfg_(cfg), ctx_(ResolveEngineCtx(model.config(), cfg)),
       fwd_(model, pool, ctx_, cfg.parallel + cfg.chunk) {
+  invariant_before_ = kernels::BatchInvariant();
   if (cfg.batch_invariant) kernels::SetBatchInvariant(true);
   const ModelConfig& c = model.config();
-  load_.assign(c.n_layer, std::vector<int64_t>(c.n_expert, 0));
+  stats_.expert_load.assign(c.n_layer, std::vector<int64_t>(c.n_expert, 0));
   fwd_.SetRoutingObserver([this](int layer, int, const float*, const int32_t*, const RoutingPlan& plan) {
-    std::vector<int64_t>& l = load_[layer];
+    std::lock_guard<std::mutex> lock(mu_);
+    std::vector<int64_t>& l = stats_.expert_load[layer];
     for (size_t e = 0; e < l.size() && e < plan.tokens_per_expert.size(); ++e) l[e] += plan.tokens_per_expert[e];
   });
   thread_ = std::thread([this] { Loop(); });
@@ -45,6 +45,7 @@ Engine::~Engine() {
   }
   cv_.notify_all();
   thread_.join();
+  kernels::SetBatchInvariant(invariant_before_);
 }
 
 void Engine::Submit(EngineRequest r) {
@@ -208,9 +209,7 @@ void Engine::Step(std::vector<std::unique_ptr<Slot>>& active) {
     ++s.generated;
     ++generated;
     const bool go_on = s.req.on_token ? s.req.on_token(ev) : true;
-    if (!o.ignore_eos && tok.IsEog(ev.id)) {
-      Finish(s, "stop");
-    } else if (!go_on) {
+    if (!go_on || (!o.ignore_eos && tok.IsEog(ev.id))) {
       Finish(s, "stop");
     } else if (s.generated >= o.n_predict) {
       Finish(s, "length");
@@ -226,7 +225,6 @@ void Engine::Step(std::vector<std::unique_ptr<Slot>>& active) {
   stats_.busy_seconds += dt;
   stats_.prompt_tokens += prompt_done;
   stats_.generated_tokens += generated;
-  stats_.expert_load = load_;
 }
 
 }  // namespace moe

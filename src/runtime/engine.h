@@ -104,7 +104,7 @@ class Engine {
   std::deque<EngineRequest> queue_;
   bool stop_ = false;
   EngineStats stats_;
-  std::vector<std::vector<int64_t>> load_;  // the engine thread's expert counts
+  bool invariant_before_ = false;  // kernels::BatchInvariant() before this engine (restored after)
   std::thread thread_;
 };
 

@@ -1,13 +1,13 @@
 #include "runtime/generate.h"
 
 #include <chrono>
-#include <condition_variable>
-#include <mutex>
 #include <cmath>
+#include <condition_variable>
 #include <limits>
+#include <mutex>
 
-#include "util/error.h"
 #include "runtime/engine.h"
+#include "util/error.h"
 #include "util/threadpool.h"
 
 namespace moe {
@@ -29,6 +29,13 @@ void ValidateGenerateOptions(const GenerateOptions& o, int n_vocab) {
     Fail("top_logprobs %d must be in 0..%d (the vocabulary)", o.top_logprobs, n_vocab);
 }
 
+void CheckKvFits(const ModelConfig& c, int64_t positions, const std::string& what) {
+  const double kv = static_cast<double>(positions) * static_cast<double>(c.KvBytesPerPosition());
+  if (const uint64_t mem = PhysicalMemoryBytes(); mem > 0 && kv > static_cast<double>(mem))
+    Fail("%s needs %.1f GiB of KV cache, more than this machine's %.1f GiB of memory (ask for fewer tokens, "
+         "sequences or a smaller context)", what.c_str(), kv / 1073741824.0, static_cast<double>(mem) / 1073741824.0);
+}
+
 int ContextSize(const ModelConfig& c, int ctx, int n_prompt, int n_predict,
                 const std::function<void(const std::string&)>& warn) {
   if (ctx < 0) Fail("the context size %d must be >= 0 (0 = prompt + tokens to generate)", ctx);
@@ -38,11 +45,7 @@ int ContextSize(const ModelConfig& c, int ctx, int n_prompt, int n_predict,
   const int64_t n = ctx > 0 ? ctx : need;
   if (n > std::numeric_limits<int32_t>::max() / 2)
     Fail("a context of %lld tokens is more than moe.cpp supports", static_cast<long long>(n));
-  const uint64_t kv = static_cast<uint64_t>(n) * c.KvBytesPerPosition();
-  const uint64_t mem = PhysicalMemoryBytes();
-  if (mem > 0 && kv > mem)
-    Fail("a context of %lld tokens needs %.1f GiB of KV cache, more than this machine's %.1f GiB of memory "
-         "(ask for fewer tokens or a smaller context)", static_cast<long long>(n), kv / 1073741824.0, mem / 1073741824.0);
+  CheckKvFits(c, n, StrFormat("a context of %lld tokens", static_cast<long long>(n)));
   if (warn && n > c.n_ctx_train)
     warn(StrFormat("a context of %lld tokens is longer than the model's training context (%u): past it the "
                    "model was never trained, and the prompt's attention costs grow with its square",
@@ -52,8 +55,7 @@ int ContextSize(const ModelConfig& c, int ctx, int n_prompt, int n_predict,
 
 GenerateResult Generate(const Model& model, ThreadPool& pool, int n_ctx, const std::vector<int32_t>& prompt,
                         const GenerateOptions& o, const std::function<bool(int32_t, const std::string&)>& on_token) {
-  ValidateGenerateOptions(o, static_cast<int>(model.config().n_vocab));
-  EngineConfig cfg;
+  EngineConfig cfg;  // Engine::Submit validates the options
   cfg.parallel = 1;
   cfg.ctx = n_ctx;
   cfg.chunk = 256;
@@ -93,7 +95,6 @@ GenerateResult Generate(const Model& model, ThreadPool& pool, int n_ctx, const s
   if (r.tokens.empty()) t1 = t2;
   r.prefill_s = Seconds(t0, t1);
   r.decode_s = Seconds(t1, t2);
-  r.stopped_by_eog = !r.tokens.empty() && !o.ignore_eos && model.tokenizer().IsEog(r.tokens.back());
   return r;
 }
 

@@ -26,6 +26,10 @@ struct GenerateOptions {
 // top_k < 0, top_p outside (0, 1], n_predict < 0, top_logprobs outside 0..n_vocab.
 void ValidateGenerateOptions(const GenerateOptions& o, int n_vocab);
 
+// Throws moe::Error when KV caches of `positions` positions in all (what names them) would not
+// fit in this machine's memory.
+void CheckKvFits(const ModelConfig& c, int64_t positions, const std::string& what);
+
 // The KV cache length a generation needs: ctx when given (> 0; it must hold the prompt and at
 // least one more position), else prompt + n_predict + 1. Throws moe::Error when ctx < 0, when
 // the prompt does not fit, or when the cache would not fit in this machine's memory; warn
@@ -38,7 +42,6 @@ struct GenerateResult {
   std::string text;             // their pieces (empty without a vocabulary)
   std::vector<std::vector<std::pair<int, double>>> top;  // top_logprobs per generated token
   double prefill_s = 0, decode_s = 0;
-  bool stopped_by_eog = false;
 };
 
 // One generation, through the serving engine (runtime/engine.h) with a single sequence of n_ctx

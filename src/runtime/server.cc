@@ -133,6 +133,12 @@ struct Job {
   std::atomic<bool> cancel{false};
   std::vector<std::string> stops;
   size_t max_stop = 0;
+  // Streaming: what the client has been sent.
+  size_t sent_bytes = 0, sent_tokens = 0;
+  bool role_sent = false;
+  // The finish reason once finished: a stop sequence or an end-of-generation token ends with
+  // "stop" (the engine stops at either), max_tokens with "length".
+  const char* FinishReason() const { return fin.reason == "stop" ? "stop" : "length"; }
 };
 
 // ---- the server -----------------------------------------------------------------------------------
@@ -312,8 +318,7 @@ class Api {
       lock.unlock();
       throw HttpError{500, job->fin.error, "server_error"};
     }
-    const std::string finish = job->stop_hit || job->fin.reason == "stop" ? "stop" : "length";
-    json choice = {{"index", 0}, {"finish_reason", finish}};
+    json choice = {{"index", 0}, {"finish_reason", job->FinishReason()}};
     if (chat) {
       choice["message"] = {{"role", "assistant"}, {"content", job->text}};
       choice["logprobs"] = want_logprobs ? ChatLogprobs(job->tokens, 0, job->tokens.size()) : json(nullptr);
@@ -334,10 +339,7 @@ class Api {
   void Stream(httplib::Response& res, const std::shared_ptr<Job>& job, bool chat, const std::string& id, bool logprobs) {
     Count(200);
     res.set_header("Cache-Control", "no-cache");
-    auto sent = std::make_shared<size_t>(0), sent_tokens = std::make_shared<size_t>(0);
-    auto first = std::make_shared<bool>(true);
-    res.set_chunked_content_provider("text/event-stream", [this, job, chat, id, logprobs, sent, sent_tokens, first](
-                                                              size_t, httplib::DataSink& sink) {
+    res.set_chunked_content_provider("text/event-stream", [this, job, chat, id, logprobs](size_t, httplib::DataSink& sink) {
       const auto chunk = [&](const json& choice) {
         json j = {{"id", id}, {"object", chat ? "chat.completion.chunk" : "text_completion"}, {"created", Now()},
                   {"model", cfg_.model_name}, {"choices", json::array({choice})}};
@@ -347,14 +349,14 @@ class Api {
       std::unique_lock<std::mutex> lock(job->mu);
       const size_t hold = job->max_stop ? job->max_stop - 1 : 0;  // could still become a stop sequence
       job->cv.wait_for(lock, std::chrono::milliseconds(200), [&] {
-        return job->finished || job->text.size() > *sent + hold || job->tokens.size() > *sent_tokens;
+        return job->finished || job->text.size() > job->sent_bytes + hold || job->tokens.size() > job->sent_tokens;
       });
       if (!sink.is_writable()) {
         job->cancel = true;
         return false;
       }
-      if (chat && *first) {
-        *first = false;
+      if (chat && !job->role_sent) {
+        job->role_sent = true;
         if (!chunk({{"index", 0}, {"delta", {{"role", "assistant"}, {"content", ""}}}, {"finish_reason", nullptr}})) {
           job->cancel = true;
           return false;
@@ -363,19 +365,20 @@ class Api {
       size_t ready = job->text.size();
       if (!job->finished) ready = Utf8Whole(job->text, ready > hold ? ready - hold : 0);
       // A chunk per new token, its text possibly empty (held back, or a model without a vocabulary).
-      if (ready > *sent || job->tokens.size() > *sent_tokens) {
-        const std::string piece = job->text.substr(*sent, ready > *sent ? ready - *sent : 0);
+      size_t& sent = job->sent_bytes;
+      if (ready > sent || job->tokens.size() > job->sent_tokens) {
+        const std::string piece = job->text.substr(sent, ready > sent ? ready - sent : 0);
         const size_t t1 = job->tokens.size();
         json choice = {{"index", 0}, {"finish_reason", nullptr}};
         if (chat) {
           choice["delta"] = {{"content", piece}};
-          choice["logprobs"] = logprobs ? ChatLogprobs(job->tokens, *sent_tokens, t1) : json(nullptr);
+          choice["logprobs"] = logprobs ? ChatLogprobs(job->tokens, job->sent_tokens, t1) : json(nullptr);
         } else {
           choice["text"] = piece;
-          choice["logprobs"] = logprobs ? CompletionLogprobs(job->tokens, *sent_tokens, t1, *sent) : json(nullptr);
+          choice["logprobs"] = logprobs ? CompletionLogprobs(job->tokens, job->sent_tokens, t1, sent) : json(nullptr);
         }
-        *sent = std::max(*sent, ready);
-        *sent_tokens = t1;
+        sent = std::max(sent, ready);
+        job->sent_tokens = t1;
         if (!chunk(choice)) {
           job->cancel = true;
           return false;
@@ -386,8 +389,7 @@ class Api {
         const std::string line = "data: " + Dump(ErrorJson(job->fin.error, "server_error")) + "\n\n";
         sink.write(line.data(), line.size());
       } else {
-        const std::string finish = job->stop_hit || job->fin.reason == "stop" ? "stop" : "length";
-        json choice = {{"index", 0}, {"finish_reason", finish}};
+        json choice = {{"index", 0}, {"finish_reason", job->FinishReason()}};
         if (chat) {
           choice["delta"] = json::object();
         } else {
