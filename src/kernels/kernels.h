@@ -92,10 +92,23 @@ void Rope(float* x, int n_heads, int head_dim, int n_rot, int pos, float freq_ba
 void Softmax(float* x, int64_t n);
 // out[i] = silu(gate[i]) * up[i], silu(g) = g / (1 + exp(-g)). out may alias gate or up.
 void SiluMul(const float* gate, const float* up, float* out, int64_t n);
-// One query's attention: out[0..D) = softmax_j(scale * q.K_j) V_j over j < n, K and V rows
-// k_stride and v_stride floats apart; s: n floats of scratch (left holding the probabilities).
-void Attend(const float* q, const float* K, int64_t k_stride, const float* V, int64_t v_stride, int64_t n,
-            int64_t D, float scale, float* s, float* out);
+// Query rows that attend to the same keys and values (the heads of a GQA group, MLA's heads over
+// its latent cache): rows queries q_stride floats apart give rows outputs out_stride apart.
+struct AttendRows {
+  const float* q = nullptr;
+  int64_t q_stride = 0;
+  float* out = nullptr;
+  int64_t out_stride = 0;
+  int rows = 0;
+};
+// Attention of each row over keys and values j < n (K rows of Dk floats k_stride apart, V rows of
+// Dv floats v_stride apart; V may alias K): out_r = softmax_j(scale * q_r.K_j) V_j, in one pass
+// over the keys (an online softmax over blocks of kAttendKeys). Each key row is read once for two
+// queries. A row's result is bitwise independent of the other rows. s: rows x kAttendKeys floats
+// of scratch.
+constexpr int64_t kAttendKeys = 16;
+void Attend(const AttendRows& a, const float* K, int64_t k_stride, int64_t Dk, const float* V, int64_t v_stride,
+            int64_t Dv, int64_t n, float scale, float* s);
 // Batch invariance of MatMul (process-wide, off by default; `moe serve` turns it on): a token's
 // products are then bitwise the same whatever other tokens share the call and wherever it sits
 // among them. The tile kernels always are; the row kernels give a lone token a faster two-chain

@@ -21,6 +21,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "hwy/cache_control.h"
 #include "hwy/contrib/math/math-inl.h"
 #include "hwy/highway.h"
 #include "kernels/kernels.h"
@@ -185,73 +186,194 @@ HWY_NOINLINE inline void Softmax(float* x, int64_t n) {
   Scale(static_cast<float>(1.0 / sum), x, n);
 }
 
-// One query's attention over n keys and values (rows k_stride and v_stride floats apart), in one
-// call: s[j] = scale * q.K_j, s = softmax(s), out[0..D) = sum_j s[j] V_j with each output
-// element one fused multiply-add chain over j in order (what std::fill and an Axpy per key give),
-// held in registers four vectors at a time. s: n floats of scratch.
-HWY_NOINLINE inline void Attend(const float* HWY_RESTRICT q, const float* K, int64_t k_stride,
-                                const float* V, int64_t v_stride, int64_t n, int64_t D, float scale,
-                                float* HWY_RESTRICT s, float* HWY_RESTRICT out) {
+// Attention of a.rows queries over the same n keys and values (the heads of one GQA group, or
+// MLA's heads over the shared latent; rows k_stride / v_stride floats apart, V may alias K), in
+// one pass over the cache: blocks of kAttendKeys keys, each block's scores for every row, an
+// online softmax (running maximum m and sum l, what was summed rescaled by e^(m_old - m_new)
+// when the maximum grows), then the block's values, while the block is in L1. Every score is one
+// chain of fused multiply-adds over Dk in vector chunks, reduced across lanes, then a scalar
+// fused tail; every output element one fused chain over the keys in order, rescaled where the
+// maximum grew, and divided by l at the end. None of it depends on a row's row-mates, so each
+// row's result is bitwise the same alone or in any group. Rows are taken two at a time against
+// four keys (each key row loaded once for both queries), values four vectors wide.
+template <int R>  // query rows handled together: 1 or 2
+HWY_INLINE void AttendScores(const float* HWY_RESTRICT q, int64_t q_stride, const float* K, int64_t k_stride,
+                             int64_t n, int64_t D, float scale, float* HWY_RESTRICT s, int64_t s_stride) {
   const hn::ScalableTag<float> df;
   const int64_t N = static_cast<int64_t>(hn::Lanes(df));
-  if (D % N == 0) {
-    // Four keys at a time (four independent chains, one reduction each), then one at a time in
-    // the same form, so a key's score does not depend on where it falls.
-    const auto dot = [&](const float* k) {
-      auto acc = hn::Zero(df);
-      for (int64_t i = 0; i < D; i += N) acc = hn::MulAdd(hn::LoadU(df, q + i), hn::LoadU(df, k + i), acc);
-      return ReduceLanes(df, acc) * scale;
-    };
-    int64_t j = 0;
-    for (; j + 4 <= n; j += 4) {
-      const float* k0 = K + j * k_stride;
-      const float* k1 = k0 + k_stride;
-      const float* k2 = k1 + k_stride;
-      const float* k3 = k2 + k_stride;
-      auto s0 = hn::Zero(df), s1 = s0, s2 = s0, s3 = s0;
-      for (int64_t i = 0; i < D; i += N) {
-        const auto qi = hn::LoadU(df, q + i);
-        s0 = hn::MulAdd(qi, hn::LoadU(df, k0 + i), s0);
-        s1 = hn::MulAdd(qi, hn::LoadU(df, k1 + i), s1);
-        s2 = hn::MulAdd(qi, hn::LoadU(df, k2 + i), s2);
-        s3 = hn::MulAdd(qi, hn::LoadU(df, k3 + i), s3);
+  const int64_t Dv = D / N * N;  // the vector part of each dot product
+  const float* q1 = q + (R == 2 ? q_stride : 0);
+  const auto tail = [&](const float* qr, const float* k, float acc) {
+    for (int64_t i = Dv; i < D; ++i) acc = std::fma(qr[i], k[i], acc);
+    return acc * scale;
+  };
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const float* k0 = K + j * k_stride;
+    const float* k1 = k0 + k_stride;
+    const float* k2 = k1 + k_stride;
+    const float* k3 = k2 + k_stride;
+    auto a0 = hn::Zero(df), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    for (int64_t i = 0; i < Dv; i += N) {
+      const auto v0 = hn::LoadU(df, k0 + i), v1 = hn::LoadU(df, k1 + i);
+      const auto v2 = hn::LoadU(df, k2 + i), v3 = hn::LoadU(df, k3 + i);
+      const auto x = hn::LoadU(df, q + i);
+      a0 = hn::MulAdd(x, v0, a0);
+      a1 = hn::MulAdd(x, v1, a1);
+      a2 = hn::MulAdd(x, v2, a2);
+      a3 = hn::MulAdd(x, v3, a3);
+      if constexpr (R == 2) {
+        const auto y = hn::LoadU(df, q1 + i);
+        b0 = hn::MulAdd(y, v0, b0);
+        b1 = hn::MulAdd(y, v1, b1);
+        b2 = hn::MulAdd(y, v2, b2);
+        b3 = hn::MulAdd(y, v3, b3);
       }
-      s[j] = ReduceLanes(df, s0) * scale;
-      s[j + 1] = ReduceLanes(df, s1) * scale;
-      s[j + 2] = ReduceLanes(df, s2) * scale;
-      s[j + 3] = ReduceLanes(df, s3) * scale;
     }
-    for (; j < n; ++j) s[j] = dot(K + j * k_stride);
-  } else {
-    for (int64_t j = 0; j < n; ++j) s[j] = DotF32(q, K + j * k_stride, D) * scale;
+    s[j] = tail(q, k0, ReduceLanes(df, a0));
+    s[j + 1] = tail(q, k1, ReduceLanes(df, a1));
+    s[j + 2] = tail(q, k2, ReduceLanes(df, a2));
+    s[j + 3] = tail(q, k3, ReduceLanes(df, a3));
+    if constexpr (R == 2) {
+      float* s1 = s + s_stride;
+      s1[j] = tail(q1, k0, ReduceLanes(df, b0));
+      s1[j + 1] = tail(q1, k1, ReduceLanes(df, b1));
+      s1[j + 2] = tail(q1, k2, ReduceLanes(df, b2));
+      s1[j + 3] = tail(q1, k3, ReduceLanes(df, b3));
+    }
   }
-  Softmax(s, n);
-  int64_t c = 0;
-  for (; c + 4 * N <= D; c += 4 * N) {
-    auto o0 = hn::Zero(df), o1 = o0, o2 = o0, o3 = o0;
-    for (int64_t j = 0; j < n; ++j) {
-      const auto sj = hn::Set(df, s[j]);
-      const float* v = V + j * v_stride + c;
-      o0 = hn::MulAdd(sj, hn::LoadU(df, v), o0);
-      o1 = hn::MulAdd(sj, hn::LoadU(df, v + N), o1);
-      o2 = hn::MulAdd(sj, hn::LoadU(df, v + 2 * N), o2);
-      o3 = hn::MulAdd(sj, hn::LoadU(df, v + 3 * N), o3);
+  for (; j < n; ++j) {
+    const float* k = K + j * k_stride;
+    auto a = hn::Zero(df), b = a;
+    for (int64_t i = 0; i < Dv; i += N) {
+      const auto v = hn::LoadU(df, k + i);
+      a = hn::MulAdd(hn::LoadU(df, q + i), v, a);
+      if constexpr (R == 2) b = hn::MulAdd(hn::LoadU(df, q1 + i), v, b);
     }
-    hn::StoreU(o0, df, out + c);
-    hn::StoreU(o1, df, out + c + N);
-    hn::StoreU(o2, df, out + c + 2 * N);
-    hn::StoreU(o3, df, out + c + 3 * N);
+    s[j] = tail(q, k, ReduceLanes(df, a));
+    if constexpr (R == 2) s[s_stride + j] = tail(q1, k, ReduceLanes(df, b));
+  }
+}
+
+// acc: continue the chains from out (the keys before these), else start from zero.
+template <int R>  // probability rows handled together: 1 or 2
+HWY_INLINE void AttendValues(const float* HWY_RESTRICT s, int64_t s_stride, const float* V, int64_t v_stride,
+                             int64_t n, int64_t D, bool acc, float* HWY_RESTRICT out, int64_t out_stride) {
+  const hn::ScalableTag<float> df;
+  const int64_t N = static_cast<int64_t>(hn::Lanes(df));
+  const float* s1 = s + (R == 2 ? s_stride : 0);
+  float* out1 = out + (R == 2 ? out_stride : 0);
+  int64_t c = 0;
+  const auto init = [&](const float* o) { return acc ? hn::LoadU(df, o) : hn::Zero(df); };
+  for (; c + 4 * N <= D; c += 4 * N) {
+    auto a0 = init(out + c), a1 = init(out + c + N), a2 = init(out + c + 2 * N), a3 = init(out + c + 3 * N);
+    auto b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    if constexpr (R == 2) {
+      b0 = init(out1 + c), b1 = init(out1 + c + N), b2 = init(out1 + c + 2 * N), b3 = init(out1 + c + 3 * N);
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const float* v = V + j * v_stride + c;
+      const auto v0 = hn::LoadU(df, v), v1 = hn::LoadU(df, v + N);
+      const auto v2 = hn::LoadU(df, v + 2 * N), v3 = hn::LoadU(df, v + 3 * N);
+      const auto x = hn::Set(df, s[j]);
+      a0 = hn::MulAdd(x, v0, a0);
+      a1 = hn::MulAdd(x, v1, a1);
+      a2 = hn::MulAdd(x, v2, a2);
+      a3 = hn::MulAdd(x, v3, a3);
+      if constexpr (R == 2) {
+        const auto y = hn::Set(df, s1[j]);
+        b0 = hn::MulAdd(y, v0, b0);
+        b1 = hn::MulAdd(y, v1, b1);
+        b2 = hn::MulAdd(y, v2, b2);
+        b3 = hn::MulAdd(y, v3, b3);
+      }
+    }
+    hn::StoreU(a0, df, out + c);
+    hn::StoreU(a1, df, out + c + N);
+    hn::StoreU(a2, df, out + c + 2 * N);
+    hn::StoreU(a3, df, out + c + 3 * N);
+    if constexpr (R == 2) {
+      hn::StoreU(b0, df, out1 + c);
+      hn::StoreU(b1, df, out1 + c + N);
+      hn::StoreU(b2, df, out1 + c + 2 * N);
+      hn::StoreU(b3, df, out1 + c + 3 * N);
+    }
   }
   for (; c + N <= D; c += N) {
-    auto o = hn::Zero(df);
-    for (int64_t j = 0; j < n; ++j) o = hn::MulAdd(hn::Set(df, s[j]), hn::LoadU(df, V + j * v_stride + c), o);
-    hn::StoreU(o, df, out + c);
+    auto a = init(out + c), b = a;
+    if constexpr (R == 2) b = init(out1 + c);
+    for (int64_t j = 0; j < n; ++j) {
+      const auto v = hn::LoadU(df, V + j * v_stride + c);
+      a = hn::MulAdd(hn::Set(df, s[j]), v, a);
+      if constexpr (R == 2) b = hn::MulAdd(hn::Set(df, s1[j]), v, b);
+    }
+    hn::StoreU(a, df, out + c);
+    if constexpr (R == 2) hn::StoreU(b, df, out1 + c);
   }
-  const hn::CappedTag<float, 1> d1;  // the tail rounds like the body (fused)
-  for (; c < D; ++c) {
-    auto o = hn::Zero(d1);
-    for (int64_t j = 0; j < n; ++j) o = hn::MulAdd(hn::Set(d1, s[j]), hn::LoadU(d1, V + j * v_stride + c), o);
-    hn::StoreU(o, d1, out + c);
+  for (; c < D; ++c) {  // the tail rounds like the body (fused)
+    float a = acc ? out[c] : 0.0f, b = acc && R == 2 ? out1[c] : 0.0f;
+    for (int64_t j = 0; j < n; ++j) {
+      a = std::fma(s[j], V[j * v_stride + c], a);
+      if constexpr (R == 2) b = std::fma(s1[j], V[j * v_stride + c], b);
+    }
+    out[c] = a;
+    if constexpr (R == 2) out1[c] = b;
+  }
+}
+
+HWY_NOINLINE inline void Attend(const AttendRows& a, const float* K, int64_t k_stride, int64_t Dk, const float* V,
+                                int64_t v_stride, int64_t Dv, int64_t n, float scale, float* HWY_RESTRICT s) {
+  const hn::ScalableTag<float> df;
+  const int64_t N = static_cast<int64_t>(hn::Lanes(df));
+  constexpr int64_t B = kAttendKeys;
+  constexpr int kRows = 64;  // rows per pass (their running state lives on the stack)
+  for (int r0 = 0; r0 < a.rows; r0 += kRows) {
+    const int rows = std::min(kRows, a.rows - r0);
+    const float* q = a.q + r0 * a.q_stride;
+    float* out = a.out + r0 * a.out_stride;
+    float m[kRows];   // running maximum of each row's scores
+    double l[kRows];  // running sum of exp(score - m)
+    for (int64_t j = 0; j < n; j += B) {
+      const int64_t nb = std::min(B, n - j);
+      const float* Kj = K + j * k_stride;
+      const float* Vj = V + j * v_stride;
+      if (j + B < n) {  // the next block's lines, so one pass over a cold cache does not wait on memory
+        const int64_t nn = std::min(B, n - j - B);
+        for (int64_t i = 0; i < nn; ++i) {
+          for (int64_t c = 0; c < Dk; c += 16) hwy::Prefetch(Kj + (B + i) * k_stride + c);
+          if (V != K)
+            for (int64_t c = 0; c < Dv; c += 16) hwy::Prefetch(Vj + (B + i) * v_stride + c);
+        }
+      }
+      int r = 0;
+      for (; r + 2 <= rows; r += 2) AttendScores<2>(q + r * a.q_stride, a.q_stride, Kj, k_stride, nb, Dk, scale, s + r * B, B);
+      if (r < rows) AttendScores<1>(q + r * a.q_stride, a.q_stride, Kj, k_stride, nb, Dk, scale, s + r * B, B);
+      for (r = 0; r < rows; ++r) {
+        float* sr = s + r * B;
+        float mb = sr[0];
+        for (int64_t i = 1; i < nb; ++i) mb = sr[i] > mb ? sr[i] : mb;
+        if (j == 0) {
+          m[r] = mb;
+          l[r] = 0.0;
+        } else if (mb > m[r]) {  // a new maximum: what was summed so far shrinks by e^(m_old - m_new)
+          const float c = std::exp(m[r] - mb);
+          l[r] *= c;
+          Scale(c, out + r * a.out_stride, Dv);
+          m[r] = mb;
+        }
+        const auto vmax = hn::Set(df, m[r]);
+        for (int64_t i = 0; i < nb; i += N) {  // the block's tail through a masked load and store
+          const auto k = hn::FirstN(df, static_cast<size_t>(std::min(N, nb - i)));
+          const auto e = hn::IfThenElseZero(k, hn::Exp(df, hn::Sub(hn::MaskedLoad(k, df, sr + i), vmax)));
+          hn::BlendedStore(e, k, df, sr + i);
+          l[r] += static_cast<double>(hn::GetLane(hn::SumOfLanes(df, e)));
+        }
+      }
+      for (r = 0; r + 2 <= rows; r += 2)
+        AttendValues<2>(s + r * B, B, Vj, v_stride, nb, Dv, j > 0, out + r * a.out_stride, a.out_stride);
+      if (r < rows) AttendValues<1>(s + r * B, B, Vj, v_stride, nb, Dv, j > 0, out + r * a.out_stride, a.out_stride);
+    }
+    for (int r = 0; r < rows; ++r) Scale(static_cast<float>(1.0 / l[r]), out + r * a.out_stride, Dv);
   }
 }
 

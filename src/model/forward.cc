@@ -81,10 +81,12 @@ float AttentionScale(const ModelConfig& c) {
 KvCache::KvCache(const ModelConfig& c, int n_ctx) : n_ctx_(n_ctx) {
   if (n_ctx < 1) Fail("a KV cache needs at least one position (got %d)", n_ctx);
   // MLA: the latent cache only (values are its first Kr floats).
-  k_row_ = c.is_mla() ? c.KvFloatsPerLayer() : c.n_k();
-  v_row_ = c.is_mla() ? 0 : c.n_v();
-  k_.assign(static_cast<size_t>(c.n_layer) * n_ctx * k_row_, 0.0f);
-  v_.assign(static_cast<size_t>(c.n_layer) * n_ctx * v_row_, 0.0f);
+  k_heads_ = c.is_mla() ? 1 : c.n_head_kv;
+  k_dim_ = c.is_mla() ? c.KvFloatsPerLayer() : c.n_embd_head_k;
+  v_heads_ = c.is_mla() ? 0 : c.n_head_kv;
+  v_dim_ = c.is_mla() ? 0 : c.n_embd_head_v;
+  k_.assign(static_cast<size_t>(c.n_layer) * n_ctx * k_heads_ * k_dim_, 0.0f);
+  v_.assign(static_cast<size_t>(c.n_layer) * n_ctx * v_heads_ * v_dim_, 0.0f);
 }
 
 int DefaultContext(const ModelConfig& c) {
@@ -361,41 +363,52 @@ void Forward::Attention(int il, int T) {
       }
       kernels::Rope(q, H, D, static_cast<int>(c_.n_rot), pos, c_.rope_freq_base, neox, rope_);
       kernels::Rope(k, Hkv, D, static_cast<int>(c_.n_rot), pos, c_.rope_freq_base, neox, rope_);
-      std::memcpy(sg.cache->K(il) + static_cast<size_t>(pos) * nk, k, nk * sizeof(float));
-      std::memcpy(sg.cache->V(il) + static_cast<size_t>(pos) * nv, F(v_, t * nv), nv * sizeof(float));
+      for (int g = 0; g < Hkv; ++g) {
+        std::memcpy(sg.cache->K(il, g) + static_cast<size_t>(pos) * D, k + g * D, D * sizeof(float));
+        std::memcpy(sg.cache->V(il, g) + static_cast<size_t>(pos) * D, F(v_, t * nv + g * D), D * sizeof(float));
+      }
     }
   }
   const float scale = kq_scale_;
   const int group = H / Hkv;
-  // Work items per sequence: fewer than kAttnBlock new tokens (decode) take one (token, head)
-  // each and kernels::Attend; more take (block of kAttnBlock queries, head) and two GEMMs, the
-  // scores of every key any query of the block sees (Q K^T), masked causally and normalised row
-  // by row, then P V. The path is the sequence's own, whatever else is in the batch.
+  // Work items per sequence. Fewer than kAttnBlock new tokens (decode): (token, KV head, rows of
+  // its group) and kernels::Attend, which reads each cached key once for the group's queries; a
+  // group splits over the threads when there are fewer groups than threads. More tokens:
+  // (block of kAttnBlock queries, head) and two GEMMs, the scores of every key any query of the
+  // block sees (Q K^T), masked causally and normalised row by row, then P V. The path is the
+  // sequence's own, whatever else is in the batch, and a row's result never depends on its
+  // item-mates.
   attn_items_.clear();
   for (int si = 0; si < static_cast<int>(segments_.size()); ++si) {
     const Segment& sg = segments_[si];
-    const bool batched = sg.n >= kAttnBlock;
-    const int step = batched ? kAttnBlock : 1;
-    for (int i = 0; i < sg.n; i += step)
-      for (int h = 0; h < H; ++h) attn_items_.push_back({si, sg.t0 + i, std::min(step, sg.n - i), h, batched});
+    if (sg.n >= kAttnBlock) {
+      for (int i = 0; i < sg.n; i += kAttnBlock)
+        for (int h = 0; h < H; ++h) attn_items_.push_back({si, sg.t0 + i, std::min(kAttnBlock, sg.n - i), h, true});
+      continue;
+    }
+    const int parts = std::min(group, (pool_.size() + sg.n * Hkv - 1) / (sg.n * Hkv));
+    const int per = std::min(kAttnBlock, (group + parts - 1) / parts);
+    for (int i = 0; i < sg.n; ++i)
+      for (int g = 0; g < Hkv; ++g)
+        for (int r = 0; r < group; r += per)
+          attn_items_.push_back({si, sg.t0 + i, std::min(per, group - r), g * group + r, false});
   }
   pool_.ParallelFor(static_cast<int64_t>(attn_items_.size()), 1, [&](int64_t b, int64_t e, int thread) {
     float* S = scores_.data() + static_cast<size_t>(thread) * kAttnBlock * n_ctx_;  // [rows][n_keys]
     for (int64_t item = b; item < e; ++item) {
       const AttnItem& it = attn_items_[item];
       const Segment& sg = segments_[it.seg];
-      const float* K = sg.cache->K(il);
-      const float* V = sg.cache->V(il);
       const int g = it.head / group, first = sg.cache->n_past() + (it.t - sg.t0);  // first query's position
+      const float* K = sg.cache->K(il, g);  // [n_ctx][D]
+      const float* V = sg.cache->V(il, g);
       float* out = att_.data() + it.t * nq + it.head * D;
       const float* q = q_.data() + it.t * nq + it.head * D;
-      if (!it.batched) {
-        kernels::Attend(q, K + g * D, nk, V + g * D, nv, first + 1, D, scale, S, out);
+      if (!it.batched) {  // it.rows heads of one token
+        kernels::Attend(kernels::AttendRows{q, D, out, D, it.rows}, K, D, D, V, D, D, first + 1, scale, S);
         continue;
       }
       const int n_keys = first + it.rows;  // the last query's keys
-      kernels::Gemm(kernels::GemmOp::kNT, it.rows, n_keys, D, q, static_cast<int>(nq), K + g * D,
-                    static_cast<int>(nk), S, n_keys, false);
+      kernels::Gemm(kernels::GemmOp::kNT, it.rows, n_keys, D, q, static_cast<int>(nq), K, D, S, n_keys, false);
       for (int i = 0; i < it.rows; ++i) {
         float* s = S + static_cast<size_t>(i) * n_keys;
         const int n_kv = first + i + 1;
@@ -403,8 +416,7 @@ void Forward::Attention(int il, int T) {
         kernels::Softmax(s, n_kv);
         std::fill(s + n_kv, s + n_keys, 0.0f);
       }
-      kernels::Gemm(kernels::GemmOp::kNN, it.rows, D, n_keys, S, n_keys, V + g * D, static_cast<int>(nv), out,
-                    static_cast<int>(nq), false);
+      kernels::Gemm(kernels::GemmOp::kNN, it.rows, D, n_keys, S, n_keys, V, D, out, static_cast<int>(nq), false);
     }
   });
   Linear(*L.wo, att_.data(), T, tmp_.data());  // [T][n_embd]
@@ -501,11 +513,22 @@ void Forward::MlaAbsorbed(int il, int T) {
   att_.resize(static_cast<size_t>(T * H * Dv));
   HeadLinears(*L.wk_b, q_.data(), H * Dk, Dk, T, qabs_.data(), H * W, W);  // q_nope -> latent space
   for (int64_t g = 0; g < T * H; ++g) std::memcpy(F(qabs_, g * W + Kr), F(q_, g * Dk + Dn), Dr * sizeof(float));
-  // Blocks of (token, head) rows within one sequence (a row's GEMM results do not depend on its
-  // block-mates): each sequence's rows split over the threads, at most kAttnBlock per block.
+  // Blocks of (token, head) rows within one sequence (a row's results do not depend on its
+  // block-mates), at most kAttnBlock per block. Fewer than kAttnBlock new tokens (decode): one
+  // token's heads per item, split over the threads, through kernels::Attend (each latent row read
+  // once for all the item's heads, no packing); more: the sequence's rows split over the threads,
+  // each block two GEMMs.
   attn_items_.clear();
   for (int si = 0; si < static_cast<int>(segments_.size()); ++si) {
     const Segment& sg = segments_[si];
+    if (sg.n < kAttnBlock) {
+      const int64_t parts = std::min<int64_t>(H, (pool_.size() + sg.n - 1) / sg.n);
+      const int per = static_cast<int>(std::min<int64_t>(kAttnBlock, (H + parts - 1) / parts));
+      for (int i = 0; i < sg.n; ++i)
+        for (int h = 0; h < H; h += per)
+          attn_items_.push_back({si, static_cast<int>((sg.t0 + i) * H + h), std::min(per, static_cast<int>(H) - h), 0, false});
+      continue;
+    }
     const int64_t rows_all = sg.n * H;
     const int64_t per = std::clamp<int64_t>((rows_all + pool_.size() - 1) / pool_.size(), 1, kAttnBlock);
     for (int64_t g0 = 0; g0 < rows_all; g0 += per)
@@ -519,6 +542,11 @@ void Forward::MlaAbsorbed(int il, int T) {
       const float* C = sg.cache->K(il);
       const int64_t g0 = it.t, rows = it.rows;  // global (token, head) rows g = t * H + h
       const int base = sg.cache->n_past() - sg.t0;  // position = base + token row
+      if (!it.batched) {  // one token's heads: MQA over the latent rows [c | k_pe], values c
+        kernels::Attend(kernels::AttendRows{F(qabs_, g0 * W), W, F(lat_, g0 * Kr), Kr, static_cast<int>(rows)}, C, W,
+                        W, C, W, Kr, base + g0 / H + 1, kq_scale_, S);
+        continue;
+      }
       const int n_keys = base + static_cast<int>((g0 + rows - 1) / H) + 1;  // the last row's keys
       kernels::Gemm(kernels::GemmOp::kNT, static_cast<int>(rows), n_keys, static_cast<int>(W), F(qabs_, g0 * W),
                     static_cast<int>(W), C, static_cast<int>(W), S, n_keys, false);

@@ -36,10 +36,12 @@ class KvCache {
 
  private:
   friend class Forward;
-  float* K(uint32_t layer) { return k_.data() + static_cast<size_t>(layer) * n_ctx_ * k_row_; }
-  float* V(uint32_t layer) { return v_.data() + static_cast<size_t>(layer) * n_ctx_ * v_row_; }
+  // Per layer, each KV head's positions are contiguous: [n_head_kv][n_ctx][head_dim] (so one head's
+  // keys stream sequentially at decode); MLA's latent cache is one "head" of KvFloatsPerLayer.
+  float* K(uint32_t layer, int head = 0) { return k_.data() + (layer * k_heads_ + head) * n_ctx_ * k_dim_; }
+  float* V(uint32_t layer, int head = 0) { return v_.data() + (layer * v_heads_ + head) * n_ctx_ * v_dim_; }
   std::vector<float> k_, v_;
-  size_t k_row_ = 0, v_row_ = 0;  // floats per position and layer
+  size_t k_heads_ = 0, k_dim_ = 0, v_heads_ = 0, v_dim_ = 0;  // heads per layer, floats per head and position
   int n_ctx_ = 0;
   int n_past_ = 0;
 };

@@ -250,31 +250,47 @@ void TestSoftmax() {
 
 void TestAttend() {
   std::mt19937 rng(8);
-  for (int64_t D : {1, 7, 16, 64, 72, 128, 200}) {
+  for (int64_t Dk : {1, 7, 16, 64, 72, 128, 200, 576}) {
     for (int64_t n : {1, 2, 5, 33, 200}) {
-      const int64_t ks = D + 3, vs = D + 5;  // rows further apart than D, unaligned
-      std::vector<float> q(D), K(n * ks), V(n * vs), s(n), out(D);
-      Fill(rng, q.data(), D, -1.0f, 1.0f);
-      Fill(rng, K.data(), n * ks, -1.0f, 1.0f);
-      Fill(rng, V.data(), n * vs, -1.0f, 1.0f);
-      const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-      Attend(q.data(), K.data(), ks, V.data(), vs, n, D, scale, s.data(), out.data());
-      // Double reference.
-      std::vector<double> p(n);
-      double max = -1e300, sum = 0;
-      for (int64_t j = 0; j < n; ++j) {
-        double d = 0;
-        for (int64_t i = 0; i < D; ++i) d += double(q[i]) * K[j * ks + i];
-        p[j] = d * scale;
-        max = std::max(max, p[j]);
+      for (int rows : {1, 2, 3, 8}) {
+        // Dv < Dk with V inside K's rows (MLA) for the widest case; else separate V rows.
+        const bool alias = Dk == 576;
+        const int64_t Dv = alias ? 512 : Dk;
+        const int64_t ks = Dk + 3, vs = alias ? ks : Dv + 5;  // rows further apart than D, unaligned
+        const int64_t qs = Dk + 1, os = Dv + 2;
+        std::vector<float> q(rows * qs), K(n * ks), Vs(n * vs), s(rows * kAttendKeys), out(rows * os, -7.0f);
+        Fill(rng, q.data(), rows * qs, -1.0f, 1.0f);
+        Fill(rng, K.data(), n * ks, -1.0f, 1.0f);
+        Fill(rng, Vs.data(), n * vs, -1.0f, 1.0f);
+        const float* V = alias ? K.data() : Vs.data();
+        const float scale = 1.0f / std::sqrt(static_cast<float>(Dk));
+        HWY_NAMESPACE::Attend(AttendRows{q.data(), qs, out.data(), os, rows}, K.data(), ks, Dk, V, vs, Dv, n, scale, s.data());
+        for (int r = 0; r < rows; ++r) {
+          // Double reference.
+          const float* qr = q.data() + r * qs;
+          std::vector<double> p(n);
+          double max = -1e300, sum = 0;
+          for (int64_t j = 0; j < n; ++j) {
+            double d = 0;
+            for (int64_t i = 0; i < Dk; ++i) d += double(qr[i]) * K[j * ks + i];
+            p[j] = d * scale;
+            max = std::max(max, p[j]);
+          }
+          for (double& v : p) sum += (v = std::exp(v - max));
+          for (int64_t i = 0; i < Dv; ++i) {
+            double want = 0;
+            for (int64_t j = 0; j < n; ++j) want += p[j] / sum * V[j * vs + i];
+            ASSERT_NEAR(out[r * os + i], want, (Dk + n + 8) * kEpsF)
+                << "Dk=" << Dk << " n=" << n << " r=" << r << " i=" << i;
+          }
+          for (int64_t i = Dv; i < os; ++i) ASSERT_EQ(out[r * os + i], -7.0f) << "wrote past Dv";
+          // The row alone gives bitwise the same output (batch invariance rests on this).
+          std::vector<float> s1(kAttendKeys), o1(Dv);
+          HWY_NAMESPACE::Attend(AttendRows{qr, qs, o1.data(), Dv, 1}, K.data(), ks, Dk, V, vs, Dv, n, scale, s1.data());
+          for (int64_t i = 0; i < Dv; ++i)
+            ASSERT_EQ(o1[i], out[r * os + i]) << "Dk=" << Dk << " n=" << n << " r=" << r << " i=" << i;
+        }
       }
-      for (double& v : p) sum += (v = std::exp(v - max));
-      for (int64_t i = 0; i < D; ++i) {
-        double want = 0;
-        for (int64_t j = 0; j < n; ++j) want += p[j] / sum * V[j * vs + i];
-        ASSERT_NEAR(out[i], want, (D + n + 8) * kEpsF) << "D=" << D << " n=" << n << " i=" << i;
-      }
-      for (int64_t j = 0; j < n; ++j) ASSERT_NEAR(s[j], p[j] / sum, (D + 8) * kEpsF) << "D=" << D << " j=" << j;
     }
   }
 }
