@@ -7,6 +7,7 @@
 #include <pthread.h>
 #include <sched.h>
 
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 
@@ -64,6 +65,7 @@ ThreadPool::ThreadPool(int n_threads, bool pin) {
   std::vector<int> cpus = AffinityCpus();
   if (n_threads <= 0) n_threads = static_cast<int>(cpus.size());
   n_threads_ = n_threads;
+  ranges_ = std::make_unique<Range[]>(static_cast<size_t>(n_threads));
   const char* no_pin = std::getenv("MOE_NO_PIN");
   if (no_pin && std::strcmp(no_pin, "0") != 0) pin = false;
   // Pin only when every thread gets a CPU of its own; oversubscribed pools float.
@@ -119,6 +121,27 @@ void ThreadPool::Run(const std::function<void(int, int)>& fn) {
   while (pending_.load(std::memory_order_acquire) != 0) MOE_CPU_RELAX();
 }
 
+namespace {
+
+// A thread's run of chunks [front, back) in one word, so its owner (taking from the front) and a
+// thief (taking from the back) claim chunks with one compare-and-swap each and never both get
+// the same one.
+bool ClaimChunk(std::atomic<uint64_t>& range, bool from_back, int64_t* chunk) {
+  uint64_t cur = range.load(std::memory_order_relaxed);
+  for (;;) {
+    const uint32_t front = static_cast<uint32_t>(cur), back = static_cast<uint32_t>(cur >> 32);
+    if (front >= back) return false;
+    const uint64_t next = from_back ? (static_cast<uint64_t>(back - 1) << 32) | front
+                                    : (static_cast<uint64_t>(back) << 32) | (front + 1);
+    if (range.compare_exchange_weak(cur, next, std::memory_order_relaxed)) {
+      *chunk = from_back ? back - 1 : front;
+      return true;
+    }
+  }
+}
+
+}  // namespace
+
 void ThreadPool::ParallelFor(int64_t n, int64_t grain,
                              const std::function<void(int64_t, int64_t, int)>& fn) {
   if (n <= 0) return;
@@ -127,13 +150,21 @@ void ThreadPool::ParallelFor(int64_t n, int64_t grain,
     fn(0, n, 0);
     return;
   }
-  std::atomic<int64_t> next{0};
-  Run([&](int thread, int) {
-    for (;;) {
-      int64_t b = next.fetch_add(grain, std::memory_order_relaxed);
-      if (b >= n) break;
+  const int64_t chunks = (n + grain - 1) / grain;
+  if (chunks > UINT32_MAX) Fail("ParallelFor: %lld chunks are too many", static_cast<long long>(chunks));
+  for (int t = 0; t < n_threads_; ++t) {
+    const uint64_t b = static_cast<uint64_t>(chunks * t / n_threads_), e = static_cast<uint64_t>(chunks * (t + 1) / n_threads_);
+    ranges_[t].v.store((e << 32) | b, std::memory_order_relaxed);
+  }
+  Run([&](int thread, int nt) {
+    const auto run = [&](int64_t c) {
+      const int64_t b = c * grain;
       fn(b, b + grain < n ? b + grain : n, thread);
-    }
+    };
+    int64_t c;
+    while (ClaimChunk(ranges_[thread].v, false, &c)) run(c);
+    for (int k = 1; k < nt; ++k)  // then the others' last chunks
+      while (ClaimChunk(ranges_[(thread + k) % nt].v, true, &c)) run(c);
   });
 }
 

@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -27,7 +28,10 @@ class ThreadPool {
   // are done. Not re-entrant.
   void Run(const std::function<void(int, int)>& fn);
 
-  // Calls fn(i) for i in [0, n), handing out chunks of `grain` indices dynamically.
+  // Calls fn(b, e, thread) over [0, n) in chunks of `grain` indices. Each thread owns an even,
+  // contiguous run of chunks and works through it in order (so a thread streams through
+  // consecutive memory, as a static split does); a thread that finishes its run takes chunks from
+  // the end of the others' (so one slow thread does not hold everyone at the barrier).
   void ParallelFor(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t, int)>& fn);
 
   // Static even split of [0, n) over the threads: fn(begin, end, thread).
@@ -42,6 +46,10 @@ class ThreadPool {
   std::atomic<uint32_t> generation_{0};
   std::atomic<int> pending_{0};
   std::atomic<bool> stop_{false};
+  struct alignas(64) Range {  // ParallelFor: a thread's chunks, front in the low half, back in the high
+    std::atomic<uint64_t> v{0};
+  };
+  std::unique_ptr<Range[]> ranges_;
 };
 
 // Number of CPUs this process may run on.

@@ -4,6 +4,7 @@
 
 #include <atomic>
 #include <numeric>
+#include <thread>
 #include <vector>
 
 namespace moe {
@@ -34,6 +35,33 @@ TEST(ThreadPool, ParallelForCoversEachIndexExactlyOnce) {
       });
       for (int64_t i = 0; i < n; ++i) ASSERT_EQ(seen[i].load(), 1) << n << " " << grain << " " << i;
     }
+  }
+}
+
+// Each thread starts on its own contiguous run, in order; when one thread stalls, the others
+// take its remaining chunks from the back, and still every chunk runs once.
+TEST(ThreadPool, ParallelForRunsOwnChunksInOrderAndStealsFromStalledThreads) {
+  for (int n_threads : {2, 3}) {
+    ThreadPool pool(n_threads);
+    const int64_t n = 60;
+    std::vector<std::atomic<int>> seen(n);
+    std::vector<std::vector<int64_t>> order(n_threads);
+    pool.ParallelFor(n, 1, [&](int64_t b, int64_t, int t) {
+      if (t == 0 && order[0].empty()) {  // thread 0 stalls on its first chunk
+        while (seen[n - 1].load() == 0) std::this_thread::yield();
+      }
+      order[t].push_back(b);
+      seen[b].fetch_add(1);
+    });
+    for (int64_t i = 0; i < n; ++i) ASSERT_EQ(seen[i].load(), 1) << i;
+    // Thread 0 ran its first chunk, 0, first; thread 1 ran its own run in order first, then
+    // stole (thread 0's chunks, from the back; or the last thread's).
+    ASSERT_FALSE(order[0].empty());
+    EXPECT_EQ(order[0][0], 0);
+    const int64_t own_b = n / n_threads, own_e = 2 * n / n_threads;
+    ASSERT_GE(static_cast<int64_t>(order[1].size()), own_e - own_b);
+    for (int64_t k = 0; k < own_e - own_b; ++k) EXPECT_EQ(order[1][k], own_b + k);
+    EXPECT_LT(static_cast<int64_t>(order[0].size()), n / n_threads) << "nothing was stolen from the stalled thread";
   }
 }
 
