@@ -85,8 +85,13 @@ KvCache::KvCache(const ModelConfig& c, int n_ctx) : n_ctx_(n_ctx) {
   k_dim_ = c.is_mla() ? c.KvFloatsPerLayer() : c.n_embd_head_k;
   v_heads_ = c.is_mla() ? 0 : c.n_head_kv;
   v_dim_ = c.is_mla() ? 0 : c.n_embd_head_v;
-  k_.assign(static_cast<size_t>(c.n_layer) * n_ctx * k_heads_ * k_dim_, 0.0f);
-  v_.assign(static_cast<size_t>(c.n_layer) * n_ctx * v_heads_ * v_dim_, 0.0f);
+  k_floats_ = static_cast<size_t>(c.n_layer) * n_ctx * k_heads_ * k_dim_;
+  v_floats_ = static_cast<size_t>(c.n_layer) * n_ctx * v_heads_ * v_dim_;
+  k_ = hwy::AllocateAligned<float>(std::max<size_t>(k_floats_, 1));
+  v_ = hwy::AllocateAligned<float>(std::max<size_t>(v_floats_, 1));
+  if (!k_ || !v_) Fail("out of memory for a KV cache of %zu bytes", Bytes());
+  // Not cleared: every position is written before it is read, and pages past the context used
+  // are never touched (so they take no memory).
 }
 
 int DefaultContext(const ModelConfig& c) {

@@ -7,6 +7,8 @@
 #include <functional>
 #include <vector>
 
+#include "hwy/aligned_allocator.h"
+
 #include "kernels/kernels.h"
 #include "model/model.h"
 #include "moe/routing.h"
@@ -32,15 +34,16 @@ class KvCache {
   int n_past() const { return n_past_; }
   int n_ctx() const { return n_ctx_; }
   void Reset() { n_past_ = 0; }
-  size_t Bytes() const { return (k_.size() + v_.size()) * sizeof(float); }
+  size_t Bytes() const { return (k_floats_ + v_floats_) * sizeof(float); }
 
  private:
   friend class Forward;
   // Per layer, each KV head's positions are contiguous: [n_head_kv][n_ctx][head_dim] (so one head's
   // keys stream sequentially at decode); MLA's latent cache is one "head" of KvFloatsPerLayer.
-  float* K(uint32_t layer, int head = 0) { return k_.data() + (layer * k_heads_ + head) * n_ctx_ * k_dim_; }
-  float* V(uint32_t layer, int head = 0) { return v_.data() + (layer * v_heads_ + head) * n_ctx_ * v_dim_; }
-  std::vector<float> k_, v_;
+  float* K(uint32_t layer, int head = 0) { return k_.get() + (layer * k_heads_ + head) * n_ctx_ * k_dim_; }
+  float* V(uint32_t layer, int head = 0) { return v_.get() + (layer * v_heads_ + head) * n_ctx_ * v_dim_; }
+  hwy::AlignedFreeUniquePtr<float[]> k_, v_;  // cache-line aligned, so head rows are too
+  size_t k_floats_ = 0, v_floats_ = 0;
   size_t k_heads_ = 0, k_dim_ = 0, v_heads_ = 0, v_dim_ = 0;  // heads per layer, floats per head and position
   int n_ctx_ = 0;
   int n_past_ = 0;
