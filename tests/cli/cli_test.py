@@ -78,6 +78,10 @@ with tempfile.TemporaryDirectory() as d:
     check("bench bytes per token", bench["weight_bytes_per_token"] == info["bytes_per_token"]
           and info["kv_bytes_per_token"] == 2 * 2 * 32 * 4
           and abs(bench["kv_bytes_per_token"] - 2 * 2 * 32 * 4 * 9.5) < 1e-6, str(bench))
+    multi = json.loads(run("bench", "-m", m, "-p", "8", "-n", "4", "-s", "3", "--json").stdout)
+    check("bench --sequences", multi["sequences"] == 3 and multi["decode_tokens_per_s"] > 0
+          and multi["prefill_tokens_per_s"] > 0, str(multi))
+    expect_error("bench --sequences bound", ["bench", "-m", m, "-s", "0"], 2, "--sequences")
     mach = json.loads(run("bench-machine", "-t", "1", "--mib", "16", "-r", "1", "--json").stdout)
     check("bench-machine json", all(mach[k] > 0 for k in ("read_gbs", "read_gbs_1t", "fp32_gflops",
                                                           "fp32_gflops_1t", "int8_gops", "int8_gops_1t"))

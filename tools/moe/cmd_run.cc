@@ -183,7 +183,7 @@ Runner AddRun(CLI::App& app) {
 Runner AddBench(CLI::App& app) {
   struct BenchOptions {
     std::string model;
-    int n_prompt = 128, n_gen = 64, threads = 0, reps = 1;
+    int n_prompt = 128, n_gen = 64, threads = 0, reps = 1, sequences = 1;
     uint64_t seed = 1;
     bool json = false;
   };
@@ -194,9 +194,14 @@ Runner AddBench(CLI::App& app) {
   app.add_option("-t,--threads", o->threads, "threads (default: all CPUs)")->default_val(0);
   app.add_option("-r,--repetitions", o->reps, "repetitions; the median is reported")->default_val(1);
   app.add_option("--seed", o->seed, "seed of the random tokens")->default_val(1);
+  app.add_option("-s,--sequences", o->sequences,
+                 "sequences decoded together, one token each per step (Forward::EvalBatch, as moe serve "
+                 "batches streams); decode tok/s counts all of them")
+      ->default_val(1);
   app.add_flag("--json", o->json, "print one JSON object");
   return [=]() {
     if (o->n_prompt < 1 || o->n_gen < 1 || o->reps < 1) Fail("-p, -n and -r must be >= 1");
+    if (o->sequences < 1 || o->sequences > 256) Fail("--sequences must be in 1..256 (got %d)", o->sequences);
     auto model = Model::Load(o->model);
     const int V = static_cast<int>(model->config().n_vocab);
     CheckThreadCount(o->threads);
@@ -213,7 +218,39 @@ Runner AddBench(CLI::App& app) {
       for (auto& t : warm) t = tok(rng);
       fwd.Eval(warm.data(), static_cast<int>(warm.size()), false, &logits);
     }
-    for (int r = 0; r < o->reps; ++r) {
+    const int S = o->sequences;
+    std::vector<KvCache> caches;  // S > 1: each sequence's own cache, as the server's slots
+    if (S > 1) {
+      if (S > fwd.n_batch()) Fail("--sequences %d exceeds the batch of %d tokens", S, fwd.n_batch());
+      for (int i = 0; i < S; ++i) caches.emplace_back(model->config(), fwd.n_ctx());
+    }
+    std::vector<float> batch_logits(static_cast<size_t>(S) * V);
+    for (int r = 0; r < o->reps && S > 1; ++r) {
+      std::vector<int32_t> prompt(static_cast<size_t>(S) * o->n_prompt), step(S);
+      for (auto& t : prompt) t = tok(rng);
+      std::vector<SeqBatch> seqs(S);
+      auto t0 = Clock::now();
+      for (int i = 0; i < S; ++i) {  // prompts one sequence at a time, in chunks of the batch
+        caches[i].Reset();
+        for (int p = 0; p < o->n_prompt; p += fwd.n_batch()) {
+          const SeqBatch one{&caches[i], &prompt[static_cast<size_t>(i) * o->n_prompt + p],
+                             std::min(fwd.n_batch(), o->n_prompt - p), batch_logits.data()};
+          fwd.EvalBatch(&one, 1);
+        }
+      }
+      auto t1 = Clock::now();
+      for (int g = 0; g < o->n_gen; ++g) {
+        for (int i = 0; i < S; ++i) {
+          step[i] = tok(rng);
+          seqs[i] = SeqBatch{&caches[i], &step[i], 1, &batch_logits[static_cast<size_t>(i) * V]};
+        }
+        fwd.EvalBatch(seqs.data(), S);
+      }
+      auto t2 = Clock::now();
+      pp.push_back(static_cast<double>(S) * o->n_prompt / Seconds(t0, t1));
+      tg.push_back(static_cast<double>(S) * o->n_gen / Seconds(t1, t2));
+    }
+    for (int r = 0; r < o->reps && S == 1; ++r) {
       std::vector<int32_t> prompt(o->n_prompt);
       for (auto& t : prompt) t = tok(rng);
       fwd.Reset();
@@ -239,12 +276,14 @@ Runner AddBench(CLI::App& app) {
     j["kv_bytes_per_token"] = static_cast<double>(model->config().KvBytesPerPosition()) *
                               (o->n_prompt + (o->n_gen - 1) / 2.0);
     j["threads"] = pool.size();
+    j["sequences"] = S;
     j["peak_rss_bytes"] = PeakRssBytes();
     if (o->json) {
       std::printf("%s\n", j.dump().c_str());
     } else {
       std::printf("prefill %d tokens: %.1f tok/s\ndecode %d tokens: %.1f tok/s\nthreads: %d\n",
                   o->n_prompt, Median(pp), o->n_gen, Median(tg), pool.size());
+      if (S > 1) std::printf("sequences: %d (prefill and decode tok/s count all of them)\n", S);
     }
     return 0;
   };
