@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include "kernels/kernels.h"
+
 namespace moe {
 
 int Argmax(const float* logits, int n_vocab) {
@@ -14,22 +16,25 @@ int Argmax(const float* logits, int n_vocab) {
 
 int Sampler::Sample(const float* logits, int n_vocab) {
   if (cfg_.temp <= 0.0f) return Argmax(logits, n_vocab);
+  // The tempered distribution over the whole vocabulary, vectorised (kernels::Softmax: exp in
+  // float, sums in double): an exp per logit in double had been most of a sampled token's cost.
+  probs_.resize(n_vocab);
+  const float inv_temp = 1.0f / cfg_.temp;
+  for (int i = 0; i < n_vocab; ++i) probs_[i] = logits[i] * inv_temp;
+  kernels::Softmax(probs_.data(), n_vocab);
   const bool top_k = cfg_.top_k > 0 && cfg_.top_k < n_vocab;
-  if (!top_k && cfg_.top_p >= 1.0f) {
-    // The whole vocabulary: no ordering needed, one pass to weigh and one to draw (a sort of the
-    // vocabulary per token had been a third of a 16-stream server's time).
-    double mx = logits[0];
-    for (int i = 1; i < n_vocab; ++i) mx = std::max(mx, static_cast<double>(logits[i]));
-    weights_.resize(n_vocab);
-    double sum = 0;
-    for (int i = 0; i < n_vocab; ++i) sum += weights_[i] = std::exp((logits[i] - mx) / cfg_.temp);
-    std::uniform_real_distribution<double> u(0.0, sum);
-    double r = u(rng_);
+  if (!top_k && cfg_.top_p >= 1.0f) {  // no filter: no ordering needed, one pass to draw
+    std::uniform_real_distribution<double> u(0.0, 1.0);
+    const double r = u(rng_);
+    double cum = 0;
+    int last = 0;  // the last token with any weight, if rounding leaves r past the total
     for (int i = 0; i < n_vocab; ++i) {
-      r -= weights_[i];
-      if (r <= 0) return i;
+      if (probs_[i] <= 0.0f) continue;
+      cum += probs_[i];
+      last = i;
+      if (r < cum) return i;
     }
-    return n_vocab - 1;
+    return last;
   }
   cand_.resize(n_vocab);
   for (int i = 0; i < n_vocab; ++i) cand_[i] = {logits[i], i};
@@ -37,47 +42,47 @@ int Sampler::Sample(const float* logits, int n_vocab) {
     return a.first > b.first || (a.first == b.first && a.second < b.second);
   };
   // Candidates best first: the top k, or (top_p alone) as many as the nucleus needs, sorted a
-  // growing prefix at a time; their weights are normalised by the sum over every candidate.
+  // growing prefix at a time. top_p applies to the candidates' renormalised probabilities.
   size_t n = cand_.size(), sorted = 0;
   const auto sort_prefix = [&](size_t m) {
     std::partial_sort(cand_.begin() + sorted, cand_.begin() + m, cand_.end(), by_logit);
     sorted = m;
   };
+  double total = 1.0;  // the candidates' probability mass
   if (top_k) {
     sort_prefix(static_cast<size_t>(cfg_.top_k));
     n = cfg_.top_k;
+    total = 0;
+    for (size_t i = 0; i < n; ++i) total += probs_[cand_[i].second];
   } else {
     sort_prefix(std::min<size_t>(n, 64));
   }
-  const double mx = cand_[0].first;
-  double sum = 0;
-  for (size_t i = 0; i < n; ++i) sum += std::exp((cand_[i].first - mx) / cfg_.temp);
-  weights_.clear();
   if (cfg_.top_p < 1.0f) {
     double cum = 0;
     size_t keep = n;
     for (size_t i = 0; i < n; ++i) {
       if (i == sorted) sort_prefix(std::min(n, 4 * sorted));
-      weights_.push_back(std::exp((cand_[i].first - mx) / cfg_.temp));
-      cum += weights_[i] / sum;
+      cum += probs_[cand_[i].second] / total;
       if (cum >= cfg_.top_p) {
         keep = i + 1;
         break;
       }
     }
     n = keep;
-  } else {
-    for (size_t i = 0; i < n; ++i) weights_.push_back(std::exp((cand_[i].first - mx) / cfg_.temp));
   }
   double kept = 0;
-  for (size_t i = 0; i < n; ++i) kept += weights_[i];
+  for (size_t i = 0; i < n; ++i) kept += probs_[cand_[i].second];
   std::uniform_real_distribution<double> u(0.0, kept);
   double r = u(rng_);
+  size_t last = 0;  // the last candidate with any weight, if rounding leaves r past the total
   for (size_t i = 0; i < n; ++i) {
-    r -= weights_[i];
-    if (r <= 0) return cand_[i].second;
+    const float p = probs_[cand_[i].second];
+    if (p <= 0.0f) continue;
+    last = i;
+    r -= p;
+    if (r < 0) return cand_[i].second;
   }
-  return cand_[n - 1].second;
+  return cand_[last].second;
 }
 
 double LogSumExp(const float* logits, int n_vocab) {

@@ -25,7 +25,7 @@ class Sampler {
   SamplerConfig cfg_;
   std::mt19937_64 rng_;
   std::vector<std::pair<float, int>> cand_;
-  std::vector<double> weights_;
+  std::vector<float> probs_;  // the tempered softmax of the vocabulary
 };
 
 // The n most likely tokens with their natural-log probabilities under the full-vocabulary

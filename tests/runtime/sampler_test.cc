@@ -1,0 +1,136 @@
+#include "runtime/sampler.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <random>
+#include <vector>
+
+namespace moe {
+namespace {
+
+// The tempered softmax in double: the reference the draws must follow.
+std::vector<double> Probabilities(const std::vector<float>& logits, double temp) {
+  const double mx = *std::max_element(logits.begin(), logits.end());
+  std::vector<double> p(logits.size());
+  double sum = 0;
+  for (size_t i = 0; i < logits.size(); ++i) sum += p[i] = std::exp((logits[i] - mx) / temp);
+  for (double& v : p) v /= sum;
+  return p;
+}
+
+// Draws n tokens and checks each token's frequency against want (within 5 standard deviations).
+void ExpectFrequencies(const SamplerConfig& cfg, const std::vector<float>& logits, const std::vector<double>& want,
+                       int n) {
+  Sampler s(cfg);
+  std::vector<int> count(logits.size(), 0);
+  for (int i = 0; i < n; ++i) {
+    const int id = s.Sample(logits.data(), static_cast<int>(logits.size()));
+    ASSERT_GE(id, 0);
+    ASSERT_LT(id, static_cast<int>(logits.size()));
+    ++count[id];
+  }
+  for (size_t i = 0; i < logits.size(); ++i) {
+    const double f = static_cast<double>(count[i]) / n;
+    if (want[i] == 0.0) {
+      EXPECT_EQ(count[i], 0) << "token " << i << " is outside the filter";
+      continue;
+    }
+    EXPECT_NEAR(f, want[i], 5 * std::sqrt(want[i] * (1 - want[i]) / n) + 1e-4) << "token " << i;
+  }
+}
+
+const std::vector<float> kLogits = {2.0f, 1.0f, 0.5f, 0.0f, -1.0f, -3.0f, 1.5f};
+
+TEST(Sampler, ZeroTemperatureIsArgmaxWithTheLowestIndexOnTies) {
+  SamplerConfig cfg;
+  cfg.temp = 0.0f;
+  Sampler s(cfg);
+  const std::vector<float> tied = {0.5f, 3.0f, -1.0f, 3.0f};
+  EXPECT_EQ(s.Sample(tied.data(), 4), 1);
+  EXPECT_EQ(Argmax(kLogits.data(), static_cast<int>(kLogits.size())), 0);
+}
+
+TEST(Sampler, WholeVocabularyFollowsTheTemperedSoftmax) {
+  for (float temp : {0.5f, 1.0f, 1.7f}) {
+    SamplerConfig cfg;
+    cfg.temp = temp;
+    cfg.top_k = 0;
+    cfg.top_p = 1.0f;
+    cfg.seed = 11;
+    ExpectFrequencies(cfg, kLogits, Probabilities(kLogits, temp), 200000);
+  }
+}
+
+TEST(Sampler, TopKKeepsTheKBestRenormalised) {
+  SamplerConfig cfg;
+  cfg.temp = 0.9f;
+  cfg.top_k = 3;
+  cfg.top_p = 1.0f;
+  cfg.seed = 3;
+  std::vector<double> p = Probabilities(kLogits, 0.9);
+  std::vector<double> want(p.size(), 0.0);
+  const double kept = p[0] + p[6] + p[1];  // logits 2.0, 1.5, 1.0
+  for (int i : {0, 6, 1}) want[i] = p[i] / kept;
+  ExpectFrequencies(cfg, kLogits, want, 200000);
+}
+
+TEST(Sampler, TopPKeepsTheSmallestNucleusReachingP) {
+  for (int top_k : {0, 5}) {
+    SamplerConfig cfg;
+    cfg.temp = 1.0f;
+    cfg.top_k = top_k;
+    cfg.top_p = 0.7f;
+    cfg.seed = 5;
+    std::vector<double> p = Probabilities(kLogits, 1.0);
+    std::vector<int> order(p.size());
+    std::iota(order.begin(), order.end(), 0);
+    std::sort(order.begin(), order.end(), [&](int a, int b) { return p[a] > p[b]; });
+    if (top_k > 0) order.resize(top_k);
+    double mass = 0;
+    for (int i : order) mass += p[i];
+    std::vector<double> want(p.size(), 0.0);
+    double cum = 0, kept = 0;
+    std::vector<int> nucleus;
+    for (int i : order) {
+      nucleus.push_back(i);
+      kept += p[i];
+      cum += p[i] / mass;
+      if (cum >= 0.7) break;
+    }
+    ASSERT_GE(nucleus.size(), 2u);
+    ASSERT_LT(nucleus.size(), order.size());
+    for (int i : nucleus) want[i] = p[i] / kept;
+    ExpectFrequencies(cfg, kLogits, want, 200000);
+  }
+}
+
+TEST(Sampler, SameSeedSameTokensOtherSeedOtherTokens) {
+  std::mt19937 rng(1);
+  std::normal_distribution<float> g(0.0f, 2.0f);
+  std::vector<float> logits(32000);
+  for (float& x : logits) x = g(rng);
+  for (int top_k : {0, 40}) {
+    SamplerConfig cfg;
+    cfg.temp = 1.0f;
+    cfg.top_k = top_k;
+    cfg.top_p = top_k ? 0.95f : 1.0f;
+    cfg.seed = 42;
+    Sampler a(cfg), b(cfg);
+    cfg.seed = 43;
+    Sampler c(cfg);
+    int same_seed = 0, other_seed = 0;
+    for (int i = 0; i < 200; ++i) {
+      const int x = a.Sample(logits.data(), 32000);
+      same_seed += x == b.Sample(logits.data(), 32000);
+      other_seed += x == c.Sample(logits.data(), 32000);
+    }
+    EXPECT_EQ(same_seed, 200);
+    EXPECT_LT(other_seed, 100);
+  }
+}
+
+}  // namespace
+}  // namespace moe
