@@ -87,6 +87,7 @@ def main():
     # The machine's ceilings, measured in this run (before and after the comparisons; the higher
     # bandwidth of the two is the floor's, so a busy moment cannot flatter the shares).
     machine = [benchutil.run_json([a.moe, "bench-machine", "-t", str(a.t), "--json"], "moe bench-machine")]
+    probes = []  # read GB/s after each round
     for t in a.types.split(","):
         path = os.path.join(work, f"{a.shape}-{t}.gguf")
         if not os.path.exists(path):
@@ -126,8 +127,12 @@ def main():
                 res[label(c)]["pp"].append(l["prefill_tokens_per_s"])
                 res[label(c)]["tg"].append(l["decode_tokens_per_s"])
                 said.append(f"{label(c)} pp {l['prefill_tokens_per_s']:.1f} tg {l['decode_tokens_per_s']:.1f}")
+            # The read bandwidth again after every round (a short probe): the shared VM's bandwidth
+            # moves by a third within one run, and the floor takes the highest value seen.
+            probes.append(benchutil.run_json([a.moe, "bench-machine", "-t", str(a.t), "--mib", "512", "-r", "3",
+                                              "--json"], "moe bench-machine (probe)")["read_gbs"])
             print(f"{t} round {r}: moe pp {m['prefill_tokens_per_s']:.1f} tg {m['decode_tokens_per_s']:.1f} | "
-                  f"llama.cpp {', '.join(said)}", flush=True)
+                  f"llama.cpp {', '.join(said)} | read {probes[-1]:.1f} GB/s", flush=True)
         med = {k: {kk: statistics.median(v) if v else 0.0 for kk, v in d.items()} for k, d in res.items()}
         # llama.cpp in its best configuration: the candidate with the best median, per metric.
         med["llama"] = {}
@@ -137,7 +142,7 @@ def main():
             med["llama"][metric + "_threads"] = label(best)
         rows.append((t, size, med))
     machine.append(benchutil.run_json([a.moe, "bench-machine", "-t", str(a.t), "--json"], "moe bench-machine"))
-    bw = max(x["read_gbs"] for x in machine) * 1e9
+    bw = max([x["read_gbs"] for x in machine] + probes) * 1e9
     date = datetime.date.today().isoformat()
     cmd = (f"bench/compare.py --shape {a.shape} --types {a.types} -p {a.p} -n {a.n} -t {a.t} --rounds {a.rounds}"
            + (" --pinning" if a.pinning else "") + (f" --llama-threads {a.llama_threads}" if a.llama_threads else "")
@@ -156,9 +161,11 @@ def main():
              " / ".join(f"{x['read_gbs_1t']:.1f}" for x in machine) + " GB/s with 1 pinned thread, " +
              " / ".join(f"{x['read_gbs']:.1f}" for x in machine) + f" GB/s with {a.t}; fp32 FMA " +
              " / ".join(f"{x['fp32_gflops']:.0f}" for x in machine) + " GFLOP/s, int8 multiply-add " +
-             " / ".join(f"{x['int8_gops']:.0f}" for x in machine) + f" GOP/s ({machine[0]['target']}, {a.t} threads). "
-             "Decode floor = the bytes one token reads (the weights of the dense part, the k routed experts and "
-             f"the head, and the KV cache at the mean context) / {bw / 1e9:.1f} GB/s; a share is the decode speed "
+             " / ".join(f"{x['int8_gops']:.0f}" for x in machine) + f" GOP/s ({machine[0]['target']}, {a.t} threads)"
+             + (f"; memory read with {a.t} threads after each round {min(probes):.1f} to {max(probes):.1f} GB/s" if probes else "")
+             + ". Decode floor = the bytes one token reads (the weights of the dense part, the k routed experts and "
+             f"the head, and the KV cache at the mean context) / {bw / 1e9:.1f} GB/s (the highest read bandwidth "
+             "measured in the run); a share is the decode speed "
              "over that floor.", "",
              "| type | file MiB | moe prefill tok/s | llama.cpp prefill tok/s | ratio | moe decode tok/s | llama.cpp decode tok/s | ratio | MB read / token | decode floor tok/s | moe share | llama.cpp share | moe peak RSS MiB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -67,6 +67,8 @@ def main():
     ap.add_argument("--model", default=os.path.join(ROOT, "build", "bench", "medium-q4_0.gguf"))
     ap.add_argument("--streams", default="1,4,16,64")
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="rounds over all stream counts (alternating); each level's median is reported")
     ap.add_argument("-t", type=int, default=2)
     ap.add_argument("--load-connections", type=int, default=16)
     ap.add_argument("--load-seconds", type=int, default=20)
@@ -96,24 +98,32 @@ def main():
     try:
         stream_one(port, {"prompt": [rng.randrange(vocab) for _ in range(32)], "max_tokens": 8,
                           "temperature": 0.8, "seed": 1, "stream": True}, [])  # warm-up
+        # Rounds over every stream count in turn, so each level sees the same moments of the shared
+        # machine; per level the median aggregate, and latency percentiles over all rounds.
+        runs = {n: [] for n in levels}
+        for r in range(a.repeat):
+            for n in levels:
+                results = []
+                threads = [threading.Thread(target=stream_one, args=(port, {
+                    "prompt": [rng.randrange(vocab) for _ in range(32)], "max_tokens": a.tokens,
+                    "temperature": 0.8, "seed": 100 + i, "stream": True, "ignore_eos": True}, results))
+                    for i in range(n)]
+                t0 = time.perf_counter()
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                tokens = sum(len(x[1]) for x in results)
+                wall = max(x[1][-1] for x in results if x[1]) - t0
+                runs[n].append((tokens, tokens / wall, [x[0] for x in results],
+                                [b - a_ for x in results for a_, b in zip(x[1], x[1][1:])]))
+                print(f"round {r}, {n} streams: {tokens} tokens in {wall:.2f} s = {tokens / wall:.1f} tok/s",
+                      flush=True)
         for n in levels:
-            results = []
-            threads = [threading.Thread(target=stream_one, args=(port, {
-                "prompt": [rng.randrange(vocab) for _ in range(32)], "max_tokens": a.tokens, "temperature": 0.8,
-                "seed": 100 + i, "stream": True, "ignore_eos": True}, results)) for i in range(n)]
-            t0 = time.perf_counter()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            tokens = sum(len(r[1]) for r in results)
-            wall = max(r[1][-1] for r in results if r[1]) - t0
-            ttft = [r[0] for r in results]
-            itl = [b - a_ for r in results for a_, b in zip(r[1], r[1][1:])]
-            rows.append((n, tokens, tokens / wall, pct(ttft, 50), pct(ttft, 99), pct(itl, 50), pct(itl, 99)))
-            print(f"{n} streams: {tokens} tokens in {wall:.2f} s = {tokens / wall:.1f} tok/s; TTFT p50 "
-                  f"{pct(ttft, 50) * 1e3:.0f} ms p99 {pct(ttft, 99) * 1e3:.0f} ms; ITL p50 {pct(itl, 50) * 1e3:.1f} ms "
-                  f"p99 {pct(itl, 99) * 1e3:.1f} ms", flush=True)
+            ttft = [v for run in runs[n] for v in run[2]]
+            itl = [v for run in runs[n] for v in run[3]]
+            rows.append((n, runs[n][0][0], statistics.median(run[1] for run in runs[n]), pct(ttft, 50), pct(ttft, 99),
+                         pct(itl, 50), pct(itl, 99)))
         # A load run with autocannon (npm, pinned in scripts/setup.sh): --load-connections clients
         # sending non-streaming completions back to back for --load-seconds.
         body = json.dumps({"prompt": [rng.randrange(vocab) for _ in range(32)], "max_tokens": a.load_tokens,
@@ -129,20 +139,35 @@ def main():
     finally:
         srv.terminate()
         srv.wait()
+    # The engine alone: the same stream counts decoded together by `moe bench --sequences`
+    # (Forward::EvalBatch, no HTTP, no sampling), alternating, median of a.repeat.
+    engine = {n: [] for n in levels}
+    for r in range(a.repeat):
+        for n in levels:
+            j = benchutil.run_json([a.moe, "bench", "-m", a.model, "-p", "32", "-n", str(a.tokens), "-t", str(a.t),
+                                    "-s", str(n), "--seed", str(200 + r), "--json"], "moe bench --sequences")
+            engine[n].append(j["decode_tokens_per_s"])
+    engine = {n: statistics.median(v) for n, v in engine.items()}
     single = rows[0][2] if rows and rows[0][0] == 1 else None
     date = datetime.date.today().isoformat()
-    cmd = f"bench/serve_bench.py --model {os.path.relpath(a.model, ROOT)} --streams {a.streams} --tokens {a.tokens} -t {a.t}"
+    cmd = (f"bench/serve_bench.py --model {os.path.relpath(a.model, ROOT)} --streams {a.streams} --tokens {a.tokens} "
+           f"-t {a.t} --repeat {a.repeat}")
     lines = [f"## Serving: moe serve under concurrent streams ({date})", "",
              f"Machine: {benchutil.cpu_name()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}. "
              f"Command: `{cmd}`. `moe serve --parallel {max(levels)}` on {a.t} threads; each client streams one "
              f"completion of {a.tokens} tokens from 32 random prompt tokens at temperature 0.8 with its own seed. "
-             "Aggregate = all clients' tokens / wall time; TTFT and inter-token latency (ITL) over all clients.", "",
-             "| streams | tokens | aggregate tok/s | vs 1 stream | TTFT p50 / p99 ms | ITL p50 / p99 ms |",
-             "|---|---|---|---|---|---|"]
+             f"Aggregate = all clients' tokens / wall time, the median of {a.repeat} rounds over the stream counts "
+             "in turn; TTFT and inter-token latency (ITL) over all clients of all rounds. Engine = the same "
+             f"number of sequences decoded together by `moe bench -m MODEL -p 32 -n {a.tokens} -t {a.t} -s N` "
+             "(Forward::EvalBatch without HTTP or sampling; alternating, median of "
+             f"{a.repeat}).", "",
+             "| streams | tokens | aggregate tok/s | vs 1 stream | TTFT p50 / p99 ms | ITL p50 / p99 ms | engine tok/s | engine vs 1 |",
+             "|---|---|---|---|---|---|---|---|"]
     for n, tokens, tps, t50, t99, i50, i99 in rows:
         gain = f"{tps / single:.2f}x" if single else "-"
+        egain = f"{engine[n] / engine[1]:.2f}x" if 1 in engine else "-"
         lines.append(f"| {n} | {tokens} | {tps:.1f} | {gain} | {t50 * 1e3:.0f} / {t99 * 1e3:.0f} | "
-                     f"{i50 * 1e3:.1f} / {i99 * 1e3:.1f} |")
+                     f"{i50 * 1e3:.1f} / {i99 * 1e3:.1f} | {engine[n]:.1f} | {egain} |")
     lat = load["latency"]
     ok = load["requests"]["total"] - load.get("non2xx", 0) - load.get("errors", 0)
     lines += ["", f"Load run (autocannon 8.0.0, `-c {a.load_connections} -d {a.load_seconds}`, non-streaming "
