@@ -104,7 +104,10 @@ Forward::Forward(const Model& model, ThreadPool& pool, int n_ctx, int n_batch)
   if (const std::string why = UnservableRouterReason(c_); !why.empty()) throw Error(why);
   rope_ = RopeScalingOf(c_);
   kq_scale_ = AttentionScale(c_);
-  scores_.resize(static_cast<size_t>(pool_.size()) * kAttnBlock * n_ctx_);
+  // Per thread: a batched block's [kAttnBlock][n_ctx] scores, or kernels::Attend's rows (at most
+  // kAttnBlock) x kAttendKeys scratch, which is the larger when the context is under 16.
+  scores_per_thread_ = static_cast<size_t>(kAttnBlock) * std::max<int64_t>(n_ctx_, kernels::kAttendKeys);
+  scores_.resize(static_cast<size_t>(pool_.size()) * scores_per_thread_);
   ReserveScratch();
 }
 
@@ -399,7 +402,7 @@ void Forward::Attention(int il, int T) {
           attn_items_.push_back({si, sg.t0 + i, std::min(per, group - r), g * group + r, false});
   }
   pool_.ParallelFor(static_cast<int64_t>(attn_items_.size()), 1, [&](int64_t b, int64_t e, int thread) {
-    float* S = scores_.data() + static_cast<size_t>(thread) * kAttnBlock * n_ctx_;  // [rows][n_keys]
+    float* S = scores_.data() + thread * scores_per_thread_;  // [rows][n_keys]
     for (int64_t item = b; item < e; ++item) {
       const AttnItem& it = attn_items_[item];
       const Segment& sg = segments_[it.seg];
@@ -540,7 +543,7 @@ void Forward::MlaAbsorbed(int il, int T) {
       attn_items_.push_back({si, static_cast<int>(sg.t0 * H + g0), static_cast<int>(std::min(per, rows_all - g0)), 0, true});
   }
   pool_.ParallelFor(static_cast<int64_t>(attn_items_.size()), 1, [&](int64_t b, int64_t e, int thread) {
-    float* S = scores_.data() + static_cast<size_t>(thread) * kAttnBlock * n_ctx_;  // [rows][n_keys]
+    float* S = scores_.data() + thread * scores_per_thread_;  // [rows][n_keys]
     for (int64_t item = b; item < e; ++item) {
       const AttnItem& it = attn_items_[item];
       const Segment& sg = segments_[it.seg];
@@ -582,7 +585,7 @@ void Forward::MlaPlain(int il, int T) {
       for (int h = 0; h < H; ++h)
         attn_items_.push_back({si, segments_[si].t0 + i, std::min(kAttnBlock, segments_[si].n - i), h, true});
   pool_.ParallelFor(static_cast<int64_t>(attn_items_.size()), 1, [&](int64_t b, int64_t e, int thread) {
-    float* S = scores_.data() + static_cast<size_t>(thread) * kAttnBlock * n_ctx_;
+    float* S = scores_.data() + thread * scores_per_thread_;
     float* Kp = plain_kv_.data() + static_cast<size_t>(thread) * n_ctx_ * (Dk + Dv);  // [n_keys][Dk]
     for (int64_t item = b; item < e; ++item) {
       const AttnItem& it = attn_items_[item];

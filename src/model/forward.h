@@ -172,7 +172,8 @@ class Forward {
   std::vector<float> lat_;      // MLA: [T][H][Kr] attention output in the latent space
   std::vector<float> plain_kv_;  // plain MLA: [n_threads][n_ctx][Dk + Dv] decompressed keys, values
   std::vector<float> tmp_;      // [T][n_embd]
-  std::vector<float> scores_;   // [n_threads][kAttnBlock queries][n_ctx]
+  std::vector<float> scores_;   // [n_threads][scores_per_thread_]: [kAttnBlock queries][n_ctx]
+  size_t scores_per_thread_ = 0;
   std::vector<float> router_;   // [T][R] router logits (R = c_.moe.router_width())
   std::vector<float> prev_router_;  // [T][R] the previous layer's logits (gating residual)
   std::vector<float> probs_;    // [T][R] gating output

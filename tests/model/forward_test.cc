@@ -296,6 +296,24 @@ TEST(Forward, BadTokenAndFullContextAreErrors) {
   EXPECT_EQ(logits.size(), 300u);
 }
 
+// A context shorter than one block of kernels::Attend's keys (16), with a GQA group (16 query
+// heads on one KV head) and MLA's heads attending together: the attention scratch must hold the
+// kernel's rows x 16 floats, not only the context's; the logits are those of a long context.
+TEST(Forward, TinyContextDecodesLikeALongOne) {
+  for (const std::string& path : {MakeModel(Arch::kQwen3Moe, DType::kF32, "fw_tiny_gqa", 128, 64, 16, 1),
+                                   MakeDeepseek("fw_tiny_mla", DType::kF32, 0, false)}) {
+    auto model = Model::Load(path);
+    ThreadPool pool(1);
+    Forward tiny(*model, pool, 3), long_ctx(*model, pool, 64);
+    std::vector<float> a, b;
+    for (int32_t tok : {7, 123, 42}) {
+      tiny.Eval(&tok, 1, false, &a);
+      long_ctx.Eval(&tok, 1, false, &b);
+      ASSERT_EQ(a, b) << path << " token " << tok;
+    }
+  }
+}
+
 // Batch invariance (the server's promise): with kernels::SetBatchInvariant on, each sequence's
 // logits are bitwise the same whether it runs alone or beside others, whatever the others are
 // (a 40-token prompt takes batched attention, short ones the per-token path), and whatever
