@@ -82,6 +82,7 @@ with tempfile.TemporaryDirectory() as d:
     check("bench --sequences", multi["sequences"] == 3 and multi["decode_tokens_per_s"] > 0
           and multi["prefill_tokens_per_s"] > 0, str(multi))
     expect_error("bench --sequences bound", ["bench", "-m", m, "-s", "0"], 2, "--sequences")
+    expect_error("bench context bound", ["bench", "-m", m, "-p", "2000000000", "-n", "4"], 2, "more than moe.cpp supports")
     mach = json.loads(run("bench-machine", "-t", "1", "--mib", "16", "-r", "1", "--json").stdout)
     check("bench-machine json", all(mach[k] > 0 for k in ("read_gbs", "read_gbs_1t", "fp32_gflops",
                                                           "fp32_gflops_1t", "int8_gops", "int8_gops_1t"))

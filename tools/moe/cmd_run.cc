@@ -207,7 +207,13 @@ Runner AddBench(CLI::App& app) {
     CheckThreadCount(o->threads);
     ThreadPool pool(o->threads);
     model->RepackForInference(pool);
-    Forward fwd(*model, pool, o->n_prompt + o->n_gen + 1);
+    // One cache of prompt + tokens + 1 positions (checked against int and memory), and one more
+    // per sequence when several decode together.
+    const int ctx = ContextSize(model->config(), 0, o->n_prompt, o->n_gen, nullptr);
+    if (o->sequences > 1)
+      CheckKvFits(model->config(), static_cast<int64_t>(ctx) * (o->sequences + 1),
+                  StrFormat("--sequences %d of %d positions each", o->sequences, ctx));
+    Forward fwd(*model, pool, ctx);
     // Random tokens, never one repeated token: a repeated token always hits the same experts.
     std::mt19937_64 rng(o->seed);
     std::uniform_int_distribution<int> tok(0, V - 1);
