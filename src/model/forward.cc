@@ -682,13 +682,16 @@ void Forward::MoeFfn(int il, const int32_t* tokens, int T) {
   // Work items: (expert, row chunk) over the active experts only.
   // One expert projection over the active experts: out[pos][rows] for the expert-sorted
   // activation rows x (row bytes rb), split into (expert, row chunk) work items.
+  // align: row chunks start at multiples of it (the gate/up chunks convert their SwiGLU outputs
+  // for the down projection themselves, in whole activation blocks).
   struct Item { int e; int64_t r0, r1; };
   std::vector<Item> items;
-  auto expert_products = [&](int64_t rows, auto&& product) {
+  auto expert_products = [&](int64_t rows, int64_t align, auto&& product) {
     items.clear();
     for (int e = 0; e < X; ++e) {
       if (plan_.tokens_per_expert[e] == 0) continue;
-      const int64_t grain = RowGrain(rows, plan_.tokens_per_expert[e], pool_.size());
+      const int64_t g = RowGrain(rows, plan_.tokens_per_expert[e], pool_.size());
+      const int64_t grain = (g + align - 1) / align * align;
       for (int64_t r = 0; r < rows; r += grain) items.push_back({e, r, std::min(rows, r + grain)});
     }
     pool_.ParallelFor(static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e, int) {
@@ -717,25 +720,26 @@ void Forward::MoeFfn(int il, const int32_t* tokens, int T) {
   observe_experts(*L.up_exps, h_.data(), E, true);
   g_.resize(static_cast<size_t>(S) * Fx);
   u_.resize(static_cast<size_t>(S) * Fx);
-  expert_products(Fx, [&](int e, int off, int n, int64_t r0, int64_t r1) {
+  // Each gate/up chunk also applies SwiGLU to its rows and converts them for the down
+  // projection (whole blocks of the down weights' activation type: one pass of the pool less
+  // per layer, and no single-threaded SwiGLU when a step has few tokens).
+  const size_t rbd = kernels::ActivationRowBytes(dt, Fx);
+  const int64_t act_block = Traits(VecDotType(dt)).block_size;
+  aq_.resize(rbd * S);
+  expert_products(Fx, act_block, [&](int e, int off, int n, int64_t r0, int64_t r1) {
     kernels::MatMul(gt, L.gate_exps->Slab(e), E, r0, r1, xg_.data() + off * rbg, rbg, n,
                     F(g_, static_cast<size_t>(off) * Fx + r0), Fx, L.gate_exps->layout);
     kernels::MatMul(ut, L.up_exps->Slab(e), E, r0, r1, xu + off * rbu_eff, rbu_eff, n,
                     F(u_, static_cast<size_t>(off) * Fx + r0), Fx, L.up_exps->layout);
-  });
-  // SwiGLU, then convert for the down projection.
-  const size_t rbd = kernels::ActivationRowBytes(dt, Fx);
-  aq_.resize(rbd * S);
-  pool_.ParallelFor(S, 4, [&](int64_t b, int64_t e, int) {
-    for (int64_t p = b; p < e; ++p) {
-      float* g = F(g_, p * Fx);
-      kernels::SiluMul(g, F(u_, p * Fx), g, Fx);
-      kernels::ConvertActivations(dt, g, aq_.data() + p * rbd, Fx);
+    for (int64_t p = off; p < off + n; ++p) {
+      float* g = F(g_, p * Fx + r0);
+      kernels::SiluMul(g, F(u_, p * Fx + r0), g, r1 - r0);
+      kernels::ConvertActivations(dt, g, aq_.data() + p * rbd + kernels::ActivationRowBytes(dt, r0), r1 - r0);
     }
   });
   observe_experts(*L.down_exps, g_.data(), Fx, false);
   y_.resize(static_cast<size_t>(S) * E);
-  expert_products(E, [&](int e, int off, int n, int64_t r0, int64_t r1) {
+  expert_products(E, 1, [&](int e, int off, int n, int64_t r0, int64_t r1) {
     kernels::MatMul(dt, L.down_exps->Slab(e), Fx, r0, r1, aq_.data() + off * rbd, rbd, n,
                     F(y_, static_cast<size_t>(off) * E + r0), E, L.down_exps->layout);
   });
