@@ -2133,11 +2133,11 @@ struct TileFormat {
   static constexpr int32_t kOffset = kQ4 ? 8 : 128;
 };
 
-// out[t][r] = the dot of tile row r with token t (NT tokens), over np pairs of blocks. A block's
+// out[t * out_stride + r] = the dot of tile row r with token t (NT tokens), over np pairs of blocks. A block's
 // quants are unpacked once for all NT tokens (prefill's tokens share them).
 template <DType kW, int NT>
 HWY_INLINE void TileDot(const uint8_t* HWY_RESTRICT tile, int64_t np, const MmAct* act,
-                        float (*out)[16]) {
+                        float* HWY_RESTRICT out, int64_t out_stride) {
   using TF = TileFormat<kW>;
   __m512 acc[NT][2];
   HWY_UNROLL(4)
@@ -2172,7 +2172,7 @@ HWY_INLINE void TileDot(const uint8_t* HWY_RESTRICT tile, int64_t np, const MmAc
     }
   }
   HWY_UNROLL(4)
-  for (int t = 0; t < NT; ++t) _mm512_store_ps(out[t], _mm512_add_ps(acc[t][0], acc[t][1]));
+  for (int t = 0; t < NT; ++t) _mm512_storeu_ps(out + t * out_stride, _mm512_add_ps(acc[t][0], acc[t][1]));
 }
 
 // q4_K in tiles: per super-block, 2304 bytes for 16 rows (the file's 16 x 144):
@@ -2185,7 +2185,7 @@ constexpr size_t kTileQ4KBytes = 16 * sizeof(BlockQ4_K);
 
 template <int NT>
 HWY_INLINE void TileDotQ4K(const uint8_t* HWY_RESTRICT tile, int64_t nb, const MmAct* act,
-                           float (*out)[16]) {
+                           float* HWY_RESTRICT out, int64_t out_stride) {
   // The mins' term is subtracted per super-block by a fused multiply-add (the two terms are
   // large and cancel, so their rounding order shows: this order matched llama.cpp's results on
   // the conformance files to ~1e-6, a separate accumulator subtracted at the end did not).
@@ -2254,7 +2254,7 @@ HWY_INLINE void TileDotQ4K(const uint8_t* HWY_RESTRICT tile, int64_t nb, const M
     }
   }
   HWY_UNROLL(4)
-  for (int t = 0; t < NT; ++t) _mm512_store_ps(out[t], acc[t]);
+  for (int t = 0; t < NT; ++t) _mm512_storeu_ps(out + t * out_stride, acc[t]);
 }
 
 // q6_K in tiles: per super-block, 3360 bytes for 16 rows (the file's 16 x 210):
@@ -2269,7 +2269,7 @@ constexpr size_t kTileQ6KBytes = 16 * sizeof(BlockQ6_K);
 
 template <int NT>
 HWY_INLINE void TileDotQ6K(const uint8_t* HWY_RESTRICT tile, int64_t nb, const MmAct* act,
-                           float (*out)[16]) {
+                           float* HWY_RESTRICT out, int64_t out_stride) {
   __m512 acc[NT];
   HWY_UNROLL(4)
   for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
@@ -2317,7 +2317,7 @@ HWY_INLINE void TileDotQ6K(const uint8_t* HWY_RESTRICT tile, int64_t nb, const M
     }
   }
   HWY_UNROLL(4)
-  for (int t = 0; t < NT; ++t) _mm512_store_ps(out[t], acc[t]);
+  for (int t = 0; t < NT; ++t) _mm512_storeu_ps(out + t * out_stride, acc[t]);
 }
 
 template <DType kW>
@@ -2337,35 +2337,41 @@ HWY_INLINE void MatMulTiles(const uint8_t* W, int64_t n_in, int64_t r0, int64_t 
   for (int64_t t0 = r0 / 16 * 16; t0 < r1; t0 += 16) {
     const uint8_t* tile = W + static_cast<size_t>(t0 / 16) * tile_bytes;
     const int64_t lo = std::max(t0, r0), hi = std::min(t0 + 16, r1);
+    // A whole tile's results go straight to y; a tile that r0 or r1 cuts goes through tmp.
+    const bool whole = lo == t0 && hi == t0 + 16;
     for (int64_t k0 = 0; k0 < n_tok; k0 += 4) {  // token groups over a tile that stays in cache
-      HWY_ALIGN float out[4][16];
+      HWY_ALIGN float tmp[4][16];
+      float* out = whole ? y + k0 * y_stride + (t0 - r0) : tmp[0];
+      const int64_t out_stride = whole ? y_stride : 16;
       const MmAct* a = acts + k0;
       const int64_t nt = std::min<int64_t>(4, n_tok - k0);
       if constexpr (kW == DType::kQ6_K) {
         switch (nt) {
-          case 1: TileDotQ6K<1>(tile, np, a, out); break;
-          case 2: TileDotQ6K<2>(tile, np, a, out); break;
-          case 3: TileDotQ6K<3>(tile, np, a, out); break;
-          default: TileDotQ6K<4>(tile, np, a, out); break;
+          case 1: TileDotQ6K<1>(tile, np, a, out, out_stride); break;
+          case 2: TileDotQ6K<2>(tile, np, a, out, out_stride); break;
+          case 3: TileDotQ6K<3>(tile, np, a, out, out_stride); break;
+          default: TileDotQ6K<4>(tile, np, a, out, out_stride); break;
         }
       } else if constexpr (kK) {
         switch (nt) {
-          case 1: TileDotQ4K<1>(tile, np, a, out); break;
-          case 2: TileDotQ4K<2>(tile, np, a, out); break;
-          case 3: TileDotQ4K<3>(tile, np, a, out); break;
-          default: TileDotQ4K<4>(tile, np, a, out); break;
+          case 1: TileDotQ4K<1>(tile, np, a, out, out_stride); break;
+          case 2: TileDotQ4K<2>(tile, np, a, out, out_stride); break;
+          case 3: TileDotQ4K<3>(tile, np, a, out, out_stride); break;
+          default: TileDotQ4K<4>(tile, np, a, out, out_stride); break;
         }
       } else {
         switch (nt) {
-          case 1: TileDot<kW, 1>(tile, np, a, out); break;
-          case 2: TileDot<kW, 2>(tile, np, a, out); break;
-          case 3: TileDot<kW, 3>(tile, np, a, out); break;
-          default: TileDot<kW, 4>(tile, np, a, out); break;
+          case 1: TileDot<kW, 1>(tile, np, a, out, out_stride); break;
+          case 2: TileDot<kW, 2>(tile, np, a, out, out_stride); break;
+          case 3: TileDot<kW, 3>(tile, np, a, out, out_stride); break;
+          default: TileDot<kW, 4>(tile, np, a, out, out_stride); break;
         }
       }
-      for (int64_t t = 0; t < nt; ++t) {
-        std::memcpy(y + (k0 + t) * y_stride + (lo - r0), out[t] + (lo - t0),
-                    static_cast<size_t>(hi - lo) * sizeof(float));
+      if (!whole) {
+        for (int64_t t = 0; t < nt; ++t) {
+          std::memcpy(y + (k0 + t) * y_stride + (lo - r0), tmp[t] + (lo - t0),
+                      static_cast<size_t>(hi - lo) * sizeof(float));
+        }
       }
     }
   }
