@@ -8,6 +8,7 @@
 #include "kernels/gemm.h"
 #include "kernels/kernels.h"
 #include "util/error.h"
+#include "util/memory.h"
 
 namespace moe {
 
@@ -81,6 +82,7 @@ float AttentionScale(const ModelConfig& c) {
 KvCache::KvCache(const ModelConfig& c, int n_ctx) : n_ctx_(n_ctx) {
   if (n_ctx < 1) Fail("a KV cache needs at least one position (got %d)", n_ctx);
   // MLA: the latent cache only (values are its first Kr floats).
+  n_layer_ = c.n_layer;
   k_heads_ = c.is_mla() ? 1 : c.n_head_kv;
   k_dim_ = c.is_mla() ? c.KvFloatsPerLayer() : c.n_embd_head_k;
   v_heads_ = c.is_mla() ? 0 : c.n_head_kv;
@@ -92,6 +94,21 @@ KvCache::KvCache(const ModelConfig& c, int n_ctx) : n_ctx_(n_ctx) {
   if (!k_ || !v_) Fail("out of memory for a KV cache of %zu bytes", Bytes());
   // Not cleared: every position is written before it is read, and pages past the context used
   // are never touched (so they take no memory).
+}
+
+void KvCache::Reserve(int positions) {
+  if (positions <= reserved_) return;
+  const int hi = std::min(n_ctx_, std::max(positions, reserved_ + std::max(64, reserved_ / 4)));
+  const auto populate = [&](float* base, size_t dim) {  // positions [reserved_, hi) of one head
+    return PopulatePages(base + static_cast<size_t>(reserved_) * dim, static_cast<size_t>(hi - reserved_) * dim * sizeof(float));
+  };
+  for (uint32_t l = 0; l < n_layer_; ++l) {
+    for (size_t h = 0; h < k_heads_; ++h)
+      if (!populate(K(l, static_cast<int>(h)), k_dim_)) return;  // unsupported: pages fault in as before
+    for (size_t h = 0; h < v_heads_; ++h)
+      if (!populate(V(l, static_cast<int>(h)), v_dim_)) return;
+  }
+  reserved_ = hi;
 }
 
 int DefaultContext(const ModelConfig& c) {
@@ -283,6 +300,7 @@ void Forward::Linears(const TensorView* const* W, float* const* y, int n, const 
 
 void Forward::EvalChunk(const int32_t* tokens, int T, const std::vector<OutRow>& outs, float* contiguous) {
   const int64_t E = c_.n_embd;
+  for (const Segment& sg : segments_) sg.cache->Reserve(sg.cache->n_past() + sg.n);
   x_.resize(T * E);
   h_.resize(T * E);
   tmp_.resize(T * E);

@@ -35,6 +35,11 @@ class KvCache {
   int n_ctx() const { return n_ctx_; }
   void Reset() { n_past_ = 0; }
   size_t Bytes() const { return (k_floats_ + v_floats_) * sizeof(float); }
+  // Makes the pages of positions [0, positions) resident (util/memory.h PopulatePages), plus
+  // some room ahead (a quarter of what is in use, at least 64 positions, within n_ctx), so that
+  // a growing context is written to populated pages instead of faulting one page at a time
+  // (16 faults per decoded token on the medium model, about 6% of decode on the VM).
+  void Reserve(int positions);
 
  private:
   friend class Forward;
@@ -47,6 +52,8 @@ class KvCache {
   size_t k_heads_ = 0, k_dim_ = 0, v_heads_ = 0, v_dim_ = 0;  // heads per layer, floats per head and position
   int n_ctx_ = 0;
   int n_past_ = 0;
+  int reserved_ = 0;  // positions whose pages Reserve made resident
+  uint32_t n_layer_ = 0;
 };
 
 // One sequence's part of a batch: n tokens appended to its cache; logits, if not null, receives
