@@ -49,6 +49,7 @@
 #include "hwy/aligned_allocator.h"
 #include "hwy/cache_control.h"
 #include "hwy/highway.h"
+#include "util/memory.h"
 #include "kernels/iq_grid.h"
 #include "kernels/kernels.h"
 #include "tensor/dtype.h"
@@ -114,6 +115,7 @@ HWY_INLINE uint8_t* MmWorkspace(size_t bytes) {
     size_t want = cap * 2 > bytes ? cap * 2 : bytes;
     buf = hwy::AllocateAligned<uint8_t>(want);
     HWY_ASSERT(buf != nullptr);  // out of memory: nothing sensible left to do in a kernel
+    PopulatePages(buf.get(), want);  // one call instead of a fault per page (a prompt's first chunk)
     cap = want;
   }
   return buf.get();
