@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cerrno>
 #include <cstdint>
 
 #ifndef MADV_POPULATE_WRITE
@@ -19,8 +20,8 @@ bool PopulatePages(void* p, size_t bytes) {
   const uintptr_t begin = reinterpret_cast<uintptr_t>(p) & ~(page - 1);
   const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + bytes + page - 1) & ~(page - 1);
   if (::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_POPULATE_WRITE) == 0) return true;
-  unsupported.store(true, std::memory_order_relaxed);  // EINVAL: an older kernel; ENOMEM: let faults report it
-  return false;
+  if (errno == EINVAL) unsupported.store(true, std::memory_order_relaxed);  // a kernel before 5.14
+  return false;  // otherwise (no memory now): the pages fault in as usual
 }
 
 }  // namespace moe

@@ -10,8 +10,9 @@ namespace moe {
 // The pages keep their contents (fresh anonymous pages are zero). On the VMs this project runs
 // on a page fault costs about 10 us and a populated page under 1 us, so memory that is about to
 // be written page after page (a KV cache as the context grows) is cheaper populated in bulk.
-// Returns false where the kernel does not support it (nothing is changed; the pages fault in
-// as usual). The range may start and end anywhere inside mapped memory.
+// Returns false where the kernel does not support it (then never tries again) or cannot now
+// (out of memory): nothing is changed and the pages fault in as usual. The range may start and
+// end anywhere inside mapped memory.
 bool PopulatePages(void* p, size_t bytes);
 
 }  // namespace moe
