@@ -220,57 +220,31 @@ HWY_INLINE void PrepareQ8_K(const uint8_t* row, int64_t nb, int16_t* q, float* d
   for (int64_t b = nb; b < nb + kMmChunk; ++b) d[b] = 0.0f;
 }
 
-// VNNI block-32 path: int8 quants with each pair of blocks (a, b) interleaved by dword
-// (a0 b0 a1 b1 ... a7 b7; a missing b is zeros), zero padded by 64 bytes, and, if c != 0,
-// corr[k] = -c * (sum of the 4 quants in dword k).
+#if MOE_VNNI
+// VNNI block-32 path (q8_0 or q8_1 activations): int8 quants with each pair of blocks (a, b)
+// interleaved by dword (a0 b0 a1 b1 ... a7 b7; a missing b is zeros) by one dword permute,
+// zero padded by 64 bytes; if c != 0, the corrections -c * (sum of the 4 quants of each dword),
+// one vpdpbusd of the pair against bytes of 1: per dword into corr, or (bcorr != nullptr, the
+// row tiles) summed per block into bcorr, corr then unused. The scalar form of this loop cost
+// as much per token as a 16-row tile's products.
 template <typename Block>
 HWY_INLINE void PrepareQ8_0Int8(const uint8_t* row, int64_t nb, int8_t* q8, float* d, float* s,
-                                int32_t* corr, int32_t c) {
-  const int64_t ne = nb * kQK8_0;
-  std::memset(q8 + ne, 0, 64);
+                                int32_t* corr, int32_t* bcorr, int32_t c) {
+  constexpr bool kQ8_1 = std::is_same_v<Block, BlockQ8_1>;
+  const __m512i idx = _mm512_set_epi32(15, 7, 14, 6, 13, 5, 12, 4, 11, 3, 10, 2, 9, 1, 8, 0);
+  const __m512i ones = _mm512_set1_epi8(1), neg_c = _mm512_set1_epi32(-c);
+  const auto quants = [&](int64_t b) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * sizeof(Block) + offsetof(Block, qs)));
+  };
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = row + b * sizeof(Block);
     d[b] = LoadF16Scalar(blk + offsetof(Block, d));
-    if constexpr (std::is_same_v<Block, BlockQ8_1>) s[b] = LoadF16Scalar(blk + offsetof(Block, s));
-    int8_t* pair = q8 + (b & ~int64_t{1}) * kQK8_0;
-    for (int i = 0; i < 8; ++i) {
-      std::memcpy(pair + 8 * i + 4 * (b & 1), blk + offsetof(Block, qs) + 4 * i, 4);
-    }
+    if constexpr (kQ8_1) s[b] = LoadF16Scalar(blk + offsetof(Block, s));
   }
-  if (nb & 1) {  // the last pair's missing partner
-    int8_t* pair = q8 + (nb - 1) * kQK8_0;
-    for (int i = 0; i < 8; ++i) std::memset(pair + 8 * i + 4, 0, 4);
-  }
-  for (int64_t b = nb; b < nb + kMmChunk; ++b) {
-    d[b] = 0.0f;
-    if constexpr (std::is_same_v<Block, BlockQ8_1>) s[b] = 0.0f;
-  }
-  if (c != 0) {
-    for (int64_t k = 0; k < ne / 4 + 16; ++k) {
-      corr[k] = -c * (int32_t{q8[4 * k]} + q8[4 * k + 1] + q8[4 * k + 2] + q8[4 * k + 3]);
-    }
-  }
-}
-
-#if MOE_VNNI
-// PrepareQ8_0Int8 for q8_0 activations on AVX-512 VNNI, vectorised: a pair of blocks is
-// interleaved by one dword permute, and the per-dword corrections are one vpdpbusd of the pair
-// against bytes of 1 (its 4-quant sums), times -c. If bcorr: bcorr[b] = the sum of block b's
-// corrections (the row tiles' per-block form), and corr is left unwritten (corr == nullptr).
-// A scalar loop cost about as much as a 16-row tile's products for each token it prepared.
-HWY_INLINE void PrepareQ8_0Vnni(const uint8_t* row, int64_t nb, int8_t* q8, float* d, int32_t* corr,
-                                int32_t* bcorr, int32_t c) {
-  const __m512i idx = _mm512_set_epi32(15, 7, 14, 6, 13, 5, 12, 4, 11, 3, 10, 2, 9, 1, 8, 0);
-  const __m512i ones = _mm512_set1_epi8(1), neg_c = _mm512_set1_epi32(-c);
   for (int64_t b = 0; b < nb; b += 2) {
-    const uint8_t* ba = row + b * sizeof(BlockQ8_0);
     const bool has_b = b + 1 < nb;
-    const __m256i qa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ba + offsetof(BlockQ8_0, qs)));
-    const __m256i qb = has_b ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ba + sizeof(BlockQ8_0) + offsetof(BlockQ8_0, qs)))
-                             : _mm256_setzero_si256();
-    d[b] = LoadF16Scalar(ba + offsetof(BlockQ8_0, d));
-    if (has_b) d[b + 1] = LoadF16Scalar(ba + sizeof(BlockQ8_0) + offsetof(BlockQ8_0, d));
-    const __m512i v = _mm512_permutexvar_epi32(idx, _mm512_inserti64x4(_mm512_castsi256_si512(qa), qb, 1));
+    const __m256i qb = has_b ? quants(b + 1) : _mm256_setzero_si256();
+    const __m512i v = _mm512_permutexvar_epi32(idx, _mm512_inserti64x4(_mm512_castsi256_si512(quants(b)), qb, 1));
     _mm512_store_si512(q8 + b * kQK8_0, v);
     if (c == 0) continue;
     const __m512i cv = _mm512_mullo_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, v), neg_c);
@@ -281,11 +255,13 @@ HWY_INLINE void PrepareQ8_0Vnni(const uint8_t* row, int64_t nb, int8_t* q8, floa
       _mm512_store_si512(corr + b * (kQK8_0 / 4), cv);
     }
   }
-  const int64_t ne = nb * kQK8_0, padded = (nb + 1) / 2 * 2 * kQK8_0;  // past the last (half) pair
+  const int64_t padded = (nb + 1) / 2 * 2 * kQK8_0;  // past the last (half) pair
   std::memset(q8 + padded, 0, 64);
   if (c != 0 && bcorr == nullptr) std::memset(corr + padded / 4, 0, 16 * sizeof(int32_t));
-  (void)ne;
-  for (int64_t b = nb; b < nb + kMmChunk; ++b) d[b] = 0.0f;
+  for (int64_t b = nb; b < nb + kMmChunk; ++b) {
+    d[b] = 0.0f;
+    if constexpr (kQ8_1) s[b] = 0.0f;
+  }
 }
 #endif
 
@@ -1872,7 +1848,7 @@ HWY_INLINE MmAct* PrepareActs(const MmPrepSpec& spec, int64_t n_in, const uint8_
   const size_t ne = static_cast<size_t>(nb * block);
   const size_t q_bytes = i16 ? MmRoundUp64(ne * 2) : 0;
   const size_t q8_bytes = i8 ? MmRoundUp64(ne + 64) : 0;
-  const size_t c_bytes = i8 && spec.corr ? MmRoundUp64((ne / 4 + 16) * sizeof(int32_t)) : 0;
+  const size_t c_bytes = i8 && spec.corr && !spec.block_corr ? MmRoundUp64((ne / 4 + 16) * sizeof(int32_t)) : 0;
   const size_t d_bytes =
       is_int ? MmRoundUp64(static_cast<size_t>(nb + kMmChunk) * sizeof(float)) : 0;
   const size_t s_bytes = prep == MmPrep::kQ8_1 ? d_bytes : 0;
@@ -1912,24 +1888,25 @@ HWY_INLINE MmAct* PrepareActs(const MmPrepSpec& spec, int64_t n_in, const uint8_
       case MmPrep::kF16: WidenToF32<hwy::float16_t>(row, f, n_in); break;
       case MmPrep::kBF16: WidenToF32<hwy::bfloat16_t>(row, f, n_in); break;
       case MmPrep::kQ8_0:
-        if (i8) {
+      case MmPrep::kQ8_1: {
+        const bool q8_1 = prep == MmPrep::kQ8_1;
+        if (i8) {  // (only the VNNI target prepares int8)
 #if MOE_VNNI
-          PrepareQ8_0Vnni(row, nb, q8, d, spec.block_corr ? nullptr : corr, spec.block_corr ? bcorr : nullptr,
-                          spec.corr);
-#else
-          PrepareQ8_0Int8<BlockQ8_0>(row, nb, q8, d, sx, corr, spec.corr);
+          int32_t* const c = spec.block_corr ? nullptr : corr;
+          int32_t* const bc = spec.block_corr ? bcorr : nullptr;
+          if (q8_1) {
+            PrepareQ8_0Int8<BlockQ8_1>(row, nb, q8, d, sx, c, bc, spec.corr);
+          } else {
+            PrepareQ8_0Int8<BlockQ8_0>(row, nb, q8, d, sx, c, bc, spec.corr);
+          }
 #endif
+        } else if (q8_1) {
+          PrepareQ8_0<BlockQ8_1>(row, nb, q, d, sx, spec.layout);
         } else {
           PrepareQ8_0<BlockQ8_0>(row, nb, q, d, sx, spec.layout);
         }
         break;
-      case MmPrep::kQ8_1:
-        if (i8) {
-          PrepareQ8_0Int8<BlockQ8_1>(row, nb, q8, d, sx, corr, spec.corr);
-        } else {
-          PrepareQ8_0<BlockQ8_1>(row, nb, q, d, sx, spec.layout);
-        }
-        break;
+      }
       case MmPrep::kQ8_K:
         if (i8) {
           PrepareQ8_KInt8(row, nb, q8, d, bsum2, bsums);
@@ -1937,12 +1914,6 @@ HWY_INLINE MmAct* PrepareActs(const MmPrepSpec& spec, int64_t n_in, const uint8_
           PrepareQ8_K(row, nb, q, d, bsum2, bsums, spec.layout);
         }
         break;
-    }
-    if (spec.block_corr && prep != MmPrep::kQ8_0) {  // block b's units are 2k + (b & 1) of its pair's 16 (PrepareQ8_0Int8)
-      for (int64_t b = 0; b < nb; ++b) {
-        const int32_t* c = corr + 16 * (b / 2) + (b & 1);
-        bcorr[b] = c[0] + c[2] + c[4] + c[6] + c[8] + c[10] + c[12] + c[14];
-      }
     }
     acts[t] = MmAct{q, d, sx, bsum2, f, q8, corr, bsums, bcorr};
   }
