@@ -24,6 +24,12 @@ only at a near tie (llama.cpp's top-2 margin < 1e-4 in exact cases); the
 comparison stops there.
 
   run_conformance.py [--moe PATH] [--only NAME] [--list] [--keep DIR] [-v]
+                     [--random N [--random-seed S]]
+
+--random N draws N cases nobody listed (architecture, shape, router options, weight type or
+llama.cpp mix, prompts of 1 to 300 ids, moe's thread count) from seed S and runs them with the
+same checks; quantized ones allow the rounding drift that long prompts show (teacher_verdict).
+It is a search for bugs outside the listed shapes, not part of `make test`.
 The moe binary: --moe, else the first positional argument, else $MOE_CLI.
 Prints one line per case (PASS/FAIL, the max difference) and ends with
 "N passed, M failed"; exits 1 on any failure.
@@ -46,6 +52,7 @@ TOP_N = 5
 EXACT_TOL = 1e-3
 QUANT_TOL = 0.1
 NEAR_TIE = 1e-4
+LOG_FLT_MIN = -87.33654  # ln of the smallest normal float32
 
 
 def case(name, kind, tol=None, prompts=None, steps=None, need=None, mix=None, **init):
@@ -238,6 +245,82 @@ CASES = [
          experts_used=2, heads=4, kv_heads=2, seed=802, tokenizer="spm"),
 ]
 
+# --random N: cases nobody wrote down. Shapes, routers, weight types, prompt lengths (up to a
+# few hundred ids, so prefill takes the blocked attention path and several chunks) and moe's
+# thread count are drawn from --random-seed; each case prints the moe init line that rebuilds it.
+BLOCK32 = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl")
+BLOCK256 = ("q2_K", "q3_K", "q4_K", "q5_K", "q6_K", "iq4_xs", "iq3_s", "iq3_xxs", "iq2_s")
+MIXES = ("Q4_K_M", "Q5_K_M", "Q3_K_M", "Q6_K", "IQ4_XS", "Q2_K")
+
+
+def random_case(rng, i):
+    pick = lambda xs: xs[int(rng.integers(len(xs)))]
+    arch = pick(("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek2"))
+    kind = pick(("exact", "exact", "quant", "quant"))
+    wtype, mix = "f32", None
+    if kind == "quant":
+        r = rng.random()
+        wtype = pick(BLOCK32) if r < 0.4 else (pick(BLOCK256) if r < 0.75 else "f32")
+        if wtype == "f32":
+            mix = pick(MIXES)
+        if arch == "deepseek2":  # its narrow latent matrices: block-32 types only
+            wtype, mix = pick(("q8_0", "q4_0", "q5_0")), None
+    unit = 256 if (wtype in BLOCK256 or mix) else (32 if wtype in BLOCK32 else 8)
+    dim = int(unit * rng.integers(1, 3)) if unit == 256 else int(unit * rng.integers(max(1, 64 // unit), 192 // unit + 1))
+    ffn = int(unit * rng.integers(1, 3)) if unit == 256 else int(unit * rng.integers(max(1, 32 // unit), 160 // unit + 1))
+    experts = int(rng.integers(2, 17))
+    init = dict(arch=arch, layers=int(rng.integers(1, 5)), dim=dim, ffn=ffn, experts=experts,
+                experts_used=int(rng.integers(1, min(4, experts) + 1)),
+                vocab=int(rng.integers(200, 1200)), seed=int(rng.integers(1 << 20)))
+    if wtype != "f32":
+        init["type"] = wtype
+    if arch == "deepseek2":
+        heads = pick((2, 4, 6))
+        nope = pick((32, 64)) if kind == "quant" else pick((16, 24, 32))
+        init.update(heads=heads, qk_nope=nope, qk_rope=pick((8, 16, 32)),
+                    v_head_dim=pick((32, 64)) if kind == "quant" else pick((16, 24, 32)),
+                    kv_lora_rank=pick((64, 128)) if kind == "quant" else pick((32, 48, 64)),
+                    leading_dense=int(rng.integers(0, min(2, init["layers"]))),
+                    shared_experts=int(rng.integers(0, 3)))
+        if rng.random() < 0.5:
+            init["q_lora_rank"] = pick((64, 128)) if kind == "quant" else pick((32, 48))
+        if rng.random() < 0.5:
+            init.update(gating="sigmoid", weights_norm=True, weights_scale=pick((1.0, 2.5)))
+            groups = [g for g in (2, 4) if experts % g == 0 and g < experts]
+            if groups and rng.random() < 0.6:
+                g = pick(groups)
+                # every selected expert must fit in the groups that compete
+                used = [u for u in range(1, g) if u * (experts // g) >= init["experts_used"]]
+                if used:
+                    init.update(n_group=g, topk_group=pick(used))
+    else:
+        head_dim = pick((16, 32, 64)) if kind == "exact" else (64 if unit == 256 else pick((32, 64)))
+        if arch == "qwen3moe":
+            heads = max(1, pick((2, 4, 8)) if unit != 256 else 256 // head_dim * int(rng.integers(1, 3)))
+            init["head_dim"] = head_dim
+        else:
+            divs = [h for h in range(1, 17) if dim % h == 0 and (dim // h) % 2 == 0 and dim // h >= 8]
+            heads = pick(divs)
+        kv = [k for k in range(1, heads + 1) if heads % k == 0]
+        init["heads"] = heads
+        if arch != "olmoe":  # olmoe's {dim} k-norm: no GQA in llama.cpp
+            init["kv_heads"] = pick(kv)
+        if arch == "qwen2moe" and rng.random() < 0.6:
+            init["shared_ffn"] = int(unit * rng.integers(1, 3)) if unit == 256 else pick((32, 64, 96))
+        # Tied output: logits spread over ~100 nats, so a rounding flip moves the low top-5
+        # entries by more than 0.1; only F32 files compare those.
+        if arch in ("llama", "qwen3moe") and kind == "exact" and rng.random() < 0.3:
+            init["tie_output"] = True
+    prompts = (int(rng.integers(1, 4)), int(rng.integers(20, 70)), int(rng.integers(90, 300)))
+    c = case("random_%d_%s_%s" % (i, arch, mix or wtype), kind, mix=mix, **init)
+    if kind == "exact":
+        c["prompts"], c["steps"], c["need"] = prompts, 24, 24
+    else:
+        c["prompts"], c["drift"] = prompts[1:], True
+    c["threads"] = int(rng.integers(1, 4))
+    return c
+
+
 TEXT_PROMPTS = ["The experts of a mixture route 1234567 tokens, don't they?",
                 "  Caf\u00e9 na\u00efve \u2014 \u4e2d\u6587 and emoji \U0001f642\tend",
                 "x"]
@@ -311,7 +394,11 @@ def top_diff(ref, got, tol, where):
         g = {int(e["id"]): float(e["logprob"]) for e in got}
     except (KeyError, TypeError, ValueError):
         raise CaseError("%s: top logprobs are not {id, logprob} objects: %r" % (where, got[:2]))
-    r = {e["id"]: e["logprob"] for e in ref}
+    # llama.cpp hands out float probabilities: below the smallest normal float they are
+    # denormals (a few significant bits, so ln p is off by up to 0.3 near -103) or 0 (the
+    # oracle's -Infinity, null in JSON). Values down there only compare as "below it".
+    r = {e["id"]: LOG_FLT_MIN if e["logprob"] is None else max(e["logprob"], LOG_FLT_MIN) for e in ref}
+    g = {i: max(v, LOG_FLT_MIN) for i, v in g.items()}
     if len(g) != len(r):
         raise CaseError("%s: moe gave %d top logprobs, llama.cpp %d" % (where, len(g), len(r)))
     worst = 0.0
@@ -337,7 +424,7 @@ def check_greedy(c, prompts, ref_results, moe, path):
     for pi, (p, ref) in enumerate(zip(prompts, ref_results)):
         what = "moe run (prompt %d)" % pi
         out = moe_json(moe, ["run", "-m", path, "--prompt-ids", ",".join(map(str, p)),
-                             "-n", str(c["steps"]), "--temp", "0", "--threads", str(THREADS),
+                             "-n", str(c["steps"]), "--temp", "0", "--threads", str(c.get("threads", THREADS)),
                              "--ignore-eos", "--json", "--top-logprobs", str(TOP_N)], what)
         toks, tops = out.get("tokens"), out.get("top_logprobs")
         if not isinstance(toks, list) or len(toks) != c["steps"]:
@@ -383,7 +470,7 @@ def check_teacher(c, prompts, ref_results, moe, path):
     for pi, (p, ref) in enumerate(zip(prompts, ref_results)):
         what = "moe run --teacher-forcing (prompt %d)" % pi
         out = moe_json(moe, ["run", "-m", path, "--prompt-ids", ",".join(map(str, p)),
-                             "--teacher-forcing", "--threads", str(THREADS), "--json",
+                             "--teacher-forcing", "--threads", str(c.get("threads", THREADS)), "--json",
                              "--top-logprobs", str(TOP_N)], what)
         tl = out.get("teacher_logprobs")
         if not isinstance(tl, list) or len(tl) != len(p):
@@ -391,15 +478,31 @@ def check_teacher(c, prompts, ref_results, moe, path):
                             (what, len(tl) if isinstance(tl, list) else tl, len(p)))
         for i, (r, g) in enumerate(zip(ref["teacher_logprobs"], tl)):
             diffs.append(top_diff(r, g, c["tol"], "%s position %d" % (what, i)))
+        if c.get("verbose"):  # where the engines part, and by how much
+            d = np.array(diffs[-len(p):])
+            first = np.nonzero(d > 1e-4)[0]
+            print("  prompt %d (%d ids): first positions over 1e-4: %s" % (
+                pi, len(p), ", ".join("%d (%.2g)" % (j, d[j]) for j in first[:6]) or "none"), flush=True)
     return np.array(diffs)
 
 
 def teacher_verdict(c, d):
     """(ok, text): every position within tol, for every kind (quantized files too: moe converts
-    activations exactly as llama.cpp does, so no expert flips by rounding)."""
+    activations by llama.cpp's rules, so the listed prompts see no rounding flips).
+
+    Random quantized cases (c["drift"]) have prompts of up to 300 ids. Both engines round the
+    same float activations to int8, but the floats differ in the last bit (summation order), and
+    a value that close to a rounding boundary rounds the other way: measured on the random
+    shapes, one position in 10 to 50 moves by 0.005-0.04 nats that way, and the difference stays
+    in the KV cache for the rest of the prompt, where it can later tip a routing choice (up to
+    0.75 nats at one position). There a case passes when the median stays under tol / 3 and at
+    most 3% of positions exceed tol: a wrong kernel or layout moves nearly every position."""
     over = int((d > c["tol"]).sum())
+    med = float(np.median(d))
     text = "teacher max |dlogprob| %.2e, median %.2e, %d/%d positions over tol" % (
-        d.max(), float(np.median(d)), over, len(d))
+        d.max(), med, over, len(d))
+    if c.get("drift"):
+        return med <= c["tol"] / 3 and over <= 0.05 * len(d), text + " (drift allowed)"
     return over == 0, text
 
 
@@ -423,9 +526,10 @@ def run_case(moe, c, tmp, verbose):
     if c["kind"] == "text":
         c = dict(c, init=dict(c["init"], tokenizer=vocab_path(tmp, c["init"]["tokenizer"])))
         c["init"].pop("vocab", None)
+    c = dict(c, verbose=verbose)
     argv = moe_init(moe, c, path)
-    if verbose:
-        print("  " + " ".join(argv), flush=True)
+    if verbose or c["name"].startswith("random_"):
+        print("  " + " ".join(argv) + ("  (moe --threads %d)" % c["threads"] if "threads" in c else ""), flush=True)
     if c["mix"]:  # an F32 file rewritten by moe quantize in a llama.cpp mix
         qpath = os.path.join(tmp, "%s.%s.gguf" % (c["name"], c["mix"]))
         run_cmd([moe, "quantize", path, qpath, "--type", c["mix"], "-q"], "moe quantize", 300)
@@ -466,6 +570,9 @@ def main():
     ap.add_argument("--only", action="append", help="run only this case (repeatable)")
     ap.add_argument("--list", action="store_true", help="list the cases and exit")
     ap.add_argument("--keep", help="write the models into this directory and keep them")
+    ap.add_argument("--random", type=int, default=0, metavar="N",
+                    help="run N randomly drawn cases instead of the listed ones")
+    ap.add_argument("--random-seed", type=int, default=1, metavar="S")
     ap.add_argument("-v", "--verbose", action="store_true")
     a = ap.parse_args()
     if a.list:
@@ -479,12 +586,15 @@ def main():
         ap.error("give the moe binary: --moe PATH, a positional argument or $MOE_CLI")
     moe = os.path.abspath(moe) if os.path.exists(moe) else (shutil.which(moe) or moe)
     cases = CASES
+    if a.random:
+        rng = np.random.default_rng(a.random_seed)
+        cases = [random_case(rng, i) for i in range(a.random)]
     if a.only:
-        names = {c["name"] for c in CASES}
+        names = {c["name"] for c in cases}
         bad = [n for n in a.only if n not in names]
         if bad:
             ap.error("unknown case(s) %s; --list shows them" % ", ".join(bad))
-        cases = [c for c in CASES if c["name"] in a.only]
+        cases = [c for c in cases if c["name"] in a.only]
     passed = failed = 0
     t_all = time.time()
     with tempfile.TemporaryDirectory(prefix="moe_conformance_") as tmpd:

@@ -306,7 +306,7 @@ void TestMatMulType(DType w) {
   if (!test::IsFloatType(w)) {
     const int64_t block = Traits(w).block_size;
     for (int64_t nb : {1, 2}) {
-      for (int64_t n_tok : {1, 3, 4, 5, 9}) {
+      for (int64_t n_tok : {1, 3, 4, 5, 9, 16, 17, 33}) {
         CheckMatMul(w, nb * block, n_rows, 1, 8, n_tok, 1, 3, 1, true, rng);
         if (::testing::Test::HasFailure()) return;
       }
@@ -348,7 +348,7 @@ void TestMatMulRowTiles() {
   CheckMatMul(DType::kQ8_0, 32 * 256, 40, 3, 37, 6, 3, 1, 2, false, rng);
   for (DType w : moe::test::AllWeightTypes()) {
     const int64_t n_in = 2 * Traits(w).block_size * (test::IsFloatType(w) ? 37 : 1);
-    for (int64_t n_tok : {1, 2, 5}) {
+    for (int64_t n_tok : {1, 2, 5, 16, 17, 33}) {
       CheckMatMul(w, n_in, 40, 3, 36, n_tok, 1, 0, 3, false, rng);
       CheckMatMul(w, n_in, 40, 0, 32, n_tok, 0, 1, 0, false, rng);
     }
