@@ -251,6 +251,39 @@ void Forward::EvalBatch(const SeqBatch* seqs, int n_seqs) {
   EvalChunk(batch_tokens_.data(), T, outs, nullptr);
 }
 
+namespace {
+
+// No NaN or Inf in x[n] (an exponent of all ones), in integer ops the compiler vectorises.
+bool AllFinite(const float* x, int64_t n) {
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t b;
+    std::memcpy(&b, x + i, sizeof(b));
+    bad |= static_cast<uint32_t>((~b & 0x7f800000u) == 0);
+  }
+  return bad == 0;
+}
+
+}  // namespace
+
+template <class Fn>
+void Forward::ForEachRow(int T, const Fn& fn) {
+  if (T == 1) {
+    fn(0);
+    return;
+  }
+  pool_.ParallelFor(T, 1, [&](int64_t b, int64_t e, int) {
+    for (int64_t t = b; t < e; ++t) fn(static_cast<int>(t));
+  });
+}
+
+int Forward::RowPos(int t) const {
+  const Segment& sg = segments_[row_seg_[t]];
+  return sg.cache->n_past() + (t - sg.t0);
+}
+
+KvCache* Forward::RowCache(int t) const { return segments_[row_seg_[t]].cache; }
+
 void Forward::Linear(const TensorView& W, const float* x, int T, float* y) {
   const TensorView* w[1] = {&W};
   float* out[1] = {y};
@@ -300,45 +333,61 @@ void Forward::Linears(const TensorView* const* W, float* const* y, int n, const 
 
 void Forward::EvalChunk(const int32_t* tokens, int T, const std::vector<OutRow>& outs, float* contiguous) {
   const int64_t E = c_.n_embd;
-  for (const Segment& sg : segments_) sg.cache->Reserve(sg.cache->n_past() + sg.n);
+  row_seg_.resize(static_cast<size_t>(T));
+  for (int si = 0; si < static_cast<int>(segments_.size()); ++si) {
+    const Segment& sg = segments_[si];
+    sg.cache->Reserve(sg.cache->n_past() + sg.n);
+    std::fill(row_seg_.begin() + sg.t0, row_seg_.begin() + sg.t0 + sg.n, si);
+  }
   x_.resize(T * E);
   h_.resize(T * E);
   tmp_.resize(T * E);
-  // Embeddings: dequantize the rows of token_embd (ggml_get_rows).
-  for (int t = 0; t < T; ++t)
+  // Embeddings (ggml_get_rows: the rows of token_embd, dequantized) and the first block's
+  // attn_norm.
+  const LayerWeights* first = c_.n_layer ? &model_.layers[0] : nullptr;
+  ForEachRow(T, [&](int t) {
     kernels::DequantizeRow(model_.token_embd->dtype, model_.token_embd->Row(tokens[t]), F(x_, t * E), E);
+    if (first) kernels::RmsNorm(F(x_, t * E), first->attn_norm->F32(), E, c_.rms_eps, F(h_, t * E));
+  });
 
+  std::atomic<int> bad_row{T};  // the first row a block made non-finite
   for (uint32_t il = 0; il < c_.n_layer; ++il) {
     const LayerWeights& L = model_.layers[il];
-    for (int t = 0; t < T; ++t)  // attn_norm
-      kernels::RmsNorm(F(x_, t * E), L.attn_norm->F32(), E, c_.rms_eps, F(h_, t * E));
     if (c_.is_mla()) {
       MlaAttention(static_cast<int>(il), T);
     } else {
       Attention(static_cast<int>(il), T);
     }
-    for (int t = 0; t < T; ++t)  // ffn_inp = attn_out + residual
+    ForEachRow(T, [&](int t) {  // ffn_inp = attn_out + residual; ffn_norm
       kernels::Add(F(x_, t * E), F(tmp_, t * E), F(x_, t * E), E);
-    for (int t = 0; t < T; ++t)  // ffn_norm
       kernels::RmsNorm(F(x_, t * E), L.ffn_norm->F32(), E, c_.rms_eps, F(h_, t * E));
+    });
     if (c_.IsMoeLayer(il)) {
       MoeFfn(static_cast<int>(il), tokens, T);
     } else {
       DenseFfn(static_cast<int>(il), T);
     }
-    for (int t = 0; t < T; ++t) kernels::Add(F(x_, t * E), F(tmp_, t * E), F(x_, t * E), E);
-    // A NaN or Inf weight (or a hyper-parameter that overflows) stops here, named, instead of
-    // flowing into the logits; one pass over the block's output, T x n_embd floats.
-    for (int64_t i = 0; i < T * E; ++i) {
-      if (!std::isfinite(x_[i])) {
-        const int row = static_cast<int>(i / E);
-        int pos = row;
-        for (const Segment& sg : segments_)
-          if (row >= sg.t0 && row < sg.t0 + sg.n) pos = sg.cache->n_past() + row - sg.t0;
-        Fail("block %u gave a non-finite value (%s) for the token at position %d: the model's weights or "
-             "hyper-parameters are broken (a NaN or Inf weight, or values that overflow float)",
-             il, std::isnan(x_[i]) ? "NaN" : "Inf", pos);
+    // The block's output (+ residual), checked: a NaN or Inf weight (or a hyper-parameter that
+    // overflows) stops here, named, instead of flowing into the logits. Then the next block's
+    // attn_norm.
+    const LayerWeights* next = il + 1 < c_.n_layer ? &model_.layers[il + 1] : nullptr;
+    ForEachRow(T, [&](int t) {
+      float* x = F(x_, t * E);
+      kernels::Add(x, F(tmp_, t * E), x, E);
+      if (!AllFinite(x, E)) {
+        int cur = bad_row.load(std::memory_order_relaxed);
+        while (t < cur && !bad_row.compare_exchange_weak(cur, t, std::memory_order_relaxed)) {
+        }
+        return;
       }
+      if (next) kernels::RmsNorm(x, next->attn_norm->F32(), E, c_.rms_eps, F(h_, t * E));
+    });
+    if (const int row = bad_row.load(); row < T) {
+      const float* x = F(x_, static_cast<size_t>(row) * E);
+      const bool nan = std::isnan(*std::find_if(x, x + E, [](float v) { return !std::isfinite(v); }));
+      Fail("block %u gave a non-finite value (%s) for the token at position %d: the model's weights or "
+           "hyper-parameters are broken (a NaN or Inf weight, or values that overflow float)",
+           il, nan ? "NaN" : "Inf", RowPos(row));
     }
   }
   for (const Segment& sg : segments_) sg.cache->n_past_ += sg.n;
@@ -372,29 +421,38 @@ void Forward::Attention(int il, int T) {
   float* qkv_out[3] = {q_.data(), k_.data(), v_.data()};
   Linears(qkv, qkv_out, 3, h_.data(), T);
   const bool neox = c_.rope_type == RopeType::kNeox;
-  for (const Segment& sg : segments_) {
-    for (int i = 0; i < sg.n; ++i) {
-      const int t = sg.t0 + i, pos = sg.cache->n_past() + i;
-      float* q = F(q_, t * nq);
-      float* k = F(k_, t * nk);
-      if (L.bq) kernels::Add(q, L.bq->F32(), q, nq);
-      if (L.bk) kernels::Add(k, L.bk->F32(), k, nk);
-      if (L.bv) kernels::Add(F(v_, t * nv), L.bv->F32(), F(v_, t * nv), nv);
-      if (c_.qk_norm == QkNorm::kFull) {
-        kernels::RmsNorm(q, L.q_norm->F32(), nq, c_.rms_eps, q);
-        kernels::RmsNorm(k, L.k_norm->F32(), nk, c_.rms_eps, k);
-      } else if (c_.qk_norm == QkNorm::kPerHead) {
-        for (int h = 0; h < H; ++h) kernels::RmsNorm(q + h * D, L.q_norm->F32(), D, c_.rms_eps, q + h * D);
-        for (int h = 0; h < Hkv; ++h) kernels::RmsNorm(k + h * D, L.k_norm->F32(), D, c_.rms_eps, k + h * D);
-      }
-      kernels::Rope(q, H, D, static_cast<int>(c_.n_rot), pos, c_.rope_freq_base, neox, rope_);
-      kernels::Rope(k, Hkv, D, static_cast<int>(c_.n_rot), pos, c_.rope_freq_base, neox, rope_);
-      for (int g = 0; g < Hkv; ++g) {
-        std::memcpy(sg.cache->K(il, g) + static_cast<size_t>(pos) * D, k + g * D, D * sizeof(float));
-        std::memcpy(sg.cache->V(il, g) + static_cast<size_t>(pos) * D, F(v_, t * nv + g * D), D * sizeof(float));
+  ForEachRow(T, [&](int t) {
+    const int pos = RowPos(t);
+    KvCache& cache = *RowCache(t);
+    // The cache rows this token writes are fresh lines: start fetching them now, so the
+    // misses overlap the norms and rotations below.
+    for (int g = 0; g < Hkv; ++g) {
+      const char* kr = reinterpret_cast<const char*>(cache.K(il, g) + static_cast<size_t>(pos) * D);
+      const char* vr = reinterpret_cast<const char*>(cache.V(il, g) + static_cast<size_t>(pos) * D);
+      for (size_t o = 0; o < D * sizeof(float); o += 64) {
+        __builtin_prefetch(kr + o, 1);
+        __builtin_prefetch(vr + o, 1);
       }
     }
-  }
+    float* q = F(q_, t * nq);
+    float* k = F(k_, t * nk);
+    if (L.bq) kernels::Add(q, L.bq->F32(), q, nq);
+    if (L.bk) kernels::Add(k, L.bk->F32(), k, nk);
+    if (L.bv) kernels::Add(F(v_, t * nv), L.bv->F32(), F(v_, t * nv), nv);
+    if (c_.qk_norm == QkNorm::kFull) {
+      kernels::RmsNorm(q, L.q_norm->F32(), nq, c_.rms_eps, q);
+      kernels::RmsNorm(k, L.k_norm->F32(), nk, c_.rms_eps, k);
+    } else if (c_.qk_norm == QkNorm::kPerHead) {
+      for (int h = 0; h < H; ++h) kernels::RmsNorm(q + h * D, L.q_norm->F32(), D, c_.rms_eps, q + h * D);
+      for (int h = 0; h < Hkv; ++h) kernels::RmsNorm(k + h * D, L.k_norm->F32(), D, c_.rms_eps, k + h * D);
+    }
+    kernels::Rope(q, H, D, static_cast<int>(c_.n_rot), pos, c_.rope_freq_base, neox, rope_);
+    kernels::Rope(k, Hkv, D, static_cast<int>(c_.n_rot), pos, c_.rope_freq_base, neox, rope_);
+    for (int g = 0; g < Hkv; ++g) {
+      std::memcpy(cache.K(il, g) + static_cast<size_t>(pos) * D, k + g * D, D * sizeof(float));
+      std::memcpy(cache.V(il, g) + static_cast<size_t>(pos) * D, F(v_, t * nv + g * D), D * sizeof(float));
+    }
+  });
   const float scale = kq_scale_;
   const int group = H / Hkv;
   // Work items per sequence. Fewer than kAttnBlock new tokens (decode): (token, KV head, rows of
@@ -498,7 +556,7 @@ void Forward::MlaAttention(int il, int T) {
     const TensorView* w[2] = {L.wq_a, L.wkv_a};
     float* out[2] = {qa_.data(), kva_.data()};
     Linears(w, out, 2, h_.data(), T);
-    for (int t = 0; t < T; ++t) kernels::RmsNorm(F(qa_, t * Rq), L.q_a_norm->F32(), Rq, c_.rms_eps, F(qa_, t * Rq));
+    ForEachRow(T, [&](int t) { kernels::RmsNorm(F(qa_, t * Rq), L.q_a_norm->F32(), Rq, c_.rms_eps, F(qa_, t * Rq)); });
     Linear(*L.wq_b, qa_.data(), T, q_.data());
   } else {
     const TensorView* w[2] = {L.wq, L.wkv_a};
@@ -507,17 +565,15 @@ void Forward::MlaAttention(int il, int T) {
   }
   // RoPE on each head's last Dr dims and on the shared key part; the cache takes the normalised
   // latent and the rotated key.
-  for (const Segment& sg : segments_) {
-    for (int i = 0; i < sg.n; ++i) {
-      const int t = sg.t0 + i, pos = sg.cache->n_past() + i;
-      kernels::Rope(F(q_, t * H * Dk + Dn), static_cast<int>(H), static_cast<int>(Dk), static_cast<int>(Dr), pos,
-                    c_.rope_freq_base, false, rope_);
-      float* kc = sg.cache->K(il) + static_cast<size_t>(pos) * W;
-      kernels::RmsNorm(F(kva_, t * W), L.kv_a_norm->F32(), Kr, c_.rms_eps, kc);
-      std::memcpy(kc + Kr, F(kva_, t * W + Kr), Dr * sizeof(float));
-      kernels::Rope(kc + Kr, 1, static_cast<int>(Dr), static_cast<int>(Dr), pos, c_.rope_freq_base, false, rope_);
-    }
-  }
+  ForEachRow(T, [&](int t) {
+    const int pos = RowPos(t);
+    kernels::Rope(F(q_, t * H * Dk + Dn), static_cast<int>(H), static_cast<int>(Dk), static_cast<int>(Dr), pos,
+                  c_.rope_freq_base, false, rope_);
+    float* kc = RowCache(t)->K(il) + static_cast<size_t>(pos) * W;
+    kernels::RmsNorm(F(kva_, t * W), L.kv_a_norm->F32(), Kr, c_.rms_eps, kc);
+    std::memcpy(kc + Kr, F(kva_, t * W + Kr), Dr * sizeof(float));
+    kernels::Rope(kc + Kr, 1, static_cast<int>(Dr), static_cast<int>(Dr), pos, c_.rope_freq_base, false, rope_);
+  });
   if (mla_plain_) {
     MlaPlain(il, T);
   } else {
@@ -681,19 +737,23 @@ void Forward::MoeFfn(int il, const int32_t* tokens, int T) {
   const size_t rbg = kernels::ActivationRowBytes(gt, E);
   const size_t rbu = kernels::ActivationRowBytes(ut, E);
   const bool same_up = VecDotType(gt) == VecDotType(ut);
-  // Convert each token once, then gather rows into expert order.
+  // Convert each token once, and copy it to its rows in expert order.
   act_.resize(rbg * T);
-  for (int t = 0; t < T; ++t) kernels::ConvertActivations(gt, F(h_, t * E), act_.data() + t * rbg, E);
   xg_.resize(rbg * S);
-  for (int p = 0; p < S; ++p)
-    std::memcpy(xg_.data() + p * rbg, act_.data() + (plan_.sorted_slots[p] / K) * rbg, rbg);
   if (!same_up) {
     act2_.resize(rbu * T);
-    for (int t = 0; t < T; ++t) kernels::ConvertActivations(ut, F(h_, t * E), act2_.data() + t * rbu, E);
     xg2_.resize(rbu * S);
-    for (int p = 0; p < S; ++p)
-      std::memcpy(xg2_.data() + p * rbu, act2_.data() + (plan_.sorted_slots[p] / K) * rbu, rbu);
   }
+  ForEachRow(T, [&](int t) {
+    kernels::ConvertActivations(gt, F(h_, t * E), act_.data() + t * rbg, E);
+    if (!same_up) kernels::ConvertActivations(ut, F(h_, t * E), act2_.data() + t * rbu, E);
+    for (int j = 0; j < K; ++j) {
+      const int p = plan_.slot_position[t * K + j];
+      if (p < 0) continue;
+      std::memcpy(xg_.data() + p * rbg, act_.data() + t * rbg, rbg);
+      if (!same_up) std::memcpy(xg2_.data() + p * rbu, act2_.data() + t * rbu, rbu);
+    }
+  });
   const uint8_t* xu = same_up ? xg_.data() : xg2_.data();
   const size_t rbu_eff = same_up ? rbg : rbu;
 
@@ -764,7 +824,7 @@ void Forward::MoeFfn(int il, const int32_t* tokens, int T) {
   // Combine in selection order (deterministic and independent of batch-mates): FFN rows, and the
   // zero-computation targets (null and zero: nothing; copy: x; constant: a1 x + a2 v).
   const int const0 = R - mc.n_const;
-  for (int t = 0; t < T; ++t) {
+  ForEachRow(T, [&](int t) {
     float* out = F(tmp_, t * E);
     const float* xt = F(h_, t * E);
     std::fill(out, out + E, 0.0f);
@@ -794,7 +854,7 @@ void Forward::MoeFfn(int il, const int32_t* tokens, int T) {
         }
       }
     }
-  }
+  });
 
   if (L.gate_shexp) {  // shared expert (qwen2moe: scaled by sigmoid(gate_inp_shexp . x))
     const int64_t Sh = c_.n_ff_shexp;

@@ -124,6 +124,15 @@ class Forward {
   // they are consecutive rows whose destinations follow each other from contiguous).
   void EvalChunk(const int32_t* tokens, int T, const std::vector<OutRow>& outs, float* contiguous);
   void CheckTokens(const int32_t* tokens, int n) const;
+  // fn(t) for every row t < T of the chunk, over the pool when there are several: for the
+  // per-token work between the matrix products (norms, RoPE, cache writes, residuals), which
+  // would otherwise run on one thread while the others wait. A row's work touches only its own
+  // rows of the scratch and its own cache row, so the result does not depend on the split.
+  template <class Fn>
+  void ForEachRow(int T, const Fn& fn);
+  // Position of the chunk's row t in its sequence, and that sequence's cache.
+  int RowPos(int t) const;
+  KvCache* RowCache(int t) const;
   void Attention(int layer, int T);
   // deepseek2's multi-head latent attention: q and the latent KV, the cache, attention (absorbed
   // or plain), the output projection into tmp_.
@@ -154,6 +163,7 @@ class Forward {
 
   KvCache own_;                  // the single-sequence API's cache
   std::vector<Segment> segments_;  // the current chunk's sequences
+  std::vector<int> row_seg_;       // [T] segment of each row of the chunk
   struct AttnItem {  // attention work: rows of a sequence (queries, or MLA's (token, head) rows)
     int seg, t, rows, head;
     bool batched;
