@@ -68,6 +68,8 @@ def main():
     ap.add_argument("--llama-pin", choices=("both", "on", "off"), default="both",
                     help="llama.cpp with its threads pinned to CPUs (llama_bench.mjs --pin), unpinned, or both "
                          "as separate candidates (default)")
+    ap.add_argument("--cache-type", choices=("f32", "f16"), default="f32",
+                    help="KV cache of both engines (f16: llama.cpp's default)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "RESULTS.md"))
     a = ap.parse_args()
     shape_args, shape_text = SHAPES[a.shape]
@@ -107,14 +109,15 @@ def main():
             res[label(c)] = {"pp": [], "tg": []}
         for r in range(a.rounds):
             m = benchutil.run_json([a.moe, "bench", "-m", path, "-p", str(a.p), "-n", str(a.n), "-t", str(a.t),
-                          "--seed", str(100 + r), "--json"], "moe bench")
+                          "--seed", str(100 + r), "--cache-type", a.cache_type, "--json"], "moe bench")
             res["moe"]["pp"].append(m["prefill_tokens_per_s"])
             res["moe"]["tg"].append(m["decode_tokens_per_s"])
             res["moe"]["rss"].append(m["peak_rss_bytes"])
             res["moe"].setdefault("bytes", []).append(m["weight_bytes_per_token"] + m["kv_bytes_per_token"])
             if a.pinning:
                 u = benchutil.run_json(["env", "MOE_NO_PIN=1", a.moe, "bench", "-m", path, "-p", str(a.p),
-                                        "-n", str(a.n), "-t", str(a.t), "--seed", str(100 + r), "--json"],
+                                        "-n", str(a.n), "-t", str(a.t), "--seed", str(100 + r),
+                                        "--cache-type", a.cache_type, "--json"],
                                        "moe bench (unpinned)")
                 res["unpinned"]["pp"].append(u["prefill_tokens_per_s"])
                 res["unpinned"]["tg"].append(u["decode_tokens_per_s"])
@@ -122,7 +125,8 @@ def main():
             for c in configs:
                 l = benchutil.run_json(["node", os.path.join(ROOT, "bench", "llama_bench.mjs"), "-m", path,
                                         "-p", str(a.p), "-n", str(a.n), "-t", str(c[0]), "--seed", str(100 + r),
-                                        "--decode", "random", "--repeat", "1"] + (["--pin"] if c[1] else []),
+                                        "--decode", "random", "--repeat", "1", "--cache-type", a.cache_type]
+                                       + (["--pin"] if c[1] else []),
                                        "llama_bench.mjs")
                 res[label(c)]["pp"].append(l["prefill_tokens_per_s"])
                 res[label(c)]["tg"].append(l["decode_tokens_per_s"])
@@ -146,13 +150,14 @@ def main():
     date = datetime.date.today().isoformat()
     cmd = (f"bench/compare.py --shape {a.shape} --types {a.types} -p {a.p} -n {a.n} -t {a.t} --rounds {a.rounds}"
            + (" --pinning" if a.pinning else "") + (f" --llama-threads {a.llama_threads}" if a.llama_threads else "")
-           + (f" --llama-pin {a.llama_pin}" if a.llama_pin != "both" else ""))
+           + (f" --llama-pin {a.llama_pin}" if a.llama_pin != "both" else "")
+           + (f" --cache-type {a.cache_type}" if a.cache_type != "f32" else ""))
     lines = [f"## End-to-end: moe.cpp vs llama.cpp ({date})", "",
              f"Machine: {cpu_name()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}. "
              f"Command: `{cmd}`. The {shape_text}; "
              f"q8_0 and q4_0 written by `moe init`, the others by `moe quantize` from the q8_0 "
              f"file (upper-case names are llama.cpp mixes, lower-case ones `--pure`), random tokens, moe.cpp on {a.t} threads, medians of {a.rounds} alternating rounds. "
-             "llama.cpp = node-llama-cpp 3.21.1 prebuilt CPU build with an F32 KV cache and flash attention off (moe.cpp's cache is F32 too), "
+             f"llama.cpp = node-llama-cpp 3.21.1 prebuilt CPU build with an {a.cache_type.upper()} KV cache and flash attention off (moe.cpp's cache is {a.cache_type.upper()} too), "
              f"run every round at {' and '.join(str(x) for x in llama_threads)} thread(s)"
              + {"both": ", each with its threads pinned to CPUs and not", "on": ", its threads pinned to CPUs",
                 "off": ", its threads not pinned"}[a.llama_pin]

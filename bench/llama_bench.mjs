@@ -38,7 +38,7 @@ const here = path.dirname(fileURLToPath(import.meta.url));
 
 function parseArgs(argv) {
   const o = { model: null, prompt: 128, gen: 64, threads: 2, seed: 1, decode: "greedy",
-              repeat: 3, batch: 512, pin: false, sweep: false, threadsList: null };
+              repeat: 3, batch: 512, pin: false, sweep: false, threadsList: null, cache: "f32" };
   const num = (v, name) => {
     const x = Number(v);
     if (!Number.isFinite(x)) throw new Error(`${name} needs a number, got ${v}`);
@@ -56,11 +56,12 @@ function parseArgs(argv) {
       case "--repeat": o.repeat = num(v, a); i++; break;
       case "--batch": o.batch = num(v, a); i++; break;
       case "--pin": o.pin = true; break;
+      case "--cache-type": o.cache = v; i++; break;
       case "--sweep": o.sweep = true; break;
       case "--threads-list": o.threadsList = v.split(",").map(x => num(x, a)); i++; break;
       case "-h": case "--help":
         process.stdout.write("usage: llama_bench.mjs -m MODEL [-p P] [-n N] [-t T] [--seed S] " +
-                             "[--decode greedy|random] [--repeat R] [--batch B] [--pin] " +
+                             "[--decode greedy|random] [--repeat R] [--batch B] [--pin] [--cache-type f32|f16] " +
                              "[--sweep [--threads-list 1,2]]\n");
         process.exit(0);
       default: throw new Error(`unknown argument ${a}`);
@@ -68,6 +69,7 @@ function parseArgs(argv) {
   }
   if (!o.model) throw new Error("give the model: -m MODEL.gguf");
   if (!["greedy", "random"].includes(o.decode)) throw new Error("--decode is greedy or random");
+  if (!["f32", "f16"].includes(o.cache)) throw new Error("--cache-type is f32 or f16");
   if (o.prompt < 1 || o.gen < 1 || o.threads < 1 || o.repeat < 1) throw new Error("-p, -n, -t, --repeat must be >= 1");
   return o;
 }
@@ -219,8 +221,8 @@ async function main() {
     sequences: 1,
     threads: { ideal: o.threads, min: o.threads },
     flashAttention: false,
-    experimentalKvCacheKeyType: nlc.GgmlType.F32,
-    experimentalKvCacheValueType: nlc.GgmlType.F32,
+    experimentalKvCacheKeyType: o.cache === "f16" ? nlc.GgmlType.F16 : nlc.GgmlType.F32,
+    experimentalKvCacheValueType: o.cache === "f16" ? nlc.GgmlType.F16 : nlc.GgmlType.F32,
     performanceTracking: true,
   });
   const seq = context.getSequence();

@@ -32,6 +32,8 @@ void QuantizeRow(DType t, const float* x, void* y, int64_t n, const float* impor
 bool QuantizerUsesImportance(DType t);
 // Inverse: y = dequant(x), n elements, bit-identical to ggml's dequantize_row_*.
 void DequantizeRow(DType t, const void* x, float* y, int64_t n);
+// n binary16 values -> floats, vectorised (an F16 KV cache's rows for the GEMMs of attention).
+void WidenF16ToF32(const void* x, float* y, int64_t n);
 
 // ---- activations ----
 // Converts one activation row of n floats into VecDotType(w) (f32 copy, f16, bf16, q8_0 or
@@ -101,14 +103,14 @@ struct AttendRows {
   int64_t out_stride = 0;
   int rows = 0;
 };
-// Attention of each row over keys and values j < n (K rows of Dk floats k_stride apart, V rows of
-// Dv floats v_stride apart; V may alias K): out_r = softmax_j(scale * q_r.K_j) V_j, in one pass
-// over the keys (an online softmax over blocks of kAttendKeys). Each key row is read once for two
-// queries. A row's result is bitwise independent of the other rows. s: rows x kAttendKeys floats
-// of scratch.
+// Attention of each row over keys and values j < n (K rows of Dk elements k_stride apart, V rows
+// of Dv elements v_stride apart, both of type kv: kF32, or kF16 widened as they load; V may alias
+// K): out_r = softmax_j(scale * q_r.K_j) V_j, in one pass over the keys (an online softmax over
+// blocks of kAttendKeys). Each key row is read once for two queries. A row's result is bitwise
+// independent of the other rows. s: rows x kAttendKeys floats of scratch.
 constexpr int64_t kAttendKeys = 16;
-void Attend(const AttendRows& a, const float* K, int64_t k_stride, int64_t Dk, const float* V, int64_t v_stride,
-            int64_t Dv, int64_t n, float scale, float* s);
+void Attend(const AttendRows& a, DType kv, const void* K, int64_t k_stride, int64_t Dk, const void* V,
+            int64_t v_stride, int64_t Dv, int64_t n, float scale, float* s);
 // Batch invariance of MatMul (process-wide, off by default; `moe serve` turns it on): a token's
 // products are then bitwise the same whatever other tokens share the call and wherever it sits
 // among them. The tile kernels always are; the row kernels give a lone token a faster two-chain

@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 #include "hwy/cache_control.h"
 #include "hwy/contrib/math/math-inl.h"
@@ -196,27 +197,44 @@ HWY_NOINLINE inline void Softmax(float* x, int64_t n) {
 // maximum grew, and divided by l at the end. None of it depends on a row's row-mates, so each
 // row's result is bitwise the same alone or in any group. Rows are taken two at a time against
 // four keys (each key row loaded once for both queries), values four vectors wide.
-template <int R>  // query rows handled together: 1 or 2
-HWY_INLINE void AttendScores(const float* HWY_RESTRICT q, int64_t q_stride, const float* K, int64_t k_stride,
+// A cached key or value row element: F32, or F16 (a half-size cache) widened on load.
+template <class DF>
+HWY_INLINE hn::Vec<DF> LoadKv(DF df, const float* p) {
+  return hn::LoadU(df, p);
+}
+template <class DF>
+HWY_INLINE hn::Vec<DF> LoadKv(DF df, const hwy::float16_t* p) {
+  const hn::Rebind<hwy::float16_t, DF> dh;
+  return hn::PromoteTo(df, hn::LoadU(dh, p));
+}
+HWY_INLINE float KvScalar(float x) { return x; }
+HWY_INLINE float KvScalar(hwy::float16_t x) {
+  uint16_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  return F16ToF32(bits);
+}
+
+template <int R, class T>  // query rows handled together: 1 or 2
+HWY_INLINE void AttendScores(const float* HWY_RESTRICT q, int64_t q_stride, const T* K, int64_t k_stride,
                              int64_t n, int64_t D, float scale, float* HWY_RESTRICT s, int64_t s_stride) {
   const hn::ScalableTag<float> df;
   const int64_t N = static_cast<int64_t>(hn::Lanes(df));
   const int64_t Dv = D / N * N;  // the vector part of each dot product
   const float* q1 = q + (R == 2 ? q_stride : 0);
-  const auto tail = [&](const float* qr, const float* k, float acc) {
-    for (int64_t i = Dv; i < D; ++i) acc = std::fma(qr[i], k[i], acc);
+  const auto tail = [&](const float* qr, const T* k, float acc) {
+    for (int64_t i = Dv; i < D; ++i) acc = std::fma(qr[i], KvScalar(k[i]), acc);
     return acc * scale;
   };
   int64_t j = 0;
   for (; j + 4 <= n; j += 4) {
-    const float* k0 = K + j * k_stride;
-    const float* k1 = k0 + k_stride;
-    const float* k2 = k1 + k_stride;
-    const float* k3 = k2 + k_stride;
+    const T* k0 = K + j * k_stride;
+    const T* k1 = k0 + k_stride;
+    const T* k2 = k1 + k_stride;
+    const T* k3 = k2 + k_stride;
     auto a0 = hn::Zero(df), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
     for (int64_t i = 0; i < Dv; i += N) {
-      const auto v0 = hn::LoadU(df, k0 + i), v1 = hn::LoadU(df, k1 + i);
-      const auto v2 = hn::LoadU(df, k2 + i), v3 = hn::LoadU(df, k3 + i);
+      const auto v0 = LoadKv(df, k0 + i), v1 = LoadKv(df, k1 + i);
+      const auto v2 = LoadKv(df, k2 + i), v3 = LoadKv(df, k3 + i);
       const auto x = hn::LoadU(df, q + i);
       a0 = hn::MulAdd(x, v0, a0);
       a1 = hn::MulAdd(x, v1, a1);
@@ -243,10 +261,10 @@ HWY_INLINE void AttendScores(const float* HWY_RESTRICT q, int64_t q_stride, cons
     }
   }
   for (; j < n; ++j) {
-    const float* k = K + j * k_stride;
+    const T* k = K + j * k_stride;
     auto a = hn::Zero(df), b = a;
     for (int64_t i = 0; i < Dv; i += N) {
-      const auto v = hn::LoadU(df, k + i);
+      const auto v = LoadKv(df, k + i);
       a = hn::MulAdd(hn::LoadU(df, q + i), v, a);
       if constexpr (R == 2) b = hn::MulAdd(hn::LoadU(df, q1 + i), v, b);
     }
@@ -256,8 +274,8 @@ HWY_INLINE void AttendScores(const float* HWY_RESTRICT q, int64_t q_stride, cons
 }
 
 // acc: continue the chains from out (the keys before these), else start from zero.
-template <int R>  // probability rows handled together: 1 or 2
-HWY_INLINE void AttendValues(const float* HWY_RESTRICT s, int64_t s_stride, const float* V, int64_t v_stride,
+template <int R, class T>  // probability rows handled together: 1 or 2
+HWY_INLINE void AttendValues(const float* HWY_RESTRICT s, int64_t s_stride, const T* V, int64_t v_stride,
                              int64_t n, int64_t D, bool acc, float* HWY_RESTRICT out, int64_t out_stride) {
   const hn::ScalableTag<float> df;
   const int64_t N = static_cast<int64_t>(hn::Lanes(df));
@@ -272,9 +290,9 @@ HWY_INLINE void AttendValues(const float* HWY_RESTRICT s, int64_t s_stride, cons
       b0 = init(out1 + c), b1 = init(out1 + c + N), b2 = init(out1 + c + 2 * N), b3 = init(out1 + c + 3 * N);
     }
     for (int64_t j = 0; j < n; ++j) {
-      const float* v = V + j * v_stride + c;
-      const auto v0 = hn::LoadU(df, v), v1 = hn::LoadU(df, v + N);
-      const auto v2 = hn::LoadU(df, v + 2 * N), v3 = hn::LoadU(df, v + 3 * N);
+      const T* v = V + j * v_stride + c;
+      const auto v0 = LoadKv(df, v), v1 = LoadKv(df, v + N);
+      const auto v2 = LoadKv(df, v + 2 * N), v3 = LoadKv(df, v + 3 * N);
       const auto x = hn::Set(df, s[j]);
       a0 = hn::MulAdd(x, v0, a0);
       a1 = hn::MulAdd(x, v1, a1);
@@ -303,7 +321,7 @@ HWY_INLINE void AttendValues(const float* HWY_RESTRICT s, int64_t s_stride, cons
     auto a = init(out + c), b = a;
     if constexpr (R == 2) b = init(out1 + c);
     for (int64_t j = 0; j < n; ++j) {
-      const auto v = hn::LoadU(df, V + j * v_stride + c);
+      const auto v = LoadKv(df, V + j * v_stride + c);
       a = hn::MulAdd(hn::Set(df, s[j]), v, a);
       if constexpr (R == 2) b = hn::MulAdd(hn::Set(df, s1[j]), v, b);
     }
@@ -313,16 +331,17 @@ HWY_INLINE void AttendValues(const float* HWY_RESTRICT s, int64_t s_stride, cons
   for (; c < D; ++c) {  // the tail rounds like the body (fused)
     float a = acc ? out[c] : 0.0f, b = acc && R == 2 ? out1[c] : 0.0f;
     for (int64_t j = 0; j < n; ++j) {
-      a = std::fma(s[j], V[j * v_stride + c], a);
-      if constexpr (R == 2) b = std::fma(s1[j], V[j * v_stride + c], b);
+      a = std::fma(s[j], KvScalar(V[j * v_stride + c]), a);
+      if constexpr (R == 2) b = std::fma(s1[j], KvScalar(V[j * v_stride + c]), b);
     }
     out[c] = a;
     if constexpr (R == 2) out1[c] = b;
   }
 }
 
-HWY_NOINLINE inline void Attend(const AttendRows& a, const float* K, int64_t k_stride, int64_t Dk, const float* V,
-                                int64_t v_stride, int64_t Dv, int64_t n, float scale, float* HWY_RESTRICT s) {
+template <class T>
+HWY_INLINE void AttendT(const AttendRows& a, const T* K, int64_t k_stride, int64_t Dk, const T* V,
+                        int64_t v_stride, int64_t Dv, int64_t n, float scale, float* HWY_RESTRICT s) {
   const hn::ScalableTag<float> df;
   const int64_t N = static_cast<int64_t>(hn::Lanes(df));
   constexpr int64_t B = kAttendKeys;
@@ -335,14 +354,15 @@ HWY_NOINLINE inline void Attend(const AttendRows& a, const float* K, int64_t k_s
     double l[kRows];  // running sum of exp(score - m)
     for (int64_t j = 0; j < n; j += B) {
       const int64_t nb = std::min(B, n - j);
-      const float* Kj = K + j * k_stride;
-      const float* Vj = V + j * v_stride;
+      const T* Kj = K + j * k_stride;
+      const T* Vj = V + j * v_stride;
       if (j + B < n) {  // the next block's lines, so one pass over a cold cache does not wait on memory
         const int64_t nn = std::min(B, n - j - B);
+        constexpr int64_t kLine = 64 / sizeof(T);
         for (int64_t i = 0; i < nn; ++i) {
-          for (int64_t c = 0; c < Dk; c += 16) hwy::Prefetch(Kj + (B + i) * k_stride + c);
+          for (int64_t c = 0; c < Dk; c += kLine) hwy::Prefetch(Kj + (B + i) * k_stride + c);
           if (V != K)
-            for (int64_t c = 0; c < Dv; c += 16) hwy::Prefetch(Vj + (B + i) * v_stride + c);
+            for (int64_t c = 0; c < Dv; c += kLine) hwy::Prefetch(Vj + (B + i) * v_stride + c);
         }
       }
       int r = 0;
@@ -374,6 +394,17 @@ HWY_NOINLINE inline void Attend(const AttendRows& a, const float* K, int64_t k_s
       if (r < rows) AttendValues<1>(s + r * B, B, Vj, v_stride, nb, Dv, j > 0, out + r * a.out_stride, a.out_stride);
     }
     for (int r = 0; r < rows; ++r) Scale(static_cast<float>(1.0 / l[r]), out + r * a.out_stride, Dv);
+  }
+}
+
+HWY_NOINLINE inline void Attend(const AttendRows& a, DType kv, const void* K, int64_t k_stride, int64_t Dk,
+                                const void* V, int64_t v_stride, int64_t Dv, int64_t n, float scale,
+                                float* HWY_RESTRICT s) {
+  if (kv == DType::kF16) {
+    AttendT(a, static_cast<const hwy::float16_t*>(K), k_stride, Dk, static_cast<const hwy::float16_t*>(V), v_stride,
+            Dv, n, scale, s);
+  } else {
+    AttendT(a, static_cast<const float*>(K), k_stride, Dk, static_cast<const float*>(V), v_stride, Dv, n, scale, s);
   }
 }
 

@@ -312,6 +312,23 @@ void ActivationsF16(const float* HWY_RESTRICT x, uint8_t* HWY_RESTRICT y, int64_
   }
 }
 
+// n binary16 -> floats (exact; vcvtph2ps on x86). x may be unaligned.
+void WidenF16(const uint8_t* HWY_RESTRICT x, float* HWY_RESTRICT y, int64_t n) {
+  int64_t i = 0;
+#if HWY_ARCH_X86 && HWY_TARGET != HWY_EMU128 && HWY_TARGET != HWY_SCALAR
+  const DF df;
+  const hn::Rebind<hwy::float16_t, DF> dh;
+  const size_t N = hn::Lanes(df);
+  for (; i + static_cast<int64_t>(N) <= n; i += N)
+    hn::StoreU(hn::PromoteTo(df, hn::LoadU(dh, reinterpret_cast<const hwy::float16_t*>(x + 2 * i))), df, y + i);
+#endif
+  for (; i < n; ++i) {
+    uint16_t h;
+    std::memcpy(&h, x + 2 * i, sizeof(h));
+    y[i] = F16ToF32(h);
+  }
+}
+
 // n floats -> bfloat16 with ggml's GGML_FP32_TO_BF16 (NaN -> (u >> 16) | 64). y may be unaligned.
 void ActivationsBF16(const float* HWY_RESTRICT x, uint8_t* HWY_RESTRICT y, int64_t n) {
   const DF df;
@@ -350,6 +367,11 @@ HWY_EXPORT(ActivationsQ8_1);
 HWY_EXPORT(ActivationsQ8_K);
 HWY_EXPORT(ActivationsF16);
 HWY_EXPORT(ActivationsBF16);
+HWY_EXPORT(WidenF16);
+
+void WidenF16ToF32(const void* x, float* y, int64_t n) {
+  HWY_DYNAMIC_DISPATCH(WidenF16)(static_cast<const uint8_t*>(x), y, n);
+}
 
 using quant_detail::BitsFloat;
 using quant_detail::FloatBits;

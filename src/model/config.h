@@ -126,7 +126,10 @@ struct ModelConfig {
   // rotated key part (qk_rope), which every head shares.
   uint32_t KvFloatsPerLayer() const { return is_mla() ? n_lora_kv + n_rot : n_k() + n_v(); }
   // Bytes the KV cache (f32, every layer) holds per position.
-  uint64_t KvBytesPerPosition() const { return uint64_t{n_layer} * KvFloatsPerLayer() * sizeof(float); }
+  // bytes_per_element: 4 for an F32 cache, 2 for F16.
+  uint64_t KvBytesPerPosition(uint64_t bytes_per_element = sizeof(float)) const {
+    return uint64_t{n_layer} * KvFloatsPerLayer() * bytes_per_element;
+  }
   // Whether block il has the routed experts (deepseek2's leading blocks are dense).
   bool IsMoeLayer(uint32_t il) const { return il >= n_layer_dense_lead; }
   uint32_t n_router() const { return static_cast<uint32_t>(moe.router_width()); }  // R

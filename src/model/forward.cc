@@ -21,7 +21,7 @@ namespace {
 // the activations more often; 32-row chunks had left decode at 115 tok/s where four per thread
 // reached 185), prefill about two.
 int64_t RowGrain(int64_t rows, int64_t n_tok, int n_threads) {
-  if (n_tok <= 4) return std::max<int64_t>(32, (rows / n_threads + 15) / 16 * 16);
+  if (n_tok <= 4) { static const int dc = getenv("MOE_DC") ? atoi(getenv("MOE_DC")) : 1; return std::max<int64_t>(32, (rows / (dc * n_threads) + 15) / 16 * 16); }
   const int64_t g = (rows + 2 * n_threads - 1) / (2 * n_threads);
   return std::max<int64_t>(32, (g + 15) / 16 * 16);
 }
@@ -79,28 +79,48 @@ float AttentionScale(const ModelConfig& c) {
   return 1.0f * mscale * mscale / std::sqrt(static_cast<float>(c.n_embd_head_k));
 }
 
-KvCache::KvCache(const ModelConfig& c, int n_ctx) : n_ctx_(n_ctx) {
+KvCache::KvCache(const ModelConfig& c, int n_ctx, DType type) : n_ctx_(n_ctx) {
   if (n_ctx < 1) Fail("a KV cache needs at least one position (got %d)", n_ctx);
-  // MLA: the latent cache only (values are its first Kr floats).
+  if (type != DType::kF32 && type != DType::kF16)
+    Fail("a KV cache holds f32 or f16, not %s", DTypeName(type));
+  type_ = type;
+  elem_ = KvElementBytes(type);
+  // MLA: the latent cache only (values are its first Kr elements).
   n_layer_ = c.n_layer;
   k_heads_ = c.is_mla() ? 1 : c.n_head_kv;
   k_dim_ = c.is_mla() ? c.KvFloatsPerLayer() : c.n_embd_head_k;
   v_heads_ = c.is_mla() ? 0 : c.n_head_kv;
   v_dim_ = c.is_mla() ? 0 : c.n_embd_head_v;
-  k_floats_ = static_cast<size_t>(c.n_layer) * n_ctx * k_heads_ * k_dim_;
-  v_floats_ = static_cast<size_t>(c.n_layer) * n_ctx * v_heads_ * v_dim_;
-  k_ = hwy::AllocateAligned<float>(std::max<size_t>(k_floats_, 1));
-  v_ = hwy::AllocateAligned<float>(std::max<size_t>(v_floats_, 1));
+  k_elems_ = static_cast<size_t>(c.n_layer) * n_ctx * k_heads_ * k_dim_;
+  v_elems_ = static_cast<size_t>(c.n_layer) * n_ctx * v_heads_ * v_dim_;
+  k_ = hwy::AllocateAligned<uint8_t>(std::max<size_t>(k_elems_ * elem_, 1));
+  v_ = hwy::AllocateAligned<uint8_t>(std::max<size_t>(v_elems_ * elem_, 1));
   if (!k_ || !v_) Fail("out of memory for a KV cache of %zu bytes", Bytes());
   // Not cleared: every position is written before it is read, and pages past the context used
   // are never touched (so they take no memory).
 }
 
+DType ParseCacheType(const std::string& s) {
+  if (s == "f32") return DType::kF32;
+  if (s == "f16") return DType::kF16;
+  Fail("--cache-type %s: use f32 or f16", s.c_str());
+}
+
+void KvCache::Store(uint8_t* base, size_t dim, int pos, const float* x) const {
+  uint8_t* row = base + static_cast<size_t>(pos) * dim * elem_;
+  if (type_ == DType::kF16) {
+    kernels::ConvertActivations(DType::kF16, x, row, static_cast<int64_t>(dim));  // round to nearest even
+  } else {
+    std::memcpy(row, x, dim * sizeof(float));
+  }
+}
+
 void KvCache::Reserve(int positions) {
   if (positions <= reserved_) return;
   const int hi = std::min(n_ctx_, std::max(positions, reserved_ + std::max(64, reserved_ / 4)));
-  const auto populate = [&](float* base, size_t dim) {  // positions [reserved_, hi) of one head
-    return PopulatePages(base + static_cast<size_t>(reserved_) * dim, static_cast<size_t>(hi - reserved_) * dim * sizeof(float));
+  const auto populate = [&](uint8_t* base, size_t dim) {  // positions [reserved_, hi) of one head
+    return PopulatePages(base + static_cast<size_t>(reserved_) * dim * elem_,
+                         static_cast<size_t>(hi - reserved_) * dim * elem_);
   };
   for (uint32_t l = 0; l < n_layer_; ++l) {
     for (size_t h = 0; h < k_heads_; ++h)
@@ -115,9 +135,9 @@ int DefaultContext(const ModelConfig& c) {
   return static_cast<int>(std::min<uint32_t>(c.n_ctx_train ? c.n_ctx_train : 4096, 4096));
 }
 
-Forward::Forward(const Model& model, ThreadPool& pool, int n_ctx, int n_batch)
+Forward::Forward(const Model& model, ThreadPool& pool, int n_ctx, int n_batch, DType kv_type)
     : model_(model), c_(model.config()), pool_(pool), n_ctx_(n_ctx > 0 ? n_ctx : DefaultContext(model.config())),
-      n_batch_(n_batch > 0 ? n_batch : 256), own_(model.config(), n_ctx_) {
+      n_batch_(n_batch > 0 ? n_batch : 256), own_(model.config(), n_ctx_, kv_type) {
   if (const std::string why = UnservableRouterReason(c_); !why.empty()) throw Error(why);
   rope_ = RopeScalingOf(c_);
   kq_scale_ = AttentionScale(c_);
@@ -264,7 +284,29 @@ bool AllFinite(const float* x, int64_t n) {
   return bad == 0;
 }
 
+// Rows [0, n) of one head of a cache (dim elements per position) as F32: the cache's own memory,
+// or for an F16 cache the rows widened into buf (n * dim floats), for the GEMMs of batched
+// attention.
+const float* CacheRowsF32(const KvCache& cache, const uint8_t* base, size_t dim, int n, float* buf) {
+  if (cache.type() == DType::kF32) return reinterpret_cast<const float*>(base);
+  kernels::WidenF16ToF32(base, buf, static_cast<int64_t>(n) * static_cast<int64_t>(dim));
+  return buf;
+}
+
 }  // namespace
+
+// Widening room for batched attention over F16 caches: per thread, n_ctx rows of floats_per_pos.
+float* Forward::WideningBuffer(int thread, size_t floats_per_pos) {
+  return kv_f32_.data() + static_cast<size_t>(thread) * static_cast<size_t>(n_ctx_) * floats_per_pos;
+}
+
+void Forward::ReserveWidening(size_t floats_per_pos, bool batched_only) {
+  bool any = false;
+  for (const Segment& sg : segments_)
+    any = any || (sg.cache->type() == DType::kF16 && (sg.n >= kAttnBlock || !batched_only));
+  const size_t want = static_cast<size_t>(pool_.size()) * static_cast<size_t>(n_ctx_) * floats_per_pos;
+  if (any && kv_f32_.size() < want) kv_f32_.resize(want);
+}
 
 template <class Fn>
 void Forward::ForEachRow(int T, const Fn& fn) {
@@ -427,9 +469,9 @@ void Forward::Attention(int il, int T) {
     // The cache rows this token writes are fresh lines: start fetching them now, so the
     // misses overlap the norms and rotations below.
     for (int g = 0; g < Hkv; ++g) {
-      const char* kr = reinterpret_cast<const char*>(cache.K(il, g) + static_cast<size_t>(pos) * D);
-      const char* vr = reinterpret_cast<const char*>(cache.V(il, g) + static_cast<size_t>(pos) * D);
-      for (size_t o = 0; o < D * sizeof(float); o += 64) {
+      const uint8_t* kr = cache.K(il, g) + static_cast<size_t>(pos) * D * cache.elem_;
+      const uint8_t* vr = cache.V(il, g) + static_cast<size_t>(pos) * D * cache.elem_;
+      for (size_t o = 0; o < D * cache.elem_; o += 64) {
         __builtin_prefetch(kr + o, 1);
         __builtin_prefetch(vr + o, 1);
       }
@@ -449,8 +491,8 @@ void Forward::Attention(int il, int T) {
     kernels::Rope(q, H, D, static_cast<int>(c_.n_rot), pos, c_.rope_freq_base, neox, rope_);
     kernels::Rope(k, Hkv, D, static_cast<int>(c_.n_rot), pos, c_.rope_freq_base, neox, rope_);
     for (int g = 0; g < Hkv; ++g) {
-      std::memcpy(cache.K(il, g) + static_cast<size_t>(pos) * D, k + g * D, D * sizeof(float));
-      std::memcpy(cache.V(il, g) + static_cast<size_t>(pos) * D, F(v_, t * nv + g * D), D * sizeof(float));
+      cache.Store(cache.K(il, g), D, pos, k + g * D);
+      cache.Store(cache.V(il, g), D, pos, F(v_, t * nv + g * D));
     }
   });
   const float scale = kq_scale_;
@@ -477,21 +519,26 @@ void Forward::Attention(int il, int T) {
         for (int r = 0; r < group; r += per)
           attn_items_.push_back({si, sg.t0 + i, std::min(per, group - r), g * group + r, false});
   }
+  ReserveWidening(2 * static_cast<size_t>(D), true);
   pool_.ParallelFor(static_cast<int64_t>(attn_items_.size()), 1, [&](int64_t b, int64_t e, int thread) {
     float* S = scores_.data() + thread * scores_per_thread_;  // [rows][n_keys]
     for (int64_t item = b; item < e; ++item) {
       const AttnItem& it = attn_items_[item];
       const Segment& sg = segments_[it.seg];
-      const int g = it.head / group, first = sg.cache->n_past() + (it.t - sg.t0);  // first query's position
-      const float* K = sg.cache->K(il, g);  // [n_ctx][D]
-      const float* V = sg.cache->V(il, g);
+      const KvCache& cache = *sg.cache;
+      const int g = it.head / group, first = cache.n_past() + (it.t - sg.t0);  // first query's position
+      const uint8_t* Kc = sg.cache->K(il, g);  // [n_ctx][D]
+      const uint8_t* Vc = sg.cache->V(il, g);
       float* out = att_.data() + it.t * nq + it.head * D;
       const float* q = q_.data() + it.t * nq + it.head * D;
       if (!it.batched) {  // it.rows heads of one token
-        kernels::Attend(kernels::AttendRows{q, D, out, D, it.rows}, K, D, D, V, D, D, first + 1, scale, S);
+        kernels::Attend(kernels::AttendRows{q, D, out, D, it.rows}, cache.type(), Kc, D, D, Vc, D, D, first + 1, scale, S);
         continue;
       }
       const int n_keys = first + it.rows;  // the last query's keys
+      float* wide = cache.type() == DType::kF16 ? WideningBuffer(thread, 2 * static_cast<size_t>(D)) : nullptr;
+      const float* K = CacheRowsF32(cache, Kc, D, n_keys, wide);
+      const float* V = CacheRowsF32(cache, Vc, D, n_keys, wide ? wide + static_cast<size_t>(n_keys) * D : nullptr);
       kernels::Gemm(kernels::GemmOp::kNT, it.rows, n_keys, D, q, static_cast<int>(nq), K, D, S, n_keys, false);
       for (int i = 0; i < it.rows; ++i) {
         float* s = S + static_cast<size_t>(i) * n_keys;
@@ -569,10 +616,11 @@ void Forward::MlaAttention(int il, int T) {
     const int pos = RowPos(t);
     kernels::Rope(F(q_, t * H * Dk + Dn), static_cast<int>(H), static_cast<int>(Dk), static_cast<int>(Dr), pos,
                   c_.rope_freq_base, false, rope_);
-    float* kc = RowCache(t)->K(il) + static_cast<size_t>(pos) * W;
-    kernels::RmsNorm(F(kva_, t * W), L.kv_a_norm->F32(), Kr, c_.rms_eps, kc);
-    std::memcpy(kc + Kr, F(kva_, t * W + Kr), Dr * sizeof(float));
-    kernels::Rope(kc + Kr, 1, static_cast<int>(Dr), static_cast<int>(Dr), pos, c_.rope_freq_base, false, rope_);
+    float* kv = F(kva_, t * W);  // [c | k_pe], finished in place, then stored
+    kernels::RmsNorm(kv, L.kv_a_norm->F32(), Kr, c_.rms_eps, kv);
+    kernels::Rope(kv + Kr, 1, static_cast<int>(Dr), static_cast<int>(Dr), pos, c_.rope_freq_base, false, rope_);
+    KvCache& cache = *RowCache(t);
+    cache.Store(cache.K(il), W, pos, kv);
   });
   if (mla_plain_) {
     MlaPlain(il, T);
@@ -616,20 +664,24 @@ void Forward::MlaAbsorbed(int il, int T) {
     for (int64_t g0 = 0; g0 < rows_all; g0 += per)
       attn_items_.push_back({si, static_cast<int>(sg.t0 * H + g0), static_cast<int>(std::min(per, rows_all - g0)), 0, true});
   }
+  ReserveWidening(static_cast<size_t>(W), true);
   pool_.ParallelFor(static_cast<int64_t>(attn_items_.size()), 1, [&](int64_t b, int64_t e, int thread) {
     float* S = scores_.data() + thread * scores_per_thread_;  // [rows][n_keys]
     for (int64_t item = b; item < e; ++item) {
       const AttnItem& it = attn_items_[item];
       const Segment& sg = segments_[it.seg];
-      const float* C = sg.cache->K(il);
+      const KvCache& cache = *sg.cache;
+      const uint8_t* Cc = sg.cache->K(il);
       const int64_t g0 = it.t, rows = it.rows;  // global (token, head) rows g = t * H + h
-      const int base = sg.cache->n_past() - sg.t0;  // position = base + token row
+      const int base = cache.n_past() - sg.t0;  // position = base + token row
       if (!it.batched) {  // one token's heads: MQA over the latent rows [c | k_pe], values c
-        kernels::Attend(kernels::AttendRows{F(qabs_, g0 * W), W, F(lat_, g0 * Kr), Kr, static_cast<int>(rows)}, C, W,
-                        W, C, W, Kr, base + g0 / H + 1, kq_scale_, S);
+        kernels::Attend(kernels::AttendRows{F(qabs_, g0 * W), W, F(lat_, g0 * Kr), Kr, static_cast<int>(rows)},
+                        cache.type(), Cc, W, W, Cc, W, Kr, base + g0 / H + 1, kq_scale_, S);
         continue;
       }
       const int n_keys = base + static_cast<int>((g0 + rows - 1) / H) + 1;  // the last row's keys
+      const float* C = CacheRowsF32(cache, Cc, W, n_keys,
+                                    cache.type() == DType::kF16 ? WideningBuffer(thread, W) : nullptr);
       kernels::Gemm(kernels::GemmOp::kNT, static_cast<int>(rows), n_keys, static_cast<int>(W), F(qabs_, g0 * W),
                     static_cast<int>(W), C, static_cast<int>(W), S, n_keys, false);
       for (int64_t i = 0; i < rows; ++i) {
@@ -658,13 +710,17 @@ void Forward::MlaPlain(int il, int T) {
     for (int i = 0; i < segments_[si].n; i += kAttnBlock)
       for (int h = 0; h < H; ++h)
         attn_items_.push_back({si, segments_[si].t0 + i, std::min(kAttnBlock, segments_[si].n - i), h, true});
+  ReserveWidening(static_cast<size_t>(W), false);
   pool_.ParallelFor(static_cast<int64_t>(attn_items_.size()), 1, [&](int64_t b, int64_t e, int thread) {
     float* S = scores_.data() + thread * scores_per_thread_;
     float* Kp = plain_kv_.data() + static_cast<size_t>(thread) * n_ctx_ * (Dk + Dv);  // [n_keys][Dk]
     for (int64_t item = b; item < e; ++item) {
       const AttnItem& it = attn_items_[item];
       const Segment& sg = segments_[it.seg];
-      const float* C = sg.cache->K(il);
+      const KvCache& cache = *sg.cache;
+      const int n_keys_all = cache.n_past() + (it.t - sg.t0) + it.rows;
+      const float* C = CacheRowsF32(cache, sg.cache->K(il), W, n_keys_all,
+                                    cache.type() == DType::kF16 ? WideningBuffer(thread, W) : nullptr);
       const int64_t h = it.head;
       const int t0 = it.t, rows = it.rows, first = sg.cache->n_past() + (it.t - sg.t0);
       const int n_keys = first + rows;

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <string>
 #include <vector>
 
 #include "hwy/aligned_allocator.h"
@@ -25,16 +26,25 @@ kernels::RopeScaling RopeScalingOf(const ModelConfig& c);
 int DefaultContext(const ModelConfig& c);
 float AttentionScale(const ModelConfig& c);
 
+// Bytes of one KV cache element, and the --cache-type value it comes from ("f32" or "f16";
+// anything else throws moe::Error naming the flag).
+inline size_t KvElementBytes(DType t) { return t == DType::kF16 ? 2 : sizeof(float); }
+DType ParseCacheType(const std::string& s);
+
 // One sequence's KV cache: the keys and values (MLA: the latent rows) of positions
-// 0 .. n_past()-1 of every layer, for up to n_ctx positions. Forward owns one for its
-// single-sequence API; a server gives each of its sequences its own (Forward::EvalBatch).
+// 0 .. n_past()-1 of every layer, for up to n_ctx positions, in F32 or F16 (type: half the
+// memory and half the bytes attention reads, llama.cpp's default; the rows are rounded to
+// nearest even as they are stored, and attention widens them to F32 as it loads them). Forward
+// owns one for its single-sequence API; a server gives each of its sequences its own
+// (Forward::EvalBatch).
 class KvCache {
  public:
-  KvCache(const ModelConfig& c, int n_ctx);
+  KvCache(const ModelConfig& c, int n_ctx, DType type = DType::kF32);
   int n_past() const { return n_past_; }
   int n_ctx() const { return n_ctx_; }
+  DType type() const { return type_; }
   void Reset() { n_past_ = 0; }
-  size_t Bytes() const { return (k_floats_ + v_floats_) * sizeof(float); }
+  size_t Bytes() const { return (k_elems_ + v_elems_) * elem_; }
   // Makes the pages of positions [0, positions) resident (util/memory.h PopulatePages), plus
   // some room ahead (a quarter of what is in use, at least 64 positions, within n_ctx), so that
   // a growing context is written to populated pages instead of faulting one page at a time
@@ -45,11 +55,16 @@ class KvCache {
   friend class Forward;
   // Per layer, each KV head's positions are contiguous: [n_head_kv][n_ctx][head_dim] (so one head's
   // keys stream sequentially at decode); MLA's latent cache is one "head" of KvFloatsPerLayer.
-  float* K(uint32_t layer, int head = 0) { return k_.get() + (layer * k_heads_ + head) * n_ctx_ * k_dim_; }
-  float* V(uint32_t layer, int head = 0) { return v_.get() + (layer * v_heads_ + head) * n_ctx_ * v_dim_; }
-  hwy::AlignedFreeUniquePtr<float[]> k_, v_;  // cache-line aligned, so head rows are too
-  size_t k_floats_ = 0, v_floats_ = 0;
-  size_t k_heads_ = 0, k_dim_ = 0, v_heads_ = 0, v_dim_ = 0;  // heads per layer, floats per head and position
+  // Rows of type_ elements, addressed in bytes.
+  uint8_t* K(uint32_t layer, int head = 0) { return k_.get() + (layer * k_heads_ + head) * n_ctx_ * k_dim_ * elem_; }
+  uint8_t* V(uint32_t layer, int head = 0) { return v_.get() + (layer * v_heads_ + head) * n_ctx_ * v_dim_ * elem_; }
+  // Stores n floats as row pos of a head (base from K or V, dim elements per position).
+  void Store(uint8_t* base, size_t dim, int pos, const float* x) const;
+  hwy::AlignedFreeUniquePtr<uint8_t[]> k_, v_;  // cache-line aligned, so head rows are too
+  DType type_ = DType::kF32;
+  size_t elem_ = sizeof(float);  // bytes per element
+  size_t k_elems_ = 0, v_elems_ = 0;
+  size_t k_heads_ = 0, k_dim_ = 0, v_heads_ = 0, v_dim_ = 0;  // heads per layer, elements per head and position
   int n_ctx_ = 0;
   int n_past_ = 0;
   int reserved_ = 0;  // positions whose pages Reserve made resident
@@ -69,7 +84,8 @@ class Forward {
  public:
   // n_ctx: KV cache length in tokens (0 = the model's training context, capped at 4096).
   // Throws moe::Error if the model's router cannot be served (expert_choice is training-only).
-  Forward(const Model& model, ThreadPool& pool, int n_ctx = 0, int n_batch = 256);
+  // kv_type: the single-sequence cache's type (kF32 or kF16; EvalBatch takes each cache's own).
+  Forward(const Model& model, ThreadPool& pool, int n_ctx = 0, int n_batch = 256, DType kv_type = DType::kF32);
 
   // Evaluates tokens at positions n_past() .. n_past() + n - 1 and appends them to the cache.
   // all_logits: logits of every position go to logits [n][n_vocab]; else only the last
@@ -130,6 +146,11 @@ class Forward {
   // rows of the scratch and its own cache row, so the result does not depend on the split.
   template <class Fn>
   void ForEachRow(int T, const Fn& fn);
+  // Batched attention over F16 caches widens a head's rows into per-thread room first: sized for
+  // floats_per_pos per position before a pass that needs it.
+  // (batched_only: only sequences with kAttnBlock or more new tokens take the GEMM path.)
+  void ReserveWidening(size_t floats_per_pos, bool batched_only);
+  float* WideningBuffer(int thread, size_t floats_per_pos);
   // Position of the chunk's row t in its sequence, and that sequence's cache.
   int RowPos(int t) const;
   KvCache* RowCache(int t) const;
@@ -188,6 +209,7 @@ class Forward {
   std::vector<float> qabs_;     // MLA: [T][H][Kr + Dr] absorbed queries
   std::vector<float> lat_;      // MLA: [T][H][Kr] attention output in the latent space
   std::vector<float> plain_kv_;  // plain MLA: [n_threads][n_ctx][Dk + Dv] decompressed keys, values
+  std::vector<float> kv_f32_;    // F16 caches, batched attention: [n_threads][n_ctx][Dk + Dv] widened rows
   std::vector<float> tmp_;      // [T][n_embd]
   std::vector<float> scores_;   // [n_threads][scores_per_thread_]: [kAttnBlock queries][n_ctx]
   size_t scores_per_thread_ = 0;

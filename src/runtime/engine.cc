@@ -17,7 +17,7 @@ int ResolveEngineCtx(const ModelConfig& c, const EngineConfig& cfg) {
   if (cfg.ctx < 0) Fail("--ctx-size %d must be >= 0 (0 = the model's context, at most 4096)", cfg.ctx);
   const int ctx = cfg.ctx > 0 ? cfg.ctx : DefaultContext(c);
   CheckKvFits(c, static_cast<int64_t>(ctx) * cfg.parallel,
-              StrFormat("--parallel %d sequences of --ctx-size %d", cfg.parallel, ctx));
+              StrFormat("--parallel %d sequences of --ctx-size %d", cfg.parallel, ctx), cfg.kv_type);
   return ctx;
 }
 using Clock = std::chrono::steady_clock;
@@ -25,7 +25,7 @@ using Clock = std::chrono::steady_clock;
 
 Engine::Engine(const Model& model, ThreadPool& pool, const EngineConfig& cfg)
     : model_(model), pool_(pool), cfg_(cfg), ctx_(ResolveEngineCtx(model.config(), cfg)),
-      fwd_(model, pool, ctx_, cfg.parallel + cfg.chunk) {
+      fwd_(model, pool, ctx_, cfg.parallel + cfg.chunk, cfg.kv_type) {
   invariant_before_ = kernels::BatchInvariant();
   if (cfg.batch_invariant) kernels::SetBatchInvariant(true);
   const ModelConfig& c = model.config();
@@ -111,7 +111,7 @@ void Engine::Loop() {
     for (auto& s : active) {
       if (s->cache) continue;
       if (free_caches.empty()) {
-        s->cache = std::make_unique<KvCache>(model_.config(), ctx_);
+        s->cache = std::make_unique<KvCache>(model_.config(), ctx_, cfg_.kv_type);
       } else {
         s->cache = std::move(free_caches.back());
         free_caches.pop_back();

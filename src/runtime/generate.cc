@@ -29,15 +29,15 @@ void ValidateGenerateOptions(const GenerateOptions& o, int n_vocab) {
     Fail("top_logprobs %d must be in 0..%d (the vocabulary)", o.top_logprobs, n_vocab);
 }
 
-void CheckKvFits(const ModelConfig& c, int64_t positions, const std::string& what) {
-  const double kv = static_cast<double>(positions) * static_cast<double>(c.KvBytesPerPosition());
+void CheckKvFits(const ModelConfig& c, int64_t positions, const std::string& what, DType kv_type) {
+  const double kv = static_cast<double>(positions) * static_cast<double>(c.KvBytesPerPosition(KvElementBytes(kv_type)));
   if (const uint64_t mem = PhysicalMemoryBytes(); mem > 0 && kv > static_cast<double>(mem))
     Fail("%s needs %.1f GiB of KV cache, more than this machine's %.1f GiB of memory (ask for fewer tokens, "
          "sequences or a smaller context)", what.c_str(), kv / 1073741824.0, static_cast<double>(mem) / 1073741824.0);
 }
 
 int ContextSize(const ModelConfig& c, int ctx, int n_prompt, int n_predict,
-                const std::function<void(const std::string&)>& warn) {
+                const std::function<void(const std::string&)>& warn, DType kv_type) {
   if (ctx < 0) Fail("the context size %d must be >= 0 (0 = prompt + tokens to generate)", ctx);
   const int64_t need = static_cast<int64_t>(n_prompt) + n_predict + 1;
   if (ctx > 0 && ctx < n_prompt + 1)
@@ -45,7 +45,7 @@ int ContextSize(const ModelConfig& c, int ctx, int n_prompt, int n_predict,
   const int64_t n = ctx > 0 ? ctx : need;
   if (n > std::numeric_limits<int32_t>::max() / 2)
     Fail("a context of %lld tokens is more than moe.cpp supports", static_cast<long long>(n));
-  CheckKvFits(c, n, StrFormat("a context of %lld tokens", static_cast<long long>(n)));
+  CheckKvFits(c, n, StrFormat("a context of %lld tokens", static_cast<long long>(n)), kv_type);
   if (warn && n > c.n_ctx_train)
     warn(StrFormat("a context of %lld tokens is longer than the model's training context (%u): past it the "
                    "model was never trained, and the prompt's attention costs grow with its square",
@@ -54,8 +54,10 @@ int ContextSize(const ModelConfig& c, int ctx, int n_prompt, int n_predict,
 }
 
 GenerateResult Generate(const Model& model, ThreadPool& pool, int n_ctx, const std::vector<int32_t>& prompt,
-                        const GenerateOptions& o, const std::function<bool(int32_t, const std::string&)>& on_token) {
+                        const GenerateOptions& o, const std::function<bool(int32_t, const std::string&)>& on_token,
+                        DType kv_type) {
   EngineConfig cfg;  // Engine::Submit validates the options
+  cfg.kv_type = kv_type;
   cfg.parallel = 1;
   cfg.ctx = n_ctx;
   cfg.chunk = 256;

@@ -26,16 +26,16 @@ struct GenerateOptions {
 // top_k < 0, top_p outside (0, 1], n_predict < 0, top_logprobs outside 0..n_vocab.
 void ValidateGenerateOptions(const GenerateOptions& o, int n_vocab);
 
-// Throws moe::Error when KV caches of `positions` positions in all (what names them) would not
-// fit in this machine's memory.
-void CheckKvFits(const ModelConfig& c, int64_t positions, const std::string& what);
+// Throws moe::Error when KV caches of `positions` positions in all (what names them), of
+// kv_type elements, would not fit in this machine's memory.
+void CheckKvFits(const ModelConfig& c, int64_t positions, const std::string& what, DType kv_type = DType::kF32);
 
 // The KV cache length a generation needs: ctx when given (> 0; it must hold the prompt and at
 // least one more position), else prompt + n_predict + 1. Throws moe::Error when ctx < 0, when
 // the prompt does not fit, or when the cache would not fit in this machine's memory; warn
 // (may be null) hears about a context beyond the model's training context.
 int ContextSize(const ModelConfig& c, int ctx, int n_prompt, int n_predict,
-                const std::function<void(const std::string&)>& warn);
+                const std::function<void(const std::string&)>& warn, DType kv_type = DType::kF32);
 
 struct GenerateResult {
   std::vector<int32_t> tokens;  // generated, the end-of-generation token included when it came
@@ -47,8 +47,10 @@ struct GenerateResult {
 // One generation, through the serving engine (runtime/engine.h) with a single sequence of n_ctx
 // positions: the prompt, then tokens until n_predict, an end-of-generation token or on_token
 // (if given; it hears each token as it is chosen) returning false. Throws moe::Error.
+// kv_type: the cache's elements (kF32 or kF16).
 GenerateResult Generate(const Model& model, ThreadPool& pool, int n_ctx, const std::vector<int32_t>& prompt,
                         const GenerateOptions& o,
-                        const std::function<bool(int32_t, const std::string&)>& on_token = nullptr);
+                        const std::function<bool(int32_t, const std::string&)>& on_token = nullptr,
+                        DType kv_type = DType::kF32);
 
 }  // namespace moe

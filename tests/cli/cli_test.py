@@ -81,6 +81,18 @@ with tempfile.TemporaryDirectory() as d:
     multi = json.loads(run("bench", "-m", m, "-p", "8", "-n", "4", "-s", "3", "--json").stdout)
     check("bench --sequences", multi["sequences"] == 3 and multi["decode_tokens_per_s"] > 0
           and multi["prefill_tokens_per_s"] > 0, str(multi))
+    # An F16 cache: half the KV bytes per token in the bench's accounting; generation (through the
+    # engine) gives the distributions teacher forcing (one batch) gives for the same tokens.
+    b16 = json.loads(run("bench", "-m", m, "-p", "8", "-n", "4", "-s", "2", "--cache-type", "f16", "--json").stdout)
+    check("bench --cache-type f16", abs(b16["kv_bytes_per_token"] - 2 * 2 * 32 * 2 * 9.5) < 1e-6
+          and b16["decode_tokens_per_s"] > 0, str(b16))
+    g16 = json.loads(run("run", "-m", m, "--prompt-ids", "3,1,4,1,5", "-n", "6", "--temp", "0", "--json",
+                         "--top-logprobs", "1", "--ignore-eos", "--cache-type", "f16").stdout)
+    t16 = json.loads(run("run", "-m", m, "--prompt-ids", ",".join(map(str, [3, 1, 4, 1, 5] + g16["tokens"][:-1])),
+                         "--teacher-forcing", "--json", "--top-logprobs", "1", "--cache-type", "f16").stdout)
+    check("run --cache-type f16: decode = teacher forcing",
+          all(tl[0]["id"] == tt[0]["id"] and abs(tl[0]["logprob"] - tt[0]["logprob"]) < 1e-3
+              for tl, tt in zip(g16["top_logprobs"], t16["teacher_logprobs"][4:])), str((g16, t16))[:300])
     expect_error("bench --sequences bound", ["bench", "-m", m, "-s", "0"], 2, "--sequences")
     expect_error("bench context bound", ["bench", "-m", m, "-p", "2000000000", "-n", "4"], 2, "more than moe.cpp supports")
     mach = json.loads(run("bench-machine", "-t", "1", "--mib", "16", "-r", "1", "--json").stdout)
@@ -118,7 +130,8 @@ with tempfile.TemporaryDirectory() as d:
             ("ctx below the prompt", ["--ctx", "1"], "more than the context size 1"),
             ("absurd -n", ["-n", "2000000000"], "more than moe.cpp supports"),
             ("n negative", ["-n", "-5"], "must be >= 0"),
-            ("top-logprobs beyond the vocabulary", ["--top-logprobs", "100000"], "top_logprobs 100000")):
+            ("top-logprobs beyond the vocabulary", ["--top-logprobs", "100000"], "top_logprobs 100000"),
+            ("cache type", ["--cache-type", "q8_0"], "--cache-type q8_0: use f32 or f16")):
         expect_error(name, ["run", "-m", m, "--prompt-ids", "1,2"] + args, 2, needle)
     for cmd in (["bench", "-m", m, "-p", "4", "-n", "2"], ["eval", "-m", m, "--data", m],
                 ["bench-layer", "--router", "softmax_topk", "--tokens", "8"]):

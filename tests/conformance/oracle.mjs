@@ -23,7 +23,8 @@
 // greedy sampler chain does not alter the logits).
 //
 // Settings for exact comparisons: CPU only, no mmap tricks, F32 KV cache and
-// flash attention off (llama.cpp's F16 KV cache moves results).
+// flash attention off (llama.cpp's F16 KV cache moves results). "kv_type": "f16"
+// in the job (or its common part) gives llama.cpp's default F16 cache instead.
 
 import fs from "node:fs";
 import path from "node:path";
@@ -184,6 +185,9 @@ async function main() {
     }
   }
   const nlc = await importNodeLlamaCpp();
+  const kvType = { f32: nlc.GgmlType.F32, f16: nlc.GgmlType.F16 }[common.kv_type ?? "f32"];
+  if (kvType === undefined) throw new Error(`kv_type ${JSON.stringify(common.kv_type)}: use "f32" or "f16"`);
+
   const llama = await loadLlama(nlc, threads);
   const t0 = performance.now();
   const model = await llama.loadModel({ modelPath: path.resolve(modelPath), gpuLayers: 0, useMmap: true });
@@ -205,8 +209,8 @@ async function main() {
       sequences: 1,
       threads: { ideal: threads, min: threads },
       flashAttention: false,
-      experimentalKvCacheKeyType: nlc.GgmlType.F32,
-      experimentalKvCacheValueType: nlc.GgmlType.F32,
+      experimentalKvCacheKeyType: kvType,
+      experimentalKvCacheValueType: kvType,
     });
     sequence = context.getSequence();
   }

@@ -250,6 +250,7 @@ void TestSoftmax() {
 
 void TestAttend() {
   std::mt19937 rng(8);
+  for (DType kv : {DType::kF32, DType::kF16}) {
   for (int64_t Dk : {1, 7, 16, 64, 72, 128, 200, 576}) {
     for (int64_t n : {1, 2, 5, 33, 200}) {
       for (int rows : {1, 2, 3, 8}) {
@@ -262,9 +263,19 @@ void TestAttend() {
         Fill(rng, q.data(), rows * qs, -1.0f, 1.0f);
         Fill(rng, K.data(), n * ks, -1.0f, 1.0f);
         Fill(rng, Vs.data(), n * vs, -1.0f, 1.0f);
+        // An F16 cache holds the rows rounded to half precision: the reference uses those values.
+        std::vector<uint16_t> K16(K.size()), V16(Vs.size());
+        if (kv == DType::kF16) {
+          for (size_t i = 0; i < K.size(); ++i) K[i] = F16ToF32(K16[i] = F32ToF16(K[i]));
+          for (size_t i = 0; i < Vs.size(); ++i) Vs[i] = F16ToF32(V16[i] = F32ToF16(Vs[i]));
+        }
         const float* V = alias ? K.data() : Vs.data();
+        const void* Kp = kv == DType::kF16 ? static_cast<const void*>(K16.data()) : K.data();
+        const void* Vp = kv == DType::kF16 ? (alias ? Kp : static_cast<const void*>(V16.data()))
+                                           : static_cast<const void*>(V);
         const float scale = 1.0f / std::sqrt(static_cast<float>(Dk));
-        HWY_NAMESPACE::Attend(AttendRows{q.data(), qs, out.data(), os, rows}, K.data(), ks, Dk, V, vs, Dv, n, scale, s.data());
+        HWY_NAMESPACE::Attend(AttendRows{q.data(), qs, out.data(), os, rows}, kv, Kp, ks, Dk, Vp, vs, Dv, n, scale,
+                              s.data());
         for (int r = 0; r < rows; ++r) {
           // Double reference.
           const float* qr = q.data() + r * qs;
@@ -281,17 +292,18 @@ void TestAttend() {
             double want = 0;
             for (int64_t j = 0; j < n; ++j) want += p[j] / sum * V[j * vs + i];
             ASSERT_NEAR(out[r * os + i], want, (Dk + n + 8) * kEpsF)
-                << "Dk=" << Dk << " n=" << n << " r=" << r << " i=" << i;
+                << DTypeName(kv) << " Dk=" << Dk << " n=" << n << " r=" << r << " i=" << i;
           }
           for (int64_t i = Dv; i < os; ++i) ASSERT_EQ(out[r * os + i], -7.0f) << "wrote past Dv";
           // The row alone gives bitwise the same output (batch invariance rests on this).
           std::vector<float> s1(kAttendKeys), o1(Dv);
-          HWY_NAMESPACE::Attend(AttendRows{qr, qs, o1.data(), Dv, 1}, K.data(), ks, Dk, V, vs, Dv, n, scale, s1.data());
+          HWY_NAMESPACE::Attend(AttendRows{qr, qs, o1.data(), Dv, 1}, kv, Kp, ks, Dk, Vp, vs, Dv, n, scale, s1.data());
           for (int64_t i = 0; i < Dv; ++i)
-            ASSERT_EQ(o1[i], out[r * os + i]) << "Dk=" << Dk << " n=" << n << " r=" << r << " i=" << i;
+            ASSERT_EQ(o1[i], out[r * os + i]) << DTypeName(kv) << " Dk=" << Dk << " n=" << n << " r=" << r << " i=" << i;
         }
       }
     }
+  }
   }
 }
 

@@ -85,19 +85,20 @@ double MaxAbsDiff(const float* a, const float* b, size_t n) {
   return m;
 }
 
-// n tokens in chunks of n_batch, against one token at a time on one thread.
-void CheckPrefillEqualsDecode(const std::string& path, double tol, int n = 19, int n_batch = 8) {
+// n tokens in chunks of n_batch, against one token at a time on one thread (caches of kv).
+void CheckPrefillEqualsDecode(const std::string& path, double tol, int n = 19, int n_batch = 8,
+                              DType kv = DType::kF32) {
   auto model = Model::Load(path);
   const int V = static_cast<int>(model->config().n_vocab);
   std::mt19937 rng(1);
   std::vector<int32_t> toks(n);
   for (auto& t : toks) t = static_cast<int32_t>(rng() % V);
   ThreadPool pool(2);
-  Forward batch(*model, pool, 128, n_batch);
+  Forward batch(*model, pool, 128, n_batch, kv);
   std::vector<float> all;
   batch.Eval(toks.data(), static_cast<int>(toks.size()), true, &all);
   ThreadPool pool1(1);
-  Forward step(*model, pool1, 128);
+  Forward step(*model, pool1, 128, 256, kv);
   std::vector<float> one;
   for (size_t i = 0; i < toks.size(); ++i) {
     step.Eval(&toks[i], 1, false, &one);
@@ -118,18 +119,60 @@ TEST(Forward, PrefillEqualsDecodeAllArchitectures) {
   }
 }
 
+// F16 caches: the batched path widens the cached rows to F32 for its GEMMs, the per-token path
+// widens them as it loads them; both see the same values, so prefill equals decode as for F32,
+// up to what a last-bit difference before the rounding to half precision can flip (2^-11 of
+// a key or value; measured up to 2.1e-4 on the deepseek2 model, hence 1e-3).
+TEST(Forward, PrefillEqualsDecodeF16Cache) {
+  for (int n_batch : {8, 40}) {
+    const int n = n_batch == 8 ? 19 : 75;
+    CheckPrefillEqualsDecode(MakeModel(Arch::kLlama, DType::kF32, "fw_llama", 96, 80, 4, 2), 1e-3, n, n_batch,
+                             DType::kF16);
+    CheckPrefillEqualsDecode(MakeModel(Arch::kQwen3Moe, DType::kF32, "fw_qwen3", 64, 64, 4, 2), 1e-3, n, n_batch,
+                             DType::kF16);
+    CheckPrefillEqualsDecode(MakeDeepseek("fw_deepseek2", DType::kF32, 48, false, true), 1e-3, n, n_batch,
+                             DType::kF16);
+  }
+}
+
+// An F16 cache holds half the bytes and moves the logits by about what rounding keys and values
+// to half precision does (a few 1e-3 on these models), not more; and it is really used (the
+// logits are not the F32 cache's).
+TEST(Forward, F16CacheIsCloseToF32) {
+  for (const std::string& path : {MakeModel(Arch::kLlama, DType::kF32, "kv16_llama", 96, 80, 4, 2),
+                                  MakeDeepseek("kv16_deepseek2", DType::kF32, 48, false, true)}) {
+    SCOPED_TRACE(path);
+    auto model = Model::Load(path);
+    const int V = static_cast<int>(model->config().n_vocab);
+    std::mt19937 rng(3);
+    std::vector<int32_t> toks(60);
+    for (auto& t : toks) t = static_cast<int32_t>(rng() % V);
+    ThreadPool pool(2);
+    Forward f32(*model, pool, 64, 64, DType::kF32), f16(*model, pool, 64, 64, DType::kF16);
+    EXPECT_EQ(KvCache(model->config(), 64, DType::kF16).Bytes() * 2, KvCache(model->config(), 64).Bytes());
+    std::vector<float> a, b;
+    f32.Eval(toks.data(), static_cast<int>(toks.size()), true, &a);
+    f16.Eval(toks.data(), static_cast<int>(toks.size()), true, &b);
+    const double d = MaxAbsDiff(a.data(), b.data(), a.size());
+    EXPECT_GT(d, 0.0);
+    EXPECT_LT(d, 2e-2);
+  }
+  EXPECT_THROW(ParseCacheType("q8_0"), Error);
+  EXPECT_EQ(ParseCacheType("f16"), DType::kF16);
+}
+
 // MLA's absorbed form (the up-projections folded into query and output, the default) against
 // the plain one (every head's keys and values decompressed from the latent cache): the same
 // logits up to float summation order, batched and token by token, for the split and the legacy
 // layout, with and without the q_lora bottleneck.
-void CheckAbsorbedEqualsPlain(const std::string& path, double tol) {
+void CheckAbsorbedEqualsPlain(const std::string& path, double tol, DType kv = DType::kF32) {
   auto model = Model::Load(path);
   const int V = static_cast<int>(model->config().n_vocab);
   std::mt19937 rng(2);
   std::vector<int32_t> toks(45);
   for (auto& t : toks) t = static_cast<int32_t>(rng() % V);
   ThreadPool pool(2);
-  Forward absorbed(*model, pool, 128, 40), plain(*model, pool, 128, 40);
+  Forward absorbed(*model, pool, 128, 40, kv), plain(*model, pool, 128, 40, kv);
   plain.SetMlaPlain(true);
   std::vector<float> a, b;
   absorbed.Eval(toks.data(), 40, true, &a);  // 40 tokens: batched blocks of 32 and 8
@@ -152,6 +195,8 @@ TEST(Forward, MlaAbsorbedEqualsPlain) {
   CheckAbsorbedEqualsPlain(MakeDeepseek("mla_split", DType::kF32, 0, false), 2e-4);
   CheckAbsorbedEqualsPlain(MakeDeepseek("mla_split_qlora", DType::kF32, 48, false, true), 2e-4);
   CheckAbsorbedEqualsPlain(MakeDeepseek("mla_legacy", DType::kF32, 0, true), 2e-4);
+  // Both forms read an F16 latent cache through the same widened values.
+  CheckAbsorbedEqualsPlain(MakeDeepseek("mla_split_qlora", DType::kF32, 48, false, true), 1e-3, DType::kF16);
   // (Quantized files are not compared here: the absorbed form quantizes q_nope and the latent
   // mix as llama.cpp does, the plain one multiplies dequantized weights in f32; conformance
   // holds the absorbed form to llama.cpp instead.)
@@ -318,14 +363,14 @@ TEST(Forward, TinyContextDecodesLikeALongOne) {
 // logits are bitwise the same whether it runs alone or beside others, whatever the others are
 // (a 40-token prompt takes batched attention, short ones the per-token path), and whatever
 // position it has in the batch; sequences join and leave between steps.
-void CheckBatchInvariance(const std::string& path) {
+void CheckBatchInvariance(const std::string& path, DType kv = DType::kF32) {
   SCOPED_TRACE(path);
   kernels::SetBatchInvariant(true);
   auto model = Model::Load(path);
   ThreadPool pool(2);
   model->RepackForInference(pool);
   const int V = static_cast<int>(model->config().n_vocab);
-  Forward f(*model, pool, 96, 64);
+  Forward f(*model, pool, 96, 64, kv);
   std::mt19937 rng(7);
   const std::vector<int> lengths = {5, 40, 9};
   std::vector<std::vector<int32_t>> prompts;
@@ -338,7 +383,7 @@ void CheckBatchInvariance(const std::string& path) {
   // Alone: prompt, then greedy decode steps; logits per step.
   std::vector<std::vector<std::vector<float>>> alone(prompts.size());
   for (size_t i = 0; i < prompts.size(); ++i) {
-    KvCache cache(model->config(), 96);
+    KvCache cache(model->config(), 96, kv);
     std::vector<float> logits(V);
     SeqBatch b{&cache, prompts[i].data(), static_cast<int>(prompts[i].size()), logits.data()};
     f.EvalBatch(&b, 1);
@@ -352,7 +397,7 @@ void CheckBatchInvariance(const std::string& path) {
   }
   // Together, in reverse order, sequence 0 joining one step late and sequence 2 skipping one.
   std::vector<std::unique_ptr<KvCache>> caches;
-  for (size_t i = 0; i < prompts.size(); ++i) caches.push_back(std::make_unique<KvCache>(model->config(), 96));
+  for (size_t i = 0; i < prompts.size(); ++i) caches.push_back(std::make_unique<KvCache>(model->config(), 96, kv));
   std::vector<std::vector<float>> logits(prompts.size(), std::vector<float>(V));
   std::vector<int> done(prompts.size(), -1);  // steps evaluated (-1: prompt not yet)
   std::vector<int32_t> next(prompts.size());
@@ -387,6 +432,8 @@ TEST(Forward, BatchedSequencesAreBitwiseTheirOwn) {
   CheckBatchInvariance(MakeModel(Arch::kLlama, DType::kQ4_1, "bi_q41", 128, 96, 4, 4));  // int rows kernel
   CheckBatchInvariance(MakeModel(Arch::kQwen2Moe, DType::kQ8_0, "bi_q8", 128, 128, 4, 2, 64));  // tiles (VNNI)
   CheckBatchInvariance(MakeDeepseek("bi_deepseek2", DType::kF32, 48, false, true));     // MLA
+  CheckBatchInvariance(MakeModel(Arch::kLlama, DType::kQ8_0, "bi_q8_kv16", 128, 128, 4, 2), DType::kF16);
+  CheckBatchInvariance(MakeDeepseek("bi_deepseek2_kv16", DType::kF32, 48, false, true), DType::kF16);
 }
 
 // A copy of a model file with some keys replaced (SetValue of the same name) and a tensor's data

@@ -87,7 +87,8 @@ Runner AddInspect(CLI::App& app) {
     j["tokenizer"] = model->tokenizer().model();
     j["bytes_per_expert"] = model->BytesPerExpert();
     j["bytes_per_token"] = model->BytesPerToken();
-    j["kv_bytes_per_token"] = c.KvBytesPerPosition();
+    j["kv_bytes_per_token"] = c.KvBytesPerPosition();  // f32 cache (the default)
+    j["kv_bytes_per_token_f16"] = c.KvBytesPerPosition(2);
     uint64_t total = 0;
     nlohmann::json tensors = nlohmann::json::array();
     for (const GgufTensorInfo& t : f.tensors()) {
@@ -148,8 +149,9 @@ Runner AddInspect(CLI::App& app) {
     std::printf("  %-16s %.3f MiB\n", "bytes/expert", model->BytesPerExpert() / 1048576.0);
     std::printf("  %-16s %.3f MiB (weights read per generated token)\n", "bytes/token",
                 model->BytesPerToken() / 1048576.0);
-    std::printf("  %-16s %llu (f32 cache, all layers%s)\n", "KV bytes/token",
+    std::printf("  %-16s %llu (f32 cache, all layers; %llu with --cache-type f16%s)\n", "KV bytes/token",
                 static_cast<unsigned long long>(c.KvBytesPerPosition()),
+                static_cast<unsigned long long>(c.KvBytesPerPosition(2)),
                 c.is_mla() ? "; MLA caches the latent, not per-head K and V" : "");
     std::string tline;
     for (const auto& [name, m] : mix)

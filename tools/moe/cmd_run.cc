@@ -72,6 +72,7 @@ struct RunOptions {
   bool json = false;
   int top_logprobs = 0;
   bool teacher_forcing = false;
+  std::string cache_type = "f32";
 };
 
 int DoRun(const RunOptions& o) {
@@ -84,6 +85,7 @@ int DoRun(const RunOptions& o) {
   g.ignore_eos = o.ignore_eos;
   g.top_logprobs = o.top_logprobs;
   ValidateGenerateOptions(g, static_cast<int>(c.n_vocab));  // before the prompt is read
+  const DType kv_type = ParseCacheType(o.cache_type);
   std::vector<int32_t> prompt;
   if (!o.prompt_ids.empty()) {
     prompt = ParseIds(o.prompt_ids);
@@ -92,7 +94,8 @@ int DoRun(const RunOptions& o) {
     if (prompt.empty()) Fail("the prompt is empty after tokenization");
   }
   const int n_ctx = ContextSize(c, o.ctx, static_cast<int>(prompt.size()), o.teacher_forcing ? 0 : o.n_predict,
-                                [](const std::string& w) { std::fprintf(stderr, "moe: warning: %s\n", w.c_str()); });
+                                [](const std::string& w) { std::fprintf(stderr, "moe: warning: %s\n", w.c_str()); },
+                                kv_type);
   ThreadPool pool(o.threads);
   model->RepackForInference(pool);
   const int V = static_cast<int>(c.n_vocab);
@@ -100,7 +103,7 @@ int DoRun(const RunOptions& o) {
   out["prompt_tokens"] = prompt;
 
   if (o.teacher_forcing) {
-    Forward fwd(*model, pool, n_ctx);
+    Forward fwd(*model, pool, n_ctx, 256, kv_type);
     std::vector<float> logits;
     const auto t0 = Clock::now();
     fwd.Eval(prompt.data(), static_cast<int>(prompt.size()), /*all_logits=*/true, &logits);
@@ -127,7 +130,7 @@ int DoRun(const RunOptions& o) {
     }
     ++shown;
     return true;
-  });
+  }, kv_type);
   const size_t n_gen = r.tokens.size();
   const int n_decoded = n_gen > 1 ? static_cast<int>(n_gen) - 1 : 0;
   if (!o.json) {
@@ -168,6 +171,7 @@ Runner AddRun(CLI::App& app) {
   app.add_option("--seed", o->sampler.seed, "sampling seed")->default_val(0);
   app.add_option("-t,--threads", o->threads, "threads (default: all CPUs)")->default_val(0);
   app.add_option("-c,--ctx", o->ctx, "KV cache size in tokens (default prompt + n)")->default_val(0);
+  app.add_option("--cache-type", o->cache_type, "KV cache elements: f32, or f16 (half the memory and the bytes attention reads, as llama.cpp's default)")->default_val("f32");
   app.add_flag("--ignore-eos", o->ignore_eos, "keep generating after an end-of-generation token");
   app.add_flag("--json", o->json, "print one JSON object with tokens, log-probs and speeds");
   app.add_option("--top-logprobs", o->top_logprobs, "report the N most likely tokens per position")->default_val(0);
@@ -186,6 +190,7 @@ Runner AddBench(CLI::App& app) {
     int n_prompt = 128, n_gen = 64, threads = 0, reps = 1, sequences = 1;
     uint64_t seed = 1;
     bool json = false;
+    std::string cache_type = "f32";
   };
   auto o = std::make_shared<BenchOptions>();
   app.add_option("-m,--model", o->model, "GGUF model file")->required();
@@ -198,9 +203,11 @@ Runner AddBench(CLI::App& app) {
                  "sequences decoded together, one token each per step (Forward::EvalBatch, as moe serve "
                  "batches streams); decode tok/s counts all of them")
       ->default_val(1);
+  app.add_option("--cache-type", o->cache_type, "KV cache elements: f32, or f16 (half the memory and the bytes attention reads, as llama.cpp's default)")->default_val("f32");
   app.add_flag("--json", o->json, "print one JSON object");
   return [=]() {
     if (o->n_prompt < 1 || o->n_gen < 1 || o->reps < 1) Fail("-p, -n and -r must be >= 1");
+    const DType kv_type = ParseCacheType(o->cache_type);
     if (o->sequences < 1 || o->sequences > 256) Fail("--sequences must be in 1..256 (got %d)", o->sequences);
     auto model = Model::Load(o->model);
     const int V = static_cast<int>(model->config().n_vocab);
@@ -209,11 +216,11 @@ Runner AddBench(CLI::App& app) {
     model->RepackForInference(pool);
     // One cache of prompt + tokens + 1 positions (checked against int and memory), and one more
     // per sequence when several decode together.
-    const int ctx = ContextSize(model->config(), 0, o->n_prompt, o->n_gen, nullptr);
+    const int ctx = ContextSize(model->config(), 0, o->n_prompt, o->n_gen, nullptr, kv_type);
     if (o->sequences > 1)
       CheckKvFits(model->config(), static_cast<int64_t>(ctx) * (o->sequences + 1),
-                  StrFormat("--sequences %d of %d positions each", o->sequences, ctx));
-    Forward fwd(*model, pool, ctx);
+                  StrFormat("--sequences %d of %d positions each", o->sequences, ctx), kv_type);
+    Forward fwd(*model, pool, ctx, 256, kv_type);
     // Random tokens, never one repeated token: a repeated token always hits the same experts.
     std::mt19937_64 rng(o->seed);
     std::uniform_int_distribution<int> tok(0, V - 1);
@@ -228,7 +235,7 @@ Runner AddBench(CLI::App& app) {
     std::vector<KvCache> caches;  // S > 1: each sequence's own cache, as the server's slots
     if (S > 1) {
       if (S > fwd.n_batch()) Fail("--sequences %d exceeds the batch of %d tokens", S, fwd.n_batch());
-      for (int i = 0; i < S; ++i) caches.emplace_back(model->config(), fwd.n_ctx());
+      for (int i = 0; i < S; ++i) caches.emplace_back(model->config(), fwd.n_ctx(), kv_type);
     }
     std::vector<float> batch_logits(static_cast<size_t>(S) * V);
     for (int r = 0; r < o->reps && S > 1; ++r) {
@@ -279,7 +286,7 @@ Runner AddBench(CLI::App& app) {
     // What one decoded token reads (the decode floor is this over the memory bandwidth):
     // the weights (Model::BytesPerToken) and the KV cache at the decode's mean context.
     j["weight_bytes_per_token"] = model->BytesPerToken();
-    j["kv_bytes_per_token"] = static_cast<double>(model->config().KvBytesPerPosition()) *
+    j["kv_bytes_per_token"] = static_cast<double>(model->config().KvBytesPerPosition(KvElementBytes(kv_type))) *
                               (o->n_prompt + (o->n_gen - 1) / 2.0);
     j["threads"] = pool.size();
     j["sequences"] = S;
