@@ -73,6 +73,7 @@ def main():
     ap.add_argument("--load-connections", type=int, default=16)
     ap.add_argument("--load-seconds", type=int, default=20)
     ap.add_argument("--load-tokens", type=int, default=16)
+    ap.add_argument("--cache-type", choices=("f32", "f16"), default="f32", help="the server's KV caches")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "RESULTS.md"))
     a = ap.parse_args()
     levels = [int(x) for x in a.streams.split(",")]
@@ -81,7 +82,8 @@ def main():
     info = json.loads(subprocess.run([a.moe, "inspect", a.model, "--json"], capture_output=True, text=True,
                                      check=True).stdout)
     vocab = info["hparams"]["n_vocab"]
-    srv = subprocess.Popen([a.moe, "serve", "-m", a.model, "--port", "0", "--parallel", str(max(levels)),
+    srv = subprocess.Popen([a.moe, "serve", "-m", a.model, "--port", "0", "--cache-type", a.cache_type,
+                            "--parallel", str(max(levels)),
                             "--ctx-size", str(32 + a.tokens + 8), "-t", str(a.t), "--chunk", "64"],
                            stderr=subprocess.PIPE, text=True)
     port = None
@@ -145,13 +147,14 @@ def main():
     for r in range(a.repeat):
         for n in levels:
             j = benchutil.run_json([a.moe, "bench", "-m", a.model, "-p", "32", "-n", str(a.tokens), "-t", str(a.t),
-                                    "-s", str(n), "--seed", str(200 + r), "--json"], "moe bench --sequences")
+                                    "-s", str(n), "--seed", str(200 + r), "--cache-type", a.cache_type, "--json"],
+                                   "moe bench --sequences")
             engine[n].append(j["decode_tokens_per_s"])
     engine = {n: statistics.median(v) for n, v in engine.items()}
     single = rows[0][2] if rows and rows[0][0] == 1 else None
     date = datetime.date.today().isoformat()
     cmd = (f"bench/serve_bench.py --model {os.path.relpath(a.model, ROOT)} --streams {a.streams} --tokens {a.tokens} "
-           f"-t {a.t} --repeat {a.repeat}")
+           f"-t {a.t} --repeat {a.repeat}" + (f" --cache-type {a.cache_type}" if a.cache_type != "f32" else ""))
     lines = [f"## Serving: moe serve under concurrent streams ({date})", "",
              f"Machine: {benchutil.cpu_name()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}. "
              f"Command: `{cmd}`. `moe serve --parallel {max(levels)}` on {a.t} threads; each client streams one "

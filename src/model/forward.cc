@@ -21,7 +21,7 @@ namespace {
 // the activations more often; 32-row chunks had left decode at 115 tok/s where four per thread
 // reached 185), prefill about two.
 int64_t RowGrain(int64_t rows, int64_t n_tok, int n_threads) {
-  if (n_tok <= 4) { static const int dc = getenv("MOE_DC") ? atoi(getenv("MOE_DC")) : 1; return std::max<int64_t>(32, (rows / (dc * n_threads) + 15) / 16 * 16); }
+  if (n_tok <= 4) return std::max<int64_t>(32, (rows / n_threads + 15) / 16 * 16);
   const int64_t g = (rows + 2 * n_threads - 1) / (2 * n_threads);
   return std::max<int64_t>(32, (g + 15) / 16 * 16);
 }
