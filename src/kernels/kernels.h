@@ -32,8 +32,6 @@ void QuantizeRow(DType t, const float* x, void* y, int64_t n, const float* impor
 bool QuantizerUsesImportance(DType t);
 // Inverse: y = dequant(x), n elements, bit-identical to ggml's dequantize_row_*.
 void DequantizeRow(DType t, const void* x, float* y, int64_t n);
-// n binary16 values -> floats, vectorised (an F16 KV cache's rows for the GEMMs of attention).
-void WidenF16ToF32(const void* x, float* y, int64_t n);
 
 // ---- activations ----
 // Converts one activation row of n floats into VecDotType(w) (f32 copy, f16, bf16, q8_0 or

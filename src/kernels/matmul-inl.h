@@ -54,6 +54,7 @@
 #include "kernels/kernels.h"
 #include "tensor/dtype.h"
 #include "tensor/tensor.h"
+#include "kernels/widen-inl.h"  // WidenToF32
 
 HWY_BEFORE_NAMESPACE();
 namespace moe::kernels {
@@ -277,25 +278,6 @@ HWY_INLINE void PrepareQ8_KInt8(const uint8_t* row, int64_t nb, int8_t* q8, floa
   }
   std::memset(q8 + nb * kQK_K, 0, 64);
   for (int64_t b = nb; b < nb + kMmChunk; ++b) d[b] = 0.0f;
-}
-
-// Widens n elements of type T (float, float16_t or bfloat16_t) to float, any alignment.
-template <typename T>
-HWY_INLINE void WidenToF32(const uint8_t* src_bytes, float* HWY_RESTRICT f, int64_t n) {
-  const T* src = reinterpret_cast<const T*>(src_bytes);
-  const hn::ScalableTag<float> df;
-  const hn::Rebind<T, decltype(df)> dt;
-  const hn::CappedTag<float, 1> d1;
-  const hn::Rebind<T, decltype(d1)> dt1;
-  const int64_t N = static_cast<int64_t>(hn::Lanes(df));
-  int64_t i = 0;
-  if constexpr (std::is_same_v<T, float>) {
-    for (; i + N <= n; i += N) hn::StoreU(hn::LoadU(df, src + i), df, f + i);
-    std::memcpy(f + i, src_bytes + 4 * i, static_cast<size_t>(n - i) * sizeof(float));
-  } else {
-    for (; i + N <= n; i += N) hn::StoreU(hn::PromoteTo(df, hn::LoadU(dt, src + i)), df, f + i);
-    for (; i < n; ++i) hn::StoreU(hn::PromoteTo(d1, hn::LoadU(dt1, src + i)), d1, f + i);
-  }
 }
 
 // ---------------------------------------------------------------- weight block kernels

@@ -40,6 +40,7 @@
 #include "hwy/highway.h"
 #include "kernels/kernels.h"
 #include "kernels/quant_iq.h"
+#include "kernels/widen-inl.h"
 #include "kernels/ref/quant_ref.h"
 #include "tensor/dtype.h"
 #include "util/error.h"
@@ -312,21 +313,12 @@ void ActivationsF16(const float* HWY_RESTRICT x, uint8_t* HWY_RESTRICT y, int64_
   }
 }
 
-// n binary16 -> floats (exact; vcvtph2ps on x86). x may be unaligned.
+// Rows of F16 / BF16 elements widened to floats (exact), any alignment (WidenToF32).
 void WidenF16(const uint8_t* HWY_RESTRICT x, float* HWY_RESTRICT y, int64_t n) {
-  int64_t i = 0;
-#if HWY_ARCH_X86 && HWY_TARGET != HWY_EMU128 && HWY_TARGET != HWY_SCALAR
-  const DF df;
-  const hn::Rebind<hwy::float16_t, DF> dh;
-  const size_t N = hn::Lanes(df);
-  for (; i + static_cast<int64_t>(N) <= n; i += N)
-    hn::StoreU(hn::PromoteTo(df, hn::LoadU(dh, reinterpret_cast<const hwy::float16_t*>(x + 2 * i))), df, y + i);
-#endif
-  for (; i < n; ++i) {
-    uint16_t h;
-    std::memcpy(&h, x + 2 * i, sizeof(h));
-    y[i] = F16ToF32(h);
-  }
+  WidenToF32<hwy::float16_t>(x, y, n);
+}
+void WidenBF16(const uint8_t* HWY_RESTRICT x, float* HWY_RESTRICT y, int64_t n) {
+  WidenToF32<hwy::bfloat16_t>(x, y, n);
 }
 
 // n floats -> bfloat16 with ggml's GGML_FP32_TO_BF16 (NaN -> (u >> 16) | 64). y may be unaligned.
@@ -368,10 +360,7 @@ HWY_EXPORT(ActivationsQ8_K);
 HWY_EXPORT(ActivationsF16);
 HWY_EXPORT(ActivationsBF16);
 HWY_EXPORT(WidenF16);
-
-void WidenF16ToF32(const void* x, float* y, int64_t n) {
-  HWY_DYNAMIC_DISPATCH(WidenF16)(static_cast<const uint8_t*>(x), y, n);
-}
+HWY_EXPORT(WidenBF16);
 
 using quant_detail::BitsFloat;
 using quant_detail::FloatBits;
@@ -1355,20 +1344,8 @@ void DequantizeRow(DType t, const void* x, float* y, int64_t n) {
     case DType::kF32:
       if (n > 0) std::memcpy(y, in, static_cast<size_t>(n) * sizeof(float));
       return;
-    case DType::kF16:
-      for (int64_t i = 0; i < n; ++i) {
-        uint16_t h;
-        std::memcpy(&h, in + 2 * i, sizeof(h));
-        y[i] = F16ToF32(h);
-      }
-      return;
-    case DType::kBF16:
-      for (int64_t i = 0; i < n; ++i) {
-        uint16_t h;
-        std::memcpy(&h, in + 2 * i, sizeof(h));
-        y[i] = BF16ToF32(h);
-      }
-      return;
+    case DType::kF16: HWY_DYNAMIC_DISPATCH(WidenF16)(in, y, n); return;
+    case DType::kBF16: HWY_DYNAMIC_DISPATCH(WidenBF16)(in, y, n); return;
     case DType::kQ8_0:
     case DType::kQ4_0:
     case DType::kQ4_1:

@@ -84,7 +84,6 @@ KvCache::KvCache(const ModelConfig& c, int n_ctx, DType type) : n_ctx_(n_ctx) {
   if (type != DType::kF32 && type != DType::kF16)
     Fail("a KV cache holds f32 or f16, not %s", DTypeName(type));
   type_ = type;
-  elem_ = KvElementBytes(type);
   // MLA: the latent cache only (values are its first Kr elements).
   n_layer_ = c.n_layer;
   k_heads_ = c.is_mla() ? 1 : c.n_head_kv;
@@ -93,8 +92,8 @@ KvCache::KvCache(const ModelConfig& c, int n_ctx, DType type) : n_ctx_(n_ctx) {
   v_dim_ = c.is_mla() ? 0 : c.n_embd_head_v;
   k_elems_ = static_cast<size_t>(c.n_layer) * n_ctx * k_heads_ * k_dim_;
   v_elems_ = static_cast<size_t>(c.n_layer) * n_ctx * v_heads_ * v_dim_;
-  k_ = hwy::AllocateAligned<uint8_t>(std::max<size_t>(k_elems_ * elem_, 1));
-  v_ = hwy::AllocateAligned<uint8_t>(std::max<size_t>(v_elems_ * elem_, 1));
+  k_ = hwy::AllocateAligned<uint8_t>(std::max<size_t>(k_elems_ * elem(), 1));
+  v_ = hwy::AllocateAligned<uint8_t>(std::max<size_t>(v_elems_ * elem(), 1));
   if (!k_ || !v_) Fail("out of memory for a KV cache of %zu bytes", Bytes());
   // Not cleared: every position is written before it is read, and pages past the context used
   // are never touched (so they take no memory).
@@ -106,8 +105,8 @@ DType ParseCacheType(const std::string& s) {
   Fail("--cache-type %s: use f32 or f16", s.c_str());
 }
 
-void KvCache::Store(uint8_t* base, size_t dim, int pos, const float* x) const {
-  uint8_t* row = base + static_cast<size_t>(pos) * dim * elem_;
+void KvCache::Store(uint8_t* base, size_t dim, int pos, const float* x) {
+  uint8_t* row = base + static_cast<size_t>(pos) * dim * elem();
   if (type_ == DType::kF16) {
     kernels::ConvertActivations(DType::kF16, x, row, static_cast<int64_t>(dim));  // round to nearest even
   } else {
@@ -119,8 +118,8 @@ void KvCache::Reserve(int positions) {
   if (positions <= reserved_) return;
   const int hi = std::min(n_ctx_, std::max(positions, reserved_ + std::max(64, reserved_ / 4)));
   const auto populate = [&](uint8_t* base, size_t dim) {  // positions [reserved_, hi) of one head
-    return PopulatePages(base + static_cast<size_t>(reserved_) * dim * elem_,
-                         static_cast<size_t>(hi - reserved_) * dim * elem_);
+    return PopulatePages(base + static_cast<size_t>(reserved_) * dim * elem(),
+                         static_cast<size_t>(hi - reserved_) * dim * elem());
   };
   for (uint32_t l = 0; l < n_layer_; ++l) {
     for (size_t h = 0; h < k_heads_; ++h)
@@ -284,36 +283,28 @@ bool AllFinite(const float* x, int64_t n) {
   return bad == 0;
 }
 
-// Rows [0, n) of one head of a cache (dim elements per position) as F32: the cache's own memory,
-// or for an F16 cache the rows widened into buf (n * dim floats), for the GEMMs of batched
-// attention.
-const float* CacheRowsF32(const KvCache& cache, const uint8_t* base, size_t dim, int n, float* buf) {
-  if (cache.type() == DType::kF32) return reinterpret_cast<const float*>(base);
-  kernels::WidenF16ToF32(base, buf, static_cast<int64_t>(n) * static_cast<int64_t>(dim));
-  return buf;
-}
-
 }  // namespace
-
-// Widening room for batched attention over F16 caches: per thread, n_ctx rows of floats_per_pos.
-float* Forward::WideningBuffer(int thread, size_t floats_per_pos) {
-  return kv_f32_.data() + static_cast<size_t>(thread) * static_cast<size_t>(n_ctx_) * floats_per_pos;
-}
 
 void Forward::ReserveWidening(size_t floats_per_pos, bool batched_only) {
   bool any = false;
   for (const Segment& sg : segments_)
     any = any || (sg.cache->type() == DType::kF16 && (sg.n >= kAttnBlock || !batched_only));
-  const size_t want = static_cast<size_t>(pool_.size()) * static_cast<size_t>(n_ctx_) * floats_per_pos;
-  if (any && kv_f32_.size() < want) kv_f32_.resize(want);
+  if (!any) return;
+  widen_stride_ = static_cast<size_t>(n_ctx_) * floats_per_pos;
+  const size_t want = static_cast<size_t>(pool_.size()) * widen_stride_;
+  if (kv_f32_.size() < want) kv_f32_.resize(want);
+}
+
+const float* Forward::CacheRowsF32(const KvCache& cache, const uint8_t* rows, size_t dim, int n, int thread,
+                                   size_t offset) {
+  if (cache.type() == DType::kF32) return reinterpret_cast<const float*>(rows);
+  float* room = kv_f32_.data() + static_cast<size_t>(thread) * widen_stride_ + offset;
+  kernels::DequantizeRow(DType::kF16, rows, room, static_cast<int64_t>(n) * static_cast<int64_t>(dim));
+  return room;
 }
 
 template <class Fn>
-void Forward::ForEachRow(int T, const Fn& fn) {
-  if (T == 1) {
-    fn(0);
-    return;
-  }
+void Forward::ForEachRow(int T, const Fn& fn) {  // (one row runs inline: ParallelFor's n <= grain)
   pool_.ParallelFor(T, 1, [&](int64_t b, int64_t e, int) {
     for (int64_t t = b; t < e; ++t) fn(static_cast<int>(t));
   });
@@ -469,9 +460,9 @@ void Forward::Attention(int il, int T) {
     // The cache rows this token writes are fresh lines: start fetching them now, so the
     // misses overlap the norms and rotations below.
     for (int g = 0; g < Hkv; ++g) {
-      const uint8_t* kr = cache.K(il, g) + static_cast<size_t>(pos) * D * cache.elem_;
-      const uint8_t* vr = cache.V(il, g) + static_cast<size_t>(pos) * D * cache.elem_;
-      for (size_t o = 0; o < D * cache.elem_; o += 64) {
+      const uint8_t* kr = cache.K(il, g) + static_cast<size_t>(pos) * D * cache.elem();
+      const uint8_t* vr = cache.V(il, g) + static_cast<size_t>(pos) * D * cache.elem();
+      for (size_t o = 0; o < D * cache.elem(); o += 64) {
         __builtin_prefetch(kr + o, 1);
         __builtin_prefetch(vr + o, 1);
       }
@@ -536,9 +527,8 @@ void Forward::Attention(int il, int T) {
         continue;
       }
       const int n_keys = first + it.rows;  // the last query's keys
-      float* wide = cache.type() == DType::kF16 ? WideningBuffer(thread, 2 * static_cast<size_t>(D)) : nullptr;
-      const float* K = CacheRowsF32(cache, Kc, D, n_keys, wide);
-      const float* V = CacheRowsF32(cache, Vc, D, n_keys, wide ? wide + static_cast<size_t>(n_keys) * D : nullptr);
+      const float* K = CacheRowsF32(cache, Kc, D, n_keys, thread, 0);
+      const float* V = CacheRowsF32(cache, Vc, D, n_keys, thread, static_cast<size_t>(n_keys) * D);
       kernels::Gemm(kernels::GemmOp::kNT, it.rows, n_keys, D, q, static_cast<int>(nq), K, D, S, n_keys, false);
       for (int i = 0; i < it.rows; ++i) {
         float* s = S + static_cast<size_t>(i) * n_keys;
@@ -680,8 +670,7 @@ void Forward::MlaAbsorbed(int il, int T) {
         continue;
       }
       const int n_keys = base + static_cast<int>((g0 + rows - 1) / H) + 1;  // the last row's keys
-      const float* C = CacheRowsF32(cache, Cc, W, n_keys,
-                                    cache.type() == DType::kF16 ? WideningBuffer(thread, W) : nullptr);
+      const float* C = CacheRowsF32(cache, Cc, W, n_keys, thread, 0);
       kernels::Gemm(kernels::GemmOp::kNT, static_cast<int>(rows), n_keys, static_cast<int>(W), F(qabs_, g0 * W),
                     static_cast<int>(W), C, static_cast<int>(W), S, n_keys, false);
       for (int64_t i = 0; i < rows; ++i) {
@@ -719,8 +708,7 @@ void Forward::MlaPlain(int il, int T) {
       const Segment& sg = segments_[it.seg];
       const KvCache& cache = *sg.cache;
       const int n_keys_all = cache.n_past() + (it.t - sg.t0) + it.rows;
-      const float* C = CacheRowsF32(cache, sg.cache->K(il), W, n_keys_all,
-                                    cache.type() == DType::kF16 ? WideningBuffer(thread, W) : nullptr);
+      const float* C = CacheRowsF32(cache, sg.cache->K(il), W, n_keys_all, thread, 0);
       const int64_t h = it.head;
       const int t0 = it.t, rows = it.rows, first = sg.cache->n_past() + (it.t - sg.t0);
       const int n_keys = first + rows;

@@ -44,7 +44,7 @@ class KvCache {
   int n_ctx() const { return n_ctx_; }
   DType type() const { return type_; }
   void Reset() { n_past_ = 0; }
-  size_t Bytes() const { return (k_elems_ + v_elems_) * elem_; }
+  size_t Bytes() const { return (k_elems_ + v_elems_) * elem(); }
   // Makes the pages of positions [0, positions) resident (util/memory.h PopulatePages), plus
   // some room ahead (a quarter of what is in use, at least 64 positions, within n_ctx), so that
   // a growing context is written to populated pages instead of faulting one page at a time
@@ -56,13 +56,13 @@ class KvCache {
   // Per layer, each KV head's positions are contiguous: [n_head_kv][n_ctx][head_dim] (so one head's
   // keys stream sequentially at decode); MLA's latent cache is one "head" of KvFloatsPerLayer.
   // Rows of type_ elements, addressed in bytes.
-  uint8_t* K(uint32_t layer, int head = 0) { return k_.get() + (layer * k_heads_ + head) * n_ctx_ * k_dim_ * elem_; }
-  uint8_t* V(uint32_t layer, int head = 0) { return v_.get() + (layer * v_heads_ + head) * n_ctx_ * v_dim_ * elem_; }
+  uint8_t* K(uint32_t layer, int head = 0) { return k_.get() + (layer * k_heads_ + head) * n_ctx_ * k_dim_ * elem(); }
+  uint8_t* V(uint32_t layer, int head = 0) { return v_.get() + (layer * v_heads_ + head) * n_ctx_ * v_dim_ * elem(); }
   // Stores n floats as row pos of a head (base from K or V, dim elements per position).
-  void Store(uint8_t* base, size_t dim, int pos, const float* x) const;
+  void Store(uint8_t* base, size_t dim, int pos, const float* x);
+  size_t elem() const { return KvElementBytes(type_); }  // bytes per element
   hwy::AlignedFreeUniquePtr<uint8_t[]> k_, v_;  // cache-line aligned, so head rows are too
   DType type_ = DType::kF32;
-  size_t elem_ = sizeof(float);  // bytes per element
   size_t k_elems_ = 0, v_elems_ = 0;
   size_t k_heads_ = 0, k_dim_ = 0, v_heads_ = 0, v_dim_ = 0;  // heads per layer, elements per head and position
   int n_ctx_ = 0;
@@ -146,11 +146,13 @@ class Forward {
   // rows of the scratch and its own cache row, so the result does not depend on the split.
   template <class Fn>
   void ForEachRow(int T, const Fn& fn);
-  // Batched attention over F16 caches widens a head's rows into per-thread room first: sized for
-  // floats_per_pos per position before a pass that needs it.
-  // (batched_only: only sequences with kAttnBlock or more new tokens take the GEMM path.)
+  // Batched attention over F16 caches widens a head's rows into per-thread room first:
+  // ReserveWidening sizes it (n_ctx positions of floats_per_pos per thread) before a pass that
+  // needs it (batched_only: only sequences with kAttnBlock or more new tokens take the GEMM
+  // path); CacheRowsF32 gives rows [0, n) of a head (dim elements per position) as floats: the
+  // cache's own memory for F32, else widened into the thread's room at offset floats.
   void ReserveWidening(size_t floats_per_pos, bool batched_only);
-  float* WideningBuffer(int thread, size_t floats_per_pos);
+  const float* CacheRowsF32(const KvCache& cache, const uint8_t* rows, size_t dim, int n, int thread, size_t offset);
   // Position of the chunk's row t in its sequence, and that sequence's cache.
   int RowPos(int t) const;
   KvCache* RowCache(int t) const;
@@ -209,7 +211,8 @@ class Forward {
   std::vector<float> qabs_;     // MLA: [T][H][Kr + Dr] absorbed queries
   std::vector<float> lat_;      // MLA: [T][H][Kr] attention output in the latent space
   std::vector<float> plain_kv_;  // plain MLA: [n_threads][n_ctx][Dk + Dv] decompressed keys, values
-  std::vector<float> kv_f32_;    // F16 caches, batched attention: [n_threads][n_ctx][Dk + Dv] widened rows
+  std::vector<float> kv_f32_;    // F16 caches, batched attention: [n_threads][widen_stride_] widened rows
+  size_t widen_stride_ = 0;      // floats of kv_f32_ per thread (ReserveWidening)
   std::vector<float> tmp_;      // [T][n_embd]
   std::vector<float> scores_;   // [n_threads][scores_per_thread_]: [kAttnBlock queries][n_ctx]
   size_t scores_per_thread_ = 0;

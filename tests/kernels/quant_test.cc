@@ -70,17 +70,18 @@ TEST(QuantF16, DecodeAllPatternsMatchesArithmetic) {
   }
 }
 
-// The vectorised widening (F16 KV caches) gives the scalar decoding for every bit pattern, at
-// every offset of a row (the vector body and the scalar tail).
+// DequantizeRow's vectorised widening (embeddings, F16 KV caches) gives the scalar decoding for
+// every bit pattern, at every offset of a row (the vector body and the scalar tail).
 TEST(QuantF16, WidenMatchesScalarAllPatterns) {
   std::vector<uint16_t> h(65536 + 7);
   for (size_t i = 0; i < h.size(); ++i) h[i] = static_cast<uint16_t>(i);
+  for (DType t : {DType::kF16, DType::kBF16})
   for (size_t off : {size_t{0}, size_t{3}}) {
     const int64_t n = 65536 + 4 - static_cast<int64_t>(off);
     std::vector<float> y(static_cast<size_t>(n));
-    WidenF16ToF32(h.data() + off, y.data(), n);
+    DequantizeRow(t, h.data() + off, y.data(), n);
     for (int64_t i = 0; i < n; ++i) {
-      const float want = F16ToF32(h[off + i]);
+      const float want = t == DType::kF16 ? F16ToF32(h[off + i]) : BF16ToF32(h[off + i]);
       if (std::isnan(want)) {
         ASSERT_TRUE(std::isnan(y[i])) << "pattern " << h[off + i];
       } else {
