@@ -6,8 +6,8 @@ Both engines run the same GGUF files (the issue's medium model: 8 layers, dim 10
 moe.cpp on -t threads. Runs alternate moe / llama.cpp, one fresh process each, so drift of the
 machine hits both alike; each tool reports speeds after an untimed warm-up, and the medians over
 rounds are compared. llama.cpp gets its best configuration: it runs at 1 and at -t threads
-every round (--llama-threads), and its better median prefill and better median decode are the
-ones compared (on the 2-vCPU VMs its decode is often faster on one thread: ggml starts its
+every round (--llama-threads), each pinned and not (--llama-pin), with flash attention on and
+off (--llama-flash), and its best median prefill and best median decode are the ones compared (on the 2-vCPU VMs its decode is often faster on one thread: ggml starts its
 threads anew for every graph). The ratios and the command go to bench/RESULTS.md.
 --types takes weight types and llama.cpp mixes (written by moe quantize).
 """
@@ -68,6 +68,8 @@ def main():
     ap.add_argument("--llama-pin", choices=("both", "on", "off"), default="both",
                     help="llama.cpp with its threads pinned to CPUs (llama_bench.mjs --pin), unpinned, or both "
                          "as separate candidates (default)")
+    ap.add_argument("--llama-flash", choices=("both", "on", "off"), default="both",
+                    help="llama.cpp with flash attention on, off, or both as separate candidates (default)")
     ap.add_argument("--cache-type", choices=("f32", "f16"), default="f32",
                     help="KV cache of both engines (f16: llama.cpp's default)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "RESULTS.md"))
@@ -80,9 +82,11 @@ def main():
     if min(llama_threads) < 1:
         raise SystemExit(f"--llama-threads: thread counts must be >= 1, got {a.llama_threads!r}")
     pins = {"both": (False, True), "on": (True,), "off": (False,)}[a.llama_pin]
-    # llama.cpp's candidate configurations: every thread count, pinned and / or not.
-    configs = [(lt, pin) for lt in llama_threads for pin in pins]
-    label = lambda c: f"{c[0]}t{' pinned' if c[1] else ''}"
+    flashes = {"both": (False, True), "on": (True,), "off": (False,)}[a.llama_flash]
+    # llama.cpp's candidate configurations: every thread count, pinned and / or not, flash
+    # attention on and / or off.
+    configs = [(lt, pin, fa) for lt in llama_threads for pin in pins for fa in flashes]
+    label = lambda c: f"{c[0]}t{' pinned' if c[1] else ''}{' fa' if c[2] else ''}"
     work = os.path.join(ROOT, "build", "bench")
     os.makedirs(work, exist_ok=True)
     rows = []
@@ -125,7 +129,8 @@ def main():
             for c in configs:
                 l = benchutil.run_json(["node", os.path.join(ROOT, "bench", "llama_bench.mjs"), "-m", path,
                                         "-p", str(a.p), "-n", str(a.n), "-t", str(c[0]), "--seed", str(100 + r),
-                                        "--decode", "random", "--repeat", "1", "--cache-type", a.cache_type]
+                                        "--decode", "random", "--repeat", "1", "--cache-type", a.cache_type,
+                                        "--flash-attn", "on" if c[2] else "off"]
                                        + (["--pin"] if c[1] else []),
                                        "llama_bench.mjs")
                 res[label(c)]["pp"].append(l["prefill_tokens_per_s"])
@@ -151,17 +156,20 @@ def main():
     cmd = (f"bench/compare.py --shape {a.shape} --types {a.types} -p {a.p} -n {a.n} -t {a.t} --rounds {a.rounds}"
            + (" --pinning" if a.pinning else "") + (f" --llama-threads {a.llama_threads}" if a.llama_threads else "")
            + (f" --llama-pin {a.llama_pin}" if a.llama_pin != "both" else "")
+           + (f" --llama-flash {a.llama_flash}" if a.llama_flash != "both" else "")
            + (f" --cache-type {a.cache_type}" if a.cache_type != "f32" else ""))
     lines = [f"## End-to-end: moe.cpp vs llama.cpp ({date})", "",
              f"Machine: {cpu_name()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}. "
              f"Command: `{cmd}`. The {shape_text}; "
              f"q8_0 and q4_0 written by `moe init`, the others by `moe quantize` from the q8_0 "
              f"file (upper-case names are llama.cpp mixes, lower-case ones `--pure`), random tokens, moe.cpp on {a.t} threads, medians of {a.rounds} alternating rounds. "
-             f"llama.cpp = node-llama-cpp 3.21.1 prebuilt CPU build with an {a.cache_type.upper()} KV cache and flash attention off (moe.cpp's cache is {a.cache_type.upper()} too), "
+             f"llama.cpp = node-llama-cpp 3.21.1 prebuilt CPU build with an {a.cache_type.upper()} KV cache (moe.cpp's cache is {a.cache_type.upper()} too), "
              f"run every round at {' and '.join(str(x) for x in llama_threads)} thread(s)"
              + {"both": ", each with its threads pinned to CPUs and not", "on": ", its threads pinned to CPUs",
                 "off": ", its threads not pinned"}[a.llama_pin]
-             + "; its best median prefill and its best median decode are compared (the configuration that gave each in brackets).", "",
+             + {"both": ", with flash attention on and off", "on": ", with flash attention on",
+                "off": ", with flash attention off"}[a.llama_flash]
+             + "; its best median prefill and its best median decode are compared (the configuration that gave each in brackets; fa = flash attention on).", "",
              "Ceilings (`moe bench-machine`, the same run, before / after): memory read " +
              " / ".join(f"{x['read_gbs_1t']:.1f}" for x in machine) + " GB/s with 1 pinned thread, " +
              " / ".join(f"{x['read_gbs']:.1f}" for x in machine) + f" GB/s with {a.t}; fp32 FMA " +

@@ -38,7 +38,8 @@ const here = path.dirname(fileURLToPath(import.meta.url));
 
 function parseArgs(argv) {
   const o = { model: null, prompt: 128, gen: 64, threads: 2, seed: 1, decode: "greedy",
-              repeat: 3, batch: 512, pin: false, sweep: false, threadsList: null, cache: "f32" };
+              repeat: 3, batch: 512, pin: false, sweep: false, threadsList: null, cache: "f32",
+              flash: "off", flashList: null };
   const num = (v, name) => {
     const x = Number(v);
     if (!Number.isFinite(x)) throw new Error(`${name} needs a number, got ${v}`);
@@ -57,12 +58,14 @@ function parseArgs(argv) {
       case "--batch": o.batch = num(v, a); i++; break;
       case "--pin": o.pin = true; break;
       case "--cache-type": o.cache = v; i++; break;
+      case "--flash-attn": o.flash = v; i++; break;
+      case "--flash-list": o.flashList = v.split(","); i++; break;
       case "--sweep": o.sweep = true; break;
       case "--threads-list": o.threadsList = v.split(",").map(x => num(x, a)); i++; break;
       case "-h": case "--help":
         process.stdout.write("usage: llama_bench.mjs -m MODEL [-p P] [-n N] [-t T] [--seed S] " +
                              "[--decode greedy|random] [--repeat R] [--batch B] [--pin] [--cache-type f32|f16] " +
-                             "[--sweep [--threads-list 1,2]]\n");
+                             "[--flash-attn on|off] [--sweep [--threads-list 1,2] [--flash-list off,on]]\n");
         process.exit(0);
       default: throw new Error(`unknown argument ${a}`);
     }
@@ -70,6 +73,8 @@ function parseArgs(argv) {
   if (!o.model) throw new Error("give the model: -m MODEL.gguf");
   if (!["greedy", "random"].includes(o.decode)) throw new Error("--decode is greedy or random");
   if (!["f32", "f16"].includes(o.cache)) throw new Error("--cache-type is f32 or f16");
+  for (const f of [o.flash, ...(o.flashList ?? [])])
+    if (!["on", "off"].includes(f)) throw new Error("--flash-attn and --flash-list take on or off");
   if (o.prompt < 1 || o.gen < 1 || o.threads < 1 || o.repeat < 1) throw new Error("-p, -n, -t, --repeat must be >= 1");
   return o;
 }
@@ -155,17 +160,19 @@ function pinShim() {
   return lib;
 }
 
-// Re-runs this script in a fresh process (optionally with the pin shim).
-function child(o, threads, pin) {
+// Re-runs this script in a fresh process (optionally with the pin shim), with every option of
+// this one but the threads, the pinning and the flash attention setting, which it is given.
+function child(o, threads, pin, flash) {
   const args = [fileURLToPath(import.meta.url), "-m", o.model, "-p", String(o.prompt),
                 "-n", String(o.gen), "-t", String(threads), "--seed", String(o.seed),
-                "--decode", o.decode, "--repeat", String(o.repeat), "--batch", String(o.batch)];
+                "--decode", o.decode, "--repeat", String(o.repeat), "--batch", String(o.batch),
+                "--cache-type", o.cache, "--flash-attn", flash];
   const env = { ...process.env };
   if (pin) env.LD_PRELOAD = [pinShim(), env.LD_PRELOAD].filter(Boolean).join(":");
   delete env.MOE_BENCH_PINNED;
   if (pin) env.MOE_BENCH_PINNED = "1";
   const r = spawnSync(process.execPath, args, { env, encoding: "utf8", stdio: ["ignore", "pipe", "inherit"] });
-  if (r.status !== 0) throw new Error(`llama_bench child (-t ${threads}${pin ? " --pin" : ""}) failed`);
+  if (r.status !== 0) throw new Error(`llama_bench child (-t ${threads}${pin ? " --pin" : ""} --flash-attn ${flash}) failed`);
   return JSON.parse(r.stdout.trim().split("\n").pop());
 }
 
@@ -175,10 +182,13 @@ function sweep(o) {
   const configs = [];
   for (const t of list) {
     for (const pin of t > 1 ? [false, true] : [false]) {
-      const r = child(o, t, pin);
-      configs.push({ setting: `threads ${t}${pin ? " pinned" : ""}`, threads: t, pinned: pin,
-                     prefill_tokens_per_s: r.prefill_tokens_per_s,
-                     decode_tokens_per_s: r.decode_tokens_per_s, runs: r.runs });
+      for (const flash of o.flashList ?? [o.flash]) {
+        const r = child(o, t, pin, flash);
+        configs.push({ setting: `threads ${t}${pin ? " pinned" : ""}${flash === "on" ? " flash-attn" : ""}`,
+                       threads: t, pinned: pin, flash_attn: flash === "on",
+                       prefill_tokens_per_s: r.prefill_tokens_per_s,
+                       decode_tokens_per_s: r.decode_tokens_per_s, runs: r.runs });
+      }
     }
   }
   const bestOf = key => configs.reduce((a, b) => (b[key] > a[key] ? b : a));
@@ -199,7 +209,7 @@ async function main() {
     return;
   }
   if (o.pin && process.env.MOE_BENCH_PINNED !== "1") {
-    process.stdout.write(JSON.stringify(child(o, o.threads, true)) + "\n");
+    process.stdout.write(JSON.stringify(child(o, o.threads, true, o.flash)) + "\n");
     return;
   }
   const nlc = await importNodeLlamaCpp();
@@ -220,7 +230,7 @@ async function main() {
     batchSize: Math.min(o.batch, o.prompt),
     sequences: 1,
     threads: { ideal: o.threads, min: o.threads },
-    flashAttention: false,
+    flashAttention: o.flash === "on",
     experimentalKvCacheKeyType: o.cache === "f16" ? nlc.GgmlType.F16 : nlc.GgmlType.F32,
     experimentalKvCacheValueType: o.cache === "f16" ? nlc.GgmlType.F16 : nlc.GgmlType.F32,
     performanceTracking: true,
@@ -272,6 +282,7 @@ async function main() {
   const out = {
     engine: "llama.cpp (node-llama-cpp " + (await nlc.getModuleVersion?.() ?? "?") + ")",
     model: o.model, threads: o.threads, pinned: process.env.MOE_BENCH_PINNED === "1",
+    cache_type: o.cache, flash_attn: o.flash === "on",
     prompt_tokens: o.prompt, gen_tokens: o.gen,
     decode_mode: o.decode, repeat: o.repeat,
     prefill_tokens_per_s: best("prefill_tokens_per_s"),
