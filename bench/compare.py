@@ -70,7 +70,7 @@ def main():
                          "as separate candidates (default)")
     ap.add_argument("--llama-flash", choices=("both", "on", "off"), default="both",
                     help="llama.cpp with flash attention on, off, or both as separate candidates (default)")
-    ap.add_argument("--cache-type", choices=("f32", "f16"), default="f32",
+    ap.add_argument("--cache-type", choices=("f32", "f16"), default="f16",
                     help="KV cache of both engines (f16: llama.cpp's default)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "RESULTS.md"))
     a = ap.parse_args()
@@ -157,7 +157,7 @@ def main():
            + (" --pinning" if a.pinning else "") + (f" --llama-threads {a.llama_threads}" if a.llama_threads else "")
            + (f" --llama-pin {a.llama_pin}" if a.llama_pin != "both" else "")
            + (f" --llama-flash {a.llama_flash}" if a.llama_flash != "both" else "")
-           + (f" --cache-type {a.cache_type}" if a.cache_type != "f32" else ""))
+           + (f" --cache-type {a.cache_type}" if a.cache_type != "f16" else ""))
     lines = [f"## End-to-end: moe.cpp vs llama.cpp ({date})", "",
              f"Machine: {cpu_name()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}. "
              f"Command: `{cmd}`. The {shape_text}; "

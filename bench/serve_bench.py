@@ -73,7 +73,7 @@ def main():
     ap.add_argument("--load-connections", type=int, default=16)
     ap.add_argument("--load-seconds", type=int, default=20)
     ap.add_argument("--load-tokens", type=int, default=16)
-    ap.add_argument("--cache-type", choices=("f32", "f16"), default="f32", help="the server's KV caches")
+    ap.add_argument("--cache-type", choices=("f32", "f16"), default="f16", help="the server's KV caches")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "RESULTS.md"))
     a = ap.parse_args()
     levels = [int(x) for x in a.streams.split(",")]
@@ -154,7 +154,7 @@ def main():
     single = rows[0][2] if rows and rows[0][0] == 1 else None
     date = datetime.date.today().isoformat()
     cmd = (f"bench/serve_bench.py --model {os.path.relpath(a.model, ROOT)} --streams {a.streams} --tokens {a.tokens} "
-           f"-t {a.t} --repeat {a.repeat}" + (f" --cache-type {a.cache_type}" if a.cache_type != "f32" else ""))
+           f"-t {a.t} --repeat {a.repeat}" + (f" --cache-type {a.cache_type}" if a.cache_type != "f16" else ""))
     lines = [f"## Serving: moe serve under concurrent streams ({date})", "",
              f"Machine: {benchutil.cpu_name()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}. "
              f"Command: `{cmd}`. `moe serve --parallel {max(levels)}` on {a.t} threads; each client streams one "

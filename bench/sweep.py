@@ -24,10 +24,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def measure(a, path, p, t, r):
     m = benchutil.run_json([a.moe, "bench", "-m", path, "-p", str(p), "-n", str(a.n), "-t", str(t),
-                            "--seed", str(200 + r), "--json"], "moe bench")
+                            "--seed", str(200 + r), "--cache-type", a.cache_type, "--json"], "moe bench")
     l = benchutil.run_json(["node", os.path.join(ROOT, "bench", "llama_bench.mjs"), "-m", path, "-p", str(p),
                             "-n", str(a.n), "-t", str(t), "--seed", str(200 + r), "--decode", "random",
-                            "--repeat", "1"], "llama_bench.mjs")
+                            "--repeat", "1", "--cache-type", a.cache_type], "llama_bench.mjs")
     return (m["prefill_tokens_per_s"], m["decode_tokens_per_s"],
             l["prefill_tokens_per_s"], l["decode_tokens_per_s"])
 
@@ -63,6 +63,8 @@ def main():
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("-n", type=int, default=32, help="decoded tokens per run")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--cache-type", choices=("f32", "f16"), default="f16",
+                    help="KV cache of both engines (f16: llama.cpp's default)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "RESULTS.md"))
     a = ap.parse_args()
     path = os.path.join(ROOT, "build", "bench", f"{a.shape}-{a.type}.gguf")
@@ -75,12 +77,12 @@ def main():
     by_t = [(t, medians(a, path, 128, t)) for t in threads]
     date = datetime.date.today().isoformat()
     cmd = (f"bench/sweep.py --shape {a.shape} --type {a.type} --prompts {a.prompts} --threads {a.threads} "
-           f"-n {a.n} --rounds {a.rounds}")
+           f"-n {a.n} --rounds {a.rounds}" + (f" --cache-type {a.cache_type}" if a.cache_type != "f16" else ""))
     lines = [f"## Speed against prompt length and threads: moe.cpp vs llama.cpp ({date})", "",
              f"Machine: {benchutil.cpu_name()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}. "
              f"Command: `{cmd}`. File: build/bench/{a.shape}-{a.type}.gguf (bench/compare.py's), random tokens, "
              f"{a.n} decoded tokens after each prompt (decode speed is at that context), medians of {a.rounds} "
-             "alternating rounds. llama.cpp = node-llama-cpp 3.21.1 prebuilt CPU build, F32 KV cache.", "",
+             f"alternating rounds. llama.cpp = node-llama-cpp 3.21.1 prebuilt CPU build; both engines with {a.cache_type.upper()} KV caches.", "",
              f"| prompt tokens ({tmax} threads) | moe prefill tok/s | llama.cpp prefill tok/s | ratio | "
              "moe decode tok/s | llama.cpp decode tok/s | ratio |",
              "|---|---|---|---|---|---|---|"]

@@ -73,19 +73,20 @@ with tempfile.TemporaryDirectory() as d:
     check("run seeded sampling", a["tokens"] == b["tokens"] and all(0 <= t < 200 for t in a["tokens"]))
     bench = json.loads(run("bench", "-m", m, "-p", "8", "-n", "4", "--json").stdout)
     check("bench json", bench["prefill_tokens_per_s"] > 0 and bench["decode_tokens_per_s"] > 0)
-    # What a decoded token reads: the weights inspect counts, and the f32 KV cache of 2 layers x
-    # (2 kv heads x 16) keys and values at the decode's mean context 8 + 1.5.
+    # What a decoded token reads: the weights inspect counts, and the KV cache (f16 by default, as
+    # llama.cpp's) of 2 layers x (2 kv heads x 16) keys and values at the decode's mean context 8 + 1.5.
     check("bench bytes per token", bench["weight_bytes_per_token"] == info["bytes_per_token"]
-          and info["kv_bytes_per_token"] == 2 * 2 * 32 * 4
-          and abs(bench["kv_bytes_per_token"] - 2 * 2 * 32 * 4 * 9.5) < 1e-6, str(bench))
+          and info["kv_bytes_per_token"] == 2 * 2 * 32 * 4 and info["kv_bytes_per_token_f16"] == 2 * 2 * 32 * 2
+          and abs(bench["kv_bytes_per_token"] - 2 * 2 * 32 * 2 * 9.5) < 1e-6, str(bench))
     multi = json.loads(run("bench", "-m", m, "-p", "8", "-n", "4", "-s", "3", "--json").stdout)
     check("bench --sequences", multi["sequences"] == 3 and multi["decode_tokens_per_s"] > 0
           and multi["prefill_tokens_per_s"] > 0, str(multi))
-    # An F16 cache: half the KV bytes per token in the bench's accounting; generation (through the
-    # engine) gives the distributions teacher forcing (one batch) gives for the same tokens.
-    b16 = json.loads(run("bench", "-m", m, "-p", "8", "-n", "4", "-s", "2", "--cache-type", "f16", "--json").stdout)
-    check("bench --cache-type f16", abs(b16["kv_bytes_per_token"] - 2 * 2 * 32 * 2 * 9.5) < 1e-6
-          and b16["decode_tokens_per_s"] > 0, str(b16))
+    # An F32 cache: twice the KV bytes per token in the bench's accounting. With the F16 cache,
+    # generation (through the engine) gives the distributions teacher forcing (one batch) gives for
+    # the same tokens, and the default is that cache.
+    b32 = json.loads(run("bench", "-m", m, "-p", "8", "-n", "4", "-s", "2", "--cache-type", "f32", "--json").stdout)
+    check("bench --cache-type f32", abs(b32["kv_bytes_per_token"] - 2 * 2 * 32 * 4 * 9.5) < 1e-6
+          and b32["decode_tokens_per_s"] > 0, str(b32))
     g16 = json.loads(run("run", "-m", m, "--prompt-ids", "3,1,4,1,5", "-n", "6", "--temp", "0", "--json",
                          "--top-logprobs", "1", "--ignore-eos", "--cache-type", "f16").stdout)
     t16 = json.loads(run("run", "-m", m, "--prompt-ids", ",".join(map(str, [3, 1, 4, 1, 5] + g16["tokens"][:-1])),
@@ -93,6 +94,10 @@ with tempfile.TemporaryDirectory() as d:
     check("run --cache-type f16: decode = teacher forcing",
           all(tl[0]["id"] == tt[0]["id"] and abs(tl[0]["logprob"] - tt[0]["logprob"]) < 1e-3
               for tl, tt in zip(g16["top_logprobs"], t16["teacher_logprobs"][4:])), str((g16, t16))[:300])
+    gd = json.loads(run("run", "-m", m, "--prompt-ids", "3,1,4,1,5", "-n", "6", "--temp", "0", "--json",
+                        "--top-logprobs", "1", "--ignore-eos").stdout)
+    check("run: the default cache is f16", gd["tokens"] == g16["tokens"] and gd["top_logprobs"] == g16["top_logprobs"],
+          str((gd, g16))[:300])
     expect_error("bench --sequences bound", ["bench", "-m", m, "-s", "0"], 2, "--sequences")
     expect_error("bench context bound", ["bench", "-m", m, "-p", "2000000000", "-n", "4"], 2, "more than moe.cpp supports")
     mach = json.loads(run("bench-machine", "-t", "1", "--mib", "16", "-r", "1", "--json").stdout)

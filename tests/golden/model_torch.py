@@ -1101,7 +1101,7 @@ def check_run(moe):
             subprocess.run([moe, "init", *args, "--seed", str(i + 1), "-o", path], check=True,
                            stdout=subprocess.DEVNULL)
             out = subprocess.run([moe, "run", "-m", path, "--prompt-ids", ",".join(map(str, ids)),
-                                  "--teacher-forcing", "--json", "--top-logprobs", "5", "-t", "1"],
+                                  "--teacher-forcing", "--json", "--top-logprobs", "5", "-t", "1", "--cache-type", "f32"],
                                  check=True, capture_output=True, text=True).stdout
             theirs = json.loads(out)["teacher_logprobs"]
             s, W = load_model(path)

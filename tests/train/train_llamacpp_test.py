@@ -108,7 +108,7 @@ with tempfile.TemporaryDirectory() as d:
         jobs, ours = [], []
         for pr in prompts:
             o = json.loads(run("run", "-m", model, "-p", pr, "-n", "24", "--temp", "0", "--ignore-eos", "--json",
-                               "--top-logprobs", "2"))
+                               "--top-logprobs", "2", "--cache-type", "f32"))
             ours.append(o)
             jobs.append({"mode": "greedy", "prompt_ids": o["prompt_tokens"], "n_predict": 24, "top_n": 2})
         res = oracle({"model": model, "threads": 2, "jobs": jobs})["results"]
@@ -162,7 +162,7 @@ with tempfile.TemporaryDirectory() as d:
         ru = oracle({"model": up, "threads": 2, **job})["teacher_logprobs"]
         rp = oracle({"model": drop, "threads": 2, **job})["teacher_logprobs"]
         ours = json.loads(run("run", "-m", up, "--prompt-ids", ",".join(map(str, ids)), "--teacher-forcing", "--json",
-                              "--top-logprobs", "4"))["teacher_logprobs"]
+                              "--top-logprobs", "4", "--cache-type", "f32"))["teacher_logprobs"]
 
         def diff(a, b):
             worst = 0.0

@@ -149,9 +149,9 @@ Runner AddInspect(CLI::App& app) {
     std::printf("  %-16s %.3f MiB\n", "bytes/expert", model->BytesPerExpert() / 1048576.0);
     std::printf("  %-16s %.3f MiB (weights read per generated token)\n", "bytes/token",
                 model->BytesPerToken() / 1048576.0);
-    std::printf("  %-16s %llu (f32 cache, all layers; %llu with --cache-type f16%s)\n", "KV bytes/token",
-                static_cast<unsigned long long>(c.KvBytesPerPosition()),
+    std::printf("  %-16s %llu (f16 cache, the default, all layers; %llu with --cache-type f32%s)\n", "KV bytes/token",
                 static_cast<unsigned long long>(c.KvBytesPerPosition(2)),
+                static_cast<unsigned long long>(c.KvBytesPerPosition()),
                 c.is_mla() ? "; MLA caches the latent, not per-head K and V" : "");
     std::string tline;
     for (const auto& [name, m] : mix)

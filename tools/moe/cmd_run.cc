@@ -72,7 +72,7 @@ struct RunOptions {
   bool json = false;
   int top_logprobs = 0;
   bool teacher_forcing = false;
-  std::string cache_type = "f32";
+  std::string cache_type = "f16";
 };
 
 int DoRun(const RunOptions& o) {
@@ -171,7 +171,7 @@ Runner AddRun(CLI::App& app) {
   app.add_option("--seed", o->sampler.seed, "sampling seed")->default_val(0);
   app.add_option("-t,--threads", o->threads, "threads (default: all CPUs)")->default_val(0);
   app.add_option("-c,--ctx", o->ctx, "KV cache size in tokens (default prompt + n)")->default_val(0);
-  app.add_option("--cache-type", o->cache_type, "KV cache elements: f32, or f16 (half the memory and the bytes attention reads, as llama.cpp's default)")->default_val("f32");
+  AddCacheTypeOption(app, o->cache_type);
   app.add_flag("--ignore-eos", o->ignore_eos, "keep generating after an end-of-generation token");
   app.add_flag("--json", o->json, "print one JSON object with tokens, log-probs and speeds");
   app.add_option("--top-logprobs", o->top_logprobs, "report the N most likely tokens per position")->default_val(0);
@@ -190,7 +190,7 @@ Runner AddBench(CLI::App& app) {
     int n_prompt = 128, n_gen = 64, threads = 0, reps = 1, sequences = 1;
     uint64_t seed = 1;
     bool json = false;
-    std::string cache_type = "f32";
+    std::string cache_type = "f16";
   };
   auto o = std::make_shared<BenchOptions>();
   app.add_option("-m,--model", o->model, "GGUF model file")->required();
@@ -203,7 +203,7 @@ Runner AddBench(CLI::App& app) {
                  "sequences decoded together, one token each per step (Forward::EvalBatch, as moe serve "
                  "batches streams); decode tok/s counts all of them")
       ->default_val(1);
-  app.add_option("--cache-type", o->cache_type, "KV cache elements: f32, or f16 (half the memory and the bytes attention reads, as llama.cpp's default)")->default_val("f32");
+  AddCacheTypeOption(app, o->cache_type);
   app.add_flag("--json", o->json, "print one JSON object");
   return [=]() {
     if (o->n_prompt < 1 || o->n_gen < 1 || o->reps < 1) Fail("-p, -n and -r must be >= 1");

@@ -17,7 +17,7 @@ Runner AddServe(CLI::App& app) {
     ServerConfig server;
     int threads = 0;
     size_t max_body_kib = 1024;
-    std::string cache_type = "f32";
+    std::string cache_type = "f16";
   };
   auto o = std::make_shared<Options>();
   ServerConfig& s = o->server;
@@ -27,7 +27,7 @@ Runner AddServe(CLI::App& app) {
   app.add_option("--parallel", s.engine.parallel, "sequences generated at once (continuous batching)")->default_val(4);
   app.add_option("--ctx-size", s.engine.ctx, "KV cache positions per sequence (0: the model's context, at most 4096)")
       ->default_val(0);
-  app.add_option("--cache-type", o->cache_type, "KV cache elements: f32, or f16 (half the memory and the bytes attention reads, as llama.cpp's default)")->default_val("f32");
+  AddCacheTypeOption(app, o->cache_type);
   app.add_option("--chunk", s.engine.chunk, "prompt tokens per step of a prefilling request")->default_val(64);
   app.add_option("--queue", s.engine.max_queue, "requests that may wait for a slot; more get 503")->default_val(256);
   app.add_option("--api-key", s.api_key, "require \"Authorization: Bearer KEY\"");

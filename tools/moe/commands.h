@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <functional>
+#include <string>
 #include <vector>
 
 #include <CLI/CLI.hpp>
@@ -16,6 +17,16 @@ using Runner = std::function<int()>;
 inline double Median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v.size() % 2 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
+}
+
+// --cache-type of run, bench and serve: the KV cache's elements, f16 by default as in
+// llama.cpp (llama-cli, llama-server), so that both engines run with their defaults compute the
+// same model; f32 is the exact reference the library's own default (Forward, EngineConfig) uses.
+inline void AddCacheTypeOption(CLI::App& app, std::string& cache_type) {
+  app.add_option("--cache-type", cache_type,
+                 "KV cache elements: f16 (llama.cpp's default: half the memory and the bytes attention reads) "
+                 "or f32")
+      ->default_val("f16");
 }
 
 Runner AddInit(CLI::App& app);
