@@ -2088,46 +2088,81 @@ struct TileFormat {
   static constexpr int32_t kOffset = kQ4 ? 8 : 128;
 };
 
-// out[t * out_stride + r] = the dot of tile row r with token t (NT tokens), over np pairs of blocks. A block's
-// quants are unpacked once for all NT tokens (prefill's tokens share them).
-template <DType kW, int NT>
-HWY_INLINE void TileDot(const uint8_t* HWY_RESTRICT tile, int64_t np, const MmAct* act,
+// out[t * out_stride + 16 k + r] = the dot of row r of tile k (kT tiles, tile_bytes apart) with
+// token t (NT tokens), over np pairs of blocks. With kT = 2 each activation broadcast feeds both
+// tiles' vpdpbusd (the broadcasts and the scale arithmetic, not the products, bound these loops
+// in cache: 2 tiles multiply 4 tokens about a quarter faster). A row's arithmetic is the same
+// whatever kT and NT are (even and odd blocks in two float sums, added at the end), so its
+// result is bitwise the same however the rows and tokens are grouped.
+template <DType kW, int NT, int kT>
+HWY_INLINE void TileDot(const uint8_t* HWY_RESTRICT tile, size_t tile_bytes, int64_t np, const MmAct* act,
                         float* HWY_RESTRICT out, int64_t out_stride) {
   using TF = TileFormat<kW>;
-  __m512 acc[NT][2];
+  __m512 acc[NT][kT][2];
   HWY_UNROLL(4)
-  for (int t = 0; t < NT; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+  for (int t = 0; t < NT; ++t) {
+    HWY_UNROLL(2)
+    for (int k = 0; k < kT; ++k) acc[t][k][0] = acc[t][k][1] = _mm512_setzero_ps();
+  }
   const __m512i nib = _mm512_set1_epi8(0x0F);
   for (int64_t p = 0; p < np; ++p) {
     const uint8_t* pp = tile + p * TF::kPairBytes;
-    MmPrefetch<TF::kPairBytes>(pp + kMmPrefetchBytes);
+    // Each tile's stream prefetched ahead; past its end it continues into the tile the same
+    // stream reads next (with pairs, kT tiles further on).
+    const size_t ahead = static_cast<size_t>(p) * TF::kPairBytes + kMmPrefetchBytes;
+    const size_t skip = ahead >= tile_bytes ? (kT - 1) * tile_bytes : 0;
+    HWY_UNROLL(2)
+    for (int k = 0; k < kT; ++k) MmPrefetch<TF::kPairBytes>(tile + k * tile_bytes + ahead + skip);
     HWY_UNROLL(2)
     for (int h = 0; h < 2; ++h) {
-      const __m512 dw = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(pp + 32 * h)));
-      const uint8_t* g = pp + 64 + TF::kBlockBytes * h;
       const int64_t b = 2 * p + h;
-      __m512i w[8];  // group k's unsigned quants of the 16 rows
-      HWY_UNROLL(8)
-      for (int k = 0; k < 8; ++k) {
-        if constexpr (TF::kQ4) {
-          const __m512i v = _mm512_load_si512(g + 64 * (k / 2));
-          w[k] = _mm512_and_si512(k % 2 ? _mm512_srli_epi16(v, 4) : v, nib);
-        } else {
-          w[k] = _mm512_load_si512(g + 64 * k);
-        }
+      __m512 dw[kT];
+      const uint8_t* g[kT];
+      HWY_UNROLL(2)
+      for (int k = 0; k < kT; ++k) {
+        dw[k] = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(pp + k * tile_bytes + 32 * h)));
+        g[k] = pp + k * tile_bytes + 64 + TF::kBlockBytes * h;
       }
+      // Group j's unsigned quants of tile k's 16 rows.
+      const auto w = [&](int k, int j) {
+        if constexpr (TF::kQ4) {
+          const __m512i v = _mm512_load_si512(g[k] + 64 * (j / 2));
+          return _mm512_and_si512(j % 2 ? _mm512_srli_epi16(v, 4) : v, nib);
+        } else {
+          return _mm512_load_si512(g[k] + 64 * j);
+        }
+      };
       HWY_UNROLL(4)
       for (int t = 0; t < NT; ++t) {
         const int8_t* xq = act[t].q8 + 64 * p + 4 * h;  // PrepareQ8_0Int8's pair interleave
-        __m512i s0 = _mm512_set1_epi32(act[t].bcorr[b]), s1 = _mm512_setzero_si512();
-        TileDot8<false>([&](int k) { return w[k]; }, [&](int k) { return TileX4(xq + 8 * k); }, s0, s1);
-        acc[t][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)),
-                                    _mm512_mul_ps(dw, _mm512_set1_ps(act[t].d[b])), acc[t][h]);
+        const __m512i corr = _mm512_set1_epi32(act[t].bcorr[b]);
+        __m512i s0[kT], s1[kT];
+        HWY_UNROLL(2)
+        for (int k = 0; k < kT; ++k) s0[k] = corr, s1[k] = _mm512_setzero_si512();
+        HWY_UNROLL(4)
+        for (int i = 0; i < 4; ++i) {
+          const __m512i x0 = TileX4(xq + 16 * i), x1 = TileX4(xq + 16 * i + 8);
+          HWY_UNROLL(2)
+          for (int k = 0; k < kT; ++k) {
+            s0[k] = _mm512_dpbusd_epi32(s0[k], w(k, 2 * i), x0);
+            s1[k] = _mm512_dpbusd_epi32(s1[k], w(k, 2 * i + 1), x1);
+          }
+        }
+        const __m512 xd = _mm512_set1_ps(act[t].d[b]);
+        HWY_UNROLL(2)
+        for (int k = 0; k < kT; ++k) {
+          acc[t][k][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0[k], s1[k])),
+                                         _mm512_mul_ps(dw[k], xd), acc[t][k][h]);
+        }
       }
     }
   }
   HWY_UNROLL(4)
-  for (int t = 0; t < NT; ++t) _mm512_storeu_ps(out + t * out_stride, _mm512_add_ps(acc[t][0], acc[t][1]));
+  for (int t = 0; t < NT; ++t) {
+    HWY_UNROLL(2)
+    for (int k = 0; k < kT; ++k)
+      _mm512_storeu_ps(out + t * out_stride + 16 * k, _mm512_add_ps(acc[t][k][0], acc[t][k][1]));
+  }
 }
 
 // q4_K in tiles: per super-block, 2304 bytes for 16 rows (the file's 16 x 144):
@@ -2275,6 +2310,35 @@ HWY_INLINE void TileDotQ6K(const uint8_t* HWY_RESTRICT tile, int64_t nb, const M
   for (int t = 0; t < NT; ++t) _mm512_storeu_ps(out + t * out_stride, acc[t]);
 }
 
+// kT tiles (tile_bytes apart) times nt <= 4 tokens, in the tile kernel of kW.
+template <DType kW, int kT>
+HWY_INLINE void TileGroup(const uint8_t* tile, size_t tile_bytes, int64_t np, const MmAct* a, int64_t nt,
+                          float* out, int64_t out_stride) {
+  const auto dot = [&](auto nt_c) {
+    constexpr int NT = decltype(nt_c)::value;
+    if constexpr (kW == DType::kQ6_K) {
+      static_assert(kT == 1);
+      TileDotQ6K<NT>(tile, np, a, out, out_stride);
+    } else if constexpr (kW == DType::kQ4_K) {
+      static_assert(kT == 1);
+      TileDotQ4K<NT>(tile, np, a, out, out_stride);
+    } else {
+      TileDot<kW, NT, kT>(tile, tile_bytes, np, a, out, out_stride);
+    }
+  };
+  switch (nt) {
+    case 1: dot(std::integral_constant<int, 1>()); break;
+    case 2: dot(std::integral_constant<int, 2>()); break;
+    case 3: dot(std::integral_constant<int, 3>()); break;
+    default: dot(std::integral_constant<int, 4>()); break;
+  }
+}
+
+// Rows [r0, r1) of a kTiles16 matrix. The block-32 types take two whole tiles at a time: two
+// weight streams in flight read memory faster than one (a q4_0 matrix from memory went from
+// about 0.7 to 0.93 of the bandwidth probe's speed), and each activation broadcast feeds both
+// tiles (4 tokens in cache: q4_0 +17%). The q4_K and q6_K kernels, already near the probe's speed
+// one tile at a time, measured no faster in pairs (q6_K slower).
 template <DType kW>
 HWY_INLINE void MatMulTiles(const uint8_t* W, int64_t n_in, int64_t r0, int64_t r1,
                             const uint8_t* xa, size_t xa_stride, int64_t n_tok, float* y,
@@ -2291,37 +2355,23 @@ HWY_INLINE void MatMulTiles(const uint8_t* W, int64_t n_in, int64_t r0, int64_t 
                                                                             : TF::kPairBytes);
   for (int64_t t0 = r0 / 16 * 16; t0 < r1; t0 += 16) {
     const uint8_t* tile = W + static_cast<size_t>(t0 / 16) * tile_bytes;
+    if constexpr (!kK) {
+      if (t0 >= r0 && t0 + 32 <= r1) {  // two whole tiles: straight into y
+        for (int64_t k0 = 0; k0 < n_tok; k0 += 4)  // token groups over tiles that stay in cache
+          TileGroup<kW, 2>(tile, tile_bytes, np, acts + k0, std::min<int64_t>(4, n_tok - k0),
+                           y + k0 * y_stride + (t0 - r0), y_stride);
+        t0 += 16;
+        continue;
+      }
+    }
     const int64_t lo = std::max(t0, r0), hi = std::min(t0 + 16, r1);
     // A whole tile's results go straight to y; a tile that r0 or r1 cuts goes through tmp.
     const bool whole = lo == t0 && hi == t0 + 16;
-    for (int64_t k0 = 0; k0 < n_tok; k0 += 4) {  // token groups over a tile that stays in cache
+    for (int64_t k0 = 0; k0 < n_tok; k0 += 4) {
       HWY_ALIGN float tmp[4][16];
-      float* out = whole ? y + k0 * y_stride + (t0 - r0) : tmp[0];
-      const int64_t out_stride = whole ? y_stride : 16;
-      const MmAct* a = acts + k0;
       const int64_t nt = std::min<int64_t>(4, n_tok - k0);
-      if constexpr (kW == DType::kQ6_K) {
-        switch (nt) {
-          case 1: TileDotQ6K<1>(tile, np, a, out, out_stride); break;
-          case 2: TileDotQ6K<2>(tile, np, a, out, out_stride); break;
-          case 3: TileDotQ6K<3>(tile, np, a, out, out_stride); break;
-          default: TileDotQ6K<4>(tile, np, a, out, out_stride); break;
-        }
-      } else if constexpr (kK) {
-        switch (nt) {
-          case 1: TileDotQ4K<1>(tile, np, a, out, out_stride); break;
-          case 2: TileDotQ4K<2>(tile, np, a, out, out_stride); break;
-          case 3: TileDotQ4K<3>(tile, np, a, out, out_stride); break;
-          default: TileDotQ4K<4>(tile, np, a, out, out_stride); break;
-        }
-      } else {
-        switch (nt) {
-          case 1: TileDot<kW, 1>(tile, np, a, out, out_stride); break;
-          case 2: TileDot<kW, 2>(tile, np, a, out, out_stride); break;
-          case 3: TileDot<kW, 3>(tile, np, a, out, out_stride); break;
-          default: TileDot<kW, 4>(tile, np, a, out, out_stride); break;
-        }
-      }
+      TileGroup<kW, 1>(tile, tile_bytes, np, acts + k0, nt, whole ? y + k0 * y_stride + (t0 - r0) : tmp[0],
+                       whole ? y_stride : 16);
       if (!whole) {
         for (int64_t t = 0; t < nt; ++t) {
           std::memcpy(y + (k0 + t) * y_stride + (lo - r0), tmp[t] + (lo - t0),

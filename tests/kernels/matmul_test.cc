@@ -383,6 +383,44 @@ void TestMatMulTiles() {
   }
 }
 
+// A row's product in the tile layout is bitwise the same however MatMul groups rows and tokens:
+// whole matrix or any row range (tiles taken in pairs, alone, or cut), alone or among other
+// tokens (batch invariance of the server rests on this).
+void TestMatMulTilesGrouping() {
+  std::mt19937 rng(4321);
+  if (RepackLayout(DType::kQ8_0, 64, 16) != WeightLayout::kTiles16) return;  // not this target
+  const int64_t rows = 112, n_tok = 7;  // 7 tiles: pairs and a single one
+  for (DType w : {DType::kQ8_0, DType::kQ4_0, DType::kQ4_K, DType::kQ6_K}) {
+    const int64_t n_in = Traits(w).block_size == 256 ? 512 : 192;
+    const DType xt = VecDotType(w);
+    const size_t w_row = RowBytes(w, n_in), x_row = RowBytes(xt, n_in);
+    std::vector<uint8_t> wbuf(w_row * rows), xbuf(x_row * n_tok), tiles(w_row * rows + 64);
+    for (int64_t r = 0; r < rows; ++r) test::RandomRow(rng, w, n_in, wbuf.data() + r * w_row, false);
+    for (int64_t t = 0; t < n_tok; ++t) test::RandomRow(rng, xt, n_in, xbuf.data() + t * x_row, false);
+    uint8_t* T = tiles.data() + (64 - reinterpret_cast<uintptr_t>(tiles.data()) % 64) % 64;
+    Repack(w, WeightLayout::kTiles16, wbuf.data(), T, n_in, rows);
+    std::vector<float> all(rows * n_tok);
+    MatMul(w, T, n_in, 0, rows, xbuf.data(), x_row, n_tok, all.data(), rows, WeightLayout::kTiles16);
+    const int64_t ranges[][2] = {{16, 112}, {0, 80}, {32, 64}, {16, 48}, {48, 64}, {5, 101}, {40, 72}};
+    for (const auto& rr : ranges) {
+      for (int64_t t0 : {int64_t{0}, int64_t{3}}) {  // all tokens, or token 3 alone
+        const int64_t nt = t0 ? 1 : n_tok;
+        const int64_t n = rr[1] - rr[0];
+        std::vector<float> y(n * nt);
+        MatMul(w, T, n_in, rr[0], rr[1], xbuf.data() + t0 * x_row, x_row, nt, y.data(), n, WeightLayout::kTiles16);
+        for (int64_t t = 0; t < nt; ++t) {
+          for (int64_t r = 0; r < n; ++r) {
+            const float want = all[(t0 + t) * rows + rr[0] + r];
+            ASSERT_EQ(std::memcmp(&y[t * n + r], &want, sizeof(float)), 0)
+                << DTypeName(w) << " rows [" << rr[0] << ", " << rr[1] << ") token " << t0 + t << " row " << rr[0] + r
+                << ": " << y[t * n + r] << " vs " << want;
+          }
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 // NOLINTNEXTLINE(google-readability-namespace-comments)
 }  // namespace HWY_NAMESPACE
@@ -419,6 +457,7 @@ HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ5_K);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulQ6_K);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulRowTiles);
 HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulTiles);
+HWY_EXPORT_AND_TEST_P(MatMulTest, TestMatMulTilesGrouping);
 
 // Single-thread decode (n_tok = 1) throughput in GB/s of weight bytes, through the dispatched
 // entry point. "hot": one 2816 x 1024 matrix again and again (L2/L3 resident, like an expert
