@@ -2345,14 +2345,25 @@ HWY_INLINE void MatMulTiles(const uint8_t* W, int64_t n_in, int64_t r0, int64_t 
                             int64_t y_stride) {
   constexpr bool kK = kW == DType::kQ4_K || kW == DType::kQ6_K;  // super-blocks of 256
   using TF = TileFormat<kW>;
-  const MmAct* acts =
-      kK ? PrepareActs(MmPrepSpec{MmPrep::kQ8_K, MmLayout::kNatural, true, 0}, n_in, xa, xa_stride, n_tok)
-         : PrepareActs(MmPrepSpec{MmPrep::kQ8_0, MmLayout::kNatural, true, TF::kOffset, true}, n_in, xa,
-                       xa_stride, n_tok);
   const int64_t np = kK ? n_in / kQK_K : n_in / 64;  // super-blocks, or pairs of blocks
   const size_t tile_bytes = static_cast<size_t>(np) * (kW == DType::kQ4_K   ? kTileQ4KBytes
                                                        : kW == DType::kQ6_K ? kTileQ6KBytes
                                                                             : TF::kPairBytes);
+  // The kernels prefetch each stream kMmPrefetchBytes ahead of where they read: the start of
+  // the first streams is asked for here, before the activations are prepared, so a row range
+  // does not begin with a run of demand misses.
+  if (r0 < r1) {
+    const int64_t first = r0 / 16, streams = kK ? 1 : std::min<int64_t>(2, (r1 + 15) / 16 - first);
+    const size_t head = std::min(tile_bytes, kMmPrefetchBytes);
+    for (int64_t k = 0; k < streams; ++k) {
+      const uint8_t* p = W + static_cast<size_t>(first + k) * tile_bytes;
+      for (size_t o = 0; o < head; o += 64) hwy::Prefetch(p + o);
+    }
+  }
+  const MmAct* acts =
+      kK ? PrepareActs(MmPrepSpec{MmPrep::kQ8_K, MmLayout::kNatural, true, 0}, n_in, xa, xa_stride, n_tok)
+         : PrepareActs(MmPrepSpec{MmPrep::kQ8_0, MmLayout::kNatural, true, TF::kOffset, true}, n_in, xa,
+                       xa_stride, n_tok);
   for (int64_t t0 = r0 / 16 * 16; t0 < r1; t0 += 16) {
     const uint8_t* tile = W + static_cast<size_t>(t0 / 16) * tile_bytes;
     if constexpr (!kK) {
