@@ -7,8 +7,9 @@ moe.cpp on -t threads. Runs alternate moe / llama.cpp, one fresh process each, s
 machine hits both alike; each tool reports speeds after an untimed warm-up, and the medians over
 rounds are compared. llama.cpp gets its best configuration: it runs at 1 and at -t threads
 every round (--llama-threads), each pinned and not (--llama-pin), with flash attention on and
-off (--llama-flash), and its best median prefill and best median decode are the ones compared (on the 2-vCPU VMs its decode is often faster on one thread: ggml starts its
-threads anew for every graph). The ratios and the command go to bench/RESULTS.md.
+off (--llama-flash), and its best median prefill and best median decode are the ones compared
+(on the 2-vCPU VMs its decode is often faster on one thread: ggml starts its threads anew for
+every graph). The ratios and the command go to bench/RESULTS.md.
 --types takes weight types and llama.cpp mixes (written by moe quantize).
 """
 import argparse

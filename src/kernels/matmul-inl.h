@@ -2350,16 +2350,12 @@ HWY_INLINE void MatMulTiles(const uint8_t* W, int64_t n_in, int64_t r0, int64_t 
                                                        : kW == DType::kQ6_K ? kTileQ6KBytes
                                                                             : TF::kPairBytes);
   // The kernels prefetch each stream kMmPrefetchBytes ahead of where they read: the start of
-  // the first streams is asked for here, before the activations are prepared, so a row range
-  // does not begin with a run of demand misses.
-  if (r0 < r1) {
-    const int64_t first = r0 / 16, streams = kK ? 1 : std::min<int64_t>(2, (r1 + 15) / 16 - first);
-    const size_t head = std::min(tile_bytes, kMmPrefetchBytes);
-    for (int64_t k = 0; k < streams; ++k) {
-      const uint8_t* p = W + static_cast<size_t>(first + k) * tile_bytes;
-      for (size_t o = 0; o < head; o += 64) hwy::Prefetch(p + o);
-    }
-  }
+  // the first streams (two for the block-32 types' pairs) is asked for here, before the
+  // activations are prepared, so a row range does not begin with a run of demand misses
+  // (prefetches past the range or the matrix are harmless: they never fault).
+  const uint8_t* first = W + static_cast<size_t>(r0 / 16) * tile_bytes;
+  MmPrefetch<kMmPrefetchBytes>(first);
+  if constexpr (!kK) MmPrefetch<kMmPrefetchBytes>(first + tile_bytes);
   const MmAct* acts =
       kK ? PrepareActs(MmPrepSpec{MmPrep::kQ8_K, MmLayout::kNatural, true, 0}, n_in, xa, xa_stride, n_tok)
          : PrepareActs(MmPrepSpec{MmPrep::kQ8_0, MmLayout::kNatural, true, TF::kOffset, true}, n_in, xa,

@@ -72,7 +72,7 @@ struct RunOptions {
   bool json = false;
   int top_logprobs = 0;
   bool teacher_forcing = false;
-  std::string cache_type = "f16";
+  std::string cache_type;  // AddCacheTypeOption sets its default
 };
 
 int DoRun(const RunOptions& o) {
@@ -190,7 +190,7 @@ Runner AddBench(CLI::App& app) {
     int n_prompt = 128, n_gen = 64, threads = 0, reps = 1, sequences = 1;
     uint64_t seed = 1;
     bool json = false;
-    std::string cache_type = "f16";
+    std::string cache_type;  // AddCacheTypeOption sets its default
   };
   auto o = std::make_shared<BenchOptions>();
   app.add_option("-m,--model", o->model, "GGUF model file")->required();

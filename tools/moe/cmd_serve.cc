@@ -17,7 +17,7 @@ Runner AddServe(CLI::App& app) {
     ServerConfig server;
     int threads = 0;
     size_t max_body_kib = 1024;
-    std::string cache_type = "f16";
+    std::string cache_type;  // AddCacheTypeOption sets its default
   };
   auto o = std::make_shared<Options>();
   ServerConfig& s = o->server;
