@@ -2173,78 +2173,130 @@ HWY_INLINE void TileDot(const uint8_t* HWY_RESTRICT tile, size_t tile_bytes, int
 // lanes); the mins' term sum_j m_j bsum_j is a vpmaddwd over pairs of sub-blocks.
 constexpr size_t kTileQ4KBytes = 16 * sizeof(BlockQ4_K);
 
-template <int NT>
-HWY_INLINE void TileDotQ4K(const uint8_t* HWY_RESTRICT tile, int64_t nb, const MmAct* act,
+// kT tiles (tile_bytes apart) at a time, as TileDot: per sub-block, each 64-byte weight vector of
+// every tile is unpacked into its two groups and each activation broadcast feeds every tile's
+// vpdpbusd (one chain per token and tile). A row's integer sums are exact whatever the grouping, and
+// its float arithmetic is the same, so its result is bitwise the same for any kT and NT.
+template <int NT, int kT>
+HWY_INLINE void TileDotQ4K(const uint8_t* HWY_RESTRICT tile, size_t tile_bytes, int64_t nb, const MmAct* act,
                            float* HWY_RESTRICT out, int64_t out_stride) {
   // The mins' term is subtracted per super-block by a fused multiply-add (the two terms are
   // large and cancel, so their rounding order shows: this order matched llama.cpp's results on
   // the conformance files to ~1e-6, a separate accumulator subtracted at the end did not).
-  __m512 acc[NT];
+  __m512 acc[NT][kT];
   HWY_UNROLL(4)
-  for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
+  for (int t = 0; t < NT; ++t) {
+    HWY_UNROLL(2)
+    for (int k = 0; k < kT; ++k) acc[t][k] = _mm512_setzero_ps();
+  }
   const __m512i nib = _mm512_set1_epi8(0x0F);
+  const __m128i m63 = _mm_set1_epi8(63), m15 = _mm_set1_epi8(15), top = _mm_set1_epi8(static_cast<char>(0xC0));
+  const auto hi2 = [&](__m128i v) { return _mm_srli_epi16(_mm_and_si128(v, top), 2); };  // bits 6..7 -> 4..5
+  const size_t tile_q4k = static_cast<size_t>(nb) * kTileQ4KBytes;
+  // One vpdpbusd chain per token and tile, two (low and high nibbles) when there are only one or
+  // two of those: fewer chains leave the loop waiting on vpdpbusd's latency.
+  constexpr bool kTwoChains = NT * kT <= 2;
   for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* sb = tile + b * kTileQ4KBytes;
-    MmPrefetch<kTileQ4KBytes>(sb + kMmPrefetchBytes);
-    const __m512 dw = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(sb)));
-    const __m512 dmw = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(sb + 32)));
-    const auto byte = [&](int i) { return _mm_load_si128(reinterpret_cast<const __m128i*>(sb + 64 + 16 * i)); };
-    const __m128i m63 = _mm_set1_epi8(63), m15 = _mm_set1_epi8(15), top = _mm_set1_epi8(static_cast<char>(0xC0));
-    const auto hi2 = [&](__m128i v) { return _mm_srli_epi16(_mm_and_si128(v, top), 2); };  // bits 6..7 -> 4..5
-    // Sub-block j's scales of the 16 rows (int32 lanes).
-    const auto scale = [&](int j) {
-      return _mm512_cvtepu8_epi32(j < 4 ? _mm_and_si128(byte(j), m63)
-                                        : _mm_or_si128(_mm_and_si128(byte(j + 4), m15), hi2(byte(j - 4))));
+    const uint8_t* sb[kT];
+    // Each tile's stream prefetched ahead; past its end it continues into the tile the same
+    // stream reads next (with pairs, kT tiles further on).
+    const size_t ahead = static_cast<size_t>(b) * kTileQ4KBytes + kMmPrefetchBytes;
+    const size_t skip = ahead >= tile_q4k ? (kT - 1) * tile_bytes : 0;
+    HWY_UNROLL(2)
+    for (int k = 0; k < kT; ++k) {
+      sb[k] = tile + k * tile_bytes + b * kTileQ4KBytes;
+      MmPrefetch<kTileQ4KBytes>(tile + k * tile_bytes + ahead + skip);
+    }
+    const auto byte = [&](int k, int i) { return _mm_load_si128(reinterpret_cast<const __m128i*>(sb[k] + 64 + 16 * i)); };
+    // Sub-block j's scales of the 16 rows of tile k (int32 lanes).
+    const auto scale = [&](int k, int j) {
+      return _mm512_cvtepu8_epi32(j < 4 ? _mm_and_si128(byte(k, j), m63)
+                                        : _mm_or_si128(_mm_and_si128(byte(k, j + 4), m15), hi2(byte(k, j - 4))));
     };
     // Mins of sub-blocks 2i and 2i + 1 as the int16 pair of each row's 32-bit lane.
-    const auto mins = [&](int j) {
-      return j < 4 ? _mm_and_si128(byte(j + 4), m63)
-                   : _mm_or_si128(_mm_and_si128(_mm_srli_epi16(byte(j + 4), 4), m15), hi2(byte(j)));
+    const auto mins = [&](int k, int j) {
+      return j < 4 ? _mm_and_si128(byte(k, j + 4), m63)
+                   : _mm_or_si128(_mm_and_si128(_mm_srli_epi16(byte(k, j + 4), 4), m15), hi2(byte(k, j)));
     };
-    __m512i isum[NT];
-    HWY_UNROLL(4)
-    for (int t = 0; t < NT; ++t) isum[t] = _mm512_setzero_si512();
-    HWY_UNROLL(8)
-    for (int j = 0; j < 8; ++j) {  // the sub-block's quants unpacked once for all NT tokens
-      const uint8_t* g = sb + 256 + 256 * j;
-      __m512i w[8];
-      HWY_UNROLL(4)
-      for (int k = 0; k < 8; k += 2) {
-        const __m512i v = _mm512_load_si512(g + 32 * k);
-        w[k] = _mm512_and_si512(v, nib);
-        w[k + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
-      }
-      const __m512i sc = scale(j);
-      HWY_UNROLL(4)
-      for (int t = 0; t < NT; ++t) {
-        const int8_t* xq = act[t].q8 + b * kQK_K + 32 * j;
-        __m512i s0 = _mm512_setzero_si512(), s1 = s0;
-        TileDot8<false>([&](int k) { return w[k]; }, [&](int k) { return TileX4(xq + 4 * k); }, s0, s1);
-        isum[t] = _mm512_add_epi32(isum[t], _mm512_mullo_epi32(_mm512_add_epi32(s0, s1), sc));
-      }
-    }
-    __m512i mp[4];
-    HWY_UNROLL(4)
-    for (int i = 0; i < 4; ++i) {
-      mp[i] = _mm512_or_si512(_mm512_cvtepu8_epi32(mins(2 * i)), _mm512_slli_epi32(_mm512_cvtepu8_epi32(mins(2 * i + 1)), 16));
-    }
+    __m512i isum[NT][kT];
     HWY_UNROLL(4)
     for (int t = 0; t < NT; ++t) {
-      const int32_t* bs = act[t].bsum2 + b * 8;
-      __m512i msum = _mm512_setzero_si512();
+      HWY_UNROLL(2)
+      for (int k = 0; k < kT; ++k) isum[t][k] = _mm512_setzero_si512();
+    }
+    HWY_UNROLL(8)
+    for (int j = 0; j < 8; ++j) {
+      __m512i s[NT][kT], s1[NT][kT];  // s1: the high nibbles' chain when there are few chains
+      HWY_UNROLL(4)
+      for (int t = 0; t < NT; ++t) {
+        HWY_UNROLL(2)
+        for (int k = 0; k < kT; ++k) s[t][k] = s1[t][k] = _mm512_setzero_si512();
+      }
+      HWY_UNROLL(4)
+      for (int v = 0; v < 4; ++v) {  // vector v: groups 2v (low nibbles) and 2v + 1 (high)
+        __m512i lo[kT], hi[kT];
+        HWY_UNROLL(2)
+        for (int k = 0; k < kT; ++k) {
+          const __m512i w = _mm512_load_si512(sb[k] + 256 + 256 * j + 64 * v);
+          lo[k] = _mm512_and_si512(w, nib);
+          hi[k] = _mm512_and_si512(_mm512_srli_epi16(w, 4), nib);
+        }
+        HWY_UNROLL(4)
+        for (int t = 0; t < NT; ++t) {
+          const int8_t* xq = act[t].q8 + b * kQK_K + 32 * j + 8 * v;
+          const __m512i x0 = TileX4(xq), x1 = TileX4(xq + 4);
+          HWY_UNROLL(2)
+          for (int k = 0; k < kT; ++k) {
+            if constexpr (kTwoChains) {
+              s[t][k] = _mm512_dpbusd_epi32(s[t][k], lo[k], x0);
+              s1[t][k] = _mm512_dpbusd_epi32(s1[t][k], hi[k], x1);
+            } else {
+              s[t][k] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(s[t][k], lo[k], x0), hi[k], x1);
+            }
+          }
+        }
+      }
+      HWY_UNROLL(2)
+      for (int k = 0; k < kT; ++k) {
+        const __m512i sc = scale(k, j);
+        HWY_UNROLL(4)
+        for (int t = 0; t < NT; ++t) {
+          const __m512i st = kTwoChains ? _mm512_add_epi32(s[t][k], s1[t][k]) : s[t][k];
+          isum[t][k] = _mm512_add_epi32(isum[t][k], _mm512_mullo_epi32(st, sc));
+        }
+      }
+    }
+    HWY_UNROLL(2)
+    for (int k = 0; k < kT; ++k) {
+      const __m512 dw = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(sb[k])));
+      const __m512 dmw = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(sb[k] + 32)));
+      __m512i mp[4];
       HWY_UNROLL(4)
       for (int i = 0; i < 4; ++i) {
-        const int32_t pair = static_cast<int32_t>((static_cast<uint32_t>(bs[2 * i + 1]) << 16) |
-                                                  (static_cast<uint32_t>(bs[2 * i]) & 0xFFFF));
-        msum = _mm512_add_epi32(msum, _mm512_madd_epi16(mp[i], _mm512_set1_epi32(pair)));
+        mp[i] = _mm512_or_si512(_mm512_cvtepu8_epi32(mins(k, 2 * i)),
+                                _mm512_slli_epi32(_mm512_cvtepu8_epi32(mins(k, 2 * i + 1)), 16));
       }
-      const __m512 xd = _mm512_set1_ps(act[t].d[b]);
-      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), _mm512_mul_ps(dw, xd), acc[t]);
-      acc[t] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(msum), _mm512_mul_ps(dmw, xd), acc[t]);
+      HWY_UNROLL(4)
+      for (int t = 0; t < NT; ++t) {
+        const int32_t* bs = act[t].bsum2 + b * 8;
+        __m512i msum = _mm512_setzero_si512();
+        HWY_UNROLL(4)
+        for (int i = 0; i < 4; ++i) {
+          const int32_t pair = static_cast<int32_t>((static_cast<uint32_t>(bs[2 * i + 1]) << 16) |
+                                                    (static_cast<uint32_t>(bs[2 * i]) & 0xFFFF));
+          msum = _mm512_add_epi32(msum, _mm512_madd_epi16(mp[i], _mm512_set1_epi32(pair)));
+        }
+        const __m512 xd = _mm512_set1_ps(act[t].d[b]);
+        acc[t][k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t][k]), _mm512_mul_ps(dw, xd), acc[t][k]);
+        acc[t][k] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(msum), _mm512_mul_ps(dmw, xd), acc[t][k]);
+      }
     }
   }
   HWY_UNROLL(4)
-  for (int t = 0; t < NT; ++t) _mm512_storeu_ps(out + t * out_stride, acc[t]);
+  for (int t = 0; t < NT; ++t) {
+    HWY_UNROLL(2)
+    for (int k = 0; k < kT; ++k) _mm512_storeu_ps(out + t * out_stride + 16 * k, acc[t][k]);
+  }
 }
 
 // q6_K in tiles: per super-block, 3360 bytes for 16 rows (the file's 16 x 210):
@@ -2320,8 +2372,7 @@ HWY_INLINE void TileGroup(const uint8_t* tile, size_t tile_bytes, int64_t np, co
       static_assert(kT == 1);
       TileDotQ6K<NT>(tile, np, a, out, out_stride);
     } else if constexpr (kW == DType::kQ4_K) {
-      static_assert(kT == 1);
-      TileDotQ4K<NT>(tile, np, a, out, out_stride);
+      TileDotQ4K<NT, kT>(tile, tile_bytes, np, a, out, out_stride);
     } else {
       TileDot<kW, NT, kT>(tile, tile_bytes, np, a, out, out_stride);
     }
@@ -2337,8 +2388,9 @@ HWY_INLINE void TileGroup(const uint8_t* tile, size_t tile_bytes, int64_t np, co
 // Rows [r0, r1) of a kTiles16 matrix. The block-32 types take two whole tiles at a time: two
 // weight streams in flight read memory faster than one (a q4_0 matrix from memory went from
 // about 0.7 to 0.93 of the bandwidth probe's speed), and each activation broadcast feeds both
-// tiles (4 tokens in cache: q4_0 +17%). The q4_K and q6_K kernels, already near the probe's speed
-// one tile at a time, measured no faster in pairs (q6_K slower).
+// tiles (4 tokens in cache: q4_0 +17%). q4_K takes pairs for 2 or more tokens (4 tokens in
+// cache: +20-25%); for one token it, and q6_K always, go one tile at a time (already near the
+// probe's speed, measured no faster in pairs, q6_K slower).
 template <DType kW>
 HWY_INLINE void MatMulTiles(const uint8_t* W, int64_t n_in, int64_t r0, int64_t r1,
                             const uint8_t* xa, size_t xa_stride, int64_t n_tok, float* y,
@@ -2355,15 +2407,15 @@ HWY_INLINE void MatMulTiles(const uint8_t* W, int64_t n_in, int64_t r0, int64_t 
   // (prefetches past the range or the matrix are harmless: they never fault).
   const uint8_t* first = W + static_cast<size_t>(r0 / 16) * tile_bytes;
   MmPrefetch<kMmPrefetchBytes>(first);
-  if constexpr (!kK) MmPrefetch<kMmPrefetchBytes>(first + tile_bytes);
+  if constexpr (kW != DType::kQ6_K) MmPrefetch<kMmPrefetchBytes>(first + tile_bytes);
   const MmAct* acts =
       kK ? PrepareActs(MmPrepSpec{MmPrep::kQ8_K, MmLayout::kNatural, true, 0}, n_in, xa, xa_stride, n_tok)
          : PrepareActs(MmPrepSpec{MmPrep::kQ8_0, MmLayout::kNatural, true, TF::kOffset, true}, n_in, xa,
                        xa_stride, n_tok);
   for (int64_t t0 = r0 / 16 * 16; t0 < r1; t0 += 16) {
     const uint8_t* tile = W + static_cast<size_t>(t0 / 16) * tile_bytes;
-    if constexpr (!kK) {
-      if (t0 >= r0 && t0 + 32 <= r1) {  // two whole tiles: straight into y
+    if constexpr (kW != DType::kQ6_K) {
+      if (t0 >= r0 && t0 + 32 <= r1 && (kW != DType::kQ4_K || n_tok > 1)) {  // two whole tiles: straight into y
         for (int64_t k0 = 0; k0 < n_tok; k0 += 4)  // token groups over tiles that stay in cache
           TileGroup<kW, 2>(tile, tile_bytes, np, acts + k0, std::min<int64_t>(4, n_tok - k0),
                            y + k0 * y_stride + (t0 - r0), y_stride);
