@@ -88,6 +88,12 @@ struct RopeScaling {
 // neox=false: pairs (2i, 2i+1) ("normal", llama); neox=true: pairs (i, i + n_rot/2) (qwen, olmoe).
 void Rope(float* x, int n_heads, int head_dim, int n_rot, int pos, float freq_base, bool neox,
           const RopeScaling& scaling = RopeScaling());
+// Rope in two steps, so the rotations of a position are computed once for every head and layer:
+// RopeAngles writes cs[2i], cs[2i + 1] = the cosine and sine of pair i < n_rot / 2 (times the
+// scaling's magnitude factor; n_rot floats), RopeRotate rotates x by them; together bitwise
+// equal to Rope.
+void RopeAngles(int n_rot, int pos, float freq_base, const RopeScaling& scaling, float* cs);
+void RopeRotate(float* x, int n_heads, int head_dim, int n_rot, bool neox, const float* cs);
 // In place, numerically stable (max subtracted).
 void Softmax(float* x, int64_t n);
 // out[i] = silu(gate[i]) * up[i], silu(g) = g / (1 + exp(-g)). out may alias gate or up.

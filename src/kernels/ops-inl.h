@@ -7,7 +7,8 @@
 //   RmsNorm: float squares summed in double, scale = 1/sqrtf(mean + eps) in float.
 //   Softmax: max subtracted, exp in float (Highway's Exp, within 1 ulp of expf, as ggml's
 //   vectorised expf is), each vector's sum added in double, scale by float(1/sum).
-//   Rope: theta_scale = powf(base, -2/n_rot), theta *= theta_scale iteratively from pos.
+//   Rope: theta_scale = powf(base, -2/n_rot), theta *= theta_scale iteratively from pos (RopeAngles,
+//   once per position; RopeRotate applies them).
 
 #if defined(MOE_KERNELS_OPS_INL_H_) == defined(HWY_TARGET_TOGGLE)
 #ifdef MOE_KERNELS_OPS_INL_H_
@@ -21,6 +22,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "hwy/cache_control.h"
 #include "hwy/contrib/math/math-inl.h"
@@ -146,9 +148,8 @@ HWY_NOINLINE inline void RmsNorm(const float* x, const float* w, int64_t n, floa
 
 // Not hot (one call per head group per token): scalar, with the angle recurrence of ggml so the
 // float rounding of theta matches, and its rope_yarn for the scaling.
-HWY_NOINLINE inline void Rope(float* x, int n_heads, int head_dim, int n_rot, int pos,
-                       float freq_base, bool neox, const RopeScaling& sc = RopeScaling()) {
-  if (n_rot <= 0 || n_heads <= 0) return;
+HWY_NOINLINE inline void RopeAngles(int n_rot, int pos, float freq_base, const RopeScaling& sc, float* cs) {
+  if (n_rot <= 0) return;
   const float theta_scale = std::pow(freq_base, -2.0f / static_cast<float>(n_rot));
   const int half = n_rot / 2;
   float mscale = sc.attn_factor;
@@ -161,13 +162,25 @@ HWY_NOINLINE inline void Rope(float* x, int n_heads, int head_dim, int n_rot, in
       const float ramp = (1.0f - std::min(1.0f, std::max(0.0f, y))) * sc.ext_factor;
       angle = angle * (1.0f - ramp) + theta * ramp;
     }
-    const float c = std::cos(angle) * mscale;
-    const float s = std::sin(angle) * mscale;
-    const int i0 = neox ? i : 2 * i;
-    const int i1 = neox ? i + half : 2 * i + 1;
-    RotatePair(x, n_heads, head_dim, i0, i1, c, s);
+    cs[2 * i] = std::cos(angle) * mscale;
+    cs[2 * i + 1] = std::sin(angle) * mscale;
     theta *= theta_scale;
   }
+}
+
+HWY_NOINLINE inline void RopeRotate(float* x, int n_heads, int head_dim, int n_rot, bool neox, const float* cs) {
+  if (n_rot <= 0 || n_heads <= 0) return;
+  const int half = n_rot / 2;
+  for (int i = 0; i < half; ++i)
+    RotatePair(x, n_heads, head_dim, neox ? i : 2 * i, neox ? i + half : 2 * i + 1, cs[2 * i], cs[2 * i + 1]);
+}
+
+HWY_NOINLINE inline void Rope(float* x, int n_heads, int head_dim, int n_rot, int pos,
+                       float freq_base, bool neox, const RopeScaling& sc = RopeScaling()) {
+  if (n_rot <= 0 || n_heads <= 0) return;
+  std::vector<float> cs(static_cast<size_t>(n_rot));
+  HWY_NAMESPACE::RopeAngles(n_rot, pos, freq_base, sc, cs.data());
+  HWY_NAMESPACE::RopeRotate(x, n_heads, head_dim, n_rot, neox, cs.data());
 }
 
 HWY_NOINLINE inline void Softmax(float* x, int64_t n) {

@@ -18,6 +18,8 @@ HWY_EXPORT(Scale);
 HWY_EXPORT(Add);
 HWY_EXPORT(RmsNorm);
 HWY_EXPORT(Rope);
+HWY_EXPORT(RopeAngles);
+HWY_EXPORT(RopeRotate);
 HWY_EXPORT(Softmax);
 HWY_EXPORT(SiluMul);
 HWY_EXPORT(Attend);
@@ -40,6 +42,12 @@ void RmsNorm(const float* x, const float* w, int64_t n, float eps, float* out) {
 void Rope(float* x, int n_heads, int head_dim, int n_rot, int pos, float freq_base, bool neox,
           const RopeScaling& scaling) {
   HWY_DYNAMIC_DISPATCH(Rope)(x, n_heads, head_dim, n_rot, pos, freq_base, neox, scaling);
+}
+void RopeAngles(int n_rot, int pos, float freq_base, const RopeScaling& scaling, float* cs) {
+  HWY_DYNAMIC_DISPATCH(RopeAngles)(n_rot, pos, freq_base, scaling, cs);
+}
+void RopeRotate(float* x, int n_heads, int head_dim, int n_rot, bool neox, const float* cs) {
+  HWY_DYNAMIC_DISPATCH(RopeRotate)(x, n_heads, head_dim, n_rot, neox, cs);
 }
 void Softmax(float* x, int64_t n) { HWY_DYNAMIC_DISPATCH(Softmax)(x, n); }
 void SiluMul(const float* gate, const float* up, float* out, int64_t n) {

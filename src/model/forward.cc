@@ -375,6 +375,10 @@ void Forward::EvalChunk(const int32_t* tokens, int T, const std::vector<OutRow>&
   x_.resize(T * E);
   h_.resize(T * E);
   tmp_.resize(T * E);
+  // Each row's RoPE rotations, once for all its heads and layers.
+  const int n_rot = static_cast<int>(c_.n_rot);
+  rope_cs_.resize(static_cast<size_t>(T) * n_rot);
+  ForEachRow(T, [&](int t) { kernels::RopeAngles(n_rot, RowPos(t), c_.rope_freq_base, rope_, RopeCs(t)); });
   // Embeddings (ggml_get_rows: the rows of token_embd, dequantized) and the first block's
   // attn_norm.
   const LayerWeights* first = c_.n_layer ? &model_.layers[0] : nullptr;
@@ -454,6 +458,7 @@ void Forward::Attention(int il, int T) {
   float* qkv_out[3] = {q_.data(), k_.data(), v_.data()};
   Linears(qkv, qkv_out, 3, h_.data(), T);
   const bool neox = c_.rope_type == RopeType::kNeox;
+  const int n_rot = static_cast<int>(c_.n_rot);
   ForEachRow(T, [&](int t) {
     const int pos = RowPos(t);
     KvCache& cache = *RowCache(t);
@@ -479,8 +484,8 @@ void Forward::Attention(int il, int T) {
       for (int h = 0; h < H; ++h) kernels::RmsNorm(q + h * D, L.q_norm->F32(), D, c_.rms_eps, q + h * D);
       for (int h = 0; h < Hkv; ++h) kernels::RmsNorm(k + h * D, L.k_norm->F32(), D, c_.rms_eps, k + h * D);
     }
-    kernels::Rope(q, H, D, static_cast<int>(c_.n_rot), pos, c_.rope_freq_base, neox, rope_);
-    kernels::Rope(k, Hkv, D, static_cast<int>(c_.n_rot), pos, c_.rope_freq_base, neox, rope_);
+    kernels::RopeRotate(q, H, D, n_rot, neox, RopeCs(t));
+    kernels::RopeRotate(k, Hkv, D, n_rot, neox, RopeCs(t));
     for (int g = 0; g < Hkv; ++g) {
       cache.Store(cache.K(il, g), D, pos, k + g * D);
       cache.Store(cache.V(il, g), D, pos, F(v_, t * nv + g * D));
@@ -604,11 +609,11 @@ void Forward::MlaAttention(int il, int T) {
   // latent and the rotated key.
   ForEachRow(T, [&](int t) {
     const int pos = RowPos(t);
-    kernels::Rope(F(q_, t * H * Dk + Dn), static_cast<int>(H), static_cast<int>(Dk), static_cast<int>(Dr), pos,
-                  c_.rope_freq_base, false, rope_);
+    kernels::RopeRotate(F(q_, t * H * Dk + Dn), static_cast<int>(H), static_cast<int>(Dk), static_cast<int>(Dr), false,
+                        RopeCs(t));
     float* kv = F(kva_, t * W);  // [c | k_pe], finished in place, then stored
     kernels::RmsNorm(kv, L.kv_a_norm->F32(), Kr, c_.rms_eps, kv);
-    kernels::Rope(kv + Kr, 1, static_cast<int>(Dr), static_cast<int>(Dr), pos, c_.rope_freq_base, false, rope_);
+    kernels::RopeRotate(kv + Kr, 1, static_cast<int>(Dr), static_cast<int>(Dr), false, RopeCs(t));
     KvCache& cache = *RowCache(t);
     cache.Store(cache.K(il), W, pos, kv);
   });
