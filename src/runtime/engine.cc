@@ -144,14 +144,18 @@ void Engine::Step(std::vector<std::unique_ptr<Slot>>& active) {
   std::vector<SeqBatch> batch;
   std::vector<Slot*> who;
   std::vector<int> n_prompt;  // prompt tokens each entry evaluates (0: a decode token)
-  bool prefill_taken = false;
+  // Prompt chunks share a budget of `chunk` tokens per step (running streams wait one chunk at
+  // most), oldest first: several short prompts start in one step instead of one per step. Each
+  // prompt is still cut at multiples of `chunk` from its start (a chunk that does not fit waits
+  // whole for the next step), so its chunks never depend on the other requests.
+  int prefill_left = cfg_.chunk;
   for (auto& sp : active) {
     Slot& s = *sp;
     const size_t np = s.req.prompt.size();
     if (s.prefilled < np) {
-      if (prefill_taken) continue;  // one prompt chunk per step: running streams wait one chunk at most
-      prefill_taken = true;
       const int n = static_cast<int>(std::min<size_t>(cfg_.chunk, np - s.prefilled));
+      if (n > prefill_left) continue;
+      prefill_left -= n;
       const bool last = s.prefilled + n == np;
       batch.push_back({s.cache.get(), s.req.prompt.data() + s.prefilled, n, last ? s.logits.data() : nullptr});
       n_prompt.push_back(n);

@@ -1,10 +1,11 @@
 // Continuous batching: many generation requests through one Forward. Requests join and leave at
-// token boundaries; every step evaluates the next token of each decoding request plus one chunk
-// of at most `chunk` prompt tokens of the oldest request still reading its prompt (SARATHI-style
-// chunked prefill), all in one Forward::EvalBatch, so an expert's weights are read once per step
-// for every token that chose it. A request's result is bitwise the same alone or beside any
-// others: each has its own KV cache and seeded sampler, its prompt is always cut into the same
-// chunks, and the kernels run batch-invariant (kernels::SetBatchInvariant).
+// token boundaries; every step evaluates the next token of each decoding request plus at most
+// `chunk` prompt tokens of the requests still reading their prompts, oldest first, each prompt
+// cut into chunks of `chunk` tokens from its start (SARATHI-style chunked prefill; short prompts
+// share a step's budget), all in one Forward::EvalBatch, so an expert's weights are read once
+// per step for every token that chose it. A request's result is bitwise the same alone or beside
+// any others: each has its own KV cache and seeded sampler, its prompt is always cut into the
+// same chunks, and the kernels run batch-invariant (kernels::SetBatchInvariant).
 #pragma once
 
 #include <atomic>
@@ -27,7 +28,7 @@ namespace moe {
 struct EngineConfig {
   int parallel = 4;    // sequences decoding at once (slots)
   int ctx = 0;         // KV cache positions per sequence (0: the model's context, at most 4096)
-  int chunk = 64;      // prompt tokens per step of a prefilling request
+  int chunk = 64;      // prompt tokens per step (every prompt is cut into chunks of this size)
   int max_queue = 256; // waiting requests beyond the slots; more are refused
   bool batch_invariant = true;  // kernels::SetBatchInvariant (a single-stream run may skip it)
   DType kv_type = DType::kF32;  // the sequences' KV caches: kF32 or kF16 (KvCache)

@@ -170,7 +170,9 @@ const prompts = ["The jury said", "It was a", "He went to the", "In the morning"
 const reqs = [];
 for (let i = 0; i < 64; i++) {
   if (i % 4 === 3) { reqs.push({ bad: true, body: i % 8 === 3 ? "{oops" : { prompt: "a", max_tokens: "many" } }); continue; }
-  reqs.push({ body: { model: modelId, prompt: prompts[i % prompts.length] + " " + "again ".repeat(i % 5),
+  // Some prompts longer than a prefill chunk (64 tokens): cut into chunks that share steps with the
+  // short ones.
+  reqs.push({ body: { model: modelId, prompt: prompts[i % prompts.length] + " " + "again ".repeat(i % 16 === 5 ? 80 + i : i % 5),
                       max_tokens: 6 + (i % 7), temperature: i % 2 ? 0.9 : 0, seed: 1000 + i, logprobs: 2 } });
 }
 const concurrent = await Promise.all(reqs.map((r) => raw("/v1/completions", r.body)));
