@@ -18,29 +18,16 @@
 #include "runtime/sampler.h"
 #include "util/error.h"
 #include "test_dir.h"
+#include "test_models.h"
 
 namespace moe {
 namespace {
 
 std::string MakeModel(Arch arch, DType type, const std::string& name, uint32_t dim, uint32_t ffn,
                       uint32_t heads, uint32_t kv_heads, uint32_t shared = 0) {
-  InitOptions o;
-  o.config.arch = arch;
-  o.config.n_layer = 3;
-  o.config.n_embd = dim;
-  o.config.n_ff_exp = ffn;
-  o.config.n_expert = 6;
-  o.config.n_expert_used = 2;
-  o.config.n_head = heads;
-  o.config.n_head_kv = kv_heads;
+  InitOptions o = TestModelOptions(arch, type, 3, dim, ffn, heads, kv_heads, 42);
   o.config.n_ff_shexp = shared;
-  o.config.n_vocab = 300;
-  o.config.n_ctx_train = 128;
-  o.type = type;
-  o.seed = 42;
-  const std::string path = TestDir("forward") + "/" + name + ".gguf";
-  InitRandomModel(o, path);
-  return path;
+  return WriteTestModel(o, "forward", name);
 }
 
 // A deepseek2 model: 3 blocks (the first dense), MLA with qk_nope 32, qk_rope 16, v 32, kv_lora

@@ -18,27 +18,13 @@
 #include "model/model.h"
 #include "util/error.h"
 #include "test_dir.h"
+#include "test_models.h"
 
 namespace moe {
 namespace {
 
 std::string SmallModel() {
-  InitOptions o;
-  o.config.arch = Arch::kLlama;
-  o.config.n_layer = 2;
-  o.config.n_embd = 64;
-  o.config.n_ff_exp = 96;
-  o.config.n_expert = 6;
-  o.config.n_expert_used = 2;
-  o.config.n_head = 4;
-  o.config.n_head_kv = 2;
-  o.config.n_vocab = 300;
-  o.config.n_ctx_train = 128;
-  o.type = DType::kF32;
-  o.seed = 7;
-  const std::string path = TestDir("imatrix") + "/imatrix_model.gguf";
-  InitRandomModel(o, path);
-  return path;
+  return WriteTestModel(TestModelOptions(Arch::kLlama, DType::kF32, 2, 64, 96, 4, 2, 7), "imatrix", "imatrix_model");
 }
 
 TEST(Imatrix, GathersTheInputsOfEveryMatrix) {

@@ -13,9 +13,8 @@
 #include <string>
 #include <vector>
 
-#include "model/init.h"
 #include "model/model.h"
-#include "test_dir.h"
+#include "test_models.h"
 #include "util/threadpool.h"
 
 namespace moe {
@@ -27,12 +26,29 @@ struct Outcome {
   std::string reason;
 };
 
-// Runs the requests through one engine, all submitted at once, and returns what each got.
+// Runs the requests through one engine and returns what each got. They all wait in the queue
+// before the engine takes any of them: a first one-token request holds the engine's thread in its
+// token callback until they are submitted (so the steps they share do not depend on timing).
 std::vector<Outcome> RunTogether(Engine& engine, const std::vector<EngineRequest>& reqs) {
   std::vector<Outcome> out(reqs.size());
   std::mutex mu;
   std::condition_variable cv;
   size_t finished = 0;
+  bool all_queued = false, gate_done = false;
+  EngineRequest gate;
+  gate.prompt = {1, 2, 3};
+  gate.options.n_predict = 1;
+  gate.on_token = [&](const TokenEvent&) {
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [&] { return all_queued; });
+    return true;
+  };
+  gate.on_finish = [&](const FinishInfo&) {
+    std::lock_guard<std::mutex> lock(mu);
+    gate_done = true;
+    cv.notify_all();
+  };
+  engine.Submit(std::move(gate));
   for (size_t i = 0; i < reqs.size(); ++i) {
     EngineRequest r = reqs[i];
     r.on_token = [&out, i](const TokenEvent& ev) {  // the engine's thread only
@@ -49,26 +65,18 @@ std::vector<Outcome> RunTogether(Engine& engine, const std::vector<EngineRequest
     engine.Submit(std::move(r));
   }
   std::unique_lock<std::mutex> lock(mu);
-  cv.wait(lock, [&] { return finished == reqs.size(); });
+  all_queued = true;
+  cv.notify_all();
+  cv.wait(lock, [&] { return finished == reqs.size() && gate_done; });
   return out;
 }
 
 TEST(Engine, RequestsTogetherAreBitwiseTheirOwn) {
-  InitOptions o;
-  o.config.arch = Arch::kLlama;
-  o.config.n_layer = 2;
-  o.config.n_embd = 128;
-  o.config.n_ff_exp = 128;
-  o.config.n_expert = 6;
-  o.config.n_expert_used = 2;
-  o.config.n_head = 4;
-  o.config.n_head_kv = 2;
-  o.config.n_vocab = 300;
+  // F32 weights, so activations stay float: a prompt cut differently (the other attention path)
+  // shows in the bits.
+  InitOptions o = TestModelOptions(Arch::kLlama, DType::kF32, 2, 128, 128, 4, 2, 7);
   o.config.n_ctx_train = 256;
-  o.type = DType::kF32;  // float activations: a different attention path shows in the bits
-  o.seed = 7;
-  const std::string path = TestDir("engine") + "/engine_f32.gguf";
-  InitRandomModel(o, path);
+  const std::string path = WriteTestModel(o, "engine", "engine_f32");
   auto model = Model::Load(path);
   ThreadPool pool(2);
 
@@ -98,9 +106,9 @@ TEST(Engine, RequestsTogetherAreBitwiseTheirOwn) {
     Engine engine(*model, pool, cfg);
     together = RunTogether(engine, reqs);
     const EngineStats st = engine.Stats();
-    // Prompt chunks shared steps: one chunk per step would take at least 21 (16 chunks, then 5
-    // more tokens of the last request).
-    EXPECT_LT(st.steps, 21);
+    // Prompt chunks shared steps: one chunk per step would take at least 22 (the gate's step,
+    // 16 chunks, then 5 more tokens of the last request).
+    EXPECT_LT(st.steps, 22);
   }
   for (size_t i = 0; i < reqs.size(); ++i) {
     Engine engine(*model, pool, cfg);
