@@ -459,6 +459,38 @@ void Forward::Attention(int il, int T) {
   Linears(qkv, qkv_out, 3, h_.data(), T);
   const bool neox = c_.rope_type == RopeType::kNeox;
   const int n_rot = static_cast<int>(c_.n_rot);
+  ForEachRow(T, [&](int t) {
+    const int pos = RowPos(t);
+    KvCache& cache = *RowCache(t);
+    // The cache rows this token writes are fresh lines: start fetching them now, so the
+    // misses overlap the norms and rotations below.
+    for (int g = 0; g < Hkv; ++g) {
+      const uint8_t* kr = cache.K(il, g) + static_cast<size_t>(pos) * D * cache.elem();
+      const uint8_t* vr = cache.V(il, g) + static_cast<size_t>(pos) * D * cache.elem();
+      for (size_t o = 0; o < D * cache.elem(); o += 64) {
+        __builtin_prefetch(kr + o, 1);
+        __builtin_prefetch(vr + o, 1);
+      }
+    }
+    float* q = F(q_, t * nq);
+    float* k = F(k_, t * nk);
+    if (L.bq) kernels::Add(q, L.bq->F32(), q, nq);
+    if (L.bk) kernels::Add(k, L.bk->F32(), k, nk);
+    if (L.bv) kernels::Add(F(v_, t * nv), L.bv->F32(), F(v_, t * nv), nv);
+    if (c_.qk_norm == QkNorm::kFull) {
+      kernels::RmsNorm(q, L.q_norm->F32(), nq, c_.rms_eps, q);
+      kernels::RmsNorm(k, L.k_norm->F32(), nk, c_.rms_eps, k);
+    } else if (c_.qk_norm == QkNorm::kPerHead) {
+      for (int h = 0; h < H; ++h) kernels::RmsNorm(q + h * D, L.q_norm->F32(), D, c_.rms_eps, q + h * D);
+      for (int h = 0; h < Hkv; ++h) kernels::RmsNorm(k + h * D, L.k_norm->F32(), D, c_.rms_eps, k + h * D);
+    }
+    kernels::RopeRotate(q, H, D, n_rot, neox, RopeCs(t));
+    kernels::RopeRotate(k, Hkv, D, n_rot, neox, RopeCs(t));
+    for (int g = 0; g < Hkv; ++g) {
+      cache.Store(cache.K(il, g), D, pos, k + g * D);
+      cache.Store(cache.V(il, g), D, pos, F(v_, t * nv + g * D));
+    }
+  });
   const float scale = kq_scale_;
   const int group = H / Hkv;
   // Work items per sequence. Fewer than kAttnBlock new tokens (decode): (token, KV head, rows of
@@ -468,14 +500,7 @@ void Forward::Attention(int il, int T) {
   // block sees (Q K^T), masked causally and normalised row by row, then P V. The path is the
   // sequence's own, whatever else is in the batch, and a row's result never depends on its
   // item-mates.
-  // A one-token sequence whose KV groups go whole to single items (decode, when there are at
-  // least as many KV heads as threads) has its per-head work done by those items, before they
-  // attend: the per-head norms and RoPE of the group's query heads and of its key head, and the
-  // key and value rows written to the cache. Otherwise one pass over the tokens does it first
-  // (their items need each other's cache rows), and in either case whole-row work (biases, a
-  // norm over all heads). The arithmetic is the same either way, so are the bits.
   attn_items_.clear();
-  own_heads_.assign(segments_.size(), 0);
   for (int si = 0; si < static_cast<int>(segments_.size()); ++si) {
     const Segment& sg = segments_[si];
     if (sg.n >= kAttnBlock) {
@@ -485,58 +510,10 @@ void Forward::Attention(int il, int T) {
     }
     const int parts = std::min(group, (pool_.size() + sg.n * Hkv - 1) / (sg.n * Hkv));
     const int per = std::min(kAttnBlock, (group + parts - 1) / parts);
-    own_heads_[si] = sg.n == 1 && per == group;  // one item per KV group
     for (int i = 0; i < sg.n; ++i)
       for (int g = 0; g < Hkv; ++g)
         for (int r = 0; r < group; r += per)
           attn_items_.push_back({si, sg.t0 + i, std::min(per, group - r), g * group + r, false});
-  }
-  // KV head g of token t: its query heads' and key head's per-head norms and RoPE, and its cache
-  // rows.
-  const auto prepare_group = [&](int t, int g) {
-    const int pos = RowPos(t);
-    KvCache& cache = *RowCache(t);
-    float* q = F(q_, t * nq + g * group * D);
-    float* k = F(k_, t * nk + g * D);
-    if (c_.qk_norm == QkNorm::kPerHead) {
-      for (int h = 0; h < group; ++h) kernels::RmsNorm(q + h * D, L.q_norm->F32(), D, c_.rms_eps, q + h * D);
-      kernels::RmsNorm(k, L.k_norm->F32(), D, c_.rms_eps, k);
-    }
-    kernels::RopeRotate(q, group, D, n_rot, neox, RopeCs(t));
-    kernels::RopeRotate(k, 1, D, n_rot, neox, RopeCs(t));
-    cache.Store(cache.K(il, g), D, pos, k);
-    cache.Store(cache.V(il, g), D, pos, F(v_, t * nv + g * D));
-  };
-  const bool whole_row = L.bq || L.bk || L.bv || c_.qk_norm == QkNorm::kFull;
-  bool any_shared = false;
-  for (int si = 0; si < static_cast<int>(segments_.size()); ++si) any_shared = any_shared || !own_heads_[si];
-  if (whole_row || any_shared) {
-    ForEachRow(T, [&](int t) {
-      const bool own = own_heads_[row_seg_[t]];
-      float* q = F(q_, t * nq);
-      float* k = F(k_, t * nk);
-      if (L.bq) kernels::Add(q, L.bq->F32(), q, nq);
-      if (L.bk) kernels::Add(k, L.bk->F32(), k, nk);
-      if (L.bv) kernels::Add(F(v_, t * nv), L.bv->F32(), F(v_, t * nv), nv);
-      if (c_.qk_norm == QkNorm::kFull) {
-        kernels::RmsNorm(q, L.q_norm->F32(), nq, c_.rms_eps, q);
-        kernels::RmsNorm(k, L.k_norm->F32(), nk, c_.rms_eps, k);
-      }
-      if (own) return;
-      // The cache rows this token writes are fresh lines: start fetching them now, so the
-      // misses overlap the norms and rotations below.
-      const int pos = RowPos(t);
-      KvCache& cache = *RowCache(t);
-      for (int g = 0; g < Hkv; ++g) {
-        const uint8_t* kr = cache.K(il, g) + static_cast<size_t>(pos) * D * cache.elem();
-        const uint8_t* vr = cache.V(il, g) + static_cast<size_t>(pos) * D * cache.elem();
-        for (size_t o = 0; o < D * cache.elem(); o += 64) {
-          __builtin_prefetch(kr + o, 1);
-          __builtin_prefetch(vr + o, 1);
-        }
-      }
-      for (int g = 0; g < Hkv; ++g) prepare_group(t, g);
-    });
   }
   ReserveWidening(2 * static_cast<size_t>(D), true);
   pool_.ParallelFor(static_cast<int64_t>(attn_items_.size()), 1, [&](int64_t b, int64_t e, int thread) {
@@ -546,7 +523,6 @@ void Forward::Attention(int il, int T) {
       const Segment& sg = segments_[it.seg];
       const KvCache& cache = *sg.cache;
       const int g = it.head / group, first = cache.n_past() + (it.t - sg.t0);  // first query's position
-      if (own_heads_[it.seg]) prepare_group(it.t, g);
       const uint8_t* Kc = sg.cache->K(il, g);  // [n_ctx][D]
       const uint8_t* Vc = sg.cache->V(il, g);
       float* out = att_.data() + it.t * nq + it.head * D;

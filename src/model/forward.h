@@ -192,7 +192,6 @@ class Forward {
     bool batched;
   };
   std::vector<AttnItem> attn_items_;
-  std::vector<char> own_heads_;  // per segment: its attention items prepare their own heads (Attention)
   std::vector<int32_t> batch_tokens_;  // EvalBatch: the sequences' tokens, concatenated
   std::vector<float> out_logits_;      // EvalBatch: logits before they go to each sequence
   kernels::RopeScaling rope_;   // the model's RoPE scaling (RopeScalingOf)
