@@ -88,12 +88,16 @@ struct RopeScaling {
 // neox=false: pairs (2i, 2i+1) ("normal", llama); neox=true: pairs (i, i + n_rot/2) (qwen, olmoe).
 void Rope(float* x, int n_heads, int head_dim, int n_rot, int pos, float freq_base, bool neox,
           const RopeScaling& scaling = RopeScaling());
-// Rope in two steps, so the rotations of a position are computed once for every head and layer:
-// RopeAngles writes cs[2i], cs[2i + 1] = the cosine and sine of pair i < n_rot / 2 (times the
-// scaling's magnitude factor; n_rot floats), RopeRotate rotates x by them; together bitwise
-// equal to Rope.
-void RopeAngles(int n_rot, int pos, float freq_base, const RopeScaling& scaling, float* cs);
-void RopeRotate(float* x, int n_heads, int head_dim, int n_rot, bool neox, const float* cs);
+// Rope in two steps, so a position's rotations are computed once for every head and layer (and
+// training's backward rotates by the same tables): cos / sin tables [n_pos][n_rot/2] for
+// positions pos0 .. pos0+n_pos-1, the angle as ggml computes it (theta = pos, theta *=
+// base^(-2/n_rot) per pair, the scaling applied, cos and sin times its magnitude factor); then
+// RopeApply rotates x = [n_heads][head_dim] of one position by a table row, or by -theta with
+// inverse (the rotation's transpose, training's backward). Rope is the two, bit for bit.
+void RopeTables(int n_rot, float freq_base, int pos0, int n_pos, float* cos_table, float* sin_table,
+                const RopeScaling& scaling = RopeScaling());
+void RopeApply(float* x, int n_heads, int head_dim, int n_rot, const float* cos_row,
+               const float* sin_row, bool neox, bool inverse = false);
 // In place, numerically stable (max subtracted).
 void Softmax(float* x, int64_t n);
 // out[i] = silu(gate[i]) * up[i], silu(g) = g / (1 + exp(-g)). out may alias gate or up.

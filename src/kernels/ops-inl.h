@@ -7,8 +7,8 @@
 //   RmsNorm: float squares summed in double, scale = 1/sqrtf(mean + eps) in float.
 //   Softmax: max subtracted, exp in float (Highway's Exp, within 1 ulp of expf, as ggml's
 //   vectorised expf is), each vector's sum added in double, scale by float(1/sum).
-//   Rope: theta_scale = powf(base, -2/n_rot), theta *= theta_scale iteratively from pos (RopeAngles,
-//   once per position; RopeRotate applies them).
+//   RoPE (ops.cc RopeTables): theta_scale = powf(base, -2/n_rot), theta *= theta_scale
+//   iteratively from pos.
 
 #if defined(MOE_KERNELS_OPS_INL_H_) == defined(HWY_TARGET_TOGGLE)
 #ifdef MOE_KERNELS_OPS_INL_H_
@@ -22,13 +22,11 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
-#include <vector>
 
 #include "hwy/cache_control.h"
 #include "hwy/contrib/math/math-inl.h"
 #include "hwy/highway.h"
 #include "kernels/kernels.h"
-#include "kernels/rope-inl.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace moe::kernels {
@@ -146,41 +144,24 @@ HWY_NOINLINE inline void RmsNorm(const float* x, const float* w, int64_t n, floa
   }
 }
 
-// Not hot (one call per head group per token): scalar, with the angle recurrence of ggml so the
-// float rounding of theta matches, and its rope_yarn for the scaling.
-HWY_NOINLINE inline void RopeAngles(int n_rot, int pos, float freq_base, const RopeScaling& sc, float* cs) {
-  if (n_rot <= 0) return;
-  const float theta_scale = std::pow(freq_base, -2.0f / static_cast<float>(n_rot));
+// x = [n_heads][head_dim] of one position: the first n_rot dims of each head rotated by a
+// RopeTables row (pairs (2i, 2i+1) or, neox, (i, i + n_rot/2)); inverse: by -theta. Scalar: not
+// hot (per token and layer, a few hundred pairs).
+HWY_NOINLINE inline void RopeApply(float* x, int n_heads, int head_dim, int n_rot, const float* cos_row,
+                                   const float* sin_row, bool neox, bool inverse) {
   const int half = n_rot / 2;
-  float mscale = sc.attn_factor;
-  if (sc.ext_factor != 0.0f) mscale *= 1.0f + 0.1f * std::log(1.0f / sc.freq_scale);
-  float theta = static_cast<float>(pos);
   for (int i = 0; i < half; ++i) {
-    float angle = sc.freq_scale * theta;
-    if (sc.ext_factor != 0.0f) {
-      const float y = (static_cast<float>(i) - sc.corr_dims[0]) / std::max(0.001f, sc.corr_dims[1] - sc.corr_dims[0]);
-      const float ramp = (1.0f - std::min(1.0f, std::max(0.0f, y))) * sc.ext_factor;
-      angle = angle * (1.0f - ramp) + theta * ramp;
+    const int i0 = neox ? i : 2 * i;
+    const int i1 = neox ? i + half : 2 * i + 1;
+    const float c = cos_row[i], s = inverse ? -sin_row[i] : sin_row[i];
+    for (int h = 0; h < n_heads; ++h) {
+      float* xh = x + static_cast<int64_t>(h) * head_dim;
+      const float x0 = xh[i0];
+      const float x1 = xh[i1];
+      xh[i0] = x0 * c - x1 * s;
+      xh[i1] = x0 * s + x1 * c;
     }
-    cs[2 * i] = std::cos(angle) * mscale;
-    cs[2 * i + 1] = std::sin(angle) * mscale;
-    theta *= theta_scale;
   }
-}
-
-HWY_NOINLINE inline void RopeRotate(float* x, int n_heads, int head_dim, int n_rot, bool neox, const float* cs) {
-  if (n_rot <= 0 || n_heads <= 0) return;
-  const int half = n_rot / 2;
-  for (int i = 0; i < half; ++i)
-    RotatePair(x, n_heads, head_dim, neox ? i : 2 * i, neox ? i + half : 2 * i + 1, cs[2 * i], cs[2 * i + 1]);
-}
-
-HWY_NOINLINE inline void Rope(float* x, int n_heads, int head_dim, int n_rot, int pos,
-                       float freq_base, bool neox, const RopeScaling& sc = RopeScaling()) {
-  if (n_rot <= 0 || n_heads <= 0) return;
-  std::vector<float> cs(static_cast<size_t>(n_rot));
-  HWY_NAMESPACE::RopeAngles(n_rot, pos, freq_base, sc, cs.data());
-  HWY_NAMESPACE::RopeRotate(x, n_heads, head_dim, n_rot, neox, cs.data());
 }
 
 HWY_NOINLINE inline void Softmax(float* x, int64_t n) {

@@ -17,7 +17,6 @@
 #include "hwy/contrib/math/math-inl.h"
 #include "hwy/highway.h"
 #include "kernels/gemm.h"
-#include "kernels/rope-inl.h"
 #include "kernels/train_ops.h"
 
 HWY_BEFORE_NAMESPACE();
@@ -198,17 +197,6 @@ HWY_NOINLINE inline void CausalAttentionBackward(int L, int dh, float scale, con
   }
   Gemm(GemmOp::kNN, L, dh, L, ds, L, k, ldk, dq, lddq, false);
   Gemm(GemmOp::kTN, L, dh, L, ds, L, q, ldq, dk, lddk, true);
-}
-
-// The rotation statements are inference's (rope-inl.h): bit for bit the same rotation.
-HWY_NOINLINE inline void RopeApply(float* x, int n_heads, int head_dim, int n_rot, const float* cos_row,
-                                   const float* sin_row, bool neox, bool inverse) {
-  const int half = n_rot / 2;
-  for (int i = 0; i < half; ++i) {
-    const int i0 = neox ? i : 2 * i;
-    const int i1 = neox ? i + half : 2 * i + 1;
-    RotatePair(x, n_heads, head_dim, i0, i1, cos_row[i], inverse ? -sin_row[i] : sin_row[i]);
-  }
 }
 
 HWY_NOINLINE inline double CrossEntropyRow(const float* logits, int64_t V, int32_t target, float scale,

@@ -20,7 +20,6 @@ HWY_EXPORT(CausalAttentionForward);
 HWY_EXPORT(CausalAttentionBackward);
 HWY_EXPORT(CrossEntropyRow);
 HWY_EXPORT(LogProbRow);
-HWY_EXPORT(RopeApply);
 HWY_EXPORT(AdamWUpdate);
 HWY_EXPORT(SumSquares);
 
@@ -49,28 +48,10 @@ double LogProbRow(const float* logits, int64_t V, int32_t target) {
   return HWY_DYNAMIC_DISPATCH(LogProbRow)(logits, V, target);
 }
 
-void RopeApply(float* x, int n_heads, int head_dim, int n_rot, const float* cos_row,
-               const float* sin_row, bool neox, bool inverse) {
-  HWY_DYNAMIC_DISPATCH(RopeApply)(x, n_heads, head_dim, n_rot, cos_row, sin_row, neox, inverse);
-}
-
 void AdamWUpdate(float* w, const float* g, float* m, float* v, int64_t n, const AdamWParams& p) {
   HWY_DYNAMIC_DISPATCH(AdamWUpdate)(w, g, m, v, n, p);
 }
 double SumSquares(const float* x, int64_t n) { return HWY_DYNAMIC_DISPATCH(SumSquares)(x, n); }
-
-void RopeTables(int n_rot, float freq_base, int pos0, int n_pos, float* cos_table, float* sin_table) {
-  const int half = n_rot / 2;
-  const float theta_scale = std::pow(freq_base, -2.0f / static_cast<float>(n_rot));
-  for (int p = 0; p < n_pos; ++p) {
-    float theta = static_cast<float>(pos0 + p);  // ggml's recurrence (kernels.h Rope)
-    for (int i = 0; i < half; ++i) {
-      cos_table[static_cast<size_t>(p) * half + i] = std::cos(theta);
-      sin_table[static_cast<size_t>(p) * half + i] = std::sin(theta);
-      theta *= theta_scale;
-    }
-  }
-}
 
 void EmbeddingBackward(const int32_t* tokens, int n, const float* dx, int d, float* dE) {
   for (int t = 0; t < n; ++t) {

@@ -22,16 +22,8 @@ float RmsNormTrain(const float* x, const float* w, int64_t n, float eps, float* 
 void RmsNormBackward(const float* x, const float* w, float rstd, const float* dy, int64_t n,
                      float* dx, float* dw);
 
-// ---- rotary embeddings ------------------------------------------------------------------------
-// cos / sin tables [n_pos][n_rot/2] for positions pos0 .. pos0+n_pos-1, the angle computed as
-// ggml does (theta = pos, theta *= base^(-2/n_rot) per pair), so training rotates exactly as
-// inference (kernels.h Rope) does.
-void RopeTables(int n_rot, float freq_base, int pos0, int n_pos, float* cos_table, float* sin_table);
-// x = [n_heads][head_dim] of one position: rotates the first n_rot dims of each head by the
-// table row (pairs (2i, 2i+1) or, neox, (i, i + n_rot/2)). inverse: by -theta, which is the
-// backward (the rotation's transpose).
-void RopeApply(float* x, int n_heads, int head_dim, int n_rot, const float* cos_row,
-               const float* sin_row, bool neox, bool inverse);
+// Rotary embeddings: kernels.h RopeTables and RopeApply (inverse = the backward), shared with
+// inference.
 
 // ---- causal attention (one sequence, one head) ------------------------------------------------
 // q, k, v: L rows of dh values (row strides ldq, ldk, ldv). probs [L][L]: row i the softmax over

@@ -375,10 +375,14 @@ void Forward::EvalChunk(const int32_t* tokens, int T, const std::vector<OutRow>&
   x_.resize(T * E);
   h_.resize(T * E);
   tmp_.resize(T * E);
-  // Each row's RoPE rotations, once for all its heads and layers.
-  const int n_rot = static_cast<int>(c_.n_rot);
-  rope_cs_.resize(static_cast<size_t>(T) * n_rot);
-  ForEachRow(T, [&](int t) { kernels::RopeAngles(n_rot, RowPos(t), c_.rope_freq_base, rope_, RopeCs(t)); });
+  // Each row's RoPE table, once for all its heads and layers.
+  const size_t half = c_.n_rot / 2;
+  rope_cos_.resize(T * half);
+  rope_sin_.resize(T * half);
+  ForEachRow(T, [&](int t) {
+    kernels::RopeTables(static_cast<int>(c_.n_rot), c_.rope_freq_base, RowPos(t), 1, &rope_cos_[t * half],
+                        &rope_sin_[t * half], rope_);
+  });
   // Embeddings (ggml_get_rows: the rows of token_embd, dequantized) and the first block's
   // attn_norm.
   const LayerWeights* first = c_.n_layer ? &model_.layers[0] : nullptr;
@@ -484,8 +488,8 @@ void Forward::Attention(int il, int T) {
       for (int h = 0; h < H; ++h) kernels::RmsNorm(q + h * D, L.q_norm->F32(), D, c_.rms_eps, q + h * D);
       for (int h = 0; h < Hkv; ++h) kernels::RmsNorm(k + h * D, L.k_norm->F32(), D, c_.rms_eps, k + h * D);
     }
-    kernels::RopeRotate(q, H, D, n_rot, neox, RopeCs(t));
-    kernels::RopeRotate(k, Hkv, D, n_rot, neox, RopeCs(t));
+    kernels::RopeApply(q, H, D, n_rot, RopeCos(t), RopeSin(t), neox);
+    kernels::RopeApply(k, Hkv, D, n_rot, RopeCos(t), RopeSin(t), neox);
     for (int g = 0; g < Hkv; ++g) {
       cache.Store(cache.K(il, g), D, pos, k + g * D);
       cache.Store(cache.V(il, g), D, pos, F(v_, t * nv + g * D));
@@ -609,11 +613,11 @@ void Forward::MlaAttention(int il, int T) {
   // latent and the rotated key.
   ForEachRow(T, [&](int t) {
     const int pos = RowPos(t);
-    kernels::RopeRotate(F(q_, t * H * Dk + Dn), static_cast<int>(H), static_cast<int>(Dk), static_cast<int>(Dr), false,
-                        RopeCs(t));
+    kernels::RopeApply(F(q_, t * H * Dk + Dn), static_cast<int>(H), static_cast<int>(Dk), static_cast<int>(Dr),
+                       RopeCos(t), RopeSin(t), false);
     float* kv = F(kva_, t * W);  // [c | k_pe], finished in place, then stored
     kernels::RmsNorm(kv, L.kv_a_norm->F32(), Kr, c_.rms_eps, kv);
-    kernels::RopeRotate(kv + Kr, 1, static_cast<int>(Dr), static_cast<int>(Dr), false, RopeCs(t));
+    kernels::RopeApply(kv + Kr, 1, static_cast<int>(Dr), static_cast<int>(Dr), RopeCos(t), RopeSin(t), false);
     KvCache& cache = *RowCache(t);
     cache.Store(cache.K(il), W, pos, kv);
   });

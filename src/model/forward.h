@@ -195,8 +195,9 @@ class Forward {
   std::vector<int32_t> batch_tokens_;  // EvalBatch: the sequences' tokens, concatenated
   std::vector<float> out_logits_;      // EvalBatch: logits before they go to each sequence
   kernels::RopeScaling rope_;   // the model's RoPE scaling (RopeScalingOf)
-  std::vector<float> rope_cs_;  // [T][n_rot]: each row's RoPE rotations (kernels::RopeAngles)
-  float* RopeCs(int t) { return rope_cs_.data() + static_cast<size_t>(t) * c_.n_rot; }
+  std::vector<float> rope_cos_, rope_sin_;  // [T][n_rot / 2]: each row's RoPE table (kernels::RopeTables)
+  const float* RopeCos(int t) const { return rope_cos_.data() + static_cast<size_t>(t) * (c_.n_rot / 2); }
+  const float* RopeSin(int t) const { return rope_sin_.data() + static_cast<size_t>(t) * (c_.n_rot / 2); }
   float kq_scale_ = 1.0f;       // scale of the attention scores
   bool mla_plain_ = false;
   std::vector<std::vector<float>> mla_kb_, mla_vb_;  // plain MLA: f32 attn_k_b / attn_v_b per layer

@@ -6,6 +6,7 @@
 
 #include "kernels/gemm.h"
 #include "kernels/ref/train_ref.h"
+#include "kernels/kernels.h"
 #include "kernels/train_ops.h"
 #include "moe/swiglu_act.h"
 #include "util/error.h"

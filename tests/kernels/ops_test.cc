@@ -214,7 +214,7 @@ void TestRopeScaling() {
         sc.corr_dims[0] = cs.corr0;
         sc.corr_dims[1] = cs.corr1;
         std::vector<float> got = x;
-        HWY_NAMESPACE::Rope(got.data(), n_heads, head_dim, n_rot, pos, base, neox, sc);
+        Rope(got.data(), n_heads, head_dim, n_rot, pos, base, neox, sc);  // the dispatched entry
         for (size_t i = 0; i < x.size(); ++i)  // angles up to ~1000 rad: ~1e-4 absolute in float
           ASSERT_NEAR(got[i], want[i], 2e-4 * pos + 1e-5) << "pos=" << pos << " i=" << i;
       }
