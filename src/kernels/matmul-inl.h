@@ -2080,6 +2080,40 @@ HWY_INLINE void TileDot8(const W& w, const X& x4, __m512i& s0, __m512i& s1) {
   }
 }
 
+// Where a tile kernel's prefetches go. A single pass over the tiles (all the tokens at once, at
+// most kTilePass) reads them from memory once: each stream is prefetched kMmPrefetchBytes ahead,
+// past its end into the tile it reads next. With several passes over the same tiles, only the
+// first would read memory and the others' arithmetic would leave it idle (8 tokens in two passes
+// from memory took the sum of the two times): instead every pass prefetches its share of the next
+// tiles (`next`, tile_bytes apart), in order and in proportion to its tokens, into L2, so the next
+// tiles arrive while these are multiplied (16 tokens in passes of 4 from memory: +11-17%).
+struct MmTilePrefetch {
+  const uint8_t* next = nullptr;
+  int64_t n_tok = 1, k0 = 0, nt = 1;  // all the tokens; this group's first and count
+};
+
+// Position p's prefetches: kPos bytes per tile, kT tiles tile_bytes apart from `tile`, np
+// positions per tile.
+template <int kT, size_t kPos>
+HWY_INLINE void TilePrefetch(const uint8_t* tile, size_t tile_bytes, int64_t np, int64_t p,
+                             const MmTilePrefetch& pf) {
+  if (pf.nt == pf.n_tok) {
+    const size_t ahead = static_cast<size_t>(p) * kPos + kMmPrefetchBytes;
+    const size_t skip = ahead >= tile_bytes ? (kT - 1) * tile_bytes : 0;
+    HWY_UNROLL(2)
+    for (int k = 0; k < kT; ++k) MmPrefetch<kPos>(tile + k * tile_bytes + ahead + skip);
+    return;
+  }
+  // Over all groups, the token-positions before this one's end are k0 np + (p + 1) nt of n_tok np.
+  const size_t at = static_cast<size_t>(pf.k0 * np + p * pf.nt), n = static_cast<size_t>(pf.n_tok);
+  const size_t b0 = at * kPos / n / 64 * 64, b1 = (at + static_cast<size_t>(pf.nt)) * kPos / n;
+  HWY_UNROLL(2)
+  for (int k = 0; k < kT; ++k) {
+    for (size_t o = b0; o < b1; o += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(pf.next + k * tile_bytes + o), _MM_HINT_T1);
+  }
+}
+
 template <DType kW>
 struct TileFormat {
   static constexpr bool kQ4 = kW == DType::kQ4_0;
@@ -2096,7 +2130,7 @@ struct TileFormat {
 // result is bitwise the same however the rows and tokens are grouped.
 template <DType kW, int NT, int kT>
 HWY_INLINE void TileDot(const uint8_t* HWY_RESTRICT tile, size_t tile_bytes, int64_t np, const MmAct* act,
-                        float* HWY_RESTRICT out, int64_t out_stride) {
+                        float* HWY_RESTRICT out, int64_t out_stride, const MmTilePrefetch& pf) {
   using TF = TileFormat<kW>;
   __m512 acc[NT][kT][2];
   HWY_UNROLL(4)
@@ -2107,12 +2141,7 @@ HWY_INLINE void TileDot(const uint8_t* HWY_RESTRICT tile, size_t tile_bytes, int
   const __m512i nib = _mm512_set1_epi8(0x0F);
   for (int64_t p = 0; p < np; ++p) {
     const uint8_t* pp = tile + p * TF::kPairBytes;
-    // Each tile's stream prefetched ahead; past its end it continues into the tile the same
-    // stream reads next (with pairs, kT tiles further on).
-    const size_t ahead = static_cast<size_t>(p) * TF::kPairBytes + kMmPrefetchBytes;
-    const size_t skip = ahead >= tile_bytes ? (kT - 1) * tile_bytes : 0;
-    HWY_UNROLL(2)
-    for (int k = 0; k < kT; ++k) MmPrefetch<TF::kPairBytes>(tile + k * tile_bytes + ahead + skip);
+    TilePrefetch<kT, TF::kPairBytes>(tile, tile_bytes, np, p, pf);
     HWY_UNROLL(2)
     for (int h = 0; h < 2; ++h) {
       const int64_t b = 2 * p + h;
@@ -2179,7 +2208,7 @@ constexpr size_t kTileQ4KBytes = 16 * sizeof(BlockQ4_K);
 // its float arithmetic is the same, so its result is bitwise the same for any kT and NT.
 template <int NT, int kT>
 HWY_INLINE void TileDotQ4K(const uint8_t* HWY_RESTRICT tile, size_t tile_bytes, int64_t nb, const MmAct* act,
-                           float* HWY_RESTRICT out, int64_t out_stride) {
+                           float* HWY_RESTRICT out, int64_t out_stride, const MmTilePrefetch& pf) {
   // The mins' term is subtracted per super-block by a fused multiply-add (the two terms are
   // large and cancel, so their rounding order shows: this order matched llama.cpp's results on
   // the conformance files to ~1e-6, a separate accumulator subtracted at the end did not).
@@ -2192,21 +2221,14 @@ HWY_INLINE void TileDotQ4K(const uint8_t* HWY_RESTRICT tile, size_t tile_bytes, 
   const __m512i nib = _mm512_set1_epi8(0x0F);
   const __m128i m63 = _mm_set1_epi8(63), m15 = _mm_set1_epi8(15), top = _mm_set1_epi8(static_cast<char>(0xC0));
   const auto hi2 = [&](__m128i v) { return _mm_srli_epi16(_mm_and_si128(v, top), 2); };  // bits 6..7 -> 4..5
-  const size_t tile_q4k = static_cast<size_t>(nb) * kTileQ4KBytes;
   // One vpdpbusd chain per token and tile, two (low and high nibbles) when there are only one or
   // two of those: fewer chains leave the loop waiting on vpdpbusd's latency.
   constexpr bool kTwoChains = NT * kT <= 2;
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* sb[kT];
-    // Each tile's stream prefetched ahead; past its end it continues into the tile the same
-    // stream reads next (with pairs, kT tiles further on).
-    const size_t ahead = static_cast<size_t>(b) * kTileQ4KBytes + kMmPrefetchBytes;
-    const size_t skip = ahead >= tile_q4k ? (kT - 1) * tile_bytes : 0;
+    TilePrefetch<kT, kTileQ4KBytes>(tile, tile_bytes, nb, b, pf);
     HWY_UNROLL(2)
-    for (int k = 0; k < kT; ++k) {
-      sb[k] = tile + k * tile_bytes + b * kTileQ4KBytes;
-      MmPrefetch<kTileQ4KBytes>(tile + k * tile_bytes + ahead + skip);
-    }
+    for (int k = 0; k < kT; ++k) sb[k] = tile + k * tile_bytes + b * kTileQ4KBytes;
     const auto byte = [&](int k, int i) { return _mm_load_si128(reinterpret_cast<const __m128i*>(sb[k] + 64 + 16 * i)); };
     // Sub-block j's scales of the 16 rows of tile k (int32 lanes).
     const auto scale = [&](int k, int j) {
@@ -2311,14 +2333,15 @@ constexpr size_t kTileQ6KBytes = 16 * sizeof(BlockQ6_K);
 
 template <int NT>
 HWY_INLINE void TileDotQ6K(const uint8_t* HWY_RESTRICT tile, int64_t nb, const MmAct* act,
-                           float* HWY_RESTRICT out, int64_t out_stride) {
+                           float* HWY_RESTRICT out, int64_t out_stride, const MmTilePrefetch& pf) {
   __m512 acc[NT];
   HWY_UNROLL(4)
   for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
   const __m512i nib = _mm512_set1_epi8(0x0F), two = _mm512_set1_epi8(0x03);
+  const size_t tile_bytes = static_cast<size_t>(nb) * kTileQ6KBytes;
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* sb = tile + b * kTileQ6KBytes;
-    MmPrefetch<kTileQ6KBytes>(sb + kMmPrefetchBytes);
+    TilePrefetch<1, kTileQ6KBytes>(tile, tile_bytes, nb, b, pf);
     const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + 3328)));
     __m512i isum[NT];
     HWY_UNROLL(4)
@@ -2362,26 +2385,42 @@ HWY_INLINE void TileDotQ6K(const uint8_t* HWY_RESTRICT tile, int64_t nb, const M
   for (int t = 0; t < NT; ++t) _mm512_storeu_ps(out + t * out_stride, acc[t]);
 }
 
-// kT tiles (tile_bytes apart) times nt <= 4 tokens, in the tile kernel of kW.
+// Tokens per pass of a tile kernel over its tiles: each weight vector is unpacked once for all
+// of them. 8 for q8_0, q4_0 and q6_K: 8 tokens' accumulators over 2 tiles spill to L1, which
+// costs less than a second pass (measured, one thread, q4_0 / q8_0 / q6_K against passes of 4:
+// 5-8 tokens from memory +20-60%, 64 tokens +9-37%). q4_K keeps 4: its per-sub-block integer
+// sums spill too, and 6-8 tokens in one pass ran 15-35% slower.
+template <DType kW>
+inline constexpr int64_t kTilePass = kW == DType::kQ4_K ? 4 : 8;
+
+// kT tiles (tile_bytes apart) times nt <= kTilePass tokens, in the tile kernel of kW.
 template <DType kW, int kT>
 HWY_INLINE void TileGroup(const uint8_t* tile, size_t tile_bytes, int64_t np, const MmAct* a, int64_t nt,
-                          float* out, int64_t out_stride) {
+                          float* out, int64_t out_stride, const MmTilePrefetch& pf) {
   const auto dot = [&](auto nt_c) {
     constexpr int NT = decltype(nt_c)::value;
     if constexpr (kW == DType::kQ6_K) {
       static_assert(kT == 1);
-      TileDotQ6K<NT>(tile, np, a, out, out_stride);
+      TileDotQ6K<NT>(tile, np, a, out, out_stride, pf);
     } else if constexpr (kW == DType::kQ4_K) {
-      TileDotQ4K<NT, kT>(tile, tile_bytes, np, a, out, out_stride);
+      TileDotQ4K<NT, kT>(tile, tile_bytes, np, a, out, out_stride, pf);
     } else {
-      TileDot<kW, NT, kT>(tile, tile_bytes, np, a, out, out_stride);
+      TileDot<kW, NT, kT>(tile, tile_bytes, np, a, out, out_stride, pf);
     }
   };
   switch (nt) {
     case 1: dot(std::integral_constant<int, 1>()); break;
     case 2: dot(std::integral_constant<int, 2>()); break;
     case 3: dot(std::integral_constant<int, 3>()); break;
-    default: dot(std::integral_constant<int, 4>()); break;
+    case 4: dot(std::integral_constant<int, 4>()); break;
+  }
+  if constexpr (kTilePass<kW> == 8) {
+    switch (nt) {
+      case 5: dot(std::integral_constant<int, 5>()); break;
+      case 6: dot(std::integral_constant<int, 6>()); break;
+      case 7: dot(std::integral_constant<int, 7>()); break;
+      case 8: dot(std::integral_constant<int, 8>()); break;
+    }
   }
 }
 
@@ -2405,9 +2444,15 @@ HWY_INLINE void MatMulTiles(const uint8_t* W, int64_t n_in, int64_t r0, int64_t 
   // the first streams (two for the block-32 types' pairs) is asked for here, before the
   // activations are prepared, so a row range does not begin with a run of demand misses
   // (prefetches past the range or the matrix are harmless: they never fault).
+  // With several passes the later tiles are prefetched a whole tile ahead (MmTilePrefetch), so
+  // the first ones are asked for whole.
   const uint8_t* first = W + static_cast<size_t>(r0 / 16) * tile_bytes;
-  MmPrefetch<kMmPrefetchBytes>(first);
-  if constexpr (kW != DType::kQ6_K) MmPrefetch<kMmPrefetchBytes>(first + tile_bytes);
+  constexpr int64_t G = kTilePass<kW>;
+  const size_t first_bytes = n_tok > G ? tile_bytes : kMmPrefetchBytes;
+  for (size_t o = 0; o < first_bytes; o += 64) {
+    hwy::Prefetch(first + o);
+    if constexpr (kW != DType::kQ6_K) hwy::Prefetch(first + tile_bytes + o);
+  }
   const MmAct* acts =
       kK ? PrepareActs(MmPrepSpec{MmPrep::kQ8_K, MmLayout::kNatural, true, 0}, n_in, xa, xa_stride, n_tok)
          : PrepareActs(MmPrepSpec{MmPrep::kQ8_0, MmLayout::kNatural, true, TF::kOffset, true}, n_in, xa,
@@ -2416,9 +2461,11 @@ HWY_INLINE void MatMulTiles(const uint8_t* W, int64_t n_in, int64_t r0, int64_t 
     const uint8_t* tile = W + static_cast<size_t>(t0 / 16) * tile_bytes;
     if constexpr (kW != DType::kQ6_K) {
       if (t0 >= r0 && t0 + 32 <= r1 && (kW != DType::kQ4_K || n_tok > 1)) {  // two whole tiles: straight into y
-        for (int64_t k0 = 0; k0 < n_tok; k0 += 4)  // token groups over tiles that stay in cache
-          TileGroup<kW, 2>(tile, tile_bytes, np, acts + k0, std::min<int64_t>(4, n_tok - k0),
-                           y + k0 * y_stride + (t0 - r0), y_stride);
+        for (int64_t k0 = 0; k0 < n_tok; k0 += G) {  // passes over tiles that stay in cache
+          TileGroup<kW, 2>(tile, tile_bytes, np, acts + k0, std::min<int64_t>(G, n_tok - k0),
+                           y + k0 * y_stride + (t0 - r0), y_stride,
+                           MmTilePrefetch{tile + 2 * tile_bytes, n_tok, k0, std::min<int64_t>(G, n_tok - k0)});
+        }
         t0 += 16;
         continue;
       }
@@ -2426,11 +2473,11 @@ HWY_INLINE void MatMulTiles(const uint8_t* W, int64_t n_in, int64_t r0, int64_t 
     const int64_t lo = std::max(t0, r0), hi = std::min(t0 + 16, r1);
     // A whole tile's results go straight to y; a tile that r0 or r1 cuts goes through tmp.
     const bool whole = lo == t0 && hi == t0 + 16;
-    for (int64_t k0 = 0; k0 < n_tok; k0 += 4) {
-      HWY_ALIGN float tmp[4][16];
-      const int64_t nt = std::min<int64_t>(4, n_tok - k0);
+    for (int64_t k0 = 0; k0 < n_tok; k0 += G) {
+      HWY_ALIGN float tmp[G][16];
+      const int64_t nt = std::min<int64_t>(G, n_tok - k0);
       TileGroup<kW, 1>(tile, tile_bytes, np, acts + k0, nt, whole ? y + k0 * y_stride + (t0 - r0) : tmp[0],
-                       whole ? y_stride : 16);
+                       whole ? y_stride : 16, MmTilePrefetch{tile + tile_bytes, n_tok, k0, nt});
       if (!whole) {
         for (int64_t t = 0; t < nt; ++t) {
           std::memcpy(y + (k0 + t) * y_stride + (lo - r0), tmp[t] + (lo - t0),

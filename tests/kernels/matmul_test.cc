@@ -18,6 +18,7 @@
 #include <ctime>
 #include <string>
 #include <limits>
+#include <utility>
 #include <random>
 #include <vector>
 
@@ -372,7 +373,7 @@ void TestMatMulTiles() {
     const std::vector<int64_t> sizes = k ? std::vector<int64_t>{256, 512, 256 * 11}
                                                          : std::vector<int64_t>{64, 128, 64 * 37};
     for (int64_t n_in : sizes) {
-      for (int64_t n_tok = 1; n_tok <= 9; ++n_tok) {
+      for (int64_t n_tok : {1, 2, 3, 4, 5, 6, 7, 8, 9, 17}) {  // passes of 4 or 8, and several
         CheckMatMul(w, n_in, 48, 0, 48, n_tok, 0, n_tok % 3, n_tok, false, rng, tiles);
         CheckMatMul(w, n_in, 48, 3, 37, n_tok, 0, 1, 0, false, rng, tiles);
         CheckMatMul(w, n_in, 48, 16, 32, n_tok, 0, 0, 2, true, rng, tiles);
@@ -389,7 +390,7 @@ void TestMatMulTiles() {
 void TestMatMulTilesGrouping() {
   std::mt19937 rng(4321);
   if (RepackLayout(DType::kQ8_0, 64, 16) != WeightLayout::kTiles16) return;  // not this target
-  const int64_t rows = 112, n_tok = 7;  // 7 tiles: pairs and a single one
+  const int64_t rows = 112, n_tok = 19;  // 7 tiles: pairs and a single one; 3 passes or 5
   for (DType w : {DType::kQ8_0, DType::kQ4_0, DType::kQ4_K, DType::kQ6_K}) {
     const int64_t n_in = Traits(w).block_size == 256 ? 512 : 192;
     const DType xt = VecDotType(w);
@@ -403,8 +404,8 @@ void TestMatMulTilesGrouping() {
     MatMul(w, T, n_in, 0, rows, xbuf.data(), x_row, n_tok, all.data(), rows, WeightLayout::kTiles16);
     const int64_t ranges[][2] = {{16, 112}, {0, 80}, {32, 64}, {16, 48}, {48, 64}, {5, 101}, {40, 72}};
     for (const auto& rr : ranges) {
-      for (int64_t t0 : {int64_t{0}, int64_t{3}}) {  // all tokens, or token 3 alone
-        const int64_t nt = t0 ? 1 : n_tok;
+      // All tokens, token 3 alone, or tokens 5..13 (a pass of 8 and one of 1, or 4 + 4 + 1).
+      for (const auto& [t0, nt] : {std::pair<int64_t, int64_t>{0, n_tok}, {3, 1}, {5, 9}}) {
         const int64_t n = rr[1] - rr[0];
         std::vector<float> y(n * nt);
         MatMul(w, T, n_in, rr[0], rr[1], xbuf.data() + t0 * x_row, x_row, nt, y.data(), n, WeightLayout::kTiles16);
