@@ -14,15 +14,18 @@ namespace moe {
 
 namespace {
 
-// Rows of a weight matrix handed to a thread at a time. Each MatMul call prepares its
-// activation rows once, so chunks must be large enough to amortise that: decode (few tokens)
-// gives each thread one chunk of a matrix (measured against two and four per thread: 5-10%
-// faster decode on every benchmark model, where finer chunks even out the barrier but prepare
-// the activations more often; 32-row chunks had left decode at 115 tok/s where four per thread
-// reached 185), prefill about two.
+// Rows of a weight matrix handed to a thread at a time (ThreadPool::ParallelFor: each thread
+// works through its own run of chunks in order, then takes the others' last ones). Decode (up to
+// 4 tokens): four chunks per thread. The two CPUs of a VM need not stream memory at the same
+// speed (on the 2-vCPU AMD VM one read 35 GB/s alone, the other 24), and with one chunk per thread
+// the faster waited at every barrier for about a tenth of the token: four per thread cut that
+// wait to 4-5% and decode rose 3-8% (medium q4_0, medium and Qwen3-like Q4_K_M; eight and sixteen
+// were slower again, each chunk restarting its weight stream and preparing its activations).
+// Earlier, on symmetric hosts, one chunk per thread had measured fastest. More tokens: about two
+// chunks per thread (four measured no faster with 16 tokens).
 int64_t RowGrain(int64_t rows, int64_t n_tok, int n_threads) {
-  if (n_tok <= 4) return std::max<int64_t>(32, (rows / n_threads + 15) / 16 * 16);
-  const int64_t g = (rows + 2 * n_threads - 1) / (2 * n_threads);
+  const int64_t per_thread = n_tok <= 4 ? 4 : 2;
+  const int64_t g = (rows + per_thread * n_threads - 1) / (per_thread * n_threads);
   return std::max<int64_t>(32, (g + 15) / 16 * 16);
 }
 
