@@ -212,14 +212,17 @@ Runner AddBench(CLI::App& app) {
     auto model = Model::Load(o->model);
     const int V = static_cast<int>(model->config().n_vocab);
     CheckThreadCount(o->threads);
-    ThreadPool pool(o->threads);
-    model->RepackForInference(pool);
-    // One cache of prompt + tokens + 1 positions (checked against int and memory), and one more
-    // per sequence when several decode together.
-    const int ctx = ContextSize(model->config(), 0, o->n_prompt, o->n_gen, nullptr, kv_type);
+    // One cache of prompt + tokens + 1 positions (checked against int and memory, and a warning
+    // past the training context: a long prompt's attention grows with its square), and one more
+    // per sequence when several decode together; checked before the weights are repacked.
+    const int ctx = ContextSize(model->config(), 0, o->n_prompt, o->n_gen,
+                                [](const std::string& w) { std::fprintf(stderr, "moe: warning: %s\n", w.c_str()); },
+                                kv_type);
     if (o->sequences > 1)
       CheckKvFits(model->config(), static_cast<int64_t>(ctx) * (o->sequences + 1),
                   StrFormat("--sequences %d of %d positions each", o->sequences, ctx), kv_type);
+    ThreadPool pool(o->threads);
+    model->RepackForInference(pool);
     Forward fwd(*model, pool, ctx, 256, kv_type);
     // Random tokens, never one repeated token: a repeated token always hits the same experts.
     std::mt19937_64 rng(o->seed);
