@@ -22,10 +22,15 @@ class Sampler {
   int Sample(const float* logits, int n_vocab);
 
  private:
+  template <class Less>
+  int SampleNucleus(const float* logits, int n_vocab, const Less& by_logit);
+
   SamplerConfig cfg_;
   std::mt19937_64 rng_;
   std::vector<std::pair<float, int>> cand_;
   std::vector<float> probs_;  // the tempered softmax of the vocabulary
+  std::vector<double> mass_;        // top_p alone: the probability mass of each bucket
+  std::vector<uint16_t> bucket_;    // and each token's bucket
 };
 
 // The n most likely tokens with their natural-log probabilities under the full-vocabulary

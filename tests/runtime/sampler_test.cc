@@ -107,6 +107,50 @@ TEST(Sampler, TopPKeepsTheSmallestNucleusReachingP) {
   }
 }
 
+// top_p alone on a large vocabulary (the path that finds the nucleus through probability
+// buckets instead of sorting): every draw lies in the reference nucleus (the double softmax's
+// tokens by logit, then index, up to the first cumulative mass >= top_p; one more token of slack
+// at its end for float rounding), and every token of it but the last is drawn about as often as
+// its share of the nucleus says. Logits with ties (repeated values) and several nucleus sizes.
+TEST(Sampler, TopPAloneOnALargeVocabularyDrawsTheNucleus) {
+  std::mt19937 rng(7);
+  std::normal_distribution<float> g(0.0f, 1.5f);
+  std::vector<float> logits(3000);
+  for (float& x : logits) x = std::round(g(rng) * 64.0f) / 64.0f;  // many equal logits
+  const std::vector<double> p = Probabilities(logits, 1.0);
+  std::vector<int> order(p.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::sort(order.begin(), order.end(),
+            [&](int a, int b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); });
+  for (float top_p : {0.05f, 0.5f, 0.9f, 0.999f}) {
+    size_t n = 0;
+    double cum = 0;
+    while (n < order.size() && cum < top_p) cum += p[order[n++]];
+    std::vector<int> rank(p.size());
+    for (size_t i = 0; i < order.size(); ++i) rank[order[i]] = static_cast<int>(i);
+    SamplerConfig cfg;
+    cfg.temp = 1.0f;
+    cfg.top_k = 0;
+    cfg.top_p = top_p;
+    cfg.seed = 11;
+    Sampler s(cfg);
+    const int draws = 40000;
+    std::vector<int> count(p.size(), 0);
+    for (int i = 0; i < draws; ++i) {
+      const int id = s.Sample(logits.data(), static_cast<int>(logits.size()));
+      ASSERT_GE(id, 0);
+      ASSERT_LT(static_cast<size_t>(rank[id]), n + 1) << "top_p " << top_p << ": token " << id << " is outside the nucleus";
+      ++count[id];
+    }
+    for (size_t r = 0; r + 1 < n; ++r) {
+      const int id = order[r];
+      const double want = p[id] / cum;
+      EXPECT_NEAR(static_cast<double>(count[id]) / draws, want, 5 * std::sqrt(want * (1 - want) / draws) + 2e-4)
+          << "top_p " << top_p << " token " << id;
+    }
+  }
+}
+
 TEST(Sampler, SameSeedSameTokensOtherSeedOtherTokens) {
   std::mt19937 rng(1);
   std::normal_distribution<float> g(0.0f, 2.0f);
