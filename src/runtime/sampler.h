@@ -22,6 +22,9 @@ class Sampler {
   int Sample(const float* logits, int n_vocab);
 
  private:
+  void Bucket(int n_vocab);
+  template <class Less>
+  void SelectTop(const float* logits, int n_vocab, int k, const Less& by_logit);
   template <class Less>
   int SampleNucleus(const float* logits, int n_vocab, const Less& by_logit);
 
@@ -30,7 +33,8 @@ class Sampler {
   std::vector<std::pair<float, int>> cand_;
   std::vector<float> probs_;  // the tempered softmax of the vocabulary
   std::vector<double> mass_;        // top_p alone: the probability mass of each bucket
-  std::vector<uint16_t> bucket_;    // and each token's bucket
+  std::vector<uint16_t> bucket_;    // each token's bucket (its probability's top 12 bits)
+  std::vector<int> count_;          // top_k: the tokens of each bucket
 };
 
 // The n most likely tokens with their natural-log probabilities under the full-vocabulary
