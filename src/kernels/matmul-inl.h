@@ -2408,19 +2408,16 @@ HWY_INLINE void TileGroup(const uint8_t* tile, size_t tile_bytes, int64_t np, co
       TileDot<kW, NT, kT>(tile, tile_bytes, np, a, out, out_stride, pf);
     }
   };
+  constexpr bool k8 = kTilePass<kW> == 8;  // no instances past 4 tokens where passes are of 4
   switch (nt) {
     case 1: dot(std::integral_constant<int, 1>()); break;
     case 2: dot(std::integral_constant<int, 2>()); break;
     case 3: dot(std::integral_constant<int, 3>()); break;
     case 4: dot(std::integral_constant<int, 4>()); break;
-  }
-  if constexpr (kTilePass<kW> == 8) {
-    switch (nt) {
-      case 5: dot(std::integral_constant<int, 5>()); break;
-      case 6: dot(std::integral_constant<int, 6>()); break;
-      case 7: dot(std::integral_constant<int, 7>()); break;
-      case 8: dot(std::integral_constant<int, 8>()); break;
-    }
+    case 5: if constexpr (k8) dot(std::integral_constant<int, 5>()); break;
+    case 6: if constexpr (k8) dot(std::integral_constant<int, 6>()); break;
+    case 7: if constexpr (k8) dot(std::integral_constant<int, 7>()); break;
+    case 8: if constexpr (k8) dot(std::integral_constant<int, 8>()); break;
   }
 }
 

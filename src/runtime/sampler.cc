@@ -15,6 +15,25 @@ int Argmax(const float* logits, int n_vocab) {
   return best;
 }
 
+namespace {
+
+// The first item of [from, n) at which the running sum of weight(i) passes r (items of no weight
+// skipped), or the last item with weight if rounding leaves r past the total; -1 if none has any.
+template <class Weight>
+int Draw(int from, int n, double r, const Weight& weight) {
+  int last = -1;
+  for (int i = from; i < n; ++i) {
+    const float w = weight(i);
+    if (w <= 0.0f) continue;
+    last = i;
+    r -= w;
+    if (r < 0) break;
+  }
+  return last;
+}
+
+}  // namespace
+
 int Sampler::Sample(const float* logits, int n_vocab) {
   if (cfg_.temp <= 0.0f) return Argmax(logits, n_vocab);
   // The tempered distribution over the whole vocabulary, vectorised (kernels::Softmax: exp in
@@ -40,17 +59,9 @@ int Sampler::Sample(const float* logits, int n_vocab) {
       if (r < sum) break;
       r -= sum;
     }
-    int last = -1;  // the last token with any weight, if rounding leaves r past the total
-    for (int i = b; i < n_vocab; ++i) {
-      if (probs_[i] <= 0.0f) continue;
-      last = i;
-      r -= probs_[i];
-      if (r < 0) return i;
-    }
-    if (last >= 0) return last;
-    for (int i = n_vocab - 1; i > 0; --i)  // r ran past the last block: its last weighted token
-      if (probs_[i] > 0.0f) return i;
-    return 0;
+    const auto p = [&](int i) { return probs_[i]; };
+    const int id = Draw(b, n_vocab, r, p);
+    return id >= 0 ? id : std::max(0, Draw(0, n_vocab, 2.0, p));  // r ran past the last block
   }
   auto by_logit = [](const std::pair<float, int>& a, const std::pair<float, int>& b) {
     return a.first > b.first || (a.first == b.first && a.second < b.second);
@@ -75,26 +86,14 @@ int Sampler::Sample(const float* logits, int n_vocab) {
   double kept = 0;
   for (size_t i = 0; i < n; ++i) kept += probs_[cand_[i].second];
   std::uniform_real_distribution<double> u(0.0, kept);
-  double r = u(rng_);
-  size_t last = 0;  // the last candidate with any weight, if rounding leaves r past the total
-  for (size_t i = 0; i < n; ++i) {
-    const float p = probs_[cand_[i].second];
-    if (p <= 0.0f) continue;
-    last = i;
-    r -= p;
-    if (r < 0) return cand_[i].second;
-  }
-  return cand_[last].second;
+  const int i = Draw(0, static_cast<int>(n), u(rng_), [&](int c) { return probs_[cand_[c].second]; });
+  return cand_[std::max(i, 0)].second;
 }
 
-// top_p alone, without sorting the vocabulary (sorting a growing prefix of it took 455 us per
-// token on a 32000-token vocabulary whose nucleus held thousands of tokens: a fifth of a decode
-// step). A probability's bits, as an unsigned integer, order it like its value, so bucket
-// b = bits >> 20 (the exponent and 3 bits of mantissa) holds only tokens that rank above every
-// token of lower buckets (the tempered softmax keeps the logits' order; equal logits share a
-// bucket). The buckets' masses, from the top, find the bucket where the nucleus ends; only that
-// bucket's tokens are sorted (by logit, then index, as everywhere) to find where in it. The
-// draw then scans the kept tokens in vocabulary order.
+// The filters rank tokens in buckets instead of sorting the vocabulary: a probability's bits, as
+// an unsigned integer, order it like its value, so bucket bits >> 20 (the exponent and 3 bits of
+// mantissa) holds only tokens that rank above every token of lower buckets (the tempered softmax
+// keeps the logits' order; equal logits share a bucket).
 constexpr int kBuckets = (0x3F800000u >> 20) + 1;  // probabilities in [0, 1]
 
 void Sampler::Bucket(int n_vocab) {
@@ -123,6 +122,11 @@ void Sampler::SelectTop(const float* logits, int n_vocab, int k, const Less& by_
   cand_.resize(std::min<size_t>(cand_.size(), static_cast<size_t>(k)));
 }
 
+// top_p alone (sorting a growing prefix of the vocabulary had taken 455 us per token on 32000
+// tokens whose nucleus held thousands: a fifth of a decode step): the buckets' masses, from the
+// top, find the bucket where the nucleus ends, and only that bucket's tokens are sorted (by
+// logit, then index, as everywhere) to find where in it. The draw scans the kept tokens in
+// vocabulary order.
 template <class Less>
 int Sampler::SampleNucleus(const float* logits, int n_vocab, const Less& by_logit) {
   Bucket(n_vocab);
@@ -149,14 +153,7 @@ int Sampler::SampleNucleus(const float* logits, int n_vocab, const Less& by_logi
   for (int i = 0; i < n_vocab; ++i)
     if (kept(i)) total += probs_[i];
   std::uniform_real_distribution<double> u(0.0, total);
-  double r = u(rng_);
-  int chosen = -1;  // the last kept token with any weight, if rounding leaves r past the total
-  for (int i = 0; i < n_vocab; ++i) {
-    if (probs_[i] <= 0.0f || !kept(i)) continue;
-    chosen = i;
-    r -= probs_[i];
-    if (r < 0) break;
-  }
+  const int chosen = Draw(0, n_vocab, u(rng_), [&](int i) { return kept(i) ? probs_[i] : 0.0f; });
   return chosen >= 0 ? chosen : cand_.empty() ? Argmax(logits, n_vocab) : cand_[0].second;
 }
 
