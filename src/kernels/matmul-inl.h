@@ -2201,24 +2201,33 @@ HWY_INLINE void TileDot(const uint8_t* HWY_RESTRICT tile, size_t tile_bytes, int
 // The 16 rows' scales and mins of sub-block j are unpacked together (GetScaleMinK4 on byte
 // lanes); the mins' term sum_j m_j bsum_j is a vpmaddwd over pairs of sub-blocks.
 constexpr size_t kTileQ4KBytes = 16 * sizeof(BlockQ4_K);
+// q5_K in tiles: the q4_K tile of its low 4 bits, scales and mins (the same fields), then
+//   [2304, 2816): the fifth bits of sub-block j at 2304 + 64 j, per 64-byte nibble vector v:
+//                 8 bytes of byte-lane masks (bit 4r + i: quant 8v + i of row r), then 8 for the
+//                 high nibbles' lanes (quant 8v + 4 + i)
+// so each unpacked vector takes its fifth bits with one masked byte add of 16.
+constexpr size_t kTileQ5KBytes = 16 * sizeof(BlockQ5_K);
 
 // kT tiles (tile_bytes apart) at a time, as TileDot: per sub-block, each 64-byte weight vector of
 // every tile is unpacked into its two groups and each activation broadcast feeds every tile's
 // vpdpbusd (one chain per token and tile). A row's integer sums are exact whatever the grouping, and
 // its float arithmetic is the same, so its result is bitwise the same for any kT and NT.
-template <int NT, int kT>
+template <int NT, int kT, bool kQ5 = false>
 HWY_INLINE void TileDotQ4K(const uint8_t* HWY_RESTRICT tile, size_t tile_bytes, int64_t nb, const MmAct* act,
                            float* HWY_RESTRICT out, int64_t out_stride, const MmTilePrefetch& pf) {
+  constexpr size_t kSbBytes = kQ5 ? kTileQ5KBytes : kTileQ4KBytes;
   // The mins' term is subtracted per super-block by a fused multiply-add (the two terms are
   // large and cancel, so their rounding order shows: this order matched llama.cpp's results on
   // the conformance files to ~1e-6, a separate accumulator subtracted at the end did not).
-  __m512 acc[NT][kT];
+  // q5_K keeps the mins' terms in a sum of their own, subtracted at the end, as ggml's q5_K
+  // product does (it matched llama.cpp's results to ~1e-6 there; q4_K's order gave ~1e-2).
+  __m512 acc[NT][kT], macc[NT][kT];
   HWY_UNROLL(4)
   for (int t = 0; t < NT; ++t) {
     HWY_UNROLL(2)
-    for (int k = 0; k < kT; ++k) acc[t][k] = _mm512_setzero_ps();
+    for (int k = 0; k < kT; ++k) acc[t][k] = macc[t][k] = _mm512_setzero_ps();
   }
-  const __m512i nib = _mm512_set1_epi8(0x0F);
+  const __m512i nib = _mm512_set1_epi8(0x0F), sixteen = _mm512_set1_epi8(16);
   const __m128i m63 = _mm_set1_epi8(63), m15 = _mm_set1_epi8(15), top = _mm_set1_epi8(static_cast<char>(0xC0));
   const auto hi2 = [&](__m128i v) { return _mm_srli_epi16(_mm_and_si128(v, top), 2); };  // bits 6..7 -> 4..5
   // One vpdpbusd chain per token and tile, two (low and high nibbles) when there are only one or
@@ -2226,9 +2235,9 @@ HWY_INLINE void TileDotQ4K(const uint8_t* HWY_RESTRICT tile, size_t tile_bytes, 
   constexpr bool kTwoChains = NT * kT <= 2;
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* sb[kT];
-    TilePrefetch<kT, kTileQ4KBytes>(tile, tile_bytes, nb, b, pf);
+    TilePrefetch<kT, kSbBytes>(tile, tile_bytes, nb, b, pf);
     HWY_UNROLL(2)
-    for (int k = 0; k < kT; ++k) sb[k] = tile + k * tile_bytes + b * kTileQ4KBytes;
+    for (int k = 0; k < kT; ++k) sb[k] = tile + k * tile_bytes + b * kSbBytes;
     const auto byte = [&](int k, int i) { return _mm_load_si128(reinterpret_cast<const __m128i*>(sb[k] + 64 + 16 * i)); };
     // Sub-block j's scales of the 16 rows of tile k (int32 lanes).
     const auto scale = [&](int k, int j) {
@@ -2262,6 +2271,14 @@ HWY_INLINE void TileDotQ4K(const uint8_t* HWY_RESTRICT tile, size_t tile_bytes, 
           const __m512i w = _mm512_load_si512(sb[k] + 256 + 256 * j + 64 * v);
           lo[k] = _mm512_and_si512(w, nib);
           hi[k] = _mm512_and_si512(_mm512_srli_epi16(w, 4), nib);
+          if constexpr (kQ5) {  // the fifth bits: + 16 where set
+            const uint8_t* m = sb[k] + kTileQ4KBytes + 64 * j + 16 * v;
+            uint64_t ml, mh;
+            std::memcpy(&ml, m, 8);
+            std::memcpy(&mh, m + 8, 8);
+            lo[k] = _mm512_mask_add_epi8(lo[k], _cvtu64_mask64(ml), lo[k], sixteen);
+            hi[k] = _mm512_mask_add_epi8(hi[k], _cvtu64_mask64(mh), hi[k], sixteen);
+          }
         }
         HWY_UNROLL(4)
         for (int t = 0; t < NT; ++t) {
@@ -2310,14 +2327,18 @@ HWY_INLINE void TileDotQ4K(const uint8_t* HWY_RESTRICT tile, size_t tile_bytes, 
         }
         const __m512 xd = _mm512_set1_ps(act[t].d[b]);
         acc[t][k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t][k]), _mm512_mul_ps(dw, xd), acc[t][k]);
-        acc[t][k] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(msum), _mm512_mul_ps(dmw, xd), acc[t][k]);
+        if constexpr (kQ5) {
+          macc[t][k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(msum), _mm512_mul_ps(dmw, xd), macc[t][k]);
+        } else {
+          acc[t][k] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(msum), _mm512_mul_ps(dmw, xd), acc[t][k]);
+        }
       }
     }
   }
   HWY_UNROLL(4)
   for (int t = 0; t < NT; ++t) {
     HWY_UNROLL(2)
-    for (int k = 0; k < kT; ++k) _mm512_storeu_ps(out + t * out_stride + 16 * k, acc[t][k]);
+    for (int k = 0; k < kT; ++k) _mm512_storeu_ps(out + t * out_stride + 16 * k, kQ5 ? _mm512_sub_ps(acc[t][k], macc[t][k]) : acc[t][k]);
   }
 }
 
@@ -2391,7 +2412,7 @@ HWY_INLINE void TileDotQ6K(const uint8_t* HWY_RESTRICT tile, int64_t nb, const M
 // 5-8 tokens from memory +20-60%, 64 tokens +9-37%). q4_K keeps 4: its per-sub-block integer
 // sums spill too, and 6-8 tokens in one pass ran 15-35% slower.
 template <DType kW>
-inline constexpr int64_t kTilePass = kW == DType::kQ4_K ? 4 : 8;
+inline constexpr int64_t kTilePass = kW == DType::kQ4_K || kW == DType::kQ5_K ? 4 : 8;
 
 // kT tiles (tile_bytes apart) times nt <= kTilePass tokens, in the tile kernel of kW.
 template <DType kW, int kT>
@@ -2402,8 +2423,8 @@ HWY_INLINE void TileGroup(const uint8_t* tile, size_t tile_bytes, int64_t np, co
     if constexpr (kW == DType::kQ6_K) {
       static_assert(kT == 1);
       TileDotQ6K<NT>(tile, np, a, out, out_stride, pf);
-    } else if constexpr (kW == DType::kQ4_K) {
-      TileDotQ4K<NT, kT>(tile, tile_bytes, np, a, out, out_stride, pf);
+    } else if constexpr (kW == DType::kQ4_K || kW == DType::kQ5_K) {
+      TileDotQ4K<NT, kT, kW == DType::kQ5_K>(tile, tile_bytes, np, a, out, out_stride, pf);
     } else {
       TileDot<kW, NT, kT>(tile, tile_bytes, np, a, out, out_stride, pf);
     }
@@ -2424,17 +2445,20 @@ HWY_INLINE void TileGroup(const uint8_t* tile, size_t tile_bytes, int64_t np, co
 // Rows [r0, r1) of a kTiles16 matrix. The block-32 types take two whole tiles at a time: two
 // weight streams in flight read memory faster than one (a q4_0 matrix from memory went from
 // about 0.7 to 0.93 of the bandwidth probe's speed), and each activation broadcast feeds both
-// tiles (4 tokens in cache: q4_0 +17%). q4_K takes pairs for 2 or more tokens (4 tokens in
-// cache: +20-25%); for one token it, and q6_K always, go one tile at a time (already near the
-// probe's speed, measured no faster in pairs, q6_K slower).
+// tiles (4 tokens in cache: q4_0 +17%). q4_K and q5_K take pairs for 2 or more tokens (4 tokens
+// in cache: +20-25%); for one token they, and q6_K always, go one tile at a time (already near
+// the probe's speed; in pairs q6_K was slower, and session 15 measured one token from memory
+// with 2 threads: q4_K 0.65-0.79x, q5_K 0.56-0.65x in pairs).
 template <DType kW>
 HWY_INLINE void MatMulTiles(const uint8_t* W, int64_t n_in, int64_t r0, int64_t r1,
                             const uint8_t* xa, size_t xa_stride, int64_t n_tok, float* y,
                             int64_t y_stride) {
-  constexpr bool kK = kW == DType::kQ4_K || kW == DType::kQ6_K;  // super-blocks of 256
+  constexpr bool kK = kW == DType::kQ4_K || kW == DType::kQ5_K || kW == DType::kQ6_K;  // super-blocks of 256
+  constexpr bool kScaleMin = kW == DType::kQ4_K || kW == DType::kQ5_K;  // TileDotQ4K
   using TF = TileFormat<kW>;
   const int64_t np = kK ? n_in / kQK_K : n_in / 64;  // super-blocks, or pairs of blocks
   const size_t tile_bytes = static_cast<size_t>(np) * (kW == DType::kQ4_K   ? kTileQ4KBytes
+                                                       : kW == DType::kQ5_K ? kTileQ5KBytes
                                                        : kW == DType::kQ6_K ? kTileQ6KBytes
                                                                             : TF::kPairBytes);
   // The kernels prefetch each stream kMmPrefetchBytes ahead of where they read: the start of
@@ -2457,7 +2481,7 @@ HWY_INLINE void MatMulTiles(const uint8_t* W, int64_t n_in, int64_t r0, int64_t 
   for (int64_t t0 = r0 / 16 * 16; t0 < r1; t0 += 16) {
     const uint8_t* tile = W + static_cast<size_t>(t0 / 16) * tile_bytes;
     if constexpr (kW != DType::kQ6_K) {
-      if (t0 >= r0 && t0 + 32 <= r1 && (kW != DType::kQ4_K || n_tok > 1)) {  // two whole tiles: straight into y
+      if (t0 >= r0 && t0 + 32 <= r1 && (!kScaleMin || n_tok > 1)) {  // two whole tiles: straight into y
         for (int64_t k0 = 0; k0 < n_tok; k0 += G) {  // passes over tiles that stay in cache
           TileGroup<kW, 2>(tile, tile_bytes, np, acts + k0, std::min<int64_t>(G, n_tok - k0),
                            y + k0 * y_stride + (t0 - r0), y_stride,
@@ -2489,7 +2513,7 @@ HWY_INLINE void MatMulTiles(const uint8_t* W, int64_t n_in, int64_t r0, int64_t 
 // Per-target body of kernels::RepackLayout.
 HWY_NOINLINE inline WeightLayout RepackLayout(DType w, int64_t n_in, int64_t rows) {
 #if MOE_VNNI
-  const bool k = w == DType::kQ4_K || w == DType::kQ6_K;
+  const bool k = w == DType::kQ4_K || w == DType::kQ5_K || w == DType::kQ6_K;
   const int64_t step = k ? kQK_K : 64;  // whole super-blocks / pairs of blocks
   if ((w == DType::kQ8_0 || w == DType::kQ4_0 || k) && n_in > 0 &&
       n_in % step == 0 && rows > 0 && rows % 16 == 0) {
@@ -2539,6 +2563,8 @@ HWY_NOINLINE inline void MatMul(DType w, const void* W, int64_t n_in, int64_t r0
       MatMulTiles<DType::kQ4_0>(wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
     } else if (layout == WeightLayout::kTiles16 && w == DType::kQ4_K) {
       MatMulTiles<DType::kQ4_K>(wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
+    } else if (layout == WeightLayout::kTiles16 && w == DType::kQ5_K) {
+      MatMulTiles<DType::kQ5_K>(wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
     } else if (layout == WeightLayout::kTiles16 && w == DType::kQ6_K) {
       MatMulTiles<DType::kQ6_K>(wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
     }

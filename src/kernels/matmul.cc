@@ -64,19 +64,37 @@ void PutNibbleGroupK(const uint8_t* qs, int half, int r, uint8_t* g) {
   }
 }
 
-// q4_K tiles (TileDotQ4K in matmul-inl.h).
-void RepackQ4KTiles(const BlockQ4_K* in, uint8_t* out, int64_t nb, int64_t rows) {
+// q4_K and q5_K tiles (TileDotQ4K in matmul-inl.h). q5_K adds each quant's fifth bit as byte-lane
+// masks: for sub-block j and vector v, 8 bytes whose bit 4r + i is that of quant 8v + i of row r
+// (the low nibbles' lanes), then 8 for quant 8v + 4 + i (the high nibbles').
+template <typename Block>
+void RepackScaleMinKTiles(const Block* in, uint8_t* out, int64_t nb, int64_t rows) {
+  constexpr bool kQ5 = sizeof(Block) == sizeof(BlockQ5_K);
   for (int64_t t0 = 0; t0 < rows; t0 += 16) {
-    for (int64_t b = 0; b < nb; ++b, out += 16 * sizeof(BlockQ4_K)) {
+    for (int64_t b = 0; b < nb; ++b, out += 16 * sizeof(Block)) {
+      uint64_t masks[8][4][2] = {};
       for (int r = 0; r < 16; ++r) {
-        const BlockQ4_K& blk = in[static_cast<size_t>(t0 + r) * nb + b];
+        const Block& blk = in[static_cast<size_t>(t0 + r) * nb + b];
         std::memcpy(out + 2 * r, &blk.d, 2);
         std::memcpy(out + 32 + 2 * r, &blk.dmin, 2);
         for (int i = 0; i < 12; ++i) out[64 + 16 * i + r] = blk.scales[i];
         for (int j = 0; j < 8; ++j) {  // sub-block j: nibble j % 2 of qs[32 (j / 2) ..]
           PutNibbleGroupK(blk.qs + 32 * (j / 2), j % 2, r, out + 256 + 256 * j);
         }
+        if constexpr (kQ5) {
+          for (int v = 0; v < 4; ++v) {
+            uint64_t qh;  // the fifth bits of quants 8v .. 8v + 7: bit j of byte k is sub-block j's
+            std::memcpy(&qh, blk.qh + 8 * v, 8);
+            for (int j = 0; j < 8; ++j) {
+              // Bit j of each byte gathered into one byte (byte k -> bit k).
+              const uint64_t g = (((qh >> j) & 0x0101010101010101ull) * 0x0102040810204080ull) >> 56;
+              masks[j][v][0] |= (g & 0xF) << (4 * r);
+              masks[j][v][1] |= (g >> 4) << (4 * r);
+            }
+          }
+        }
       }
+      if constexpr (kQ5) std::memcpy(out + 16 * sizeof(BlockQ4_K), masks, sizeof(masks));
     }
   }
 }
@@ -125,13 +143,17 @@ void Repack(DType w, WeightLayout layout, const void* src, void* dst, int64_t n_
     std::memcpy(dst, src, RowBytes(w, n_in) * static_cast<size_t>(rows));
     return;
   }
-  const bool k = w == DType::kQ4_K || w == DType::kQ6_K;
+  const bool k = w == DType::kQ4_K || w == DType::kQ5_K || w == DType::kQ6_K;
   if (layout != WeightLayout::kTiles16 || (w != DType::kQ8_0 && w != DType::kQ4_0 && !k) ||
       n_in % (k ? kQK_K : 64) != 0 || rows % 16 != 0) {
     throw Error("no tile layout for this matrix");  // RepackLayout never gives one
   }
   if (w == DType::kQ4_K) {
-    RepackQ4KTiles(static_cast<const BlockQ4_K*>(src), static_cast<uint8_t*>(dst), n_in / kQK_K, rows);
+    RepackScaleMinKTiles(static_cast<const BlockQ4_K*>(src), static_cast<uint8_t*>(dst), n_in / kQK_K, rows);
+    return;
+  }
+  if (w == DType::kQ5_K) {
+    RepackScaleMinKTiles(static_cast<const BlockQ5_K*>(src), static_cast<uint8_t*>(dst), n_in / kQK_K, rows);
     return;
   }
   if (w == DType::kQ6_K) {
