@@ -2207,15 +2207,27 @@ constexpr size_t kTileQ4KBytes = 16 * sizeof(BlockQ4_K);
 //                 high nibbles' lanes (quant 8v + 4 + i)
 // so each unpacked vector takes its fifth bits with one masked byte add of 16.
 constexpr size_t kTileQ5KBytes = 16 * sizeof(BlockQ5_K);
+// iq4_xs in tiles: per super-block, 2176 bytes for 16 rows (the file's 16 x 136):
+//   [0, 32):      the f16 d of rows 0..15
+//   [32, 64):     their scales_h (u16 each)
+//   [64, 128):    byte i (0..3) of row r's scales_l at 64 + 16 i + r
+//   [128, 2176):  sub-block j (32 indices) at 128 + 256 j, as a q4_0 block's 4 vectors
+// The indices go through the iq4_nl table (vpshufb) stored + 128 (unsigned); each sub-block's
+// chain starts at -128 x its activation sum, which undoes it.
+constexpr size_t kTileIQ4XSBytes = 16 * sizeof(BlockIQ4_XS);
+// The super-block tile formats TileDotQ4K multiplies.
+enum class TileK { kQ4, kQ5, kIQ4XS };
 
 // kT tiles (tile_bytes apart) at a time, as TileDot: per sub-block, each 64-byte weight vector of
 // every tile is unpacked into its two groups and each activation broadcast feeds every tile's
 // vpdpbusd (one chain per token and tile). A row's integer sums are exact whatever the grouping, and
 // its float arithmetic is the same, so its result is bitwise the same for any kT and NT.
-template <int NT, int kT, bool kQ5 = false>
+template <int NT, int kT, TileK kF = TileK::kQ4>
 HWY_INLINE void TileDotQ4K(const uint8_t* HWY_RESTRICT tile, size_t tile_bytes, int64_t nb, const MmAct* act,
                            float* HWY_RESTRICT out, int64_t out_stride, const MmTilePrefetch& pf) {
-  constexpr size_t kSbBytes = kQ5 ? kTileQ5KBytes : kTileQ4KBytes;
+  constexpr bool kQ5 = kF == TileK::kQ5, kIQ = kF == TileK::kIQ4XS;
+  constexpr size_t kSbBytes = kQ5 ? kTileQ5KBytes : kIQ ? kTileIQ4XSBytes : kTileQ4KBytes;
+  constexpr size_t kQuants = kIQ ? 128 : 256;  // where the sub-blocks' nibbles start
   // The mins' term is subtracted per super-block by a fused multiply-add (the two terms are
   // large and cancel, so their rounding order shows: this order matched llama.cpp's results on
   // the conformance files to ~1e-6, a separate accumulator subtracted at the end did not).
@@ -2228,6 +2240,9 @@ HWY_INLINE void TileDotQ4K(const uint8_t* HWY_RESTRICT tile, size_t tile_bytes, 
     for (int k = 0; k < kT; ++k) acc[t][k] = macc[t][k] = _mm512_setzero_ps();
   }
   const __m512i nib = _mm512_set1_epi8(0x0F), sixteen = _mm512_set1_epi8(16);
+  // iq4_xs: the iq4_nl values + 128 in every 128-bit lane (the XOR flips the sign bit: + 128).
+  const __m512i lut = kIQ ? _mm512_xor_si512(VnniLutTable(kIQ4NLValues), _mm512_set1_epi8(static_cast<char>(0x80)))
+                          : _mm512_setzero_si512();
   const __m128i m63 = _mm_set1_epi8(63), m15 = _mm_set1_epi8(15), top = _mm_set1_epi8(static_cast<char>(0xC0));
   const auto hi2 = [&](__m128i v) { return _mm_srli_epi16(_mm_and_si128(v, top), 2); };  // bits 6..7 -> 4..5
   // One vpdpbusd chain per token and tile, two (low and high nibbles) when there are only one or
@@ -2241,8 +2256,15 @@ HWY_INLINE void TileDotQ4K(const uint8_t* HWY_RESTRICT tile, size_t tile_bytes, 
     const auto byte = [&](int k, int i) { return _mm_load_si128(reinterpret_cast<const __m128i*>(sb[k] + 64 + 16 * i)); };
     // Sub-block j's scales of the 16 rows of tile k (int32 lanes).
     const auto scale = [&](int k, int j) {
-      return _mm512_cvtepu8_epi32(j < 4 ? _mm_and_si128(byte(k, j), m63)
-                                        : _mm_or_si128(_mm_and_si128(byte(k, j + 4), m15), hi2(byte(k, j - 4))));
+      if constexpr (kIQ) {  // ls_j - 32: nibble j % 2 of scales_l[j / 2], bits 2j of scales_h
+        const __m512i lo = _mm512_cvtepu8_epi32(_mm_and_si128(j % 2 ? _mm_srli_epi16(byte(k, j / 2), 4) : byte(k, j / 2), m15));
+        const __m512i h = _mm512_cvtepu16_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(sb[k] + 32)));
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi32(h, 2 * j), _mm512_set1_epi32(3));
+        return _mm512_sub_epi32(_mm512_or_si512(lo, _mm512_slli_epi32(hi, 4)), _mm512_set1_epi32(32));
+      } else {
+        return _mm512_cvtepu8_epi32(j < 4 ? _mm_and_si128(byte(k, j), m63)
+                                          : _mm_or_si128(_mm_and_si128(byte(k, j + 4), m15), hi2(byte(k, j - 4))));
+      }
     };
     // Mins of sub-blocks 2i and 2i + 1 as the int16 pair of each row's 32-bit lane.
     const auto mins = [&](int k, int j) {
@@ -2260,17 +2282,23 @@ HWY_INLINE void TileDotQ4K(const uint8_t* HWY_RESTRICT tile, size_t tile_bytes, 
       __m512i s[NT][kT], s1[NT][kT];  // s1: the high nibbles' chain when there are few chains
       HWY_UNROLL(4)
       for (int t = 0; t < NT; ++t) {
+        // iq4_xs: -128 x the sub-block's activation sum undoes the values' + 128.
+        const __m512i s0 = kIQ ? _mm512_set1_epi32(-128 * act[t].bsum2[b * 8 + j]) : _mm512_setzero_si512();
         HWY_UNROLL(2)
-        for (int k = 0; k < kT; ++k) s[t][k] = s1[t][k] = _mm512_setzero_si512();
+        for (int k = 0; k < kT; ++k) s[t][k] = s0, s1[t][k] = _mm512_setzero_si512();
       }
       HWY_UNROLL(4)
       for (int v = 0; v < 4; ++v) {  // vector v: groups 2v (low nibbles) and 2v + 1 (high)
         __m512i lo[kT], hi[kT];
         HWY_UNROLL(2)
         for (int k = 0; k < kT; ++k) {
-          const __m512i w = _mm512_load_si512(sb[k] + 256 + 256 * j + 64 * v);
+          const __m512i w = _mm512_load_si512(sb[k] + kQuants + 256 * j + 64 * v);
           lo[k] = _mm512_and_si512(w, nib);
           hi[k] = _mm512_and_si512(_mm512_srli_epi16(w, 4), nib);
+          if constexpr (kIQ) {
+            lo[k] = _mm512_shuffle_epi8(lut, lo[k]);
+            hi[k] = _mm512_shuffle_epi8(lut, hi[k]);
+          }
           if constexpr (kQ5) {  // the fifth bits: + 16 where set
             const uint8_t* m = sb[k] + kTileQ4KBytes + 64 * j + 16 * v;
             uint64_t ml, mh;
@@ -2308,6 +2336,13 @@ HWY_INLINE void TileDotQ4K(const uint8_t* HWY_RESTRICT tile, size_t tile_bytes, 
     HWY_UNROLL(2)
     for (int k = 0; k < kT; ++k) {
       const __m512 dw = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(sb[k])));
+      if constexpr (kIQ) {  // no mins
+        HWY_UNROLL(4)
+        for (int t = 0; t < NT; ++t) {
+          acc[t][k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t][k]), _mm512_mul_ps(dw, _mm512_set1_ps(act[t].d[b])), acc[t][k]);
+        }
+        continue;
+      }
       const __m512 dmw = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(sb[k] + 32)));
       __m512i mp[4];
       HWY_UNROLL(4)
@@ -2412,7 +2447,7 @@ HWY_INLINE void TileDotQ6K(const uint8_t* HWY_RESTRICT tile, int64_t nb, const M
 // 5-8 tokens from memory +20-60%, 64 tokens +9-37%). q4_K keeps 4: its per-sub-block integer
 // sums spill too, and 6-8 tokens in one pass ran 15-35% slower.
 template <DType kW>
-inline constexpr int64_t kTilePass = kW == DType::kQ4_K || kW == DType::kQ5_K ? 4 : 8;
+inline constexpr int64_t kTilePass = kW == DType::kQ4_K || kW == DType::kQ5_K || kW == DType::kIQ4_XS ? 4 : 8;
 
 // kT tiles (tile_bytes apart) times nt <= kTilePass tokens, in the tile kernel of kW.
 template <DType kW, int kT>
@@ -2423,8 +2458,9 @@ HWY_INLINE void TileGroup(const uint8_t* tile, size_t tile_bytes, int64_t np, co
     if constexpr (kW == DType::kQ6_K) {
       static_assert(kT == 1);
       TileDotQ6K<NT>(tile, np, a, out, out_stride, pf);
-    } else if constexpr (kW == DType::kQ4_K || kW == DType::kQ5_K) {
-      TileDotQ4K<NT, kT, kW == DType::kQ5_K>(tile, tile_bytes, np, a, out, out_stride, pf);
+    } else if constexpr (kW == DType::kQ4_K || kW == DType::kQ5_K || kW == DType::kIQ4_XS) {
+      constexpr TileK f = kW == DType::kQ5_K ? TileK::kQ5 : kW == DType::kIQ4_XS ? TileK::kIQ4XS : TileK::kQ4;
+      TileDotQ4K<NT, kT, f>(tile, tile_bytes, np, a, out, out_stride, pf);
     } else {
       TileDot<kW, NT, kT>(tile, tile_bytes, np, a, out, out_stride, pf);
     }
@@ -2453,12 +2489,13 @@ template <DType kW>
 HWY_INLINE void MatMulTiles(const uint8_t* W, int64_t n_in, int64_t r0, int64_t r1,
                             const uint8_t* xa, size_t xa_stride, int64_t n_tok, float* y,
                             int64_t y_stride) {
-  constexpr bool kK = kW == DType::kQ4_K || kW == DType::kQ5_K || kW == DType::kQ6_K;  // super-blocks of 256
-  constexpr bool kScaleMin = kW == DType::kQ4_K || kW == DType::kQ5_K;  // TileDotQ4K
+  constexpr bool kScaleMin = kW == DType::kQ4_K || kW == DType::kQ5_K || kW == DType::kIQ4_XS;  // TileDotQ4K
+  constexpr bool kK = kScaleMin || kW == DType::kQ6_K;  // super-blocks of 256
   using TF = TileFormat<kW>;
   const int64_t np = kK ? n_in / kQK_K : n_in / 64;  // super-blocks, or pairs of blocks
   const size_t tile_bytes = static_cast<size_t>(np) * (kW == DType::kQ4_K   ? kTileQ4KBytes
                                                        : kW == DType::kQ5_K ? kTileQ5KBytes
+                                                       : kW == DType::kIQ4_XS ? kTileIQ4XSBytes
                                                        : kW == DType::kQ6_K ? kTileQ6KBytes
                                                                             : TF::kPairBytes);
   // The kernels prefetch each stream kMmPrefetchBytes ahead of where they read: the start of
@@ -2513,7 +2550,7 @@ HWY_INLINE void MatMulTiles(const uint8_t* W, int64_t n_in, int64_t r0, int64_t 
 // Per-target body of kernels::RepackLayout.
 HWY_NOINLINE inline WeightLayout RepackLayout(DType w, int64_t n_in, int64_t rows) {
 #if MOE_VNNI
-  const bool k = w == DType::kQ4_K || w == DType::kQ5_K || w == DType::kQ6_K;
+  const bool k = w == DType::kQ4_K || w == DType::kQ5_K || w == DType::kIQ4_XS || w == DType::kQ6_K;
   const int64_t step = k ? kQK_K : 64;  // whole super-blocks / pairs of blocks
   if ((w == DType::kQ8_0 || w == DType::kQ4_0 || k) && n_in > 0 &&
       n_in % step == 0 && rows > 0 && rows % 16 == 0) {
@@ -2565,6 +2602,8 @@ HWY_NOINLINE inline void MatMul(DType w, const void* W, int64_t n_in, int64_t r0
       MatMulTiles<DType::kQ4_K>(wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
     } else if (layout == WeightLayout::kTiles16 && w == DType::kQ5_K) {
       MatMulTiles<DType::kQ5_K>(wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
+    } else if (layout == WeightLayout::kTiles16 && w == DType::kIQ4_XS) {
+      MatMulTiles<DType::kIQ4_XS>(wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
     } else if (layout == WeightLayout::kTiles16 && w == DType::kQ6_K) {
       MatMulTiles<DType::kQ6_K>(wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
     }

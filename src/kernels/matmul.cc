@@ -99,6 +99,28 @@ void RepackScaleMinKTiles(const Block* in, uint8_t* out, int64_t nb, int64_t row
   }
 }
 
+// iq4_xs tiles (TileDotQ4K in matmul-inl.h).
+void RepackIQ4XSTiles(const BlockIQ4_XS* in, uint8_t* out, int64_t nb, int64_t rows) {
+  for (int64_t t0 = 0; t0 < rows; t0 += 16) {
+    for (int64_t b = 0; b < nb; ++b, out += 16 * sizeof(BlockIQ4_XS)) {
+      for (int r = 0; r < 16; ++r) {
+        const BlockIQ4_XS& blk = in[static_cast<size_t>(t0 + r) * nb + b];
+        std::memcpy(out + 2 * r, &blk.d, 2);
+        std::memcpy(out + 32 + 2 * r, &blk.scales_h, 2);
+        for (int i = 0; i < 4; ++i) out[64 + 16 * i + r] = blk.scales_l[i];
+        for (int j = 0; j < 8; ++j) {  // sub-block j: qs[16j + l] = q_l | q_(l+16) << 4
+          uint8_t q[32];
+          for (int l = 0; l < 16; ++l) {
+            q[l] = blk.qs[16 * j + l] & 0xF;
+            q[l + 16] = blk.qs[16 * j + l] >> 4;
+          }
+          PutNibbleGroup(q, r, out + 128 + 256 * j);
+        }
+      }
+    }
+  }
+}
+
 // q6_K tiles (TileDotQ6K in matmul-inl.h).
 void RepackQ6KTiles(const BlockQ6_K* in, uint8_t* out, int64_t nb, int64_t rows) {
   for (int64_t t0 = 0; t0 < rows; t0 += 16) {
@@ -143,7 +165,7 @@ void Repack(DType w, WeightLayout layout, const void* src, void* dst, int64_t n_
     std::memcpy(dst, src, RowBytes(w, n_in) * static_cast<size_t>(rows));
     return;
   }
-  const bool k = w == DType::kQ4_K || w == DType::kQ5_K || w == DType::kQ6_K;
+  const bool k = w == DType::kQ4_K || w == DType::kQ5_K || w == DType::kIQ4_XS || w == DType::kQ6_K;
   if (layout != WeightLayout::kTiles16 || (w != DType::kQ8_0 && w != DType::kQ4_0 && !k) ||
       n_in % (k ? kQK_K : 64) != 0 || rows % 16 != 0) {
     throw Error("no tile layout for this matrix");  // RepackLayout never gives one
@@ -154,6 +176,10 @@ void Repack(DType w, WeightLayout layout, const void* src, void* dst, int64_t n_
   }
   if (w == DType::kQ5_K) {
     RepackScaleMinKTiles(static_cast<const BlockQ5_K*>(src), static_cast<uint8_t*>(dst), n_in / kQK_K, rows);
+    return;
+  }
+  if (w == DType::kIQ4_XS) {
+    RepackIQ4XSTiles(static_cast<const BlockIQ4_XS*>(src), static_cast<uint8_t*>(dst), n_in / kQK_K, rows);
     return;
   }
   if (w == DType::kQ6_K) {
