@@ -2441,6 +2441,79 @@ HWY_INLINE void TileDotQ6K(const uint8_t* HWY_RESTRICT tile, int64_t nb, const M
   for (int t = 0; t < NT; ++t) _mm512_storeu_ps(out + t * out_stride, acc[t]);
 }
 
+// q3_K in tiles: per super-block, 1760 bytes for 16 rows (the file's 16 x 110):
+//   [0, 1024):     the low 2 bits, 32 quants c at 128 c as q6_K's top bits: vector v, lane r,
+//                  byte i holds those of quant 16 v + 4 s + i at bits 2 s
+//   [1024, 1536):  the third bits, 32 quants c at 1024 + 64 c: 8 bytes per group k of 4 quants,
+//                  bit 4 r + i that of quant 4 k + i of row r (a byte-lane mask: + 4 where set)
+//   [1536, 1728):  byte i (0..11) of row r's packed 6-bit scales at 1536 + 16 i + r
+//   [1728, 1760):  the f16 d of rows 0..15
+// The quants are q + 4 (unsigned, 0..7); each sub-block's dot less 4 x its activation sum undoes
+// it. (1760 is no multiple of 64: unaligned loads.)
+constexpr size_t kTileQ3KBytes = 16 * sizeof(BlockQ3_K);
+
+template <int NT>
+HWY_INLINE void TileDotQ3K(const uint8_t* HWY_RESTRICT tile, int64_t nb, const MmAct* act,
+                           float* HWY_RESTRICT out, int64_t out_stride, const MmTilePrefetch& pf) {
+  __m512 acc[NT];
+  HWY_UNROLL(4)
+  for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
+  const __m512i three = _mm512_set1_epi8(3), four = _mm512_set1_epi8(4);
+  const __m128i m15 = _mm_set1_epi8(15), m3 = _mm_set1_epi8(3);
+  const size_t tile_bytes = static_cast<size_t>(nb) * kTileQ3KBytes;
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* sb = tile + b * kTileQ3KBytes;
+    TilePrefetch<1, kTileQ3KBytes>(tile, tile_bytes, nb, b, pf);
+    const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + 1728)));
+    const auto byte = [&](int i) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + 1536 + 16 * i)); };
+    // Sub-block j's scales of the 16 rows (int32 lanes, less the stored 32): the low bits are
+    // nibble j / 8 of byte j % 8, the top two bits 2 (j / 4) of byte 8 + j % 4 (UnpackQ3KScales).
+    const auto scale = [&](int j) {
+      const __m128i l = byte(j % 8), h = byte(8 + j % 4);
+      const __m128i lo = _mm_and_si128(j < 8 ? l : _mm_srli_epi16(l, 4), m15);
+      const int sh = 2 * (j / 4);
+      const __m128i hi = _mm_and_si128(sh ? _mm_srli_epi16(h, sh) : h, m3);
+      return _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_or_si128(lo, _mm_slli_epi16(hi, 4))), _mm512_set1_epi32(32));
+    };
+    __m512i isum[NT];
+    HWY_UNROLL(4)
+    for (int t = 0; t < NT; ++t) isum[t] = _mm512_setzero_si512();
+    HWY_UNROLL(8)
+    for (int c = 0; c < 8; ++c) {  // 32 quants unpacked once for all NT tokens
+      const uint8_t* lo = sb + 128 * c;
+      const uint8_t* hm = sb + 1024 + 64 * c;
+      __m512i w[8];  // group k (quants 4k..4k+3 of the 32) of the 16 rows, 0..7
+      HWY_UNROLL(8)
+      for (int k = 0; k < 8; ++k) {
+        const __m512i l = _mm512_loadu_si512(lo + 64 * (k / 4));
+        const int sh = 2 * (k % 4);
+        const __m512i q = _mm512_and_si512(sh ? _mm512_srli_epi16(l, sh) : l, three);
+        uint64_t m;
+        std::memcpy(&m, hm + 8 * k, 8);
+        w[k] = _mm512_mask_add_epi8(q, _cvtu64_mask64(m), q, four);
+      }
+      const __m512i sc0 = scale(2 * c), sc1 = scale(2 * c + 1);
+      HWY_UNROLL(4)
+      for (int t = 0; t < NT; ++t) {
+        const int8_t* xq = act[t].q8 + b * kQK_K + 32 * c;
+        const int16_t* bs = act[t].bsums + b * 16 + 2 * c;
+        __m512i s0 = _mm512_setzero_si512(), s1 = s0;
+        TileDot8<true>([&](int k) { return w[k]; }, [&](int k) { return TileX4(xq + 4 * k); }, s0, s1);
+        // Sub-block j = 2c + half: (dot - 4 bsum_j) s_j undoes the + 4 of the quants.
+        const __m512i d0 = _mm512_mullo_epi32(_mm512_sub_epi32(s0, _mm512_set1_epi32(4 * bs[0])), sc0);
+        const __m512i d1 = _mm512_mullo_epi32(_mm512_sub_epi32(s1, _mm512_set1_epi32(4 * bs[1])), sc1);
+        isum[t] = _mm512_add_epi32(isum[t], _mm512_add_epi32(d0, d1));
+      }
+    }
+    HWY_UNROLL(4)
+    for (int t = 0; t < NT; ++t) {
+      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), _mm512_mul_ps(dw, _mm512_set1_ps(act[t].d[b])), acc[t]);
+    }
+  }
+  HWY_UNROLL(4)
+  for (int t = 0; t < NT; ++t) _mm512_storeu_ps(out + t * out_stride, acc[t]);
+}
+
 // Tokens per pass of a tile kernel over its tiles: each weight vector is unpacked once for all
 // of them. 8 for q8_0, q4_0 and q6_K: 8 tokens' accumulators over 2 tiles spill to L1, which
 // costs less than a second pass (measured, one thread, q4_0 / q8_0 / q6_K against passes of 4:
@@ -2458,6 +2531,9 @@ HWY_INLINE void TileGroup(const uint8_t* tile, size_t tile_bytes, int64_t np, co
     if constexpr (kW == DType::kQ6_K) {
       static_assert(kT == 1);
       TileDotQ6K<NT>(tile, np, a, out, out_stride, pf);
+    } else if constexpr (kW == DType::kQ3_K) {
+      static_assert(kT == 1);
+      TileDotQ3K<NT>(tile, np, a, out, out_stride, pf);
     } else if constexpr (kW == DType::kQ4_K || kW == DType::kQ5_K || kW == DType::kIQ4_XS) {
       constexpr TileK f = kW == DType::kQ5_K ? TileK::kQ5 : kW == DType::kIQ4_XS ? TileK::kIQ4XS : TileK::kQ4;
       TileDotQ4K<NT, kT, f>(tile, tile_bytes, np, a, out, out_stride, pf);
@@ -2490,13 +2566,15 @@ HWY_INLINE void MatMulTiles(const uint8_t* W, int64_t n_in, int64_t r0, int64_t 
                             const uint8_t* xa, size_t xa_stride, int64_t n_tok, float* y,
                             int64_t y_stride) {
   constexpr bool kScaleMin = kW == DType::kQ4_K || kW == DType::kQ5_K || kW == DType::kIQ4_XS;  // TileDotQ4K
-  constexpr bool kK = kScaleMin || kW == DType::kQ6_K;  // super-blocks of 256
+  constexpr bool kOne = kW == DType::kQ6_K || kW == DType::kQ3_K;  // one tile at a time
+  constexpr bool kK = kScaleMin || kOne;  // super-blocks of 256
   using TF = TileFormat<kW>;
   const int64_t np = kK ? n_in / kQK_K : n_in / 64;  // super-blocks, or pairs of blocks
   const size_t tile_bytes = static_cast<size_t>(np) * (kW == DType::kQ4_K   ? kTileQ4KBytes
                                                        : kW == DType::kQ5_K ? kTileQ5KBytes
                                                        : kW == DType::kIQ4_XS ? kTileIQ4XSBytes
                                                        : kW == DType::kQ6_K ? kTileQ6KBytes
+                                                       : kW == DType::kQ3_K ? kTileQ3KBytes
                                                                             : TF::kPairBytes);
   // The kernels prefetch each stream kMmPrefetchBytes ahead of where they read: the start of
   // the first streams (two for the block-32 types' pairs) is asked for here, before the
@@ -2509,7 +2587,7 @@ HWY_INLINE void MatMulTiles(const uint8_t* W, int64_t n_in, int64_t r0, int64_t 
   const size_t first_bytes = n_tok > G ? tile_bytes : kMmPrefetchBytes;
   for (size_t o = 0; o < first_bytes; o += 64) {
     hwy::Prefetch(first + o);
-    if constexpr (kW != DType::kQ6_K) hwy::Prefetch(first + tile_bytes + o);
+    if constexpr (!kOne) hwy::Prefetch(first + tile_bytes + o);
   }
   const MmAct* acts =
       kK ? PrepareActs(MmPrepSpec{MmPrep::kQ8_K, MmLayout::kNatural, true, 0}, n_in, xa, xa_stride, n_tok)
@@ -2517,7 +2595,7 @@ HWY_INLINE void MatMulTiles(const uint8_t* W, int64_t n_in, int64_t r0, int64_t 
                        xa_stride, n_tok);
   for (int64_t t0 = r0 / 16 * 16; t0 < r1; t0 += 16) {
     const uint8_t* tile = W + static_cast<size_t>(t0 / 16) * tile_bytes;
-    if constexpr (kW != DType::kQ6_K) {
+    if constexpr (!kOne) {
       if (t0 >= r0 && t0 + 32 <= r1 && (!kScaleMin || n_tok > 1)) {  // two whole tiles: straight into y
         for (int64_t k0 = 0; k0 < n_tok; k0 += G) {  // passes over tiles that stay in cache
           TileGroup<kW, 2>(tile, tile_bytes, np, acts + k0, std::min<int64_t>(G, n_tok - k0),
@@ -2550,7 +2628,8 @@ HWY_INLINE void MatMulTiles(const uint8_t* W, int64_t n_in, int64_t r0, int64_t 
 // Per-target body of kernels::RepackLayout.
 HWY_NOINLINE inline WeightLayout RepackLayout(DType w, int64_t n_in, int64_t rows) {
 #if MOE_VNNI
-  const bool k = w == DType::kQ4_K || w == DType::kQ5_K || w == DType::kIQ4_XS || w == DType::kQ6_K;
+  const bool k = w == DType::kQ3_K || w == DType::kQ4_K || w == DType::kQ5_K || w == DType::kIQ4_XS ||
+                 w == DType::kQ6_K;
   const int64_t step = k ? kQK_K : 64;  // whole super-blocks / pairs of blocks
   if ((w == DType::kQ8_0 || w == DType::kQ4_0 || k) && n_in > 0 &&
       n_in % step == 0 && rows > 0 && rows % 16 == 0) {
@@ -2606,6 +2685,8 @@ HWY_NOINLINE inline void MatMul(DType w, const void* W, int64_t n_in, int64_t r0
       MatMulTiles<DType::kIQ4_XS>(wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
     } else if (layout == WeightLayout::kTiles16 && w == DType::kQ6_K) {
       MatMulTiles<DType::kQ6_K>(wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
+    } else if (layout == WeightLayout::kTiles16 && w == DType::kQ3_K) {
+      MatMulTiles<DType::kQ3_K>(wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
     }
 #endif
     return;

@@ -121,6 +121,44 @@ void RepackIQ4XSTiles(const BlockIQ4_XS* in, uint8_t* out, int64_t nb, int64_t r
   }
 }
 
+// The packing of q6_K's top bits and q3_K's low bits: lane r's byte i of vector v holds the
+// 2-bit values of quants 16 v + 4 s + i (of the 32 at L, each below 4) at bits 2 s.
+void PutCrumbGroup(const uint8_t* L, int r, uint8_t* g) {
+  for (int v = 0; v < 2; ++v) {
+    for (int i = 0; i < 4; ++i) {
+      uint8_t hb = 0;
+      for (int sft = 0; sft < 4; ++sft) hb = static_cast<uint8_t>(hb | L[16 * v + 4 * sft + i] << (2 * sft));
+      g[64 * v + 4 * r + i] = hb;
+    }
+  }
+}
+
+// q3_K tiles (TileDotQ3K in matmul-inl.h).
+void RepackQ3KTiles(const BlockQ3_K* in, uint8_t* out, int64_t nb, int64_t rows) {
+  for (int64_t t0 = 0; t0 < rows; t0 += 16) {
+    for (int64_t b = 0; b < nb; ++b, out += 16 * sizeof(BlockQ3_K)) {
+      uint64_t masks[8][8] = {};  // [chunk][group]
+      for (int r = 0; r < 16; ++r) {
+        const BlockQ3_K& blk = in[static_cast<size_t>(t0 + r) * nb + b];
+        uint8_t low[kQK_K];  // element e: its 2 low bits (bits 2k of qs[32h + l], e = 128h + 32k + l)
+        for (int e = 0; e < kQK_K; ++e) low[e] = (blk.qs[32 * (e / 128) + e % 32] >> (2 * ((e % 128) / 32))) & 3;
+        for (int c = 0; c < 8; ++c) {
+          PutCrumbGroup(low + 32 * c, r, out + 128 * c);
+          for (int k = 0; k < 8; ++k) {
+            for (int i = 0; i < 4; ++i) {
+              const int e = 32 * c + 4 * k + i;  // third bit: bit e / 32 of hmask[e % 32]
+              masks[c][k] |= static_cast<uint64_t>((blk.hmask[e % 32] >> (e / 32)) & 1) << (4 * r + i);
+            }
+          }
+        }
+        for (int i = 0; i < 12; ++i) out[1536 + 16 * i + r] = blk.scales[i];
+        std::memcpy(out + 1728 + 2 * r, &blk.d, 2);
+      }
+      std::memcpy(out + 1024, masks, sizeof(masks));
+    }
+  }
+}
+
 // q6_K tiles (TileDotQ6K in matmul-inl.h).
 void RepackQ6KTiles(const BlockQ6_K* in, uint8_t* out, int64_t nb, int64_t rows) {
   for (int64_t t0 = 0; t0 < rows; t0 += 16) {
@@ -142,13 +180,9 @@ void RepackQ6KTiles(const BlockQ6_K* in, uint8_t* out, int64_t nb, int64_t rows)
           uint8_t q[32];
           for (int l = 0; l < 32; ++l) q[l] = L[32 * c + l] & 0xF;
           PutNibbleGroup(q, r, out + 256 * c);
-          for (int v = 0; v < 2; ++v) {
-            for (int i = 0; i < 4; ++i) {
-              uint8_t hb = 0;
-              for (int sft = 0; sft < 4; ++sft) hb = static_cast<uint8_t>(hb | (L[32 * c + 16 * v + 4 * sft + i] >> 4) << (2 * sft));
-              out[2048 + 128 * c + 64 * v + 4 * r + i] = hb;
-            }
-          }
+          uint8_t top[32];
+          for (int l = 0; l < 32; ++l) top[l] = L[32 * c + l] >> 4;
+          PutCrumbGroup(top, r, out + 2048 + 128 * c);
         }
         for (int j = 0; j < 16; ++j) out[3072 + 16 * j + r] = static_cast<uint8_t>(blk.scales[j]);
         std::memcpy(out + 3328 + 2 * r, &blk.d, 2);
@@ -165,7 +199,8 @@ void Repack(DType w, WeightLayout layout, const void* src, void* dst, int64_t n_
     std::memcpy(dst, src, RowBytes(w, n_in) * static_cast<size_t>(rows));
     return;
   }
-  const bool k = w == DType::kQ4_K || w == DType::kQ5_K || w == DType::kIQ4_XS || w == DType::kQ6_K;
+  const bool k = w == DType::kQ3_K || w == DType::kQ4_K || w == DType::kQ5_K || w == DType::kIQ4_XS ||
+                 w == DType::kQ6_K;
   if (layout != WeightLayout::kTiles16 || (w != DType::kQ8_0 && w != DType::kQ4_0 && !k) ||
       n_in % (k ? kQK_K : 64) != 0 || rows % 16 != 0) {
     throw Error("no tile layout for this matrix");  // RepackLayout never gives one
@@ -180,6 +215,10 @@ void Repack(DType w, WeightLayout layout, const void* src, void* dst, int64_t n_
   }
   if (w == DType::kIQ4_XS) {
     RepackIQ4XSTiles(static_cast<const BlockIQ4_XS*>(src), static_cast<uint8_t*>(dst), n_in / kQK_K, rows);
+    return;
+  }
+  if (w == DType::kQ3_K) {
+    RepackQ3KTiles(static_cast<const BlockQ3_K*>(src), static_cast<uint8_t*>(dst), n_in / kQK_K, rows);
     return;
   }
   if (w == DType::kQ6_K) {
