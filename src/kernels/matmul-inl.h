@@ -2514,6 +2514,70 @@ HWY_INLINE void TileDotQ3K(const uint8_t* HWY_RESTRICT tile, int64_t nb, const M
   for (int t = 0; t < NT; ++t) _mm512_storeu_ps(out + t * out_stride, acc[t]);
 }
 
+// q2_K in tiles: per super-block, 1344 bytes for 16 rows (the file's 16 x 84):
+//   [0, 1024):     the 2-bit quants, 32 quants c at 128 c as q3_K's low bits
+//   [1024, 1280):  byte j (scale j in the low nibble, min j in the high one) of row r at
+//                  1024 + 16 j + r
+//   [1280, 1344):  the f16 d of rows 0..15, then their dmin
+// The mins' term sum_j m_j bsum_j is summed apart and subtracted at the end (as for q5_K: with
+// it folded into each super-block's sum the q2_K conformance case moved 3e-2 nats at one
+// position, apart it matches llama.cpp to 1.5e-6).
+constexpr size_t kTileQ2KBytes = 16 * sizeof(BlockQ2_K);
+
+template <int NT>
+HWY_INLINE void TileDotQ2K(const uint8_t* HWY_RESTRICT tile, int64_t nb, const MmAct* act,
+                           float* HWY_RESTRICT out, int64_t out_stride, const MmTilePrefetch& pf) {
+  __m512 acc[NT], macc[NT];
+  HWY_UNROLL(4)
+  for (int t = 0; t < NT; ++t) acc[t] = macc[t] = _mm512_setzero_ps();
+  const __m512i three = _mm512_set1_epi8(3);
+  const __m128i m15 = _mm_set1_epi8(15);
+  const size_t tile_bytes = static_cast<size_t>(nb) * kTileQ2KBytes;
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* sb = tile + b * kTileQ2KBytes;
+    TilePrefetch<1, kTileQ2KBytes>(tile, tile_bytes, nb, b, pf);
+    const auto byte = [&](int j) { return _mm_load_si128(reinterpret_cast<const __m128i*>(sb + 1024 + 16 * j)); };
+    __m512i isum[NT], msum[NT];
+    HWY_UNROLL(4)
+    for (int t = 0; t < NT; ++t) isum[t] = msum[t] = _mm512_setzero_si512();
+    HWY_UNROLL(8)
+    for (int c = 0; c < 8; ++c) {  // 32 quants unpacked once for all NT tokens
+      const uint8_t* lo = sb + 128 * c;
+      __m512i w[8];  // group k (quants 4k..4k+3 of the 32) of the 16 rows, 0..3
+      HWY_UNROLL(8)
+      for (int k = 0; k < 8; ++k) {
+        const __m512i l = _mm512_load_si512(lo + 64 * (k / 4));
+        const int sh = 2 * (k % 4);
+        w[k] = _mm512_and_si512(sh ? _mm512_srli_epi16(l, sh) : l, three);
+      }
+      const __m128i b0 = byte(2 * c), b1 = byte(2 * c + 1);
+      const __m512i sc0 = _mm512_cvtepu8_epi32(_mm_and_si128(b0, m15)), sc1 = _mm512_cvtepu8_epi32(_mm_and_si128(b1, m15));
+      const __m512i mn0 = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b0, 4), m15));
+      const __m512i mn1 = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b1, 4), m15));
+      HWY_UNROLL(4)
+      for (int t = 0; t < NT; ++t) {
+        const int8_t* xq = act[t].q8 + b * kQK_K + 32 * c;
+        const int16_t* bs = act[t].bsums + b * 16 + 2 * c;
+        __m512i s0 = _mm512_setzero_si512(), s1 = s0;
+        TileDot8<true>([&](int k) { return w[k]; }, [&](int k) { return TileX4(xq + 4 * k); }, s0, s1);
+        isum[t] = _mm512_add_epi32(isum[t], _mm512_add_epi32(_mm512_mullo_epi32(s0, sc0), _mm512_mullo_epi32(s1, sc1)));
+        msum[t] = _mm512_add_epi32(msum[t], _mm512_add_epi32(_mm512_mullo_epi32(mn0, _mm512_set1_epi32(bs[0])),
+                                                             _mm512_mullo_epi32(mn1, _mm512_set1_epi32(bs[1]))));
+      }
+    }
+    const __m512 dw = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(sb + 1280)));
+    const __m512 dmw = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(sb + 1312)));
+    HWY_UNROLL(4)
+    for (int t = 0; t < NT; ++t) {
+      const __m512 xd = _mm512_set1_ps(act[t].d[b]);
+      macc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(msum[t]), _mm512_mul_ps(dmw, xd), macc[t]);
+      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), _mm512_mul_ps(dw, xd), acc[t]);
+    }
+  }
+  HWY_UNROLL(4)
+  for (int t = 0; t < NT; ++t) _mm512_storeu_ps(out + t * out_stride, _mm512_sub_ps(acc[t], macc[t]));
+}
+
 // Tokens per pass of a tile kernel over its tiles: each weight vector is unpacked once for all
 // of them. 8 for q8_0, q4_0 and q6_K: 8 tokens' accumulators over 2 tiles spill to L1, which
 // costs less than a second pass (measured, one thread, q4_0 / q8_0 / q6_K against passes of 4:
@@ -2534,6 +2598,9 @@ HWY_INLINE void TileGroup(const uint8_t* tile, size_t tile_bytes, int64_t np, co
     } else if constexpr (kW == DType::kQ3_K) {
       static_assert(kT == 1);
       TileDotQ3K<NT>(tile, np, a, out, out_stride, pf);
+    } else if constexpr (kW == DType::kQ2_K) {
+      static_assert(kT == 1);
+      TileDotQ2K<NT>(tile, np, a, out, out_stride, pf);
     } else if constexpr (kW == DType::kQ4_K || kW == DType::kQ5_K || kW == DType::kIQ4_XS) {
       constexpr TileK f = kW == DType::kQ5_K ? TileK::kQ5 : kW == DType::kIQ4_XS ? TileK::kIQ4XS : TileK::kQ4;
       TileDotQ4K<NT, kT, f>(tile, tile_bytes, np, a, out, out_stride, pf);
@@ -2566,7 +2633,7 @@ HWY_INLINE void MatMulTiles(const uint8_t* W, int64_t n_in, int64_t r0, int64_t 
                             const uint8_t* xa, size_t xa_stride, int64_t n_tok, float* y,
                             int64_t y_stride) {
   constexpr bool kScaleMin = kW == DType::kQ4_K || kW == DType::kQ5_K || kW == DType::kIQ4_XS;  // TileDotQ4K
-  constexpr bool kOne = kW == DType::kQ6_K || kW == DType::kQ3_K;  // one tile at a time
+  constexpr bool kOne = kW == DType::kQ6_K || kW == DType::kQ3_K || kW == DType::kQ2_K;  // one tile at a time
   constexpr bool kK = kScaleMin || kOne;  // super-blocks of 256
   using TF = TileFormat<kW>;
   const int64_t np = kK ? n_in / kQK_K : n_in / 64;  // super-blocks, or pairs of blocks
@@ -2575,6 +2642,7 @@ HWY_INLINE void MatMulTiles(const uint8_t* W, int64_t n_in, int64_t r0, int64_t 
                                                        : kW == DType::kIQ4_XS ? kTileIQ4XSBytes
                                                        : kW == DType::kQ6_K ? kTileQ6KBytes
                                                        : kW == DType::kQ3_K ? kTileQ3KBytes
+                                                       : kW == DType::kQ2_K ? kTileQ2KBytes
                                                                             : TF::kPairBytes);
   // The kernels prefetch each stream kMmPrefetchBytes ahead of where they read: the start of
   // the first streams (two for the block-32 types' pairs) is asked for here, before the
@@ -2628,8 +2696,8 @@ HWY_INLINE void MatMulTiles(const uint8_t* W, int64_t n_in, int64_t r0, int64_t 
 // Per-target body of kernels::RepackLayout.
 HWY_NOINLINE inline WeightLayout RepackLayout(DType w, int64_t n_in, int64_t rows) {
 #if MOE_VNNI
-  const bool k = w == DType::kQ3_K || w == DType::kQ4_K || w == DType::kQ5_K || w == DType::kIQ4_XS ||
-                 w == DType::kQ6_K;
+  const bool k = w == DType::kQ2_K || w == DType::kQ3_K || w == DType::kQ4_K || w == DType::kQ5_K ||
+                 w == DType::kIQ4_XS || w == DType::kQ6_K;
   const int64_t step = k ? kQK_K : 64;  // whole super-blocks / pairs of blocks
   if ((w == DType::kQ8_0 || w == DType::kQ4_0 || k) && n_in > 0 &&
       n_in % step == 0 && rows > 0 && rows % 16 == 0) {
@@ -2687,6 +2755,8 @@ HWY_NOINLINE inline void MatMul(DType w, const void* W, int64_t n_in, int64_t r0
       MatMulTiles<DType::kQ6_K>(wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
     } else if (layout == WeightLayout::kTiles16 && w == DType::kQ3_K) {
       MatMulTiles<DType::kQ3_K>(wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
+    } else if (layout == WeightLayout::kTiles16 && w == DType::kQ2_K) {
+      MatMulTiles<DType::kQ2_K>(wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
     }
 #endif
     return;

@@ -133,6 +133,29 @@ void PutCrumbGroup(const uint8_t* L, int r, uint8_t* g) {
   }
 }
 
+// The 2-bit quants of q2_K and the low bits of q3_K: element 128h + 32k + l at bits 2k of
+// qs[32h + l].
+void Crumbs(const uint8_t* qs, uint8_t* out) {
+  for (int e = 0; e < kQK_K; ++e) out[e] = (qs[32 * (e / 128) + e % 32] >> (2 * ((e % 128) / 32))) & 3;
+}
+
+// q2_K tiles (TileDotQ2K in matmul-inl.h).
+void RepackQ2KTiles(const BlockQ2_K* in, uint8_t* out, int64_t nb, int64_t rows) {
+  for (int64_t t0 = 0; t0 < rows; t0 += 16) {
+    for (int64_t b = 0; b < nb; ++b, out += 16 * sizeof(BlockQ2_K)) {
+      for (int r = 0; r < 16; ++r) {
+        const BlockQ2_K& blk = in[static_cast<size_t>(t0 + r) * nb + b];
+        uint8_t q[kQK_K];
+        Crumbs(blk.qs, q);
+        for (int c = 0; c < 8; ++c) PutCrumbGroup(q + 32 * c, r, out + 128 * c);
+        for (int j = 0; j < 16; ++j) out[1024 + 16 * j + r] = blk.scales[j];
+        std::memcpy(out + 1280 + 2 * r, &blk.d, 2);
+        std::memcpy(out + 1312 + 2 * r, &blk.dmin, 2);
+      }
+    }
+  }
+}
+
 // q3_K tiles (TileDotQ3K in matmul-inl.h).
 void RepackQ3KTiles(const BlockQ3_K* in, uint8_t* out, int64_t nb, int64_t rows) {
   for (int64_t t0 = 0; t0 < rows; t0 += 16) {
@@ -140,8 +163,8 @@ void RepackQ3KTiles(const BlockQ3_K* in, uint8_t* out, int64_t nb, int64_t rows)
       uint64_t masks[8][8] = {};  // [chunk][group]
       for (int r = 0; r < 16; ++r) {
         const BlockQ3_K& blk = in[static_cast<size_t>(t0 + r) * nb + b];
-        uint8_t low[kQK_K];  // element e: its 2 low bits (bits 2k of qs[32h + l], e = 128h + 32k + l)
-        for (int e = 0; e < kQK_K; ++e) low[e] = (blk.qs[32 * (e / 128) + e % 32] >> (2 * ((e % 128) / 32))) & 3;
+        uint8_t low[kQK_K];  // element e's 2 low bits
+        Crumbs(blk.qs, low);
         for (int c = 0; c < 8; ++c) {
           PutCrumbGroup(low + 32 * c, r, out + 128 * c);
           for (int k = 0; k < 8; ++k) {
@@ -199,8 +222,8 @@ void Repack(DType w, WeightLayout layout, const void* src, void* dst, int64_t n_
     std::memcpy(dst, src, RowBytes(w, n_in) * static_cast<size_t>(rows));
     return;
   }
-  const bool k = w == DType::kQ3_K || w == DType::kQ4_K || w == DType::kQ5_K || w == DType::kIQ4_XS ||
-                 w == DType::kQ6_K;
+  const bool k = w == DType::kQ2_K || w == DType::kQ3_K || w == DType::kQ4_K || w == DType::kQ5_K ||
+                 w == DType::kIQ4_XS || w == DType::kQ6_K;
   if (layout != WeightLayout::kTiles16 || (w != DType::kQ8_0 && w != DType::kQ4_0 && !k) ||
       n_in % (k ? kQK_K : 64) != 0 || rows % 16 != 0) {
     throw Error("no tile layout for this matrix");  // RepackLayout never gives one
@@ -215,6 +238,10 @@ void Repack(DType w, WeightLayout layout, const void* src, void* dst, int64_t n_
   }
   if (w == DType::kIQ4_XS) {
     RepackIQ4XSTiles(static_cast<const BlockIQ4_XS*>(src), static_cast<uint8_t*>(dst), n_in / kQK_K, rows);
+    return;
+  }
+  if (w == DType::kQ2_K) {
+    RepackQ2KTiles(static_cast<const BlockQ2_K*>(src), static_cast<uint8_t*>(dst), n_in / kQK_K, rows);
     return;
   }
   if (w == DType::kQ3_K) {

@@ -91,8 +91,8 @@ class Model {
   uint64_t BytesPerExpert() const;
 
   // For inference only: rewrites the matrices the forward pass multiplies into the layout the
-  // running CPU's kernels stream fastest (kernels::RepackLayout: q8_0, q4_0, q3_K, q4_K, q5_K,
-  // iq4_xs and q6_K in tiles of 16 rows on AVX-512 VNNI; q5_0 widened exactly into q8_0 tiles), in memory of the
+  // running CPU's kernels stream fastest (kernels::RepackLayout: q8_0, q4_0, q2_K, q3_K, q4_K,
+  // q5_K, iq4_xs and q6_K in tiles of 16 rows on AVX-512 VNNI; q5_0 widened exactly into q8_0 tiles), in memory of the
   // model's own, and hands each tensor's file pages back to the
   // kernel once it is copied, so resident memory stays near the file's size. Row() and
   // dequantization mean nothing for a repacked matrix afterwards (the token embedding, which

@@ -356,7 +356,7 @@ void TestMatMulRowTiles() {
   }
 }
 
-// q8_0, q4_0, q3_K, q4_K, q5_K, iq4_xs and q6_K repacked in tiles of 16 rows (WeightLayout::kTiles16) against the same
+// q8_0, q4_0, q2_K, q3_K, q4_K, q5_K, iq4_xs and q6_K repacked in tiles of 16 rows (WeightLayout::kTiles16) against the same
 // reference, on the targets that have the layout: whole and cut tiles, 1..9 tokens, exact
 // integers too.
 void TestMatMulTiles() {
@@ -367,7 +367,7 @@ void TestMatMulTiles() {
   EXPECT_EQ(RepackLayout(DType::kQ4_1, 64, 16), WeightLayout::kRows);
   const WeightLayout tiles = WeightLayout::kTiles16;
   EXPECT_EQ(RepackLayout(DType::kQ4_K, 128, 16), WeightLayout::kRows);  // half a super-block
-  for (DType w : {DType::kQ8_0, DType::kQ4_0, DType::kQ3_K, DType::kQ4_K, DType::kQ5_K, DType::kIQ4_XS, DType::kQ6_K}) {
+  for (DType w : {DType::kQ8_0, DType::kQ4_0, DType::kQ2_K, DType::kQ3_K, DType::kQ4_K, DType::kQ5_K, DType::kIQ4_XS, DType::kQ6_K}) {
     ASSERT_EQ(RepackLayout(w, 256, 48), tiles);
     const bool k = Traits(w).block_size == 256;
     const std::vector<int64_t> sizes = k ? std::vector<int64_t>{256, 512, 256 * 11}
@@ -393,7 +393,7 @@ void TestMatMulTilesGrouping() {
   std::mt19937 rng(4321);
   if (RepackLayout(DType::kQ8_0, 64, 16) != WeightLayout::kTiles16) return;  // not this target
   const int64_t rows = 112, n_tok = 19;  // 7 tiles: pairs and a single one; 3 passes or 5
-  for (DType w : {DType::kQ8_0, DType::kQ4_0, DType::kQ3_K, DType::kQ4_K, DType::kQ5_K, DType::kIQ4_XS, DType::kQ6_K}) {
+  for (DType w : {DType::kQ8_0, DType::kQ4_0, DType::kQ2_K, DType::kQ3_K, DType::kQ4_K, DType::kQ5_K, DType::kIQ4_XS, DType::kQ6_K}) {
     const int64_t n_in = Traits(w).block_size == 256 ? 512 : 192;
     const DType xt = VecDotType(w);
     const size_t w_row = RowBytes(w, n_in), x_row = RowBytes(xt, n_in);
