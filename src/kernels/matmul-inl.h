@@ -2377,205 +2377,174 @@ HWY_INLINE void TileDotQ4K(const uint8_t* HWY_RESTRICT tile, size_t tile_bytes, 
   }
 }
 
+// The types with sub-blocks of 16 share one tile kernel (TileDotK16), each described by a
+// format: its bytes per 16-row super-block, how chunk c (32 quants, sub-blocks 2c and 2c + 1)
+// unpacks into 8 vectors of 4-quant groups (unsigned, stored + kOff), the 16 rows' scale (and
+// min) of sub-block j as int32 lanes, and where the rows' f16 d (and dmin) lie.
+//
 // q6_K in tiles: per super-block, 3360 bytes for 16 rows (the file's 16 x 210):
 //   [0, 2048):     the low 4 bits, 32 quants c at 256 c as a q4_0 block's 4 vectors
 //   [2048, 3072):  the top 2 bits, 32 quants c at 2048 + 128 c: vector v, lane r, byte i holds
 //                  those of quant 16 v + 4 s + i at bits 2 s (s = 0..3)
 //   [3072, 3328):  the int8 scale of sub-block j (16 quants) of row r at 3072 + 16 j + r
 //   [3328, 3360):  the f16 d of rows 0..15
-// The quants are q + 32 (unsigned); each sub-block's dot less 32 x its activation sum undoes it.
-// (3360 is no multiple of 64: unaligned loads.)
-constexpr size_t kTileQ6KBytes = 16 * sizeof(BlockQ6_K);
-
-template <int NT>
-HWY_INLINE void TileDotQ6K(const uint8_t* HWY_RESTRICT tile, int64_t nb, const MmAct* act,
-                           float* HWY_RESTRICT out, int64_t out_stride, const MmTilePrefetch& pf) {
-  __m512 acc[NT];
-  HWY_UNROLL(4)
-  for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
-  const __m512i nib = _mm512_set1_epi8(0x0F), two = _mm512_set1_epi8(0x03);
-  const size_t tile_bytes = static_cast<size_t>(nb) * kTileQ6KBytes;
-  for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* sb = tile + b * kTileQ6KBytes;
-    TilePrefetch<1, kTileQ6KBytes>(tile, tile_bytes, nb, b, pf);
-    const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + 3328)));
-    __m512i isum[NT];
-    HWY_UNROLL(4)
-    for (int t = 0; t < NT; ++t) isum[t] = _mm512_setzero_si512();
+// The quants are q + 32 (unsigned). (3360 is no multiple of 64: unaligned loads.)
+struct TileQ6K {
+  static constexpr size_t kBytes = 16 * sizeof(BlockQ6_K);
+  static constexpr int32_t kOff = 32;
+  static constexpr bool kMins = false;
+  static constexpr size_t kD = 3328;
+  static HWY_INLINE void Unpack(const uint8_t* sb, int c, __m512i* w) {
+    const __m512i nib = _mm512_set1_epi8(0x0F), two = _mm512_set1_epi8(0x03);
+    const uint8_t* lo = sb + 256 * c;
+    const uint8_t* hi = sb + 2048 + 128 * c;
     HWY_UNROLL(8)
-    for (int c = 0; c < 8; ++c) {  // 32 quants unpacked once for all NT tokens
-      const uint8_t* lo = sb + 256 * c;
-      const uint8_t* hi = sb + 2048 + 128 * c;
-      __m512i w[8];  // group k (quants 4k..4k+3 of the 32) of the 16 rows
-      HWY_UNROLL(8)
-      for (int k = 0; k < 8; ++k) {
-        const __m512i l = _mm512_loadu_si512(lo + 64 * (k / 2));
-        const __m512i h = _mm512_loadu_si512(hi + 64 * (k / 4));
-        const __m512i low = _mm512_and_si512(k % 2 ? _mm512_srli_epi16(l, 4) : l, nib);
-        const int sh = 2 * (k % 4);
-        const __m512i top = _mm512_and_si512(sh ? _mm512_srli_epi16(h, sh) : h, two);
-        w[k] = _mm512_or_si512(low, _mm512_slli_epi16(top, 4));
-      }
-      const auto scale = [&](int j) {  // sub-block j's int8 scales of the 16 rows
-        return _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + 3072 + 16 * j)));
-      };
-      const __m512i sc0 = scale(2 * c), sc1 = scale(2 * c + 1);
-      HWY_UNROLL(4)
-      for (int t = 0; t < NT; ++t) {
-        const int8_t* xq = act[t].q8 + b * kQK_K + 32 * c;
-        const int16_t* bs = act[t].bsums + b * 16 + 2 * c;
-        __m512i s0 = _mm512_setzero_si512(), s1 = s0;
-        TileDot8<true>([&](int k) { return w[k]; }, [&](int k) { return TileX4(xq + 4 * k); }, s0, s1);
-        // Sub-block j = 2c + half: (dot - 32 bsum_j) s_j undoes the +32 of the quants.
-        const __m512i d0 = _mm512_mullo_epi32(_mm512_sub_epi32(s0, _mm512_set1_epi32(32 * bs[0])), sc0);
-        const __m512i d1 = _mm512_mullo_epi32(_mm512_sub_epi32(s1, _mm512_set1_epi32(32 * bs[1])), sc1);
-        isum[t] = _mm512_add_epi32(isum[t], _mm512_add_epi32(d0, d1));
-      }
-    }
-    HWY_UNROLL(4)
-    for (int t = 0; t < NT; ++t) {
-      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), _mm512_mul_ps(dw, _mm512_set1_ps(act[t].d[b])), acc[t]);
+    for (int k = 0; k < 8; ++k) {
+      const __m512i l = _mm512_loadu_si512(lo + 64 * (k / 2));
+      const __m512i h = _mm512_loadu_si512(hi + 64 * (k / 4));
+      const __m512i low = _mm512_and_si512(k % 2 ? _mm512_srli_epi16(l, 4) : l, nib);
+      const int sh = 2 * (k % 4);
+      const __m512i top = _mm512_and_si512(sh ? _mm512_srli_epi16(h, sh) : h, two);
+      w[k] = _mm512_or_si512(low, _mm512_slli_epi16(top, 4));
     }
   }
-  HWY_UNROLL(4)
-  for (int t = 0; t < NT; ++t) _mm512_storeu_ps(out + t * out_stride, acc[t]);
+  static HWY_INLINE __m512i Scale(const uint8_t* sb, int j) {
+    return _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + 3072 + 16 * j)));
+  }
+};
+
+// The 2-bit values of chunk c (32 quants) packed as q6_K's top bits at p, in 8 group vectors.
+HWY_INLINE void TileCrumbs(const uint8_t* p, __m512i* w) {
+  const __m512i three = _mm512_set1_epi8(3);
+  HWY_UNROLL(8)
+  for (int k = 0; k < 8; ++k) {
+    const __m512i l = _mm512_loadu_si512(p + 64 * (k / 4));
+    const int sh = 2 * (k % 4);
+    w[k] = _mm512_and_si512(sh ? _mm512_srli_epi16(l, sh) : l, three);
+  }
 }
 
 // q3_K in tiles: per super-block, 1760 bytes for 16 rows (the file's 16 x 110):
-//   [0, 1024):     the low 2 bits, 32 quants c at 128 c as q6_K's top bits: vector v, lane r,
-//                  byte i holds those of quant 16 v + 4 s + i at bits 2 s
+//   [0, 1024):     the low 2 bits, 32 quants c at 128 c as q6_K's top bits
 //   [1024, 1536):  the third bits, 32 quants c at 1024 + 64 c: 8 bytes per group k of 4 quants,
 //                  bit 4 r + i that of quant 4 k + i of row r (a byte-lane mask: + 4 where set)
 //   [1536, 1728):  byte i (0..11) of row r's packed 6-bit scales at 1536 + 16 i + r
 //   [1728, 1760):  the f16 d of rows 0..15
-// The quants are q + 4 (unsigned, 0..7); each sub-block's dot less 4 x its activation sum undoes
-// it. (1760 is no multiple of 64: unaligned loads.)
-constexpr size_t kTileQ3KBytes = 16 * sizeof(BlockQ3_K);
-
-template <int NT>
-HWY_INLINE void TileDotQ3K(const uint8_t* HWY_RESTRICT tile, int64_t nb, const MmAct* act,
-                           float* HWY_RESTRICT out, int64_t out_stride, const MmTilePrefetch& pf) {
-  __m512 acc[NT];
-  HWY_UNROLL(4)
-  for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
-  const __m512i three = _mm512_set1_epi8(3), four = _mm512_set1_epi8(4);
-  const __m128i m15 = _mm_set1_epi8(15), m3 = _mm_set1_epi8(3);
-  const size_t tile_bytes = static_cast<size_t>(nb) * kTileQ3KBytes;
-  for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* sb = tile + b * kTileQ3KBytes;
-    TilePrefetch<1, kTileQ3KBytes>(tile, tile_bytes, nb, b, pf);
-    const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + 1728)));
-    const auto byte = [&](int i) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + 1536 + 16 * i)); };
-    // Sub-block j's scales of the 16 rows (int32 lanes, less the stored 32): the low bits are
-    // nibble j / 8 of byte j % 8, the top two bits 2 (j / 4) of byte 8 + j % 4 (UnpackQ3KScales).
-    const auto scale = [&](int j) {
-      const __m128i l = byte(j % 8), h = byte(8 + j % 4);
-      const __m128i lo = _mm_and_si128(j < 8 ? l : _mm_srli_epi16(l, 4), m15);
-      const int sh = 2 * (j / 4);
-      const __m128i hi = _mm_and_si128(sh ? _mm_srli_epi16(h, sh) : h, m3);
-      return _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_or_si128(lo, _mm_slli_epi16(hi, 4))), _mm512_set1_epi32(32));
-    };
-    __m512i isum[NT];
-    HWY_UNROLL(4)
-    for (int t = 0; t < NT; ++t) isum[t] = _mm512_setzero_si512();
+// The quants are q + 4 (unsigned, 0..7). (1760 is no multiple of 64: unaligned loads.)
+struct TileQ3K {
+  static constexpr size_t kBytes = 16 * sizeof(BlockQ3_K);
+  static constexpr int32_t kOff = 4;
+  static constexpr bool kMins = false;
+  static constexpr size_t kD = 1728;
+  static HWY_INLINE void Unpack(const uint8_t* sb, int c, __m512i* w) {
+    TileCrumbs(sb + 128 * c, w);
+    const uint8_t* hm = sb + 1024 + 64 * c;
     HWY_UNROLL(8)
-    for (int c = 0; c < 8; ++c) {  // 32 quants unpacked once for all NT tokens
-      const uint8_t* lo = sb + 128 * c;
-      const uint8_t* hm = sb + 1024 + 64 * c;
-      __m512i w[8];  // group k (quants 4k..4k+3 of the 32) of the 16 rows, 0..7
-      HWY_UNROLL(8)
-      for (int k = 0; k < 8; ++k) {
-        const __m512i l = _mm512_loadu_si512(lo + 64 * (k / 4));
-        const int sh = 2 * (k % 4);
-        const __m512i q = _mm512_and_si512(sh ? _mm512_srli_epi16(l, sh) : l, three);
-        uint64_t m;
-        std::memcpy(&m, hm + 8 * k, 8);
-        w[k] = _mm512_mask_add_epi8(q, _cvtu64_mask64(m), q, four);
-      }
-      const __m512i sc0 = scale(2 * c), sc1 = scale(2 * c + 1);
-      HWY_UNROLL(4)
-      for (int t = 0; t < NT; ++t) {
-        const int8_t* xq = act[t].q8 + b * kQK_K + 32 * c;
-        const int16_t* bs = act[t].bsums + b * 16 + 2 * c;
-        __m512i s0 = _mm512_setzero_si512(), s1 = s0;
-        TileDot8<true>([&](int k) { return w[k]; }, [&](int k) { return TileX4(xq + 4 * k); }, s0, s1);
-        // Sub-block j = 2c + half: (dot - 4 bsum_j) s_j undoes the + 4 of the quants.
-        const __m512i d0 = _mm512_mullo_epi32(_mm512_sub_epi32(s0, _mm512_set1_epi32(4 * bs[0])), sc0);
-        const __m512i d1 = _mm512_mullo_epi32(_mm512_sub_epi32(s1, _mm512_set1_epi32(4 * bs[1])), sc1);
-        isum[t] = _mm512_add_epi32(isum[t], _mm512_add_epi32(d0, d1));
-      }
-    }
-    HWY_UNROLL(4)
-    for (int t = 0; t < NT; ++t) {
-      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), _mm512_mul_ps(dw, _mm512_set1_ps(act[t].d[b])), acc[t]);
+    for (int k = 0; k < 8; ++k) {
+      uint64_t m;
+      std::memcpy(&m, hm + 8 * k, 8);
+      w[k] = _mm512_mask_add_epi8(w[k], _cvtu64_mask64(m), w[k], _mm512_set1_epi8(4));
     }
   }
-  HWY_UNROLL(4)
-  for (int t = 0; t < NT; ++t) _mm512_storeu_ps(out + t * out_stride, acc[t]);
-}
+  // The low bits of scale j are nibble j / 8 of byte j % 8, the top two bits 2 (j / 4) of byte
+  // 8 + j % 4 (UnpackQ3KScales); stored + 32.
+  static HWY_INLINE __m512i Scale(const uint8_t* sb, int j) {
+    const auto byte = [&](int i) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + 1536 + 16 * i)); };
+    const __m128i m15 = _mm_set1_epi8(15), m3 = _mm_set1_epi8(3);
+    const __m128i l = byte(j % 8), h = byte(8 + j % 4);
+    const __m128i lo = _mm_and_si128(j < 8 ? l : _mm_srli_epi16(l, 4), m15);
+    const int sh = 2 * (j / 4);
+    const __m128i hi = _mm_and_si128(sh ? _mm_srli_epi16(h, sh) : h, m3);
+    return _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_or_si128(lo, _mm_slli_epi16(hi, 4))), _mm512_set1_epi32(32));
+  }
+};
 
 // q2_K in tiles: per super-block, 1344 bytes for 16 rows (the file's 16 x 84):
 //   [0, 1024):     the 2-bit quants, 32 quants c at 128 c as q3_K's low bits
 //   [1024, 1280):  byte j (scale j in the low nibble, min j in the high one) of row r at
 //                  1024 + 16 j + r
 //   [1280, 1344):  the f16 d of rows 0..15, then their dmin
-// The mins' term sum_j m_j bsum_j is summed apart and subtracted at the end (as for q5_K: with
-// it folded into each super-block's sum the q2_K conformance case moved 3e-2 nats at one
-// position, apart it matches llama.cpp to 1.5e-6).
-constexpr size_t kTileQ2KBytes = 16 * sizeof(BlockQ2_K);
+struct TileQ2K {
+  static constexpr size_t kBytes = 16 * sizeof(BlockQ2_K);
+  static constexpr int32_t kOff = 0;
+  static constexpr bool kMins = true;
+  static constexpr size_t kD = 1280, kDMin = 1312;
+  static HWY_INLINE void Unpack(const uint8_t* sb, int c, __m512i* w) { TileCrumbs(sb + 128 * c, w); }
+  static HWY_INLINE __m128i Byte(const uint8_t* sb, int j) {
+    return _mm_load_si128(reinterpret_cast<const __m128i*>(sb + 1024 + 16 * j));
+  }
+  static HWY_INLINE __m512i Scale(const uint8_t* sb, int j) {
+    return _mm512_cvtepu8_epi32(_mm_and_si128(Byte(sb, j), _mm_set1_epi8(15)));
+  }
+  static HWY_INLINE __m512i Min(const uint8_t* sb, int j) {
+    return _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(Byte(sb, j), 4), _mm_set1_epi8(15)));
+  }
+};
 
-template <int NT>
-HWY_INLINE void TileDotQ2K(const uint8_t* HWY_RESTRICT tile, int64_t nb, const MmAct* act,
+// Token a's products with 16 rows over chunk c (32 quants: sub-blocks 2c and 2c + 1 of 16) of
+// super-block b, the rows' groups of 4 unpacked in w: (dot_j - kOff bsum_j) s_j summed over the
+// two, kOff undoing the quants' offset.
+template <int kOff>
+HWY_INLINE __m512i TileChunk16(const __m512i* w, const MmAct& a, int64_t b, int c, __m512i sc0, __m512i sc1) {
+  const int8_t* xq = a.q8 + b * kQK_K + 32 * c;
+  __m512i s0 = _mm512_setzero_si512(), s1 = s0;
+  TileDot8<true>([&](int k) { return w[k]; }, [&](int k) { return TileX4(xq + 4 * k); }, s0, s1);
+  if constexpr (kOff != 0) {
+    const int16_t* bs = a.bsums + b * 16 + 2 * c;
+    s0 = _mm512_sub_epi32(s0, _mm512_set1_epi32(kOff * bs[0]));
+    s1 = _mm512_sub_epi32(s1, _mm512_set1_epi32(kOff * bs[1]));
+  }
+  return _mm512_add_epi32(_mm512_mullo_epi32(s0, sc0), _mm512_mullo_epi32(s1, sc1));
+}
+
+// One tile (16 rows) of a sub-block-of-16 format F times NT tokens: each chunk of 32 quants is
+// unpacked once for all the tokens, a super-block's sum is exact in int32 and scaled once. q2_K's
+// mins' term sum_j m_j bsum_j is summed apart and subtracted at the end: folded into each
+// super-block's sum (ggml's AVX2 order, but over 8 lanes there and whole rows here) its
+// conformance case moved 3e-2 nats at one position; apart it matches llama.cpp to 1.5e-6.
+template <class F, int NT>
+HWY_INLINE void TileDotK16(const uint8_t* HWY_RESTRICT tile, int64_t nb, const MmAct* act,
                            float* HWY_RESTRICT out, int64_t out_stride, const MmTilePrefetch& pf) {
   __m512 acc[NT], macc[NT];
   HWY_UNROLL(4)
   for (int t = 0; t < NT; ++t) acc[t] = macc[t] = _mm512_setzero_ps();
-  const __m512i three = _mm512_set1_epi8(3);
-  const __m128i m15 = _mm_set1_epi8(15);
-  const size_t tile_bytes = static_cast<size_t>(nb) * kTileQ2KBytes;
+  const size_t tile_bytes = static_cast<size_t>(nb) * F::kBytes;
   for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* sb = tile + b * kTileQ2KBytes;
-    TilePrefetch<1, kTileQ2KBytes>(tile, tile_bytes, nb, b, pf);
-    const auto byte = [&](int j) { return _mm_load_si128(reinterpret_cast<const __m128i*>(sb + 1024 + 16 * j)); };
+    const uint8_t* sb = tile + b * F::kBytes;
+    TilePrefetch<1, F::kBytes>(tile, tile_bytes, nb, b, pf);
     __m512i isum[NT], msum[NT];
     HWY_UNROLL(4)
     for (int t = 0; t < NT; ++t) isum[t] = msum[t] = _mm512_setzero_si512();
     HWY_UNROLL(8)
-    for (int c = 0; c < 8; ++c) {  // 32 quants unpacked once for all NT tokens
-      const uint8_t* lo = sb + 128 * c;
-      __m512i w[8];  // group k (quants 4k..4k+3 of the 32) of the 16 rows, 0..3
-      HWY_UNROLL(8)
-      for (int k = 0; k < 8; ++k) {
-        const __m512i l = _mm512_load_si512(lo + 64 * (k / 4));
-        const int sh = 2 * (k % 4);
-        w[k] = _mm512_and_si512(sh ? _mm512_srli_epi16(l, sh) : l, three);
-      }
-      const __m128i b0 = byte(2 * c), b1 = byte(2 * c + 1);
-      const __m512i sc0 = _mm512_cvtepu8_epi32(_mm_and_si128(b0, m15)), sc1 = _mm512_cvtepu8_epi32(_mm_and_si128(b1, m15));
-      const __m512i mn0 = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b0, 4), m15));
-      const __m512i mn1 = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b1, 4), m15));
+    for (int c = 0; c < 8; ++c) {
+      __m512i w[8];  // group k (quants 4k..4k+3 of the 32) of the 16 rows
+      F::Unpack(sb, c, w);
+      const __m512i sc0 = F::Scale(sb, 2 * c), sc1 = F::Scale(sb, 2 * c + 1);
       HWY_UNROLL(4)
-      for (int t = 0; t < NT; ++t) {
-        const int8_t* xq = act[t].q8 + b * kQK_K + 32 * c;
-        const int16_t* bs = act[t].bsums + b * 16 + 2 * c;
-        __m512i s0 = _mm512_setzero_si512(), s1 = s0;
-        TileDot8<true>([&](int k) { return w[k]; }, [&](int k) { return TileX4(xq + 4 * k); }, s0, s1);
-        isum[t] = _mm512_add_epi32(isum[t], _mm512_add_epi32(_mm512_mullo_epi32(s0, sc0), _mm512_mullo_epi32(s1, sc1)));
-        msum[t] = _mm512_add_epi32(msum[t], _mm512_add_epi32(_mm512_mullo_epi32(mn0, _mm512_set1_epi32(bs[0])),
-                                                             _mm512_mullo_epi32(mn1, _mm512_set1_epi32(bs[1]))));
+      for (int t = 0; t < NT; ++t) isum[t] = _mm512_add_epi32(isum[t], TileChunk16<F::kOff>(w, act[t], b, c, sc0, sc1));
+      if constexpr (F::kMins) {
+        const __m512i mn0 = F::Min(sb, 2 * c), mn1 = F::Min(sb, 2 * c + 1);
+        HWY_UNROLL(4)
+        for (int t = 0; t < NT; ++t) {
+          const int16_t* bs = act[t].bsums + b * 16 + 2 * c;
+          msum[t] = _mm512_add_epi32(msum[t], _mm512_add_epi32(_mm512_mullo_epi32(mn0, _mm512_set1_epi32(bs[0])),
+                                                               _mm512_mullo_epi32(mn1, _mm512_set1_epi32(bs[1]))));
+        }
       }
     }
-    const __m512 dw = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(sb + 1280)));
-    const __m512 dmw = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(sb + 1312)));
+    const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + F::kD)));
     HWY_UNROLL(4)
     for (int t = 0; t < NT; ++t) {
       const __m512 xd = _mm512_set1_ps(act[t].d[b]);
-      macc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(msum[t]), _mm512_mul_ps(dmw, xd), macc[t]);
+      if constexpr (F::kMins) {
+        const __m512 dmw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + F::kDMin)));
+        macc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(msum[t]), _mm512_mul_ps(dmw, xd), macc[t]);
+      }
       acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), _mm512_mul_ps(dw, xd), acc[t]);
     }
   }
   HWY_UNROLL(4)
-  for (int t = 0; t < NT; ++t) _mm512_storeu_ps(out + t * out_stride, _mm512_sub_ps(acc[t], macc[t]));
+  for (int t = 0; t < NT; ++t) _mm512_storeu_ps(out + t * out_stride, F::kMins ? _mm512_sub_ps(acc[t], macc[t]) : acc[t]);
 }
 
 // Tokens per pass of a tile kernel over its tiles: each weight vector is unpacked once for all
@@ -2592,15 +2561,10 @@ HWY_INLINE void TileGroup(const uint8_t* tile, size_t tile_bytes, int64_t np, co
                           float* out, int64_t out_stride, const MmTilePrefetch& pf) {
   const auto dot = [&](auto nt_c) {
     constexpr int NT = decltype(nt_c)::value;
-    if constexpr (kW == DType::kQ6_K) {
+    if constexpr (kW == DType::kQ6_K || kW == DType::kQ3_K || kW == DType::kQ2_K) {
       static_assert(kT == 1);
-      TileDotQ6K<NT>(tile, np, a, out, out_stride, pf);
-    } else if constexpr (kW == DType::kQ3_K) {
-      static_assert(kT == 1);
-      TileDotQ3K<NT>(tile, np, a, out, out_stride, pf);
-    } else if constexpr (kW == DType::kQ2_K) {
-      static_assert(kT == 1);
-      TileDotQ2K<NT>(tile, np, a, out, out_stride, pf);
+      using F = std::conditional_t<kW == DType::kQ6_K, TileQ6K, std::conditional_t<kW == DType::kQ3_K, TileQ3K, TileQ2K>>;
+      TileDotK16<F, NT>(tile, np, a, out, out_stride, pf);
     } else if constexpr (kW == DType::kQ4_K || kW == DType::kQ5_K || kW == DType::kIQ4_XS) {
       constexpr TileK f = kW == DType::kQ5_K ? TileK::kQ5 : kW == DType::kIQ4_XS ? TileK::kIQ4XS : TileK::kQ4;
       TileDotQ4K<NT, kT, f>(tile, tile_bytes, np, a, out, out_stride, pf);
@@ -2640,9 +2604,9 @@ HWY_INLINE void MatMulTiles(const uint8_t* W, int64_t n_in, int64_t r0, int64_t 
   const size_t tile_bytes = static_cast<size_t>(np) * (kW == DType::kQ4_K   ? kTileQ4KBytes
                                                        : kW == DType::kQ5_K ? kTileQ5KBytes
                                                        : kW == DType::kIQ4_XS ? kTileIQ4XSBytes
-                                                       : kW == DType::kQ6_K ? kTileQ6KBytes
-                                                       : kW == DType::kQ3_K ? kTileQ3KBytes
-                                                       : kW == DType::kQ2_K ? kTileQ2KBytes
+                                                       : kW == DType::kQ6_K ? TileQ6K::kBytes
+                                                       : kW == DType::kQ3_K ? TileQ3K::kBytes
+                                                       : kW == DType::kQ2_K ? TileQ2K::kBytes
                                                                             : TF::kPairBytes);
   // The kernels prefetch each stream kMmPrefetchBytes ahead of where they read: the start of
   // the first streams (two for the block-32 types' pairs) is asked for here, before the

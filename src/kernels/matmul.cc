@@ -139,7 +139,7 @@ void Crumbs(const uint8_t* qs, uint8_t* out) {
   for (int e = 0; e < kQK_K; ++e) out[e] = (qs[32 * (e / 128) + e % 32] >> (2 * ((e % 128) / 32))) & 3;
 }
 
-// q2_K tiles (TileDotQ2K in matmul-inl.h).
+// q2_K tiles (TileQ2K in matmul-inl.h).
 void RepackQ2KTiles(const BlockQ2_K* in, uint8_t* out, int64_t nb, int64_t rows) {
   for (int64_t t0 = 0; t0 < rows; t0 += 16) {
     for (int64_t b = 0; b < nb; ++b, out += 16 * sizeof(BlockQ2_K)) {
@@ -156,7 +156,7 @@ void RepackQ2KTiles(const BlockQ2_K* in, uint8_t* out, int64_t nb, int64_t rows)
   }
 }
 
-// q3_K tiles (TileDotQ3K in matmul-inl.h).
+// q3_K tiles (TileQ3K in matmul-inl.h).
 void RepackQ3KTiles(const BlockQ3_K* in, uint8_t* out, int64_t nb, int64_t rows) {
   for (int64_t t0 = 0; t0 < rows; t0 += 16) {
     for (int64_t b = 0; b < nb; ++b, out += 16 * sizeof(BlockQ3_K)) {
@@ -182,7 +182,7 @@ void RepackQ3KTiles(const BlockQ3_K* in, uint8_t* out, int64_t nb, int64_t rows)
   }
 }
 
-// q6_K tiles (TileDotQ6K in matmul-inl.h).
+// q6_K tiles (TileQ6K in matmul-inl.h).
 void RepackQ6KTiles(const BlockQ6_K* in, uint8_t* out, int64_t nb, int64_t rows) {
   for (int64_t t0 = 0; t0 < rows; t0 += 16) {
     for (int64_t b = 0; b < nb; ++b, out += 16 * sizeof(BlockQ6_K)) {
@@ -214,6 +214,13 @@ void RepackQ6KTiles(const BlockQ6_K* in, uint8_t* out, int64_t nb, int64_t rows)
   }
 }
 
+// A super-block type's repacker over the file's blocks (n_in / 256 per row).
+template <typename Block>
+void RepackBlocks(void (*repack)(const Block*, uint8_t*, int64_t, int64_t), const void* src, void* dst, int64_t n_in,
+                  int64_t rows) {
+  repack(static_cast<const Block*>(src), static_cast<uint8_t*>(dst), n_in / kQK_K, rows);
+}
+
 }  // namespace
 
 // The tile layout of MatMulTiles (matmul-inl.h).
@@ -228,29 +235,14 @@ void Repack(DType w, WeightLayout layout, const void* src, void* dst, int64_t n_
       n_in % (k ? kQK_K : 64) != 0 || rows % 16 != 0) {
     throw Error("no tile layout for this matrix");  // RepackLayout never gives one
   }
-  if (w == DType::kQ4_K) {
-    RepackScaleMinKTiles(static_cast<const BlockQ4_K*>(src), static_cast<uint8_t*>(dst), n_in / kQK_K, rows);
-    return;
-  }
-  if (w == DType::kQ5_K) {
-    RepackScaleMinKTiles(static_cast<const BlockQ5_K*>(src), static_cast<uint8_t*>(dst), n_in / kQK_K, rows);
-    return;
-  }
-  if (w == DType::kIQ4_XS) {
-    RepackIQ4XSTiles(static_cast<const BlockIQ4_XS*>(src), static_cast<uint8_t*>(dst), n_in / kQK_K, rows);
-    return;
-  }
-  if (w == DType::kQ2_K) {
-    RepackQ2KTiles(static_cast<const BlockQ2_K*>(src), static_cast<uint8_t*>(dst), n_in / kQK_K, rows);
-    return;
-  }
-  if (w == DType::kQ3_K) {
-    RepackQ3KTiles(static_cast<const BlockQ3_K*>(src), static_cast<uint8_t*>(dst), n_in / kQK_K, rows);
-    return;
-  }
-  if (w == DType::kQ6_K) {
-    RepackQ6KTiles(static_cast<const BlockQ6_K*>(src), static_cast<uint8_t*>(dst), n_in / kQK_K, rows);
-    return;
+  switch (w) {  // the super-block types
+    case DType::kQ2_K: return RepackBlocks(RepackQ2KTiles, src, dst, n_in, rows);
+    case DType::kQ3_K: return RepackBlocks(RepackQ3KTiles, src, dst, n_in, rows);
+    case DType::kQ4_K: return RepackBlocks(RepackScaleMinKTiles<BlockQ4_K>, src, dst, n_in, rows);
+    case DType::kQ5_K: return RepackBlocks(RepackScaleMinKTiles<BlockQ5_K>, src, dst, n_in, rows);
+    case DType::kIQ4_XS: return RepackBlocks(RepackIQ4XSTiles, src, dst, n_in, rows);
+    case DType::kQ6_K: return RepackBlocks(RepackQ6KTiles, src, dst, n_in, rows);
+    default: break;
   }
   const bool q4 = w == DType::kQ4_0;
   const size_t bb = Traits(w).block_bytes, block_tile = q4 ? 256 : 512;
