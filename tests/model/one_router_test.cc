@@ -123,7 +123,9 @@ void CheckCase(const Case& cs) {
     MoeForwardOptions opt;
     opt.token_ids = cap.tokens.data();
     MoeForward(cfg, w, x.data(), n, y.data(), &cache, opt);
-    if (!hash) ASSERT_EQ(cache.logits, cap.logits) << "layer " << cap.layer;
+    if (!hash) {
+      ASSERT_EQ(cache.logits, cap.logits) << "layer " << cap.layer;
+    }
     const RoutingPlan& a = cap.plan;
     const RoutingPlan& b = cache.plan;
     ASSERT_EQ(a.expert_ids, b.expert_ids) << "layer " << cap.layer;
@@ -137,8 +139,12 @@ void CheckCase(const Case& cs) {
       n_zc += a.expert_ids[s] >= cfg.n_expert;
     }
   }
-  if (cs.router == MoeRouterKind::kTopP) EXPECT_GT(n_partial, 0) << "top_p never left a slot unused";
-  if (cs.n_null + cs.n_zero + cs.n_copy + cs.n_const > 0) EXPECT_GT(n_zc, 0) << "no null / zero-computation pick";
+  if (cs.router == MoeRouterKind::kTopP) {
+    EXPECT_GT(n_partial, 0) << "top_p never left a slot unused";
+  }
+  if (cs.n_null + cs.n_zero + cs.n_copy + cs.n_const > 0) {
+    EXPECT_GT(n_zc, 0) << "no null / zero-computation pick";
+  }
 }
 
 TEST(OneRouter, InferenceAndTrainingLayerRouteIdentically) {

@@ -158,7 +158,9 @@ TEST(Data, PackSplitAndOrder) {
     EXPECT_EQ(static_cast<int64_t>(u.size()), n);
     EXPECT_EQ(*u.begin(), 0);
     EXPECT_EQ(*u.rbegin(), n - 1);
-    if (n >= 17) EXPECT_NE(o1, o3);  // epochs differ
+    if (n >= 17) {
+      EXPECT_NE(o1, o3);  // epochs differ
+    }
   }
 }
 
@@ -284,7 +286,9 @@ TEST(Upcycle, ExpertsCopyTheDenseFfnAndDropReinitialisesNeurons) {
         EXPECT_EQ(static_cast<int64_t>(changed.size()), std::llround(r * F)) << "expert " << e << " r=" << r;
         subsets.insert(changed);
       }
-      if (r > 0 && r < 1) EXPECT_EQ(static_cast<int>(subsets.size()), E) << "each expert drops its own neurons";
+      if (r > 0 && r < 1) {
+        EXPECT_EQ(static_cast<int>(subsets.size()), E) << "each expert drops its own neurons";
+      }
       if (n_new > 1000) {  // the new W_gate values follow N(mean, sd) of the dense W_gate
         double m0 = 0, s0 = 0;
         for (int i = 0; i < F * D; ++i) m0 += gate[i];
