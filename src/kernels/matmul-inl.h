@@ -2336,36 +2336,33 @@ HWY_INLINE void TileDotQ4K(const uint8_t* HWY_RESTRICT tile, size_t tile_bytes, 
     HWY_UNROLL(2)
     for (int k = 0; k < kT; ++k) {
       const __m512 dw = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(sb[k])));
-      if constexpr (kIQ) {  // no mins
+      __m512i mp[4];  // q4_K, q5_K: the mins of sub-blocks 2i and 2i + 1 as int16 pairs (iq4_xs has none)
+      if constexpr (!kIQ) {
         HWY_UNROLL(4)
-        for (int t = 0; t < NT; ++t) {
-          acc[t][k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t][k]), _mm512_mul_ps(dw, _mm512_set1_ps(act[t].d[b])), acc[t][k]);
+        for (int i = 0; i < 4; ++i) {
+          mp[i] = _mm512_or_si512(_mm512_cvtepu8_epi32(mins(k, 2 * i)),
+                                  _mm512_slli_epi32(_mm512_cvtepu8_epi32(mins(k, 2 * i + 1)), 16));
         }
-        continue;
-      }
-      const __m512 dmw = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(sb[k] + 32)));
-      __m512i mp[4];
-      HWY_UNROLL(4)
-      for (int i = 0; i < 4; ++i) {
-        mp[i] = _mm512_or_si512(_mm512_cvtepu8_epi32(mins(k, 2 * i)),
-                                _mm512_slli_epi32(_mm512_cvtepu8_epi32(mins(k, 2 * i + 1)), 16));
       }
       HWY_UNROLL(4)
       for (int t = 0; t < NT; ++t) {
-        const int32_t* bs = act[t].bsum2 + b * 8;
-        __m512i msum = _mm512_setzero_si512();
-        HWY_UNROLL(4)
-        for (int i = 0; i < 4; ++i) {
-          const int32_t pair = static_cast<int32_t>((static_cast<uint32_t>(bs[2 * i + 1]) << 16) |
-                                                    (static_cast<uint32_t>(bs[2 * i]) & 0xFFFF));
-          msum = _mm512_add_epi32(msum, _mm512_madd_epi16(mp[i], _mm512_set1_epi32(pair)));
-        }
         const __m512 xd = _mm512_set1_ps(act[t].d[b]);
         acc[t][k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t][k]), _mm512_mul_ps(dw, xd), acc[t][k]);
-        if constexpr (kQ5) {
-          macc[t][k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(msum), _mm512_mul_ps(dmw, xd), macc[t][k]);
-        } else {
-          acc[t][k] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(msum), _mm512_mul_ps(dmw, xd), acc[t][k]);
+        if constexpr (!kIQ) {
+          const int32_t* bs = act[t].bsum2 + b * 8;
+          __m512i msum = _mm512_setzero_si512();
+          HWY_UNROLL(4)
+          for (int i = 0; i < 4; ++i) {
+            const int32_t pair = static_cast<int32_t>((static_cast<uint32_t>(bs[2 * i + 1]) << 16) |
+                                                      (static_cast<uint32_t>(bs[2 * i]) & 0xFFFF));
+            msum = _mm512_add_epi32(msum, _mm512_madd_epi16(mp[i], _mm512_set1_epi32(pair)));
+          }
+          const __m512 dmw = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(sb[k] + 32)));
+          if constexpr (kQ5) {
+            macc[t][k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(msum), _mm512_mul_ps(dmw, xd), macc[t][k]);
+          } else {
+            acc[t][k] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(msum), _mm512_mul_ps(dmw, xd), acc[t][k]);
+          }
         }
       }
     }
@@ -2547,13 +2544,17 @@ HWY_INLINE void TileDotK16(const uint8_t* HWY_RESTRICT tile, int64_t nb, const M
   for (int t = 0; t < NT; ++t) _mm512_storeu_ps(out + t * out_stride, F::kMins ? _mm512_sub_ps(acc[t], macc[t]) : acc[t]);
 }
 
+// The super-block types by tile kernel: sub-blocks of 32 (TileDotQ4K) and of 16 (TileDotK16).
+constexpr bool TileK32(DType w) { return w == DType::kQ4_K || w == DType::kQ5_K || w == DType::kIQ4_XS; }
+constexpr bool TileK16(DType w) { return w == DType::kQ6_K || w == DType::kQ3_K || w == DType::kQ2_K; }
+
 // Tokens per pass of a tile kernel over its tiles: each weight vector is unpacked once for all
 // of them. 8 for q8_0, q4_0 and q6_K: 8 tokens' accumulators over 2 tiles spill to L1, which
 // costs less than a second pass (measured, one thread, q4_0 / q8_0 / q6_K against passes of 4:
 // 5-8 tokens from memory +20-60%, 64 tokens +9-37%). q4_K keeps 4: its per-sub-block integer
 // sums spill too, and 6-8 tokens in one pass ran 15-35% slower.
 template <DType kW>
-inline constexpr int64_t kTilePass = kW == DType::kQ4_K || kW == DType::kQ5_K || kW == DType::kIQ4_XS ? 4 : 8;
+inline constexpr int64_t kTilePass = TileK32(kW) ? 4 : 8;
 
 // kT tiles (tile_bytes apart) times nt <= kTilePass tokens, in the tile kernel of kW.
 template <DType kW, int kT>
@@ -2561,11 +2562,11 @@ HWY_INLINE void TileGroup(const uint8_t* tile, size_t tile_bytes, int64_t np, co
                           float* out, int64_t out_stride, const MmTilePrefetch& pf) {
   const auto dot = [&](auto nt_c) {
     constexpr int NT = decltype(nt_c)::value;
-    if constexpr (kW == DType::kQ6_K || kW == DType::kQ3_K || kW == DType::kQ2_K) {
+    if constexpr (TileK16(kW)) {
       static_assert(kT == 1);
       using F = std::conditional_t<kW == DType::kQ6_K, TileQ6K, std::conditional_t<kW == DType::kQ3_K, TileQ3K, TileQ2K>>;
       TileDotK16<F, NT>(tile, np, a, out, out_stride, pf);
-    } else if constexpr (kW == DType::kQ4_K || kW == DType::kQ5_K || kW == DType::kIQ4_XS) {
+    } else if constexpr (TileK32(kW)) {
       constexpr TileK f = kW == DType::kQ5_K ? TileK::kQ5 : kW == DType::kIQ4_XS ? TileK::kIQ4XS : TileK::kQ4;
       TileDotQ4K<NT, kT, f>(tile, tile_bytes, np, a, out, out_stride, pf);
     } else {
@@ -2596,18 +2597,10 @@ template <DType kW>
 HWY_INLINE void MatMulTiles(const uint8_t* W, int64_t n_in, int64_t r0, int64_t r1,
                             const uint8_t* xa, size_t xa_stride, int64_t n_tok, float* y,
                             int64_t y_stride) {
-  constexpr bool kScaleMin = kW == DType::kQ4_K || kW == DType::kQ5_K || kW == DType::kIQ4_XS;  // TileDotQ4K
-  constexpr bool kOne = kW == DType::kQ6_K || kW == DType::kQ3_K || kW == DType::kQ2_K;  // one tile at a time
-  constexpr bool kK = kScaleMin || kOne;  // super-blocks of 256
+  constexpr bool kK = TileK32(kW) || TileK16(kW);  // super-blocks of 256
   using TF = TileFormat<kW>;
   const int64_t np = kK ? n_in / kQK_K : n_in / 64;  // super-blocks, or pairs of blocks
-  const size_t tile_bytes = static_cast<size_t>(np) * (kW == DType::kQ4_K   ? kTileQ4KBytes
-                                                       : kW == DType::kQ5_K ? kTileQ5KBytes
-                                                       : kW == DType::kIQ4_XS ? kTileIQ4XSBytes
-                                                       : kW == DType::kQ6_K ? TileQ6K::kBytes
-                                                       : kW == DType::kQ3_K ? TileQ3K::kBytes
-                                                       : kW == DType::kQ2_K ? TileQ2K::kBytes
-                                                                            : TF::kPairBytes);
+  const size_t tile_bytes = 16 * RowBytes(kW, n_in);  // a tile is its 16 rows' bytes
   // The kernels prefetch each stream kMmPrefetchBytes ahead of where they read: the start of
   // the first streams (two for the block-32 types' pairs) is asked for here, before the
   // activations are prepared, so a row range does not begin with a run of demand misses
@@ -2619,7 +2612,7 @@ HWY_INLINE void MatMulTiles(const uint8_t* W, int64_t n_in, int64_t r0, int64_t 
   const size_t first_bytes = n_tok > G ? tile_bytes : kMmPrefetchBytes;
   for (size_t o = 0; o < first_bytes; o += 64) {
     hwy::Prefetch(first + o);
-    if constexpr (!kOne) hwy::Prefetch(first + tile_bytes + o);
+    if constexpr (!TileK16(kW)) hwy::Prefetch(first + tile_bytes + o);
   }
   const MmAct* acts =
       kK ? PrepareActs(MmPrepSpec{MmPrep::kQ8_K, MmLayout::kNatural, true, 0}, n_in, xa, xa_stride, n_tok)
@@ -2627,8 +2620,8 @@ HWY_INLINE void MatMulTiles(const uint8_t* W, int64_t n_in, int64_t r0, int64_t 
                        xa_stride, n_tok);
   for (int64_t t0 = r0 / 16 * 16; t0 < r1; t0 += 16) {
     const uint8_t* tile = W + static_cast<size_t>(t0 / 16) * tile_bytes;
-    if constexpr (!kOne) {
-      if (t0 >= r0 && t0 + 32 <= r1 && (!kScaleMin || n_tok > 1)) {  // two whole tiles: straight into y
+    if constexpr (!TileK16(kW)) {
+      if (t0 >= r0 && t0 + 32 <= r1 && (!TileK32(kW) || n_tok > 1)) {  // two whole tiles: straight into y
         for (int64_t k0 = 0; k0 < n_tok; k0 += G) {  // passes over tiles that stay in cache
           TileGroup<kW, 2>(tile, tile_bytes, np, acts + k0, std::min<int64_t>(G, n_tok - k0),
                            y + k0 * y_stride + (t0 - r0), y_stride,
@@ -2660,8 +2653,7 @@ HWY_INLINE void MatMulTiles(const uint8_t* W, int64_t n_in, int64_t r0, int64_t 
 // Per-target body of kernels::RepackLayout.
 HWY_NOINLINE inline WeightLayout RepackLayout(DType w, int64_t n_in, int64_t rows) {
 #if MOE_VNNI
-  const bool k = w == DType::kQ2_K || w == DType::kQ3_K || w == DType::kQ4_K || w == DType::kQ5_K ||
-                 w == DType::kIQ4_XS || w == DType::kQ6_K;
+  const bool k = TileK32(w) || TileK16(w);
   const int64_t step = k ? kQK_K : 64;  // whole super-blocks / pairs of blocks
   if ((w == DType::kQ8_0 || w == DType::kQ4_0 || k) && n_in > 0 &&
       n_in % step == 0 && rows > 0 && rows % 16 == 0) {
@@ -2705,22 +2697,18 @@ HWY_NOINLINE inline void MatMul(DType w, const void* W, int64_t n_in, int64_t r0
   const uint8_t* xb = static_cast<const uint8_t*>(xa);
   if (layout != WeightLayout::kRows) {  // only what RepackLayout gives on this target
 #if MOE_VNNI
-    if (layout == WeightLayout::kTiles16 && w == DType::kQ8_0) {
-      MatMulTiles<DType::kQ8_0>(wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
-    } else if (layout == WeightLayout::kTiles16 && w == DType::kQ4_0) {
-      MatMulTiles<DType::kQ4_0>(wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
-    } else if (layout == WeightLayout::kTiles16 && w == DType::kQ4_K) {
-      MatMulTiles<DType::kQ4_K>(wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
-    } else if (layout == WeightLayout::kTiles16 && w == DType::kQ5_K) {
-      MatMulTiles<DType::kQ5_K>(wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
-    } else if (layout == WeightLayout::kTiles16 && w == DType::kIQ4_XS) {
-      MatMulTiles<DType::kIQ4_XS>(wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
-    } else if (layout == WeightLayout::kTiles16 && w == DType::kQ6_K) {
-      MatMulTiles<DType::kQ6_K>(wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
-    } else if (layout == WeightLayout::kTiles16 && w == DType::kQ3_K) {
-      MatMulTiles<DType::kQ3_K>(wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
-    } else if (layout == WeightLayout::kTiles16 && w == DType::kQ2_K) {
-      MatMulTiles<DType::kQ2_K>(wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride);
+    if (layout == WeightLayout::kTiles16) {
+      switch (w) {
+        case DType::kQ8_0: MatMulTiles<DType::kQ8_0>(wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride); break;
+        case DType::kQ4_0: MatMulTiles<DType::kQ4_0>(wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride); break;
+        case DType::kQ2_K: MatMulTiles<DType::kQ2_K>(wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride); break;
+        case DType::kQ3_K: MatMulTiles<DType::kQ3_K>(wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride); break;
+        case DType::kQ4_K: MatMulTiles<DType::kQ4_K>(wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride); break;
+        case DType::kQ5_K: MatMulTiles<DType::kQ5_K>(wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride); break;
+        case DType::kIQ4_XS: MatMulTiles<DType::kIQ4_XS>(wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride); break;
+        case DType::kQ6_K: MatMulTiles<DType::kQ6_K>(wb, n_in, r0, r1, xb, xa_stride, n_tok, y, y_stride); break;
+        default: break;
+      }
     }
 #endif
     return;

@@ -229,20 +229,20 @@ void Repack(DType w, WeightLayout layout, const void* src, void* dst, int64_t n_
     std::memcpy(dst, src, RowBytes(w, n_in) * static_cast<size_t>(rows));
     return;
   }
-  const bool k = w == DType::kQ2_K || w == DType::kQ3_K || w == DType::kQ4_K || w == DType::kQ5_K ||
-                 w == DType::kIQ4_XS || w == DType::kQ6_K;
-  if (layout != WeightLayout::kTiles16 || (w != DType::kQ8_0 && w != DType::kQ4_0 && !k) ||
-      n_in % (k ? kQK_K : 64) != 0 || rows % 16 != 0) {
+  const bool k = Traits(w).block_size == kQK_K;  // (every super-block type below)
+  if (layout != WeightLayout::kTiles16 || n_in % (k ? kQK_K : 64) != 0 || rows % 16 != 0) {
     throw Error("no tile layout for this matrix");  // RepackLayout never gives one
   }
-  switch (w) {  // the super-block types
+  switch (w) {
     case DType::kQ2_K: return RepackBlocks(RepackQ2KTiles, src, dst, n_in, rows);
     case DType::kQ3_K: return RepackBlocks(RepackQ3KTiles, src, dst, n_in, rows);
     case DType::kQ4_K: return RepackBlocks(RepackScaleMinKTiles<BlockQ4_K>, src, dst, n_in, rows);
     case DType::kQ5_K: return RepackBlocks(RepackScaleMinKTiles<BlockQ5_K>, src, dst, n_in, rows);
     case DType::kIQ4_XS: return RepackBlocks(RepackIQ4XSTiles, src, dst, n_in, rows);
     case DType::kQ6_K: return RepackBlocks(RepackQ6KTiles, src, dst, n_in, rows);
-    default: break;
+    case DType::kQ8_0:
+    case DType::kQ4_0: break;  // below
+    default: throw Error("no tile layout for this matrix");
   }
   const bool q4 = w == DType::kQ4_0;
   const size_t bb = Traits(w).block_bytes, block_tile = q4 ? 256 : 512;
