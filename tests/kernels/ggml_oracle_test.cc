@@ -319,7 +319,7 @@ TEST(GgmlOracle, ActivationConversionIsByteIdentical) {
 // Not a test: the decode kernels' speed against ggml's vec_dot, one thread, on the same hot
 // matrix (2816 x 1024, weights written by moe's quantizer) and each engine's own activation
 // conversion. Run with the CPU library llama.cpp picks on this machine, e.g.
-//   MOE_GGML_CPU=libggml-cpu-zen4.so MOE_BENCH_TYPES=iq1_m,iq2_xs test_kernels \
+//   MOE_GGML_CPU=libggml-cpu-zen4.so MOE_BENCH_TYPES=iq1_m,iq2_xs test_kernels
 //     --gtest_also_run_disabled_tests --gtest_filter='*DecodeKernelVsGgml*'
 TEST(GgmlOracle, DISABLED_DecodeKernelVsGgml) {
   const test::GgmlOracle* o = Oracle();
