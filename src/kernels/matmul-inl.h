@@ -56,6 +56,16 @@
 #include "tensor/tensor.h"
 #include "kernels/widen-inl.h"  // WidenToF32
 
+// A lambda the compiler must inline: a kernel's per-chunk lambdas left as calls spill every
+// vector register around each call (all of them are caller-saved).
+#ifndef MOE_INLINE_LAMBDA
+#if defined(__GNUC__) || defined(__clang__)
+#define MOE_INLINE_LAMBDA __attribute__((always_inline))
+#else
+#define MOE_INLINE_LAMBDA
+#endif
+#endif
+
 HWY_BEFORE_NAMESPACE();
 namespace moe::kernels {
 namespace HWY_NAMESPACE {
@@ -1407,7 +1417,7 @@ HWY_INLINE __m512i VnniChunkIQ1(const uint8_t* blk, int c, __mmask64* sign, __m5
   // iq1_s: the two 16-bit qh words of sub-blocks 2c, 2c+1 (3 index bits per group);
   // iq1_m: four qh bytes, a nibble per group (3 index bits and the delta's sign).
   const uint32_t qh = IQLoadU32(blk + offsetof(typename F::Block, qh) + 4 * c);
-  const auto grid = [&](int l) {
+  const auto grid = [&](int l) MOE_INLINE_LAMBDA {
     const int shift = kM ? 4 * l : 16 * (l / 4) + 3 * (l % 4);
     return static_cast<int64_t>(kIQ1SGrid[qs[l] | (((qh >> shift) & 7) << 8)]);
   };
@@ -1473,7 +1483,7 @@ HWY_INLINE __m512i VnniChunkIQGrid(const uint8_t* blk, int c, __mmask64* sign,
     return VnniChunkIQ1<F>(blk, c, sign, alt);
   } else {
     *sign = static_cast<__mmask64>(VnniIQSigns<F>(blk, c));
-    const auto mag = [&](int l) { return static_cast<int64_t>(F::Mag(blk, 8 * c + l)); };
+    const auto mag = [&](int l) MOE_INLINE_LAMBDA { return static_cast<int64_t>(F::Mag(blk, 8 * c + l)); };
     return _mm512_set_epi64(mag(7), mag(6), mag(5), mag(4), mag(3), mag(2), mag(1), mag(0));
   }
 }
@@ -1600,7 +1610,7 @@ HWY_INLINE void RowKVnni(const uint8_t* HWY_RESTRICT wrow, int64_t nb, const MmA
     __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0, s4 = s0;
     const size_t xb = static_cast<size_t>(b) * kQK_K;
     // Chunk c of the super-block (unrolled by the four explicit calls below).
-    const auto chunk = [&](auto c_const) {
+    const auto chunk = [&](auto c_const) MOE_INLINE_LAMBDA {
       constexpr int c = decltype(c_const)::value;
       __m512 scales;
       __m512i w;
@@ -1640,7 +1650,7 @@ HWY_INLINE void RowKVnni(const uint8_t* HWY_RESTRICT wrow, int64_t nb, const MmA
         }
       }
       const size_t xo = xb + 64 * c;
-      const auto tok = [&](const MmAct& a, __m512& acc) {
+      const auto tok = [&](const MmAct& a, __m512& acc) MOE_INLINE_LAMBDA {
         if constexpr (IsIQGrid<K>()) {
           VnniChunkTokenSigned<HasWrapAlt<typename K::Format>()>(w, sign, a.q8 + xo, scales, acc,
                                                                  alt);
