@@ -418,6 +418,7 @@ TEST(Forward, BatchedSequencesAreBitwiseTheirOwn) {
   CheckBatchInvariance(MakeModel(Arch::kLlama, DType::kF32, "bi_f32", 64, 64, 4, 2));    // float rows kernel
   CheckBatchInvariance(MakeModel(Arch::kLlama, DType::kQ4_1, "bi_q41", 128, 96, 4, 4));  // int rows kernel
   CheckBatchInvariance(MakeModel(Arch::kQwen2Moe, DType::kQ8_0, "bi_q8", 128, 128, 4, 2, 64));  // tiles (VNNI)
+  CheckBatchInvariance(MakeModel(Arch::kLlama, DType::kIQ2_XXS, "bi_iq2xxs", 512, 512, 4, 2));  // 8-token groups
   CheckBatchInvariance(MakeDeepseek("bi_deepseek2", DType::kF32, 48, false, true));     // MLA
   CheckBatchInvariance(MakeModel(Arch::kLlama, DType::kQ8_0, "bi_q8_kv16", 128, 128, 4, 2), DType::kF16);
   CheckBatchInvariance(MakeDeepseek("bi_deepseek2_kv16", DType::kF32, 48, false, true), DType::kF16);
