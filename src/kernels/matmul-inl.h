@@ -91,7 +91,8 @@ using MmDU8 = hn::Rebind<uint8_t, MmD16>;
 using MmDI8 = hn::Rebind<int8_t, MmD16>;
 using MmV16 = hn::Vec<MmD16>;
 
-// Tokens per group: each weight row is read once per group.
+// Tokens per group of the row kernels: each weight row is read (and unpacked) once per group.
+// A row kernel may take more (MmMaxTokens: the codebook types take 8).
 constexpr int64_t kMmTokGroup = 4;
 
 // Weights are prefetched this far ahead of the row kernels (measured on the AVX-512 VM: the
