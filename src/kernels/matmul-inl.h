@@ -1471,6 +1471,23 @@ HWY_INLINE uint64_t VnniIQSigns(const uint8_t* blk, int c) {
   }
 }
 
+// iq3_s chunk c's grid magnitudes, dword k = kIQ3SGrid[index k] for the 16 indices of groups
+// 8c..8c+7 (qs[16c + k]), whose 9th bits are bits 0..15 of qh[2c..2c+1]: the indices are
+// built on a vector (one masked add puts the 9th bits), then looked up one by one. Per group
+// on scalars this index arithmetic cost more than the lookups.
+HWY_INLINE __m512i VnniMagIQ3S(const uint8_t* blk, int c) {
+  const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + offsetof(BlockIQ3_S, qs) + 16 * c));
+  uint16_t qh;
+  std::memcpy(&qh, blk + offsetof(BlockIQ3_S, qh) + 2 * c, sizeof(qh));
+  alignas(32) uint16_t idx[16];
+  const __m256i lo = _mm256_cvtepu8_epi16(qs);  // + 256 where the 9th bit is set:
+  _mm256_store_si256(reinterpret_cast<__m256i*>(idx),
+                     _mm256_mask_add_epi16(lo, static_cast<__mmask16>(qh), lo, _mm256_set1_epi16(0x100)));
+  const auto g = [&](int k) MOE_INLINE_LAMBDA { return static_cast<int>(kIQ3SGrid[idx[k]]); };
+  return _mm512_set_epi32(g(15), g(14), g(13), g(12), g(11), g(10), g(9), g(8), g(7), g(6), g(5), g(4), g(3),
+                          g(2), g(1), g(0));
+}
+
 // One 64-quant chunk c (0..3) of a codebook i-quant super-block (groups 8c..8c+7): the grid
 // magnitudes as unsigned bytes (all < 128), looked up group by group (no vector gather: see
 // ChunkScales), and, in *sign, the sign bits, which go to the activations, negated in 8 bits
@@ -1484,6 +1501,7 @@ HWY_INLINE __m512i VnniChunkIQGrid(const uint8_t* blk, int c, __mmask64* sign,
     return VnniChunkIQ1<F>(blk, c, sign, alt);
   } else {
     *sign = static_cast<__mmask64>(VnniIQSigns<F>(blk, c));
+    if constexpr (std::is_same_v<F, IQ3SFormat>) return VnniMagIQ3S(blk, c);
     const auto mag = [&](int l) MOE_INLINE_LAMBDA { return static_cast<int64_t>(F::Mag(blk, 8 * c + l)); };
     return _mm512_set_epi64(mag(7), mag(6), mag(5), mag(4), mag(3), mag(2), mag(1), mag(0));
   }
