@@ -13,14 +13,8 @@
 
 #include "tensor/dtype.h"
 #include "tensor/iq_tables.h"
+#include "util/compiler.h"  // MOE_ALWAYS_INLINE: the accessors run per group of 8 weights in the kernels
 
-// The formats' accessors are called per group of 8 weights inside the vector kernels: a call
-// left out of line there spills every vector register around it (all are caller-saved).
-#if defined(__GNUC__) || defined(__clang__)
-#define MOE_IQ_INLINE __attribute__((always_inline))
-#else
-#define MOE_IQ_INLINE
-#endif
 
 namespace moe::kernels {
 
@@ -57,16 +51,16 @@ struct IQ2XXSFormat {
   static constexpr float kConst = 0.125f;  // (0.5 + ls) / 4 = (2 ls + 1) / 8
   // Sub-block j: 8 bytes, the grid indices of its 4 groups then a word with their 7-bit sign
   // indices at 7 l and ls in the top nibble.
-  MOE_IQ_INLINE static uint32_t SignWord(const uint8_t* blk, int j) {
+  MOE_ALWAYS_INLINE static uint32_t SignWord(const uint8_t* blk, int j) {
     return IQLoadU32(blk + offsetof(BlockIQ2_XXS, qs) + 8 * j + 4);
   }
-  MOE_IQ_INLINE static uint64_t Mag(const uint8_t* blk, int g) {
+  MOE_ALWAYS_INLINE static uint64_t Mag(const uint8_t* blk, int g) {
     return kIQ2XXSGrid[blk[offsetof(BlockIQ2_XXS, qs) + 8 * (g / 4) + g % 4]];
   }
-  MOE_IQ_INLINE static IQGroup Group(const uint8_t* blk, int g) {
+  MOE_ALWAYS_INLINE static IQGroup Group(const uint8_t* blk, int g) {
     return {Mag(blk, g), kIQ2Signs[(SignWord(blk, g / 4) >> (7 * (g % 4))) & 127]};
   }
-  MOE_IQ_INLINE static int Scale(const uint8_t* blk, int j) {
+  MOE_ALWAYS_INLINE static int Scale(const uint8_t* blk, int j) {
     return 2 * static_cast<int>(SignWord(blk, j) >> 28) + 1;
   }
 };
@@ -76,17 +70,17 @@ struct IQ3XXSFormat {
   static constexpr int kSubBlocks = 8;
   static constexpr float kConst = 0.25f;  // (0.5 + ls) / 2 = (2 ls + 1) / 4
   // Sub-block j's word after the 64 index bytes: 7-bit sign indices at 7 l, ls on top.
-  MOE_IQ_INLINE static uint32_t SignWord(const uint8_t* blk, int j) {
+  MOE_ALWAYS_INLINE static uint32_t SignWord(const uint8_t* blk, int j) {
     return IQLoadU32(blk + offsetof(BlockIQ3_XXS, qs) + kQK_K / 4 + 4 * j);
   }
-  MOE_IQ_INLINE static uint64_t Mag(const uint8_t* blk, int g) {
+  MOE_ALWAYS_INLINE static uint64_t Mag(const uint8_t* blk, int g) {
     const uint8_t* qs = blk + offsetof(BlockIQ3_XXS, qs);
     return kIQ3XXSGrid[qs[2 * g]] | uint64_t{kIQ3XXSGrid[qs[2 * g + 1]]} << 32;
   }
-  MOE_IQ_INLINE static IQGroup Group(const uint8_t* blk, int g) {
+  MOE_ALWAYS_INLINE static IQGroup Group(const uint8_t* blk, int g) {
     return {Mag(blk, g), kIQ2Signs[(SignWord(blk, g / 4) >> (7 * (g % 4))) & 127]};
   }
-  MOE_IQ_INLINE static int Scale(const uint8_t* blk, int j) {
+  MOE_ALWAYS_INLINE static int Scale(const uint8_t* blk, int j) {
     return 2 * static_cast<int>(SignWord(blk, j) >> 28) + 1;
   }
 };
@@ -95,16 +89,16 @@ struct IQ3SFormat {
   using Block = BlockIQ3_S;
   static constexpr int kSubBlocks = 8;
   static constexpr float kConst = 1.0f;
-  MOE_IQ_INLINE static uint64_t Mag(const uint8_t* blk, int g) {
+  MOE_ALWAYS_INLINE static uint64_t Mag(const uint8_t* blk, int g) {
     const uint8_t* qs = blk + offsetof(BlockIQ3_S, qs);
     const int h = blk[offsetof(BlockIQ3_S, qh) + g / 4] >> (2 * (g % 4));
     const int i0 = qs[2 * g] | ((h & 1) << 8), i1 = qs[2 * g + 1] | ((h & 2) << 7);
     return kIQ3SGrid[i0] | uint64_t{kIQ3SGrid[i1]} << 32;
   }
-  MOE_IQ_INLINE static IQGroup Group(const uint8_t* blk, int g) {
+  MOE_ALWAYS_INLINE static IQGroup Group(const uint8_t* blk, int g) {
     return {Mag(blk, g), blk[offsetof(BlockIQ3_S, signs) + g]};
   }
-  MOE_IQ_INLINE static int Scale(const uint8_t* blk, int j) {
+  MOE_ALWAYS_INLINE static int Scale(const uint8_t* blk, int j) {
     return 2 * ((blk[offsetof(BlockIQ3_S, scales) + j / 2] >> (4 * (j % 2))) & 0xF) + 1;
   }
 };
@@ -115,19 +109,19 @@ struct IQ1SFormat {
   using Block = BlockIQ1_S;
   static constexpr int kSubBlocks = 8;
   static constexpr float kConst = 1.0f;
-  MOE_IQ_INLINE static uint16_t Qh(const uint8_t* blk, int j) {
+  MOE_ALWAYS_INLINE static uint16_t Qh(const uint8_t* blk, int j) {
     uint16_t h;
     std::memcpy(&h, blk + offsetof(BlockIQ1_S, qh) + 2 * j, sizeof(h));
     return h;
   }
-  MOE_IQ_INLINE static IQGroup Group(const uint8_t* blk, int g) {
+  MOE_ALWAYS_INLINE static IQGroup Group(const uint8_t* blk, int g) {
     const int idx = blk[offsetof(BlockIQ1_S, qs) + g] | (((Qh(blk, g / 4) >> (3 * (g % 4))) & 7) << 8);
     const uint64_t v = kIQ1SGrid[idx];
     // Bytes are 0x00, 0x01 or 0xff: magnitude = low bit, sign = the top bit.
     return {v & 0x0101010101010101ull, IQPackLowBits((v >> 7) & 0x0101010101010101ull)};
   }
-  MOE_IQ_INLINE static int Scale(const uint8_t* blk, int j) { return 2 * ((Qh(blk, j) >> 12) & 7) + 1; }
-  MOE_IQ_INLINE static int DeltaSign(const uint8_t* blk, int j) { return Qh(blk, j) & 0x8000 ? -1 : 1; }
+  MOE_ALWAYS_INLINE static int Scale(const uint8_t* blk, int j) { return 2 * ((Qh(blk, j) >> 12) & 7) + 1; }
+  MOE_ALWAYS_INLINE static int DeltaSign(const uint8_t* blk, int j) { return Qh(blk, j) & 0x8000 ? -1 : 1; }
 };
 
 // iq1_m: iq1_s's grid in 16 sub-blocks of 16 with a delta sign per group and d spread over the
@@ -140,10 +134,10 @@ struct IQ1MFormat {
   using Block = BlockIQ1_M;
   static constexpr int kSubBlocks = 16;
   static constexpr float kConst = 0.125f;
-  MOE_IQ_INLINE static uint16_t DBits(const uint8_t* blk) {
+  MOE_ALWAYS_INLINE static uint16_t DBits(const uint8_t* blk) {
     return IQ1MScaleBits(blk + offsetof(BlockIQ1_M, scales));
   }
-  MOE_IQ_INLINE static IQGroup Group(const uint8_t* blk, int g) {
+  MOE_ALWAYS_INLINE static IQGroup Group(const uint8_t* blk, int g) {
     const int h = blk[offsetof(BlockIQ1_M, qh) + g / 2] >> (4 * (g % 2));
     const uint64_t v = kIQ1SGrid[blk[offsetof(BlockIQ1_M, qs) + g] | ((h & 7) << 8)];
     constexpr uint64_t kOnes = 0x0101010101010101ull;
@@ -153,7 +147,7 @@ struct IQ1MFormat {
     const uint64_t neg = (nonzero & neg_g) | (~nonzero & neg_delta);
     return {((nonzero << 3) | kOnes) - (differ << 1), IQPackLowBits(neg)};  // 8 |g| + 1, less 2 where they differ
   }
-  MOE_IQ_INLINE static int Scale(const uint8_t* blk, int j) {
+  MOE_ALWAYS_INLINE static int Scale(const uint8_t* blk, int j) {
     const uint8_t* sc = blk + offsetof(BlockIQ1_M, scales) + 2 * (j / 4);
     return 2 * (((sc[0] | (sc[1] << 8)) >> (3 * (j % 4))) & 7) + 1;
   }
@@ -179,16 +173,16 @@ struct IQ2XSFormat {
   using Block = BlockIQ2_XS;
   static constexpr int kSubBlocks = 16;
   static constexpr float kConst = 0.125f;
-  MOE_IQ_INLINE static uint16_t Q(const uint8_t* blk, int g) {
+  MOE_ALWAYS_INLINE static uint16_t Q(const uint8_t* blk, int g) {
     uint16_t q;
     std::memcpy(&q, blk + offsetof(BlockIQ2_XS, qs) + 2 * g, sizeof(q));
     return q;
   }
-  MOE_IQ_INLINE static uint64_t Mag(const uint8_t* blk, int g) { return kIQ2XSGrid[Q(blk, g) & 511]; }
-  MOE_IQ_INLINE static IQGroup Group(const uint8_t* blk, int g) {
+  MOE_ALWAYS_INLINE static uint64_t Mag(const uint8_t* blk, int g) { return kIQ2XSGrid[Q(blk, g) & 511]; }
+  MOE_ALWAYS_INLINE static IQGroup Group(const uint8_t* blk, int g) {
     return {Mag(blk, g), kIQ2Signs[Q(blk, g) >> 9]};
   }
-  MOE_IQ_INLINE static int Scale(const uint8_t* blk, int j) {
+  MOE_ALWAYS_INLINE static int Scale(const uint8_t* blk, int j) {
     return IQScale16(blk + offsetof(BlockIQ2_XS, scales), j);
   }
 };
@@ -197,14 +191,14 @@ struct IQ2SFormat {
   using Block = BlockIQ2_S;
   static constexpr int kSubBlocks = 16;
   static constexpr float kConst = 0.125f;
-  MOE_IQ_INLINE static uint64_t Mag(const uint8_t* blk, int g) {
+  MOE_ALWAYS_INLINE static uint64_t Mag(const uint8_t* blk, int g) {
     const int hi = (blk[offsetof(BlockIQ2_S, qh) + g / 4] >> (2 * (g % 4))) & 3;
     return kIQ2SGrid[blk[offsetof(BlockIQ2_S, qs) + g] | (hi << 8)];
   }
-  MOE_IQ_INLINE static IQGroup Group(const uint8_t* blk, int g) {
+  MOE_ALWAYS_INLINE static IQGroup Group(const uint8_t* blk, int g) {
     return {Mag(blk, g), blk[offsetof(BlockIQ2_S, qs) + 32 + g]};
   }
-  MOE_IQ_INLINE static int Scale(const uint8_t* blk, int j) {
+  MOE_ALWAYS_INLINE static int Scale(const uint8_t* blk, int j) {
     return IQScale16(blk + offsetof(BlockIQ2_S, scales), j);
   }
 };

@@ -49,22 +49,13 @@
 #include "hwy/aligned_allocator.h"
 #include "hwy/cache_control.h"
 #include "hwy/highway.h"
+#include "util/compiler.h"  // MOE_ALWAYS_INLINE
 #include "util/memory.h"
 #include "kernels/iq_grid.h"
 #include "kernels/kernels.h"
 #include "tensor/dtype.h"
 #include "tensor/tensor.h"
 #include "kernels/widen-inl.h"  // WidenToF32
-
-// A lambda the compiler must inline: a kernel's per-chunk lambdas left as calls spill every
-// vector register around each call (all of them are caller-saved).
-#ifndef MOE_INLINE_LAMBDA
-#if defined(__GNUC__) || defined(__clang__)
-#define MOE_INLINE_LAMBDA __attribute__((always_inline))
-#else
-#define MOE_INLINE_LAMBDA
-#endif
-#endif
 
 HWY_BEFORE_NAMESPACE();
 namespace moe::kernels {
@@ -1418,7 +1409,7 @@ HWY_INLINE __m512i VnniChunkIQ1(const uint8_t* blk, int c, __mmask64* sign, __m5
   // iq1_s: the two 16-bit qh words of sub-blocks 2c, 2c+1 (3 index bits per group);
   // iq1_m: four qh bytes, a nibble per group (3 index bits and the delta's sign).
   const uint32_t qh = IQLoadU32(blk + offsetof(typename F::Block, qh) + 4 * c);
-  const auto grid = [&](int l) MOE_INLINE_LAMBDA {
+  const auto grid = [&](int l) MOE_ALWAYS_INLINE {
     const int shift = kM ? 4 * l : 16 * (l / 4) + 3 * (l % 4);
     return static_cast<int64_t>(kIQ1SGrid[qs[l] | (((qh >> shift) & 7) << 8)]);
   };
@@ -1483,7 +1474,7 @@ HWY_INLINE __m512i VnniMagIQ3S(const uint8_t* blk, int c) {
   const __m256i lo = _mm256_cvtepu8_epi16(qs);  // + 256 where the 9th bit is set:
   _mm256_store_si256(reinterpret_cast<__m256i*>(idx),
                      _mm256_mask_add_epi16(lo, static_cast<__mmask16>(qh), lo, _mm256_set1_epi16(0x100)));
-  const auto g = [&](int k) MOE_INLINE_LAMBDA { return static_cast<int>(kIQ3SGrid[idx[k]]); };
+  const auto g = [&](int k) MOE_ALWAYS_INLINE { return static_cast<int>(kIQ3SGrid[idx[k]]); };
   return _mm512_set_epi32(g(15), g(14), g(13), g(12), g(11), g(10), g(9), g(8), g(7), g(6), g(5), g(4), g(3),
                           g(2), g(1), g(0));
 }
@@ -1501,9 +1492,12 @@ HWY_INLINE __m512i VnniChunkIQGrid(const uint8_t* blk, int c, __mmask64* sign,
     return VnniChunkIQ1<F>(blk, c, sign, alt);
   } else {
     *sign = static_cast<__mmask64>(VnniIQSigns<F>(blk, c));
-    if constexpr (std::is_same_v<F, IQ3SFormat>) return VnniMagIQ3S(blk, c);
-    const auto mag = [&](int l) MOE_INLINE_LAMBDA { return static_cast<int64_t>(F::Mag(blk, 8 * c + l)); };
-    return _mm512_set_epi64(mag(7), mag(6), mag(5), mag(4), mag(3), mag(2), mag(1), mag(0));
+    if constexpr (std::is_same_v<F, IQ3SFormat>) {
+      return VnniMagIQ3S(blk, c);
+    } else {
+      const auto mag = [&](int l) MOE_ALWAYS_INLINE { return static_cast<int64_t>(F::Mag(blk, 8 * c + l)); };
+      return _mm512_set_epi64(mag(7), mag(6), mag(5), mag(4), mag(3), mag(2), mag(1), mag(0));
+    }
   }
 }
 
@@ -1632,7 +1626,7 @@ HWY_INLINE void RowKVnni(const uint8_t* HWY_RESTRICT wrow, int64_t nb, const MmA
     for (int t = 0; t < NT; ++t) sb[t] = _mm512_setzero_ps();
     const size_t xb = static_cast<size_t>(b) * kQK_K;
     // Chunk c of the super-block (unrolled by the four explicit calls below).
-    const auto chunk = [&](auto c_const) MOE_INLINE_LAMBDA {
+    const auto chunk = [&](auto c_const) MOE_ALWAYS_INLINE {
       constexpr int c = decltype(c_const)::value;
       __m512 scales;
       __m512i w;
@@ -1672,7 +1666,7 @@ HWY_INLINE void RowKVnni(const uint8_t* HWY_RESTRICT wrow, int64_t nb, const MmA
         }
       }
       const size_t xo = xb + 64 * c;
-      const auto tok = [&](const MmAct& a, __m512& acc) MOE_INLINE_LAMBDA {
+      const auto tok = [&](const MmAct& a, __m512& acc) MOE_ALWAYS_INLINE {
         if constexpr (IsIQGrid<K>()) {
           VnniChunkTokenSigned<HasWrapAlt<typename K::Format>()>(w, sign, a.q8 + xo, scales, acc,
                                                                  alt);
