@@ -1,7 +1,5 @@
 #include "model/model.h"
 
-#include <sys/mman.h>
-
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -210,9 +208,7 @@ uint64_t Model::BytesPerToken() const {
   return total;
 }
 
-Model::~Model() {
-  for (const Mapping& m : repacked_) ::munmap(m.p, m.len);
-}
+Model::~Model() = default;
 
 // n q5_0 blocks as q8_0 blocks: the same scale, quants q - 16 (exact).
 static void Q5_0ToQ8_0(const uint8_t* src, uint8_t* dst, size_t n) {
@@ -244,13 +240,15 @@ uint64_t Model::RepackForInference(ThreadPool& pool) {
     const size_t bytes = row * static_cast<size_t>(rows) * n_slabs, slab = row * static_cast<size_t>(rows);
     // Anonymous pages (huge pages where the kernel gives them: fewer faults). On these VMs the
     // first touch of fresh memory, not the copy, is most of the repacking time.
-    const size_t len = (bytes + 4095) & ~size_t{4095};
-    void* m = ::mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (m == MAP_FAILED) throw Error(StrFormat("out of memory repacking %s (%zu bytes)", t.name.c_str(), bytes));
-    ::madvise(m, len, MADV_HUGEPAGE);
-    PopulatePages(m, len);  // in one call: a first-touch fault per page cost ~10 us on the VM
-    repacked_.push_back({m, len});
-    auto* dst = static_cast<uint8_t*>(m);
+    HugePageBuffer buf;
+    try {
+      buf = HugePageBuffer(bytes);
+    } catch (const Error&) {
+      throw Error(StrFormat("out of memory repacking %s (%zu bytes)", t.name.c_str(), bytes));
+    }
+    PopulatePages(buf.data(), bytes);  // in one call: a first-touch fault per page cost ~10 us on the VM
+    uint8_t* dst = buf.data();
+    repacked_.push_back(std::move(buf));
     // Work items of whole tiles (16 rows): the tiles of a slab are independent.
     const int64_t slabs = static_cast<int64_t>(bytes / slab), chunk = 256;
     const int64_t per_slab = (rows + chunk - 1) / chunk;

@@ -11,6 +11,7 @@
 #include "model/config.h"
 #include "model/params.h"
 #include "tokenizer/tokenizer.h"
+#include "util/memory.h"
 #include "util/threadpool.h"
 
 namespace moe {
@@ -111,11 +112,7 @@ class Model {
   std::deque<TensorView> repacked_views_;  // RepackForInference: views of repacked_
   std::deque<std::vector<float>> derived_;  // SplitKvB's arrays
   std::deque<TensorView> derived_views_;    // and their views
-  struct Mapping {  // an anonymous mapping of the repacked weights, unmapped with the model
-    void* p = nullptr;
-    size_t len = 0;
-  };
-  std::vector<Mapping> repacked_;
+  std::vector<HugePageBuffer> repacked_;  // the repacked weights, unmapped with the model
   std::unique_ptr<GgufFile> file_;
   ModelConfig config_;
   std::unique_ptr<Tokenizer> tokenizer_;

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 
 namespace moe {
 
@@ -14,5 +15,32 @@ namespace moe {
 // (out of memory): nothing is changed and the pages fault in as usual. The range may start and
 // end anywhere inside mapped memory.
 bool PopulatePages(void* p, size_t bytes);
+
+// A large buffer of anonymous memory (repacked weights, a KV cache), mapped at a 2 MiB boundary
+// with transparent huge pages asked for (madvise(MADV_HUGEPAGE)): passes over it then miss the
+// TLB once per 2 MiB instead of once per 4 KiB page (a 16-sequence decode step stores its new
+// keys and values to 256 places in 8 MiB of cache: 3x faster in huge pages). Its pages become
+// resident when first touched (or populated), 2 MiB at a time where the kernel gives huge pages,
+// and are zero until written. Unmapped when destroyed; movable, not copyable.
+class HugePageBuffer {
+ public:
+  HugePageBuffer() = default;
+  // bytes > 0. Throws moe::Error when the address space cannot be had.
+  explicit HugePageBuffer(size_t bytes);
+  ~HugePageBuffer();
+  HugePageBuffer(HugePageBuffer&& o) noexcept { *this = static_cast<HugePageBuffer&&>(o); }
+  HugePageBuffer& operator=(HugePageBuffer&& o) noexcept;
+  HugePageBuffer(const HugePageBuffer&) = delete;
+  HugePageBuffer& operator=(const HugePageBuffer&) = delete;
+
+  uint8_t* data() const { return data_; }
+  size_t size() const { return size_; }
+
+ private:
+  void* map_ = nullptr;  // the whole mapping (data_ is its first 2 MiB boundary)
+  size_t map_len_ = 0;
+  uint8_t* data_ = nullptr;
+  size_t size_ = 0;
+};
 
 }  // namespace moe

@@ -1,4 +1,5 @@
-// util/memory.h: populating pages keeps what they hold and makes them resident.
+// util/memory.h: populating pages keeps what they hold and makes them resident; huge-page
+// buffers are aligned, zero, lazily resident and unmapped once.
 #include "util/memory.h"
 
 #include <gtest/gtest.h>
@@ -45,6 +46,32 @@ TEST(Memory, PopulatePagesKeepsWhatThePagesHold) {
   PopulatePages(v.data() + 5, (v.size() - 10) * sizeof(uint32_t));  // supported or not: no change
   PopulatePages(v.data(), 0);
   for (size_t i = 0; i < v.size(); ++i) ASSERT_EQ(v[i], static_cast<uint32_t>(i * 2654435761u)) << i;
+}
+
+TEST(Memory, HugePageBufferIsAlignedZeroAndResidentOnlyWhereTouched) {
+  const size_t huge = size_t{2} << 20, bytes = 3 * huge + 12345;
+  HugePageBuffer b(bytes);
+  ASSERT_NE(b.data(), nullptr);
+  EXPECT_EQ(b.size(), bytes);
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(b.data()) % huge, 0u);
+  EXPECT_EQ(ResidentPages(b.data(), bytes), 0u);  // nothing touched, nothing resident
+  b.data()[bytes - 1] = 7;                        // the last byte: at most its huge page
+  const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+  EXPECT_GE(ResidentPages(b.data(), bytes), 1u);
+  EXPECT_LE(ResidentPages(b.data(), bytes), huge / page);
+  EXPECT_EQ(ResidentPages(b.data(), 3 * huge), 0u);
+  for (size_t i = 0; i + 1 < bytes; i += 4093) ASSERT_EQ(b.data()[i], 0) << i;
+  // Moving hands the mapping over: the moved-from buffer is empty, the data is the same.
+  uint8_t* at = b.data();
+  HugePageBuffer c(std::move(b));
+  EXPECT_EQ(b.data(), nullptr);
+  EXPECT_EQ(b.size(), 0u);
+  EXPECT_EQ(c.data(), at);
+  EXPECT_EQ(c.data()[bytes - 1], 7);
+  HugePageBuffer d(huge);
+  d = std::move(c);  // d's own mapping is unmapped, c's taken
+  EXPECT_EQ(d.data(), at);
+  EXPECT_EQ(c.data(), nullptr);
 }
 
 }  // namespace
