@@ -111,14 +111,24 @@ struct AttendRows {
   int64_t out_stride = 0;
   int rows = 0;
 };
-// Attention of each row over keys and values j < n (K rows of Dk elements k_stride apart, V rows
-// of Dv elements v_stride apart, both of type kv: kF32, or kF16 widened as they load; V may alias
-// K): out_r = softmax_j(scale * q_r.K_j) V_j, in one pass over the keys (an online softmax over
+// Attention of each row over keys and values j < n (K rows of Dk elements, V rows of Dv
+// elements, both of type kv: kF32, or kF16 widened as they load; V may alias K, the same base):
+// out_r = softmax_j(scale * q_r.K_j) V_j, in one pass over the keys (an online softmax over
 // blocks of kAttendKeys). Each key row is read once for two queries. A row's result is bitwise
 // independent of the other rows. s: rows x kAttendKeys floats of scratch.
 constexpr int64_t kAttendKeys = 16;
-void Attend(const AttendRows& a, DType kv, const void* K, int64_t k_stride, int64_t Dk, const void* V,
-            int64_t v_stride, int64_t Dv, int64_t n, float scale, float* s);
+// The rows of one head in a KV cache, in elements: row j at base + (j / page_rows) * page_stride
+// + (j % page_rows) * stride (a cache in pages of page_rows positions, a multiple of
+// kAttendKeys; page_rows 0: one run, rows stride apart).
+struct KvRows {
+  const void* base = nullptr;
+  int64_t stride = 0;
+  int64_t page_rows = 0;
+  int64_t page_stride = 0;
+  int64_t Offset(int64_t j) const { return page_rows ? j / page_rows * page_stride + j % page_rows * stride : j * stride; }
+};
+void Attend(const AttendRows& a, DType kv, const KvRows& K, int64_t Dk, const KvRows& V, int64_t Dv, int64_t n,
+            float scale, float* s);
 // Batch invariance of MatMul (process-wide, off by default; `moe serve` turns it on): a token's
 // products are then bitwise the same whatever other tokens share the call and wherever it sits
 // among them. The tile kernels always are; the row kernels give a lone token a faster two-chain

@@ -333,9 +333,14 @@ HWY_INLINE void AttendValues(const float* HWY_RESTRICT s, int64_t s_stride, cons
   }
 }
 
+// A block of kAttendKeys rows never straddles a page (pages hold a multiple of them), so each
+// block is rows `stride` apart from its first.
 template <class T>
-HWY_INLINE void AttendT(const AttendRows& a, const T* K, int64_t k_stride, int64_t Dk, const T* V,
-                        int64_t v_stride, int64_t Dv, int64_t n, float scale, float* HWY_RESTRICT s) {
+HWY_INLINE void AttendT(const AttendRows& a, const KvRows& Kr, int64_t Dk, const KvRows& Vr, int64_t Dv, int64_t n,
+                        float scale, float* HWY_RESTRICT s) {
+  const T* K = static_cast<const T*>(Kr.base);
+  const T* V = static_cast<const T*>(Vr.base);
+  const int64_t k_stride = Kr.stride, v_stride = Vr.stride;
   const hn::ScalableTag<float> df;
   const int64_t N = static_cast<int64_t>(hn::Lanes(df));
   constexpr int64_t B = kAttendKeys;
@@ -348,15 +353,17 @@ HWY_INLINE void AttendT(const AttendRows& a, const T* K, int64_t k_stride, int64
     double l[kRows];  // running sum of exp(score - m)
     for (int64_t j = 0; j < n; j += B) {
       const int64_t nb = std::min(B, n - j);
-      const T* Kj = K + j * k_stride;
-      const T* Vj = V + j * v_stride;
+      const T* Kj = K + Kr.Offset(j);
+      const T* Vj = V + Vr.Offset(j);
       if (j + B < n) {  // the next block's lines, so one pass over a cold cache does not wait on memory
         const int64_t nn = std::min(B, n - j - B);
+        const T* Kn = K + Kr.Offset(j + B);
+        const T* Vn = V + Vr.Offset(j + B);
         constexpr int64_t kLine = 64 / sizeof(T);
         for (int64_t i = 0; i < nn; ++i) {
-          for (int64_t c = 0; c < Dk; c += kLine) hwy::Prefetch(Kj + (B + i) * k_stride + c);
+          for (int64_t c = 0; c < Dk; c += kLine) hwy::Prefetch(Kn + i * k_stride + c);
           if (V != K)
-            for (int64_t c = 0; c < Dv; c += kLine) hwy::Prefetch(Vj + (B + i) * v_stride + c);
+            for (int64_t c = 0; c < Dv; c += kLine) hwy::Prefetch(Vn + i * v_stride + c);
         }
       }
       int r = 0;
@@ -391,14 +398,12 @@ HWY_INLINE void AttendT(const AttendRows& a, const T* K, int64_t k_stride, int64
   }
 }
 
-HWY_NOINLINE inline void Attend(const AttendRows& a, DType kv, const void* K, int64_t k_stride, int64_t Dk,
-                                const void* V, int64_t v_stride, int64_t Dv, int64_t n, float scale,
-                                float* HWY_RESTRICT s) {
+HWY_NOINLINE inline void Attend(const AttendRows& a, DType kv, const KvRows& K, int64_t Dk, const KvRows& V,
+                                int64_t Dv, int64_t n, float scale, float* HWY_RESTRICT s) {
   if (kv == DType::kF16) {
-    AttendT(a, static_cast<const hwy::float16_t*>(K), k_stride, Dk, static_cast<const hwy::float16_t*>(V), v_stride,
-            Dv, n, scale, s);
+    AttendT<hwy::float16_t>(a, K, Dk, V, Dv, n, scale, s);
   } else {
-    AttendT(a, static_cast<const float*>(K), k_stride, Dk, static_cast<const float*>(V), v_stride, Dv, n, scale, s);
+    AttendT<float>(a, K, Dk, V, Dv, n, scale, s);
   }
 }
 

@@ -80,9 +80,9 @@ void Softmax(float* x, int64_t n) { HWY_DYNAMIC_DISPATCH(Softmax)(x, n); }
 void SiluMul(const float* gate, const float* up, float* out, int64_t n) {
   HWY_DYNAMIC_DISPATCH(SiluMul)(gate, up, out, n);
 }
-void Attend(const AttendRows& a, DType kv, const void* K, int64_t k_stride, int64_t Dk, const void* V,
-            int64_t v_stride, int64_t Dv, int64_t n, float scale, float* s) {
-  HWY_DYNAMIC_DISPATCH(Attend)(a, kv, K, k_stride, Dk, V, v_stride, Dv, n, scale, s);
+void Attend(const AttendRows& a, DType kv, const KvRows& K, int64_t Dk, const KvRows& V, int64_t Dv, int64_t n,
+            float scale, float* s) {
+  HWY_DYNAMIC_DISPATCH(Attend)(a, kv, K, Dk, V, Dv, n, scale, s);
 }
 void TopK(const float* x, int n, int k, int* idx) { HWY_DYNAMIC_DISPATCH(TopK)(x, n, k, idx); }
 const char* ActiveTarget() { return HWY_DYNAMIC_DISPATCH(ActiveTarget)(); }

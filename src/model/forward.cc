@@ -82,8 +82,10 @@ float AttentionScale(const ModelConfig& c) {
   return 1.0f * mscale * mscale / std::sqrt(static_cast<float>(c.n_embd_head_k));
 }
 
-KvCache::KvCache(const ModelConfig& c, int n_ctx, DType type) : n_ctx_(n_ctx) {
+KvCache::KvCache(const ModelConfig& c, int n_ctx, DType type, int page_positions) : n_ctx_(n_ctx) {
   if (n_ctx < 1) Fail("a KV cache needs at least one position (got %d)", n_ctx);
+  if (page_positions < 1 || page_positions % kernels::kAttendKeys != 0)
+    Fail("KV cache pages hold a multiple of %d positions (got %d)", static_cast<int>(kernels::kAttendKeys), page_positions);
   if (type != DType::kF32 && type != DType::kF16)
     Fail("a KV cache holds f32 or f16, not %s", DTypeName(type));
   type_ = type;
@@ -93,11 +95,17 @@ KvCache::KvCache(const ModelConfig& c, int n_ctx, DType type) : n_ctx_(n_ctx) {
   k_dim_ = c.is_mla() ? c.KvFloatsPerLayer() : c.n_embd_head_k;
   v_heads_ = c.is_mla() ? 0 : c.n_head_kv;
   v_dim_ = c.is_mla() ? 0 : c.n_embd_head_v;
-  k_elems_ = static_cast<size_t>(c.n_layer) * n_ctx * k_heads_ * k_dim_;
-  v_elems_ = static_cast<size_t>(c.n_layer) * n_ctx * v_heads_ * v_dim_;
-  k_ = hwy::AllocateAligned<uint8_t>(std::max<size_t>(k_elems_ * elem(), 1));
-  v_ = hwy::AllocateAligned<uint8_t>(std::max<size_t>(v_elems_ * elem(), 1));
-  if (!k_ || !v_) Fail("out of memory for a KV cache of %zu bytes", Bytes());
+  const int64_t keys = kernels::kAttendKeys;
+  page_ = static_cast<int>(std::min<int64_t>(page_positions, (n_ctx + keys - 1) / keys * keys));
+  pos_bytes_ = static_cast<size_t>(n_layer_) * (k_heads_ * k_dim_ + v_heads_ * v_dim_) * elem();
+  v_at_ = static_cast<size_t>(n_layer_) * k_heads_ * static_cast<size_t>(page_) * k_dim_ * elem();
+  page_bytes_ = static_cast<size_t>(page_) * pos_bytes_;
+  const size_t pages = static_cast<size_t>((n_ctx + page_ - 1) / page_);
+  try {
+    buf_ = HugePageBuffer(std::max<size_t>(pages * page_bytes_, 1));
+  } catch (const Error&) {
+    Fail("out of memory for a KV cache of %zu bytes", pages * page_bytes_);
+  }
   // Not cleared: every position is written before it is read, and pages past the context used
   // are never touched (so they take no memory).
 }
@@ -108,8 +116,7 @@ DType ParseCacheType(const std::string& s) {
   Fail("--cache-type %s: use f32 or f16", s.c_str());
 }
 
-void KvCache::Store(uint8_t* base, size_t dim, int pos, const float* x) {
-  uint8_t* row = base + static_cast<size_t>(pos) * dim * elem();
+void KvCache::Store(uint8_t* row, size_t dim, const float* x) {
   if (type_ == DType::kF16) {
     kernels::ConvertActivations(DType::kF16, x, row, static_cast<int64_t>(dim));  // round to nearest even
   } else {
@@ -118,19 +125,12 @@ void KvCache::Store(uint8_t* base, size_t dim, int pos, const float* x) {
 }
 
 void KvCache::Reserve(int positions) {
-  if (positions <= reserved_) return;
-  const int hi = std::min(n_ctx_, std::max(positions, reserved_ + std::max(64, reserved_ / 4)));
-  const auto populate = [&](uint8_t* base, size_t dim) {  // positions [reserved_, hi) of one head
-    return PopulatePages(base + static_cast<size_t>(reserved_) * dim * elem(),
-                         static_cast<size_t>(hi - reserved_) * dim * elem());
-  };
-  for (uint32_t l = 0; l < n_layer_; ++l) {
-    for (size_t h = 0; h < k_heads_; ++h)
-      if (!populate(K(l, static_cast<int>(h)), k_dim_)) return;  // unsupported: pages fault in as before
-    for (size_t h = 0; h < v_heads_; ++h)
-      if (!populate(V(l, static_cast<int>(h)), v_dim_)) return;
-  }
-  reserved_ = hi;
+  const int pages = (std::min(positions, n_ctx_) + page_ - 1) / page_;
+  if (pages <= reserved_pages_) return;
+  // Whole pages, in one call (unsupported: they fault in as they are written).
+  PopulatePages(buf_.data() + static_cast<size_t>(reserved_pages_) * page_bytes_,
+                static_cast<size_t>(pages - reserved_pages_) * page_bytes_);
+  reserved_pages_ = pages;
 }
 
 int DefaultContext(const ModelConfig& c) {
@@ -290,19 +290,33 @@ bool AllFinite(const float* x, int64_t n) {
 
 void Forward::ReserveWidening(size_t floats_per_pos, bool batched_only) {
   bool any = false;
-  for (const Segment& sg : segments_)
-    any = any || (sg.cache->type() == DType::kF16 && (sg.n >= kAttnBlock || !batched_only));
+  for (const Segment& sg : segments_) {
+    const bool copies = sg.cache->type() == DType::kF16 || sg.cache->n_past() + sg.n > sg.cache->page_;
+    any = any || (copies && (sg.n >= kAttnBlock || !batched_only));
+  }
   if (!any) return;
   widen_stride_ = static_cast<size_t>(n_ctx_) * floats_per_pos;
   const size_t want = static_cast<size_t>(pool_.size()) * widen_stride_;
   if (kv_f32_.size() < want) kv_f32_.resize(want);
 }
 
-const float* Forward::CacheRowsF32(const KvCache& cache, const uint8_t* rows, size_t dim, int n, int thread,
+const float* Forward::CacheRowsF32(const KvCache& cache, const kernels::KvRows& rows, int n, int thread,
                                    size_t offset) {
-  if (cache.type() == DType::kF32) return reinterpret_cast<const float*>(rows);
+  const bool f32 = cache.type() == DType::kF32;
+  if (f32 && n <= rows.page_rows) return static_cast<const float*>(rows.base);
   float* room = kv_f32_.data() + static_cast<size_t>(thread) * widen_stride_ + offset;
-  kernels::DequantizeRow(DType::kF16, rows, room, static_cast<int64_t>(n) * static_cast<int64_t>(dim));
+  const size_t e = cache.elem();
+  for (int j = 0; j < n; j += static_cast<int>(rows.page_rows)) {  // a page's rows are contiguous
+    const int m = std::min(n - j, static_cast<int>(rows.page_rows));
+    const auto* src = static_cast<const uint8_t*>(rows.base) + static_cast<size_t>(rows.Offset(j)) * e;
+    float* dst = room + static_cast<size_t>(j) * rows.stride;
+    const size_t count = static_cast<size_t>(m) * rows.stride;
+    if (f32) {
+      std::memcpy(dst, src, count * sizeof(float));
+    } else {
+      kernels::DequantizeRow(DType::kF16, src, dst, static_cast<int64_t>(count));
+    }
+  }
   return room;
 }
 
@@ -472,8 +486,8 @@ void Forward::Attention(int il, int T) {
     // The cache rows this token writes are fresh lines: start fetching them now, so the
     // misses overlap the norms and rotations below.
     for (int g = 0; g < Hkv; ++g) {
-      const uint8_t* kr = cache.K(il, g) + static_cast<size_t>(pos) * D * cache.elem();
-      const uint8_t* vr = cache.V(il, g) + static_cast<size_t>(pos) * D * cache.elem();
+      const uint8_t* kr = cache.KRow(il, g, pos);
+      const uint8_t* vr = cache.VRow(il, g, pos);
       for (size_t o = 0; o < D * cache.elem(); o += 64) {
         __builtin_prefetch(kr + o, 1);
         __builtin_prefetch(vr + o, 1);
@@ -494,8 +508,8 @@ void Forward::Attention(int il, int T) {
     kernels::RopeApply(q, H, D, n_rot, RopeCos(t), RopeSin(t), neox);
     kernels::RopeApply(k, Hkv, D, n_rot, RopeCos(t), RopeSin(t), neox);
     for (int g = 0; g < Hkv; ++g) {
-      cache.Store(cache.K(il, g), D, pos, k + g * D);
-      cache.Store(cache.V(il, g), D, pos, F(v_, t * nv + g * D));
+      cache.Store(cache.KRow(il, g, pos), D, k + g * D);
+      cache.Store(cache.VRow(il, g, pos), D, F(v_, t * nv + g * D));
     }
   });
   const float scale = kq_scale_;
@@ -530,17 +544,16 @@ void Forward::Attention(int il, int T) {
       const Segment& sg = segments_[it.seg];
       const KvCache& cache = *sg.cache;
       const int g = it.head / group, first = cache.n_past() + (it.t - sg.t0);  // first query's position
-      const uint8_t* Kc = sg.cache->K(il, g);  // [n_ctx][D]
-      const uint8_t* Vc = sg.cache->V(il, g);
+      const kernels::KvRows Kc = cache.KRows(il, g), Vc = cache.VRows(il, g);
       float* out = att_.data() + it.t * nq + it.head * D;
       const float* q = q_.data() + it.t * nq + it.head * D;
       if (!it.batched) {  // it.rows heads of one token
-        kernels::Attend(kernels::AttendRows{q, D, out, D, it.rows}, cache.type(), Kc, D, D, Vc, D, D, first + 1, scale, S);
+        kernels::Attend(kernels::AttendRows{q, D, out, D, it.rows}, cache.type(), Kc, D, Vc, D, first + 1, scale, S);
         continue;
       }
       const int n_keys = first + it.rows;  // the last query's keys
-      const float* K = CacheRowsF32(cache, Kc, D, n_keys, thread, 0);
-      const float* V = CacheRowsF32(cache, Vc, D, n_keys, thread, static_cast<size_t>(n_keys) * D);
+      const float* K = CacheRowsF32(cache, Kc, n_keys, thread, 0);
+      const float* V = CacheRowsF32(cache, Vc, n_keys, thread, static_cast<size_t>(n_keys) * D);
       kernels::Gemm(kernels::GemmOp::kNT, it.rows, n_keys, D, q, static_cast<int>(nq), K, D, S, n_keys, false);
       for (int i = 0; i < it.rows; ++i) {
         float* s = S + static_cast<size_t>(i) * n_keys;
@@ -622,7 +635,7 @@ void Forward::MlaAttention(int il, int T) {
     kernels::RmsNorm(kv, L.kv_a_norm->F32(), Kr, c_.rms_eps, kv);
     kernels::RopeApply(kv + Kr, 1, static_cast<int>(Dr), static_cast<int>(Dr), RopeCos(t), RopeSin(t), false);
     KvCache& cache = *RowCache(t);
-    cache.Store(cache.K(il), W, pos, kv);
+    cache.Store(cache.KRow(il, 0, pos), W, kv);
   });
   if (mla_plain_) {
     MlaPlain(il, T);
@@ -673,16 +686,16 @@ void Forward::MlaAbsorbed(int il, int T) {
       const AttnItem& it = attn_items_[item];
       const Segment& sg = segments_[it.seg];
       const KvCache& cache = *sg.cache;
-      const uint8_t* Cc = sg.cache->K(il);
+      const kernels::KvRows Cc = cache.KRows(il);
       const int64_t g0 = it.t, rows = it.rows;  // global (token, head) rows g = t * H + h
       const int base = cache.n_past() - sg.t0;  // position = base + token row
       if (!it.batched) {  // one token's heads: MQA over the latent rows [c | k_pe], values c
         kernels::Attend(kernels::AttendRows{F(qabs_, g0 * W), W, F(lat_, g0 * Kr), Kr, static_cast<int>(rows)},
-                        cache.type(), Cc, W, W, Cc, W, Kr, base + g0 / H + 1, kq_scale_, S);
+                        cache.type(), Cc, W, Cc, Kr, base + g0 / H + 1, kq_scale_, S);
         continue;
       }
       const int n_keys = base + static_cast<int>((g0 + rows - 1) / H) + 1;  // the last row's keys
-      const float* C = CacheRowsF32(cache, Cc, W, n_keys, thread, 0);
+      const float* C = CacheRowsF32(cache, Cc, n_keys, thread, 0);
       kernels::Gemm(kernels::GemmOp::kNT, static_cast<int>(rows), n_keys, static_cast<int>(W), F(qabs_, g0 * W),
                     static_cast<int>(W), C, static_cast<int>(W), S, n_keys, false);
       for (int64_t i = 0; i < rows; ++i) {
@@ -720,7 +733,7 @@ void Forward::MlaPlain(int il, int T) {
       const Segment& sg = segments_[it.seg];
       const KvCache& cache = *sg.cache;
       const int n_keys_all = cache.n_past() + (it.t - sg.t0) + it.rows;
-      const float* C = CacheRowsF32(cache, sg.cache->K(il), W, n_keys_all, thread, 0);
+      const float* C = CacheRowsF32(cache, cache.KRows(il), n_keys_all, thread, 0);
       const int64_t h = it.head;
       const int t0 = it.t, rows = it.rows, first = sg.cache->n_past() + (it.t - sg.t0);
       const int n_keys = first + rows;

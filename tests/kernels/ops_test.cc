@@ -248,6 +248,17 @@ void TestSoftmax() {
   }
 }
 
+// A cache's rows (n rows, `stride` elements apart) laid out as KvRows r says: row j at
+// r.Offset(j); the gaps between pages hold a poison value.
+template <class T>
+std::vector<T> PageRows(const std::vector<T>& rows, int64_t n, const KvRows& r, T poison) {
+  const int64_t size = n == 0 ? 0 : r.Offset(n - 1) + r.stride;
+  std::vector<T> out(static_cast<size_t>(size), poison);
+  for (int64_t j = 0; j < n; ++j)
+    std::copy(rows.begin() + j * r.stride, rows.begin() + (j + 1) * r.stride, out.begin() + r.Offset(j));
+  return out;
+}
+
 void TestAttend() {
   std::mt19937 rng(8);
   for (DType kv : {DType::kF32, DType::kF16}) {
@@ -259,7 +270,7 @@ void TestAttend() {
         const int64_t Dv = alias ? 512 : Dk;
         const int64_t ks = Dk + 3, vs = alias ? ks : Dv + 5;  // rows further apart than D, unaligned
         const int64_t qs = Dk + 1, os = Dv + 2;
-        std::vector<float> q(rows * qs), K(n * ks), Vs(n * vs), s(rows * kAttendKeys), out(rows * os, -7.0f);
+        std::vector<float> q(rows * qs), K(n * ks), Vs(n * vs), s(rows * kAttendKeys);
         Fill(rng, q.data(), rows * qs, -1.0f, 1.0f);
         Fill(rng, K.data(), n * ks, -1.0f, 1.0f);
         Fill(rng, Vs.data(), n * vs, -1.0f, 1.0f);
@@ -270,36 +281,52 @@ void TestAttend() {
           for (size_t i = 0; i < Vs.size(); ++i) Vs[i] = F16ToF32(V16[i] = F32ToF16(Vs[i]));
         }
         const float* V = alias ? K.data() : Vs.data();
-        const void* Kp = kv == DType::kF16 ? static_cast<const void*>(K16.data()) : K.data();
-        const void* Vp = kv == DType::kF16 ? (alias ? Kp : static_cast<const void*>(V16.data()))
-                                           : static_cast<const void*>(V);
         const float scale = 1.0f / std::sqrt(static_cast<float>(Dk));
-        HWY_NAMESPACE::Attend(AttendRows{q.data(), qs, out.data(), os, rows}, kv, Kp, ks, Dk, Vp, vs, Dv, n, scale,
-                              s.data());
-        for (int r = 0; r < rows; ++r) {
-          // Double reference.
-          const float* qr = q.data() + r * qs;
-          std::vector<double> p(n);
-          double max = -1e300, sum = 0;
-          for (int64_t j = 0; j < n; ++j) {
-            double d = 0;
-            for (int64_t i = 0; i < Dk; ++i) d += double(qr[i]) * K[j * ks + i];
-            p[j] = d * scale;
-            max = std::max(max, p[j]);
+        // One run of rows, and pages of 16 and 32 rows with gaps between them: the same results.
+        std::vector<float> first;
+        for (int64_t page : {0, 16, 32}) {
+          const KvRows kl{nullptr, ks, page, page * ks + 37}, vl{nullptr, vs, page, page * vs + 11};
+          const uint16_t p16 = F32ToF16(1e4f);
+          std::vector<float> Kp32 = PageRows(K, n, kl, 1e30f), Vp32 = PageRows(Vs, n, vl, 1e30f);
+          std::vector<uint16_t> Kp16 = PageRows(K16, n, kl, p16), Vp16 = PageRows(V16, n, vl, p16);
+          const bool f16 = kv == DType::kF16;
+          KvRows Kr = kl, Vr = alias ? kl : vl;
+          Kr.base = f16 ? static_cast<const void*>(Kp16.data()) : Kp32.data();
+          Vr.base = alias ? Kr.base : f16 ? static_cast<const void*>(Vp16.data()) : Vp32.data();
+          std::vector<float> out(rows * os, -7.0f);
+          HWY_NAMESPACE::Attend(AttendRows{q.data(), qs, out.data(), os, rows}, kv, Kr, Dk, Vr, Dv, n, scale, s.data());
+          if (page == 0) {
+            first = out;
+          } else {
+            for (size_t i = 0; i < out.size(); ++i)
+              ASSERT_EQ(out[i], first[i]) << DTypeName(kv) << " Dk=" << Dk << " n=" << n << " page=" << page << " i=" << i;
+            continue;
           }
-          for (double& v : p) sum += (v = std::exp(v - max));
-          for (int64_t i = 0; i < Dv; ++i) {
-            double want = 0;
-            for (int64_t j = 0; j < n; ++j) want += p[j] / sum * V[j * vs + i];
-            ASSERT_NEAR(out[r * os + i], want, (Dk + n + 8) * kEpsF)
-                << DTypeName(kv) << " Dk=" << Dk << " n=" << n << " r=" << r << " i=" << i;
+          for (int r = 0; r < rows; ++r) {
+            // Double reference.
+            const float* qr = q.data() + r * qs;
+            std::vector<double> p(n);
+            double max = -1e300, sum = 0;
+            for (int64_t j = 0; j < n; ++j) {
+              double d = 0;
+              for (int64_t i = 0; i < Dk; ++i) d += double(qr[i]) * K[j * ks + i];
+              p[j] = d * scale;
+              max = std::max(max, p[j]);
+            }
+            for (double& v : p) sum += (v = std::exp(v - max));
+            for (int64_t i = 0; i < Dv; ++i) {
+              double want = 0;
+              for (int64_t j = 0; j < n; ++j) want += p[j] / sum * V[j * vs + i];
+              ASSERT_NEAR(out[r * os + i], want, (Dk + n + 8) * kEpsF)
+                  << DTypeName(kv) << " Dk=" << Dk << " n=" << n << " r=" << r << " i=" << i;
+            }
+            for (int64_t i = Dv; i < os; ++i) ASSERT_EQ(out[r * os + i], -7.0f) << "wrote past Dv";
+            // The row alone gives bitwise the same output (batch invariance rests on this).
+            std::vector<float> s1(kAttendKeys), o1(Dv);
+            HWY_NAMESPACE::Attend(AttendRows{qr, qs, o1.data(), Dv, 1}, kv, Kr, Dk, Vr, Dv, n, scale, s1.data());
+            for (int64_t i = 0; i < Dv; ++i)
+              ASSERT_EQ(o1[i], out[r * os + i]) << DTypeName(kv) << " Dk=" << Dk << " n=" << n << " r=" << r << " i=" << i;
           }
-          for (int64_t i = Dv; i < os; ++i) ASSERT_EQ(out[r * os + i], -7.0f) << "wrote past Dv";
-          // The row alone gives bitwise the same output (batch invariance rests on this).
-          std::vector<float> s1(kAttendKeys), o1(Dv);
-          HWY_NAMESPACE::Attend(AttendRows{qr, qs, o1.data(), Dv, 1}, kv, Kp, ks, Dk, Vp, vs, Dv, n, scale, s1.data());
-          for (int64_t i = 0; i < Dv; ++i)
-            ASSERT_EQ(o1[i], out[r * os + i]) << DTypeName(kv) << " Dk=" << Dk << " n=" << n << " r=" << r << " i=" << i;
         }
       }
     }

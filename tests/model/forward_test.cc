@@ -346,6 +346,45 @@ TEST(Forward, TinyContextDecodesLikeALongOne) {
   }
 }
 
+// The cache in pages (KvCache's layout): a context over many pages gives bitwise the logits of
+// one page, through batched attention (rows gathered or widened across pages; prompts in
+// chunks of 40) and per-token attention (kernels::Attend over paged rows), F32 and F16, GQA and
+// MLA.
+TEST(Forward, PagedCacheGivesTheLogitsOfOnePage) {
+  for (const std::string& path : {MakeModel(Arch::kLlama, DType::kF32, "fw_llama", 96, 80, 4, 2),
+                                   MakeDeepseek("fw_deepseek2", DType::kF32, 48, false, true)}) {
+    for (DType kv : {DType::kF32, DType::kF16}) {
+      SCOPED_TRACE(path + " " + DTypeName(kv));
+      auto model = Model::Load(path);
+      const int V = static_cast<int>(model->config().n_vocab);
+      ThreadPool pool(2);
+      Forward f(*model, pool, 128, 40, kv);
+      std::mt19937 rng(5);
+      std::vector<int32_t> toks(100);
+      for (auto& t : toks) t = static_cast<int32_t>(rng() % V);
+      std::vector<std::vector<float>> want;
+      for (int page : {128, 16}) {  // one page of 128 positions, then eight of 16
+        KvCache cache(model->config(), 128, kv, page);
+        std::vector<float> logits(V);
+        int at = 0, step = 0;
+        for (int n : {40, 35, 1, 1, 1, 1, 1, 16, 1, 1, 1, 1}) {  // 75 prompt tokens, then decode and a chunk
+          SeqBatch b{&cache, toks.data() + at, n, logits.data()};
+          f.EvalBatch(&b, 1);
+          at += n;
+          if (page == 128) {
+            want.push_back(logits);
+          } else {
+            ASSERT_EQ(logits, want[step]) << "after " << at << " tokens";
+          }
+          ++step;
+        }
+      }
+    }
+  }
+  auto model = Model::Load(MakeModel(Arch::kLlama, DType::kF32, "fw_llama", 96, 80, 4, 2));
+  EXPECT_THROW(KvCache(model->config(), 128, DType::kF32, 24), Error);
+}
+
 // Batch invariance (the server's promise): with kernels::SetBatchInvariant on, each sequence's
 // logits are bitwise the same whether it runs alone or beside others, whatever the others are
 // (a 40-token prompt takes batched attention, short ones the per-token path), and whatever
