@@ -303,11 +303,12 @@ void Forward::ReserveWidening(size_t floats_per_pos, bool batched_only) {
 const float* Forward::CacheRowsF32(const KvCache& cache, const kernels::KvRows& rows, int n, int thread,
                                    size_t offset) {
   const bool f32 = cache.type() == DType::kF32;
-  if (f32 && n <= rows.page_rows) return static_cast<const float*>(rows.base);
+  const int per = rows.page_rows ? static_cast<int>(rows.page_rows) : n;  // rows per contiguous run
+  if (f32 && n <= per) return static_cast<const float*>(rows.base);
   float* room = kv_f32_.data() + static_cast<size_t>(thread) * widen_stride_ + offset;
   const size_t e = cache.elem();
-  for (int j = 0; j < n; j += static_cast<int>(rows.page_rows)) {  // a page's rows are contiguous
-    const int m = std::min(n - j, static_cast<int>(rows.page_rows));
+  for (int j = 0; j < n; j += per) {  // a page's rows are contiguous
+    const int m = std::min(n - j, per);
     const auto* src = static_cast<const uint8_t*>(rows.base) + static_cast<size_t>(rows.Offset(j)) * e;
     float* dst = room + static_cast<size_t>(j) * rows.stride;
     const size_t count = static_cast<size_t>(m) * rows.stride;

@@ -20,8 +20,10 @@ bool PopulatePages(void* p, size_t bytes);
 // with transparent huge pages asked for (madvise(MADV_HUGEPAGE)): passes over it then miss the
 // TLB once per 2 MiB instead of once per 4 KiB page (a 16-sequence decode step stores its new
 // keys and values to 256 places in 8 MiB of cache: 3x faster in huge pages). Its pages become
-// resident when first touched (or populated), 2 MiB at a time where the kernel gives huge pages,
-// and are zero until written. Unmapped when destroyed; movable, not copyable.
+// resident when first touched (or populated), 2 MiB at a time where the kernel gives huge pages
+// (the whole 2 MiB runs of the buffer; the tail past the last one is in 4 KiB pages, so it
+// costs no more than it holds), and are zero until written. Unmapped when destroyed; movable,
+// not copyable.
 class HugePageBuffer {
  public:
   HugePageBuffer() = default;
@@ -37,10 +39,9 @@ class HugePageBuffer {
   size_t size() const { return size_; }
 
  private:
-  void* map_ = nullptr;  // the whole mapping (data_ is its first 2 MiB boundary)
-  size_t map_len_ = 0;
-  uint8_t* data_ = nullptr;
+  uint8_t* data_ = nullptr;  // the mapping, at a 2 MiB boundary
   size_t size_ = 0;
+  size_t map_len_ = 0;  // size_ in whole small pages
 };
 
 }  // namespace moe

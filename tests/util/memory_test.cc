@@ -55,11 +55,15 @@ TEST(Memory, HugePageBufferIsAlignedZeroAndResidentOnlyWhereTouched) {
   EXPECT_EQ(b.size(), bytes);
   EXPECT_EQ(reinterpret_cast<uintptr_t>(b.data()) % huge, 0u);
   EXPECT_EQ(ResidentPages(b.data(), bytes), 0u);  // nothing touched, nothing resident
-  b.data()[bytes - 1] = 7;                        // the last byte: at most its huge page
-  const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
-  EXPECT_GE(ResidentPages(b.data(), bytes), 1u);
-  EXPECT_LE(ResidentPages(b.data(), bytes), huge / page);
+  b.data()[bytes - 1] = 7;                        // the last byte: in the tail's small pages
+  EXPECT_EQ(ResidentPages(b.data(), bytes), 1u);
   EXPECT_EQ(ResidentPages(b.data(), 3 * huge), 0u);
+  b.data()[huge + 5] = 1;  // inside a whole 2 MiB run: at most that run
+  const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+  EXPECT_GE(ResidentPages(b.data() + huge, huge), 1u);
+  EXPECT_LE(ResidentPages(b.data(), bytes), 1 + huge / page);
+  EXPECT_EQ(ResidentPages(b.data(), huge), 0u);
+  b.data()[huge + 5] = 0;
   for (size_t i = 0; i + 1 < bytes; i += 4093) ASSERT_EQ(b.data()[i], 0) << i;
   // Moving hands the mapping over: the moved-from buffer is empty, the data is the same.
   uint8_t* at = b.data();
