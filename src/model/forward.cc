@@ -95,8 +95,9 @@ KvCache::KvCache(const ModelConfig& c, int n_ctx, DType type, int page_positions
   k_dim_ = c.is_mla() ? c.KvFloatsPerLayer() : c.n_embd_head_k;
   v_heads_ = c.is_mla() ? 0 : c.n_head_kv;
   v_dim_ = c.is_mla() ? 0 : c.n_embd_head_v;
-  const int64_t keys = kernels::kAttendKeys;
-  page_ = static_cast<int>(std::min<int64_t>(page_positions, (n_ctx + keys - 1) / keys * keys));
+  // Whole pages even for a shorter context (as llama.cpp pads its cache to 256 positions): a page
+  // of a few MiB is then whole huge pages, where a context-sized one would end in small pages.
+  page_ = page_positions;
   pos_bytes_ = static_cast<size_t>(n_layer_) * (k_heads_ * k_dim_ + v_heads_ * v_dim_) * elem();
   v_at_ = static_cast<size_t>(n_layer_) * k_heads_ * static_cast<size_t>(page_) * k_dim_ * elem();
   page_bytes_ = static_cast<size_t>(page_) * pos_bytes_;

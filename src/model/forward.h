@@ -38,7 +38,7 @@ DType ParseCacheType(const std::string& s);
 // (Forward::EvalBatch).
 class KvCache {
  public:
-  // Positions per page (at most; fewer for a context below it): see the layout below.
+  // Positions per page (a cache holds whole pages: see the layout below).
   static constexpr int kPagePositions = 256;
 
   // page_positions: a multiple of kernels::kAttendKeys (other values than the default: tests).
