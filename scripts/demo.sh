@@ -35,9 +35,10 @@ if [ -z "${DEMO_STEPS:-}" ]; then
 else
   STEPS="$DEMO_STEPS"
 fi
+WARMUP=$(( STEPS < 200 ? STEPS / 4 : 50 ))  # a short DEMO_STEPS run warms up for a quarter of it
 echo "== moe train: $STEPS steps of 8 x 256 tokens (AdamW, warmup + cosine)"
 "$MOE" train -m "$OUT/init.gguf" --data "$OUT/brown/train.txt" --val-data "$OUT/brown/val.txt" \
-  --steps "$STEPS" --batch 8 --seq 256 --lr 3e-3 --warmup 50 --eval-every $(( (STEPS + 3) / 4 )) --eval-batches 8 \
+  --steps "$STEPS" --batch 8 --seq 256 --lr 3e-3 --warmup "$WARMUP" --eval-every $(( (STEPS + 3) / 4 )) --eval-batches 8 \
   --threads "$THREADS" --seed 1 --out "$OUT/run"
 
 echo "== moe eval: held-out perplexity (llama.cpp's counting) beside a unigram baseline"
