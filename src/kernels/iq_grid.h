@@ -15,7 +15,6 @@
 #include "tensor/iq_tables.h"
 #include "util/compiler.h"  // MOE_ALWAYS_INLINE: the accessors run per group of 8 weights in the kernels
 
-
 namespace moe::kernels {
 
 // IQ2SignByte of every 7-bit index.

@@ -15,11 +15,21 @@
 #endif
 
 namespace moe {
+namespace {
+
+constexpr size_t kHugePage = size_t{2} << 20;
+
+size_t SmallPage() {
+  static const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+  return page;
+}
+
+}  // namespace
 
 bool PopulatePages(void* p, size_t bytes) {
   static std::atomic<bool> unsupported{false};
   if (bytes == 0 || unsupported.load(std::memory_order_relaxed)) return false;
-  static const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const uintptr_t page = SmallPage();
   const uintptr_t begin = reinterpret_cast<uintptr_t>(p) & ~(page - 1);
   const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + bytes + page - 1) & ~(page - 1);
   if (::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_POPULATE_WRITE) == 0) return true;
@@ -27,14 +37,10 @@ bool PopulatePages(void* p, size_t bytes) {
   return false;  // otherwise (no memory now): the pages fault in as usual
 }
 
-namespace {
-constexpr size_t kHugePage = size_t{2} << 20;
-}  // namespace
-
 HugePageBuffer::HugePageBuffer(size_t bytes) {
   // Map a huge page more than needed, then unmap the slack before the first 2 MiB boundary and
   // after the buffer's last small page: the mapping is exactly the buffer, aligned.
-  static const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+  const size_t page = SmallPage();
   const size_t len = (std::max<size_t>(bytes, 1) + page - 1) / page * page;
   const size_t want = len + kHugePage;
   void* m = ::mmap(nullptr, want, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
