@@ -43,11 +43,15 @@ uint64_t ReadStream(const uint8_t* p, size_t n) {
   return s;
 }
 
-// 12 chains: enough to cover the FMA latency (4-5 cycles) on two FMA pipes.
+// 12 chains: enough to cover the FMA latency (4-5 cycles) on two FMA pipes. Each chain starts
+// from its own value: chains that start equal compute equal values, and GCC merged them into one
+// (until session 18 both probes timed a single chain, the instruction's latency, and reported 12
+// times its rate: about 3x the machine's real rate on the AMD EPYC VM).
 double FmaProbe(int64_t iters) {
   const hn::ScalableTag<float> d;
-  auto a0 = hn::Set(d, 0.0f), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0;
-  auto a6 = a0, a7 = a0, a8 = a0, a9 = a0, a10 = a0, a11 = a0;
+  const auto start = [&](int i) { return hn::Set(d, 1.0f + 0.0625f * static_cast<float>(i)); };
+  auto a0 = start(0), a1 = start(1), a2 = start(2), a3 = start(3), a4 = start(4), a5 = start(5);
+  auto a6 = start(6), a7 = start(7), a8 = start(8), a9 = start(9), a10 = start(10), a11 = start(11);
   const auto x = hn::Set(d, 0.999f), y = hn::Set(d, 1e-3f);
   for (int64_t i = 0; i < iters; ++i) {
     a0 = hn::MulAdd(a0, x, y);
@@ -72,22 +76,25 @@ double FmaProbe(int64_t iters) {
 
 double Int8Probe(int64_t iters) {
 #if MOE_VNNI
-  __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0;
-  __m512i a6 = a0, a7 = a0, a8 = a0, a9 = a0, a10 = a0, a11 = a0;
-  const __m512i x = _mm512_set1_epi8(3), y = _mm512_set1_epi8(-2);
+  // Distinct starts (see FmaProbe), and each chain's own bytes as its signed operand, so no
+  // product is loop-invariant.
+  const auto start = [](int i) { return _mm512_set1_epi32(0x01020304 * (i + 1)); };
+  __m512i a0 = start(0), a1 = start(1), a2 = start(2), a3 = start(3), a4 = start(4), a5 = start(5);
+  __m512i a6 = start(6), a7 = start(7), a8 = start(8), a9 = start(9), a10 = start(10), a11 = start(11);
+  const __m512i x = _mm512_set1_epi8(3);
   for (int64_t i = 0; i < iters; ++i) {  // (named registers: an array would live in memory)
-    a0 = _mm512_dpbusd_epi32(a0, x, y);
-    a1 = _mm512_dpbusd_epi32(a1, x, y);
-    a2 = _mm512_dpbusd_epi32(a2, x, y);
-    a3 = _mm512_dpbusd_epi32(a3, x, y);
-    a4 = _mm512_dpbusd_epi32(a4, x, y);
-    a5 = _mm512_dpbusd_epi32(a5, x, y);
-    a6 = _mm512_dpbusd_epi32(a6, x, y);
-    a7 = _mm512_dpbusd_epi32(a7, x, y);
-    a8 = _mm512_dpbusd_epi32(a8, x, y);
-    a9 = _mm512_dpbusd_epi32(a9, x, y);
-    a10 = _mm512_dpbusd_epi32(a10, x, y);
-    a11 = _mm512_dpbusd_epi32(a11, x, y);
+    a0 = _mm512_dpbusd_epi32(a0, x, a0);
+    a1 = _mm512_dpbusd_epi32(a1, x, a1);
+    a2 = _mm512_dpbusd_epi32(a2, x, a2);
+    a3 = _mm512_dpbusd_epi32(a3, x, a3);
+    a4 = _mm512_dpbusd_epi32(a4, x, a4);
+    a5 = _mm512_dpbusd_epi32(a5, x, a5);
+    a6 = _mm512_dpbusd_epi32(a6, x, a6);
+    a7 = _mm512_dpbusd_epi32(a7, x, a7);
+    a8 = _mm512_dpbusd_epi32(a8, x, a8);
+    a9 = _mm512_dpbusd_epi32(a9, x, a9);
+    a10 = _mm512_dpbusd_epi32(a10, x, a10);
+    a11 = _mm512_dpbusd_epi32(a11, x, a11);
   }
   const __m512i s = _mm512_add_epi32(
       _mm512_add_epi32(_mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3)),
@@ -101,24 +108,30 @@ double Int8Probe(int64_t iters) {
   // (ReorderWidenMulAccumulate: vpmaddwd on x86).
   const hn::ScalableTag<int16_t> d16;
   const hn::RepartitionToWide<decltype(d16)> d32;
-  auto a0 = hn::Zero(d32), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0;
-  auto a6 = a0, a7 = a0, a8 = a0, a9 = a0, a10 = a0, a11 = a0;
-  auto b0 = a0, b1 = a0, b2 = a0, b3 = a0, b4 = a0, b5 = a0;
-  auto b6 = a0, b7 = a0, b8 = a0, b9 = a0, b10 = a0, b11 = a0;
-  const auto x = hn::Set(d16, 3), y = hn::Set(d16, -2);
+  // Distinct starts and each chain's own bits as one factor (see above): a product of two
+  // loop-invariant vectors would be hoisted, leaving only the adds to time.
+  const auto start = [&](int i) { return hn::Set(d32, 0x00030002 * (i + 1)); };
+  auto a0 = start(0), a1 = start(1), a2 = start(2), a3 = start(3), a4 = start(4), a5 = start(5);
+  auto a6 = start(6), a7 = start(7), a8 = start(8), a9 = start(9), a10 = start(10), a11 = start(11);
+  auto b0 = hn::Zero(d32), b1 = b0, b2 = b0, b3 = b0, b4 = b0, b5 = b0;
+  auto b6 = b0, b7 = b0, b8 = b0, b9 = b0, b10 = b0, b11 = b0;
+  const auto x = hn::Set(d16, 3);
+  const auto mac = [&](hn::Vec<decltype(d32)> a, hn::Vec<decltype(d32)>& b) {
+    return hn::ReorderWidenMulAccumulate(d32, x, hn::BitCast(d16, a), a, b);
+  };
   for (int64_t i = 0; i < iters; ++i) {
-    a0 = hn::ReorderWidenMulAccumulate(d32, x, y, a0, b0);
-    a1 = hn::ReorderWidenMulAccumulate(d32, x, y, a1, b1);
-    a2 = hn::ReorderWidenMulAccumulate(d32, x, y, a2, b2);
-    a3 = hn::ReorderWidenMulAccumulate(d32, x, y, a3, b3);
-    a4 = hn::ReorderWidenMulAccumulate(d32, x, y, a4, b4);
-    a5 = hn::ReorderWidenMulAccumulate(d32, x, y, a5, b5);
-    a6 = hn::ReorderWidenMulAccumulate(d32, x, y, a6, b6);
-    a7 = hn::ReorderWidenMulAccumulate(d32, x, y, a7, b7);
-    a8 = hn::ReorderWidenMulAccumulate(d32, x, y, a8, b8);
-    a9 = hn::ReorderWidenMulAccumulate(d32, x, y, a9, b9);
-    a10 = hn::ReorderWidenMulAccumulate(d32, x, y, a10, b10);
-    a11 = hn::ReorderWidenMulAccumulate(d32, x, y, a11, b11);
+    a0 = mac(a0, b0);
+    a1 = mac(a1, b1);
+    a2 = mac(a2, b2);
+    a3 = mac(a3, b3);
+    a4 = mac(a4, b4);
+    a5 = mac(a5, b5);
+    a6 = mac(a6, b6);
+    a7 = mac(a7, b7);
+    a8 = mac(a8, b8);
+    a9 = mac(a9, b9);
+    a10 = mac(a10, b10);
+    a11 = mac(a11, b11);
   }
   auto s = hn::Add(hn::Add(hn::Add(hn::Add(a0, a1), hn::Add(a2, a3)), hn::Add(hn::Add(a4, a5), hn::Add(a6, a7))),
                    hn::Add(hn::Add(a8, a9), hn::Add(a10, a11)));
