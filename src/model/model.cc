@@ -190,9 +190,14 @@ uint64_t Model::BytesPerExpert() const {
          config_.n_expert;
 }
 
-uint64_t Model::BytesPerToken() const {
-  uint64_t total = token_embd->RowBytes() + output->NumBytes() + output_norm->NumBytes();
-  for (const LayerWeights& L : layers) {
+// What one token's forward pass touches: the dense tensors of every layer (each read once), the
+// routed experts' three tensors (k of n_expert read), and the head: dense(tensor) for each
+// tensor read whole, experts(gate, up, down) for each MoE layer's routed experts.
+template <class Dense, class Experts>
+static void ForEachTokenTensor(const Model& m, const Dense& dense_fn, const Experts& experts_fn) {
+  dense_fn(*m.output);
+  dense_fn(*m.output_norm);
+  for (const LayerWeights& L : m.layers) {
     const TensorView* dense[] = {L.attn_norm, L.wq, L.wk, L.wv, L.bq, L.bk, L.bv, L.wo,
                                  L.q_norm, L.k_norm, L.wq_a, L.q_a_norm, L.wq_b, L.wkv_a,
                                  L.kv_a_norm, L.wk_b, L.wv_b, L.ffn_gate, L.ffn_up, L.ffn_down,
@@ -200,11 +205,29 @@ uint64_t Model::BytesPerToken() const {
                                  L.zc_const, L.gate_res, L.gate_inp_shexp,
                                  L.gate_shexp, L.up_shexp, L.down_shexp};
     for (const TensorView* t : dense)
-      if (t) total += t->NumBytes();
-    if (L.gate_exps)
-      total += (L.gate_exps->NumBytes() + L.up_exps->NumBytes() + L.down_exps->NumBytes()) /
-               config_.n_expert * config_.n_expert_used;
+      if (t) dense_fn(*t);
+    if (L.gate_exps) experts_fn(*L.gate_exps, *L.up_exps, *L.down_exps);
   }
+}
+
+uint64_t Model::BytesPerToken() const {
+  uint64_t total = token_embd->RowBytes();
+  ForEachTokenTensor(
+      *this, [&](const TensorView& t) { total += t.NumBytes(); },
+      [&](const TensorView& g, const TensorView& u, const TensorView& d) {
+        total += (g.NumBytes() + u.NumBytes() + d.NumBytes()) / config_.n_expert * config_.n_expert_used;
+      });
+  return total;
+}
+
+uint64_t Model::MacsPerToken() const {
+  uint64_t total = 0;
+  ForEachTokenTensor(
+      *this, [&](const TensorView& t) { total += t.n_dims >= 2 ? static_cast<uint64_t>(t.NumElements()) : 0; },
+      [&](const TensorView& g, const TensorView& u, const TensorView& d) {
+        total += static_cast<uint64_t>(g.NumElements() + u.NumElements() + d.NumElements()) / config_.n_expert *
+                 config_.n_expert_used;
+      });
   return total;
 }
 

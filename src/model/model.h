@@ -88,6 +88,11 @@ class Model {
   // shared expert per layer, one embedding row and the whole output matrix (top_p: k = k_max,
   // an upper bound).
   uint64_t BytesPerToken() const;
+  // The multiply-adds of one token's weight products over the same tensors (every element of
+  // each matrix, and of k experts' three; the embedding is a row lookup, the norms, biases and
+  // the selection bias no products; attention over the cache not counted). Prefill and
+  // many-stream decode are bound by this over the machine's multiply-add rate.
+  uint64_t MacsPerToken() const;
   // Bytes of one routed expert of one layer (gate + up + down).
   uint64_t BytesPerExpert() const;
 

@@ -7,6 +7,7 @@ fields of the issue's contract, with values consistent with the model (checked a
 `moe inspect --json` and the file itself).
 """
 import json
+import math
 import time
 import os
 import subprocess
@@ -55,6 +56,15 @@ with tempfile.TemporaryDirectory() as d:
           and sum(t["bytes"] for t in info["tensors"]) == info["tensor_bytes"])
     # bytes/expert: gate + up + down of one expert in f32
     check("inspect bytes_per_expert", info["bytes_per_expert"] == 3 * 64 * 32 * 4, str(info["bytes_per_expert"]))
+    # A token's multiply-adds: every matrix's elements once (the output head; a tied head is the
+    # embedding's matrix), the routed experts' at k of n_expert; vectors and the lookup are none.
+    elems = {t["name"]: math.prod(t["shape"]) for t in info["tensors"] if len(t["shape"]) >= 2}
+    head = elems.get("output.weight", elems["token_embd.weight"])
+    macs = head + sum(n * (2 / 4 if "_exps." in k else 1) for k, n in elems.items()
+                      if k not in ("token_embd.weight", "output.weight"))
+    check("inspect macs_per_token", info["macs_per_token"] == macs
+          and macs == 200 * 64 + 2 * (64 * 64 * 2 + 2 * 64 * 32 + 64 * 4 + 3 * 64 * 48 + 2 * 3 * 64 * 32),
+          str((info["macs_per_token"], macs)))
 
     out = json.loads(run("run", "-m", m, "--prompt-ids", "3,1,4,1,5", "-n", "6", "--temp", "0",
                          "--json", "--top-logprobs", "4", "--ignore-eos").stdout)
@@ -72,7 +82,8 @@ with tempfile.TemporaryDirectory() as d:
     b = json.loads(run("run", "-m", m, "--prompt-ids", "7", "-n", "8", "--seed", "9", "--json", "--ignore-eos").stdout)
     check("run seeded sampling", a["tokens"] == b["tokens"] and all(0 <= t < 200 for t in a["tokens"]))
     bench = json.loads(run("bench", "-m", m, "-p", "8", "-n", "4", "--json").stdout)
-    check("bench json", bench["prefill_tokens_per_s"] > 0 and bench["decode_tokens_per_s"] > 0)
+    check("bench json", bench["prefill_tokens_per_s"] > 0 and bench["decode_tokens_per_s"] > 0
+          and bench["weight_macs_per_token"] == info["macs_per_token"])
     # What a decoded token reads: the weights inspect counts, and the KV cache (f16 by default, as
     # llama.cpp's) of 2 layers x (2 kv heads x 16) keys and values at the decode's mean context 8 + 1.5.
     check("bench bytes per token", bench["weight_bytes_per_token"] == info["bytes_per_token"]

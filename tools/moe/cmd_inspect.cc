@@ -87,6 +87,7 @@ Runner AddInspect(CLI::App& app) {
     j["tokenizer"] = model->tokenizer().model();
     j["bytes_per_expert"] = model->BytesPerExpert();
     j["bytes_per_token"] = model->BytesPerToken();
+    j["macs_per_token"] = model->MacsPerToken();
     j["kv_bytes_per_token"] = c.KvBytesPerPosition();  // f32 cache (the default)
     j["kv_bytes_per_token_f16"] = c.KvBytesPerPosition(2);
     uint64_t total = 0;

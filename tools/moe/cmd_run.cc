@@ -289,6 +289,8 @@ Runner AddBench(CLI::App& app) {
     // What one decoded token reads (the decode floor is this over the memory bandwidth):
     // the weights (Model::BytesPerToken) and the KV cache at the decode's mean context.
     j["weight_bytes_per_token"] = model->BytesPerToken();
+    // And its weight products' multiply-adds (prefill is bound by this over the multiply-add rate).
+    j["weight_macs_per_token"] = model->MacsPerToken();
     j["kv_bytes_per_token"] = static_cast<double>(model->config().KvBytesPerPosition(KvElementBytes(kv_type))) *
                               (o->n_prompt + (o->n_gen - 1) / 2.0);
     j["threads"] = pool.size();
