@@ -6,14 +6,25 @@ import subprocess
 
 
 def cpu_name():
-    """The CPU's model name, for the machine line of bench/RESULTS.md."""
+    """The CPU's model name, for the machine line of bench/RESULTS.md, with its family and model
+    numbers where the name alone does not tell the core (a VM's "AMD EPYC" has been Zen 4 and
+    Zen 5 hosts: family 25 and 26, whose vector units differ by 2x per cycle)."""
+    name, fam, model = None, None, None
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            key, value = key.strip(), value.strip()
+            if key == "model name" and name is None:
+                name = value
+            elif key == "cpu family" and fam is None:
+                fam = value
+            elif key == "model" and model is None:
+                model = value
     except OSError:
         pass
-    return platform.processor()
+    if not name:
+        return platform.processor()
+    return f"{name} (family {fam}, model {model})" if fam and model else name
 
 
 RESULTS_HEADER = "# Benchmark results\n\nEach section is one run of the command it names; newest first.\n\n"

@@ -119,6 +119,7 @@ def main():
             res["moe"]["tg"].append(m["decode_tokens_per_s"])
             res["moe"]["rss"].append(m["peak_rss_bytes"])
             res["moe"].setdefault("bytes", []).append(m["weight_bytes_per_token"] + m["kv_bytes_per_token"])
+            res["moe"].setdefault("macs", []).append(m["weight_macs_per_token"])
             if a.pinning:
                 u = benchutil.run_json(["env", "MOE_NO_PIN=1", a.moe, "bench", "-m", path, "-p", str(a.p),
                                         "-n", str(a.n), "-t", str(a.t), "--seed", str(100 + r),
@@ -153,6 +154,10 @@ def main():
         rows.append((t, size, med))
     machine.append(benchutil.run_json([a.moe, "bench-machine", "-t", str(a.t), "--json"], "moe bench-machine"))
     bw = max([x["read_gbs"] for x in machine] + probes) * 1e9
+    # Prefill's ceiling: a token's weight multiply-adds at the machine's rate for the kernels that
+    # run them (int8 dot products for the quantized types, fp32 FMAs for the float ones).
+    int8_macs = max(x["int8_gops"] for x in machine) / 2 * 1e9
+    fp32_macs = max(x["fp32_gflops"] for x in machine) / 2 * 1e9
     date = datetime.date.today().isoformat()
     cmd = (f"bench/compare.py --shape {a.shape} --types {a.types} -p {a.p} -n {a.n} -t {a.t} --rounds {a.rounds}"
            + (" --pinning" if a.pinning else "") + (f" --llama-threads {a.llama_threads}" if a.llama_threads else "")
@@ -180,16 +185,20 @@ def main():
              + ". Decode floor = the bytes one token reads (the weights of the dense part, the k routed experts and "
              f"the head, and the KV cache at the mean context) / {bw / 1e9:.1f} GB/s (the highest read bandwidth "
              "measured in the run); a share is the decode speed "
-             "over that floor.", "",
-             "| type | file MiB | moe prefill tok/s | llama.cpp prefill tok/s | ratio | moe decode tok/s | llama.cpp decode tok/s | ratio | MB read / token | decode floor tok/s | moe share | llama.cpp share | moe peak RSS MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "over that floor. Prefill ceiling = the multiply-add rate of the run's best probe (int8 for the "
+             "quantized types, fp32 for f32/f16/bf16) / a token's weight multiply-adds (`weight_macs_per_token`; "
+             "attention over the cache not counted, so the ceiling is above what is reachable).", "",
+             "| type | file MiB | moe prefill tok/s | llama.cpp prefill tok/s | ratio | moe decode tok/s | llama.cpp decode tok/s | ratio | MB read / token | decode floor tok/s | moe share | llama.cpp share | moe peak RSS MiB | M MAC / token | prefill ceiling tok/s | moe prefill share |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for t, size, m in rows:
         floor = bw / m['moe']['bytes']
+        ceiling = (fp32_macs if t.lower() in ("f32", "f16", "bf16") else int8_macs) / m['moe']['macs']
         lines.append(f"| {t} | {size / 2**20:.0f} | {m['moe']['pp']:.1f} | {m['llama']['pp']:.1f} ({m['llama']['pp_threads']}) | "
                      f"{m['moe']['pp'] / m['llama']['pp']:.2f}x | {m['moe']['tg']:.1f} | {m['llama']['tg']:.1f} ({m['llama']['tg_threads']}) | "
                      f"{m['moe']['tg'] / m['llama']['tg']:.2f}x | {m['moe']['bytes'] / 1e6:.1f} | {floor:.1f} | "
                      f"{100 * m['moe']['tg'] / floor:.0f}% | {100 * m['llama']['tg'] / floor:.0f}% | "
-                     f"{m['moe']['rss'] / 2**20:.0f} |")
+                     f"{m['moe']['rss'] / 2**20:.0f} | {m['moe']['macs'] / 1e6:.1f} | {ceiling:.0f} | "
+                     f"{100 * m['moe']['pp'] / ceiling:.0f}% |")
     if a.pinning:
         lines += ["", "Thread pinning (same runs): moe.cpp's persistent pool with workers pinned to distinct "
                   "CPUs (default) vs the same pool left to the scheduler (`MOE_NO_PIN=1`).", "",
