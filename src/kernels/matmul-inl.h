@@ -2119,10 +2119,11 @@ HWY_INLINE void TileDot8(const W& w, const X& x4, __m512i& s0, __m512i& s1) {
 
 // Where a tile kernel's prefetches go. A single pass over the tiles (all the tokens at once, at
 // most kTilePass) reads them from memory once: each stream is prefetched kMmPrefetchBytes ahead,
-// past its end into the tile it reads next. With several passes over the same tiles, only the
+// past its end into the tile it reads next (a stream's next tile follows it: MatMulTiles pairs
+// tile i with tile i + h). With several passes over the same tiles, only the
 // first would read memory and the others' arithmetic would leave it idle (8 tokens in two passes
 // from memory took the sum of the two times): instead every pass prefetches its share of the next
-// tiles (`next`, tile_bytes apart), in order and in proportion to its tokens, into L2, so the next
+// tiles (`next` and its partner tile_bytes on), in order and in proportion to its tokens, into L2, so the next
 // tiles arrive while these are multiplied (16 tokens in passes of 4 from memory: +11-17%).
 struct MmTilePrefetch {
   const uint8_t* next = nullptr;
@@ -2136,9 +2137,8 @@ HWY_INLINE void TilePrefetch(const uint8_t* tile, size_t tile_bytes, int64_t np,
                              const MmTilePrefetch& pf) {
   if (pf.nt == pf.n_tok) {
     const size_t ahead = static_cast<size_t>(p) * kPos + kMmPrefetchBytes;
-    const size_t skip = ahead >= tile_bytes ? (kT - 1) * tile_bytes : 0;
     HWY_UNROLL(2)
-    for (int k = 0; k < kT; ++k) MmPrefetch<kPos>(tile + k * tile_bytes + ahead + skip);
+    for (int k = 0; k < kT; ++k) MmPrefetch<kPos>(tile + k * tile_bytes + ahead);
     return;
   }
   // Over all groups, the token-positions before this one's end are k0 np + (p + 1) nt of n_tok np.
@@ -2159,15 +2159,15 @@ struct TileFormat {
   static constexpr int32_t kOffset = kQ4 ? 8 : 128;
 };
 
-// out[t * out_stride + 16 k + r] = the dot of row r of tile k (kT tiles, tile_bytes apart) with
-// token t (NT tokens), over np pairs of blocks. With kT = 2 each activation broadcast feeds both
+// out[t * out_stride + out_tile k + r] = the dot of row r of tile k (kT tiles, tile_bytes apart)
+// with token t (NT tokens), over np pairs of blocks. With kT = 2 each activation broadcast feeds both
 // tiles' vpdpbusd (the broadcasts and the scale arithmetic, not the products, bound these loops
 // in cache: 2 tiles multiply 4 tokens about a quarter faster). A row's arithmetic is the same
 // whatever kT and NT are (even and odd blocks in two float sums, added at the end), so its
 // result is bitwise the same however the rows and tokens are grouped.
 template <DType kW, int NT, int kT>
 HWY_INLINE void TileDot(const uint8_t* HWY_RESTRICT tile, size_t tile_bytes, int64_t np, const MmAct* act,
-                        float* HWY_RESTRICT out, int64_t out_stride, const MmTilePrefetch& pf) {
+                        float* HWY_RESTRICT out, int64_t out_stride, int64_t out_tile, const MmTilePrefetch& pf) {
   using TF = TileFormat<kW>;
   __m512 acc[NT][kT][2];
   HWY_UNROLL(4)
@@ -2227,7 +2227,7 @@ HWY_INLINE void TileDot(const uint8_t* HWY_RESTRICT tile, size_t tile_bytes, int
   for (int t = 0; t < NT; ++t) {
     HWY_UNROLL(2)
     for (int k = 0; k < kT; ++k)
-      _mm512_storeu_ps(out + t * out_stride + 16 * k, _mm512_add_ps(acc[t][k][0], acc[t][k][1]));
+      _mm512_storeu_ps(out + t * out_stride + out_tile * k, _mm512_add_ps(acc[t][k][0], acc[t][k][1]));
   }
 }
 
@@ -2261,7 +2261,7 @@ enum class TileK { kQ4, kQ5, kIQ4XS };
 // its float arithmetic is the same, so its result is bitwise the same for any kT and NT.
 template <int NT, int kT, TileK kF = TileK::kQ4>
 HWY_INLINE void TileDotQ4K(const uint8_t* HWY_RESTRICT tile, size_t tile_bytes, int64_t nb, const MmAct* act,
-                           float* HWY_RESTRICT out, int64_t out_stride, const MmTilePrefetch& pf) {
+                           float* HWY_RESTRICT out, int64_t out_stride, int64_t out_tile, const MmTilePrefetch& pf) {
   constexpr bool kQ5 = kF == TileK::kQ5, kIQ = kF == TileK::kIQ4XS;
   constexpr size_t kSbBytes = kQ5 ? kTileQ5KBytes : kIQ ? kTileIQ4XSBytes : kTileQ4KBytes;
   constexpr size_t kQuants = kIQ ? 128 : 256;  // where the sub-blocks' nibbles start
@@ -2407,7 +2407,7 @@ HWY_INLINE void TileDotQ4K(const uint8_t* HWY_RESTRICT tile, size_t tile_bytes, 
   HWY_UNROLL(4)
   for (int t = 0; t < NT; ++t) {
     HWY_UNROLL(2)
-    for (int k = 0; k < kT; ++k) _mm512_storeu_ps(out + t * out_stride + 16 * k, kQ5 ? _mm512_sub_ps(acc[t][k], macc[t][k]) : acc[t][k]);
+    for (int k = 0; k < kT; ++k) _mm512_storeu_ps(out + t * out_stride + out_tile * k, kQ5 ? _mm512_sub_ps(acc[t][k], macc[t][k]) : acc[t][k]);
   }
 }
 
@@ -2593,10 +2593,11 @@ constexpr bool TileK16(DType w) { return w == DType::kQ6_K || w == DType::kQ3_K 
 template <DType kW>
 inline constexpr int64_t kTilePass = TileK32(kW) ? 4 : 8;
 
-// kT tiles (tile_bytes apart) times nt <= kTilePass tokens, in the tile kernel of kW.
+// kT tiles (tile_bytes apart, their outputs out_tile floats apart) times nt <= kTilePass tokens,
+// in the tile kernel of kW.
 template <DType kW, int kT>
 HWY_INLINE void TileGroup(const uint8_t* tile, size_t tile_bytes, int64_t np, const MmAct* a, int64_t nt,
-                          float* out, int64_t out_stride, const MmTilePrefetch& pf) {
+                          float* out, int64_t out_stride, int64_t out_tile, const MmTilePrefetch& pf) {
   const auto dot = [&](auto nt_c) {
     constexpr int NT = decltype(nt_c)::value;
     if constexpr (TileK16(kW)) {
@@ -2605,9 +2606,9 @@ HWY_INLINE void TileGroup(const uint8_t* tile, size_t tile_bytes, int64_t np, co
       TileDotK16<F, NT>(tile, np, a, out, out_stride, pf);
     } else if constexpr (TileK32(kW)) {
       constexpr TileK f = kW == DType::kQ5_K ? TileK::kQ5 : kW == DType::kIQ4_XS ? TileK::kIQ4XS : TileK::kQ4;
-      TileDotQ4K<NT, kT, f>(tile, tile_bytes, np, a, out, out_stride, pf);
+      TileDotQ4K<NT, kT, f>(tile, tile_bytes, np, a, out, out_stride, out_tile, pf);
     } else {
-      TileDot<kW, NT, kT>(tile, tile_bytes, np, a, out, out_stride, pf);
+      TileDot<kW, NT, kT>(tile, tile_bytes, np, a, out, out_stride, out_tile, pf);
     }
   };
   constexpr bool k8 = kTilePass<kW> == 8;  // no instances past 4 tokens where passes are of 4
@@ -2623,13 +2624,16 @@ HWY_INLINE void TileGroup(const uint8_t* tile, size_t tile_bytes, int64_t np, co
   }
 }
 
-// Rows [r0, r1) of a kTiles16 matrix. The block-32 types take two whole tiles at a time: two
-// weight streams in flight read memory faster than one (a q4_0 matrix from memory went from
-// about 0.7 to 0.93 of the bandwidth probe's speed), and each activation broadcast feeds both
-// tiles (4 tokens in cache: q4_0 +17%). q4_K and q5_K take pairs for 2 or more tokens (4 tokens
-// in cache: +20-25%); for one token they, and q6_K always, go one tile at a time (already near
-// the probe's speed; in pairs q6_K was slower, and session 15 measured one token from memory
-// with 2 threads: q4_K 0.65-0.79x, q5_K 0.56-0.65x in pairs).
+// Rows [r0, r1) of a kTiles16 matrix. The block-32 types take two whole tiles at a time, and
+// each activation broadcast feeds both tiles (4 tokens in cache: q4_0 +17%); q4_K and q5_K take
+// pairs for 2 or more tokens (4 tokens in cache: +20-25%); for one token they, and q6_K always,
+// go one tile at a time. A pair is tile i and tile i + h of the range's n whole tiles (h = n / 2),
+// so each of its two weight streams runs through half the range in order. Session 12 paired
+// neighbours (i, i + 1), two streams of one tile each (9 KiB for 1024 inputs of q4_0) that jump
+// a tile at every pair: faster than one stream on the Zen 5 host then (a q4_0 matrix from memory
+// 0.7 -> 0.93 of the bandwidth probe), but on a Zen 4 host (session 18, one thread from memory)
+// half as fast as one tile at a time, which the long streams match or beat (1 token 29-35 GB/s,
+// neighbours 15-16; 4 tokens 19-20 GB/s against 11-12). A row's result is the same in any pair.
 template <DType kW>
 HWY_INLINE void MatMulTiles(const uint8_t* W, int64_t n_in, int64_t r0, int64_t r1,
                             const uint8_t* xa, size_t xa_stride, int64_t n_tok, float* y,
@@ -2638,36 +2642,42 @@ HWY_INLINE void MatMulTiles(const uint8_t* W, int64_t n_in, int64_t r0, int64_t 
   using TF = TileFormat<kW>;
   const int64_t np = kK ? n_in / kQK_K : n_in / 64;  // super-blocks, or pairs of blocks
   const size_t tile_bytes = 16 * RowBytes(kW, n_in);  // a tile is its 16 rows' bytes
+  // The whole tiles [a, b) (rows a 16 .. b 16), in pairs (a + i, a + i + h), i < h, then tile a + 2h
+  // when n is odd; the tiles r0 or r1 cut, alone.
+  const int64_t a = (r0 + 15) / 16, b = r1 / 16;
+  const bool pairs = !TileK16(kW) && (!TileK32(kW) || n_tok > 1);
+  const int64_t h = pairs && b > a ? (b - a) / 2 : 0;
+  const size_t dist = static_cast<size_t>(h) * tile_bytes;
   // The kernels prefetch each stream kMmPrefetchBytes ahead of where they read: the start of
-  // the first streams (two for the block-32 types' pairs) is asked for here, before the
-  // activations are prepared, so a row range does not begin with a run of demand misses
-  // (prefetches past the range or the matrix are harmless: they never fault).
-  // With several passes the later tiles are prefetched a whole tile ahead (MmTilePrefetch), so
-  // the first ones are asked for whole.
-  const uint8_t* first = W + static_cast<size_t>(r0 / 16) * tile_bytes;
+  // the first streams is asked for here, before the activations are prepared, so a row range
+  // does not begin with a run of demand misses (prefetches past the range or the matrix are
+  // harmless: they never fault). With several passes the later tiles are prefetched a whole tile
+  // ahead (MmTilePrefetch), so the first ones are asked for whole.
   constexpr int64_t G = kTilePass<kW>;
   const size_t first_bytes = n_tok > G ? tile_bytes : kMmPrefetchBytes;
+  const uint8_t* first = W + static_cast<size_t>(h ? a : r0 / 16) * tile_bytes;
   for (size_t o = 0; o < first_bytes; o += 64) {
     hwy::Prefetch(first + o);
-    if constexpr (!TileK16(kW)) hwy::Prefetch(first + tile_bytes + o);
+    if (h) hwy::Prefetch(first + dist + o);
   }
   const MmAct* acts =
       kK ? PrepareActs(MmPrepSpec{MmPrep::kQ8_K, MmLayout::kNatural, true, 0}, n_in, xa, xa_stride, n_tok)
          : PrepareActs(MmPrepSpec{MmPrep::kQ8_0, MmLayout::kNatural, true, TF::kOffset, true}, n_in, xa,
                        xa_stride, n_tok);
-  for (int64_t t0 = r0 / 16 * 16; t0 < r1; t0 += 16) {
-    const uint8_t* tile = W + static_cast<size_t>(t0 / 16) * tile_bytes;
-    if constexpr (!TileK16(kW)) {
-      if (t0 >= r0 && t0 + 32 <= r1 && (!TileK32(kW) || n_tok > 1)) {  // two whole tiles: straight into y
-        for (int64_t k0 = 0; k0 < n_tok; k0 += G) {  // passes over tiles that stay in cache
-          TileGroup<kW, 2>(tile, tile_bytes, np, acts + k0, std::min<int64_t>(G, n_tok - k0),
-                           y + k0 * y_stride + (t0 - r0), y_stride,
-                           MmTilePrefetch{tile + 2 * tile_bytes, n_tok, k0, std::min<int64_t>(G, n_tok - k0)});
-        }
-        t0 += 16;
-        continue;
+  if constexpr (!TileK16(kW)) {
+    for (int64_t i = a; i < a + h; ++i) {  // pairs: straight into y
+      const uint8_t* tile = W + static_cast<size_t>(i) * tile_bytes;
+      for (int64_t k0 = 0; k0 < n_tok; k0 += G) {  // passes over tiles that stay in cache
+        const int64_t nt = std::min<int64_t>(G, n_tok - k0);
+        TileGroup<kW, 2>(tile, dist, np, acts + k0, nt, y + k0 * y_stride + (16 * i - r0), y_stride, 16 * h,
+                         MmTilePrefetch{tile + tile_bytes, n_tok, k0, nt});
       }
     }
+  }
+  // The tiles left: a + 2h .. b (none, or the odd one), and those r0 or r1 cut.
+  for (int64_t t0 = r0 / 16 * 16; t0 < r1; t0 += 16) {
+    if (t0 / 16 >= a && t0 / 16 < a + 2 * h) continue;
+    const uint8_t* tile = W + static_cast<size_t>(t0 / 16) * tile_bytes;
     const int64_t lo = std::max(t0, r0), hi = std::min(t0 + 16, r1);
     // A whole tile's results go straight to y; a tile that r0 or r1 cuts goes through tmp.
     const bool whole = lo == t0 && hi == t0 + 16;
@@ -2675,7 +2685,7 @@ HWY_INLINE void MatMulTiles(const uint8_t* W, int64_t n_in, int64_t r0, int64_t 
       HWY_ALIGN float tmp[G][16];
       const int64_t nt = std::min<int64_t>(G, n_tok - k0);
       TileGroup<kW, 1>(tile, tile_bytes, np, acts + k0, nt, whole ? y + k0 * y_stride + (t0 - r0) : tmp[0],
-                       whole ? y_stride : 16, MmTilePrefetch{tile + tile_bytes, n_tok, k0, nt});
+                       whole ? y_stride : 16, 16, MmTilePrefetch{tile + tile_bytes, n_tok, k0, nt});
       if (!whole) {
         for (int64_t t = 0; t < nt; ++t) {
           std::memcpy(y + (k0 + t) * y_stride + (lo - r0), tmp[t] + (lo - t0),
