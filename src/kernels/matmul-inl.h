@@ -2183,9 +2183,9 @@ HWY_INLINE void TileDot(const uint8_t* HWY_RESTRICT tile, size_t tile_bytes, int
   const __m512i nib = _mm512_set1_epi8(0x0F);
   for (int64_t p = 0; p < np; ++p) {
     const uint8_t* pp = tile + p * TF::kPairBytes;
-    TilePrefetch<kT, TF::kPairBytes>(tile, tile_bytes, np, p, pf);
     HWY_UNROLL(2)
     for (int h = 0; h < 2; ++h) {
+      TilePrefetch<kT, TF::kPairBytes, 2>(tile, tile_bytes, np, p, pf, h);
       const int64_t b = 2 * p + h;
       __m512 dw[kT];
       const uint8_t* g[kT];
