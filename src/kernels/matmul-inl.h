@@ -2166,8 +2166,9 @@ struct TileFormat {
 
 // out[t * out_stride + out_tile k + r] = the dot of row r of tile k (kT tiles, tile_bytes apart)
 // with token t (NT tokens), over np pairs of blocks. With kT = 2 each activation broadcast feeds both
-// tiles' vpdpbusd (the broadcasts and the scale arithmetic, not the products, bound these loops
-// in cache: 2 tiles multiply 4 tokens about a quarter faster). A row's arithmetic is the same
+// tiles' vpdpbusd (2 tiles multiply 4 tokens in cache about a quarter faster; on a Zen 4 host the
+// loop runs at 75% of the real vpdpbusd rate, the per-block scale multiply and fused add sharing
+// its pipes, DESIGN-NOTES Threads). A row's arithmetic is the same
 // whatever kT and NT are (even and odd blocks in two float sums, added at the end), so its
 // result is bitwise the same however the rows and tokens are grouped.
 template <DType kW, int NT, int kT>
