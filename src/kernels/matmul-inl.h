@@ -2135,14 +2135,25 @@ struct MmTilePrefetch {
 // (part = the chunk): issued at once, the 36-53 lines of a q4_K or q6_K super-block held the
 // thread until they drained (session 18, Zen 4 host, one thread, a 1024 x 2816 matrix from
 // memory, one token: q6_K 9-14 GB/s with the burst, 23 with no software prefetch at all).
-template <int kT, size_t kPos, int kParts = 1>
+// kL2: the single pass's prefetches fill L2 only (prefetcht1), for kernels whose arithmetic per
+// byte leaves the loads time to come from L2. Into L1 (prefetcht0), each prefetch holds one of
+// L1's few miss buffers until its line arrives, and a loop with several tokens' arithmetic then
+// waits on them (session 19, Zen 4 host, one thread, a 1024 x 2816 matrix from memory, GB/s
+// prefetcht0 -> prefetcht1: q4_0 2 tokens 23 -> 28-30, 4 tokens 16 -> 22-23; q8_0 4 tokens 17 ->
+// 22, 8 tokens 13 -> 21-22; q4_K 3-4 tokens 13-19 -> 19-20, q5_K 13-16 -> 18-22). One token
+// keeps prefetcht0 (memory bound, it waits on L2 otherwise: q4_0 27 -> 25, q4_K 22-23 -> 18-21),
+// and so do the q6_K/q3_K/q2_K kernels (slower with prefetcht1 at every token count).
+template <int kT, size_t kPos, int kParts = 1, bool kL2 = false>
 HWY_INLINE void TilePrefetch(const uint8_t* tile, size_t tile_bytes, int64_t np, int64_t p,
                              const MmTilePrefetch& pf, int part = 0) {
   if (pf.nt == pf.n_tok) {
     constexpr size_t kPart = (kPos / kParts + 63) / 64 * 64;
     const size_t ahead = static_cast<size_t>(p) * kPos + kMmPrefetchBytes + static_cast<size_t>(part) * kPart;
     HWY_UNROLL(2)
-    for (int k = 0; k < kT; ++k) MmPrefetch<kPart>(tile + k * tile_bytes + ahead);
+    for (int k = 0; k < kT; ++k) {
+      for (size_t o = 0; o < kPart; o += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(tile + k * tile_bytes + ahead + o), kL2 ? _MM_HINT_T1 : _MM_HINT_T0);
+    }
     return;
   }
   if (part != 0) return;  // (the later passes' prefetch of the next tiles: once per position)
@@ -2186,7 +2197,7 @@ HWY_INLINE void TileDot(const uint8_t* HWY_RESTRICT tile, size_t tile_bytes, int
     const uint8_t* pp = tile + p * TF::kPairBytes;
     HWY_UNROLL(2)
     for (int h = 0; h < 2; ++h) {
-      TilePrefetch<kT, TF::kPairBytes, 2>(tile, tile_bytes, np, p, pf, h);
+      TilePrefetch<kT, TF::kPairBytes, 2, (NT > 1)>(tile, tile_bytes, np, p, pf, h);
       const int64_t b = 2 * p + h;
       __m512 dw[kT];
       const uint8_t* g[kT];
@@ -2321,7 +2332,7 @@ HWY_INLINE void TileDotQ4K(const uint8_t* HWY_RESTRICT tile, size_t tile_bytes, 
     }
     HWY_UNROLL(8)
     for (int j = 0; j < 8; ++j) {
-      TilePrefetch<kT, kSbBytes, 8>(tile, tile_bytes, nb, b, pf, j);
+      TilePrefetch<kT, kSbBytes, 8, (NT > 1)>(tile, tile_bytes, nb, b, pf, j);
       __m512i s[NT][kT], s1[NT][kT];  // s1: the high nibbles' chain when there are few chains
       HWY_UNROLL(4)
       for (int t = 0; t < NT; ++t) {
