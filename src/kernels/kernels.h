@@ -136,6 +136,13 @@ void Attend(const AttendRows& a, DType kv, const KvRows& K, int64_t Dk, const Kv
 // the row-layout types).
 void SetBatchInvariant(bool on);
 bool BatchInvariant();
+// Whether the one-token tile kernels whose tiles the hardware prefetcher streams on its own
+// (q8_0, q4_0, q4_K, iq4_xs) also prefetch in software. Off on AMD family 0x19 (Zen 4, session
+// 19: one thread from memory read q4_0/q8_0/q4_K 20-25% faster without it; medium model decode
+// on one thread +11-17% q4_0, +5-9% Q4_K_M, +17-20% q8_0; two threads, which saturate this VM's
+// memory either way, within the noise); on elsewhere, as on the Zen 5 and Intel hosts the kernels
+// were tuned on. MOE_TILE_PREFETCH=0 or 1 overrides. Speed only: results are the same.
+bool OneTokenTilePrefetch();
 // The k largest of x[0..n) in descending order into idx; ties keep the lower index first.
 void TopK(const float* x, int n, int k, int* idx);
 

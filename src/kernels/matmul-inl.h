@@ -2128,6 +2128,7 @@ HWY_INLINE void TileDot8(const W& w, const X& x4, __m512i& s0, __m512i& s1) {
 struct MmTilePrefetch {
   const uint8_t* next = nullptr;
   int64_t n_tok = 1, k0 = 0, nt = 1;  // all the tokens; this group's first and count
+  bool one = true;  // one token: prefetch in software (OneTokenTilePrefetch)
 };
 
 // Position p's prefetches: kPos bytes per tile, kT tiles tile_bytes apart from `tile`, np
@@ -2143,10 +2144,15 @@ struct MmTilePrefetch {
 // 22, 8 tokens 13 -> 21-22; q4_K 3-4 tokens 13-19 -> 19-20, q5_K 13-16 -> 18-22). One token
 // keeps prefetcht0 (memory bound, it waits on L2 otherwise: q4_0 27 -> 25, q4_K 22-23 -> 18-21),
 // and so do the q6_K/q3_K/q2_K kernels (slower with prefetcht1 at every token count).
-template <int kT, size_t kPos, int kParts = 1, bool kL2 = false>
+// kHw: the hardware prefetcher can stream this kernel's tiles alone (one sequential stream per
+// tile); then one token prefetches in software only where OneTokenTilePrefetch says so. The
+// q5_K, q6_K, q3_K and q2_K tiles, read at two places per super-block, always do (one thread,
+// one token, Zen 4: without it 6-10 GB/s against 19-24).
+template <int kT, size_t kPos, int kParts = 1, bool kL2 = false, bool kHw = false>
 HWY_INLINE void TilePrefetch(const uint8_t* tile, size_t tile_bytes, int64_t np, int64_t p,
                              const MmTilePrefetch& pf, int part = 0) {
   if (pf.nt == pf.n_tok) {
+    if (kHw && pf.n_tok == 1 && !pf.one) return;
     constexpr size_t kPart = (kPos / kParts + 63) / 64 * 64;
     const size_t ahead = static_cast<size_t>(p) * kPos + kMmPrefetchBytes + static_cast<size_t>(part) * kPart;
     HWY_UNROLL(2)
@@ -2197,7 +2203,7 @@ HWY_INLINE void TileDot(const uint8_t* HWY_RESTRICT tile, size_t tile_bytes, int
     const uint8_t* pp = tile + p * TF::kPairBytes;
     HWY_UNROLL(2)
     for (int h = 0; h < 2; ++h) {
-      TilePrefetch<kT, TF::kPairBytes, 2, (NT > 1)>(tile, tile_bytes, np, p, pf, h);
+      TilePrefetch<kT, TF::kPairBytes, 2, (NT > 1), true>(tile, tile_bytes, np, p, pf, h);
       const int64_t b = 2 * p + h;
       __m512 dw[kT];
       const uint8_t* g[kT];
@@ -2332,7 +2338,7 @@ HWY_INLINE void TileDotQ4K(const uint8_t* HWY_RESTRICT tile, size_t tile_bytes, 
     }
     HWY_UNROLL(8)
     for (int j = 0; j < 8; ++j) {
-      TilePrefetch<kT, kSbBytes, 8, (NT > 1)>(tile, tile_bytes, nb, b, pf, j);
+      TilePrefetch<kT, kSbBytes, 8, (NT > 1), !kQ5>(tile, tile_bytes, nb, b, pf, j);
       __m512i s[NT][kT], s1[NT][kT];  // s1: the high nibbles' chain when there are few chains
       HWY_UNROLL(4)
       for (int t = 0; t < NT; ++t) {
@@ -2671,6 +2677,7 @@ HWY_INLINE void MatMulTiles(const uint8_t* W, int64_t n_in, int64_t r0, int64_t 
   // harmless: they never fault). With several passes the later tiles are prefetched a whole tile
   // ahead (MmTilePrefetch), so the first ones are asked for whole.
   constexpr int64_t G = kTilePass<kW>;
+  const bool one = OneTokenTilePrefetch();
   const size_t first_bytes = n_tok > G ? tile_bytes : kMmPrefetchBytes;
   const uint8_t* first = W + static_cast<size_t>(h ? a : r0 / 16) * tile_bytes;
   for (size_t o = 0; o < first_bytes; o += 64) {
@@ -2687,7 +2694,7 @@ HWY_INLINE void MatMulTiles(const uint8_t* W, int64_t n_in, int64_t r0, int64_t 
       for (int64_t k0 = 0; k0 < n_tok; k0 += G) {  // passes over tiles that stay in cache
         const int64_t nt = std::min<int64_t>(G, n_tok - k0);
         TileGroup<kW, 2>(tile, dist, np, acts + k0, nt, y + k0 * y_stride + (16 * i - r0), y_stride, 16 * h,
-                         MmTilePrefetch{tile + tile_bytes, n_tok, k0, nt});
+                         MmTilePrefetch{tile + tile_bytes, n_tok, k0, nt, one});
       }
     }
   }
@@ -2702,7 +2709,7 @@ HWY_INLINE void MatMulTiles(const uint8_t* W, int64_t n_in, int64_t r0, int64_t 
       HWY_ALIGN float tmp[G][16];
       const int64_t nt = std::min<int64_t>(G, n_tok - k0);
       TileGroup<kW, 1>(tile, tile_bytes, np, acts + k0, nt, whole ? y + k0 * y_stride + (t0 - r0) : tmp[0],
-                       whole ? y_stride : 16, 16, MmTilePrefetch{tile + tile_bytes, n_tok, k0, nt});
+                       whole ? y_stride : 16, 16, MmTilePrefetch{tile + tile_bytes, n_tok, k0, nt, one});
       if (!whole) {
         for (int64_t t = 0; t < nt; ++t) {
           std::memcpy(y + (k0 + t) * y_stride + (lo - r0), tmp[t] + (lo - t0),

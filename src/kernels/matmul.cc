@@ -8,7 +8,11 @@
 #include "kernels/matmul-inl.h"
 
 #if HWY_ONCE
+#include <cstdlib>
 #include <cstring>
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
 
 #include <atomic>
 
@@ -24,6 +28,27 @@ std::atomic<bool> g_batch_invariant{false};
 }  // namespace
 void SetBatchInvariant(bool on) { g_batch_invariant.store(on, std::memory_order_relaxed); }
 bool BatchInvariant() { return g_batch_invariant.load(std::memory_order_relaxed); }
+
+bool OneTokenTilePrefetch() {
+  static const bool on = [] {
+    if (const char* e = std::getenv("MOE_TILE_PREFETCH"); e && *e) return std::strcmp(e, "0") != 0;
+#if defined(__x86_64__) || defined(__i386__)
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (__get_cpuid(0, &a, &b, &c, &d)) {
+      char vendor[13] = {};
+      std::memcpy(vendor, &b, 4);
+      std::memcpy(vendor + 4, &d, 4);
+      std::memcpy(vendor + 8, &c, 4);
+      if (std::strcmp(vendor, "AuthenticAMD") == 0 && __get_cpuid(1, &a, &b, &c, &d)) {
+        const unsigned base = (a >> 8) & 0xF, family = base == 0xF ? base + ((a >> 20) & 0xFF) : base;
+        if (family == 0x19) return false;  // Zen 3 and 4 (only Zen 4 has the AVX-512 tile kernels)
+      }
+    }
+#endif
+    return true;
+  }();
+  return on;
+}
 HWY_EXPORT(RepackLayout);
 
 void MatMul(DType w, const void* W, int64_t n_in, int64_t r0, int64_t r1, const void* xa,
