@@ -90,10 +90,11 @@ constexpr int64_t kMmTokGroup = 4;
 // hardware prefetcher alone left decode at about half the memory bandwidth).
 constexpr size_t kMmPrefetchBytes = 4096;
 
-// Prefetches the cache lines of [p, p + kBytes) (prefetches never fault).
-template <size_t kBytes>
+// Prefetches the cache lines of [p, p + kBytes) (prefetches never fault), into L1 or, kL2, into
+// L2 only (TilePrefetch says when).
+template <size_t kBytes, bool kL2 = false>
 HWY_INLINE void MmPrefetch(const uint8_t* p) {
-  for (size_t o = 0; o < kBytes; o += 64) hwy::Prefetch(p + o);
+  for (size_t o = 0; o < kBytes; o += 64) __builtin_prefetch(p + o, 0, kL2 ? 2 : 3);
 }
 
 HWY_INLINE float LoadF16Scalar(const uint8_t* p) {
@@ -2128,7 +2129,7 @@ HWY_INLINE void TileDot8(const W& w, const X& x4, __m512i& s0, __m512i& s1) {
 struct MmTilePrefetch {
   const uint8_t* next = nullptr;
   int64_t n_tok = 1, k0 = 0, nt = 1;  // all the tokens; this group's first and count
-  bool one = true;  // one token: prefetch in software (OneTokenTilePrefetch)
+  bool one_token_sw = true;  // one token: prefetch in software too (OneTokenTilePrefetch)
 };
 
 // Position p's prefetches: kPos bytes per tile, kT tiles tile_bytes apart from `tile`, np
@@ -2152,14 +2153,11 @@ template <int kT, size_t kPos, int kParts = 1, bool kL2 = false, bool kHw = fals
 HWY_INLINE void TilePrefetch(const uint8_t* tile, size_t tile_bytes, int64_t np, int64_t p,
                              const MmTilePrefetch& pf, int part = 0) {
   if (pf.nt == pf.n_tok) {
-    if (kHw && pf.n_tok == 1 && !pf.one) return;
+    if (kHw && pf.n_tok == 1 && !pf.one_token_sw) return;
     constexpr size_t kPart = (kPos / kParts + 63) / 64 * 64;
     const size_t ahead = static_cast<size_t>(p) * kPos + kMmPrefetchBytes + static_cast<size_t>(part) * kPart;
     HWY_UNROLL(2)
-    for (int k = 0; k < kT; ++k) {
-      for (size_t o = 0; o < kPart; o += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(tile + k * tile_bytes + ahead + o), kL2 ? _MM_HINT_T1 : _MM_HINT_T0);
-    }
+    for (int k = 0; k < kT; ++k) MmPrefetch<kPart, kL2>(tile + k * tile_bytes + ahead);
     return;
   }
   if (part != 0) return;  // (the later passes' prefetch of the next tiles: once per position)
@@ -2688,7 +2686,7 @@ HWY_INLINE void MatMulTiles(const uint8_t* W, int64_t n_in, int64_t r0, int64_t 
   // harmless: they never fault). With several passes the later tiles are prefetched a whole tile
   // ahead (MmTilePrefetch), so the first ones are asked for whole.
   constexpr int64_t G = kTilePass<kW>;
-  const bool one = OneTokenTilePrefetch();
+  const bool one_token_sw = OneTokenTilePrefetch();
   const size_t first_bytes = n_tok > G ? tile_bytes : kMmPrefetchBytes;
   const uint8_t* first = W + static_cast<size_t>(h ? a : r0 / 16) * tile_bytes;
   for (size_t o = 0; o < first_bytes; o += 64) {
@@ -2705,7 +2703,7 @@ HWY_INLINE void MatMulTiles(const uint8_t* W, int64_t n_in, int64_t r0, int64_t 
       for (int64_t k0 = 0; k0 < n_tok; k0 += G) {  // passes over tiles that stay in cache
         const int64_t nt = std::min<int64_t>(G, n_tok - k0);
         TileGroup<kW, 2>(tile, dist, np, acts + k0, nt, y + k0 * y_stride + (16 * i - r0), y_stride, 16 * h,
-                         MmTilePrefetch{tile + tile_bytes, n_tok, k0, nt, one});
+                         MmTilePrefetch{tile + tile_bytes, n_tok, k0, nt, one_token_sw});
       }
     }
   }
@@ -2720,7 +2718,7 @@ HWY_INLINE void MatMulTiles(const uint8_t* W, int64_t n_in, int64_t r0, int64_t 
       HWY_ALIGN float tmp[G][16];
       const int64_t nt = std::min<int64_t>(G, n_tok - k0);
       TileGroup<kW, 1>(tile, tile_bytes, np, acts + k0, nt, whole ? y + k0 * y_stride + (t0 - r0) : tmp[0],
-                       whole ? y_stride : 16, 16, MmTilePrefetch{tile + tile_bytes, n_tok, k0, nt, one});
+                       whole ? y_stride : 16, 16, MmTilePrefetch{tile + tile_bytes, n_tok, k0, nt, one_token_sw});
       if (!whole) {
         for (int64_t t = 0; t < nt; ++t) {
           std::memcpy(y + (k0 + t) * y_stride + (lo - r0), tmp[t] + (lo - t0),
