@@ -31,6 +31,9 @@ int64_t RowGrain(int64_t rows, int64_t n_tok, int n_threads) {
 
 float* F(std::vector<float>& v, size_t i) { return v.data() + i; }
 
+// Block-quantized weights: their products run on the integer kernels (f32, f16, bf16 in float).
+bool IsBlockType(DType t) { return Traits(t).block_size > 1; }
+
 // Queries per block of batched (prefill) attention; fewer queries take the per-token path.
 constexpr int kAttnBlock = 32;
 
@@ -117,6 +120,13 @@ DType ParseCacheType(const std::string& s) {
   Fail("--cache-type %s: use f32 or f16", s.c_str());
 }
 
+Forward::MlaForm ParseMlaForm(const std::string& s) {
+  if (s == "auto") return Forward::MlaForm::kAuto;
+  if (s == "absorbed") return Forward::MlaForm::kAbsorbed;
+  if (s == "expanded") return Forward::MlaForm::kExpanded;
+  Fail("--mla %s: use auto, absorbed or expanded", s.c_str());
+}
+
 void KvCache::Store(uint8_t* row, size_t dim, const float* x) {
   if (type_ == DType::kF16) {
     kernels::ConvertActivations(DType::kF16, x, row, static_cast<int64_t>(dim));  // round to nearest even
@@ -197,9 +207,9 @@ void Forward::ReserveScratch() {
   }
 }
 
-void Forward::SetMlaPlain(bool plain) {
-  mla_plain_ = plain && c_.is_mla();
-  if (!mla_plain_ || !mla_kb_.empty()) return;
+void Forward::SetMlaForm(MlaForm form) {
+  mla_form_ = c_.is_mla() ? form : MlaForm::kAuto;
+  if (mla_form_ != MlaForm::kPlain || !mla_kb_.empty()) return;
   // f32 copies of every layer's attn_k_b [H][Kr][Dn] and attn_v_b [H][Dv][Kr].
   for (const LayerWeights& L : model_.layers) {
     for (auto [w, out] : {std::pair{L.wk_b, &mla_kb_}, std::pair{L.wv_b, &mla_vb_}}) {
@@ -615,6 +625,7 @@ void Forward::MlaAttention(int il, int T) {
   const int64_t Kr = c_.n_lora_kv, W = Kr + Dr, Rq = c_.n_lora_q;
   q_.resize(static_cast<size_t>(T * H * Dk));
   kva_.resize(static_cast<size_t>(T * W));
+  att_.resize(static_cast<size_t>(T * H * c_.n_embd_head_v));
   if (L.wq_a) {  // q through the low-rank bottleneck: q_b(norm(q_a x))
     qa_.resize(static_cast<size_t>(T * Rq));
     const TensorView* w[2] = {L.wq_a, L.wkv_a};
@@ -639,27 +650,206 @@ void Forward::MlaAttention(int il, int T) {
     KvCache& cache = *RowCache(t);
     cache.Store(cache.KRow(il, 0, pos), W, kv);
   });
-  if (mla_plain_) {
+  if (mla_form_ == MlaForm::kPlain) {
     MlaPlain(il, T);
   } else {
-    MlaAbsorbed(il, T);
+    // Each sequence in its form; runs of absorbed sequences share their passes.
+    const int n_seg = static_cast<int>(segments_.size());
+    for (int s0 = 0; s0 < n_seg;) {
+      if (MlaPrefersExpanded(il, s0)) {
+        MlaExpanded(il, s0++);
+        continue;
+      }
+      int s1 = s0 + 1;
+      while (s1 < n_seg && !MlaPrefersExpanded(il, s1)) ++s1;
+      MlaAbsorbed(il, segments_[s0].t0, segments_[s1 - 1].t0 + segments_[s1 - 1].n);
+      s0 = s1;
+    }
   }
   Linear(*L.wo, att_.data(), T, tmp_.data());
+}
+
+// The multiply-adds of the two forms for one sequence's n new rows over n_keys cached positions
+// (the chunk's own included), each weighted by what a multiply-add costs on its path: the
+// weight products run on the int8 kernels for quantized weights (1) or in f32 (4: a quarter of
+// the rate on AVX-512 VNNI), the attention GEMMs in f32 (4).
+//   absorbed: n H Kr (Dn + Dv) weight products (q_nope into the latent space, the latent mix
+//             out of it) + n H keys (Kr + Dr + Kr) attention
+//   expanded: n_keys H Kr (Dn + Dv) weight products (every position's keys and values) +
+//             n H keys (Dn + Dr + Dv) attention
+// with keys the mean number of positions a row attends to. Expanded wins once a chunk is long
+// against its context: DeepSeek-V2's sizes, a fresh prompt of 512 tokens: less than half.
+bool Forward::MlaPrefersExpanded(int il, int si) const {
+  const LayerWeights& L = model_.layers[il];
+  const bool exact = L.wk_b->dtype == DType::kF32 && L.wv_b->dtype == DType::kF32;
+  if (mla_form_ != MlaForm::kExpanded && !(mla_form_ == MlaForm::kAuto && exact)) return false;
+  const Segment& sg = segments_[si];
+  if (sg.n < kAttnBlock) return false;  // decode and short chunks
+  const double H = static_cast<double>(c_.n_head), Dn = static_cast<double>(c_.qk_nope()), Dr = static_cast<double>(c_.n_rot),
+               Dv = static_cast<double>(c_.n_embd_head_v), Kr = static_cast<double>(c_.n_lora_kv);
+  const auto cost = [](DType t) { return IsBlockType(t) ? 1.0 : 4.0; };
+  const double n = sg.n, n_keys = sg.cache->n_past() + sg.n, keys = sg.cache->n_past() + (sg.n + 1) / 2.0;
+  const double ck = IsBlockType(L.wk_b->dtype) && c_.n_lora_kv % kQK8_0 == 0 ? 1.0 : 4.0;  // MlaKbT's type
+  const double absorbed = n * H * Kr * (Dn * cost(L.wk_b->dtype) + Dv * cost(L.wv_b->dtype)) + 4 * n * H * keys * (2 * Kr + Dr);
+  const double expanded = n_keys * H * Kr * (Dn * ck + Dv * cost(L.wv_b->dtype)) + 4 * n * H * keys * (Dn + Dr + Dv);
+  // The expanded keys and values of a sequence live in scratch: past 1 GiB, stay absorbed.
+  const double bytes = n_keys * H * (Dn + Dr + Dv) * sizeof(float);
+  return expanded < absorbed && bytes <= 1024.0 * 1024 * 1024;
+}
+
+// attn_k_b {Dn, Kr, H} maps a head's q_nope into the latent space; the expanded keys need its
+// transpose, c W_kb,h: per head Dn rows of Kr. Built once per layer from the file's rows: f32
+// for float weights, q8_0 for quantized ones (re-quantized along Kr, in the CPU's tile layout
+// where it has one), so the keys run on the same kernels as every other product.
+const TensorView& Forward::MlaKbT(int il) {
+  if (mla_kbt_.empty()) mla_kbt_.resize(c_.n_layer);
+  KbT& kt = mla_kbt_[static_cast<size_t>(il)];
+  if (kt.built) return kt.view;
+  const TensorView* w = model_.layers[static_cast<size_t>(il)].wk_b;
+  if (w->layout != WeightLayout::kRows) w = model_.file().FindTensor(w->name);  // repacked: the file's rows
+  if (w == nullptr || w->layout != WeightLayout::kRows)
+    Fail("expanded MLA attention needs %s in the file's layout", model_.layers[static_cast<size_t>(il)].wk_b->name.c_str());
+  const int64_t Dn = w->ne[0], Kr = w->ne[1], H = w->ne[2];
+  const DType to = IsBlockType(w->dtype) && Kr % kQK8_0 == 0 ? DType::kQ8_0 : DType::kF32;
+  const size_t row = RowBytes(to, Kr), slab = row * static_cast<size_t>(Dn);
+  kt.bytes.resize(slab * static_cast<size_t>(H));
+  pool_.ParallelFor(H, 1, [&](int64_t b, int64_t e, int) {
+    std::vector<float> W(static_cast<size_t>(Kr * Dn)), col(static_cast<size_t>(Kr));
+    for (int64_t h = b; h < e; ++h) {
+      for (int64_t k = 0; k < Kr; ++k) kernels::DequantizeRow(w->dtype, w->Row(h * Kr + k), W.data() + k * Dn, Dn);
+      for (int64_t d = 0; d < Dn; ++d) {
+        for (int64_t k = 0; k < Kr; ++k) col[static_cast<size_t>(k)] = W[static_cast<size_t>(k * Dn + d)];
+        uint8_t* dst = kt.bytes.data() + static_cast<size_t>(h) * slab + static_cast<size_t>(d) * row;
+        if (to == DType::kF32) {
+          std::memcpy(dst, col.data(), row);
+        } else {
+          kernels::QuantizeRow(to, col.data(), dst, Kr);
+        }
+      }
+    }
+  });
+  kt.view.name = w->name + "^T";
+  kt.view.dtype = to;
+  kt.view.n_dims = 3;
+  kt.view.ne[0] = Kr;
+  kt.view.ne[1] = Dn;
+  kt.view.ne[2] = H;
+  kt.view.data = kt.bytes.data();
+  const WeightLayout layout = kernels::RepackLayout(to, Kr, Dn);
+  if (layout != WeightLayout::kRows) {
+    kt.tiles = HugePageBuffer(kt.bytes.size());
+    for (int64_t h = 0; h < H; ++h)
+      kernels::Repack(to, layout, kt.bytes.data() + static_cast<size_t>(h) * slab, kt.tiles.data() + static_cast<size_t>(h) * slab, Kr, Dn);
+    std::vector<uint8_t>().swap(kt.bytes);
+    kt.view.data = kt.tiles.data();
+    kt.view.layout = layout;
+  }
+  kt.built = true;
+  return kt.view;
+}
+
+// Expanded MLA for one sequence (segment si): its cached latent rows [c | k_pe] (this chunk's
+// included) widened once; every position's keys [c W_kb,h^T | k_pe] and values W_vb,h c
+// decompressed for all heads in one pass of the pool; then per head and block of queries two
+// GEMMs and a causal softmax, as MlaPlain does.
+void Forward::MlaExpanded(int il, int si) {
+  const LayerWeights& L = model_.layers[il];
+  const int64_t H = c_.n_head, Dk = c_.n_embd_head_k, Dn = c_.qk_nope(), Dr = c_.n_rot, Dv = c_.n_embd_head_v;
+  const int64_t Kr = c_.n_lora_kv, W = Kr + Dr;
+  const Segment& sg = segments_[si];
+  const KvCache& cache = *sg.cache;
+  const int first = cache.n_past();  // the chunk's rows are stored already
+  const int n_keys = first + sg.n;
+  const TensorView& kbt = MlaKbT(il);
+  const TensorView& vb = *L.wv_b;
+  // The latent rows as floats, and their first Kr values converted for both products.
+  const kernels::KvRows Cc = cache.KRows(il);
+  const size_t elem = cache.elem();
+  mla_rows_.resize(static_cast<size_t>(n_keys) * W);
+  const DType tk = kbt.dtype, tv = vb.dtype;
+  const size_t rbk = kernels::ActivationRowBytes(tk, Kr), rbv = kernels::ActivationRowBytes(tv, Kr);
+  mla_act_[0].resize(rbk * n_keys);
+  mla_act_[1].resize(rbv * n_keys);
+  ForEachRow(n_keys, [&](int j) {
+    float* r = F(mla_rows_, static_cast<size_t>(j) * W);
+    const auto* src = static_cast<const uint8_t*>(Cc.base) + static_cast<size_t>(Cc.Offset(j)) * elem;
+    if (cache.type() == DType::kF32) {
+      std::memcpy(r, src, W * sizeof(float));
+    } else {
+      kernels::DequantizeRow(cache.type(), src, r, W);
+    }
+    kernels::ConvertActivations(tk, r, mla_act_[0].data() + j * rbk, Kr);
+    kernels::ConvertActivations(tv, r, mla_act_[1].data() + j * rbv, Kr);
+  });
+  // Keys [n_keys][H][Dk] (the nope part per head, then the shared rotated part) and values
+  // [n_keys][H][Dv]: (head, row chunk) items of both products in one pass.
+  mla_keys_.resize(static_cast<size_t>(n_keys) * H * Dk);
+  mla_vals_.resize(static_cast<size_t>(n_keys) * H * Dv);
+  struct Item { int kind, h; int64_t r0, r1; };
+  std::vector<Item> items;
+  for (int kind = 0; kind < 2; ++kind) {
+    const int64_t rows = kind == 0 ? Dn : Dv;
+    const int64_t grain = RowGrain(rows, n_keys, pool_.size());
+    for (int h = 0; h < H; ++h)
+      for (int64_t r = 0; r < rows; r += grain) items.push_back({kind, h, r, std::min(rows, r + grain)});
+  }
+  pool_.ParallelFor(static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e, int) {
+    for (int64_t i = b; i < e; ++i) {
+      const Item& it = items[static_cast<size_t>(i)];
+      if (it.kind == 0) {
+        kernels::MatMul(tk, kbt.Slab(it.h), Kr, it.r0, it.r1, mla_act_[0].data(), rbk, n_keys,
+                        F(mla_keys_, static_cast<size_t>(it.h) * Dk + it.r0), H * Dk, kbt.layout);
+      } else {
+        kernels::MatMul(tv, vb.Slab(it.h), Kr, it.r0, it.r1, mla_act_[1].data(), rbv, n_keys,
+                        F(mla_vals_, static_cast<size_t>(it.h) * Dv + it.r0), H * Dv, vb.layout);
+      }
+    }
+  });
+  ForEachRow(n_keys, [&](int j) {  // every head's rotated key part: the cache's k_pe
+    for (int64_t h = 0; h < H; ++h)
+      std::memcpy(F(mla_keys_, (static_cast<size_t>(j) * H + h) * Dk + Dn), F(mla_rows_, static_cast<size_t>(j) * W + Kr),
+                  Dr * sizeof(float));
+  });
+  // Attention: (head, block of queries) items, each two GEMMs over the positions its last
+  // query sees.
+  attn_items_.clear();
+  for (int i = 0; i < sg.n; i += kAttnBlock)
+    for (int h = 0; h < H; ++h) attn_items_.push_back({si, sg.t0 + i, std::min(kAttnBlock, sg.n - i), h, true});
+  pool_.ParallelFor(static_cast<int64_t>(attn_items_.size()), 1, [&](int64_t b, int64_t e, int thread) {
+    float* S = scores_.data() + thread * scores_per_thread_;
+    for (int64_t item = b; item < e; ++item) {
+      const AttnItem& it = attn_items_[static_cast<size_t>(item)];
+      const int64_t h = it.head;
+      const int t0 = it.t, rows = it.rows, q0 = first + (it.t - sg.t0);  // the block's first position
+      const int n = q0 + rows;  // keys of the block's last query
+      kernels::Gemm(kernels::GemmOp::kNT, rows, n, static_cast<int>(Dk), F(q_, (t0 * H + h) * Dk), static_cast<int>(H * Dk),
+                    F(mla_keys_, h * Dk), static_cast<int>(H * Dk), S, n, false);
+      for (int i = 0; i < rows; ++i) {
+        float* s = S + static_cast<size_t>(i) * n;
+        const int n_kv = q0 + i + 1;
+        for (int j = 0; j < n_kv; ++j) s[j] *= kq_scale_;
+        kernels::Softmax(s, n_kv);
+        std::fill(s + n_kv, s + n, 0.0f);
+      }
+      kernels::Gemm(kernels::GemmOp::kNN, rows, static_cast<int>(Dv), n, S, n, F(mla_vals_, h * Dv), static_cast<int>(H * Dv),
+                    F(att_, (t0 * H + h) * Dv), static_cast<int>(H * Dv), false);
+    }
+  });
 }
 
 // Absorbed MLA (DeepSeek-V2's inference form, as llama.cpp runs it): head h's query against the
 // latent c is q_nope W_kb,h (Kr wide) next to its rotated part, so all heads attend to the one
 // shared cache row [c | k_pe] (MQA with head size Kr + Dr); the attention output, a mix of c, goes
 // through W_vb,h. Rows of the score GEMMs are (token, head) pairs, H per token.
-void Forward::MlaAbsorbed(int il, int T) {
+void Forward::MlaAbsorbed(int il, int r0, int r1) {
   const LayerWeights& L = model_.layers[il];
   const int64_t H = c_.n_head, Dk = c_.n_embd_head_k, Dn = c_.qk_nope(), Dr = c_.n_rot, Dv = c_.n_embd_head_v;
   const int64_t Kr = c_.n_lora_kv, W = Kr + Dr;
-  qabs_.resize(static_cast<size_t>(T * H * W));
-  lat_.resize(static_cast<size_t>(T * H * Kr));
-  att_.resize(static_cast<size_t>(T * H * Dv));
-  HeadLinears(*L.wk_b, q_.data(), H * Dk, Dk, T, qabs_.data(), H * W, W);  // q_nope -> latent space
-  for (int64_t g = 0; g < T * H; ++g) std::memcpy(F(qabs_, g * W + Kr), F(q_, g * Dk + Dn), Dr * sizeof(float));
+  const int T = r1 - r0;
+  qabs_.resize(static_cast<size_t>(r1 * H * W));
+  lat_.resize(static_cast<size_t>(r1 * H * Kr));
+  HeadLinears(*L.wk_b, F(q_, r0 * H * Dk), H * Dk, Dk, T, F(qabs_, r0 * H * W), H * W, W);  // q_nope -> latent space
+  for (int64_t g = r0 * H; g < r1 * H; ++g) std::memcpy(F(qabs_, g * W + Kr), F(q_, g * Dk + Dn), Dr * sizeof(float));
   // Blocks of (token, head) rows within one sequence (a row's results do not depend on its
   // block-mates), at most kAttnBlock per block. Fewer than kAttnBlock new tokens (decode): one
   // token's heads per item, split over the threads, through kernels::Attend (each latent row read
@@ -668,6 +858,7 @@ void Forward::MlaAbsorbed(int il, int T) {
   attn_items_.clear();
   for (int si = 0; si < static_cast<int>(segments_.size()); ++si) {
     const Segment& sg = segments_[si];
+    if (sg.t0 < r0 || sg.t0 >= r1) continue;
     if (sg.n < kAttnBlock) {
       const int64_t parts = std::min<int64_t>(H, (pool_.size() + sg.n - 1) / sg.n);
       const int per = static_cast<int>(std::min<int64_t>(kAttnBlock, (H + parts - 1) / parts));
@@ -711,7 +902,7 @@ void Forward::MlaAbsorbed(int il, int T) {
                     static_cast<int>(W), F(lat_, g0 * Kr), static_cast<int>(Kr), false);
     }
   });
-  HeadLinears(*L.wv_b, lat_.data(), H * Kr, Kr, T, att_.data(), H * Dv, Dv);  // latent -> values
+  HeadLinears(*L.wv_b, F(lat_, r0 * H * Kr), H * Kr, Kr, T, F(att_, r0 * H * Dv), H * Dv, Dv);  // latent -> values
 }
 
 // Plain MLA: per head, the keys [c W_kb,h^T | k_pe] and values c W_vb,h^T of every cached

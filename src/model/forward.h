@@ -133,11 +133,26 @@ class Forward {
       std::function<void(const TensorView& w, int matrix, const float* const* rows, int n)>;
   void SetInputObserver(InputObserver fn) { input_observer_ = std::move(fn); }
 
-  // deepseek2 only: attention in the "plain" form (each head's keys and values decompressed
-  // from the latent cache, then ordinary attention) instead of the absorbed one (the
-  // up-projections folded into the query and the output; the default). The two are the same
-  // function; tests compare them. Plain needs the weights in the file's layout (no repacking).
-  void SetMlaPlain(bool plain);
+  // deepseek2 only: how multi-head latent attention is computed. The forms are the same
+  // function; they differ in rounding, and tests compare them.
+  //   kAbsorbed: the up-projections folded into the query and the output, llama.cpp's form and
+  //     roundings (q_nope and the attention's latent mix are converted for the attn_k_b and
+  //     attn_v_b products as llama.cpp converts them): every head attends to the latent cache
+  //     rows, (Kr + Dr) + Kr multiply-adds per query and key (576 + 512 at DeepSeek-V2's sizes).
+  //   kExpanded: a long chunk (a prompt) of a sequence expands instead when that costs fewer
+  //     multiply-adds (MlaPrefersExpanded): every cached position's keys [c W_kb,h^T | k_pe] and
+  //     values W_vb,h c decompressed for all heads once per layer, then ordinary attention,
+  //     Dk + Dv multiply-adds per query and key (192 + 128); decode and short chunks stay
+  //     absorbed. With quantized attn_k_b / attn_v_b the products round differently from
+  //     llama.cpp's (the latent rows are converted instead of q_nope and the mix; attn_k_b is
+  //     transposed into q8_0): on the conformance models about as far from llama.cpp as the
+  //     exact f32 computation is (0.02-0.04 nats median, up to 0.1).
+  //   kAuto (the default): kExpanded where it computes llama.cpp's numbers up to float rounding
+  //     (f32 attn_k_b and attn_v_b, as `moe train` writes), else kAbsorbed.
+  //   kPlain: the reference: the expanded form with dequantized f32 weights, decompressed again
+  //     for every block of queries. Needs the weights in the file's layout (no repacking).
+  enum class MlaForm { kAuto, kAbsorbed, kExpanded, kPlain };
+  void SetMlaForm(MlaForm form);
 
   int n_past() const { return own_.n_past(); }
   int n_ctx() const { return n_ctx_; }
@@ -182,8 +197,16 @@ class Forward {
   // deepseek2's multi-head latent attention: q and the latent KV, the cache, attention (absorbed
   // or plain), the output projection into tmp_.
   void MlaAttention(int layer, int T);
-  void MlaAbsorbed(int layer, int T);
+  // Absorbed attention for the rows [r0, r1) of the chunk (whole segments).
+  void MlaAbsorbed(int layer, int r0, int r1);
   void MlaPlain(int layer, int T);
+  // Expanded attention for segment si (kExpanded above).
+  void MlaExpanded(int layer, int si);
+  // Whether segment si takes the expanded form: the form allows it for the layer's weights and
+  // it costs fewer multiply-adds than the absorbed one.
+  bool MlaPrefersExpanded(int layer, int si) const;
+  // attn_k_b transposed for the expanded keys: per head [Dn rows][Kr] (MlaKbT).
+  const TensorView& MlaKbT(int layer);
   // A dense SwiGLU FFN (deepseek2's leading blocks) into tmp_.
   void DenseFfn(int layer, int T);
   // tokens [T]: the chunk's token ids (hash routing).
@@ -221,8 +244,21 @@ class Forward {
   const float* RopeCos(int t) const { return rope_cos_.data() + static_cast<size_t>(t) * (c_.n_rot / 2); }
   const float* RopeSin(int t) const { return rope_sin_.data() + static_cast<size_t>(t) * (c_.n_rot / 2); }
   float kq_scale_ = 1.0f;       // scale of the attention scores
-  bool mla_plain_ = false;
+  MlaForm mla_form_ = MlaForm::kAuto;
   std::vector<std::vector<float>> mla_kb_, mla_vb_;  // plain MLA: f32 attn_k_b / attn_v_b per layer
+  // Expanded MLA: attn_k_b transposed per layer (built on first use), the widened latent rows,
+  // their activations and the decompressed keys and values of one sequence.
+  struct KbT {
+    std::vector<uint8_t> bytes;
+    HugePageBuffer tiles;
+    TensorView view;
+    bool built = false;
+  };
+  std::vector<KbT> mla_kbt_;
+  std::vector<float> mla_rows_;       // [n_keys][Kr + Dr]
+  std::vector<uint8_t> mla_act_[2];   // [n_keys] the latent parts, converted for attn_k_b^T / attn_v_b
+  std::vector<float> mla_keys_;       // [n_keys][H][Dk]
+  std::vector<float> mla_vals_;       // [n_keys][H][Dv]
 
   // Scratch for one chunk of up to n_batch tokens.
   std::vector<float> x_;        // [T][n_embd]  residual stream
@@ -264,5 +300,9 @@ class Forward {
   InputObserver input_observer_;
   std::vector<const float*> observed_rows_;  // row pointers handed to input_observer_
 };
+
+// The --mla value of run, bench, eval and serve ("auto", "absorbed" or "expanded"; anything
+// else throws moe::Error naming the flag).
+Forward::MlaForm ParseMlaForm(const std::string& s);
 
 }  // namespace moe

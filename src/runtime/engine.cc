@@ -26,6 +26,7 @@ using Clock = std::chrono::steady_clock;
 Engine::Engine(const Model& model, ThreadPool& pool, const EngineConfig& cfg)
     : model_(model), pool_(pool), cfg_(cfg), ctx_(ResolveEngineCtx(model.config(), cfg)),
       fwd_(model, pool, ctx_, cfg.parallel + cfg.chunk, cfg.kv_type) {
+  fwd_.SetMlaForm(cfg.mla);
   invariant_before_ = kernels::BatchInvariant();
   if (cfg.batch_invariant) kernels::SetBatchInvariant(true);
   const ModelConfig& c = model.config();

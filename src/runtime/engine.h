@@ -32,6 +32,7 @@ struct EngineConfig {
   int max_queue = 256; // waiting requests beyond the slots; more are refused
   bool batch_invariant = true;  // kernels::SetBatchInvariant (a single-stream run may skip it)
   DType kv_type = DType::kF32;  // the sequences' KV caches: kF32 or kF16 (KvCache)
+  Forward::MlaForm mla = Forward::MlaForm::kAuto;  // deepseek2's attention (Forward::SetMlaForm)
 };
 
 // One generated token as the client sees it.

@@ -55,9 +55,10 @@ int ContextSize(const ModelConfig& c, int ctx, int n_prompt, int n_predict,
 
 GenerateResult Generate(const Model& model, ThreadPool& pool, int n_ctx, const std::vector<int32_t>& prompt,
                         const GenerateOptions& o, const std::function<bool(int32_t, const std::string&)>& on_token,
-                        DType kv_type) {
+                        DType kv_type, Forward::MlaForm mla) {
   EngineConfig cfg;  // Engine::Submit validates the options
   cfg.kv_type = kv_type;
+  cfg.mla = mla;
   cfg.parallel = 1;
   cfg.ctx = n_ctx;
   cfg.chunk = 256;

@@ -51,6 +51,6 @@ struct GenerateResult {
 GenerateResult Generate(const Model& model, ThreadPool& pool, int n_ctx, const std::vector<int32_t>& prompt,
                         const GenerateOptions& o,
                         const std::function<bool(int32_t, const std::string&)>& on_token = nullptr,
-                        DType kv_type = DType::kF32);
+                        DType kv_type = DType::kF32, Forward::MlaForm mla = Forward::MlaForm::kAuto);
 
 }  // namespace moe

@@ -286,6 +286,19 @@ with tempfile.TemporaryDirectory() as d:
           info["kv_bytes_per_token"] == 2 * (info["hparams"]["kv_lora_rank"] + info["hparams"]["n_rot"]) * 4,
           str(info["kv_bytes_per_token"]))
     check("deepseek2 inspect: sigmoid gating", info["router"]["gating"] == "sigmoid", str(info["router"]))
+    # --mla: a 40-token prompt is one chunk long enough for the expanded form, which auto takes
+    # on this f32 file; all three give the same log-probs to float rounding.
+    ds_ids = ",".join(str((7 * i) % 50 + 1) for i in range(40))
+    tf = {}
+    for form in ("absorbed", "expanded", "auto"):
+        out = json.loads(run("run", "-m", os.path.join(d, "ds.gguf"), "--prompt-ids", ds_ids, "--teacher-forcing",
+                             "--json", "--top-logprobs", "3", "--mla", form).stdout)
+        tf[form] = [e["logprob"] for pos in out["teacher_logprobs"] for e in pos]
+    gap = max(abs(a - b) for a, b in zip(tf["absorbed"], tf["expanded"]))
+    check("--mla absorbed and expanded agree", len(tf["absorbed"]) == 120 and 0 < gap < 1e-4, str(gap))
+    check("--mla auto expands an f32 file's prompt", tf["auto"] == tf["expanded"])
+    expect_error("bad --mla", ["run", "-m", os.path.join(d, "ds.gguf"), "--prompt-ids", "1,2", "--mla", "latent"], 2,
+                 "--mla latent: use auto, absorbed or expanded")
     txt = os.path.join(d, "ds.txt")
     with open(txt, "w") as fh:
         fh.write("some training text\n" * 50)

@@ -98,11 +98,13 @@ CASES = [
          experts_used=1, heads=4, kv_heads=4, vocab=256, seed=403),
     # deepseek2: V2-style (softmax, plain attn_q, a leading dense block, 2 shared experts) and
     # V3-style (sigmoid + selection bias + 4 groups of which 2 compete, normalised and scaled
-    # weights, the q_lora bottleneck) multi-head latent attention.
-    case("deepseek2_v2", "exact", arch="deepseek2", layers=3, dim=128, ffn=64, experts=8,
+    # weights, the q_lora bottleneck) multi-head latent attention. Their third prompts are long
+    # enough for moe.cpp's expanded form (a chunk of 32 or more tokens over f32 attn_k_b /
+    # attn_v_b; Forward::MlaForm), which decode then continues in the absorbed one.
+    case("deepseek2_v2", "exact", prompts=(1, 8, 72), arch="deepseek2", layers=3, dim=128, ffn=64, experts=8,
          experts_used=2, heads=4, qk_nope=32, qk_rope=16, v_head_dim=32, kv_lora_rank=64,
          leading_dense=1, shared_experts=2, vocab=512, seed=601),
-    case("deepseek2_v3", "exact", arch="deepseek2", layers=3, dim=96, ffn=48, experts=8,
+    case("deepseek2_v3", "exact", prompts=(1, 8, 48), arch="deepseek2", layers=3, dim=96, ffn=48, experts=8,
          experts_used=3, heads=6, qk_nope=16, qk_rope=8, v_head_dim=24, kv_lora_rank=40,
          q_lora_rank=48, leading_dense=1, shared_experts=1, gating="sigmoid", weights_norm=True,
          n_group=4, topk_group=2, weights_scale=2.5, vocab=384, seed=602),

@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <random>
 #include <string>
+#include <tuple>
 
 #include "kernels/kernels.h"
 #include "model/init.h"
@@ -32,7 +33,8 @@ std::string MakeModel(Arch arch, DType type, const std::string& name, uint32_t d
 
 // A deepseek2 model: 3 blocks (the first dense), MLA with qk_nope 32, qk_rope 16, v 32, kv_lora
 // 64, optionally the q_lora bottleneck, the legacy attn_kv_b layout or V3 routing.
-std::string MakeDeepseek(const std::string& name, DType type, uint32_t q_lora, bool legacy, bool v3 = false) {
+std::string MakeDeepseek(const std::string& name, DType type, uint32_t q_lora, bool legacy, bool v3 = false,
+                         const std::function<void(InitOptions&)>& tweak = nullptr) {
   InitOptions o;
   ModelConfig& c = o.config;
   c.arch = Arch::kDeepseek2;
@@ -61,6 +63,7 @@ std::string MakeDeepseek(const std::string& name, DType type, uint32_t q_lora, b
   c.n_ctx_train = 128;
   o.type = type;
   o.seed = 43;
+  if (tweak) tweak(o);
   const std::string path = TestDir("forward") + "/" + name + ".gguf";
   InitRandomModel(o, path);
   return path;
@@ -148,45 +151,82 @@ TEST(Forward, F16CacheIsCloseToF32) {
   EXPECT_EQ(ParseCacheType("f16"), DType::kF16);
 }
 
-// MLA's absorbed form (the up-projections folded into query and output, the default) against
-// the plain one (every head's keys and values decompressed from the latent cache): the same
-// logits up to float summation order, batched and token by token, for the split and the legacy
-// layout, with and without the q_lora bottleneck.
-void CheckAbsorbedEqualsPlain(const std::string& path, double tol, DType kv = DType::kF32) {
+// MLA's forms (Forward::MlaForm) are the same function: their logits over a 40-token prefill
+// (one chunk: the expanded form where the form allows it) and 5 decode steps (absorbed, except
+// kPlain) agree up to rounding. Runs the model (repacked if asked) under `form`.
+std::vector<float> MlaLogits(const std::string& path, Forward::MlaForm form, DType kv, bool repack = false) {
   auto model = Model::Load(path);
+  ThreadPool pool(2);
+  if (repack) model->RepackForInference(pool);
   const int V = static_cast<int>(model->config().n_vocab);
   std::mt19937 rng(2);
   std::vector<int32_t> toks(45);
   for (auto& t : toks) t = static_cast<int32_t>(rng() % V);
-  ThreadPool pool(2);
-  Forward absorbed(*model, pool, 128, 40, kv), plain(*model, pool, 128, 40, kv);
-  plain.SetMlaPlain(true);
-  std::vector<float> a, b;
-  absorbed.Eval(toks.data(), 40, true, &a);  // 40 tokens: batched blocks of 32 and 8
-  plain.Eval(toks.data(), 40, true, &b);
-  ASSERT_LE(MaxAbsDiff(a.data(), b.data(), a.size()), tol) << path << " prefill";
-  for (int i = 40; i < 45; ++i) {  // then decode
-    absorbed.Eval(&toks[i], 1, false, &a);
-    plain.Eval(&toks[i], 1, false, &b);
-    ASSERT_LE(MaxAbsDiff(a.data(), b.data(), V), tol) << path << " decode position " << i;
+  Forward f(*model, pool, 128, 40, kv);
+  f.SetMlaForm(form);
+  std::vector<float> all, step;
+  f.Eval(toks.data(), 40, true, &all);
+  for (int i = 40; i < 45; ++i) {
+    f.Eval(&toks[i], 1, false, &step);
+    all.insert(all.end(), step.begin(), step.end());
   }
-  // The two forms must be distinguishable from a wrong one: the logits move with the tokens.
-  std::vector<float> other;
-  Forward fresh(*model, pool, 128);
-  int32_t tok = (toks[0] + 1) % V;
-  fresh.Eval(&tok, 1, false, &other);
-  EXPECT_GT(MaxAbsDiff(a.data(), other.data(), V), 100 * tol);
+  return all;
 }
 
-TEST(Forward, MlaAbsorbedEqualsPlain) {
-  CheckAbsorbedEqualsPlain(MakeDeepseek("mla_split", DType::kF32, 0, false), 2e-4);
-  CheckAbsorbedEqualsPlain(MakeDeepseek("mla_split_qlora", DType::kF32, 48, false, true), 2e-4);
-  CheckAbsorbedEqualsPlain(MakeDeepseek("mla_legacy", DType::kF32, 0, true), 2e-4);
-  // Both forms read an F16 latent cache through the same widened values.
-  CheckAbsorbedEqualsPlain(MakeDeepseek("mla_split_qlora", DType::kF32, 48, false, true), 1e-3, DType::kF16);
-  // (Quantized files are not compared here: the absorbed form quantizes q_nope and the latent
-  // mix as llama.cpp does, the plain one multiplies dequantized weights in f32; conformance
-  // holds the absorbed form to llama.cpp instead.)
+void ExpectMlaFormsClose(const std::string& path, Forward::MlaForm a, Forward::MlaForm b, double tol,
+                         DType kv = DType::kF32, bool repack_b = false) {
+  const std::vector<float> x = MlaLogits(path, a, kv), y = MlaLogits(path, b, kv, repack_b);
+  ASSERT_EQ(x.size(), y.size());
+  EXPECT_LE(MaxAbsDiff(x.data(), y.data(), x.size()), tol) << path << " forms " << static_cast<int>(a) << " and "
+                                                           << static_cast<int>(b);
+}
+
+TEST(Forward, MlaFormsAgree) {
+  using M = Forward::MlaForm;
+  for (const auto& [path, kv, tol] : {std::tuple{MakeDeepseek("mla_split", DType::kF32, 0, false), DType::kF32, 2e-4},
+                                      std::tuple{MakeDeepseek("mla_split_qlora", DType::kF32, 48, false, true), DType::kF32, 2e-4},
+                                      std::tuple{MakeDeepseek("mla_legacy", DType::kF32, 0, true), DType::kF32, 2e-4},
+                                      // both read an F16 latent cache through the same widened values
+                                      std::tuple{MakeDeepseek("mla_split_qlora", DType::kF32, 48, false, true), DType::kF16, 1e-3}}) {
+    ExpectMlaFormsClose(path, M::kAbsorbed, M::kPlain, tol, kv);
+    ExpectMlaFormsClose(path, M::kExpanded, M::kPlain, tol, kv);
+    // f32 attn_k_b / attn_v_b: the default expands the prompt (rounding apart from absorbed's)
+    const std::vector<float> automatic = MlaLogits(path, M::kAuto, kv), expanded = MlaLogits(path, M::kExpanded, kv),
+                             absorbed = MlaLogits(path, M::kAbsorbed, kv);
+    EXPECT_EQ(MaxAbsDiff(automatic.data(), expanded.data(), automatic.size()), 0.0) << path;
+    EXPECT_GT(MaxAbsDiff(automatic.data(), absorbed.data(), automatic.size()), 0.0) << path;
+    // The forms must be distinguishable from a wrong one: the logits move with the tokens.
+    auto model = Model::Load(path);
+    ThreadPool pool(2);
+    Forward fresh(*model, pool, 128);
+    std::vector<float> other;
+    int32_t tok = 7;
+    fresh.Eval(&tok, 1, false, &other);
+    EXPECT_GT(MaxAbsDiff(other.data(), absorbed.data(), other.size()), 100 * tol) << path;
+  }
+  // Quantized attn_k_b / attn_v_b: the default keeps llama.cpp's absorbed form and roundings
+  // (conformance holds it to llama.cpp); expanded on request (its attn_k_b transposed into
+  // q8_0) agrees with the f32 reference to the roundings of the q8 conversions, as absorbed
+  // does, on the file's layout and on the tiles the weights are repacked into (the transposed
+  // attn_k_b then comes from the file). One expert per block: a rounding never flips a routing
+  // choice, which in a random model moves the logits by whole units.
+  const std::string q8 = MakeDeepseek("mla_q8_0", DType::kQ8_0, 64, false, false, [](InitOptions& o) {
+    o.qk_nope = 64;  // attn_k_b rows of 64: repacked into tiles
+    o.config.n_expert = 1;
+    o.config.n_expert_used = 1;
+    o.config.n_expert_shared = 1;
+  });
+  const std::vector<float> automatic = MlaLogits(q8, M::kAuto, DType::kF32), absorbed = MlaLogits(q8, M::kAbsorbed, DType::kF32),
+                           expanded = MlaLogits(q8, M::kExpanded, DType::kF32), plain = MlaLogits(q8, M::kPlain, DType::kF32);
+  EXPECT_EQ(MaxAbsDiff(automatic.data(), absorbed.data(), automatic.size()), 0.0);
+  EXPECT_GT(MaxAbsDiff(expanded.data(), absorbed.data(), automatic.size()), 0.0);
+  // Both quantized forms sit about 0.08 from the f32 reference on this model (logits up to 4.5);
+  // a wrong key or value would move them by units.
+  EXPECT_LE(MaxAbsDiff(absorbed.data(), plain.data(), plain.size()), 0.25);
+  EXPECT_LE(MaxAbsDiff(expanded.data(), plain.data(), plain.size()), 0.25);
+  // As CheckRepackedEqualsPlain: the tiles agree to float summation order, which can flip an
+  // activation quant on a rounding boundary (here 0.03-0.06).
+  ExpectMlaFormsClose(q8, M::kExpanded, M::kExpanded, 0.1, DType::kF32, /*repack_b=*/true);
 }
 
 // The latent cache is what MLA is for: kv_lora + qk_rope floats per position and layer.

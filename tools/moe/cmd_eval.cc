@@ -34,6 +34,7 @@ Runner AddEval(CLI::App& app) {
     bool json = false;
     std::vector<std::string> unigram_from;
     std::string kl_from;
+    std::string mla;  // AddMlaOption sets its default
   };
   auto o = std::make_shared<Options>();
   app.add_option("-m,--model", o->model, "GGUF model file")->required();
@@ -42,6 +43,7 @@ Runner AddEval(CLI::App& app) {
   app.add_option("-t,--threads", o->threads, "threads (default: all CPUs)")->default_val(0);
   app.add_option("--chunks", o->max_chunks, "evaluate at most this many chunks (0 = all)")->default_val(0);
   app.add_flag("--json", o->json, "print one JSON object: tokens, loss, perplexity");
+  AddMlaOption(app, o->mla);
   app.add_option("--unigram-from", o->unigram_from,
                  "also score a unigram baseline estimated on this text (token frequencies, add-one smoothing)");
   app.add_option("--kl-from", o->kl_from,
@@ -51,6 +53,7 @@ Runner AddEval(CLI::App& app) {
     if (o->seq < 3) Fail("--seq must be >= 3 (got %d): positions seq/2 .. seq-2 are scored", o->seq);
     CheckThreadCount(o->threads);
     if (o->max_chunks < 0) Fail("--chunks must be >= 0");
+    const Forward::MlaForm mla = ParseMlaForm(o->mla);
     auto model = Model::Load(o->model);
     const ModelConfig& c = model->config();
     const Tokenizer& tok = model->tokenizer();
@@ -73,6 +76,7 @@ Runner AddEval(CLI::App& app) {
     ThreadPool pool(o->threads);
     model->RepackForInference(pool);
     Forward fwd(*model, pool, L, std::min(L, 512));
+    fwd.SetMlaForm(mla);
     std::unique_ptr<Model> base;
     std::unique_ptr<Forward> base_fwd;
     if (!o->kl_from.empty()) {

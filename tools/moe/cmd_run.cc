@@ -73,6 +73,7 @@ struct RunOptions {
   int top_logprobs = 0;
   bool teacher_forcing = false;
   std::string cache_type;  // AddCacheTypeOption sets its default
+  std::string mla;         // AddMlaOption sets its default
 };
 
 int DoRun(const RunOptions& o) {
@@ -86,6 +87,7 @@ int DoRun(const RunOptions& o) {
   g.top_logprobs = o.top_logprobs;
   ValidateGenerateOptions(g, static_cast<int>(c.n_vocab));  // before the prompt is read
   const DType kv_type = ParseCacheType(o.cache_type);
+  const Forward::MlaForm mla = ParseMlaForm(o.mla);
   std::vector<int32_t> prompt;
   if (!o.prompt_ids.empty()) {
     prompt = ParseIds(o.prompt_ids);
@@ -104,6 +106,7 @@ int DoRun(const RunOptions& o) {
 
   if (o.teacher_forcing) {
     Forward fwd(*model, pool, n_ctx, 256, kv_type);
+    fwd.SetMlaForm(mla);
     std::vector<float> logits;
     const auto t0 = Clock::now();
     fwd.Eval(prompt.data(), static_cast<int>(prompt.size()), /*all_logits=*/true, &logits);
@@ -130,7 +133,7 @@ int DoRun(const RunOptions& o) {
     }
     ++shown;
     return true;
-  }, kv_type);
+  }, kv_type, mla);
   const size_t n_gen = r.tokens.size();
   const int n_decoded = n_gen > 1 ? static_cast<int>(n_gen) - 1 : 0;
   if (!o.json) {
@@ -172,6 +175,7 @@ Runner AddRun(CLI::App& app) {
   app.add_option("-t,--threads", o->threads, "threads (default: all CPUs)")->default_val(0);
   app.add_option("-c,--ctx", o->ctx, "KV cache size in tokens (default prompt + n)")->default_val(0);
   AddCacheTypeOption(app, o->cache_type);
+  AddMlaOption(app, o->mla);
   app.add_flag("--ignore-eos", o->ignore_eos, "keep generating after an end-of-generation token");
   app.add_flag("--json", o->json, "print one JSON object with tokens, log-probs and speeds");
   app.add_option("--top-logprobs", o->top_logprobs, "report the N most likely tokens per position")->default_val(0);
@@ -191,6 +195,7 @@ Runner AddBench(CLI::App& app) {
     uint64_t seed = 1;
     bool json = false;
     std::string cache_type;  // AddCacheTypeOption sets its default
+    std::string mla;         // AddMlaOption sets its default
   };
   auto o = std::make_shared<BenchOptions>();
   app.add_option("-m,--model", o->model, "GGUF model file")->required();
@@ -204,10 +209,12 @@ Runner AddBench(CLI::App& app) {
                  "batches streams); decode tok/s counts all of them")
       ->default_val(1);
   AddCacheTypeOption(app, o->cache_type);
+  AddMlaOption(app, o->mla);
   app.add_flag("--json", o->json, "print one JSON object");
   return [=]() {
     if (o->n_prompt < 1 || o->n_gen < 1 || o->reps < 1) Fail("-p, -n and -r must be >= 1");
     const DType kv_type = ParseCacheType(o->cache_type);
+    const Forward::MlaForm mla = ParseMlaForm(o->mla);
     if (o->sequences < 1 || o->sequences > 256) Fail("--sequences must be in 1..256 (got %d)", o->sequences);
     auto model = Model::Load(o->model);
     const int V = static_cast<int>(model->config().n_vocab);
@@ -224,6 +231,7 @@ Runner AddBench(CLI::App& app) {
     ThreadPool pool(o->threads);
     model->RepackForInference(pool);
     Forward fwd(*model, pool, ctx, 256, kv_type);
+    fwd.SetMlaForm(mla);
     // Random tokens, never one repeated token: a repeated token always hits the same experts.
     std::mt19937_64 rng(o->seed);
     std::uniform_int_distribution<int> tok(0, V - 1);

@@ -18,6 +18,7 @@ Runner AddServe(CLI::App& app) {
     int threads = 0;
     size_t max_body_kib = 1024;
     std::string cache_type;  // AddCacheTypeOption sets its default
+    std::string mla;         // AddMlaOption sets its default
   };
   auto o = std::make_shared<Options>();
   ServerConfig& s = o->server;
@@ -28,6 +29,7 @@ Runner AddServe(CLI::App& app) {
   app.add_option("--ctx-size", s.engine.ctx, "KV cache positions per sequence (0: the model's context, at most 4096)")
       ->default_val(0);
   AddCacheTypeOption(app, o->cache_type);
+  AddMlaOption(app, o->mla);
   app.add_option("--chunk", s.engine.chunk, "prompt tokens per step of a prefilling request")->default_val(64);
   app.add_option("--queue", s.engine.max_queue, "requests that may wait for a slot; more get 503")->default_val(256);
   app.add_option("--api-key", s.api_key, "require \"Authorization: Bearer KEY\"");
@@ -40,6 +42,7 @@ Runner AddServe(CLI::App& app) {
     if (o->max_body_kib < 1 || o->max_body_kib > (1u << 20)) Fail("--max-body-kib must be in 1..1048576");
     o->server.max_body = o->max_body_kib * 1024;
     o->server.engine.kv_type = ParseCacheType(o->cache_type);
+    o->server.engine.mla = ParseMlaForm(o->mla);
     auto model = Model::Load(o->model);
     ThreadPool pool(o->threads);
     model->RepackForInference(pool);

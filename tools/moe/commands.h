@@ -29,6 +29,16 @@ inline void AddCacheTypeOption(CLI::App& app, std::string& cache_type) {
       ->default_val("f16");
 }
 
+// --mla of run, bench, eval and serve: how deepseek2's latent attention runs prompts
+// (Forward::MlaForm; other architectures ignore it).
+inline void AddMlaOption(CLI::App& app, std::string& mla) {
+  app.add_option("--mla", mla,
+                 "deepseek2 attention: absorbed (llama.cpp's form and roundings), expanded (long prompt "
+                 "chunks decompress keys and values per head: fewer multiply-adds, other roundings), or auto "
+                 "(expanded where that rounds as llama.cpp does: f32 attn_k_b/attn_v_b)")
+      ->default_val("auto");
+}
+
 Runner AddInit(CLI::App& app);
 Runner AddInspect(CLI::App& app);
 Runner AddRun(CLI::App& app);
