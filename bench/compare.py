@@ -73,6 +73,9 @@ def main():
                     help="llama.cpp with flash attention on, off, or both as separate candidates (default)")
     ap.add_argument("--cache-type", choices=("f32", "f16"), default="f16",
                     help="KV cache of both engines (f16: llama.cpp's default)")
+    ap.add_argument("--mla", choices=("auto", "absorbed", "expanded"), default="auto",
+                    help="moe bench --mla: deepseek2's attention form for the prompt (auto: llama.cpp's absorbed "
+                         "form on quantized attn_k_b/attn_v_b; expanded: fewer multiply-adds, other roundings)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "RESULTS.md"))
     a = ap.parse_args()
     shape_args, shape_text = SHAPES[a.shape]
@@ -114,7 +117,7 @@ def main():
             res[label(c)] = {"pp": [], "tg": []}
         for r in range(a.rounds):
             m = benchutil.run_json([a.moe, "bench", "-m", path, "-p", str(a.p), "-n", str(a.n), "-t", str(a.t),
-                          "--seed", str(100 + r), "--cache-type", a.cache_type, "--json"], "moe bench")
+                          "--seed", str(100 + r), "--cache-type", a.cache_type, "--mla", a.mla, "--json"], "moe bench")
             res["moe"]["pp"].append(m["prefill_tokens_per_s"])
             res["moe"]["tg"].append(m["decode_tokens_per_s"])
             res["moe"]["rss"].append(m["peak_rss_bytes"])
@@ -123,7 +126,7 @@ def main():
             if a.pinning:
                 u = benchutil.run_json(["env", "MOE_NO_PIN=1", a.moe, "bench", "-m", path, "-p", str(a.p),
                                         "-n", str(a.n), "-t", str(a.t), "--seed", str(100 + r),
-                                        "--cache-type", a.cache_type, "--json"],
+                                        "--cache-type", a.cache_type, "--mla", a.mla, "--json"],
                                        "moe bench (unpinned)")
                 res["unpinned"]["pp"].append(u["prefill_tokens_per_s"])
                 res["unpinned"]["tg"].append(u["decode_tokens_per_s"])
@@ -163,12 +166,14 @@ def main():
            + (" --pinning" if a.pinning else "") + (f" --llama-threads {a.llama_threads}" if a.llama_threads else "")
            + (f" --llama-pin {a.llama_pin}" if a.llama_pin != "both" else "")
            + (f" --llama-flash {a.llama_flash}" if a.llama_flash != "both" else "")
-           + (f" --cache-type {a.cache_type}" if a.cache_type != "f16" else ""))
+           + (f" --cache-type {a.cache_type}" if a.cache_type != "f16" else "")
+           + (f" --mla {a.mla}" if a.mla != "auto" else ""))
     lines = [f"## End-to-end: moe.cpp vs llama.cpp ({date})", "",
              f"Machine: {cpu_name()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}. "
              f"Command: `{cmd}`. The {shape_text}; "
              f"q8_0 and q4_0 written by `moe init`, the others by `moe quantize` from the q8_0 "
-             f"file (upper-case names are llama.cpp mixes, lower-case ones `--pure`), random tokens, moe.cpp on {a.t} threads, medians of {a.rounds} alternating rounds. "
+             f"file (upper-case names are llama.cpp mixes, lower-case ones `--pure`), random tokens, moe.cpp on {a.t} threads"
+             + (f" with `--mla {a.mla}`" if a.mla != "auto" else "") + f", medians of {a.rounds} alternating rounds. "
              f"llama.cpp = node-llama-cpp 3.21.1 prebuilt CPU build with an {a.cache_type.upper()} KV cache (moe.cpp's cache is {a.cache_type.upper()} too), "
              f"run every round at {' and '.join(str(x) for x in llama_threads)} thread(s)"
              + {"both": ", each with its threads pinned to CPUs and not", "on": ", its threads pinned to CPUs",
