@@ -34,6 +34,28 @@ float* F(std::vector<float>& v, size_t i) { return v.data() + i; }
 // Block-quantized weights: their products run on the integer kernels (f32, f16, bf16 in float).
 bool IsBlockType(DType t) { return Traits(t).block_size > 1; }
 
+// One query's row of n scores in batched attention: the first n_kv (the positions it sees)
+// scaled and turned into probabilities, the rest zeroed so the value GEMM adds nothing for them.
+void CausalSoftmaxRow(float* s, int n_kv, int n, float scale) {
+  for (int j = 0; j < n_kv; ++j) s[j] *= scale;
+  kernels::Softmax(s, n_kv);
+  std::fill(s + n_kv, s + n, 0.0f);
+}
+
+// Batched causal attention of `rows` queries at positions first .. first + rows - 1 (query i at
+// q + i q_stride, Dk floats) over positions 0 .. first + rows - 1 (key j at K + j k_stride, Dk
+// floats; value j at V + j v_stride, Dv floats): the score GEMM, each row's causal softmax, the
+// value GEMM into out (row i at out + i out_stride). S: rows x (first + rows) floats of scratch.
+void CausalAttentionGemm(const float* q, int64_t q_stride, const float* K, int64_t k_stride, const float* V,
+                         int64_t v_stride, int64_t Dk, int64_t Dv, int first, int rows, float scale, float* S,
+                         float* out, int64_t out_stride) {
+  const int n = first + rows;
+  const auto i32 = [](int64_t v) { return static_cast<int>(v); };
+  kernels::Gemm(kernels::GemmOp::kNT, rows, n, i32(Dk), q, i32(q_stride), K, i32(k_stride), S, n, false);
+  for (int i = 0; i < rows; ++i) CausalSoftmaxRow(S + static_cast<size_t>(i) * n, first + i + 1, n, scale);
+  kernels::Gemm(kernels::GemmOp::kNN, rows, i32(Dv), n, S, n, V, i32(v_stride), out, i32(out_stride), false);
+}
+
 // Queries per block of batched (prefill) attention; fewer queries take the per-token path.
 constexpr int kAttnBlock = 32;
 
@@ -566,15 +588,7 @@ void Forward::Attention(int il, int T) {
       const int n_keys = first + it.rows;  // the last query's keys
       const float* K = CacheRowsF32(cache, Kc, n_keys, thread, 0);
       const float* V = CacheRowsF32(cache, Vc, n_keys, thread, static_cast<size_t>(n_keys) * D);
-      kernels::Gemm(kernels::GemmOp::kNT, it.rows, n_keys, D, q, static_cast<int>(nq), K, D, S, n_keys, false);
-      for (int i = 0; i < it.rows; ++i) {
-        float* s = S + static_cast<size_t>(i) * n_keys;
-        const int n_kv = first + i + 1;
-        for (int j = 0; j < n_kv; ++j) s[j] *= scale;
-        kernels::Softmax(s, n_kv);
-        std::fill(s + n_kv, s + n_keys, 0.0f);
-      }
-      kernels::Gemm(kernels::GemmOp::kNN, it.rows, D, n_keys, S, n_keys, V, D, out, static_cast<int>(nq), false);
+      CausalAttentionGemm(q, nq, K, D, V, D, D, D, first, it.rows, scale, S, out, nq);
     }
   });
   Linear(*L.wo, att_.data(), T, tmp_.data());  // [T][n_embd]
@@ -821,18 +835,8 @@ void Forward::MlaExpanded(int il, int si) {
       const AttnItem& it = attn_items_[static_cast<size_t>(item)];
       const int64_t h = it.head;
       const int t0 = it.t, rows = it.rows, q0 = first + (it.t - sg.t0);  // the block's first position
-      const int n = q0 + rows;  // keys of the block's last query
-      kernels::Gemm(kernels::GemmOp::kNT, rows, n, static_cast<int>(Dk), F(q_, (t0 * H + h) * Dk), static_cast<int>(H * Dk),
-                    F(mla_keys_, h * Dk), static_cast<int>(H * Dk), S, n, false);
-      for (int i = 0; i < rows; ++i) {
-        float* s = S + static_cast<size_t>(i) * n;
-        const int n_kv = q0 + i + 1;
-        for (int j = 0; j < n_kv; ++j) s[j] *= kq_scale_;
-        kernels::Softmax(s, n_kv);
-        std::fill(s + n_kv, s + n, 0.0f);
-      }
-      kernels::Gemm(kernels::GemmOp::kNN, rows, static_cast<int>(Dv), n, S, n, F(mla_vals_, h * Dv), static_cast<int>(H * Dv),
-                    F(att_, (t0 * H + h) * Dv), static_cast<int>(H * Dv), false);
+      CausalAttentionGemm(F(q_, (t0 * H + h) * Dk), H * Dk, F(mla_keys_, h * Dk), H * Dk, F(mla_vals_, h * Dv), H * Dv, Dk,
+                          Dv, q0, rows, kq_scale_, S, F(att_, (t0 * H + h) * Dv), H * Dv);
     }
   });
 }
@@ -891,13 +895,8 @@ void Forward::MlaAbsorbed(int il, int r0, int r1) {
       const float* C = CacheRowsF32(cache, Cc, n_keys, thread, 0);
       kernels::Gemm(kernels::GemmOp::kNT, static_cast<int>(rows), n_keys, static_cast<int>(W), F(qabs_, g0 * W),
                     static_cast<int>(W), C, static_cast<int>(W), S, n_keys, false);
-      for (int64_t i = 0; i < rows; ++i) {
-        float* s = S + i * n_keys;
-        const int n_kv = base + static_cast<int>((g0 + i) / H) + 1;
-        for (int j = 0; j < n_kv; ++j) s[j] *= kq_scale_;
-        kernels::Softmax(s, n_kv);
-        std::fill(s + n_kv, s + n_keys, 0.0f);
-      }
+      for (int64_t i = 0; i < rows; ++i)
+        CausalSoftmaxRow(S + i * n_keys, base + static_cast<int>((g0 + i) / H) + 1, n_keys, kq_scale_);
       kernels::Gemm(kernels::GemmOp::kNN, static_cast<int>(rows), static_cast<int>(Kr), n_keys, S, n_keys, C,
                     static_cast<int>(W), F(lat_, g0 * Kr), static_cast<int>(Kr), false);
     }
@@ -938,17 +937,8 @@ void Forward::MlaPlain(int il, int T) {
       for (int j = 0; j < n_keys; ++j) std::memcpy(Kp + j * Dk + Dn, C + j * W + Kr, Dr * sizeof(float));
       kernels::Gemm(kernels::GemmOp::kNT, n_keys, static_cast<int>(Dv), static_cast<int>(Kr), C, static_cast<int>(W),
                     vb, static_cast<int>(Kr), Vp, static_cast<int>(Dv), false);
-      kernels::Gemm(kernels::GemmOp::kNT, rows, n_keys, static_cast<int>(Dk), F(q_, (t0 * H + h) * Dk),
-                    static_cast<int>(H * Dk), Kp, static_cast<int>(Dk), S, n_keys, false);
-      for (int i = 0; i < rows; ++i) {
-        float* s = S + static_cast<size_t>(i) * n_keys;
-        const int n_kv = first + i + 1;
-        for (int j = 0; j < n_kv; ++j) s[j] *= kq_scale_;
-        kernels::Softmax(s, n_kv);
-        std::fill(s + n_kv, s + n_keys, 0.0f);
-      }
-      kernels::Gemm(kernels::GemmOp::kNN, rows, static_cast<int>(Dv), n_keys, S, n_keys, Vp, static_cast<int>(Dv),
-                    F(att_, (t0 * H + h) * Dv), static_cast<int>(H * Dv), false);
+      CausalAttentionGemm(F(q_, (t0 * H + h) * Dk), H * Dk, Kp, Dk, Vp, Dv, Dk, Dv, first, rows, kq_scale_, S,
+                          F(att_, (t0 * H + h) * Dv), H * Dv);
     }
   });
 }
