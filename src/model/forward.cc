@@ -697,6 +697,9 @@ bool Forward::MlaPrefersExpanded(int il, int si) const {
   const LayerWeights& L = model_.layers[il];
   const bool exact = L.wk_b->dtype == DType::kF32 && L.wv_b->dtype == DType::kF32;
   if (mla_form_ != MlaForm::kExpanded && !(mla_form_ == MlaForm::kAuto && exact)) return false;
+  // Importance statistics record what attn_k_b and attn_v_b multiply in llama.cpp's absorbed
+  // graph (q_nope, the latent mix), which the expanded form never forms.
+  if (input_observer_) return false;
   const Segment& sg = segments_[si];
   if (sg.n < kAttnBlock) return false;  // decode and short chunks
   const double H = static_cast<double>(c_.n_head), Dn = static_cast<double>(c_.qk_nope()), Dr = static_cast<double>(c_.n_rot),

@@ -149,6 +149,8 @@ class Forward {
   //     exact f32 computation is (0.02-0.04 nats median, up to 0.1).
   //   kAuto (the default): kExpanded where it computes llama.cpp's numbers up to float rounding
   //     (f32 attn_k_b and attn_v_b, as `moe train` writes), else kAbsorbed.
+  //   With an input observer (importance statistics) every form but kPlain runs absorbed: the
+  //   statistics are of the inputs llama.cpp's graph gives attn_k_b and attn_v_b.
   //   kPlain: the reference: the expanded form with dequantized f32 weights, decompressed again
   //     for every block of queries. Needs the weights in the file's layout (no repacking).
   enum class MlaForm { kAuto, kAbsorbed, kExpanded, kPlain };
@@ -194,8 +196,8 @@ class Forward {
   int RowPos(int t) const;
   KvCache* RowCache(int t) const;
   void Attention(int layer, int T);
-  // deepseek2's multi-head latent attention: q and the latent KV, the cache, attention (absorbed
-  // or plain), the output projection into tmp_.
+  // deepseek2's multi-head latent attention: q and the latent KV, the cache, attention (each
+  // sequence absorbed or expanded, or all plain: MlaForm), the output projection into tmp_.
   void MlaAttention(int layer, int T);
   // Absorbed attention for the rows [r0, r1) of the chunk (whole segments).
   void MlaAbsorbed(int layer, int r0, int r1);

@@ -78,6 +78,30 @@ TEST(Imatrix, GathersTheInputsOfEveryMatrix) {
   }
 }
 
+// deepseek2: attn_k_b and attn_v_b see what llama.cpp's absorbed graph gives them (each head's
+// q_nope, each head's latent mix: one row per token and head) even where the forward pass would
+// run a prompt chunk expanded (f32 weights, chunks of 40 tokens).
+TEST(Imatrix, DeepseekLatentProductsAreObservedAbsorbed) {
+  InitOptions o = TestModelOptions(Arch::kDeepseek2, DType::kF32, 2, 64, 32, 2, 0, 9);
+  o.qk_nope = 16;
+  o.config.n_rot = 8;
+  o.config.n_embd_head_v = 16;
+  o.config.n_lora_kv = 32;
+  o.config.n_layer_dense_lead = 1;
+  auto model = Model::Load(WriteTestModel(o, "imatrix", "imatrix_deepseek2"));
+  std::mt19937 rng(4);
+  std::vector<int32_t> tokens(80);
+  for (auto& t : tokens) t = static_cast<int32_t>(rng() % model->config().n_vocab);
+  const Imatrix m = GatherImatrix(*model, tokens, 40, 2);
+  for (int il = 0; il < 2; ++il) {
+    for (const char* w : {"attn_k_b", "attn_v_b"}) {
+      const std::string name = "blk." + std::to_string(il) + "." + w + ".weight";
+      ASSERT_EQ(m.entries().count(name), 1u) << name;
+      EXPECT_EQ(m.entries().at(name).counts, std::vector<float>(2, 80.0f)) << name;  // per head
+    }
+  }
+}
+
 TEST(Imatrix, ValuesAreMeansAndUnseenMatricesGetOnes) {
   Imatrix m;
   const float r0[3] = {1, 2, 3}, r1[3] = {3, 0, -1};
