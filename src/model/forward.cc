@@ -34,6 +34,9 @@ float* F(std::vector<float>& v, size_t i) { return v.data() + i; }
 // Block-quantized weights: their products run on the integer kernels (f32, f16, bf16 in float).
 bool IsBlockType(DType t) { return Traits(t).block_size > 1; }
 
+// The type of attn_k_b's transpose (Forward::MlaKbT) for attn_k_b of type w with rows of Kr.
+DType MlaKbTType(DType w, int64_t Kr) { return IsBlockType(w) && Kr % kQK8_0 == 0 ? DType::kQ8_0 : DType::kF32; }
+
 // One query's row of n scores in batched attention: the first n_kv (the positions it sees)
 // scaled and turned into probabilities, the rest zeroed so the value GEMM adds nothing for them.
 void CausalSoftmaxRow(float* s, int n_kv, int n, float scale) {
@@ -147,6 +150,14 @@ Forward::MlaForm ParseMlaForm(const std::string& s) {
   if (s == "absorbed") return Forward::MlaForm::kAbsorbed;
   if (s == "expanded") return Forward::MlaForm::kExpanded;
   Fail("--mla %s: use auto, absorbed or expanded", s.c_str());
+}
+
+void KvCache::Load(const uint8_t* row, size_t dim, float* x) const {
+  if (type_ == DType::kF16) {
+    kernels::DequantizeRow(DType::kF16, row, x, static_cast<int64_t>(dim));
+  } else {
+    std::memcpy(x, row, dim * sizeof(float));
+  }
 }
 
 void KvCache::Store(uint8_t* row, size_t dim, const float* x) {
@@ -343,13 +354,7 @@ const float* Forward::CacheRowsF32(const KvCache& cache, const kernels::KvRows& 
   for (int j = 0; j < n; j += per) {  // a page's rows are contiguous
     const int m = std::min(n - j, per);
     const auto* src = static_cast<const uint8_t*>(rows.base) + static_cast<size_t>(rows.Offset(j)) * e;
-    float* dst = room + static_cast<size_t>(j) * rows.stride;
-    const size_t count = static_cast<size_t>(m) * rows.stride;
-    if (f32) {
-      std::memcpy(dst, src, count * sizeof(float));
-    } else {
-      kernels::DequantizeRow(DType::kF16, src, dst, static_cast<int64_t>(count));
-    }
+    cache.Load(src, static_cast<size_t>(m) * rows.stride, room + static_cast<size_t>(j) * rows.stride);
   }
   return room;
 }
@@ -669,13 +674,15 @@ void Forward::MlaAttention(int il, int T) {
   } else {
     // Each sequence in its form; runs of absorbed sequences share their passes.
     const int n_seg = static_cast<int>(segments_.size());
+    std::vector<char> expand(static_cast<size_t>(n_seg));
+    for (int si = 0; si < n_seg; ++si) expand[si] = MlaPrefersExpanded(il, si);
     for (int s0 = 0; s0 < n_seg;) {
-      if (MlaPrefersExpanded(il, s0)) {
+      if (expand[s0]) {
         MlaExpanded(il, s0++);
         continue;
       }
       int s1 = s0 + 1;
-      while (s1 < n_seg && !MlaPrefersExpanded(il, s1)) ++s1;
+      while (s1 < n_seg && !expand[s1]) ++s1;
       MlaAbsorbed(il, segments_[s0].t0, segments_[s1 - 1].t0 + segments_[s1 - 1].n);
       s0 = s1;
     }
@@ -706,7 +713,7 @@ bool Forward::MlaPrefersExpanded(int il, int si) const {
                Dv = static_cast<double>(c_.n_embd_head_v), Kr = static_cast<double>(c_.n_lora_kv);
   const auto cost = [](DType t) { return IsBlockType(t) ? 1.0 : 4.0; };
   const double n = sg.n, n_keys = sg.cache->n_past() + sg.n, keys = sg.cache->n_past() + (sg.n + 1) / 2.0;
-  const double ck = IsBlockType(L.wk_b->dtype) && c_.n_lora_kv % kQK8_0 == 0 ? 1.0 : 4.0;  // MlaKbT's type
+  const double ck = cost(MlaKbTType(L.wk_b->dtype, c_.n_lora_kv));
   const double absorbed = n * H * Kr * (Dn * cost(L.wk_b->dtype) + Dv * cost(L.wv_b->dtype)) + 4 * n * H * keys * (2 * Kr + Dr);
   const double expanded = n_keys * H * Kr * (Dn * ck + Dv * cost(L.wv_b->dtype)) + 4 * n * H * keys * (Dn + Dr + Dv);
   // The expanded keys and values of a sequence live in scratch: past 1 GiB, stay absorbed.
@@ -721,13 +728,13 @@ bool Forward::MlaPrefersExpanded(int il, int si) const {
 const TensorView& Forward::MlaKbT(int il) {
   if (mla_kbt_.empty()) mla_kbt_.resize(c_.n_layer);
   KbT& kt = mla_kbt_[static_cast<size_t>(il)];
-  if (kt.built) return kt.view;
+  if (kt.view.data) return kt.view;
   const TensorView* w = model_.layers[static_cast<size_t>(il)].wk_b;
   if (w->layout != WeightLayout::kRows) w = model_.file().FindTensor(w->name);  // repacked: the file's rows
   if (w == nullptr || w->layout != WeightLayout::kRows)
     Fail("expanded MLA attention needs %s in the file's layout", model_.layers[static_cast<size_t>(il)].wk_b->name.c_str());
   const int64_t Dn = w->ne[0], Kr = w->ne[1], H = w->ne[2];
-  const DType to = IsBlockType(w->dtype) && Kr % kQK8_0 == 0 ? DType::kQ8_0 : DType::kF32;
+  const DType to = MlaKbTType(w->dtype, Kr);
   const size_t row = RowBytes(to, Kr), slab = row * static_cast<size_t>(Dn);
   kt.bytes.resize(slab * static_cast<size_t>(H));
   pool_.ParallelFor(H, 1, [&](int64_t b, int64_t e, int) {
@@ -761,7 +768,6 @@ const TensorView& Forward::MlaKbT(int il) {
     kt.view.data = kt.tiles.data();
     kt.view.layout = layout;
   }
-  kt.built = true;
   return kt.view;
 }
 
@@ -789,12 +795,7 @@ void Forward::MlaExpanded(int il, int si) {
   mla_act_[1].resize(rbv * n_keys);
   ForEachRow(n_keys, [&](int j) {
     float* r = F(mla_rows_, static_cast<size_t>(j) * W);
-    const auto* src = static_cast<const uint8_t*>(Cc.base) + static_cast<size_t>(Cc.Offset(j)) * elem;
-    if (cache.type() == DType::kF32) {
-      std::memcpy(r, src, W * sizeof(float));
-    } else {
-      kernels::DequantizeRow(cache.type(), src, r, W);
-    }
+    cache.Load(static_cast<const uint8_t*>(Cc.base) + static_cast<size_t>(Cc.Offset(j)) * elem, W, r);
     kernels::ConvertActivations(tk, r, mla_act_[0].data() + j * rbk, Kr);
     kernels::ConvertActivations(tv, r, mla_act_[1].data() + j * rbv, Kr);
   });

@@ -68,8 +68,9 @@ class KvCache {
   kernels::KvRows VRows(uint32_t layer, int head = 0) const { return Rows(RowOffset(layer, head, 0, v_heads_, v_dim_, v_at_), v_dim_); }
   uint8_t* KRow(uint32_t layer, int head, int pos) { return buf_.data() + RowOffset(layer, head, pos, k_heads_, k_dim_, 0); }
   uint8_t* VRow(uint32_t layer, int head, int pos) { return buf_.data() + RowOffset(layer, head, pos, v_heads_, v_dim_, v_at_); }
-  // Stores dim floats as a row (from KRow or VRow).
+  // Stores dim floats as a row (from KRow or VRow); Load reads dim elements back as floats.
   void Store(uint8_t* row, size_t dim, const float* x);
+  void Load(const uint8_t* row, size_t dim, float* x) const;
   size_t elem() const { return KvElementBytes(type_); }  // bytes per element
   size_t RowOffset(uint32_t layer, int head, int pos, size_t heads, size_t dim, size_t at) const {
     const size_t page = static_cast<size_t>(pos / page_), in = static_cast<size_t>(pos % page_);
@@ -146,7 +147,7 @@ class Forward {
   //     absorbed. With quantized attn_k_b / attn_v_b the products round differently from
   //     llama.cpp's (the latent rows are converted instead of q_nope and the mix; attn_k_b is
   //     transposed into q8_0): on the conformance models about as far from llama.cpp as the
-  //     exact f32 computation is (0.02-0.04 nats median, up to 0.1).
+  //     exact f32 computation is (0.02-0.04 nats median, up to 0.11).
   //   kAuto (the default): kExpanded where it computes llama.cpp's numbers up to float rounding
   //     (f32 attn_k_b and attn_v_b, as `moe train` writes), else kAbsorbed.
   //   With an input observer (importance statistics) every form but kPlain runs absorbed: the
@@ -253,8 +254,7 @@ class Forward {
   struct KbT {
     std::vector<uint8_t> bytes;
     HugePageBuffer tiles;
-    TensorView view;
-    bool built = false;
+    TensorView view;  // data set once built
   };
   std::vector<KbT> mla_kbt_;
   std::vector<float> mla_rows_;       // [n_keys][Kr + Dr]
