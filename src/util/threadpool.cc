@@ -61,6 +61,11 @@ void CheckThreadCount(int n, const char* flag) {
   if (n < 0 || n > most) Fail("%s %d: use 1..%d, or 0 for every CPU", flag, n, most);
 }
 
+struct ThreadPool::Affinity {
+  pthread_t thread;
+  cpu_set_t cpus;
+};
+
 ThreadPool::ThreadPool(int n_threads, bool pin) {
   std::vector<int> cpus = AffinityCpus();
   if (n_threads <= 0) n_threads = static_cast<int>(cpus.size());
@@ -70,7 +75,12 @@ ThreadPool::ThreadPool(int n_threads, bool pin) {
   if (no_pin && std::strcmp(no_pin, "0") != 0) pin = false;
   // Pin only when every thread gets a CPU of its own; oversubscribed pools float.
   pin = pin && n_threads <= static_cast<int>(cpus.size()) && n_threads > 1;
-  if (pin) PinCurrentThread(cpus[0]);
+  if (pin) {
+    auto saved = std::make_unique<Affinity>();
+    saved->thread = pthread_self();
+    if (pthread_getaffinity_np(saved->thread, sizeof(saved->cpus), &saved->cpus) == 0) owner_affinity_ = std::move(saved);
+    PinCurrentThread(cpus[0]);
+  }
   for (int i = 1; i < n_threads; ++i) {
     workers_.emplace_back([this, i] { WorkerLoop(i); });
     if (pin) {
@@ -87,6 +97,8 @@ ThreadPool::~ThreadPool() {
   generation_.fetch_add(1, std::memory_order_acq_rel);
   generation_.notify_all();
   for (auto& t : workers_) t.join();
+  if (owner_affinity_ && pthread_equal(owner_affinity_->thread, pthread_self()))
+    pthread_setaffinity_np(owner_affinity_->thread, sizeof(owner_affinity_->cpus), &owner_affinity_->cpus);
 }
 
 void ThreadPool::WorkerLoop(int index) {

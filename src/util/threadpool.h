@@ -16,7 +16,9 @@ namespace moe {
 class ThreadPool {
  public:
   // n_threads >= 1 (0 = number of CPUs in the affinity mask). pin=false leaves threads to the OS
-  // scheduler (the environment variable MOE_NO_PIN=1 does the same).
+  // scheduler (the environment variable MOE_NO_PIN=1 does the same). Pinning pins the calling
+  // thread (thread 0) too, and threads it creates afterwards inherit that CPU; the destructor,
+  // called on the same thread, gives it back the CPUs it had (so a later pool sees them all).
   explicit ThreadPool(int n_threads = 0, bool pin = true);
   ~ThreadPool();
   ThreadPool(const ThreadPool&) = delete;
@@ -50,6 +52,8 @@ class ThreadPool {
     std::atomic<uint64_t> v{0};
   };
   std::unique_ptr<Range[]> ranges_;
+  struct Affinity;  // the creating thread's CPUs before it was pinned
+  std::unique_ptr<Affinity> owner_affinity_;
 };
 
 // Number of CPUs this process may run on.

@@ -3,6 +3,8 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <numeric>
 #include <thread>
 #include <vector>
@@ -24,6 +26,25 @@ TEST(ThreadPool, RunVisitsEveryThreadOnce) {
   }
 }
 
+// A pinned pool pins its creating thread to one CPU while it lives; afterwards that thread has
+// its CPUs back, so a second pool pins its threads to distinct CPUs again (before the fix, a
+// second pool's workers inherited the one CPU and every Run waited on the scheduler).
+TEST(ThreadPool, GivesTheCreatingThreadItsCpusBack) {
+  const int cpus = AvailableCpus();
+  const char* no_pin = std::getenv("MOE_NO_PIN");
+  if (cpus < 2 || (no_pin && std::strcmp(no_pin, "0") != 0)) GTEST_SKIP() << "pools do not pin here";
+  {
+    ThreadPool pool(2);
+    EXPECT_EQ(AvailableCpus(), 1);  // pinned while the pool lives
+  }
+  EXPECT_EQ(AvailableCpus(), cpus);
+  {
+    ThreadPool pool(2);
+    EXPECT_EQ(AvailableCpus(), 1);
+  }
+  EXPECT_EQ(AvailableCpus(), cpus);
+}
+
 TEST(ThreadPool, ParallelForCoversEachIndexExactlyOnce) {
   ThreadPool pool(2);
   for (int64_t n : {0, 1, 7, 64, 1000, 4097}) {
@@ -39,29 +60,36 @@ TEST(ThreadPool, ParallelForCoversEachIndexExactlyOnce) {
 }
 
 // Each thread starts on its own contiguous run, in order; when one thread stalls, the others
-// take its remaining chunks from the back, and still every chunk runs once.
+// take its remaining chunks from the back, and still every chunk runs once. Thread 0 stalls on
+// its first chunk until every other chunk has run, so the others must take all the rest of its
+// run (whatever the scheduler does with threads that outnumber the CPUs).
 TEST(ThreadPool, ParallelForRunsOwnChunksInOrderAndStealsFromStalledThreads) {
   for (int n_threads : {2, 3}) {
     ThreadPool pool(n_threads);
     const int64_t n = 60;
     std::vector<std::atomic<int>> seen(n);
+    std::atomic<int64_t> done{0};
     std::vector<std::vector<int64_t>> order(n_threads);
     pool.ParallelFor(n, 1, [&](int64_t b, int64_t, int t) {
       if (t == 0 && order[0].empty()) {  // thread 0 stalls on its first chunk
-        while (seen[n - 1].load() == 0) std::this_thread::yield();
+        while (done.load() < n - 1) std::this_thread::yield();
       }
       order[t].push_back(b);
       seen[b].fetch_add(1);
+      done.fetch_add(1);
     });
     for (int64_t i = 0; i < n; ++i) ASSERT_EQ(seen[i].load(), 1) << i;
-    // Thread 0 ran its first chunk, 0, first; thread 1 ran its own run in order first, then
-    // stole (thread 0's chunks, from the back; or the last thread's).
-    ASSERT_FALSE(order[0].empty());
-    EXPECT_EQ(order[0][0], 0);
+    // Thread 0 ran its first chunk, 0, and nothing else; thread 1 ran its own run in order
+    // first, then stole (thread 0's chunks, from the back; or the last thread's).
+    EXPECT_EQ(order[0], std::vector<int64_t>{0}) << "the stalled thread's chunks were not taken";
     const int64_t own_b = n / n_threads, own_e = 2 * n / n_threads;
     ASSERT_GE(static_cast<int64_t>(order[1].size()), own_e - own_b);
     for (int64_t k = 0; k < own_e - own_b; ++k) EXPECT_EQ(order[1][k], own_b + k);
-    EXPECT_LT(static_cast<int64_t>(order[0].size()), n / n_threads) << "nothing was stolen from the stalled thread";
+    if (n_threads == 2) {  // thread 1 alone took the rest of thread 0's run from the back: 29 down to 1
+      std::vector<int64_t> stolen(order[1].begin() + (own_e - own_b), order[1].end()), want;
+      for (int64_t b = own_b - 1; b >= 1; --b) want.push_back(b);
+      EXPECT_EQ(stolen, want);
+    }
   }
 }
 
