@@ -28,6 +28,31 @@ inline InitOptions TestModelOptions(Arch arch, DType type, uint32_t layers, uint
   return o;
 }
 
+// A deepseek2 model: 3 blocks (the first dense), MLA with 4 heads, qk_nope 32, qk_rope 16, v 32,
+// kv_lora 64, 8 experts (2 used) and 2 shared; optionally the q_lora bottleneck, the legacy
+// attn_kv_b layout or V3 routing (sigmoid + bias, 4 groups, 2 used, normalised, scale 2.5).
+inline InitOptions DeepseekTestOptions(DType type, uint32_t q_lora, bool legacy, bool v3 = false) {
+  InitOptions o = TestModelOptions(Arch::kDeepseek2, type, 3, 128, 64, 4, 0, 43);
+  ModelConfig& c = o.config;
+  c.n_expert = 8;
+  o.qk_nope = 32;
+  c.n_rot = 16;
+  c.n_embd_head_v = 32;
+  c.n_lora_kv = 64;
+  c.n_lora_q = q_lora;
+  c.n_layer_dense_lead = 1;
+  c.n_expert_shared = 2;
+  c.mla_kv_b_legacy = legacy;
+  if (v3) {
+    c.router_kind = MoeRouterKind::kSigmoidBias;
+    c.expert_weights_norm = true;
+    c.n_expert_groups = 4;
+    c.n_group_used = 2;
+    c.expert_weights_scale = 2.5f;
+  }
+  return o;
+}
+
 // Writes the model to TestDir(folder)/name.gguf and returns the path.
 inline std::string WriteTestModel(const InitOptions& o, const std::string& folder, const std::string& name) {
   const std::string path = TestDir(folder) + "/" + name + ".gguf";

@@ -31,42 +31,11 @@ std::string MakeModel(Arch arch, DType type, const std::string& name, uint32_t d
   return WriteTestModel(o, "forward", name);
 }
 
-// A deepseek2 model: 3 blocks (the first dense), MLA with qk_nope 32, qk_rope 16, v 32, kv_lora
-// 64, optionally the q_lora bottleneck, the legacy attn_kv_b layout or V3 routing.
 std::string MakeDeepseek(const std::string& name, DType type, uint32_t q_lora, bool legacy, bool v3 = false,
                          const std::function<void(InitOptions&)>& tweak = nullptr) {
-  InitOptions o;
-  ModelConfig& c = o.config;
-  c.arch = Arch::kDeepseek2;
-  c.n_layer = 3;
-  c.n_embd = 128;
-  c.n_ff_exp = 64;
-  c.n_expert = 8;
-  c.n_expert_used = 2;
-  c.n_head = 4;
-  o.qk_nope = 32;
-  c.n_rot = 16;
-  c.n_embd_head_v = 32;
-  c.n_lora_kv = 64;
-  c.n_lora_q = q_lora;
-  c.n_layer_dense_lead = 1;
-  c.n_expert_shared = 2;
-  c.mla_kv_b_legacy = legacy;
-  if (v3) {
-    c.router_kind = MoeRouterKind::kSigmoidBias;
-    c.expert_weights_norm = true;
-    c.n_expert_groups = 4;
-    c.n_group_used = 2;
-    c.expert_weights_scale = 2.5f;
-  }
-  c.n_vocab = 300;
-  c.n_ctx_train = 128;
-  o.type = type;
-  o.seed = 43;
+  InitOptions o = DeepseekTestOptions(type, q_lora, legacy, v3);
   if (tweak) tweak(o);
-  const std::string path = TestDir("forward") + "/" + name + ".gguf";
-  InitRandomModel(o, path);
-  return path;
+  return WriteTestModel(o, "forward", name);
 }
 
 double MaxAbsDiff(const float* a, const float* b, size_t n) {
