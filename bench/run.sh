@@ -22,6 +22,8 @@ export OPENBLAS_CORETYPE="${OPENBLAS_CORETYPE:-Haswell}"
 /usr/bin/python3 "$ROOT/bench/compare.py" --moe "$ROOT/build/bin/moe" --shape deepseek2 --types q8_0,Q4_K_M -p 512 "$@"
 # moe serve: 1/4/16/64 concurrent streams and an autocannon load run.
 /usr/bin/python3 "$ROOT/bench/serve_bench.py" --moe "$ROOT/build/bin/moe"
+# moe serve on a conversation: each turn's first token with the cached prompt prefix and without.
+/usr/bin/python3 "$ROOT/bench/turns_bench.py" --moe "$ROOT/build/bin/moe"
 # Every other weight type and the common mixes, against llama.cpp (decode and prefill); the
 # codebook types' files take minutes each to quantize.
 /usr/bin/python3 "$ROOT/bench/compare.py" --moe "$ROOT/build/bin/moe" --rounds 3 \

@@ -168,6 +168,11 @@ void KvCache::Store(uint8_t* row, size_t dim, const float* x) {
   }
 }
 
+void KvCache::Truncate(int n) {
+  MOE_ASSERT(n >= 0 && n <= n_past_);
+  n_past_ = n;
+}
+
 void KvCache::Reserve(int positions) {
   const int pages = (std::min(positions, n_ctx_) + page_ - 1) / page_;
   if (pages <= reserved_pages_) return;

@@ -47,6 +47,9 @@ class KvCache {
   int n_ctx() const { return n_ctx_; }
   DType type() const { return type_; }
   void Reset() { n_past_ = 0; }
+  // Keeps positions [0, n) and drops the rest (0 <= n <= n_past): the rows of a prompt's prefix
+  // stay for a later sequence that starts with it (runtime/engine.h, prefix reuse).
+  void Truncate(int n);
   // Bytes of n_ctx positions (the memory once the whole context is used).
   size_t Bytes() const { return static_cast<size_t>(n_ctx_) * pos_bytes_; }
   // Makes the pages that hold positions [0, positions) resident (util/memory.h PopulatePages),

@@ -80,6 +80,7 @@ void Engine::Finish(Slot& s, const std::string& reason, const std::string& error
   f.error = error;
   f.prompt_tokens = static_cast<int>(s.req.prompt.size());
   f.completion_tokens = s.generated;
+  f.cached_tokens = s.cached;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (reason == "error") {
@@ -89,12 +90,54 @@ void Engine::Finish(Slot& s, const std::string& reason, const std::string& error
     }
   }
   s.done = true;
+  s.failed = reason == "error";
   if (s.req.on_finish) s.req.on_finish(f);
+}
+
+size_t Engine::Reusable(const std::vector<int32_t>& cached, const std::vector<int32_t>& prompt) const {
+  // The common prefix, short of the last prompt token (evaluated for its logits), in whole chunks:
+  // the request's own chunks then start where they would start from an empty cache.
+  const auto n = static_cast<std::ptrdiff_t>(std::min(cached.size(), prompt.size() - 1));
+  const auto common = std::mismatch(cached.begin(), cached.begin() + n, prompt.begin()).first - cached.begin();
+  return static_cast<size_t>(common) / cfg_.chunk * cfg_.chunk;
+}
+
+void Engine::Admit(Slot& s, std::vector<IdleCache>& idle, int& n_caches) {
+  size_t pick = idle.size(), reuse = 0;
+  if (s.req.reuse_prefix) {
+    for (size_t i = 0; i < idle.size(); ++i) {
+      const size_t r = Reusable(idle[i].tokens, s.req.prompt);
+      if (r > reuse) pick = i, reuse = r;
+    }
+  }
+  if (pick == idle.size() && n_caches >= cfg_.parallel && !idle.empty()) {
+    // Nothing to reuse and every cache made: the one idle longest is cleared. (While there are
+    // fewer caches than slots a new one is made, so the idle ones keep their prefixes.)
+    pick = static_cast<size_t>(std::min_element(idle.begin(), idle.end(), [](const IdleCache& a, const IdleCache& b) {
+                                 return a.last_use < b.last_use;
+                               }) - idle.begin());
+  }
+  if (pick < idle.size()) {
+    s.cache = std::move(idle[pick].cache);
+    idle.erase(idle.begin() + static_cast<std::ptrdiff_t>(pick));
+    s.cache->Truncate(static_cast<int>(reuse));
+  } else {
+    s.cache = std::make_unique<KvCache>(model_.config(), ctx_, cfg_.kv_type);
+    ++n_caches;
+  }
+  s.prefilled = reuse;
+  s.cached = static_cast<int>(reuse);
+  s.sampler = std::make_unique<Sampler>(s.req.options.sampler);
+  s.logits.resize(model_.config().n_vocab);
+  std::lock_guard<std::mutex> lock(mu_);
+  stats_.prompt_tokens_cached += static_cast<int64_t>(reuse);
 }
 
 void Engine::Loop() {
   std::vector<std::unique_ptr<Slot>> active;
-  std::vector<std::unique_ptr<KvCache>> free_caches;
+  std::vector<IdleCache> idle;
+  int n_caches = 0;
+  uint64_t finished = 0;
   for (;;) {
     {
       std::unique_lock<std::mutex> lock(mu_);
@@ -109,21 +152,22 @@ void Engine::Loop() {
       stats_.queue_depth = static_cast<int>(queue_.size());
       stats_.active = static_cast<int>(active.size());
     }
-    for (auto& s : active) {
-      if (s->cache) continue;
-      if (free_caches.empty()) {
-        s->cache = std::make_unique<KvCache>(model_.config(), ctx_, cfg_.kv_type);
-      } else {
-        s->cache = std::move(free_caches.back());
-        free_caches.pop_back();
-        s->cache->Reset();
-      }
-      s->sampler = std::make_unique<Sampler>(s->req.options.sampler);
-      s->logits.resize(model_.config().n_vocab);
-    }
-    Step(active);
     for (auto& s : active)
-      if (s->done && s->cache) free_caches.push_back(std::move(s->cache));
+      if (!s->cache) Admit(*s, idle, n_caches);
+    Step(active);
+    for (auto& s : active) {
+      if (!s->done || !s->cache) continue;
+      IdleCache c;
+      c.cache = std::move(s->cache);
+      c.last_use = ++finished;
+      // The prompt's whole chunks, kept for later requests; none after a failed step (rows may be
+      // half written) or from a request that asked for no reuse (it leaves nothing behind).
+      if (!s->failed && s->req.reuse_prefix) {
+        const size_t keep = std::min(s->prefilled, s->req.prompt.size()) / cfg_.chunk * cfg_.chunk;
+        c.tokens.assign(s->req.prompt.begin(), s->req.prompt.begin() + static_cast<std::ptrdiff_t>(keep));
+      }
+      idle.push_back(std::move(c));
+    }
     active.erase(std::remove_if(active.begin(), active.end(), [](const auto& s) { return s->done; }), active.end());
   }
   // Shutting down: everything still running or waiting ends with an error.

@@ -6,6 +6,13 @@
 // per step for every token that chose it. A request's result is bitwise the same alone or beside
 // any others: each has its own KV cache and seeded sampler, its prompt is always cut into the
 // same chunks, and the kernels run batch-invariant (kernels::SetBatchInvariant).
+//
+// Prefix reuse: a finished request's cache keeps the rows of its prompt's whole chunks, and a
+// later request whose prompt starts with the same tokens (a conversation's next turn, a shared
+// system prompt) takes that cache and evaluates only the rest. It reuses whole chunks only, and
+// never the chunk that holds its own last prompt token: every row it reuses was computed from
+// the same tokens in the same chunk as its own prompt's chunks would compute it, so its result
+// is bitwise the same as with an empty cache.
 #pragma once
 
 #include <atomic>
@@ -48,12 +55,16 @@ struct FinishInfo {
   std::string reason;  // "stop" (end-of-generation token, or on_token said stop), "length", "error"
   std::string error;   // when reason == "error"
   int prompt_tokens = 0, completion_tokens = 0;
+  int cached_tokens = 0;  // prompt tokens whose cache rows came from an earlier request
 };
 
 struct EngineRequest {
   std::vector<int32_t> prompt;
   GenerateOptions options;
   bool logprobs = false;  // TokenEvent::logprob wanted (also when options.top_logprobs > 0)
+  // May start from a cached prompt prefix and leave its own for later requests (either way the
+  // result is the same); false evaluates the whole prompt and leaves nothing behind.
+  bool reuse_prefix = true;
   // Called from the engine's thread for each token; return false to stop the request (a stop
   // sequence matched, the client went away).
   std::function<bool(const TokenEvent&)> on_token;
@@ -64,6 +75,7 @@ struct EngineRequest {
 struct EngineStats {
   int64_t requests_finished = 0, requests_failed = 0;
   int64_t prompt_tokens = 0, generated_tokens = 0;
+  int64_t prompt_tokens_cached = 0;     // prompt tokens not evaluated: reused cache rows
   int64_t steps = 0, batch_tokens = 0;  // sums over steps (mean batch = batch_tokens / steps)
   int queue_depth = 0, active = 0, last_batch = 0;
   double busy_seconds = 0;              // time spent in steps
@@ -87,13 +99,24 @@ class Engine {
     EngineRequest req;
     std::unique_ptr<KvCache> cache;
     std::unique_ptr<Sampler> sampler;
-    size_t prefilled = 0;   // prompt tokens evaluated
+    size_t prefilled = 0;   // prompt tokens in the cache (reused or evaluated)
+    int cached = 0;         // of which reused from an earlier request
     int generated = 0;
     int32_t next = -1;      // the token to evaluate next while decoding
     std::vector<float> logits;
     bool done = false;      // finished (on_finish called)
+    bool failed = false;    // finished with an error
+  };
+  // A cache no request holds, with the prompt tokens whose rows it keeps (whole chunks).
+  struct IdleCache {
+    std::unique_ptr<KvCache> cache;
+    std::vector<int32_t> tokens;
+    uint64_t last_use = 0;  // when its request finished (a step count): the oldest goes first
   };
   void Loop();
+  void Admit(Slot& s, std::vector<IdleCache>& idle, int& n_caches);
+  // Prompt positions of `prompt` whose rows `cached` (a prompt's whole chunks) can give.
+  size_t Reusable(const std::vector<int32_t>& cached, const std::vector<int32_t>& prompt) const;
   void Step(std::vector<std::unique_ptr<Slot>>& active);
   void Finish(Slot& s, const std::string& reason, const std::string& error = "");
 

@@ -267,6 +267,9 @@ class Api {
     }
     g.top_logprobs = n_top;
     g.ignore_eos = Bool(body, "ignore_eos", false);  // llama-server's extension: generate max_tokens
+    // llama-server's extension too: false evaluates the whole prompt and leaves no prefix behind (the
+    // result is the same).
+    const bool cache_prompt = Bool(body, "cache_prompt", true);
     const bool stream = Bool(body, "stream", false);
     auto job = std::make_shared<Job>();
     job->stops = StopList(body);
@@ -276,6 +279,7 @@ class Api {
     er.prompt = prompt;
     er.options = g;
     er.logprobs = want_logprobs;
+    er.reuse_prefix = cache_prompt;
     er.on_token = [job, &tok = tok](const TokenEvent& ev) {
       std::lock_guard<std::mutex> lock(job->mu);
       const size_t before = job->text.size();
@@ -329,7 +333,8 @@ class Api {
     json out = {{"id", id}, {"object", chat ? "chat.completion" : "text_completion"}, {"created", Now()},
                 {"model", cfg_.model_name}, {"choices", json::array({choice})},
                 {"usage", {{"prompt_tokens", job->fin.prompt_tokens}, {"completion_tokens", job->fin.completion_tokens},
-                           {"total_tokens", job->fin.prompt_tokens + job->fin.completion_tokens}}}};
+                           {"total_tokens", job->fin.prompt_tokens + job->fin.completion_tokens},
+                           {"prompt_tokens_details", {{"cached_tokens", job->fin.cached_tokens}}}}}};
     lock.unlock();
     Reply(res, 200, out);
   }
@@ -456,6 +461,8 @@ class Api {
                      static_cast<long long>(s.requests_finished), static_cast<long long>(s.requests_failed)));
     metric("moe_prompt_tokens_total", "counter", "prompt tokens evaluated",
            StrFormat("moe_prompt_tokens_total %lld\n", static_cast<long long>(s.prompt_tokens)));
+    metric("moe_prompt_tokens_cached_total", "counter", "prompt tokens not evaluated: cache rows reused from earlier requests",
+           StrFormat("moe_prompt_tokens_cached_total %lld\n", static_cast<long long>(s.prompt_tokens_cached)));
     metric("moe_generated_tokens_total", "counter", "tokens generated",
            StrFormat("moe_generated_tokens_total %lld\n", static_cast<long long>(s.generated_tokens)));
     metric("moe_tokens_per_second", "gauge", "tokens (prompt and generated) per second of engine work",

@@ -1,11 +1,13 @@
 // The serving engine's batch invariance: requests submitted together, whose prompt chunks share
 // steps (and whose prompts are longer than a chunk, so they take both attention paths, the
 // per-token one under 32 new tokens and the batched one above), give bitwise the tokens and
-// log-probabilities they give alone.
+// log-probabilities they give alone; and requests that start from an earlier request's cached
+// prompt prefix give bitwise what they give from an empty cache.
 #include "runtime/engine.h"
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <condition_variable>
 #include <cstring>
 #include <mutex>
@@ -24,7 +26,41 @@ struct Outcome {
   std::vector<int32_t> ids;
   std::vector<double> logprobs;
   std::string reason;
+  int cached_tokens = 0;
 };
+
+// Runs one request to its end.
+Outcome RunOne(Engine& engine, EngineRequest r) {
+  Outcome out;
+  std::mutex mu;
+  std::condition_variable cv;
+  bool finished = false;
+  r.on_token = [&out](const TokenEvent& ev) {
+    out.ids.push_back(ev.id);
+    out.logprobs.push_back(ev.logprob);
+    return true;
+  };
+  r.on_finish = [&](const FinishInfo& f) {
+    std::lock_guard<std::mutex> lock(mu);
+    out.reason = f.reason + f.error;
+    out.cached_tokens = f.cached_tokens;
+    finished = true;
+    cv.notify_all();
+  };
+  engine.Submit(std::move(r));
+  std::unique_lock<std::mutex> lock(mu);
+  cv.wait(lock, [&] { return finished; });
+  return out;
+}
+
+void ExpectSameBits(const Outcome& got, const Outcome& want, const std::string& what) {
+  ASSERT_EQ(got.reason, want.reason) << what;
+  ASSERT_EQ(got.ids, want.ids) << what;
+  ASSERT_EQ(got.logprobs.size(), want.logprobs.size()) << what;
+  for (size_t k = 0; k < want.logprobs.size(); ++k)
+    EXPECT_EQ(std::memcmp(&got.logprobs[k], &want.logprobs[k], sizeof(double)), 0)
+        << what << " token " << k << ": " << got.logprobs[k] << " vs " << want.logprobs[k];
+}
 
 // Runs the requests through one engine and returns what each got. They all wait in the queue
 // before the engine takes any of them: a first one-token request holds the engine's thread in its
@@ -113,13 +149,111 @@ TEST(Engine, RequestsTogetherAreBitwiseTheirOwn) {
   for (size_t i = 0; i < reqs.size(); ++i) {
     Engine engine(*model, pool, cfg);
     const Outcome alone = RunTogether(engine, {reqs[i]})[0];
-    ASSERT_EQ(together[i].reason, "length") << i;
     ASSERT_EQ(alone.reason, "length") << i;
-    ASSERT_EQ(together[i].ids, alone.ids) << "request " << i;
-    ASSERT_EQ(together[i].logprobs.size(), alone.logprobs.size());
-    for (size_t k = 0; k < alone.logprobs.size(); ++k)
-      EXPECT_EQ(std::memcmp(&together[i].logprobs[k], &alone.logprobs[k], sizeof(double)), 0)
-          << "request " << i << " token " << k << ": " << together[i].logprobs[k] << " vs " << alone.logprobs[k];
+    ExpectSameBits(together[i], alone, "request " + std::to_string(i));
+  }
+}
+
+// A conversation's turns through one engine: each later prompt starts with an earlier one (or a
+// part of it), so it takes that request's cache and evaluates only the rest. Every result must be
+// bitwise the one an engine with empty caches gives, and the reused count must be the common
+// prefix short of the last prompt token, in whole chunks. F32 weights keep the activations float,
+// so a row computed in another chunk (the other attention path) would show in the bits; the
+// deepseek2 case's chunks of 32 take MLA's expanded form (f32 attn_k_b / attn_v_b), shorter
+// ones the absorbed form.
+TEST(Engine, ReusedPromptPrefixesGiveTheBitsOfAnEmptyCache) {
+  struct Case {
+    std::string name;
+    InitOptions init;
+    int chunk;
+    DType kv;
+  };
+  InitOptions llama = TestModelOptions(Arch::kLlama, DType::kF32, 2, 128, 128, 4, 2, 9);
+  llama.config.n_ctx_train = 256;
+  InitOptions deepseek = DeepseekTestOptions(DType::kF32, 48, false, true);
+  deepseek.config.n_ctx_train = 256;
+  const std::vector<Case> cases = {{"llama_f32", llama, 16, DType::kF32},
+                                   {"llama_f16cache", llama, 16, DType::kF16},
+                                   {"deepseek2", deepseek, 32, DType::kF32}};
+  ThreadPool pool(2);
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    auto model = Model::Load(WriteTestModel(c.init, "engine", "prefix_" + c.name));
+    EngineConfig cfg;
+    cfg.parallel = 2;
+    cfg.ctx = 200;
+    cfg.chunk = c.chunk;
+    cfg.kv_type = c.kv;
+    // Prompt tokens from 1..199; the tokens that continue a prefix differently from 200..299, so
+    // a prefix never runs on by chance.
+    std::mt19937 rng(21);
+    const auto tokens = [&](int n, int lo, int hi) {
+      std::vector<int32_t> t(static_cast<size_t>(n));
+      for (int32_t& x : t) x = std::uniform_int_distribution<int>(lo, hi)(rng);
+      return t;
+    };
+    const auto join = [](std::vector<int32_t> a, const std::vector<int32_t>& b) {
+      a.insert(a.end(), b.begin(), b.end());
+      return a;
+    };
+    const auto request = [&](std::vector<int32_t> prompt, bool reuse, uint64_t seed) {
+      EngineRequest r;
+      r.prompt = std::move(prompt);
+      r.options.n_predict = 6;
+      r.options.ignore_eos = true;
+      r.options.sampler.temp = seed % 2 ? 0.9f : 0.0f;
+      r.options.sampler.top_k = 0;
+      r.options.sampler.top_p = 1.0f;
+      r.options.sampler.seed = seed;
+      r.logprobs = true;
+      r.reuse_prefix = reuse;
+      return r;
+    };
+    const auto whole_chunks = [&](size_t common, size_t prompt) {
+      return static_cast<int>(std::min(common, prompt - 1) / c.chunk * c.chunk);
+    };
+    Engine engine(*model, pool, cfg);
+    const std::vector<int32_t> a = tokens(50, 1, 199);
+    const Outcome ra = RunOne(engine, request(a, true, 1));
+    EXPECT_EQ(ra.cached_tokens, 0);
+    // The next turn: the first prompt, its answer and more (its cache keeps a's whole chunks).
+    const std::vector<int32_t> b = join(join(a, ra.ids), tokens(20, 200, 299));
+    // b's first 40 tokens and others (b's cache shares 40); a's first 48 tokens exactly (the
+    // cache it finds is cc's, which shares a's first 40); b without reuse (a second cache, made
+    // while there are fewer than the slots, and left empty); b with reuse (it finds d's whole
+    // chunks, not its own from the request before); an unrelated prompt (no reuse: the cache
+    // idle longest, the empty one, is the one cleared); b and more (b's whole chunks are still
+    // there).
+    const std::vector<int32_t> cc = join(std::vector<int32_t>(b.begin(), b.begin() + 40), tokens(9, 200, 299));
+    const std::vector<int32_t> d(a.begin(), a.begin() + 48);
+    const std::vector<int32_t> e = tokens(30, 1, 199);
+    const std::vector<int32_t> f = join(b, tokens(5, 200, 299));
+    const auto chunks_of = [&](const std::vector<int32_t>& p) { return p.size() / c.chunk * c.chunk; };
+    struct Turn {
+      std::vector<int32_t> prompt;
+      bool reuse;
+      int want_cached;
+    };
+    const std::vector<Turn> turns = {{b, true, whole_chunks(a.size(), b.size())},
+                                     {cc, true, whole_chunks(40, cc.size())},
+                                     {d, true, whole_chunks(40, d.size())},
+                                     {b, false, 0},
+                                     {b, true, whole_chunks(chunks_of(d), b.size())},
+                                     {e, true, 0},
+                                     {f, true, whole_chunks(chunks_of(b), f.size())}};
+    int64_t cached = 0;
+    for (size_t i = 0; i < turns.size(); ++i) {
+      const Outcome got = RunOne(engine, request(turns[i].prompt, turns[i].reuse, 10 + i));
+      EXPECT_EQ(got.cached_tokens, turns[i].want_cached) << "turn " << i;
+      cached += got.cached_tokens;
+      Engine fresh(*model, pool, cfg);
+      const Outcome want = RunOne(fresh, request(turns[i].prompt, true, 10 + i));
+      ASSERT_EQ(want.cached_tokens, 0);
+      ASSERT_EQ(want.reason, "length");
+      ExpectSameBits(got, want, "turn " + std::to_string(i));
+    }
+    EXPECT_GT(turns[0].want_cached, 0);
+    EXPECT_EQ(engine.Stats().prompt_tokens_cached, cached);
   }
 }
 

@@ -100,6 +100,33 @@ check("chat message", cm.message.role === "assistant" && typeof cm.message.conte
 check("chat logprobs", cm.logprobs.content.length === chat.usage.completion_tokens &&
       cm.logprobs.content.every((t) => t.top_logprobs.length === 3 && t.logprob === t.top_logprobs[0].logprob), cm.logprobs);
 
+// ---- a conversation's next turn reuses the cached prompt prefix ---------------------------------
+// The system prompt is longer than a prompt chunk (64 tokens), so the second turn finds whole
+// chunks of the first turn's prompt in a cache; its answer must be bitwise the one it gets when it
+// evaluates its whole prompt (cache_prompt: false, llama-server's field).
+const system = "You are a careful narrator. " + "The jury further said in term end presentments that the city " +
+    "executive committee, which had over-all charge of the election, deserves the praise and thanks of the " +
+    "city of Atlanta for the manner in which the election was conducted. ".repeat(3);
+const turn1 = await client.chat.completions.create({ model: modelId, max_tokens: 6, temperature: 0,
+  messages: [{ role: "system", content: system }, { role: "user", content: "Tell me a story." }] });
+const history = [{ role: "system", content: system }, { role: "user", content: "Tell me a story." },
+                 { role: "assistant", content: turn1.choices[0].message.content }, { role: "user", content: "And then?" }];
+const turn2 = await client.chat.completions.create({ model: modelId, max_tokens: 8, temperature: 0.7, seed: 3,
+                                                    logprobs: true, top_logprobs: 2, messages: history });
+const turn2Full = await client.chat.completions.create({ model: modelId, max_tokens: 8, temperature: 0.7, seed: 3,
+                                                        logprobs: true, top_logprobs: 2, messages: history,
+                                                        cache_prompt: false });
+const cached = turn2.usage.prompt_tokens_details?.cached_tokens;
+check("the next turn reuses whole chunks of the cached prompt", turn1.usage.prompt_tokens > 64 && cached >= 64 &&
+      cached % 64 === 0 && cached < turn2.usage.prompt_tokens, { turn1: turn1.usage, turn2: turn2.usage });
+check("cache_prompt: false evaluates the whole prompt", turn2Full.usage.prompt_tokens_details?.cached_tokens === 0,
+      turn2Full.usage);
+check("a reused prefix gives the same bits", JSON.stringify(turn2.choices) === JSON.stringify(turn2Full.choices),
+      { cached: turn2.choices[0], full: turn2Full.choices[0] });
+const metricsText = (await raw("/metrics")).text;
+const cachedTotal = Number((metricsText.match(/^moe_prompt_tokens_cached_total (\d+)$/m) || [])[1]);
+check("/metrics counts the reused prompt tokens", cachedTotal >= cached, cachedTotal);
+
 // ---- streaming -----------------------------------------------------------------------------------
 let streamed = "", finish = null, chunks = 0;
 for await (const part of await client.completions.create({ model: modelId, prompt: "The jury said that",
