@@ -24,6 +24,14 @@ void ValidateGenerateOptions(const GenerateOptions& o, int n_vocab) {
   if (s.top_k < 0) Fail("top_k %d must be >= 0 (0 = the whole vocabulary)", s.top_k);
   if (!std::isfinite(s.top_p) || s.top_p <= 0 || s.top_p > 1)
     Fail("top_p %g must be in (0, 1] (1 = off)", s.top_p);
+  if (!std::isfinite(s.presence_penalty) || std::fabs(s.presence_penalty) > 2)
+    Fail("presence_penalty %g must be in [-2, 2] (0 = off)", s.presence_penalty);
+  if (!std::isfinite(s.frequency_penalty) || std::fabs(s.frequency_penalty) > 2)
+    Fail("frequency_penalty %g must be in [-2, 2] (0 = off)", s.frequency_penalty);
+  for (const auto& [id, bias] : s.logit_bias) {
+    if (id < 0 || id >= n_vocab) Fail("logit_bias names token %d, outside the vocabulary of %d tokens", id, n_vocab);
+    if (!std::isfinite(bias) || std::fabs(bias) > 100) Fail("logit_bias %g for token %d must be in [-100, 100]", bias, id);
+  }
   if (o.n_predict < 0) Fail("the number of tokens to generate (%d) must be >= 0", o.n_predict);
   if (o.top_logprobs < 0 || o.top_logprobs > n_vocab)
     Fail("top_logprobs %d must be in 0..%d (the vocabulary)", o.top_logprobs, n_vocab);

@@ -23,7 +23,8 @@ struct GenerateOptions {
 };
 
 // Throws moe::Error naming the first bad option: a temperature that is not a finite number >= 0,
-// top_k < 0, top_p outside (0, 1], n_predict < 0, top_logprobs outside 0..n_vocab.
+// top_k < 0, top_p outside (0, 1], a penalty outside [-2, 2], a logit bias outside [-100, 100] or
+// for a token outside the vocabulary, n_predict < 0, top_logprobs outside 0..n_vocab.
 void ValidateGenerateOptions(const GenerateOptions& o, int n_vocab);
 
 // Throws moe::Error when KV caches of `positions` positions in all (what names them), of

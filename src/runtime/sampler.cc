@@ -34,7 +34,20 @@ int Draw(int from, int n, double r, const Weight& weight) {
 
 }  // namespace
 
+void Sampler::Adjust(float* logits, int n_vocab) const {
+  for (const auto& [id, bias] : cfg_.logit_bias)
+    if (id >= 0 && id < n_vocab) logits[id] += bias;
+  for (const auto& [id, n] : drawn_)
+    logits[id] -= static_cast<float>(n) * cfg_.frequency_penalty + cfg_.presence_penalty;
+}
+
 int Sampler::Sample(const float* logits, int n_vocab) {
+  const int id = Pick(logits, n_vocab);
+  if (Penalizes()) ++drawn_[id];
+  return id;
+}
+
+int Sampler::Pick(const float* logits, int n_vocab) {
   if (cfg_.temp <= 0.0f) return Argmax(logits, n_vocab);
   // The tempered distribution over the whole vocabulary, vectorised (kernels::Softmax: exp in
   // float, sums in double): an exp per logit in double had been most of a sampled token's cost.

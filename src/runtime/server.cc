@@ -2,6 +2,8 @@
 
 #include <httplib.h>
 
+#include <algorithm>
+#include <charconv>
 #include <chrono>
 #include <csignal>
 #include <cstdio>
@@ -66,6 +68,24 @@ bool Bool(const json& body, const char* name, bool fallback) {
   if (!v) return fallback;
   if (!v->is_boolean()) throw HttpError{400, StrFormat("'%s' must be true or false", name)};
   return v->get<bool>();
+}
+
+// OpenAI's logit_bias: {"token id": bias, ...} (ranges are checked with the other options).
+std::vector<std::pair<int32_t, float>> LogitBias(const json& body) {
+  const json* v = Field(body, "logit_bias");
+  std::vector<std::pair<int32_t, float>> out;
+  if (!v) return out;
+  if (!v->is_object()) throw HttpError{400, "'logit_bias' must be an object mapping token ids to biases"};
+  for (const auto& [key, bias] : v->items()) {
+    int64_t id = 0;
+    const char* end = key.data() + key.size();
+    const auto [at, ec] = std::from_chars(key.data(), end, id);
+    if (key.empty() || ec != std::errc() || at != end)
+      throw HttpError{400, StrFormat("'logit_bias' keys must be token ids (got \"%.40s\")", key.c_str())};
+    if (!bias.is_number()) throw HttpError{400, "'logit_bias' values must be numbers"};
+    out.push_back({static_cast<int32_t>(std::clamp<int64_t>(id, -1, INT32_MAX)), static_cast<float>(bias.get<double>())});
+  }
+  return out;
 }
 
 std::vector<std::string> StopList(const json& body) {
@@ -253,6 +273,9 @@ class Api {
     g.sampler.temp = static_cast<float>(Number(body, "temperature", 1.0));
     g.sampler.top_p = static_cast<float>(Number(body, "top_p", 1.0));
     g.sampler.top_k = static_cast<int>(Integer(body, "top_k", 0, 0, INT32_MAX));
+    g.sampler.presence_penalty = static_cast<float>(Number(body, "presence_penalty", 0.0));
+    g.sampler.frequency_penalty = static_cast<float>(Number(body, "frequency_penalty", 0.0));
+    g.sampler.logit_bias = LogitBias(body);
     g.sampler.seed = Field(body, "seed") ? static_cast<uint64_t>(Integer(body, "seed", 0, INT64_MIN, INT64_MAX))
                                          : std::random_device{}();
     int n_top = 0;

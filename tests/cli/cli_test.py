@@ -73,6 +73,10 @@ with tempfile.TemporaryDirectory() as d:
     check("run json keys", keys <= out.keys(), str(out.keys()))
     check("run json values", out["prompt_tokens"] == [3, 1, 4, 1, 5] and len(out["tokens"]) == 6
           and len(out["top_logprobs"]) == 6 and all(len(t) == 4 for t in out["top_logprobs"]))
+    # The penalties are accepted (their effect is checked in tests/runtime and tests/serve).
+    pen = run("run", "-m", m, "--prompt-ids", "3,1,4,1,5", "-n", "6", "--temp", "0", "--json", "--ignore-eos",
+              "--presence-penalty", "2", "--frequency-penalty", "2")
+    check("run with penalties", pen.returncode == 0 and len(json.loads(pen.stdout)["tokens"]) == 6, pen.stderr[-300:])
     # greedy: each generated token is the top entry of its distribution; logprobs descend, < 0
     check("run greedy = top logprob", all(t == tl[0]["id"] for t, tl in zip(out["tokens"], out["top_logprobs"])))
     check("run logprobs sorted", all(tl[i]["logprob"] >= tl[i + 1]["logprob"] and tl[i]["logprob"] < 0
@@ -142,6 +146,8 @@ with tempfile.TemporaryDirectory() as d:
             ("top-p above 1", ["--top-p", "2"], "top_p 2"),
             ("top-p zero", ["--top-p", "0"], "top_p 0"),
             ("top-k negative", ["--top-k", "-1"], "top_k -1"),
+            ("presence penalty above 2", ["--presence-penalty", "3"], "presence_penalty 3"),
+            ("frequency penalty NaN", ["--frequency-penalty", "nan"], "frequency_penalty nan"),
             ("ctx negative", ["--ctx", "-1"], "context size -1"),
             ("ctx below the prompt", ["--ctx", "1"], "more than the context size 1"),
             ("absurd -n", ["-n", "2000000000"], "more than moe.cpp supports"),

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <condition_variable>
 #include <cstring>
+#include <map>
 #include <mutex>
 #include <random>
 #include <string>
@@ -27,6 +28,7 @@ struct Outcome {
   std::vector<double> logprobs;
   std::string reason;
   int cached_tokens = 0;
+  std::vector<std::vector<std::pair<int, double>>> top;  // top_logprobs per token
 };
 
 // Runs one request to its end.
@@ -38,6 +40,7 @@ Outcome RunOne(Engine& engine, EngineRequest r) {
   r.on_token = [&out](const TokenEvent& ev) {
     out.ids.push_back(ev.id);
     out.logprobs.push_back(ev.logprob);
+    out.top.push_back(ev.top);
     return true;
   };
   r.on_finish = [&](const FinishInfo& f) {
@@ -255,6 +258,75 @@ TEST(Engine, ReusedPromptPrefixesGiveTheBitsOfAnEmptyCache) {
     EXPECT_GT(turns[0].want_cached, 0);
     EXPECT_EQ(engine.Stats().prompt_tokens_cached, cached);
   }
+}
+
+// Logit bias and OpenAI's penalties through the engine: at every generated position the reported
+// distribution over the whole vocabulary is the model's own there, shifted by each token's bias
+// minus count x frequency_penalty + [count > 0] x presence_penalty for the tokens generated
+// before it (up to the normaliser). The model's own comes from the same engine without either,
+// on the prompt extended by the tokens generated so far.
+TEST(Engine, LogitBiasAndPenaltiesShiftTheDistributionAsOpenAiDefines) {
+  InitOptions o = TestModelOptions(Arch::kLlama, DType::kF32, 2, 128, 128, 4, 2, 7);
+  o.config.n_ctx_train = 256;
+  auto model = Model::Load(WriteTestModel(o, "engine", "engine_penalties"));
+  const int V = static_cast<int>(model->config().n_vocab);
+  ThreadPool pool(2);
+  EngineConfig cfg;
+  cfg.parallel = 2;
+  cfg.ctx = 64;
+  Engine engine(*model, pool, cfg);
+  std::mt19937 rng(5);
+  std::vector<int32_t> prompt(12);
+  for (int32_t& t : prompt) t = std::uniform_int_distribution<int>(1, V - 1)(rng);
+  EngineRequest r;
+  r.prompt = prompt;
+  r.options.n_predict = 10;
+  r.options.ignore_eos = true;
+  r.options.top_logprobs = V;
+  r.options.sampler.temp = 0.9f;
+  r.options.sampler.top_k = 0;
+  r.options.sampler.top_p = 1.0f;
+  r.options.sampler.seed = 4;
+  r.options.sampler.presence_penalty = 0.5f;
+  r.options.sampler.frequency_penalty = 0.7f;
+  r.options.sampler.logit_bias = {{7, 4.0f}, {8, 3.5f}, {20, -2.0f}};  // 7 and 8 come back: counts grow
+  r.logprobs = true;
+  const Outcome got = RunOne(engine, r);
+  ASSERT_EQ(got.reason, "length");
+  std::map<int, int> count;
+  int most = 0;
+  for (size_t k = 0; k < got.ids.size(); ++k) {
+    // The model's own distribution at position k.
+    EngineRequest raw;
+    raw.prompt = prompt;
+    raw.prompt.insert(raw.prompt.end(), got.ids.begin(), got.ids.begin() + static_cast<std::ptrdiff_t>(k));
+    raw.options.n_predict = 1;
+    raw.options.top_logprobs = V;
+    raw.options.sampler.temp = 0.0f;
+    raw.logprobs = true;
+    const Outcome own = RunOne(engine, raw);
+    ASSERT_EQ(own.top.size(), 1u);
+    std::vector<double> shifted(V), model_lp(V);
+    ASSERT_EQ(got.top[k].size(), static_cast<size_t>(V));
+    for (const auto& [id, lp] : got.top[k]) shifted[id] = lp;
+    for (const auto& [id, lp] : own.top[0]) model_lp[id] = lp;
+    // The reported log-probability of the drawn token is its entry in the shifted distribution.
+    EXPECT_EQ(got.logprobs[k], shifted[got.ids[k]]) << "position " << k;
+    double lo = 1e300, hi = -1e300;
+    for (int j = 0; j < V; ++j) {
+      double want = 0;
+      for (const auto& [id, bias] : r.options.sampler.logit_bias)
+        if (id == j) want += bias;
+      if (auto it = count.find(j); it != count.end())
+        want -= it->second * double(r.options.sampler.frequency_penalty) + r.options.sampler.presence_penalty;
+      const double c = shifted[j] - model_lp[j] - want;  // the same for every token: the normalisers' difference
+      lo = std::min(lo, c);
+      hi = std::max(hi, c);
+    }
+    EXPECT_LT(hi - lo, 2e-4) << "position " << k;
+    most = std::max(most, ++count[got.ids[k]]);
+  }
+  EXPECT_GE(most, 2) << "no token came twice: the frequency penalty was not exercised";
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <map>
 #include <numeric>
 #include <random>
 #include <vector>
@@ -51,6 +52,46 @@ TEST(Sampler, ZeroTemperatureIsArgmaxWithTheLowestIndexOnTies) {
   const std::vector<float> tied = {0.5f, 3.0f, -1.0f, 3.0f};
   EXPECT_EQ(s.Sample(tied.data(), 4), 1);
   EXPECT_EQ(Argmax(kLogits.data(), static_cast<int>(kLogits.size())), 0);
+}
+
+// OpenAI's formula, in double: logit + bias - (count x frequency + [count > 0] x presence) for the
+// tokens drawn so far.
+TEST(Sampler, AdjustAddsTheBiasAndSubtractsThePenaltiesOfTheTokensDrawn) {
+  constexpr int V = 50;
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<float> u(-4.0f, 4.0f);
+  SamplerConfig cfg;
+  cfg.temp = 0.0f;  // each draw is the argmax of the logits given
+  cfg.presence_penalty = 0.75f;
+  cfg.frequency_penalty = -0.3f;
+  cfg.logit_bias = {{3, 2.5f}, {9, -100.0f}, {17, 0.125f}};
+  Sampler s(cfg);
+  ASSERT_TRUE(s.Adjusts());
+  // Draw 9, 9, 9, 17, 41 (one-hot logits), counting 9 three times.
+  std::map<int, int> drawn;
+  for (int t : {9, 9, 17, 9, 41}) {
+    std::vector<float> onehot(V, 0.0f);
+    onehot[t] = 1.0f;
+    ASSERT_EQ(s.Sample(onehot.data(), V), t);
+    ++drawn[t];
+  }
+  std::vector<float> logits(V);
+  for (float& x : logits) x = u(rng);
+  std::vector<float> adjusted = logits;
+  s.Adjust(adjusted.data(), V);
+  for (int i = 0; i < V; ++i) {
+    double want = logits[i];
+    for (const auto& [id, bias] : cfg.logit_bias)
+      if (id == i) want += bias;
+    if (drawn.count(i)) want -= drawn[i] * double(cfg.frequency_penalty) + cfg.presence_penalty;
+    EXPECT_NEAR(adjusted[i], want, 1e-4) << "token " << i;
+  }
+  // Without a bias or a penalty nothing changes (and nothing is counted).
+  Sampler plain(SamplerConfig{});
+  EXPECT_FALSE(plain.Adjusts());
+  std::vector<float> same = logits;
+  plain.Adjust(same.data(), V);
+  EXPECT_EQ(same, logits);
 }
 
 TEST(Sampler, WholeVocabularyFollowsTheTemperedSoftmax) {

@@ -127,6 +127,27 @@ const metricsText = (await raw("/metrics")).text;
 const cachedTotal = Number((metricsText.match(/^moe_prompt_tokens_cached_total (\d+)$/m) || [])[1]);
 check("/metrics counts the reused prompt tokens", cachedTotal >= cached, cachedTotal);
 
+// ---- logit_bias and penalties ------------------------------------------------------------------
+// A bias of 100 on one token makes greedy decoding repeat it; zero biases and penalties change no
+// bit.
+const favoured = await client.completions.create({ model: modelId, prompt: "The jury said that", max_tokens: 6,
+                                                   temperature: 0, logprobs: 1, logit_bias: { 400: 100 } });
+const fav = favoured.choices[0].logprobs.tokens;
+check("logit_bias 100 makes greedy repeat the token", fav.length === 6 && fav.every((t) => t === fav[0]) &&
+      favoured.choices[0].text === fav[0].repeat(6), favoured.choices[0]);
+// A bias of 5 alone: the token still comes back most of the time; with both penalties at 2 its
+// logit loses 4 once drawn, and it does not come back.
+const lean = (extra) => client.completions.create({ model: modelId, prompt: "It was", max_tokens: 12, temperature: 0,
+                                                    logprobs: 1, logit_bias: { 400: 5 }, ...extra });
+const count = (r) => r.choices[0].logprobs.tokens.filter((t) => t === fav[0]).length;
+const biased = await lean({}), penalised = await lean({ frequency_penalty: 2, presence_penalty: 2 });
+check("penalties stop a favoured token's repeats", count(biased) >= 6 && count(penalised) <= 2,
+      { biased: biased.choices[0].logprobs.tokens, penalised: penalised.choices[0].logprobs.tokens });
+const plainLong = await client.completions.create({ model: modelId, prompt: "It was", max_tokens: 24, temperature: 0 });
+const zeros = await client.completions.create({ model: modelId, prompt: "It was", max_tokens: 24, temperature: 0,
+                                                frequency_penalty: 0, presence_penalty: 0, logit_bias: { 400: 0 } });
+check("zero biases and penalties change nothing", zeros.choices[0].text === plainLong.choices[0].text);
+
 // ---- streaming -----------------------------------------------------------------------------------
 let streamed = "", finish = null, chunks = 0;
 for await (const part of await client.completions.create({ model: modelId, prompt: "The jury said that",
@@ -184,6 +205,12 @@ for (const [name, body, code] of [
     ["malformed JSON", "{\"prompt\": ", 400], ["not an object", "[1,2]", 400], ["no prompt", { max_tokens: 2 }, 400],
     ["prompt of the wrong type", { prompt: { a: 1 } }, 400], ["max_tokens a string", { prompt: "a", max_tokens: "x" }, 400],
     ["token id out of range", { prompt: [1, 999999] }, 400], ["stop of the wrong type", { prompt: "a", stop: 3 }, 400],
+    ["presence_penalty 3", { prompt: "a", presence_penalty: 3 }, 400],
+    ["frequency_penalty a string", { prompt: "a", frequency_penalty: "x" }, 400],
+    ["logit_bias not an object", { prompt: "a", logit_bias: [1, 2] }, 400],
+    ["logit_bias key not a token id", { prompt: "a", logit_bias: { abc: 1 } }, 400],
+    ["logit_bias token outside the vocabulary", { prompt: "a", logit_bias: { 999999: 1 } }, 400],
+    ["logit_bias over 100", { prompt: "a", logit_bias: { 5: 101 } }, 400],
     ["oversize body", { prompt: "x".repeat(100000) }, 413]]) {
   const r = await raw("/v1/completions", body);
   check(`${name}: ${code}`, r.status === code && (code === 413 || r.json?.error?.message), r);

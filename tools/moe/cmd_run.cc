@@ -172,6 +172,10 @@ Runner AddRun(CLI::App& app) {
   app.add_option("--top-k", o->sampler.top_k, "keep the k most likely tokens (0 = all)")->default_val(40);
   app.add_option("--top-p", o->sampler.top_p, "nucleus sampling threshold (1 = off)")->default_val(0.95f);
   app.add_option("--seed", o->sampler.seed, "sampling seed")->default_val(0);
+  app.add_option("--presence-penalty", o->sampler.presence_penalty,
+                 "subtracted from the logit of every token generated so far, in [-2, 2]")->default_val(0.0f);
+  app.add_option("--frequency-penalty", o->sampler.frequency_penalty,
+                 "subtracted from a token's logit for every time it was generated, in [-2, 2]")->default_val(0.0f);
   app.add_option("-t,--threads", o->threads, "threads (default: all CPUs)")->default_val(0);
   app.add_option("-c,--ctx", o->ctx, "KV cache size in tokens (default prompt + n)")->default_val(0);
   AddCacheTypeOption(app, o->cache_type);
