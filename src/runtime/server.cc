@@ -70,6 +70,24 @@ bool Bool(const json& body, const char* name, bool fallback) {
   return v->get<bool>();
 }
 
+// Fields whose meaning this server does not implement are refused rather than ignored (an
+// ignored one would give an answer the client did not ask for).
+void RejectUnsupported(const json& body, bool chat) {
+  const auto refuse = [](const std::string& what) { throw HttpError{400, what + " is not supported by this server"}; };
+  if (!chat) {
+    if (Bool(body, "echo", false)) refuse("'echo'");
+    if (const json* v = Field(body, "suffix"); v && !(v->is_string() && v->get<std::string>().empty())) refuse("'suffix'");
+    if (Integer(body, "best_of", 1, 0, INT32_MAX) > 1) refuse("'best_of' above 1");
+  }
+  if (const json* v = Field(body, "response_format")) {
+    const json* type = v->is_object() ? Field(*v, "type") : nullptr;
+    if (!type || !type->is_string()) throw HttpError{400, "'response_format' must be an object with a string 'type'"};
+    if (type->get<std::string>() != "text") refuse("'response_format' " + type->get<std::string>() + " (constrained output)");
+  }
+  for (const char* name : {"tools", "functions"})
+    if (const json* v = Field(body, name); v && !(v->is_array() && v->empty())) refuse(std::string("'") + name + "' (tool calls)");
+}
+
 // OpenAI's logit_bias: {"token id": bias, ...} (ranges are checked with the other options).
 std::vector<std::pair<int32_t, float>> LogitBias(const json& body) {
   const json* v = Field(body, "logit_bias");
@@ -229,6 +247,7 @@ class Api {
     if (body.is_discarded()) throw HttpError{400, "the request body is not valid JSON"};
     if (!body.is_object()) throw HttpError{400, "the request body must be a JSON object"};
     if (Integer(body, "n", 1, 1, 1) != 1) throw HttpError{400, "'n' must be 1"};
+    RejectUnsupported(body, chat);
     const Tokenizer& tok = model_.tokenizer();
     std::vector<int32_t> prompt;
     if (chat) {
@@ -294,6 +313,12 @@ class Api {
     // result is the same).
     const bool cache_prompt = Bool(body, "cache_prompt", true);
     const bool stream = Bool(body, "stream", false);
+    bool include_usage = false;  // stream_options.include_usage: a last chunk with the usage
+    if (const json* so = Field(body, "stream_options")) {
+      if (!stream) throw HttpError{400, "'stream_options' is only allowed when 'stream' is true"};
+      if (!so->is_object()) throw HttpError{400, "'stream_options' must be an object"};
+      include_usage = Bool(*so, "include_usage", false);
+    }
     auto job = std::make_shared<Job>();
     job->stops = StopList(body);
     for (const std::string& s : job->stops) job->max_stop = std::max(job->max_stop, s.size());
@@ -336,7 +361,7 @@ class Api {
     }
     const std::string id = (chat ? "chatcmpl-" : "cmpl-") + std::to_string(++next_id_);
     if (stream) {
-      Stream(res, job, chat, id, want_logprobs);
+      Stream(res, job, chat, id, want_logprobs, include_usage);
       return;
     }
     std::unique_lock<std::mutex> lock(job->mu);
@@ -355,25 +380,29 @@ class Api {
     }
     json out = {{"id", id}, {"object", chat ? "chat.completion" : "text_completion"}, {"created", Now()},
                 {"model", cfg_.model_name}, {"choices", json::array({choice})},
-                {"usage", {{"prompt_tokens", job->fin.prompt_tokens}, {"completion_tokens", job->fin.completion_tokens},
-                           {"total_tokens", job->fin.prompt_tokens + job->fin.completion_tokens},
-                           {"prompt_tokens_details", {{"cached_tokens", job->fin.cached_tokens}}}}}};
+                {"usage", Usage(job->fin)}};
     lock.unlock();
     Reply(res, 200, out);
   }
 
   // Server-sent events: text as it becomes final (held back while it could still turn into a stop
   // sequence, or ends inside a UTF-8 character), then the finish reason and [DONE].
-  void Stream(httplib::Response& res, const std::shared_ptr<Job>& job, bool chat, const std::string& id, bool logprobs) {
+  // include_usage (stream_options): every chunk carries "usage": null, and a last chunk before
+  // [DONE] has no choices and the request's usage, as OpenAI's API streams it.
+  void Stream(httplib::Response& res, const std::shared_ptr<Job>& job, bool chat, const std::string& id, bool logprobs,
+              bool include_usage) {
     Count(200);
     res.set_header("Cache-Control", "no-cache");
-    res.set_chunked_content_provider("text/event-stream", [this, job, chat, id, logprobs](size_t, httplib::DataSink& sink) {
-      const auto chunk = [&](const json& choice) {
+    res.set_chunked_content_provider("text/event-stream", [this, job, chat, id, logprobs, include_usage](
+                                                              size_t, httplib::DataSink& sink) {
+      const auto send = [&](json choices, json usage) {
         json j = {{"id", id}, {"object", chat ? "chat.completion.chunk" : "text_completion"}, {"created", Now()},
-                  {"model", cfg_.model_name}, {"choices", json::array({choice})}};
+                  {"model", cfg_.model_name}, {"choices", std::move(choices)}};
+        if (include_usage) j["usage"] = std::move(usage);
         const std::string line = "data: " + Dump(j) + "\n\n";
         return sink.write(line.data(), line.size());
       };
+      const auto chunk = [&](const json& choice) { return send(json::array({choice}), nullptr); };
       std::unique_lock<std::mutex> lock(job->mu);
       const size_t hold = job->max_stop ? job->max_stop - 1 : 0;  // could still become a stop sequence
       job->cv.wait_for(lock, std::chrono::milliseconds(200), [&] {
@@ -424,12 +453,19 @@ class Api {
           choice["text"] = "";
         }
         chunk(choice);
+        if (include_usage) send(json::array(), Usage(job->fin));
       }
       const std::string done = "data: [DONE]\n\n";
       sink.write(done.data(), done.size());
       sink.done();
       return true;
     }, [job](bool) { job->cancel = true; });  // the connection ended: stop generating
+  }
+
+  static json Usage(const FinishInfo& f) {
+    return {{"prompt_tokens", f.prompt_tokens}, {"completion_tokens", f.completion_tokens},
+            {"total_tokens", f.prompt_tokens + f.completion_tokens},
+            {"prompt_tokens_details", {{"cached_tokens", f.cached_tokens}}}};
   }
 
   static json ChatLogprobs(const std::vector<TokenRecord>& t, size_t a, size_t b) {

@@ -165,6 +165,18 @@ for await (const part of await client.chat.completions.create({ model: modelId, 
 }
 check("streamed chat equals the whole one", chatStreamed === cm.message.content, { chatStreamed, whole: cm.message.content });
 
+// stream_options.include_usage: "usage": null on every chunk, then one with no choices and the usage.
+const parts = [];
+for await (const part of await client.chat.completions.create({ model: modelId, max_tokens: 8, temperature: 0,
+    stream: true, stream_options: { include_usage: true },
+    messages: [{ role: "system", content: "Be brief." }, { role: "user", content: "Tell me a story." }] })) {
+  parts.push(part);
+}
+const last = parts[parts.length - 1];
+check("stream_options.include_usage: a last chunk with the usage", last.choices.length === 0 &&
+      last.usage?.completion_tokens === chat.usage.completion_tokens && last.usage?.prompt_tokens === chat.usage.prompt_tokens &&
+      parts.slice(0, -1).every((p) => p.usage === null && p.choices.length === 1), parts.slice(-2));
+
 // ---- stop sequences ----------------------------------------------------------------------------
 const long = await client.completions.create({ model: modelId, prompt: "It was", max_tokens: 24, temperature: 0 });
 const lt = long.choices[0].text;
@@ -211,10 +223,18 @@ for (const [name, body, code] of [
     ["logit_bias key not a token id", { prompt: "a", logit_bias: { abc: 1 } }, 400],
     ["logit_bias token outside the vocabulary", { prompt: "a", logit_bias: { 999999: 1 } }, 400],
     ["logit_bias over 100", { prompt: "a", logit_bias: { 5: 101 } }, 400],
+    ["stream_options without stream", { prompt: "a", stream_options: { include_usage: true } }, 400],
+    ["echo", { prompt: "a", echo: true }, 400], ["suffix", { prompt: "a", suffix: "end" }, 400],
+    ["best_of 2", { prompt: "a", best_of: 2 }, 400],
+    ["response_format json_object", { prompt: "a", response_format: { type: "json_object" } }, 400],
+    ["tools", { prompt: "a", tools: [{ type: "function", function: { name: "f" } }] }, 400],
     ["oversize body", { prompt: "x".repeat(100000) }, 413]]) {
   const r = await raw("/v1/completions", body);
   check(`${name}: ${code}`, r.status === code && (code === 413 || r.json?.error?.message), r);
 }
+const textFormat = await raw("/v1/completions", { prompt: "a", max_tokens: 2, response_format: { type: "text" },
+                                                  echo: false, best_of: 1, tools: [] });
+check("fields at their defaults are accepted", textFormat.status === 200, textFormat);
 check("unknown endpoint: 404", (await raw("/v1/nothing", {})).status === 404);
 check("no key: 401", (await raw("/v1/completions", { prompt: "a" }, { Authorization: "" })).status === 401);
 
