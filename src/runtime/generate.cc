@@ -61,9 +61,7 @@ int ContextSize(const ModelConfig& c, int ctx, int n_prompt, int n_predict,
   return static_cast<int>(n);
 }
 
-GenerateResult Generate(const Model& model, ThreadPool& pool, int n_ctx, const std::vector<int32_t>& prompt,
-                        const GenerateOptions& o, const std::function<bool(int32_t, const std::string&)>& on_token,
-                        DType kv_type, Forward::MlaForm mla) {
+Generator::Generator(const Model& model, ThreadPool& pool, int n_ctx, DType kv_type, Forward::MlaForm mla) {
   EngineConfig cfg;  // Engine::Submit validates the options
   cfg.kv_type = kv_type;
   cfg.mla = mla;
@@ -71,6 +69,15 @@ GenerateResult Generate(const Model& model, ThreadPool& pool, int n_ctx, const s
   cfg.ctx = n_ctx;
   cfg.chunk = 256;
   cfg.batch_invariant = false;  // alone: the faster one-token kernels
+  engine_ = std::make_unique<Engine>(model, pool, cfg);
+}
+
+Generator::~Generator() = default;
+
+int Generator::ctx() const { return engine_->ctx(); }
+
+GenerateResult Generator::Run(const std::vector<int32_t>& prompt, const GenerateOptions& o,
+                              const std::function<bool(int32_t, const std::string&)>& on_token) {
   GenerateResult r;
   std::mutex mu;
   std::condition_variable cv;
@@ -93,11 +100,9 @@ GenerateResult Generate(const Model& model, ThreadPool& pool, int n_ctx, const s
     done = true;
     cv.notify_all();
   };
-  Clock::time_point t0;
+  const Clock::time_point t0 = Clock::now();
+  engine_->Submit(std::move(req));
   {
-    Engine engine(model, pool, cfg);
-    t0 = Clock::now();  // the prompt's time starts with the request, not the engine's setup
-    engine.Submit(std::move(req));
     std::unique_lock<std::mutex> lock(mu);
     cv.wait(lock, [&] { return done; });
   }
@@ -106,7 +111,15 @@ GenerateResult Generate(const Model& model, ThreadPool& pool, int n_ctx, const s
   if (r.tokens.empty()) t1 = t2;
   r.prefill_s = Seconds(t0, t1);
   r.decode_s = Seconds(t1, t2);
+  r.cached_tokens = fin.cached_tokens;
   return r;
+}
+
+GenerateResult Generate(const Model& model, ThreadPool& pool, int n_ctx, const std::vector<int32_t>& prompt,
+                        const GenerateOptions& o, const std::function<bool(int32_t, const std::string&)>& on_token,
+                        DType kv_type, Forward::MlaForm mla) {
+  Generator g(model, pool, n_ctx, kv_type, mla);
+  return g.Run(prompt, o, on_token);
 }
 
 }  // namespace moe

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -14,6 +15,8 @@
 #include "tokenizer/tokenizer.h"
 
 namespace moe {
+
+class Engine;
 
 struct GenerateOptions {
   int n_predict = 64;        // tokens to generate at most
@@ -43,12 +46,29 @@ struct GenerateResult {
   std::string text;             // their pieces (empty without a vocabulary)
   std::vector<std::vector<std::pair<int, double>>> top;  // top_logprobs per generated token
   double prefill_s = 0, decode_s = 0;
+  int cached_tokens = 0;  // prompt tokens whose cache rows an earlier Run left (Generator)
 };
 
-// One generation, through the serving engine (runtime/engine.h) with a single sequence of n_ctx
-// positions: the prompt, then tokens until n_predict, an end-of-generation token or on_token
-// (if given; it hears each token as it is chosen) returning false. Throws moe::Error.
+// Generations of one sequence at a time through the serving engine (runtime/engine.h), the one
+// generation loop of moe.cpp: each Run evaluates a prompt, then generates until n_predict, an
+// end-of-generation token or on_token (if given; it hears each token as it is chosen) returning
+// false. Runs one after another reuse the cached rows of earlier prompts' whole chunks (a
+// conversation's turns), with results bitwise those of a fresh Generator. Throws moe::Error.
 // kv_type: the cache's elements (kF32 or kF16).
+class Generator {
+ public:
+  Generator(const Model& model, ThreadPool& pool, int n_ctx, DType kv_type = DType::kF32,
+            Forward::MlaForm mla = Forward::MlaForm::kAuto);
+  ~Generator();
+  GenerateResult Run(const std::vector<int32_t>& prompt, const GenerateOptions& o,
+                     const std::function<bool(int32_t, const std::string&)>& on_token = nullptr);
+  int ctx() const;
+
+ private:
+  std::unique_ptr<Engine> engine_;
+};
+
+// One generation with a fresh Generator of n_ctx positions.
 GenerateResult Generate(const Model& model, ThreadPool& pool, int n_ctx, const std::vector<int32_t>& prompt,
                         const GenerateOptions& o,
                         const std::function<bool(int32_t, const std::string&)>& on_token = nullptr,
