@@ -12,6 +12,7 @@ import time
 import os
 import subprocess
 import sys
+import random
 import tempfile
 
 MOE = sys.argv[1] if len(sys.argv) > 1 else os.environ["MOE_CLI"]
@@ -402,6 +403,52 @@ with tempfile.TemporaryDirectory() as d:
     expect_error("run names an unsupported type", ["run", "-m", iq, "--prompt-ids", "1"], 2,
                  "blk.0.attn_q.weight")
     expect_error("run names the type", ["run", "-m", iq, "--prompt-ids", "1"], 2, "tq1_0")
+
+    # A model with a vocabulary: -f, and --chat (a conversation on stdin through the chat
+    # template, plain here; each turn's prompt is the whole conversation, its cached whole chunks
+    # of 256 reused, and the answer the one a fresh run of that prompt gives).
+    words = ("the jury said that the city executive committee which had charge of the election "
+             "deserves the praise and thanks of the people for the manner in which it was conducted").split()
+    rng = random.Random(4)
+    text = os.path.join(d, "text.txt")
+    with open(text, "w") as f:
+        for _ in range(400):
+            f.write(" ".join(rng.choice(words) for _ in range(12)) + ".\n")
+    tokfile, vm = os.path.join(d, "tok.gguf"), os.path.join(d, "vocab_model.gguf")
+    check("tokenizer for the chat model", run("tokenizer", "train", "--data", text, "--vocab", "300", "-o",
+                                              tokfile).returncode == 0)
+    check("chat model", run("init", "--arch", "llama", "--layers", "2", "--dim", "64", "--ffn", "64", "--experts", "4",
+                            "--experts-used", "2", "--heads", "4", "--tokenizer", tokfile, "--ctx", "1024",
+                            "--seed", "3", "-o", vm).returncode == 0)
+    prompt_file = os.path.join(d, "prompt.txt")
+    with open(prompt_file, "w") as f:
+        f.write("the city said that\nthe jury")
+    by_file = run("run", "-m", vm, "-f", prompt_file, "-n", "6", "--temp", "0", "--json", "--ignore-eos")
+    by_text = run("run", "-m", vm, "-p", "the city said that\nthe jury", "-n", "6", "--temp", "0", "--json",
+                  "--ignore-eos")
+    check("run -f reads the prompt from a file", by_file.returncode == 0 and
+          json.loads(by_file.stdout)["tokens"] == json.loads(by_text.stdout)["tokens"], by_file.stderr[-300:])
+    expect_error("run -f a missing file", ["run", "-m", vm, "-f", os.path.join(d, "none.txt")], 2, "prompt file")
+    system = " ".join(rng.choice(words) for _ in range(160))
+    chat = subprocess.run([MOE, "run", "-m", vm, "--chat", "--system", system, "-n", "6", "--temp", "0", "--json",
+                           "--ignore-eos"], input="what did the jury say\n\nand the city\n", capture_output=True,
+                          text=True, timeout=120)
+    turns = [json.loads(line) for line in chat.stdout.splitlines()] if chat.returncode == 0 else []
+    check("chat: a turn per line (empty lines skipped)", len(turns) == 2 and all(len(t["tokens"]) == 6 for t in turns),
+          chat.stderr[-300:])
+    if len(turns) == 2:
+        first, second = turns
+        check("chat: the next turn's prompt extends the conversation", first["prompt_tokens"][:200] ==
+              second["prompt_tokens"][:200] and len(first["prompt_tokens"]) > 256, str(len(first["prompt_tokens"])))
+        check("chat: the next turn reuses the first prompt's whole chunks",
+              first["cached_tokens"] == 0 and second["cached_tokens"] == len(first["prompt_tokens"]) // 256 * 256,
+              str((first["cached_tokens"], second["cached_tokens"])))
+        fresh = run("run", "-m", vm, "--prompt-ids", ",".join(map(str, second["prompt_tokens"])), "-n", "6", "--temp",
+                    "0", "--json", "--ignore-eos")
+        check("chat: a turn's answer is a fresh run's", fresh.returncode == 0 and
+              json.loads(fresh.stdout)["tokens"] == second["tokens"], fresh.stderr[-300:])
+    expect_error("chat needs a vocabulary", ["run", "-m", m, "--chat"], 2, "needs a model with a vocabulary")
+    expect_error("--system needs --chat", ["run", "-m", vm, "-p", "a", "--system", "b"], 1, "--chat")
 
 print("%d passed, %d failed" % (passed, len(failures)))
 sys.exit(1 if failures else 0)

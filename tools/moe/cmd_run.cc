@@ -1,8 +1,12 @@
 // moe run / moe bench.
 #include <sys/resource.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <iterator>
 #include <memory>
 #include <random>
 #include <sstream>
@@ -14,6 +18,7 @@
 #include "commands.h"
 #include "model/forward.h"
 #include "model/model.h"
+#include "runtime/chat_template.h"
 #include "runtime/generate.h"
 #include "runtime/sampler.h"
 #include "util/error.h"
@@ -64,6 +69,9 @@ struct RunOptions {
   std::string model;
   std::string prompt;
   std::string prompt_ids;
+  std::string prompt_file;
+  bool chat = false;
+  std::string system;
   int n_predict = 64;
   SamplerConfig sampler;
   int threads = 0;
@@ -75,6 +83,67 @@ struct RunOptions {
   std::string cache_type;  // AddCacheTypeOption sets its default
   std::string mla;         // AddMlaOption sets its default
 };
+
+// A conversation on stdin: each line a user message (the first may come from -p), answered
+// through the model's chat template; each turn's prompt is the whole conversation, whose cached
+// whole chunks the Generator reuses, so a turn evaluates little more than its new text.
+int DoChat(const RunOptions& o, Model& model, const GenerateOptions& g, DType kv_type, Forward::MlaForm mla) {
+  const Tokenizer& tok = model.tokenizer();
+  if (!tok.HasVocab()) Fail("--chat needs a model with a vocabulary (this one has token ids only)");
+  const ModelConfig& c = model.config();
+  const ChatFormat format = DetectChatFormat(model.file().GetStringOpt("tokenizer.chat_template").value_or(""));
+  const int n_ctx = ContextSize(c, o.ctx > 0 ? o.ctx : DefaultContext(c), 1, 0,
+                                [](const std::string& w) { std::fprintf(stderr, "moe: warning: %s\n", w.c_str()); },
+                                kv_type);
+  ThreadPool pool(o.threads);
+  model.RepackForInference(pool);
+  Generator gen(model, pool, n_ctx, kv_type, mla);
+  std::vector<ChatMessage> messages;
+  if (!o.system.empty()) messages.push_back({"system", o.system});
+  const bool tty = isatty(STDIN_FILENO) != 0;
+  std::fprintf(stderr, "chat format: %s; a line per message, end with Ctrl-D\n", ChatFormatName(format));
+  for (bool first = true;; first = false) {
+    std::string user;
+    if (first && !o.prompt.empty()) {
+      user = o.prompt;
+    } else {
+      if (tty) std::fprintf(stderr, "> ");
+      if (!std::getline(std::cin, user)) break;
+      if (user.find_first_not_of(" \t\r") == std::string::npos) continue;
+    }
+    messages.push_back({"user", user});
+    const std::vector<int32_t> prompt = tok.Encode(FormatChat(format, messages), /*add_special=*/true,
+                                                   /*parse_special=*/true);
+    if (static_cast<int64_t>(prompt.size()) + std::max(g.n_predict, 1) > n_ctx)
+      Fail("the conversation (%zu tokens) and -n %d no longer fit the context of %d tokens (--ctx)", prompt.size(),
+           g.n_predict, n_ctx);
+    std::string answer;
+    const GenerateResult r = gen.Run(prompt, g, [&](int32_t id, const std::string& piece) {
+      if (tok.IsEog(id)) return true;  // the template closes the turn itself
+      answer += piece;
+      if (!o.json) {
+        std::fwrite(piece.data(), 1, piece.size(), stdout);
+        std::fflush(stdout);
+      }
+      return true;
+    });
+    const size_t n_gen = r.tokens.size();
+    const double prefill = (prompt.size() - r.cached_tokens) / r.prefill_s;
+    const double decode = n_gen > 1 ? (n_gen - 1) / r.decode_s : 0.0;
+    if (o.json) {  // a line per turn
+      const nlohmann::json turn = {{"prompt_tokens", prompt}, {"cached_tokens", r.cached_tokens}, {"tokens", r.tokens},
+                                   {"text", answer}, {"prefill_tokens_per_s", prefill}, {"decode_tokens_per_s", decode}};
+      std::printf("%s\n", turn.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
+    } else {
+      std::printf("\n");
+      std::fprintf(stderr, "[prompt: %zu tokens, %d of them from the cache, %.1f tok/s; %zu generated, %.1f tok/s]\n",
+                   prompt.size(), r.cached_tokens, prefill, n_gen, decode);
+    }
+    std::fflush(stdout);
+    messages.push_back({"assistant", answer});
+  }
+  return 0;
+}
 
 int DoRun(const RunOptions& o) {
   auto model = Model::Load(o.model);
@@ -88,11 +157,19 @@ int DoRun(const RunOptions& o) {
   ValidateGenerateOptions(g, static_cast<int>(c.n_vocab));  // before the prompt is read
   const DType kv_type = ParseCacheType(o.cache_type);
   const Forward::MlaForm mla = ParseMlaForm(o.mla);
+  if (o.chat) return DoChat(o, *model, g, kv_type, mla);
   std::vector<int32_t> prompt;
   if (!o.prompt_ids.empty()) {
     prompt = ParseIds(o.prompt_ids);
   } else {
-    prompt = tok.Encode(o.prompt, /*add_special=*/true);
+    std::string text = o.prompt;
+    if (!o.prompt_file.empty()) {
+      std::ifstream f(o.prompt_file, std::ios::binary);
+      if (!f) Fail("cannot open the prompt file %s", o.prompt_file.c_str());
+      text.assign(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+      if (f.bad()) Fail("cannot read the prompt file %s", o.prompt_file.c_str());
+    }
+    prompt = tok.Encode(text, /*add_special=*/true);
     if (prompt.empty()) Fail("the prompt is empty after tokenization");
   }
   const int n_ctx = ContextSize(c, o.ctx, static_cast<int>(prompt.size()), o.teacher_forcing ? 0 : o.n_predict,
@@ -166,7 +243,16 @@ Runner AddRun(CLI::App& app) {
   app.add_option("-m,--model", o->model, "GGUF model file")->required();
   auto* p = app.add_option("-p,--prompt", o->prompt, "prompt text");
   auto* ids = app.add_option("--prompt-ids", o->prompt_ids, "prompt as token ids: 1,2,3");
+  auto* file = app.add_option("-f,--file", o->prompt_file, "prompt text from a file");
   p->excludes(ids);
+  file->excludes(p);
+  file->excludes(ids);
+  auto* chat = app.add_flag("--chat", o->chat,
+                            "a conversation: a user message per line of stdin (the first may be -p), answered "
+                            "through the model's chat template, the cached prompt prefix reused every turn");
+  app.add_option("--system", o->system, "with --chat: the system message")->needs(chat);
+  chat->excludes(ids);
+  chat->excludes(file);
   app.add_option("-n,--n-predict", o->n_predict, "tokens to generate")->default_val(64);
   app.add_option("--temp", o->sampler.temp, "temperature (0 = greedy)")->default_val(0.8f);
   app.add_option("--top-k", o->sampler.top_k, "keep the k most likely tokens (0 = all)")->default_val(40);
@@ -181,12 +267,14 @@ Runner AddRun(CLI::App& app) {
   AddCacheTypeOption(app, o->cache_type);
   AddMlaOption(app, o->mla);
   app.add_flag("--ignore-eos", o->ignore_eos, "keep generating after an end-of-generation token");
-  app.add_flag("--json", o->json, "print one JSON object with tokens, log-probs and speeds");
+  app.add_flag("--json", o->json, "print one JSON object with tokens, log-probs and speeds (--chat: one per turn)");
   app.add_option("--top-logprobs", o->top_logprobs, "report the N most likely tokens per position")->default_val(0);
-  app.add_flag("--teacher-forcing", o->teacher_forcing,
-               "no generation: report the top log-probs after every prompt position (with --json)");
+  auto* teacher = app.add_flag("--teacher-forcing", o->teacher_forcing,
+                               "no generation: report the top log-probs after every prompt position (with --json)");
+  chat->excludes(teacher);
   return [=]() {
-    if (o->prompt.empty() && o->prompt_ids.empty()) Fail("give a prompt with -p TEXT or --prompt-ids 1,2,3");
+    if (o->prompt.empty() && o->prompt_ids.empty() && o->prompt_file.empty() && !o->chat)
+      Fail("give a prompt with -p TEXT, -f FILE or --prompt-ids 1,2,3 (or --chat)");
     CheckThreadCount(o->threads);
     return DoRun(*o);
   };
