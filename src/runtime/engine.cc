@@ -104,8 +104,9 @@ size_t Engine::Reusable(const std::vector<int32_t>& cached, const std::vector<in
 
 void Engine::Admit(Slot& s, std::vector<IdleCache>& idle, int& n_caches) {
   size_t pick = idle.size(), reuse = 0;
-  if (s.req.reuse_prefix) {
+  if (s.req.reuse_prefix && cfg_.prefix_reuse) {
     for (size_t i = 0; i < idle.size(); ++i) {
+      if (idle[i].salt != s.req.cache_salt) continue;
       const size_t r = Reusable(idle[i].tokens, s.req.prompt);
       if (r > reuse) pick = i, reuse = r;
     }
@@ -162,9 +163,10 @@ void Engine::Loop() {
       c.last_use = ++finished;
       // The prompt's whole chunks, kept for later requests; none after a failed step (rows may be
       // half written) or from a request that asked for no reuse (it leaves nothing behind).
-      if (!s->failed && s->req.reuse_prefix) {
+      if (!s->failed && s->req.reuse_prefix && cfg_.prefix_reuse) {
         const size_t keep = std::min(s->prefilled, s->req.prompt.size()) / cfg_.chunk * cfg_.chunk;
         c.tokens.assign(s->req.prompt.begin(), s->req.prompt.begin() + static_cast<std::ptrdiff_t>(keep));
+        c.salt = s->req.cache_salt;
       }
       idle.push_back(std::move(c));
     }

@@ -12,7 +12,8 @@
 // system prompt) takes that cache and evaluates only the rest. It reuses whole chunks only, and
 // never the chunk that holds its own last prompt token: every row it reuses was computed from
 // the same tokens in the same chunk as its own prompt's chunks would compute it, so its result
-// is bitwise the same as with an empty cache.
+// is bitwise the same as with an empty cache. Only requests with the same cache_salt share
+// prefixes; EngineConfig::prefix_reuse off shares none.
 #pragma once
 
 #include <atomic>
@@ -39,6 +40,7 @@ struct EngineConfig {
   int max_queue = 256; // waiting requests beyond the slots; more are refused
   bool batch_invariant = true;  // kernels::SetBatchInvariant (a single-stream run may skip it)
   DType kv_type = DType::kF32;  // the sequences' KV caches: kF32 or kF16 (KvCache)
+  bool prefix_reuse = true;     // requests may reuse earlier requests' cached prompt prefixes
   Forward::MlaForm mla = Forward::MlaForm::kAuto;  // deepseek2's attention (Forward::SetMlaForm)
 };
 
@@ -65,6 +67,10 @@ struct EngineRequest {
   // May start from a cached prompt prefix and leave its own for later requests (either way the
   // result is the same); false evaluates the whole prompt and leaves nothing behind.
   bool reuse_prefix = true;
+  // Prefixes are shared only between requests with the same salt (vLLM's cache_salt): a request
+  // can tell from its cached count or its speed whether an earlier one began as it does, so
+  // users who must not learn of each other's prompts get different salts.
+  std::string cache_salt;
   // Called from the engine's thread for each token; return false to stop the request (a stop
   // sequence matched, the client went away).
   std::function<bool(const TokenEvent&)> on_token;
@@ -111,6 +117,7 @@ class Engine {
   struct IdleCache {
     std::unique_ptr<KvCache> cache;
     std::vector<int32_t> tokens;
+    std::string salt;       // the salt of the request that left it
     uint64_t last_use = 0;  // when its request finished (a step count): the oldest goes first
   };
   void Loop();

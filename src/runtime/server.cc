@@ -328,6 +328,11 @@ class Api {
     er.options = g;
     er.logprobs = want_logprobs;
     er.reuse_prefix = cache_prompt;
+    if (const json* salt = Field(body, "cache_salt")) {
+      if (!salt->is_string() || salt->get<std::string>().size() > 256)
+        throw HttpError{400, "'cache_salt' must be a string of at most 256 bytes"};
+      er.cache_salt = salt->get<std::string>();
+    }
     er.on_token = [job, &tok = tok](const TokenEvent& ev) {
       std::lock_guard<std::mutex> lock(job->mu);
       const size_t before = job->text.size();

@@ -14,6 +14,8 @@ import subprocess
 import sys
 import random
 import tempfile
+import urllib.request
+import re
 
 MOE = sys.argv[1] if len(sys.argv) > 1 else os.environ["MOE_CLI"]
 failures = []
@@ -447,6 +449,27 @@ with tempfile.TemporaryDirectory() as d:
                     "0", "--json", "--ignore-eos")
         check("chat: a turn's answer is a fresh run's", fresh.returncode == 0 and
               json.loads(fresh.stdout)["tokens"] == second["tokens"], fresh.stderr[-300:])
+    # moe serve --no-prompt-cache: a conversation's next turn evaluates its whole prompt.
+    srv = subprocess.Popen([MOE, "serve", "-m", vm, "--port", "0", "--no-prompt-cache", "--chunk", "16"],
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        port = None
+        for line in srv.stderr:
+            found = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
+            if found:
+                port = int(found.group(1))
+                break
+        cached = []
+        base = list(range(1, 41))  # with chunks of 16, the second request could reuse 32 of these
+        for prompt in (base, base + [5]):
+            req = urllib.request.Request("http://127.0.0.1:%d/v1/completions" % port, json.dumps(
+                {"prompt": prompt, "max_tokens": 1}).encode(), {"Content-Type": "application/json"})
+            cached.append(json.loads(urllib.request.urlopen(req, timeout=60).read())["usage"]["prompt_tokens_details"]
+                          ["cached_tokens"])
+        check("serve --no-prompt-cache reuses nothing", cached == [0, 0], str(cached))
+    finally:
+        srv.terminate()
+        srv.wait()
     expect_error("chat needs a vocabulary", ["run", "-m", m, "--chat"], 2, "needs a model with a vocabulary")
     expect_error("--system needs --chat", ["run", "-m", vm, "-p", "a", "--system", "b"], 1, "--chat")
 

@@ -260,6 +260,42 @@ TEST(Engine, ReusedPromptPrefixesGiveTheBitsOfAnEmptyCache) {
   }
 }
 
+// Prefixes are shared only between requests with the same cache_salt, and not at all without
+// prefix reuse.
+TEST(Engine, PrefixesAreSharedOnlyUnderTheSameSalt) {
+  InitOptions o = TestModelOptions(Arch::kLlama, DType::kF32, 2, 128, 128, 4, 2, 9);
+  auto model = Model::Load(WriteTestModel(o, "engine", "engine_salt"));
+  ThreadPool pool(2);
+  std::mt19937 rng(8);
+  std::vector<int32_t> a(50), b;
+  for (int32_t& t : a) t = std::uniform_int_distribution<int>(1, 299)(rng);
+  b = a;
+  for (int i = 0; i < 20; ++i) b.push_back(std::uniform_int_distribution<int>(1, 299)(rng));
+  const auto request = [](const std::vector<int32_t>& prompt, const std::string& salt) {
+    EngineRequest r;
+    r.prompt = prompt;
+    r.options.n_predict = 2;
+    r.options.sampler.temp = 0.0f;
+    r.cache_salt = salt;
+    return r;
+  };
+  EngineConfig cfg;
+  cfg.parallel = 2;
+  cfg.ctx = 100;
+  cfg.chunk = 16;
+  {
+    Engine engine(*model, pool, cfg);
+    EXPECT_EQ(RunOne(engine, request(a, "alice")).cached_tokens, 0);
+    EXPECT_EQ(RunOne(engine, request(b, "bob")).cached_tokens, 0) << "another salt's prefix was reused";
+    EXPECT_EQ(RunOne(engine, request(b, "alice")).cached_tokens, 48);
+    EXPECT_EQ(RunOne(engine, request(b, "")).cached_tokens, 0);
+  }
+  cfg.prefix_reuse = false;
+  Engine engine(*model, pool, cfg);
+  EXPECT_EQ(RunOne(engine, request(a, "")).cached_tokens, 0);
+  EXPECT_EQ(RunOne(engine, request(b, "")).cached_tokens, 0) << "reused with prefix_reuse off";
+}
+
 // Logit bias and OpenAI's penalties through the engine: at every generated position the reported
 // distribution over the whole vocabulary is the model's own there, shifted by each token's bias
 // minus count x frequency_penalty + [count > 0] x presence_penalty for the tokens generated

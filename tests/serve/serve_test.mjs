@@ -123,6 +123,12 @@ check("cache_prompt: false evaluates the whole prompt", turn2Full.usage.prompt_t
       turn2Full.usage);
 check("a reused prefix gives the same bits", JSON.stringify(turn2.choices) === JSON.stringify(turn2Full.choices),
       { cached: turn2.choices[0], full: turn2Full.choices[0] });
+// Another cache_salt (vLLM's field: users apart) shares nothing with the unsalted turns.
+const turn2Salted = await client.chat.completions.create({ model: modelId, max_tokens: 8, temperature: 0.7, seed: 3,
+                                                          logprobs: true, top_logprobs: 2, messages: history,
+                                                          cache_salt: "another user" });
+check("another cache_salt reuses nothing, and gives the same bits", turn2Salted.usage.prompt_tokens_details
+      ?.cached_tokens === 0 && JSON.stringify(turn2Salted.choices) === JSON.stringify(turn2.choices), turn2Salted.usage);
 const metricsText = (await raw("/metrics")).text;
 const cachedTotal = Number((metricsText.match(/^moe_prompt_tokens_cached_total (\d+)$/m) || [])[1]);
 check("/metrics counts the reused prompt tokens", cachedTotal >= cached, cachedTotal);
@@ -223,6 +229,7 @@ for (const [name, body, code] of [
     ["logit_bias key not a token id", { prompt: "a", logit_bias: { abc: 1 } }, 400],
     ["logit_bias token outside the vocabulary", { prompt: "a", logit_bias: { 999999: 1 } }, 400],
     ["logit_bias over 100", { prompt: "a", logit_bias: { 5: 101 } }, 400],
+    ["cache_salt not a string", { prompt: "a", cache_salt: 5 }, 400],
     ["stream_options without stream", { prompt: "a", stream_options: { include_usage: true } }, 400],
     ["echo", { prompt: "a", echo: true }, 400], ["suffix", { prompt: "a", suffix: "end" }, 400],
     ["best_of 2", { prompt: "a", best_of: 2 }, 400],

@@ -31,6 +31,8 @@ Runner AddServe(CLI::App& app) {
   AddCacheTypeOption(app, o->cache_type);
   AddMlaOption(app, o->mla);
   app.add_option("--chunk", s.engine.chunk, "prompt tokens per step of a prefilling request")->default_val(64);
+  app.add_flag("!--no-prompt-cache", s.engine.prefix_reuse,
+               "no request reuses another's cached prompt prefix (by default those with the same cache_salt do)");
   app.add_option("--queue", s.engine.max_queue, "requests that may wait for a slot; more get 503")->default_val(256);
   app.add_option("--api-key", s.api_key, "require \"Authorization: Bearer KEY\"");
   app.add_option("-t,--threads", o->threads, "compute threads (default: all CPUs)")->default_val(0);
