@@ -2,7 +2,9 @@
 import json
 import os
 import platform
+import re
 import subprocess
+import threading
 
 
 def cpu_name():
@@ -50,3 +52,26 @@ def run_json(cmd, what):
         return json.loads(lines[-1])
     except (IndexError, json.JSONDecodeError):
         raise SystemExit(f"{what}: the last output line is not JSON: {' '.join(cmd)}\n{p.stdout[-2000:]}")
+
+
+def start_server(moe, *args):
+    """Starts `moe serve --port 0 ARGS`; returns (process, port) once it listens, its stderr drained
+    in the background. Exits with a message when it does not start."""
+    srv = subprocess.Popen([moe, "serve", "--port", "0", *args], stderr=subprocess.PIPE, text=True)
+    port = None
+    for line in srv.stderr:
+        m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
+        if m:
+            port = int(m.group(1))
+            break
+    if port is None:
+        raise SystemExit("moe serve did not start")
+    threading.Thread(target=lambda: [None for _ in srv.stderr], daemon=True).start()
+    return srv, port
+
+
+def model_vocab(moe, model):
+    """The model's vocabulary size (`moe inspect --json`)."""
+    info = json.loads(subprocess.run([moe, "inspect", model, "--json"], capture_output=True, text=True,
+                                     check=True).stdout)
+    return info["hparams"]["n_vocab"]

@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import random
-import re
 import statistics
 import subprocess
 import sys
@@ -82,22 +81,9 @@ def main():
     levels = [int(x) for x in a.streams.split(",")]
     if not os.path.exists(a.model):
         raise SystemExit(f"{a.model} is missing: bench/compare.py writes the medium models (or give --model)")
-    info = json.loads(subprocess.run([a.moe, "inspect", a.model, "--json"], capture_output=True, text=True,
-                                     check=True).stdout)
-    vocab = info["hparams"]["n_vocab"]
-    srv = subprocess.Popen([a.moe, "serve", "-m", a.model, "--port", "0", "--cache-type", a.cache_type,
-                            "--parallel", str(max(levels)),
-                            "--ctx-size", str(32 + a.tokens + 8), "-t", str(a.t), "--chunk", "64"],
-                           stderr=subprocess.PIPE, text=True)
-    port = None
-    for line in srv.stderr:
-        m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
-        if m:
-            port = int(m.group(1))
-            break
-    if port is None:
-        raise SystemExit("moe serve did not start")
-    threading.Thread(target=lambda: [None for _ in srv.stderr], daemon=True).start()
+    vocab = benchutil.model_vocab(a.moe, a.model)
+    srv, port = benchutil.start_server(a.moe, "-m", a.model, "--cache-type", a.cache_type, "--parallel", str(max(levels)),
+                                       "--ctx-size", str(32 + a.tokens + 8), "-t", str(a.t), "--chunk", "64")
     rng = random.Random(1)
     rows = []
     try:

@@ -23,9 +23,7 @@ import platform
 import random
 import re
 import statistics
-import subprocess
 import sys
-import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -80,21 +78,10 @@ def main():
     a = ap.parse_args()
     if not os.path.exists(a.model):
         raise SystemExit(f"{a.model} is missing: bench/compare.py writes the medium models (or give --model)")
-    info = json.loads(subprocess.run([a.moe, "inspect", a.model, "--json"], capture_output=True, text=True,
-                                     check=True).stdout)
-    vocab = info["hparams"]["n_vocab"]
+    vocab = benchutil.model_vocab(a.moe, a.model)
     ctx = a.system + (a.turns - 1) * a.append + a.max_tokens + 8
-    srv = subprocess.Popen([a.moe, "serve", "-m", a.model, "--port", "0", "--parallel", "4", "--ctx-size", str(ctx),
-                            "-t", str(a.t), "--chunk", str(a.chunk)], stderr=subprocess.PIPE, text=True)
-    port = None
-    for line in srv.stderr:
-        m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
-        if m:
-            port = int(m.group(1))
-            break
-    if port is None:
-        raise SystemExit("moe serve did not start")
-    threading.Thread(target=lambda: [None for _ in srv.stderr], daemon=True).start()
+    srv, port = benchutil.start_server(a.moe, "-m", a.model, "--parallel", "4", "--ctx-size", str(ctx), "-t", str(a.t),
+                                       "--chunk", str(a.chunk))
     rng = random.Random(1)
     ttft = {True: [[] for _ in range(a.turns)], False: [[] for _ in range(a.turns)]}
     reused = [[] for _ in range(a.turns)]
