@@ -118,7 +118,7 @@ class Engine {
     std::unique_ptr<KvCache> cache;
     std::vector<int32_t> tokens;
     std::string salt;       // the salt of the request that left it
-    uint64_t last_use = 0;  // when its request finished (a step count): the oldest goes first
+    uint64_t last_use = 0;  // its request's place in the order of finishing: the oldest goes first
   };
   void Loop();
   void Admit(Slot& s, std::vector<IdleCache>& idle, int& n_caches);

@@ -74,8 +74,6 @@ Generator::Generator(const Model& model, ThreadPool& pool, int n_ctx, DType kv_t
 
 Generator::~Generator() = default;
 
-int Generator::ctx() const { return engine_->ctx(); }
-
 GenerateResult Generator::Run(const std::vector<int32_t>& prompt, const GenerateOptions& o,
                               const std::function<bool(int32_t, const std::string&)>& on_token) {
   GenerateResult r;

@@ -62,7 +62,6 @@ class Generator {
   ~Generator();
   GenerateResult Run(const std::vector<int32_t>& prompt, const GenerateOptions& o,
                      const std::function<bool(int32_t, const std::string&)>& on_token = nullptr);
-  int ctx() const;
 
  private:
   std::unique_ptr<Engine> engine_;
