@@ -24,6 +24,7 @@ void ValidateGenerateOptions(const GenerateOptions& o, int n_vocab) {
   if (s.top_k < 0) Fail("top_k %d must be >= 0 (0 = the whole vocabulary)", s.top_k);
   if (!std::isfinite(s.top_p) || s.top_p <= 0 || s.top_p > 1)
     Fail("top_p %g must be in (0, 1] (1 = off)", s.top_p);
+  if (!std::isfinite(s.min_p) || s.min_p < 0 || s.min_p > 1) Fail("min_p %g must be in [0, 1] (0 = off)", s.min_p);
   if (!std::isfinite(s.presence_penalty) || std::fabs(s.presence_penalty) > 2)
     Fail("presence_penalty %g must be in [-2, 2] (0 = off)", s.presence_penalty);
   if (!std::isfinite(s.frequency_penalty) || std::fabs(s.frequency_penalty) > 2)

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 #include "kernels/kernels.h"
 
@@ -55,9 +56,20 @@ int Sampler::Pick(const float* logits, int n_vocab) {
   const float inv_temp = 1.0f / cfg_.temp;
   for (int i = 0; i < n_vocab; ++i) probs_[i] = logits[i] * inv_temp;
   kernels::Softmax(probs_.data(), n_vocab);
+  // min-p: the logit a token needs (every token passes without it).
+  const float min_logit = cfg_.min_p > 0.0f ? logits[Argmax(logits, n_vocab)] + std::log(cfg_.min_p)
+                                            : -std::numeric_limits<float>::infinity();
   const bool top_k = cfg_.top_k > 0 && cfg_.top_k < n_vocab;
-  if (!top_k && cfg_.top_p >= 1.0f) {  // no filter: no ordering needed, one pass to draw
-    std::uniform_real_distribution<double> u(0.0, 1.0);
+  if (!top_k && cfg_.top_p >= 1.0f) {  // no filter but min-p: no ordering needed, one pass to draw
+    double mass = 1.0;
+    if (cfg_.min_p > 0.0f) {
+      mass = 0.0;
+      for (int i = 0; i < n_vocab; ++i) {
+        if (logits[i] < min_logit) probs_[i] = 0.0f;
+        mass += probs_[i];
+      }
+    }
+    std::uniform_real_distribution<double> u(0.0, mass);
     double r = u(rng_);
     // Blocks of 64 summed in four independent chains first, then the token within the block
     // where r falls: one chain of dependent additions over the whole vocabulary had been most of
@@ -79,7 +91,7 @@ int Sampler::Pick(const float* logits, int n_vocab) {
   auto by_logit = [](const std::pair<float, int>& a, const std::pair<float, int>& b) {
     return a.first > b.first || (a.first == b.first && a.second < b.second);
   };
-  if (!top_k) return SampleNucleus(logits, n_vocab, by_logit);
+  if (!top_k) return SampleNucleus(logits, n_vocab, by_logit, min_logit);
   // The top k best first (found through the buckets, not by sorting the vocabulary), then top_p
   // over their renormalised probabilities.
   SelectTop(logits, n_vocab, cfg_.top_k, by_logit);
@@ -96,6 +108,7 @@ int Sampler::Pick(const float* logits, int n_vocab) {
       }
     }
   }
+  while (n > 1 && cand_[n - 1].first < min_logit) --n;  // best first: min-p cuts the tail
   double kept = 0;
   for (size_t i = 0; i < n; ++i) kept += probs_[cand_[i].second];
   std::uniform_real_distribution<double> u(0.0, kept);
@@ -141,7 +154,7 @@ void Sampler::SelectTop(const float* logits, int n_vocab, int k, const Less& by_
 // logit, then index, as everywhere) to find where in it. The draw scans the kept tokens in
 // vocabulary order.
 template <class Less>
-int Sampler::SampleNucleus(const float* logits, int n_vocab, const Less& by_logit) {
+int Sampler::SampleNucleus(const float* logits, int n_vocab, const Less& by_logit, float min_logit) {
   Bucket(n_vocab);
   mass_.assign(kBuckets, 0.0);
   for (int i = 0; i < n_vocab; ++i) mass_[bucket_[i]] += probs_[i];
@@ -159,8 +172,9 @@ int Sampler::SampleNucleus(const float* logits, int n_vocab, const Less& by_logi
   size_t n = 0;
   while (n < cand_.size() && (cum < cfg_.top_p || n == 0)) cum += probs_[cand_[n++].second];
   const auto kept = [&](int i) {
-    return static_cast<int>(bucket_[i]) > b ||
-           (bucket_[i] == b && !by_logit(cand_[n - 1], std::pair<float, int>{logits[i], i}));
+    return (static_cast<int>(bucket_[i]) > b ||
+            (bucket_[i] == b && !by_logit(cand_[n - 1], std::pair<float, int>{logits[i], i}))) &&
+           logits[i] >= min_logit;
   };
   double total = 0;
   for (int i = 0; i < n_vocab; ++i)

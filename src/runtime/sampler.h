@@ -1,4 +1,4 @@
-// Token sampling: greedy (temp 0), or temperature with top-k and top-p (nucleus) filtering,
+// Token sampling: greedy (temp 0), or temperature with top-k, top-p (nucleus) and min-p filtering,
 // from a seeded generator so a run is reproducible; OpenAI's logit bias and presence and
 // frequency penalties on the logits first.
 #pragma once
@@ -15,6 +15,9 @@ struct SamplerConfig {
   float temp = 0.8f;
   int top_k = 40;      // 0 = whole vocabulary
   float top_p = 0.95f; // 1 = off
+  // llama.cpp's min-p, after top-k and top-p: only tokens at least min_p times as likely as the
+  // most likely one (logit >= the best logit + ln min_p, at any temperature); 0 = off.
+  float min_p = 0.0f;
   uint64_t seed = 0;
   // OpenAI's penalties on the tokens drawn so far: a token's logit loses presence_penalty once it
   // has been drawn and frequency_penalty for every time it was (each in [-2, 2]; 0 = off).
@@ -43,7 +46,7 @@ class Sampler {
   template <class Less>
   void SelectTop(const float* logits, int n_vocab, int k, const Less& by_logit);
   template <class Less>
-  int SampleNucleus(const float* logits, int n_vocab, const Less& by_logit);
+  int SampleNucleus(const float* logits, int n_vocab, const Less& by_logit, float min_logit);
 
   SamplerConfig cfg_;
   std::mt19937_64 rng_;

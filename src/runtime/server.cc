@@ -292,6 +292,7 @@ class Api {
     g.sampler.temp = static_cast<float>(Number(body, "temperature", 1.0));
     g.sampler.top_p = static_cast<float>(Number(body, "top_p", 1.0));
     g.sampler.top_k = static_cast<int>(Integer(body, "top_k", 0, 0, INT32_MAX));
+    g.sampler.min_p = static_cast<float>(Number(body, "min_p", 0.0));  // llama-server's extension
     g.sampler.presence_penalty = static_cast<float>(Number(body, "presence_penalty", 0.0));
     g.sampler.frequency_penalty = static_cast<float>(Number(body, "frequency_penalty", 0.0));
     g.sampler.logit_bias = LogitBias(body);

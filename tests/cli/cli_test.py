@@ -150,6 +150,7 @@ with tempfile.TemporaryDirectory() as d:
             ("top-p zero", ["--top-p", "0"], "top_p 0"),
             ("top-k negative", ["--top-k", "-1"], "top_k -1"),
             ("presence penalty above 2", ["--presence-penalty", "3"], "presence_penalty 3"),
+            ("min-p above 1", ["--min-p", "2"], "min_p 2"),
             ("frequency penalty NaN", ["--frequency-penalty", "nan"], "frequency_penalty nan"),
             ("ctx negative", ["--ctx", "-1"], "context size -1"),
             ("ctx below the prompt", ["--ctx", "1"], "more than the context size 1"),

@@ -105,6 +105,42 @@ TEST(Sampler, WholeVocabularyFollowsTheTemperedSoftmax) {
   }
 }
 
+// min-p keeps the tokens at least min_p times as likely as the best at temperature 1 (logit >=
+// best + ln min_p), whatever the temperature, after top-k and top-p; renormalised.
+TEST(Sampler, MinPKeepsTokensNearTheBest) {
+  // kLogits: 2.0, 1.0, 0.5, 0.0, -1.0, -3.0, 1.5. min_p 0.3: ln 0.3 = -1.20, so logits >= 0.80
+  // stay (2.0, 1.5, 1.0).
+  const auto restricted = [](const std::vector<double>& p, std::initializer_list<int> keep) {
+    std::vector<double> want(p.size(), 0.0);
+    double kept = 0;
+    for (int i : keep) kept += p[i];
+    for (int i : keep) want[i] = p[i] / kept;
+    return want;
+  };
+  for (float temp : {0.6f, 1.3f}) {
+    SamplerConfig cfg;
+    cfg.temp = temp;
+    cfg.top_k = 0;
+    cfg.top_p = 1.0f;
+    cfg.min_p = 0.3f;
+    cfg.seed = 17;
+    ExpectFrequencies(cfg, kLogits, restricted(Probabilities(kLogits, temp), {0, 6, 1}), 200000);
+    cfg.top_k = 5;  // the 5 best, then min-p
+    ExpectFrequencies(cfg, kLogits, restricted(Probabilities(kLogits, temp), {0, 6, 1}), 200000);
+    cfg.top_k = 2;  // top-k cuts first
+    ExpectFrequencies(cfg, kLogits, restricted(Probabilities(kLogits, temp), {0, 6}), 200000);
+    cfg.top_k = 0;
+    cfg.top_p = 0.999f;  // a nucleus of more than the three best, which min-p cuts to them
+    ExpectFrequencies(cfg, kLogits, restricted(Probabilities(kLogits, temp), {0, 6, 1}), 200000);
+  }
+  SamplerConfig one;
+  one.temp = 1.0f;
+  one.top_k = 0;
+  one.top_p = 1.0f;
+  one.min_p = 1.0f;  // only the best
+  ExpectFrequencies(one, kLogits, restricted(Probabilities(kLogits, 1.0), {0}), 1000);
+}
+
 TEST(Sampler, TopKKeepsTheKBestRenormalised) {
   SamplerConfig cfg;
   cfg.temp = 0.9f;

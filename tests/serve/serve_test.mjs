@@ -153,6 +153,12 @@ const plainLong = await client.completions.create({ model: modelId, prompt: "It 
 const zeros = await client.completions.create({ model: modelId, prompt: "It was", max_tokens: 24, temperature: 0,
                                                 frequency_penalty: 0, presence_penalty: 0, logit_bias: { 400: 0 } });
 check("zero biases and penalties change nothing", zeros.choices[0].text === plainLong.choices[0].text);
+// min_p (llama-server's field) of 1 keeps only the most likely token: sampling at any temperature
+// is then greedy.
+const minP = await client.completions.create({ model: modelId, prompt: "It was", max_tokens: 24, temperature: 1.5,
+                                               seed: 9, min_p: 1 });
+check("min_p 1 samples greedily", minP.choices[0].text === plainLong.choices[0].text,
+      { minP: minP.choices[0].text, greedy: plainLong.choices[0].text });
 
 // ---- streaming -----------------------------------------------------------------------------------
 let streamed = "", finish = null, chunks = 0;
@@ -223,7 +229,7 @@ for (const [name, body, code] of [
     ["malformed JSON", "{\"prompt\": ", 400], ["not an object", "[1,2]", 400], ["no prompt", { max_tokens: 2 }, 400],
     ["prompt of the wrong type", { prompt: { a: 1 } }, 400], ["max_tokens a string", { prompt: "a", max_tokens: "x" }, 400],
     ["token id out of range", { prompt: [1, 999999] }, 400], ["stop of the wrong type", { prompt: "a", stop: 3 }, 400],
-    ["presence_penalty 3", { prompt: "a", presence_penalty: 3 }, 400],
+    ["presence_penalty 3", { prompt: "a", presence_penalty: 3 }, 400], ["min_p 2", { prompt: "a", min_p: 2 }, 400],
     ["frequency_penalty a string", { prompt: "a", frequency_penalty: "x" }, 400],
     ["logit_bias not an object", { prompt: "a", logit_bias: [1, 2] }, 400],
     ["logit_bias key not a token id", { prompt: "a", logit_bias: { abc: 1 } }, 400],

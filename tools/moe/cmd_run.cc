@@ -257,6 +257,8 @@ Runner AddRun(CLI::App& app) {
   app.add_option("--temp", o->sampler.temp, "temperature (0 = greedy)")->default_val(0.8f);
   app.add_option("--top-k", o->sampler.top_k, "keep the k most likely tokens (0 = all)")->default_val(40);
   app.add_option("--top-p", o->sampler.top_p, "nucleus sampling threshold (1 = off)")->default_val(0.95f);
+  app.add_option("--min-p", o->sampler.min_p, "keep tokens at least this fraction as likely as the best (0 = off)")
+      ->default_val(0.0f);
   app.add_option("--seed", o->sampler.seed, "sampling seed")->default_val(0);
   app.add_option("--presence-penalty", o->sampler.presence_penalty,
                  "subtracted from the logit of every token generated so far, in [-2, 2]")->default_val(0.0f);
