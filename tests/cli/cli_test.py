@@ -471,6 +471,19 @@ with tempfile.TemporaryDirectory() as d:
     finally:
         srv.terminate()
         srv.wait()
+    # Past the context the oldest exchanges leave the conversation; a message alone too long fails.
+    lines = "".join(" ".join(rng.choice(words) for _ in range(5)) + "\n" for _ in range(6))
+    small = subprocess.run([MOE, "run", "-m", vm, "--chat", "-n", "6", "--temp", "0", "--json", "--ignore-eos", "--ctx",
+                            "64"], input=lines, capture_output=True, text=True, timeout=120)
+    small_turns = [json.loads(line) for line in small.stdout.splitlines()] if small.returncode == 0 else []
+    check("chat: the oldest exchanges leave a full context", len(small_turns) == 6 and
+          all(len(t["prompt_tokens"]) + 6 <= 64 for t in small_turns) and "left the conversation" in small.stderr,
+          small.stderr[-300:])
+    too_long = subprocess.run([MOE, "run", "-m", vm, "--chat", "-n", "6", "--ctx", "64"],
+                              input=" ".join(rng.choice(words) for _ in range(80)) + "\n", capture_output=True,
+                              text=True, timeout=120)
+    check("chat: a message longer than the context fails", too_long.returncode == 2 and
+          "do not fit the context of 64 tokens" in too_long.stderr, too_long.stderr[-300:])
     expect_error("chat needs a vocabulary", ["run", "-m", m, "--chat"], 2, "needs a model with a vocabulary")
     expect_error("--system needs --chat", ["run", "-m", vm, "-p", "a", "--system", "b"], 1, "--chat")
 

@@ -112,11 +112,21 @@ int DoChat(const RunOptions& o, Model& model, const GenerateOptions& g, DType kv
       if (user.find_first_not_of(" \t\r") == std::string::npos) continue;
     }
     messages.push_back({"user", user});
-    const std::vector<int32_t> prompt = tok.Encode(FormatChat(format, messages), /*add_special=*/true,
-                                                   /*parse_special=*/true);
-    if (static_cast<int64_t>(prompt.size()) + std::max(g.n_predict, 1) > n_ctx)
-      Fail("the conversation (%zu tokens) and -n %d no longer fit the context of %d tokens (--ctx)", prompt.size(),
-           g.n_predict, n_ctx);
+    const auto encode = [&] { return tok.Encode(FormatChat(format, messages), /*add_special=*/true, /*parse_special=*/true); };
+    const auto fits = [&](size_t n) { return static_cast<int64_t>(n) + std::max(g.n_predict, 1) <= n_ctx; };
+    std::vector<int32_t> prompt = encode();
+    // Past the context the oldest exchange goes (the system message and this message stay); the
+    // turn then evaluates its whole prompt, whose start changed.
+    for (size_t first = o.system.empty() ? 0 : 1; !fits(prompt.size()) && messages.size() > first + 1;) {
+      const size_t n = messages.size() > first + 2 ? 2 : 1;
+      messages.erase(messages.begin() + static_cast<std::ptrdiff_t>(first),
+                     messages.begin() + static_cast<std::ptrdiff_t>(first + n));
+      std::fprintf(stderr, "[the oldest exchange left the conversation to fit the context of %d tokens]\n", n_ctx);
+      prompt = encode();
+    }
+    if (!fits(prompt.size()))
+      Fail("the message (%zu tokens with the system message) and -n %d do not fit the context of %d tokens (--ctx)",
+           prompt.size(), g.n_predict, n_ctx);
     std::string answer;
     const GenerateResult r = gen.Run(prompt, g, [&](int32_t id, const std::string& piece) {
       if (tok.IsEog(id)) return true;  // the template closes the turn itself
