@@ -1,10 +1,12 @@
 """Helpers shared by the bench/ comparison scripts."""
+import http.client
 import json
 import os
 import platform
 import re
 import subprocess
 import threading
+import time
 
 
 def cpu_name():
@@ -75,3 +77,22 @@ def model_vocab(moe, model):
     info = json.loads(subprocess.run([moe, "inspect", model, "--json"], capture_output=True, text=True,
                                      check=True).stdout)
     return info["hparams"]["n_vocab"]
+
+
+def stream_chunks(port, body):
+    """POSTs a streaming /v1/completions request to the server on port; yields (receive time
+    (time.perf_counter), the chunk's first choice) for every chunk that carries a token (no
+    finish_reason). Exits with a message on a non-200 answer."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    r = conn.getresponse()
+    if r.status != 200:
+        raise SystemExit(f"request failed: {r.status} {r.read()[:300]}")
+    for raw in r:
+        line = raw.decode("utf-8", "replace").strip()
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        choice = json.loads(line[6:])["choices"][0]
+        if choice.get("finish_reason") is None:
+            yield time.perf_counter(), choice
+    conn.close()

@@ -21,7 +21,6 @@ completions for --load-seconds; requests/s, generated tokens/s and request laten
 """
 import argparse
 import datetime
-import http.client
 import json
 import os
 import platform
@@ -41,20 +40,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def stream_one(port, body, out):
     """One streaming completion; appends (ttft, [token times], n_tokens) to out."""
     t0 = time.perf_counter()
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
-    r = conn.getresponse()
-    if r.status != 200:
-        raise SystemExit(f"request failed: {r.status} {r.read()[:300]}")
-    times = []
-    for raw in r:
-        line = raw.decode("utf-8", "replace").strip()
-        if not line.startswith("data: ") or line == "data: [DONE]":
-            continue
-        j = json.loads(line[6:])
-        if j["choices"][0].get("finish_reason") is None:
-            times.append(time.perf_counter())
-    conn.close()
+    times = [t for t, _ in benchutil.stream_chunks(port, body)]
     out.append((times[0] - t0 if times else float("nan"), times, t0))
 
 

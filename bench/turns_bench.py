@@ -17,7 +17,6 @@ the top of bench/RESULTS.md with the command and the machine.
 import argparse
 import datetime
 import http.client
-import json
 import os
 import platform
 import random
@@ -35,22 +34,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def stream(port, body):
     """One streaming completion: (ttft seconds, [(token text, logprob)])."""
     t0 = time.perf_counter()
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
-    r = conn.getresponse()
-    if r.status != 200:
-        raise SystemExit(f"request failed: {r.status} {r.read()[:300]}")
     ttft, tokens = None, []
-    for raw in r:
-        line = raw.decode("utf-8", "replace").strip()
-        if not line.startswith("data: ") or line == "data: [DONE]":
-            continue
-        c = json.loads(line[6:])["choices"][0]
-        if c.get("finish_reason") is None:
-            ttft = ttft if ttft is not None else time.perf_counter() - t0
-            lp = c["logprobs"]
-            tokens += list(zip(lp["tokens"], lp["token_logprobs"]))
-    conn.close()
+    for t, c in benchutil.stream_chunks(port, body):
+        ttft = ttft if ttft is not None else t - t0
+        tokens += list(zip(c["logprobs"]["tokens"], c["logprobs"]["token_logprobs"]))
     return ttft, tokens
 
 
