@@ -77,7 +77,7 @@ void RejectUnsupported(const json& body, bool chat) {
   if (!chat) {
     if (Bool(body, "echo", false)) refuse("'echo'");
     if (const json* v = Field(body, "suffix"); v && !(v->is_string() && v->get<std::string>().empty())) refuse("'suffix'");
-    if (Integer(body, "best_of", 1, 0, INT32_MAX) > 1) refuse("'best_of' above 1");
+    if (Integer(body, "best_of", 1, 1, INT32_MAX) > 1) refuse("'best_of' above 1");
   }
   if (const json* v = Field(body, "response_format")) {
     const json* type = v->is_object() ? Field(*v, "type") : nullptr;

@@ -238,7 +238,7 @@ for (const [name, body, code] of [
     ["cache_salt not a string", { prompt: "a", cache_salt: 5 }, 400],
     ["stream_options without stream", { prompt: "a", stream_options: { include_usage: true } }, 400],
     ["echo", { prompt: "a", echo: true }, 400], ["suffix", { prompt: "a", suffix: "end" }, 400],
-    ["best_of 2", { prompt: "a", best_of: 2 }, 400],
+    ["best_of 2", { prompt: "a", best_of: 2 }, 400], ["best_of 0", { prompt: "a", best_of: 0 }, 400],
     ["response_format json_object", { prompt: "a", response_format: { type: "json_object" } }, 400],
     ["tools", { prompt: "a", tools: [{ type: "function", function: { name: "f" } }] }, 400],
     ["oversize body", { prompt: "x".repeat(100000) }, 413]]) {
