@@ -245,7 +245,7 @@ void Engine::Step(std::vector<std::unique_ptr<Slot>>& active) {
     for (int64_t k = b; k < e; ++k) {
       Slot& s = *who[sampling[k]];
       TokenEvent& ev = events[k];
-      if (s.sampler->Adjusts()) s.sampler->Adjust(s.logits.data(), V);
+      s.sampler->Adjust(s.logits.data(), V);
       ev.id = s.sampler->Sample(s.logits.data(), V);
       if (s.req.logprobs || s.req.options.top_logprobs > 0)
         ev.logprob = s.logits[ev.id] - LogSumExp(s.logits.data(), V);

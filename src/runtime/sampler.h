@@ -30,11 +30,10 @@ struct SamplerConfig {
 class Sampler {
  public:
   explicit Sampler(const SamplerConfig& cfg) : cfg_(cfg), rng_(cfg.seed) {}
-  // Whether Adjust changes anything (a logit bias or a penalty).
-  bool Adjusts() const { return !cfg_.logit_bias.empty() || Penalizes(); }
   // The logits a token is drawn from, in place: the model's, plus each logit_bias, then minus
-  // count x frequency_penalty + presence_penalty for every token drawn so far (count times). The
-  // caller reports log-probabilities from these too (the distribution drawn from).
+  // count x frequency_penalty + presence_penalty for every token drawn so far (count times); no
+  // change without a bias or a penalty. The caller reports log-probabilities from these too (the
+  // distribution drawn from).
   void Adjust(float* logits, int n_vocab) const;
   // Draws a token from (adjusted) logits and, with a penalty, counts it.
   int Sample(const float* logits, int n_vocab);

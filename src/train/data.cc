@@ -2,11 +2,11 @@
 
 #include <algorithm>
 #include <filesystem>
-#include <fstream>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
 
+#include "util/atomic_file.h"
 #include "util/error.h"
 #include "util/threadpool.h"
 
@@ -16,19 +16,10 @@ namespace fs = std::filesystem;
 
 namespace {
 
-std::string ReadFile(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  if (!in) Fail("cannot read data file %s", p.c_str());
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  if (in.bad()) Fail("cannot read data file %s", p.c_str());
-  return ss.str();
-}
-
 bool IsJsonl(const fs::path& p) { return p.extension() == ".jsonl"; }
 
 void AddFile(const fs::path& p, std::vector<Document>* docs, CorpusStats* st) {
-  std::string text = ReadFile(p);
+  std::string text = ReadRegularFile(p.string(), "data file");
   ++st->files;
   st->bytes += static_cast<int64_t>(text.size());
   if (!IsJsonl(p)) {

@@ -40,4 +40,8 @@ class AtomicFile {
 // The whole file at once.
 void WriteFileAtomic(const std::string& path, const void* data, size_t n);
 
+// Reads a whole regular file (a pipe, device or directory is refused without waiting on it).
+// Failures throw moe::Error: "cannot read <what> <path>: <reason>".
+std::string ReadRegularFile(const std::string& path, const char* what);
+
 }  // namespace moe

@@ -432,6 +432,12 @@ with tempfile.TemporaryDirectory() as d:
     check("run -f reads the prompt from a file", by_file.returncode == 0 and
           json.loads(by_file.stdout)["tokens"] == json.loads(by_text.stdout)["tokens"], by_file.stderr[-300:])
     expect_error("run -f a missing file", ["run", "-m", vm, "-f", os.path.join(d, "none.txt")], 2, "prompt file")
+    t0 = time.time()
+    expect_error("run -f a FIFO", ["run", "-m", vm, "-f", fifo], 2, "not a regular file")
+    expect_error("run -f a folder", ["run", "-m", vm, "-f", d], 2, "a directory")
+    expect_error("train --data a FIFO", ["train", "-m", vm, "--data", fifo, "--steps", "1", "--out",
+                                         os.path.join(d, "fifo_run")], 2, "not a regular file")
+    check("FIFO inputs are refused without waiting", time.time() - t0 < 30)
     system = " ".join(rng.choice(words) for _ in range(160))
     chat = subprocess.run([MOE, "run", "-m", vm, "--chat", "--system", system, "-n", "6", "--temp", "0", "--json",
                            "--ignore-eos"], input="what did the jury say\n\nand the city\n", capture_output=True,

@@ -66,7 +66,6 @@ TEST(Sampler, AdjustAddsTheBiasAndSubtractsThePenaltiesOfTheTokensDrawn) {
   cfg.frequency_penalty = -0.3f;
   cfg.logit_bias = {{3, 2.5f}, {9, -100.0f}, {17, 0.125f}};
   Sampler s(cfg);
-  ASSERT_TRUE(s.Adjusts());
   // Draw 9, 9, 9, 17, 41 (one-hot logits), counting 9 three times.
   std::map<int, int> drawn;
   for (int t : {9, 9, 17, 9, 41}) {
@@ -88,7 +87,6 @@ TEST(Sampler, AdjustAddsTheBiasAndSubtractsThePenaltiesOfTheTokensDrawn) {
   }
   // Without a bias or a penalty nothing changes (and nothing is counted).
   Sampler plain(SamplerConfig{});
-  EXPECT_FALSE(plain.Adjusts());
   std::vector<float> same = logits;
   plain.Adjust(same.data(), V);
   EXPECT_EQ(same, logits);

@@ -4,9 +4,7 @@
 
 #include <chrono>
 #include <cstdio>
-#include <fstream>
 #include <iostream>
-#include <iterator>
 #include <memory>
 #include <random>
 #include <sstream>
@@ -21,6 +19,7 @@
 #include "runtime/chat_template.h"
 #include "runtime/generate.h"
 #include "runtime/sampler.h"
+#include "util/atomic_file.h"
 #include "util/error.h"
 #include "util/threadpool.h"
 
@@ -117,10 +116,11 @@ int DoChat(const RunOptions& o, Model& model, const GenerateOptions& g, DType kv
     std::vector<int32_t> prompt = encode();
     // Past the context the oldest exchange goes (the system message and this message stay); the
     // turn then evaluates its whole prompt, whose start changed.
-    for (size_t first = o.system.empty() ? 0 : 1; !fits(prompt.size()) && messages.size() > first + 1;) {
-      const size_t n = messages.size() > first + 2 ? 2 : 1;
-      messages.erase(messages.begin() + static_cast<std::ptrdiff_t>(first),
-                     messages.begin() + static_cast<std::ptrdiff_t>(first + n));
+    const size_t kept = o.system.empty() ? 0 : 1;  // messages that never leave
+    while (!fits(prompt.size()) && messages.size() > kept + 1) {
+      const size_t n = messages.size() > kept + 2 ? 2 : 1;
+      messages.erase(messages.begin() + static_cast<std::ptrdiff_t>(kept),
+                     messages.begin() + static_cast<std::ptrdiff_t>(kept + n));
       std::fprintf(stderr, "[the oldest exchange left the conversation to fit the context of %d tokens]\n", n_ctx);
       prompt = encode();
     }
@@ -172,13 +172,7 @@ int DoRun(const RunOptions& o) {
   if (!o.prompt_ids.empty()) {
     prompt = ParseIds(o.prompt_ids);
   } else {
-    std::string text = o.prompt;
-    if (!o.prompt_file.empty()) {
-      std::ifstream f(o.prompt_file, std::ios::binary);
-      if (!f) Fail("cannot open the prompt file %s", o.prompt_file.c_str());
-      text.assign(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
-      if (f.bad()) Fail("cannot read the prompt file %s", o.prompt_file.c_str());
-    }
+    const std::string text = o.prompt_file.empty() ? o.prompt : ReadRegularFile(o.prompt_file, "the prompt file");
     prompt = tok.Encode(text, /*add_special=*/true);
     if (prompt.empty()) Fail("the prompt is empty after tokenization");
   }
