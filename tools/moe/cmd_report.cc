@@ -5,7 +5,7 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
+#include <sstream>
 #include <memory>
 #include <string>
 #include <vector>
@@ -14,6 +14,7 @@
 
 #include "commands.h"
 #include "model/model.h"
+#include "util/atomic_file.h"
 #include "util/error.h"
 #include "util/plot.h"
 
@@ -30,8 +31,7 @@ struct Run {
 };
 
 Run ReadMetrics(const fs::path& path) {
-  std::ifstream in(path);
-  if (!in) Fail("%s: cannot read (is it a moe train output folder?)", path.c_str());
+  std::istringstream in(ReadRegularFile(path.string(), "the metrics of a moe train output folder,"));
   Run r;
   std::string line;
   int n = 0;
