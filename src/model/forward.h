@@ -193,9 +193,12 @@ class Forward {
   // (n_ctx positions of floats_per_pos per thread) before a pass that needs it (batched_only:
   // only sequences with kAttnBlock or more new tokens take the GEMM path); CacheRowsF32 gives
   // rows [0, n) of a head as floats: the cache's own memory for F32 rows within one page, else
-  // copied or widened into the thread's room at offset floats.
+  // copied or widened into the thread's room at offset floats; rows below `from` are taken to be
+  // there already (a thread that widened a shorter prefix of the same rows extends it).
   void ReserveWidening(size_t floats_per_pos, bool batched_only);
-  const float* CacheRowsF32(const KvCache& cache, const kernels::KvRows& rows, int n, int thread, size_t offset);
+  const float* CacheRowsF32(const KvCache& cache, const kernels::KvRows& rows, int n, int thread, size_t offset,
+                            int from = 0);
+  std::vector<std::pair<int, int>> widened_;  // per thread: (segment, rows) of its room MlaAbsorbed widened
   // Position of the chunk's row t in its sequence, and that sequence's cache.
   int RowPos(int t) const;
   KvCache* RowCache(int t) const;

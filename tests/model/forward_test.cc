@@ -394,6 +394,43 @@ TEST(Forward, PagedCacheGivesTheLogitsOfOnePage) {
   EXPECT_THROW(KvCache(model->config(), 128, DType::kF32, 24), Error);
 }
 
+// Absorbed MLA prefill splits a chunk's (token, head) rows into GEMM blocks by the thread count
+// and the context, and each thread widens the latent rows once, extending them item by item: a
+// row's logits must not depend on its block-mates, the threads or the cache's pages (prompts of
+// 96 + 24 tokens, so that a thread runs several blocks and the second chunk reads the first's
+// rows), and must stay the plain form's.
+TEST(Forward, MlaAbsorbedPrefillDoesNotDependOnItsBlocks) {
+  const std::string path = MakeDeepseek("fw_deepseek2_blocks", DType::kF32, 48, false, true);
+  auto model = Model::Load(path);
+  const int V = static_cast<int>(model->config().n_vocab);
+  std::mt19937 rng(9);
+  std::vector<int32_t> toks(122);
+  for (auto& t : toks) t = static_cast<int32_t>(rng() % V);
+  for (DType kv : {DType::kF32, DType::kF16}) {
+    SCOPED_TRACE(DTypeName(kv));
+    const auto run = [&](Forward::MlaForm form, int threads, int page) {
+      ThreadPool pool(threads);
+      Forward f(*model, pool, 128, 96, kv);
+      f.SetMlaForm(form);
+      KvCache cache(model->config(), 128, kv, page);
+      std::vector<float> logits(V), all;
+      int at = 0;
+      for (int n : {96, 24, 1, 1}) {
+        SeqBatch b{&cache, toks.data() + at, n, logits.data()};
+        f.EvalBatch(&b, 1);
+        all.insert(all.end(), logits.begin(), logits.end());
+        at += n;
+      }
+      return all;
+    };
+    const std::vector<float> want = run(Forward::MlaForm::kAbsorbed, 1, 128);
+    for (int threads : {2, 3})
+      for (int page : {128, 16}) EXPECT_EQ(run(Forward::MlaForm::kAbsorbed, threads, page), want) << threads << " threads, pages of " << page;
+    const std::vector<float> plain = run(Forward::MlaForm::kPlain, 2, 128);
+    EXPECT_LE(MaxAbsDiff(want.data(), plain.data(), want.size()), kv == DType::kF16 ? 1e-3 : 2e-4);
+  }
+}
+
 // Batch invariance (the server's promise): with kernels::SetBatchInvariant on, each sequence's
 // logits are bitwise the same whether it runs alone or beside others, whatever the others are
 // (a 40-token prompt takes batched attention, short ones the per-token path), and whatever
