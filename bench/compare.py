@@ -97,7 +97,7 @@ def main():
     # The machine's ceilings, measured in this run (before and after the comparisons; the higher
     # bandwidth of the two is the floor's, so a busy moment cannot flatter the shares).
     machine = [benchutil.run_json([a.moe, "bench-machine", "-t", str(a.t), "--json"], "moe bench-machine")]
-    probes = []  # read GB/s after each round
+    probes = []  # read GB/s around each moe.cpp run and after each round
     for t in a.types.split(","):
         path = os.path.join(work, f"{a.shape}-{t}.gguf")
         if not os.path.exists(path):
@@ -115,7 +115,13 @@ def main():
         res = {"moe": {"pp": [], "tg": [], "rss": []}, "unpinned": {"pp": [], "tg": []}}
         for c in configs:
             res[label(c)] = {"pp": [], "tg": []}
+        probe = lambda what: benchutil.run_json([a.moe, "bench-machine", "-t", str(a.t), "--mib", "512", "-r", "3",
+                                                 "--read-only", "--json"], what)["read_gbs"]
         for r in range(a.rounds):
+            # The read bandwidth just before and just after moe.cpp's run: on this shared VM it moves
+            # by a third within minutes, so the decode's share is also taken against the bandwidth
+            # of its own moment (the higher of the two), not only against the run's best probe.
+            before = probe("moe bench-machine (probe before moe bench)")
             m = benchutil.run_json([a.moe, "bench", "-m", path, "-p", str(a.p), "-n", str(a.n), "-t", str(a.t),
                           "--seed", str(100 + r), "--cache-type", a.cache_type, "--mla", a.mla, "--json"], "moe bench")
             res["moe"]["pp"].append(m["prefill_tokens_per_s"])
@@ -123,6 +129,10 @@ def main():
             res["moe"]["rss"].append(m["peak_rss_bytes"])
             res["moe"].setdefault("bytes", []).append(m["weight_bytes_per_token"] + m["kv_bytes_per_token"])
             res["moe"].setdefault("macs", []).append(m["weight_macs_per_token"])
+            after = probe("moe bench-machine (probe after moe bench)")
+            probes += [before, after]
+            res["moe"].setdefault("share_here", []).append(
+                m["decode_tokens_per_s"] * res["moe"]["bytes"][-1] / (max(before, after) * 1e9))
             if a.pinning:
                 u = benchutil.run_json(["env", "MOE_NO_PIN=1", a.moe, "bench", "-m", path, "-p", str(a.p),
                                         "-n", str(a.n), "-t", str(a.t), "--seed", str(100 + r),
@@ -145,7 +155,8 @@ def main():
             # moves by a third within one run, and the floor takes the highest value seen.
             probes.append(benchutil.run_json([a.moe, "bench-machine", "-t", str(a.t), "--mib", "512", "-r", "3",
                                               "--json"], "moe bench-machine (probe)")["read_gbs"])
-            print(f"{t} round {r}: moe pp {m['prefill_tokens_per_s']:.1f} tg {m['decode_tokens_per_s']:.1f} | "
+            print(f"{t} round {r}: moe pp {m['prefill_tokens_per_s']:.1f} tg {m['decode_tokens_per_s']:.1f} "
+                  f"(read {before:.1f} / {after:.1f} GB/s around it, {100 * res['moe']['share_here'][-1]:.0f}% of the floor there) | "
                   f"llama.cpp {', '.join(said)} | read {probes[-1]:.1f} GB/s", flush=True)
         med = {k: {kk: statistics.median(v) if v else 0.0 for kk, v in d.items()} for k, d in res.items()}
         # llama.cpp in its best configuration: the candidate with the best median, per metric.
@@ -186,22 +197,25 @@ def main():
              " / ".join(f"{x['read_gbs']:.1f}" for x in machine) + f" GB/s with {a.t}; fp32 FMA " +
              " / ".join(f"{x['fp32_gflops']:.0f}" for x in machine) + " GFLOP/s, int8 multiply-add " +
              " / ".join(f"{x['int8_gops']:.0f}" for x in machine) + f" GOP/s ({machine[0]['target']}, {a.t} threads)"
-             + (f"; memory read with {a.t} threads after each round {min(probes):.1f} to {max(probes):.1f} GB/s" if probes else "")
+             + (f"; memory read with {a.t} threads in the run's probes (around each moe.cpp run and after each round) {min(probes):.1f} to {max(probes):.1f} GB/s" if probes else "")
              + ". Decode floor = the bytes one token reads (the weights of the dense part, the k routed experts and "
              f"the head, and the KV cache at the mean context) / {bw / 1e9:.1f} GB/s (the highest read bandwidth "
              "measured in the run); a share is the decode speed "
-             "over that floor. Prefill ceiling = the multiply-add rate of the run's best probe (int8 for the "
+             "over that floor. The share at its moment: each round's moe.cpp decode over the floor at the higher of "
+             "two read probes taken just before and just after that run (`moe bench-machine --read-only`), median "
+             "over rounds. Prefill ceiling = the multiply-add rate of the run's best probe (int8 for the "
              "quantized types, fp32 for f32/f16/bf16) / a token's weight multiply-adds (`weight_macs_per_token`; "
              "attention over the cache not counted, so the ceiling is above what is reachable).", "",
-             "| type | file MiB | moe prefill tok/s | llama.cpp prefill tok/s | ratio | moe decode tok/s | llama.cpp decode tok/s | ratio | MB read / token | decode floor tok/s | moe share | llama.cpp share | moe peak RSS MiB | M MAC / token | prefill ceiling tok/s | moe prefill share |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| type | file MiB | moe prefill tok/s | llama.cpp prefill tok/s | ratio | moe decode tok/s | llama.cpp decode tok/s | ratio | MB read / token | decode floor tok/s | moe share | moe share at its moment | llama.cpp share | moe peak RSS MiB | M MAC / token | prefill ceiling tok/s | moe prefill share |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for t, size, m in rows:
         floor = bw / m['moe']['bytes']
         ceiling = (fp32_macs if t.lower() in ("f32", "f16", "bf16") else int8_macs) / m['moe']['macs']
         lines.append(f"| {t} | {size / 2**20:.0f} | {m['moe']['pp']:.1f} | {m['llama']['pp']:.1f} ({m['llama']['pp_threads']}) | "
                      f"{m['moe']['pp'] / m['llama']['pp']:.2f}x | {m['moe']['tg']:.1f} | {m['llama']['tg']:.1f} ({m['llama']['tg_threads']}) | "
                      f"{m['moe']['tg'] / m['llama']['tg']:.2f}x | {m['moe']['bytes'] / 1e6:.1f} | {floor:.1f} | "
-                     f"{100 * m['moe']['tg'] / floor:.0f}% | {100 * m['llama']['tg'] / floor:.0f}% | "
+                     f"{100 * m['moe']['tg'] / floor:.0f}% | {100 * m['moe']['share_here']:.0f}% | "
+                     f"{100 * m['llama']['tg'] / floor:.0f}% | "
                      f"{m['moe']['rss'] / 2**20:.0f} | {m['moe']['macs'] / 1e6:.1f} | {ceiling:.0f} | "
                      f"{100 * m['moe']['pp'] / ceiling:.0f}% |")
     if a.pinning:

@@ -68,13 +68,15 @@ double ProbeRate(ThreadPool& pool, double (*probe)(int64_t), int users, int roun
 Runner AddBenchMachine(CLI::App& app) {
   struct Options {
     int threads = 0, mib = 1024, rounds = 8;
-    bool json = false;
+    bool json = false, read_only = false;
   };
   auto o = std::make_shared<Options>();
   app.add_option("-t,--threads", o->threads, "threads (default: all CPUs)")->default_val(0);
   app.add_option("--mib", o->mib, "MiB of memory streamed per bandwidth round (beyond the caches)")->default_val(1024);
   app.add_option("-r,--rounds", o->rounds, "rounds per figure; the best is reported")->default_val(8);
   app.add_flag("--json", o->json, "print one JSON object");
+  app.add_flag("--read-only", o->read_only,
+               "only the read bandwidth (a short probe next to a decode measurement: bench/compare.py)");
   return [=]() {
     const int cpus = AvailableCpus();
     if (o->threads < 0 || o->threads > cpus) Fail("--threads must be between 0 and %d (the CPUs this process may use)", cpus);
@@ -97,6 +99,15 @@ Runner AddBenchMachine(CLI::App& app) {
     j["buffer_mib"] = o->mib;
     j["read_gbs_1t"] = ReadBandwidth(pool, buf.data(), bytes, 1, o->rounds);
     j["read_gbs"] = ReadBandwidth(pool, buf.data(), bytes, n, o->rounds);
+    if (o->read_only) {
+      if (o->json) {
+        std::printf("%s\n", j.dump().c_str());
+      } else {
+        std::printf("target %s, %d threads\nmemory read: %.1f GB/s (1 thread), %.1f GB/s (%d threads)\n",
+                    kernels::ActiveTarget(), n, j["read_gbs_1t"].get<double>(), j["read_gbs"].get<double>(), n);
+      }
+      return 0;
+    }
     j["fp32_gflops_1t"] = ProbeRate(pool, kernels::FmaProbe, 1, o->rounds);
     j["fp32_gflops"] = ProbeRate(pool, kernels::FmaProbe, n, o->rounds);
     j["int8_gops_1t"] = ProbeRate(pool, kernels::Int8Probe, 1, o->rounds);
