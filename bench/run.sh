@@ -9,17 +9,10 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # keep a value that is set, default to it otherwise, so PyTorch's and moe.cpp's BLAS calls run the
 # same kernel as on the machines the results are for.
 export OPENBLAS_CORETYPE="${OPENBLAS_CORETYPE:-Haswell}"
-# The speed issue's models, each with the machine's ceilings and the decode floor's share: the
-# medium model and a Qwen3-30B-A3B-like one (many small experts).
-/usr/bin/python3 "$ROOT/bench/compare.py" --moe "$ROOT/build/bin/moe" --types q8_0,q4_0,Q4_K_M "$@"
-/usr/bin/python3 "$ROOT/bench/compare.py" --moe "$ROOT/build/bin/moe" --shape qwen3 --types q8_0,Q4_K_M "$@"
-# The same with 512-token prompts, then speed against prompt length and threads (bench/sweep.py).
-/usr/bin/python3 "$ROOT/bench/compare.py" --moe "$ROOT/build/bin/moe" --types q8_0,q4_0,Q4_K_M -p 512 "$@"
-/usr/bin/python3 "$ROOT/bench/compare.py" --moe "$ROOT/build/bin/moe" --shape qwen3 --types q8_0,Q4_K_M -p 512 "$@"
+# The speed issue's models at 128 and 512 prompt tokens, each with the machine's ceilings and the
+# decode floor's shares (bench/speed_goals.sh), then speed against prompt length and threads.
+"$ROOT/bench/speed_goals.sh" "$@"
 /usr/bin/python3 "$ROOT/bench/sweep.py" --moe "$ROOT/build/bin/moe" --shape medium --type Q4_K_M
-# DeepSeek-V2-Lite-like (deepseek2, MLA) at 128 and 512 prompt tokens.
-/usr/bin/python3 "$ROOT/bench/compare.py" --moe "$ROOT/build/bin/moe" --shape deepseek2 --types q8_0,Q4_K_M "$@"
-/usr/bin/python3 "$ROOT/bench/compare.py" --moe "$ROOT/build/bin/moe" --shape deepseek2 --types q8_0,Q4_K_M -p 512 "$@"
 # moe serve: 1/4/16/64 concurrent streams and an autocannon load run.
 /usr/bin/python3 "$ROOT/bench/serve_bench.py" --moe "$ROOT/build/bin/moe"
 # moe serve on a conversation: each turn's first token with the cached prompt prefix and without.
