@@ -190,6 +190,21 @@ void ExpertChoiceSelect(const MoeLayerConfig& cfg, int n_tokens, const T* probs,
   }
 }
 
+float RoutingMargin(const MoeLayerConfig& cfg, const float* probs, const float* bias, const int32_t* ids) {
+  const int E = cfg.n_expert, R = cfg.router_width(), K = cfg.k;
+  const auto score = [&](int e) { return probs[e] + (bias != nullptr && e < E ? bias[e] : 0.0f); };
+  std::vector<uint8_t> chosen(static_cast<size_t>(R), 0);
+  for (int j = 0; j < K; ++j)
+    if (ids[j] >= 0 && ids[j] < R) chosen[static_cast<size_t>(ids[j])] = 1;
+  float margin = std::numeric_limits<float>::infinity();
+  for (int a = 0; a < R; ++a) {
+    if (!chosen[static_cast<size_t>(a)]) continue;
+    for (int b = 0; b < R; ++b)
+      if (!chosen[static_cast<size_t>(b)]) margin = std::min(margin, std::fabs(score(a) - score(b)));
+  }
+  return margin;
+}
+
 template <typename T>
 void RouterWeights(const MoeLayerConfig& cfg, const T* probs, const int32_t* ids, T* w) {
   const int K = cfg.k;

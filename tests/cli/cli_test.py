@@ -112,6 +112,23 @@ with tempfile.TemporaryDirectory() as d:
     check("run --cache-type f16: decode = teacher forcing",
           all(tl[0]["id"] == tt[0]["id"] and abs(tl[0]["logprob"] - tt[0]["logprob"]) < 1e-3
               for tl, tt in zip(g16["top_logprobs"], t16["teacher_logprobs"][4:])), str((g16, t16))[:300])
+    # Teacher forcing past one chunk of 256: the positions of a shorter prompt are its positions
+    # (the first chunk bit for bit), and each position reports how near its routing came to a
+    # tie (routing_margin, a probability gap >= 0, for the conformance harness).
+    long_ids = [(7 * i + 3) % 64 for i in range(300)]
+    tf = {}
+    for n in (300, 280):
+        tf[n] = json.loads(run("run", "-m", m, "--prompt-ids", ",".join(map(str, long_ids[:n])), "--teacher-forcing",
+                               "--json", "--top-logprobs", "2", "--ctx", "320").stdout)
+    check("run --teacher-forcing over two chunks",
+          len(tf[300]["teacher_logprobs"]) == 300 and tf[300]["teacher_logprobs"][:256] == tf[280]["teacher_logprobs"][:256]
+          and all(abs(a[0]["logprob"] - b[0]["logprob"]) < 1e-4 and a[0]["id"] == b[0]["id"]
+                  for a, b in zip(tf[300]["teacher_logprobs"][256:280], tf[280]["teacher_logprobs"][256:])),
+          str(tf[300].get("teacher_logprobs", "")[:2]))
+    margins = tf[300].get("routing_margin")
+    check("run --teacher-forcing: routing_margin per position",
+          isinstance(margins, list) and len(margins) == 300 and all(isinstance(x, float) and 0 <= x <= 1 for x in margins)
+          and margins[:256] == tf[280]["routing_margin"][:256], str(margins)[:200])
     gd = json.loads(run("run", "-m", m, "--prompt-ids", "3,1,4,1,5", "-n", "6", "--temp", "0", "--json",
                         "--top-logprobs", "1", "--ignore-eos").stdout)
     check("run: the default cache is f16", gd["tokens"] == g16["tokens"] and gd["top_logprobs"] == g16["top_logprobs"],

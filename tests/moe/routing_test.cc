@@ -337,5 +337,50 @@ TEST(Routing, BuildGroupsSkipsUnusedSlots) {
   }
 }
 
+// RoutingMargin against the ranking itself: for top-k without groups the nearest chosen /
+// unchosen pair is the k-th and the (k+1)-th ranked selection score, computed here in double.
+TEST(Routing, MarginIsTheGapBetweenTheKthAndTheNextSelectionScore) {
+  std::mt19937 rng(11);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  for (MoeRouterKind kind : {MoeRouterKind::kSoftmaxTopK, MoeRouterKind::kSigmoidBias}) {
+    for (int E : {2, 8, 64}) {
+      for (int K : {1, 2, 6}) {
+        if (K > E) continue;
+        const MoeLayerConfig cfg = Cfg(kind, E, K, false, 1.0);
+        std::vector<float> logits(E), bias(E), probs(E);
+        for (float& x : logits) x = nd(rng);
+        for (float& b : bias) b = 0.3f * nd(rng);
+        const float* bp = kind == MoeRouterKind::kSigmoidBias ? bias.data() : nullptr;
+        const RoutingPlan plan = RouteF(cfg, logits.data(), 1, nullptr, bp);
+        RouterGating(cfg, logits.data(), probs.data(), static_cast<float*>(nullptr));
+        std::vector<double> score(E);
+        for (int e = 0; e < E; ++e) {
+          const double l = logits[e];
+          score[e] = kind == MoeRouterKind::kSigmoidBias ? 1.0 / (1.0 + std::exp(-l)) + bias[e] : l;
+        }
+        if (kind == MoeRouterKind::kSoftmaxTopK) {  // softmax probabilities, in double
+          double mx = *std::max_element(score.begin(), score.end()), sum = 0;
+          for (double& s : score) sum += s = std::exp(s - mx);
+          for (double& s : score) s /= sum;
+        }
+        std::vector<double> sorted = score;
+        std::sort(sorted.begin(), sorted.end(), std::greater<>());
+        const float m = RoutingMargin(cfg, probs.data(), bp, plan.expert_ids.data());
+        if (K == E) {
+          EXPECT_TRUE(std::isinf(m));
+        } else {
+          EXPECT_NEAR(m, sorted[K - 1] - sorted[K], 1e-6) << "E=" << E << " K=" << K;
+        }
+      }
+    }
+  }
+  // A tie: two equal logits, one of them chosen.
+  const MoeLayerConfig cfg = Cfg(MoeRouterKind::kSoftmaxTopK, 3, 1, false, 1.0);
+  float logits[3] = {0.5f, 0.5f, -1.0f}, probs[3];
+  const RoutingPlan plan = RouteF(cfg, logits, 1);
+  RouterGating(cfg, logits, probs, static_cast<float*>(nullptr));
+  EXPECT_EQ(RoutingMargin(cfg, probs, nullptr, plan.expert_ids.data()), 0.0f);
+}
+
 }  // namespace
 }  // namespace moe

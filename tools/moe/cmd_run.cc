@@ -2,7 +2,10 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cmath>
+#include <limits>
 #include <cstdio>
 #include <iostream>
 #include <memory>
@@ -15,6 +18,7 @@
 
 #include "commands.h"
 #include "model/forward.h"
+#include "moe/routing.h"
 #include "model/model.h"
 #include "runtime/chat_template.h"
 #include "runtime/generate.h"
@@ -186,16 +190,44 @@ int DoRun(const RunOptions& o) {
   out["prompt_tokens"] = prompt;
 
   if (o.teacher_forcing) {
-    Forward fwd(*model, pool, n_ctx, 256, kv_type);
+    // Per position, how near its routing came to a tie in any MoE layer (RoutingMargin): there
+    // two engines' roundings may choose different experts (tests/conformance reads it). Chunk
+    // by chunk, as Eval would split the prompt, so the observer knows the positions.
+    constexpr int kChunk = 256;
+    Forward fwd(*model, pool, n_ctx, kChunk, kv_type);
     fwd.SetMlaForm(mla);
-    std::vector<float> logits;
+    std::vector<float> margin(prompt.size(), std::numeric_limits<float>::infinity());
+    const bool ranked = c.moe.router == MoeRouterKind::kSoftmaxTopK || c.moe.router == MoeRouterKind::kSigmoidBias;
+    size_t first = 0;  // the position of the chunk's first token
+    std::vector<float> probs(static_cast<size_t>(c.moe.router_width()));
+    if (ranked && c.n_expert > 0) {
+      fwd.SetRoutingObserver([&](int layer, int n, const float* router, const int32_t*, const RoutingPlan& plan) {
+        const TensorView* bias = model->layers[static_cast<size_t>(layer)].exp_probs_b;
+        for (int t = 0; t < n; ++t) {
+          RouterGating(c.moe, router + static_cast<size_t>(t) * probs.size(), probs.data(), static_cast<float*>(nullptr));
+          float& m = margin[first + static_cast<size_t>(t)];
+          m = std::min(m, RoutingMargin(c.moe, probs.data(), bias ? bias->F32() : nullptr,
+                                        &plan.expert_ids[static_cast<size_t>(t) * plan.k]));
+        }
+      });
+    }
+    std::vector<float> logits(prompt.size() * static_cast<size_t>(V)), chunk;
     const auto t0 = Clock::now();
-    fwd.Eval(prompt.data(), static_cast<int>(prompt.size()), /*all_logits=*/true, &logits);
+    for (first = 0; first < prompt.size(); first += kChunk) {
+      const int m = static_cast<int>(std::min<size_t>(kChunk, prompt.size() - first));
+      fwd.Eval(prompt.data() + first, m, /*all_logits=*/true, &chunk);
+      std::copy(chunk.begin(), chunk.end(), logits.begin() + static_cast<std::ptrdiff_t>(first * V));
+    }
     const auto t1 = Clock::now();
     nlohmann::json tl = nlohmann::json::array();
     const int n = o.top_logprobs > 0 ? o.top_logprobs : 5;
     for (size_t i = 0; i < prompt.size(); ++i) tl.push_back(LogprobsJson(&logits[i * V], V, n));
     out["teacher_logprobs"] = tl;
+    if (ranked && c.n_expert > 0) {
+      nlohmann::json ms = nlohmann::json::array();  // null: no MoE layer chose for this position
+      for (float m : margin) ms.push_back(std::isfinite(m) ? nlohmann::json(m) : nlohmann::json());
+      out["routing_margin"] = ms;
+    }
     out["prefill_tokens_per_s"] = prompt.size() / Seconds(t0, t1);
     out["peak_rss_bytes"] = PeakRssBytes();
     std::printf("%s\n", out.dump().c_str());
