@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kernels/kernels.h"
@@ -198,7 +199,6 @@ class Forward {
   void ReserveWidening(size_t floats_per_pos, bool batched_only);
   const float* CacheRowsF32(const KvCache& cache, const kernels::KvRows& rows, int n, int thread, size_t offset,
                             int from = 0);
-  std::vector<std::pair<int, int>> widened_;  // per thread: (segment, rows) of its room MlaAbsorbed widened
   // Position of the chunk's row t in its sequence, and that sequence's cache.
   int RowPos(int t) const;
   KvCache* RowCache(int t) const;
@@ -282,6 +282,7 @@ class Forward {
   std::vector<float> plain_kv_;  // plain MLA: [n_threads][n_ctx][Dk + Dv] decompressed keys, values
   std::vector<float> kv_f32_;    // batched attention: [n_threads][widen_stride_] widened or gathered rows
   size_t widen_stride_ = 0;      // floats of kv_f32_ per thread (ReserveWidening)
+  std::vector<std::pair<int, int>> widened_;  // MlaAbsorbed, per thread: (segment, rows) its room holds
   std::vector<float> tmp_;      // [T][n_embd]
   std::vector<float> scores_;   // [n_threads][scores_per_thread_]: [kAttnBlock queries][n_ctx]
   size_t scores_per_thread_ = 0;

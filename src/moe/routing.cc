@@ -192,7 +192,8 @@ void ExpertChoiceSelect(const MoeLayerConfig& cfg, int n_tokens, const T* probs,
 
 float RoutingMargin(const MoeLayerConfig& cfg, const float* probs, const float* bias, const int32_t* ids) {
   const int E = cfg.n_expert, R = cfg.router_width(), K = cfg.k;
-  const auto score = [&](int e) { return probs[e] + (bias != nullptr && e < E ? bias[e] : 0.0f); };
+  const bool biased = cfg.router == MoeRouterKind::kSigmoidBias && bias != nullptr;  // as RouterSelect
+  const auto score = [&](int e) { return probs[e] + (biased && e < E ? bias[e] : 0.0f); };
   std::vector<uint8_t> chosen(static_cast<size_t>(R), 0);
   for (int j = 0; j < K; ++j)
     if (ids[j] >= 0 && ids[j] < R) chosen[static_cast<size_t>(ids[j])] = 1;

@@ -99,8 +99,8 @@ int64_t ExpertCapacity(const MoeLayerConfig& cfg, int n_tokens, int seq_len);
 int64_t ExpertChoiceCapacity(const MoeLayerConfig& cfg, int n_tokens);
 
 // How near one token's top-k choice came to a tie (conformance: a choice that float rounding can
-// decide either way): the smallest gap between the selection score (probs + bias, as
-// RouterSelect ranks them) of a chosen target (ids [k], -1 unused) and of an unchosen one.
+// decide either way): the smallest gap between the selection score (probs, + bias for
+// sigmoid_bias, as RouterSelect ranks them) of a chosen target (ids [k], -1 unused) and of an unchosen one.
 // Infinity when nothing or everything was chosen. For the ranking routers (softmax_topk,
 // sigmoid_bias; group-limited top-k counts every unchosen target, so it can only say nearer).
 float RoutingMargin(const MoeLayerConfig& cfg, const float* probs, const float* bias, const int32_t* ids);

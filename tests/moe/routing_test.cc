@@ -365,7 +365,8 @@ TEST(Routing, MarginIsTheGapBetweenTheKthAndTheNextSelectionScore) {
         }
         std::vector<double> sorted = score;
         std::sort(sorted.begin(), sorted.end(), std::greater<>());
-        const float m = RoutingMargin(cfg, probs.data(), bp, plan.expert_ids.data());
+        // (the bias given to a softmax router too: RouterSelect ignores it there, and so must this)
+        const float m = RoutingMargin(cfg, probs.data(), bias.data(), plan.expert_ids.data());
         if (K == E) {
           EXPECT_TRUE(std::isinf(m));
         } else {

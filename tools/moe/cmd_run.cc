@@ -5,9 +5,9 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <limits>
 #include <cstdio>
 #include <iostream>
+#include <limits>
 #include <memory>
 #include <random>
 #include <sstream>
@@ -18,8 +18,8 @@
 
 #include "commands.h"
 #include "model/forward.h"
-#include "moe/routing.h"
 #include "model/model.h"
+#include "moe/routing.h"
 #include "runtime/chat_template.h"
 #include "runtime/generate.h"
 #include "runtime/sampler.h"
