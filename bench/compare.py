@@ -98,6 +98,8 @@ def main():
     # bandwidth of the two is the floor's, so a busy moment cannot flatter the shares).
     machine = [benchutil.run_json([a.moe, "bench-machine", "-t", str(a.t), "--json"], "moe bench-machine")]
     probes = []  # read GB/s around each moe.cpp run and after each round
+    probe = lambda what: benchutil.run_json([a.moe, "bench-machine", "-t", str(a.t), "--mib", "512", "-r", "3",
+                                             "--read-only", "--json"], what)["read_gbs"]
     for t in a.types.split(","):
         path = os.path.join(work, f"{a.shape}-{t}.gguf")
         if not os.path.exists(path):
@@ -115,8 +117,6 @@ def main():
         res = {"moe": {"pp": [], "tg": [], "rss": []}, "unpinned": {"pp": [], "tg": []}}
         for c in configs:
             res[label(c)] = {"pp": [], "tg": []}
-        probe = lambda what: benchutil.run_json([a.moe, "bench-machine", "-t", str(a.t), "--mib", "512", "-r", "3",
-                                                 "--read-only", "--json"], what)["read_gbs"]
         for r in range(a.rounds):
             # The read bandwidth just before and just after moe.cpp's run: on this shared VM it moves
             # by a third within minutes, so the decode's share is also taken against the bandwidth
@@ -153,8 +153,7 @@ def main():
                 said.append(f"{label(c)} pp {l['prefill_tokens_per_s']:.1f} tg {l['decode_tokens_per_s']:.1f}")
             # The read bandwidth again after every round (a short probe): the shared VM's bandwidth
             # moves by a third within one run, and the floor takes the highest value seen.
-            probes.append(benchutil.run_json([a.moe, "bench-machine", "-t", str(a.t), "--mib", "512", "-r", "3",
-                                              "--json"], "moe bench-machine (probe)")["read_gbs"])
+            probes.append(probe("moe bench-machine (probe after the round)"))
             print(f"{t} round {r}: moe pp {m['prefill_tokens_per_s']:.1f} tg {m['decode_tokens_per_s']:.1f} "
                   f"(read {before:.1f} / {after:.1f} GB/s around it, {100 * res['moe']['share_here'][-1]:.0f}% of the floor there) | "
                   f"llama.cpp {', '.join(said)} | read {probes[-1]:.1f} GB/s", flush=True)

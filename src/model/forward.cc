@@ -1009,7 +1009,7 @@ void Forward::MoeFfn(int il, const int32_t* tokens, int T) {
   ro.token_ids = tokens;
   Route(mc, logits, T, L.exp_probs_b ? L.exp_probs_b->F32() : nullptr, ro, probs_.data(),
         static_cast<float*>(nullptr), gate_w_.data(), &plan_);
-  if (observer_) observer_(il, T, logits, tokens, plan_);
+  if (observer_) observer_(il, T, logits, logits ? probs_.data() : nullptr, tokens, plan_);
 
   const int S = plan_.n_rows();  // rows of the FFN experts, in expert order below
   const DType gt = L.gate_exps->dtype, ut = L.up_exps->dtype, dt = L.down_exps->dtype;

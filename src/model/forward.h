@@ -126,8 +126,9 @@ class Forward {
   void EvalBatch(const SeqBatch* seqs, int n_seqs);
 
   // Called after each MoE layer routes a chunk of tokens (telemetry, tests): the layer, the
-  // chunk's router logits [n_tokens][R] (nullptr for hash routing), its token ids and the plan.
-  using RoutingObserver = std::function<void(int layer, int n_tokens, const float* logits,
+  // chunk's router logits and the probabilities it ranked [n_tokens][R] (both nullptr for hash
+  // routing), its token ids and the plan.
+  using RoutingObserver = std::function<void(int layer, int n_tokens, const float* logits, const float* probs,
                                              const int32_t* tokens, const RoutingPlan& plan)>;
   void SetRoutingObserver(RoutingObserver fn) { observer_ = std::move(fn); }
 

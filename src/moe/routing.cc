@@ -194,14 +194,12 @@ float RoutingMargin(const MoeLayerConfig& cfg, const float* probs, const float* 
   const int E = cfg.n_expert, R = cfg.router_width(), K = cfg.k;
   const bool biased = cfg.router == MoeRouterKind::kSigmoidBias && bias != nullptr;  // as RouterSelect
   const auto score = [&](int e) { return probs[e] + (biased && e < E ? bias[e] : 0.0f); };
-  std::vector<uint8_t> chosen(static_cast<size_t>(R), 0);
-  for (int j = 0; j < K; ++j)
-    if (ids[j] >= 0 && ids[j] < R) chosen[static_cast<size_t>(ids[j])] = 1;
+  const auto chosen = [&](int e) { return std::find(ids, ids + K, e) != ids + K; };
   float margin = std::numeric_limits<float>::infinity();
-  for (int a = 0; a < R; ++a) {
-    if (!chosen[static_cast<size_t>(a)]) continue;
+  for (int j = 0; j < K; ++j) {
+    if (ids[j] < 0) continue;
     for (int b = 0; b < R; ++b)
-      if (!chosen[static_cast<size_t>(b)]) margin = std::min(margin, std::fabs(score(a) - score(b)));
+      if (!chosen(b)) margin = std::min(margin, std::fabs(score(ids[j]) - score(b)));
   }
   return margin;
 }

@@ -31,7 +31,7 @@ Engine::Engine(const Model& model, ThreadPool& pool, const EngineConfig& cfg)
   if (cfg.batch_invariant) kernels::SetBatchInvariant(true);
   const ModelConfig& c = model.config();
   stats_.expert_load.assign(c.n_layer, std::vector<int64_t>(c.n_expert, 0));
-  fwd_.SetRoutingObserver([this](int layer, int, const float*, const int32_t*, const RoutingPlan& plan) {
+  fwd_.SetRoutingObserver([this](int layer, int, const float*, const float*, const int32_t*, const RoutingPlan& plan) {
     std::lock_guard<std::mutex> lock(mu_);
     std::vector<int64_t>& l = stats_.expert_load[layer];
     for (size_t e = 0; e < l.size() && e < plan.tokens_per_expert.size(); ++e) l[e] += plan.tokens_per_expert[e];

@@ -93,10 +93,14 @@ std::string ReadRegularFile(const std::string& path, const char* what) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) Fail("cannot read %s %s: %s", what, path.c_str(), std::strerror(errno));
   struct stat st;
-  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-    const bool dir = S_ISDIR(st.st_mode);
+  if (::fstat(fd, &st) != 0) {
+    const int err = errno;
     ::close(fd);
-    Fail("cannot read %s %s: %s", what, path.c_str(), dir ? "a directory" : "not a regular file");
+    Fail("cannot read %s %s: %s", what, path.c_str(), std::strerror(err));
+  }
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd);
+    Fail("cannot read %s %s: %s", what, path.c_str(), S_ISDIR(st.st_mode) ? "a directory" : "not a regular file");
   }
   std::string out;
   char buf[1 << 16];

@@ -82,7 +82,8 @@ void CheckCase(const Case& cs) {
   std::vector<Capture> caps;
   ThreadPool pool(2);
   Forward fwd(*model, pool, 128, /*n_batch=*/16);
-  fwd.SetRoutingObserver([&](int layer, int n, const float* logits, const int32_t* tokens, const RoutingPlan& plan) {
+  fwd.SetRoutingObserver([&](int layer, int n, const float* logits, const float*, const int32_t* tokens,
+                              const RoutingPlan& plan) {
     Capture cap;
     cap.layer = layer;
     if (logits) cap.logits.assign(logits, logits + static_cast<size_t>(n) * R);

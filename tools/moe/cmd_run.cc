@@ -199,14 +199,14 @@ int DoRun(const RunOptions& o) {
     std::vector<float> margin(prompt.size(), std::numeric_limits<float>::infinity());
     const bool ranked = c.moe.router == MoeRouterKind::kSoftmaxTopK || c.moe.router == MoeRouterKind::kSigmoidBias;
     size_t first = 0;  // the position of the chunk's first token
-    std::vector<float> probs(static_cast<size_t>(c.moe.router_width()));
     if (ranked && c.n_expert > 0) {
-      fwd.SetRoutingObserver([&](int layer, int n, const float* router, const int32_t*, const RoutingPlan& plan) {
+      const size_t R = static_cast<size_t>(c.moe.router_width());
+      fwd.SetRoutingObserver([&](int layer, int n, const float*, const float* probs, const int32_t*,
+                                 const RoutingPlan& plan) {
         const TensorView* bias = model->layers[static_cast<size_t>(layer)].exp_probs_b;
         for (int t = 0; t < n; ++t) {
-          RouterGating(c.moe, router + static_cast<size_t>(t) * probs.size(), probs.data(), static_cast<float*>(nullptr));
           float& m = margin[first + static_cast<size_t>(t)];
-          m = std::min(m, RoutingMargin(c.moe, probs.data(), bias ? bias->F32() : nullptr,
+          m = std::min(m, RoutingMargin(c.moe, probs + static_cast<size_t>(t) * R, bias ? bias->F32() : nullptr,
                                         &plan.expert_ids[static_cast<size_t>(t) * plan.k]));
         }
       });
