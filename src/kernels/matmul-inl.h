@@ -2147,8 +2147,8 @@ struct MmTilePrefetch {
 // and so do the q6_K/q3_K/q2_K kernels (slower with prefetcht1 at every token count).
 // kHw: the hardware prefetcher can stream this kernel's tiles alone (one sequential stream per
 // tile); then one token prefetches in software only where OneTokenTilePrefetch says so. The
-// q5_K, q6_K, q3_K and q2_K tiles, read at two places per super-block, always do (one thread,
-// one token, Zen 4: without it 6-10 GB/s against 19-24).
+// q5_K, q3_K and q2_K tiles, read at two places per super-block, always do (one thread, one
+// token, Zen 4: without it 6-10 GB/s against 19-24); q6_K's, in reading order, do not (TileQ6K).
 template <int kT, size_t kPos, int kParts = 1, bool kL2 = false, bool kHw = false>
 HWY_INLINE void TilePrefetch(const uint8_t* tile, size_t tile_bytes, int64_t np, int64_t p,
                              const MmTilePrefetch& pf, int part = 0) {
@@ -2437,22 +2437,33 @@ HWY_INLINE void TileDotQ4K(const uint8_t* HWY_RESTRICT tile, size_t tile_bytes, 
 // unpacks into 8 vectors of 4-quant groups (unsigned, stored + kOff), the 16 rows' scale (and
 // min) of sub-block j as int32 lanes, and where the rows' f16 d (and dmin) lie.
 //
-// q6_K in tiles: per super-block, 3360 bytes for 16 rows (the file's 16 x 210):
-//   [0, 2048):     the low 4 bits, 32 quants c at 256 c as a q4_0 block's 4 vectors
-//   [2048, 3072):  the top 2 bits, 32 quants c at 2048 + 128 c: vector v, lane r, byte i holds
-//                  those of quant 16 v + 4 s + i at bits 2 s (s = 0..3)
-//   [3072, 3328):  the int8 scale of sub-block j (16 quants) of row r at 3072 + 16 j + r
+// q6_K in tiles: per super-block, 3360 bytes for 16 rows (the file's 16 x 210), in the order the
+// kernel reads them (one sequential stream, which the hardware prefetcher follows alone):
+//   chunk c (32 quants, sub-blocks 2c and 2c + 1) at 416 c:
+//     [0, 256):    the low 4 bits, as a q4_0 block's 4 vectors
+//     [256, 384):  the top 2 bits: vector v, lane r, byte i holds those of quant 16 v + 4 s + i
+//                  at bits 2 s (s = 0..3)
+//     [384, 416):  the int8 scale of sub-block 2c + h of row r at 384 + 16 h + r
 //   [3328, 3360):  the f16 d of rows 0..15
-// The quants are q + 32 (unsigned). (3360 is no multiple of 64: unaligned loads.)
+// The quants are q + 32 (unsigned). (416 and 3360 are no multiples of 64: unaligned loads.)
+// Session 23 (Zen 4 host, one thread, one token, a 2816 x 1024 matrix from memory): with the low
+// bits, top bits and scales in three regions of the super-block, 17.8 GB/s (and software
+// prefetch needed: 6-10 without); chunk by chunk, as here, 24.9 with the hardware prefetcher
+// alone (21.6 with the software prefetch too), near q4_K's 27. Decode with 2 threads, alternating
+// builds: DeepSeek-like Q4_K_M 224 -> 257 tok/s, medium Q4_K_M 221 -> 257 (their heads and some
+// down projections are q6_K). The same order for q5_K's fifth bits (after each sub-block's
+// nibbles) was no faster (21.7 -> 21.2), and q3_K/q2_K read at their in-cache speed already.
 struct TileQ6K {
   static constexpr size_t kBytes = 16 * sizeof(BlockQ6_K);
+  static constexpr size_t kChunk = 416;
   static constexpr int32_t kOff = 32;
   static constexpr bool kMins = false;
+  static constexpr bool kSequential = true;
   static constexpr size_t kD = 3328;
   static HWY_INLINE void Unpack(const uint8_t* sb, int c, __m512i* w) {
     const __m512i nib = _mm512_set1_epi8(0x0F), two = _mm512_set1_epi8(0x03);
-    const uint8_t* lo = sb + 256 * c;
-    const uint8_t* hi = sb + 2048 + 128 * c;
+    const uint8_t* lo = sb + kChunk * c;
+    const uint8_t* hi = lo + 256;
     HWY_UNROLL(8)
     for (int k = 0; k < 8; ++k) {
       const __m512i l = _mm512_loadu_si512(lo + 64 * (k / 2));
@@ -2464,7 +2475,7 @@ struct TileQ6K {
     }
   }
   static HWY_INLINE __m512i Scale(const uint8_t* sb, int j) {
-    return _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + 3072 + 16 * j)));
+    return _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + kChunk * (j / 2) + 384 + 16 * (j % 2))));
   }
 };
 
@@ -2490,6 +2501,7 @@ struct TileQ3K {
   static constexpr size_t kBytes = 16 * sizeof(BlockQ3_K);
   static constexpr int32_t kOff = 4;
   static constexpr bool kMins = false;
+  static constexpr bool kSequential = false;  // low bits, third bits / scales: regions apart
   static constexpr size_t kD = 1728;
   static HWY_INLINE void Unpack(const uint8_t* sb, int c, __m512i* w) {
     TileCrumbs(sb + 128 * c, w);
@@ -2523,6 +2535,7 @@ struct TileQ2K {
   static constexpr size_t kBytes = 16 * sizeof(BlockQ2_K);
   static constexpr int32_t kOff = 0;
   static constexpr bool kMins = true;
+  static constexpr bool kSequential = false;  // quants, scales: two regions
   static constexpr size_t kD = 1280, kDMin = 1312;
   static HWY_INLINE void Unpack(const uint8_t* sb, int c, __m512i* w) { TileCrumbs(sb + 128 * c, w); }
   static HWY_INLINE __m128i Byte(const uint8_t* sb, int j) {
@@ -2568,7 +2581,7 @@ HWY_INLINE void TileDotK16(const uint8_t* HWY_RESTRICT tile, int64_t nb, const M
     for (int t = 0; t < NT; ++t) isum[t] = msum[t] = _mm512_setzero_si512();
     HWY_UNROLL(8)
     for (int c = 0; c < 8; ++c) {
-      TilePrefetch<1, F::kBytes, 8>(tile, tile_bytes, nb, b, pf, c);
+      TilePrefetch<1, F::kBytes, 8, false, F::kSequential>(tile, tile_bytes, nb, b, pf, c);
       __m512i w[8];  // group k (quants 4k..4k+3 of the 32) of the 16 rows
       F::Unpack(sb, c, w);
       const __m512i sc0 = F::Scale(sb, 2 * c), sc1 = F::Scale(sb, 2 * c + 1);

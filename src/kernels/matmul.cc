@@ -211,7 +211,6 @@ void RepackQ3KTiles(const BlockQ3_K* in, uint8_t* out, int64_t nb, int64_t rows)
 void RepackQ6KTiles(const BlockQ6_K* in, uint8_t* out, int64_t nb, int64_t rows) {
   for (int64_t t0 = 0; t0 < rows; t0 += 16) {
     for (int64_t b = 0; b < nb; ++b, out += 16 * sizeof(BlockQ6_K)) {
-      std::memset(out + 2048, 0, 1024);
       for (int r = 0; r < 16; ++r) {
         const BlockQ6_K& blk = in[static_cast<size_t>(t0 + r) * nb + b];
         uint8_t L[kQK_K];  // levels q + 32 (ref::PackQ6KQuants's inverse)
@@ -227,12 +226,12 @@ void RepackQ6KTiles(const BlockQ6_K* in, uint8_t* out, int64_t nb, int64_t rows)
         for (int c = 0; c < 8; ++c) {
           uint8_t q[32];
           for (int l = 0; l < 32; ++l) q[l] = L[32 * c + l] & 0xF;
-          PutNibbleGroup(q, r, out + 256 * c);
+          PutNibbleGroup(q, r, out + 416 * c);
           uint8_t top[32];
           for (int l = 0; l < 32; ++l) top[l] = L[32 * c + l] >> 4;
-          PutCrumbGroup(top, r, out + 2048 + 128 * c);
+          PutCrumbGroup(top, r, out + 416 * c + 256);
         }
-        for (int j = 0; j < 16; ++j) out[3072 + 16 * j + r] = static_cast<uint8_t>(blk.scales[j]);
+        for (int j = 0; j < 16; ++j) out[416 * (j / 2) + 384 + 16 * (j % 2) + r] = static_cast<uint8_t>(blk.scales[j]);
         std::memcpy(out + 3328 + 2 * r, &blk.d, 2);
       }
     }
