@@ -81,8 +81,11 @@ def model_vocab(moe, model):
 
 def stream_chunks(port, body):
     """POSTs a streaming /v1/completions request to the server on port; yields (receive time
-    (time.perf_counter), the chunk's first choice) for every chunk that carries a token (no
-    finish_reason). Exits with a message on a non-200 answer."""
+    (time.perf_counter), the chunk's first choice, its number of tokens) for every chunk that
+    carries tokens. A chunk can carry several (text held back until its UTF-8 sequence is whole),
+    and the last one can come with the finish_reason: with "logprobs" in the request they are
+    counted from the chunk's logprobs, else each chunk without a finish_reason counts as one.
+    Exits with a message on a non-200 answer."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
     r = conn.getresponse()
@@ -93,6 +96,8 @@ def stream_chunks(port, body):
         if not line.startswith("data: ") or line == "data: [DONE]":
             continue
         choice = json.loads(line[6:])["choices"][0]
-        if choice.get("finish_reason") is None:
-            yield time.perf_counter(), choice
+        lp = choice.get("logprobs")
+        n = len(lp["tokens"]) if lp else int(choice.get("finish_reason") is None)
+        if n:
+            yield time.perf_counter(), choice, n
     conn.close()

@@ -38,9 +38,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def stream_one(port, body, out):
-    """One streaming completion; appends (ttft, [token times], n_tokens) to out."""
+    """One streaming completion (its tokens counted from their logprobs); appends (ttft, [each
+    token's receive time], the request's start) to out."""
     t0 = time.perf_counter()
-    times = [t for t, _ in benchutil.stream_chunks(port, body)]
+    times = [t for t, _, n in benchutil.stream_chunks(port, dict(body, logprobs=0)) for _ in range(n)]
     out.append((times[0] - t0 if times else float("nan"), times, t0))
 
 
@@ -137,7 +138,8 @@ def main():
     lines = [f"## Serving: moe serve under concurrent streams ({date})", "",
              f"Machine: {benchutil.cpu_name()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}. "
              f"Command: `{cmd}`. `moe serve --parallel {max(levels)}` on {a.t} threads; each client streams one "
-             f"completion of {a.tokens} tokens from 32 random prompt tokens at temperature 0.8 with its own seed. "
+             f"completion of {a.tokens} tokens from 32 random prompt tokens at temperature 0.8 with its own seed "
+             "(its tokens counted from each chunk's logprobs: a chunk can carry two). "
              f"Aggregate = all clients' tokens / wall time (prompts included), the median of {a.repeat} rounds over "
              "the stream counts in turn; decode = the tokens received while every client was decoding (from the "
              "last client's first token to the first client's last) / that time, median of the rounds; TTFT and "

@@ -35,7 +35,7 @@ def stream(port, body):
     """One streaming completion: (ttft seconds, [(token text, logprob)])."""
     t0 = time.perf_counter()
     ttft, tokens = None, []
-    for t, c in benchutil.stream_chunks(port, body):
+    for t, c, _ in benchutil.stream_chunks(port, body):
         ttft = ttft if ttft is not None else t - t0
         tokens += list(zip(c["logprobs"]["tokens"], c["logprobs"]["token_logprobs"]))
     return ttft, tokens
