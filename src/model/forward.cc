@@ -240,7 +240,10 @@ void Forward::ReserveScratch() {
   xg_.resize(S * rb_e);
   aq_.resize(S * rb_d);
   g_.resize(S * Fx);
-  u_.resize(S * Fx);
+  // Per thread, one work item's up-projection rows (MoeFfn): an expert's tokens (at most T) times
+  // a row chunk (aligned to whole activation blocks, at most 256).
+  const size_t grain = std::min<size_t>(Fx, (static_cast<size_t>(RowGrain(static_cast<int64_t>(Fx), static_cast<int64_t>(T), pool_.size())) + 255) / 256 * 256);
+  u_.resize(static_cast<size_t>(pool_.size()) * T * grain);
   y_.resize(S * E);
   const size_t ffn2 = std::max<size_t>(c_.n_ff_shexp, c_.n_layer_dense_lead > 0 ? c_.n_ff : 0);
   sg_.resize(T * ffn2);
@@ -1041,20 +1044,29 @@ void Forward::MoeFfn(int il, const int32_t* tokens, int T) {
   // activation rows x (row bytes rb), split into (expert, row chunk) work items.
   // align: row chunks start at multiples of it (the gate/up chunks convert their SwiGLU outputs
   // for the down projection themselves, in whole activation blocks).
+  // plan_items returns the largest item's outputs (tokens x rows); product gets the thread too.
   struct Item { int e; int64_t r0, r1; };
   std::vector<Item> items;
-  auto expert_products = [&](int64_t rows, int64_t align, auto&& product) {
+  auto plan_items = [&](int64_t rows, int64_t align) {
     items.clear();
+    int64_t most = 0;
     for (int e = 0; e < X; ++e) {
-      if (plan_.tokens_per_expert[e] == 0) continue;
-      const int64_t g = RowGrain(rows, plan_.tokens_per_expert[e], pool_.size());
+      const int n = plan_.tokens_per_expert[e];
+      if (n == 0) continue;
+      const int64_t g = RowGrain(rows, n, pool_.size());
       const int64_t grain = (g + align - 1) / align * align;
-      for (int64_t r = 0; r < rows; r += grain) items.push_back({e, r, std::min(rows, r + grain)});
+      for (int64_t r = 0; r < rows; r += grain) {
+        items.push_back({e, r, std::min(rows, r + grain)});
+        most = std::max(most, n * (std::min(rows, r + grain) - r));
+      }
     }
-    pool_.ParallelFor(static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e, int) {
+    return most;
+  };
+  auto run_items = [&](auto&& product) {
+    pool_.ParallelFor(static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e, int thread) {
       for (int64_t i = b; i < e; ++i) {
         const Item& it = items[i];
-        product(it.e, plan_.expert_offsets[it.e], plan_.tokens_per_expert[it.e], it.r0, it.r1);
+        product(it.e, plan_.expert_offsets[it.e], plan_.tokens_per_expert[it.e], it.r0, it.r1, thread);
       }
     });
   };
@@ -1076,27 +1088,32 @@ void Forward::MoeFfn(int il, const int32_t* tokens, int T) {
   observe_experts(*L.gate_exps, h_.data(), E, true);
   observe_experts(*L.up_exps, h_.data(), E, true);
   g_.resize(static_cast<size_t>(S) * Fx);
-  u_.resize(static_cast<size_t>(S) * Fx);
   // Each gate/up chunk also applies SwiGLU to its rows and converts them for the down
   // projection (whole blocks of the down weights' activation type: one pass of the pool less
-  // per layer, and no single-threaded SwiGLU when a step has few tokens).
+  // per layer, and no single-threaded SwiGLU when a step has few tokens). Its up-projection rows
+  // live only until then, in its thread's part of u_ (a 512-token chunk of the DeepSeek-like
+  // model held 19 MB of them in a buffer for all the expert rows).
   const size_t rbd = kernels::ActivationRowBytes(dt, Fx);
   const int64_t act_block = Traits(VecDotType(dt)).block_size;
   aq_.resize(rbd * S);
-  expert_products(Fx, act_block, [&](int e, int off, int n, int64_t r0, int64_t r1) {
+  const size_t u_per_thread = static_cast<size_t>(plan_items(Fx, act_block));
+  u_.resize(std::max(u_.size(), u_per_thread * pool_.size()));
+  run_items([&](int e, int off, int n, int64_t r0, int64_t r1, int thread) {
+    float* u = u_.data() + thread * u_per_thread;  // [n][r1 - r0]
     kernels::MatMul(gt, L.gate_exps->Slab(e), E, r0, r1, xg_.data() + off * rbg, rbg, n,
                     F(g_, static_cast<size_t>(off) * Fx + r0), Fx, L.gate_exps->layout);
-    kernels::MatMul(ut, L.up_exps->Slab(e), E, r0, r1, xu + off * rbu_eff, rbu_eff, n,
-                    F(u_, static_cast<size_t>(off) * Fx + r0), Fx, L.up_exps->layout);
+    kernels::MatMul(ut, L.up_exps->Slab(e), E, r0, r1, xu + off * rbu_eff, rbu_eff, n, u, r1 - r0,
+                    L.up_exps->layout);
     for (int64_t p = off; p < off + n; ++p) {
       float* g = F(g_, p * Fx + r0);
-      kernels::SiluMul(g, F(u_, p * Fx + r0), g, r1 - r0);
+      kernels::SiluMul(g, u + (p - off) * (r1 - r0), g, r1 - r0);
       kernels::ConvertActivations(dt, g, aq_.data() + p * rbd + kernels::ActivationRowBytes(dt, r0), r1 - r0);
     }
   });
   observe_experts(*L.down_exps, g_.data(), Fx, false);
   y_.resize(static_cast<size_t>(S) * E);
-  expert_products(E, 1, [&](int e, int off, int n, int64_t r0, int64_t r1) {
+  plan_items(E, 1);
+  run_items([&](int e, int off, int n, int64_t r0, int64_t r1, int) {
     kernels::MatMul(dt, L.down_exps->Slab(e), Fx, r0, r1, aq_.data() + off * rbd, rbd, n,
                     F(y_, static_cast<size_t>(off) * E + r0), E, L.down_exps->layout);
   });

@@ -299,7 +299,7 @@ class Forward {
   std::vector<uint8_t> act2_;   // tokens converted for the up projection when its vec-dot type differs
   std::vector<uint8_t> xg2_;    // same, gathered into expert order
   std::vector<float> g_;        // [S][n_ff_exp]
-  std::vector<float> u_;        // [S][n_ff_exp]
+  std::vector<float> u_;        // per thread, one expert work item's up-projection rows [n][rows]
   std::vector<uint8_t> aq_;     // [S] converted activations of the down projection
   std::vector<float> y_;        // [S][n_embd]
   std::vector<float> sg_;       // [T][max(n_ff_shexp, n_ff)] shared expert / dense FFN
