@@ -29,6 +29,12 @@ int64_t RowGrain(int64_t rows, int64_t n_tok, int n_threads) {
   return std::max<int64_t>(32, (g + 15) / 16 * 16);
 }
 
+// The row chunk of an expert's work items (Forward::MoeFfn): RowGrain for its n_tok tokens,
+// rounded up to whole activation blocks of align.
+int64_t ExpertGrain(int64_t rows, int64_t n_tok, int n_threads, int64_t align) {
+  return (RowGrain(rows, n_tok, n_threads) + align - 1) / align * align;
+}
+
 float* F(std::vector<float>& v, size_t i) { return v.data() + i; }
 
 // Block-quantized weights: their products run on the integer kernels (f32, f16, bf16 in float).
@@ -241,9 +247,9 @@ void Forward::ReserveScratch() {
   aq_.resize(S * rb_d);
   g_.resize(S * Fx);
   // Per thread, one work item's up-projection rows (MoeFfn): an expert's tokens (at most T) times
-  // a row chunk (aligned to whole activation blocks, at most 256).
-  const size_t grain = std::min<size_t>(Fx, (static_cast<size_t>(RowGrain(static_cast<int64_t>(Fx), static_cast<int64_t>(T), pool_.size())) + 255) / 256 * 256);
-  u_.resize(static_cast<size_t>(pool_.size()) * T * grain);
+  // its row chunk (activation blocks are at most kQK_K).
+  const auto grain = std::min<int64_t>(static_cast<int64_t>(Fx), ExpertGrain(static_cast<int64_t>(Fx), static_cast<int64_t>(T), pool_.size(), kQK_K));
+  u_.resize(static_cast<size_t>(pool_.size()) * T * static_cast<size_t>(grain));
   y_.resize(S * E);
   const size_t ffn2 = std::max<size_t>(c_.n_ff_shexp, c_.n_layer_dense_lead > 0 ? c_.n_ff : 0);
   sg_.resize(T * ffn2);
@@ -1053,11 +1059,11 @@ void Forward::MoeFfn(int il, const int32_t* tokens, int T) {
     for (int e = 0; e < X; ++e) {
       const int n = plan_.tokens_per_expert[e];
       if (n == 0) continue;
-      const int64_t g = RowGrain(rows, n, pool_.size());
-      const int64_t grain = (g + align - 1) / align * align;
+      const int64_t grain = ExpertGrain(rows, n, pool_.size(), align);
       for (int64_t r = 0; r < rows; r += grain) {
-        items.push_back({e, r, std::min(rows, r + grain)});
-        most = std::max(most, n * (std::min(rows, r + grain) - r));
+        const int64_t r1 = std::min(rows, r + grain);
+        items.push_back({e, r, r1});
+        most = std::max(most, n * (r1 - r));
       }
     }
     return most;
